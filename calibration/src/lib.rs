@@ -1,0 +1,1 @@
+//! Calibration engine (issue: calibration and evaluation). Not implemented yet.

@@ -1,0 +1,4 @@
+//! placeholder
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {}
+pub struct ModelConfig;

@@ -1,0 +1,3 @@
+//! Placeholder: hardened GGUF reader.
+pub struct GgufFile;
+pub struct GgufTensorInfo;

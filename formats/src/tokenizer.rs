@@ -1,0 +1,1 @@
+//! Tokenizer metadata for GGUF (owned by the tokenizer work; placeholder).

@@ -1,0 +1,1 @@
+//! Compute kernels (CPU now; CUDA through cudarc later).

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs the reference tools sling's interop tests compare against. Idempotent, and cached:
+# everything lands under $SLING_LAB (default ~/.cache/sling-lab) and is reused when present.
+#
+#   $SLING_LAB/venv             python: torch, transformers, gguf, safetensors, numpy (pinned below)
+#   $SLING_LAB/llama.cpp        llama.cpp vendored by the llama-cpp-python==0.3.36 sdist (convert_hf_to_gguf.py)
+#   $SLING_LAB/llama.cpp-build  its tools (llama-gguf-split, llama-quantize, ...) + libllama.so
+#   $SLING_LAB/pylib/llama_cpp  the sdist's ctypes bindings, used with LLAMA_CPP_LIB_PATH
+#
+# Pattern taken from ../shared/oracles/setup.sh. Env: SLING_LAB, JOBS, PYTHON.
+set -euo pipefail
+LAB=${SLING_LAB:-$HOME/.cache/sling-lab}
+VER=0.3.36
+PYTHON=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$LAB/sdist"
+cd "$LAB"
+
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq cmake ninja-build
+fi
+
+# Versions checked together (see ../shared/oracles/requirements-lab.lock.txt). torch from PyPI is the CUDA
+# build (~4 GB of wheels); it runs on CPU.
+PKGS="numpy==2.4.6 safetensors==0.8.0 gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 torch==2.15.0
+      transformers==5.24.0 tokenizers==0.23.3 jinja2==3.1.6 diskcache==5.6.3 typing_extensions==4.16.0"
+stamp="venv/.sling-$(echo "$PKGS" | sha256sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  [ -x venv/bin/python ] || "$PYTHON" -m venv venv
+  venv/bin/pip install -q --upgrade pip
+  venv/bin/pip install -q $PKGS
+  touch "$stamp"
+fi
+
+SD=sdist/llama_cpp_python-$VER
+if [ ! -d "$SD" ]; then
+  (cd sdist && ../venv/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VER" \
+     && tar xzf "llama_cpp_python-$VER.tar.gz")
+fi
+if [ ! -f llama.cpp/.sling_version ] || [ "$(cat llama.cpp/.sling_version)" != "$VER" ]; then
+  rm -rf llama.cpp && cp -a "$SD/vendor/llama.cpp" llama.cpp
+  rm -f llama.cpp/.git   # dangling submodule gitlink; build-info uses -DLLAMA_BUILD_COMMIT instead
+  echo "$VER" > llama.cpp/.sling_version
+fi
+COMMIT=$(grep -m1 -o 'llama.cpp@[0-9a-f]*' "$SD/CHANGELOG.md" | cut -d@ -f2 || echo unknown)
+[ -d pylib/llama_cpp ] || { mkdir -p pylib && cp -a "$SD/llama_cpp" pylib/llama_cpp; }
+
+B=llama.cpp-build
+TOOLS="llama-quantize llama-gguf-split llama-imatrix llama-perplexity llama-completion llama-tokenize"
+need=0
+for t in $TOOLS; do [ -x "$B/bin/$t" ] || need=1; done
+if [ $need = 1 ]; then
+  # GGML_NATIVE=OFF keeps the cached build valid if the cache moves to another x86-64 machine.
+  cmake -S llama.cpp -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
+    -DGGML_F16C=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER=0 >/dev/null
+  cmake --build "$B" -j"$JOBS" --target $TOOLS
+fi
+LLAMA_CPP_LIB_PATH="$LAB/$B/bin" PYTHONPATH="$LAB/pylib" venv/bin/python -c \
+  "import llama_cpp, gguf, transformers, torch; print('reference tools ready: llama.cpp $COMMIT, transformers', transformers.__version__)"
