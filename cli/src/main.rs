@@ -1,1 +1,87 @@
-fn main() {}
+//! `sling`: convert and quantize open-weight MoE checkpoints into verified artifacts.
+//!
+//! Exit codes: 0 success; 2 usage or input error (bad flags, unreadable or malformed input,
+//! unsupported architecture, refused output path); 1 verification failure (reserved for
+//! `verify`/quality gates); 3 internal error.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod convert;
+mod inspect;
+
+/// Exit code for usage and input errors.
+pub const EXIT_INPUT: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "sling",
+    version,
+    about = "Convert and quantize open-weight Mixture-of-Experts checkpoints into verified artifacts",
+    long_about = "sling reads Hugging Face safetensors checkpoints lazily (headers first, tensor bytes through mmap \
+on demand) and writes artifacts for llama.cpp/ollama (GGUF), in bounded memory and in parallel.",
+    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n\nExit codes: 0 ok, 2 usage or input error, 1 verification failure, 3 internal error."
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
+    /// Less output on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Describe a checkpoint (HF directory, .safetensors or .gguf): architecture, experts,
+    /// parameter counts, bytes per tensor group, and output sizes at common targets.
+    #[command(after_help = "Examples:\n  sling inspect ./DeepSeek-V3\n  sling inspect model.gguf --json | jq .params")]
+    Inspect(inspect::Args),
+    /// Convert an HF checkpoint to another format (GGUF for llama.cpp/ollama).
+    #[command(after_help = convert::AFTER_HELP)]
+    Convert(convert::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLING_LOG").unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return ExitCode::from(3);
+        }
+    }
+    let r = match cli.cmd {
+        Cmd::Inspect(a) => inspect::run(a),
+        Cmd::Convert(a) => convert::run(a, cli.quiet),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(EXIT_INPUT)
+        }
+    }
+}

@@ -3,5 +3,7 @@
 //!
 //! `unsafe` appears only where files are memory-mapped; every block carries a `// SAFETY:` note.
 
+pub mod checkpoint;
+pub mod convert;
 pub mod gguf;
 pub mod tokenizer;

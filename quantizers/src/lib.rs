@@ -1,1 +1,12 @@
-//! Quantizers (placeholder).
+//! Quantizers and element conversions on slices. No I/O: callers hand in `f32` rows and get bytes.
+//!
+//! Every function here is the scalar reference for its type. Facts: `../shared/docs/gguf-spec.md`
+//! §2.2 (scalar conversions) and §2.5 (Q8_0), pinned to llama.cpp as vendored by
+//! `llama-cpp-python==0.3.36`.
+#![deny(unsafe_code)]
+
+pub mod decode;
+pub mod encode;
+
+pub use decode::{decode_to_f32, e4m3_to_f32, DecodeError};
+pub use encode::{encode_f32, EncodeError};

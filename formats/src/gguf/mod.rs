@@ -3,10 +3,12 @@
 //! Facts: `../shared/docs/gguf-spec.md` §1 (layout, alignment, split files), pinned to the llama.cpp
 //! vendored by `llama-cpp-python==0.3.36`.
 
+pub mod error;
 pub mod read;
 pub mod value;
 pub mod write;
 
+pub use error::GgufError;
 pub use read::{GgufFile, GgufTensorInfo};
 pub use value::{GgufValue, ValueType};
 pub use write::{GgufWriter, SplitPolicy, TensorDesc};

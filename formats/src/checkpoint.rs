@@ -1,0 +1,268 @@
+//! Lazy reading of Hugging Face checkpoints: a model directory (`config.json`, `model.safetensors`
+//! or `model.safetensors.index.json` + shards) or a single `.safetensors` file.
+//!
+//! Only headers are parsed when a checkpoint is opened (validated by the `safetensors` crate's
+//! `read_metadata`: contiguous offsets, exact coverage of the data section); tensor bytes are
+//! reached through a read-only memory map when a conversion asks for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use sling_core::{DType, ModelConfig};
+
+/// Errors while opening a checkpoint. Each names the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: tensor {tensor} has dtype {dtype}, which sling cannot read")]
+    UnsupportedDType { path: PathBuf, tensor: String, dtype: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
+    #[error("{index}: shard {shard:?} escapes the model directory")]
+    ShardEscapes { index: PathBuf, shard: String },
+    #[error("{index}: shard {shard} is named in the index but missing")]
+    MissingShard { index: PathBuf, shard: PathBuf },
+    #[error("{index}: tensors in the index and in the shards disagree; missing: {missing:?}, extra: {extra:?}")]
+    IndexMismatch { index: PathBuf, missing: Vec<String>, extra: Vec<String> },
+    #[error("tensor {tensor} appears in both {first} and {second}")]
+    DuplicateTensor { tensor: String, first: PathBuf, second: PathBuf },
+    #[error("{path}: no model.safetensors or model.safetensors.index.json found (only safetensors checkpoints are supported)")]
+    NoWeights { path: PathBuf },
+    #[error("{path}: {source}")]
+    Config { path: PathBuf, source: sling_core::ConfigError },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+/// One tensor of a safetensors file.
+#[derive(Clone, Debug)]
+pub struct SourceTensor {
+    pub name: String,
+    pub dtype: DType,
+    /// PyTorch order (outermost first).
+    pub shape: Vec<u64>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Byte range in the file (absolute).
+    pub start: usize,
+    pub end: usize,
+}
+
+impl SourceTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+    pub fn n_bytes(&self) -> u64 {
+        (self.end - self.start) as u64
+    }
+}
+
+/// A memory-mapped safetensors file.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    /// Tensors sorted by name (what `gguf.utility.SafetensorsLocal` and the `safetensors`
+    /// library iterate).
+    pub tensors: Vec<SourceTensor>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and parses its header. `file_idx` is stored in each [`SourceTensor`].
+    pub fn open(path: &Path, file_idx: usize) -> Result<SafetensorsFile, CheckpointError> {
+        let f = File::open(path).map_err(io_err(path))?;
+        // SAFETY: the map is read-only. Concurrent modification of the file by another process
+        // would change the bytes we read (as with any reader), but cannot violate memory safety
+        // of this process beyond that; the source is never written by sling.
+        let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(path))?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            CheckpointError::Safetensors { path: path.to_path_buf(), reason: e.to_string() }
+        })?;
+        let base = 8 + n;
+        let mut tensors = Vec::new();
+        for (name, info) in meta.tensors() {
+            let st_name = format!("{:?}", info.dtype);
+            let dtype = DType::from_safetensors(&st_name).ok_or_else(|| CheckpointError::UnsupportedDType {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                dtype: st_name.clone(),
+            })?;
+            tensors.push(SourceTensor {
+                name,
+                dtype,
+                shape: info.shape.iter().map(|&d| d as u64).collect(),
+                file: file_idx,
+                start: base + info.data_offsets.0,
+                end: base + info.data_offsets.1,
+            });
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors })
+    }
+
+    /// The bytes of one of this file's tensors.
+    pub fn bytes(&self, t: &SourceTensor) -> &[u8] {
+        // Offsets were validated against the file length by `read_metadata`.
+        &self.mmap[t.start..t.end]
+    }
+}
+
+/// A checkpoint: its configuration and its safetensors files, in the order the reference
+/// converter visits them (parts sorted by file name, tensors sorted by name within a part).
+pub struct Checkpoint {
+    /// The model directory (or the directory of a single file).
+    pub dir: PathBuf,
+    pub config: Option<ModelConfig>,
+    pub files: Vec<SafetensorsFile>,
+    by_name: HashMap<String, (usize, usize)>,
+}
+
+impl Checkpoint {
+    /// Opens a model directory or a single `.safetensors` file. Parses headers only.
+    pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        let meta = std::fs::metadata(path).map_err(io_err(path))?;
+        let (dir, parts): (PathBuf, Vec<PathBuf>) = if meta.is_dir() {
+            (path.to_path_buf(), Self::part_paths(path)?)
+        } else {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            (dir, vec![path.to_path_buf()])
+        };
+        let config_path = dir.join("config.json");
+        let config = if meta.is_dir() || config_path.is_file() {
+            let bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|source| CheckpointError::Json { path: config_path.clone(), source })?;
+            Some(ModelConfig::from_value(v).map_err(|source| CheckpointError::Config { path: config_path.clone(), source })?)
+        } else {
+            None
+        };
+        let mut files = Vec::new();
+        let mut by_name: HashMap<String, (usize, usize)> = HashMap::new();
+        for (fi, p) in parts.iter().enumerate() {
+            let f = SafetensorsFile::open(p, fi)?;
+            for (ti, t) in f.tensors.iter().enumerate() {
+                if let Some(&(ofi, _)) = by_name.get(&t.name) {
+                    let first: &SafetensorsFile = &files[ofi];
+                    return Err(CheckpointError::DuplicateTensor {
+                        tensor: t.name.clone(),
+                        first: first.path.clone(),
+                        second: p.clone(),
+                    });
+                }
+                by_name.insert(t.name.clone(), (fi, ti));
+            }
+            files.push(f);
+        }
+        let ck = Checkpoint { dir: dir.clone(), config, files, by_name };
+        ck.check_index()?;
+        Ok(ck)
+    }
+
+    fn index_path(dir: &Path) -> PathBuf {
+        dir.join("model.safetensors.index.json")
+    }
+
+    fn read_index(dir: &Path) -> Result<Option<BTreeMap<String, String>>, CheckpointError> {
+        let ip = Self::index_path(dir);
+        if !ip.is_file() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&ip).map_err(io_err(&ip))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Json { path: ip.clone(), source })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CheckpointError::BadIndex {
+            path: ip.clone(),
+            reason: "no \"weight_map\" object".into(),
+        })?;
+        let mut out = BTreeMap::new();
+        for (k, v) in map {
+            let s = v.as_str().ok_or_else(|| CheckpointError::BadIndex {
+                path: ip.clone(),
+                reason: format!("weight_map[{k:?}] is not a string"),
+            })?;
+            out.insert(k.clone(), s.to_string());
+        }
+        Ok(Some(out))
+    }
+
+    /// `ModelBase.get_model_part_names` + the index's part list, sorted.
+    fn part_paths(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+        if let Some(map) = Self::read_index(dir)? {
+            let ip = Self::index_path(dir);
+            let mut names: Vec<&String> = map.values().collect();
+            names.sort();
+            names.dedup();
+            let mut out = Vec::new();
+            for n in names {
+                let rel = Path::new(n);
+                if rel.components().any(|c| !matches!(c, Component::Normal(_))) || rel.components().count() != 1 {
+                    return Err(CheckpointError::ShardEscapes { index: ip, shard: n.clone() });
+                }
+                let p = dir.join(rel);
+                if !p.is_file() {
+                    return Err(CheckpointError::MissingShard { index: ip, shard: p });
+                }
+                out.push(p);
+            }
+            return Ok(out);
+        }
+        let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("model") && n.ends_with(".safetensors"))
+            })
+            .collect();
+        parts.sort();
+        if parts.is_empty() {
+            return Err(CheckpointError::NoWeights { path: dir.to_path_buf() });
+        }
+        Ok(parts)
+    }
+
+    fn check_index(&self) -> Result<(), CheckpointError> {
+        let Some(map) = Self::read_index(&self.dir)? else { return Ok(()) };
+        let mut missing: Vec<String> = map.keys().filter(|k| !self.by_name.contains_key(*k)).cloned().collect();
+        let mut extra: Vec<String> = self.by_name.keys().filter(|k| !map.contains_key(*k)).cloned().collect();
+        if missing.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        missing.sort();
+        extra.sort();
+        Err(CheckpointError::IndexMismatch { index: Self::index_path(&self.dir), missing, extra })
+    }
+
+    /// All tensors, in the reference converter's order.
+    pub fn tensors(&self) -> impl Iterator<Item = &SourceTensor> {
+        self.files.iter().flat_map(|f| f.tensors.iter())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&SourceTensor> {
+        self.by_name.get(name).map(|&(f, t)| &self.files[f].tensors[t])
+    }
+
+    pub fn bytes(&self, t: &SourceTensor) -> &[u8] {
+        self.files[t.file].bytes(t)
+    }
+
+    /// The path of the file holding `t`.
+    pub fn file_of(&self, t: &SourceTensor) -> &Path {
+        &self.files[t.file].path
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors().map(|t| t.n_bytes()).sum()
+    }
+}

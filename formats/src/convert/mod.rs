@@ -1,0 +1,10 @@
+//! HF checkpoint → GGUF conversion: architecture tables, planning, and the streaming executor.
+
+pub mod arch;
+pub mod hparams;
+pub mod ops;
+pub mod plan;
+pub mod run;
+
+pub use plan::{plan, OutTensor, OutType, Payload, Plan, PlanError};
+pub use run::{convert, ConvertError, ConvertOptions, ConvertReport};

@@ -1,0 +1,205 @@
+//! How the values of one output tensor are derived from source tensors, evaluated lazily and by
+//! row ranges so that no tensor is ever loaded whole unless its layout demands it (a transpose).
+//!
+//! An output tensor is seen as a matrix `[rows, cols]` where `cols` is GGUF `ne[0]` (numpy's last
+//! dimension) and `rows` the product of the other dimensions; ggml rows are independent, so any
+//! row range can be produced and encoded on its own.
+
+use sling_core::DType;
+use sling_quantizers::decode_to_f32;
+
+use crate::checkpoint::{Checkpoint, SourceTensor};
+
+/// A source tensor viewed as a row-major matrix `[rows, cols]` (cols = its last dimension).
+#[derive(Clone, Debug)]
+pub struct Src {
+    pub name: String,
+    pub dtype: DType,
+    pub rows: u64,
+    pub cols: u64,
+}
+
+impl Src {
+    pub fn of(t: &SourceTensor) -> Src {
+        let cols = t.shape.last().copied().unwrap_or(1);
+        let rows = if cols == 0 { 0 } else { t.numel() / cols };
+        Src { name: t.name.clone(), dtype: t.dtype, rows, cols }
+    }
+}
+
+/// Error while evaluating an op (the tensor vanished from the checkpoint, or cannot be decoded).
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("source tensor {0} not found")]
+    Missing(String),
+    #[error("source tensor {tensor}: {source}")]
+    Decode { tensor: String, source: sling_quantizers::DecodeError },
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Rows of a source tensor, decoded to f32.
+    Source(Src),
+    /// DeepSeek FP8: `weight.float() * scale_inv` with the scale repeated over `block` (rows, cols)
+    /// and cropped (`dequant_simple` in the reference `conversion/base.py`).
+    Fp8 { weight: Src, scale: Src, block: (u64, u64) },
+    /// Output row `i` is row `map[i]` of `inner`.
+    Rows { inner: Box<Op>, map: Vec<u64> },
+    /// Rows of each part, one after the other (expert stacking).
+    Concat(Vec<Op>),
+    /// `inner` holds `batch` matrices `[r, c]`; each is transposed to `[c, r]`.
+    Transpose { inner: Box<Op>, batch: u64, r: u64, c: u64 },
+}
+
+impl Op {
+    pub fn rows(&self) -> u64 {
+        match self {
+            Op::Source(s) => s.rows,
+            Op::Fp8 { weight, .. } => weight.rows,
+            Op::Rows { map, .. } => map.len() as u64,
+            Op::Concat(parts) => parts.iter().map(Op::rows).sum(),
+            Op::Transpose { batch, c, .. } => batch * c,
+        }
+    }
+
+    pub fn cols(&self) -> u64 {
+        match self {
+            Op::Source(s) => s.cols,
+            Op::Fp8 { weight, .. } => weight.cols,
+            Op::Rows { inner, .. } => inner.cols(),
+            Op::Concat(parts) => parts.first().map(Op::cols).unwrap_or(0),
+            Op::Transpose { r, .. } => *r,
+        }
+    }
+
+    /// The largest number of elements one call must hold to produce a single row.
+    pub fn granule(&self) -> u64 {
+        match self {
+            Op::Source(s) => s.cols,
+            Op::Fp8 { weight, .. } => weight.cols,
+            Op::Rows { inner, .. } => inner.granule(),
+            Op::Concat(parts) => parts.iter().map(Op::granule).max().unwrap_or(0),
+            Op::Transpose { r, c, .. } => r * c,
+        }
+    }
+
+    /// Source tensors this op reads.
+    pub fn sources(&self, out: &mut Vec<String>) {
+        match self {
+            Op::Source(s) => out.push(s.name.clone()),
+            Op::Fp8 { weight, scale, .. } => {
+                out.push(weight.name.clone());
+                out.push(scale.name.clone());
+            }
+            Op::Rows { inner, .. } | Op::Transpose { inner, .. } => inner.sources(out),
+            Op::Concat(parts) => parts.iter().for_each(|p| p.sources(out)),
+        }
+    }
+
+    /// Appends rows `r0..r1` (as f32, row-major) to `out`.
+    pub fn read(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+        if r1 <= r0 {
+            return Ok(());
+        }
+        match self {
+            Op::Source(s) => read_rows(ck, s, r0, r1, out),
+            Op::Fp8 { weight, scale, block } => {
+                let start = out.len();
+                read_rows(ck, weight, r0, r1, out)?;
+                let mut sc = Vec::new();
+                read_rows(ck, scale, 0, scale.rows, &mut sc)?;
+                let cols = weight.cols as usize;
+                for (i, row) in out[start..].chunks_exact_mut(cols.max(1)).enumerate() {
+                    let sr = (r0 + i as u64) / block.0;
+                    let srow = &sc[(sr * scale.cols) as usize..((sr + 1) * scale.cols) as usize];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v *= srow[j / block.1 as usize];
+                    }
+                }
+                Ok(())
+            }
+            Op::Rows { inner, map } => {
+                // Gather runs of consecutive source rows in one read.
+                let mut i = r0 as usize;
+                while i < r1 as usize {
+                    let s = map[i];
+                    let mut j = i + 1;
+                    while j < r1 as usize && map[j] == map[j - 1] + 1 {
+                        j += 1;
+                    }
+                    inner.read(ck, s, s + (j - i) as u64, out)?;
+                    i = j;
+                }
+                Ok(())
+            }
+            Op::Concat(parts) => {
+                let mut base = 0;
+                for p in parts {
+                    let n = p.rows();
+                    let (a, b) = (r0.max(base), r1.min(base + n));
+                    if a < b {
+                        p.read(ck, a - base, b - base, out)?;
+                    }
+                    base += n;
+                }
+                Ok(())
+            }
+            Op::Transpose { inner, r, c, .. } => {
+                let (r, c) = (*r, *c);
+                let mut m = Vec::new();
+                let mut row = r0;
+                while row < r1 {
+                    let b = row / c;
+                    let end = r1.min((b + 1) * c);
+                    m.clear();
+                    inner.read(ck, b * r, (b + 1) * r, &mut m)?;
+                    for oc in (row - b * c)..(end - b * c) {
+                        out.extend((0..r).map(|or| m[(or * c + oc) as usize]));
+                    }
+                    row = end;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn read_rows(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+    let t = ck.get(&s.name).ok_or_else(|| OpError::Missing(s.name.clone()))?;
+    let es = s.dtype.block_bytes() as u64;
+    let bytes = ck.bytes(t);
+    let a = (r0 * s.cols * es) as usize;
+    let b = (r1 * s.cols * es) as usize;
+    decode_to_f32(s.dtype, &bytes[a..b], out).map_err(|source| OpError::Decode { tensor: s.name.clone(), source })
+}
+
+/// Raw MXFP4 repack of gpt-oss experts (`GptOssModel.repack_mxfp4` in the reference): each output
+/// row is source row `map[i]` of `blocks` `[E*R, nb, 16]` / `scales` `[E*R, nb]`, written as ggml
+/// `block_mxfp4` (E8M0 byte, then 16 bytes with element j in the low and j+16 in the high nibble).
+#[derive(Clone, Debug)]
+pub struct Mxfp4Repack {
+    pub blocks: String,
+    pub scales: String,
+    pub nb: u64,
+    pub map: Vec<u64>,
+}
+
+impl Mxfp4Repack {
+    pub fn read(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<u8>) -> Result<(), OpError> {
+        let bt = ck.get(&self.blocks).ok_or_else(|| OpError::Missing(self.blocks.clone()))?;
+        let st = ck.get(&self.scales).ok_or_else(|| OpError::Missing(self.scales.clone()))?;
+        let (bb, sb) = (ck.bytes(bt), ck.bytes(st));
+        let nb = self.nb as usize;
+        for &src in &self.map[r0 as usize..r1 as usize] {
+            let src = src as usize;
+            for k in 0..nb {
+                out.push(sb[src * nb + k]);
+                let blk = &bb[(src * nb + k) * 16..(src * nb + k + 1) * 16];
+                // HF packs elements (2i, 2i+1) as (low, high) nibble of byte i.
+                let el = |e: usize| -> u8 { if e % 2 == 0 { blk[e / 2] & 0x0f } else { blk[e / 2] >> 4 } };
+                out.extend((0..16).map(|j| el(j) | (el(j + 16) << 4)));
+            }
+        }
+        Ok(())
+    }
+}

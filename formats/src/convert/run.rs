@@ -1,0 +1,184 @@
+//! Executing a plan: tensors are cut into row chunks of bounded size, chunks are computed in
+//! parallel (rayon) a window at a time, and written strictly in plan order. Chunk boundaries do
+//! not depend on the thread count, and each chunk is encoded on its own, so the output bytes are
+//! identical whatever the number of threads. Peak memory is bounded by the window, not the model.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::hparams::{arch_kvs, Kvs};
+use super::ops::OpError;
+use super::plan::{plan, OutTensor, OutType, Payload, PlanError};
+use crate::checkpoint::Checkpoint;
+use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
+use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
+
+/// Elements per chunk: 4 Mi f32 values (16 MiB) — small enough that a window of chunks stays far
+/// below 1 GiB, large enough to amortise the per-chunk overhead.
+pub const CHUNK_ELEMS: u64 = 4 << 20;
+
+pub struct ConvertOptions {
+    pub out_type: OutType,
+    pub output: PathBuf,
+    pub split: SplitPolicy,
+    /// Continue when a weight holds NaN or Inf (the tensor is reported either way).
+    pub allow_nonfinite: bool,
+    /// `tokenizer.ggml.pre` to use when the tokenizer's hash is unknown.
+    pub tokenizer_pre: Option<String>,
+    /// Chunks computed at once (default: 2 × rayon threads).
+    pub window: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct ConvertReport {
+    pub outputs: Vec<PathBuf>,
+    pub n_tensors: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub notes: Vec<String>,
+    pub nonfinite: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("config.json: {0}")]
+    Config(#[from] sling_core::ConfigError),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tensor {tensor}: {source}")]
+    Op { tensor: String, source: OpError },
+    #[error("tensor {tensor}: {source}")]
+    Encode { tensor: String, source: sling_quantizers::EncodeError },
+    #[error("tensor {tensor} (from {sources}) holds non-finite values (first at element {index}: {value}); pass --allow-nonfinite to convert anyway")]
+    NonFinite { tensor: String, sources: String, index: u64, value: f32 },
+    #[error("output {output} is inside the input directory {input}; write it elsewhere so the source is never touched")]
+    OutputInsideInput { output: PathBuf, input: PathBuf },
+    #[error("output {0} is one of the input files")]
+    OutputIsInput(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Refuses outputs that could clobber the source.
+pub fn check_output_path(ck: &Checkpoint, output: &Path) -> Result<(), ConvertError> {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out_dir = parent.canonicalize().map_err(|source| ConvertError::Io { path: parent.to_path_buf(), source })?;
+    let out_abs = out_dir.join(output.file_name().unwrap_or_default());
+    let in_dir = ck.dir.canonicalize().map_err(|source| ConvertError::Io { path: ck.dir.clone(), source })?;
+    for f in &ck.files {
+        if f.path.canonicalize().ok().as_deref() == Some(out_abs.as_path()) {
+            return Err(ConvertError::OutputIsInput(output.to_path_buf()));
+        }
+    }
+    if out_abs.starts_with(&in_dir) {
+        return Err(ConvertError::OutputInsideInput { output: output.to_path_buf(), input: ck.dir.clone() });
+    }
+    Ok(())
+}
+
+/// All metadata of the output, in the reference converter's order.
+pub fn build_kvs(ck: &Checkpoint, out: OutType, tokenizer_pre: Option<String>, mxfp4_moe: bool) -> Result<Kvs, ConvertError> {
+    let cfg = ck.config.as_ref().ok_or(PlanError::NoConfig)?;
+    let arch = super::plan::arch_of(cfg)?;
+    let mut kvs = Kvs::default();
+    kvs.set("general.architecture", GgufValue::String(arch.gguf.into()));
+    kvs.set("general.type", GgufValue::String("model".into()));
+    let name = ck.dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+    kvs.set("general.name", GgufValue::String(name));
+    // `prepare_metadata`: an MXFP4 source written at a float type is "MOSTLY_MXFP4_MOE".
+    let file_type = if mxfp4_moe && out != OutType::Q8_0 { 38 } else { out.file_type() };
+    arch_kvs(arch, cfg, file_type, &mut kvs)?;
+    kvs.set("general.quantization_version", GgufValue::U32(2));
+    let vk = vocab_kvs(&ck.dir, &serde_json::Value::Object(cfg.root().clone()), arch.vocab, &VocabOptions { pre_override: tokenizer_pre })?;
+    kvs.extend(vk);
+    Ok(kvs)
+}
+
+/// One unit of work: rows `r0..r1` of tensor `t`.
+struct Chunk {
+    t: usize,
+    r0: u64,
+    r1: u64,
+}
+
+fn chunks(tensors: &[OutTensor]) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let cols = t.ne.first().copied().unwrap_or(1).max(1);
+        let rows = t.rows();
+        let step = (CHUNK_ELEMS / cols).max(1);
+        let mut r = 0;
+        while r < rows {
+            let e = (r + step).min(rows);
+            out.push(Chunk { t: i, r0: r, r1: e });
+            r = e;
+        }
+        if rows == 0 {
+            out.push(Chunk { t: i, r0: 0, r1: 0 });
+        }
+    }
+    out
+}
+
+fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> Result<(Vec<u8>, Option<String>), ConvertError> {
+    let mut bytes = Vec::new();
+    let mut flagged = None;
+    match &t.payload {
+        Payload::Mxfp4(m) => m.read(ck, c.r0, c.r1, &mut bytes).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?,
+        Payload::Values(op) => {
+            let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
+            op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?;
+            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                let index = c.r0 * op.cols() + i as u64;
+                if !allow_nonfinite {
+                    return Err(ConvertError::NonFinite { tensor: t.name.clone(), sources: t.sources.join(", "), index, value: *x });
+                }
+                flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
+            }
+            let cols = t.ne.first().copied().unwrap_or(1) as usize;
+            sling_quantizers::encode_f32(t.dtype, &v, cols, &mut bytes)
+                .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
+        }
+    }
+    Ok((bytes, flagged))
+}
+
+/// Converts `ck` as `opts` says. `progress` is called with the output bytes written so far.
+pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<ConvertReport, ConvertError> {
+    check_output_path(ck, &opts.output)?;
+    let p = plan(ck, opts.out_type)?;
+    let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
+    let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
+    let descs: Vec<TensorDesc> = p.tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
+    let total: u64 = p.tensors.iter().map(OutTensor::n_bytes).sum();
+    let mut w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split.clone())?;
+    let jobs = chunks(&p.tensors);
+    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
+    let mut done = 0u64;
+    let mut nonfinite = Vec::new();
+    for win in jobs.chunks(window) {
+        let results: Vec<Result<(Vec<u8>, Option<String>), ConvertError>> =
+            win.par_iter().map(|c| compute(ck, &p.tensors[c.t], c, opts.allow_nonfinite)).collect();
+        for r in results {
+            let (bytes, flag) = r?;
+            nonfinite.extend(flag);
+            w.write_data(&bytes)?;
+            done += bytes.len() as u64;
+            progress(done, total);
+        }
+    }
+    let outputs = w.finish()?;
+    Ok(ConvertReport {
+        outputs,
+        n_tensors: p.tensors.len(),
+        bytes_in: ck.total_bytes(),
+        bytes_out: total,
+        notes: p.notes,
+        nonfinite,
+    })
+}

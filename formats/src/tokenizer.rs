@@ -1,1 +1,0 @@
-//! Tokenizer metadata for GGUF (owned by the tokenizer work; placeholder).

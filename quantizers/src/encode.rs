@@ -1,0 +1,122 @@
+//! `f32` rows to GGUF element bytes, bit-exact with the pinned llama.cpp / gguf-py.
+
+use half::f16;
+use sling_core::DType;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EncodeError {
+    #[error("encoding to {0} is not implemented")]
+    Unsupported(DType),
+    #[error("row length {row} is not a multiple of the {dtype} block size {block}")]
+    RowNotBlockMultiple { dtype: DType, row: usize, block: usize },
+}
+
+/// `ggml_compute_fp32_to_bf16` (ggml-impl.h): quiet NaNs, round to nearest even, no flush to zero.
+/// gguf-py's `quants.BF16` is the same function.
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 64) as u16;
+    }
+    ((u as u64 + 0x7fff + ((u >> 16) & 1) as u64) >> 16) as u16
+}
+
+/// IEEE binary16 round-to-nearest-even, as numpy's `astype(float16)` (the converter's F16 path)
+/// and `ggml_compute_fp32_to_fp16` compute it for finite values and infinities.
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+/// C `roundf`: half away from zero (gguf-py `np_roundf`).
+fn roundf(x: f32) -> f32 {
+    x.round()
+}
+
+/// `quantize_row_q8_0_ref` (ggml-quants.c), identical to gguf-py `Q8_0.quantize_blocks`.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        out.extend(block.iter().map(|v| roundf(v * id) as i8 as u8));
+    }
+}
+
+/// Encodes whole rows of `row_len` elements of `x` as `dtype`, appending to `out`.
+pub fn encode_f32(dtype: DType, x: &[f32], row_len: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let block = dtype.block_elems();
+    if row_len % block != 0 {
+        return Err(EncodeError::RowNotBlockMultiple { dtype, row: row_len, block });
+    }
+    out.reserve(x.len() / block * dtype.block_bytes());
+    match dtype {
+        DType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f32_to_f16_bits(*v).to_le_bytes())),
+        DType::BF16 => x.iter().for_each(|v| out.extend_from_slice(&f32_to_bf16_bits(*v).to_le_bytes())),
+        DType::Q8_0 => quantize_row_q8_0(x, out),
+        other => return Err(EncodeError::Unsupported(other)),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_quiets_nan() {
+        assert_eq!(f32_to_bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is a tie between 0x3f80 and 0x3f81: even wins.
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x7f80_0001)), 0x7fc0);
+        assert_eq!(f32_to_bf16_bits(f32::INFINITY), 0x7f80);
+    }
+
+    #[test]
+    fn q8_0_known_block() {
+        let mut x = [0.0f32; 32];
+        x[0] = 127.0;
+        x[1] = -63.5;
+        x[2] = 0.5;
+        let mut out = Vec::new();
+        quantize_row_q8_0(&x, &mut out);
+        assert_eq!(out.len(), 34);
+        assert_eq!(&out[0..2], &f16::from_f32(1.0).to_bits().to_le_bytes());
+        assert_eq!(out[2] as i8, 127);
+        assert_eq!(out[3] as i8, -64); // roundf(-63.5) = -64, half away from zero
+        assert_eq!(out[4] as i8, 1);
+        let mut zeros = Vec::new();
+        quantize_row_q8_0(&[0.0; 32], &mut zeros);
+        assert!(zeros.iter().all(|&b| b == 0));
+    }
+
+    proptest! {
+        #[test]
+        fn bf16_round_trip_of_bf16_values_is_identity(bits in any::<u16>()) {
+            let x = f32::from_bits((bits as u32) << 16);
+            prop_assume!(!x.is_nan());
+            prop_assert_eq!(f32_to_bf16_bits(x), bits);
+        }
+
+        #[test]
+        fn q8_0_error_is_within_half_a_step(x in proptest::collection::vec(-1e3f32..1e3, 32)) {
+            let mut out = Vec::new();
+            quantize_row_q8_0(&x, &mut out);
+            let d = f16::from_le_bytes([out[0], out[1]]).to_f32();
+            for (i, v) in x.iter().enumerate() {
+                let q = out[2 + i] as i8 as f32;
+                // half a step, plus the f16 rounding of d (rel. 2^-11) times |q| <= 127
+                prop_assert!((q * d - v).abs() <= 0.5 * d + 127.0 * d * 1e-3 + 1e-6);
+            }
+        }
+
+        #[test]
+        fn f16_matches_half_crate(x in any::<f32>()) {
+            prop_assume!(!x.is_nan());
+            prop_assert_eq!(f32_to_f16_bits(x), f16::from_f32(x).to_bits());
+        }
+    }
+}
