@@ -48,9 +48,8 @@ impl B {
         self.u32(type_id).u64(offset)
     }
     fn pad(&mut self, align: usize) -> &mut Self {
-        while self.0.len() % align != 0 {
-            self.0.push(0);
-        }
+        let n = self.0.len().div_ceil(align) * align;
+        self.0.resize(n, 0);
         self
     }
     fn zeros(&mut self, n: usize) -> &mut Self {
@@ -66,6 +65,18 @@ fn valid() -> B {
     b.str("tokenizer.ggml.tokens").u32(ValueType::Array as u32).u32(ValueType::String as u32).u64(2).str("a").str("bc");
     b.tensor("w", &[4, 2], 0, 0).tensor("q", &[32], 8, 32).pad(32);
     b.zeros(32).zeros(34).pad(32);
+    b
+}
+
+/// A richer valid file for the property test: custom alignment, arrays of several types, 3 tensors.
+fn rich() -> B {
+    let mut b = B::header(3, 3, 5);
+    b.kv_u32("general.alignment", 64).kv_str("general.architecture", "qwen3moe");
+    b.str("a.u32").u32(ValueType::Array as u32).u32(ValueType::U32 as u32).u64(3).u32(1).u32(2).u32(3);
+    b.str("a.str").u32(ValueType::Array as u32).u32(ValueType::String as u32).u64(2).str("x").str("yz");
+    b.str("a.bool").u32(ValueType::Array as u32).u32(ValueType::Bool as u32).u64(2).u8(1).u8(0);
+    b.tensor("w", &[4, 2], 0, 0).tensor("q", &[32], 8, 64).tensor("s", &[], 26, 128).pad(64);
+    b.zeros(32).pad(64).zeros(34).pad(64).zeros(4).pad(64);
     b
 }
 
@@ -104,6 +115,9 @@ fn valid_file_opens() {
     assert_eq!(f.tensor("q").unwrap().dtype, DType::Q8_0);
     assert_eq!(f.tensor("q").unwrap().n_bytes, 34);
     assert_eq!(f.tensor_data(f.tensor("q").unwrap()).len(), 34);
+    let t = write(&rich().0);
+    let f = GgufFile::open(&t.path).unwrap();
+    assert_eq!((f.alignment, f.tensors.len(), f.kvs.len()), (64, 3, 5));
     // Version 2 has the same layout.
     let mut v2 = valid();
     v2.0[4] = 2;
@@ -129,8 +143,23 @@ fn truncated_header_at_several_points() {
     let key1 = ty0 + 4 + 8 + 5;
     let arr = key1 + 8 + "tokenizer.ggml.tokens".len() + 8;
     let ti0 = arr + 8 + 9 + 10;
-    for cut in [0, 3, 4, 7, 8, 15, 16, 23, key0 + 5, ty0 + 2, arr + 3, ti0 + 9 + 2, ti0 + 9 + 4 + 3, ti0 + 9 + 4 + 16 + 1, ti0 + 9 + 4 + 16 + 4 + 7]
-    {
+    for cut in [
+        0,
+        3,
+        4,
+        7,
+        8,
+        15,
+        16,
+        23,
+        key0 + 5,
+        ty0 + 2,
+        arr + 3,
+        ti0 + 9 + 2,
+        ti0 + 9 + 4 + 3,
+        ti0 + 9 + 4 + 16 + 1,
+        ti0 + 9 + 4 + 16 + 4 + 7,
+    ] {
         let e = open_err(&v[..cut]);
         assert!(matches!(e, GgufError::Truncated { .. }), "cut at {cut}: {e}");
     }
@@ -220,7 +249,9 @@ fn invalid_utf8() {
 
 #[test]
 fn huge_array_length() {
-    for (elem, n) in [(ValueType::U8, 1u64 << 40), (ValueType::U64, u64::MAX / 4), (ValueType::String, 1 << 33), (ValueType::U32, 3)] {
+    for (elem, n) in
+        [(ValueType::U8, 1u64 << 40), (ValueType::U64, u64::MAX / 4), (ValueType::String, 1 << 33), (ValueType::U32, 3)]
+    {
         let mut b = B::header(3, 0, 1);
         b.str("arr").u32(ValueType::Array as u32).u32(elem as u32).u64(n).u32(0);
         let e = open_err(&b.0);
@@ -402,7 +433,15 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Byte(i, b)),
         (
             any::<usize>(),
-            prop_oneof![Just(0u64), Just(1), Just(u64::MAX), Just(1 << 63), Just(u32::MAX as u64), any::<u64>(), 0u64..300]
+            prop_oneof![
+                Just(0u64),
+                Just(1),
+                Just(u64::MAX),
+                Just(1 << 63),
+                Just(u32::MAX as u64),
+                any::<u64>(),
+                0u64..300
+            ]
         )
             .prop_map(|(i, w)| Mutation::Word(i, w)),
         any::<usize>().prop_map(Mutation::Truncate),
@@ -413,8 +452,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
     #[test]
-    fn mutations_never_panic(muts in prop::collection::vec(mutation(), 1..6)) {
-        let mut v = valid().0;
+    fn mutations_never_panic(use_rich in any::<bool>(), muts in prop::collection::vec(mutation(), 1..6)) {
+        let mut v = if use_rich { rich().0 } else { valid().0 };
         for m in muts {
             match m {
                 Mutation::Byte(i, b) => {

@@ -59,8 +59,10 @@
 //! ```
 //!
 //! The split shards written by sling were also merged by hand with the pinned llama.cpp build:
-//! `llama-gguf-split --merge <dir>/bytens-00001-of-00003.gguf <dir>/merged.gguf` (and the same for
-//! `bybytes` and `small`); it accepted them, and the merged file held every tensor with the same bytes.
+//! `cd OUT && LD_LIBRARY_PATH=$B $B/llama-gguf-split --merge bytens-00001-of-00003.gguf merged-bytens.gguf`
+//! with `B=/root/.cache/sling-lab/llama.cpp-build/bin` (and the same for `bybytes` and `small`); it
+//! accepted them ("merged from 3 split with 5 tensors"), and the merged file, re-opened with
+//! `GgufFile`, held every tensor with its original bytes.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -124,13 +126,22 @@ fn all_types_kvs() -> Vec<(String, GgufValue)> {
         kv("t.u64", GgufValue::U64((1u64 << 63) + 5)),
         kv("t.i64", GgufValue::I64(-(1i64 << 62))),
         kv("t.f64", GgufValue::F64(-0.1)),
-        kv("t.arr_u32", GgufValue::Array(ValueType::U32, vec![GgufValue::U32(1), GgufValue::U32(2), GgufValue::U32(3)])),
-        kv("t.arr_i32", GgufValue::Array(ValueType::I32, vec![GgufValue::I32(-1), GgufValue::I32(0), GgufValue::I32(7)])),
+        kv(
+            "t.arr_u32",
+            GgufValue::Array(ValueType::U32, vec![GgufValue::U32(1), GgufValue::U32(2), GgufValue::U32(3)]),
+        ),
+        kv(
+            "t.arr_i32",
+            GgufValue::Array(ValueType::I32, vec![GgufValue::I32(-1), GgufValue::I32(0), GgufValue::I32(7)]),
+        ),
         kv("t.arr_str", GgufValue::strings(["a", "", "ü"])),
         kv("t.arr_f32", GgufValue::Array(ValueType::F32, vec![GgufValue::F32(0.5), GgufValue::F32(-2.0)])),
         kv(
             "t.arr_bool",
-            GgufValue::Array(ValueType::Bool, vec![GgufValue::Bool(true), GgufValue::Bool(false), GgufValue::Bool(true)]),
+            GgufValue::Array(
+                ValueType::Bool,
+                vec![GgufValue::Bool(true), GgufValue::Bool(false), GgufValue::Bool(true)],
+            ),
         ),
         kv("t.arr_i8", GgufValue::Array(ValueType::I8, vec![GgufValue::I8(-1), GgufValue::I8(2)])),
         kv("t.arr_f64", GgufValue::Array(ValueType::F64, vec![GgufValue::F64(1e300)])),
@@ -173,7 +184,7 @@ fn all_value_types_and_dtypes_match_gguf_py_and_read_back() {
         assert_eq!(t.ne, desc.ne);
         assert_eq!(t.n_bytes as usize, payload.len());
         assert_eq!(t.offset, expected_offset);
-        expected_offset += (t.n_bytes + 31) / 32 * 32;
+        expected_offset += t.n_bytes.div_ceil(32) * 32;
         assert_eq!(f.tensor_data(t), &payload[..]);
         assert_eq!(f.tensor(&t.name), Some(t));
     }
@@ -204,9 +215,12 @@ fn custom_alignment_matches_gguf_py() {
 
 const SPLIT_SIZES: [u64; 5] = [10, 100, 3, 64, 1];
 
-fn split_input() -> (Vec<(String, GgufValue)>, Vec<TensorDesc>, Vec<Vec<u8>>) {
+type Input = (Vec<(String, GgufValue)>, Vec<TensorDesc>, Vec<Vec<u8>>);
+
+fn split_input() -> Input {
     let kvs = vec![kv("general.architecture", GgufValue::String("llama".into())), kv("t.u32", GgufValue::U32(7))];
-    let tensors = SPLIT_SIZES.iter().enumerate().map(|(i, &n)| TensorDesc::new(format!("t{i}"), DType::F32, vec![n])).collect();
+    let tensors =
+        SPLIT_SIZES.iter().enumerate().map(|(i, &n)| TensorDesc::new(format!("t{i}"), DType::F32, vec![n])).collect();
     let payloads = SPLIT_SIZES.iter().enumerate().map(|(i, &n)| data(10 + i, 4 * n as usize)).collect();
     (kvs, tensors, payloads)
 }
@@ -289,7 +303,9 @@ fn split_into_one_shard_is_a_plain_file_without_split_keys() {
     let f = GgufFile::open(&out).unwrap();
     assert!(f.get("split.count").is_none());
     // MaxBytes larger than everything, and Limits with no limits: also one file.
-    for policy in [SplitPolicy::MaxBytes(1 << 40), SplitPolicy::Limits { max_tensors: 0, max_bytes: 0, small_first_shard: false }] {
+    for policy in
+        [SplitPolicy::MaxBytes(1 << 40), SplitPolicy::Limits { max_tensors: 0, max_bytes: 0, small_first_shard: false }]
+    {
         let (kvs, tensors, _) = split_input();
         let w = GgufWriter::create(&out, kvs, tensors, policy).unwrap();
         assert_eq!(w.output_paths(), vec![out.clone()]);
@@ -421,7 +437,10 @@ fn write_data_never_spans_two_tensors() {
     let mut both = payloads[0].clone();
     both.push(0);
     let err = w.write_data(&both).unwrap_err();
-    assert!(matches!(err, GgufError::TooMuchData { ref tensor, got: 41, remaining: 40, .. } if tensor == "t0"), "{err}");
+    assert!(
+        matches!(err, GgufError::TooMuchData { ref tensor, got: 41, remaining: 40, .. } if tensor == "t0"),
+        "{err}"
+    );
     // Nothing was written by the refused call; the writer can go on.
     for p in &payloads {
         w.write_data(p).unwrap();
@@ -453,7 +472,10 @@ fn writer_refuses_what_the_reader_would_refuse() {
     assert!(matches!(create(vec![kv("n", nested)], vec![]), GgufError::NestedArray { .. }));
     let mixed = GgufValue::Array(ValueType::U32, vec![GgufValue::U32(1), GgufValue::I32(2)]);
     let e = create(vec![kv("m", mixed)], vec![]);
-    assert!(matches!(e, GgufError::ArrayElementType { index: 1, expected: ValueType::U32, found: ValueType::I32, .. }), "{e}");
+    assert!(
+        matches!(e, GgufError::ArrayElementType { index: 1, expected: ValueType::U32, found: ValueType::I32, .. }),
+        "{e}"
+    );
     let e = create(vec![kv("general.alignment", GgufValue::U64(32))], vec![]);
     assert!(matches!(e, GgufError::AlignmentType { found: ValueType::U64, .. }), "{e}");
     let e = create(vec![kv("general.alignment", GgufValue::U32(48))], vec![]);

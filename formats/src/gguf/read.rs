@@ -389,8 +389,11 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Header, GgufError> {
             ne.push(c.u64(|| format!("tensor '{name}': ne[{j}]"))?);
         }
         let type_id = c.u32(|| format!("tensor '{name}': type"))?;
-        let dtype = DType::from_ggml_id(type_id)
-            .ok_or_else(|| GgufError::UnknownTensorType { path: p(), tensor: name.clone(), type_id })?;
+        let dtype = DType::from_ggml_id(type_id).ok_or_else(|| GgufError::UnknownTensorType {
+            path: p(),
+            tensor: name.clone(),
+            type_id,
+        })?;
         let n_bytes = tensor_size(path, &name, dtype, &ne)?;
         let offset = c.u64(|| format!("tensor '{name}': offset"))?;
         tensor_index.insert(name.clone(), tensors.len());
@@ -428,4 +431,29 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Header, GgufError> {
     }
 
     Ok(Header { version, kvs, tensors, alignment, data_offset, kv_index, tensor_index })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_align_rounds_up_and_detects_overflow() {
+        assert_eq!(checked_align(0, 32), Some(0));
+        assert_eq!(checked_align(1, 32), Some(32));
+        assert_eq!(checked_align(64, 32), Some(64));
+        assert_eq!(checked_align(u64::MAX - 3, 32), None);
+    }
+
+    #[test]
+    fn tensor_size_checks_like_the_c_reader() {
+        let p = Path::new("x.gguf");
+        assert_eq!(tensor_size(p, "t", DType::Q8_0, &[64, 3]).ok(), Some(2 * 3 * 34));
+        assert_eq!(tensor_size(p, "t", DType::F32, &[]).ok(), Some(4));
+        assert_eq!(tensor_size(p, "t", DType::F32, &[0, 7]).ok(), Some(0));
+        assert!(matches!(tensor_size(p, "t", DType::Q4K, &[]), Err(GgufError::RowNotBlockMultiple { .. })));
+        assert!(matches!(tensor_size(p, "t", DType::F32, &[1 << 62, 2]), Err(GgufError::ShapeOverflow { .. })));
+        assert!(matches!(tensor_size(p, "t", DType::F32, &[1 << 63]), Err(GgufError::NegativeDim { .. })));
+        assert!(matches!(tensor_size(p, "t", DType::F32, &[1; 5]), Err(GgufError::TooManyDims { .. })));
+    }
 }

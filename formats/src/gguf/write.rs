@@ -33,11 +33,18 @@
 //!
 //! # Cross-checks done by hand (pinned tree at `/root/.cache/sling-lab/llama.cpp`)
 //!
-//! The golden bytes in `formats/tests/gguf_roundtrip.rs` were produced by gguf-py from the pinned tree
-//! (`PYTHONPATH=llama.cpp/gguf-py venv/bin/python gen.py`, the script is in that test's docs), and the
-//! split shards written by this writer were merged with
-//! `llama-gguf-split --merge <dir>/split-00001-of-00003.gguf <dir>/merged.gguf` (pinned build), which
-//! accepted them; the merged file re-opened with [`super::GgufFile`] had every tensor's bytes intact.
+//! - Byte-exact: the same KVs/tensors written by gguf-py from the pinned tree
+//!   (`PYTHONPATH=/root/.cache/sling-lab/llama.cpp/gguf-py /root/.cache/sling-lab/venv/bin/python gen.py OUT`,
+//!   script in the docs of `formats/tests/gguf_roundtrip.rs`) and by this writer were compared with `cmp`:
+//!   identical for every value type, F32/F16/Q8_0/I32(0-dim)/BF16 tensors, `general.alignment` 64, and the
+//!   splits by tensor count (2), by bytes (420) and with `small_first_shard`. The test pins their SHA-256.
+//! - llama.cpp accepts the shards: with the pinned build,
+//!   `cd OUT && LD_LIBRARY_PATH=$B $B/llama-gguf-split --merge bytens-00001-of-00003.gguf merged-bytens.gguf`
+//!   (`B=/root/.cache/sling-lab/llama.cpp-build/bin`; same for the `bybytes` and `small` sets) printed
+//!   "merged from 3 split with 5 tensors", and the merged files re-opened with [`super::GgufFile`] held
+//!   every tensor with its original bytes. A set with `general.alignment` 256 in shard 0 was also read
+//!   without complaint by gguf-split (whose own merged output is then invalid: it keeps the KV but pads
+//!   to 32, a gguf-split limitation).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -340,7 +347,12 @@ impl GgufWriter {
                 Some(t) => (t.desc.name.clone(), t.n_bytes),
                 None => (String::new(), 0),
             };
-            return Err(GgufError::IncompleteTensor { path: shard.path.clone(), tensor, written: self.written, n_bytes });
+            return Err(GgufError::IncompleteTensor {
+                path: shard.path.clone(),
+                tensor,
+                written: self.written,
+                n_bytes,
+            });
         }
         let done = std::mem::take(&mut self.done);
         let mut persisted: Vec<PathBuf> = Vec::with_capacity(done.len());
@@ -427,11 +439,16 @@ fn open_shard(dir: &Path, shard: &Shard) -> Result<BufWriter<NamedTempFile>, Ggu
     let mut prefix = OsString::from(".");
     prefix.push(shard.path.file_name().unwrap_or_default());
     prefix.push(".");
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io("create temporary file"))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // Final files get the usual 0o666 & !umask (what `open(path, "wb")` gives gguf-py), not the 0o600
+    // of temporary files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder.tempfile_in(dir).map_err(io("create temporary file"))?;
 
     let mut h = Vec::new();
     h.extend_from_slice(&MAGIC);
@@ -523,5 +540,32 @@ fn put_value(h: &mut Vec<u8>, v: &GgufValue) {
         GgufValue::U64(x) => h.extend_from_slice(&x.to_le_bytes()),
         GgufValue::I64(x) => h.extend_from_slice(&x.to_le_bytes()),
         GgufValue::F64(x) => h.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_follow_gguf_py() {
+        // `Path.stem` drops only the last extension, like Rust's `file_stem`.
+        assert_eq!(shard_paths(Path::new("/o/model.gguf"), 1), vec![PathBuf::from("/o/model.gguf")]);
+        assert_eq!(
+            shard_paths(Path::new("/o/m.Q8_0.gguf"), 2),
+            vec![PathBuf::from("/o/m.Q8_0-00001-of-00002.gguf"), PathBuf::from("/o/m.Q8_0-00002-of-00002.gguf")]
+        );
+        assert_eq!(shard_paths(Path::new("model"), 2)[1], PathBuf::from("model-00002-of-00002.gguf"));
+    }
+
+    #[test]
+    fn values_encode_like_pack_val() {
+        let mut h = Vec::new();
+        put_value(&mut h, &GgufValue::strings(["ab"]));
+        assert_eq!(h, [8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b']);
+        h.clear();
+        put_value(&mut h, &GgufValue::Bool(true));
+        put_value(&mut h, &GgufValue::I16(-2));
+        assert_eq!(h, [1, 0xfe, 0xff]);
     }
 }

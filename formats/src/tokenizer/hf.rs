@@ -107,8 +107,6 @@ pub(crate) struct HfTokenizer {
     named: Vec<String>,
     /// `_extra_special_tokens`, by content.
     extra: Vec<String>,
-    /// When transformers replaces the post-processor (`update_post_processor`): the ids it puts around a sequence.
-    template: Option<(Option<u32>, Option<u32>)>,
     /// `clean_up_tokenization_spaces` (transformers 5 applies it only to non-BPE models).
     clean_up: bool,
     is_bpe: bool,
@@ -290,7 +288,7 @@ impl HfTokenizer {
                 TokVal::Str(s) => AddedToken::from(s.clone(), true),
                 TokVal::Added(t) => {
                     let mut t = t.clone();
-                    if !t.special && named_contents.iter().any(|c| *c == t.content) {
+                    if !t.special && named_contents.contains(&t.content) {
                         t.special = true;
                     }
                     t
@@ -314,43 +312,18 @@ impl HfTokenizer {
             tok.add_special_tokens(&post);
         }
 
-        // ---- post-processor: rebuilt from add_bos_token/add_eos_token when set or when there is none ------
-        let explicit = kw.contains_key("add_bos_token") || kw.contains_key("add_eos_token");
-        let pp_in_kwargs = kw.get("post_processor").is_some_and(truthy);
-        let has_pp = tok.get_post_processor().is_some();
-        let template = if (explicit || !has_pp) && !pp_in_kwargs {
-            let named_get = |attr: &str| named.iter().find(|(a, _)| a == attr).map(|(_, v)| v.content().to_string());
-            let add_bos = kw.get("add_bos_token").is_some_and(truthy);
-            let add_eos = kw.get("add_eos_token").is_some_and(truthy);
-            let bos = named_get("bos_token").filter(|_| add_bos).map(|b| tok.token_to_id(&b));
-            let eos = named_get("eos_token").filter(|_| add_eos).map(|e| tok.token_to_id(&e));
-            if bos == Some(None) || eos == Some(None) {
-                return Err(invalid(&cfg_path, "add_bos_token/add_eos_token is set but the token is not in the vocabulary"));
-            }
-            Some((bos.flatten(), eos.flatten()))
-        } else {
-            None
-        };
-
+        // Post-processor: transformers 5 pops add_bos_token/add_eos_token from the config when tokenizer.json
+        // exists, so it only rebuilds the post-processor when there is none, and then with neither BOS nor EOS:
+        // encoding is then the same as the backend's.
         let clean_up = kw.get("clean_up_tokenization_spaces").is_some_and(truthy);
         let named: Vec<String> = named.into_iter().map(|(_, v)| v.content().to_string()).collect();
         let extra: Vec<String> = extra.into_iter().map(|v| v.content().to_string()).collect();
-        Ok(HfTokenizer { tok, path, named, extra, template, clean_up, is_bpe })
+        Ok(HfTokenizer { tok, path, named, extra, clean_up, is_bpe })
     }
 
     /// `tokenizer.encode(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        match (&self.template, add_special_tokens) {
-            (Some((bos, eos)), true) => {
-                let enc = self.tok.encode(text, false).map_err(|e| tk_err(&self.path, e))?;
-                let mut ids = Vec::with_capacity(enc.get_ids().len() + 2);
-                ids.extend(bos.iter().copied());
-                ids.extend_from_slice(enc.get_ids());
-                ids.extend(eos.iter().copied());
-                Ok(ids)
-            }
-            _ => Ok(self.tok.encode(text, add_special_tokens).map_err(|e| tk_err(&self.path, e))?.get_ids().to_vec()),
-        }
+        Ok(self.tok.encode(text, add_special_tokens).map_err(|e| tk_err(&self.path, e))?.get_ids().to_vec())
     }
 
     /// `tokenizer.decode(ids)` (skip_special_tokens=False).

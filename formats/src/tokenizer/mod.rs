@@ -8,10 +8,13 @@
 //!
 //! The reference loads the tokenizer with `transformers.AutoTokenizer` (transformers 5 at the pin); this module
 //! loads `tokenizer.json` with the `tokenizers` crate (the same Rust core) and replays what transformers 5's
-//! `TokenizersBackend` does on load (special tokens from `tokenizer_config.json` become added tokens; the
-//! post-processor is rebuilt when `add_bos_token`/`add_eos_token` are set or it is missing). Model-specific
-//! transformers classes that rebuild the pipeline from vocab/merges (e.g. `Qwen2Tokenizer` when
-//! `tokenizer_class` names it) are not replayed: sling always uses `tokenizer.json` as written.
+//! `TokenizersBackend` does on load (named, extra and model-specific special tokens from `tokenizer_config.json`,
+//! `special_tokens_map.json`, `added_tokens.json` become added tokens; `add_bos_token`/`add_eos_token` are
+//! dropped because `tokenizer.json` exists). Model-specific transformers classes that rebuild the pipeline from
+//! vocab/merges are not replayed: sling always uses `tokenizer.json` as written. That differs from the reference
+//! only when `tokenizer.json` disagrees with the class's own pipeline, e.g. a GPT-2-regex tokenizer in a
+//! directory whose `tokenizer_class` is `Qwen2Tokenizer` (or, without `tokenizer_class`, whose config
+//! `model_type` maps to one); the chkhsh then differs.
 //!
 //! Entry points: [`vocab_kvs`] (the KVs, in the reference's order) and [`check_vocab`] (the same work, for
 //! refusing early). Layout: [`pre_table`] (chkhsh table and accepted pre names, data), `hf` (tokenizer.json
@@ -41,6 +44,9 @@ pub enum VocabStyle {
     /// `tokenizer_config.json`, then SentencePiece `tokenizer.model` → `LlamaHfVocab` (`tokenizer.json` BPE with
     /// byte fallback) → gpt2 BPE, then the CodeLlama (vocab 32016) and Granite-small (vocab 49152) fix-ups.
     Llama,
+    /// `try: _set_vocab_sentencepiece() except FileNotFoundError: _set_vocab_gpt2()` (dense `Qwen2Model`,
+    /// `DeepseekModel` v1): SentencePiece when `tokenizer.model` exists, else as [`VocabStyle::Gpt2`].
+    SpmOrGpt2,
 }
 
 /// User choices that change the vocabulary KVs.
@@ -118,6 +124,10 @@ pub fn vocab_kvs(
     match style {
         VocabStyle::Gpt2 => set_vocab_gpt2(model_dir, &hparams, opts, &mut w)?,
         VocabStyle::Llama => set_vocab_llama(model_dir, &hparams, opts, &mut w)?,
+        VocabStyle::SpmOrGpt2 if model_dir.join("tokenizer.model").is_file() => {
+            spm::set_vocab_sentencepiece(model_dir, &hparams, &mut w)?
+        }
+        VocabStyle::SpmOrGpt2 => set_vocab_gpt2(model_dir, &hparams, opts, &mut w)?,
     }
     if let Some((_, GgufValue::Array(_, tokens))) = w.kvs.iter().find(|(k, _)| k == keys::TOKENS) {
         warn_duplicate_tokens(tokens);
@@ -213,11 +223,9 @@ impl KvWriter {
     pub fn add_u32(&mut self, key: &str, value: u32) {
         self.add(key, GgufValue::U32(value));
     }
+    #[cfg(test)]
     pub fn remove(&mut self, key: &str) {
         self.kvs.retain(|(k, _)| k != key);
-    }
-    pub fn get(&self, key: &str) -> Option<&GgufValue> {
-        self.kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// tokenizer.ggml.model, .pre, .tokens, (.scores), .token_type, as `_set_vocab_*` write them.
@@ -296,8 +304,9 @@ fn set_vocab_llama(dir: &Path, hp: &Hparams<'_>, opts: &VocabOptions, w: &mut Kv
         }
     }
 
-    let vocab_size = hp.get("vocab_size").and_then(Value::as_i64).unwrap_or(32000);
-    if vocab_size == 32016 {
+    // hparams.get("vocab_size", 32000) compared with ints (a float 32016.0 compares equal in Python too)
+    let vocab_size = hp.get("vocab_size").map_or(Some(32000.0), Value::as_f64);
+    if vocab_size == Some(32016.0) {
         // CodeLlama: the reference re-runs SpecialVocab with the infill types and fixed ids.
         let mut sv = special::SpecialVocab::load(dir, hp.raw(), false, &["prefix", "suffix", "middle", "eot"], None)?;
         for (kind, id) in [("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)] {
@@ -305,7 +314,7 @@ fn set_vocab_llama(dir: &Path, hp: &Hparams<'_>, opts: &VocabOptions, w: &mut Kv
         }
         sv.add_to_gguf(w, dir)?;
     }
-    if vocab_size == 49152 {
+    if vocab_size == Some(49152.0) {
         w.add_bool(keys::ADD_BOS, false);
     }
     Ok(())

@@ -114,7 +114,11 @@ impl SpecialVocab {
             return Err(TokenizerError::BadSpecialTokenId { path: path.to_path_buf(), kind: kind.to_string(), id });
         }
         let id_u = id as u64;
-        if self.n_vocab.is_none_or(|n| id_u < n) {
+        let in_range = match self.n_vocab {
+            Some(n) => id_u < n,
+            None => true,
+        };
+        if in_range {
             if self.ids.iter().any(|(k, _)| k == kind) {
                 return Ok(());
             }
@@ -535,7 +539,7 @@ fn add_chat_template(w: &mut KvWriter, ct: &ChatTemplate, path: &Path) -> Result
         ChatTemplate::One(s) => w.add_string(keys::CHAT_TEMPLATE, s),
         ChatTemplate::Named(list) => {
             let mut default: Option<String> = None;
-            // a Python set: sling keeps first-seen order (the reference's order depends on string hashing)
+            // a Python set in the reference, so its order there depends on PYTHONHASHSEED; sling sorts the names
             let mut names: Vec<String> = Vec::new();
             for choice in list {
                 let o = choice
@@ -565,6 +569,7 @@ fn add_chat_template(w: &mut KvWriter, ct: &ChatTemplate, path: &Path) -> Result
                     w.add_string(&format!("tokenizer.chat_template.{name}"), &template);
                 }
             }
+            names.sort();
             if !names.is_empty() {
                 w.add_array(keys::CHAT_TEMPLATES, ValueType::String, names.into_iter().map(GgufValue::String).collect());
             }

@@ -26,6 +26,7 @@ pub struct SpmPiece {
 }
 
 /// sentencepiece `SentencePiece.Type` values.
+#[allow(dead_code)]
 pub mod piece_type {
     pub const NORMAL: u32 = 1;
     pub const UNKNOWN: u32 = 2;

@@ -112,7 +112,7 @@ def make_tiny(out_root: Path):
     cfg["add_prefix_space"] = False
     write_json(d / "tokenizer_config.json", cfg)
     (d / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    write_json(d / "config.json", mixtral_config(n, bos_token_id=0, eos_token_id=0, pad_token_id=-0 + 1))
+    write_json(d / "config.json", mixtral_config(n, bos_token_id=0, eos_token_id=0, pad_token_id=1))
     return n
 
 
@@ -207,13 +207,15 @@ def dump_kvs(gguf_path: Path):
     return out
 
 
-def run_reference(d: Path, use_compat: bool):
+def run_reference(d: Path, use_compat: bool, allow_fail: bool = False):
     with tempfile.TemporaryDirectory() as td:
         outf = Path(td) / "vocab.gguf"
         script = str(COMPAT) if use_compat else str(LLAMA_CPP / "convert_hf_to_gguf.py")
         env = dict(os.environ, LLAMA_CPP_DIR=str(LLAMA_CPP))
         cmd = [sys.executable, script, str(d), "--vocab-only", "--outfile", str(outf)]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0 and allow_fail:
+            return None, (p.stdout + p.stderr)
         if p.returncode != 0:
             print(p.stdout[-3000:], p.stderr[-6000:])
             raise SystemExit(f"reference converter failed on {d}")
@@ -222,17 +224,138 @@ def run_reference(d: Path, use_compat: bool):
     return kvs, log
 
 
+# ------------------------------------------------------------------------------------------------------
+# Variants for differential testing (not committed): `--variants DIR` writes one model directory per case with
+# the reference's expected_kvs.json; `SLING_TOKENIZER_DIRS=DIR/* cargo test -p sling-formats --test
+# tokenizer_vocab -- --ignored external_dirs` compares sling with them.
+def make_variants(out_root: Path):
+    base = HERE / "qwen2moe_tiny"
+    tj0 = json.loads((base / "tokenizer.json").read_text())
+    tc0 = json.loads((base / "tokenizer_config.json").read_text())
+    n = len(tj0["model"]["vocab"])
+
+    def mk(name, tj=None, tc=None, cfg=None, files=None, style="gpt2"):
+        d = out_root / name
+        shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True)
+        write_json(d / "tokenizer.json", tj if tj is not None else tj0)
+        if tc is not False:
+            write_json(d / "tokenizer_config.json", tc if tc is not None else tc0)
+        write_json(d / "config.json", cfg if cfg is not None else qwen2moe_config(n + 13, bos_token_id=0, eos_token_id=2))
+        for fname, content in (files or {}).items():
+            (d / fname).parent.mkdir(parents=True, exist_ok=True)
+            (d / fname).write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+        (d / "style.txt").write_text(style)
+
+    def tj_with(**kw):
+        t = json.loads(json.dumps(tj0)); t.update(kw); return t
+
+    def added(content, special=True, normalized=False):
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "rstrip": False,
+                "normalized": normalized, "single_word": False, "special": special}
+
+    # deepseek-like: BOS via TemplateProcessing and add_bos_token, AddedToken dicts, LlamaTokenizerFast class
+    tp = {"type": "TemplateProcessing",
+          "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+          "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+          "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+    mk("v_deepseek_like", tj=tj_with(post_processor=tp),
+       tc={"add_bos_token": True, "add_eos_token": False, "bos_token": added("<|endoftext|>"),
+           "eos_token": added("<|im_end|>"), "pad_token": added("<|endoftext|>"), "legacy": True,
+           "tokenizer_class": "LlamaTokenizerFast", "model_max_length": 4096, "clean_up_tokenization_spaces": False,
+           "chat_template": CHAT_TEMPLATE})
+    # no tokenizer_config.json at all (chat_template.jinja is then ignored by SpecialVocab)
+    mk("v_no_config", tc=False, files={"chat_template.jinja": CHAT_TEMPLATE})
+    # legacy special_tokens_map.json; <|im_end|> only in the model vocab (not an added token)
+    t = json.loads(json.dumps(tj0)); t["added_tokens"] = [a for a in t["added_tokens"] if a["content"] != "<|im_end|>"]
+    t["model"]["vocab"]["<|im_end|>"] = 2
+    mk("v_legacy_stm", tj=t, tc={"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+                                 "add_bos_token": False},
+       files={"special_tokens_map.json": {"eos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>",
+              "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}},
+              "chat_template.json": {"chat_template": "{{ json_template }}"}})
+    # RobertaProcessing + BertNormalizer(lowercase)
+    rp = {"type": "RobertaProcessing", "sep": ["<|im_end|>", 2], "cls": ["<|endoftext|>", 0], "trim_offsets": True,
+          "add_prefix_space": False}
+    mk("v_roberta_bert_norm", tj=tj_with(post_processor=rp, normalizer={"type": "BertNormalizer", "clean_text": True,
+       "handle_chinese_chars": True, "strip_accents": None, "lowercase": True}),
+       tc={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})
+    # old-style string merges; and no merges in tokenizer.json but a merges.txt
+    t = json.loads(json.dumps(tj0)); t["model"]["merges"] = [" ".join(m) for m in t["model"]["merges"]]
+    mk("v_string_merges", tj=t, tc={**tc0, "normalizer_note": 1})
+    t2 = json.loads(json.dumps(tj0)); merges = t2["model"]["merges"]; t2["model"]["merges"] = []
+    mk("v_merges_txt", tj=t2, files={"merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\nbad line here\n"})
+    # TemplateProcessing with a trailing special that is not eos -> eot bookkeeping; Sequence normalizer flags
+    tp2 = {"type": "TemplateProcessing",
+           "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
+           "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                    {"SpecialToken": {"id": "<|im_end|>", "type_id": 1}}],
+           "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
+                              "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]},
+                              "<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+    mk("v_eot_template", tj=tj_with(post_processor=tp2, normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Lowercase"}, {"type": "StripAccents"}]}),
+       tc={"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "sep_token": "<|endoftext|>"},
+       cfg=qwen2moe_config(n + 3, eot_token_id=1, text_config={"eos_token_id": 2}))
+    # extra special tokens (new content -> new added token) + model-specific *_token + decoder-only token
+    mk("v_extra_specials", tc={**tc0, "extra_special_tokens": ["<|new_extra|>", "<|im_start|>"], "image_token": "<image>",
+                               "added_tokens_decoder": {**tc0.get("added_tokens_decoder", {}),
+                                                        "600": {"content": "<only_in_config>", "special": False,
+                                                                "normalized": False, "lstrip": False, "rstrip": False,
+                                                                "single_word": False}}},
+       cfg=qwen2moe_config(n + 13, bos_token_id=0, eos_token_id=2))
+    # Llama style: CodeLlama vocab 32016 (infill ids, re-added keys), Granite small vocab 49152
+    tcl = {**tc0, "add_prefix_space": True, "add_eos_token": True, "bos_token": "<|im_start|>"}
+    mk("v_codellama_32016", tc=tcl, cfg=mixtral_config(32016, bos_token_id=1, eos_token_id=2), style="llama")
+    mk("v_granite_49152", tc=tcl, cfg=mixtral_config(49152, bos_token_id=1, eos_token_id=2), style="llama")
+    # named chat templates with odd names, a duplicate and a non-default without template
+    mk("v_named_templates", tc={**tc0, "chat_template": [{"name": "default", "template": "D"},
+       {"name": "tool use!", "template": "T"}, {"name": "rag", "template": "R"}, {"name": "rag", "template": "R2"}, {"name": "", "template": "nameless"}]})
+    # Llama style with a SentencePiece model and config vocab larger than the model (PAD fill) + pad_token_id
+    d = out_root / "v_spm_pad"
+    shutil.rmtree(d, ignore_errors=True); shutil.copytree(HERE / "mixtral_spm", d)
+    (d / "expected_kvs.json").unlink(); (d / "reference.log").unlink(missing_ok=True)
+    write_json(d / "config.json", mixtral_config(440, bos_token_id=1, eos_token_id=2, pad_token_id=430))
+    (d / "style.txt").write_text("llama")
+
+    # a reference failure: config vocab_size smaller than the tokenizer's ids
+    mk("v_err_small_vocab", cfg=qwen2moe_config(100))
+    for d in sorted(p for p in out_root.iterdir() if p.is_dir()):
+        kvs, log = run_reference(d, use_compat=True, allow_fail=True)
+        write_markers(d, kvs, log)
+        print(d.name, "reference failed" if kvs is None else f"{len(kvs)} KVs")
+
+
+def write_markers(d: Path, kvs, log: str):
+    """expected_kvs.json (or expected_error.txt), pre.txt and chkhsh.txt for the `external_dirs` test."""
+    import re
+    if kvs is None:
+        (d / "expected_error.txt").write_text(log.strip().splitlines()[-1] + "\n")
+        return
+    write_json(d / "expected_kvs.json", kvs)
+    (d / "pre.txt").write_text("gpt-2" if "convert_compat: unknown chkhsh" in log else "")
+    if m := re.search(r"chkhsh:\s+([0-9a-f]{64})", log):
+        (d / "chkhsh.txt").write_text(m.group(1) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--dump-only", default="", help="only run the reference on this dir and write expected_kvs.json")
     ap.add_argument("--no-compat", action="store_true")
+    ap.add_argument("--variants", default="", help="write the differential-test variants to this directory")
     args = ap.parse_args()
+    if args.variants:
+        Path(args.variants).mkdir(parents=True, exist_ok=True)
+        make_variants(Path(args.variants))
+        return
     if args.dump_only:
         d = Path(args.dump_only)
-        kvs, log = run_reference(d, use_compat=not args.no_compat)
-        write_json(d / "expected_kvs.json", kvs)
-        print(log[-2000:])
+        kvs, log = run_reference(d, use_compat=not args.no_compat, allow_fail=True)
+        write_markers(d, kvs, log)
+        print(d.name, "reference failed" if kvs is None else f"{len(kvs)} KVs")
         return
     makers = {"tiny": make_tiny, "spm": make_spm, "llama_hf": make_llama_hf}
     for name, mk in makers.items():

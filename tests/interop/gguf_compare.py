@@ -1,0 +1,82 @@
+"""Compare two GGUF files with the `gguf` package (the reference reader): every tensor's name, type,
+shape and bytes, and every metadata key's type and value."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _kv_value(f):
+    import gguf
+    t = f.types[0] if f.types else None
+    if t == gguf.GGUFValueType.ARRAY:
+        sub = f.types[1] if len(f.types) > 1 else None
+        if sub == gguf.GGUFValueType.STRING:
+            return ("array", "string", [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data])
+        return ("array", str(sub), [np.asarray(f.parts[i]).tolist() for i in f.data])
+    if t == gguf.GGUFValueType.STRING:
+        return ("string", bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
+    return (str(t), np.asarray(f.parts[f.data[0]]).tolist())
+
+
+def read(path):
+    import gguf
+    r = gguf.GGUFReader(path)
+    kvs = {}
+    for name, f in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        kvs[name] = _kv_value(f)
+    tensors = {}
+    for t in r.tensors:
+        tensors[t.name] = (t.tensor_type.name, tuple(int(x) for x in t.shape), hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest())
+    return kvs, tensors, [t.name for t in r.tensors]
+
+
+@dataclass
+class Comparison:
+    tensors_total: int = 0
+    tensors_identical: int = 0
+    tensor_diffs: list = field(default_factory=list)
+    order_equal: bool = True
+    kv_diffs: list = field(default_factory=list)
+    kv_compared: int = 0
+
+    @property
+    def ok(self):
+        return not self.tensor_diffs and not self.kv_diffs
+
+
+def compare(ours: str, ref: str, ignore_keys=(), expected_diffs: dict | None = None) -> Comparison:
+    """`expected_diffs`: key -> value sling must write where the reference differs on purpose."""
+    expected_diffs = expected_diffs or {}
+    ok, ot, oorder = read(ours)
+    rk, rt, rorder = read(ref)
+    c = Comparison()
+    c.order_equal = oorder == rorder
+    for name in sorted(set(ot) | set(rt)):
+        c.tensors_total += 1
+        if name not in ot:
+            c.tensor_diffs.append(f"{name}: missing in sling output")
+        elif name not in rt:
+            c.tensor_diffs.append(f"{name}: not in reference output")
+        elif ot[name] != rt[name]:
+            c.tensor_diffs.append(f"{name}: sling {ot[name][:2]} vs reference {rt[name][:2]}" + (" (bytes differ)" if ot[name][:2] == rt[name][:2] else ""))
+        else:
+            c.tensors_identical += 1
+    for key in sorted(set(ok) | set(rk)):
+        if any(key == k or (k.endswith("*") and key.startswith(k[:-1])) for k in ignore_keys):
+            continue
+        c.kv_compared += 1
+        if key in expected_diffs:
+            want = expected_diffs[key]
+            if ok.get(key, (None, None))[-1] != want:
+                c.kv_diffs.append(f"{key}: sling {ok.get(key)} but the intended value is {want}")
+            continue
+        if ok.get(key) != rk.get(key):
+            a, b = ok.get(key), rk.get(key)
+            short = lambda v: v if v is None or len(str(v)) < 200 else str(v)[:200] + "..."
+            c.kv_diffs.append(f"{key}: sling {short(a)} vs reference {short(b)}")
+    return c
