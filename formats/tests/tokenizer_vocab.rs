@@ -212,7 +212,8 @@ fn external_dirs() {
             "spm" => VocabStyle::SpmOrGpt2,
             _ => VocabStyle::Gpt2,
         };
-        let pre = std::fs::read_to_string(dir.join("pre.txt")).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let pre =
+            std::fs::read_to_string(dir.join("pre.txt")).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
         let config = read_json(&dir.join("config.json"));
         if let Ok(h) = std::fs::read_to_string(dir.join("chkhsh.txt")) {
             match chkhsh(dir) {
@@ -224,11 +225,13 @@ fn external_dirs() {
             }
         }
         let got = vocab_kvs(dir, &config, style, &VocabOptions { pre_override: pre });
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match (&got, dir.join("expected_error.txt").is_file()) {
-            (Ok(kvs), false) => assert_matches_reference(kvs, &read_json(&dir.join("expected_kvs.json")), d),
-            (Err(e), true) => eprintln!("{d}: both fail ({e})"),
-            (Ok(_), true) => panic!("{d}: the reference failed but sling did not"),
-            (Err(e), false) => panic!("{d}: {e}"),
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match (&got, dir.join("expected_error.txt").is_file()) {
+                (Ok(kvs), false) => assert_matches_reference(kvs, &read_json(&dir.join("expected_kvs.json")), d),
+                (Err(e), true) => eprintln!("{d}: both fail ({e})"),
+                (Ok(_), true) => panic!("{d}: the reference failed but sling did not"),
+                (Err(e), false) => panic!("{d}: {e}"),
+            }
         }));
         match res {
             Ok(()) => eprintln!("ok   {d}"),
@@ -368,7 +371,10 @@ mod gguf_vocab {
             })
             .collect();
         let (normalizer, pre_tokenizer) = match pre.as_str() {
-            "gpt-2" => (Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})),
+            "gpt-2" => (
+                Value::Null,
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+            ),
             "qwen2" => (
                 json!({"type": "NFC"}),
                 json!({"type": "Sequence", "pretokenizers": [
@@ -387,7 +393,9 @@ mod gguf_vocab {
         });
         std::fs::create_dir_all(dir).expect("mkdir");
         std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tj).expect("json")).expect("write");
-        let eos = if tokens.iter().any(|t| t == "<|endoftext|>") { "<|endoftext|>".to_string() } else {
+        let eos = if tokens.iter().any(|t| t == "<|endoftext|>") {
+            "<|endoftext|>".to_string()
+        } else {
             let Kv::Int(e) = get("tokenizer.ggml.eos_token_id") else { panic!("eos") };
             tokens[*e as usize].clone()
         };

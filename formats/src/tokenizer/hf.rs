@@ -23,7 +23,8 @@ pub(crate) fn read_json(path: &Path, needed: &'static str) -> Result<Value, Toke
     if !path.is_file() {
         return Err(TokenizerError::Missing { path: path.to_path_buf(), needed });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.to_path_buf(), source })
 }
 
@@ -62,10 +63,9 @@ impl TokVal {
 
 /// `AddedToken(**dict)` (Python): missing flags take the binding's defaults (`normalized = not special`).
 fn added_token_from_dict(path: &Path, d: &Map<String, Value>) -> Result<AddedToken, TokenizerError> {
-    let content = d
-        .get("content")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid(path, format!("added token without a string \"content\": {}", Value::Object(d.clone()))))?;
+    let content = d.get("content").and_then(Value::as_str).ok_or_else(|| {
+        invalid(path, format!("added token without a string \"content\": {}", Value::Object(d.clone())))
+    })?;
     let flag = |k: &str| d.get(k).map(truthy);
     let special = flag("special").unwrap_or(false);
     let mut t = AddedToken::from(content.to_string(), special);
@@ -134,8 +134,13 @@ impl HfTokenizer {
         if let Some(d) = kw.get("added_tokens_decoder") {
             let d = d.as_object().ok_or_else(|| invalid(&cfg_path, "added_tokens_decoder is not an object"))?;
             for (idx, t) in d {
-                let id: i64 = idx.trim().parse().map_err(|_| invalid(&cfg_path, format!("added_tokens_decoder key {idx:?} is not an integer")))?;
-                let t = t.as_object().ok_or_else(|| invalid(&cfg_path, format!("added_tokens_decoder[{idx}] is not an object")))?;
+                let id: i64 = idx
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(&cfg_path, format!("added_tokens_decoder key {idx:?} is not an integer")))?;
+                let t = t
+                    .as_object()
+                    .ok_or_else(|| invalid(&cfg_path, format!("added_tokens_decoder[{idx}] is not an object")))?;
                 atd.push((id, added_token_from_dict(&cfg_path, t)?));
             }
         } else {
@@ -197,7 +202,10 @@ impl HfTokenizer {
             }
             for t in raw.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
                 let o = t.as_object().ok_or_else(|| invalid(&path, "added_tokens entry is not an object"))?;
-                let id = o.get("id").and_then(Value::as_i64).ok_or_else(|| invalid(&path, "added token without an integer id"))?;
+                let id = o
+                    .get("id")
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| invalid(&path, "added token without an integer id"))?;
                 atd.retain(|(i, _)| *i != id);
                 atd.push((id, added_token_from_dict(&path, o)?));
             }
@@ -365,7 +373,9 @@ impl HfTokenizer {
         let vocab = self.tok.get_vocab(true);
         let vocab_size: u64 = match hp.get("vocab_size") {
             None => vocab.len() as u64,
-            Some(v) => v.as_u64().ok_or_else(|| invalid(Path::new("config.json"), format!("vocab_size is {v}, not a count")))?,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| invalid(Path::new("config.json"), format!("vocab_size is {v}, not a count")))?,
         };
         let max_id = vocab.values().copied().max().map(u64::from);
         match max_id {
@@ -392,7 +402,10 @@ impl HfTokenizer {
             let mut token = token.clone();
             if added_vocab.contains(token.as_str()) {
                 let at = u32::try_from(i).ok().and_then(|i| added_decoder.get(&i)).ok_or_else(|| {
-                    invalid(&self.path, format!("added token {token:?} is not the token with id {i} (KeyError in the reference)"))
+                    invalid(
+                        &self.path,
+                        format!("added token {token:?} is not the token with id {i} (KeyError in the reference)"),
+                    )
                 })?;
                 if !at.normalized {
                     let prev = token.clone();
@@ -535,7 +548,8 @@ pub(crate) fn set_vocab_llama_hf(dir: &Path, hp: &Hparams<'_>, w: &mut KvWriter)
         }
     }
     added_vocab.sort_by_key(|(_, id)| *id);
-    let added_list: Vec<String> = added_vocab.into_iter().filter(|(_, id)| *id as usize >= base).map(|(c, _)| c).collect();
+    let added_list: Vec<String> =
+        added_vocab.into_iter().filter(|(_, id)| *id as usize >= base).map(|(c, _)| c).collect();
 
     let mut all_special: Vec<&str> = Vec::new();
     for s in t.named.iter().chain(t.extra.iter()) {
@@ -546,7 +560,8 @@ pub(crate) fn set_vocab_llama_hf(dir: &Path, hp: &Hparams<'_>, w: &mut KvWriter)
     let vocab = t.tok.get_vocab(true);
     let mut specials: HashMap<&str, u32> = HashMap::new();
     for s in &all_special {
-        let id = vocab.get(*s).ok_or_else(|| invalid(&t.path, format!("special token {s:?} is not in the vocabulary")))?;
+        let id =
+            vocab.get(*s).ok_or_else(|| invalid(&t.path, format!("special token {s:?} is not in the vocabulary")))?;
         specials.insert(s, *id);
     }
     let special_ids: HashSet<u32> = specials.values().copied().collect();

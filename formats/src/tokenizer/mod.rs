@@ -229,7 +229,14 @@ impl KvWriter {
     }
 
     /// tokenizer.ggml.model, .pre, .tokens, (.scores), .token_type, as `_set_vocab_*` write them.
-    pub fn add_vocab(&mut self, model: &str, pre: &str, tokens: Vec<String>, scores: Option<Vec<f32>>, types: Vec<i32>) {
+    pub fn add_vocab(
+        &mut self,
+        model: &str,
+        pre: &str,
+        tokens: Vec<String>,
+        scores: Option<Vec<f32>>,
+        types: Vec<i32>,
+    ) {
         self.add_string(keys::MODEL, model);
         self.add_string(keys::PRE, pre);
         self.add_array(keys::TOKENS, ValueType::String, tokens.into_iter().map(GgufValue::String).collect());
@@ -365,10 +372,7 @@ mod tests {
             Some("jina-v2-en")
         );
         assert_eq!(pre_for_chkhsh("3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454"), Some("gpt-2"));
-        assert_eq!(
-            pre_for_chkhsh("e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea"),
-            Some("qwen2")
-        );
+        assert_eq!(pre_for_chkhsh("e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea"), Some("qwen2"));
         assert_eq!(pre_for_chkhsh("00"), None);
         assert_eq!(CHKHSH_TABLE.len(), 97);
     }

@@ -122,9 +122,8 @@ impl SpecialVocab {
             if self.ids.iter().any(|(k, _)| k == kind) {
                 return Ok(());
             }
-            let id32 = u32::try_from(id_u).map_err(|_| {
-                invalid(path, format!("special token id {kind}={id} does not fit the u32 GGUF field"))
-            })?;
+            let id32 = u32::try_from(id_u)
+                .map_err(|_| invalid(path, format!("special token id {kind}={id} does not fit the u32 GGUF field")))?;
             self.ids.push((kind.to_string(), id32));
             return Ok(());
         }
@@ -161,7 +160,8 @@ impl SpecialVocab {
         if !path.is_file() {
             return Ok(());
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
         let mut lines = text.split_inclusive('\n').peekable();
         if lines.peek().is_some_and(|l| l.trim().starts_with('#')) {
             lines.next();
@@ -214,7 +214,9 @@ impl SpecialVocab {
 
         if tokenizer.as_ref().is_some_and(truthy) {
             let tj = tokenizer.as_ref().unwrap_or(&Value::Null);
-            let get = |tc: &Option<Map<String, Value>>, k: &str| tc.as_ref().and_then(|m| m.get(k)).cloned().filter(|v| !v.is_null());
+            let get = |tc: &Option<Map<String, Value>>, k: &str| {
+                tc.as_ref().and_then(|m| m.get(k)).cloned().filter(|v| !v.is_null())
+            };
             let mut special_bos = get(&tc, "bos_token");
             let mut special_cls = get(&tc, "cls_token");
             let mut special_eos = get(&tc, "eos_token");
@@ -398,7 +400,9 @@ impl SpecialVocab {
                         self.types.push("eom".into());
                         set_tc(tc, "eom_token", special_eos);
                     } else {
-                        tracing::warn!("overriding EOS token {special_eos:?} with {special_last:?} without EOT/EOM fallback");
+                        tracing::warn!(
+                            "overriding EOS token {special_eos:?} with {special_last:?} without EOT/EOM fallback"
+                        );
                     }
                     *special_eos = special_last.clone();
                     set_tc(tc, "eos_token", special_eos);
@@ -411,12 +415,12 @@ impl SpecialVocab {
             }
         }
         if !pair.is_empty() {
-            let seq_start = usize::from(
-                special_first.is_some() && special_piece_id(pair.first()) == special_first,
-            );
+            let seq_start = usize::from(special_first.is_some() && special_piece_id(pair.first()) == special_first);
             let stop_trim = special_last.is_some() && special_piece_id(pair.last()) == special_last;
             if (special_first.is_some() && seq_start == 0) || (special_last.is_some() && !stop_trim) {
-                tracing::warn!("TemplateProcessing<single> leading/trailing special tokens do not match TemplateProcessing<pair>");
+                tracing::warn!(
+                    "TemplateProcessing<single> leading/trailing special tokens do not match TemplateProcessing<pair>"
+                );
             }
             let end = if stop_trim { pair.len().saturating_sub(1) } else { pair.len() };
             let mid: &[Value] = if seq_start <= end { &pair[seq_start..end] } else { &[] };
@@ -550,12 +554,13 @@ fn add_chat_template(w: &mut KvWriter, ct: &ChatTemplate, path: &Path) -> Result
                     Some(Value::String(s)) => s.clone(),
                     Some(other) => return Err(invalid(path, format!("chat_template name is not a string: {other}"))),
                 };
-                let name: String =
-                    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
                 let template = match o.get("template") {
                     None | Some(Value::Null) => continue,
                     Some(Value::String(s)) => s.clone(),
-                    Some(other) => return Err(invalid(path, format!("chat_template {name:?} is not a string: {other}"))),
+                    Some(other) => {
+                        return Err(invalid(path, format!("chat_template {name:?} is not a string: {other}")))
+                    }
                 };
                 if name.is_empty() {
                     continue;
@@ -571,7 +576,11 @@ fn add_chat_template(w: &mut KvWriter, ct: &ChatTemplate, path: &Path) -> Result
             }
             names.sort();
             if !names.is_empty() {
-                w.add_array(keys::CHAT_TEMPLATES, ValueType::String, names.into_iter().map(GgufValue::String).collect());
+                w.add_array(
+                    keys::CHAT_TEMPLATES,
+                    ValueType::String,
+                    names.into_iter().map(GgufValue::String).collect(),
+                );
             }
             if let Some(d) = default {
                 w.add_string(keys::CHAT_TEMPLATE, &d);
@@ -589,7 +598,10 @@ fn convert_merges(path: &Path, merges: &[Value]) -> Result<Vec<String>, Tokenize
             .map(|m| m.as_str().map(str::to_string).ok_or_else(|| invalid(path, format!("merge {m} is not a string"))))
             .collect(),
         Some(Value::Array(p)) if p.len() == 2 && p[0].is_string() => {
-            if merges.iter().any(|m| m.as_array().is_some_and(|p| p.iter().any(|s| s.as_str().is_some_and(|s| s.contains(' '))))) {
+            if merges
+                .iter()
+                .any(|m| m.as_array().is_some_and(|p| p.iter().any(|s| s.as_str().is_some_and(|s| s.contains(' ')))))
+            {
                 tracing::warn!("spaces in merges detected, encoding as U+0120");
             }
             merges

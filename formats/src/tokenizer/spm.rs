@@ -88,7 +88,8 @@ pub fn parse_model_proto(buf: &[u8]) -> Result<Vec<SpmPiece>, String> {
     let mut pieces = Vec::new();
     while !r.done() {
         let at = r.pos;
-        let (num, wt, payload, _) = r.field().ok_or_else(|| format!("truncated or malformed protobuf field at byte {at}"))?;
+        let (num, wt, payload, _) =
+            r.field().ok_or_else(|| format!("truncated or malformed protobuf field at byte {at}"))?;
         if num != 1 {
             continue;
         }
@@ -101,7 +102,8 @@ pub fn parse_model_proto(buf: &[u8]) -> Result<Vec<SpmPiece>, String> {
         let mut p = Reader { buf: payload, pos: 0 };
         let mut piece = SpmPiece { piece: String::new(), score: 0.0, kind: piece_type::NORMAL };
         while !p.done() {
-            let (n, w, pl, v) = p.field().ok_or_else(|| format!("malformed SentencePiece message in the piece at byte {at}"))?;
+            let (n, w, pl, v) =
+                p.field().ok_or_else(|| format!("malformed SentencePiece message in the piece at byte {at}"))?;
             match (n, w) {
                 (1, 2) => {
                     piece.piece = String::from_utf8(pl.to_vec())
@@ -128,7 +130,10 @@ pub fn read_tokenizer_model(path: &Path) -> Result<Vec<SpmPiece>, TokenizerError
         what: format!("not a SentencePiece model: {what}"),
     })?;
     if pieces.is_empty() {
-        return Err(TokenizerError::Invalid { path: path.to_path_buf(), what: "SentencePiece model without pieces".into() });
+        return Err(TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            what: "SentencePiece model without pieces".into(),
+        });
     }
     Ok(pieces)
 }
