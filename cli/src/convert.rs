@@ -14,10 +14,14 @@ pub const AFTER_HELP: &str = "Examples:
   sling convert ./DeepSeek-V3 --to gguf --type q8_0 --split-max-size 50G -o ds-v3-q8_0.gguf
   sling convert ./Mixtral-8x7B --to gguf --type f16 --json -o mixtral-f16.gguf
 
-Types: f32, f16, bf16 (default), q8_0 — the same as convert_hf_to_gguf.py --outtype. Norms, biases and
-routers stay f32; rows whose length is not a multiple of 32 fall back to f16 for q8_0, as llama.cpp does.
-FP8 (DeepSeek) and MXFP4 (gpt-oss) sources are read natively; MXFP4 experts are copied as MXFP4.
-The output is written to a temporary file next to OUT and renamed only when complete.";
+Types: f32, f16, bf16 (default), q8_0 — the same as convert_hf_to_gguf.py --outtype, with the same bytes. \
+Norms, biases and routers stay f32; for q8_0, rows whose length is not a multiple of 32 fall back to f16, as the \
+reference converter does.
+
+Sources: bf16/f16/f32 safetensors, DeepSeek FP8 (weight_scale_inv blocks, dequantized on the fly) and gpt-oss \
+MXFP4 experts (copied as MXFP4). Nothing is loaded whole: memory stays bounded whatever the model size.
+
+The output is written to a temporary file next to OUT and renamed only when complete; the source is never written.";
 
 #[derive(clap::Args)]
 pub struct Args {
