@@ -266,3 +266,27 @@ fn bad_usage_exits_2() {
     let o = run(&["convert", "x", "-o", "y", "--type", "q9"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn malformed_json_files_are_refused() {
+    let (t, _src, out) = dirs();
+    let m = copy_fixture("llama", t.path());
+    fs::write(m.join("config.json"), b"{\"architectures\": [").unwrap();
+    assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "config.json", &out);
+    let m = copy_fixture("mixtral-sharded", t.path());
+    fs::write(m.join("model.safetensors.index.json"), b"[1, 2]").unwrap();
+    assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "weight_map", &out);
+    let m = copy_fixture("qwen2moe", t.path());
+    fs::write(m.join("tokenizer.json"), b"{\"model\": 3}").unwrap();
+    assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "tokenizer", &out);
+}
+
+#[test]
+fn a_failed_conversion_leaves_no_partial_file() {
+    // The NaN sits in the last tensor written, so the writer has already streamed most of the file
+    // into its temporary when the error comes: that temporary must be removed.
+    let (t, _src, out) = dirs();
+    let m = copy_fixture("llama", t.path());
+    poke_tensor(&m, "model.norm.weight", |d| d[0..2].copy_from_slice(&[0x80, 0x7f]));
+    assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "output_norm.weight", &out);
+}

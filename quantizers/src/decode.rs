@@ -1,6 +1,6 @@
 //! Source element types to `f32`.
 
-use half::{bf16, f16};
+use half::f16;
 use sling_core::DType;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -43,10 +43,20 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(
         });
     }
     out.reserve(bytes.len() / size);
+    fn fill<const N: usize>(out: &mut Vec<f32>, bytes: &[u8], f: impl Fn([u8; N]) -> f32) {
+        let start = out.len();
+        out.resize(start + bytes.len() / N, 0.0);
+        for (dst, c) in out[start..].iter_mut().zip(bytes.chunks_exact(N)) {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            *dst = f(a);
+        }
+    }
     match dtype {
-        DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        DType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DType::F32 => fill(out, bytes, f32::from_le_bytes),
+        DType::F16 => fill(out, bytes, |b| f16::from_le_bytes(b).to_f32()),
+        // bf16 is the top half of an f32: exact.
+        DType::BF16 => fill(out, bytes, |b| f32::from_bits((u16::from_le_bytes(b) as u32) << 16)),
         DType::F64 => out.extend(bytes.chunks_exact(8).map(|c| {
             f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
         })),

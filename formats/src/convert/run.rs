@@ -130,6 +130,13 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
     let mut flagged = None;
     match &t.payload {
         Payload::Mxfp4(m) => m.read(ck, c.r0, c.r1, &mut bytes).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?,
+        Payload::Values(super::ops::Op::Source(src)) if src.dtype == t.dtype && all_finite(ck, src, c)? => {
+            // Same type in and out, nothing to transform, no NaN/Inf: the reference's
+            // decode-then-round is the identity here (bf16->f32->bf16, f16->f32->f16), so copy bytes.
+            let (a, b) = byte_range(src, c);
+            let st = ck.get(&src.name).ok_or_else(|| ConvertError::Op { tensor: t.name.clone(), source: OpError::Missing(src.name.clone()) })?;
+            bytes.extend_from_slice(&ck.bytes(st)[a..b]);
+        }
         Payload::Values(op) => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
             op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?;
@@ -146,6 +153,25 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
         }
     }
     Ok((bytes, flagged))
+}
+
+fn byte_range(src: &super::ops::Src, c: &Chunk) -> (usize, usize) {
+    let es = src.dtype.block_bytes() as u64;
+    ((c.r0 * src.cols * es) as usize, (c.r1 * src.cols * es) as usize)
+}
+
+/// Whether rows `c` of a plain f32/f16/bf16 source hold only finite values (checked on the bits).
+fn all_finite(ck: &Checkpoint, src: &super::ops::Src, c: &Chunk) -> Result<bool, ConvertError> {
+    let Some(st) = ck.get(&src.name) else { return Ok(false) };
+    let (a, b) = byte_range(src, c);
+    let d = &ck.bytes(st)[a..b];
+    Ok(match src.dtype {
+        // exponent all ones <=> Inf or NaN
+        sling_core::DType::BF16 => d.chunks_exact(2).all(|x| u16::from_le_bytes([x[0], x[1]]) & 0x7f80 != 0x7f80),
+        sling_core::DType::F16 => d.chunks_exact(2).all(|x| u16::from_le_bytes([x[0], x[1]]) & 0x7c00 != 0x7c00),
+        sling_core::DType::F32 => d.chunks_exact(4).all(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) & 0x7f80_0000 != 0x7f80_0000),
+        _ => false,
+    })
 }
 
 /// Converts `ck` as `opts` says. `progress` is called with the output bytes written so far.
