@@ -152,30 +152,23 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn human(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{b} B")
+/// `n` with a decimal SI prefix and `unit` ("B" for bytes, "" for counts).
+fn si(n: u64, unit: &str) -> String {
+    let n = n as f64;
+    for (scale, p) in [(1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        if n >= scale {
+            return format!("{:.2} {p}{unit}", n / scale);
+        }
     }
+    format!("{n} {unit}")
+}
+
+fn human(b: u64) -> String {
+    si(b, "B")
 }
 
 fn count(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}B", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2}M", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1}K", n / 1e3)
-    } else {
-        format!("{n}")
-    }
+    si(n, "").trim_end().to_string()
 }
 
 fn print_table(r: &Report) {

@@ -15,13 +15,13 @@ use sling_core::{DType, ModelConfig};
 /// Errors while opening a checkpoint. Each names the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error("{path}: tensor {tensor} has dtype {dtype}, which sling cannot read")]
     UnsupportedDType { path: PathBuf, tensor: String, dtype: String },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON")]
     Json { path: PathBuf, source: serde_json::Error },
     #[error("{path}: {reason}")]
     BadIndex { path: PathBuf, reason: String },
@@ -35,7 +35,7 @@ pub enum CheckpointError {
     DuplicateTensor { tensor: String, first: PathBuf, second: PathBuf },
     #[error("{path}: no model.safetensors or model.safetensors.index.json found (only safetensors checkpoints are supported)")]
     NoWeights { path: PathBuf },
-    #[error("{path}: {source}")]
+    #[error("{path}: unusable config")]
     Config { path: PathBuf, source: sling_core::ConfigError },
 }
 
@@ -106,6 +106,16 @@ impl SafetensorsFile {
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors })
+    }
+
+    /// Drops this process's mappings of the file's pages (they stay in the page cache).
+    pub fn release_pages(&self) {
+        // SAFETY: the map is a shared, read-only, file-backed mapping. MADV_DONTNEED only removes
+        // page-table entries; a later access faults the same file bytes back in from the page
+        // cache, so no slice into the map observes different data (unlike anonymous or private
+        // copy-on-write maps, where DONTNEED would zero them).
+        #[cfg(unix)]
+        let _ = unsafe { self.mmap.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
     }
 
     /// The bytes of one of this file's tensors.
@@ -259,6 +269,11 @@ impl Checkpoint {
     /// The path of the file holding `t`.
     pub fn file_of(&self, t: &SourceTensor) -> &Path {
         &self.files[t.file].path
+    }
+
+    /// Drops the mapped pages of every file from this process (see [`SafetensorsFile::release_pages`]).
+    pub fn release_pages(&self) {
+        self.files.iter().for_each(SafetensorsFile::release_pages);
     }
 
     /// Total bytes of tensor data.

@@ -27,19 +27,43 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
-/// C `roundf`: half away from zero (gguf-py `np_roundf`).
-fn roundf(x: f32) -> f32 {
-    x.round()
+/// C `roundf` (half away from zero, gguf-py `np_roundf`) for |x| < 2^31, returned as an integer.
+/// `f32::round` is a libm call on baseline x86-64; truncation (`cvttss2si`) plus an exact
+/// fraction test is several times faster and gives the same result (tested against `f32::round`).
+#[inline]
+fn roundf_i32(x: f32) -> i32 {
+    let i = x as i32;
+    let frac = x - i as f32; // exact: x and i share the exponent range, |x| < 2^31
+    if frac >= 0.5 {
+        i + 1
+    } else if frac <= -0.5 {
+        i - 1
+    } else {
+        i
+    }
 }
 
 /// `quantize_row_q8_0_ref` (ggml-quants.c), identical to gguf-py `Q8_0.quantize_blocks`.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
-    for block in x.chunks_exact(32) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let start = out.len();
+    out.resize(start + x.len() / 32 * 34, 0);
+    for (block, dst) in x.chunks_exact(32).zip(out[start..].chunks_exact_mut(34)) {
+        // amax over the block (NaN never reaches here: the converter rejects non-finite input
+        // unless asked, and then C's fmaxf and this comparison both ignore NaN).
+        let mut amax = 0.0f32;
+        for v in block {
+            let a = v.abs();
+            if a > amax {
+                amax = a;
+            }
+        }
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f32_to_f16_bits(d).to_le_bytes());
-        out.extend(block.iter().map(|v| roundf(v * id) as i8 as u8));
+        dst[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        // |v * id| <= 127 (up to rounding), so the cast to i8 never saturates differently from C.
+        for (q, v) in dst[2..].iter_mut().zip(block) {
+            *q = roundf_i32(v * id) as i8 as u8;
+        }
     }
 }
 
@@ -119,6 +143,18 @@ mod tests {
                 // half a step, plus the f16 rounding of d (rel. 2^-11) times |q| <= 127
                 prop_assert!((q * d - v).abs() <= 0.5 * d + 127.0 * d * 1e-3 + 1e-6);
             }
+        }
+
+        #[test]
+        fn fast_roundf_equals_libm_round(x in -2.0e9f32..2.0e9) {
+            prop_assert_eq!(roundf_i32(x) as f32, x.round());
+        }
+
+        #[test]
+        fn fast_roundf_equals_libm_round_near_halves(i in -300i32..300, k in 0u32..8) {
+            // values at and next to .5 boundaries
+            let x = f32::from_bits((i as f32 + 0.5).to_bits().wrapping_add(k).wrapping_sub(4));
+            prop_assert_eq!(roundf_i32(x) as f32, x.round());
         }
 
         #[test]

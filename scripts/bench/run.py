@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -98,8 +99,29 @@ def _parse_time_v(text: str) -> dict:
     }
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (all CPUs; /proc/stat, excluding idle and iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.25) -> float:
+    """Wait (at most max_wait_s) until the rest of the machine uses < threshold cores over 1 s; returns the wait."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        b0 = cpu_busy_s()
+        time.sleep(1.0)
+        if cpu_busy_s() - b0 < threshold:
+            break
+    return time.perf_counter() - t0
+
+
 def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     tfile = log.with_suffix(".time")
+    busy0 = cpu_busy_s()
     full = ["/usr/bin/time", "-v", "-o", str(tfile)] + cmd
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
     peaks = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
@@ -121,7 +143,11 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         wall = time.perf_counter() - t0
         stop.set()
         th.join()
+    busy = cpu_busy_s() - busy0
     r = _parse_time_v(tfile.read_text()) if tfile.exists() else {}
+    # CPU seconds used by everything else on the machine during the run (noise indicator): machine busy time
+    # minus the measured command's user+sys (the poller thread of this script is included, a few % of a core).
+    r["other_cpu_s"] = max(0.0, busy - (r.get("user_s") or 0) - (r.get("sys_s") or 0))
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"command failed (rc {rc}): {' '.join(cmd)}\n--- log tail ---\n{tail}")
@@ -188,6 +214,9 @@ def main():
     ap.add_argument("--python", default=DEFAULT_PY if Path(DEFAULT_PY).exists() else sys.executable,
                     help="python with numpy, safetensors, torch, gguf (the reference converter's environment)")
     ap.add_argument("--skip-ref", action="store_true")
+    ap.add_argument("--quiet-wait", type=float, default=30,
+                    help="before each run, wait up to this many seconds for other processes to go idle")
+    ap.add_argument("--quiet-budget", type=float, default=180, help="total seconds of such waits")
     ap.add_argument("--keep-models", action="store_true", help="reuse/keep the synthetic models in WORK")
     a = ap.parse_args()
 
@@ -206,8 +235,15 @@ def main():
     outdir.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
 
+    # Measure a private copy: target/release/sling may be rebuilt while the benchmark runs.
+    src_sling = a.sling
+    a.sling = a.work / "sling"
+    shutil.copy2(src_sling, a.sling)
     sling_ver = subprocess.run([str(a.sling), "--version"], capture_output=True, text=True).stdout.strip()
-    result = {"machine": machine_info(), "sling": str(a.sling), "sling_version": sling_ver,
+    st = a.sling.stat()
+    sling_bin = {"sha256": hashlib.sha256(a.sling.read_bytes()).hexdigest(), "size": st.st_size,
+                 "mtime_utc": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")}
+    result = {"machine": machine_info(), "sling": str(src_sling), "sling_version": sling_ver, "sling_binary": sling_bin,
               "reference": "llama.cpp convert_hf_to_gguf.py via scripts/bench/convert_ref.py",
               "args": {k: str(v) for k, v in vars(a).items()}, "models": [], "runs": [], "verification": []}
     t_start = time.perf_counter()
@@ -229,25 +265,28 @@ def main():
                                  "moe_intermediate": cfg["moe_intermediate_size"]})
 
         keep = {}
+        quiet_total = result.setdefault("_quiet_total", [0.0])
 
         def run(tool, typ, threads, cmd, out_path, repeat, keep_as=None):
             for i in range(repeat):
                 rm(out_path)
                 subprocess.run(["sync"], check=True)
+                quiet_s = wait_quiet(min(a.quiet_wait, max(0.0, a.quiet_budget - quiet_total[0])))
+                quiet_total[0] += quiet_s
                 warm_s = warm(shards)
                 name = f"{tool}-{tag}-{typ}-t{threads}-{i}"
                 print(f"-- {name}: {' '.join(map(str, cmd))}", flush=True)
                 r = measure([str(c) for c in cmd], logs / f"{name}.log")
                 r["sync_s"] = sync_time()
                 r.update(tool=tool, size_gb=size, type=typ, threads=threads, rep=i, input_bytes=in_bytes,
-                         warm_s=warm_s, cmd=" ".join(map(str, cmd)))
+                         warm_s=warm_s, quiet_wait_s=quiet_s, cmd=" ".join(map(str, cmd)))
                 if out_path.exists():
                     r["output_bytes"] = (sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file())
                                          if out_path.is_dir() else out_path.stat().st_size)
                 print(f"   wall {r['wall_s']:.2f}s  {in_bytes / r['wall_s'] / 1e9:.3f} GB/s  "
                       f"maxrss {r['max_rss_kib'] / 1024:.0f} MiB (anon {r['peak_rss_anon_kib'] / 1024:.0f}, "
                       f"file {r['peak_rss_file_kib'] / 1024:.0f})  sync {r['sync_s']:.2f}s  "
-                      f"load {r['loadavg_before'][0]:.2f}", flush=True)
+                      f"load {r['loadavg_before'][0]:.2f}  others {r['other_cpu_s'] / r['wall_s']:.2f} cores", flush=True)
                 result["runs"].append(r)
             if keep_as:
                 keep[keep_as] = out_path
@@ -292,6 +331,10 @@ def main():
             rm(mdir)
 
     result["total_s"] = time.perf_counter() - t_start
+    result["quiet_wait_total_s"] = result.pop("_quiet_total")[0]
+    if hashlib.sha256(src_sling.read_bytes()).hexdigest() != sling_bin["sha256"]:
+        result["note"] = f"{src_sling} was rebuilt during the run; the measured copy is the one from the start"
+        print("NOTE:", result["note"])
     result["summary"] = summarize(result)
     (a.results / "bench.json").write_text(json.dumps(result, indent=2))
     md = render_md(result)
@@ -319,6 +362,7 @@ def summarize(result) -> list[dict]:
             "peak_file_mib": max(r["peak_rss_file_kib"] for r in rs) / 1024,
             "cpu_pct": statistics.median(r["cpu_pct"] or 0 for r in rs),
             "load_before": max(r["loadavg_before"][0] for r in rs),
+            "other_cores": statistics.median(r["other_cpu_s"] / r["wall_s"] for r in rs),
         })
     def find(tool, size, typ):
         return next((x for x in rows if x["tool"] == tool and x["size_gb"] == size and x["type"] == typ), None)
@@ -337,12 +381,13 @@ def render_md(result) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['nproc']} CPUs, {m['cpu']} (model {m['cpu_model_number']}, {m['hypervisor'] or 'bare metal'}), "
-        f"{m['mem_gib']} GiB RAM, kernel {m['kernel']}; sling {result['sling_version']} at {m['git_rev']}; "
+        f"{m['mem_gib']} GiB RAM, kernel {m['kernel']}; {result['sling_version']} at {m['git_rev']} "
+        f"(binary sha256 {result['sling_binary']['sha256'][:12]}, built {result['sling_binary']['mtime_utc']}); "
         f"{m['date_utc']}.",
         "",
         "| tool | model | type | threads | runs | wall s (median) | GB/s input | + sync s | peak RSS MiB | "
-        "anon / file MiB | speed-up vs reference | ratio to cp | durable ratio to cp+sync |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "anon / file MiB | speed-up vs reference | ratio to cp | durable ratio to cp+sync | other load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]:
         f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
@@ -351,7 +396,7 @@ def render_md(result) -> str:
             f"| {r['tool']} | {r['size_gb']:g} GB | {r['type']} | {r['threads']} | {r['n']} | {r['wall_s']:.2f}{spread} | "
             f"{r['gbps']:.3f} | {r['sync_s']:.2f} | {r['max_rss_mib']:.0f} | {r['peak_anon_mib']:.0f} / "
             f"{r['peak_file_mib']:.0f} | {f(r['speedup_vs_ref'], 1) + 'x' if r['speedup_vs_ref'] else '—'} | "
-            f"{f(r['ratio_to_cp'])} | {f(r['durable_ratio_to_cp'])} |")
+            f"{f(r['ratio_to_cp'])} | {f(r['durable_ratio_to_cp'])} | {r['other_cores']:.2f} |")
     lines.append("")
     for v in result["verification"]:
         lines.append(f"- {v['size_gb']:g} GB {v['type']}: sling vs reference tensors {v['tensors_identical']}/"

@@ -43,6 +43,9 @@ class Comparison:
     order_equal: bool = True
     kv_diffs: list = field(default_factory=list)
     kv_compared: int = 0
+    ours_kvs: dict = field(default_factory=dict, repr=False)
+    ref_kvs: dict = field(default_factory=dict, repr=False)
+    ours_order: list = field(default_factory=list, repr=False)
 
     @property
     def ok(self):
@@ -54,7 +57,7 @@ def compare(ours: str, ref: str, ignore_keys=(), expected_diffs: dict | None = N
     expected_diffs = expected_diffs or {}
     ok, ot, oorder = read(ours)
     rk, rt, rorder = read(ref)
-    c = Comparison()
+    c = Comparison(ours_kvs=ok, ref_kvs=rk, ours_order=oorder)
     c.order_equal = oorder == rorder
     for name in sorted(set(ot) | set(rt)):
         c.tensors_total += 1
@@ -72,7 +75,10 @@ def compare(ours: str, ref: str, ignore_keys=(), expected_diffs: dict | None = N
         c.kv_compared += 1
         if key in expected_diffs:
             want = expected_diffs[key]
-            if ok.get(key, (None, None))[-1] != want:
+            got = ok.get(key, (None, None))[-1]
+            if isinstance(got, list) and len(got) == 1 and not isinstance(want, list):
+                got = got[0]  # scalars read back as one-element lists
+            if got != want:
                 c.kv_diffs.append(f"{key}: sling {ok.get(key)} but the intended value is {want}")
             continue
         if ok.get(key) != rk.get(key):

@@ -46,109 +46,63 @@ pub struct Arch {
 const MOE_STACK: &[(&str, &str)] =
     &[("down_proj", "mlp.experts.down_proj"), ("gate_proj", "mlp.experts.gate_proj"), ("up_proj", "mlp.experts.up_proj")];
 
+impl Arch {
+    /// A dense architecture (no experts), mapped by [`LAYER_MAP`] alone.
+    const fn dense(hf: &'static str, gguf: &'static str, family: Family, vocab: VocabStyle) -> Arch {
+        Arch { hf, gguf, family, vocab, expert_count_keys: &[], experts_prefix: "", expert_weights: &[], layer_overrides: &[] }
+    }
+    /// A MoE architecture whose per-expert tensors are `model.layers.{bid}.{prefix}.{x}.{w}.weight`.
+    const fn moe(
+        hf: &'static str,
+        gguf: &'static str,
+        family: Family,
+        counts: &'static [&'static str],
+        prefix: &'static str,
+        weights: &'static [(&'static str, &'static str)],
+    ) -> Arch {
+        Arch {
+            hf,
+            gguf,
+            family,
+            vocab: VocabStyle::Gpt2,
+            expert_count_keys: counts,
+            experts_prefix: prefix,
+            expert_weights: weights,
+            layer_overrides: &[],
+        }
+    }
+}
+
+const QWEN_COUNTS: &[&str] = &["num_local_experts", "num_experts"];
+
 /// Every architecture sling converts.
 pub static ARCHS: &[Arch] = &[
+    Arch::dense("LlamaForCausalLM", "llama", Family::Llama, VocabStyle::Llama),
+    Arch::dense("MistralForCausalLM", "llama", Family::Llama, VocabStyle::Llama),
     Arch {
-        hf: "LlamaForCausalLM",
-        gguf: "llama",
-        family: Family::Llama,
         vocab: VocabStyle::Llama,
-        expert_count_keys: &[],
-        experts_prefix: "",
-        expert_weights: &[],
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "MistralForCausalLM",
-        gguf: "llama",
-        family: Family::Llama,
-        vocab: VocabStyle::Llama,
-        expert_count_keys: &[],
-        experts_prefix: "",
-        expert_weights: &[],
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "MixtralForCausalLM",
-        gguf: "llama",
-        family: Family::Llama,
-        vocab: VocabStyle::Llama,
-        expert_count_keys: &["num_local_experts"],
-        experts_prefix: "block_sparse_moe.experts",
         // LlamaModel.modify_tensors: w1, w2, w3 -> feed_forward.experts.w{1,2,3}
-        expert_weights: &[("w1", "feed_forward.experts.w1"), ("w2", "feed_forward.experts.w2"), ("w3", "feed_forward.experts.w3")],
-        layer_overrides: &[],
+        ..Arch::moe(
+            "MixtralForCausalLM",
+            "llama",
+            Family::Llama,
+            &["num_local_experts"],
+            "block_sparse_moe.experts",
+            &[("w1", "feed_forward.experts.w1"), ("w2", "feed_forward.experts.w2"), ("w3", "feed_forward.experts.w3")],
+        )
     },
+    // Qwen2Model.set_vocab: tokenizer.model if present, else gpt2.
+    Arch::dense("Qwen2ForCausalLM", "qwen2", Family::Qwen2, VocabStyle::SpmOrGpt2),
+    Arch::moe("Qwen2MoeForCausalLM", "qwen2moe", Family::Qwen2Moe, QWEN_COUNTS, "mlp.experts", MOE_STACK),
+    Arch::moe("Qwen3MoeForCausalLM", "qwen3moe", Family::Qwen2Moe, QWEN_COUNTS, "mlp.experts", MOE_STACK),
+    Arch::moe("OlmoeForCausalLM", "olmoe", Family::Olmoe, QWEN_COUNTS, "mlp.experts", MOE_STACK),
+    Arch::moe("DeepseekV2ForCausalLM", "deepseek2", Family::Deepseek2, &["n_routed_experts"], "mlp.experts", MOE_STACK),
+    Arch::moe("DeepseekV3ForCausalLM", "deepseek2", Family::Deepseek2, &["n_routed_experts"], "mlp.experts", MOE_STACK),
     Arch {
-        hf: "Qwen2ForCausalLM",
-        gguf: "qwen2",
-        family: Family::Qwen2,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &[],
-        experts_prefix: "",
-        expert_weights: &[],
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "Qwen2MoeForCausalLM",
-        gguf: "qwen2moe",
-        family: Family::Qwen2Moe,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["num_local_experts", "num_experts"],
-        experts_prefix: "mlp.experts",
-        expert_weights: MOE_STACK,
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "Qwen3MoeForCausalLM",
-        gguf: "qwen3moe",
-        family: Family::Qwen2Moe,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["num_local_experts", "num_experts"],
-        experts_prefix: "mlp.experts",
-        expert_weights: MOE_STACK,
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "OlmoeForCausalLM",
-        gguf: "olmoe",
-        family: Family::Olmoe,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["num_local_experts", "num_experts"],
-        experts_prefix: "mlp.experts",
-        expert_weights: MOE_STACK,
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "DeepseekV2ForCausalLM",
-        gguf: "deepseek2",
-        family: Family::Deepseek2,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["n_routed_experts"],
-        experts_prefix: "mlp.experts",
-        expert_weights: MOE_STACK,
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "DeepseekV3ForCausalLM",
-        gguf: "deepseek2",
-        family: Family::Deepseek2,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["n_routed_experts"],
-        experts_prefix: "mlp.experts",
-        expert_weights: MOE_STACK,
-        layer_overrides: &[],
-    },
-    Arch {
-        hf: "GptOssForCausalLM",
-        gguf: "gpt-oss",
-        family: Family::GptOss,
-        vocab: VocabStyle::Gpt2,
-        expert_count_keys: &["num_local_experts", "num_experts"],
-        experts_prefix: "",
-        expert_weights: &[],
-        // gpt-oss has no ffn_norm: the post-attention norm is ATTN_POST_NORM.
+        // gpt-oss has no ffn_norm: the post-attention norm is ATTN_POST_NORM. Its experts come fused
+        // (`gate_up_proj`, `down_proj`) or as MXFP4 blocks, handled in the planner.
         layer_overrides: &[("post_attention_layernorm", "post_attention_norm")],
+        ..Arch::moe("GptOssForCausalLM", "gpt-oss", Family::GptOss, QWEN_COUNTS, "", &[])
     },
 ];
 

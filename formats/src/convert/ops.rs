@@ -98,26 +98,37 @@ impl Op {
 
     /// Appends rows `r0..r1` (as f32, row-major) to `out`.
     pub fn read(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+        self.gather(ck, r0, r1, out)
+    }
+
+    /// The source dtype if this op only moves elements (no arithmetic) and every leaf has that
+    /// dtype: then its rows can be produced by copying bytes.
+    pub fn raw_dtype(&self) -> Option<DType> {
+        match self {
+            Op::Source(s) => Some(s.dtype),
+            Op::Fp8 { .. } => None,
+            Op::Rows { inner, .. } | Op::Transpose { inner, .. } => inner.raw_dtype(),
+            Op::Concat(parts) => {
+                let d = parts.first()?.raw_dtype()?;
+                parts.iter().all(|p| p.raw_dtype() == Some(d)).then_some(d)
+            }
+        }
+    }
+
+    /// Appends rows `r0..r1` as raw elements (`u16` for 2-byte, `u32` for 4-byte dtypes); only for
+    /// ops where [`raw_dtype`](Self::raw_dtype) is `Some`.
+    pub fn read_raw<E: Elem>(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<E>) -> Result<(), OpError> {
+        self.gather(ck, r0, r1, out)
+    }
+
+    /// Row selection, concatenation and transposition are the same for any element type.
+    fn gather<E: Elem>(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<E>) -> Result<(), OpError> {
         if r1 <= r0 {
             return Ok(());
         }
         match self {
-            Op::Source(s) => read_rows(ck, s, r0, r1, out),
-            Op::Fp8 { weight, scale, block } => {
-                let start = out.len();
-                read_rows(ck, weight, r0, r1, out)?;
-                let mut sc = Vec::new();
-                read_rows(ck, scale, 0, scale.rows, &mut sc)?;
-                let cols = weight.cols as usize;
-                for (i, row) in out[start..].chunks_exact_mut(cols.max(1)).enumerate() {
-                    let sr = (r0 + i as u64) / block.0;
-                    let srow = &sc[(sr * scale.cols) as usize..((sr + 1) * scale.cols) as usize];
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v *= srow[j / block.1 as usize];
-                    }
-                }
-                Ok(())
-            }
+            Op::Source(s) => E::source(ck, s, r0, r1, out),
+            Op::Fp8 { weight, scale, block } => E::fp8(ck, weight, scale, *block, r0, r1, out),
             Op::Rows { inner, map } => {
                 // Gather runs of consecutive source rows in one read.
                 let mut i = r0 as usize;
@@ -127,7 +138,7 @@ impl Op {
                     while j < r1 as usize && map[j] == map[j - 1] + 1 {
                         j += 1;
                     }
-                    inner.read(ck, s, s + (j - i) as u64, out)?;
+                    inner.gather(ck, s, s + (j - i) as u64, out)?;
                     i = j;
                 }
                 Ok(())
@@ -138,7 +149,7 @@ impl Op {
                     let n = p.rows();
                     let (a, b) = (r0.max(base), r1.min(base + n));
                     if a < b {
-                        p.read(ck, a - base, b - base, out)?;
+                        p.gather(ck, a - base, b - base, out)?;
                     }
                     base += n;
                 }
@@ -146,13 +157,13 @@ impl Op {
             }
             Op::Transpose { inner, r, c, .. } => {
                 let (r, c) = (*r, *c);
-                let mut m = Vec::new();
+                let mut m: Vec<E> = Vec::new();
                 let mut row = r0;
                 while row < r1 {
                     let b = row / c;
                     let end = r1.min((b + 1) * c);
                     m.clear();
-                    inner.read(ck, b * r, (b + 1) * r, &mut m)?;
+                    inner.gather(ck, b * r, (b + 1) * r, &mut m)?;
                     for oc in (row - b * c)..(end - b * c) {
                         out.extend((0..r).map(|or| m[(or * c + oc) as usize]));
                     }
@@ -164,14 +175,70 @@ impl Op {
     }
 }
 
-fn read_rows(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+fn source_bytes<'a>(ck: &'a Checkpoint, s: &Src, r0: u64, r1: u64) -> Result<&'a [u8], OpError> {
     let t = ck.get(&s.name).ok_or_else(|| OpError::Missing(s.name.clone()))?;
     let es = s.dtype.block_bytes() as u64;
-    let bytes = ck.bytes(t);
-    let a = (r0 * s.cols * es) as usize;
-    let b = (r1 * s.cols * es) as usize;
-    decode_to_f32(s.dtype, &bytes[a..b], out).map_err(|source| OpError::Decode { tensor: s.name.clone(), source })
+    Ok(&ck.bytes(t)[(r0 * s.cols * es) as usize..(r1 * s.cols * es) as usize])
 }
+
+/// An element the op tree can move: `f32` values (decoded, with arithmetic) or raw bits.
+pub trait Elem: Copy + Default + Send {
+    fn source(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<Self>) -> Result<(), OpError>;
+    fn fp8(ck: &Checkpoint, w: &Src, scale: &Src, block: (u64, u64), r0: u64, r1: u64, out: &mut Vec<Self>)
+        -> Result<(), OpError>;
+}
+
+impl Elem for f32 {
+    fn source(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+        decode_to_f32(s.dtype, source_bytes(ck, s, r0, r1)?, out)
+            .map_err(|source| OpError::Decode { tensor: s.name.clone(), source })
+    }
+
+    /// `weight.float() * scale` with the scale repeated over the block and cropped: one f32
+    /// multiply per element, as `dequant_simple` does.
+    fn fp8(ck: &Checkpoint, weight: &Src, scale: &Src, block: (u64, u64), r0: u64, r1: u64, out: &mut Vec<f32>)
+        -> Result<(), OpError> {
+        let start = out.len();
+        Self::source(ck, weight, r0, r1, out)?;
+        let mut sc = Vec::new();
+        Self::source(ck, scale, 0, scale.rows, &mut sc)?;
+        let cols = weight.cols as usize;
+        for (i, row) in out[start..].chunks_exact_mut(cols.max(1)).enumerate() {
+            let sr = (r0 + i as u64) / block.0;
+            let srow = &sc[(sr * scale.cols) as usize..((sr + 1) * scale.cols) as usize];
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= srow[j / block.1 as usize];
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! raw_elem {
+    ($t:ty, $n:literal) => {
+        impl Elem for $t {
+            fn source(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<$t>) -> Result<(), OpError> {
+                if s.dtype.block_bytes() != $n || s.dtype.is_quantized() {
+                    let source = sling_quantizers::DecodeError::Unsupported(s.dtype);
+                    return Err(OpError::Decode { tensor: s.name.clone(), source });
+                }
+                let b = source_bytes(ck, s, r0, r1)?;
+                out.extend(b.chunks_exact($n).map(|c| {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    <$t>::from_le_bytes(a)
+                }));
+                Ok(())
+            }
+            fn fp8(_: &Checkpoint, w: &Src, _: &Src, _: (u64, u64), _: u64, _: u64, _: &mut Vec<$t>) -> Result<(), OpError> {
+                let source = sling_quantizers::DecodeError::Unsupported(DType::F8E4M3);
+                Err(OpError::Decode { tensor: w.name.clone(), source })
+            }
+        }
+    };
+}
+raw_elem!(u16, 2);
+raw_elem!(u32, 4);
 
 /// Raw MXFP4 repack of gpt-oss experts (`GptOssModel.repack_mxfp4` in the reference): each output
 /// row is source row `map[i]` of `blocks` `[E*R, nb, 16]` / `scales` `[E*R, nb]`, written as ggml

@@ -60,8 +60,10 @@ pub enum ConvertError {
     OutputInsideInput { output: PathBuf, input: PathBuf },
     #[error("output {0} is one of the input files")]
     OutputIsInput(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("cannot use {path}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("internal error: the writer thread panicked")]
+    WriterPanicked,
 }
 
 /// Refuses outputs that could clobber the source.
@@ -130,12 +132,9 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
     let mut flagged = None;
     match &t.payload {
         Payload::Mxfp4(m) => m.read(ck, c.r0, c.r1, &mut bytes).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?,
-        Payload::Values(super::ops::Op::Source(src)) if src.dtype == t.dtype && all_finite(ck, src, c)? => {
-            // Same type in and out, nothing to transform, no NaN/Inf: the reference's
-            // decode-then-round is the identity here (bf16->f32->bf16, f16->f32->f16), so copy bytes.
-            let (a, b) = byte_range(src, c);
-            let st = ck.get(&src.name).ok_or_else(|| ConvertError::Op { tensor: t.name.clone(), source: OpError::Missing(src.name.clone()) })?;
-            bytes.extend_from_slice(&ck.bytes(st)[a..b]);
+        Payload::Values(op) if op.raw_dtype() == Some(t.dtype) && raw_copy(ck, op, c, t, &mut bytes)? => {
+            // Same type in and out and only element moves, no NaN/Inf: the reference's
+            // decode-then-round is the identity (bf16->f32->bf16, f16->f32->f16), so bytes were copied.
         }
         Payload::Values(op) => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
@@ -155,23 +154,41 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
     Ok((bytes, flagged))
 }
 
-fn byte_range(src: &super::ops::Src, c: &Chunk) -> (usize, usize) {
-    let es = src.dtype.block_bytes() as u64;
-    ((c.r0 * src.cols * es) as usize, (c.r1 * src.cols * es) as usize)
-}
-
-/// Whether rows `c` of a plain f32/f16/bf16 source hold only finite values (checked on the bits).
-fn all_finite(ck: &Checkpoint, src: &super::ops::Src, c: &Chunk) -> Result<bool, ConvertError> {
-    let Some(st) = ck.get(&src.name) else { return Ok(false) };
-    let (a, b) = byte_range(src, c);
-    let d = &ck.bytes(st)[a..b];
-    Ok(match src.dtype {
-        // exponent all ones <=> Inf or NaN
-        sling_core::DType::BF16 => d.chunks_exact(2).all(|x| u16::from_le_bytes([x[0], x[1]]) & 0x7f80 != 0x7f80),
-        sling_core::DType::F16 => d.chunks_exact(2).all(|x| u16::from_le_bytes([x[0], x[1]]) & 0x7c00 != 0x7c00),
-        sling_core::DType::F32 => d.chunks_exact(4).all(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) & 0x7f80_0000 != 0x7f80_0000),
-        _ => false,
-    })
+/// Produces chunk `c` of `op` by moving raw elements when its type is a plain float type and every
+/// element is finite (checked on the bits: exponent all ones means Inf or NaN). Returns false, with
+/// `out` untouched, when the slow path must decide.
+fn raw_copy(ck: &Checkpoint, op: &super::ops::Op, c: &Chunk, t: &OutTensor, out: &mut Vec<u8>) -> Result<bool, ConvertError> {
+    use sling_core::DType;
+    fn put<const N: usize, E: Copy>(out: &mut Vec<u8>, v: &[E], f: impl Fn(E) -> [u8; N]) {
+        let start = out.len();
+        out.resize(start + v.len() * N, 0);
+        for (d, x) in out[start..].chunks_exact_mut(N).zip(v) {
+            d.copy_from_slice(&f(*x));
+        }
+    }
+    let dtype = t.dtype;
+    let err = |source| ConvertError::Op { tensor: t.name.clone(), source };
+    match dtype {
+        DType::BF16 | DType::F16 => {
+            let mask = if dtype == DType::BF16 { 0x7f80 } else { 0x7c00 };
+            let mut v: Vec<u16> = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
+            op.read_raw(ck, c.r0, c.r1, &mut v).map_err(err)?;
+            if v.iter().any(|x| x & mask == mask) {
+                return Ok(false);
+            }
+            put(out, &v, u16::to_le_bytes);
+        }
+        DType::F32 => {
+            let mut v: Vec<u32> = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
+            op.read_raw(ck, c.r0, c.r1, &mut v).map_err(err)?;
+            if v.iter().any(|x| x & 0x7f80_0000 == 0x7f80_0000) {
+                return Ok(false);
+            }
+            put(out, &v, u32::to_le_bytes);
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// Converts `ck` as `opts` says. `progress` is called with the output bytes written so far.
@@ -182,23 +199,54 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
     let descs: Vec<TensorDesc> = p.tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
     let total: u64 = p.tensors.iter().map(OutTensor::n_bytes).sum();
-    let mut w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split.clone())?;
+    let w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split.clone())?;
     let jobs = chunks(&p.tensors);
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
-    let mut done = 0u64;
     let mut nonfinite = Vec::new();
-    for win in jobs.chunks(window) {
-        let results: Vec<Result<(Vec<u8>, Option<String>), ConvertError>> =
-            win.par_iter().map(|c| compute(ck, &p.tensors[c.t], c, opts.allow_nonfinite)).collect();
-        for r in results {
-            let (bytes, flag) = r?;
-            nonfinite.extend(flag);
-            w.write_data(&bytes)?;
-            done += bytes.len() as u64;
-            progress(done, total);
+    // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
+    // two windows of output in memory.
+    let outputs = std::thread::scope(|scope| -> Result<Vec<PathBuf>, ConvertError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
+        let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
+            let mut w = w;
+            let mut done = 0u64;
+            for batch in rx {
+                for bytes in batch {
+                    w.write_data(&bytes)?;
+                    done += bytes.len() as u64;
+                    progress(done, total);
+                }
+            }
+            Ok(w)
+        });
+        let mut failed = None;
+        for win in jobs.chunks(window) {
+            let results: Result<Vec<(Vec<u8>, Option<String>)>, ConvertError> =
+                win.par_iter().map(|c| compute(ck, &p.tensors[c.t], c, opts.allow_nonfinite)).collect();
+            // The window's source pages were copied out: drop them from this process's mappings so
+            // resident memory stays bounded by the window, not by the model (pages stay cached).
+            ck.release_pages();
+            match results {
+                Ok(r) => {
+                    let (batch, flags): (Vec<_>, Vec<_>) = r.into_iter().unzip();
+                    nonfinite.extend(flags.into_iter().flatten());
+                    if tx.send(batch).is_err() {
+                        break; // the writer failed; its error is returned below
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-    }
-    let outputs = w.finish()?;
+        drop(tx);
+        let w = writer.join().map_err(|_| ConvertError::WriterPanicked)??;
+        if let Some(e) = failed {
+            return Err(e); // dropping `w` removes its temporary files
+        }
+        Ok(w.finish()?)
+    })?;
     Ok(ConvertReport {
         outputs,
         n_tensors: p.tensors.len(),

@@ -1,0 +1,298 @@
+"""Shared helpers of the interop suite: where sling and the reference tools are, how to run them, the cache of
+reference outputs, and the results files.
+
+Environment:
+  SLING_BIN          the sling binary (default target/release/sling; scripts/test builds it)
+  SLING_LAB          reference tools installed by scripts/setup-reference.sh (default ~/.cache/sling-lab)
+  SLING_REFCACHE     cache of reference outputs (default $SLING_LAB/refcache)
+  SLING_TEST_RESULTS results directory (default tests/interop/results)
+  SLING_TEST_JOBS    parallel reference conversions / threads (default: number of CPUs)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+FIXTURES = REPO / "fixtures" / "models"
+LAB = Path(os.environ.get("SLING_LAB") or Path.home() / ".cache" / "sling-lab")
+LLAMA_CPP = LAB / "llama.cpp"
+LLAMA_BIN = LAB / "llama.cpp-build" / "bin"
+PYLIB = LAB / "pylib"
+_target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+SLING_BIN = Path(os.environ.get("SLING_BIN") or _target / "release" / "sling")
+CACHE = Path(os.environ.get("SLING_REFCACHE") or LAB / "refcache")
+RESULTS = Path(os.environ.get("SLING_TEST_RESULTS") or HERE / "results")
+JOBS = max(1, int(os.environ.get("SLING_TEST_JOBS") or os.cpu_count() or 1))
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+TOKPRE = "gpt-2"  # the fixtures' tokenizer is unknown to llama.cpp's chkhsh table; see convert_compat.py
+# The first 16 ids of oracle_check's text "The quick brown fox jumps over the lazy dog..." in the fixtures'
+# tokenizer (all fixtures share it; vocab 384). Fed as ids to both sides, so tokenization plays no part.
+TOKEN_IDS = [342, 223, 83, 87, 296, 77, 264, 84, 328, 80, 305, 81, 90, 223, 76, 87]
+
+# Metadata keys allowed to differ from the reference converter's (see test_convert_bytes.py):
+# (a) `general.*` naming keys the reference derives heuristically from the directory name, a model card and the
+#     parameter count (gguf-py Metadata.load / size_label). They name the file, not the model.
+NAMING_KEYS = {
+    "general.name": "from the directory name (reference: title-cased, e.g. 'Qwen3Moe'; sling: the directory name)",
+    "general.basename": "heuristic split of the directory name",
+    "general.finetune": "heuristic split of the directory name",
+    "general.version": "heuristic split of the directory name",
+    "general.size_label": "from the parameter and expert counts (e.g. '8x112K')",
+}
+# (b) the intended difference: sling writes sigmoid gating for DeepseekV3ForCausalLM, whose transformers-saved
+#     configs lack `scoring_func`; the reference then omits the key and llama.cpp falls back to softmax.
+GATING_KEY = "deepseek2.expert_gating_func"
+SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+INTENDED = {name: {GATING_KEY: SIGMOID} for name in ("deepseekv3", "deepseekv3-fp8")}
+
+SETUP_HINT = ("run scripts/setup-reference.sh (installs the reference tools under $SLING_LAB, default "
+              "~/.cache/sling-lab), then scripts/test")
+
+# Read GGUFs with the gguf-py of the pinned llama.cpp: it knows every type its converter writes (MXFP4 too).
+if str(LLAMA_CPP / "gguf-py") not in sys.path:
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools
+def missing_tools() -> list[str]:
+    """Everything the suite needs that is not there, as human-readable lines (empty list: all present)."""
+    miss = []
+    if not (SLING_BIN.is_file() and os.access(SLING_BIN, os.X_OK)):
+        miss.append(f"sling binary {SLING_BIN} (build it: cargo build --release -p sling, or set SLING_BIN)")
+    for p, what in [
+        (LLAMA_CPP / "convert_hf_to_gguf.py", "llama.cpp reference converter"),
+        (LLAMA_CPP / "gguf-py" / "gguf", "llama.cpp gguf-py"),
+        (LLAMA_BIN / "libllama.so", "libllama.so (llama.cpp build)"),
+        (LLAMA_BIN / "llama-gguf-split", "llama-gguf-split"),
+        (PYLIB / "llama_cpp" / "llama.py", "llama-cpp-python ctypes bindings"),
+    ]:
+        if not p.exists():
+            miss.append(f"{what}: {p}")
+    for mod in ("numpy", "torch", "transformers", "safetensors"):
+        if importlib.util.find_spec(mod) is None:
+            miss.append(f"python module {mod!r} in {sys.executable} (run pytest with $SLING_LAB/venv/bin/python)")
+    return miss
+
+
+def versions() -> dict:
+    v = {}
+    for pkg in ("torch", "transformers", "safetensors", "numpy", "tokenizers"):
+        try:
+            v[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            v[pkg] = None
+    sv = LLAMA_CPP / ".sling_version"
+    v["llama.cpp"] = ("vendored by llama-cpp-python " + sv.read_text().strip()) if sv.exists() else "unknown"
+    return v
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def fixture_names() -> tuple[str, ...]:
+    return tuple(sorted(d.name for d in FIXTURES.iterdir() if (d / "config.json").is_file()))
+
+
+@lru_cache(maxsize=None)
+def fixture_config(name: str) -> dict:
+    return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def fixture_hash(name: str) -> str:
+    d = FIXTURES / name
+    parts = []
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        parts += [f.relative_to(d).as_posix(), hashlib.sha256(f.read_bytes()).hexdigest()]
+    return _sha(*parts)
+
+
+@lru_cache(maxsize=None)
+def reference_tool_id() -> str:
+    """Identity of the reference converter: its sources, our wrapper and the python packages it runs on."""
+    files = [LLAMA_CPP / "convert_hf_to_gguf.py", HERE / "convert_compat.py"]
+    for sub in ("conversion", "gguf-py/gguf"):
+        files += sorted((LLAMA_CPP / sub).rglob("*.py"))
+    parts = [json.dumps(versions(), sort_keys=True)]
+    for f in files:
+        parts += [f.relative_to(LLAMA_CPP).as_posix() if f.is_relative_to(LLAMA_CPP) else f.name,
+                  hashlib.sha256(f.read_bytes()).hexdigest()]
+    return _sha(*parts)
+
+
+def shards(out: Path) -> list[Path]:
+    """The file(s) a conversion to `out` produced: `out` itself, or its split shards NAME-0000i-of-0000N.gguf."""
+    if out.exists():
+        return [out]
+    return sorted(out.parent.glob(out.stem + "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+
+
+def _tail(s: str | bytes, n: int = 3000) -> str:
+    if isinstance(s, bytes):
+        s = s.decode("utf-8", "replace")
+    return s[-n:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sling
+def sling(*args, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(SLING_BIN), *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"sling {' '.join(map(str, args))} exited {r.returncode}:\n{_tail(r.stderr)}")
+    return r
+
+
+def sling_convert(name: str, outtype: str, out: Path, extra=()) -> list[Path]:
+    sling("-q", "convert", FIXTURES / name, "--type", outtype, "-o", out, "--tokenizer-pre", TOKPRE, *extra)
+    files = shards(Path(out))
+    assert files, f"sling convert wrote nothing at {out}"
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference converter (llama.cpp convert_hf_to_gguf.py through convert_compat.py), cached
+def _ref_key(name: str, outtype: str, extra: tuple) -> str:
+    return _sha("convert-v1", fixture_hash(name), reference_tool_id(), outtype, *extra)
+
+
+def _ref_dir(name: str, outtype: str, extra: tuple) -> Path:
+    return CACHE / "convert" / f"{name}.{outtype}.{_ref_key(name, outtype, extra)[:16]}"
+
+
+def reference_convert(name: str, outtype: str, extra=()) -> list[Path]:
+    """convert_hf_to_gguf.py output for fixture `name` (list of files: one, or the split shards), cached per
+    (fixture content, outtype, extra arguments, reference tool identity)."""
+    extra = tuple(map(str, extra))
+    final = _ref_dir(name, outtype, extra)
+    if (final / "ok").exists():
+        return shards(final / "model.gguf")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
+    try:
+        env = {**os.environ, "SLING_LAB": str(LAB), "SLING_TOKPRE": TOKPRE,
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        cmd = [str(LAB / "venv" / "bin" / "python"), str(HERE / "convert_compat.py"), str(FIXTURES / name),
+               "--outtype", outtype, "--outfile", str(tmp / "model.gguf"), *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise AssertionError(f"reference converter failed on {name} {outtype} {extra}:\n{_tail(r.stderr)}")
+        (tmp / "log.txt").write_text(r.stderr)
+        (tmp / "ok").write_text(json.dumps({"cmd": cmd[1:], "fixture_hash": fixture_hash(name)}))
+        try:
+            tmp.rename(final)
+        except OSError:  # another process cached it meanwhile
+            if not (final / "ok").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return shards(final / "model.gguf")
+
+
+def prewarm_references(specs) -> None:
+    """Run the missing reference conversions of `specs` [(name, outtype, extra)], JOBS at a time."""
+    todo = sorted({(n, t, tuple(map(str, e))) for n, t, e in specs if not (_ref_dir(n, t, tuple(map(str, e))) / "ok").exists()})
+    if not todo:
+        return
+    with ThreadPoolExecutor(JOBS) as ex:
+        # errors surface again (with the converter's stderr) in the test that needs the file
+        list(ex.map(lambda s: _quiet(reference_convert, *s), todo))
+
+
+def _quiet(fn, *a):
+    try:
+        return fn(*a)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logits
+def llama_logits(paths, ids: list[int], tmp: Path) -> list[np.ndarray]:
+    """llama.cpp logits (float64 [n_tokens, n_vocab]) of each GGUF, in one child process (KV cache F32,
+    flash-attention off; see llama_logits.py)."""
+    out = tmp / "llama-logits"
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(LLAMA_BIN),
+           "PYTHONPATH": os.pathsep.join([str(PYLIB), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, str(HERE / "llama_logits.py"), "--ids", ",".join(map(str, ids)), "--out", str(out),
+           "--threads", str(JOBS), *map(str, paths)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise AssertionError(f"llama.cpp failed (exit {r.returncode}) on {list(map(str, paths))}:\n{_tail(r.stderr)}")
+    return [np.load(out / f"{i}.npy") for i in range(len(paths))]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl_stats(ref: np.ndarray, test: np.ndarray) -> dict:
+    """KL(P_ref || P_test) per position (nats, float64, full vocab), its mean and max, top-1 agreement."""
+    assert ref.shape == test.shape, f"logits shape {test.shape} != reference {ref.shape}"
+    lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(test.astype(np.float64))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "maxabs": float(np.abs(ref - test).max()), "top1": float((ref.argmax(-1) == test.argmax(-1)).mean())}
+
+
+def cached_array(kind: str, name: str, key_parts, compute) -> np.ndarray:
+    """np.ndarray `compute()` cached under CACHE/kind/, keyed by the fixture's content and `key_parts`."""
+    key = _sha(kind, fixture_hash(name), *key_parts)[:16]
+    p = CACHE / kind / f"{name}.{key}.npy"
+    if p.exists():
+        return np.load(p)
+    a = compute()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=p.name, suffix=".npy", dir=p.parent)
+    os.close(fd)
+    np.save(tmp, a)
+    os.replace(tmp, p)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results: each test records figures; conftest writes them at the end of the session
+_results: dict[str, dict] = {}
+
+
+def record(section: str, key: str, value) -> None:
+    _results.setdefault(section, {})[key] = value
+
+
+def write_results() -> None:
+    if not _results:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for section, entries in _results.items():
+        p = RESULTS / f"{section}.json"
+        try:
+            old = json.loads(p.read_text()) if p.exists() else {}
+        except ValueError:
+            old = {}
+        merged = {**old.get("entries", {}), **entries}
+        p.write_text(json.dumps({"versions": versions(), "entries": dict(sorted(merged.items()))}, indent=1) + "\n")
+    from summary import render
+    (RESULTS / "summary.md").write_text(render(RESULTS))

@@ -1,0 +1,109 @@
+"""Render results/summary.md from the results/*.json files the interop suite writes (lab.write_results)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _load(results: Path, section: str) -> tuple[dict, dict]:
+    p = results / f"{section}.json"
+    if not p.exists():
+        return {}, {}
+    d = json.loads(p.read_text())
+    return d.get("entries", {}), d.get("versions", {})
+
+
+def _e(x: float) -> str:
+    return f"{x:.1e}"
+
+
+def render(results: Path) -> str:
+    out = ["# sling interop results", "",
+           "Written by the interop suite (`scripts/test`, tests/interop); figures from its last run."
+           " Entries of tests that did not run in that session are kept from earlier runs.", ""]
+    versions = {}
+
+    conv, v = _load(results, "convert_bytes")
+    versions.update(v)
+    if conv:
+        names = sorted({k.split("/")[0] for k in conv})
+        out += ["## Byte identity with llama.cpp's convert_hf_to_gguf.py", "",
+                "Tensors identical (name, type, shape, bytes) / total, per fixture and `--type`; tensor order and every"
+                " metadata key equal too, except the `general.*` naming keys and the intended"
+                " `deepseek2.expert_gating_func = 2` of deepseekv3/deepseekv3-fp8 (marked *).", "",
+                "| fixture | " + " | ".join(TYPES) + " |", "|---|" + "---|" * len(TYPES)]
+        all_ok, n_ok = True, 0
+        for n in names:
+            cells = []
+            for t in TYPES:
+                e = conv.get(f"{n}/{t}")
+                if e is None:
+                    cells.append("-")
+                    continue
+                ok = (not e["kv_diffs"] and not e["tensor_diffs"] and e["tensor_order_equal"]
+                      and e["tensors_identical"] == e["tensors_total"])
+                all_ok &= ok
+                n_ok += ok
+                cells.append(f"{e['tensors_identical']}/{e['tensors_total']}" + ("*" if "intended" in e else "")
+                             + ("" if ok else " **DIFF**"))
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out += ["", f"{n_ok} of {len(conv)} conversions identical." if all_ok
+                else f"{n_ok} of {len(conv)} conversions identical; see results/convert_bytes.json.", ""]
+
+    logits, v = _load(results, "logits")
+    versions.update(v)
+    if logits:
+        n_tok = next(iter(logits.values())).get("n_tokens")
+        out += ["## Logits: llama.cpp on sling's GGUF vs transformers float32", "",
+                f"{n_tok} tokens; llama.cpp KV cache F32, flash-attention off. KL(transformers || llama.cpp) in nats"
+                " (mean / max over positions), top-1 agreement.", "",
+                "| fixture | F32 KL mean | F32 KL max | F32 top-1 | F16 KL mean | F16 KL max | F16 top-1 |",
+                "|---|---|---|---|---|---|---|"]
+        notes = []
+        for n, e in sorted(logits.items()):
+            f32, f16 = e.get("f32"), e.get("f16")
+            if not f32 or not f16:
+                continue
+            out.append(f"| {n} | {_e(f32['kl_mean'])} | {_e(f32['kl_max'])} | {f32['top1']:.3f} | "
+                       f"{_e(f16['kl_mean'])} | {_e(f16['kl_max'])} | {f16['top1']:.3f} |")
+            if e.get("reference") != "transformers float32":
+                notes.append(f"- {n}: reference is {e['reference']}.")
+            r = e.get("reference_f32_softmax_routing")
+            if r:
+                notes.append(f"- {n}: the reference converter's F32 file (no `deepseek2.expert_gating_func`, so"
+                             f" llama.cpp routes with softmax) gives KL mean {_e(r['kl_mean'])}, max"
+                             f" {_e(r['kl_max'])}, top-1 {r['top1']:.3f}.")
+        lim = sorted({(json.dumps(e.get("kl_mean_limits")), n) for n, e in logits.items()})
+        groups: dict[str, list] = {}
+        for l, n in lim:
+            groups.setdefault(l, []).append(n)
+        if groups:
+            notes.append("- Limits on KL mean: " + "; ".join(
+                f"{', '.join(ns) if len(groups) > 1 and len(ns) < 4 else 'the others' if len(groups) > 1 else 'all'}:"
+                f" {', '.join(f'{t.upper()} {v:g}' for t, v in json.loads(l).items())}"
+                for l, ns in sorted(groups.items(), key=lambda g: len(g[1]))
+                if l != "null") + " (gptoss-mxfp4: llama.cpp quantizes activations to Q8 in MXFP4 matmuls).")
+        out += [""] + notes + ([""] if notes else [])
+
+    split, v = _load(results, "split")
+    versions.update(v)
+    if split:
+        out += ["## Split output", "", "| model | option | shards | shards = reference | merged = unsplit |"
+                " split-model logits = unsplit |", "|---|---|---|---|---|---|"]
+        for k, e in sorted(split.items()):
+            out.append(f"| {'/'.join(k.split('/')[:2])} | `{' '.join(e['args'])}` | {e['shards']} | "
+                       f"{'yes' if e['shards_identical_to_reference'] else 'no'} | "
+                       f"{e['merged_tensors_identical']}/{e['tensors']} tensors | "
+                       f"{'bit-identical' if e['logits_split_equal_unsplit'] else 'DIFFERENT'} |")
+        out.append("")
+
+    if versions:
+        out += ["## Tools", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"))
