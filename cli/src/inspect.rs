@@ -96,8 +96,9 @@ pub fn run(a: Args) -> Result<()> {
         let ck = Checkpoint::open(&a.path).with_context(|| format!("cannot read checkpoint {}", a.path.display()))?;
         for t in ck.tensors() {
             let numel = if t.dtype == DType::U8 && (t.name.ends_with("_blocks")) { t.numel() * 2 } else { t.numel() };
-            if t.dtype == DType::U8 && t.name.ends_with("_scales") {
-                items.push((t.name.clone(), "mxfp4_scales".into(), 0, t.n_bytes(), false));
+            // Quantization scales (MXFP4 `_scales`, FP8 `weight_scale_inv`) are bytes, not parameters.
+            if (t.dtype == DType::U8 && t.name.ends_with("_scales")) || t.name.ends_with("_scale_inv") {
+                items.push((t.name.clone(), format!("{} (scales)", t.dtype.name()), 0, t.n_bytes(), false));
                 continue;
             }
             items.push((t.name.clone(), t.dtype.name().to_string(), numel, t.n_bytes(), t.shape.len() <= 1));

@@ -34,13 +34,8 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
 fn roundf_i32(x: f32) -> i32 {
     let i = x as i32;
     let frac = x - i as f32; // exact: x and i share the exponent range, |x| < 2^31
-    if frac >= 0.5 {
-        i + 1
-    } else if frac <= -0.5 {
-        i - 1
-    } else {
-        i
-    }
+    // Branch-free so that the block loop vectorises.
+    i + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
 
 /// `quantize_row_q8_0_ref` (ggml-quants.c), identical to gguf-py `Q8_0.quantize_blocks`.
@@ -48,22 +43,24 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
     let start = out.len();
     out.resize(start + x.len() / 32 * 34, 0);
     for (block, dst) in x.chunks_exact(32).zip(out[start..].chunks_exact_mut(34)) {
-        // amax over the block (NaN never reaches here: the converter rejects non-finite input
-        // unless asked, and then C's fmaxf and this comparison both ignore NaN).
-        let mut amax = 0.0f32;
+        let Ok(block): Result<&[f32; 32], _> = block.try_into() else { continue };
+        // Fixed-size arrays and branch-free bodies let the compiler vectorise both loops.
+        // max |v| on the bits: for non-negative floats the integer order is the numeric order, and
+        // an integer max reduction vectorises. NaN/Inf propagate as in gguf-py's numpy `max`.
+        let mut amax_bits = 0u32;
         for v in block {
-            let a = v.abs();
-            if a > amax {
-                amax = a;
-            }
+            amax_bits = amax_bits.max(v.to_bits() & 0x7fff_ffff);
         }
+        let amax = f32::from_bits(amax_bits);
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         dst[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
-        // |v * id| <= 127 (up to rounding), so the cast to i8 never saturates differently from C.
-        for (q, v) in dst[2..].iter_mut().zip(block) {
-            *q = roundf_i32(v * id) as i8 as u8;
+        let mut q = [0u8; 32];
+        for i in 0..32 {
+            // |v * id| <= 127 (up to rounding), so the cast to i8 never saturates differently from C.
+            q[i] = roundf_i32(block[i] * id) as i8 as u8;
         }
+        dst[2..].copy_from_slice(&q);
     }
 }
 

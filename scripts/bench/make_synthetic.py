@@ -163,10 +163,13 @@ def config(n_layers: int) -> dict:
 
 
 def main():
+    global EXPERTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, required=True, help="approximate checkpoint size in GB (1e9 bytes)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", type=int, default=EXPERTS,
+                    help=f"experts per layer (default {EXPERTS}; Qwen3-30B-A3B has 128: 4x larger stacked GGUF tensors)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing directory")
     a = ap.parse_args()
 
@@ -176,6 +179,7 @@ def main():
         shutil.rmtree(a.out)
     a.out.mkdir(parents=True)
 
+    EXPERTS = a.experts
     n_layers = layers_for(a.size)
     rng = np.random.default_rng(a.seed)
     pool = bf16_pool(rng)

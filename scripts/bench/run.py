@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Conversion benchmark: sling vs llama.cpp's convert_hf_to_gguf.py vs `cp -r`, on synthetic Qwen3-MoE checkpoints.
 
-    /root/.cache/sling-lab/venv/bin/python scripts/bench/run.py            # 1 GB and 4 GB, ~10 min on 2 cores
+    /root/.cache/sling-lab/venv/bin/python scripts/bench/run.py            # 1 GB and 4 GB, 6-10 min on 2 cores
 
 For every model size (default 1 and 4 GB, written by make_synthetic.py; same tensor sizes, more layers):
   cp        `cp -r MODEL OUT/` (the copy-speed limit; the copy is deleted afterwards)
@@ -20,9 +20,15 @@ are read once (`cat > /dev/null`) so every run starts with the input in the page
 is timed separately (`sync_s`): sling fsyncs its output before renaming it, cp and the reference do not, so
 `wall + sync_s` is the time until the output is on disk for each tool.
 
+Noise: the machine may be shared. Before each run the script waits (up to --quiet-wait s per run, --quiet-budget s
+in all) until the rest of the machine uses < 0.25 cores, and records for each run the CPU seconds the rest of the
+machine used meanwhile (`other_cpu_s`, which includes kernel writeback and this script's 20 ms sampler). sling is
+measured from a private copy of the binary (WORK/sling; its sha256 is recorded), since target/release/sling may be
+rebuilt while the benchmark runs.
+
 Outputs: RESULTS/bench.json (everything, every repeat) and RESULTS/bench.md (the table), RESULTS defaults to
 scripts/bench/results. Options: --sizes 1,4  --repeat 3 (cp and sling; the median is reported)  --ref-repeat 1
---work /tmp/sling-bench  --skip-ref  --keep-models.
+--work /tmp/sling-bench  --skip-ref  --keep-models  --sling PATH  --python PATH.
 """
 from __future__ import annotations
 

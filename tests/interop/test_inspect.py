@@ -24,7 +24,8 @@ def inspect_json(path) -> dict:
 
 def safetensors_counts(d: Path) -> tuple[int, int, int]:
     """(params, tensors, data bytes) read with the safetensors package. Params are numel, except in MXFP4 packs:
-    a `*_blocks` byte holds two FP4 values and `*_scales` bytes are per-32-block exponents (not parameters)."""
+    a `*_blocks` byte holds two FP4 values and `*_scales` bytes are per-32-block exponents (not parameters);
+    FP8 `*_scale_inv` block scales are not parameters either."""
     from safetensors import safe_open
     params = tensors = nbytes = 0
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1,
@@ -39,6 +40,8 @@ def safetensors_counts(d: Path) -> tuple[int, int, int]:
                 nbytes += numel * itemsize[sl.get_dtype()]
                 tensors += 1
                 mx = sl.get_dtype() == "U8" and k.endswith(("_blocks", "_scales"))
+                if k.endswith("_scale_inv"):
+                    continue
                 params += (2 * numel if k.endswith("_blocks") else 0) if mx else numel
     return params, tensors, nbytes
 

@@ -139,7 +139,9 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
         Payload::Values(op) => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
             op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?;
-            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            // A branch-free scan first (it vectorises); the position is looked up only if needed.
+            let any_bad = v.iter().fold(false, |acc, x| acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+            if let Some((i, x)) = any_bad.then(|| v.iter().enumerate().find(|(_, x)| !x.is_finite())).flatten() {
                 let index = c.r0 * op.cols() + i as u64;
                 if !allow_nonfinite {
                     return Err(ConvertError::NonFinite { tensor: t.name.clone(), sources: t.sources.join(", "), index, value: *x });
