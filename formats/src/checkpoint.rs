@@ -281,3 +281,92 @@ impl Checkpoint {
         self.tensors().map(|t| t.n_bytes()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    /// Writes a safetensors file holding `names`, each a bf16 [2, 2] tensor.
+    fn write_st(path: &Path, names: &[&str]) {
+        let data = vec![0u8; 8];
+        let views: Vec<(String, TensorView)> =
+            names.iter().map(|n| (n.to_string(), TensorView::new(Dtype::BF16, vec![2, 2], &data).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    fn config(dir: &Path) {
+        fs_write(&dir.join("config.json"), br#"{"architectures": ["LlamaForCausalLM"]}"#);
+    }
+
+    fn fs_write(p: &Path, b: &[u8]) {
+        std::fs::write(p, b).unwrap();
+    }
+
+    #[test]
+    fn parts_and_names_are_visited_in_reference_order() {
+        let d = tempfile::tempdir().unwrap();
+        config(d.path());
+        write_st(&d.path().join("model-00002-of-00002.safetensors"), &["b.weight", "a.weight"]);
+        write_st(&d.path().join("model-00001-of-00002.safetensors"), &["model.layers.10.x", "model.layers.2.x"]);
+        let ck = Checkpoint::open(d.path()).unwrap();
+        let names: Vec<&str> = ck.tensors().map(|t| t.name.as_str()).collect();
+        // sorted part names, then plain string order inside each part (10 < 2)
+        assert_eq!(names, ["model.layers.10.x", "model.layers.2.x", "a.weight", "b.weight"]);
+        let t = ck.get("a.weight").unwrap();
+        assert_eq!(ck.bytes(t).len(), 8);
+        assert_eq!(t.shape, [2, 2]);
+        assert_eq!(ck.total_bytes(), 32);
+    }
+
+    #[test]
+    fn duplicate_tensor_across_shards_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        config(d.path());
+        write_st(&d.path().join("model-00001-of-00002.safetensors"), &["x"]);
+        write_st(&d.path().join("model-00002-of-00002.safetensors"), &["x"]);
+        assert!(matches!(Checkpoint::open(d.path()), Err(CheckpointError::DuplicateTensor { .. })));
+    }
+
+    #[test]
+    fn directory_without_weights_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        config(d.path());
+        assert!(matches!(Checkpoint::open(d.path()), Err(CheckpointError::NoWeights { .. })));
+    }
+
+    #[test]
+    fn absolute_or_nested_shard_paths_escape() {
+        for bad in ["/etc/passwd", "sub/model.safetensors", "..", "../m.safetensors"] {
+            let d = tempfile::tempdir().unwrap();
+            config(d.path());
+            let idx = serde_json::json!({"weight_map": {"x": bad}});
+            fs_write(&d.path().join("model.safetensors.index.json"), idx.to_string().as_bytes());
+            assert!(matches!(Checkpoint::open(d.path()), Err(CheckpointError::ShardEscapes { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unsupported_dtype_names_the_tensor() {
+        let d = tempfile::tempdir().unwrap();
+        config(d.path());
+        let data = vec![0u8; 16];
+        let v = vec![("c.weight".to_string(), TensorView::new(Dtype::C64, vec![2], &data).unwrap())];
+        safetensors::serialize_to_file(v, None, &d.path().join("model.safetensors")).unwrap();
+        match Checkpoint::open(d.path()) {
+            Err(CheckpointError::UnsupportedDType { tensor, .. }) => assert_eq!(tensor, "c.weight"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("C64 must be refused"),
+        }
+    }
+
+    #[test]
+    fn single_file_without_config_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("w.safetensors");
+        write_st(&p, &["a"]);
+        let ck = Checkpoint::open(&p).unwrap();
+        assert!(ck.config.is_none());
+        assert_eq!(ck.tensors().count(), 1);
+    }
+}

@@ -23,6 +23,7 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 
 /// IEEE binary16 round-to-nearest-even, as numpy's `astype(float16)` (the converter's F16 path)
 /// and `ggml_compute_fp32_to_fp16` compute it for finite values and infinities.
+#[inline(always)]
 pub fn f32_to_f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
@@ -30,7 +31,7 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
 /// C `roundf` (half away from zero, gguf-py `np_roundf`) for |x| < 2^31, returned as an integer.
 /// `f32::round` is a libm call on baseline x86-64; truncation (`cvttss2si`) plus an exact
 /// fraction test is several times faster and gives the same result (tested against `f32::round`).
-#[inline]
+#[inline(always)]
 fn roundf_i32(x: f32) -> i32 {
     let i = x as i32;
     let frac = x - i as f32; // exact: x and i share the exponent range, |x| < 2^31
@@ -39,7 +40,16 @@ fn roundf_i32(x: f32) -> i32 {
 }
 
 /// `quantize_row_q8_0_ref` (ggml-quants.c), identical to gguf-py `Q8_0.quantize_blocks`.
+/// The scalar reference; `sling-kernels` compiles the same body for wider vector units.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    quantize_row_q8_0_body(x, out)
+}
+
+/// The body of [`quantize_row_q8_0`], always inlined so that a caller compiled with
+/// `#[target_feature]` vectorises it for that target. Element-wise IEEE operations only (no FMA,
+/// no reassociation), so every instantiation gives the same bits.
+#[inline(always)]
+pub fn quantize_row_q8_0_body(x: &[f32], out: &mut Vec<u8>) {
     let start = out.len();
     out.resize(start + x.len() / 32 * 34, 0);
     for (block, dst) in x.chunks_exact(32).zip(out[start..].chunks_exact_mut(34)) {
