@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::convert::{convert, ConvertOptions, OutType};
 use sling_formats::gguf::SplitPolicy;
+use sling_formats::manifest::Tool;
 
 pub const AFTER_HELP: &str = "Examples:
   sling convert ./Qwen3-30B-A3B --to gguf -o qwen3-30b-a3b-bf16.gguf
@@ -21,7 +22,11 @@ reference converter does.
 Sources: bf16/f16/f32 safetensors, DeepSeek FP8 (weight_scale_inv blocks, dequantized on the fly) and gpt-oss \
 MXFP4 experts (copied as MXFP4). Nothing is loaded whole: memory stays bounded whatever the model size.
 
-The output is written to a temporary file next to OUT and renamed only when complete; the source is never written.";
+The output is written to a temporary file next to OUT and renamed only when complete; the source is never written.
+
+Provenance: OUT.sling.json is written beside the output (one for all shards, named after OUT) once the output is \
+in place: sling version and commit, options, sha256 of every source and output file and of every tensor. Check an \
+artifact with `sling verify OUT.gguf` (docs/manifest.md).";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,6 +50,10 @@ pub struct Args {
     /// Convert even if weights hold NaN or Inf (each such tensor is reported).
     #[arg(long)]
     allow_nonfinite: bool,
+    /// Do not write the provenance manifest OUT.sling.json (skips hashing the source files and the
+    /// output; `sling verify` then cannot check the artifact).
+    #[arg(long)]
+    no_manifest: bool,
     /// tokenizer.ggml.pre to write when the tokenizer is not one llama.cpp knows by hash
     /// (e.g. gpt-2, llama-bpe, qwen2, deepseek-v3).
     #[arg(long, value_name = "NAME")]
@@ -99,6 +108,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         allow_nonfinite: a.allow_nonfinite,
         tokenizer_pre: a.tokenizer_pre.clone(),
         window: None,
+        provenance: (!a.no_manifest).then(|| Tool {
+            name: "sling".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            git_commit: env!("SLING_GIT_COMMIT").into(),
+        }),
     };
     let report = convert(&ck, &opts, &|done, total| {
         bar.set_length(total);
@@ -116,6 +130,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     if a.json {
         let v = serde_json::json!({
             "outputs": report.outputs,
+            "manifest": report.manifest,
             "type": a.out_type,
             "tensors": report.n_tensors,
             "bytes_in": report.bytes_in,
@@ -128,7 +143,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     } else if !quiet {
         eprintln!(
             "wrote {} ({} tensors, {:.2} GB) in {:.1}s, {:.2} GB/s of input",
-            report.outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            report.outputs.iter().chain(&report.manifest).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             report.n_tensors,
             report.bytes_out as f64 / 1e9,
             secs,

@@ -1,8 +1,8 @@
 //! `sling`: convert and quantize open-weight MoE checkpoints into verified artifacts.
 //!
 //! Exit codes: 0 success; 2 usage or input error (bad flags, unreadable or malformed input,
-//! unsupported architecture, refused output path); 1 verification failure (reserved for
-//! `verify`/quality gates); 3 internal error.
+//! unsupported architecture, refused output path; for `verify`: could not check); 1 verification
+//! failure (`verify` found a mismatch); 3 internal error.
 
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod convert;
 mod inspect;
+mod verify;
 
 /// Exit code for usage and input errors.
 pub const EXIT_INPUT: u8 = 2;
@@ -21,7 +22,7 @@ pub const EXIT_INPUT: u8 = 2;
     about = "Convert and quantize open-weight Mixture-of-Experts checkpoints into verified artifacts",
     long_about = "sling reads Hugging Face safetensors checkpoints lazily (headers first, tensor bytes through mmap \
 on demand) and writes artifacts for llama.cpp/ollama (GGUF), in bounded memory and in parallel.",
-    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n\nExit codes: 0 ok, 2 usage or input error, 1 verification failure, 3 internal error."
+    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n  sling verify /tmp/qwen3moe-q8_0.gguf\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure, 3 internal error."
 )]
 struct Cli {
     /// Worker threads (default: all cores).
@@ -46,6 +47,10 @@ enum Cmd {
     /// Convert an HF checkpoint to another format (GGUF for llama.cpp/ollama).
     #[command(after_help = convert::AFTER_HELP)]
     Convert(convert::Args),
+    /// Check an artifact against its provenance manifest (OUT.sling.json, written by convert):
+    /// every file and tensor re-hashed, missing/extra files, edited manifest; optionally the source.
+    #[command(after_help = verify::AFTER_HELP)]
+    Verify(verify::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Convert(a) => convert::run(a, cli.quiet),
+        // verify reports its own problems and chooses its exit code (0, 1 or 2).
+        Cmd::Verify(a) => return ExitCode::from(verify::run(a, cli.quiet)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! not depend on the thread count, and each chunk is encoded on its own, so the output bytes are
 //! identical whatever the number of threads. Peak memory is bounded by the window, not the model.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -11,7 +12,9 @@ use super::hparams::{arch_kvs, Kvs};
 use super::ops::OpError;
 use super::plan::{plan, OutTensor, OutType, Payload, PlanError};
 use crate::checkpoint::Checkpoint;
+use crate::gguf::write::Written;
 use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
+use crate::manifest::{self, ManifestError, Tool};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
 
 /// Elements per chunk: 4 Mi f32 values (16 MiB) — small enough that a window of chunks stays far
@@ -28,6 +31,9 @@ pub struct ConvertOptions {
     pub tokenizer_pre: Option<String>,
     /// Chunks computed at once (default: 2 × rayon threads).
     pub window: Option<usize>,
+    /// Write the provenance manifest (`OUT.sling.json`, see [`crate::manifest`]) naming this tool.
+    /// A stale manifest of the same name is removed in every case before the outputs are renamed.
+    pub provenance: Option<Tool>,
 }
 
 #[derive(Debug)]
@@ -38,6 +44,10 @@ pub struct ConvertReport {
     pub bytes_out: u64,
     pub notes: Vec<String>,
     pub nonfinite: Vec<String>,
+    /// Every output file and tensor with the sha256 of the bytes written.
+    pub written: Written,
+    /// The manifest written, if one was asked for.
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +74,8 @@ pub enum ConvertError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("internal error: the writer thread panicked")]
     WriterPanicked,
+    #[error("provenance manifest: {0}")]
+    Manifest(#[from] ManifestError),
 }
 
 /// Refuses outputs that could clobber the source.
@@ -149,7 +161,7 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
                 flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
             }
             let cols = t.ne.first().copied().unwrap_or(1) as usize;
-            sling_quantizers::encode_f32(t.dtype, &v, cols, &mut bytes)
+            sling_kernels::encode_f32(t.dtype, &v, cols, &mut bytes)
                 .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
         }
     }
@@ -201,54 +213,42 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
     let descs: Vec<TensorDesc> = p.tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
     let total: u64 = p.tensors.iter().map(OutTensor::n_bytes).sum();
-    let w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split.clone())?;
-    let jobs = chunks(&p.tensors);
-    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
-    let mut nonfinite = Vec::new();
-    // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
-    // two windows of output in memory.
-    let outputs = std::thread::scope(|scope| -> Result<Vec<PathBuf>, ConvertError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
-        let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
-            let mut w = w;
-            let mut done = 0u64;
-            for batch in rx {
-                for bytes in batch {
-                    w.write_data(&bytes)?;
-                    done += bytes.len() as u64;
-                    progress(done, total);
-                }
-            }
-            Ok(w)
-        });
-        let mut failed = None;
-        for win in jobs.chunks(window) {
-            let results: Result<Vec<(Vec<u8>, Option<String>)>, ConvertError> =
-                win.par_iter().map(|c| compute(ck, &p.tensors[c.t], c, opts.allow_nonfinite)).collect();
-            // The window's source pages were copied out: drop them from this process's mappings so
-            // resident memory stays bounded by the window, not by the model (pages stay cached).
-            ck.release_pages();
-            match results {
-                Ok(r) => {
-                    let (batch, flags): (Vec<_>, Vec<_>) = r.into_iter().unzip();
-                    nonfinite.extend(flags.into_iter().flatten());
-                    if tx.send(batch).is_err() {
-                        break; // the writer failed; its error is returned below
-                    }
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+    let w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split)?;
+    let manifest_path = manifest::manifest_path(&opts.output);
+    // Source files are hashed by a background thread during the conversion, and by every rayon
+    // thread once the outputs are written.
+    let source_hasher = opts.provenance.as_ref().map(|_| manifest::SourceHasher::new(ck));
+    let (written, nonfinite) = std::thread::scope(|scope| {
+        if let Some(sh) = &source_hasher {
+            scope.spawn(|| sh.work());
+        }
+        let res = write_outputs(scope, ck, opts, &p.tensors, w, &manifest_path, total, progress);
+        if let Some(sh) = &source_hasher {
+            match &res {
+                Ok(_) => sh.work_all(),
+                Err(_) => sh.cancel(),
             }
         }
-        drop(tx);
-        let w = writer.join().map_err(|_| ConvertError::WriterPanicked)??;
-        if let Some(e) = failed {
-            return Err(e); // dropping `w` removes its temporary files
-        }
-        Ok(w.finish()?)
+        res
     })?;
+    let outputs = written.paths();
+    let manifest = match (&opts.provenance, source_hasher) {
+        (Some(tool), Some(sh)) => {
+            let res = sh
+                .into_results()
+                .map_err(ConvertError::from)
+                .and_then(|sources| write_manifest(opts, tool, sources, &p.tensors, &written, &manifest_path));
+            if let Err(e) = res {
+                // Keep "an error leaves nothing behind": the outputs would be unverifiable anyway.
+                for o in &outputs {
+                    let _ = std::fs::remove_file(o);
+                }
+                return Err(e);
+            }
+            Some(manifest_path)
+        }
+        _ => None,
+    };
     Ok(ConvertReport {
         outputs,
         n_tensors: p.tensors.len(),
@@ -256,5 +256,99 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
         bytes_out: total,
         notes: p.notes,
         nonfinite,
+        written,
+        manifest,
     })
+}
+
+/// Computes the tensors a window of chunks at a time (in parallel) while a writer thread spawned in
+/// `scope` writes the previous window, then renames the outputs. Returns what was written and the
+/// non-finite values let through.
+#[allow(clippy::too_many_arguments)]
+fn write_outputs<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    ck: &'env Checkpoint,
+    opts: &'env ConvertOptions,
+    tensors: &'env [OutTensor],
+    w: GgufWriter,
+    manifest_path: &Path,
+    total: u64,
+    progress: &'env (dyn Fn(u64, u64) + Sync),
+) -> Result<(Written, Vec<String>), ConvertError> {
+    let jobs = chunks(tensors);
+    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
+    let mut nonfinite = Vec::new();
+    // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
+    // two windows of output in memory.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
+    let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
+        let mut w = w;
+        let mut done = 0u64;
+        for batch in rx {
+            for bytes in batch {
+                w.write_data(&bytes)?;
+                done += bytes.len() as u64;
+                progress(done, total);
+            }
+        }
+        Ok(w)
+    });
+    let mut failed = None;
+    for win in jobs.chunks(window) {
+        let results: Result<Vec<(Vec<u8>, Option<String>)>, ConvertError> =
+            win.par_iter().map(|c| compute(ck, &tensors[c.t], c, opts.allow_nonfinite)).collect();
+        // The window's source pages were copied out: drop them from this process's mappings so
+        // resident memory stays bounded by the window, not by the model (pages stay cached).
+        ck.release_pages();
+        match results {
+            Ok(r) => {
+                let (batch, flags): (Vec<_>, Vec<_>) = r.into_iter().unzip();
+                nonfinite.extend(flags.into_iter().flatten());
+                if tx.send(batch).is_err() {
+                    break; // the writer failed; its error is returned below
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let w = writer.join().map_err(|_| ConvertError::WriterPanicked)??;
+    if let Some(e) = failed {
+        return Err(e); // dropping `w` removes its temporary files
+    }
+    // A manifest left by an earlier run must never describe the new files: remove it before they
+    // take its outputs' names. A crash from here until the new manifest is in place leaves outputs
+    // without a manifest, which `verify` reports as not verifiable.
+    match std::fs::remove_file(manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ConvertError::Io { path: manifest_path.to_path_buf(), source: e });
+        }
+        _ => {}
+    }
+    Ok((w.finish_hashed()?, nonfinite))
+}
+
+/// Builds the manifest and writes it, sealed, atomically.
+fn write_manifest(
+    opts: &ConvertOptions,
+    tool: &Tool,
+    sources: Vec<manifest::SourceFile>,
+    tensors: &[OutTensor],
+    written: &Written,
+    path: &Path,
+) -> Result<(), ConvertError> {
+    let sources_of: HashMap<String, Vec<String>> = tensors.iter().map(|t| (t.name.clone(), t.sources.clone())).collect();
+    let options = manifest::Options {
+        to: "gguf".into(),
+        out_type: opts.out_type.dtype().name().to_string(),
+        split: opts.split.into(),
+        tokenizer_pre: opts.tokenizer_pre.clone(),
+        allow_nonfinite: opts.allow_nonfinite,
+    };
+    let mut m = manifest::build(tool, options, &opts.output, sources, written, &sources_of);
+    m.write(path)?;
+    Ok(())
 }

@@ -31,6 +31,11 @@
 //! Files are written to hidden temporary files in the output directory and renamed to their final
 //! names only by [`GgufWriter::finish`]; dropping an unfinished writer deletes them.
 //!
+//! **Hashes while writing**: every byte that goes to a shard also goes through a SHA-256 of that shard,
+//! and the data bytes of each tensor (without padding) through a SHA-256 of that tensor, so
+//! [`GgufWriter::finish_hashed`] can report the sha256 of every file and tensor without reading
+//! anything back (the provenance manifest, `crate::manifest`, is built from them).
+//!
 //! # Cross-checks done by hand (pinned tree at `/root/.cache/sling-lab/llama.cpp`)
 //!
 //! - Byte-exact: the same KVs/tensors written by gguf-py from the pinned tree
@@ -52,6 +57,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use sling_core::DType;
 use tempfile::NamedTempFile;
 
@@ -67,6 +73,9 @@ pub const SPLIT_TENSORS_COUNT: &str = "split.tensors.count";
 
 /// Capacity of the output buffer.
 const BUF_CAPACITY: usize = 8 << 20;
+/// Pieces passed to `write_data` at least this large have their tensor hash computed on a helper
+/// thread while the file hash and the write proceed.
+const PARALLEL_HASH_MIN: usize = 1 << 20;
 
 /// A tensor to be written: its name, type and shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +109,8 @@ pub enum SplitPolicy {
 }
 
 impl SplitPolicy {
-    fn limits(self) -> (usize, u64, bool) {
+    /// `(max_tensors, max_bytes, small_first_shard)`, 0 meaning no limit.
+    pub fn limits(self) -> (usize, u64, bool) {
         match self {
             SplitPolicy::None => (0, 0, false),
             SplitPolicy::MaxTensors(n) => (n, 0, false),
@@ -120,6 +130,82 @@ struct Planned {
     n_bytes: u64,
     offset: u64,
 }
+
+/// A finished output file, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenFile {
+    /// Final path.
+    pub path: PathBuf,
+    /// Bytes written.
+    pub size: u64,
+    /// SHA-256 of every byte written, lowercase hex.
+    pub sha256: String,
+}
+
+/// A finished tensor, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub ne: Vec<u64>,
+    /// Index into [`Written::files`] of the shard holding it.
+    pub file: usize,
+    /// Absolute offset of its first data byte in that file.
+    pub offset: u64,
+    /// Data bytes (without padding).
+    pub n_bytes: u64,
+    /// SHA-256 of its data bytes (without padding), lowercase hex.
+    pub sha256: String,
+}
+
+/// What [`GgufWriter::finish_hashed`] returns: every file and tensor with the hashes of the bytes that
+/// were written, computed while writing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub files: Vec<WrittenFile>,
+    /// In file order (shard by shard, tensor by tensor).
+    pub tensors: Vec<WrittenTensor>,
+}
+
+impl Written {
+    /// The final paths, in shard order.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// A writer that hashes (and counts) every byte that its inner writer accepts.
+#[derive(Debug)]
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    n: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(buf.get(..n).unwrap_or(buf));
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type ShardWriter = BufWriter<HashingWriter<NamedTempFile>>;
 
 /// One output file.
 #[derive(Debug)]
@@ -142,8 +228,15 @@ pub struct GgufWriter {
     tensor_idx: usize,
     /// Bytes of that tensor written so far.
     written: u64,
-    cur: Option<BufWriter<NamedTempFile>>,
-    done: Vec<NamedTempFile>,
+    cur: Option<ShardWriter>,
+    /// Absolute offset of the current shard's data section.
+    cur_data_offset: u64,
+    /// SHA-256 of the current tensor's data so far.
+    tensor_hasher: Sha256,
+    /// Finished shards: temporary file, size, sha256.
+    done: Vec<(NamedTempFile, u64, String)>,
+    /// Finished tensors.
+    tensors_done: Vec<WrittenTensor>,
     poisoned: bool,
 }
 
@@ -277,7 +370,10 @@ impl GgufWriter {
             tensor_idx: 0,
             written: 0,
             cur: None,
+            cur_data_offset: 0,
+            tensor_hasher: Sha256::new(),
             done: Vec::new(),
+            tensors_done: Vec::new(),
             poisoned: false,
         };
         w.advance()?;
@@ -324,9 +420,22 @@ impl GgufWriter {
             });
         }
         let path = shard.path.clone();
-        let res = match self.cur.as_mut() {
+        let cur = self.cur.as_mut();
+        let write = move || match cur {
             Some(f) => f.write_all(bytes).map_err(|source| GgufError::Io { path, op: "write", source }),
             None => Err(GgufError::Poisoned { path }),
+        };
+        let hasher = &mut self.tensor_hasher;
+        // The tensor's hash and the file's (computed as the buffer reaches the file) run side by side
+        // for large pieces, so that hashing costs the writer one pass over the bytes, not two.
+        let res = if bytes.len() >= PARALLEL_HASH_MIN {
+            std::thread::scope(|s| {
+                s.spawn(|| hasher.update(bytes));
+                write()
+            })
+        } else {
+            hasher.update(bytes);
+            write()
         };
         if let Err(e) = res {
             self.poisoned = true;
@@ -338,7 +447,13 @@ impl GgufWriter {
 
     /// Checks that every tensor was fully written, then renames the (already padded, flushed and
     /// fsynced) temporary files to their final names. Returns the final paths.
-    pub fn finish(mut self) -> Result<Vec<PathBuf>, GgufError> {
+    pub fn finish(self) -> Result<Vec<PathBuf>, GgufError> {
+        self.finish_hashed().map(|w| w.paths())
+    }
+
+    /// Like [`finish`](Self::finish), and returns the size and sha256 of every file and the place and
+    /// sha256 of every tensor, all computed from the bytes as they were written.
+    pub fn finish_hashed(mut self) -> Result<Written, GgufError> {
         if self.poisoned {
             return Err(GgufError::Poisoned { path: self.out.clone() });
         }
@@ -355,23 +470,23 @@ impl GgufWriter {
             });
         }
         let done = std::mem::take(&mut self.done);
-        let mut persisted: Vec<PathBuf> = Vec::with_capacity(done.len());
-        for (tmp, shard) in done.into_iter().zip(&self.shards) {
+        let mut persisted: Vec<WrittenFile> = Vec::with_capacity(done.len());
+        for ((tmp, size, sha256), shard) in done.into_iter().zip(&self.shards) {
             if let Err(e) = tmp.persist(&shard.path) {
                 // Leave nothing half-finished behind: undo the renames already done.
-                for p in &persisted {
-                    let _ = std::fs::remove_file(p);
+                for f in &persisted {
+                    let _ = std::fs::remove_file(&f.path);
                 }
                 return Err(GgufError::Io { path: shard.path.clone(), op: "rename", source: e.error });
             }
-            persisted.push(shard.path.clone());
+            persisted.push(WrittenFile { path: shard.path.clone(), size, sha256 });
         }
         // Make the renames durable. Some filesystems refuse fsync on directories; the data itself is
         // already synced, so a failure here is not an error.
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        Ok(persisted)
+        Ok(Written { files: persisted, tensors: std::mem::take(&mut self.tensors_done) })
     }
 
     /// Moves past complete tensors and shards: pads finished tensors, finishes (flush + fsync) shards
@@ -381,9 +496,12 @@ impl GgufWriter {
         loop {
             let Some(shard) = self.shards.get(self.shard_idx) else { return Ok(()) };
             if self.cur.is_none() {
-                self.cur = Some(open_shard(&self.dir, shard)?);
+                let (f, data_offset) = open_shard(&self.dir, shard)?;
+                self.cur = Some(f);
+                self.cur_data_offset = data_offset;
                 self.tensor_idx = 0;
                 self.written = 0;
+                self.tensor_hasher = Sha256::new();
             }
             let io = |op: &'static str| {
                 let path = shard.path.clone();
@@ -396,14 +514,24 @@ impl GgufWriter {
                         let pad = checked_align(t.n_bytes, shard.alignment).map_or(0, |a| a - t.n_bytes);
                         write_zeros(f, pad).map_err(io("write"))?;
                     }
+                    let digest = std::mem::replace(&mut self.tensor_hasher, Sha256::new()).finalize();
+                    self.tensors_done.push(WrittenTensor {
+                        name: t.desc.name.clone(),
+                        dtype: t.desc.dtype,
+                        ne: t.desc.ne.clone(),
+                        file: self.shard_idx,
+                        offset: self.cur_data_offset.saturating_add(t.offset),
+                        n_bytes: t.n_bytes,
+                        sha256: hex(&digest),
+                    });
                     self.tensor_idx += 1;
                     self.written = 0;
                 }
                 None => {
                     if let Some(f) = self.cur.take() {
-                        let tmp = f.into_inner().map_err(|e| io("flush")(e.into_error()))?;
-                        tmp.as_file().sync_all().map_err(io("fsync"))?;
-                        self.done.push(tmp);
+                        let hw = f.into_inner().map_err(|e| io("flush")(e.into_error()))?;
+                        hw.inner.as_file().sync_all().map_err(io("fsync"))?;
+                        self.done.push((hw.inner, hw.n, hex(&hw.hasher.finalize())));
                     }
                     self.shard_idx += 1;
                     self.tensor_idx = 0;
@@ -430,8 +558,8 @@ fn shard_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 }
 
 /// Creates the shard's temporary file and writes its header, KVs, tensor infos and the padding after
-/// them.
-fn open_shard(dir: &Path, shard: &Shard) -> Result<BufWriter<NamedTempFile>, GgufError> {
+/// them. Returns the writer and the absolute offset of the data section.
+fn open_shard(dir: &Path, shard: &Shard) -> Result<(ShardWriter, u64), GgufError> {
     let io = |op: &'static str| {
         let path = shard.path.clone();
         move |source| GgufError::Io { path, op, source }
@@ -472,10 +600,10 @@ fn open_shard(dir: &Path, shard: &Shard) -> Result<BufWriter<NamedTempFile>, Ggu
     let len = h.len() as u64;
     let pad = checked_align(len, shard.alignment).map_or(0, |a| a - len);
 
-    let mut f = BufWriter::with_capacity(BUF_CAPACITY, tmp);
+    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: tmp, hasher: Sha256::new(), n: 0 });
     f.write_all(&h).map_err(io("write"))?;
     write_zeros(&mut f, pad).map_err(io("write"))?;
-    Ok(f)
+    Ok((f, len + pad))
 }
 
 fn write_zeros(f: &mut impl Write, mut n: u64) -> std::io::Result<()> {
@@ -556,6 +684,50 @@ mod tests {
             vec![PathBuf::from("/o/m.Q8_0-00001-of-00002.gguf"), PathBuf::from("/o/m.Q8_0-00002-of-00002.gguf")]
         );
         assert_eq!(shard_paths(Path::new("model"), 2)[1], PathBuf::from("model-00002-of-00002.gguf"));
+    }
+
+    #[test]
+    fn hashes_are_those_of_the_bytes_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("h.gguf");
+        let tensors = vec![
+            TensorDesc::new("a", DType::F32, vec![3]),
+            TensorDesc::new("b", DType::F16, vec![5, 2]),
+            TensorDesc::new("c", DType::F32, vec![0]),
+            TensorDesc::new("d", DType::F32, vec![1]),
+            // Large enough for the parallel tensor hash.
+            TensorDesc::new("e", DType::F32, vec![PARALLEL_HASH_MIN as u64 / 2 + 3]),
+        ];
+        let kvs = vec![("general.architecture".to_string(), GgufValue::String("llama".into()))];
+        let mut w = GgufWriter::create(&out, kvs, tensors, SplitPolicy::MaxTensors(2)).unwrap();
+        let big: Vec<u8> = (0..(PARALLEL_HASH_MIN * 2 + 12)).map(|i| (i * 31 % 253) as u8).collect();
+        let data: Vec<Vec<u8>> = vec![(0..12).collect(), (100..120).collect(), vec![], vec![7, 7, 7, 7], big];
+        for bytes in &data {
+            // Two pieces of the big tensor are at least PARALLEL_HASH_MIN bytes.
+            let (first, rest) = bytes.split_at(bytes.len() / 2);
+            w.write_data(first).unwrap();
+            w.write_data(rest).unwrap();
+        }
+        let written = w.finish_hashed().unwrap();
+        assert_eq!(written.files.len(), 3);
+        for f in &written.files {
+            let on_disk = std::fs::read(&f.path).unwrap();
+            assert_eq!(f.size, on_disk.len() as u64);
+            assert_eq!(f.sha256, hex(&Sha256::digest(&on_disk)));
+        }
+        let names: Vec<&str> = written.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        for (t, bytes) in written.tensors.iter().zip(&data) {
+            let file = std::fs::read(&written.files[t.file].path).unwrap();
+            let start = t.offset as usize;
+            assert_eq!(&file[start..start + t.n_bytes as usize], bytes.as_slice(), "{}", t.name);
+            assert_eq!(t.sha256, hex(&Sha256::digest(bytes)));
+            let g = super::super::GgufFile::open(&written.files[t.file].path).unwrap();
+            let info = g.tensor(&t.name).unwrap();
+            assert_eq!(g.data_offset + info.offset, t.offset);
+        }
+        assert_eq!(written.tensors[2].file, 1);
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
     }
 
     #[test]

@@ -1,0 +1,157 @@
+//! `sling verify`: checks an artifact against its provenance manifest.
+
+use std::path::{Path, PathBuf};
+
+use sling_formats::manifest::{verify, VerifyReport, MANIFEST_SUFFIX};
+
+/// Exit code: everything matches the manifest.
+pub const EXIT_VERIFIED: u8 = 0;
+/// Exit code: at least one difference.
+pub const EXIT_MISMATCH: u8 = 1;
+/// Exit code: the check could not be made.
+pub const EXIT_CANNOT_CHECK: u8 = 2;
+
+pub const AFTER_HELP: &str = "Examples:
+  sling verify ds-v3-q8_0.gguf                      # uses ds-v3-q8_0.sling.json beside it
+  sling verify ds-v3-q8_0-00001-of-00004.gguf       # any shard: checks the whole set
+  sling verify ds-v3-q8_0.sling.json --source ./DeepSeek-V3 --json
+
+Checks every output file (size, sha256), every tensor (type, shape, offset, sha256 of its bytes), that no file of \
+the set is missing or extra, and that the manifest itself was not edited (manifest_sha256). With --source, also \
+re-hashes the source files the conversion read. Schema: docs/manifest.md.
+
+Exit codes: 0 verified; 1 mismatch (each problem is printed on its own line, or listed with --json); 2 could not \
+check (no manifest, unreadable or unknown manifest, usage error).";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The manifest (OUT.sling.json) or an output of `sling convert` (OUT.gguf, or any shard of a split
+    /// output, whose manifest is named after the base OUT).
+    artifact: PathBuf,
+    /// Also re-hash the source files listed in the manifest, found under this directory.
+    #[arg(long, value_name = "SRC")]
+    source: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `m-00001-of-00003` → `m`.
+fn strip_shard_suffix(stem: &str) -> Option<&str> {
+    let b = stem.as_bytes();
+    let n = b.len();
+    if n < 16 {
+        return None;
+    }
+    let tail = &b[n - 15..];
+    let ok = tail[0] == b'-'
+        && tail[1..6].iter().all(u8::is_ascii_digit)
+        && &tail[6..10] == b"-of-"
+        && tail[10..15].iter().all(u8::is_ascii_digit);
+    ok.then(|| &stem[..n - 15])
+}
+
+/// The manifest for ARTIFACT: itself, `<stem>.sling.json` beside it, or for a shard the one named
+/// after the base name.
+fn find_manifest(artifact: &Path) -> Result<PathBuf, String> {
+    let name = artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(MANIFEST_SUFFIX) {
+        return Ok(artifact.to_path_buf());
+    }
+    let stem = artifact.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut candidates = vec![artifact.with_file_name(format!("{stem}{MANIFEST_SUFFIX}"))];
+    if let Some(base) = strip_shard_suffix(&stem) {
+        candidates.push(artifact.with_file_name(format!("{base}{MANIFEST_SUFFIX}")));
+    }
+    if let Some(found) = candidates.iter().find(|c| c.is_file()) {
+        return Ok(found.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+    Err(format!(
+        "no manifest for {} (looked for {}): not verifiable — it was not written by `sling convert`, or the conversion did not finish",
+        artifact.display(),
+        tried.join(", ")
+    ))
+}
+
+fn cannot_check(json: bool, artifact: &Path, msg: &str) -> u8 {
+    if json {
+        let v = serde_json::json!({ "status": "error", "artifact": artifact, "error": msg });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    eprintln!("error: cannot verify: {msg}");
+    EXIT_CANNOT_CHECK
+}
+
+/// Runs the check; returns the exit code.
+pub fn run(a: Args, quiet: bool) -> u8 {
+    let manifest = match find_manifest(&a.artifact) {
+        Ok(m) => m,
+        Err(msg) => return cannot_check(a.json, &a.artifact, &msg),
+    };
+    if let Some(src) = &a.source {
+        if !src.is_dir() {
+            return cannot_check(a.json, &a.artifact, &format!("--source {}: not a directory", src.display()));
+        }
+    }
+    let report = match verify(&manifest, a.source.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return cannot_check(a.json, &a.artifact, &e.to_string()),
+    };
+    print_report(&report, a.json, quiet);
+    if report.verified() {
+        EXIT_VERIFIED
+    } else {
+        EXIT_MISMATCH
+    }
+}
+
+fn print_report(r: &VerifyReport, json: bool, quiet: bool) {
+    if json {
+        let v = serde_json::json!({
+            "status": if r.verified() { "verified" } else { "mismatch" },
+            "manifest": r.manifest,
+            "files_checked": r.files_checked,
+            "tensors_checked": r.tensors_checked,
+            "sources_checked": r.sources_checked,
+            "problems": r.problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if r.verified() {
+        if !quiet {
+            let src = if r.sources_checked > 0 { format!(", {} source files", r.sources_checked) } else { String::new() };
+            println!(
+                "verified: {} ({} files, {} tensors{src})",
+                r.manifest.display(),
+                r.files_checked,
+                r.tensors_checked
+            );
+        }
+        return;
+    }
+    for p in &r.problems {
+        println!("{p}");
+    }
+    eprintln!(
+        "error: verification failed: {} problem{} against {}",
+        r.problems.len(),
+        if r.problems.len() == 1 { "" } else { "s" },
+        r.manifest.display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_suffix() {
+        assert_eq!(strip_shard_suffix("m-00001-of-00003"), Some("m"));
+        assert_eq!(strip_shard_suffix("a-b-00010-of-00012"), Some("a-b"));
+        assert_eq!(strip_shard_suffix("-00001-of-00003"), None);
+        assert_eq!(strip_shard_suffix("m-0001-of-00003"), None);
+        assert_eq!(strip_shard_suffix("m"), None);
+    }
+}

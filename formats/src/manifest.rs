@@ -1,0 +1,812 @@
+//! Provenance manifests (`OUT.sling.json`) and their verification.
+//!
+//! `sling convert` writes, next to its output, one manifest for the whole artifact (all shards of a
+//! split output): the sling version and git commit, the conversion options, the compute path, the
+//! size and sha256 of every source file read and of every output file, and per tensor its place
+//! (file, offset, bytes), type, shape, sha256 and the source tensors it came from. Output hashes are
+//! those of the bytes as they were written ([`crate::gguf::GgufWriter::finish_hashed`]); nothing is
+//! read back. The manifest holds no timestamp: the same source and options give the same bytes,
+//! whatever the thread count or run.
+//!
+//! The manifest is sealed by `manifest_sha256`: the sha256 of its canonical JSON without that field
+//! (see [`canonical_json`]), which catches a manifest edited by hand or damaged on disk (not a
+//! forger, who can recompute it: signatures are for that).
+//!
+//! [`verify`] re-hashes every output file and every tensor's bytes against the manifest, looks for
+//! missing and extra files of the set, checks the seal, and optionally re-hashes the source files.
+//! The schema is documented in `docs/manifest.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::gguf::write::{hex, Written};
+use crate::gguf::{GgufFile, SplitPolicy};
+
+/// The value of the `schema` field this version writes and reads.
+pub const SCHEMA: &str = "sling.manifest/1";
+/// What is appended to the output's stem to name its manifest.
+pub const MANIFEST_SUFFIX: &str = ".sling.json";
+/// Read size when hashing files.
+const HASH_BUF: usize = 1 << 20;
+
+/// Files of a model directory that a conversion may read besides the weights (config and
+/// tokenizer). Those present are hashed into the manifest.
+pub const SOURCE_METADATA_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "tekken.json",
+    "model.safetensors.index.json",
+];
+
+/// Errors that stop a manifest from being written or read. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid manifest: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: unsupported manifest schema {found:?} (this sling reads {SCHEMA:?})")]
+    Schema { path: PathBuf, found: String },
+    #[error("cannot serialize the manifest for {path}: {source}")]
+    Serialize { path: PathBuf, source: serde_json::Error },
+}
+
+/// Who made the artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    /// Always `"sling"`.
+    pub name: String,
+    /// The crate version.
+    pub version: String,
+    /// `git rev-parse HEAD` at build time, or `"unknown"`.
+    pub git_commit: String,
+}
+
+/// How the output was split (`0` = no limit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    pub max_tensors: u64,
+    pub max_bytes: u64,
+    pub small_first_shard: bool,
+}
+
+impl From<SplitPolicy> for Split {
+    fn from(s: SplitPolicy) -> Split {
+        let (max_tensors, max_bytes, small_first_shard) = s.limits();
+        Split { max_tensors: max_tensors as u64, max_bytes, small_first_shard }
+    }
+}
+
+/// The conversion options that shape the output bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Options {
+    /// Target format: `"gguf"`.
+    pub to: String,
+    /// Output type asked for (`f32`, `f16`, `bf16`, `q8_0`); per-tensor types are in `tensors`.
+    #[serde(rename = "type")]
+    pub out_type: String,
+    pub split: Split,
+    pub tokenizer_pre: Option<String>,
+    pub allow_nonfinite: bool,
+}
+
+/// A file read from the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Relative to the source directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A file of the artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// File name, in the manifest's directory.
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// One output tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorRecord {
+    pub name: String,
+    /// ggml type name (`ggml_type_name`): `f32`, `bf16`, `q8_0`, `mxfp4`, ...
+    #[serde(rename = "type")]
+    pub dtype: String,
+    /// ggml order (`ne[0]` innermost).
+    pub ne: Vec<u64>,
+    /// The output file holding it (an [`OutputFile::name`]).
+    pub file: String,
+    /// Absolute offset of its first data byte in that file.
+    pub offset: u64,
+    pub n_bytes: u64,
+    /// sha256 of its data bytes (without padding).
+    pub sha256: String,
+    /// Source tensor names it was computed from.
+    pub sources: Vec<String>,
+}
+
+/// A provenance manifest; see the module docs and `docs/manifest.md`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`SCHEMA`].
+    pub schema: String,
+    pub sling: Tool,
+    pub options: Options,
+    /// Where tensors were computed: `"cpu"`.
+    pub compute: String,
+    /// The output name given to the converter (with splits, the base of the shard names).
+    pub output: String,
+    pub sources: Vec<SourceFile>,
+    pub outputs: Vec<OutputFile>,
+    pub tensors: Vec<TensorRecord>,
+    /// sha256 of [`canonical_json`] of the manifest without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
+}
+
+/// The manifest path for an output: `dir/stem.gguf` → `dir/stem.sling.json` (with splits, `stem` is
+/// the base name given with `-o`).
+pub fn manifest_path(output: &Path) -> PathBuf {
+    let mut name = output.file_stem().map(|s| s.to_os_string()).unwrap_or_default();
+    name.push(MANIFEST_SUFFIX);
+    output.with_file_name(name)
+}
+
+/// JSON with object keys sorted (byte order), no whitespace, UTF-8: what `manifest_sha256` hashes.
+/// Python gives the same bytes with `json.dumps(v, sort_keys=True, separators=(",", ":"),
+/// ensure_ascii=False)` for the values a manifest holds.
+pub fn canonical_json(v: &Value) -> Vec<u8> {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut out = serde_json::Map::new();
+                for k in keys {
+                    if let Some(x) = m.get(k) {
+                        out.insert(k.clone(), sort(x));
+                    }
+                }
+                Value::Object(out)
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    // Serializing a Value cannot fail (all keys are strings).
+    serde_json::to_vec(&sort(v)).unwrap_or_default()
+}
+
+/// `manifest_sha256` for a manifest given as JSON: the sha256 of its canonical form without that field.
+pub fn seal_of(v: &Value) -> String {
+    let mut v = v.clone();
+    if let Value::Object(m) = &mut v {
+        m.remove("manifest_sha256");
+    }
+    hex(&Sha256::digest(canonical_json(&v)))
+}
+
+impl Manifest {
+    /// Sets `manifest_sha256`.
+    pub fn seal(&mut self, path: &Path) -> Result<(), ManifestError> {
+        self.manifest_sha256 = None;
+        let v = serde_json::to_value(&*self).map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
+        self.manifest_sha256 = Some(seal_of(&v));
+        Ok(())
+    }
+
+    /// The bytes written to disk: pretty JSON in field order, and a final newline.
+    pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>, ManifestError> {
+        let mut b = serde_json::to_vec_pretty(self).map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
+        b.push(b'\n');
+        Ok(b)
+    }
+
+    /// Seals the manifest and writes it atomically (temporary file in the same directory, fsync,
+    /// rename, fsync of the directory).
+    pub fn write(&mut self, path: &Path) -> Result<(), ManifestError> {
+        self.seal(path)?;
+        let bytes = self.to_bytes(path)?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads and parses a manifest; also returns its raw JSON (for the seal check).
+    pub fn read(path: &Path) -> Result<(Manifest, Value), ManifestError> {
+        let bytes = std::fs::read(path).map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
+        let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
+        if schema != SCHEMA {
+            let found = match v.get("schema") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => "(none)".into(),
+            };
+            return Err(ManifestError::Schema { path: path.to_path_buf(), found });
+        }
+        let m: Manifest =
+            serde_json::from_value(v.clone()).map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
+        Ok((m, v))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ManifestError> {
+    let err = |source| ManifestError::Write { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(&dir).map_err(err)?;
+    tmp.write_all(bytes).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Size and sha256 of a file, read in 1 MiB pieces.
+pub fn hash_file(path: &Path) -> Result<(u64, String), ManifestError> {
+    hash_file_until(path, None)
+}
+
+/// [`hash_file`] that gives up (with an `Interrupted` error) once `cancel` is set.
+fn hash_file_until(path: &Path, cancel: Option<&AtomicBool>) -> Result<(u64, String), ManifestError> {
+    let err = |source| ManifestError::Read { path: path.to_path_buf(), source };
+    let mut f = File::open(path).map_err(err)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; HASH_BUF];
+    let mut n = 0u64;
+    loop {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled")));
+        }
+        let k = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(e)),
+        };
+        h.update(buf.get(..k).unwrap_or(&[]));
+        n += k as u64;
+    }
+    Ok((n, hex(&h.finalize())))
+}
+
+/// `path` relative to `dir`, `/`-separated (the file name when it is not under `dir`).
+fn relative(dir: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(dir).ok().filter(|r| !r.as_os_str().is_empty());
+    let rel = rel.unwrap_or_else(|| Path::new(path.file_name().unwrap_or_default()));
+    rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/")
+}
+
+/// Every file a conversion of `ck` reads: the config and tokenizer files present, the index and the
+/// weight files; sorted by relative path.
+pub fn source_paths(ck: &Checkpoint) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    let mut seen = HashSet::new();
+    for name in SOURCE_METADATA_FILES {
+        let p = ck.dir.join(name);
+        if p.is_file() && seen.insert(name.to_string()) {
+            out.push((name.to_string(), p));
+        }
+    }
+    for f in &ck.files {
+        let rel = relative(&ck.dir, &f.path);
+        if seen.insert(rel.clone()) {
+            out.push((rel, f.path.clone()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Hashes the source files in parallel (one file per task).
+pub fn hash_sources(ck: &Checkpoint) -> Result<Vec<SourceFile>, ManifestError> {
+    source_paths(ck)
+        .into_par_iter()
+        .map(|(path, p)| hash_file(&p).map(|(size, sha256)| SourceFile { path, size, sha256 }))
+        .collect()
+}
+
+/// Hashes a checkpoint's source files, one file at a time from a shared queue, by any number of
+/// workers: a background thread during the conversion ([`work`](Self::work)), then every rayon
+/// thread once the outputs are written ([`work_all`](Self::work_all)), so that source hashing
+/// overlaps the conversion instead of following it.
+pub struct SourceHasher {
+    paths: Vec<(String, PathBuf)>,
+    next: AtomicUsize,
+    cancel: AtomicBool,
+    results: Mutex<Vec<Option<Result<SourceFile, ManifestError>>>>,
+}
+
+impl SourceHasher {
+    pub fn new(ck: &Checkpoint) -> SourceHasher {
+        let paths = source_paths(ck);
+        let results = Mutex::new(paths.iter().map(|_| None).collect());
+        SourceHasher { paths, next: AtomicUsize::new(0), cancel: AtomicBool::new(false), results }
+    }
+
+    /// Hashes files from the queue until it is empty or [`cancel`](Self::cancel) is called.
+    pub fn work(&self) {
+        while !self.cancel.load(Ordering::Relaxed) {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some((rel, p)) = self.paths.get(i) else { break };
+            let r = hash_file_until(p, Some(&self.cancel))
+                .map(|(size, sha256)| SourceFile { path: rel.clone(), size, sha256 });
+            if let Ok(mut g) = self.results.lock() {
+                if let Some(slot) = g.get_mut(i) {
+                    *slot = Some(r);
+                }
+            }
+        }
+    }
+
+    /// [`work`](Self::work) on every rayon thread; returns when the queue is empty (files taken by
+    /// other workers may still be in progress).
+    pub fn work_all(&self) {
+        rayon::broadcast(|_| self.work());
+    }
+
+    /// Stops the workers soon (within a 1 MiB read).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The hashes, in [`source_paths`] order, once every worker has stopped.
+    pub fn into_results(self) -> Result<Vec<SourceFile>, ManifestError> {
+        let results = self.results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results
+            .into_iter()
+            .zip(self.paths)
+            .map(|(r, (_, p))| {
+                r.unwrap_or_else(|| {
+                    Err(ManifestError::Read { path: p, source: std::io::Error::other("source file was not hashed") })
+                })
+            })
+            .collect()
+    }
+}
+
+/// Builds the (unsealed) manifest of a finished conversion. `sources_of` gives each output tensor's
+/// source tensor names.
+pub fn build(
+    tool: &Tool,
+    options: Options,
+    output: &Path,
+    sources: Vec<SourceFile>,
+    written: &Written,
+    sources_of: &HashMap<String, Vec<String>>,
+) -> Manifest {
+    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let outputs: Vec<OutputFile> =
+        written.files.iter().map(|f| OutputFile { name: file_name(&f.path), size: f.size, sha256: f.sha256.clone() }).collect();
+    let tensors = written
+        .tensors
+        .iter()
+        .map(|t| TensorRecord {
+            name: t.name.clone(),
+            dtype: t.dtype.name().to_string(),
+            ne: t.ne.clone(),
+            file: outputs.get(t.file).map(|f| f.name.clone()).unwrap_or_default(),
+            offset: t.offset,
+            n_bytes: t.n_bytes,
+            sha256: t.sha256.clone(),
+            sources: sources_of.get(&t.name).cloned().unwrap_or_default(),
+        })
+        .collect();
+    Manifest {
+        schema: SCHEMA.to_string(),
+        sling: tool.clone(),
+        options,
+        compute: "cpu".to_string(),
+        output: file_name(output),
+        sources,
+        outputs,
+        tensors,
+        manifest_sha256: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification
+// ---------------------------------------------------------------------------------------------
+
+/// What kind of difference a [`Problem`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// `manifest_sha256` is missing or does not match the manifest's content.
+    ManifestEdited,
+    /// The manifest itself is inconsistent (a bad file name, a tensor in no listed file).
+    ManifestInvalid,
+    /// An output file listed in the manifest is missing or unreadable.
+    MissingFile,
+    /// A file of the same set (the base name or a shard name) is not in the manifest.
+    ExtraFile,
+    /// An output file's size or sha256 differs.
+    FileHash,
+    /// An output file is not a GGUF that can be parsed.
+    NotGguf,
+    /// A tensor listed in the manifest is missing from its file.
+    MissingTensor,
+    /// A file holds a tensor the manifest does not list.
+    ExtraTensor,
+    /// A tensor's type, shape, offset or size differs.
+    TensorInfo,
+    /// A tensor's data bytes differ.
+    TensorData,
+    /// A source file is missing or unreadable.
+    MissingSource,
+    /// A source file's size or sha256 differs.
+    SourceHash,
+}
+
+/// One difference between the artifact and its manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// The file concerned (an output name, a source path, or the manifest's name).
+    pub file: Option<String>,
+    /// The tensor concerned, where there is one.
+    pub tensor: Option<String>,
+    /// A one-line description naming the file (and tensor).
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn problem(kind: ProblemKind, file: &str, tensor: Option<&str>, message: String) -> Problem {
+    Problem { kind, file: Some(file.to_string()), tensor: tensor.map(str::to_string), message }
+}
+
+/// The result of [`verify`]: verified when `problems` is empty.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub manifest: PathBuf,
+    pub files_checked: usize,
+    pub tensors_checked: usize,
+    pub sources_checked: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn verified(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// A plain file name (one normal path component).
+fn is_plain_name(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.is_empty() && p.components().count() == 1 && matches!(p.components().next(), Some(Component::Normal(_)))
+}
+
+/// A relative path that stays inside its directory.
+fn is_inner_path(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// `{stem}-NNNNN-of-NNNNN.gguf`.
+fn is_shard_name(name: &str, stem: &str) -> bool {
+    let Some(rest) = name.strip_prefix(stem).and_then(|r| r.strip_suffix(".gguf")) else { return false };
+    let b = rest.as_bytes();
+    b.len() == 15
+        && b[0] == b'-'
+        && b[1..6].iter().all(u8::is_ascii_digit)
+        && &b[6..10] == b"-of-"
+        && b[10..15].iter().all(u8::is_ascii_digit)
+}
+
+/// Checks one output file: its size and sha256, and each of its tensors.
+fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> Vec<Problem> {
+    let name = out.name.as_str();
+    let path = dir.join(name);
+    let mut problems = Vec::new();
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: missing (not a regular file)")));
+            return problems;
+        }
+        Err(e) => {
+            problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: missing ({e})")));
+            return problems;
+        }
+    }
+    let (file_hash, tensor_problems) = rayon::join(|| hash_file(&path), || check_tensors(&path, name, tensors));
+    match file_hash {
+        Ok((size, sha)) if size == out.size && sha == out.sha256 => {}
+        Ok((size, sha)) => problems.push(problem(
+            ProblemKind::FileHash,
+            name,
+            None,
+            format!("{name}: file differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes", out.sha256, out.size),
+        )),
+        Err(e) => problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: {e}"))),
+    }
+    problems.extend(tensor_problems);
+    problems
+}
+
+/// Parses `path` as GGUF and checks every tensor the manifest places in it.
+fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> Vec<Problem> {
+    let g = match GgufFile::open(path) {
+        Ok(g) => g,
+        Err(e) => {
+            return vec![problem(ProblemKind::NotGguf, name, None, format!("{name}: cannot be read as GGUF: {e}"))];
+        }
+    };
+    let mut problems: Vec<Problem> = tensors
+        .par_iter()
+        .filter_map(|t| {
+            let tn = t.name.as_str();
+            let Some(info) = g.tensor(tn) else {
+                return Some(problem(ProblemKind::MissingTensor, name, Some(tn), format!("{name}: tensor {tn} is missing")));
+            };
+            let offset = g.data_offset.saturating_add(info.offset);
+            if info.dtype.name() != t.dtype || info.ne != t.ne || offset != t.offset || info.n_bytes != t.n_bytes {
+                return Some(problem(
+                    ProblemKind::TensorInfo,
+                    name,
+                    Some(tn),
+                    format!(
+                        "{name}: tensor {tn}: {} {:?} at offset {offset} ({} bytes); the manifest says {} {:?} at offset {} ({} bytes)",
+                        info.dtype.name(),
+                        info.ne,
+                        info.n_bytes,
+                        t.dtype,
+                        t.ne,
+                        t.offset,
+                        t.n_bytes
+                    ),
+                ));
+            }
+            let sha = hex(&Sha256::digest(g.tensor_data(info)));
+            (sha != t.sha256).then(|| {
+                problem(
+                    ProblemKind::TensorData,
+                    name,
+                    Some(tn),
+                    format!("{name}: tensor {tn}: data differs: sha256 {sha}; the manifest says {}", t.sha256),
+                )
+            })
+        })
+        .collect();
+    let listed: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    for info in &g.tensors {
+        if !listed.contains(info.name.as_str()) {
+            let tn = info.name.as_str();
+            problems.push(problem(
+                ProblemKind::ExtraTensor,
+                name,
+                Some(tn),
+                format!("{name}: tensor {tn} is not in the manifest"),
+            ));
+        }
+    }
+    problems
+}
+
+/// Verifies the artifact described by the manifest at `manifest_path` (output files are looked up in
+/// the manifest's directory). With `source`, also re-hashes the source files under that directory.
+///
+/// `Err` means the check could not be made (manifest missing, unreadable or of another schema); a
+/// report with problems means the artifact does not match.
+pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyReport, ManifestError> {
+    let (m, raw) = Manifest::read(manifest_path)?;
+    let dir = match manifest_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mname = manifest_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut problems = Vec::new();
+
+    // The seal.
+    let actual = seal_of(&raw);
+    match &m.manifest_sha256 {
+        Some(s) if *s == actual => {}
+        Some(s) => problems.push(problem(
+            ProblemKind::ManifestEdited,
+            &mname,
+            None,
+            format!("{mname}: manifest was edited: its content hashes to {actual}, its manifest_sha256 says {s}"),
+        )),
+        None => problems.push(problem(ProblemKind::ManifestEdited, &mname, None, format!("{mname}: manifest has no manifest_sha256"))),
+    }
+
+    // The manifest's own consistency.
+    if m.outputs.is_empty() {
+        problems.push(problem(ProblemKind::ManifestInvalid, &mname, None, format!("{mname}: lists no output file")));
+    }
+    let mut outputs = Vec::new();
+    let mut names = HashSet::new();
+    for o in &m.outputs {
+        if !is_plain_name(&o.name) || !names.insert(o.name.as_str()) {
+            problems.push(problem(
+                ProblemKind::ManifestInvalid,
+                &mname,
+                None,
+                format!("{mname}: output name {:?} is not a plain file name or appears twice", o.name),
+            ));
+        } else {
+            outputs.push(o);
+        }
+    }
+    let mut by_file: HashMap<&str, Vec<&TensorRecord>> = HashMap::new();
+    for t in &m.tensors {
+        if names.contains(t.file.as_str()) {
+            by_file.entry(t.file.as_str()).or_default().push(t);
+        } else {
+            problems.push(problem(
+                ProblemKind::ManifestInvalid,
+                &mname,
+                Some(t.name.as_str()),
+                format!("{mname}: tensor {} is placed in {:?}, which is not a listed output", t.name, t.file),
+            ));
+        }
+    }
+
+    // Output files and their tensors.
+    let per_file: Vec<Vec<Problem>> = outputs
+        .par_iter()
+        .map(|o| check_output(&dir, o, by_file.get(o.name.as_str()).map(Vec::as_slice).unwrap_or(&[])))
+        .collect();
+    problems.extend(per_file.into_iter().flatten());
+
+    // Extra files of the same set.
+    let base = if is_plain_name(&m.output) { m.output.clone() } else { String::new() };
+    let stem = base.strip_suffix(".gguf").unwrap_or(&base).to_string();
+    let manifest_stem = mname.strip_suffix(MANIFEST_SUFFIX).unwrap_or(&mname).to_string();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut extra: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !names.contains(n.as_str()))
+            .filter(|n| {
+                (!base.is_empty() && (*n == base || is_shard_name(n, &stem)))
+                    || *n == format!("{manifest_stem}.gguf")
+                    || is_shard_name(n, &manifest_stem)
+            })
+            .collect();
+        extra.sort();
+        for n in extra {
+            problems.push(problem(ProblemKind::ExtraFile, &n, None, format!("{n}: extra file of the set, not in the manifest")));
+        }
+    }
+
+    // Sources.
+    let mut sources_checked = 0;
+    if let Some(src) = source {
+        sources_checked = m.sources.len();
+        let src_problems: Vec<Option<Problem>> = m
+            .sources
+            .par_iter()
+            .map(|s| {
+                let sp = s.path.as_str();
+                if !is_inner_path(sp) {
+                    return Some(problem(
+                        ProblemKind::ManifestInvalid,
+                        &mname,
+                        None,
+                        format!("{mname}: source path {sp:?} leaves the source directory"),
+                    ));
+                }
+                match hash_file(&src.join(sp)) {
+                    Ok((size, sha)) if size == s.size && sha == s.sha256 => None,
+                    Ok((size, sha)) => Some(problem(
+                        ProblemKind::SourceHash,
+                        sp,
+                        None,
+                        format!("source {sp}: file differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes", s.sha256, s.size),
+                    )),
+                    Err(e) => Some(problem(ProblemKind::MissingSource, sp, None, format!("source {sp}: missing or unreadable: {e}"))),
+                }
+            })
+            .collect();
+        problems.extend(src_problems.into_iter().flatten());
+    }
+
+    Ok(VerifyReport {
+        manifest: manifest_path.to_path_buf(),
+        files_checked: outputs.len(),
+        tensors_checked: m.tensors.len(),
+        sources_checked,
+        problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_names() {
+        assert_eq!(manifest_path(Path::new("/o/m.gguf")), PathBuf::from("/o/m.sling.json"));
+        assert_eq!(manifest_path(Path::new("m.Q8_0.gguf")), PathBuf::from("m.Q8_0.sling.json"));
+        assert!(is_shard_name("m-00001-of-00003.gguf", "m"));
+        assert!(is_shard_name("m-00004-of-00003.gguf", "m"));
+        assert!(!is_shard_name("m-0001-of-00003.gguf", "m"));
+        assert!(!is_shard_name("mm-00001-of-00003.gguf", "m"));
+        assert!(!is_shard_name("m-00001-of-00003.gguf.tmp", "m"));
+        assert!(is_plain_name("a.gguf"));
+        assert!(!is_plain_name("../a.gguf"));
+        assert!(!is_plain_name("/a.gguf"));
+        assert!(!is_plain_name("d/a.gguf"));
+        assert!(is_inner_path("d/a.json"));
+        assert!(!is_inner_path("d/../../a.json"));
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_and_drops_whitespace() {
+        let v: Value = serde_json::from_str(r#"{"b": [1, {"z": "é", "a": null}], "a": true}"#).unwrap();
+        assert_eq!(String::from_utf8(canonical_json(&v)).unwrap(), r#"{"a":true,"b":[1,{"a":null,"z":"é"}]}"#);
+        let mut with = v.clone();
+        with["manifest_sha256"] = "x".into();
+        assert_eq!(seal_of(&with), seal_of(&v));
+    }
+
+    #[test]
+    fn source_hasher_matches_hash_sources() {
+        let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/mixtral-sharded")).unwrap();
+        let sh = SourceHasher::new(&ck);
+        std::thread::scope(|s| {
+            s.spawn(|| sh.work());
+            sh.work_all();
+        });
+        let got = sh.into_results().unwrap();
+        assert_eq!(got, hash_sources(&ck).unwrap());
+        assert_eq!(got.len(), 7);
+        // Cancelled before any work: nothing hashed, which is an error.
+        let sh = SourceHasher::new(&ck);
+        sh.cancel();
+        sh.work_all();
+        assert!(sh.into_results().is_err());
+    }
+
+    #[test]
+    fn hash_file_matches_a_one_shot_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..(3 * HASH_BUF + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        assert_eq!(hash_file(&p).unwrap(), (data.len() as u64, hex(&Sha256::digest(&data))));
+        assert!(matches!(hash_file(&d.path().join("nope")), Err(ManifestError::Read { .. })));
+    }
+}
