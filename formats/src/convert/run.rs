@@ -213,7 +213,7 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
     let descs: Vec<TensorDesc> = p.tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
     let total: u64 = p.tensors.iter().map(OutTensor::n_bytes).sum();
-    let w = GgufWriter::create(&opts.output, kvs.0, descs, opts.split)?;
+    let w = GgufWriter::create_with(&opts.output, kvs.0, descs, opts.split, opts.provenance.is_some())?;
     let manifest_path = manifest::manifest_path(&opts.output);
     // Source files are hashed by a background thread during the conversion, and by every rayon
     // thread once the outputs are written.

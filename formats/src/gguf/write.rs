@@ -191,12 +191,17 @@ struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
     n: u64,
+    /// Off when no caller wants the hashes (`GgufWriter::create_with(.., false)`): hashing is a
+    /// pass over every byte, a large share of a plain bf16 conversion's time.
+    enabled: bool,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(buf.get(..n).unwrap_or(buf));
+        if self.enabled {
+            self.hasher.update(buf.get(..n).unwrap_or(buf));
+        }
         self.n += n as u64;
         Ok(n)
     }
@@ -233,6 +238,8 @@ pub struct GgufWriter {
     cur_data_offset: u64,
     /// SHA-256 of the current tensor's data so far.
     tensor_hasher: Sha256,
+    /// Whether file and tensor hashes are computed (see [`GgufWriter::create_with`]).
+    hash: bool,
     /// Finished shards: temporary file, size, sha256.
     done: Vec<(NamedTempFile, u64, String)>,
     /// Finished tensors.
@@ -248,6 +255,18 @@ impl GgufWriter {
         kvs: Vec<(String, GgufValue)>,
         tensors: Vec<TensorDesc>,
         split: SplitPolicy,
+    ) -> Result<GgufWriter, GgufError> {
+        Self::create_with(out, kvs, tensors, split, true)
+    }
+
+    /// [`create`](Self::create), choosing whether file and tensor sha256 are computed while writing
+    /// (`hash = false`: [`finish_hashed`](Self::finish_hashed) then reports empty-input digests).
+    pub fn create_with(
+        out: &Path,
+        kvs: Vec<(String, GgufValue)>,
+        tensors: Vec<TensorDesc>,
+        split: SplitPolicy,
+        hash: bool,
     ) -> Result<GgufWriter, GgufError> {
         let p = || out.to_path_buf();
 
@@ -372,6 +391,7 @@ impl GgufWriter {
             cur: None,
             cur_data_offset: 0,
             tensor_hasher: Sha256::new(),
+            hash,
             done: Vec::new(),
             tensors_done: Vec::new(),
             poisoned: false,
@@ -428,7 +448,9 @@ impl GgufWriter {
         let hasher = &mut self.tensor_hasher;
         // The tensor's hash and the file's (computed as the buffer reaches the file) run side by side
         // for large pieces, so that hashing costs the writer one pass over the bytes, not two.
-        let res = if bytes.len() >= PARALLEL_HASH_MIN {
+        let res = if !self.hash {
+            write()
+        } else if bytes.len() >= PARALLEL_HASH_MIN {
             std::thread::scope(|s| {
                 s.spawn(|| hasher.update(bytes));
                 write()
@@ -496,7 +518,7 @@ impl GgufWriter {
         loop {
             let Some(shard) = self.shards.get(self.shard_idx) else { return Ok(()) };
             if self.cur.is_none() {
-                let (f, data_offset) = open_shard(&self.dir, shard)?;
+                let (f, data_offset) = open_shard(&self.dir, shard, self.hash)?;
                 self.cur = Some(f);
                 self.cur_data_offset = data_offset;
                 self.tensor_idx = 0;
@@ -559,7 +581,7 @@ fn shard_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 
 /// Creates the shard's temporary file and writes its header, KVs, tensor infos and the padding after
 /// them. Returns the writer and the absolute offset of the data section.
-fn open_shard(dir: &Path, shard: &Shard) -> Result<(ShardWriter, u64), GgufError> {
+fn open_shard(dir: &Path, shard: &Shard, hash: bool) -> Result<(ShardWriter, u64), GgufError> {
     let io = |op: &'static str| {
         let path = shard.path.clone();
         move |source| GgufError::Io { path, op, source }
@@ -600,7 +622,7 @@ fn open_shard(dir: &Path, shard: &Shard) -> Result<(ShardWriter, u64), GgufError
     let len = h.len() as u64;
     let pad = checked_align(len, shard.alignment).map_or(0, |a| a - len);
 
-    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: tmp, hasher: Sha256::new(), n: 0 });
+    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: tmp, hasher: Sha256::new(), n: 0, enabled: hash });
     f.write_all(&h).map_err(io("write"))?;
     write_zeros(&mut f, pad).map_err(io("write"))?;
     Ok((f, len + pad))
