@@ -67,25 +67,8 @@ def _fixtures_module():
 
 
 def _dequantized_fp8_dir(src, dst):
-    """An f32 checkpoint holding the fixture's own FP8 decode, without quantization_config
-    (the same as fixtures/verify_fixtures.py:dequantized_fp8_dir)."""
-    import torch
-    MF = _fixtures_module()
-    sd = MF.load_sd(src)
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("_scale_inv"):
-            continue
-        out[k] = MF.fp8_decode(v, sd[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v.float()
-    dst.mkdir(parents=True)
-    MF.copy_aux(src, dst)
-    MF.save_sd(out, dst / "model.safetensors")
-
-    def f(cfg):
-        cfg.pop("quantization_config")
-        cfg["dtype"] = cfg["torch_dtype"] = "float32"
-        return cfg
-    MF.rewrite_json(dst / "config.json", f)
+    """An f32 checkpoint holding the fixture's own FP8 decode, without quantization_config."""
+    _fixtures_module().write_fp8_decoded_checkpoint(src, dst)
 
 
 def hf_reference(name: str, tmp) -> tuple[np.ndarray, str]:
