@@ -6,6 +6,7 @@
 #   $SLING_LAB/llama.cpp        llama.cpp vendored by the llama-cpp-python==0.3.36 sdist (convert_hf_to_gguf.py)
 #   $SLING_LAB/llama.cpp-build  its tools (llama-gguf-split, llama-quantize, ...) + libllama.so
 #   $SLING_LAB/pylib/llama_cpp  the sdist's ctypes bindings, used with LLAMA_CPP_LIB_PATH
+#   $SLING_LAB/llama.cpp-build/bin/ggml-quant-ref  quantizer oracle (tests/ggml-ref/ggml-quant-ref.c)
 #
 # Pattern taken from ../shared/oracles/setup.sh. Env: SLING_LAB, JOBS, PYTHON.
 set -euo pipefail
@@ -13,6 +14,7 @@ LAB=${SLING_LAB:-$HOME/.cache/sling-lab}
 VER=0.3.36
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc)}
+OLDPWD_REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$LAB/sdist"
 cd "$LAB"
 
@@ -57,5 +59,16 @@ if [ $need = 1 ]; then
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER=0 >/dev/null
   cmake --build "$B" -j"$JOBS" --target $TOOLS
 fi
+# ggml-quant-ref: the quantizer oracle for sling's bit-exactness tests (tests/ggml-ref), linked against the
+# pinned libggml-base so it runs llama.cpp's own ggml_quantize_chunk. Rebuilt when its source changes.
+REF_SRC="$OLDPWD_REPO/tests/ggml-ref/ggml-quant-ref.c"
+REF_BIN="$B/bin/ggml-quant-ref"
+ref_stamp="$B/bin/.ggml-quant-ref-$(sha256sum "$REF_SRC" | cut -c1-12)"
+if [ ! -x "$REF_BIN" ] || [ ! -f "$ref_stamp" ]; then
+  ${CC:-cc} -O2 -o "$REF_BIN" "$REF_SRC" -Illama.cpp/ggml/include -L"$B/bin" -lggml-base -Wl,-rpath,"$LAB/$B/bin"
+  rm -f "$B"/bin/.ggml-quant-ref-* && touch "$ref_stamp"
+fi
+"$REF_BIN" info q4_K >/dev/null
+
 LLAMA_CPP_LIB_PATH="$LAB/$B/bin" PYTHONPATH="$LAB/pylib" venv/bin/python -c \
   "import llama_cpp, gguf, transformers, torch; print('reference tools ready: llama.cpp $COMMIT, transformers', transformers.__version__)"

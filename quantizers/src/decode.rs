@@ -57,9 +57,9 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(
         DType::F16 => fill(out, bytes, |b| f16::from_le_bytes(b).to_f32()),
         // bf16 is the top half of an f32: exact.
         DType::BF16 => fill(out, bytes, |b| f32::from_bits((u16::from_le_bytes(b) as u32) << 16)),
-        DType::F64 => out.extend(bytes.chunks_exact(8).map(|c| {
-            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-        })),
+        DType::F64 => out.extend(
+            bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32),
+        ),
         DType::F8E4M3 => {
             let lut: [f32; 256] = std::array::from_fn(|i| e4m3_to_f32(i as u8));
             out.extend(bytes.iter().map(|&b| lut[b as usize]))
@@ -69,9 +69,9 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(
         DType::I8 => out.extend(bytes.iter().map(|&b| b as i8 as f32)),
         DType::I16 => out.extend(bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as f32)),
         DType::I32 => out.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)),
-        DType::I64 => out.extend(bytes.chunks_exact(8).map(|c| {
-            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-        })),
+        DType::I64 => out.extend(
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32),
+        ),
         DType::Bool => out.extend(bytes.iter().map(|&b| (b != 0) as u8 as f32)),
         other => return Err(DecodeError::Unsupported(other)),
     }

@@ -9,6 +9,8 @@ pub enum EncodeError {
     Unsupported(DType),
     #[error("row length {row} is not a multiple of the {dtype} block size {block}")]
     RowNotBlockMultiple { dtype: DType, row: usize, block: usize },
+    #[error("importance weights for {dtype} have {got} values, the rows have {row}")]
+    ImatrixLength { dtype: DType, row: usize, got: usize },
 }
 
 /// `ggml_compute_fp32_to_bf16` (ggml-impl.h): quiet NaNs, round to nearest even, no flush to zero.
@@ -35,7 +37,7 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
 fn roundf_i32(x: f32) -> i32 {
     let i = x as i32;
     let frac = x - i as f32; // exact: x and i share the exponent range, |x| < 2^31
-    // Branch-free so that the block loop vectorises.
+                             // Branch-free so that the block loop vectorises.
     i + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
 

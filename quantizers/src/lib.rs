@@ -5,8 +5,16 @@
 //! `llama-cpp-python==0.3.36`.
 #![deny(unsafe_code)]
 
+pub mod common;
 pub mod decode;
 pub mod encode;
+pub mod ggml;
+pub mod iq4;
+pub mod kquants;
+pub mod legacy;
+pub mod mxfp4;
+pub mod ternary;
 
 pub use decode::{decode_to_f32, e4m3_to_f32, DecodeError};
 pub use encode::{encode_f32, EncodeError};
+pub use ggml::{dequantize, quantize_rows, requires_imatrix};

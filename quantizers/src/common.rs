@@ -1,0 +1,48 @@
+//! Rounding and scalar helpers shared by the ggml quantizers (`ggml-quants.c`, `ggml-impl.h`).
+
+/// `nearest_int` (ggml-quants.c): round half to even through the float adder, valid for |x| <= 4194303.
+#[inline(always)]
+pub fn nearest_int(fval: f32) -> i32 {
+    debug_assert!(fval.abs() <= 4194303.0 || fval.is_nan());
+    let val = fval + 12582912.0;
+    let i = val.to_bits() as i32;
+    (i & 0x007f_ffff) - 0x0040_0000
+}
+
+/// `GGML_FP32_TO_FP16` (round to nearest even).
+#[inline(always)]
+pub fn fp32_to_fp16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// `GGML_FP16_TO_FP32`.
+#[inline(always)]
+pub fn fp16_to_fp32(h: u16) -> f32 {
+    half::f16::from_bits(h).to_f32()
+}
+
+/// Reads the little-endian f16 at `b[at..at + 2]` as f32.
+#[inline(always)]
+pub fn read_f16(b: &[u8], at: usize) -> f32 {
+    fp16_to_fp32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Writes `x` rounded to f16 at `b[at..at + 2]`.
+#[inline(always)]
+pub fn write_f16(b: &mut [u8], at: usize, x: f32) {
+    b[at..at + 2].copy_from_slice(&fp32_to_fp16(x).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        assert_eq!(nearest_int(0.5), 0);
+        assert_eq!(nearest_int(1.5), 2);
+        assert_eq!(nearest_int(-2.5), -2);
+        assert_eq!(nearest_int(7.49), 7);
+        assert_eq!(nearest_int(-7.51), -8);
+    }
+}

@@ -1,0 +1,110 @@
+//! ggml block quantization: every GGUF type llama-quantize writes, quantize **and** dequantize,
+//! bit-exact with the pinned llama.cpp (`ggml/src/ggml-quants.c`, `ggml.c ggml_quantize_chunk`).
+//!
+//! [`quantize_rows`] is `ggml_quantize_chunk` for whole rows: the same function per type, the same
+//! choice between the `_ref` algorithm (no importance weights) and the `_impl` one (with them).
+//! Facts: `../shared/docs/gguf-spec.md` §2.3–2.9.
+
+use sling_core::DType;
+
+use crate::encode::{self, EncodeError};
+use crate::{iq4, kquants, legacy, mxfp4, ternary};
+
+/// `ggml_quantize_requires_imatrix`: the types llama-quantize refuses to make without an imatrix.
+/// None of the types sling writes needs one (only the IQ1/IQ2/IQ3 families do).
+pub fn requires_imatrix(dtype: DType) -> bool {
+    let _ = dtype;
+    false
+}
+
+type QuantRow = fn(&[f32], Option<&[f32]>, &mut [u8]);
+type DequantRow = fn(&[u8], &mut [f32]);
+
+/// The quantize / dequantize pair of a block type, or `None` for types that are not block-quantized here.
+fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
+    Some(match dtype {
+        DType::Q4_0 => (legacy::quantize_row_q4_0, legacy::dequantize_row_q4_0),
+        DType::Q4_1 => (legacy::quantize_row_q4_1, legacy::dequantize_row_q4_1),
+        DType::Q5_0 => (legacy::quantize_row_q5_0, legacy::dequantize_row_q5_0),
+        DType::Q5_1 => (legacy::quantize_row_q5_1, legacy::dequantize_row_q5_1),
+        DType::Q8_0 => (quantize_row_q8_0, dequantize_row_q8_0),
+        DType::Q2K => (kquants::quantize_row_q2_k, kquants::dequantize_row_q2_k),
+        DType::Q3K => (kquants::quantize_row_q3_k, kquants::dequantize_row_q3_k),
+        DType::Q4K => (kquants::quantize_row_q4_k, kquants::dequantize_row_q4_k),
+        DType::Q5K => (kquants::quantize_row_q5_k, kquants::dequantize_row_q5_k),
+        DType::Q6K => (kquants::quantize_row_q6_k, kquants::dequantize_row_q6_k),
+        DType::IQ4NL => (iq4::quantize_row_iq4_nl, iq4::dequantize_row_iq4_nl),
+        DType::IQ4XS => (iq4::quantize_row_iq4_xs, iq4::dequantize_row_iq4_xs),
+        DType::TQ1_0 => (ternary::quantize_row_tq1_0, ternary::dequantize_row_tq1_0),
+        DType::TQ2_0 => (ternary::quantize_row_tq2_0, ternary::dequantize_row_tq2_0),
+        DType::MXFP4 => (mxfp4::quantize_row_mxfp4, mxfp4::dequantize_row_mxfp4),
+        _ => return None,
+    })
+}
+
+/// Q8_0 ignores importance weights in ggml (`quantize_q8_0` calls the `_ref` function).
+fn quantize_row_q8_0(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
+    let mut out = Vec::with_capacity(y.len());
+    encode::quantize_row_q8_0(x, &mut out);
+    y.copy_from_slice(&out);
+}
+
+/// `dequantize_row_q8_0` (ggml-quants.c).
+fn dequantize_row_q8_0(y: &[u8], x: &mut [f32]) {
+    for (b, out) in y.chunks_exact(34).zip(x.chunks_exact_mut(32)) {
+        let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        for (o, q) in out.iter_mut().zip(&b[2..]) {
+            *o = *q as i8 as f32 * d;
+        }
+    }
+}
+
+/// `ggml_quantize_chunk` over whole rows: quantizes `x` (rows of `n_per_row`) as `dtype`, appending the
+/// blocks to `out`. `imatrix` holds `n_per_row` importance weights shared by all rows, as llama-quantize
+/// passes them. Plain types (f32, f16, bf16) are encoded as ggml rounds them.
+pub fn quantize_rows(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let block = dtype.block_elems();
+    if n_per_row == 0 || n_per_row % block != 0 || x.len() % n_per_row != 0 {
+        return Err(EncodeError::RowNotBlockMultiple { dtype, row: n_per_row, block });
+    }
+    if let Some(w) = imatrix {
+        if w.len() != n_per_row {
+            return Err(EncodeError::ImatrixLength { dtype, row: n_per_row, got: w.len() });
+        }
+    }
+    let Some((quant, _)) = kernels(dtype) else {
+        return encode::encode_f32(dtype, x, n_per_row, out);
+    };
+    let row_bytes = n_per_row / block * dtype.block_bytes();
+    let start = out.len();
+    out.resize(start + x.len() / n_per_row * row_bytes, 0);
+    for (row, dst) in x.chunks_exact(n_per_row).zip(out[start..].chunks_exact_mut(row_bytes)) {
+        quant(row, imatrix, dst);
+    }
+    Ok(())
+}
+
+/// Dequantizes whole blocks of `dtype` (`dequantize_row_*` / ggml `to_float`), appending to `out`.
+pub fn dequantize(dtype: DType, y: &[u8], out: &mut Vec<f32>) -> Result<(), EncodeError> {
+    let (bb, be) = (dtype.block_bytes(), dtype.block_elems());
+    if y.len() % bb != 0 {
+        return Err(EncodeError::RowNotBlockMultiple { dtype, row: y.len(), block: bb });
+    }
+    let start = out.len();
+    let n = y.len() / bb * be;
+    match kernels(dtype) {
+        Some((_, deq)) => {
+            out.resize(start + n, 0.0);
+            // Every block type's dequantizer works block by block, so any whole number of blocks is a valid "row".
+            deq(y, &mut out[start..]);
+        }
+        None => crate::decode::decode_to_f32(dtype, y, out).map_err(|_| EncodeError::Unsupported(dtype))?,
+    }
+    Ok(())
+}

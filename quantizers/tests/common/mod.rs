@@ -1,0 +1,146 @@
+//! The llama.cpp oracle for bit-exactness tests: `ggml-quant-ref` (tests/ggml-ref/ggml-quant-ref.c), built
+//! against the pinned libggml-base by scripts/setup-reference.sh. It runs llama.cpp's own
+//! `ggml_quantize_chunk` and `to_float` on the rows we hand it.
+//!
+//! Found through `$SLING_GGML_QUANT_REF`, else `$SLING_LAB/llama.cpp-build/bin/ggml-quant-ref` (default lab
+//! `~/.cache/sling-lab`). When it is missing the tests fail if `SLING_REQUIRE_REFERENCE` is set (scripts/test
+//! and CI set it), else they print why and pass, so a plain `cargo test` works without the reference build.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+pub struct Oracle(PathBuf);
+
+pub fn oracle() -> Option<Oracle> {
+    let path = std::env::var_os("SLING_GGML_QUANT_REF").map(PathBuf::from).unwrap_or_else(|| {
+        let lab = std::env::var_os("SLING_LAB").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sling-lab")
+        });
+        lab.join("llama.cpp-build/bin/ggml-quant-ref")
+    });
+    if path.is_file() {
+        return Some(Oracle(path));
+    }
+    let msg = format!("ggml-quant-ref not found at {} (run scripts/setup-reference.sh)", path.display());
+    if std::env::var_os("SLING_REQUIRE_REFERENCE").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("skipping the llama.cpp comparison: {msg}");
+    None
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Oracle {
+    fn run(&self, args: &[String], input: &[u8]) -> Vec<u8> {
+        let mut child = Command::new(&self.0)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ggml-quant-ref");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("ggml-quant-ref output");
+        writer.join().unwrap().expect("write to ggml-quant-ref");
+        assert!(out.status.success(), "ggml-quant-ref {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// llama.cpp's `ggml_quantize_chunk(type, x, ..., nrows, n_per_row, imatrix)`.
+    pub fn quantize(&self, ggml_name: &str, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Vec<u8> {
+        let nrows = x.len() / n_per_row;
+        let mut args = vec!["quant".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
+        let tmp;
+        if let Some(w) = imatrix {
+            tmp = tempfile(&f32_bytes(w));
+            args.push(tmp.display().to_string());
+        }
+        let out = self.run(&args, &f32_bytes(x));
+        if imatrix.is_some() {
+            let _ = std::fs::remove_file(&args[4]);
+        }
+        out
+    }
+
+    /// llama.cpp's `to_float` for `nrows` rows of `n_per_row`.
+    pub fn dequantize(&self, ggml_name: &str, y: &[u8], nrows: usize, n_per_row: usize) -> Vec<f32> {
+        let args = vec!["dequant".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
+        self.run(&args, y).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+}
+
+fn tempfile(bytes: &[u8]) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "sling-imatrix-{}-{}.f32",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A small seeded generator (splitmix64) so the cases are the same on every run without extra crates.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// Roughly normal (sum of uniforms), like trained weights.
+    pub fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.uniform()).sum::<f32>() * 0.866
+    }
+}
+
+/// Named hostile rows of `n` values each (n a multiple of 256): what every type must handle exactly like ggml.
+pub fn hostile_rows(n: usize, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
+    let mut r = Rng::new(seed);
+    let normal: Vec<f32> = (0..n).map(|_| r.normal() * 0.02).collect();
+    let mut outlier = normal.clone();
+    outlier[n / 3] = 3.5;
+    let mut mixed = normal.clone();
+    for (i, v) in mixed.iter_mut().enumerate() {
+        if i % 7 == 0 {
+            *v = 0.0;
+        }
+    }
+    vec![
+        ("normal", normal.clone()),
+        ("zeros", vec![0.0; n]),
+        ("constant", vec![0.125; n]),
+        ("negative-constant", vec![-3.0; n]),
+        ("single-outlier", outlier),
+        ("subnormals", (0..n).map(|i| f32::from_bits(1 + (i as u32 * 7919) % 0x7f_ffff) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect()),
+        ("large", (0..n).map(|_| r.normal() * 3.0e4).collect()),
+        ("tiny", (0..n).map(|_| r.normal() * 1.0e-7).collect()),
+        ("some-zeros", mixed),
+        ("uniform", (0..n).map(|_| r.uniform()).collect()),
+        ("ramp", (0..n).map(|i| i as f32 / n as f32 - 0.3).collect()),
+    ]
+}
+
+/// Importance weights like an imatrix's (positive, spread over orders of magnitude, a few zeros).
+pub fn importance(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|i| if i % 53 == 0 { 0.0 } else { (r.uniform() * 4.0).exp() }).collect()
+}

@@ -1,0 +1,70 @@
+// Reference oracle for sling's quantizers: calls the pinned llama.cpp's own ggml_quantize_chunk and
+// type-traits to_float (libggml-base, built by scripts/setup-reference.sh) on the rows it is given.
+//
+//   ggml-quant-ref quant   TYPE NROWS NPERROW [IMATRIX.f32]  < rows.f32 > blocks.bin
+//   ggml-quant-ref dequant TYPE NROWS NPERROW                < blocks.bin > rows.f32
+//   ggml-quant-ref info    TYPE     -> "id blck_size type_size requires_imatrix"
+//
+// TYPE is a ggml type name as ggml_type_name prints it (q4_K, iq4_xs, ...). Rows are little-endian f32;
+// the importance weights (llama-quantize's quant_weights) are NPERROW f32 values shared by all rows.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ggml.h"
+
+static enum ggml_type type_by_name(const char *name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
+        const char *n = ggml_type_name((enum ggml_type)t);
+        if (n && strcmp(n, name) == 0 && ggml_blck_size((enum ggml_type)t) > 0) return (enum ggml_type)t;
+    }
+    fprintf(stderr, "unknown ggml type %s\n", name);
+    exit(2);
+}
+
+static void *read_all(FILE *f, size_t want) {
+    char *buf = malloc(want ? want : 1);
+    size_t got = fread(buf, 1, want, f);
+    if (got != want) { fprintf(stderr, "short input: %zu of %zu bytes\n", got, want); exit(2); }
+    return buf;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: ggml-quant-ref quant|dequant|info TYPE [NROWS NPERROW [IMATRIX]]\n"); return 2; }
+    enum ggml_type t = type_by_name(argv[2]);
+    if (strcmp(argv[1], "info") == 0) {
+        printf("%d %lld %zu %d\n", (int)t, (long long)ggml_blck_size(t), ggml_type_size(t),
+               (int)ggml_quantize_requires_imatrix(t));
+        return 0;
+    }
+    if (argc < 5) { fprintf(stderr, "need NROWS NPERROW\n"); return 2; }
+    long long nrows = atoll(argv[3]), n_per_row = atoll(argv[4]);
+    size_t row_bytes = ggml_row_size(t, n_per_row);
+    if (strcmp(argv[1], "quant") == 0) {
+        float *src = read_all(stdin, sizeof(float) * nrows * n_per_row);
+        float *imatrix = NULL;
+        if (argc > 5) {
+            FILE *f = fopen(argv[5], "rb");
+            if (!f) { perror(argv[5]); return 2; }
+            imatrix = read_all(f, sizeof(float) * n_per_row);
+            fclose(f);
+        }
+        void *dst = malloc(row_bytes * nrows + 1);
+        ggml_quantize_init(t);
+        size_t n = ggml_quantize_chunk(t, src, dst, 0, nrows, n_per_row, imatrix);
+        if (n != row_bytes * nrows) { fprintf(stderr, "ggml_quantize_chunk wrote %zu bytes\n", n); return 3; }
+        fwrite(dst, 1, n, stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "dequant") == 0) {
+        void *src = read_all(stdin, row_bytes * nrows);
+        float *dst = malloc(sizeof(float) * nrows * n_per_row + 1);
+        const struct ggml_type_traits *tr = ggml_get_type_traits(t);
+        if (!tr->to_float) { fprintf(stderr, "no to_float for %s\n", argv[2]); return 3; }
+        for (long long r = 0; r < nrows; r++)
+            tr->to_float((const char *)src + r * row_bytes, dst + r * n_per_row, n_per_row);
+        fwrite(dst, sizeof(float), nrows * n_per_row, stdout);
+        return 0;
+    }
+    fprintf(stderr, "unknown mode %s\n", argv[1]);
+    return 2;
+}
