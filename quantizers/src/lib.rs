@@ -13,6 +13,7 @@ pub mod iq4;
 pub mod kquants;
 pub mod legacy;
 pub mod mxfp4;
+pub mod search;
 pub mod ternary;
 
 pub use decode::{decode_to_f32, e4m3_to_f32, DecodeError};
