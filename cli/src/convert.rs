@@ -80,6 +80,24 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((n * mult) as u64)
 }
 
+/// This build of sling, as the manifest names it.
+pub fn tool() -> Tool {
+    Tool { name: "sling".into(), version: env!("CARGO_PKG_VERSION").into(), git_commit: env!("SLING_GIT_COMMIT").into() }
+}
+
+/// A byte progress bar on stderr (hidden when asked, and by indicatif when stderr is not a terminal).
+pub fn progress_bar(hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    b.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
 pub fn run(a: Args, quiet: bool) -> Result<()> {
     let out_type = OutType::parse(&a.out_type).context("unknown --type")?;
     let split = match (&a.split_max_size, a.split_max_tensors) {
@@ -91,16 +109,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     };
     let t0 = Instant::now();
     let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
-    let bar = if quiet || a.json {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    };
+    let bar = progress_bar(quiet || a.json);
     let opts = ConvertOptions {
         out_type,
         output: a.output.clone(),
@@ -108,11 +117,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         allow_nonfinite: a.allow_nonfinite,
         tokenizer_pre: a.tokenizer_pre.clone(),
         window: None,
-        provenance: (!a.no_manifest).then(|| Tool {
-            name: "sling".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            git_commit: env!("SLING_GIT_COMMIT").into(),
-        }),
+        provenance: (!a.no_manifest).then(tool),
     };
     let report = convert(&ck, &opts, &|done, total| {
         bar.set_length(total);

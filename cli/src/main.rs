@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod convert;
 mod inspect;
+mod quantize;
+mod sign;
 mod verify;
 
 /// Exit code for usage and input errors.
@@ -47,10 +49,20 @@ enum Cmd {
     /// Convert an HF checkpoint to another format (GGUF for llama.cpp/ollama).
     #[command(after_help = convert::AFTER_HELP)]
     Convert(convert::Args),
+    /// Quantize an HF checkpoint to GGUF in one pass, with llama-quantize's presets, rules and bytes.
+    #[command(after_help = quantize::AFTER_HELP)]
+    Quantize(quantize::Args),
+    /// Print what `quantize` would do: per-tensor types, sizes, bits per weight. Writes nothing.
+    #[command(after_help = "Examples:\n  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M\n  sling plan ./Mixtral-8x7B --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --json | jq .bpw")]
+    Plan(quantize::QuantArgs),
     /// Check an artifact against its provenance manifest (OUT.sling.json, written by convert):
     /// every file and tensor re-hashed, missing/extra files, edited manifest; optionally the source.
     #[command(after_help = verify::AFTER_HELP)]
     Verify(verify::Args),
+    /// Sign an artifact (directory or file) the way OpenSSF model_signing does (`model_signing sign
+    /// key`): a sigstore bundle with the sha256 of every file, ECDSA P-256.
+    #[command(after_help = sign::AFTER_HELP)]
+    Sign(sign::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,8 +90,11 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Convert(a) => convert::run(a, cli.quiet),
+        Cmd::Quantize(a) => quantize::run(a, cli.quiet),
+        Cmd::Plan(a) => quantize::run_plan(a),
         // verify reports its own problems and chooses its exit code (0, 1 or 2).
         Cmd::Verify(a) => return ExitCode::from(verify::run(a, cli.quiet)),
+        Cmd::Sign(a) => sign::run(a, cli.quiet),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

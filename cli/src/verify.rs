@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use sling_formats::manifest::{verify, VerifyReport, MANIFEST_SUFFIX};
+use sling_formats::signing::{self, SigVerifyReport};
 
 /// Exit code: everything matches the manifest.
 pub const EXIT_VERIFIED: u8 = 0;
@@ -15,22 +16,38 @@ pub const AFTER_HELP: &str = "Examples:
   sling verify ds-v3-q8_0.gguf                      # uses ds-v3-q8_0.sling.json beside it
   sling verify ds-v3-q8_0-00001-of-00004.gguf       # any shard: checks the whole set
   sling verify ds-v3-q8_0.sling.json --source ./DeepSeek-V3 --json
+  sling verify --signature model.sig --public-key pub.pem out/   # a model_signing signature
 
 Checks every output file (size, sha256), every tensor (type, shape, offset, sha256 of its bytes), that no file of \
 the set is missing or extra, and that the manifest itself was not edited (manifest_sha256). With --source, also \
 re-hashes the source files the conversion read. Schema: docs/manifest.md.
 
+With --signature and --public-key, checks an OpenSSF model-signing signature instead (written by `sling sign` or \
+`model_signing sign key`, ECDSA P-256): the signature over the signed statement, then every file of ARTIFACT (a \
+directory or a single file) against the signed sha256 list, with no missing or extra file (.git, .gitattributes, \
+.github, .gitignore at the root, the signature file and the signed ignore_paths are ignored). Format: \
+docs/signing.md.
+
 Exit codes: 0 verified; 1 mismatch (each problem is printed on its own line, or listed with --json); 2 could not \
-check (no manifest, unreadable or unknown manifest, usage error).";
+check (no manifest, unreadable or unknown manifest; with --signature: unreadable or unsupported key, malformed \
+signature bundle; usage error).";
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The manifest (OUT.sling.json) or an output of `sling convert` (OUT.gguf, or any shard of a split
-    /// output, whose manifest is named after the base OUT).
+    /// output, whose manifest is named after the base OUT). With --signature: the signed model
+    /// directory or file.
     artifact: PathBuf,
     /// Also re-hash the source files listed in the manifest, found under this directory.
     #[arg(long, value_name = "SRC")]
     source: Option<PathBuf>,
+    /// Check this OpenSSF model-signing signature (model.sig, from `sling sign` or `model_signing
+    /// sign key`) instead of the provenance manifest.
+    #[arg(long, value_name = "SIG", requires = "public_key", conflicts_with = "source")]
+    signature: Option<PathBuf>,
+    /// The signer's ECDSA P-256 public key (PEM) for --signature.
+    #[arg(long, value_name = "PUB.pem", requires = "signature")]
+    public_key: Option<PathBuf>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -85,6 +102,19 @@ fn cannot_check(json: bool, artifact: &Path, msg: &str) -> u8 {
 
 /// Runs the check; returns the exit code.
 pub fn run(a: Args, quiet: bool) -> u8 {
+    if let (Some(sig), Some(public_key)) = (&a.signature, &a.public_key) {
+        return match signing::verify(&a.artifact, sig, public_key) {
+            Ok(r) => {
+                print_signature_report(&r, &a.artifact, a.json, quiet);
+                if r.verified() {
+                    EXIT_VERIFIED
+                } else {
+                    EXIT_MISMATCH
+                }
+            }
+            Err(e) => cannot_check(a.json, &a.artifact, &e.to_string()),
+        };
+    }
     let manifest = match find_manifest(&a.artifact) {
         Ok(m) => m,
         Err(msg) => return cannot_check(a.json, &a.artifact, &msg),
@@ -139,6 +169,47 @@ fn print_report(r: &VerifyReport, json: bool, quiet: bool) {
         r.problems.len(),
         if r.problems.len() == 1 { "" } else { "s" },
         r.manifest.display()
+    );
+}
+
+fn print_signature_report(r: &SigVerifyReport, artifact: &Path, json: bool, quiet: bool) {
+    if json {
+        let v = serde_json::json!({
+            "status": if r.verified() { "verified" } else { "mismatch" },
+            "artifact": artifact,
+            "signature": r.signature,
+            "model_name": r.model_name,
+            "root_digest": r.root_digest,
+            "files_checked": r.files_checked,
+            "problems": r.problems,
+            "warnings": r.warnings,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    if r.verified() {
+        if !quiet {
+            println!(
+                "verified: {} against signature {} ({} files, root sha256 {})",
+                artifact.display(),
+                r.signature.display(),
+                r.files_checked,
+                r.root_digest.as_deref().unwrap_or("?")
+            );
+        }
+        return;
+    }
+    for p in &r.problems {
+        println!("{p}");
+    }
+    eprintln!(
+        "error: verification failed: {} problem{} against signature {}",
+        r.problems.len(),
+        if r.problems.len() == 1 { "" } else { "s" },
+        r.signature.display()
     );
 }
 

@@ -48,6 +48,21 @@ pub fn encode_f32(dtype: DType, x: &[f32], row_len: usize, out: &mut Vec<u8>) ->
     }
 }
 
+/// [`sling_quantizers::quantize_rows`] (`ggml_quantize_chunk` over whole rows, with optional importance
+/// weights) with the fast kernels where there are some. Q8_0 ignores importance weights, as in ggml.
+pub fn quantize_rows(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    match dtype {
+        DType::Q8_0 | DType::F32 | DType::F16 | DType::BF16 => encode_f32(dtype, x, n_per_row, out),
+        _ => sling_quantizers::quantize_rows(dtype, x, n_per_row, imatrix, out),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,18 @@ pub fn write_f16(b: &mut [u8], at: usize, x: f32) {
     b[at..at + 2].copy_from_slice(&fp32_to_fp16(x).to_le_bytes());
 }
 
+/// `ggml_compute_fp32_to_fp16` (ggml-impl.h), NaN included: ggml turns every NaN into `sign | 0x7E00`, while
+/// `half` keeps the top payload bits. Finite values and infinities round to nearest even in both (checked over all
+/// 2^32 inputs by the ignored test `fp16_conversion_matches_ggml_exhaustively` in tests/bitexact_iq4_tq_mxfp4.rs).
+#[inline(always)]
+pub fn ggml_fp32_to_fp16(x: f32) -> u16 {
+    if x.is_nan() {
+        ((x.to_bits() >> 16) & 0x8000) as u16 | 0x7e00
+    } else {
+        fp32_to_fp16(x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,14 +115,51 @@ def fixture_names() -> tuple[str, ...]:
     return tuple(sorted(d.name for d in FIXTURES.iterdir() if (d / "config.json").is_file()))
 
 
+# Wide fixtures: the same architectures with every matrix dimension a multiple of 256, so that K-quants and IQ4_XS
+# apply without row fallbacks (~7 MB each, so generated here instead of committed). Named "<base>-wide".
+WIDE = ("mixtral", "qwen3moe", "deepseekv3", "gptoss-mxfp4")
+MAKE_FIXTURES = REPO / "fixtures" / "make_fixtures.py"
+
+
+@lru_cache(maxsize=None)
+def wide_root() -> Path:
+    """$SLING_LAB/fixtures-wide/<hash of make_fixtures.py>, generated on first use (seeded: same bytes every time)."""
+    root = LAB / "fixtures-wide" / hashlib.sha256(MAKE_FIXTURES.read_bytes()).hexdigest()[:12]
+    if (root / "ok").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp", dir=root.parent))
+    try:
+        r = subprocess.run([str(LAB / "venv" / "bin" / "python"), str(MAKE_FIXTURES), "--wide", "--out", str(tmp),
+                            "--only", ",".join(WIDE)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"make_fixtures.py --wide failed:\n{_tail(r.stderr)}")
+        (tmp / "ok").write_text("")
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not (root / "ok").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def fixture_dir(name: str) -> Path:
+    if name.endswith("-wide"):
+        return wide_root() / name[: -len("-wide")]
+    return FIXTURES / name
+
+
 @lru_cache(maxsize=None)
 def fixture_config(name: str) -> dict:
-    return json.loads((FIXTURES / name / "config.json").read_text())
+    return json.loads((fixture_dir(name) / "config.json").read_text())
 
 
 @lru_cache(maxsize=None)
 def fixture_hash(name: str) -> str:
-    d = FIXTURES / name
+    d = fixture_dir(name)
     parts = []
     for f in sorted(p for p in d.rglob("*") if p.is_file()):
         parts += [f.relative_to(d).as_posix(), hashlib.sha256(f.read_bytes()).hexdigest()]
@@ -165,7 +202,7 @@ def sling(*args, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def sling_convert(name: str, outtype: str, out: Path, extra=()) -> list[Path]:
-    sling("-q", "convert", FIXTURES / name, "--type", outtype, "-o", out, "--tokenizer-pre", TOKPRE, *extra)
+    sling("-q", "convert", fixture_dir(name), "--type", outtype, "-o", out, "--tokenizer-pre", TOKPRE, *extra)
     files = shards(Path(out))
     assert files, f"sling convert wrote nothing at {out}"
     return files
@@ -193,7 +230,7 @@ def reference_convert(name: str, outtype: str, extra=()) -> list[Path]:
     try:
         env = {**os.environ, "SLING_LAB": str(LAB), "SLING_TOKPRE": TOKPRE,
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [str(LAB / "venv" / "bin" / "python"), str(HERE / "convert_compat.py"), str(FIXTURES / name),
+        cmd = [str(LAB / "venv" / "bin" / "python"), str(HERE / "convert_compat.py"), str(fixture_dir(name)),
                "--outtype", outtype, "--outfile", str(tmp / "model.gguf"), *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
@@ -226,6 +263,73 @@ def _quiet(fn, *a):
         return fn(*a)
     except Exception:  # noqa: BLE001
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama-quantize / llama-imatrix on the reference converter's BF16 file: the two-pass reference pipeline, cached
+CALIB = HERE / "data" / "calib.txt"
+
+
+def sling_quantize(name: str, preset: str, out: Path, extra=()) -> list[Path]:
+    sling("-q", "quantize", fixture_dir(name), "--to", f"gguf:{preset}", "-o", out, "--tokenizer-pre", TOKPRE,
+          "--no-manifest", *extra)
+    files = shards(Path(out))
+    assert files, f"sling quantize wrote nothing at {out}"
+    return files
+
+
+def _cached_run(kind: str, key: str, out_name: str, run) -> Path:
+    final = CACHE / kind / key
+    if (final / "ok").exists():
+        return final / out_name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
+    try:
+        run(tmp / out_name)
+        (tmp / "ok").write_text("")
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "ok").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / out_name
+
+
+@lru_cache(maxsize=None)
+def _bin_hash(tool: str) -> str:
+    return hashlib.sha256((LLAMA_BIN / tool).read_bytes()).hexdigest()
+
+
+def _run_tool(tool: str, args) -> None:
+    cmd = [str(LLAMA_BIN / tool), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(LLAMA_BIN)})
+    if r.returncode != 0:
+        raise AssertionError(f"{tool} failed (exit {r.returncode}): {' '.join(cmd)}\n{_tail(r.stderr)}")
+
+
+def reference_imatrix(name: str, fmt: str = "gguf") -> Path:
+    """llama-imatrix on the reference BF16 file of `name` over tests/interop/data/calib.txt (64-token chunks)."""
+    bf16 = reference_convert(name, "bf16")[0]
+    key = f"{name}.{fmt}." + _sha("imatrix-v1", fixture_hash(name), reference_tool_id(), _bin_hash("llama-imatrix"),
+                                  CALIB.read_bytes(), fmt)[:16]
+    return _cached_run("imatrix", key, f"imatrix.{fmt}", lambda out: _run_tool(
+        "llama-imatrix", ["-m", bf16, "-f", CALIB, "-o", out, "-c", "64", "--chunks", "8", "-t", JOBS,
+                          "--output-format", fmt]))
+
+
+def reference_quantize(name: str, preset: str, extra=(), imatrix: Path | None = None) -> Path:
+    """convert_hf_to_gguf.py --outtype bf16, then llama-quantize [extra] [--imatrix] BF16 OUT PRESET."""
+    bf16 = reference_convert(name, "bf16")[0]
+    extra = tuple(map(str, extra))
+    im = ("--imatrix", str(imatrix)) if imatrix else ()
+    key = f"{name}.{preset}." + _sha("quantize-v1", fixture_hash(name), reference_tool_id(),
+                                     _bin_hash("llama-quantize"), preset, *extra, *im,
+                                     imatrix.read_bytes() if imatrix else b"")[:16]
+    return _cached_run("quantize", key, "model.gguf", lambda out: _run_tool(
+        "llama-quantize", [*extra, *im, bf16, out, preset, JOBS]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,4 +7,4 @@ pub mod plan;
 pub mod run;
 
 pub use plan::{plan, OutTensor, OutType, Payload, Plan, PlanError};
-pub use run::{convert, ConvertError, ConvertOptions, ConvertReport};
+pub use run::{convert, execute, ConvertError, ConvertOptions, ConvertReport, Prepared};

@@ -69,6 +69,11 @@ pub struct OutTensor {
     pub payload: Payload,
     /// Source tensor names, for reports and provenance.
     pub sources: Vec<String>,
+    /// Round the values through this type before encoding them as `dtype`: the type of the intermediate
+    /// file of a two-pass pipeline (`convert_hf_to_gguf.py --outtype bf16`, then `llama-quantize`).
+    pub round_via: Option<DType>,
+    /// Importance weights (`ne[0]` per expert, expert-major) used when quantizing, as llama-quantize passes them.
+    pub weights: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl OutTensor {
@@ -120,7 +125,8 @@ fn shape_err(t: &SourceTensor, why: impl Into<String>) -> PlanError {
 /// Looks up the architecture of a checkpoint.
 pub fn arch_of(cfg: &ModelConfig) -> Result<&'static Arch, PlanError> {
     let name = cfg.architecture()?;
-    arch::find(name).ok_or_else(|| PlanError::UnsupportedArch { arch: name.to_string(), supported: arch::supported().join(", ") })
+    arch::find(name)
+        .ok_or_else(|| PlanError::UnsupportedArch { arch: name.to_string(), supported: arch::supported().join(", ") })
 }
 
 /// Pending intermediate tensor: a name in HF space, a numpy shape and a recipe.
@@ -205,7 +211,10 @@ impl<'a> Planner<'a> {
         self.check_shapes(ck)?;
         for t in ck.tensors() {
             let mut name = t.name.clone();
-            if name.ends_with(".attention.masked_bias") || name.ends_with(".attention.bias") || name.ends_with(".rotary_emb.inv_freq") {
+            if name.ends_with(".attention.masked_bias")
+                || name.ends_with(".attention.bias")
+                || name.ends_with(".rotary_emb.inv_freq")
+            {
                 continue;
             }
             // filter_tensors
@@ -221,16 +230,26 @@ impl<'a> Planner<'a> {
             let src = Src::of(t);
             let mut op = Op::Source(src.clone());
             if fp8 {
-                if name.ends_with(".weight_scale_inv") || name.ends_with(".activation_scale") || name.ends_with("_activation_scale") {
+                if name.ends_with(".weight_scale_inv")
+                    || name.ends_with(".activation_scale")
+                    || name.ends_with("_activation_scale")
+                {
                     continue;
                 }
                 let scale_name = format!("{}_scale_inv", t.name);
                 if let Some(s) = ck.get(&scale_name) {
                     let block = quant.as_ref().and_then(|(_, b)| *b);
                     let Some(block) = block else {
-                        return Err(PlanError::Unsupported { tensor: t.name.clone(), why: "FP8 source without weight_block_size".into() });
+                        return Err(PlanError::Unsupported {
+                            tensor: t.name.clone(),
+                            why: "FP8 source without weight_block_size".into(),
+                        });
                     };
-                    if t.shape.len() != 2 || s.shape.len() != 2 || s.shape[0] * block.0 < t.shape[0] || s.shape[1] * block.1 < t.shape[1] {
+                    if t.shape.len() != 2
+                        || s.shape.len() != 2
+                        || s.shape[0] * block.0 < t.shape[0]
+                        || s.shape[1] * block.1 < t.shape[1]
+                    {
                         return Err(shape_err(s, format!("scale does not cover {} in blocks of {block:?}", t.name)));
                     }
                     op = Op::Fp8 { weight: src.clone(), scale: Src::of(s), block };
@@ -249,7 +268,10 @@ impl<'a> Planner<'a> {
                 }
             }
             if matches!(t.dtype, DType::U8 | DType::Bool) {
-                return Err(PlanError::Unsupported { tensor: t.name.clone(), why: format!("unexpected {} tensor", t.dtype) });
+                return Err(PlanError::Unsupported {
+                    tensor: t.name.clone(),
+                    why: format!("unexpected {} tensor", t.dtype),
+                });
             }
             self.modify(Pending { name, shape: t.shape.clone(), op }, bid)?;
         }
@@ -281,7 +303,11 @@ impl<'a> Planner<'a> {
             if let Some(n) = n {
                 let rows = p.shape[0];
                 if rows % (2 * n) != 0 {
-                    return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: format!("rows not divisible by 2*{n} heads") });
+                    return Err(PlanError::Shape {
+                        tensor: p.name,
+                        shape: p.shape,
+                        why: format!("rows not divisible by 2*{n} heads"),
+                    });
                 }
                 let map = if p.shape.len() == 1 {
                     // A bias is one row of `rows` values: permute columns instead.
@@ -298,7 +324,10 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        if fam == Family::Deepseek2 && self.cfg.get_bool("tie_word_embeddings") == Some(true) && (p.name == "lm_head.weight" || p.name == "model.lm_head.weight") {
+        if fam == Family::Deepseek2
+            && self.cfg.get_bool("tie_word_embeddings") == Some(true)
+            && (p.name == "lm_head.weight" || p.name == "model.lm_head.weight")
+        {
             return Ok(());
         }
         if fam == Family::Qwen2Moe {
@@ -310,14 +339,21 @@ impl<'a> Planner<'a> {
             }
             if p.name.ends_with("mlp.experts.gate_up_proj") || p.name.ends_with("mlp.experts.gate_up_proj.weight") {
                 if p.shape.len() != 3 || p.shape[1] % 2 != 0 {
-                    return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: "gate_up_proj must be [E, 2*n_ff, n_embd]".into() });
+                    return Err(PlanError::Shape {
+                        tensor: p.name,
+                        shape: p.shape,
+                        why: "gate_up_proj must be [E, 2*n_ff, n_embd]".into(),
+                    });
                 }
                 let (e, ff2) = (p.shape[0], p.shape[1]);
                 let ff = ff2 / 2;
                 let base = p.name.trim_end_matches(".weight").trim_end_matches(".gate_up_proj").to_string();
                 for (part, start) in [("gate_proj", 0), ("up_proj", ff)] {
                     let op = Op::Rows { inner: Box::new(p.op.clone()), map: strided(e, ff2, start, 1, ff) };
-                    self.emit(Pending { name: format!("{base}.{part}.weight"), shape: vec![e, ff, p.shape[2]], op }, bid)?;
+                    self.emit(
+                        Pending { name: format!("{base}.{part}.weight"), shape: vec![e, ff, p.shape[2]], op },
+                        bid,
+                    )?;
                 }
                 return Ok(());
             }
@@ -355,10 +391,16 @@ impl<'a> Planner<'a> {
             let mut shape: Option<Vec<u64>> = None;
             for x in 0..n {
                 let ename = format!("model.layers.{bid}.{prefix}.{x}.{w}.weight");
-                let (s, op) = layer.remove(&ename).ok_or_else(|| PlanError::IncompleteExperts { layer: bid, names: vec![ename.clone()] })?;
+                let (s, op) = layer
+                    .remove(&ename)
+                    .ok_or_else(|| PlanError::IncompleteExperts { layer: bid, names: vec![ename.clone()] })?;
                 match &shape {
                     Some(s0) if *s0 != s => {
-                        return Err(PlanError::Shape { tensor: ename, shape: s, why: format!("other experts of this layer are {s0:?}") })
+                        return Err(PlanError::Shape {
+                            tensor: ename,
+                            shape: s,
+                            why: format!("other experts of this layer are {s0:?}"),
+                        })
                     }
                     _ => shape = Some(s),
                 }
@@ -367,7 +409,10 @@ impl<'a> Planner<'a> {
             let s = shape.unwrap_or_default();
             let mut full = vec![n];
             full.extend(s);
-            self.emit(Pending { name: format!("model.layers.{bid}.{stem}.weight"), shape: full, op: Op::Concat(parts) }, Some(bid))?;
+            self.emit(
+                Pending { name: format!("model.layers.{bid}.{stem}.weight"), shape: full, op: Op::Concat(parts) },
+                Some(bid),
+            )?;
         }
         if !layer.is_empty() {
             // Leftovers are reported at the end, as the reference does ("Unprocessed experts").
@@ -383,7 +428,11 @@ impl<'a> Planner<'a> {
         let v = self.cfg.req_u64(&["v_head_dim"])?;
         let nope = self.cfg.req_u64(&["qk_nope_head_dim"])?;
         if p.shape.len() != 2 || p.shape[0] != h * (v + nope) {
-            return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: format!("expected [{h}*({nope}+{v}), kv_lora_rank]") });
+            return Err(PlanError::Shape {
+                tensor: p.name,
+                shape: p.shape,
+                why: format!("expected [{h}*({nope}+{v}), kv_lora_rank]"),
+            });
         }
         let lora = p.shape[1];
         let kb = Op::Rows { inner: Box::new(p.op.clone()), map: strided(h, v + nope, 0, 1, nope) };
@@ -400,7 +449,11 @@ impl<'a> Planner<'a> {
             } else {
                 // bf16 experts [E, n_ff, n_embd] -> transpose(-1, -2)
                 let [e, r, c] = p.shape[..] else {
-                    return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: "expected [E, in, out]".into() });
+                    return Err(PlanError::Shape {
+                        tensor: p.name,
+                        shape: p.shape,
+                        why: "expected [E, in, out]".into(),
+                    });
                 };
                 p.name = p.name.replace("down_proj", "down_proj.weight");
                 p.op = Op::Transpose { inner: Box::new(p.op), batch: e, r, c };
@@ -411,18 +464,29 @@ impl<'a> Planner<'a> {
             if p.name.ends_with("_bias") {
                 // [E, 2*n_ff]: gate = [..., ::2], up = [..., 1::2] (columns)
                 let [e, ff2] = p.shape[..] else {
-                    return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: "expected [E, 2*n_ff]".into() });
+                    return Err(PlanError::Shape {
+                        tensor: p.name,
+                        shape: p.shape,
+                        why: "expected [E, 2*n_ff]".into(),
+                    });
                 };
                 let ff = ff2 / 2;
                 for (part, start) in [("gate_proj.bias", 0), ("up_proj.bias", 1)] {
                     let t = Op::Transpose { inner: Box::new(p.op.clone()), batch: 1, r: e, c: ff2 };
                     let g = Op::Rows { inner: Box::new(t), map: strided(1, ff2, start, 2, ff) };
                     let op = Op::Transpose { inner: Box::new(g), batch: 1, r: ff, c: e };
-                    self.emit(Pending { name: p.name.replace("gate_up_proj_bias", part), shape: vec![e, ff], op }, bid)?;
+                    self.emit(
+                        Pending { name: p.name.replace("gate_up_proj_bias", part), shape: vec![e, ff], op },
+                        bid,
+                    )?;
                 }
             } else {
                 let [e, r, c] = p.shape[..] else {
-                    return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: "expected [E, n_embd, 2*n_ff]".into() });
+                    return Err(PlanError::Shape {
+                        tensor: p.name,
+                        shape: p.shape,
+                        why: "expected [E, n_embd, 2*n_ff]".into(),
+                    });
                 };
                 let t = Op::Transpose { inner: Box::new(p.op), batch: e, r, c };
                 let ff = c / 2;
@@ -445,12 +509,18 @@ impl<'a> Planner<'a> {
                 blocks = Some(t);
                 continue;
             }
-            let (is_down, is_gu) = (n.contains("mlp.experts.down_proj_scales"), n.contains("mlp.experts.gate_up_proj_scales"));
+            let (is_down, is_gu) =
+                (n.contains("mlp.experts.down_proj_scales"), n.contains("mlp.experts.gate_up_proj_scales"));
             if !is_down && !is_gu {
                 continue;
             }
-            let b = blocks.ok_or_else(|| PlanError::Unsupported { tensor: n.clone(), why: "scales without preceding _blocks".into() })?;
-            let [e, r, nb, 16] = b.shape[..] else { return Err(shape_err(b, "MXFP4 blocks must be [E, rows, n_blocks, 16]")) };
+            let b = blocks.ok_or_else(|| PlanError::Unsupported {
+                tensor: n.clone(),
+                why: "scales without preceding _blocks".into(),
+            })?;
+            let [e, r, nb, 16] = b.shape[..] else {
+                return Err(shape_err(b, "MXFP4 blocks must be [E, rows, n_blocks, 16]"));
+            };
             if t.shape != [e, r, nb] || b.dtype != DType::U8 || t.dtype != DType::U8 {
                 return Err(shape_err(t, format!("MXFP4 scales must be u8 [{e}, {r}, {nb}] matching {}", b.name)));
             }
@@ -471,6 +541,8 @@ impl<'a> Planner<'a> {
                     ne: vec![nb * 32, rows, e],
                     payload: Payload::Mxfp4(Mxfp4Repack { blocks: b.name.clone(), scales: t.name.clone(), nb, map }),
                     sources: vec![b.name.clone(), t.name.clone()],
+                    round_via: None,
+                    weights: None,
                 });
             }
         }
@@ -483,22 +555,42 @@ impl<'a> Planner<'a> {
         let n_dims = p.shape.len();
         let ne: Vec<u64> = p.shape.iter().rev().copied().collect();
         let stem = name.rsplit('.').nth(1).unwrap_or("");
-        let mut dtype = if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight") || KEEP_F32.contains(&stem) {
+        let mut dtype = if n_dims <= 1
+            || name.ends_with("_norm.weight")
+            || !name.ends_with(".weight")
+            || KEEP_F32.contains(&stem)
+        {
             DType::F32
         } else {
             self.out.dtype()
         };
         if dtype.is_quantized() && ne.first().copied().unwrap_or(0) % dtype.block_elems() as u64 != 0 {
-            self.notes.push(format!("{name}: row length {} is not a multiple of {}, written as f16 (as the reference converter does)", ne[0], dtype.block_elems()));
+            self.notes.push(format!(
+                "{name}: row length {} is not a multiple of {}, written as f16 (as the reference converter does)",
+                ne[0],
+                dtype.block_elems()
+            ));
             dtype = DType::F16;
         }
         if p.op.rows() * p.op.cols() != ne.iter().product::<u64>() {
-            return Err(PlanError::Shape { tensor: p.name, shape: p.shape, why: "internal: recipe size differs from shape".into() });
+            return Err(PlanError::Shape {
+                tensor: p.name,
+                shape: p.shape,
+                why: "internal: recipe size differs from shape".into(),
+            });
         }
         let mut sources = Vec::new();
         p.op.sources(&mut sources);
         sources.dedup();
-        self.tensors.push(OutTensor { name, dtype, ne, payload: Payload::Values(p.op), sources });
+        self.tensors.push(OutTensor {
+            name,
+            dtype,
+            ne,
+            payload: Payload::Values(p.op),
+            sources,
+            round_via: None,
+            weights: None,
+        });
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use crate::gguf::write::Written;
 use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
 use crate::manifest::{self, ManifestError, Tool};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
+use sling_core::DType;
 
 /// Elements per chunk: 4 Mi f32 values (16 MiB) — small enough that a window of chunks stays far
 /// below 1 GiB, large enough to amortise the per-chunk overhead.
@@ -66,7 +67,9 @@ pub enum ConvertError {
     Encode { tensor: String, source: sling_quantizers::EncodeError },
     #[error("tensor {tensor} (from {sources}) holds non-finite values (first at element {index}: {value}); pass --allow-nonfinite to convert anyway")]
     NonFinite { tensor: String, sources: String, index: u64, value: f32 },
-    #[error("output {output} is inside the input directory {input}; write it elsewhere so the source is never touched")]
+    #[error(
+        "output {output} is inside the input directory {input}; write it elsewhere so the source is never touched"
+    )]
     OutputInsideInput { output: PathBuf, input: PathBuf },
     #[error("output {0} is one of the input files")]
     OutputIsInput(PathBuf),
@@ -96,7 +99,12 @@ pub fn check_output_path(ck: &Checkpoint, output: &Path) -> Result<(), ConvertEr
 }
 
 /// All metadata of the output, in the reference converter's order.
-pub fn build_kvs(ck: &Checkpoint, out: OutType, tokenizer_pre: Option<String>, mxfp4_moe: bool) -> Result<Kvs, ConvertError> {
+pub fn build_kvs(
+    ck: &Checkpoint,
+    out: OutType,
+    tokenizer_pre: Option<String>,
+    mxfp4_moe: bool,
+) -> Result<Kvs, ConvertError> {
     let cfg = ck.config.as_ref().ok_or(PlanError::NoConfig)?;
     let arch = super::plan::arch_of(cfg)?;
     let mut kvs = Kvs::default();
@@ -108,7 +116,12 @@ pub fn build_kvs(ck: &Checkpoint, out: OutType, tokenizer_pre: Option<String>, m
     let file_type = if mxfp4_moe && out != OutType::Q8_0 { 38 } else { out.file_type() };
     arch_kvs(arch, cfg, file_type, &mut kvs)?;
     kvs.set("general.quantization_version", GgufValue::U32(2));
-    let vk = vocab_kvs(&ck.dir, &serde_json::Value::Object(cfg.root().clone()), arch.vocab, &VocabOptions { pre_override: tokenizer_pre })?;
+    let vk = vocab_kvs(
+        &ck.dir,
+        &serde_json::Value::Object(cfg.root().clone()),
+        arch.vocab,
+        &VocabOptions { pre_override: tokenizer_pre },
+    )?;
     kvs.extend(vk);
     Ok(kvs)
 }
@@ -126,9 +139,12 @@ fn chunks(tensors: &[OutTensor]) -> Vec<Chunk> {
         let cols = t.ne.first().copied().unwrap_or(1).max(1);
         let rows = t.rows();
         let step = (CHUNK_ELEMS / cols).max(1);
+        // Chunks never cross an expert boundary (each expert has its own importance weights). Bytes do not
+        // depend on where chunks are cut: every row is encoded on its own.
+        let per_expert = if t.ne.len() >= 3 { t.ne[1].max(1) } else { rows.max(1) };
         let mut r = 0;
         while r < rows {
-            let e = (r + step).min(rows);
+            let e = (r + step).min(rows).min((r / per_expert + 1) * per_expert);
             out.push(Chunk { t: i, r0: r, r1: e });
             r = e;
         }
@@ -139,30 +155,78 @@ fn chunks(tensors: &[OutTensor]) -> Vec<Chunk> {
     out
 }
 
-fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> Result<(Vec<u8>, Option<String>), ConvertError> {
+/// Rounds `v` through `via` as a file of that type stores it and ggml reads it back (`ggml_bf16_to_fp32`,
+/// `ggml_fp16_to_fp32`): the values llama-quantize sees when it reads the converter's intermediate file.
+fn round_through(via: DType, v: &mut [f32]) {
+    use sling_quantizers::encode::{f32_to_bf16_bits, f32_to_f16_bits};
+    match via {
+        DType::BF16 => v.iter_mut().for_each(|x| *x = f32::from_bits((f32_to_bf16_bits(*x) as u32) << 16)),
+        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_bits(f32_to_f16_bits(*x)).to_f32()),
+        _ => {}
+    }
+}
+
+/// Encodes rows `r0..` of `t` (values `v`) as `t.dtype`, with the importance weights of the chunk's expert.
+fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>) -> Result<(), ConvertError> {
+    let cols = t.ne.first().copied().unwrap_or(1) as usize;
+    let w = t.weights.as_deref().and_then(|w| {
+        let per_expert = if t.ne.len() >= 3 { t.ne[1].max(1) } else { t.rows().max(1) };
+        let e = (r0 / per_expert) as usize;
+        w.get(e * cols..(e + 1) * cols)
+    });
+    sling_kernels::quantize_rows(t.dtype, v, cols, w, out)
+        .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })
+}
+
+fn compute(
+    ck: &Checkpoint,
+    t: &OutTensor,
+    c: &Chunk,
+    allow_nonfinite: bool,
+) -> Result<(Vec<u8>, Option<String>), ConvertError> {
     let mut bytes = Vec::new();
     let mut flagged = None;
+    let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
+    // Rounding through the intermediate type is the identity when the output has that type.
+    let round_via = t.round_via.filter(|r| *r != t.dtype);
     match &t.payload {
-        Payload::Mxfp4(m) => m.read(ck, c.r0, c.r1, &mut bytes).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?,
-        Payload::Values(op) if op.raw_dtype() == Some(t.dtype) && raw_copy(ck, op, c, t, &mut bytes)? => {
+        Payload::Mxfp4(m) if t.dtype == DType::MXFP4 => m.read(ck, c.r0, c.r1, &mut bytes).map_err(op_err)?,
+        Payload::Mxfp4(m) => {
+            // Requantizing MXFP4 experts: ggml's `to_float`, then the new type (llama-quantize --allow-requantize).
+            let mut raw = Vec::new();
+            m.read(ck, c.r0, c.r1, &mut raw).map_err(op_err)?;
+            let mut v = Vec::new();
+            sling_quantizers::dequantize(DType::MXFP4, &raw, &mut v)
+                .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
+            encode(t, c.r0, &v, &mut bytes)?;
+        }
+        Payload::Values(op)
+            if round_via.is_none() && op.raw_dtype() == Some(t.dtype) && raw_copy(ck, op, c, t, &mut bytes)? =>
+        {
             // Same type in and out and only element moves, no NaN/Inf: the reference's
             // decode-then-round is the identity (bf16->f32->bf16, f16->f32->f16), so bytes were copied.
         }
         Payload::Values(op) => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
-            op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ConvertError::Op { tensor: t.name.clone(), source })?;
+            op.read(ck, c.r0, c.r1, &mut v).map_err(op_err)?;
             // A branch-free scan first (it vectorises); the position is looked up only if needed.
             let any_bad = v.iter().fold(false, |acc, x| acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
             if let Some((i, x)) = any_bad.then(|| v.iter().enumerate().find(|(_, x)| !x.is_finite())).flatten() {
                 let index = c.r0 * op.cols() + i as u64;
                 if !allow_nonfinite {
-                    return Err(ConvertError::NonFinite { tensor: t.name.clone(), sources: t.sources.join(", "), index, value: *x });
+                    return Err(ConvertError::NonFinite {
+                        tensor: t.name.clone(),
+                        sources: t.sources.join(", "),
+                        index,
+                        value: *x,
+                    });
                 }
                 flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
             }
-            let cols = t.ne.first().copied().unwrap_or(1) as usize;
-            sling_kernels::encode_f32(t.dtype, &v, cols, &mut bytes)
-                .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
+            if let Some(via) = round_via {
+                round_through(via, &mut v);
+            }
+            encode(t, c.r0, &v, &mut bytes)?;
         }
     }
     Ok((bytes, flagged))
@@ -171,8 +235,13 @@ fn compute(ck: &Checkpoint, t: &OutTensor, c: &Chunk, allow_nonfinite: bool) -> 
 /// Produces chunk `c` of `op` by moving raw elements when its type is a plain float type and every
 /// element is finite (checked on the bits: exponent all ones means Inf or NaN). Returns false, with
 /// `out` untouched, when the slow path must decide.
-fn raw_copy(ck: &Checkpoint, op: &super::ops::Op, c: &Chunk, t: &OutTensor, out: &mut Vec<u8>) -> Result<bool, ConvertError> {
-    use sling_core::DType;
+fn raw_copy(
+    ck: &Checkpoint,
+    op: &super::ops::Op,
+    c: &Chunk,
+    t: &OutTensor,
+    out: &mut Vec<u8>,
+) -> Result<bool, ConvertError> {
     fn put<const N: usize, E: Copy>(out: &mut Vec<u8>, v: &[E], f: impl Fn(E) -> [u8; N]) {
         let start = out.len();
         out.resize(start + v.len() * N, 0);
@@ -206,13 +275,40 @@ fn raw_copy(ck: &Checkpoint, op: &super::ops::Op, c: &Chunk, t: &OutTensor, out:
 }
 
 /// Converts `ck` as `opts` says. `progress` is called with the output bytes written so far.
-pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<ConvertReport, ConvertError> {
+pub fn convert(
+    ck: &Checkpoint,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ConvertReport, ConvertError> {
     check_output_path(ck, &opts.output)?;
     let p = plan(ck, opts.out_type)?;
     let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
-    let descs: Vec<TensorDesc> = p.tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
-    let total: u64 = p.tensors.iter().map(OutTensor::n_bytes).sum();
+    let label = opts.out_type.dtype().name().to_string();
+    execute(ck, Prepared { tensors: p.tensors, kvs, notes: p.notes, label }, opts, progress)
+}
+
+/// A fully decided output: tensors in file order with their types and recipes, and the metadata.
+pub struct Prepared {
+    pub tensors: Vec<OutTensor>,
+    pub kvs: Kvs,
+    pub notes: Vec<String>,
+    /// What the output is, for the manifest (`bf16`, `Q4_K_M`, ...).
+    pub label: String,
+}
+
+/// Writes a prepared output (see [`convert`]; `sling quantize` prepares its own).
+pub fn execute(
+    ck: &Checkpoint,
+    prep: Prepared,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ConvertReport, ConvertError> {
+    check_output_path(ck, &opts.output)?;
+    let Prepared { tensors, kvs, notes, label } = prep;
+    let descs: Vec<TensorDesc> =
+        tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
+    let total: u64 = tensors.iter().map(OutTensor::n_bytes).sum();
     let w = GgufWriter::create_with(&opts.output, kvs.0, descs, opts.split, opts.provenance.is_some())?;
     let manifest_path = manifest::manifest_path(&opts.output);
     // Source files are hashed by a background thread during the conversion, and by every rayon
@@ -222,7 +318,7 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
         if let Some(sh) = &source_hasher {
             scope.spawn(|| sh.work());
         }
-        let res = write_outputs(scope, ck, opts, &p.tensors, w, &manifest_path, total, progress);
+        let res = write_outputs(scope, ck, opts, &tensors, w, &manifest_path, total, progress);
         if let Some(sh) = &source_hasher {
             match &res {
                 Ok(_) => sh.work_all(),
@@ -237,7 +333,7 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
             let res = sh
                 .into_results()
                 .map_err(ConvertError::from)
-                .and_then(|sources| write_manifest(opts, tool, sources, &p.tensors, &written, &manifest_path));
+                .and_then(|sources| write_manifest(opts, &label, tool, sources, &tensors, &written, &manifest_path));
             if let Err(e) = res {
                 // Keep "an error leaves nothing behind": the outputs would be unverifiable anyway.
                 for o in &outputs {
@@ -251,10 +347,10 @@ pub fn convert(ck: &Checkpoint, opts: &ConvertOptions, progress: &(dyn Fn(u64, u
     };
     Ok(ConvertReport {
         outputs,
-        n_tensors: p.tensors.len(),
+        n_tensors: tensors.len(),
         bytes_in: ck.total_bytes(),
         bytes_out: total,
-        notes: p.notes,
+        notes,
         nonfinite,
         written,
         manifest,
@@ -334,16 +430,18 @@ fn write_outputs<'scope, 'env>(
 /// Builds the manifest and writes it, sealed, atomically.
 fn write_manifest(
     opts: &ConvertOptions,
+    label: &str,
     tool: &Tool,
     sources: Vec<manifest::SourceFile>,
     tensors: &[OutTensor],
     written: &Written,
     path: &Path,
 ) -> Result<(), ConvertError> {
-    let sources_of: HashMap<String, Vec<String>> = tensors.iter().map(|t| (t.name.clone(), t.sources.clone())).collect();
+    let sources_of: HashMap<String, Vec<String>> =
+        tensors.iter().map(|t| (t.name.clone(), t.sources.clone())).collect();
     let options = manifest::Options {
         to: "gguf".into(),
-        out_type: opts.out_type.dtype().name().to_string(),
+        out_type: label.to_string(),
         split: opts.split.into(),
         tokenizer_pre: opts.tokenizer_pre.clone(),
         allow_nonfinite: opts.allow_nonfinite,

@@ -1,0 +1,348 @@
+//! `sling quantize` and `sling plan`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use sling_core::DType;
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::convert::{execute, ConvertOptions, OutType};
+use sling_formats::gguf::SplitPolicy;
+use sling_formats::quantize::{
+    plan_quantize, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe, RuleOptions, TensorTypeRule, Why,
+};
+
+use crate::convert::{parse_size, progress_bar, tool};
+
+pub const AFTER_HELP: &str = "Examples:
+  sling quantize ./Qwen3-30B-A3B --to gguf:Q4_K_M -o qwen3-30b-a3b-Q4_K_M.gguf
+  sling quantize ./Mixtral-8x7B --to gguf:IQ4_XS --imatrix imatrix.gguf -o mixtral-IQ4_XS.gguf
+  sling quantize ./DeepSeek-V3 --to gguf:moe-q2 --split-max-size 50G -o ds-v3-moe-q2.gguf
+  sling quantize ./DeepSeek-V3 --to gguf:Q4_K_M --tensor-type 'ffn_.*_exps=q3_K' -o ds-v3.gguf
+  sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
+  sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
+  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M     (per-tensor table, nothing written)
+
+One pass from the Hugging Face checkpoint: the output is the file `convert_hf_to_gguf.py --outtype bf16` followed \
+by `llama-quantize PRESET` would write (same tensor types, order, metadata and bytes), without the BF16 file in \
+between.
+
+Presets (llama-quantize names; per-tensor types chosen by llama-quantize's own rules, e.g. Q4_K_M keeps attn_v \
+and ffn_down at Q6_K on some layers, 8-expert models get Q8_0 attn_k/attn_v; the router and norms are never \
+quantized; rows that do not fit a type's block fall back as llama-quantize does):
+  Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S Q4_0 Q4_1 Q5_0 Q5_1
+  IQ4_XS IQ4_NL TQ1_0 TQ2_0 MXFP4_MOE BF16 F16 F32   (Q4_K = Q4_K_M, Q5_K = Q5_K_M, Q3_K = Q3_K_M)
+
+Recipes: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
+'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
+--leave-output-tensor — the llama-quantize flags, with the same meaning.
+
+imatrix: llama.cpp's GGUF imatrix (llama-imatrix output) or legacy .dat; per-expert slices for expert tensors; \
+experts without data are weighted 1.0 exactly like llama-quantize, and listed.";
+
+/// Flags shared by `quantize` and `plan`.
+#[derive(clap::Args)]
+pub struct QuantArgs {
+    /// Source: a Hugging Face model directory or a .safetensors file.
+    src: PathBuf,
+    /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4).
+    /// Optional with --recipe.
+    #[arg(long, value_name = "gguf:PRESET")]
+    to: Option<String>,
+    /// Recipe file (TOML): a base preset plus rules by role, layer range and name (docs/quantization.md).
+    #[arg(long, value_name = "FILE")]
+    recipe: Option<PathBuf>,
+    /// Importance matrix (llama-imatrix GGUF output or legacy .dat).
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
+    /// Use imatrix entries only for tensors whose name contains this (repeatable).
+    #[arg(long, value_name = "NAME", conflicts_with = "exclude_weights")]
+    include_weights: Vec<String>,
+    /// Do not use imatrix entries for tensors whose name contains this (repeatable).
+    #[arg(long, value_name = "NAME")]
+    exclude_weights: Vec<String>,
+    /// Every quantized tensor gets the preset's default type (no k-quant mixtures).
+    #[arg(long)]
+    pure: bool,
+    /// Leave output.weight as it is (not quantized).
+    #[arg(long)]
+    leave_output_tensor: bool,
+    /// Type for output.weight (e.g. q8_0, f16).
+    #[arg(long, value_name = "TYPE")]
+    output_tensor_type: Option<String>,
+    /// Type for token_embd.weight.
+    #[arg(long, value_name = "TYPE")]
+    token_embedding_type: Option<String>,
+    /// REGEX=TYPE: tensors whose name matches get TYPE (repeatable; first match wins).
+    #[arg(long, value_name = "REGEX=TYPE")]
+    tensor_type: Vec<String>,
+    /// Requantize tensors the source holds in a block type (gpt-oss MXFP4 experts) for presets other than MXFP4_MOE.
+    #[arg(long)]
+    allow_requantize: bool,
+    /// tokenizer.ggml.pre to write when the tokenizer is not one llama.cpp knows by hash.
+    #[arg(long, value_name = "NAME")]
+    tokenizer_pre: Option<String>,
+    /// Print JSON on stdout (logs and progress go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    q: QuantArgs,
+    /// Output file (with splits: the first shard's base name).
+    #[arg(short, long = "output", visible_alias = "outfile")]
+    output: PathBuf,
+    /// Maximum size of each output shard, e.g. 50G.
+    #[arg(long, value_name = "SIZE")]
+    split_max_size: Option<String>,
+    /// Maximum number of tensors per output shard.
+    #[arg(long, value_name = "N")]
+    split_max_tensors: Option<usize>,
+    /// Quantize even if weights hold NaN or Inf.
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// Do not write the provenance manifest OUT.sling.json.
+    #[arg(long)]
+    no_manifest: bool,
+}
+
+fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<DType>> {
+    s.as_deref()
+        .map(|t| {
+            DType::from_name(t)
+                .filter(|d| d.info().ggml_id.is_some())
+                .with_context(|| format!("{flag}: unknown tensor type {t:?}"))
+        })
+        .transpose()
+}
+
+/// The preset (or recipe) asked for: `--to gguf:NAME` and/or `--recipe FILE`.
+fn target(a: &QuantArgs) -> Result<(Ftype, Vec<TensorTypeRule>, String)> {
+    let named = match &a.to {
+        Some(to) => {
+            let name = to
+                .strip_prefix("gguf:")
+                .with_context(|| format!("--to {to:?}: expected gguf:PRESET (e.g. gguf:Q4_K_M)"))?;
+            Some(name)
+        }
+        None => None,
+    };
+    let file = match &a.recipe {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read recipe {}", p.display()))?;
+            Some(Recipe::parse(&p.display().to_string(), &text).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    match (named, file) {
+        (Some(_), Some(_)) => bail!("give either --to gguf:PRESET or --recipe FILE, not both"),
+        (None, Some(r)) => Ok((r.base, r.rules, r.name)),
+        (None, None) => bail!("say what to make: --to gguf:PRESET (e.g. gguf:Q4_K_M) or --recipe FILE"),
+        (Some(n), None) => {
+            if let Some(f) = Ftype::parse(n) {
+                return Ok((f, Vec::new(), f.name.to_string()));
+            }
+            if let Some(r) = Recipe::named(n) {
+                return Ok((r.base, r.rules, r.name));
+            }
+            let recipes: Vec<&str> = sling_formats::quantize::recipe::NAMED.iter().map(|(n, _)| *n).collect();
+            bail!("unknown preset {n:?}; presets: {}; MoE recipes: {}", Ftype::names().join(", "), recipes.join(", "))
+        }
+    }
+}
+
+fn options(a: &QuantArgs) -> Result<(QuantizeOptions, String)> {
+    let (ftype, recipe_rules, label) = target(a)?;
+    let mut tensor_types = a
+        .tensor_type
+        .iter()
+        .map(|s| TensorTypeRule::parse(s).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    tensor_types.extend(recipe_rules);
+    let imatrix = match &a.imatrix {
+        Some(p) => {
+            let mut m = Imatrix::load(p)?;
+            m.filter(&a.include_weights, &a.exclude_weights);
+            Some(m)
+        }
+        None => None,
+    };
+    Ok((
+        QuantizeOptions {
+            rules: RuleOptions {
+                ftype,
+                pure: a.pure,
+                leave_output: a.leave_output_tensor,
+                output_tensor_type: dtype_arg("--output-tensor-type", &a.output_tensor_type)?,
+                token_embedding_type: dtype_arg("--token-embedding-type", &a.token_embedding_type)?,
+                tensor_types,
+                has_imatrix: false,
+            },
+            imatrix,
+            allow_requantize: a.allow_requantize,
+            tokenizer_pre: a.tokenizer_pre.clone(),
+            label: label.clone(),
+        },
+        label,
+    ))
+}
+
+fn why(w: &Why) -> String {
+    match w {
+        Why::Kept => "kept".into(),
+        Why::Flag => "flag".into(),
+        Why::Pattern(p) => format!("--tensor-type {p}"),
+        Why::Default => "default".into(),
+        Why::Mix => "mix".into(),
+    }
+}
+
+fn plan_json(p: &QuantizePlan, ftype: &Ftype, label: &str) -> serde_json::Value {
+    let total: u64 = p.rows.iter().map(|r| r.bytes).sum();
+    let elems: u64 = p.rows.iter().map(|r| r.ne.iter().product::<u64>()).sum();
+    serde_json::json!({
+        "preset": label,
+        "base": ftype.name,
+        "file_type": ftype.id,
+        "bytes": total,
+        "bpw": if elems > 0 { total as f64 * 8.0 / elems as f64 } else { 0.0 },
+        "n_fallback": p.n_fallback,
+        "missing_imatrix": p.missing_imatrix,
+        "empty_experts": p.empty_experts,
+        "tensors": p.rows.iter().map(|r| serde_json::json!({
+            "name": r.name,
+            "shape": r.ne,
+            "from": r.from.name(),
+            "type": r.choice.dtype.name(),
+            "why": why(&r.choice.why),
+            "fallback_from": r.choice.fallback_from.map(|d| d.name()),
+            "bytes": r.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn warn_imatrix(p: &QuantizePlan) {
+    if !p.missing_imatrix.is_empty() {
+        tracing::warn!(
+            "imatrix has no data for {} tensor(s), quantized without it: {}",
+            p.missing_imatrix.len(),
+            p.missing_imatrix.join(", ")
+        );
+    }
+    if !p.empty_experts.is_empty() {
+        tracing::warn!(
+            "{} expert matrices have no imatrix data and are weighted 1.0 (as llama-quantize does): {}",
+            p.empty_experts.len(),
+            p.empty_experts.join(", ")
+        );
+    }
+}
+
+/// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
+pub fn run_plan(a: QuantArgs) -> Result<()> {
+    let (opts, label) = options(&a)?;
+    let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
+    let p = plan_quantize(&ck, &opts).with_context(|| format!("cannot plan {}", a.src.display()))?;
+    warn_imatrix(&p);
+    let j = plan_json(&p, &opts.rules.ftype, &label);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("{:<40} {:>22} {:>8} {:>8}  {:>12}  why", "tensor", "shape", "from", "type", "bytes");
+    for r in &p.rows {
+        let shape = r.ne.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("x");
+        let fb = r.choice.fallback_from.map(|d| format!(" (fallback from {d})")).unwrap_or_default();
+        println!(
+            "{:<40} {:>22} {:>8} {:>8}  {:>12}  {}{}",
+            r.name,
+            shape,
+            r.from.name(),
+            r.choice.dtype.name(),
+            r.bytes,
+            why(&r.choice.why),
+            fb
+        );
+    }
+    println!(
+        "total: {} tensors, {} bytes ({:.2} MiB), {:.3} bits per weight, {} fallback(s)",
+        p.rows.len(),
+        j["bytes"],
+        j["bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        j["bpw"].as_f64().unwrap_or(0.0),
+        p.n_fallback
+    );
+    Ok(())
+}
+
+pub fn run(a: Args, quiet: bool) -> Result<()> {
+    let (opts, label) = options(&a.q)?;
+    let split = match (&a.split_max_size, a.split_max_tensors) {
+        (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
+        (Some(s), None) => SplitPolicy::MaxBytes(parse_size(s)?),
+        (None, Some(n)) if n > 0 => SplitPolicy::MaxTensors(n),
+        (None, Some(_)) => bail!("--split-max-tensors must be at least 1"),
+        (None, None) => SplitPolicy::None,
+    };
+    let t0 = Instant::now();
+    let src = &a.q.src;
+    let ck = Checkpoint::open(src).with_context(|| format!("cannot read checkpoint {}", src.display()))?;
+    let p = plan_quantize(&ck, &opts).with_context(|| format!("cannot quantize {}", src.display()))?;
+    warn_imatrix(&p);
+    let summary = plan_json(&p, &opts.rules.ftype, &label);
+    let copts = ConvertOptions {
+        out_type: OutType::BF16,
+        output: a.output.clone(),
+        split,
+        allow_nonfinite: a.allow_nonfinite,
+        tokenizer_pre: a.q.tokenizer_pre.clone(),
+        window: None,
+        provenance: (!a.no_manifest).then(tool),
+    };
+    let bar = progress_bar(quiet || a.q.json);
+    let report = execute(&ck, p.prepared, &copts, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .with_context(|| format!("cannot quantize {}", src.display()))?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    for n in &report.notes {
+        tracing::info!("{n}");
+    }
+    if a.q.json {
+        let v = serde_json::json!({
+            "outputs": report.outputs,
+            "manifest": report.manifest,
+            "preset": summary["preset"],
+            "bpw": summary["bpw"],
+            "tensors": report.n_tensors,
+            "bytes_in": report.bytes_in,
+            "bytes_out": report.bytes_out,
+            "seconds": secs,
+            "notes": report.notes,
+            "missing_imatrix": summary["missing_imatrix"],
+            "empty_experts": summary["empty_experts"],
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !quiet {
+        eprintln!(
+            "wrote {} ({} tensors, {:.2} GB, {:.2} bpw) in {:.1}s, {:.2} GB/s of input",
+            report
+                .outputs
+                .iter()
+                .chain(&report.manifest)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            report.n_tensors,
+            report.bytes_out as f64 / 1e9,
+            summary["bpw"].as_f64().unwrap_or(0.0),
+            secs,
+            report.bytes_in as f64 / 1e9 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}

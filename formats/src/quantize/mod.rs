@@ -1,0 +1,201 @@
+//! One-pass HF → quantized GGUF: the file `convert_hf_to_gguf.py --outtype bf16` followed by `llama-quantize PRESET`
+//! would write, without the intermediate file.
+//!
+//! Planning reuses the converter's plan at BF16 (what the reference's first pass writes, tensor by tensor), then
+//! chooses each tensor's type with llama-quantize's rules ([`rules`]), orders the tensors and the metadata as
+//! llama-quantize writes them (§3.7 of `../shared/docs/gguf-spec.md`), and attaches importance weights from an
+//! imatrix ([`imatrix`]). The values are rounded through BF16 (or F16/F32 where the converter keeps those) before
+//! quantizing, exactly what llama-quantize reads back from the intermediate file.
+
+pub mod imatrix;
+pub mod recipe;
+pub mod rules;
+
+use std::sync::Arc;
+
+use sling_core::DType;
+
+use crate::checkpoint::Checkpoint;
+use crate::convert::hparams::Kvs;
+use crate::convert::run::build_kvs;
+use crate::convert::{plan, ConvertError, OutType, Payload, PlanError, Prepared};
+use crate::gguf::GgufValue;
+pub use imatrix::{Imatrix, ImatrixError};
+pub use recipe::Recipe;
+pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, TensorTypeRule, Why};
+
+/// What `sling quantize` was asked for.
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    pub rules: RuleOptions,
+    pub imatrix: Option<Imatrix>,
+    /// Requantize tensors the source already holds in a block type (gpt-oss MXFP4 experts), like
+    /// `llama-quantize --allow-requantize`.
+    pub allow_requantize: bool,
+    pub tokenizer_pre: Option<String>,
+    /// What to call the result in the manifest (the preset or recipe name).
+    pub label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("requantizing from type {from} is disabled (tensor {tensor}); pass --allow-requantize")]
+    Requantize { tensor: String, from: DType },
+    #[error("this quantization requires an importance matrix: tensor {tensor} would be {dtype} (pass --imatrix FILE)")]
+    NeedsImatrix { tensor: String, dtype: DType },
+    #[error("imatrix entry {tensor} has {got} values, the tensor needs {want} (ne[0] x experts)")]
+    ImatrixSize { tensor: String, got: usize, want: u64 },
+}
+
+impl From<PlanError> for QuantizeError {
+    fn from(e: PlanError) -> Self {
+        QuantizeError::Convert(e.into())
+    }
+}
+
+/// One row of the plan: what happens to a tensor.
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub ne: Vec<u64>,
+    /// The type in the converter's BF16 file (the reference pipeline's intermediate).
+    pub from: DType,
+    pub choice: Choice,
+    /// Tokens per expert from the imatrix, when one was used for this tensor.
+    pub imatrix_counts: Option<Vec<i64>>,
+    pub bytes: u64,
+}
+
+/// The whole decision, before anything is written.
+pub struct QuantizePlan {
+    pub prepared: Prepared,
+    pub rows: Vec<PlannedTensor>,
+    /// Quantized tensors the imatrix had no entry for (llama-quantize: "did not find weights for ...").
+    pub missing_imatrix: Vec<String>,
+    /// Experts with no imatrix data, as `tensor[expert]` (weighted 1.0, like llama-quantize).
+    pub empty_experts: Vec<String>,
+    pub n_fallback: usize,
+}
+
+fn u64_kv(kvs: &Kvs, key: &str) -> Option<u64> {
+    kvs.get(key).and_then(|v| v.as_u64())
+}
+
+/// The facts `llama_tensor_get_type` reads from the loaded model, from the metadata the file will carry.
+pub fn model_facts(kvs: &Kvs) -> ModelFacts {
+    let arch = kvs.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let k = |s: &str| u64_kv(kvs, &format!("{arch}.{s}"));
+    let n_head = k("attention.head_count").unwrap_or(0);
+    let n_head_kv = k("attention.head_count_kv").unwrap_or(n_head);
+    let n_layer = k("block_count").unwrap_or(0);
+    // `llm_type` 70B as the loaders set it (src/models/llama.cpp, qwen2.cpp): 80 layers (llama: with GQA).
+    let is_70b = n_layer == 80 && ((arch == "llama" && n_head_kv != n_head) || arch == "qwen2");
+    ModelFacts {
+        n_expert: k("expert_count").unwrap_or(0),
+        n_gqa: if n_head_kv == 0 { 0 } else { n_head / n_head_kv },
+        n_layer,
+        is_70b,
+    }
+}
+
+/// Plans `sling quantize`: every tensor's type, order and importance weights, and the metadata.
+pub fn plan_quantize(ck: &Checkpoint, opts: &QuantizeOptions) -> Result<QuantizePlan, QuantizeError> {
+    let p = plan(ck, OutType::BF16)?;
+    let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
+    let mut kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4)?;
+    let mut tensors = p.tensors;
+    // llama-quantize walks (and writes) the tensors in `weight_name_comparer` order.
+    tensors.sort_by(|a, b| rules::sort_key(&a.name).cmp(&rules::sort_key(&b.name)));
+    let facts = model_facts(&kvs);
+    let mut ropts = opts.rules.clone();
+    let imatrix = opts.imatrix.as_ref().filter(|m| !m.entries.is_empty());
+    ropts.has_imatrix = imatrix.is_some();
+    let mut chooser = rules::Chooser::new(&ropts, facts, tensors.iter().map(|t| t.name.as_str()));
+    let mut rows = Vec::with_capacity(tensors.len());
+    let mut missing_imatrix = Vec::new();
+    let mut empty_experts = Vec::new();
+    for t in &mut tensors {
+        let from = t.dtype;
+        let choice = chooser.choose(&t.name, &t.ne, from)?;
+        let mut imatrix_counts = None;
+        if choice.dtype != from {
+            if from.is_quantized() && !opts.allow_requantize {
+                return Err(QuantizeError::Requantize { tensor: t.name.clone(), from });
+            }
+            // Only rewritten tensors look their imatrix entry up, as in llama-quantize's main loop.
+            if let Some(m) = imatrix {
+                match m.entries.get(&t.name) {
+                    None => missing_imatrix.push(t.name.clone()),
+                    Some(e) => {
+                        let n_mat = t.ne.get(2).copied().unwrap_or(1);
+                        let want = t.ne[0] * n_mat;
+                        if e.weights.len() as u64 == want {
+                            t.weights = Some(Arc::new(e.weights.clone()));
+                            if !m.legacy {
+                                for (i, c) in e.counts.iter().enumerate() {
+                                    if *c <= 0 {
+                                        empty_experts.push(if n_mat > 1 {
+                                            format!("{}[{i}]", t.name)
+                                        } else {
+                                            t.name.clone()
+                                        });
+                                    }
+                                }
+                            }
+                            imatrix_counts = Some(e.counts.clone());
+                        } else if t.name != "token_embd.weight" && t.name != "per_layer_token_embd.weight" {
+                            return Err(QuantizeError::ImatrixSize {
+                                tensor: t.name.clone(),
+                                got: e.weights.len(),
+                                want,
+                            });
+                        }
+                    }
+                }
+            }
+            if choice.requires_imatrix && t.weights.is_none() {
+                return Err(QuantizeError::NeedsImatrix { tensor: t.name.clone(), dtype: choice.dtype });
+            }
+            t.round_via = Some(from);
+            t.dtype = choice.dtype;
+        }
+        // The C writer stores `ggml_n_dims` dimensions: trailing 1s go (a converter-written [E, 1] becomes [E]).
+        t.ne.truncate(rules::n_dims(&t.ne));
+        rows.push(PlannedTensor {
+            name: t.name.clone(),
+            ne: t.ne.clone(),
+            from,
+            choice,
+            imatrix_counts,
+            bytes: t.n_bytes(),
+        });
+    }
+    // KV order (llama_model_quantize_impl): input KVs, then quantization_version and file_type re-appended, then
+    // the imatrix overrides.
+    kvs.0.retain(|(k, _)| k != "general.quantization_version" && k != "general.file_type");
+    kvs.0.push(("general.quantization_version".into(), GgufValue::U32(2)));
+    kvs.0.push(("general.file_type".into(), GgufValue::U32(opts.rules.ftype.id)));
+    if let Some(m) = imatrix {
+        for (k, v) in m.kvs() {
+            kvs.0.retain(|(x, _)| *x != k);
+            kvs.0.push((k, v));
+        }
+    }
+    let n_fallback = chooser.n_fallback;
+    let mut notes = p.notes;
+    if n_fallback > 0 {
+        notes.push(format!("{n_fallback} of {} tensor(s) required fallback quantization", tensors.len()));
+    }
+    let label = opts.label.clone();
+    Ok(QuantizePlan {
+        prepared: Prepared { tensors, kvs, notes, label },
+        rows,
+        missing_imatrix,
+        empty_experts,
+        n_fallback,
+    })
+}

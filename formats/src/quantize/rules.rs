@@ -1,0 +1,668 @@
+//! llama-quantize's choice of a type per tensor, as data and one function per step.
+//!
+//! A port of the pinned `src/llama-quant.cpp` (llama.cpp 0c1e57098, vendored by llama-cpp-python 0.3.36):
+//! `tensor_allows_quantization`, `tensor_get_category`, `llama_tensor_get_type(_impl)`, `tensor_type_fallback`,
+//! `tensor_requires_imatrix`, `llama_ftype_get_default_type`. Facts: `../shared/docs/gguf-spec.md` §3.
+//! The ftypes of the IQ1/IQ2/IQ3 families are not offered (sling does not write those types), so their
+//! branches are left out; every branch that can fire for an offered ftype is here, in the C order.
+
+use sling_core::DType;
+
+/// A llama-quantize preset (`llama_ftype`): its CLI name, id and default tensor type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ftype {
+    pub name: &'static str,
+    /// `llama_ftype` id, written as `general.file_type`.
+    pub id: u32,
+    /// `llama_ftype_get_default_type`.
+    pub default: DType,
+    pub about: &'static str,
+}
+
+macro_rules! ftypes {
+    ($( $c:ident = $name:literal, $id:literal, $dt:ident, $about:literal; )*) => {
+        $( pub const $c: Ftype = Ftype { name: $name, id: $id, default: DType::$dt, about: $about }; )*
+        /// Every preset, in llama-quantize's `QUANT_OPTIONS` order.
+        pub static FTYPES: &[Ftype] = &[$($c),*];
+    };
+}
+
+ftypes! {
+    Q4_0 = "Q4_0", 2, Q4_0, "4.34 bpw legacy 4-bit";
+    Q4_1 = "Q4_1", 3, Q4_1, "4.78 bpw legacy 4-bit with minimum";
+    MXFP4_MOE = "MXFP4_MOE", 38, MXFP4, "MXFP4 routed experts, Q8_0 elsewhere";
+    Q5_0 = "Q5_0", 8, Q5_0, "5.21 bpw legacy 5-bit";
+    Q5_1 = "Q5_1", 9, Q5_1, "5.65 bpw legacy 5-bit with minimum";
+    TQ1_0 = "TQ1_0", 36, TQ1_0, "1.69 bpw ternarization";
+    TQ2_0 = "TQ2_0", 37, TQ2_0, "2.06 bpw ternarization";
+    Q2_K = "Q2_K", 10, Q2K, "2.96 bpw K-quant mix";
+    Q2_K_S = "Q2_K_S", 21, Q2K, "2.96 bpw K-quant mix (needs an imatrix)";
+    Q3_K_S = "Q3_K_S", 11, Q3K, "3.41 bpw K-quant mix";
+    Q3_K_M = "Q3_K_M", 12, Q3K, "3.74 bpw K-quant mix";
+    Q3_K_L = "Q3_K_L", 13, Q3K, "4.03 bpw K-quant mix";
+    IQ4_NL = "IQ4_NL", 25, IQ4NL, "4.50 bpw non-linear 4-bit";
+    IQ4_XS = "IQ4_XS", 30, IQ4XS, "4.25 bpw non-linear 4-bit";
+    Q4_K_S = "Q4_K_S", 14, Q4K, "4.37 bpw K-quant mix";
+    Q4_K_M = "Q4_K_M", 15, Q4K, "4.58 bpw K-quant mix";
+    Q5_K_S = "Q5_K_S", 16, Q5K, "5.21 bpw K-quant mix";
+    Q5_K_M = "Q5_K_M", 17, Q5K, "5.33 bpw K-quant mix";
+    Q6_K = "Q6_K", 18, Q6K, "6.56 bpw K-quant";
+    Q8_0 = "Q8_0", 7, Q8_0, "8.50 bpw";
+    F16 = "F16", 1, F16, "16 bpw half precision";
+    BF16 = "BF16", 32, BF16, "16 bpw bfloat16";
+    F32 = "F32", 0, F32, "32 bpw";
+}
+
+/// Aliases llama-quantize accepts (`QUANT_OPTIONS`): the K-quant names without a size letter.
+const ALIASES: &[(&str, Ftype)] = &[("Q3_K", Q3_K_M), ("Q4_K", Q4_K_M), ("Q5_K", Q5_K_M)];
+
+impl Ftype {
+    /// Looks a preset up by name (case-insensitive) or by its decimal `llama_ftype` id, like llama-quantize.
+    pub fn parse(s: &str) -> Option<Ftype> {
+        if let Ok(id) = s.parse::<u32>() {
+            return FTYPES.iter().find(|f| f.id == id).copied();
+        }
+        FTYPES
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(s))
+            .copied()
+            .or_else(|| ALIASES.iter().find(|(a, _)| a.eq_ignore_ascii_case(s)).map(|(_, f)| *f))
+    }
+    pub fn names() -> Vec<&'static str> {
+        FTYPES.iter().map(|f| f.name).collect()
+    }
+}
+
+/// `tensor_category`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Category {
+    Output,
+    TokenEmbd,
+    AttnQkv,
+    AttnKvB,
+    AttnV,
+    AttnK,
+    AttnQ,
+    AttnOutput,
+    FfnUp,
+    FfnGate,
+    FfnDown,
+    Other,
+}
+
+/// `tensor_get_category`: first match wins, on substrings of the name.
+pub fn category(name: &str) -> Category {
+    use Category::*;
+    if name == "output.weight" {
+        return Output;
+    }
+    if name == "token_embd.weight" || name == "per_layer_token_embd.weight" {
+        return TokenEmbd;
+    }
+    const SUBSTR: &[(&str, Category)] = &[
+        ("attn_qkv.weight", AttnQkv),
+        ("attn_kv_b.weight", AttnKvB),
+        ("attn_v.weight", AttnV),
+        ("attn_k.weight", AttnK),
+        ("attn_q.weight", AttnQ),
+        ("attn_output.weight", AttnOutput),
+        ("ffn_up", FfnUp),
+        ("ffn_gate", FfnGate),
+        ("ffn_down", FfnDown),
+    ];
+    SUBSTR.iter().find(|(s, _)| name.contains(s)).map(|(_, c)| *c).unwrap_or(Other)
+}
+
+fn is_attn_v(c: Category) -> bool {
+    matches!(c, Category::AttnV | Category::AttnQkv | Category::AttnKvB)
+}
+
+/// Substrings that keep a tensor as it is (`tensor_allows_quantization`, generic part, pinned order).
+const NEVER_QUANTIZED: &[&str] = &[
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+];
+
+/// `ggml_n_dims`: dimensions up to the last one larger than 1 (at least 1).
+pub fn n_dims(ne: &[u64]) -> usize {
+    ne.iter().rposition(|&n| n > 1).map(|i| i + 1).unwrap_or(1)
+}
+
+/// `tensor_allows_quantization` for the architectures sling converts (none has a position-embedding or
+/// token-types tensor, and GLM5_NEXT is not one of them).
+pub fn allows_quantization(name: &str, ne: &[u64], leave_output: bool) -> bool {
+    n_dims(ne) >= 2
+        && name.ends_with("weight")
+        && !(leave_output && name == "output.weight")
+        && !NEVER_QUANTIZED.iter().any(|s| name.contains(s))
+}
+
+/// Facts about the model the rules depend on (`llama_hparams`, `llama_model`).
+#[derive(Clone, Debug, Default)]
+pub struct ModelFacts {
+    /// `{arch}.expert_count` (0 for dense models).
+    pub n_expert: u64,
+    /// `n_head(0) / n_head_kv(0)`, 0 when `n_head_kv` is 0.
+    pub n_gqa: u64,
+    /// `{arch}.block_count` (`n_layer_all`, NextN/MTP blocks included).
+    pub n_layer: u64,
+    /// `model.type == LLM_TYPE_70B`.
+    pub is_70b: bool,
+}
+
+/// What a tensor is for, from its GGUF name: what recipes select on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `ffn_{gate,up,down}_exps`: the routed experts (most of an MoE model's parameters).
+    RoutedExperts,
+    /// `ffn_*_shexp`: shared experts.
+    SharedExperts,
+    /// `ffn_gate_inp*`, `exp_probs_b`: the router (never quantized).
+    Router,
+    /// `attn_*`: attention projections (MLA included).
+    Attention,
+    /// `token_embd`.
+    Embeddings,
+    /// `output.weight`.
+    Output,
+    /// `ffn_{gate,up,down}.weight`: dense FFN (dense models, and DeepSeek's leading dense layers).
+    DenseFfn,
+    /// Norms and everything else.
+    Other,
+}
+
+impl Role {
+    pub fn of(name: &str) -> Role {
+        if name.contains("ffn_gate_inp") || name.contains("exp_probs_b") {
+            Role::Router
+        } else if name.contains("_exps") {
+            Role::RoutedExperts
+        } else if name.contains("_shexp") {
+            Role::SharedExperts
+        } else if name.contains("_norm") {
+            Role::Other
+        } else if name.contains(".attn_") {
+            Role::Attention
+        } else if name.starts_with("token_embd") {
+            Role::Embeddings
+        } else if name == "output.weight" {
+            Role::Output
+        } else if name.contains(".ffn_") {
+            Role::DenseFfn
+        } else {
+            Role::Other
+        }
+    }
+}
+
+/// A type override: `--tensor-type PATTERN=TYPE`, or a recipe rule that also selects by role and layer range.
+/// llama-quantize lower-cases `--tensor-type` pattern text before compiling it (`tools/quantize/quantize.cpp
+/// parse_tensor_type`), so `\D` means `\d` there and here alike; recipe patterns are used as written.
+#[derive(Clone, Debug)]
+pub struct TensorTypeRule {
+    /// The pattern text (or a description of the selector), for reports.
+    pub pattern: String,
+    pub regex: regex::Regex,
+    pub dtype: DType,
+    pub role: Option<Role>,
+    /// Inclusive layer range; tensors outside blocks never match a rule with a range.
+    pub layers: Option<(u64, u64)>,
+}
+
+impl TensorTypeRule {
+    /// Does this rule select tensor `name`?
+    pub fn matches(&self, name: &str) -> bool {
+        self.role.is_none_or(|r| Role::of(name) == r)
+            && self.layers.is_none_or(|(a, b)| layer_of(name).is_some_and(|l| a <= l && l <= b))
+            && self.regex.is_match(name)
+    }
+
+    pub fn parse(spec: &str) -> Result<TensorTypeRule, String> {
+        let (pat, ty) = spec.rsplit_once('=').ok_or_else(|| format!("{spec:?}: expected PATTERN=TYPE"))?;
+        if pat.is_empty() {
+            return Err(format!("{spec:?}: empty pattern"));
+        }
+        let dtype = DType::from_name(ty)
+            .filter(|d| d.info().ggml_id.is_some())
+            .ok_or_else(|| format!("{spec:?}: unknown tensor type {ty:?}"))?;
+        let pattern = pat.to_ascii_lowercase();
+        let regex = regex::Regex::new(&pattern).map_err(|e| format!("{spec:?}: bad pattern: {e}"))?;
+        Ok(TensorTypeRule { pattern, regex, dtype, role: None, layers: None })
+    }
+}
+
+/// Everything llama-quantize's type choice depends on besides the tensor.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub ftype: Ftype,
+    pub pure: bool,
+    pub leave_output: bool,
+    pub output_tensor_type: Option<DType>,
+    pub token_embedding_type: Option<DType>,
+    pub tensor_types: Vec<TensorTypeRule>,
+    pub has_imatrix: bool,
+}
+
+/// Why a tensor got its type, for `plan` and the manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Not a quantizable tensor: copied as it is.
+    Kept,
+    /// `--token-embedding-type` / `--output-tensor-type`.
+    Flag,
+    /// A `--tensor-type` pattern.
+    Pattern(String),
+    /// The ftype's default type (`--pure`, or no rule changed it).
+    Default,
+    /// One of llama-quantize's mixture rules.
+    Mix,
+}
+
+/// The type chosen for one tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub dtype: DType,
+    pub why: Why,
+    /// `ne[0]` did not fit the block size: the type the rules wanted before the fallback.
+    pub fallback_from: Option<DType>,
+    /// `tensor_requires_imatrix` on the final type.
+    pub requires_imatrix: bool,
+}
+
+/// Errors of the type choice.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RuleError {
+    #[error("tensor {0}: cannot determine its layer from the name")]
+    NoLayer(String),
+    #[error("tensor {name}: layer {layer} is outside 0..{n_layer}")]
+    BadLayer { name: String, layer: u64, n_layer: u64 },
+    #[error("tensor {name}: no fallback type is defined for {dtype} (row length {ne0})")]
+    NoFallback { name: String, dtype: DType, ne0: u64 },
+}
+
+/// `sscanf(name, "blk.%d.")`.
+pub fn layer_of(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("blk.")?;
+    let digits = rest.split('.').next()?;
+    if rest.len() == digits.len() || digits.is_empty() {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// `weight_name_comparer`: llama-quantize's tensor order (non-block tensors first, then by layer, then by name).
+pub fn sort_key(name: &str) -> (i64, &str) {
+    (layer_of(name).map(|l| l as i64).unwrap_or(-1), name)
+}
+
+fn use_more_bits(i: i64, n: i64) -> bool {
+    // C integer division, as in llama-quant.cpp.
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// The running state of `quantize_state_impl`; one per file, fed tensors in [`sort_key`] order.
+pub struct Chooser<'a> {
+    opts: &'a Options,
+    facts: ModelFacts,
+    n_attention_wv: i64,
+    i_attention_wv: i64,
+    i_ffn_down: i64,
+    i_ffn_gate: i64,
+    i_ffn_up: i64,
+    has_tied_embeddings: bool,
+    pub n_fallback: usize,
+}
+
+impl<'a> Chooser<'a> {
+    /// `init_quantize_state_counters` over every tensor name of the file.
+    pub fn new<'n>(opts: &'a Options, facts: ModelFacts, names: impl IntoIterator<Item = &'n str>) -> Self {
+        let mut c = Chooser {
+            opts,
+            facts,
+            n_attention_wv: 0,
+            i_attention_wv: 0,
+            i_ffn_down: 0,
+            i_ffn_gate: 0,
+            i_ffn_up: 0,
+            has_tied_embeddings: true,
+            n_fallback: 0,
+        };
+        for n in names {
+            let cat = category(n);
+            if is_attn_v(cat) {
+                c.n_attention_wv += 1;
+            }
+            if cat == Category::Output {
+                c.has_tied_embeddings = false;
+            }
+        }
+        c
+    }
+
+    /// `llama_tensor_get_type` plus `tensor_requires_imatrix` for tensor `name` of shape `ne` (ggml order),
+    /// currently of type `cur`.
+    pub fn choose(&mut self, name: &str, ne: &[u64], cur: DType) -> Result<Choice, RuleError> {
+        let o = self.opts;
+        let done = |dtype: DType, why: Why, fallback_from: Option<DType>| Choice {
+            dtype,
+            why,
+            fallback_from,
+            requires_imatrix: requires_imatrix(name, dtype, o.ftype),
+        };
+        if !allows_quantization(name, ne, o.leave_output) {
+            return Ok(done(cur, Why::Kept, None));
+        }
+        let cat = category(name);
+        if let (Some(t), Category::TokenEmbd) = (o.token_embedding_type, cat) {
+            // per_layer_token_embd skips this when a --tensor-type pattern names it.
+            let named = name == "per_layer_token_embd.weight" && o.tensor_types.iter().any(|r| r.matches(name));
+            if !named {
+                return Ok(done(t, Why::Flag, None));
+            }
+        }
+        if let (Some(t), Category::Output) = (o.output_tensor_type, cat) {
+            return Ok(done(t, Why::Flag, None));
+        }
+        let mut ty = o.ftype.default;
+        let mut why = Why::Default;
+        if ty.is_quantized() {
+            let mut manual = false;
+            if let Some(r) = o.tensor_types.iter().find(|r| r.matches(name)) {
+                ty = r.dtype;
+                why = Why::Pattern(r.pattern.clone());
+                manual = true;
+            }
+            if !manual && !o.pure {
+                let t = self.impl_rules(ty, name, ne, cat)?;
+                if t != ty {
+                    why = Why::Mix;
+                }
+                ty = t;
+            }
+            let before = ty;
+            ty = self.fallback(name, ne, ty)?;
+            if ty != before {
+                return Ok(done(ty, why, Some(before)));
+            }
+        }
+        Ok(done(ty, why, None))
+    }
+
+    /// `tensor_type_fallback`.
+    fn fallback(&mut self, name: &str, ne: &[u64], target: DType) -> Result<DType, RuleError> {
+        let ne0 = ne.first().copied().unwrap_or(1);
+        let qk = target.block_elems() as u64;
+        if ne0 % qk == 0 {
+            return Ok(target);
+        }
+        self.n_fallback += 1;
+        let mut ret = match target {
+            DType::IQ4XS => DType::IQ4NL,
+            DType::Q2K | DType::Q3K | DType::TQ1_0 | DType::TQ2_0 => DType::Q4_0,
+            DType::Q4K => DType::Q5_0,
+            DType::Q5K => DType::Q5_1,
+            DType::Q6K => DType::Q8_0,
+            t if qk <= 32 => t,
+            t => return Err(RuleError::NoFallback { name: name.into(), dtype: t, ne0 }),
+        };
+        if ne0 % ret.block_elems() as u64 != 0 {
+            ret = DType::F16;
+        }
+        Ok(ret)
+    }
+
+    /// `layer_info`: the layer parsed from the name for MoE models, else the running counter.
+    fn layer_info(&self, counter: i64, name: &str) -> Result<(i64, i64), RuleError> {
+        let n = self.facts.n_layer as i64;
+        if self.facts.n_expert.max(1) > 1 {
+            let l = layer_of(name).ok_or_else(|| RuleError::NoLayer(name.into()))?;
+            if l >= self.facts.n_layer {
+                return Err(RuleError::BadLayer { name: name.into(), layer: l, n_layer: self.facts.n_layer });
+            }
+            return Ok((l as i64, n));
+        }
+        Ok((counter, n))
+    }
+
+    /// `llama_tensor_get_type_impl` for the offered ftypes (IQ1/IQ2/IQ3 ftype branches omitted).
+    fn impl_rules(&mut self, mut ty: DType, name: &str, ne: &[u64], cat: Category) -> Result<DType, RuleError> {
+        use DType as T;
+        let f = self.opts.ftype;
+        let fx = &self.facts;
+        let n_expert = fx.n_expert;
+        let gqa4 = fx.n_gqa >= 4;
+        if cat == Category::Output || (self.has_tied_embeddings && cat == Category::TokenEmbd) {
+            if let Some(t) = self.opts.output_tensor_type {
+                ty = t;
+            } else {
+                let nx = ne.first().copied().unwrap_or(1);
+                if f == MXFP4_MOE || nx % ty.block_elems() as u64 != 0 {
+                    ty = T::Q8_0;
+                } else if ty != T::Q8_0 {
+                    ty = T::Q6K;
+                }
+            }
+        } else if f == MXFP4_MOE {
+            ty = if ne.get(2).copied().unwrap_or(1) > 1 { T::MXFP4 } else { T::Q8_0 };
+        } else if cat == Category::TokenEmbd {
+            if let Some(t) = self.opts.token_embedding_type {
+                ty = t;
+            } else if f == TQ1_0 || f == TQ2_0 {
+                ty = T::Q4K;
+            }
+        } else if is_attn_v(cat) {
+            if f == Q2_K {
+                ty = if gqa4 { T::Q4K } else { T::Q3K };
+            } else if f == Q2_K_S && gqa4 {
+                ty = T::Q4K;
+            } else if f == Q3_K_M {
+                ty = if self.i_attention_wv < 2 { T::Q5K } else { T::Q4K };
+            } else if f == Q3_K_L {
+                ty = T::Q5K;
+            } else if (f == IQ4_NL || f == IQ4_XS) && gqa4 {
+                ty = T::Q5K;
+            } else if (f == Q4_K_M || f == Q5_K_M) && use_more_bits(self.i_attention_wv, self.n_attention_wv) {
+                ty = T::Q6K;
+            } else if f == Q4_K_S && self.i_attention_wv < 4 {
+                ty = T::Q5K;
+            }
+            if fx.is_70b && (ty == T::Q3K || ty == T::Q4K) {
+                ty = T::Q5K;
+            }
+            if n_expert == 8 {
+                ty = T::Q8_0;
+            }
+            self.i_attention_wv += 1;
+        } else if cat == Category::AttnK {
+            if n_expert == 8 {
+                ty = T::Q8_0;
+            }
+        } else if cat == Category::AttnQ {
+            // Only IQ3 ftypes change attn_q.
+        } else if cat == Category::FfnDown {
+            let (i, n) = self.layer_info(self.i_ffn_down, name)?;
+            if f == Q2_K {
+                ty = T::Q3K;
+            } else if f == Q2_K_S {
+                if i < n / 8 {
+                    ty = T::Q4K;
+                }
+            } else if f == Q3_K_M {
+                // Non-FALCON: the `use_more_bits` alternative only matters for FALCON, not converted by sling.
+                ty = if i < n / 16 { T::Q5K } else { T::Q4K };
+            } else if f == Q3_K_L {
+                ty = T::Q5K;
+            } else if f == Q4_K_M {
+                if use_more_bits(i, n) {
+                    ty = T::Q6K;
+                }
+            } else if i < n / 8 && (f == IQ4_NL || f == IQ4_XS) && !self.opts.has_imatrix {
+                ty = T::Q5K;
+            } else if f == Q5_K_M && use_more_bits(i, n) {
+                ty = T::Q6K;
+            } else if f == Q4_K_S && i < n / 8 {
+                ty = T::Q5K;
+            } else if (f == Q4_0 || f == Q5_0) && self.opts.has_imatrix && i < n / 8 {
+                ty = if f == Q4_0 { T::Q4_1 } else { T::Q5_1 };
+            }
+            self.i_ffn_down += 1;
+        } else if cat == Category::AttnOutput {
+            if n_expert == 8 {
+                if [Q2_K, Q3_K_S, Q3_K_M, IQ4_NL, Q4_K_S, Q4_K_M, IQ4_XS].contains(&f) {
+                    ty = T::Q5K;
+                }
+            } else if f == Q2_K {
+                ty = T::Q3K;
+            } else if f == Q3_K_M {
+                ty = T::Q4K;
+            } else if f == Q3_K_L {
+                ty = T::Q5K;
+            }
+        } else if cat == Category::FfnGate {
+            self.layer_info(self.i_ffn_gate, name)?;
+            self.i_ffn_gate += 1;
+        } else if cat == Category::FfnUp {
+            self.layer_info(self.i_ffn_up, name)?;
+            self.i_ffn_up += 1;
+        }
+        Ok(ty)
+    }
+}
+
+/// `tensor_requires_imatrix`: the IQ1/IQ2/IQ3 types (never chosen here) and Q2_K inside a Q2_K_S file.
+pub fn requires_imatrix(name: &str, dtype: DType, ftype: Ftype) -> bool {
+    if name == "token_embd.weight" || name == "per_layer_token_embd.weight" || name == "output.weight" {
+        return false;
+    }
+    dtype == DType::Q2K && ftype == Q2_K_S
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(f: Ftype) -> Options {
+        Options {
+            ftype: f,
+            pure: false,
+            leave_output: false,
+            output_tensor_type: None,
+            token_embedding_type: None,
+            tensor_types: vec![],
+            has_imatrix: false,
+        }
+    }
+
+    #[test]
+    fn presets_parse_like_llama_quantize() {
+        assert_eq!(Ftype::parse("q4_k_m"), Some(Q4_K_M));
+        assert_eq!(Ftype::parse("Q4_K"), Some(Q4_K_M));
+        assert_eq!(Ftype::parse("15"), Some(Q4_K_M));
+        assert_eq!(Ftype::parse("Q4_K_X"), None);
+    }
+
+    #[test]
+    fn categories_follow_first_match() {
+        assert_eq!(category("blk.0.ffn_down_exps.weight"), Category::FfnDown);
+        assert_eq!(category("blk.0.ffn_gate_inp.weight"), Category::FfnGate);
+        assert_eq!(category("blk.0.attn_kv_b.weight"), Category::AttnKvB);
+        assert_eq!(category("blk.0.attn_k_b.weight"), Category::Other);
+        assert_eq!(category("output.weight"), Category::Output);
+    }
+
+    #[test]
+    fn sort_order_puts_non_block_tensors_first_then_layers_numerically() {
+        let mut v = vec!["blk.10.a.weight", "output.weight", "blk.2.b.weight", "blk.2.a.weight", "token_embd.weight"];
+        v.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        assert_eq!(v, ["output.weight", "token_embd.weight", "blk.2.a.weight", "blk.2.b.weight", "blk.10.a.weight"]);
+    }
+
+    #[test]
+    fn mixtral_q4_k_m_worked_example() {
+        // gguf-spec §3.4: attn_v and attn_k Q8_0, attn_output Q5_K, output Q6_K, router unchanged.
+        let o = opts(Q4_K_M);
+        let facts = ModelFacts { n_expert: 8, n_gqa: 4, n_layer: 32, is_70b: false };
+        let names = ["output.weight", "blk.0.attn_v.weight"];
+        let mut c = Chooser::new(&o, facts, names);
+        let ne = [4096u64, 4096];
+        assert_eq!(c.choose("output.weight", &ne, DType::BF16).unwrap().dtype, DType::Q6K);
+        assert_eq!(c.choose("blk.0.attn_v.weight", &ne, DType::BF16).unwrap().dtype, DType::Q8_0);
+        assert_eq!(c.choose("blk.0.attn_k.weight", &ne, DType::BF16).unwrap().dtype, DType::Q8_0);
+        assert_eq!(c.choose("blk.0.attn_output.weight", &ne, DType::BF16).unwrap().dtype, DType::Q5K);
+        assert_eq!(c.choose("blk.0.ffn_down_exps.weight", &[14336, 4096, 8], DType::BF16).unwrap().dtype, DType::Q6K);
+        assert_eq!(c.choose("blk.5.ffn_down_exps.weight", &[14336, 4096, 8], DType::BF16).unwrap().dtype, DType::Q4K);
+        assert_eq!(c.choose("blk.0.ffn_gate_inp.weight", &[4096, 8], DType::F32).unwrap().why, Why::Kept);
+        assert_eq!(c.choose("blk.0.attn_norm.weight", &[4096], DType::F32).unwrap().dtype, DType::F32);
+    }
+
+    #[test]
+    fn fallbacks_follow_the_table() {
+        let o = opts(Q4_K_M);
+        let mut c = Chooser::new(&o, ModelFacts { n_layer: 1, ..Default::default() }, []);
+        let ch = c.choose("blk.0.attn_k_b.weight", &[128, 512, 16], DType::BF16).unwrap();
+        assert_eq!((ch.dtype, ch.fallback_from), (DType::Q5_0, Some(DType::Q4K)));
+        let ch = c.choose("blk.0.ffn_up.weight", &[2880, 64], DType::BF16).unwrap();
+        assert_eq!(ch.dtype, DType::Q5_0);
+        let ch = c.choose("blk.0.ffn_up.weight", &[100, 64], DType::BF16).unwrap();
+        assert_eq!(ch.dtype, DType::F16);
+        assert_eq!(c.n_fallback, 3);
+    }
+
+    #[test]
+    fn tensor_type_patterns_first_match_and_lowercased() {
+        let mut o = opts(Q4_K_M);
+        o.tensor_types =
+            vec![TensorTypeRule::parse("FFN_.*_EXPS=q8_0").unwrap(), TensorTypeRule::parse("ffn=q2_k").unwrap()];
+        let mut c = Chooser::new(&o, ModelFacts { n_layer: 4, n_expert: 4, ..Default::default() }, []);
+        let ch = c.choose("blk.1.ffn_up_exps.weight", &[256, 256, 4], DType::BF16).unwrap();
+        assert_eq!((ch.dtype, ch.why), (DType::Q8_0, Why::Pattern("ffn_.*_exps".into())));
+        assert!(TensorTypeRule::parse("x=q9_9").is_err());
+    }
+
+    #[test]
+    fn roles_from_names() {
+        assert_eq!(Role::of("blk.3.ffn_down_exps.weight"), Role::RoutedExperts);
+        assert_eq!(Role::of("blk.3.ffn_up_shexp.weight"), Role::SharedExperts);
+        assert_eq!(Role::of("blk.3.ffn_gate_inp.weight"), Role::Router);
+        assert_eq!(Role::of("blk.3.ffn_gate_inp_shexp.weight"), Role::Router);
+        assert_eq!(Role::of("blk.3.attn_kv_a_mqa.weight"), Role::Attention);
+        assert_eq!(Role::of("blk.3.attn_norm.weight"), Role::Other);
+        assert_eq!(Role::of("blk.0.ffn_down.weight"), Role::DenseFfn);
+        assert_eq!(Role::of("token_embd.weight"), Role::Embeddings);
+        assert_eq!(Role::of("output.weight"), Role::Output);
+    }
+}
