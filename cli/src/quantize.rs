@@ -9,7 +9,8 @@ use sling_formats::checkpoint::Checkpoint;
 use sling_formats::convert::{execute, ConvertOptions, OutType};
 use sling_formats::gguf::SplitPolicy;
 use sling_formats::quantize::{
-    plan_quantize, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe, RuleOptions, TensorTypeRule, Why,
+    plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe, RuleOptions,
+    TensorTypeRule, Why,
 };
 
 use crate::convert::{parse_size, progress_bar, tool};
@@ -43,7 +44,8 @@ experts without data are weighted 1.0 exactly like llama-quantize, and listed.";
 /// Flags shared by `quantize` and `plan`.
 #[derive(clap::Args)]
 pub struct QuantArgs {
-    /// Source: a Hugging Face model directory or a .safetensors file.
+    /// Source: a Hugging Face model directory, a .safetensors file, or a GGUF file (as llama-quantize takes;
+    /// block-quantized tensors in it need --allow-requantize).
     src: PathBuf,
     /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4).
     /// Optional with --recipe.
@@ -240,11 +242,26 @@ fn warn_imatrix(p: &QuantizePlan) {
     }
 }
 
+fn is_gguf(p: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    p.is_file() && std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+/// Opens the source (HF checkpoint, .safetensors, or a GGUF file as llama-quantize takes) and plans.
+fn open_and_plan(src: &std::path::Path, opts: &QuantizeOptions) -> Result<(Checkpoint, QuantizePlan)> {
+    if is_gguf(src) {
+        return plan_quantize_gguf(src, opts).with_context(|| format!("cannot quantize {}", src.display()));
+    }
+    let ck = Checkpoint::open(src).with_context(|| format!("cannot read checkpoint {}", src.display()))?;
+    let p = plan_quantize(&ck, opts).with_context(|| format!("cannot quantize {}", src.display()))?;
+    Ok((ck, p))
+}
+
 /// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
 pub fn run_plan(a: QuantArgs) -> Result<()> {
     let (opts, label) = options(&a)?;
-    let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
-    let p = plan_quantize(&ck, &opts).with_context(|| format!("cannot plan {}", a.src.display()))?;
+    let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
     let j = plan_json(&p, &opts.rules.ftype, &label);
     if a.json {
@@ -288,8 +305,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     };
     let t0 = Instant::now();
     let src = &a.q.src;
-    let ck = Checkpoint::open(src).with_context(|| format!("cannot read checkpoint {}", src.display()))?;
-    let p = plan_quantize(&ck, &opts).with_context(|| format!("cannot quantize {}", src.display()))?;
+    let (ck, p) = open_and_plan(src, &opts)?;
     warn_imatrix(&p);
     let summary = plan_json(&p, &opts.rules.ftype, &label);
     let copts = ConvertOptions {

@@ -46,7 +46,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
-    let out = sign(&a.artifact, &a.key, &a.signature).with_context(|| format!("cannot sign {}", a.artifact.display()))?;
+    let out =
+        sign(&a.artifact, &a.key, &a.signature).with_context(|| format!("cannot sign {}", a.artifact.display()))?;
     if a.json {
         let v = serde_json::json!({
             "status": "signed",

@@ -83,9 +83,8 @@ impl SafetensorsFile {
         // would change the bytes we read (as with any reader), but cannot violate memory safety
         // of this process beyond that; the source is never written by sling.
         let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(path))?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-            CheckpointError::Safetensors { path: path.to_path_buf(), reason: e.to_string() }
-        })?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| CheckpointError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
         let base = 8 + n;
         let mut tensors = Vec::new();
         for (name, info) in meta.tensors() {
@@ -132,6 +131,9 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: Option<ModelConfig>,
     pub files: Vec<SafetensorsFile>,
+    /// Source files read directly rather than as safetensors (a GGUF requantized by `sling quantize`): hashed
+    /// for provenance, never written.
+    pub other_sources: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
 }
 
@@ -150,7 +152,10 @@ impl Checkpoint {
             let bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|source| CheckpointError::Json { path: config_path.clone(), source })?;
-            Some(ModelConfig::from_value(v).map_err(|source| CheckpointError::Config { path: config_path.clone(), source })?)
+            Some(
+                ModelConfig::from_value(v)
+                    .map_err(|source| CheckpointError::Config { path: config_path.clone(), source })?,
+            )
         } else {
             None
         };
@@ -171,7 +176,7 @@ impl Checkpoint {
             }
             files.push(f);
         }
-        let ck = Checkpoint { dir: dir.clone(), config, files, by_name };
+        let ck = Checkpoint { dir: dir.clone(), config, files, other_sources: Vec::new(), by_name };
         ck.check_index()?;
         Ok(ck)
     }
@@ -188,10 +193,10 @@ impl Checkpoint {
         let bytes = std::fs::read(&ip).map_err(io_err(&ip))?;
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Json { path: ip.clone(), source })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CheckpointError::BadIndex {
-            path: ip.clone(),
-            reason: "no \"weight_map\" object".into(),
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| CheckpointError::BadIndex { path: ip.clone(), reason: "no \"weight_map\" object".into() })?;
         let mut out = BTreeMap::new();
         for (k, v) in map {
             let s = v.as_str().ok_or_else(|| CheckpointError::BadIndex {
@@ -253,6 +258,22 @@ impl Checkpoint {
         Err(CheckpointError::IndexMismatch { index: Self::index_path(&self.dir), missing, extra })
     }
 
+    /// A source that is one file read by other means (a GGUF file): no safetensors, no config.
+    pub fn other_file(path: &Path) -> Checkpoint {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Checkpoint {
+            dir,
+            config: None,
+            files: Vec::new(),
+            other_sources: vec![path.to_path_buf()],
+            by_name: HashMap::new(),
+        }
+    }
+
     /// All tensors, in the reference converter's order.
     pub fn tensors(&self) -> impl Iterator<Item = &SourceTensor> {
         self.files.iter().flat_map(|f| f.tensors.iter())
@@ -278,7 +299,8 @@ impl Checkpoint {
 
     /// Total bytes of tensor data.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors().map(|t| t.n_bytes()).sum()
+        let other: u64 = self.other_sources.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        self.tensors().map(|t| t.n_bytes()).sum::<u64>() + other
     }
 }
 

@@ -322,10 +322,10 @@ pub fn source_paths(ck: &Checkpoint) -> Vec<(String, PathBuf)> {
             out.push((name.to_string(), p));
         }
     }
-    for f in &ck.files {
-        let rel = relative(&ck.dir, &f.path);
+    for path in ck.files.iter().map(|f| &f.path).chain(&ck.other_sources) {
+        let rel = relative(&ck.dir, path);
         if seen.insert(rel.clone()) {
-            out.push((rel, f.path.clone()));
+            out.push((rel, path.clone()));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));

@@ -89,8 +89,10 @@ pub enum SigningError {
 // ---------------------------------------------------------------------------------------------
 
 /// Standard base64 for decoding: padding optional (protobuf JSON and Python accept both).
-const B64_DECODE: GeneralPurpose =
-    GeneralPurpose::new(&alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent));
+const B64_DECODE: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 fn b64_decode(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
     let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
@@ -266,7 +268,8 @@ struct Walk {
 /// Every regular file of the model (a directory, or a single file), minus the ignored paths.
 /// Ignored directories are not entered.
 fn walk(root: &Path, ignore: &Ignore) -> Result<Walk, SigningError> {
-    let meta = std::fs::symlink_metadata(root).map_err(|source| SigningError::Read { path: root.to_path_buf(), source })?;
+    let meta =
+        std::fs::symlink_metadata(root).map_err(|source| SigningError::Read { path: root.to_path_buf(), source })?;
     let ft = meta.file_type();
     let mut w = Walk::default();
     if ft.is_symlink() {
@@ -458,11 +461,8 @@ pub fn sign(artifact: &Path, private_key: &Path, signature: &Path) -> Result<Sig
     if let Some((_, path, odd)) = w.odd.first() {
         return Err(SigningError::Model { path: path.clone(), reason: odd.reason().into() });
     }
-    let mut hashed: Vec<(Key, [u8; 32])> = w
-        .files
-        .par_iter()
-        .map(|f| sha256_file(&f.path).map(|d| (f.key.clone(), d)))
-        .collect::<Result<_, _>>()?;
+    let mut hashed: Vec<(Key, [u8; 32])> =
+        w.files.par_iter().map(|f| sha256_file(&f.path).map(|d| (f.key.clone(), d))).collect::<Result<_, _>>()?;
     sort_by_key(&mut hashed, |(k, _)| k);
     let mut root = Sha256::new();
     for (_, d) in &hashed {
@@ -480,9 +480,18 @@ pub fn sign(artifact: &Path, private_key: &Path, signature: &Path) -> Result<Sig
     let bundle = bundle_json(&payload, der.as_bytes(), &hint);
     write_atomic(signature, bundle.as_bytes()).map_err(|e| match e {
         crate::manifest::ManifestError::Write { path, source } => SigningError::Write { path, source },
-        other => SigningError::Write { path: signature.to_path_buf(), source: std::io::Error::other(other.to_string()) },
+        other => {
+            SigningError::Write { path: signature.to_path_buf(), source: std::io::Error::other(other.to_string()) }
+        }
     })?;
-    Ok(SignOutcome { signature: signature.to_path_buf(), model_name: name, root_digest: root_hex, key_hint: hint, ignore_paths, files })
+    Ok(SignOutcome {
+        signature: signature.to_path_buf(),
+        model_name: name,
+        root_digest: root_hex,
+        key_hint: hint,
+        ignore_paths,
+        files,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,14 +596,19 @@ fn parse_bundle(bytes: &[u8]) -> Result<Envelope, String> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("`publicKey.hint` is not a string".into()),
     };
-    let env = Value::Object(get_obj(&v, "dsseEnvelope").map_err(|e| {
-        if v.get("messageSignature").is_some() {
-            "a message signature, not a DSSE envelope".to_string()
-        } else {
-            e
-        }
-    })?.clone());
-    let payload = b64_decode(get_str(&env, "payload")?).map_err(|e| format!("`dsseEnvelope.payload` is not base64: {e}"))?;
+    let env = Value::Object(
+        get_obj(&v, "dsseEnvelope")
+            .map_err(|e| {
+                if v.get("messageSignature").is_some() {
+                    "a message signature, not a DSSE envelope".to_string()
+                } else {
+                    e
+                }
+            })?
+            .clone(),
+    );
+    let payload =
+        b64_decode(get_str(&env, "payload")?).map_err(|e| format!("`dsseEnvelope.payload` is not base64: {e}"))?;
     let payload_type = get_str(&env, "payloadType")?.to_string();
     let sigs = env.get("signatures").and_then(Value::as_array).ok_or("no `dsseEnvelope.signatures` list")?;
     let first = sigs.first().ok_or("`dsseEnvelope.signatures` is empty")?;
@@ -628,7 +642,9 @@ fn parse_statement(payload: &[u8]) -> Result<Statement, String> {
     }
     let pt = get_str(&v, "predicateType")?;
     if pt == PREDICATE_TYPE_V01 {
-        return Err(format!("pre-1.0 model_signing signature ({pt}): not supported, re-sign with model_signing >= 1.0"));
+        return Err(format!(
+            "pre-1.0 model_signing signature ({pt}): not supported, re-sign with model_signing >= 1.0"
+        ));
     }
     if pt != PREDICATE_TYPE {
         return Err(format!("predicate type {pt:?}, expected {PREDICATE_TYPE:?}"));
@@ -639,7 +655,11 @@ fn parse_statement(payload: &[u8]) -> Result<Statement, String> {
     }
     let subject = subjects.first().ok_or("no subject")?;
     let model_name = get_str(subject, "name")?.to_string();
-    let root = subject.get("digest").and_then(|d| d.get("sha256")).and_then(Value::as_str).ok_or("no subject `digest.sha256`")?;
+    let root = subject
+        .get("digest")
+        .and_then(|d| d.get("sha256"))
+        .and_then(Value::as_str)
+        .ok_or("no subject `digest.sha256`")?;
     let predicate = Value::Object(get_obj(&v, "predicate")?.clone());
     let ser = Value::Object(get_obj(&predicate, "serialization")?.clone());
     let method = get_str(&ser, "method")?;
@@ -657,9 +677,11 @@ fn parse_statement(payload: &[u8]) -> Result<Statement, String> {
     }
     let ignore_paths = match ser.get("ignore_paths") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => {
-            a.iter().map(|p| p.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or("`ignore_paths` holds a non-string")?
-        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| p.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("`ignore_paths` holds a non-string")?,
         Some(_) => return Err("`ignore_paths` is not a list".into()),
     };
     let list = predicate.get("resources").and_then(Value::as_array).ok_or("no `predicate.resources` list")?;
@@ -698,10 +720,12 @@ fn shown(name: &str, artifact: &Path) -> String {
 /// otherwise the report, whose `problems` say why it failed.
 pub fn verify(artifact: &Path, signature: &Path, public_key: &Path) -> Result<SigVerifyReport, SigningError> {
     let key = load_public_key(public_key)?;
-    let bytes = std::fs::read(signature).map_err(|source| SigningError::Read { path: signature.to_path_buf(), source })?;
+    let bytes =
+        std::fs::read(signature).map_err(|source| SigningError::Read { path: signature.to_path_buf(), source })?;
     let env = parse_bundle(&bytes).map_err(|reason| SigningError::Bundle { path: signature.to_path_buf(), reason })?;
     // The model must exist before anything is said about it.
-    std::fs::symlink_metadata(artifact).map_err(|source| SigningError::Read { path: artifact.to_path_buf(), source })?;
+    std::fs::symlink_metadata(artifact)
+        .map_err(|source| SigningError::Read { path: artifact.to_path_buf(), source })?;
     let mut report = SigVerifyReport {
         signature: signature.to_path_buf(),
         model_name: None,
@@ -739,10 +763,21 @@ pub fn verify(artifact: &Path, signature: &Path, public_key: &Path) -> Result<Si
     match good {
         Ok(true) => {}
         Ok(false) => {
-            return fail(report, SigProblemKind::BadSignature, None, "bad signature: the ECDSA signature does not verify with this public key over the signed payload".into())
+            return fail(
+                report,
+                SigProblemKind::BadSignature,
+                None,
+                "bad signature: the ECDSA signature does not verify with this public key over the signed payload"
+                    .into(),
+            )
         }
         Err(_) => {
-            return fail(report, SigProblemKind::BadSignature, None, "bad signature: `signatures[0].sig` is not a DER-encoded ECDSA P-256 signature".into())
+            return fail(
+                report,
+                SigProblemKind::BadSignature,
+                None,
+                "bad signature: `signatures[0].sig` is not a DER-encoded ECDSA P-256 signature".into(),
+            )
         }
     }
     let statement_err = |reason: String| SigningError::Statement { path: signature.to_path_buf(), reason };

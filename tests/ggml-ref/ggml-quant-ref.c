@@ -4,12 +4,15 @@
 //   ggml-quant-ref quant   TYPE NROWS NPERROW [IMATRIX.f32]  < rows.f32 > blocks.bin
 //   ggml-quant-ref dequant TYPE NROWS NPERROW                < blocks.bin > rows.f32
 //   ggml-quant-ref info    TYPE     -> "id blck_size type_size requires_imatrix"
+//   ggml-quant-ref bench   TYPE NROWS NPERROW REPS [IMATRIX.f32] < rows.f32 -> timings (see bench below)
 //
 // TYPE is a ggml type name as ggml_type_name prints it (q4_K, iq4_xs, ...). Rows are little-endian f32;
 // the importance weights (llama-quantize's quant_weights) are NPERROW f32 values shared by all rows.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <time.h>
 #include "ggml.h"
 
 static enum ggml_type type_by_name(const char *name) {
@@ -28,6 +31,62 @@ static void *read_all(FILE *f, size_t want) {
     return buf;
 }
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t fnv1a64(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ULL; }
+    return h;
+}
+
+// bench: single-thread timing of ggml_quantize_chunk (the call llama-quantize's workers make) on the rows read
+// from stdin, REPS times, and of the type's to_float over the result, REPS times; only those calls are timed
+// (clock_gettime, CLOCK_MONOTONIC). Prints, one line each:
+//   quantize S1 .. SREPS      seconds per call
+//   dequantize S1 .. SREPS    seconds per pass of to_float over all rows (row by row)
+//   fnv1a64 HEX               FNV-1a of the quantized bytes (to check both benchmarks produced the same bytes)
+// scripts/bench/quantize.py drives it; kernels/examples/qbench.rs is sling's counterpart (same protocol).
+static int bench(enum ggml_type t, long long nrows, long long n_per_row, int reps, const char *imatrix_path) {
+    size_t row_bytes = ggml_row_size(t, n_per_row);
+    float *src = read_all(stdin, sizeof(float) * nrows * n_per_row);
+    float *imatrix = NULL;
+    if (imatrix_path) {
+        FILE *f = fopen(imatrix_path, "rb");
+        if (!f) { perror(imatrix_path); return 2; }
+        imatrix = read_all(f, sizeof(float) * n_per_row);
+        fclose(f);
+    }
+    void *dst = malloc(row_bytes * nrows + 1);
+    float *back = malloc(sizeof(float) * nrows * n_per_row + 1);
+    ggml_quantize_init(t);
+    printf("quantize");
+    for (int i = 0; i < reps; i++) {
+        double t0 = now_s();
+        size_t n = ggml_quantize_chunk(t, src, dst, 0, nrows, n_per_row, imatrix);
+        double dt = now_s() - t0;
+        if (n != row_bytes * nrows) { fprintf(stderr, "ggml_quantize_chunk wrote %zu bytes\n", n); return 3; }
+        printf(" %.9f", dt);
+    }
+    printf("\n");
+    const struct ggml_type_traits *tr = ggml_get_type_traits(t);
+    if (tr->to_float) {
+        printf("dequantize");
+        for (int i = 0; i < reps; i++) {
+            double t0 = now_s();
+            for (long long r = 0; r < nrows; r++)
+                tr->to_float((const char *)dst + r * row_bytes, back + r * n_per_row, n_per_row);
+            printf(" %.9f", now_s() - t0);
+        }
+        printf("\n");
+    }
+    printf("fnv1a64 %016llx\n", (unsigned long long)fnv1a64(dst, row_bytes * nrows));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: ggml-quant-ref quant|dequant|info TYPE [NROWS NPERROW [IMATRIX]]\n"); return 2; }
     enum ggml_type t = type_by_name(argv[2]);
@@ -38,6 +97,10 @@ int main(int argc, char **argv) {
     }
     if (argc < 5) { fprintf(stderr, "need NROWS NPERROW\n"); return 2; }
     long long nrows = atoll(argv[3]), n_per_row = atoll(argv[4]);
+    if (strcmp(argv[1], "bench") == 0) {
+        if (argc < 6) { fprintf(stderr, "need NROWS NPERROW REPS [IMATRIX]\n"); return 2; }
+        return bench(t, nrows, n_per_row, atoi(argv[5]), argc > 6 ? argv[6] : NULL);
+    }
     size_t row_bytes = ggml_row_size(t, n_per_row);
     if (strcmp(argv[1], "quant") == 0) {
         float *src = read_all(stdin, sizeof(float) * nrows * n_per_row);

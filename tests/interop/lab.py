@@ -303,6 +303,17 @@ def _bin_hash(tool: str) -> str:
     return hashlib.sha256((LLAMA_BIN / tool).read_bytes()).hexdigest()
 
 
+def cached_file(kind: str, name: str, key_parts, run) -> Path:
+    """A file made by `run(out_path)`, cached under CACHE/kind/, keyed by the fixture, the reference tools and
+    `key_parts`."""
+    key = f"{name}." + _sha(kind, fixture_hash(name), reference_tool_id(), _bin_hash("llama-quantize"), *key_parts)[:16]
+    return _cached_run(kind, key, "out.gguf", run)
+
+
+def run_tool(tool: str, args) -> None:
+    _run_tool(tool, args)
+
+
 def _run_tool(tool: str, args) -> None:
     cmd = [str(LLAMA_BIN / tool), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(LLAMA_BIN)})

@@ -108,3 +108,24 @@ def test_llama_cpp_runs_every_preset(name, tmp_path):
         lab.record("quantize_logits", f"{name}/{p}", s)
         # Loose sanity bound: random tiny models are far harder to quantize than trained ones; the figures matter.
         assert s["kl_mean"] < 2.0, (p, s)
+
+
+GG_CASES = [(n, src, p) for n in ("qwen3moe-wide", "deepseekv3-wide", "gptoss-mxfp4-wide", "mixtral")
+            for src, p in (("bf16", "Q4_K_M"), ("bf16", "IQ4_XS"), ("bf16", "Q2_K"), ("bf16", "MXFP4_MOE"),
+                           ("f16", "Q5_K_M"), ("f32", "Q3_K_M"), ("q8_0", "Q4_0"))]
+
+
+@pytest.mark.parametrize("name,src,preset", GG_CASES, ids=[f"{n}-{s}-{p}" for n, s, p in GG_CASES])
+def test_gguf_source_file_identical_to_llama_quantize(name, src, preset, tmp_path):
+    """sling quantize on a GGUF (what llama-quantize takes) gives llama-quantize's file, byte for byte, whole file
+    (same metadata, even the naming keys, since both copy them from the input)."""
+    gguf_in = lab.reference_convert(name, src)[0]
+    # Block-quantized inputs (Q8_0, gpt-oss MXFP4 experts) need --allow-requantize on both sides.
+    extra = ("--allow-requantize",) if src == "q8_0" or (name in REQUANT and preset != "MXFP4_MOE") else ()
+    ref = lab.cached_file("quantize-gguf", name, (src, preset, *extra),
+                          lambda out: lab.run_tool("llama-quantize", [*extra, gguf_in, out, preset, lab.JOBS]))
+    ours = tmp_path / "sling.gguf"
+    lab.sling("-q", "quantize", gguf_in, "--to", f"gguf:{preset}", "-o", ours, "--no-manifest", *extra)
+    same = ours.read_bytes() == ref.read_bytes()
+    lab.record("quantize_gguf_source", f"{name}/{src}/{preset}", {"file_identical": same, "bytes": ours.stat().st_size})
+    assert same, f"{ours} differs from llama-quantize's {ref}"

@@ -6,5 +6,5 @@ pub mod ops;
 pub mod plan;
 pub mod run;
 
-pub use plan::{plan, OutTensor, OutType, Payload, Plan, PlanError};
+pub use plan::{plan, GgufSource, OutTensor, OutType, Payload, Plan, PlanError};
 pub use run::{convert, execute, ConvertError, ConvertOptions, ConvertReport, Prepared};

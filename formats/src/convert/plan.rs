@@ -57,6 +57,27 @@ pub enum Payload {
     Values(Op),
     /// Bytes repacked without decoding (MXFP4 experts).
     Mxfp4(Mxfp4Repack),
+    /// A tensor of a GGUF source file (`sling quantize model.gguf`): copied, or decoded and requantized.
+    Gguf(GgufSource),
+}
+
+/// One tensor of an open GGUF file.
+#[derive(Clone, Debug)]
+pub struct GgufSource {
+    pub file: std::sync::Arc<crate::gguf::GgufFile>,
+    pub index: usize,
+    pub dtype: DType,
+    /// Bytes per row (`ne[0]` elements).
+    pub row_bytes: u64,
+}
+
+impl GgufSource {
+    /// The bytes of rows `r0..r1`, if they lie inside the tensor.
+    pub fn rows(&self, r0: u64, r1: u64) -> Option<&[u8]> {
+        let t = self.file.tensors.get(self.index)?;
+        let data = self.file.tensor_data(t);
+        data.get((r0 * self.row_bytes) as usize..(r1 * self.row_bytes) as usize)
+    }
 }
 
 /// One tensor of the output file.

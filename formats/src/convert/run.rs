@@ -87,12 +87,14 @@ pub fn check_output_path(ck: &Checkpoint, output: &Path) -> Result<(), ConvertEr
     let out_dir = parent.canonicalize().map_err(|source| ConvertError::Io { path: parent.to_path_buf(), source })?;
     let out_abs = out_dir.join(output.file_name().unwrap_or_default());
     let in_dir = ck.dir.canonicalize().map_err(|source| ConvertError::Io { path: ck.dir.clone(), source })?;
-    for f in &ck.files {
-        if f.path.canonicalize().ok().as_deref() == Some(out_abs.as_path()) {
+    for f in ck.files.iter().map(|f| &f.path).chain(&ck.other_sources) {
+        if f.canonicalize().ok().as_deref() == Some(out_abs.as_path()) {
             return Err(ConvertError::OutputIsInput(output.to_path_buf()));
         }
     }
-    if out_abs.starts_with(&in_dir) {
+    // A model directory is protected as a whole; a lone GGUF source only from being overwritten (llama-quantize
+    // users write next to it).
+    if !ck.files.is_empty() && out_abs.starts_with(&in_dir) {
         return Err(ConvertError::OutputInsideInput { output: output.to_path_buf(), input: ck.dir.clone() });
     }
     Ok(())
@@ -199,6 +201,38 @@ fn compute(
             sling_quantizers::dequantize(DType::MXFP4, &raw, &mut v)
                 .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
             encode(t, c.r0, &v, &mut bytes)?;
+        }
+        Payload::Gguf(g) => {
+            let src = g.rows(c.r0, c.r1).ok_or_else(|| ConvertError::Op {
+                tensor: t.name.clone(),
+                source: OpError::Missing(format!("{} rows {}..{} in {}", t.name, c.r0, c.r1, g.file.path.display())),
+            })?;
+            let enc_err = |source| ConvertError::Encode { tensor: t.name.clone(), source };
+            let mut v = Vec::new();
+            // ggml's to_float for every type (f32/f16/bf16 exact widening, block types dequantized).
+            if g.dtype.is_quantized() {
+                sling_quantizers::dequantize(g.dtype, src, &mut v).map_err(enc_err)?;
+            } else {
+                sling_quantizers::decode_to_f32(g.dtype, src, &mut v)
+                    .map_err(|_| enc_err(sling_quantizers::EncodeError::Unsupported(g.dtype)))?;
+            }
+            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                let index = c.r0 * t.ne.first().copied().unwrap_or(1) + i as u64;
+                if !allow_nonfinite {
+                    return Err(ConvertError::NonFinite {
+                        tensor: t.name.clone(),
+                        sources: t.sources.join(", "),
+                        index,
+                        value: *x,
+                    });
+                }
+                flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
+            }
+            if t.dtype == g.dtype {
+                bytes.extend_from_slice(src);
+            } else {
+                encode(t, c.r0, &v, &mut bytes)?;
+            }
         }
         Payload::Values(op)
             if round_via.is_none() && op.raw_dtype() == Some(t.dtype) && raw_copy(ck, op, c, t, &mut bytes)? =>

@@ -11,6 +11,7 @@ pub mod imatrix;
 pub mod recipe;
 pub mod rules;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sling_core::DType;
@@ -18,8 +19,8 @@ use sling_core::DType;
 use crate::checkpoint::Checkpoint;
 use crate::convert::hparams::Kvs;
 use crate::convert::run::build_kvs;
-use crate::convert::{plan, ConvertError, OutType, Payload, PlanError, Prepared};
-use crate::gguf::GgufValue;
+use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Payload, PlanError, Prepared};
+use crate::gguf::{GgufFile, GgufValue};
 pub use imatrix::{Imatrix, ImatrixError};
 pub use recipe::Recipe;
 pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, TensorTypeRule, Why};
@@ -47,6 +48,10 @@ pub enum QuantizeError {
     Requantize { tensor: String, from: DType },
     #[error("this quantization requires an importance matrix: tensor {tensor} would be {dtype} (pass --imatrix FILE)")]
     NeedsImatrix { tensor: String, dtype: DType },
+    #[error(
+        "{0} is one shard of a split GGUF; merge it first (llama-gguf-split --merge) or quantize the HF checkpoint"
+    )]
+    SplitSource(PathBuf),
     #[error("imatrix entry {tensor} has {got} values, the tensor needs {want} (ne[0] x experts)")]
     ImatrixSize { tensor: String, got: usize, want: u64 },
 }
@@ -102,12 +107,47 @@ pub fn model_facts(kvs: &Kvs) -> ModelFacts {
     }
 }
 
-/// Plans `sling quantize`: every tensor's type, order and importance weights, and the metadata.
+/// Plans `sling quantize` of an HF checkpoint: every tensor's type, order and importance weights, and the metadata.
 pub fn plan_quantize(ck: &Checkpoint, opts: &QuantizeOptions) -> Result<QuantizePlan, QuantizeError> {
     let p = plan(ck, OutType::BF16)?;
     let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
-    let mut kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4)?;
-    let mut tensors = p.tensors;
+    let kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4)?;
+    decide(p.tensors, kvs, p.notes, opts)
+}
+
+/// Plans `sling quantize` of a GGUF file (what llama-quantize reads): its tensors and metadata as they are.
+/// Returns the source (to execute the plan with) and the plan.
+pub fn plan_quantize_gguf(path: &Path, opts: &QuantizeOptions) -> Result<(Checkpoint, QuantizePlan), QuantizeError> {
+    let g = GgufFile::open(path).map_err(|e| QuantizeError::Convert(e.into()))?;
+    if g.get("split.count").and_then(|v| v.as_u64()).unwrap_or(1) > 1 {
+        return Err(QuantizeError::SplitSource(path.to_path_buf()));
+    }
+    let g = Arc::new(g);
+    let mut tensors = Vec::with_capacity(g.tensors.len());
+    for (index, t) in g.tensors.iter().enumerate() {
+        let ne0 = t.ne.first().copied().unwrap_or(1);
+        let row_bytes = t.dtype.bytes_for(ne0).unwrap_or(0);
+        tensors.push(OutTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            ne: t.ne.clone(),
+            payload: Payload::Gguf(GgufSource { file: g.clone(), index, dtype: t.dtype, row_bytes }),
+            sources: vec![t.name.clone()],
+            round_via: None,
+            weights: None,
+        });
+    }
+    let kvs = Kvs(g.kvs.iter().filter(|(k, _)| !k.starts_with("split.")).cloned().collect());
+    Ok((Checkpoint::other_file(path), decide(tensors, kvs, Vec::new(), opts)?))
+}
+
+/// The source-independent part: llama-quantize's order, type choice, imatrix lookup and metadata.
+fn decide(
+    mut tensors: Vec<OutTensor>,
+    mut kvs: Kvs,
+    notes: Vec<String>,
+    opts: &QuantizeOptions,
+) -> Result<QuantizePlan, QuantizeError> {
     // llama-quantize walks (and writes) the tensors in `weight_name_comparer` order.
     tensors.sort_by(|a, b| rules::sort_key(&a.name).cmp(&rules::sort_key(&b.name)));
     let facts = model_facts(&kvs);
@@ -186,7 +226,7 @@ pub fn plan_quantize(ck: &Checkpoint, opts: &QuantizeOptions) -> Result<Quantize
         }
     }
     let n_fallback = chooser.n_fallback;
-    let mut notes = p.notes;
+    let mut notes = notes;
     if n_fallback > 0 {
         notes.push(format!("{n_fallback} of {} tensor(s) required fallback quantization", tensors.len()));
     }

@@ -19,7 +19,8 @@ J3T+KU1/3dHSiez0EyUepZK6yXqtiwtoVA4q4uzADCuzT+a1jlBG5PK93w==
 -----END PUBLIC KEY-----
 ";
 const EXAMPLE_HINT: &str = "92a84b941fcd6028a6594bd168440db73493764f49ba992c12f39ecf42df44db";
-const EXAMPLE_SIG: &str = "MEUCIDESu252bh27HR447dLQhdAI8YfTZniP3lNo0WTzqlq4AiEAywqVNYS8cfcOmqTjx5avb1KTZr5DW8v8MhOyct0bcVA=";
+const EXAMPLE_SIG: &str =
+    "MEUCIDESu252bh27HR447dLQhdAI8YfTZniP3lNo0WTzqlq4AiEAywqVNYS8cfcOmqTjx5avb1KTZr5DW8v8MhOyct0bcVA=";
 /// The exact signed payload (1,053 bytes, no trailing newline), as protobuf's MessageToJson wrote it.
 const EXAMPLE_PAYLOAD: &str = r#"{
   "_type": "https://in-toto.io/Statement/v1",
@@ -210,7 +211,10 @@ fn sign_then_verify_directory() {
     assert_eq!(st["predicate"]["serialization"]["method"], "files");
     assert_eq!(st["predicate"]["serialization"]["hash_type"], "sha256");
     assert_eq!(st["predicate"]["serialization"]["allow_symlinks"], false);
-    assert_eq!(st["predicate"]["resources"][0], json!({"name": ".hidden", "algorithm": "sha256", "digest": hex(&Sha256::digest(b"h"))}));
+    assert_eq!(
+        st["predicate"]["resources"][0],
+        json!({"name": ".hidden", "algorithm": "sha256", "digest": hex(&Sha256::digest(b"h"))})
+    );
 
     let r = verify(&m, &sig, &p).unwrap();
     assert!(r.verified(), "{:?}", r.problems);
@@ -242,7 +246,10 @@ fn tampered_extra_and_missing_files() {
     let r = verify(&m, &sig, &p).unwrap();
     assert_eq!(
         kinds(&r),
-        vec![(SigProblemKind::ExtraFile, Some("a/new.bin".into())), (SigProblemKind::ExtraFile, Some("empty/.x".into()))]
+        vec![
+            (SigProblemKind::ExtraFile, Some("a/new.bin".into())),
+            (SigProblemKind::ExtraFile, Some("empty/.x".into()))
+        ]
     );
     fs::remove_file(m.join("a/new.bin")).unwrap();
     fs::remove_file(m.join("empty/.x")).unwrap();
@@ -343,7 +350,13 @@ fn single_file_artifact() {
     let sig = t.path().join("model.sig");
     let out = sign(&f, &k, &sig).unwrap();
     assert_eq!(out.model_name, "model.gguf");
-    assert_eq!(out.files, vec![SignedFile { name: ".".into(), sha256: "62e1cb3d236c6ee44130c54bf720f87b2ba1b0d58965634af9a3c3e541a462ef".into() }]);
+    assert_eq!(
+        out.files,
+        vec![SignedFile {
+            name: ".".into(),
+            sha256: "62e1cb3d236c6ee44130c54bf720f87b2ba1b0d58965634af9a3c3e541a462ef".into()
+        }]
+    );
     assert_eq!(out.ignore_paths, GIT_PATHS);
     let r = verify(&f, &sig, &p).unwrap();
     assert!(r.verified(), "{:?}", r.problems);
@@ -465,7 +478,9 @@ fn malformed_bundles_cannot_be_checked() {
     for (text, what) in cases {
         fs::write(&sig, &text).unwrap();
         match verify(&m, &sig, &pubk) {
-            Err(SigningError::Bundle { path, reason }) => assert!(path == sig && reason.contains(what), "{what}: {reason}"),
+            Err(SigningError::Bundle { path, reason }) => {
+                assert!(path == sig && reason.contains(what), "{what}: {reason}")
+            }
             other => panic!("{what}: {other:?}"),
         }
     }
@@ -497,7 +512,17 @@ fn malformed_signed_statements_cannot_be_checked() {
         (edit(&|v| v["subject"][0]["digest"] = json!({"sha512": "00"})), "digest.sha256"),
         (edit(&|v| v["predicate"]["serialization"]["method"] = json!("shards")), "\"shards\""),
         (edit(&|v| v["predicate"]["serialization"]["hash_type"] = json!("blake3")), "blake3"),
-        (edit(&|v| v["predicate"]["serialization"].as_object_mut().unwrap().remove("allow_symlinks").map(|_| ()).unwrap_or(())), "allow_symlinks"),
+        (
+            edit(&|v| {
+                v["predicate"]["serialization"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("allow_symlinks")
+                    .map(|_| ())
+                    .unwrap_or(())
+            }),
+            "allow_symlinks",
+        ),
         (edit(&|v| v["predicate"]["serialization"]["ignore_paths"] = json!([1])), "non-string"),
         (edit(&|v| v["predicate"]["resources"] = json!(null)), "resources"),
         (edit(&|v| v["predicate"]["resources"][0]["digest"] = json!("zz")), "not hex"),
