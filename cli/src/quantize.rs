@@ -9,8 +9,8 @@ use sling_formats::checkpoint::Checkpoint;
 use sling_formats::convert::{execute, ConvertOptions, OutType};
 use sling_formats::gguf::SplitPolicy;
 use sling_formats::quantize::{
-    plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe, RuleOptions,
-    TensorTypeRule, Why,
+    parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe,
+    RuleOptions, TensorTypeRule, Why,
 };
 
 use crate::convert::{parse_size, progress_bar, tool};
@@ -78,6 +78,13 @@ pub struct QuantArgs {
     /// REGEX=TYPE: tensors whose name matches get TYPE (repeatable; first match wins).
     #[arg(long, value_name = "REGEX=TYPE")]
     tensor_type: Vec<String>,
+    /// KEY=TYPE:VALUE metadata to set in the output (TYPE int, float, bool or str), like llama-quantize's
+    /// --override-kv (repeatable).
+    #[arg(long, value_name = "KEY=TYPE:VALUE")]
+    override_kv: Vec<String>,
+    /// File of whitespace-separated REGEX=TYPE rules, used after --tensor-type (llama-quantize --tensor-type-file).
+    #[arg(long, value_name = "FILE")]
+    tensor_type_file: Option<PathBuf>,
     /// Requantize tensors the source holds in a block type (gpt-oss MXFP4 experts) for presets other than MXFP4_MOE.
     #[arg(long)]
     allow_requantize: bool,
@@ -108,6 +115,9 @@ pub struct Args {
     /// Do not write the provenance manifest OUT.sling.json.
     #[arg(long)]
     no_manifest: bool,
+    /// Print the plan (as `sling plan` does) and write nothing, like llama-quantize --dry-run.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<DType>> {
@@ -162,7 +172,19 @@ fn options(a: &QuantArgs) -> Result<(QuantizeOptions, String)> {
         .iter()
         .map(|s| TensorTypeRule::parse(s).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(p) = &a.tensor_type_file {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        for tok in text.split_whitespace() {
+            tensor_types.push(
+                TensorTypeRule::parse(tok)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("in {}", p.display()))?,
+            );
+        }
+    }
     tensor_types.extend(recipe_rules);
+    let overrides =
+        a.override_kv.iter().map(|s| parse_override_kv(s).map_err(anyhow::Error::msg)).collect::<Result<Vec<_>>>()?;
     let imatrix = match &a.imatrix {
         Some(p) => {
             let mut m = Imatrix::load(p)?;
@@ -186,6 +208,7 @@ fn options(a: &QuantArgs) -> Result<(QuantizeOptions, String)> {
             allow_requantize: a.allow_requantize,
             tokenizer_pre: a.tokenizer_pre.clone(),
             label: label.clone(),
+            overrides,
         },
         label,
     ))
@@ -295,6 +318,9 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
+    if a.dry_run {
+        return run_plan(a.q);
+    }
     let (opts, label) = options(&a.q)?;
     let split = match (&a.split_max_size, a.split_max_tensors) {
         (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),

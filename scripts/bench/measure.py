@@ -173,3 +173,21 @@ def machine_info() -> dict:
         "git_rev": git.stdout.strip() + ("-dirty" if dirty else ""),
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
     }
+
+
+def private_copy(src: Path, dst: Path) -> dict:
+    """Copy a binary to dst and describe it (sha256, size, mtime): benchmarks measure the copy, because the
+    original (target/release/...) may be rebuilt by someone else while they run."""
+    import hashlib
+    shutil.copy2(src, dst)
+    st = dst.stat()
+    return {"source": str(src), "path": str(dst), "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
+            "size": st.st_size,
+            "mtime_utc": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")}
+
+
+def changed_since(info: dict) -> bool:
+    """Whether the original of a private_copy() differs now from the copy that was measured."""
+    import hashlib
+    src = Path(info["source"])
+    return not src.exists() or hashlib.sha256(src.read_bytes()).hexdigest() != info["sha256"]

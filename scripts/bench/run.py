@@ -33,18 +33,16 @@ scripts/bench/results. Options: --sizes 1,4  --repeat 3 (cp and sling; the media
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from measure import machine_info, measure, rm, sync_time, wait_quiet, warm  # scripts/bench/measure.py
+from measure import (changed_since, machine_info, measure, private_copy, rm, sync_time,  # scripts/bench/measure.py
+                     wait_quiet, warm)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -86,11 +84,9 @@ def main():
     # Measure a private copy: target/release/sling may be rebuilt while the benchmark runs.
     src_sling = a.sling
     a.sling = a.work / "sling"
-    shutil.copy2(src_sling, a.sling)
+    copied = private_copy(src_sling, a.sling)
     sling_ver = subprocess.run([str(a.sling), "--version"], capture_output=True, text=True).stdout.strip()
-    st = a.sling.stat()
-    sling_bin = {"sha256": hashlib.sha256(a.sling.read_bytes()).hexdigest(), "size": st.st_size,
-                 "mtime_utc": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")}
+    sling_bin = {k: copied[k] for k in ("sha256", "size", "mtime_utc")}
     result = {"machine": machine_info(), "sling": str(src_sling), "sling_version": sling_ver, "sling_binary": sling_bin,
               "reference": "llama.cpp convert_hf_to_gguf.py via scripts/bench/convert_ref.py",
               "args": {k: str(v) for k, v in vars(a).items()}, "models": [], "runs": [], "verification": []}
@@ -184,7 +180,7 @@ def main():
 
     result["total_s"] = time.perf_counter() - t_start
     result["quiet_wait_total_s"] = result.pop("_quiet_total")[0]
-    if hashlib.sha256(src_sling.read_bytes()).hexdigest() != sling_bin["sha256"]:
+    if changed_since(copied):
         result["note"] = f"{src_sling} was rebuilt during the run; the measured copy is the one from the start"
         print("NOTE:", result["note"])
     result["summary"] = summarize(result)

@@ -129,3 +129,25 @@ def test_gguf_source_file_identical_to_llama_quantize(name, src, preset, tmp_pat
     same = ours.read_bytes() == ref.read_bytes()
     lab.record("quantize_gguf_source", f"{name}/{src}/{preset}", {"file_identical": same, "bytes": ours.stat().st_size})
     assert same, f"{ours} differs from llama-quantize's {ref}"
+
+
+FLAG_SETS = {
+    "pure": ("--pure",),
+    "leave-output": ("--leave-output-tensor",),
+    "output-q5_K-embd-q4_0": ("--output-tensor-type", "q5_K", "--token-embedding-type", "q4_0"),
+    "tensor-types": ("--tensor-type", "ffn_down_exps=q8_0", "--tensor-type", "BLK\\.0\\..*=q6_K",
+                     "--tensor-type", "attn_.*=iq4_nl"),
+    "override-kv": ("--override-kv", "general.name=str:renamed", "--override-kv", "x.int=int:-7",
+                    "--override-kv", "x.float=float:0.25", "--override-kv", "x.bool=bool:false"),
+}
+FLAG_CASES = [(n, p, f) for n in ("qwen3moe-wide", "mixtral-wide", "deepseekv3-wide") for p in ("Q4_K_M", "Q3_K_S")
+              for f in FLAG_SETS]
+
+
+@pytest.mark.parametrize("name,preset,flags", FLAG_CASES, ids=[f"{n}-{p}-{f}" for n, p, f in FLAG_CASES])
+def test_llama_quantize_flags_mean_the_same(name, preset, flags, tmp_path):
+    """llama-quantize's flags, given to both tools, from the HF checkpoint (sling) and the BF16 GGUF (reference)."""
+    extra = FLAG_SETS[flags]
+    ref = lab.reference_quantize(name, preset, extra)
+    ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", extra)
+    _compare(name, ours[0], ref, f"{name}/{preset}/{flags}")

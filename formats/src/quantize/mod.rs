@@ -36,6 +36,40 @@ pub struct QuantizeOptions {
     pub tokenizer_pre: Option<String>,
     /// What to call the result in the manifest (the preset or recipe name).
     pub label: String,
+    /// `--override-kv` values, in order (see [`parse_override_kv`]).
+    pub overrides: Vec<(String, GgufValue)>,
+}
+
+/// Parses llama.cpp's `--override-kv KEY=TYPE:VALUE` (`common/common.cpp string_parse_kv_override`) into the value
+/// llama-quantize writes: `int:` as u32 of |v| (`(uint32_t)std::abs`), `float:` as f32, `bool:` true/false,
+/// `str:` at most 127 bytes. Stricter than `atol`/`atof`: a value that is not a number is an error.
+pub fn parse_override_kv(spec: &str) -> Result<(String, GgufValue), String> {
+    let (key, rest) =
+        spec.split_once('=').ok_or_else(|| format!("malformed KV override {spec:?}: expected KEY=TYPE:VALUE"))?;
+    if key.is_empty() || key.len() >= 128 {
+        return Err(format!("malformed KV override {spec:?}: the key must be 1 to 127 bytes"));
+    }
+    let bad = |what: &str| format!("invalid {what} value in KV override {spec:?}");
+    let v = if let Some(v) = rest.strip_prefix("int:") {
+        let n: i64 = v.trim().parse().map_err(|_| bad("int"))?;
+        GgufValue::U32(n.unsigned_abs() as u32)
+    } else if let Some(v) = rest.strip_prefix("float:") {
+        GgufValue::F32(v.trim().parse::<f64>().map_err(|_| bad("float"))? as f32)
+    } else if let Some(v) = rest.strip_prefix("bool:") {
+        match v {
+            "true" => GgufValue::Bool(true),
+            "false" => GgufValue::Bool(false),
+            _ => return Err(bad("bool")),
+        }
+    } else if let Some(v) = rest.strip_prefix("str:") {
+        if v.len() > 127 {
+            return Err(format!("malformed KV override {spec:?}: value cannot exceed 127 chars"));
+        }
+        GgufValue::String(v.to_string())
+    } else {
+        return Err(format!("invalid type for KV override {spec:?}: use int:, float:, bool: or str:"));
+    };
+    Ok((key.to_string(), v))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,11 +253,11 @@ fn decide(
     kvs.0.retain(|(k, _)| k != "general.quantization_version" && k != "general.file_type");
     kvs.0.push(("general.quantization_version".into(), GgufValue::U32(2)));
     kvs.0.push(("general.file_type".into(), GgufValue::U32(opts.rules.ftype.id)));
-    if let Some(m) = imatrix {
-        for (k, v) in m.kvs() {
-            kvs.0.retain(|(x, _)| *x != k);
-            kvs.0.push((k, v));
-        }
+    // Then the overrides in llama-quantize's order: the user's, then the imatrix keys (each removed and re-appended).
+    let imatrix_kvs = imatrix.map(|m| m.kvs()).unwrap_or_default();
+    for (k, v) in opts.overrides.iter().cloned().chain(imatrix_kvs) {
+        kvs.0.retain(|(x, _)| *x != k);
+        kvs.0.push((k, v));
     }
     let n_fallback = chooser.n_fallback;
     let mut notes = notes;
