@@ -119,11 +119,11 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
             _ => None,
         }
     }
-    let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    let pairs = s.as_bytes().chunks_exact(2);
+    if !pairs.remainder().is_empty() {
         return None;
     }
-    b.chunks_exact(2).map(|p| Some(nib(p[0])? << 4 | nib(p[1])?)).collect()
+    pairs.map(|p| Some(nib(p[0])? << 4 | nib(p[1])?)).collect()
 }
 
 /// The DSSE v1 pre-authentication encoding of an in-toto payload: the bytes that are signed.

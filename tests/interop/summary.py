@@ -19,6 +19,10 @@ def _e(x: float) -> str:
     return f"{x:.1e}"
 
 
+_PRESET_ORDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
+                 "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE")
+
+
 def render(results: Path) -> str:
     out = ["# sling interop results", "",
            "Written by the interop suite (`scripts/test`, tests/interop); figures from its last run."
@@ -97,6 +101,60 @@ def render(results: Path) -> str:
                        f"{'yes' if e['shards_identical_to_reference'] else 'no'} | "
                        f"{e['merged_tensors_identical']}/{e['tensors']} tensors | "
                        f"{'bit-identical' if e['logits_split_equal_unsplit'] else 'DIFFERENT'} |")
+        out.append("")
+
+    qb, v = _load(results, "quantize_bytes")
+    versions.update(v)
+    if qb:
+        plain = {k: e for k, e in qb.items() if k.count("/") == 1}
+        other = {k: e for k, e in qb.items() if k.count("/") == 2}
+        presets = sorted({k.split("/")[1] for k in plain}, key=lambda p: list(_PRESET_ORDER).index(p)
+                         if p in _PRESET_ORDER else 99)
+        models = sorted({k.split("/")[0] for k in plain})
+        n_ok = sum(e["tensors_identical"] == e["tensors_total"] and not e["kv_diffs"] for e in qb.values())
+        out += ["## Quantization: byte identity with convert_hf_to_gguf.py --outtype bf16 + llama-quantize", "",
+                f"{n_ok} of {len(qb)} cases identical (every tensor's name, type, shape and bytes, tensor order, every "
+                "metadata key but the naming keys). Tensors identical / total per fixture and preset; `-wide` fixtures "
+                "have every dimension a multiple of 256 (K-quants on their main path), the others take llama-quantize's "
+                "row fallbacks.", "",
+                "| fixture | " + " | ".join(presets) + " |", "|---|" + "---|" * len(presets)]
+        for m in models:
+            cells = []
+            for p in presets:
+                e = plain.get(f"{m}/{p}")
+                cells.append("" if e is None else f"{e['tensors_identical']}/{e['tensors_total']}")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        if other:
+            out += ["", "With an imatrix (llama-imatrix output, GGUF and legacy .dat) and with llama-quantize flags given "
+                    "to both tools:", "", "| variant | cases identical | fixtures | presets |", "|---|---|---|---|"]
+            groups: dict[str, list] = {}
+            for k, e in other.items():
+                m, p, var = k.split("/")
+                groups.setdefault(var, []).append((m, p, e))
+            for var, es in sorted(groups.items()):
+                ok = sum(e["tensors_identical"] == e["tensors_total"] and not e["kv_diffs"] for _, _, e in es)
+                out.append(f"| {var} | {ok}/{len(es)} | {', '.join(sorted({m for m, _, _ in es}))} | "
+                           f"{', '.join(sorted({p for _, p, _ in es}))} |")
+        out.append("")
+    qg, v = _load(results, "quantize_gguf_source")
+    if qg:
+        n_ok = sum(e["file_identical"] for e in qg.values())
+        out += ["## Quantization from a GGUF source", "",
+                f"`sling quantize model.gguf` vs `llama-quantize model.gguf`: {n_ok} of {len(qg)} output files identical "
+                "(whole file, byte for byte): " + ", ".join(sorted(qg)) + ".", ""]
+    ql, v = _load(results, "quantize_logits")
+    if ql:
+        presets = [p for p in _PRESET_ORDER if any(k.endswith("/" + p) for k in ql)]
+        models = sorted({k.split("/")[0] for k in ql})
+        out += ["## Quantized logits (llama.cpp on sling's quantized files vs its F32 file)", "",
+                "KL mean (nats) / top-1 agreement over 16 tokens. The fixtures are random-init tiny models, much harder "
+                "to quantize than trained ones: the figures show that llama.cpp loads and runs every output and that "
+                "quality orders as expected, not what a real model loses.", "",
+                "| fixture | " + " | ".join(presets) + " |", "|---|" + "---|" * len(presets)]
+        for m in models:
+            out.append(f"| {m} | " + " | ".join(
+                (f"{ql[f'{m}/{p}']['kl_mean']:.3f} / {ql[f'{m}/{p}']['top1']:.2f}" if f"{m}/{p}" in ql else "")
+                for p in presets) + " |")
         out.append("")
 
     if versions:
