@@ -59,7 +59,41 @@ pub fn quantize_rows(
 ) -> Result<(), EncodeError> {
     match dtype {
         DType::Q8_0 | DType::F32 | DType::F16 | DType::BF16 => encode_f32(dtype, x, n_per_row, out),
+        #[cfg(target_arch = "x86_64")]
+        _ if dtype.is_quantized() && std::is_x86_feature_detected!("avx2") && !disabled() => {
+            // Validate (and size the output) through the scalar entry point's checks, then fill it here.
+            let start = out.len();
+            sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
+            let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
+            out.resize(start + x.len() / n_per_row * row_bytes, 0);
+            // SAFETY: the CPU supports AVX2 (checked just above), which is all `rows_avx2` requires.
+            unsafe { rows_avx2(dtype, x, n_per_row, imatrix, &mut out[start..], row_bytes) };
+            Ok(())
+        }
         _ => sling_quantizers::quantize_rows(dtype, x, n_per_row, imatrix, out),
+    }
+}
+
+/// `SLING_NO_SIMD=1` forces the scalar reference (for comparisons and benchmarks).
+fn disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
+}
+
+/// The scalar quantizers (`quantize_row_inline` and everything it calls is `#[inline(always)]`) compiled with
+/// AVX2 enabled. No FMA: the same IEEE operations in the same order, so the same bits (tested below).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rows_avx2(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    y: &mut [u8],
+    row_bytes: usize,
+) {
+    for (row, dst) in x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)) {
+        sling_quantizers::ggml::quantize_row_inline(dtype, row, imatrix, dst);
     }
 }
 
@@ -104,5 +138,94 @@ mod tests {
             assert_eq!(a, b, "row {r:?}");
         }
         println!("cpu path: {}", cpu_path());
+    }
+
+    const BLOCK_TYPES: &[DType] = &[
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
+        DType::TQ1_0,
+        DType::TQ2_0,
+        DType::MXFP4,
+    ];
+
+    fn rows_both(dtype: DType, x: &[f32], n: usize, w: Option<&[f32]>) -> (Vec<u8>, Vec<u8>) {
+        let (mut fast, mut scalar) = (Vec::new(), Vec::new());
+        quantize_rows(dtype, x, n, w, &mut fast).unwrap();
+        sling_quantizers::quantize_rows(dtype, x, n, w, &mut scalar).unwrap();
+        (fast, scalar)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// The AVX2 build of every block quantizer gives the scalar reference's bytes, with and without weights.
+        #[test]
+        fn simd_block_quantizers_equal_scalar(
+            t in 0..BLOCK_TYPES.len(),
+            x in proptest::collection::vec(prop_oneof![-4.0f32..4.0, -1e-3f32..1e-3, Just(0.0f32)], 512),
+            w in proptest::option::of(proptest::collection::vec(0.0f32..50.0, 256)),
+        ) {
+            let (a, b) = rows_both(BLOCK_TYPES[t], &x, 256, w.as_deref());
+            prop_assert_eq!(a, b, "{}", BLOCK_TYPES[t]);
+        }
+    }
+
+    #[test]
+    fn simd_block_quantizers_equal_scalar_on_hostile_rows() {
+        let n = 256;
+        let mut rows: Vec<Vec<f32>> = vec![vec![0.0; n], vec![1.0; n], vec![-7.5; n]];
+        let mut spike = vec![0.01f32; n];
+        spike[77] = 1e4;
+        rows.push(spike);
+        rows.push((0..n).map(|i| f32::from_bits(1 + i as u32 * 4099) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect());
+        rows.push((0..n).map(|i| ((i * 7919) % 1000) as f32 * 3e4).collect());
+        rows.push((0..n).map(|i| (i as f32 * 0.37).sin()).collect());
+        let w: Vec<f32> = (0..n).map(|i| if i % 9 == 0 { 0.0 } else { 1.0 + i as f32 }).collect();
+        for t in BLOCK_TYPES {
+            for r in &rows {
+                for wt in [None, Some(w.as_slice())] {
+                    let (a, b) = rows_both(*t, r, n, wt);
+                    assert_eq!(a, b, "{t} weights={}", wt.is_some());
+                }
+            }
+        }
+    }
+
+    /// `cargo test --release -p sling-kernels -- --ignored --nocapture speed`: MB/s of f32 input, one thread.
+    #[test]
+    #[ignore]
+    fn speed() {
+        let n = 4096;
+        let x: Vec<f32> = (0..n * 256).map(|i| ((i as f32 * 0.618).sin() * 0.05)).collect();
+        let w: Vec<f32> = (0..n).map(|i| 1.0 + (i % 13) as f32).collect();
+        for t in BLOCK_TYPES {
+            for wt in [None, Some(w.as_slice())] {
+                let time = |f: &dyn Fn(&mut Vec<u8>)| {
+                    let mut best = f64::MAX;
+                    for _ in 0..3 {
+                        let mut out = Vec::new();
+                        let t0 = std::time::Instant::now();
+                        f(&mut out);
+                        best = best.min(t0.elapsed().as_secs_f64());
+                    }
+                    x.len() as f64 * 4.0 / 1e6 / best
+                };
+                let fast = time(&|o| quantize_rows(*t, &x, n, wt, o).unwrap());
+                let scalar = time(&|o| sling_quantizers::quantize_rows(*t, &x, n, wt, o).unwrap());
+                eprintln!(
+                    "{t:8} weights={:5} avx2 {fast:8.1} MB/s  scalar {scalar:8.1} MB/s  x{:.2}",
+                    wt.is_some(),
+                    fast / scalar
+                );
+            }
+        }
     }
 }

@@ -42,6 +42,31 @@ fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
     })
 }
 
+/// Quantizes one row with a direct (inlinable) call for `dtype`; false for types without a block quantizer here.
+/// `sling-kernels` compiles this, and the whole call tree below it (all `#[inline(always)]`), once more with AVX2
+/// enabled; element-wise IEEE operations only, no FMA, no reassociation, so both builds give the same bits.
+#[inline(always)]
+pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) -> bool {
+    match dtype {
+        DType::Q4_0 => legacy::quantize_row_q4_0(x, qw, y),
+        DType::Q4_1 => legacy::quantize_row_q4_1(x, qw, y),
+        DType::Q5_0 => legacy::quantize_row_q5_0(x, qw, y),
+        DType::Q5_1 => legacy::quantize_row_q5_1(x, qw, y),
+        DType::Q2K => kquants::quantize_row_q2_k(x, qw, y),
+        DType::Q3K => kquants::quantize_row_q3_k(x, qw, y),
+        DType::Q4K => kquants::quantize_row_q4_k(x, qw, y),
+        DType::Q5K => kquants::quantize_row_q5_k(x, qw, y),
+        DType::Q6K => kquants::quantize_row_q6_k(x, qw, y),
+        DType::IQ4NL => iq4::quantize_row_iq4_nl(x, qw, y),
+        DType::IQ4XS => iq4::quantize_row_iq4_xs(x, qw, y),
+        DType::TQ1_0 => ternary::quantize_row_tq1_0(x, qw, y),
+        DType::TQ2_0 => ternary::quantize_row_tq2_0(x, qw, y),
+        DType::MXFP4 => mxfp4::quantize_row_mxfp4(x, qw, y),
+        _ => return false,
+    }
+    true
+}
+
 /// Q8_0 ignores importance weights in ggml (`quantize_q8_0` calls the `_ref` function).
 fn quantize_row_q8_0(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
     let mut out = Vec::with_capacity(y.len());
@@ -59,6 +84,20 @@ fn dequantize_row_q8_0(y: &[u8], x: &mut [f32]) {
     }
 }
 
+/// The preconditions of [`quantize_rows`]: whole rows of whole blocks, `n_per_row` importance weights.
+pub fn check_rows(dtype: DType, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Result<(), EncodeError> {
+    let block = dtype.block_elems();
+    if n_per_row == 0 || n_per_row % block != 0 || x.len() % n_per_row != 0 {
+        return Err(EncodeError::RowNotBlockMultiple { dtype, row: n_per_row, block });
+    }
+    if let Some(w) = imatrix {
+        if w.len() != n_per_row {
+            return Err(EncodeError::ImatrixLength { dtype, row: n_per_row, got: w.len() });
+        }
+    }
+    Ok(())
+}
+
 /// `ggml_quantize_chunk` over whole rows: quantizes `x` (rows of `n_per_row`) as `dtype`, appending the
 /// blocks to `out`. `imatrix` holds `n_per_row` importance weights shared by all rows, as llama-quantize
 /// passes them. Plain types (f32, f16, bf16) are encoded as ggml rounds them.
@@ -69,15 +108,8 @@ pub fn quantize_rows(
     imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
+    check_rows(dtype, x, n_per_row, imatrix)?;
     let block = dtype.block_elems();
-    if n_per_row == 0 || n_per_row % block != 0 || x.len() % n_per_row != 0 {
-        return Err(EncodeError::RowNotBlockMultiple { dtype, row: n_per_row, block });
-    }
-    if let Some(w) = imatrix {
-        if w.len() != n_per_row {
-            return Err(EncodeError::ImatrixLength { dtype, row: n_per_row, got: w.len() });
-        }
-    }
     let Some((quant, _)) = kernels(dtype) else {
         return encode::encode_f32(dtype, x, n_per_row, out);
     };

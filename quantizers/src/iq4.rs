@@ -46,6 +46,7 @@ const IQ4_XS_BYTES: usize = 136;
 /// `best_index_int8(16, kvalues_iq4nl, x)` (ggml-quants.c), line for line: clamp to the ends, binary search for
 /// `val[mu-1] <= x < val[mu]`, then the nearer of the two with ties going up. A NaN `x` falls through every
 /// comparison and ends at index 15. Kept as the readable reference for [`best_index`], which the loops use.
+#[inline(always)]
 pub fn best_index_int8(x: f32) -> usize {
     if x <= KV[0] {
         return 0;
@@ -219,6 +220,7 @@ fn pack_indices(xb: &[f32; 32], id: f32, qs: &mut [u8]) {
 /// One row of IQ4_NL: `quantize_iq4_nl` (ggml-quants.c) for one row, i.e. `quantize_row_iq4_nl_impl(QK4_NL, 32,
 /// ..., qw, ntry = 7)` per 32-block, with the row's weights for that block when given. `x.len()` is a multiple of 32
 /// and `y` holds exactly its blocks.
+#[inline(always)]
 pub fn quantize_row_iq4_nl(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     for (ib, (xb, yb)) in x.chunks_exact(QK4_NL).zip(y.chunks_exact_mut(IQ4_NL_BYTES)).enumerate() {
         let Ok(xb): Result<&[f32; 32], _> = xb.try_into() else { continue };
@@ -246,6 +248,7 @@ pub fn dequantize_row_iq4_nl(y: &[u8], x: &mut [f32]) {
 
 /// One row of IQ4_XS: `quantize_iq4_xs` (ggml-quants.c) for one row, i.e. `quantize_row_iq4_nl_impl(QK_K, 32, ...,
 /// qw, ntry = 7)` per 256-super-block. `x.len()` is a multiple of 256 and `y` holds exactly its blocks.
+#[inline(always)]
 pub fn quantize_row_iq4_xs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     for (ibl, (xs, ys)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ4_XS_BYTES)).enumerate() {
         let qws = qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]);

@@ -33,6 +33,7 @@ const fn qkx3_params(nmax: i32) -> QkxParams {
 }
 
 /// Iterates over the super-blocks of a row as fixed-size arrays (whole blocks only, as the dispatcher guarantees).
+#[inline(always)]
 fn blocks<'a, const B: usize>(
     x: &'a [f32],
     y: &'a mut [u8],
@@ -107,6 +108,7 @@ fn pack_4bit(l: &[u8; QK_K], qs: &mut [u8]) {
 // ---------------------------------------------------------------- Q2_K
 
 /// `quantize_q2_K` for one row: `quantize_row_q2_K_ref` without weights, `quantize_row_q2_K_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q2_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q2_k_ref(x, y),
@@ -116,6 +118,7 @@ pub fn quantize_row_q2_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 
 /// The requantization and packing tail shared by `quantize_row_q2_K_ref` and `_impl`: recomputes `L` from the
 /// f16-rounded super-scales (sub-blocks whose scale is 0 keep the search's `L`), then packs.
+#[inline(always)]
 fn q2_k_finish(x: &[f32; QK_K], l: &mut [u8; QK_K], scales: &[u8; 16], d: f32, dmin: f32, yb: &mut [u8; Q2_K_BYTES]) {
     for j in 0..QK_K / 16 {
         let dj = d * (scales[j] & 0xF) as f32;
@@ -133,6 +136,7 @@ fn q2_k_finish(x: &[f32; QK_K], l: &mut [u8; QK_K], scales: &[u8; 16], d: f32, d
 }
 
 /// `quantize_row_q2_K_ref` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
     const Q4SCALE: f32 = 15.0;
     let p = QkxParams { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: true };
@@ -184,6 +188,7 @@ fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q2_K_impl` (ggml-quants.c; `requantize` is always true there).
+#[inline(always)]
 fn quantize_row_q2_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     for (i, xb, yb) in blocks::<Q2_K_BYTES>(x, y) {
         let qwb = block_qw(quant_weights, i);
@@ -244,6 +249,7 @@ pub fn dequantize_row_q2_k(y: &[u8], x: &mut [f32]) {
 // ---------------------------------------------------------------- Q3_K
 
 /// `quantize_q3_K` for one row: `quantize_row_q3_K_ref` without weights, `quantize_row_q3_K_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q3_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q3_k_ref(x, y),
@@ -264,6 +270,7 @@ fn q3_k_pack_scale(sb: &mut [u8; 12], j: usize, l: i8) {
 }
 
 /// The requantization, high-bit split and packing shared by `quantize_row_q3_K_ref` and `_impl`.
+#[inline(always)]
 fn q3_k_finish(x: &[f32; QK_K], l: &mut [i8; QK_K], sb: &[u8; 12], d16: u16, yb: &mut [u8; Q3_K_BYTES]) {
     let d_all = fp16_to_fp32(d16);
     for j in 0..QK_K / 16 {
@@ -296,6 +303,7 @@ fn q3_k_finish(x: &[f32; QK_K], l: &mut [i8; QK_K], sb: &[u8; 12], d16: u16, yb:
 }
 
 /// `quantize_row_q3_K_ref` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
     for (_, xb, yb) in blocks::<Q3_K_BYTES>(x, y) {
         let mut l = [0i8; QK_K];
@@ -327,6 +335,7 @@ fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q3_K_impl` with `quant_weights != NULL` (ggml-quants.c; `quantize_q3_K` never calls it without).
+#[inline(always)]
 fn quantize_row_q3_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     for (i, xb, yb) in blocks::<Q3_K_BYTES>(x, y) {
         let qwb = block_qw(quant_weights, i);
@@ -397,6 +406,7 @@ pub fn dequantize_row_q3_k(y: &[u8], x: &mut [f32]) {
 /// The super-block search of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`: per 32-sub-block
 /// `w = sqrtf(Σx²/32) + |x|` and `make_qkx2_quants`, then 6-bit quantization of scales and mins against their
 /// maxima. Returns the packed scale bytes and the f16 `d`, `dmin`.
+#[inline(always)]
 fn q45_k_ref_scales(xb: &[f32; QK_K], l: &mut [u8; QK_K], p: QkxParams) -> ([u8; 12], u16, u16) {
     let mut mins = [0.0f32; 8];
     let mut scales = [0.0f32; 8];
@@ -433,6 +443,7 @@ fn q45_k_ref_scales(xb: &[f32; QK_K], l: &mut [u8; QK_K], p: QkxParams) -> ([u8;
 /// The super-block search of `quantize_row_q4_K_impl` / `quantize_row_q5_K_impl`: `sigma2 = 2Σx²/256`,
 /// `w = qw*sqrtf(sigma2 + x²)`, `make_qkx3_quants` per 32-sub-block, then `make_qp_quants` for scales and mins.
 /// `clamp63` is Q5_K's extra `MIN(63, ·)` (Q4_K's `_impl` has none).
+#[inline(always)]
 fn q45_k_impl_scales(
     xb: &[f32; QK_K],
     qwb: &[f32],
@@ -466,6 +477,7 @@ fn q45_k_impl_scales(
 
 /// The requantization step of Q4_K/Q5_K (ref and impl): `L = clamp(nearest_int((x + dmin*m)/(d*sc)), 0, nmax)` per
 /// 32-sub-block from the f16-rounded super-scales; sub-blocks with `d*sc == 0` keep the search's `L`.
+#[inline(always)]
 fn q45_k_requantize(xb: &[f32; QK_K], l: &mut [u8; QK_K], sb: &[u8; 12], d16: u16, dmin16: u16, nmax: i32) {
     let (d_all, dmin_all) = (fp16_to_fp32(d16), fp16_to_fp32(dmin16));
     for j in 0..QK_K / 32 {
@@ -501,6 +513,7 @@ fn q45_k_scales(yb: &[u8]) -> [u8; 12] {
 // ---------------------------------------------------------------- Q4_K
 
 /// `quantize_q4_K` for one row: `quantize_row_q4_K_ref` without weights, `quantize_row_q4_K_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q4_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let p = QkxParams { nmax: 15, rmin: -1.0, rdelta: 0.1, nstep: 20, use_mad: false };
     for (i, xb, yb) in blocks::<Q4_K_BYTES>(x, y) {
@@ -540,6 +553,7 @@ pub fn dequantize_row_q4_k(y: &[u8], x: &mut [f32]) {
 // ---------------------------------------------------------------- Q5_K
 
 /// `quantize_q5_K` for one row: `quantize_row_q5_K_ref` without weights, `quantize_row_q5_K_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q5_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let p = QkxParams { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: false };
     for (i, xb, yb) in blocks::<Q5_K_BYTES>(x, y) {
@@ -597,6 +611,7 @@ pub fn dequantize_row_q5_k(y: &[u8], x: &mut [f32]) {
 
 /// `quantize_q6_K` for one row: `quantize_row_q6_K_ref` without weights, `quantize_row_q6_K_impl` with them.
 /// The two differ only in the weights given to `make_qx_quants` (`NULL` → `x²`, else the raw imatrix slice).
+#[inline(always)]
 pub fn quantize_row_q6_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     for (i, xb, yb) in blocks::<Q6_K_BYTES>(x, y) {
         let qwb = qw.map(|q| block_qw(q, i));

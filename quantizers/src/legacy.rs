@@ -109,6 +109,7 @@ fn pack_q5(l: &[u8; QK], qs: &mut [u8]) -> u32 {
 }
 
 /// Iterates over the blocks of a row as fixed-size arrays (whole blocks only, as the dispatcher guarantees).
+#[inline(always)]
 fn blocks<'a, const B: usize>(
     x: &'a [f32],
     y: &'a mut [u8],
@@ -123,6 +124,7 @@ fn blocks<'a, const B: usize>(
 // ---------------------------------------------------------------- Q4_0
 
 /// `quantize_q4_0` for one row: `quantize_row_q4_0_ref` without weights, `quantize_row_q4_0_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q4_0(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q4_0_ref(x, y),
@@ -131,6 +133,7 @@ pub fn quantize_row_q4_0(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 }
 
 /// `quantize_row_q4_0_ref` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
     for (_, xb, yb) in blocks::<Q4_0_BYTES>(x, y) {
         let max = signed_absmax(xb);
@@ -149,6 +152,7 @@ fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q4_0_impl` with `quant_weights != NULL` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     let sigma2 = row_sigma2(x);
     for (ib, xb, yb) in blocks::<Q4_0_BYTES>(x, y) {
@@ -180,6 +184,7 @@ pub fn dequantize_row_q4_0(y: &[u8], x: &mut [f32]) {
 // ---------------------------------------------------------------- Q4_1
 
 /// `quantize_q4_1` for one row: `quantize_row_q4_1_ref` without weights, `quantize_row_q4_1_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q4_1(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q4_1_ref(x, y),
@@ -188,6 +193,7 @@ pub fn quantize_row_q4_1(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 }
 
 /// `quantize_row_q4_1_ref` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
     for (_, xb, yb) in blocks::<Q4_1_BYTES>(x, y) {
         let (min, max) = min_max(xb);
@@ -206,6 +212,7 @@ fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q4_1_impl` with `quant_weights != NULL` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     let sigma2 = row_sigma2(x);
     for (ib, xb, yb) in blocks::<Q4_1_BYTES>(x, y) {
@@ -237,6 +244,7 @@ pub fn dequantize_row_q4_1(y: &[u8], x: &mut [f32]) {
 // ---------------------------------------------------------------- Q5_0
 
 /// `quantize_q5_0` for one row: `quantize_row_q5_0_ref` without weights, `quantize_row_q5_0_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q5_0(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q5_0_ref(x, y),
@@ -245,6 +253,7 @@ pub fn quantize_row_q5_0(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 }
 
 /// `quantize_row_q5_0_ref` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q5_0_ref(x: &[f32], y: &mut [u8]) {
     for (_, xb, yb) in blocks::<Q5_0_BYTES>(x, y) {
         let max = signed_absmax(xb);
@@ -265,6 +274,7 @@ fn quantize_row_q5_0_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q5_0_impl` with `quant_weights != NULL` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     let sigma2 = row_sigma2(x);
     for (ib, xb, yb) in blocks::<Q5_0_BYTES>(x, y) {
@@ -300,6 +310,7 @@ pub fn dequantize_row_q5_0(y: &[u8], x: &mut [f32]) {
 // ---------------------------------------------------------------- Q5_1
 
 /// `quantize_q5_1` for one row: `quantize_row_q5_1_ref` without weights, `quantize_row_q5_1_impl` with them.
+#[inline(always)]
 pub fn quantize_row_q5_1(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     match qw {
         None => quantize_row_q5_1_ref(x, y),
@@ -308,6 +319,7 @@ pub fn quantize_row_q5_1(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 }
 
 /// `quantize_row_q5_1_ref` (ggml-quants.c). Note the missing `MIN(31, ·)`: C relies on `(x-min)*id + 0.5 < 32`.
+#[inline(always)]
 fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
     for (_, xb, yb) in blocks::<Q5_1_BYTES>(x, y) {
         let (min, max) = min_max(xb);
@@ -329,6 +341,7 @@ fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
 }
 
 /// `quantize_row_q5_1_impl` with `quant_weights != NULL` (ggml-quants.c).
+#[inline(always)]
 fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
     let sigma2 = row_sigma2(x);
     for (ib, xb, yb) in blocks::<Q5_1_BYTES>(x, y) {

@@ -92,6 +92,7 @@ fn best_index(kd: &[f32; 16], x: f32) -> u8 {
 
 /// One row of MXFP4: `quantize_row_mxfp4_ref` (ggml-quants.c) per 32-block. `qw` is ignored, as in
 /// `quantize_mxfp4`.
+#[inline(always)]
 pub fn quantize_row_mxfp4(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK_MXFP4).zip(y.chunks_exact_mut(MXFP4_BYTES)) {
         // max |x|, strict < update: NaNs are skipped.

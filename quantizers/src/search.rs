@@ -85,6 +85,7 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 /// Speed without changing a bit: the per-element weight and `w*x` are computed once (C recomputes the same
 /// values in every pass: `w*x*l` is `(w*x)*l`), and each pass first fills the rounded codes of all elements (a
 /// loop the compiler vectorises) before the two sums, which are accumulated strictly in element order as in C.
+#[inline(always)]
 pub(crate) fn make_qx_quants<const N: usize>(
     nmax: i32,
     x: &[f32],
@@ -183,6 +184,7 @@ pub(crate) fn make_qx_quants<const N: usize>(
 
 /// `make_q3_quants(n, nmax, x, L, do_rmse)` (ggml-quants.c): the Q3_K reference search (weights `x²`, then up to
 /// five coordinate-descent passes). `L` receives `l + nmax`; returns the scale.
+#[inline(always)]
 pub(crate) fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8], do_rmse: bool) -> f32 {
     let n = x.len().min(l_out.len());
     let x = &x[..n];
@@ -256,6 +258,7 @@ pub(crate) struct QkxParams {
 /// `make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)` (ggml-quants.c) over a
 /// group of `N` (16 or 32) values. Returns `(scale, the_min)` where `the_min = -min` (so `x ≈ scale*L - the_min`).
 /// `L` receives 0..nmax.
+#[inline(always)]
 pub(crate) fn make_qkx2_quants<const N: usize>(
     x: &[f32],
     weights: &[f32],
@@ -267,6 +270,7 @@ pub(crate) fn make_qkx2_quants<const N: usize>(
 
 /// `make_qkx3_quants` (ggml-quants.c): `make_qkx2_quants` except that the degenerate test is `max <= min`.
 /// (C also accepts `weights == NULL`, meaning `x²`; every caller llama-quantize reaches passes weights.)
+#[inline(always)]
 pub(crate) fn make_qkx3_quants<const N: usize>(
     x: &[f32],
     weights: &[f32],
@@ -392,6 +396,7 @@ fn make_qkx<const N: usize>(x: &[f32], weights: &[f32], l_out: &mut [u8], p: Qkx
 /// `make_qp_quants(n, nmax, x, L, quant_weights)` (ggml-quants.c): quantizes the (non-negative) sub-block scales or
 /// mins of an imatrix K-quant to 0..nmax. Returns the super-scale. `L` is `uint8_t` in C and the first pass stores
 /// `nearest_int` unclamped, so values are truncated to `u8` exactly as C stores them.
+#[inline(always)]
 pub(crate) fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], quant_weights: &[f32]) -> f32 {
     let n = x.len().min(l_out.len()).min(quant_weights.len());
     let x = &x[..n];

@@ -63,6 +63,7 @@ fn pack5(trits: impl Iterator<Item = i32>) -> u8 {
 
 /// One row of TQ1_0: `quantize_row_tq1_0_ref` (ggml-quants.c), per 256-block. `qw` is ignored, as in
 /// `quantize_tq1_0`.
+#[inline(always)]
 pub fn quantize_row_tq1_0(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(TQ1_0_BYTES)) {
         let (d, id) = scale(xb);
@@ -118,6 +119,7 @@ pub fn dequantize_row_tq1_0(y: &[u8], x: &mut [f32]) {
 
 /// One row of TQ2_0: `quantize_row_tq2_0_ref` (ggml-quants.c), per 256-block. `qw` is ignored, as in
 /// `quantize_tq2_0`. For each 128 values c, `qs[32c + m]` holds `(xi & 3) << 2n` of value `128c + m + 32n`.
+#[inline(always)]
 pub fn quantize_row_tq2_0(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(TQ2_0_BYTES)) {
         let (d, id) = scale(xb);

@@ -6,7 +6,8 @@ key-based ECDSA P-256), in both directions:
 - a signature made by `model_signing sign key` verifies with `sling verify --signature`;
 - a tampered, extra or missing file, or the wrong key, fails BOTH tools (sling: exit 1, naming the file);
 - the same for a single-file artifact (one resource named "."), for the default signature path `model.sig`
-  inside the model directory, and for a real `sling convert` output directory (GGUF + manifest).
+  inside the model directory, and for a real `sling convert` output directory (GGUF + manifest);
+- paths model_signing was told to ignore (`--ignore-paths`, recorded in the signed statement) are skipped by both.
 
 model_signing is required (scripts/setup-reference.sh installs it): a missing one fails every test here.
 """
@@ -188,6 +189,26 @@ def test_model_signing_signs_sling_verifies(tmp_path):
     assert j["files_checked"] == 9 and j["model_name"] == "tiny-model"
     assert j["root_digest"] == statement(sig)["subject"][0]["digest"]["sha256"]
     lab.record("signing", "model_signing_sign->sling_verify", {"files": j["files_checked"]})
+
+
+def test_model_signing_ignore_paths_are_honoured(tmp_path):
+    """`model_signing sign key --ignore-paths` records the paths in the signed statement; both verifiers skip them."""
+    m = model_dir(tmp_path)
+    (m / "README.md").write_text("# tiny\n")
+    key, pub = keypair(tmp_path)
+    sig = tmp_path / "tiny-model.sig"
+    r = ms("sign", "key", m, "--private_key", key, "--signature", sig, "--ignore-paths", m / "README.md",
+           "--ignore-paths", m / "sub" / "deeper")
+    assert r.returncode == 0, r.stderr
+    ign = statement(sig)["predicate"]["serialization"]["ignore_paths"]
+    assert {"README.md", "sub/deeper"} <= set(ign), ign
+    (m / "README.md").write_text("# edited after signing\n")
+    (m / "sub" / "deeper" / "new.bin").write_bytes(b"new")
+    ms_verified(m, pub, sig)
+    sling_verified(m, pub, sig)
+    (m / "sub" / "notes.txt").write_text("edited\n")
+    ms_refused(m, pub, sig, "tampered file next to ignored ones")
+    sling_refused(m, pub, sig, "file_hash", "sub/notes.txt")
 
 
 @pytest.mark.parametrize("signer", ["sling", "model_signing"])
