@@ -10,6 +10,7 @@
 //! Exhaustive helper checks (a minute each): `... -- --ignored exhaustively`.
 
 mod common;
+use common::{dequantize, f32_mismatch, quantize, row_strategy, worst_ratio};
 
 use proptest::prelude::*;
 use sling_core::DType;
@@ -21,18 +22,6 @@ const TYPES: [DType; 5] = [DType::IQ4NL, DType::IQ4XS, DType::TQ1_0, DType::TQ2_
 const ROW_LENGTHS: [usize; 2] = [256, 512];
 /// Seeds of the hostile rows and importance weights.
 const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
-
-fn quantize(dtype: DType, x: &[f32], n_per_row: usize, qw: Option<&[f32]>) -> Vec<u8> {
-    let mut out = Vec::new();
-    sling_quantizers::quantize_rows(dtype, x, n_per_row, qw, &mut out).expect("quantize_rows");
-    out
-}
-
-fn dequantize(dtype: DType, y: &[u8]) -> Vec<f32> {
-    let mut out = Vec::new();
-    sling_quantizers::dequantize(dtype, y, &mut out).expect("dequantize");
-    out
-}
 
 /// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
 fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
@@ -51,22 +40,6 @@ fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> 
         i % bb,
         ours[i],
         theirs[i]
-    ))
-}
-
-/// `None` when bit-identical, else the first differing element (index, block, values).
-fn f32_mismatch(dtype: DType, ours: &[f32], theirs: &[f32]) -> Option<String> {
-    if ours.len() != theirs.len() {
-        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
-    }
-    let i = ours.iter().zip(theirs).position(|(a, b)| a.to_bits() != b.to_bits())?;
-    Some(format!(
-        "first differing element {i} (block {}): ours {:e} ({:#010x}) oracle {:e} ({:#010x})",
-        i / dtype.block_elems(),
-        ours[i],
-        ours[i].to_bits(),
-        theirs[i],
-        theirs[i].to_bits()
     ))
 }
 
@@ -304,57 +277,6 @@ fn bound(dtype: DType) -> f32 {
         DType::MXFP4 => BOUND_MXFP4,
         _ => unreachable!("not under test"),
     }
-}
-
-/// Blocks whose max |x| lies outside this window are left out of the error check (still compared with the
-/// oracle): below it the f16 scales (IQ4_XS's super-scale is amax/4000 or so) turn subnormal, above it the f16
-/// scale overflows (TQ stores amax itself), and a relative bound means nothing in either case. MXFP4's E8M0 scale
-/// has no such limit in this range.
-const F16_SAFE_AMAX: std::ops::RangeInclusive<f32> = 0.5..=3.0e4;
-
-/// The worst `|x - x̂| / amax(block)` of a round trip over the blocks whose amax is in [`F16_SAFE_AMAX`]. All-zero
-/// blocks must come back as zeros.
-fn worst_ratio(dtype: DType, x: &[f32], back: &[f32]) -> f32 {
-    let be = dtype.block_elems();
-    let mut worst = 0.0f32;
-    for (xb, bb) in x.chunks_exact(be).zip(back.chunks_exact(be)) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        if amax == 0.0 {
-            assert!(bb.iter().all(|v| *v == 0.0), "{dtype}: an all-zero block must dequantize to zeros");
-        }
-        if !F16_SAFE_AMAX.contains(&amax) {
-            continue;
-        }
-        for (a, b) in xb.iter().zip(bb) {
-            worst = worst.max((a - b).abs() / amax);
-        }
-    }
-    worst
-}
-
-/// Rows like trained weights at any magnitude: roughly normal values times 10^e, optionally with an outlier and a
-/// run of zeros. Half the rows are drawn in the f16-safe window (e in -1..4) so that the error bound is exercised;
-/// the rest span 1e-20..1e5 for the oracle comparison.
-fn row_strategy(n: usize) -> impl Strategy<Value = Vec<f32>> {
-    (
-        prop::collection::vec((-1.0f32..1.0, -1.0f32..1.0, -1.0f32..1.0), n),
-        prop_oneof![-20i32..6, -1i32..4],
-        prop::option::of((0..n, -50.0f32..50.0)),
-        prop::option::of((0..n, 1..64usize)),
-    )
-        .prop_map(move |(u, e, outlier, zeros)| {
-            let s = 10f32.powi(e);
-            let mut x: Vec<f32> = u.iter().map(|(a, b, c)| (a + b + c) * s).collect();
-            if let Some((i, v)) = outlier {
-                x[i] = v * s;
-            }
-            if let Some((i, len)) = zeros {
-                for v in x.iter_mut().skip(i).take(len) {
-                    *v = 0.0;
-                }
-            }
-            x
-        })
 }
 
 /// Ternary rows `{-a, 0, a}` with one `a` per row (BitNet-style weights), a in [0.5, 3e4].

@@ -124,26 +124,13 @@ MAKE_FIXTURES = REPO / "fixtures" / "make_fixtures.py"
 @lru_cache(maxsize=None)
 def wide_root() -> Path:
     """$SLING_LAB/fixtures-wide/<hash of make_fixtures.py>, generated on first use (seeded: same bytes every time)."""
-    root = LAB / "fixtures-wide" / hashlib.sha256(MAKE_FIXTURES.read_bytes()).hexdigest()[:12]
-    if (root / "ok").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp", dir=root.parent))
-    try:
-        r = subprocess.run([str(LAB / "venv" / "bin" / "python"), str(MAKE_FIXTURES), "--wide", "--out", str(tmp),
+    def make(out: Path) -> None:
+        r = subprocess.run([str(LAB / "venv" / "bin" / "python"), str(MAKE_FIXTURES), "--wide", "--out", str(out),
                             "--only", ",".join(WIDE)], capture_output=True, text=True)
         if r.returncode != 0:
             raise AssertionError(f"make_fixtures.py --wide failed:\n{_tail(r.stderr)}")
-        (tmp / "ok").write_text("")
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not (root / "ok").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    key = hashlib.sha256(MAKE_FIXTURES.read_bytes()).hexdigest()[:12] + "-v2"
+    return _cached_run("fixtures-wide", key, "models", make, base=LAB)
 
 
 def fixture_dir(name: str) -> Path:
@@ -278,8 +265,9 @@ def sling_quantize(name: str, preset: str, out: Path, extra=()) -> list[Path]:
     return files
 
 
-def _cached_run(kind: str, key: str, out_name: str, run) -> Path:
-    final = CACHE / kind / key
+def _cached_run(kind: str, key: str, out_name: str, run, base: Path | None = None) -> Path:
+    """`run(tmp/out_name)` once; the result is kept under (base or CACHE)/kind/key/out_name (atomic rename)."""
+    final = (base or CACHE) / kind / key
     if (final / "ok").exists():
         return final / out_name
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,16 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use proptest::prelude::*;
+use sling_core::DType;
+
 pub struct Oracle(PathBuf);
 
 pub fn oracle() -> Option<Oracle> {
     let path = std::env::var_os("SLING_GGML_QUANT_REF").map(PathBuf::from).unwrap_or_else(|| {
-        let lab = std::env::var_os("SLING_LAB").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sling-lab")
-        });
+        let lab = std::env::var_os("SLING_LAB")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sling-lab"));
         lab.join("llama.cpp-build/bin/ggml-quant-ref")
     });
     if path.is_file() {
@@ -130,7 +133,12 @@ pub fn hostile_rows(n: usize, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
         ("constant", vec![0.125; n]),
         ("negative-constant", vec![-3.0; n]),
         ("single-outlier", outlier),
-        ("subnormals", (0..n).map(|i| f32::from_bits(1 + (i as u32 * 7919) % 0x7f_ffff) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect()),
+        (
+            "subnormals",
+            (0..n)
+                .map(|i| f32::from_bits(1 + (i as u32 * 7919) % 0x7f_ffff) * if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect(),
+        ),
         ("large", (0..n).map(|_| r.normal() * 3.0e4).collect()),
         ("tiny", (0..n).map(|_| r.normal() * 1.0e-7).collect()),
         ("some-zeros", mixed),
@@ -143,4 +151,84 @@ pub fn hostile_rows(n: usize, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
 pub fn importance(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
     (0..n).map(|i| if i % 53 == 0 { 0.0 } else { (r.uniform() * 4.0).exp() }).collect()
+}
+
+// ---- shared by the bit-exactness test files ----
+
+pub fn quantize(dtype: DType, x: &[f32], n_per_row: usize, qw: Option<&[f32]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    sling_quantizers::quantize_rows(dtype, x, n_per_row, qw, &mut out).expect("quantize_rows");
+    out
+}
+
+pub fn dequantize(dtype: DType, y: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    sling_quantizers::dequantize(dtype, y, &mut out).expect("dequantize");
+    out
+}
+
+/// `None` when bit-identical, else the first differing element (index, block, values).
+pub fn f32_mismatch(dtype: DType, ours: &[f32], theirs: &[f32]) -> Option<String> {
+    if ours.len() != theirs.len() {
+        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
+    }
+    let i = ours.iter().zip(theirs).position(|(a, b)| a.to_bits() != b.to_bits())?;
+    Some(format!(
+        "first differing element {i} (block {}): ours {:e} ({:#010x}) oracle {:e} ({:#010x})",
+        i / dtype.block_elems(),
+        ours[i],
+        ours[i].to_bits(),
+        theirs[i],
+        theirs[i].to_bits()
+    ))
+}
+
+/// Blocks whose max |x| lies outside this window are left out of the error check (still compared with the
+/// oracle): below it the f16 super-scale (down to amax/4096 for Q6_K) turns subnormal or flushes to zero, above it
+/// the f16 scale or min overflows (65504), and a relative bound means nothing in either case.
+pub const F16_SAFE_AMAX: std::ops::RangeInclusive<f32> = 0.5..=3.0e4;
+
+/// The worst `|x - x̂| / amax(block)` of a round trip over the blocks whose amax is in [`F16_SAFE_AMAX`]. All-zero
+/// blocks must come back exactly.
+pub fn worst_ratio(dtype: DType, x: &[f32], back: &[f32]) -> f32 {
+    let be = dtype.block_elems();
+    let mut worst = 0.0f32;
+    for (xb, bb) in x.chunks_exact(be).zip(back.chunks_exact(be)) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        if amax == 0.0 {
+            assert!(bb.iter().all(|v| *v == 0.0), "{dtype}: an all-zero block must dequantize to zeros");
+        }
+        if !F16_SAFE_AMAX.contains(&amax) {
+            continue;
+        }
+        for (a, b) in xb.iter().zip(bb) {
+            worst = worst.max((a - b).abs() / amax);
+        }
+    }
+    worst
+}
+
+/// Rows like trained weights at any magnitude: roughly normal values times 10^e, optionally with an outlier and
+/// a run of zeros. Half the rows are drawn in the f16-safe window (e in -1..4) so that the error bound is exercised;
+/// the rest span 1e-20..1e5 for the oracle comparison (subnormal rows are in the hostile set).
+pub fn row_strategy(n: usize) -> impl Strategy<Value = Vec<f32>> {
+    (
+        prop::collection::vec((-1.0f32..1.0, -1.0f32..1.0, -1.0f32..1.0), n),
+        prop_oneof![-20i32..6, -1i32..4],
+        prop::option::of((0..n, -50.0f32..50.0)),
+        prop::option::of((0..n, 1..64usize)),
+    )
+        .prop_map(move |(u, e, outlier, zeros)| {
+            let s = 10f32.powi(e);
+            let mut x: Vec<f32> = u.iter().map(|(a, b, c)| (a + b + c) * s).collect();
+            if let Some((i, v)) = outlier {
+                x[i] = v * s;
+            }
+            if let Some((i, len)) = zeros {
+                for v in x.iter_mut().skip(i).take(len) {
+                    *v = 0.0;
+                }
+            }
+            x
+        })
 }
