@@ -140,3 +140,26 @@ pub fn dequantize(dtype: DType, y: &[u8], out: &mut Vec<f32>) -> Result<(), Enco
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block type's kernels agree with the one descriptor table: quantizing one block's worth of values
+    /// fills exactly `block_bytes`, and dequantizing gives `block_elems` values back.
+    #[test]
+    fn kernels_agree_with_the_descriptor_table() {
+        for &dtype in DType::ALL.iter().filter(|d| d.is_quantized()) {
+            let be = dtype.block_elems();
+            let n = if be == 32 { 256 } else { be };
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut y = Vec::new();
+            quantize_rows(dtype, &x, n, None, &mut y).unwrap();
+            assert_eq!(y.len(), n / be * dtype.block_bytes(), "{dtype}");
+            let mut back = Vec::new();
+            dequantize(dtype, &y, &mut back).unwrap();
+            assert_eq!(back.len(), n, "{dtype}");
+        }
+    }
+}
+

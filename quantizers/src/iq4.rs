@@ -43,6 +43,10 @@ const QK_K: usize = 256;
 const IQ4_NL_BYTES: usize = 18;
 const IQ4_XS_BYTES: usize = 136;
 
+// Block layouts, checked at compile time like ggml-common.h's static_asserts.
+const _: () = assert!(IQ4_NL_BYTES == 2 + QK4_NL / 2);
+const _: () = assert!(IQ4_XS_BYTES == 2 + 2 + QK_K / 64 + QK_K / 2);
+
 /// `best_index_int8(16, kvalues_iq4nl, x)` (ggml-quants.c), line for line: clamp to the ends, binary search for
 /// `val[mu-1] <= x < val[mu]`, then the nearer of the two with ties going up. A NaN `x` falls through every
 /// comparison and ends at index 15. Kept as the readable reference for [`best_index`], which the loops use.

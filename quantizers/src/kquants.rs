@@ -27,6 +27,13 @@ const Q4_K_BYTES: usize = 144;
 const Q5_K_BYTES: usize = 176;
 const Q6_K_BYTES: usize = 210;
 
+// Block layouts, checked at compile time like ggml-common.h's static_asserts (K_SCALE_SIZE = 12).
+const _: () = assert!(Q2_K_BYTES == 2 * 2 + QK_K / 16 + QK_K / 4);
+const _: () = assert!(Q3_K_BYTES == 2 + QK_K / 4 + QK_K / 8 + 12);
+const _: () = assert!(Q4_K_BYTES == 2 * 2 + 12 + QK_K / 2);
+const _: () = assert!(Q5_K_BYTES == 2 * 2 + 12 + QK_K / 2 + QK_K / 8);
+const _: () = assert!(Q6_K_BYTES == 2 + QK_K / 16 + 3 * QK_K / 4);
+
 /// The search parameters every K-quant `_impl` passes to `make_qkx3_quants`.
 const fn qkx3_params(nmax: i32) -> QkxParams {
     QkxParams { nmax, rmin: -0.9, rdelta: 0.05, nstep: 36, use_mad: false }

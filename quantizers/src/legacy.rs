@@ -24,6 +24,13 @@ const Q4_1_BYTES: usize = 20;
 const Q5_0_BYTES: usize = 22;
 const Q5_1_BYTES: usize = 24;
 
+// Block layouts, checked at compile time like ggml-common.h's static_asserts: f16 d (and m), then the nibbles
+// (and the 32 high bits of Q5).
+const _: () = assert!(Q4_0_BYTES == 2 + QK / 2);
+const _: () = assert!(Q4_1_BYTES == 2 * 2 + QK / 2);
+const _: () = assert!(Q5_0_BYTES == 2 + 4 + QK / 2);
+const _: () = assert!(Q5_1_BYTES == 2 * 2 + 4 + QK / 2);
+
 /// The search parameters `quantize_row_q4_1_impl` / `quantize_row_q5_1_impl` pass to `make_qkx3_quants`.
 const fn qkx3_params(nmax: i32) -> QkxParams {
     QkxParams { nmax, rmin: -0.9, rdelta: 0.05, nstep: 36, use_mad: false }

@@ -13,6 +13,9 @@ pub const KVALUES_MXFP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
 const QK_MXFP4: usize = 32;
 const MXFP4_BYTES: usize = 17;
 
+// Block layout, checked at compile time like ggml-common.h's static_assert: one E8M0 byte, then the nibbles.
+const _: () = assert!(MXFP4_BYTES == 1 + QK_MXFP4 / 2);
+
 /// `ggml_e8m0_to_fp32_half` (ggml-impl.h): `2^(x - 128)`, as a subnormal for `x < 2`; NaN (`x = 255`) is not
 /// special-cased there either, so 255 gives `2^127`.
 #[inline(always)]

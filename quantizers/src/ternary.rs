@@ -15,6 +15,10 @@ const QK_K: usize = 256;
 const TQ1_0_BYTES: usize = 54;
 const TQ2_0_BYTES: usize = 66;
 
+// Block layouts, checked at compile time like ggml-common.h's static_asserts.
+const _: () = assert!(TQ1_0_BYTES == 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5);
+const _: () = assert!(TQ2_0_BYTES == 2 + QK_K / 4);
+
 /// `int xi = lroundf(v) + 1` as the C computes it on x86-64 glibc: `lroundf` rounds half away from zero, and for a
 /// NaN, an infinity or |v| >= 2^63 returns `(long) v` = `LONG_MIN`; the `long + 1` is then truncated to `int`.
 /// Only the low bits matter to the callers (the trit packing is done in `uint8_t`). In practice |v| <= 1 + ulp
