@@ -1,12 +1,16 @@
 //! `sling convert`.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::{convert, ConvertOptions, OutType};
+use sling_formats::convert::{convert, ConvertError, ConvertOptions, ConvertReport, Event, OutType};
 use sling_formats::gguf::SplitPolicy;
 use sling_formats::manifest::Tool;
 
@@ -22,11 +26,231 @@ reference converter does.
 Sources: bf16/f16/f32 safetensors, DeepSeek FP8 (weight_scale_inv blocks, dequantized on the fly) and gpt-oss \
 MXFP4 experts (copied as MXFP4). Nothing is loaded whole: memory stays bounded whatever the model size.
 
-The output is written to a temporary file next to OUT and renamed only when complete; the source is never written.
+The output is written as OUT.partial (with a journal, OUT.partial.json) and renamed only when complete and hashed; \
+the source is never written. A conversion that was killed or failed with --resume is continued by running it again \
+with --resume: finished tensors are re-hashed and reused, and the result is byte-identical to an uninterrupted run \
+(docs/pipeline.md).
 
 Provenance: OUT.sling.json is written beside the output (one for all shards, named after OUT) once the output is \
 in place: sling version and commit, options, sha256 of every source and output file and of every tensor. Check an \
-artifact with `sling verify OUT.gguf` (docs/manifest.md).";
+artifact with `sling verify OUT.gguf` (docs/manifest.md). A model card, README.md (or OUT-stem.README.md when a \
+README.md of something else is there), is written beside it and hashed in the manifest.
+
+Reproducible: the same source and options give byte-identical files for any -t and any run, except the manifest's \
+`created` time, which --reproducible leaves out and SOURCE_DATE_EPOCH pins (docs/reproducibility.md).
+
+Pipelines: --progress json prints one JSON object per line on stderr (start, tensor, warning, done or error), \
+--events FILE writes them to a file (docs/pipeline.md). Exit codes: 0 ok, 2 usage, input or output error (disk \
+full, read-only output), 3 internal error.";
+
+/// Flags shared by `convert` and `quantize`: resume, progress/events, reproducibility, model card.
+#[derive(clap::Args)]
+pub struct PipelineArgs {
+    /// Continue an interrupted conversion of the same source and options from OUT.partial (finished
+    /// tensors are re-hashed before they are reused); if this run fails too, its partial files are kept.
+    /// Without --resume, partial files of an earlier run are replaced.
+    #[arg(long)]
+    pub resume: bool,
+    /// Progress on stderr: auto (a bar with bytes, rate and ETA when stderr is a terminal, nothing
+    /// otherwise), json (one JSON object per line: start, tensor, warning, done/error), none.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "json", "none"])]
+    pub progress: String,
+    /// Also write the JSON-lines events to FILE (as --progress json prints them).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Leave the creation time out of the manifest and model card, so that every file is
+    /// byte-identical across runs (SOURCE_DATE_EPOCH, if set, is recorded instead).
+    #[arg(long)]
+    pub reproducible: bool,
+    /// Do not write the model card (README.md) beside the output.
+    #[arg(long)]
+    pub no_model_card: bool,
+}
+
+impl PipelineArgs {
+    /// The manifest's `created`: `SOURCE_DATE_EPOCH` if set, none with --reproducible, else now.
+    pub fn created(&self) -> Result<Option<u64>> {
+        match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.trim().is_empty() => {
+                let n: u64 = v.trim().parse().with_context(|| {
+                    format!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds since 1970-01-01")
+                })?;
+                Ok(Some(n))
+            }
+            _ if self.reproducible => Ok(None),
+            _ => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())),
+        }
+    }
+}
+
+/// Exit code for an error: 3 for internal errors, 2 for everything else (usage, input, output).
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    let internal = e.chain().any(|c| matches!(c.downcast_ref::<ConvertError>(), Some(ConvertError::WriterPanicked)));
+    if internal {
+        3
+    } else {
+        crate::EXIT_INPUT
+    }
+}
+
+/// Where progress goes: a bar on a terminal, JSON lines on stderr and/or a file, warnings.
+pub struct Reporter {
+    t0: Instant,
+    command: &'static str,
+    json_stderr: bool,
+    file: Option<Mutex<std::io::BufWriter<File>>>,
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Reporter {
+    pub fn new(command: &'static str, p: &PipelineArgs, quiet: bool, json_summary: bool) -> Result<Reporter> {
+        let file = match &p.events {
+            Some(path) => Some(Mutex::new(std::io::BufWriter::new(
+                File::create(path).with_context(|| format!("cannot create the events file {}", path.display()))?,
+            ))),
+            None => None,
+        };
+        let json_stderr = p.progress == "json";
+        let bar_on = p.progress == "auto" && !quiet && !json_summary && std::io::stderr().is_terminal();
+        Ok(Reporter { t0: Instant::now(), command, json_stderr, file, bar: progress_bar(!bar_on), quiet })
+    }
+
+    /// Whether JSON lines are being written (to stderr or a file).
+    pub fn json(&self) -> bool {
+        self.json_stderr || self.file.is_some()
+    }
+
+    /// Writes one event (adding `event` and `elapsed`) as a JSON line.
+    pub fn emit(&self, event: &str, fields: Value) {
+        if !self.json() {
+            return;
+        }
+        let mut obj = serde_json::Map::new();
+        obj.insert("event".into(), event.into());
+        obj.insert("elapsed".into(), json!((self.t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
+        if let Value::Object(m) = fields {
+            obj.extend(m);
+        }
+        let line = Value::Object(obj).to_string();
+        if self.json_stderr {
+            let mut e = std::io::stderr().lock();
+            let _ = writeln!(e, "{line}");
+        }
+        if let Some(f) = &self.file {
+            if let Ok(mut f) = f.lock() {
+                let _ = writeln!(f, "{line}");
+                let _ = f.flush();
+            }
+        }
+    }
+
+    /// A warning: an event in JSON mode, a log line otherwise.
+    pub fn warn(&self, message: &str) {
+        if self.json() {
+            self.emit("warning", json!({ "message": message }));
+        }
+        if !self.json_stderr {
+            tracing::warn!("{message}");
+        }
+    }
+
+    /// A human-readable line on stderr (not in JSON mode, not with -q).
+    pub fn say(&self, message: &str) {
+        if !self.quiet && !self.json_stderr {
+            self.bar.suspend(|| eprintln!("{message}"));
+        }
+    }
+
+    /// Handles one event of the conversion.
+    pub fn on_event(&self, src: &Path, label: &str, ev: &Event<'_>) {
+        match ev {
+            Event::Start { tensors, bytes, outputs, resumed } => {
+                self.bar.set_length(*bytes);
+                self.emit(
+                    "start",
+                    json!({
+                        "tool": "sling",
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "command": self.command,
+                        "source": src,
+                        "outputs": outputs,
+                        "type": label,
+                        "tensors": tensors,
+                        "bytes": bytes,
+                        "threads": rayon::current_num_threads(),
+                        "resumed_tensors": resumed.tensors,
+                        "resumed_bytes": resumed.bytes,
+                    }),
+                );
+                if let Some(note) = &resumed.note {
+                    self.warn(&format!("--resume: {note}"));
+                }
+                if resumed.tensors > 0 {
+                    self.say(&format!(
+                        "resuming: {} of {tensors} tensors ({:.2} GB) re-checked and reused from the interrupted run",
+                        resumed.tensors,
+                        resumed.bytes as f64 / 1e9
+                    ));
+                }
+            }
+            Event::Bytes { done, total } => {
+                self.bar.set_length(*total);
+                self.bar.set_position(*done);
+            }
+            Event::Tensor { index, of, name, dtype, bytes, done_bytes, total_bytes, reused } => {
+                self.bar.set_message(name.to_string());
+                if *reused {
+                    self.bar.set_position(*done_bytes);
+                }
+                self.emit(
+                    "tensor",
+                    json!({
+                        "index": index,
+                        "of": of,
+                        "name": name,
+                        "type": dtype.name(),
+                        "bytes": bytes,
+                        "done_bytes": done_bytes,
+                        "total_bytes": total_bytes,
+                        "reused": reused,
+                    }),
+                );
+            }
+            Event::Stage(stage) => {
+                self.bar.set_message(stage.to_string());
+                self.emit("stage", json!({ "stage": stage }));
+            }
+        }
+    }
+
+    /// The final event of a successful run.
+    pub fn done(&self, report: &ConvertReport, extra: Value) {
+        self.bar.finish_and_clear();
+        let mut fields = json!({
+            "outputs": report.written.files.iter().map(|f| json!({
+                "path": f.path, "size": f.size, "sha256": f.sha256,
+            })).collect::<Vec<_>>(),
+            "manifest": report.manifest,
+            "model_card": report.model_card,
+            "tensors": report.n_tensors,
+            "bytes": report.bytes_out,
+            "resumed_tensors": report.resumed.tensors,
+            "seconds": self.t0.elapsed().as_secs_f64(),
+        });
+        if let (Value::Object(m), Value::Object(x)) = (&mut fields, extra) {
+            m.extend(x);
+        }
+        self.emit("done", fields);
+    }
+
+    /// The final event of a failed run (the error itself is printed by `main`).
+    pub fn error(&self, e: &anyhow::Error) {
+        self.bar.finish_and_clear();
+        let message = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+        self.emit("error", json!({ "message": message, "exit_code": exit_code(e) }));
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,6 +285,8 @@ pub struct Args {
     /// Print a JSON summary on stdout (logs and progress go to stderr).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 /// Parses 500M, 50G, 1.5T, 1000 (bytes) like gguf-split's --split-max-size.
@@ -92,13 +318,24 @@ pub fn progress_bar(hidden: bool) -> ProgressBar {
     }
     let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     b.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     b
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
+    let rep = Reporter::new("convert", &a.pipeline, quiet, a.json)?;
+    let r = run_with(&a, quiet, &rep);
+    if let Err(e) = &r {
+        rep.error(e);
+    }
+    r
+}
+
+fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let out_type = OutType::parse(&a.out_type).context("unknown --type")?;
     let split = match (&a.split_max_size, a.split_max_tensors) {
         (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
@@ -108,54 +345,67 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         (None, None) => SplitPolicy::None,
     };
     let t0 = Instant::now();
+    let created = a.pipeline.created()?;
     let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
-    let bar = progress_bar(quiet || a.json);
     let opts = ConvertOptions {
-        out_type,
-        output: a.output.clone(),
         split,
         allow_nonfinite: a.allow_nonfinite,
         tokenizer_pre: a.tokenizer_pre.clone(),
-        window: None,
         provenance: (!a.no_manifest).then(tool),
+        resume: a.pipeline.resume,
+        created,
+        model_card: !a.no_manifest && !a.pipeline.no_model_card,
+        ..ConvertOptions::new(out_type, a.output.clone())
     };
-    let report = convert(&ck, &opts, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })
-    .with_context(|| format!("cannot convert {}", a.src.display()))?;
-    bar.finish_and_clear();
+    let label = out_type.dtype().name().to_string();
+    let report = convert(&ck, &opts, &|ev| rep.on_event(&a.src, &label, ev))
+        .with_context(|| format!("cannot convert {}", a.src.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     for n in &report.notes {
         tracing::info!("{n}");
     }
     for n in &report.nonfinite {
-        tracing::warn!("{n}");
+        rep.warn(n);
     }
+    rep.done(&report, json!({}));
     if a.json {
-        let v = serde_json::json!({
+        let v = json!({
             "outputs": report.outputs,
             "manifest": report.manifest,
+            "model_card": report.model_card,
             "type": a.out_type,
             "tensors": report.n_tensors,
             "bytes_in": report.bytes_in,
             "bytes_out": report.bytes_out,
+            "resumed_tensors": report.resumed.tensors,
             "seconds": secs,
             "notes": report.notes,
             "nonfinite": report.nonfinite,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !quiet {
-        eprintln!(
+        rep.say(&format!(
             "wrote {} ({} tensors, {:.2} GB) in {:.1}s, {:.2} GB/s of input",
-            report.outputs.iter().chain(&report.manifest).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            written_list(&report),
             report.n_tensors,
             report.bytes_out as f64 / 1e9,
             secs,
             report.bytes_in as f64 / 1e9 / secs.max(1e-9)
-        );
+        ));
     }
     Ok(())
+}
+
+/// The files written, for the summary line.
+pub fn written_list(report: &ConvertReport) -> String {
+    report
+        .outputs
+        .iter()
+        .chain(&report.manifest)
+        .chain(&report.model_card)
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod calibrate;
 mod convert;
 mod inspect;
+mod logits;
 mod quantize;
 mod sign;
 mod verify;
@@ -63,6 +65,12 @@ enum Cmd {
     /// key`): a sigstore bundle with the sha256 of every file, ECDSA P-256.
     #[command(after_help = sign::AFTER_HELP)]
     Sign(sign::Args),
+    /// Developer command: logits of the calibration engine's f32 forward pass on given token ids.
+    #[command(hide = true, after_help = logits::AFTER_HELP)]
+    Logits(logits::Args),
+    /// Compute an importance matrix (llama-imatrix's GGUF format) with sling's own f32 forward pass.
+    #[command(after_help = calibrate::AFTER_HELP)]
+    Calibrate(calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +87,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLING_LOG").unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     if let Some(n) = cli.threads {
@@ -95,6 +104,8 @@ fn main() -> ExitCode {
         // verify reports its own problems and chooses its exit code (0, 1 or 2).
         Cmd::Verify(a) => return ExitCode::from(verify::run(a, cli.quiet)),
         Cmd::Sign(a) => sign::run(a, cli.quiet),
+        Cmd::Logits(a) => logits::run(a, cli.quiet),
+        Cmd::Calibrate(a) => calibrate::run(a, cli.quiet),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,7 +114,7 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(EXIT_INPUT)
+            ExitCode::from(convert::exit_code(&e))
         }
     }
 }

@@ -13,7 +13,8 @@ use sling_formats::quantize::{
     RuleOptions, TensorTypeRule, Why,
 };
 
-use crate::convert::{parse_size, progress_bar, tool};
+use crate::convert::{parse_size, tool, written_list, PipelineArgs, Reporter};
+use serde_json::json;
 
 pub const AFTER_HELP: &str = "Examples:
   sling quantize ./Qwen3-30B-A3B --to gguf:Q4_K_M -o qwen3-30b-a3b-Q4_K_M.gguf
@@ -39,7 +40,10 @@ Recipes: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the
 --leave-output-tensor — the llama-quantize flags, with the same meaning.
 
 imatrix: llama.cpp's GGUF imatrix (llama-imatrix output) or legacy .dat; per-expert slices for expert tensors; \
-experts without data are weighted 1.0 exactly like llama-quantize, and listed.";
+experts without data are weighted 1.0 exactly like llama-quantize, and listed.
+
+Crash safety, --resume, --progress json / --events, --reproducible and the model card work as for `sling convert` \
+(docs/pipeline.md, docs/reproducibility.md). `sling plan` also estimates peak memory, disk size and time.";
 
 /// Flags shared by `quantize` and `plan`.
 #[derive(clap::Args)]
@@ -118,6 +122,8 @@ pub struct Args {
     /// Print the plan (as `sling plan` does) and write nothing, like llama-quantize --dry-run.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<DType>> {
@@ -248,21 +254,65 @@ fn plan_json(p: &QuantizePlan, ftype: &Ftype, label: &str) -> serde_json::Value 
     })
 }
 
-fn warn_imatrix(p: &QuantizePlan) {
+fn imatrix_warnings(p: &QuantizePlan) -> Vec<String> {
+    let mut w = Vec::new();
     if !p.missing_imatrix.is_empty() {
-        tracing::warn!(
+        w.push(format!(
             "imatrix has no data for {} tensor(s), quantized without it: {}",
             p.missing_imatrix.len(),
             p.missing_imatrix.join(", ")
-        );
+        ));
     }
     if !p.empty_experts.is_empty() {
-        tracing::warn!(
+        w.push(format!(
             "{} expert matrices have no imatrix data and are weighted 1.0 (as llama-quantize does): {}",
             p.empty_experts.len(),
             p.empty_experts.join(", ")
-        );
+        ));
     }
+    w
+}
+
+fn warn_imatrix(p: &QuantizePlan) {
+    for w in imatrix_warnings(p) {
+        tracing::warn!("{w}");
+    }
+}
+
+/// Rows for the model card: recipe description, imatrix and type overrides.
+fn card_extra(a: &QuantArgs) -> Result<Vec<(String, String)>> {
+    let mut rows = Vec::new();
+    if let Some(to) = a.to.as_deref().and_then(|t| t.strip_prefix("gguf:")) {
+        if let Some(r) = Recipe::named(to) {
+            rows.push(("recipe description".to_string(), r.description));
+        }
+    }
+    if let Some(p) = &a.recipe {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (_, sha) = sling_formats::manifest::hash_file(p)?;
+        rows.push(("recipe file".to_string(), format!("`{name}` (sha256 `{sha}`)")));
+    }
+    if let Some(p) = &a.imatrix {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (_, sha) = sling_formats::manifest::hash_file(p)?;
+        rows.push(("imatrix".to_string(), format!("`{name}` (sha256 `{sha}`)")));
+    } else {
+        rows.push(("imatrix".to_string(), "none".to_string()));
+    }
+    for t in &a.tensor_type {
+        rows.push(("--tensor-type".to_string(), format!("`{}`", t.replace('|', "\\|"))));
+    }
+    for (flag, on) in [("--pure", a.pure), ("--leave-output-tensor", a.leave_output_tensor), ("--allow-requantize", a.allow_requantize)] {
+        if on {
+            rows.push((flag.to_string(), "yes".to_string()));
+        }
+    }
+    for (flag, v) in [("--output-tensor-type", &a.output_tensor_type), ("--token-embedding-type", &a.token_embedding_type)] {
+        if let Some(v) = v {
+            rows.push((flag.to_string(), format!("`{v}`")));
+        }
+    }
+    Ok(rows)
 }
 
 fn is_gguf(p: &std::path::Path) -> bool {
@@ -281,12 +331,46 @@ fn open_and_plan(src: &std::path::Path, opts: &QuantizeOptions) -> Result<(Check
     Ok((ck, p))
 }
 
+/// Disk size, peak memory and time of executing the plan (docs/pipeline.md, "Estimates").
+fn estimate_json(p: &QuantizePlan) -> Result<serde_json::Value> {
+    use sling_formats::gguf::write::planned_files;
+    use sling_formats::gguf::TensorDesc;
+    let t = &p.prepared.tensors;
+    let descs = t.iter().map(|t| TensorDesc::new(t.name.clone(), t.dtype, t.ne.clone())).collect();
+    let files = planned_files(std::path::Path::new("model.gguf"), p.prepared.kvs.0.clone(), descs, SplitPolicy::None)?;
+    let disk: u64 = files.iter().map(|f| f.1).sum();
+    let from: std::collections::HashMap<&str, DType> = p.rows.iter().map(|r| (r.name.as_str(), r.from)).collect();
+    let src_bpe = |t: &sling_formats::convert::OutTensor| {
+        let n = t.numel().max(1);
+        from.get(t.name.as_str()).and_then(|d| d.bytes_for(n)).map_or(2.0, |b| b as f64 / n as f64)
+    };
+    let e = sling_formats::convert::run::estimate(t, &src_bpe, rayon::current_num_threads(), true);
+    Ok(json!({
+        "disk_bytes": disk,
+        "peak_memory_bytes": e.peak_memory,
+        "seconds": (e.seconds * 1000.0).round() / 1000.0,
+        "threads": e.threads,
+    }))
+}
+
+fn human_secs(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0} s")
+    } else if s < 5400.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
 /// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
 pub fn run_plan(a: QuantArgs) -> Result<()> {
     let (opts, label) = options(&a)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
-    let j = plan_json(&p, &opts.rules.ftype, &label);
+    let mut j = plan_json(&p, &opts.rules.ftype, &label);
+    let est = estimate_json(&p)?;
+    j["estimate"] = est.clone();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
@@ -314,6 +398,16 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
         j["bpw"].as_f64().unwrap_or(0.0),
         p.n_fallback
     );
+    // On stderr: it depends on the machine (threads), the table above does not.
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "estimated: disk {} bytes ({:.2} MiB), peak memory {:.0} MiB with {} threads, about {} (docs/pipeline.md)",
+        est["disk_bytes"],
+        mib(est["disk_bytes"].as_u64().unwrap_or(0)),
+        mib(est["peak_memory_bytes"].as_u64().unwrap_or(0)),
+        est["threads"],
+        human_secs(est["seconds"].as_f64().unwrap_or(0.0))
+    );
     Ok(())
 }
 
@@ -321,6 +415,15 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     if a.dry_run {
         return run_plan(a.q);
     }
+    let rep = Reporter::new("quantize", &a.pipeline, quiet, a.q.json)?;
+    let r = run_with(&a, quiet, &rep);
+    if let Err(e) = &r {
+        rep.error(e);
+    }
+    r
+}
+
+fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let (opts, label) = options(&a.q)?;
     let split = match (&a.split_max_size, a.split_max_tensors) {
         (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
@@ -330,39 +433,48 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         (None, None) => SplitPolicy::None,
     };
     let t0 = Instant::now();
+    let created = a.pipeline.created()?;
     let src = &a.q.src;
     let (ck, p) = open_and_plan(src, &opts)?;
-    warn_imatrix(&p);
+    let warnings = imatrix_warnings(&p);
     let summary = plan_json(&p, &opts.rules.ftype, &label);
     let copts = ConvertOptions {
-        out_type: OutType::BF16,
-        output: a.output.clone(),
         split,
         allow_nonfinite: a.allow_nonfinite,
         tokenizer_pre: a.q.tokenizer_pre.clone(),
-        window: None,
         provenance: (!a.no_manifest).then(tool),
+        resume: a.pipeline.resume,
+        created,
+        model_card: !a.no_manifest && !a.pipeline.no_model_card,
+        card_extra: card_extra(&a.q)?,
+        ..ConvertOptions::new(OutType::BF16, a.output.clone())
     };
-    let bar = progress_bar(quiet || a.q.json);
-    let report = execute(&ck, p.prepared, &copts, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    let report = execute(&ck, p.prepared, &copts, &|ev| {
+        rep.on_event(src, &label, ev);
+        // Warnings come right after the start event.
+        if matches!(ev, sling_formats::convert::Event::Start { .. }) {
+            for w in &warnings {
+                rep.warn(w);
+            }
+        }
     })
     .with_context(|| format!("cannot quantize {}", src.display()))?;
-    bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     for n in &report.notes {
         tracing::info!("{n}");
     }
+    rep.done(&report, json!({ "preset": summary["preset"], "bpw": summary["bpw"] }));
     if a.q.json {
-        let v = serde_json::json!({
+        let v = json!({
             "outputs": report.outputs,
             "manifest": report.manifest,
+            "model_card": report.model_card,
             "preset": summary["preset"],
             "bpw": summary["bpw"],
             "tensors": report.n_tensors,
             "bytes_in": report.bytes_in,
             "bytes_out": report.bytes_out,
+            "resumed_tensors": report.resumed.tensors,
             "seconds": secs,
             "notes": report.notes,
             "missing_imatrix": summary["missing_imatrix"],
@@ -370,21 +482,15 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !quiet {
-        eprintln!(
+        rep.say(&format!(
             "wrote {} ({} tensors, {:.2} GB, {:.2} bpw) in {:.1}s, {:.2} GB/s of input",
-            report
-                .outputs
-                .iter()
-                .chain(&report.manifest)
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            written_list(&report),
             report.n_tensors,
             report.bytes_out as f64 / 1e9,
             summary["bpw"].as_f64().unwrap_or(0.0),
             secs,
             report.bytes_in as f64 / 1e9 / secs.max(1e-9)
-        );
+        ));
     }
     Ok(())
 }

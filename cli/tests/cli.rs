@@ -208,8 +208,12 @@ fn splits_are_named_like_llama_cpp() {
     assert!(o.status.success(), "{}", stderr(&o));
     let mut names: Vec<String> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    // The shards, and one provenance manifest for the set, named after the base name (docs/manifest.md).
-    assert_eq!(names, ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf", "m.sling.json"]);
+    // The shards, one provenance manifest for the set, named after the base name (docs/manifest.md), and
+    // the model card (docs/pipeline.md).
+    assert_eq!(
+        names,
+        ["README.md", "m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf", "m.sling.json"]
+    );
 }
 
 #[test]

@@ -58,6 +58,9 @@ fn help_and_plan_snapshots() {
     let ty = |n: &str| t.iter().find(|x| x["name"] == n).unwrap()["type"].as_str().unwrap().to_string();
     assert_eq!(ty("blk.0.ffn_gate_inp.weight"), "f32", "the router is never quantized");
     assert_eq!(ty("blk.0.attn_q.weight"), "q8_0");
+    // The estimate depends on the machine (threads, calibration figures): tested in tests/pipeline.rs.
+    let mut v = v;
+    v.as_object_mut().unwrap().remove("estimate");
     snapshot("plan-mixtral-moe-q4", &serde_json::to_string_pretty(&v).unwrap());
 }
 

@@ -30,8 +30,10 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
+/// Without the model card (README.md): these tests are about the GGUF files and the manifest; the card's
+/// coverage by the manifest is tested in tests/pipeline.rs.
 fn convert(src: &Path, out: &Path, extra: &[&str]) {
-    let mut a = vec!["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer-pre", "gpt-2", "-q"];
+    let mut a = vec!["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer-pre", "gpt-2", "-q", "--no-model-card"];
     a.extend_from_slice(extra);
     let o = run(&a);
     assert!(o.status.success(), "convert failed: {}", stderr(&o));
@@ -343,7 +345,8 @@ fn manifests_are_identical_across_threads_and_runs() {
         for (i, threads) in ["1", "2", "2"].iter().enumerate() {
             let d = t.path().join(format!("{ty}-{i}"));
             fs::create_dir_all(&d).unwrap();
-            let mut extra = vec!["--type", ty, "-t", threads];
+            // --reproducible: no `created` time (docs/reproducibility.md).
+            let mut extra = vec!["--type", ty, "-t", threads, "--reproducible"];
             if let Some(n) = split {
                 extra.extend(["--split-max-tensors", n]);
             }

@@ -5,8 +5,10 @@
 //! size and sha256 of every source file read and of every output file, and per tensor its place
 //! (file, offset, bytes), type, shape, sha256 and the source tensors it came from. Output hashes are
 //! those of the bytes as they were written ([`crate::gguf::GgufWriter::finish_hashed`]); nothing is
-//! read back. The manifest holds no timestamp: the same source and options give the same bytes,
-//! whatever the thread count or run.
+//! read back. Apart from the optional `created` timestamp (omitted with `--reproducible`, pinned by
+//! `SOURCE_DATE_EPOCH`), the same source and options give the same bytes, whatever the thread count or
+//! run (`docs/reproducibility.md`). When a model card (`README.md`) is written with the artifact, its
+//! size and sha256 are in `model_card`, and [`verify`] checks it too.
 //!
 //! The manifest is sealed by `manifest_sha256`: the sha256 of its canonical JSON without that field
 //! (see [`canonical_json`]), which catches a manifest edited by hand or damaged on disk (not a
@@ -151,6 +153,10 @@ pub struct Manifest {
     /// [`SCHEMA`].
     pub schema: String,
     pub sling: Tool,
+    /// When the artifact was made (RFC 3339, UTC, seconds): the current time, or `SOURCE_DATE_EPOCH`;
+    /// absent with `--reproducible`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
     pub options: Options,
     /// Where tensors were computed: `"cpu"`.
     pub compute: String,
@@ -158,6 +164,9 @@ pub struct Manifest {
     pub output: String,
     pub sources: Vec<SourceFile>,
     pub outputs: Vec<OutputFile>,
+    /// The model card written beside the outputs (`README.md`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_card: Option<OutputFile>,
     pub tensors: Vec<TensorRecord>,
     /// sha256 of [`canonical_json`] of the manifest without this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -429,14 +438,33 @@ pub fn build(
     Manifest {
         schema: SCHEMA.to_string(),
         sling: tool.clone(),
+        created: None,
         options,
         compute: "cpu".to_string(),
         output: file_name(output),
         sources,
         outputs,
+        model_card: None,
         tensors,
         manifest_sha256: None,
     }
+}
+
+/// `secs` since the Unix epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`), as `created` holds it.
+pub fn rfc3339(secs: u64) -> String {
+    // Civil date from days since 1970-01-01 (H. Hinnant's `civil_from_days`).
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,6 +718,30 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
         .collect();
     problems.extend(per_file.into_iter().flatten());
 
+    // The model card, when the manifest lists one.
+    if let Some(card) = &m.model_card {
+        let name = card.name.as_str();
+        if !is_plain_name(name) || names.contains(name) {
+            problems.push(problem(
+                ProblemKind::ManifestInvalid,
+                &mname,
+                None,
+                format!("{mname}: model card name {name:?} is not a plain file name or is also an output"),
+            ));
+        } else {
+            match hash_file(&dir.join(name)) {
+                Ok((size, sha)) if size == card.size && sha == card.sha256 => {}
+                Ok((size, sha)) => problems.push(problem(
+                    ProblemKind::FileHash,
+                    name,
+                    None,
+                    format!("{name}: model card differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes", card.sha256, card.size),
+                )),
+                Err(e) => problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: model card missing ({e})"))),
+            }
+        }
+    }
+
     // Extra files of the same set.
     let base = if is_plain_name(&m.output) { m.output.clone() } else { String::new() };
     let stem = base.strip_suffix(".gguf").unwrap_or(&base).to_string();
@@ -771,6 +823,14 @@ mod tests {
         assert!(!is_plain_name("d/a.gguf"));
         assert!(is_inner_path("d/a.json"));
         assert!(!is_inner_path("d/../../a.json"));
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
     }
 
     #[test]

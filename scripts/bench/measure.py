@@ -67,6 +67,7 @@ def _parse_time_v(text: str) -> dict:
         "cpu_pct": grab("Percent of CPU this job got", lambda s: float(s.rstrip("%")) if s.rstrip("%").isdigit() else None),
         "max_rss_kib": grab("Maximum resident set size (kbytes)", int),
         "major_faults": grab("Major (requiring I/O) page faults", int),
+        "involuntary_cs": grab("Involuntary context switches", int),
         "exit_status": grab("Exit status", int),
     }
 

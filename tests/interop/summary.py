@@ -91,6 +91,26 @@ def render(results: Path) -> str:
                 if l != "null") + " (gptoss-mxfp4: llama.cpp quantizes activations to Q8 in MXFP4 matmuls).")
         out += [""] + notes + ([""] if notes else [])
 
+    fwd, v = _load(results, "forward")
+    versions.update(v)
+    if fwd:
+        out += ["## Calibration forward pass (`sling logits`) vs transformers float32", "",
+                "sling's own CPU forward pass (crate calibration/, f32, layer by layer; FP8 and MXFP4 dequantized"
+                " exactly) against transformers float32. KL(transformers || sling) in nats (mean / max over"
+                " positions), max |logit difference|, top-1 agreement. `/batch`: a 16-token and a 200-token"
+                " sequence in one batch, each against transformers on that sequence alone.", "",
+                "| fixture | tokens | KL mean | KL max | max abs | top-1 |", "|---|---|---|---|---|---|"]
+        for n, e in sorted(fwd.items()):
+            parts = [("", e)] if "kl_mean" in e else [(f" ({k})", e[k]) for k in ("short", "long") if k in e]
+            for suffix, s in parts:
+                nt = e["n_tokens"] if isinstance(e["n_tokens"], int) else e["n_tokens"].get(suffix.strip(" ()"), "")
+                out.append(f"| {n}{suffix} | {nt} | {_e(s['kl_mean'])} | {_e(s['kl_max'])} | {_e(s['maxabs'])} |"
+                           f" {s['top1']:.3f} |")
+        lims = sorted({e.get("kl_mean_limit") for e in fwd.values() if e.get("kl_mean_limit") is not None})
+        if lims:
+            out += ["", "Limit on KL mean: " + ", ".join(f"{x:g}" for x in lims) + "; top-1 must be 1."]
+        out.append("")
+
     split, v = _load(results, "split")
     versions.update(v)
     if split:

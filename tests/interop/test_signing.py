@@ -324,7 +324,8 @@ def test_release_pipeline(tmp_path):
     key, pub = keypair(tmp_path)
     sig = tmp_path / "qwen3moe-q8_0.sig"
     j = sling_sign(out, key, sig)
-    assert sorted(x["name"] for x in j["files"]) == ["qwen3moe-q8_0.gguf", "qwen3moe-q8_0.sling.json"]
+    # the GGUF, its manifest and the model card written beside them (docs/pipeline.md)
+    assert sorted(x["name"] for x in j["files"]) == ["README.md", "qwen3moe-q8_0.gguf", "qwen3moe-q8_0.sling.json"]
     ms_verified(out, pub, sig)
     sling_verified(out, pub, sig)
     assert lab.sling("verify", out / "qwen3moe-q8_0.gguf").returncode == 0

@@ -2,17 +2,35 @@
 //! parallel (rayon) a window at a time, and written strictly in plan order. Chunk boundaries do
 //! not depend on the thread count, and each chunk is encoded on its own, so the output bytes are
 //! identical whatever the number of threads. Peak memory is bounded by the window, not the model.
+//!
+//! Crash safety and resume: outputs are written as `NAME.partial` with a journal
+//! (`OUT.partial.json`, see [`crate::gguf::write`]) and renamed only when complete and hashed. The
+//! journal's fingerprint covers everything that decides the bytes (see [`fingerprint`]), so a resumed
+//! run ([`ConvertOptions::resume`]) reuses only tensors this plan would write identically, after
+//! re-hashing them, and skips computing them.
+//!
+//! Hooks for tests and tuning (environment variables, read by [`execute`]):
+//! - `SLING_JOURNAL_INTERVAL_MS` (default 5000): least time between two journal commits (each
+//!   flushes and fsyncs the data written so far); `0` commits after every tensor.
+//! - `SLING_TEST_ABORT_AFTER_TENSORS=N`: stop the process at once (exit status 134, no destructor runs,
+//!   nothing is flushed or cleaned up: what `kill -9` leaves) once N tensors are complete in the partial
+//!   files (`0`: as soon as the first header is written).
+//! - `SLING_TEST_ABORT_AT=renamed`: the same, after the outputs are renamed into place, before the
+//!   model card and the manifest are written.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::hparams::{arch_kvs, Kvs};
 use super::ops::OpError;
 use super::plan::{plan, OutTensor, OutType, Payload, PlanError};
 use crate::checkpoint::Checkpoint;
-use crate::gguf::write::Written;
+use super::card::{self, CardContext};
+use crate::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
 use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
 use crate::manifest::{self, ManifestError, Tool};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
@@ -35,6 +53,50 @@ pub struct ConvertOptions {
     /// Write the provenance manifest (`OUT.sling.json`, see [`crate::manifest`]) naming this tool.
     /// A stale manifest of the same name is removed in every case before the outputs are renamed.
     pub provenance: Option<Tool>,
+    /// Continue an interrupted conversion of the same plan from its partial files (re-hashing what
+    /// is reused), and keep the partial files if this run fails too.
+    pub resume: bool,
+    /// `created` of the manifest (seconds since the Unix epoch); `None` leaves it out.
+    pub created: Option<u64>,
+    /// Write a model card (`README.md`, see [`card`]) beside the outputs; needs `provenance`.
+    pub model_card: bool,
+    /// Extra rows for the model card's summary table (recipe description, imatrix, ...).
+    pub card_extra: Vec<(String, String)>,
+}
+
+impl ConvertOptions {
+    /// Options with every optional feature off: no manifest, no card, no resume.
+    pub fn new(out_type: OutType, output: PathBuf) -> ConvertOptions {
+        ConvertOptions {
+            out_type,
+            output,
+            split: SplitPolicy::None,
+            allow_nonfinite: false,
+            tokenizer_pre: None,
+            window: None,
+            provenance: None,
+            resume: false,
+            created: None,
+            model_card: false,
+            card_extra: Vec::new(),
+        }
+    }
+}
+
+/// What [`convert`] and [`execute`] report while they run, in this order: `Start`, then `Bytes` after
+/// every chunk written and `Tensor` as each tensor completes (reused ones first), then `Stage`s.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// About to write (the outputs' partial files exist). `resumed` says what an interrupted run left
+    /// that was re-checked and reused.
+    Start { tensors: usize, bytes: u64, outputs: &'a [PathBuf], resumed: &'a Resumed },
+    /// Output data bytes complete so far, of `total`.
+    Bytes { done: u64, total: u64 },
+    /// Tensor `index` (0-based, file order) of `of` is complete in its file; `done_bytes` counts the
+    /// data bytes of every tensor complete so far.
+    Tensor { index: usize, of: usize, name: &'a str, dtype: DType, bytes: u64, done_bytes: u64, total_bytes: u64, reused: bool },
+    /// A step after the tensors: `"hashing sources"`, `"writing manifest"`.
+    Stage(&'a str),
 }
 
 #[derive(Debug)]
@@ -49,6 +111,10 @@ pub struct ConvertReport {
     pub written: Written,
     /// The manifest written, if one was asked for.
     pub manifest: Option<PathBuf>,
+    /// The model card written, if one was asked for.
+    pub model_card: Option<PathBuf>,
+    /// What was reused from an interrupted run.
+    pub resumed: Resumed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +143,8 @@ pub enum ConvertError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("internal error: the writer thread panicked")]
     WriterPanicked,
+    #[error("cannot write {path}: {reason}{hint}")]
+    Output { path: PathBuf, reason: String, hint: String, source: std::io::Error },
     #[error("provenance manifest: {0}")]
     Manifest(#[from] ManifestError),
 }
@@ -155,6 +223,85 @@ fn chunks(tensors: &[OutTensor]) -> Vec<Chunk> {
         }
     }
     out
+}
+
+/// What `sling plan` estimates for executing a plan (see `docs/pipeline.md`, "Estimates").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    pub threads: usize,
+    /// Peak resident memory, bytes.
+    pub peak_memory: u64,
+    /// Wall time, seconds, from the documented throughput figures.
+    pub seconds: f64,
+}
+
+/// Resident memory of the process before any tensor is computed (binary, metadata, tokenizer, thread
+/// stacks): about 12 MiB measured on the fixtures, with a margin (`docs/pipeline.md`).
+pub const BASE_MEMORY: u64 = 16 << 20;
+
+/// Output elements written per second by one thread, by output type (read, convert, encode, write; no
+/// hashing): measured with `sling -t 1 quantize --pure --no-manifest` (and `convert`) on a one-layer
+/// synthetic Qwen3-MoE with Qwen3-30B-A3B's shapes, on a 2-core x86-64 machine with AVX2
+/// (`docs/pipeline.md`, "Estimates").
+pub fn encode_rate(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => 180e6,
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 145e6,
+        DType::MXFP4 => 140e6,
+        DType::TQ1_0 | DType::TQ2_0 => 125e6,
+        DType::IQ4NL | DType::IQ4XS => 37e6,
+        DType::Q3K => 52e6,
+        DType::Q6K => 21e6,
+        DType::Q5K => 18e6,
+        DType::Q2K => 16e6,
+        DType::Q4K => 14e6,
+        _ => 14e6,
+    }
+}
+
+/// Bytes per second that one thread hashes (sha256, the manifest's file, tensor and source hashes).
+pub const HASH_RATE: f64 = 1.5e9;
+
+/// Estimates peak memory and time of executing `tensors` with `threads` workers. `src_bytes_per_elem`
+/// gives each tensor's bytes per element in the source. Memory, meant as an upper bound: [`BASE_MEMORY`],
+/// the writer's buffer, per worker one chunk's values as f32 and its source bytes read, and, for the
+/// worst three consecutive windows (one being written, one queued, one being computed), their output
+/// bytes plus the computed window's source pages. Time: encoding at [`encode_rate`] on `threads`
+/// threads, plus hashing (outputs on the writer thread, sources on all threads) at [`HASH_RATE`] when
+/// `hashing`.
+pub fn estimate(tensors: &[OutTensor], src_bytes_per_elem: &dyn Fn(&OutTensor) -> f64, threads: usize, hashing: bool) -> Estimate {
+    let threads = threads.max(1);
+    let window = 2 * threads;
+    let cs = chunks(tensors);
+    let mut out_w = Vec::new();
+    let mut src_w = Vec::new();
+    let mut max_chunk = 0f64; // bytes of one chunk's f32 values and source bytes
+    for win in cs.chunks(window) {
+        let (mut o, mut s) = (0u64, 0f64);
+        for c in win {
+            let t = &tensors[c.t];
+            let cols = t.ne.first().copied().unwrap_or(1);
+            let elems = (c.r1 - c.r0) * cols;
+            max_chunk = max_chunk.max(elems as f64 * (4.0 + src_bytes_per_elem(t)));
+            o += t.dtype.bytes_for(elems).unwrap_or(elems * 4);
+            s += elems as f64 * src_bytes_per_elem(t);
+        }
+        out_w.push(o);
+        src_w.push(s as u64);
+    }
+    let worst = (0..out_w.len())
+        .map(|i| {
+            let o: u64 = out_w[i.saturating_sub(2)..=i].iter().sum();
+            o + src_w[i]
+        })
+        .max()
+        .unwrap_or(0);
+    let peak_memory = BASE_MEMORY + (8 << 20) + threads as u64 * max_chunk as u64 + worst;
+    let encode: f64 = tensors.iter().map(|t| t.numel() as f64 / encode_rate(t.dtype)).sum::<f64>() / threads as f64;
+    let out_bytes: u64 = tensors.iter().map(OutTensor::n_bytes).sum();
+    let in_bytes: f64 = tensors.iter().map(|t| t.numel() as f64 * src_bytes_per_elem(t)).sum();
+    let hash = if hashing { out_bytes as f64 / HASH_RATE + in_bytes / HASH_RATE / threads as f64 } else { 0.0 };
+    Estimate { threads, peak_memory, seconds: encode + hash }
 }
 
 /// Rounds `v` through `via` as a file of that type stores it and ggml reads it back (`ggml_bf16_to_fp32`,
@@ -308,18 +455,18 @@ fn raw_copy(
     Ok(true)
 }
 
-/// Converts `ck` as `opts` says. `progress` is called with the output bytes written so far.
+/// Converts `ck` as `opts` says, reporting progress through `events`.
 pub fn convert(
     ck: &Checkpoint,
     opts: &ConvertOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ConvertReport, ConvertError> {
     check_output_path(ck, &opts.output)?;
     let p = plan(ck, opts.out_type)?;
     let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
     let label = opts.out_type.dtype().name().to_string();
-    execute(ck, Prepared { tensors: p.tensors, kvs, notes: p.notes, label }, opts, progress)
+    execute(ck, Prepared { tensors: p.tensors, kvs, notes: p.notes, label }, opts, events)
 }
 
 /// A fully decided output: tensors in file order with their types and recipes, and the metadata.
@@ -336,14 +483,24 @@ pub fn execute(
     ck: &Checkpoint,
     prep: Prepared,
     opts: &ConvertOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ConvertReport, ConvertError> {
     check_output_path(ck, &opts.output)?;
     let Prepared { tensors, kvs, notes, label } = prep;
     let descs: Vec<TensorDesc> =
         tensors.iter().map(|t| TensorDesc { name: t.name.clone(), dtype: t.dtype, ne: t.ne.clone() }).collect();
     let total: u64 = tensors.iter().map(OutTensor::n_bytes).sum();
-    let w = GgufWriter::create_with(&opts.output, kvs.0, descs, opts.split, opts.provenance.is_some())?;
+    let card_cx = card_context(ck, &kvs, opts);
+    let resumable = Resumable {
+        fingerprint: fingerprint(ck, &tensors, &kvs, opts, &label),
+        resume: opts.resume,
+        interval: Duration::from_millis(env_u64("SLING_JOURNAL_INTERVAL_MS").unwrap_or(5000)),
+    };
+    let mut w = GgufWriter::create_resumable(&opts.output, kvs.0, descs, opts.split, opts.provenance.is_some(), Some(resumable))
+        .map_err(output_error(opts.resume))?;
+    // A run asked to resume keeps its partial files if it fails as well, for the next --resume.
+    w.keep_partial(opts.resume);
+    let resumed = w.resumed().clone();
     let manifest_path = manifest::manifest_path(&opts.output);
     // Source files are hashed by a background thread during the conversion, and by every rayon
     // thread once the outputs are written.
@@ -352,32 +509,41 @@ pub fn execute(
         if let Some(sh) = &source_hasher {
             scope.spawn(|| sh.work());
         }
-        let res = write_outputs(scope, ck, opts, &tensors, w, &manifest_path, total, progress);
+        let res = write_outputs(scope, ck, opts, &tensors, w, &manifest_path, total, events);
         if let Some(sh) = &source_hasher {
             match &res {
-                Ok(_) => sh.work_all(),
+                Ok(_) => {
+                    events(&Event::Stage("hashing sources"));
+                    sh.work_all()
+                }
                 Err(_) => sh.cancel(),
             }
         }
         res
     })?;
+    if std::env::var("SLING_TEST_ABORT_AT").as_deref() == Ok("renamed") {
+        crash_for_test();
+    }
     let outputs = written.paths();
-    let manifest = match (&opts.provenance, source_hasher) {
+    let (manifest, model_card) = match (&opts.provenance, source_hasher) {
         (Some(tool), Some(sh)) => {
-            let res = sh
-                .into_results()
-                .map_err(ConvertError::from)
-                .and_then(|sources| write_manifest(opts, &label, tool, sources, &tensors, &written, &manifest_path));
-            if let Err(e) = res {
-                // Keep "an error leaves nothing behind": the outputs would be unverifiable anyway.
-                for o in &outputs {
-                    let _ = std::fs::remove_file(o);
+            events(&Event::Stage("writing manifest"));
+            let res = sh.into_results().map_err(ConvertError::from).and_then(|sources| {
+                write_manifest(opts, &label, tool, sources, &tensors, &written, &manifest_path, &card_cx)
+            });
+            match res {
+                Ok(card) => (Some(manifest_path), card),
+                Err(e) => {
+                    // Keep "an error leaves nothing behind": the outputs would be unverifiable anyway.
+                    for o in &outputs {
+                        let _ = std::fs::remove_file(o);
+                    }
+                    let _ = card::remove_stale_cards(&opts.output);
+                    return Err(e);
                 }
-                return Err(e);
             }
-            Some(manifest_path)
         }
-        _ => None,
+        _ => (None, None),
     };
     Ok(ConvertReport {
         outputs,
@@ -388,12 +554,105 @@ pub fn execute(
         nonfinite,
         written,
         manifest,
+        model_card,
+        resumed,
     })
 }
 
+/// The test hooks' crash: exit at once without running destructors (partial files, journal and lock
+/// stay as a killed process leaves them; buffered bytes are lost), and without a core dump.
+fn crash_for_test() -> ! {
+    std::process::exit(134)
+}
+
+fn env_u64(key: &str) -> Option<u64> {
+    std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Turns an I/O error on the output into a message that says what happened (disk full, read-only,
+/// permission denied) and what is left behind.
+fn output_error(resume: bool) -> impl Fn(GgufError) -> ConvertError {
+    move |e| match e {
+        GgufError::Io { path, op, source } => {
+            use std::io::ErrorKind as K;
+            let reason = match source.kind() {
+                K::StorageFull => "the disk is full (no space left on device)".to_string(),
+                K::QuotaExceeded => "the disk quota is exceeded".to_string(),
+                K::FileTooLarge => "the file size limit was reached (file too large)".to_string(),
+                K::ReadOnlyFilesystem => "the output directory is on a read-only file system".to_string(),
+                K::PermissionDenied => "permission denied (is the output directory writable?)".to_string(),
+                K::NotFound => "the output directory does not exist".to_string(),
+                K::WouldBlock if op == "lock" => {
+                    "another sling process is writing this output right now".to_string()
+                }
+                _ => format!("{op} failed"),
+            };
+            let hint = if op == "lock" {
+                String::new()
+            } else if resume {
+                "; the partial output is kept: rerun with --resume to continue (or delete the .partial files)".to_string()
+            } else {
+                "; nothing was left behind and the source was not touched".to_string()
+            };
+            ConvertError::Output { path, reason, hint, source }
+        }
+        other => ConvertError::Gguf(other),
+    }
+}
+
+/// A digest of everything that decides the output bytes: the code version, the options, the metadata,
+/// every tensor's name, type, shape, recipe and importance weights, and each source file's path, size
+/// and modification time. A journal with another fingerprint is never resumed.
+pub fn fingerprint(ck: &Checkpoint, tensors: &[OutTensor], kvs: &Kvs, opts: &ConvertOptions, label: &str) -> String {
+    let mut h = Sha256::new();
+    let mut put = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    put(JOURNAL_SCHEMA);
+    put(env!("CARGO_PKG_VERSION"));
+    if let Some(t) = &opts.provenance {
+        put(&t.version);
+        put(&t.git_commit);
+    }
+    put(label);
+    put(&format!("{:?} {:?} {} {:?}", opts.out_type, opts.split, opts.allow_nonfinite, opts.tokenizer_pre));
+    put(&format!("{:?}", kvs.0));
+    for t in tensors {
+        put(&t.name);
+        put(t.dtype.name());
+        put(&format!("{:?} {:?} {:?}", t.ne, t.round_via, t.sources));
+        match &t.weights {
+            Some(w) => {
+                let mut wh = Sha256::new();
+                for x in w.iter() {
+                    wh.update(x.to_le_bytes());
+                }
+                put(&hex(&wh.finalize()));
+            }
+            None => put("-"),
+        }
+    }
+    for (rel, p) in manifest::source_paths(ck) {
+        put(&rel);
+        match std::fs::metadata(&p) {
+            Ok(m) => {
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                put(&format!("{} {mtime}", m.len()));
+            }
+            Err(_) => put("missing"),
+        }
+    }
+    hex(&h.finalize())
+}
+
 /// Computes the tensors a window of chunks at a time (in parallel) while a writer thread spawned in
-/// `scope` writes the previous window, then renames the outputs. Returns what was written and the
-/// non-finite values let through.
+/// `scope` writes the previous window, then renames the outputs. Tensors reused from an interrupted
+/// run are not computed again. Returns what was written and the non-finite values let through.
 #[allow(clippy::too_many_arguments)]
 fn write_outputs<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
@@ -403,22 +662,52 @@ fn write_outputs<'scope, 'env>(
     w: GgufWriter,
     manifest_path: &Path,
     total: u64,
-    progress: &'env (dyn Fn(u64, u64) + Sync),
+    events: &'env (dyn Fn(&Event<'_>) + Sync),
 ) -> Result<(Written, Vec<String>), ConvertError> {
-    let jobs = chunks(tensors);
+    let reused = w.resumed().tensors;
+    let outputs = w.output_paths();
+    events(&Event::Start { tensors: tensors.len(), bytes: total, outputs: &outputs, resumed: w.resumed() });
+    let jobs: Vec<Chunk> = chunks(tensors).into_iter().filter(|c| c.t >= reused).collect();
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
+    let abort_after = env_u64("SLING_TEST_ABORT_AFTER_TENSORS").map(|n| n as usize);
     let mut nonfinite = Vec::new();
     // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
     // two windows of output in memory.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
     let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
         let mut w = w;
-        let mut done = 0u64;
+        let n = tensors.len();
+        let mut seen = 0;
+        let mut tensor_bytes = 0u64;
+        // Reports the tensors completed since the last call, and stops the process at the test hook.
+        let report = |w: &GgufWriter, seen: &mut usize, tensor_bytes: &mut u64| {
+            while *seen < w.completed().len() {
+                let t = &tensors[*seen];
+                *tensor_bytes += t.n_bytes();
+                events(&Event::Tensor {
+                    index: *seen,
+                    of: n,
+                    name: &t.name,
+                    dtype: t.dtype,
+                    bytes: t.n_bytes(),
+                    done_bytes: *tensor_bytes,
+                    total_bytes: total,
+                    reused: *seen < reused,
+                });
+                *seen += 1;
+            }
+            if abort_after.is_some_and(|a| *seen >= a) {
+                crash_for_test();
+            }
+        };
+        report(&w, &mut seen, &mut tensor_bytes);
+        let mut done = tensor_bytes;
         for batch in rx {
             for bytes in batch {
-                w.write_data(&bytes)?;
+                w.write_data(&bytes).map_err(output_error(opts.resume))?;
                 done += bytes.len() as u64;
-                progress(done, total);
+                events(&Event::Bytes { done, total });
+                report(&w, &mut seen, &mut tensor_bytes);
             }
         }
         Ok(w)
@@ -447,21 +736,55 @@ fn write_outputs<'scope, 'env>(
     drop(tx);
     let w = writer.join().map_err(|_| ConvertError::WriterPanicked)??;
     if let Some(e) = failed {
-        return Err(e); // dropping `w` removes its temporary files
+        return Err(e); // dropping `w` removes its partial files (or keeps them with --resume)
     }
-    // A manifest left by an earlier run must never describe the new files: remove it before they
-    // take its outputs' names. A crash from here until the new manifest is in place leaves outputs
-    // without a manifest, which `verify` reports as not verifiable.
+    // A manifest (and model card) left by an earlier run must never describe the new files: remove
+    // them before the new files take their outputs' names. A crash from here until the new manifest is
+    // in place leaves outputs without a manifest, which `verify` reports as not verifiable.
     match std::fs::remove_file(manifest_path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(ConvertError::Io { path: manifest_path.to_path_buf(), source: e });
         }
         _ => {}
     }
-    Ok((w.finish_hashed()?, nonfinite))
+    card::remove_stale_cards(&opts.output).map_err(|source| ConvertError::Io { path: opts.output.clone(), source })?;
+    Ok((w.finish_hashed().map_err(output_error(false))?, nonfinite))
 }
 
-/// Builds the manifest and writes it, sealed, atomically.
+/// What the model card says besides the manifest.
+fn card_context(ck: &Checkpoint, kvs: &Kvs, opts: &ConvertOptions) -> CardContext {
+    let gguf_architecture = match kvs.get("general.architecture") {
+        Some(GgufValue::String(a)) => a.clone(),
+        _ => String::new(),
+    };
+    let experts = match kvs.get(&format!("{gguf_architecture}.expert_count")) {
+        Some(GgufValue::U32(n)) => Some(u64::from(*n)),
+        Some(GgufValue::U64(n)) => Some(*n),
+        _ => None,
+    };
+    let hf_architecture = ck.config.as_ref().and_then(|c| c.architecture().ok()).map(str::to_string);
+    let source_name = match ck.files.is_empty() {
+        // A lone file (a GGUF being requantized): its name.
+        true => ck.other_sources.first().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()),
+        false => ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+    }
+    .unwrap_or_else(|| "model".into());
+    CardContext {
+        source_name,
+        hf_architecture,
+        gguf_architecture,
+        experts,
+        manifest_name: manifest::manifest_path(&opts.output)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        extra: opts.card_extra.clone(),
+    }
+}
+
+/// Builds the manifest, writes the model card (when asked) and then the manifest, sealed, atomically.
+/// Returns the card's path.
+#[allow(clippy::too_many_arguments)]
 fn write_manifest(
     opts: &ConvertOptions,
     label: &str,
@@ -470,7 +793,8 @@ fn write_manifest(
     tensors: &[OutTensor],
     written: &Written,
     path: &Path,
-) -> Result<(), ConvertError> {
+    card_cx: &CardContext,
+) -> Result<Option<PathBuf>, ConvertError> {
     let sources_of: HashMap<String, Vec<String>> =
         tensors.iter().map(|t| (t.name.clone(), t.sources.clone())).collect();
     let options = manifest::Options {
@@ -481,6 +805,19 @@ fn write_manifest(
         allow_nonfinite: opts.allow_nonfinite,
     };
     let mut m = manifest::build(tool, options, &opts.output, sources, written, &sources_of);
+    m.created = opts.created.map(manifest::rfc3339);
+    let mut card_path = None;
+    if opts.model_card {
+        let p = card::card_path(&opts.output);
+        let text = card::render(&m, card_cx);
+        manifest::write_atomic(&p, text.as_bytes())?;
+        m.model_card = Some(manifest::OutputFile {
+            name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            size: text.len() as u64,
+            sha256: hex(&Sha256::digest(text.as_bytes())),
+        });
+        card_path = Some(p);
+    }
     m.write(path)?;
-    Ok(())
+    Ok(card_path)
 }

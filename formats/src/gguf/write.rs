@@ -28,8 +28,21 @@
 //! padded to the default 32 (which is what a reader of those shards expects). gguf-py pads them to the
 //! custom alignment, which llama.cpp then rejects; for the default alignment both agree.
 //!
-//! Files are written to hidden temporary files in the output directory and renamed to their final
-//! names only by [`GgufWriter::finish`]; dropping an unfinished writer deletes them.
+//! **Crash safety.** Each file is written under its final name plus `.partial` (`model.gguf.partial`)
+//! and renamed to its final name only by [`GgufWriter::finish`], once every shard is complete, padded
+//! and fsynced; dropping an unfinished writer deletes its partial files (unless
+//! [`GgufWriter::keep_partial`]). A process killed at any moment leaves at most `.partial` files.
+//!
+//! **Resume** ([`GgufWriter::create_resumable`]). A resumable writer also keeps a journal,
+//! `OUT.partial.json` (JSON lines: a header with the caller's fingerprint of everything that decides the
+//! bytes, then one line per completed tensor with its shard, offset, size, end and sha256), appended only
+//! after the data it lists was flushed and fsynced, at most every `interval` and whenever a shard
+//! completes. The journal file is locked (`flock`) while the writer lives, so a second writer of the same
+//! output is refused. Resuming re-reads the partial files: each shard's header must be the one this plan
+//! writes and each journaled tensor must hash as recorded; the longest prefix that checks out is kept
+//! (file hashes are rebuilt from the bytes read), the rest is truncated, and writing continues with the
+//! next tensor. Since the bytes do not depend on how the work was cut, a resumed output is identical to an
+//! uninterrupted one.
 //!
 //! **Hashes while writing**: every byte that goes to a shard also goes through a SHA-256 of that shard,
 //! and the data bytes of each tensor (without padding) through a SHA-256 of that tensor, so
@@ -53,13 +66,14 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sling_core::DType;
-use tempfile::NamedTempFile;
 
 use super::error::GgufError;
 use super::read::{checked_align, tensor_size, ALIGNMENT_KEY, MAX_NAME_LEN};
@@ -71,11 +85,20 @@ pub const SPLIT_NO: &str = "split.no";
 pub const SPLIT_COUNT: &str = "split.count";
 pub const SPLIT_TENSORS_COUNT: &str = "split.tensors.count";
 
+/// Appended to an output file's name while it is being written (`model.gguf.partial`).
+pub const PARTIAL_SUFFIX: &str = ".partial";
+/// Appended to the output name for the resume journal (`model.gguf.partial.json`).
+pub const JOURNAL_SUFFIX: &str = ".partial.json";
+/// `schema` of the journal's first line.
+pub const JOURNAL_SCHEMA: &str = "sling.partial/1";
+
 /// Capacity of the output buffer.
 const BUF_CAPACITY: usize = 8 << 20;
 /// Pieces passed to `write_data` at least this large have their tensor hash computed on a helper
 /// thread while the file hash and the write proceed.
 const PARALLEL_HASH_MIN: usize = 1 << 20;
+/// Read size when re-checking a partial file.
+const VERIFY_BUF: usize = 1 << 20;
 
 /// A tensor to be written: its name, type and shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,6 +208,86 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// `dir/model.gguf` → `dir/model.gguf.partial`: the name an output file has until it is complete.
+pub fn partial_path(final_path: &Path) -> PathBuf {
+    let mut name = final_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(PARTIAL_SUFFIX);
+    final_path.with_file_name(name)
+}
+
+/// `dir/model.gguf` → `dir/model.gguf.partial.json`: the resume journal of a conversion to `out`
+/// (one for all shards of a split output).
+pub fn journal_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(JOURNAL_SUFFIX);
+    out.with_file_name(name)
+}
+
+/// Crash safety and resume settings (see the module docs): the writer keeps a journal beside its
+/// partial files, locked against a second writer of the same output.
+#[derive(Clone, Debug)]
+pub struct Resumable {
+    /// Identifies everything that decides the output bytes (the caller's plan, options, sources and
+    /// code version). A journal with another fingerprint is never resumed.
+    pub fingerprint: String,
+    /// Continue from the partial files if the journal matches; otherwise they are replaced.
+    pub resume: bool,
+    /// Least time between two journal commits (flush + fsync of the data, then journal lines
+    /// appended and fsynced). Shards are committed as they complete whatever the interval.
+    pub interval: Duration,
+}
+
+/// What [`GgufWriter::create_resumable`] reused from an earlier, interrupted run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// Tensors re-checked (sha256) and kept: the first `tensors` of the plan.
+    pub tensors: usize,
+    /// Their data bytes.
+    pub bytes: u64,
+    /// Bytes of the partial files re-read to check them.
+    pub bytes_checked: u64,
+    /// Why nothing (or less than the journal lists) was reused, when resuming was asked for.
+    pub note: Option<String>,
+}
+
+/// The journal's first line.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalHeader {
+    schema: String,
+    fingerprint: String,
+    /// Whether tensor lines (with hashes) follow; a writer without hashes cannot be resumed.
+    hashes: bool,
+    /// Final file names of the shards.
+    files: Vec<String>,
+}
+
+/// One completed tensor, as journaled.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalEntry {
+    /// Index in the plan (file order).
+    i: usize,
+    name: String,
+    /// Shard index.
+    file: usize,
+    /// Absolute offset of its data.
+    offset: u64,
+    n_bytes: u64,
+    /// File size once it and its padding are written.
+    end: u64,
+    sha256: String,
+}
+
+/// The open, locked journal.
+#[derive(Debug)]
+struct Journal {
+    path: PathBuf,
+    file: File,
+    interval: Duration,
+    last: Instant,
+    /// Tensors completed since the last commit: shard, file size once written, journal line.
+    pending: Vec<(usize, u64, String)>,
+}
+
 /// A writer that hashes (and counts) every byte that its inner writer accepts.
 #[derive(Debug)]
 struct HashingWriter<W> {
@@ -210,7 +313,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-type ShardWriter = BufWriter<HashingWriter<NamedTempFile>>;
+type ShardWriter = BufWriter<HashingWriter<File>>;
 
 /// One output file.
 #[derive(Debug)]
@@ -240,16 +343,23 @@ pub struct GgufWriter {
     tensor_hasher: Sha256,
     /// Whether file and tensor hashes are computed (see [`GgufWriter::create_with`]).
     hash: bool,
-    /// Finished shards: temporary file, size, sha256.
-    done: Vec<(NamedTempFile, u64, String)>,
+    /// Finished shards (their partial files are complete and fsynced): size, sha256.
+    done: Vec<(u64, String)>,
     /// Finished tensors.
     tensors_done: Vec<WrittenTensor>,
     poisoned: bool,
+    /// The resume journal, when the writer was created resumable.
+    journal: Option<Journal>,
+    /// Leave the partial files and the journal in place when dropped unfinished (to resume later).
+    keep_partial: bool,
+    /// Renamed into place: nothing to clean up.
+    finished: bool,
+    resumed: Resumed,
 }
 
 impl GgufWriter {
-    /// Validates the KVs and tensor descriptors, plans the shards, creates the first temporary file in
-    /// the output's directory and writes its header, KVs and tensor infos.
+    /// Validates the KVs and tensor descriptors, plans the shards, creates the first partial file
+    /// (`OUT.partial`) in the output's directory and writes its header, KVs and tensor infos.
     pub fn create(
         out: &Path,
         kvs: Vec<(String, GgufValue)>,
@@ -268,118 +378,33 @@ impl GgufWriter {
         split: SplitPolicy,
         hash: bool,
     ) -> Result<GgufWriter, GgufError> {
-        let p = || out.to_path_buf();
+        Self::create_resumable(out, kvs, tensors, split, hash, None)
+    }
 
-        // ---- KVs ----
-        let mut seen = HashSet::new();
-        let mut alignment = DEFAULT_ALIGNMENT;
-        for (i, (key, value)) in kvs.iter().enumerate() {
-            if key.is_empty() {
-                return Err(GgufError::EmptyKey { path: p(), index: i as u64 });
-            }
-            if !seen.insert(key.as_str()) {
-                return Err(GgufError::DuplicateKey { path: p(), key: key.clone() });
-            }
-            check_value(out, key, value)?;
-            if key == ALIGNMENT_KEY {
-                match value {
-                    GgufValue::U32(a) if *a != 0 && a.is_power_of_two() => alignment = u64::from(*a),
-                    GgufValue::U32(a) => return Err(GgufError::BadAlignment { path: p(), alignment: u64::from(*a) }),
-                    other => return Err(GgufError::AlignmentType { path: p(), found: other.value_type() }),
-                }
-            }
-        }
-
-        // ---- tensors ----
-        let mut names = HashSet::new();
-        let mut planned = Vec::with_capacity(tensors.len());
-        for (i, desc) in tensors.into_iter().enumerate() {
-            if desc.name.len() > MAX_NAME_LEN {
-                return Err(GgufError::TensorNameTooLong {
-                    path: p(),
-                    index: i as u64,
-                    len: desc.name.len() as u64,
-                    name: desc.name,
-                });
-            }
-            if !names.insert(desc.name.clone()) {
-                return Err(GgufError::DuplicateTensor { path: p(), tensor: desc.name });
-            }
-            let Some(ggml_id) = desc.dtype.info().ggml_id else {
-                return Err(GgufError::NotAGgufType { path: p(), tensor: desc.name, dtype: desc.dtype });
-            };
-            let n_bytes = tensor_size(out, &desc.name, desc.dtype, &desc.ne)?;
-            planned.push(Planned { desc, ggml_id, n_bytes, offset: 0 });
-        }
-
-        // ---- split plan (GGUFWriter.add_tensor_info) ----
-        let (max_tensors, max_bytes, small_first_shard) = split.limits();
-        let mut groups: Vec<Vec<Planned>> = vec![Vec::new()];
-        if small_first_shard {
-            groups.push(Vec::new());
-        }
-        let mut last_bytes: u64 = 0;
-        for t in planned {
-            let start_new = match groups.last() {
-                Some(last) if !last.is_empty() => {
-                    (max_tensors != 0 && last.len() >= max_tensors)
-                        || (max_bytes != 0 && last_bytes.saturating_add(t.n_bytes) > max_bytes)
-                }
-                _ => false,
-            };
-            if start_new {
-                groups.push(Vec::new());
-                last_bytes = 0;
-            }
-            last_bytes = last_bytes.saturating_add(t.n_bytes);
-            if let Some(last) = groups.last_mut() {
-                last.push(t);
-            }
-        }
-        let n_shards = groups.len();
-        let n_tensors_total: usize = groups.iter().map(Vec::len).sum();
-        if n_shards > 1 && (n_shards > usize::from(u16::MAX) || n_tensors_total > i32::MAX as usize) {
-            return Err(GgufError::TooManyShards { path: p(), shards: n_shards, tensors: n_tensors_total });
-        }
-        let paths = shard_paths(out, n_shards);
-
-        // ---- shards ----
-        let mut shards = Vec::with_capacity(n_shards);
-        let mut first_kvs = Some(kvs);
-        for (i, (mut tensors, path)) in groups.into_iter().zip(paths).enumerate() {
-            let mut shard_kvs = if i == 0 { first_kvs.take().unwrap_or_default() } else { Vec::new() };
-            // Shards after the first do not carry general.alignment, so they use the default.
-            let shard_alignment = if i == 0 { alignment } else { DEFAULT_ALIGNMENT };
-            if n_shards > 1 {
-                // Both fit: checked against u16::MAX / i32::MAX above.
-                let split_kvs = [
-                    (SPLIT_NO, GgufValue::U16(u16::try_from(i).unwrap_or(u16::MAX))),
-                    (SPLIT_COUNT, GgufValue::U16(u16::try_from(n_shards).unwrap_or(u16::MAX))),
-                    (SPLIT_TENSORS_COUNT, GgufValue::I32(i32::try_from(n_tensors_total).unwrap_or(i32::MAX))),
-                ];
-                for (key, value) in split_kvs {
-                    match shard_kvs.iter_mut().find(|(k, _)| k == key) {
-                        Some(slot) => slot.1 = value,
-                        None => shard_kvs.push((key.to_string(), value)),
-                    }
-                }
-            }
-            let mut offset: u64 = 0;
-            for t in &mut tensors {
-                t.offset = offset;
-                let padded = checked_align(t.n_bytes, shard_alignment);
-                offset = padded.and_then(|x| offset.checked_add(x)).ok_or_else(|| GgufError::ShapeOverflow {
-                    path: path.clone(),
-                    tensor: t.desc.name.clone(),
-                    ne: t.desc.ne.clone(),
-                })?;
-            }
-            shards.push(Shard { path, kvs: shard_kvs, tensors, alignment: shard_alignment });
-        }
-
+    /// [`create_with`](Self::create_with), and with `resumable` a journal (`OUT.partial.json`) that
+    /// records each completed tensor (offsets and sha256) once its bytes are fsynced, and a lock that
+    /// refuses a second writer of the same output. With `resumable.resume`, the partial files of an
+    /// interrupted run with the same fingerprint are re-read and every journaled tensor re-hashed; the
+    /// longest prefix that checks out is kept and writing continues after it ([`resumed`](Self::resumed)
+    /// says how much). Anything else found under the partial names is replaced.
+    pub fn create_resumable(
+        out: &Path,
+        kvs: Vec<(String, GgufValue)>,
+        tensors: Vec<TensorDesc>,
+        split: SplitPolicy,
+        hash: bool,
+        resumable: Option<Resumable>,
+    ) -> Result<GgufWriter, GgufError> {
+        let shards = plan_shards(out, kvs, tensors, split)?;
         let dir = match out.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
+        };
+        // Nothing on disk is touched before the lock is held (a failure here must not remove another
+        // writer's files).
+        let journal = match &resumable {
+            Some(r) => Some(Journal::open_locked(&journal_path(out), r.interval)?),
+            None => None,
         };
         let mut w = GgufWriter {
             out: out.to_path_buf(),
@@ -395,7 +420,20 @@ impl GgufWriter {
             done: Vec::new(),
             tensors_done: Vec::new(),
             poisoned: false,
+            journal,
+            keep_partial: false,
+            finished: false,
+            resumed: Resumed::default(),
         };
+        // From here on, dropping `w` removes the partial files (unless asked to keep them).
+        let fingerprint = resumable.as_ref().map(|r| r.fingerprint.clone()).unwrap_or_default();
+        let resumed = match &resumable {
+            Some(r) if r.resume => w.try_resume(&r.fingerprint)?,
+            _ => false,
+        };
+        if !resumed {
+            w.start_fresh(&fingerprint)?;
+        }
         w.advance()?;
         Ok(w)
     }
@@ -403,6 +441,30 @@ impl GgufWriter {
     /// Final file names: `out` itself, or `{stem}-00001-of-0000N.gguf` ... next to it.
     pub fn output_paths(&self) -> Vec<PathBuf> {
         self.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// The names the outputs have while they are written (`NAME.partial`), and the journal's.
+    pub fn partial_paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.shards.iter().map(|s| partial_path(&s.path)).collect();
+        if let Some(j) = &self.journal {
+            v.push(j.path.clone());
+        }
+        v
+    }
+
+    /// What was reused from an interrupted run (all zero unless resuming).
+    pub fn resumed(&self) -> &Resumed {
+        &self.resumed
+    }
+
+    /// The tensors completed so far (reused ones included), in file order.
+    pub fn completed(&self) -> &[WrittenTensor] {
+        &self.tensors_done
+    }
+
+    /// Keep the partial files and the journal when dropped unfinished, so that a later run can resume.
+    pub fn keep_partial(&mut self, keep: bool) {
+        self.keep_partial = keep;
     }
 
     /// The tensor that the next [`write_data`](Self::write_data) call appends to, and how many of its
@@ -439,7 +501,7 @@ impl GgufWriter {
                 n_bytes: t.n_bytes,
             });
         }
-        let path = shard.path.clone();
+        let path = partial_path(&shard.path);
         let cur = self.cur.as_mut();
         let write = move || match cur {
             Some(f) => f.write_all(bytes).map_err(|source| GgufError::Io { path, op: "write", source }),
@@ -468,13 +530,14 @@ impl GgufWriter {
     }
 
     /// Checks that every tensor was fully written, then renames the (already padded, flushed and
-    /// fsynced) temporary files to their final names. Returns the final paths.
+    /// fsynced) partial files to their final names. Returns the final paths.
     pub fn finish(self) -> Result<Vec<PathBuf>, GgufError> {
         self.finish_hashed().map(|w| w.paths())
     }
 
     /// Like [`finish`](Self::finish), and returns the size and sha256 of every file and the place and
-    /// sha256 of every tensor, all computed from the bytes as they were written.
+    /// sha256 of every tensor, all computed from the bytes as they were written (or, for tensors reused
+    /// by a resumed run, as they were re-read and checked).
     pub fn finish_hashed(mut self) -> Result<Written, GgufError> {
         if self.poisoned {
             return Err(GgufError::Poisoned { path: self.out.clone() });
@@ -493,13 +556,14 @@ impl GgufWriter {
         }
         let done = std::mem::take(&mut self.done);
         let mut persisted: Vec<WrittenFile> = Vec::with_capacity(done.len());
-        for ((tmp, size, sha256), shard) in done.into_iter().zip(&self.shards) {
-            if let Err(e) = tmp.persist(&shard.path) {
-                // Leave nothing half-finished behind: undo the renames already done.
+        for ((size, sha256), shard) in done.into_iter().zip(&self.shards) {
+            if let Err(e) = std::fs::rename(partial_path(&shard.path), &shard.path) {
+                // Leave nothing half-finished behind: undo the renames already done (the rest of the
+                // partial files are removed when `self` is dropped).
                 for f in &persisted {
                     let _ = std::fs::remove_file(&f.path);
                 }
-                return Err(GgufError::Io { path: shard.path.clone(), op: "rename", source: e.error });
+                return Err(GgufError::Io { path: shard.path.clone(), op: "rename", source: e });
             }
             persisted.push(WrittenFile { path: shard.path.clone(), size, sha256 });
         }
@@ -508,7 +572,258 @@ impl GgufWriter {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
+        self.finished = true;
+        if let Some(j) = self.journal.take() {
+            let _ = std::fs::remove_file(&j.path);
+        }
         Ok(Written { files: persisted, tensors: std::mem::take(&mut self.tensors_done) })
+    }
+
+    /// No resume: removes what an earlier run left under this output's partial names and starts the
+    /// journal.
+    fn start_fresh(&mut self, fingerprint: &str) -> Result<(), GgufError> {
+        // The partial files of an earlier run of this output with other splits go too.
+        let earlier: Vec<PathBuf> = match self.journal.as_mut().map(Journal::read_all) {
+            Some(Ok(text)) => text
+                .lines()
+                .next()
+                .and_then(|l| serde_json::from_str::<JournalHeader>(l).ok())
+                .map(|h| h.files)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| Path::new(n).components().count() == 1 && n.ends_with(".gguf"))
+                .map(|n| partial_path(&self.out.with_file_name(n)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for p in earlier {
+            let _ = std::fs::remove_file(p);
+        }
+        for s in &self.shards {
+            let p = partial_path(&s.path);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(GgufError::Io { path: p, op: "remove stale partial file", source: e });
+                }
+                _ => {}
+            }
+        }
+        let header = self.journal_header(fingerprint);
+        if let Some(j) = self.journal.as_mut() {
+            j.rewrite(&header)?;
+        }
+        Ok(())
+    }
+
+    fn journal_header(&self, fingerprint: &str) -> String {
+        let h = JournalHeader {
+            schema: JOURNAL_SCHEMA.into(),
+            fingerprint: fingerprint.into(),
+            hashes: self.hash,
+            files: self.shards.iter().map(|s| file_name(&s.path)).collect(),
+        };
+        let mut line = serde_json::to_string(&h).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+
+    /// Tries to continue from the journal and partial files of an interrupted run. Returns whether
+    /// the writer was set up to continue (possibly with nothing reused when only a header checked
+    /// out); `false` means start over (the reason is in `self.resumed.note`).
+    #[allow(clippy::needless_range_loop)] // `self` is updated inside the loop over its shards
+    fn try_resume(&mut self, fingerprint: &str) -> Result<bool, GgufError> {
+        let Some(j) = self.journal.as_mut() else { return Ok(false) };
+        let text = j.read_all()?;
+        let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+        let header: Option<JournalHeader> = lines.next().and_then(|l| serde_json::from_str(l).ok());
+        let files: Vec<String> = self.shards.iter().map(|s| file_name(&s.path)).collect();
+        let why_not = match &header {
+            None => Some("no journal of an interrupted run".to_string()),
+            Some(h) if h.schema != JOURNAL_SCHEMA => Some(format!("journal of another format ({})", h.schema)),
+            Some(h) if !h.hashes || !self.hash => {
+                Some("the interrupted run kept no hashes (--no-manifest), so its bytes cannot be checked".into())
+            }
+            Some(h) if h.fingerprint != fingerprint || h.files != files => Some(
+                "the interrupted run had another source, plan, options or sling version".to_string(),
+            ),
+            Some(_) => None,
+        };
+        if let Some(why) = why_not {
+            self.resumed.note = Some(format!("nothing to resume: {why}; starting over"));
+            return Ok(false);
+        }
+
+        // The journaled tensors that agree with this plan, in order.
+        let flat: Vec<(usize, usize)> =
+            self.shards.iter().enumerate().flat_map(|(s, sh)| (0..sh.tensors.len()).map(move |t| (s, t))).collect();
+        let headers: Vec<Vec<u8>> = self.shards.iter().map(shard_header).collect();
+        let mut entries: Vec<JournalEntry> = Vec::new();
+        for line in lines {
+            let Ok(e) = serde_json::from_str::<JournalEntry>(line) else { break };
+            let i = entries.len();
+            let Some(&(s, t)) = flat.get(i) else { break };
+            let (shard, hdr) = (&self.shards[s], &headers[s]);
+            let p = &shard.tensors[t];
+            let offset = hdr.len() as u64 + p.offset;
+            let end = offset + checked_align(p.n_bytes, shard.alignment).unwrap_or(p.n_bytes);
+            if e.i != i || e.name != p.desc.name || e.file != s || e.offset != offset || e.n_bytes != p.n_bytes || e.end != end
+            {
+                break;
+            }
+            entries.push(e);
+        }
+
+        // Re-read the partial files: headers must be those this plan writes, tensors must hash as
+        // journaled. Keep the longest prefix that checks out.
+        let mut next = 0; // entries consumed
+        let mut bytes_checked = 0u64;
+        let mut reused_bytes = 0u64;
+        for s in 0..self.shards.len() {
+            let shard = &self.shards[s];
+            let path = partial_path(&shard.path);
+            let hdr = &headers[s];
+            let mut f = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(_) => break,
+            };
+            let mut file_hasher = Sha256::new();
+            let mut buf = vec![0u8; VERIFY_BUF];
+            let mut head = vec![0u8; hdr.len()];
+            if f.read_exact(&mut head).is_err() || head != *hdr {
+                break;
+            }
+            file_hasher.update(&head);
+            let mut pos = hdr.len() as u64;
+            bytes_checked += pos;
+            let mut in_shard = 0;
+            while in_shard < shard.tensors.len() {
+                let Some(e) = entries.get(next) else { break };
+                let p = &shard.tensors[in_shard];
+                // The file hash must end at the checked prefix: restored if this tensor fails.
+                let before = file_hasher.clone();
+                let mut th = Sha256::new();
+                let ok = read_hashing(&mut f, p.n_bytes, &mut buf, |b| {
+                    th.update(b);
+                    file_hasher.update(b);
+                })
+                .is_ok()
+                    && hex(&th.finalize()) == e.sha256;
+                let pad = e.end - e.offset - p.n_bytes;
+                let mut zeros = true;
+                let ok = ok
+                    && read_hashing(&mut f, pad, &mut buf, |b| {
+                        zeros &= b.iter().all(|&x| x == 0);
+                        file_hasher.update(b);
+                    })
+                    .is_ok()
+                    && zeros;
+                if !ok {
+                    file_hasher = before;
+                    break;
+                }
+                bytes_checked += e.end - pos;
+                reused_bytes += p.n_bytes;
+                pos = e.end;
+                self.tensors_done.push(WrittenTensor {
+                    name: p.desc.name.clone(),
+                    dtype: p.desc.dtype,
+                    ne: p.desc.ne.clone(),
+                    file: s,
+                    offset: e.offset,
+                    n_bytes: p.n_bytes,
+                    sha256: e.sha256.clone(),
+                });
+                in_shard += 1;
+                next += 1;
+            }
+            let io = |op: &'static str| {
+                let path = path.clone();
+                move |source| GgufError::Io { path, op, source }
+            };
+            // Anything after the checked prefix goes (a tensor half written when the run stopped).
+            f.set_len(pos).map_err(io("truncate"))?;
+            if in_shard == shard.tensors.len() {
+                f.sync_all().map_err(io("fsync"))?;
+                self.done.push((pos, hex(&file_hasher.finalize())));
+                self.shard_idx = s + 1;
+                continue;
+            }
+            // The shard to continue: append after the checked prefix.
+            f.seek(SeekFrom::Start(pos)).map_err(io("seek"))?;
+            let hw = HashingWriter { inner: f, hasher: file_hasher, n: pos, enabled: self.hash };
+            self.cur = Some(BufWriter::with_capacity(BUF_CAPACITY, hw));
+            self.cur_data_offset = hdr.len() as u64;
+            self.shard_idx = s;
+            self.tensor_idx = in_shard;
+            break;
+        }
+        // Later shards' partial files (if any) are stale.
+        for shard in self.shards.iter().skip(self.shard_idx + 1) {
+            let _ = std::fs::remove_file(partial_path(&shard.path));
+        }
+        if self.cur.is_none() && self.shard_idx < self.shards.len() {
+            let _ = std::fs::remove_file(partial_path(&self.shards[self.shard_idx].path));
+        }
+        let kept = self.tensors_done.len();
+        let listed = entries.len();
+        self.resumed.tensors = kept;
+        self.resumed.bytes = reused_bytes;
+        self.resumed.bytes_checked = bytes_checked;
+        if kept < listed {
+            self.resumed.note = Some(format!(
+                "{} of the {listed} journaled tensors checked out; {} are written again",
+                kept,
+                listed - kept
+            ));
+        } else if listed == 0 {
+            self.resumed.note = Some("the interrupted run had not completed a tensor; starting over".into());
+        }
+        // The journal now lists exactly what was kept.
+        let mut text = self.journal_header(fingerprint);
+        for e in &entries[..kept] {
+            text.push_str(&serde_json::to_string(e).unwrap_or_default());
+            text.push('\n');
+        }
+        if let Some(j) = self.journal.as_mut() {
+            j.rewrite(&text)?;
+        }
+        Ok(true)
+    }
+
+    /// Appends the completed tensor to the journal's pending lines.
+    fn journal_tensor(&mut self, end: u64) {
+        let (Some(j), Some(t)) = (self.journal.as_mut(), self.tensors_done.last()) else { return };
+        if !self.hash {
+            return;
+        }
+        let e = JournalEntry {
+            i: self.tensors_done.len() - 1,
+            name: t.name.clone(),
+            file: t.file,
+            offset: t.offset,
+            n_bytes: t.n_bytes,
+            end,
+            sha256: t.sha256.clone(),
+        };
+        if let Ok(mut line) = serde_json::to_string(&e) {
+            line.push('\n');
+            j.pending.push((t.file, end, line));
+        }
+    }
+
+    /// Makes the pending journal lines durable when the interval has passed (or `force`): the data
+    /// is flushed and fsynced first, so the journal never lists bytes that are not on disk.
+    fn commit(&mut self, force: bool) -> Result<(), GgufError> {
+        let Some(j) = self.journal.as_mut() else { return Ok(()) };
+        if j.pending.is_empty() || (!force && j.last.elapsed() < j.interval) {
+            return Ok(());
+        }
+        if let (Some(f), Some(shard)) = (self.cur.as_mut(), self.shards.get(self.shard_idx)) {
+            let path = partial_path(&shard.path);
+            f.flush().map_err(|source| GgufError::Io { path: path.clone(), op: "write", source })?;
+            f.get_ref().inner.sync_data().map_err(|source| GgufError::Io { path, op: "fsync", source })?;
+        }
+        j.commit()
     }
 
     /// Moves past complete tensors and shards: pads finished tensors, finishes (flush + fsync) shards
@@ -518,7 +833,7 @@ impl GgufWriter {
         loop {
             let Some(shard) = self.shards.get(self.shard_idx) else { return Ok(()) };
             if self.cur.is_none() {
-                let (f, data_offset) = open_shard(&self.dir, shard, self.hash)?;
+                let (f, data_offset) = open_shard(shard, self.hash)?;
                 self.cur = Some(f);
                 self.cur_data_offset = data_offset;
                 self.tensor_idx = 0;
@@ -526,42 +841,306 @@ impl GgufWriter {
                 self.tensor_hasher = Sha256::new();
             }
             let io = |op: &'static str| {
-                let path = shard.path.clone();
+                let path = partial_path(&shard.path);
                 move |source| GgufError::Io { path, op, source }
             };
             match shard.tensors.get(self.tensor_idx) {
                 Some(t) if self.written < t.n_bytes => return Ok(()),
                 Some(t) => {
+                    let padded = checked_align(t.n_bytes, shard.alignment).unwrap_or(t.n_bytes);
                     if let Some(f) = self.cur.as_mut() {
-                        let pad = checked_align(t.n_bytes, shard.alignment).map_or(0, |a| a - t.n_bytes);
-                        write_zeros(f, pad).map_err(io("write"))?;
+                        write_zeros(f, padded - t.n_bytes).map_err(io("write"))?;
                     }
                     let digest = std::mem::replace(&mut self.tensor_hasher, Sha256::new()).finalize();
+                    let offset = self.cur_data_offset.saturating_add(t.offset);
                     self.tensors_done.push(WrittenTensor {
                         name: t.desc.name.clone(),
                         dtype: t.desc.dtype,
                         ne: t.desc.ne.clone(),
                         file: self.shard_idx,
-                        offset: self.cur_data_offset.saturating_add(t.offset),
+                        offset,
                         n_bytes: t.n_bytes,
                         sha256: hex(&digest),
                     });
                     self.tensor_idx += 1;
                     self.written = 0;
+                    self.journal_tensor(offset + padded);
+                    self.commit(false)?;
                 }
                 None => {
+                    // Flushed in place first: if that fails (disk full), the writer still holds the
+                    // file, so that a kept partial can be journaled up to what reached it.
+                    if let Some(f) = self.cur.as_mut() {
+                        f.flush().map_err(io("write"))?;
+                    }
                     if let Some(f) = self.cur.take() {
-                        let hw = f.into_inner().map_err(|e| io("flush")(e.into_error()))?;
-                        hw.inner.as_file().sync_all().map_err(io("fsync"))?;
-                        self.done.push((hw.inner, hw.n, hex(&hw.hasher.finalize())));
+                        let (hw, _) = f.into_parts();
+                        hw.inner.sync_all().map_err(io("fsync"))?;
+                        self.done.push((hw.n, hex(&hw.hasher.finalize())));
                     }
                     self.shard_idx += 1;
                     self.tensor_idx = 0;
                     self.written = 0;
+                    self.commit(true)?;
                 }
             }
         }
     }
+}
+
+impl Drop for GgufWriter {
+    /// An unfinished writer removes its partial files and journal, unless told to keep them.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if self.keep_partial {
+            // Make what was written durable for a later resume and journal the tensors that made it
+            // to disk (best effort: after a failed write, e.g. a full disk, only those whose bytes
+            // are all in the file are listed).
+            let mut on_disk = None;
+            if let Some(mut f) = self.cur.take() {
+                let _ = f.flush();
+                let (hw, _) = f.into_parts();
+                if hw.inner.sync_data().is_ok() {
+                    on_disk = hw.inner.metadata().ok().map(|m| m.len());
+                }
+            }
+            let cur_shard = self.shard_idx;
+            if let Some(j) = self.journal.as_mut() {
+                let keep = j.pending.iter().take_while(|(shard, end, _)| *shard < cur_shard || on_disk.is_some_and(|n| *end <= n)).count();
+                j.pending.truncate(keep);
+                let _ = j.commit();
+            }
+            return;
+        }
+        if let Some(f) = self.cur.take() {
+            // Dropping the buffer would flush it; nothing is kept, so skip the write.
+            let (hw, _) = f.into_parts();
+            drop(hw);
+        }
+        for s in &self.shards {
+            let _ = std::fs::remove_file(partial_path(&s.path));
+        }
+        if let Some(j) = self.journal.take() {
+            let _ = std::fs::remove_file(&j.path);
+        }
+    }
+}
+
+impl Journal {
+    /// Opens (creating it) and locks the journal: a second writer of the same output is refused.
+    fn open_locked(path: &Path, interval: Duration) -> Result<Journal, GgufError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| GgufError::Io { path: path.to_path_buf(), op: "create", source })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(GgufError::Io {
+                    path: path.to_path_buf(),
+                    op: "lock",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "another sling process is writing this output",
+                    ),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(GgufError::Io { path: path.to_path_buf(), op: "lock", source });
+            }
+        }
+        Ok(Journal { path: path.to_path_buf(), file, interval, last: Instant::now(), pending: Vec::new() })
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> GgufError {
+        let path = self.path.clone();
+        move |source| GgufError::Io { path, op, source }
+    }
+
+    fn read_all(&mut self) -> Result<String, GgufError> {
+        let mut raw = Vec::new();
+        self.file.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
+        self.file.read_to_end(&mut raw).map_err(self.io("read"))?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    /// Replaces the journal's content (fsynced).
+    fn rewrite(&mut self, text: &str) -> Result<(), GgufError> {
+        self.file.set_len(0).map_err(self.io("truncate"))?;
+        self.file.seek(SeekFrom::Start(0)).map_err(self.io("seek"))?;
+        self.file.write_all(text.as_bytes()).map_err(self.io("write"))?;
+        self.file.sync_data().map_err(self.io("fsync"))?;
+        self.pending.clear();
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    /// Appends the pending lines (fsynced).
+    fn commit(&mut self) -> Result<(), GgufError> {
+        let pending: String = std::mem::take(&mut self.pending).into_iter().map(|(_, _, line)| line).collect();
+        self.file.write_all(pending.as_bytes()).map_err(self.io("write"))?;
+        self.file.sync_data().map_err(self.io("fsync"))?;
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Reads exactly `n` bytes in pieces, passing each to `f`.
+fn read_hashing(r: &mut impl Read, mut n: u64, buf: &mut [u8], mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        let piece = buf.get_mut(..k).unwrap_or_default();
+        r.read_exact(piece)?;
+        f(piece);
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Validates the KVs and tensor descriptors and assigns tensors to shards
+/// (`GGUFWriter.add_tensor_info`).
+fn plan_shards(
+    out: &Path,
+    kvs: Vec<(String, GgufValue)>,
+    tensors: Vec<TensorDesc>,
+    split: SplitPolicy,
+) -> Result<Vec<Shard>, GgufError> {
+    let p = || out.to_path_buf();
+
+    // ---- KVs ----
+    let mut seen = HashSet::new();
+    let mut alignment = DEFAULT_ALIGNMENT;
+    for (i, (key, value)) in kvs.iter().enumerate() {
+        if key.is_empty() {
+            return Err(GgufError::EmptyKey { path: p(), index: i as u64 });
+        }
+        if !seen.insert(key.as_str()) {
+            return Err(GgufError::DuplicateKey { path: p(), key: key.clone() });
+        }
+        check_value(out, key, value)?;
+        if key == ALIGNMENT_KEY {
+            match value {
+                GgufValue::U32(a) if *a != 0 && a.is_power_of_two() => alignment = u64::from(*a),
+                GgufValue::U32(a) => return Err(GgufError::BadAlignment { path: p(), alignment: u64::from(*a) }),
+                other => return Err(GgufError::AlignmentType { path: p(), found: other.value_type() }),
+            }
+        }
+    }
+
+    // ---- tensors ----
+    let mut names = HashSet::new();
+    let mut planned = Vec::with_capacity(tensors.len());
+    for (i, desc) in tensors.into_iter().enumerate() {
+        if desc.name.len() > MAX_NAME_LEN {
+            return Err(GgufError::TensorNameTooLong {
+                path: p(),
+                index: i as u64,
+                len: desc.name.len() as u64,
+                name: desc.name,
+            });
+        }
+        if !names.insert(desc.name.clone()) {
+            return Err(GgufError::DuplicateTensor { path: p(), tensor: desc.name });
+        }
+        let Some(ggml_id) = desc.dtype.info().ggml_id else {
+            return Err(GgufError::NotAGgufType { path: p(), tensor: desc.name, dtype: desc.dtype });
+        };
+        let n_bytes = tensor_size(out, &desc.name, desc.dtype, &desc.ne)?;
+        planned.push(Planned { desc, ggml_id, n_bytes, offset: 0 });
+    }
+
+    // ---- split plan (GGUFWriter.add_tensor_info) ----
+    let (max_tensors, max_bytes, small_first_shard) = split.limits();
+    let mut groups: Vec<Vec<Planned>> = vec![Vec::new()];
+    if small_first_shard {
+        groups.push(Vec::new());
+    }
+    let mut last_bytes: u64 = 0;
+    for t in planned {
+        let start_new = match groups.last() {
+            Some(last) if !last.is_empty() => {
+                (max_tensors != 0 && last.len() >= max_tensors)
+                    || (max_bytes != 0 && last_bytes.saturating_add(t.n_bytes) > max_bytes)
+            }
+            _ => false,
+        };
+        if start_new {
+            groups.push(Vec::new());
+            last_bytes = 0;
+        }
+        last_bytes = last_bytes.saturating_add(t.n_bytes);
+        if let Some(last) = groups.last_mut() {
+            last.push(t);
+        }
+    }
+    let n_shards = groups.len();
+    let n_tensors_total: usize = groups.iter().map(Vec::len).sum();
+    if n_shards > 1 && (n_shards > usize::from(u16::MAX) || n_tensors_total > i32::MAX as usize) {
+        return Err(GgufError::TooManyShards { path: p(), shards: n_shards, tensors: n_tensors_total });
+    }
+    let paths = shard_paths(out, n_shards);
+
+    // ---- shards ----
+    let mut shards = Vec::with_capacity(n_shards);
+    let mut first_kvs = Some(kvs);
+    for (i, (mut tensors, path)) in groups.into_iter().zip(paths).enumerate() {
+        let mut shard_kvs = if i == 0 { first_kvs.take().unwrap_or_default() } else { Vec::new() };
+        // Shards after the first do not carry general.alignment, so they use the default.
+        let shard_alignment = if i == 0 { alignment } else { DEFAULT_ALIGNMENT };
+        if n_shards > 1 {
+            // Both fit: checked against u16::MAX / i32::MAX above.
+            let split_kvs = [
+                (SPLIT_NO, GgufValue::U16(u16::try_from(i).unwrap_or(u16::MAX))),
+                (SPLIT_COUNT, GgufValue::U16(u16::try_from(n_shards).unwrap_or(u16::MAX))),
+                (SPLIT_TENSORS_COUNT, GgufValue::I32(i32::try_from(n_tensors_total).unwrap_or(i32::MAX))),
+            ];
+            for (key, value) in split_kvs {
+                match shard_kvs.iter_mut().find(|(k, _)| k == key) {
+                    Some(slot) => slot.1 = value,
+                    None => shard_kvs.push((key.to_string(), value)),
+                }
+            }
+        }
+        let mut offset: u64 = 0;
+        for t in &mut tensors {
+            t.offset = offset;
+            let padded = checked_align(t.n_bytes, shard_alignment);
+            offset = padded.and_then(|x| offset.checked_add(x)).ok_or_else(|| GgufError::ShapeOverflow {
+                path: path.clone(),
+                tensor: t.desc.name.clone(),
+                ne: t.desc.ne.clone(),
+            })?;
+        }
+        shards.push(Shard { path, kvs: shard_kvs, tensors, alignment: shard_alignment });
+    }
+    Ok(shards)
+}
+
+/// The files a writer with these arguments would write and their exact sizes, without writing
+/// anything (what `sling plan` reports as the disk size).
+pub fn planned_files(
+    out: &Path,
+    kvs: Vec<(String, GgufValue)>,
+    tensors: Vec<TensorDesc>,
+    split: SplitPolicy,
+) -> Result<Vec<(PathBuf, u64)>, GgufError> {
+    let shards = plan_shards(out, kvs, tensors, split)?;
+    Ok(shards
+        .iter()
+        .map(|s| {
+            let data: u64 = s.tensors.iter().map(|t| checked_align(t.n_bytes, s.alignment).unwrap_or(t.n_bytes)).sum();
+            (s.path.clone(), shard_header(s).len() as u64 + data)
+        })
+        .collect())
 }
 
 /// Final shard names (`GGUFWriter.format_shard_names`).
@@ -579,27 +1158,8 @@ fn shard_paths(out: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Creates the shard's temporary file and writes its header, KVs, tensor infos and the padding after
-/// them. Returns the writer and the absolute offset of the data section.
-fn open_shard(dir: &Path, shard: &Shard, hash: bool) -> Result<(ShardWriter, u64), GgufError> {
-    let io = |op: &'static str| {
-        let path = shard.path.clone();
-        move |source| GgufError::Io { path, op, source }
-    };
-    let mut prefix = OsString::from(".");
-    prefix.push(shard.path.file_name().unwrap_or_default());
-    prefix.push(".");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
-    // Final files get the usual 0o666 & !umask (what `open(path, "wb")` gives gguf-py), not the 0o600
-    // of temporary files.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let tmp = builder.tempfile_in(dir).map_err(io("create temporary file"))?;
-
+/// A shard's header, KVs, tensor infos and the padding after them: everything before its data.
+fn shard_header(shard: &Shard) -> Vec<u8> {
     let mut h = Vec::new();
     h.extend_from_slice(&MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
@@ -621,11 +1181,24 @@ fn open_shard(dir: &Path, shard: &Shard, hash: bool) -> Result<(ShardWriter, u64
     }
     let len = h.len() as u64;
     let pad = checked_align(len, shard.alignment).map_or(0, |a| a - len);
+    h.resize(h.len() + pad as usize, 0);
+    h
+}
 
-    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: tmp, hasher: Sha256::new(), n: 0, enabled: hash });
+/// Creates (or truncates) the shard's partial file and writes its header, KVs, tensor infos and the
+/// padding after them. Returns the writer and the absolute offset of the data section.
+fn open_shard(shard: &Shard, hash: bool) -> Result<(ShardWriter, u64), GgufError> {
+    let path = partial_path(&shard.path);
+    let io = |op: &'static str| {
+        let path = path.clone();
+        move |source| GgufError::Io { path, op, source }
+    };
+    // The usual 0o666 & !umask (what `open(path, "wb")` gives gguf-py).
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io("create"))?;
+    let h = shard_header(shard);
+    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: file, hasher: Sha256::new(), n: 0, enabled: hash });
     f.write_all(&h).map_err(io("write"))?;
-    write_zeros(&mut f, pad).map_err(io("write"))?;
-    Ok((f, len + pad))
+    Ok((f, h.len() as u64))
 }
 
 fn write_zeros(f: &mut impl Write, mut n: u64) -> std::io::Result<()> {
@@ -750,6 +1323,56 @@ mod tests {
         }
         assert_eq!(written.tensors[2].file, 1);
         assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+    }
+
+    #[test]
+    fn a_kept_partial_resumes_to_the_same_bytes_and_hashes() {
+        let d = tempfile::tempdir().unwrap();
+        let tensors: Vec<TensorDesc> =
+            (0..9).map(|i| TensorDesc::new(format!("t{i}"), DType::F32, vec![5 + i as u64, 3])).collect();
+        let data: Vec<Vec<u8>> = tensors.iter().map(|t| (0..t.ne[0] * 12).map(|b| (b * 7 + t.ne[0]) as u8).collect()).collect();
+        let kvs = vec![("general.architecture".to_string(), GgufValue::String("llama".into()))];
+        let r = |resume| Resumable { fingerprint: "fp".into(), resume, interval: Duration::ZERO };
+        let make = |out: &Path, resume| {
+            GgufWriter::create_resumable(out, kvs.clone(), tensors.clone(), SplitPolicy::MaxTensors(4), true, Some(r(resume))).unwrap()
+        };
+        let direct = {
+            let mut w = make(&d.path().join("a.gguf"), false);
+            data.iter().for_each(|b| w.write_data(b).unwrap());
+            w.finish_hashed().unwrap()
+        };
+        for stop in [0, 1, 4, 6, 9] {
+            let out = d.path().join(format!("b{stop}.gguf"));
+            let mut w = make(&out, false);
+            data[..stop].iter().for_each(|b| w.write_data(b).unwrap());
+            w.keep_partial(true);
+            drop(w);
+            assert!(journal_path(&out).exists());
+            let mut w = make(&out, true);
+            assert_eq!(w.resumed().tensors, stop, "{:?}", w.resumed());
+            data[stop..].iter().for_each(|b| w.write_data(b).unwrap());
+            let got = w.finish_hashed().unwrap();
+            assert!(!journal_path(&out).exists());
+            assert_eq!(got.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>(), direct.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>());
+            for (g, a) in got.files.iter().zip(&direct.files) {
+                assert_eq!((g.size, &g.sha256), (a.size, &a.sha256));
+                assert_eq!(std::fs::read(&g.path).unwrap(), std::fs::read(&a.path).unwrap());
+                assert_eq!(g.sha256, hex(&Sha256::digest(std::fs::read(&g.path).unwrap())));
+            }
+        }
+        // Another fingerprint: nothing is reused.
+        let out = d.path().join("c.gguf");
+        let mut w = make(&out, false);
+        data[..5].iter().for_each(|b| w.write_data(b).unwrap());
+        w.keep_partial(true);
+        drop(w);
+        let other = Resumable { fingerprint: "other".into(), resume: true, interval: Duration::ZERO };
+        let w = GgufWriter::create_resumable(&out, kvs.clone(), tensors.clone(), SplitPolicy::MaxTensors(4), true, Some(other)).unwrap();
+        assert_eq!(w.resumed().tensors, 0);
+        assert!(w.resumed().note.as_deref().unwrap_or("").contains("nothing to resume"));
+        drop(w);
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with('c')).collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

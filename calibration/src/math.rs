@@ -1,0 +1,233 @@
+//! Numerical building blocks on row-major `f32` matrices: GEMM through `ndarray` (whose f32 matmul is
+//! `matrixmultiply`'s packed, SIMD-dispatched sgemm) split over rayon, RMSNorm, activations,
+//! softmax and causal attention. Everything accumulates in `f32` (RMSNorm's mean of squares in `f64`).
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+/// `y = x · wᵀ (+ b)`: `x` `[t, in]`, `w` `[out, in]` (PyTorch `nn.Linear` layout), `y` `[t, out]`.
+pub fn linear(x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<&[f32]>) -> Array2<f32> {
+    let (t, out) = (x.nrows(), w.nrows());
+    debug_assert_eq!(x.ncols(), w.ncols());
+    let mut y = Array2::<f32>::zeros((t, out));
+    let threads = rayon::current_num_threads().max(1);
+    let work = t * out * x.ncols();
+    if threads == 1 || work < 1 << 16 {
+        general_mat_mul(1.0, &x, &w.t(), 0.0, &mut y);
+    } else if t >= out.min(4 * threads * 16) {
+        // many tokens: split the rows of x
+        let chunk = t.div_ceil(threads * 2).max(16);
+        let parts: Vec<(ArrayView2<f32>, ArrayViewMut2<f32>)> =
+            x.axis_chunks_iter(Axis(0), chunk).zip(y.axis_chunks_iter_mut(Axis(0), chunk)).collect();
+        parts.into_par_iter().for_each(|(xc, mut yc)| general_mat_mul(1.0, &xc, &w.t(), 0.0, &mut yc));
+    } else {
+        // few tokens, wide output (lm_head, up projections): split the rows of w
+        let chunk = out.div_ceil(threads * 2).max(64);
+        let parts: Vec<(ArrayView2<f32>, ArrayViewMut2<f32>)> =
+            w.axis_chunks_iter(Axis(0), chunk).zip(y.axis_chunks_iter_mut(Axis(1), chunk)).collect();
+        parts.into_par_iter().for_each(|(wc, mut yc)| general_mat_mul(1.0, &x, &wc.t(), 0.0, &mut yc));
+    }
+    if let Some(b) = b {
+        for mut row in y.rows_mut() {
+            row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+        }
+    }
+    y
+}
+
+/// RMSNorm of every `n`-wide chunk of `x` in place: `w * (x * rsqrt(mean(x²) + eps))`.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    if n == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(n) {
+        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+        let r = 1.0 / ((ms as f32) + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, wi)| *v = wi * (*v * r));
+    }
+}
+
+/// RMSNorm of one row (a view) in place.
+pub fn rms_norm_view(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32) {
+    let n = row.len();
+    if n == 0 {
+        return;
+    }
+    let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+    let r = 1.0 / ((ms as f32) + eps).sqrt();
+    row.iter_mut().zip(w).for_each(|(v, wi)| *v = wi * (*v * r));
+}
+
+/// RMSNorm over the rows of a matrix (parallel over rows).
+pub fn rms_norm_rows(x: &Array2<f32>, w: &[f32], eps: f32) -> Array2<f32> {
+    let mut y = x.to_owned();
+    y.axis_iter_mut(Axis(0)).into_par_iter().for_each(|row| rms_norm_view(row, w, eps));
+    y
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// Softmax of `x` in place (float32, max-subtracted).
+pub fn softmax(x: &mut [f32]) {
+    softmax_view(ArrayViewMut1::from(x), None);
+}
+
+/// Softmax of a row in place; with `sink`, one extra logit joins the normalisation and is dropped.
+pub fn softmax_view(mut x: ArrayViewMut1<f32>, sink: Option<f32>) {
+    let m = x.iter().copied().fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = sink.map_or(0.0, |s| (s - m).exp());
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// Indices of the `k` largest values of `x` (ties: the lower index first), in descending order.
+pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Parameters of one attention call over a batch of sequences.
+pub struct AttnShape<'a> {
+    /// `(start row, length)` of each sequence in the flattened token matrices.
+    pub seqs: &'a [(usize, usize)],
+    pub n_heads: usize,
+    /// Heads of `k` and of `v` (each divides `n_heads`; query head h uses k head `h / (n_heads / n_k)`).
+    pub n_k: usize,
+    pub n_v: usize,
+    /// Width of a query/key head and of a value head.
+    pub dk: usize,
+    pub dv: usize,
+    pub scale: f32,
+    /// Sliding window: key j is visible from query i when `i - j < window`.
+    pub window: Option<usize>,
+    /// gpt-oss attention sinks: one logit per head joining the softmax (then dropped).
+    pub sinks: Option<&'a [f32]>,
+}
+
+/// Causal softmax attention: `q` `[T, n_heads*dk]`, `k` `[T, n_k*dk]`, `v` `[T, n_v*dv]` ->
+/// `[T, n_heads*dv]`. Sequences and heads run in parallel.
+pub fn attention(q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>, a: &AttnShape) -> Array2<f32> {
+    let t = q.nrows();
+    let (gk, gv) = (a.n_heads / a.n_k.max(1), a.n_heads / a.n_v.max(1));
+    let jobs: Vec<(usize, usize)> = (0..a.seqs.len()).flat_map(|s| (0..a.n_heads).map(move |h| (s, h))).collect();
+    let outs: Vec<Array2<f32>> = jobs
+        .par_iter()
+        .map(|&(si, h)| {
+            let (st, len) = a.seqs[si];
+            let qh = q.slice(s![st..st + len, h * a.dk..(h + 1) * a.dk]);
+            let kh = k.slice(s![st..st + len, (h / gk) * a.dk..(h / gk + 1) * a.dk]);
+            let vh = v.slice(s![st..st + len, (h / gv) * a.dv..(h / gv + 1) * a.dv]);
+            let mut sc = Array2::<f32>::zeros((len, len));
+            general_mat_mul(1.0, &qh, &kh.t(), 0.0, &mut sc);
+            let sink = a.sinks.map(|s| s[h]);
+            for (i, mut row) in sc.rows_mut().into_iter().enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    let visible = j <= i && !matches!(a.window, Some(w) if i - j >= w);
+                    *x = if visible { *x * a.scale } else { f32::NEG_INFINITY };
+                }
+                softmax_view(row, sink);
+            }
+            let mut o = Array2::<f32>::zeros((len, a.dv));
+            general_mat_mul(1.0, &sc, &vh, 0.0, &mut o);
+            o
+        })
+        .collect();
+    let mut out = Array2::<f32>::zeros((t, a.n_heads * a.dv));
+    for (&(si, h), o) in jobs.iter().zip(outs) {
+        let (st, len) = a.seqs[si];
+        out.slice_mut(s![st..st + len, h * a.dv..(h + 1) * a.dv]).assign(&o);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_linear(x: &Array2<f32>, w: &Array2<f32>) -> Array2<f32> {
+        let mut y = Array2::zeros((x.nrows(), w.nrows()));
+        for i in 0..x.nrows() {
+            for j in 0..w.nrows() {
+                y[[i, j]] = (0..x.ncols()).map(|k| x[[i, k]] as f64 * w[[j, k]] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn pseudo(n: usize, m: usize, seed: u32) -> Array2<f32> {
+        let mut s = seed;
+        Array2::from_shape_fn((n, m), |_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+    }
+
+    #[test]
+    fn linear_matches_naive_on_every_split() {
+        for (t, i, o) in [(3, 5, 7), (300, 64, 40), (4, 64, 3000), (1, 1, 1)] {
+            let (x, w) = (pseudo(t, i, 1), pseudo(o, i, 2));
+            let b: Vec<f32> = (0..o).map(|j| j as f32 * 0.01).collect();
+            let y = linear(x.view(), w.view(), Some(&b));
+            let mut r = naive_linear(&x, &w);
+            r.rows_mut().into_iter().for_each(|mut row| row.iter_mut().zip(&b).for_each(|(v, bi)| *v += bi));
+            let err = (&y - &r).iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(err < 1e-4, "{t}x{i}x{o}: {err}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0];
+        rms_norm(&mut x, &[1.0, 2.0], 1e-12);
+        let r = (12.5f32).sqrt();
+        assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
+        assert_eq!(&x[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_low() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn attention_first_token_sees_itself_and_sinks_dilute() {
+        let q = pseudo(3, 4, 3);
+        let k = pseudo(3, 4, 4);
+        let v = pseudo(3, 4, 5);
+        let seqs = [(0, 3)];
+        let a =
+            AttnShape { seqs: &seqs, n_heads: 1, n_k: 1, n_v: 1, dk: 4, dv: 4, scale: 0.5, window: None, sinks: None };
+        let o = attention(&q, &k, &v, &a);
+        assert_eq!(o.row(0), v.row(0));
+        let sinks = [0.0f32];
+        let a2 = AttnShape { sinks: Some(&sinks), ..a };
+        let o2 = attention(&q, &k, &v, &a2);
+        // one key at weight e^x / (e^x + e^0)
+        let x = 0.5 * (0..4).map(|i| q[[0, i]] * k[[0, i]]).sum::<f32>();
+        let p = x.exp() / (x.exp() + 1.0);
+        for i in 0..4 {
+            assert!((o2[[0, i]] - p * v[[0, i]]).abs() < 1e-6);
+        }
+        // window 1: every token sees only itself
+        let a3 = AttnShape { window: Some(1), ..a };
+        assert_eq!(attention(&q, &k, &v, &a3), v);
+    }
+}

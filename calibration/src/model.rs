@@ -1,0 +1,661 @@
+//! The layer-by-layer forward pass.
+//!
+//! All sequences of a batch advance together, one decoder layer at a time: a layer's attention and
+//! dense weights are read (decoded to f32) when the layer starts and dropped when it ends; routed
+//! experts are read one at a time, only if some token is routed to them, and dropped after use. So
+//! the resident weights are one layer's attention + router + shared expert, plus one routed expert
+//! per worker thread — never the model. The hidden states of the batch (`tokens × hidden` f32) stay
+//! in memory; `lm_head` is applied in row chunks.
+
+use ndarray::{s, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+use sling_core::ModelConfig;
+
+use crate::error::{Error, Result};
+use crate::math::{attention, linear, rms_norm_rows, rms_norm_view, sigmoid, silu, softmax, top_k, AttnShape};
+use crate::observer::{LinearInput, Observer};
+use crate::source::TensorSource;
+use crate::spec::{Act, Attention, ExpertLayout, Ffn, Moe, QkNorm, Router, Spec};
+
+type Obs<'o, 'a> = &'o mut Option<&'a mut dyn Observer>;
+
+/// Token layout of a batch: sequences one after the other.
+struct Batch {
+    seqs: Vec<(usize, usize)>,
+    /// Position of every token within its sequence.
+    pos: Vec<usize>,
+    /// cos/sin tables by position.
+    cos: Vec<Vec<f32>>,
+    sin: Vec<Vec<f32>>,
+}
+
+/// A model ready to run: its [`Spec`] and where its weights come from.
+pub struct Model<'s> {
+    src: &'s dyn TensorSource,
+    spec: Spec,
+}
+
+/// Hands `x` to the observer, if any; the name is only built when one is installed.
+fn observe(
+    obs: Obs,
+    tensor: impl FnOnce() -> String,
+    expert: Option<usize>,
+    x: &Array2<f32>,
+    tokens: Option<&[usize]>,
+) {
+    if let Some(o) = obs.as_deref_mut() {
+        let c = x.as_standard_layout();
+        if let Some(rows) = c.as_slice() {
+            o.linear_input(&LinearInput { tensor: &tensor(), expert, rows, n_cols: x.ncols(), tokens });
+        }
+    }
+}
+
+/// One routed expert's weights in `nn.Linear` layout.
+struct Expert {
+    gate: Array2<f32>,
+    up: Array2<f32>,
+    down: Array2<f32>,
+    gate_b: Option<Vec<f32>>,
+    up_b: Option<Vec<f32>>,
+    down_b: Option<Vec<f32>>,
+}
+
+impl<'s> Model<'s> {
+    pub fn new(src: &'s dyn TensorSource, cfg: &ModelConfig) -> Result<Model<'s>> {
+        Ok(Model { src, spec: Spec::from_config(cfg)? })
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    // ---- weights -------------------------------------------------------------------------------
+
+    fn mat(&self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        let shape = self.src.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
+        if shape != [rows as u64, cols as u64] {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("[{rows}, {cols}]") });
+        }
+        let v = self.src.read(name)?;
+        Array2::from_shape_vec((rows, cols), v).map_err(|e| Error::Read { tensor: name.into(), why: e.to_string() })
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        self.opt_vector(name, n)?.ok_or_else(|| Error::Missing(name.to_string()))
+    }
+
+    fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+        let Some(shape) = self.src.shape(name) else { return Ok(None) };
+        if shape.iter().product::<u64>() != n as u64 || shape.len() > 2 {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("[{n}]") });
+        }
+        Ok(Some(self.src.read(name)?))
+    }
+
+    /// `stem.weight` `[out, in]` and optional `stem.bias` `[out]`.
+    fn lin(&self, stem: &str, out: usize, inp: usize) -> Result<(Array2<f32>, Option<Vec<f32>>)> {
+        Ok((self.mat(&format!("{stem}.weight"), out, inp)?, self.opt_vector(&format!("{stem}.bias"), out)?))
+    }
+
+    /// Outer slice `e` of a stacked tensor as a `[r, c]` matrix.
+    fn slice3(&self, name: &str, e: usize, r: usize, c: usize) -> Result<Array2<f32>> {
+        let v = self.src.read_outer(name, e as u64, e as u64 + 1)?;
+        Array2::from_shape_vec((r, c), v).map_err(|err| Error::Read { tensor: name.into(), why: err.to_string() })
+    }
+
+    fn check3(&self, name: &str, want: [usize; 3]) -> Result<()> {
+        let shape = self.src.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
+        if shape != want.map(|d| d as u64) {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("{want:?}") });
+        }
+        Ok(())
+    }
+
+    fn expert(&self, l: usize, m: &Moe, e: usize) -> Result<Expert> {
+        let (h, ff) = (self.spec.hidden, m.ff);
+        let p = format!("model.layers.{l}.");
+        match m.layout {
+            ExpertLayout::PerExpert => {
+                let (prefix, [g, u, d]) = self.spec.expert_names;
+                let stem = |w: &str| format!("{p}{prefix}.{e}.{w}");
+                if self.src.contains(&format!("{}.weight", stem(g))) {
+                    let (gate, gate_b) = self.lin(&stem(g), ff, h)?;
+                    let (up, up_b) = self.lin(&stem(u), ff, h)?;
+                    let (down, down_b) = self.lin(&stem(d), h, ff)?;
+                    return Ok(Expert { gate, up, down, gate_b, up_b, down_b });
+                }
+                // transformers-5 fused layout: gate_up_proj [E, 2ff, h] (gate rows first), down_proj [E, h, ff]
+                let (gu, dn) = (format!("{p}mlp.experts.gate_up_proj"), format!("{p}mlp.experts.down_proj"));
+                if !self.src.contains(&gu) {
+                    return Err(Error::Missing(format!("{}.weight", stem(g))));
+                }
+                self.check3(&gu, [m.n_experts, 2 * ff, h])?;
+                self.check3(&dn, [m.n_experts, h, ff])?;
+                let w = self.slice3(&gu, e, 2 * ff, h)?;
+                Ok(Expert {
+                    gate: w.slice(s![..ff, ..]).to_owned(),
+                    up: w.slice(s![ff.., ..]).to_owned(),
+                    down: self.slice3(&dn, e, h, ff)?,
+                    gate_b: None,
+                    up_b: None,
+                    down_b: None,
+                })
+            }
+            ExpertLayout::GptOss => {
+                let gu = format!("{p}mlp.experts.gate_up_proj");
+                let dn = format!("{p}mlp.experts.down_proj");
+                let n = m.n_experts;
+                // [2ff, h] with gate on even rows, up on odd rows
+                let w = if self.src.is_mxfp4(&gu) {
+                    self.check3(&gu, [n, 2 * ff, h])?;
+                    self.slice3(&gu, e, 2 * ff, h)?
+                } else {
+                    self.check3(&gu, [n, h, 2 * ff])?;
+                    self.slice3(&gu, e, h, 2 * ff)?.t().as_standard_layout().into_owned()
+                };
+                let down = if self.src.is_mxfp4(&dn) {
+                    self.check3(&dn, [n, h, ff])?;
+                    self.slice3(&dn, e, h, ff)?
+                } else {
+                    self.check3(&dn, [n, ff, h])?;
+                    self.slice3(&dn, e, ff, h)?.t().as_standard_layout().into_owned()
+                };
+                let bias = |name: String, width: usize| -> Result<Vec<f32>> {
+                    self.check_shape(&name, &[n as u64, width as u64])?;
+                    self.src.read_outer(&name, e as u64, e as u64 + 1)
+                };
+                let gub = bias(format!("{gu}_bias"), 2 * ff)?;
+                Ok(Expert {
+                    gate: w.slice(s![0..;2, ..]).to_owned(),
+                    up: w.slice(s![1..;2, ..]).to_owned(),
+                    down,
+                    gate_b: Some(gub.iter().step_by(2).copied().collect()),
+                    up_b: Some(gub.iter().skip(1).step_by(2).copied().collect()),
+                    down_b: Some(bias(format!("{dn}_bias"), h)?),
+                })
+            }
+        }
+    }
+
+    fn check_shape(&self, name: &str, want: &[u64]) -> Result<()> {
+        let shape = self.src.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
+        if shape != want {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("{want:?}") });
+        }
+        Ok(())
+    }
+
+    // ---- forward -------------------------------------------------------------------------------
+
+    /// Logits (`[len, vocab]` per sequence) of a batch of token sequences.
+    pub fn logits(&self, seqs: &[Vec<u32>], mut observer: Option<&mut dyn Observer>) -> Result<Vec<Array2<f32>>> {
+        let (h, b) = self.final_hidden(seqs, &mut observer)?;
+        let all = self.lm_head(&h, &mut observer)?;
+        Ok(b.seqs.iter().map(|&(st, len)| all.slice(s![st..st + len, ..]).to_owned()).collect())
+    }
+
+    /// Final-normed hidden states of a batch (`[tokens, hidden]`, sequences one after the other).
+    pub fn hidden_states(&self, seqs: &[Vec<u32>], mut observer: Option<&mut dyn Observer>) -> Result<Array2<f32>> {
+        Ok(self.final_hidden(seqs, &mut observer)?.0)
+    }
+
+    fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
+            return Err(Error::Empty("every sequence needs at least one token"));
+        }
+        let mut v = Vec::new();
+        let mut pos = Vec::new();
+        let mut st = 0;
+        for s in seqs {
+            v.push((st, s.len()));
+            pos.extend(0..s.len());
+            st += s.len();
+        }
+        let max_len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let (cos, sin) = (0..max_len).map(|p| self.spec.rope.cos_sin(p)).unzip();
+        Ok(Batch { seqs: v, pos, cos, sin })
+    }
+
+    fn final_hidden(&self, seqs: &[Vec<u32>], obs: Obs) -> Result<(Array2<f32>, Batch)> {
+        let b = self.batch(seqs)?;
+        let mut h = self.embed(seqs)?;
+        for l in 0..self.spec.n_layers {
+            tracing::debug!(layer = l, "forward");
+            self.layer(l, &mut h, &b, obs)?;
+            self.src.release();
+        }
+        let w = self.vector("model.norm.weight", self.spec.hidden)?;
+        Ok((rms_norm_rows(&h, &w, self.spec.eps), b))
+    }
+
+    fn embed(&self, seqs: &[Vec<u32>]) -> Result<Array2<f32>> {
+        let name = "model.embed_tokens.weight";
+        let hd = self.spec.hidden;
+        let shape = self.src.shape(name).ok_or_else(|| Error::Missing(name.into()))?;
+        if shape.len() != 2 || shape[1] != hd as u64 {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("[vocab, {hd}]") });
+        }
+        let vocab = shape[0] as usize;
+        let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let mut h = Array2::<f32>::zeros((ids.len(), hd));
+        let mut cache: std::collections::HashMap<u32, Vec<f32>> = std::collections::HashMap::new();
+        for (t, &id) in ids.iter().enumerate() {
+            if id as usize >= vocab {
+                return Err(Error::TokenOutOfRange { id, vocab });
+            }
+            let row = match cache.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.src.read_outer(name, id as u64, id as u64 + 1)?)
+                }
+            };
+            h.row_mut(t).iter_mut().zip(row.iter()).for_each(|(d, s)| *d = *s);
+        }
+        Ok(h)
+    }
+
+    fn lm_head(&self, x: &Array2<f32>, obs: Obs) -> Result<Array2<f32>> {
+        let hd = self.spec.hidden;
+        let (name, gguf) = if self.src.contains("lm_head.weight") || !self.spec.tied {
+            ("lm_head.weight", "output.weight")
+        } else {
+            ("model.embed_tokens.weight", "token_embd.weight")
+        };
+        let shape = self.src.shape(name).ok_or_else(|| Error::Missing(name.into()))?;
+        if shape.len() != 2 || shape[1] != hd as u64 {
+            return Err(Error::Shape { tensor: name.into(), shape, expected: format!("[vocab, {hd}]") });
+        }
+        observe(obs, || gguf.to_string(), None, x, None);
+        let vocab = shape[0] as usize;
+        let mut out = Array2::<f32>::zeros((x.nrows(), vocab));
+        let chunk = ((64usize << 20) / hd.max(1)).clamp(1, vocab.max(1));
+        let mut r0 = 0;
+        while r0 < vocab {
+            let r1 = (r0 + chunk).min(vocab);
+            let v = self.src.read_outer(name, r0 as u64, r1 as u64)?;
+            let w = ArrayView2::from_shape((r1 - r0, hd), &v)
+                .map_err(|e| Error::Read { tensor: name.into(), why: e.to_string() })?;
+            out.slice_mut(s![.., r0..r1]).assign(&linear(x.view(), w, None));
+            r0 = r1;
+        }
+        Ok(out)
+    }
+
+    fn layer(&self, l: usize, h: &mut Array2<f32>, b: &Batch, obs: Obs) -> Result<()> {
+        let (hd, eps) = (self.spec.hidden, self.spec.eps);
+        let p = format!("model.layers.{l}.");
+        let x = rms_norm_rows(h, &self.vector(&format!("{p}input_layernorm.weight"), hd)?, eps);
+        let a = match &self.spec.attention {
+            Attention::Gqa { qk_norm, clip_qkv, sinks } => self.gqa(l, &x, b, *qk_norm, *clip_qkv, *sinks, obs)?,
+            Attention::Mla { .. } => self.mla(l, &x, b, obs)?,
+        };
+        *h += &a;
+        let x = rms_norm_rows(h, &self.vector(&format!("{p}post_attention_layernorm.weight"), hd)?, eps);
+        let f = match &self.spec.ffn[l] {
+            Ffn::Dense { ff } => self.mlp(l, "mlp", *ff, &x, obs)?,
+            Ffn::Moe(m) => self.moe(l, m, &x, obs)?,
+        };
+        *h += &f;
+        Ok(())
+    }
+
+    fn rope_rows(&self, x: &mut Array2<f32>, b: &Batch, n_heads: usize, stride: usize, offset: usize) {
+        let d = 2 * self.spec.rope.inv_freq.len();
+        for (t, mut row) in x.rows_mut().into_iter().enumerate() {
+            let p = b.pos[t];
+            for hh in 0..n_heads {
+                let o = hh * stride + offset;
+                self.spec.rope.apply(row.slice_mut(s![o..o + d]), &b.cos[p], &b.sin[p]);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gqa(
+        &self,
+        l: usize,
+        x: &Array2<f32>,
+        b: &Batch,
+        qk_norm: QkNorm,
+        clip: Option<f32>,
+        sinks: bool,
+        obs: Obs,
+    ) -> Result<Array2<f32>> {
+        let s = &self.spec;
+        let (nh, nkv, dh, hd) = (s.n_heads, s.n_kv_heads, s.head_dim, s.hidden);
+        let p = format!("model.layers.{l}.self_attn.");
+        let (wq, bq) = self.lin(&format!("{p}q_proj"), nh * dh, hd)?;
+        let (wk, bk) = self.lin(&format!("{p}k_proj"), nkv * dh, hd)?;
+        let (wv, bv) = self.lin(&format!("{p}v_proj"), nkv * dh, hd)?;
+        for stem in ["q_proj", "k_proj", "v_proj"] {
+            observe(obs, || s.gguf_name(l, &format!("self_attn.{stem}")), None, x, None);
+        }
+        let mut q = linear(x.view(), wq.view(), bq.as_deref());
+        let mut k = linear(x.view(), wk.view(), bk.as_deref());
+        let mut v = linear(x.view(), wv.view(), bv.as_deref());
+        drop((wq, wk, wv));
+        match qk_norm {
+            QkNorm::None => {}
+            QkNorm::Full => {
+                q = rms_norm_rows(&q, &self.vector(&format!("{p}q_norm.weight"), nh * dh)?, s.eps);
+                k = rms_norm_rows(&k, &self.vector(&format!("{p}k_norm.weight"), nkv * dh)?, s.eps);
+            }
+            QkNorm::PerHead => {
+                let qn = self.vector(&format!("{p}q_norm.weight"), dh)?;
+                let kn = self.vector(&format!("{p}k_norm.weight"), dh)?;
+                for (m, w) in [(&mut q, &qn), (&mut k, &kn)] {
+                    m.axis_iter_mut(Axis(0)).into_par_iter().for_each(|mut row| {
+                        row.exact_chunks_mut(dh).into_iter().for_each(|head| rms_norm_view(head, w, s.eps))
+                    });
+                }
+            }
+        }
+        if let Some(c) = clip {
+            for m in [&mut q, &mut k, &mut v] {
+                m.mapv_inplace(|x| x.clamp(-c, c));
+            }
+        }
+        if 2 * s.rope.inv_freq.len() != dh {
+            return Err(Error::BadConfig(format!("rope width {} != head_dim {dh}", 2 * s.rope.inv_freq.len())));
+        }
+        self.rope_rows(&mut q, b, nh, dh, 0);
+        self.rope_rows(&mut k, b, nkv, dh, 0);
+        let sink_v = if sinks { Some(self.vector(&format!("{p}sinks"), nh)?) } else { None };
+        let shape = AttnShape {
+            seqs: &b.seqs,
+            n_heads: nh,
+            n_k: nkv,
+            n_v: nkv,
+            dk: dh,
+            dv: dh,
+            scale: s.attn_scale,
+            window: s.windows[l],
+            sinks: sink_v.as_deref(),
+        };
+        let out = attention(&q, &k, &v, &shape);
+        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), None, &out, None);
+        let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dh)?;
+        Ok(linear(out.view(), wo.view(), bo.as_deref()))
+    }
+
+    fn mla(&self, l: usize, x: &Array2<f32>, b: &Batch, obs: Obs) -> Result<Array2<f32>> {
+        let s = &self.spec;
+        let Attention::Mla { q_lora_rank, kv_lora_rank: kvr, qk_nope, qk_rope, v_head_dim: dv } = s.attention else {
+            return Err(Error::Unsupported("MLA call on a GQA model".into()));
+        };
+        let (nh, hd, eps) = (s.n_heads, s.hidden, s.eps);
+        let dk = qk_nope + qk_rope;
+        let p = format!("model.layers.{l}.self_attn.");
+        if 2 * s.rope.inv_freq.len() != qk_rope {
+            return Err(Error::BadConfig(format!(
+                "rope width {} != qk_rope_head_dim {qk_rope}",
+                2 * s.rope.inv_freq.len()
+            )));
+        }
+        let mut q = match q_lora_rank {
+            Some(r) => {
+                let (wa, ba) = self.lin(&format!("{p}q_a_proj"), r, hd)?;
+                observe(obs, || s.gguf_name(l, "self_attn.q_a_proj"), None, x, None);
+                let qa = linear(x.view(), wa.view(), ba.as_deref());
+                let qa = rms_norm_rows(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
+                let (wb, bb) = self.lin(&format!("{p}q_b_proj"), nh * dk, r)?;
+                observe(obs, || s.gguf_name(l, "self_attn.q_b_proj"), None, &qa, None);
+                linear(qa.view(), wb.view(), bb.as_deref())
+            }
+            None => {
+                let (w, bq) = self.lin(&format!("{p}q_proj"), nh * dk, hd)?;
+                observe(obs, || s.gguf_name(l, "self_attn.q_proj"), None, x, None);
+                linear(x.view(), w.view(), bq.as_deref())
+            }
+        };
+        let (wkv, bkv) = self.lin(&format!("{p}kv_a_proj_with_mqa"), kvr + qk_rope, hd)?;
+        observe(obs, || s.gguf_name(l, "self_attn.kv_a_proj_with_mqa"), None, x, None);
+        let ckv = linear(x.view(), wkv.view(), bkv.as_deref());
+        let c = rms_norm_rows(
+            &ckv.slice(s![.., ..kvr]).to_owned(),
+            &self.vector(&format!("{p}kv_a_layernorm.weight"), kvr)?,
+            eps,
+        );
+        let mut kpe = ckv.slice(s![.., kvr..]).to_owned();
+        self.rope_rows(&mut q, b, nh, dk, qk_nope);
+        self.rope_rows(&mut kpe, b, 1, qk_rope, 0);
+        let wkvb = self.mat(&format!("{p}kv_b_proj.weight"), nh * (qk_nope + dv), kvr)?;
+        let kv = linear(c.view(), wkvb.view(), None);
+        let t = x.nrows();
+        let mut k = Array2::<f32>::zeros((t, nh * dk));
+        let mut v = Array2::<f32>::zeros((t, nh * dv));
+        for hh in 0..nh {
+            let base = hh * (qk_nope + dv);
+            k.slice_mut(s![.., hh * dk..hh * dk + qk_nope]).assign(&kv.slice(s![.., base..base + qk_nope]));
+            k.slice_mut(s![.., hh * dk + qk_nope..(hh + 1) * dk]).assign(&kpe);
+            v.slice_mut(s![.., hh * dv..(hh + 1) * dv]).assign(&kv.slice(s![.., base + qk_nope..base + qk_nope + dv]));
+        }
+        let shape = AttnShape {
+            seqs: &b.seqs,
+            n_heads: nh,
+            n_k: nh,
+            n_v: nh,
+            dk,
+            dv,
+            scale: s.attn_scale,
+            window: s.windows[l],
+            sinks: None,
+        };
+        let out = attention(&q, &k, &v, &shape);
+        if obs.is_some() {
+            // llama.cpp runs MLA absorbed: attn_k_b multiplies each head's q_nope, attn_v_b each head's
+            // attention-weighted latent (softmax · kv_a_norm(c)).
+            let mut qn = Array2::<f32>::zeros((t * nh, qk_nope));
+            for tt in 0..t {
+                for hh in 0..nh {
+                    qn.row_mut(tt * nh + hh).assign(&q.slice(s![tt, hh * dk..hh * dk + qk_nope]));
+                }
+            }
+            observe(obs, || s.gguf_name(l, "self_attn.k_b_proj"), None, &qn, None);
+            let lat = attention(&q, &k, &c, &AttnShape { n_v: 1, dv: kvr, ..shape });
+            let lat = lat
+                .into_shape_with_order((t * nh, kvr))
+                .map_err(|e| Error::Read { tensor: format!("{p}kv_b_proj.weight"), why: e.to_string() })?;
+            observe(obs, || s.gguf_name(l, "self_attn.v_b_proj"), None, &lat, None);
+        }
+        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), None, &out, None);
+        let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dv)?;
+        Ok(linear(out.view(), wo.view(), bo.as_deref()))
+    }
+
+    /// A gated MLP `down(act(gate(x)) * up(x))` under `model.layers.{l}.{stem}`.
+    fn mlp(&self, l: usize, stem: &str, ff: usize, x: &Array2<f32>, obs: Obs) -> Result<Array2<f32>> {
+        let (s, hd) = (&self.spec, self.spec.hidden);
+        let p = format!("model.layers.{l}.{stem}.");
+        let (wg, bg) = self.lin(&format!("{p}gate_proj"), ff, hd)?;
+        let (wu, bu) = self.lin(&format!("{p}up_proj"), ff, hd)?;
+        observe(obs, || s.gguf_name(l, &format!("{stem}.gate_proj")), None, x, None);
+        observe(obs, || s.gguf_name(l, &format!("{stem}.up_proj")), None, x, None);
+        let mut g = linear(x.view(), wg.view(), bg.as_deref());
+        let u = linear(x.view(), wu.view(), bu.as_deref());
+        drop((wg, wu));
+        self.activate(&mut g, &u);
+        observe(obs, || s.gguf_name(l, &format!("{stem}.down_proj")), None, &g, None);
+        let (wd, bd) = self.lin(&format!("{p}down_proj"), hd, ff)?;
+        Ok(linear(g.view(), wd.view(), bd.as_deref()))
+    }
+
+    /// `g <- act(g, u)`.
+    fn activate(&self, g: &mut Array2<f32>, u: &Array2<f32>) {
+        match self.spec.act {
+            Act::Silu => g.zip_mut_with(u, |g, &u| *g = silu(*g) * u),
+            Act::GptOss { alpha, limit } => g.zip_mut_with(u, |g, &u| {
+                let gg = g.min(limit);
+                let uu = u.clamp(-limit, limit);
+                *g = (uu + 1.0) * (gg * sigmoid(gg * alpha));
+            }),
+        }
+    }
+
+    fn moe(&self, l: usize, m: &Moe, x: &Array2<f32>, obs: Obs) -> Result<Array2<f32>> {
+        let s = &self.spec;
+        let (t, hd, ne) = (x.nrows(), s.hidden, m.n_experts);
+        let p = format!("model.layers.{l}.");
+        let (wr, br) = self.lin(&format!("{p}{}", s.router_stem), ne, hd)?;
+        observe(obs, || s.gguf_name(l, s.router_stem), None, x, None);
+        let logits = linear(x.view(), wr.view(), br.as_deref());
+        let e_bias = match m.router {
+            Router::DeepseekV3 { .. } => Some(self.vector(&format!("{p}mlp.gate.e_score_correction_bias"), ne)?),
+            _ => None,
+        };
+        // token -> [(expert, weight)], then expert -> [(token, weight)]
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for (tt, row) in logits.rows().into_iter().enumerate() {
+            let row: Vec<f32> = row.to_vec();
+            for (e, w) in route(&row, &m.router, m.top_k, e_bias.as_deref()) {
+                per_expert[e].push((tt, w));
+            }
+        }
+        let observing = obs.is_some();
+        let used: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
+        type ExpertOut = (usize, Array2<f32>, Option<(Array2<f32>, Array2<f32>)>);
+        let results: Vec<Result<ExpertOut>> = used
+            .par_iter()
+            .map(|&e| {
+                let w = self.expert(l, m, e)?;
+                let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
+                let xe = x.select(Axis(0), &toks);
+                let mut g = linear(xe.view(), w.gate.view(), w.gate_b.as_deref());
+                let u = linear(xe.view(), w.up.view(), w.up_b.as_deref());
+                self.activate(&mut g, &u);
+                let mut y = linear(g.view(), w.down.view(), w.down_b.as_deref());
+                for (mut row, &(_, wt)) in y.rows_mut().into_iter().zip(&per_expert[e]) {
+                    row.mapv_inplace(|v| v * wt);
+                }
+                Ok((e, y, observing.then_some((xe, g))))
+            })
+            .collect();
+        let mut out = Array2::<f32>::zeros((t, hd));
+        let names = if observing { [0, 1, 2].map(|i| s.expert_gguf_name(l, i)) } else { Default::default() };
+        for r in results {
+            let (e, y, seen) = r?;
+            let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
+            for (row, &tt) in y.rows().into_iter().zip(&toks) {
+                let mut o = out.row_mut(tt);
+                o += &row;
+            }
+            if let Some((xe, g)) = seen {
+                observe(obs, || names[0].clone(), Some(e), &xe, Some(&toks));
+                observe(obs, || names[1].clone(), Some(e), &xe, Some(&toks));
+                observe(obs, || names[2].clone(), Some(e), &g, Some(&toks));
+            }
+        }
+        if let Some(sff) = m.shared_ff {
+            let mut sh = self.mlp(l, m.shared_stem, sff, x, obs)?;
+            if m.shared_gate {
+                let gate_stem = format!("{}_gate", m.shared_stem);
+                let wg = self.mat(&format!("{p}{gate_stem}.weight"), 1, hd)?;
+                observe(obs, || s.gguf_name(l, &gate_stem), None, x, None);
+                let gl = linear(x.view(), wg.view(), None);
+                for (mut row, gv) in sh.rows_mut().into_iter().zip(gl.column(0)) {
+                    let f = sigmoid(*gv);
+                    row.mapv_inplace(|v| f * v);
+                }
+            }
+            out += &sh;
+        }
+        Ok(out)
+    }
+}
+
+/// Routes one token: its experts and their weights.
+pub fn route(logits: &[f32], r: &Router, k: usize, e_bias: Option<&[f32]>) -> Vec<(usize, f32)> {
+    let n = logits.len();
+    match *r {
+        Router::SoftmaxTopK { renorm } => {
+            let mut p = logits.to_vec();
+            softmax(&mut p);
+            let idx = top_k(&p, k);
+            let mut w: Vec<f32> = idx.iter().map(|&i| p[i]).collect();
+            if renorm {
+                let sum: f32 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= sum);
+            }
+            idx.into_iter().zip(w).collect()
+        }
+        Router::TopKSoftmax => {
+            let idx = top_k(logits, k);
+            let mut w: Vec<f32> = idx.iter().map(|&i| logits[i]).collect();
+            softmax(&mut w);
+            idx.into_iter().zip(w).collect()
+        }
+        Router::DeepseekV2 { group_limited, n_group, topk_group, scale } => {
+            let mut p = logits.to_vec();
+            softmax(&mut p);
+            let mut choice = p.clone();
+            if group_limited {
+                let per = n / n_group;
+                let gs: Vec<f32> = (0..n_group)
+                    .map(|g| p[g * per..(g + 1) * per].iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
+                let keep = top_k(&gs, topk_group);
+                for (i, c) in choice.iter_mut().enumerate() {
+                    if !keep.contains(&(i / per)) {
+                        *c = 0.0;
+                    }
+                }
+            }
+            let idx = top_k(&choice, k);
+            idx.into_iter().map(|i| (i, choice[i] * scale)).collect()
+        }
+        Router::DeepseekV3 { n_group, topk_group, renorm, scale } => {
+            let sc: Vec<f32> = logits.iter().map(|&x| sigmoid(x)).collect();
+            let mut choice: Vec<f32> = match e_bias {
+                Some(b) => sc.iter().zip(b).map(|(s, b)| s + b).collect(),
+                None => sc.clone(),
+            };
+            let per = n / n_group;
+            let gs: Vec<f32> = (0..n_group)
+                .map(|g| top_k(&choice[g * per..(g + 1) * per], 2).iter().map(|&i| choice[g * per + i]).sum())
+                .collect();
+            let keep = top_k(&gs, topk_group);
+            for (i, c) in choice.iter_mut().enumerate() {
+                if !keep.contains(&(i / per)) {
+                    *c = f32::NEG_INFINITY;
+                }
+            }
+            let idx = top_k(&choice, k);
+            let mut w: Vec<f32> = idx.iter().map(|&i| sc[i]).collect();
+            if renorm {
+                let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+                w.iter_mut().for_each(|v| *v /= sum);
+            }
+            idx.into_iter().zip(w.into_iter().map(|v| v * scale)).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routers() {
+        let l = [1.0f32, 3.0, 2.0, 0.0];
+        let r = route(&l, &Router::SoftmaxTopK { renorm: true }, 2, None);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((r[0].1 + r[1].1 - 1.0).abs() < 1e-6);
+        let r = route(&l, &Router::SoftmaxTopK { renorm: false }, 2, None);
+        assert!(r[0].1 + r[1].1 < 0.95);
+        let r = route(&l, &Router::TopKSoftmax, 2, None);
+        assert!((r[0].1 - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+        // V3: groups {0,1} {2,3}; bias pushes expert 3 and so group 1 up; top-1 group only
+        let r = route(
+            &l,
+            &Router::DeepseekV3 { n_group: 2, topk_group: 1, renorm: false, scale: 2.0 },
+            1,
+            Some(&[0.0, 0.0, 0.0, 5.0]),
+        );
+        assert_eq!(r[0].0, 3);
+        assert!((r[0].1 - 2.0 * sigmoid(0.0)).abs() < 1e-6);
+        // V2 group-limited: group max 3.0 (group 0) wins, expert 1 then 0
+        let r = route(&l, &Router::DeepseekV2 { group_limited: true, n_group: 2, topk_group: 1, scale: 1.0 }, 2, None);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 0]);
+    }
+}

@@ -1,0 +1,47 @@
+//! Hooks into the forward pass: what every linear layer reads, for importance matrices (imatrix)
+//! and other activation statistics.
+
+/// The input rows of one linear layer (one expert's, for routed experts).
+#[derive(Clone, Copy, Debug)]
+pub struct LinearInput<'a> {
+    /// The weight's GGUF tensor name, as llama.cpp's imatrix names it: `blk.3.attn_q.weight`,
+    /// `blk.3.ffn_down_exps.weight`, `output.weight` (`token_embd.weight` when the output is tied).
+    pub tensor: &'a str,
+    /// The expert, for routed experts (`*_exps`).
+    pub expert: Option<usize>,
+    /// Row-major `[n_rows, n_cols]` inputs.
+    pub rows: &'a [f32],
+    pub n_cols: usize,
+    /// For routed experts: the token (row index into the batch's flattened tokens, sequences one after
+    /// the other) each row belongs to. `None`: one row per token, in order, or (DeepSeek's
+    /// `attn_k_b`/`attn_v_b`, which act per head) `n_heads` rows per token, token-major.
+    pub tokens: Option<&'a [usize]>,
+}
+
+/// Observes the forward pass. Installed with [`crate::Model::forward`]'s `observer`; with none
+/// installed no inputs are gathered or copied.
+pub trait Observer {
+    /// Called once per linear layer (and routed expert) per layer pass, with that layer's inputs for
+    /// the whole batch.
+    fn linear_input(&mut self, input: &LinearInput<'_>);
+}
+
+/// An observer that sums squared inputs per column, as llama.cpp's imatrix collector does (with
+/// the row count), keyed by (tensor, expert). Useful on its own and as an example.
+#[derive(Default, Debug)]
+pub struct SumSquares {
+    pub entries: std::collections::BTreeMap<(String, Option<usize>), (Vec<f64>, u64)>,
+}
+
+impl Observer for SumSquares {
+    fn linear_input(&mut self, x: &LinearInput<'_>) {
+        let e = self.entries.entry((x.tensor.to_string(), x.expert)).or_insert_with(|| (vec![0.0; x.n_cols], 0));
+        if e.0.len() != x.n_cols || x.n_cols == 0 {
+            return;
+        }
+        for row in x.rows.chunks_exact(x.n_cols) {
+            e.0.iter_mut().zip(row).for_each(|(s, &v)| *s += (v as f64) * (v as f64));
+            e.1 += 1;
+        }
+    }
+}
