@@ -21,7 +21,8 @@ use sling_formats::manifest::hash_file;
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));
     // The tests set what they need; nothing from the environment leaks in.
-    for k in ["SOURCE_DATE_EPOCH", "SLING_JOURNAL_INTERVAL_MS", "SLING_TEST_ABORT_AFTER_TENSORS", "SLING_TEST_ABORT_AT"] {
+    for k in ["SOURCE_DATE_EPOCH", "SLING_JOURNAL_INTERVAL_MS", "SLING_TEST_ABORT_AFTER_TENSORS", "SLING_TEST_ABORT_AT"]
+    {
         c.env_remove(k);
     }
     c
@@ -68,7 +69,8 @@ fn hashes(dir: &Path) -> BTreeMap<String, String> {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut v: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     v.sort();
     v
 }
@@ -176,10 +178,21 @@ fn quantize_is_reproducible_across_threads_and_runs() {
     make_imatrix(&src, "gguf:Q4_K_M", &im);
     let h = assert_reproducible("quantize", &src, &["--to", "gguf:Q4_K_M", "--imatrix", s(&im), "--reproducible"], &[]);
     assert_eq!(h.len(), 3);
-    assert_reproducible("quantize", &fixture("deepseekv2lite"), &["--to", "gguf:moe-q4", "--split-max-tensors", "100", "--reproducible"], &[]);
+    assert_reproducible(
+        "quantize",
+        &fixture("deepseekv2lite"),
+        &["--to", "gguf:moe-q4", "--split-max-tensors", "100", "--reproducible"],
+        &[],
+    );
     // The card names the calibration data.
     let d = out_dir(t.path(), "card");
-    ok(&sling("quantize", &src, &d.join("m.gguf"), &["-q", "--to", "gguf:Q4_K_M", "--imatrix", s(&im), "--reproducible"], &[]));
+    ok(&sling(
+        "quantize",
+        &src,
+        &d.join("m.gguf"),
+        &["-q", "--to", "gguf:Q4_K_M", "--imatrix", s(&im), "--reproducible"],
+        &[],
+    ));
     let card = fs::read_to_string(d.join("README.md")).unwrap();
     let (_, im_sha) = hash_file(&im).unwrap();
     assert!(card.contains(&im_sha), "{card}");
@@ -271,7 +284,13 @@ fn killed_with_the_default_journal_interval_restarts_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let want = reference(t.path(), &[]);
     let d = out_dir(t.path(), "k");
-    let o = sling("convert", &fixture(KILL_SRC), &d.join("m.gguf"), &["-q", "--reproducible"], &[("SLING_TEST_ABORT_AFTER_TENSORS", "200")]);
+    let o = sling(
+        "convert",
+        &fixture(KILL_SRC),
+        &d.join("m.gguf"),
+        &["-q", "--reproducible"],
+        &[("SLING_TEST_ABORT_AFTER_TENSORS", "200")],
+    );
     assert_eq!(o.status.code(), Some(134));
     assert_nothing_complete(&d);
     assert_eq!(resume_and_compare(&d, &[], &want), 0);
@@ -407,12 +426,24 @@ fn resume_rechecks_hashes_and_plans() {
     }
     let d = out_dir(t.path(), "source-changed");
     let a = ["-q", "--reproducible", "--type", "q8_0"];
-    let o = sling("convert", &src, &d.join("m.gguf"), &a, &[("SLING_TEST_ABORT_AFTER_TENSORS", "100"), ("SLING_JOURNAL_INTERVAL_MS", "0")]);
+    let o = sling(
+        "convert",
+        &src,
+        &d.join("m.gguf"),
+        &a,
+        &[("SLING_TEST_ABORT_AFTER_TENSORS", "100"), ("SLING_JOURNAL_INTERVAL_MS", "0")],
+    );
     assert_eq!(o.status.code(), Some(134));
     let cfg = src.join("config.json");
     let text = fs::read_to_string(&cfg).unwrap();
     fs::write(&cfg, text + " ").unwrap();
-    let o = sling("convert", &src, &d.join("m.gguf"), &["-q", "--reproducible", "--type", "q8_0", "--resume", "--json"], &[]);
+    let o = sling(
+        "convert",
+        &src,
+        &d.join("m.gguf"),
+        &["-q", "--reproducible", "--type", "q8_0", "--resume", "--json"],
+        &[],
+    );
     ok(&o);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["resumed_tensors"], 0);
@@ -448,7 +479,12 @@ fn source_state(src: &Path) -> BTreeMap<String, (String, std::time::SystemTime)>
     fs::read_dir(src)
         .unwrap()
         .map(|e| e.unwrap())
-        .map(|e| (e.file_name().into_string().unwrap(), (hash_file(&e.path()).unwrap().1, e.metadata().unwrap().modified().unwrap())))
+        .map(|e| {
+            (
+                e.file_name().into_string().unwrap(),
+                (hash_file(&e.path()).unwrap().1, e.metadata().unwrap().modified().unwrap()),
+            )
+        })
         .collect()
 }
 
@@ -499,7 +535,17 @@ fn file_size_limit_is_a_clear_error_and_leaves_nothing() {
     let want = reference(t.path(), &[]);
     let o = Command::new("bash")
         .args(["-c", "trap '' XFSZ; ulimit -f 300; exec \"$@\"", "sh", env!("CARGO_BIN_EXE_sling")])
-        .args(["convert", s(&src), "-o", s(&d.join("m.gguf")), "--tokenizer-pre", "gpt-2", "-q", "--resume", "--reproducible"])
+        .args([
+            "convert",
+            s(&src),
+            "-o",
+            s(&d.join("m.gguf")),
+            "--tokenizer-pre",
+            "gpt-2",
+            "-q",
+            "--resume",
+            "--reproducible",
+        ])
         .output()
         .unwrap();
     assert_clear_output_error(&o, &["file size limit"]);
@@ -576,7 +622,9 @@ fn check_stream(ev: &[Value], n_tensors: u64) {
     }
     let start = &ev[0];
     assert_eq!(start["event"], "start");
-    for k in ["tool", "version", "command", "source", "outputs", "type", "tensors", "bytes", "threads", "resumed_tensors"] {
+    for k in
+        ["tool", "version", "command", "source", "outputs", "type", "tensors", "bytes", "threads", "resumed_tensors"]
+    {
         assert!(!start[k].is_null(), "start lacks {k}: {start}");
     }
     assert_eq!(start["tensors"], n_tensors);
@@ -691,7 +739,13 @@ fn model_card_is_covered_by_the_manifest() {
     let t = tempfile::tempdir().unwrap();
     let d = out_dir(t.path(), "o");
     let out = d.join("m.gguf");
-    ok(&sling("convert", &fixture("qwen2moe"), &out, &["-q", "--type", "q8_0", "--split-max-tensors", "20", "--reproducible"], &[]));
+    ok(&sling(
+        "convert",
+        &fixture("qwen2moe"),
+        &out,
+        &["-q", "--type", "q8_0", "--split-max-tensors", "20", "--reproducible"],
+        &[],
+    ));
     assert_eq!(names(&d), ["README.md", "m-00001-of-00002.gguf", "m-00002-of-00002.gguf", "m.sling.json"]);
     let card = fs::read_to_string(d.join("README.md")).unwrap();
     let m: Value = serde_json::from_slice(&fs::read(d.join("m.sling.json")).unwrap()).unwrap();
@@ -699,7 +753,17 @@ fn model_card_is_covered_by_the_manifest() {
     for o in m["outputs"].as_array().unwrap() {
         assert!(card.contains(o["sha256"].as_str().unwrap()), "the card lists each output's sha256");
     }
-    for needle in ["library_name: gguf", "Qwen2MoeForCausalLM", "## Recipe", "routed_experts", "bits per weight", "not measured", "sling verify", "sha256sum -c", "model_signing verify"] {
+    for needle in [
+        "library_name: gguf",
+        "Qwen2MoeForCausalLM",
+        "## Recipe",
+        "routed_experts",
+        "bits per weight",
+        "not measured",
+        "sling verify",
+        "sha256sum -c",
+        "model_signing verify",
+    ] {
         assert!(card.contains(needle), "card lacks {needle:?}:\n{card}");
     }
     assert_eq!(verify_code(&out), Some(0));
@@ -741,7 +805,10 @@ fn plan_estimates_memory_disk_and_time() {
     assert!(e["disk_bytes"].as_u64().unwrap() > v["bytes"].as_u64().unwrap());
     assert!(e["peak_memory_bytes"].as_u64().unwrap() > 0);
     assert!(e["seconds"].as_f64().unwrap() > 0.0);
-    let o = bin().args(["plan", s(&fixture("mixtral")), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2"]).output().unwrap();
+    let o = bin()
+        .args(["plan", s(&fixture("mixtral")), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2"])
+        .output()
+        .unwrap();
     ok(&o);
     // The estimate depends on the machine: it goes to stderr, the table (stdout) does not change.
     let text = stderr(&o);
