@@ -204,7 +204,7 @@ mod tests {
     #[ignore]
     fn speed() {
         let n = 4096;
-        let x: Vec<f32> = (0..n * 256).map(|i| ((i as f32 * 0.618).sin() * 0.05)).collect();
+        let x: Vec<f32> = (0..n * 256).map(|i| (i as f32 * 0.618).sin() * 0.05).collect();
         let w: Vec<f32> = (0..n).map(|i| 1.0 + (i % 13) as f32).collect();
         for t in BLOCK_TYPES {
             for wt in [None, Some(w.as_slice())] {
