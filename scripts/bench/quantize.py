@@ -11,8 +11,8 @@ scripts/setup-reference.sh (convert_hf_to_gguf.py, llama-quantize, ggml-quant-re
 End to end (--skip-e2e to leave out), for every model size (--sizes, default 1,4 GB; make_synthetic.py's synthetic
 Qwen3-MoE, real Qwen3-30B-A3B dimensions) and every preset (--presets, default Q4_K_M,Q8_0,IQ4_XS):
   sling             `sling quantize MODEL --to gguf:PRESET -o OUT --tokenizer-pre gpt-2` with the default thread
-                    count (all cores, N); at the --detail-sizes (default: the smallest size) also with `-t 1` and
-                    with `--no-manifest` (no provenance hashing)
+                    count (all cores, N); at the --detail-sizes (default: the smallest size) also with `-t 1`, with
+                    `--no-manifest` (no provenance hashing) and with both
   reference         step 1 `convert_ref.py MODEL --outtype bf16` (convert_hf_to_gguf.py; it has no thread option),
                     measured once per model size (it is the same for every preset), then step 2
                     `llama-quantize BF16 OUT PRESET N` with the same thread count as sling (N; at the detail sizes
@@ -173,6 +173,8 @@ def run_e2e(a, result: dict, quiet: Quiet, sling: Path):
                 run("sling --no-manifest", preset, f"default({nproc})",
                     sl + ["--no-manifest", "--to", f"gguf:{preset}", "-o", t], t, shards)
                 run("sling", preset, 1, sl + ["-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
+                run("sling --no-manifest", preset, 1,
+                    sl + ["--no-manifest", "-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
                 if not a.skip_ref and nproc != 1:
                     t = outdir / "ref-t.gguf"
                     run("reference", preset, 1, [llama_quantize, bf16, t, preset, 1], t, [bf16], step="quantize")
