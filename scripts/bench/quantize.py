@@ -290,12 +290,13 @@ def run_kernels(a, result: dict, quiet: Quiet, qbench: Path):
     # Importance weights look like llama-imatrix's: mean squared activations, positive, spread over ~2 decades.
     (np.float32(0.05) + rng.standard_normal(ncols, dtype=np.float32) ** 2).astype("<f4").tofile(imatrix)
     nbytes = nrows * ncols * 4
-    k = {"nrows": nrows, "n_per_row": ncols, "reps": reps, "input_bytes": nbytes, "seed": a.kernel_seed,
+    k = {"nrows": nrows, "n_per_row": ncols, "reps": reps, "rounds": a.kernel_rounds, "input_bytes": nbytes,
+         "seed": a.kernel_seed,
          "llama_cpp": str(ref_bin), "sling": str(qbench), "runs": []}
     result["kernels"] = k
     types = a.types.split(",")
 
-    def bench(side, typ, im):
+    def bench(side, typ, im, rnd):
         exe = ref_bin if side == "llama.cpp" else qbench
         cmd = [str(exe), "bench", typ] if side == "llama.cpp" else [str(exe), typ]
         cmd += [str(nrows), str(ncols), str(reps)] + ([str(imatrix)] if im else [])
@@ -314,7 +315,7 @@ def run_kernels(a, result: dict, quiet: Quiet, qbench: Path):
             # CPU the rest of the machine used meanwhile (machine busy time minus the benchmark process's)
             own = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
             other = max(0.0, cpu_busy_s() - busy0 - own) / wall
-            r = {"side": side, "type": typ, "imatrix": im, "attempt": attempt, "quantize_s": q, "dequantize_s": dq,
+            r = {"side": side, "type": typ, "imatrix": im, "round": rnd, "attempt": attempt, "quantize_s": q, "dequantize_s": dq,
                  "fnv1a64": out["fnv1a64"][0], "process_wall_s": wall, "other_cores": other, "quiet_wait_s": quiet_s,
                  "process_cpu_s": own,
                  "involuntary_cs": ru.ru_nivcsw - ru0.ru_nivcsw,
@@ -327,40 +328,55 @@ def run_kernels(a, result: dict, quiet: Quiet, qbench: Path):
         return r
 
     print(f"== kernels: {nrows} x {ncols} f32 ({nbytes / 2**20:.0f} MiB), best of {reps}, single thread", flush=True)
-    for typ in types:
-        for im in (False, True):
-            # alternate the sides so that both see the same machine
-            bench("llama.cpp", typ, im)
-            bench("sling", typ, im)
+    for rnd in range(a.kernel_rounds):
+        if a.kernel_rounds > 1:
+            print(f"-- round {rnd + 1} of {a.kernel_rounds}", flush=True)
+        for typ in types:
+            for im in (False, True):
+                # alternate the sides so that both see the same machine
+                for side in ("llama.cpp", "sling"):
+                    bench(side, typ, im, rnd)
 
 
 def summarize_kernels(k: dict) -> list[dict]:
-    best = {}
+    """Per type, imatrix and side: the best time over every repeat of every round (and every attempt)."""
+    runs = {}
     for r in k["runs"]:
-        key = (r["type"], r["imatrix"], r["side"])
-        if key not in best or r["other_cores"] < best[key]["other_cores"]:
-            best[key] = r
+        runs.setdefault((r["type"], r["imatrix"], r["side"]), []).append(r)
+    nbytes = k["input_bytes"]
+
+    def best(rs, what):
+        ts = [t for r in rs for t in r[what]]
+        return nbytes / 1e6 / min(ts) if ts else None
+
+    def per_round_ratios(gs, ss):
+        rounds = sorted({r.get("round", 0) for r in gs} & {r.get("round", 0) for r in ss})
+        return [best([r for r in ss if r.get("round", 0) == n], "quantize_s")
+                / best([r for r in gs if r.get("round", 0) == n], "quantize_s") for n in rounds]
+
     rows = []
     types = list(dict.fromkeys(r["type"] for r in k["runs"]))
     for typ in types:
-        plain = {s: best.get((typ, False, s)) for s in ("llama.cpp", "sling")}
         for im in (False, True):
-            g, s = best.get((typ, im, "llama.cpp")), best.get((typ, im, "sling"))
-            if not g or not s:
+            gs, ss = runs.get((typ, im, "llama.cpp")), runs.get((typ, im, "sling"))
+            if not gs or not ss:
                 continue
+            g_plain = runs.get((typ, False, "llama.cpp"))
+            rr = per_round_ratios(gs, ss)
+            g_mbps, s_mbps = best(gs, "quantize_s"), best(ss, "quantize_s")
+            g_dq, s_dq = best(gs, "dequantize_s"), best(ss, "dequantize_s")
+            hashes = {r["fnv1a64"] for r in gs + ss}
             rows.append({
                 "type": typ, "imatrix": im,
-                # ggml ignores the weights for these types (same bytes with and without)
-                "imatrix_used": None if not im else plain["llama.cpp"] is not None
-                and plain["llama.cpp"]["fnv1a64"] != g["fnv1a64"],
-                "llama_cpp_mbps": g["quantize_mbps"], "sling_mbps": s["quantize_mbps"],
-                "ratio": s["quantize_mbps"] / g["quantize_mbps"],
-                "llama_cpp_dequant_mbps": g["dequantize_mbps"], "sling_dequant_mbps": s["dequantize_mbps"],
-                "dequant_ratio": (s["dequantize_mbps"] / g["dequantize_mbps"]) if g["dequantize_mbps"] else None,
-                "bytes_equal": g["fnv1a64"] == s["fnv1a64"],
-                "other_cores": max(g["other_cores"], s["other_cores"]),
-                "spread_llama_cpp": max(g["quantize_s"]) / min(g["quantize_s"]),
-                "spread_sling": max(s["quantize_s"]) / min(s["quantize_s"]),
+                # ggml ignores the weights for some types (same bytes with and without)
+                "imatrix_used": None if not im else bool(g_plain) and g_plain[0]["fnv1a64"] != gs[0]["fnv1a64"],
+                "llama_cpp_mbps": g_mbps, "sling_mbps": s_mbps, "ratio": s_mbps / g_mbps,
+                "ratio_rounds": rr, "ratio_min": min(rr), "ratio_max": max(rr),
+                "llama_cpp_dequant_mbps": g_dq, "sling_dequant_mbps": s_dq,
+                "dequant_ratio": s_dq / g_dq if g_dq and s_dq else None,
+                "bytes_equal": len(hashes) == 1,
+                "rounds": len(rr), "samples_per_side": sum(len(r["quantize_s"]) for r in ss),
+                "other_cores": statistics.median(r["other_cores"] for r in gs + ss),
             })
     return rows
 
@@ -376,9 +392,12 @@ def render_md(result) -> str:
         f"{result['binaries'].get('qbench', {}).get('sha256', '?')[:12]}); {m['date_utc']}.", ""]
     if "e2e" in result:
         e2e = result["e2e"]
+        prev = result.get("previous", {}).get("e2e")
         lines += [
             "### End to end: HF safetensors (bf16) -> quantized GGUF",
             "",
+            *([f"(Measured in an earlier invocation: {prev['machine']['date_utc']} at {prev['machine']['git_rev']}.)", ""]
+              if prev else []),
             f"Threads: sling `default(N)` runs N = {e2e['nproc']} threads; the reference's llama-quantize gets the "
             "same N (convert_hf_to_gguf.py has no thread option). Reference wall = convert + llama-quantize.",
             "",
@@ -414,17 +433,20 @@ def render_md(result) -> str:
         k = result["kernels"]
         lines += [
             f"### Kernels: single thread, {k['nrows']} rows x {k['n_per_row']} f32 "
-            f"({k['input_bytes'] / 2**20:.0f} MiB), best of {k['reps']}",
+            f"({k['input_bytes'] / 2**20:.0f} MiB), best of {k['reps']} calls x {k.get('rounds', 1)} rounds",
             "",
-            "| type | importance weights | llama.cpp MB/s | sling MB/s | sling / llama.cpp | dequant llama.cpp MB/s | "
-            "dequant sling MB/s | dequant ratio | same bytes | other load (cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            *([f"(Measured in an earlier invocation: {result['previous']['kernels']['machine']['date_utc']}.)", ""]
+              if result.get("previous", {}).get("kernels") else []),
+            "| type | importance weights | llama.cpp MB/s | sling MB/s | sling / llama.cpp | per-round ratio (min–max) | "
+            "dequant llama.cpp MB/s | dequant sling MB/s | dequant ratio | same bytes | other load (cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["kernels_summary"]:
             im = "no" if not r["imatrix"] else ("yes" if r["imatrix_used"] else "yes (ignored by the type)")
             lines.append(
                 f"| {r['type']} | {im} | {r['llama_cpp_mbps']:.0f} | {r['sling_mbps']:.0f} | "
                 f"{'**' if r['ratio'] < 1 else ''}{r['ratio']:.2f}x{'**' if r['ratio'] < 1 else ''} | "
+                f"{r.get('ratio_min', r['ratio']):.2f}–{r.get('ratio_max', r['ratio']):.2f} | "
                 f"{f(r['llama_cpp_dequant_mbps'], 0)} | {f(r['sling_dequant_mbps'], 0)} | {f(r['dequant_ratio'])}x | "
                 f"{'yes' if r['bytes_equal'] else 'NO'} | {r['other_cores']:.2f} |")
         lines.append("")
@@ -447,8 +469,11 @@ def main():
     ap.add_argument("--kernel-cols", type=int, default=4096)
     ap.add_argument("--kernel-reps", type=int, default=7)
     ap.add_argument("--kernel-seed", type=int, default=1234)
+    ap.add_argument("--kernel-rounds", type=int, default=3,
+                    help="passes over all types (minutes apart: the best over all rounds counts)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sling-qbench"), help="models and outputs go here")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="quantize", help="results file names: RESULTS/NAME.json and RESULTS/NAME.md")
     ap.add_argument("--sling", type=Path, default=REPO / "target" / "release" / "sling")
     ap.add_argument("--qbench", type=Path, default=REPO / "target" / "release" / "examples" / "qbench")
     ap.add_argument("--python", default=DEFAULT_PY if Path(DEFAULT_PY).exists() else sys.executable,
@@ -468,14 +493,14 @@ def main():
                     help="recompute the summaries and quantize.md from RESULTS/quantize.json; measure nothing")
     a = ap.parse_args()
     if a.render_only:
-        jpath = a.results / "quantize.json"
+        jpath = a.results / f"{a.name}.json"
         result = json.loads(jpath.read_text())
         if "e2e" in result:
             result["e2e_summary"] = summarize_e2e(result["e2e"])
         if "kernels" in result:
             result["kernels_summary"] = summarize_kernels(result["kernels"])
         jpath.write_text(json.dumps(result, indent=2))
-        (a.results / "quantize.md").write_text(render_md(result))
+        (a.results / f"{a.name}.md").write_text(render_md(result))
         print(render_md(result))
         return
     if a.nice:
@@ -491,7 +516,7 @@ def main():
         sys.exit("/usr/bin/time missing: apt-get install -y time")
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
-    jpath = a.results / "quantize.json"
+    jpath = a.results / f"{a.name}.json"
     old = json.loads(jpath.read_text()) if jpath.exists() and (a.skip_e2e or a.skip_kernels) else {}
     result = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "binaries": {},
               "nice": os.getpriority(os.PRIO_PROCESS, 0),
@@ -532,17 +557,18 @@ def main():
     for part in ("e2e", "kernels"):
         if part not in result and part in old:
             result[part], result[f"{part}_summary"] = old[part], old[f"{part}_summary"]
-            result.setdefault("previous", {})[part] = {"machine": old["machine"], "binaries": old.get("binaries"),
-                                                       "sling_version": old.get("sling_version")}
+            result.setdefault("previous", {})[part] = old.get("previous", {}).get(part) or {
+                "machine": old["machine"], "binaries": old.get("binaries"), "sling_version": old.get("sling_version"),
+                "total_s": old.get("total_s")}
             for b, info in (old.get("binaries") or {}).items():
                 result["binaries"].setdefault(b, info)
             if part == "e2e" and "sling_version" in old:
                 result.setdefault("sling_version", old["sling_version"])
     jpath.write_text(json.dumps(result, indent=2))
     md = render_md(result)
-    (a.results / "quantize.md").write_text(md)
+    (a.results / f"{a.name}.md").write_text(md)
     print(md)
-    print(f"total {result['total_s']:.0f} s; results in {jpath} and {a.results / 'quantize.md'}")
+    print(f"total {result['total_s']:.0f} s; results in {jpath} and {a.results / (a.name + '.md')}")
 
 
 if __name__ == "__main__":
