@@ -19,11 +19,15 @@ fn main() {
     let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| ".".into()));
     let from_env = std::env::var("SLING_GIT_COMMIT").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let commit = from_env.or_else(|| {
-        let head = git(&dir, &["rev-parse", "HEAD"]).filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        let head =
+            git(&dir, &["rev-parse", "HEAD"]).filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))?;
         // Rebuild when HEAD moves (checkout, commit): watch HEAD, the refs and packed-refs of both
         // the worktree's git dir and the common one. Only existing paths, so that a missing one does
         // not rerun this script on every build.
-        for gd in [git(&dir, &["rev-parse", "--absolute-git-dir"]), git(&dir, &["rev-parse", "--git-common-dir"])].into_iter().flatten() {
+        for gd in [git(&dir, &["rev-parse", "--absolute-git-dir"]), git(&dir, &["rev-parse", "--git-common-dir"])]
+            .into_iter()
+            .flatten()
+        {
             let gd = if Path::new(&gd).is_absolute() { PathBuf::from(gd) } else { dir.join(gd) };
             for p in [gd.join("HEAD"), gd.join("packed-refs"), gd.join("refs").join("heads")] {
                 if p.exists() {

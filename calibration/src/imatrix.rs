@@ -15,6 +15,11 @@
 //! Chunking (`compute_imatrix`): the text is tokenized once with the special tokens (a BOS when the vocab
 //! adds one), cut into `n_ctx`-token chunks (the tail is dropped), and when the vocab adds a BOS the first
 //! token of every chunk is *replaced* by BOS.
+//!
+//! With [`Model::all_experts`](crate::Model::all_experts) (`sling calibrate --all-experts`, not a
+//! llama-imatrix mode) the `*_exps` entries see every token instead of the routed ones, so each expert's
+//! count is the number of tokens. [`ImatrixCollector::routing`] keeps the true routing either way, for the
+//! coverage report ([`ImatrixCollector::coverage`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,6 +51,23 @@ pub struct ImatrixCollector {
     batch_tokens: usize,
     /// Problems (inconsistent shapes); reported by the caller.
     pub warnings: Vec<String>,
+    /// Per MoE layer: (token, slot) pairs the router sent to each expert, summed over every batch.
+    pub routing: BTreeMap<usize, Vec<u64>>,
+}
+
+/// Routing coverage of one MoE layer over the whole run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerCoverage {
+    pub layer: usize,
+    /// Routed (token, slot) pairs per expert.
+    pub counts: Vec<u64>,
+    /// Experts no token was routed to (llama-imatrix writes them with count 0).
+    pub zero: Vec<usize>,
+    /// Experts with some tokens, but fewer than the `few` fraction of the layer's mean.
+    pub few: Vec<usize>,
+    pub min: u64,
+    pub max: u64,
+    pub mean: f64,
 }
 
 impl ImatrixCollector {
@@ -56,7 +78,28 @@ impl ImatrixCollector {
             process_output: false,
             batch_tokens: 0,
             warnings: Vec::new(),
+            routing: BTreeMap::new(),
         }
+    }
+
+    /// Routing coverage per MoE layer: experts with no token (`zero`) and with fewer than `few_frac` of
+    /// the layer's mean (`few`).
+    pub fn coverage(&self, few_frac: f64) -> Vec<LayerCoverage> {
+        self.routing
+            .iter()
+            .map(|(&layer, counts)| {
+                let mean = counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64;
+                LayerCoverage {
+                    layer,
+                    counts: counts.clone(),
+                    zero: (0..counts.len()).filter(|&e| counts[e] == 0).collect(),
+                    few: (0..counts.len()).filter(|&e| counts[e] > 0 && (counts[e] as f64) < few_frac * mean).collect(),
+                    min: counts.iter().min().copied().unwrap_or(0),
+                    max: counts.iter().max().copied().unwrap_or(0),
+                    mean,
+                }
+            })
+            .collect()
     }
 
     /// Before each forward call: the number of tokens of the batch (all sequences).
@@ -111,6 +154,15 @@ impl ImatrixCollector {
 }
 
 impl Observer for ImatrixCollector {
+    fn routing(&mut self, layer: usize, counts: &[u64]) {
+        let r = self.routing.entry(layer).or_insert_with(|| vec![0; counts.len()]);
+        if r.len() != counts.len() {
+            self.warnings.push(format!("layer {layer}: routing over {} experts, then {}", r.len(), counts.len()));
+            return;
+        }
+        r.iter_mut().zip(counts).for_each(|(a, &c)| *a += c);
+    }
+
     fn linear_input(&mut self, x: &LinearInput<'_>) {
         let n = x.n_cols;
         if n == 0 {
@@ -226,5 +278,20 @@ mod tests {
         assert_eq!(e.weights[4..6], [(0.0 + 4.0) / 2.0, (1.0 + 9.0) / 2.0]);
         assert_eq!(e.weights[0], 1.0);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn coverage_lists_unused_and_rare_experts() {
+        let mut c = ImatrixCollector::new(4);
+        c.routing(3, &[10, 0, 30, 1]);
+        c.routing(3, &[10, 0, 30, 0]);
+        c.routing(5, &[5, 5, 5, 5]);
+        let cov = c.coverage(0.1);
+        assert_eq!(cov.len(), 2);
+        assert_eq!((cov[0].layer, cov[0].counts.clone()), (3, vec![20, 0, 60, 1]));
+        assert_eq!((cov[0].zero.clone(), cov[0].few.clone()), (vec![1], vec![3]));
+        assert_eq!((cov[0].min, cov[0].max, cov[0].mean), (0, 60, 20.25));
+        assert!(cov[1].zero.is_empty() && cov[1].few.is_empty());
+        assert!(c.warnings.is_empty());
     }
 }

@@ -17,7 +17,9 @@
 //! named by its GGUF tensor name: the hook for importance matrices.
 #![deny(unsafe_code)]
 
+pub mod candidate;
 pub mod error;
+pub mod eval;
 pub mod imatrix;
 pub mod math;
 pub mod model;
@@ -26,7 +28,9 @@ pub mod rope;
 pub mod source;
 pub mod spec;
 
+pub use candidate::GgufCandidate;
 pub use error::{Error, Result};
+pub use eval::{evaluate, EvalReport, Evaluator};
 pub use model::Model;
 pub use observer::{LinearInput, Observer, SumSquares};
 pub use source::{CheckpointSource, MemSource, TensorSource};

@@ -2,10 +2,11 @@
 //!
 //! All sequences of a batch advance together, one decoder layer at a time: a layer's attention and
 //! dense weights are read (decoded to f32) when the layer starts and dropped when it ends; routed
-//! experts are read one at a time, only if some token is routed to them, and dropped after use. So
-//! the resident weights are one layer's attention + router + shared expert, plus one routed expert
-//! per worker thread — never the model. The hidden states of the batch (`tokens × hidden` f32) stay
-//! in memory; `lm_head` is applied in row chunks.
+//! experts are read one at a time, only if some token is routed to them (every expert with
+//! [`Model::all_experts`] and an observer), and dropped after use. So the resident weights are one
+//! layer's attention + router + shared expert, plus one routed expert per worker thread — never the
+//! model. The hidden states of the batch (`tokens × hidden` f32) stay in memory; `lm_head` is
+//! applied in row chunks.
 
 use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
@@ -33,6 +34,9 @@ struct Batch {
 pub struct Model<'s> {
     src: &'s dyn TensorSource,
     spec: Spec,
+    /// With an observer installed: run every routed expert on every token for the statistics
+    /// ([`Model::all_experts`]).
+    all_experts: bool,
 }
 
 /// Hands `x` to the observer, if any; the name is only built when one is installed.
@@ -63,7 +67,18 @@ struct Expert {
 
 impl<'s> Model<'s> {
     pub fn new(src: &'s dyn TensorSource, cfg: &ModelConfig) -> Result<Model<'s>> {
-        Ok(Model { src, spec: Spec::from_config(cfg)? })
+        Ok(Model { src, spec: Spec::from_config(cfg)?, all_experts: false })
+    }
+
+    /// With `on` and an observer installed, every token is also sent through every routed expert for
+    /// the observer: each expert's gate/up projections see the layer's normed hidden states of all
+    /// tokens and its down projection sees `act(gate(x)) * up(x)` of all tokens, so no expert is left
+    /// unobserved. The forward pass keeps the true routing: outputs (logits, hidden states) are those
+    /// of the model, and [`Observer::routing`] still reports the true routing. Costs about
+    /// `n_experts / top_k` times the routed experts' gate/up work. Without an observer it changes nothing.
+    pub fn all_experts(mut self, on: bool) -> Self {
+        self.all_experts = on;
+        self
     }
 
     pub fn spec(&self) -> &Spec {
@@ -224,6 +239,9 @@ impl<'s> Model<'s> {
             tracing::debug!(layer = l, "forward");
             self.layer(l, &mut h, &b, obs)?;
             self.src.release();
+            if let Some(o) = obs.as_deref_mut() {
+                o.layer_done(l);
+            }
         }
         let w = self.vector("model.norm.weight", self.spec.hidden)?;
         Ok((rms_norm_rows(&h, &w, self.spec.eps), b))
@@ -513,37 +531,86 @@ impl<'s> Model<'s> {
             }
         }
         let observing = obs.is_some();
-        let used: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
-        type ExpertOut = (usize, Array2<f32>, Option<(Array2<f32>, Array2<f32>)>);
-        let results: Vec<Result<ExpertOut>> = used
-            .par_iter()
-            .map(|&e| {
-                let w = self.expert(l, m, e)?;
-                let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
-                let xe = x.select(Axis(0), &toks);
-                let mut g = linear(xe.view(), w.gate.view(), w.gate_b.as_deref());
-                let u = linear(xe.view(), w.up.view(), w.up_b.as_deref());
-                self.activate(&mut g, &u);
-                let mut y = linear(g.view(), w.down.view(), w.down_b.as_deref());
+        let all = observing && self.all_experts;
+        if let Some(o) = obs.as_deref_mut() {
+            let counts: Vec<u64> = per_expert.iter().map(|v| v.len() as u64).collect();
+            o.routing(l, &counts);
+        }
+        // Experts to run: those some token is routed to; with `all`, every expert (for the observer).
+        let run: Vec<usize> = (0..ne).filter(|&e| all || !per_expert[e].is_empty()).collect();
+        let all_toks: Vec<usize> = if all { (0..t).collect() } else { Vec::new() };
+        /// What the observer gets of one expert: its gate/up input and its down input.
+        enum Seen {
+            None,
+            /// The routed tokens' rows.
+            Routed(Array2<f32>, Array2<f32>),
+            /// Every token's down input (the gate/up input is `x`).
+            All(Array2<f32>),
+        }
+        type ExpertOut = (usize, Option<Array2<f32>>, Seen);
+        let run_one = |e: usize| -> Result<ExpertOut> {
+            let w = self.expert(l, m, e)?;
+            let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
+            let weigh = |y: &mut Array2<f32>| {
                 for (mut row, &(_, wt)) in y.rows_mut().into_iter().zip(&per_expert[e]) {
                     row.mapv_inplace(|v| v * wt);
                 }
-                Ok((e, y, observing.then_some((xe, g))))
-            })
-            .collect();
+            };
+            if all {
+                // gate/up over every token; the routed tokens' rows of act(gate)·up are exactly what the
+                // routed-only path computes (the GEMM's result for a row does not depend on the others).
+                let mut g = linear(x.view(), w.gate.view(), w.gate_b.as_deref());
+                let u = linear(x.view(), w.up.view(), w.up_b.as_deref());
+                self.activate(&mut g, &u);
+                drop(u);
+                let y = if toks.is_empty() {
+                    None
+                } else {
+                    let mut y = linear(g.select(Axis(0), &toks).view(), w.down.view(), w.down_b.as_deref());
+                    weigh(&mut y);
+                    Some(y)
+                };
+                return Ok((e, y, Seen::All(g)));
+            }
+            let xe = x.select(Axis(0), &toks);
+            let mut g = linear(xe.view(), w.gate.view(), w.gate_b.as_deref());
+            let u = linear(xe.view(), w.up.view(), w.up_b.as_deref());
+            self.activate(&mut g, &u);
+            let mut y = linear(g.view(), w.down.view(), w.down_b.as_deref());
+            weigh(&mut y);
+            Ok((e, Some(y), if observing { Seen::Routed(xe, g) } else { Seen::None }))
+        };
+        // Experts run in waves (results summed in expert order, whatever the wave): with `all`, one per
+        // worker, so that at most that many `[tokens, ff]` activations wait for the observer; otherwise four
+        // per worker (routed rows only), which bounds the outputs (and observed inputs) held at once.
+        let threads = rayon::current_num_threads().max(1);
+        let wave = if all { threads } else { 4 * threads };
         let mut out = Array2::<f32>::zeros((t, hd));
         let names = if observing { [0, 1, 2].map(|i| s.expert_gguf_name(l, i)) } else { Default::default() };
-        for r in results {
-            let (e, y, seen) = r?;
-            let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
-            for (row, &tt) in y.rows().into_iter().zip(&toks) {
-                let mut o = out.row_mut(tt);
-                o += &row;
-            }
-            if let Some((xe, g)) = seen {
-                observe(obs, || names[0].clone(), Some(e), &xe, Some(&toks));
-                observe(obs, || names[1].clone(), Some(e), &xe, Some(&toks));
-                observe(obs, || names[2].clone(), Some(e), &g, Some(&toks));
+        for group in run.chunks(wave) {
+            let results: Vec<Result<ExpertOut>> = group.par_iter().map(|&e| run_one(e)).collect();
+            for r in results {
+                let (e, y, seen) = r?;
+                let toks: Vec<usize> = per_expert[e].iter().map(|&(tt, _)| tt).collect();
+                if let Some(y) = y {
+                    for (row, &tt) in y.rows().into_iter().zip(&toks) {
+                        let mut o = out.row_mut(tt);
+                        o += &row;
+                    }
+                }
+                match seen {
+                    Seen::None => {}
+                    Seen::Routed(xe, g) => {
+                        observe(obs, || names[0].clone(), Some(e), &xe, Some(&toks));
+                        observe(obs, || names[1].clone(), Some(e), &xe, Some(&toks));
+                        observe(obs, || names[2].clone(), Some(e), &g, Some(&toks));
+                    }
+                    Seen::All(g) => {
+                        observe(obs, || names[0].clone(), Some(e), x, Some(&all_toks));
+                        observe(obs, || names[1].clone(), Some(e), x, Some(&all_toks));
+                        observe(obs, || names[2].clone(), Some(e), &g, Some(&all_toks));
+                    }
+                }
             }
         }
         if let Some(sff) = m.shared_ff {

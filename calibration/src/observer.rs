@@ -13,17 +13,27 @@ pub struct LinearInput<'a> {
     pub rows: &'a [f32],
     pub n_cols: usize,
     /// For routed experts: the token (row index into the batch's flattened tokens, sequences one after
-    /// the other) each row belongs to. `None`: one row per token, in order, or (DeepSeek's
-    /// `attn_k_b`/`attn_v_b`, which act per head) `n_heads` rows per token, token-major.
+    /// the other) each row belongs to: the tokens routed to the expert, or every token of the batch when
+    /// the model runs with [`all_experts`](crate::Model::all_experts). `None`: one row per token, in
+    /// order, or (DeepSeek's `attn_k_b`/`attn_v_b`, which act per head) `n_heads` rows per token,
+    /// token-major.
     pub tokens: Option<&'a [usize]>,
 }
 
-/// Observes the forward pass. Installed with [`crate::Model::forward`]'s `observer`; with none
-/// installed no inputs are gathered or copied.
+/// Observes the forward pass. Installed with the `observer` argument of [`crate::Model::logits`] or
+/// [`crate::Model::hidden_states`]; with none installed no inputs are gathered or copied.
 pub trait Observer {
     /// Called once per linear layer (and routed expert) per layer pass, with that layer's inputs for
     /// the whole batch.
     fn linear_input(&mut self, input: &LinearInput<'_>);
+
+    /// Called once per MoE layer per forward call, before its experts' inputs: how many (token, slot)
+    /// pairs the router sent to each expert. This is the true routing, also when the model runs with
+    /// [`all_experts`](crate::Model::all_experts) (whose `*_exps` inputs then hold every token).
+    fn routing(&mut self, _layer: usize, _counts: &[u64]) {}
+
+    /// Called after each decoder layer of a forward call (progress reporting).
+    fn layer_done(&mut self, _layer: usize) {}
 }
 
 /// An observer that sums squared inputs per column, as llama.cpp's imatrix collector does (with

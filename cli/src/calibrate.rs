@@ -1,20 +1,31 @@
 //! `sling calibrate`: an importance matrix (llama-imatrix's GGUF format) from sling's own f32 forward pass
 //! (crate calibration/), for `sling quantize --imatrix` and `llama-quantize --imatrix`.
 
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sling_calibration::imatrix::{chunks, ImatrixCollector};
 use sling_calibration::spec::Ffn;
-use sling_calibration::{CheckpointSource, Model};
+use sling_calibration::{CheckpointSource, LinearInput, Model, Observer};
 use sling_formats::checkpoint::Checkpoint;
 
 pub const AFTER_HELP: &str = "Tokenizes the text with the model's tokenizer.json, cuts it into --ctx-token chunks \
 as llama-imatrix does (the tail is dropped; with a BOS token, the first token of each chunk is replaced by BOS), runs \
 the forward pass over them and sums the squared inputs of every linear layer (per routed expert, counting one per \
 token and routed slot), following llama-imatrix's rules: routed experts and every blk.* matrix, not the output \
-head. The file is llama.cpp's GGUF imatrix (in_sum2 + counts per tensor).\n\nExamples:\n  \
+head. The file is llama.cpp's GGUF imatrix (in_sum2 + counts per tensor).\n\nCoverage: the report (stderr; \
+stdout with --json) lists per MoE layer the experts the routing sent no token to (written with count 0: \
+llama-quantize then gives them uniform importance weights) and those under 10% of the layer's mean. \
+--all-experts also sends every token through every routed expert for the statistics (the forward pass keeps the \
+true routing): every expert gets statistics from all tokens and a count equal to the number of tokens; this is not \
+what llama-imatrix computes, and costs about n_experts/top_k times the routed experts' work.\n\n\
+Progress: a bar with chunks, tokens/s and ETA when stderr is a terminal, a line per batch (and every 30 s) \
+otherwise; -q for none.\n\nExamples:\n  \
 sling calibrate ./Qwen3-30B-A3B --data calib.txt -o imatrix.gguf\n  \
+sling calibrate ./Qwen3-30B-A3B --data calib.txt --all-experts -o imatrix-all.gguf\n  \
 sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt --ctx 64 --chunks 8 -o /tmp/im.gguf --json";
 
 #[derive(clap::Args)]
@@ -39,40 +50,14 @@ pub struct Args {
     /// Also collect output.weight (llama-imatrix --process-output).
     #[arg(long)]
     process_output: bool,
+    /// Statistics of every routed expert from every token (the forward pass keeps the true routing), so
+    /// that no expert is left without: counts = tokens. Not llama-imatrix's statistics; costs about
+    /// n_experts/top_k times the routed experts' work.
+    #[arg(long)]
+    all_experts: bool,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
-}
-
-fn read_text(path: &Path) -> Result<String> {
-    let raw = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
-        return Ok(raw);
-    }
-    let mut texts = Vec::new();
-    for (i, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let t = v.get("text").and_then(|t| t.as_str());
-        texts.push(t.with_context(|| format!("{}:{}: no \"text\" string", path.display(), i + 1))?.to_string());
-    }
-    Ok(texts.join("\n"))
-}
-
-/// BOS handling of llama.cpp's vocab: a BOS id in config.json and `add_bos_token` in tokenizer_config.json
-/// (when absent: whether the tokenizer's own post-processor adds it).
-fn bos_token(src: &Path, cfg: &serde_json::Value, tok: &tokenizers::Tokenizer) -> Option<u32> {
-    let bos = cfg.get("bos_token_id").and_then(|v| v.as_u64())? as u32;
-    let tc: Option<serde_json::Value> =
-        std::fs::read_to_string(src.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
-    let add = match tc.as_ref().and_then(|t| t.get("add_bos_token")).and_then(|v| v.as_bool()) {
-        Some(b) => b,
-        None => tok.encode("a", true).ok().is_some_and(|e| e.get_ids().first() == Some(&bos)),
-    };
-    add.then_some(bos)
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -81,36 +66,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
-    let cfg_json: serde_json::Value = std::fs::read_to_string(a.src.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    let (tokens, dataset, bos) = match (&a.data, &a.tokens) {
-        (Some(d), None) => {
-            let tp = a.src.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&tp)
-                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tp.display()))?;
-            let bos = bos_token(&a.src, &cfg_json, &tok);
-            let text = read_text(d)?;
-            let enc = tok
-                .encode(text.as_str(), false)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", d.display()))?;
-            let mut ids = Vec::with_capacity(enc.len() + 1);
-            ids.extend(bos);
-            ids.extend_from_slice(enc.get_ids());
-            (ids, d.display().to_string(), bos)
-        }
-        (None, Some(t)) => {
-            let raw = std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?;
-            let ids = raw
-                .split(|c: char| c == ',' || c.is_whitespace())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse::<u32>().with_context(|| format!("{}: {s:?} is not a token id", t.display())))
-                .collect::<Result<Vec<u32>>>()?;
-            (ids, t.display().to_string(), None)
-        }
-        _ => bail!("give the calibration text with --data FILE (or token ids with --tokens FILE)"),
-    };
+    let t = crate::textdata::load(&a.src, a.data.as_deref(), a.tokens.as_deref())?;
+    let (tokens, dataset, bos) = (t.ids, t.dataset, t.bos);
     if tokens.len() < 2 * a.ctx {
         bail!(
             "{dataset} tokenizes to only {} tokens; a context of {} needs at least {} (as llama-imatrix)",
@@ -121,7 +78,9 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let chunks = chunks(&tokens, a.ctx, a.chunks, bos);
     let src = CheckpointSource::new(&ck);
-    let model = Model::new(&src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    let model = Model::new(&src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
+        .all_experts(a.all_experts);
     let spec = model.spec();
     let n_experts =
         spec.ffn.iter().find_map(|f| if let Ffn::Moe(m) = f { Some(m.n_experts) } else { None }).unwrap_or(0);
@@ -129,71 +88,84 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     col.process_output = a.process_output;
     // llama-imatrix: n_batch 2048 → max(1, 2048 / n_ctx) chunks per decode.
     let per_batch = (2048 / a.ctx).max(1);
-    let t0 = std::time::Instant::now();
-    let mut done = 0;
+    let t0 = Instant::now();
+    let mut progress = Progress::new(chunks.len(), a.ctx, spec.n_layers, quiet, a.json);
     for batch in chunks.chunks(per_batch) {
         col.begin_batch(batch.iter().map(Vec::len).sum());
+        progress.begin_batch(batch.len());
+        let mut obs = Tracked { col: &mut col, progress: &mut progress };
         // The output head only runs when its input is wanted (--process-output).
         let r = if a.process_output {
-            model.logits(batch, Some(&mut col)).map(drop)
+            model.logits(batch, Some(&mut obs)).map(drop)
         } else {
-            model.hidden_states(batch, Some(&mut col)).map(drop)
+            model.hidden_states(batch, Some(&mut obs)).map(drop)
         };
         r.with_context(|| format!("{}: forward pass failed", a.src.display()))?;
-        done += batch.len();
-        if !quiet {
-            eprintln!("calibrate: {done}/{} chunks, {:.1}s", chunks.len(), t0.elapsed().as_secs_f64());
-        }
+        progress.end_batch();
     }
+    progress.finish();
     for w in &col.warnings {
         tracing::warn!("{w}");
     }
     let chunk_size = a.ctx as u32;
     col.save(&a.out, std::slice::from_ref(&dataset), chunk_size)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.out.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
 
-    // Report: tokens per expert per layer (from each layer's ffn_down_exps, or the first *_exps entry).
+    // Coverage report: routed tokens per expert per MoE layer (the true routing, also with --all-experts).
     let n_tok = chunks.len() * a.ctx;
-    let mut layers = Vec::new();
-    for (name, s) in &col.stats {
-        if !name.ends_with("_exps.weight") || s.counts.len() < 2 {
-            continue;
-        }
-        let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
-        if layers.iter().any(|(l, _, _)| *l == layer) {
-            continue;
-        }
-        layers.push((layer, name.clone(), s.counts.clone()));
-    }
+    let coverage = col.coverage(FEW);
     let mut json_layers = Vec::new();
-    for (layer, name, counts) in &layers {
-        let total: u64 = counts.iter().sum();
-        let mean = total as f64 / counts.len() as f64;
-        let zero: Vec<usize> = (0..counts.len()).filter(|&e| counts[e] == 0).collect();
-        let few: Vec<usize> = (0..counts.len()).filter(|&e| counts[e] > 0 && (counts[e] as f64) < 0.1 * mean).collect();
-        let (mn, mx) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
+    let (mut n_zero, mut n_few, mut layers_zero, mut n_exp) = (0, 0, 0, 0);
+    for c in &coverage {
+        n_zero += c.zero.len();
+        n_few += c.few.len();
+        n_exp += c.counts.len();
+        layers_zero += usize::from(!c.zero.is_empty());
         if !quiet {
-            let l = layer.map_or("?".into(), |l| l.to_string());
             eprintln!(
-                "  layer {l:>3}: {} experts, tokens per expert min {mn} max {mx} mean {mean:.1}{}{}",
-                counts.len(),
-                if zero.is_empty() { String::new() } else { format!(", {} unused {:?}", zero.len(), zero) },
-                if few.is_empty() { String::new() } else { format!(", {} under 10% of mean {:?}", few.len(), few) },
+                "  layer {:>3}: {} experts, routed tokens per expert min {} max {} mean {:.1}{}{}",
+                c.layer,
+                c.counts.len(),
+                c.min,
+                c.max,
+                c.mean,
+                if c.zero.is_empty() { String::new() } else { format!(", {} unused {:?}", c.zero.len(), c.zero) },
+                if c.few.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} under {:.0}% of mean {:?}", c.few.len(), FEW * 100.0, c.few)
+                },
             );
         }
         json_layers.push(serde_json::json!({
-            "layer": layer, "tensor": name, "counts": counts, "zero": zero, "few": few,
-            "min": mn, "max": mx, "mean": mean,
+            "layer": c.layer, "tensor": spec.expert_gguf_name(c.layer, 2), "counts": c.counts, "zero": c.zero,
+            "few": c.few, "min": c.min, "max": c.max, "mean": c.mean,
         }));
     }
     if !quiet {
+        if !coverage.is_empty() {
+            let what = if a.all_experts {
+                format!("--all-experts: every expert's statistics cover all {n_tok} tokens")
+            } else if n_zero > 0 {
+                "unused experts get count 0 (uniform importance weights); --all-experts or more data covers them".into()
+            } else {
+                "every expert got tokens".into()
+            };
+            eprintln!(
+                "  coverage: {n_zero} of {n_exp} experts unused (in {layers_zero} of {} MoE layers), {n_few} under \
+                 {:.0}% of their layer's mean; {what}",
+                coverage.len(),
+                FEW * 100.0
+            );
+        }
         eprintln!(
-            "{}: {} chunks x {} tokens = {n_tok} tokens, {} entries, {:.2}s -> {}",
+            "{}: {} chunks x {} tokens = {n_tok} tokens, {} entries, {secs:.2}s ({:.1} tokens/s) -> {}",
             spec.arch.hf,
             chunks.len(),
             a.ctx,
             col.stats.len(),
-            t0.elapsed().as_secs_f64(),
+            n_tok as f64 / secs.max(1e-9),
             a.out.display()
         );
     }
@@ -208,10 +180,156 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             "chunk_count": col.chunk_count(chunk_size),
             "tokens": n_tok,
             "entries": col.stats.len(),
+            "all_experts": a.all_experts,
             "experts": json_layers,
-            "seconds": t0.elapsed().as_secs_f64(),
+            "coverage": {
+                "moe_layers": coverage.len(), "experts": n_exp, "unused": n_zero, "few": n_few,
+                "layers_with_unused": layers_zero, "few_fraction": FEW,
+            },
+            "seconds": secs,
+            "tokens_per_second": n_tok as f64 / secs.max(1e-9),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// "Few tokens": under this fraction of the layer's mean.
+const FEW: f64 = 0.1;
+
+/// Forwards to the collector and reports each finished layer to the progress display.
+struct Tracked<'a> {
+    col: &'a mut ImatrixCollector,
+    progress: &'a mut Progress,
+}
+
+impl Observer for Tracked<'_> {
+    fn linear_input(&mut self, x: &LinearInput<'_>) {
+        self.col.linear_input(x);
+    }
+    fn routing(&mut self, layer: usize, counts: &[u64]) {
+        self.col.routing(layer, counts);
+    }
+    fn layer_done(&mut self, layer: usize) {
+        self.progress.layer_done(layer);
+    }
+}
+
+/// Progress on stderr: a bar (chunks, tokens/s, ETA) when stderr is a terminal, otherwise a line per batch
+/// and every 30 s within a long batch; nothing with -q. Counted in layer passes of a chunk, so that the ETA
+/// moves within a batch of chunks.
+struct Progress {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    t0: Instant,
+    last_line: Instant,
+    chunks: usize,
+    ctx: usize,
+    layers: usize,
+    /// Chunks of the batches finished, and of the batch running.
+    done: usize,
+    batch: usize,
+    /// Layers of the running batch finished.
+    layer: usize,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(30);
+
+    fn new(chunks: usize, ctx: usize, layers: usize, quiet: bool, json: bool) -> Progress {
+        let bar_on = !quiet && !json && std::io::stderr().is_terminal();
+        let bar = bar_on.then(|| {
+            let b = ProgressBar::with_draw_target(Some((chunks * layers.max(1)) as u64), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.enable_steady_tick(Duration::from_millis(250));
+            b
+        });
+        let now = Instant::now();
+        Progress {
+            lines: !quiet && bar.is_none(),
+            bar,
+            t0: now,
+            last_line: now,
+            chunks,
+            ctx,
+            layers: layers.max(1),
+            done: 0,
+            batch: 0,
+            layer: 0,
+        }
+    }
+
+    /// Chunks finished, counting the running batch's finished layers as a fraction.
+    fn chunks_done(&self) -> f64 {
+        self.done as f64 + self.batch as f64 * self.layer as f64 / self.layers as f64
+    }
+
+    fn rate(&self) -> f64 {
+        self.chunks_done() * self.ctx as f64 / self.t0.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn eta(&self) -> Option<f64> {
+        let d = self.chunks_done();
+        (d > 0.0 && d < self.chunks as f64).then(|| self.t0.elapsed().as_secs_f64() * (self.chunks as f64 - d) / d)
+    }
+
+    fn begin_batch(&mut self, n: usize) {
+        self.batch = n;
+        self.layer = 0;
+        self.update();
+    }
+
+    fn layer_done(&mut self, layer: usize) {
+        self.layer = (layer + 1).min(self.layers);
+        self.update();
+        if self.lines && self.last_line.elapsed() >= Self::EVERY && self.layer < self.layers {
+            self.line(&format!(
+                ", chunks {}-{} at layer {}/{}",
+                self.done + 1,
+                self.done + self.batch,
+                self.layer,
+                self.layers
+            ));
+        }
+    }
+
+    fn end_batch(&mut self) {
+        self.done += self.batch;
+        self.batch = 0;
+        self.layer = 0;
+        self.update();
+        if self.lines {
+            self.line("");
+        }
+    }
+
+    fn update(&self) {
+        if let Some(b) = &self.bar {
+            b.set_position((self.chunks_done() * self.layers as f64).round() as u64);
+            let d = self.chunks_done();
+            let d = if d.fract() == 0.0 { format!("{d}") } else { format!("{d:.1}") };
+            b.set_message(format!("{d}/{} chunks, {:.1} tokens/s", self.chunks, self.rate()));
+        }
+    }
+
+    fn line(&mut self, extra: &str) {
+        self.last_line = Instant::now();
+        let eta = self.eta().map_or(String::new(), |e| format!(", ETA {e:.0}s"));
+        eprintln!(
+            "calibrate: {}/{} chunks{extra}, {:.1} tokens/s, {:.1}s{eta}",
+            self.done,
+            self.chunks,
+            self.rate(),
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
 }

@@ -88,6 +88,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     let internal = e.chain().any(|c| matches!(c.downcast_ref::<ConvertError>(), Some(ConvertError::WriterPanicked)));
     if internal {
         3
+    } else if e.chain().any(|c| c.downcast_ref::<crate::eval::GateFailed>().is_some()) {
+        crate::eval::EXIT_GATE_FAILED
     } else {
         crate::EXIT_INPUT
     }
@@ -308,7 +310,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// This build of sling, as the manifest names it.
 pub fn tool() -> Tool {
-    Tool { name: "sling".into(), version: env!("CARGO_PKG_VERSION").into(), git_commit: env!("SLING_GIT_COMMIT").into() }
+    Tool {
+        name: "sling".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: env!("SLING_GIT_COMMIT").into(),
+    }
 }
 
 /// A byte progress bar on stderr (hidden when asked, and by indicatif when stderr is not a terminal).

@@ -74,7 +74,13 @@ pub fn run(a: Args) -> Result<()> {
         let g = GgufFile::open(&a.path).with_context(|| format!("cannot read {}", a.path.display()))?;
         for t in &g.tensors {
             let n: u64 = t.ne.iter().product();
-            items.push((t.name.clone(), t.dtype.name().to_string(), n, t.n_bytes, t.ne.iter().filter(|&&d| d > 1).count() <= 1));
+            items.push((
+                t.name.clone(),
+                t.dtype.name().to_string(),
+                n,
+                t.n_bytes,
+                t.ne.iter().filter(|&&d| d > 1).count() <= 1,
+            ));
         }
         let arch = g.get("general.architecture").and_then(|v| v.as_str()).map(str::to_string);
         let mut m = serde_json::Map::new();
@@ -130,10 +136,8 @@ pub fn run(a: Args) -> Result<()> {
         (Some(r), Some(k)) if r > 0 => total - routed + routed * k / r,
         _ => total,
     };
-    let estimates = TARGETS
-        .iter()
-        .map(|(n, bpw)| (*n, ((total - one_d) as f64 * bpw / 8.0) as u64 + one_d * 4))
-        .collect();
+    let estimates =
+        TARGETS.iter().map(|(n, bpw)| (*n, ((total - one_d) as f64 * bpw / 8.0) as u64 + one_d * 4)).collect();
     let report = Report {
         path: a.path.display().to_string(),
         format,

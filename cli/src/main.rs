@@ -10,10 +10,12 @@ use clap::{Parser, Subcommand};
 
 mod calibrate;
 mod convert;
+mod eval;
 mod inspect;
 mod logits;
 mod quantize;
 mod sign;
+mod textdata;
 mod verify;
 
 /// Exit code for usage and input errors.
@@ -26,7 +28,7 @@ pub const EXIT_INPUT: u8 = 2;
     about = "Convert and quantize open-weight Mixture-of-Experts checkpoints into verified artifacts",
     long_about = "sling reads Hugging Face safetensors checkpoints lazily (headers first, tensor bytes through mmap \
 on demand) and writes artifacts for llama.cpp/ollama (GGUF), in bounded memory and in parallel.",
-    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n  sling verify /tmp/qwen3moe-q8_0.gguf\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure, 3 internal error."
+    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n  sling verify /tmp/qwen3moe-q8_0.gguf\n  sling eval --ref fixtures/models/qwen3moe /tmp/qwen3moe-q8_0.gguf --data tests/interop/data/calib.txt --ctx 64\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure or failed quality gate (eval --max-kld), 3 internal error."
 )]
 struct Cli {
     /// Worker threads (default: all cores).
@@ -55,10 +57,13 @@ enum Cmd {
     #[command(after_help = quantize::AFTER_HELP)]
     Quantize(quantize::Args),
     /// Print what `quantize` would do: per-tensor types, sizes, bits per weight. Writes nothing.
-    #[command(after_help = "Examples:\n  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M\n  sling plan ./Mixtral-8x7B --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --json | jq .bpw")]
+    #[command(
+        after_help = "Examples:\n  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M\n  sling plan ./Mixtral-8x7B --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --json | jq .bpw"
+    )]
     Plan(quantize::QuantArgs),
     /// Check an artifact against its provenance manifest (OUT.sling.json, written by convert):
-    /// every file and tensor re-hashed, missing/extra files, edited manifest; optionally the source.
+    /// every file and tensor re-hashed, missing/extra files, edited manifest; with --source, the source
+    /// re-hashed and tensors re-derived from it.
     #[command(after_help = verify::AFTER_HELP)]
     Verify(verify::Args),
     /// Sign an artifact (directory or file) the way OpenSSF model_signing does (`model_signing sign
@@ -71,6 +76,10 @@ enum Cmd {
     /// Compute an importance matrix (llama-imatrix's GGUF format) with sling's own f32 forward pass.
     #[command(after_help = calibrate::AFTER_HELP)]
     Calibrate(calibrate::Args),
+    /// Measure a quantized model against its source: perplexity, KL divergence, top-1 agreement, Δp
+    /// (llama-perplexity --kl-divergence's figures); --max-kld makes it a gate.
+    #[command(after_help = eval::AFTER_HELP)]
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +115,12 @@ fn main() -> ExitCode {
         Cmd::Sign(a) => sign::run(a, cli.quiet),
         Cmd::Logits(a) => logits::run(a, cli.quiet),
         Cmd::Calibrate(a) => calibrate::run(a, cli.quiet),
+        // eval chooses its exit code: 0, or 1 when the --max-kld gate fails.
+        Cmd::Eval(a) => eval::run(a, cli.quiet).map(|code| {
+            if code != 0 {
+                std::process::exit(code.into());
+            }
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,12 @@
 //! `sling quantize` and `sling plan`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::{execute, ConvertOptions, OutType};
+use sling_formats::convert::{execute, ConvertOptions, ConvertReport, OutType};
 use sling_formats::gguf::SplitPolicy;
 use sling_formats::quantize::{
     parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe,
@@ -122,6 +122,19 @@ pub struct Args {
     /// Print the plan (as `sling plan` does) and write nothing, like llama-quantize --dry-run.
     #[arg(long)]
     dry_run: bool,
+    /// After writing, evaluate the artifact against the source on this text (as `sling eval` does: PPL, KLD,
+    /// top-1, Δp) and record the figures in the manifest (`quality`) and the model card.
+    #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+    eval: Option<PathBuf>,
+    /// Tokens per evaluation chunk (with --eval).
+    #[arg(long, value_name = "N", default_value_t = 512, requires = "eval")]
+    eval_ctx: usize,
+    /// At most this many evaluation chunks (with --eval; default: all).
+    #[arg(long, value_name = "N", requires = "eval")]
+    eval_chunks: Option<usize>,
+    /// With --eval: exit with code 1 when the mean KLD is above this (the artifact is kept, with its figures).
+    #[arg(long, value_name = "X", requires = "eval")]
+    max_kld: Option<f64>,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -302,12 +315,18 @@ fn card_extra(a: &QuantArgs) -> Result<Vec<(String, String)>> {
     for t in &a.tensor_type {
         rows.push(("--tensor-type".to_string(), format!("`{}`", t.replace('|', "\\|"))));
     }
-    for (flag, on) in [("--pure", a.pure), ("--leave-output-tensor", a.leave_output_tensor), ("--allow-requantize", a.allow_requantize)] {
+    for (flag, on) in [
+        ("--pure", a.pure),
+        ("--leave-output-tensor", a.leave_output_tensor),
+        ("--allow-requantize", a.allow_requantize),
+    ] {
         if on {
             rows.push((flag.to_string(), "yes".to_string()));
         }
     }
-    for (flag, v) in [("--output-tensor-type", &a.output_tensor_type), ("--token-embedding-type", &a.token_embedding_type)] {
+    for (flag, v) in
+        [("--output-tensor-type", &a.output_tensor_type), ("--token-embedding-type", &a.token_embedding_type)]
+    {
         if let Some(v) = v {
             rows.push((flag.to_string(), format!("`{v}`")));
         }
@@ -425,6 +444,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let (opts, label) = options(&a.q)?;
+    if let Some(x) = a.max_kld {
+        if !(x >= 0.0) {
+            bail!("--max-kld must be a number >= 0");
+        }
+    }
     let split = match (&a.split_max_size, a.split_max_tensors) {
         (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
         (Some(s), None) => SplitPolicy::MaxBytes(parse_size(s)?),
@@ -447,6 +471,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         created,
         model_card: !a.no_manifest && !a.pipeline.no_model_card,
         card_extra: card_extra(&a.q)?,
+        quantize: if a.no_manifest { None } else { Some(record(&a.q, &opts)?) },
         ..ConvertOptions::new(OutType::BF16, a.output.clone())
     };
     let report = execute(&ck, p.prepared, &copts, &|ev| {
@@ -463,9 +488,15 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     for n in &report.notes {
         tracing::info!("{n}");
     }
-    rep.done(&report, json!({ "preset": summary["preset"], "bpw": summary["bpw"] }));
+    // --eval: measure the artifact just written against its source and record the figures beside it.
+    let quality = match &a.eval {
+        Some(data) => Some(evaluate_artifact(a, data, &report, quiet)?),
+        None => None,
+    };
+    rep.done(&report, json!({ "preset": summary["preset"], "bpw": summary["bpw"], "quality": quality }));
     if a.q.json {
         let v = json!({
+            "quality": quality,
             "outputs": report.outputs,
             "manifest": report.manifest,
             "model_card": report.model_card,
@@ -493,4 +524,107 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `--eval`: runs `sling eval` on the first output and records the figures with `manifest::attach_quality`
+/// (with --no-manifest they are only printed). Returns the figures.
+fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool) -> Result<serde_json::Value> {
+    if !a.q.src.is_dir() {
+        bail!("--eval needs a Hugging Face model directory as the source (the reference), not {}", a.q.src.display());
+    }
+    let out = report.outputs.first().context("--eval: nothing was written")?;
+    let d =
+        crate::eval::DataArgs { data: Some(data.to_path_buf()), tokens: None, ctx: a.eval_ctx, chunks: a.eval_chunks };
+    let o = crate::eval::run_eval(&a.q.src, out, &d, quiet)
+        .context("--eval: the evaluation failed (the artifact is complete)")?;
+    if !quiet {
+        crate::eval::print_report(&o.report, &data.display().to_string());
+    }
+    // Only what the bytes and the text determine: no timings, no paths of this machine (reproducible manifests).
+    let mut q = o.json;
+    if let Some(m) = q.as_object_mut() {
+        for k in ["seconds", "reference", "candidate"] {
+            m.remove(k);
+        }
+        if let Some(x) = a.max_kld {
+            m.insert("max_kld".into(), x.into());
+            m.insert("pass".into(), (o.report.kld_mean <= x).into());
+        }
+    }
+    if let Some(mp) = &report.manifest {
+        sling_formats::manifest::attach_quality(mp, q.clone())
+            .with_context(|| format!("--eval: cannot record the figures in {}", mp.display()))?;
+    }
+    if !crate::eval::gate(&o.report, a.max_kld, quiet) {
+        return Err(anyhow::Error::new(crate::eval::GateFailed {
+            kld: o.report.kld_mean,
+            max: a.max_kld.unwrap_or(0.0),
+        }));
+    }
+    Ok(q)
+}
+
+/// The options as the manifest records them (`options.quantize`, docs/manifest.md): enough to read the
+/// exact recipe and for `sling verify --source` to rebuild the plan.
+fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_formats::manifest::QuantizeRecord> {
+    use sling_formats::manifest::{FileRecord, ImatrixRecord, QuantizeRecord, RecipeRecord, RuleRecord};
+    // `options` puts the --tensor-type flags first, then the --tensor-type-file rules, then the recipe's.
+    let (_, recipe_rules, _) = target(a)?;
+    let all = &opts.rules.tensor_types;
+    let rules = all
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let from = if i < a.tensor_type.len() {
+                "tensor-type"
+            } else if i + recipe_rules.len() < all.len() {
+                "tensor-type-file"
+            } else {
+                "recipe"
+            };
+            RuleRecord::of(r, from)
+        })
+        .collect();
+    let recipe = match (&a.recipe, a.to.as_deref().and_then(|t| t.strip_prefix("gguf:"))) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read recipe {}", p.display()))?;
+            let r = Recipe::parse(&p.display().to_string(), &text).map_err(anyhow::Error::msg)?;
+            Some(RecipeRecord { name: r.name, description: r.description, file: Some(FileRecord::of(p)?) })
+        }
+        (None, Some(n)) if Ftype::parse(n).is_none() => {
+            Recipe::named(n).map(|r| RecipeRecord { name: r.name, description: r.description, file: None })
+        }
+        _ => None,
+    };
+    let imatrix = match (&a.imatrix, &opts.imatrix) {
+        (Some(p), Some(m)) => {
+            let f = FileRecord::of(p)?;
+            Some(ImatrixRecord {
+                path: f.path,
+                size: f.size,
+                sha256: f.sha256,
+                include_weights: a.include_weights.clone(),
+                exclude_weights: a.exclude_weights.clone(),
+                entries: m.entries.len() as u64,
+                datasets: m.datasets.clone(),
+                chunk_count: m.chunk_count,
+            })
+        }
+        _ => None,
+    };
+    Ok(QuantizeRecord {
+        ftype: opts.rules.ftype.name.to_string(),
+        file_type: opts.rules.ftype.id,
+        recipe,
+        tensor_type_file: a.tensor_type_file.as_deref().map(FileRecord::of).transpose()?,
+        rules,
+        pure: opts.rules.pure,
+        leave_output_tensor: opts.rules.leave_output,
+        output_tensor_type: opts.rules.output_tensor_type.map(|d| d.name().to_string()),
+        token_embedding_type: opts.rules.token_embedding_type.map(|d| d.name().to_string()),
+        allow_requantize: opts.allow_requantize,
+        imatrix,
+        override_kv: a.override_kv.clone(),
+        source_gguf: is_gguf(&a.src).then(|| a.src.file_name().map(|n| n.to_string_lossy().into_owned())).flatten(),
+    })
 }

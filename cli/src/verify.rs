@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sling_formats::manifest::{verify, VerifyReport, MANIFEST_SUFFIX};
+use sling_formats::manifest::{verify_with, Rederive, VerifyOptions, VerifyReport, DEFAULT_SAMPLE, MANIFEST_SUFFIX};
 use sling_formats::signing::{self, SigVerifyReport};
 
 /// Exit code: everything matches the manifest.
@@ -16,11 +16,21 @@ pub const AFTER_HELP: &str = "Examples:
   sling verify ds-v3-q8_0.gguf                      # uses ds-v3-q8_0.sling.json beside it
   sling verify ds-v3-q8_0-00001-of-00004.gguf       # any shard: checks the whole set
   sling verify ds-v3-q8_0.sling.json --source ./DeepSeek-V3 --json
+  sling verify ds-v3-q8_0.gguf --source ./DeepSeek-V3 --full    # re-derive every tensor
+  sling verify q4.gguf --source ./Qwen3-30B-A3B --imatrix imatrix.gguf   # made with an imatrix
   sling verify --signature model.sig --public-key pub.pem out/   # a model_signing signature
 
 Checks every output file (size, sha256), every tensor (type, shape, offset, sha256 of its bytes), that no file of \
-the set is missing or extra, and that the manifest itself was not edited (manifest_sha256). With --source, also \
-re-hashes the source files the conversion read. Schema: docs/manifest.md.
+the set is missing or extra, and that the manifest itself was not edited (manifest_sha256). Schema: \
+docs/manifest.md.
+
+With --source, also re-hashes the source files the conversion read, and re-derives: rebuilds the plan from the \
+source and the options the manifest records, checks every tensor's name, type and shape and the metadata against \
+it, and recomputes a sample of tensors (--sample N, default 8, spread over the file, a routed expert among them) \
+or all of them (--full), whose sha256 must be the manifest's and the file's. This catches a manifest rewritten to \
+match altered outputs, which the seal cannot. An artifact quantized with an imatrix needs --imatrix FILE (the one \
+recorded, by sha256); without it, or when the manifest does not record the options (older sling), the \
+re-derivation is not checked (exit 2).
 
 With --signature and --public-key, checks an OpenSSF model-signing signature instead (written by `sling sign` or \
 `model_signing sign key`, ECDSA P-256): the signature over the signed statement, then every file of ARTIFACT (a \
@@ -29,8 +39,8 @@ directory or a single file) against the signed sha256 list, with no missing or e
 docs/signing.md.
 
 Exit codes: 0 verified; 1 mismatch (each problem is printed on its own line, or listed with --json); 2 could not \
-check (no manifest, unreadable or unknown manifest; with --signature: unreadable or unsupported key, malformed \
-signature bundle; usage error).";
+check (no manifest, unreadable or unknown manifest; with --source: the re-derivation could not be made; with \
+--signature: unreadable or unsupported key, malformed signature bundle; usage error).";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,9 +48,22 @@ pub struct Args {
     /// output, whose manifest is named after the base OUT). With --signature: the signed model
     /// directory or file.
     artifact: PathBuf,
-    /// Also re-hash the source files listed in the manifest, found under this directory.
+    /// Also re-hash the source files listed in the manifest, found under this directory, and re-derive
+    /// tensors from them (see --sample, --full).
     #[arg(long, value_name = "SRC")]
     source: Option<PathBuf>,
+    /// With --source: how many tensors to recompute from the source (spread over the file, a routed
+    /// expert among them); every tensor's type and shape and the metadata are checked against the
+    /// rebuilt plan in any case. 0: only re-hash the source files.
+    #[arg(long, value_name = "N", requires = "source", conflicts_with = "full", default_value_t = DEFAULT_SAMPLE)]
+    sample: usize,
+    /// With --source: recompute every tensor (as long as the conversion itself).
+    #[arg(long, requires = "source")]
+    full: bool,
+    /// With --source: the imatrix the artifact was quantized with (its size and sha256 must be the ones
+    /// the manifest records), needed to re-derive such an artifact.
+    #[arg(long, value_name = "FILE", requires = "source")]
+    imatrix: Option<PathBuf>,
     /// Check this OpenSSF model-signing signature (model.sig, from `sling sign` or `model_signing
     /// sign key`) instead of the provenance manifest.
     #[arg(long, value_name = "SIG", requires = "public_key", conflicts_with = "source")]
@@ -124,45 +147,118 @@ pub fn run(a: Args, quiet: bool) -> u8 {
             return cannot_check(a.json, &a.artifact, &format!("--source {}: not a directory", src.display()));
         }
     }
-    let report = match verify(&manifest, a.source.as_deref()) {
+    if let Some(im) = &a.imatrix {
+        if !im.is_file() {
+            return cannot_check(a.json, &a.artifact, &format!("--imatrix {}: not a file", im.display()));
+        }
+    }
+    let rederive = match (a.full, a.sample) {
+        (true, _) => Rederive::Full,
+        (false, 0) => Rederive::Off,
+        (false, n) => Rederive::Sample(n),
+    };
+    let opts = VerifyOptions { source: a.source.clone(), rederive, imatrix: a.imatrix.clone() };
+    let report = match verify_with(&manifest, &opts) {
         Ok(r) => r,
         Err(e) => return cannot_check(a.json, &a.artifact, &e.to_string()),
     };
     print_report(&report, a.json, quiet);
-    if report.verified() {
-        EXIT_VERIFIED
-    } else {
+    exit_code(&report)
+}
+
+/// 1 for any problem, else 2 when a check asked for could not be made, else 0.
+fn exit_code(r: &VerifyReport) -> u8 {
+    if !r.problems.is_empty() {
         EXIT_MISMATCH
+    } else if r.incomplete().is_some() {
+        EXIT_CANNOT_CHECK
+    } else {
+        EXIT_VERIFIED
     }
+}
+
+/// `re-derived 8 tensors from the source (sample; every tensor's type and shape and the metadata
+/// checked against the plan): a, b, …`.
+fn rederived_line(r: &VerifyReport) -> Option<String> {
+    let d = r.rederive.as_ref()?;
+    if d.tensors.is_empty() && d.plan.is_none() {
+        return None;
+    }
+    let what = d.plan.as_deref().unwrap_or("?");
+    let mode = match d.sample {
+        Some(n) => format!("a sample of {n}"),
+        None => "all".to_string(),
+    };
+    let meta = if d.metadata_checked { " and the metadata" } else { "" };
+    Some(format!(
+        "re-derived {} tensor{} from the source ({mode}; plan `{what}`; every tensor's type and shape{meta} checked against it): {}",
+        d.tensors.len(),
+        if d.tensors.len() == 1 { "" } else { "s" },
+        d.tensors.join(", ")
+    ))
 }
 
 fn print_report(r: &VerifyReport, json: bool, quiet: bool) {
     if json {
-        let v = serde_json::json!({
-            "status": if r.verified() { "verified" } else { "mismatch" },
+        let status = match exit_code(r) {
+            EXIT_VERIFIED => "verified",
+            EXIT_MISMATCH => "mismatch",
+            _ => "error",
+        };
+        let mut v = serde_json::json!({
+            "status": status,
             "manifest": r.manifest,
             "files_checked": r.files_checked,
             "tensors_checked": r.tensors_checked,
             "sources_checked": r.sources_checked,
+            "rederived": r.rederive,
             "problems": r.problems,
+            "notes": r.notes,
         });
+        if let Some(e) = r.incomplete() {
+            v["error"] = format!("the tensors could not be re-derived from the source: {e}").into();
+        }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+    let src = if r.sources_checked > 0 { format!(", {} source files", r.sources_checked) } else { String::new() };
     if r.verified() {
         if !quiet {
-            let src = if r.sources_checked > 0 { format!(", {} source files", r.sources_checked) } else { String::new() };
             println!(
                 "verified: {} ({} files, {} tensors{src})",
                 r.manifest.display(),
                 r.files_checked,
                 r.tensors_checked
             );
+            if let Some(line) = rederived_line(r) {
+                println!("{line}");
+            }
         }
+        return;
+    }
+    if let Some(e) = r.incomplete() {
+        println!(
+            "not verified: {} ({} files, {} tensors{src} match it, but the tensors could not be re-derived from the source)",
+            r.manifest.display(),
+            r.files_checked,
+            r.tensors_checked
+        );
+        eprintln!("error: cannot verify: the tensors could not be re-derived from the source: {e}");
         return;
     }
     for p in &r.problems {
         println!("{p}");
+    }
+    if let Some(d) = &r.rederive {
+        if let Some(line) = rederived_line(r) {
+            eprintln!("{line}");
+        }
+        if let Some(e) = &d.error {
+            eprintln!("note: re-derivation incomplete: {e}");
+        }
     }
     eprintln!(
         "error: verification failed: {} problem{} against {}",

@@ -96,7 +96,11 @@ fn malformed_header_is_refused() {
 fn missing_shard_is_refused() {
     let (t, _src, out) = dirs();
     let m = copy_fixture("mixtral-sharded", t.path());
-    let shard = fs::read_dir(&m).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with("00002-of-00003.safetensors")).unwrap();
+    let shard = fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("00002-of-00003.safetensors"))
+        .unwrap();
     fs::remove_file(&shard).unwrap();
     assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "is named in the index but missing", &out);
 }
@@ -106,7 +110,11 @@ fn shard_escaping_the_directory_is_refused() {
     let (t, _src, out) = dirs();
     let m = copy_fixture("mixtral-sharded", t.path());
     let ip = m.join("model.safetensors.index.json");
-    let s = fs::read_to_string(&ip).unwrap().replacen("\"model-00001-of-00003.safetensors\"", "\"../outside.safetensors\"", 1);
+    let s = fs::read_to_string(&ip).unwrap().replacen(
+        "\"model-00001-of-00003.safetensors\"",
+        "\"../outside.safetensors\"",
+        1,
+    );
     fs::write(&ip, s).unwrap();
     assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "escapes the model directory", &out);
 }
@@ -206,7 +214,8 @@ fn splits_are_named_like_llama_cpp() {
     let (_t, _src, out) = dirs();
     let o = convert(&fixture("olmoe"), &out.join("m.gguf"), &["--split-max-tensors", "10"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut names: Vec<String> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> =
+        fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     // The shards, one provenance manifest for the set, named after the base name (docs/manifest.md), and
     // the model card (docs/pipeline.md).
@@ -251,7 +260,13 @@ fn inspect_reads_gguf_too() {
 /// Regenerate with `UPDATE_SNAPSHOTS=1 cargo test -p sling --test cli help`.
 #[test]
 fn help_snapshots() {
-    for (name, args) in [("help", vec!["--help"]), ("convert-help", vec!["convert", "--help"]), ("inspect-help", vec!["inspect", "--help"])] {
+    for (name, args) in [
+        ("help", vec!["--help"]),
+        ("convert-help", vec!["convert", "--help"]),
+        ("inspect-help", vec!["inspect", "--help"]),
+        ("eval-help", vec!["eval", "--help"]),
+        ("calibrate-help", vec!["calibrate", "--help"]),
+    ] {
         let o = bin().args(&args).env("COLUMNS", "100").output().unwrap();
         assert!(o.status.success());
         let got = String::from_utf8(o.stdout).unwrap();

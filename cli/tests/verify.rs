@@ -33,7 +33,16 @@ fn run(args: &[&str]) -> Output {
 /// Without the model card (README.md): these tests are about the GGUF files and the manifest; the card's
 /// coverage by the manifest is tested in tests/pipeline.rs.
 fn convert(src: &Path, out: &Path, extra: &[&str]) {
-    let mut a = vec!["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer-pre", "gpt-2", "-q", "--no-model-card"];
+    let mut a = vec![
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--tokenizer-pre",
+        "gpt-2",
+        "-q",
+        "--no-model-card",
+    ];
     a.extend_from_slice(extra);
     let o = run(&a);
     assert!(o.status.success(), "convert failed: {}", stderr(&o));
@@ -191,7 +200,8 @@ fn a_flipped_byte_in_any_region_is_found() {
             assert_mismatch(&o, &[format!("m.gguf: tensor {tn}: data differs").as_str()]);
             let v: serde_json::Value = serde_json::from_slice(&verify(&d.join("m.gguf"), &["--json"]).stdout).unwrap();
             assert_eq!(v["status"], "mismatch");
-            let kinds: Vec<&str> = v["problems"].as_array().unwrap().iter().map(|p| p["kind"].as_str().unwrap()).collect();
+            let kinds: Vec<&str> =
+                v["problems"].as_array().unwrap().iter().map(|p| p["kind"].as_str().unwrap()).collect();
             assert_eq!(kinds, ["file_hash", "tensor_data"], "{what}");
             assert_eq!(v["problems"][1]["tensor"], tn);
             assert_eq!(v["problems"][1]["file"], "m.gguf");
@@ -222,7 +232,10 @@ fn truncation_and_swapped_tensors_are_found() {
     bytes[sa..sa + n].copy_from_slice(&pristine[sb..sb + n]);
     bytes[sb..sb + n].copy_from_slice(&pristine[sa..sa + n]);
     fs::write(&out, &bytes).unwrap();
-    assert_mismatch(&verify(&out, &[]), &["tensor blk.0.attn_q.weight: data differs", "tensor blk.1.attn_q.weight: data differs"]);
+    assert_mismatch(
+        &verify(&out, &[]),
+        &["tensor blk.0.attn_q.weight: data differs", "tensor blk.1.attn_q.weight: data differs"],
+    );
 }
 
 #[test]
@@ -385,7 +398,10 @@ fn source_check_names_the_modified_source_file() {
     let mut b = fs::read(&tc).unwrap();
     b.push(b' ');
     fs::write(&tc, b).unwrap();
-    assert_mismatch(&verify(&out, &["--source", src.to_str().unwrap()]), &["source tokenizer_config.json: file differs"]);
+    assert_mismatch(
+        &verify(&out, &["--source", src.to_str().unwrap()]),
+        &["source tokenizer_config.json: file differs"],
+    );
     // Without --source the artifact itself still verifies.
     assert_verified(&verify(&out, &[]));
 

@@ -37,9 +37,10 @@ impl ModelConfig {
             _ => Map::new(),
         };
         if !rope.contains_key("full_attention") && !rope.contains_key("sliding_attention") {
-            let theta = ["global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"]
-                .iter()
-                .find_map(|k| root.get(*k).filter(|v| !v.is_null()).cloned());
+            let theta =
+                ["global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"]
+                    .iter()
+                    .find_map(|k| root.get(*k).filter(|v| !v.is_null()).cloned());
             if let (false, Some(t)) = (rope.contains_key("rope_theta"), theta) {
                 rope.insert("rope_theta".into(), t);
             }
@@ -86,10 +87,9 @@ impl ModelConfig {
     pub fn find_u64(&self, keys: &[&str]) -> Result<Option<u64>, ConfigError> {
         match self.find(keys) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| ConfigError::BadValue {
-                key: keys.join("|"),
-                value: v.to_string(),
-            }),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| ConfigError::BadValue { key: keys.join("|"), value: v.to_string() })
+            }
         }
     }
 
@@ -101,10 +101,9 @@ impl ModelConfig {
     pub fn find_f64(&self, keys: &[&str]) -> Result<Option<f64>, ConfigError> {
         match self.find(keys) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| ConfigError::BadValue {
-                key: keys.join("|"),
-                value: v.to_string(),
-            }),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| ConfigError::BadValue { key: keys.join("|"), value: v.to_string() })
+            }
         }
     }
 
@@ -141,11 +140,13 @@ mod tests {
     #[test]
     fn reads_both_rope_spellings() {
         let t4 = ModelConfig::from_value(json!({"architectures": ["X"], "rope_theta": 5e5,
-            "rope_scaling": {"type": "yarn", "factor": 4.0}})).unwrap();
+            "rope_scaling": {"type": "yarn", "factor": 4.0}}))
+        .unwrap();
         assert_eq!(t4.rope()["rope_theta"], json!(5e5));
         assert_eq!(t4.rope()["rope_type"], json!("yarn"));
         let t5 = ModelConfig::from_value(json!({"architectures": ["X"],
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "head_dim": null})).unwrap();
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "head_dim": null}))
+        .unwrap();
         assert_eq!(t5.rope()["rope_theta"], json!(1e6));
         assert!(t5.get("head_dim").is_none());
         assert_eq!(t5.architecture().unwrap(), "X");

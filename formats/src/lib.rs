@@ -7,6 +7,6 @@ pub mod checkpoint;
 pub mod convert;
 pub mod gguf;
 pub mod manifest;
-pub mod signing;
 pub mod quantize;
+pub mod signing;
 pub mod tokenizer;

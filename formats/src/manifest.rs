@@ -14,9 +14,17 @@
 //! (see [`canonical_json`]), which catches a manifest edited by hand or damaged on disk (not a
 //! forger, who can recompute it: signatures are for that).
 //!
+//! `sling quantize` also records every option that decides the tensor types and bytes
+//! (`options.quantize`, [`QuantizeRecord`]: preset, recipe and its resolved rules, imatrix file and
+//! hash, flags), so that a reader sees the exact recipe and [`verify_with`] can rebuild the plan.
+//! Quality figures measured on the artifact (`quality`) are added afterwards by [`attach_quality`],
+//! which also re-renders the model card's quality row and section and reseals the manifest.
+//!
 //! [`verify`] re-hashes every output file and every tensor's bytes against the manifest, looks for
-//! missing and extra files of the set, checks the seal, and optionally re-hashes the source files.
-//! The schema is documented in `docs/manifest.md`.
+//! missing and extra files of the set, checks the seal, and optionally re-hashes the source files;
+//! [`verify_with`] can also re-derive tensors from the source ([`rederive`]): rebuild the plan from
+//! the recorded options, recompute a sample of tensors (or all of them) and compare their sha256
+//! with the manifest and the file. The schema is documented in `docs/manifest.md`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -33,6 +41,10 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::gguf::write::{hex, Written};
 use crate::gguf::{GgufFile, SplitPolicy};
+use crate::quantize::rules::{Role, TensorTypeRule};
+
+pub mod rederive;
+pub use rederive::{RederiveReport, RederiveStatus, DEFAULT_SAMPLE};
 
 /// The value of the `schema` field this version writes and reads.
 pub const SCHEMA: &str = "sling.manifest/1";
@@ -68,6 +80,8 @@ pub enum ManifestError {
     Schema { path: PathBuf, found: String },
     #[error("cannot serialize the manifest for {path}: {source}")]
     Serialize { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {why}")]
+    Refused { path: PathBuf, why: String },
 }
 
 /// Who made the artifact.
@@ -107,6 +121,148 @@ pub struct Options {
     pub split: Split,
     pub tokenizer_pre: Option<String>,
     pub allow_nonfinite: bool,
+    /// `sling quantize` only: every option that decides the tensor types (absent for `sling convert`
+    /// and in manifests written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantizeRecord>,
+}
+
+/// What `sling quantize` was asked for, resolved: enough to read the exact recipe and to rebuild the
+/// plan ([`crate::quantize::QuantizeOptions`]) when verifying against the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizeRecord {
+    /// The llama-quantize preset the types derive from (a recipe's `base`): `Q4_K_M`.
+    pub ftype: String,
+    /// Its `llama_ftype` id, as written in `general.file_type`.
+    pub file_type: u32,
+    /// The recipe, when one was used (`--to gguf:moe-q4`, `--recipe FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<RecipeRecord>,
+    /// `--tensor-type-file`, when given (its rules are in `rules`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_type_file: Option<FileRecord>,
+    /// Every type rule, resolved, in the order they are tried (first match wins): the `--tensor-type`
+    /// flags, then the `--tensor-type-file` rules, then the recipe's rules.
+    pub rules: Vec<RuleRecord>,
+    /// `--pure`.
+    pub pure: bool,
+    /// `--leave-output-tensor`.
+    pub leave_output_tensor: bool,
+    /// `--output-tensor-type` (a ggml type name).
+    pub output_tensor_type: Option<String>,
+    /// `--token-embedding-type` (a ggml type name).
+    pub token_embedding_type: Option<String>,
+    /// `--allow-requantize`.
+    pub allow_requantize: bool,
+    /// `--imatrix`, when given.
+    pub imatrix: Option<ImatrixRecord>,
+    /// `--override-kv` values as given (`KEY=TYPE:VALUE`), in order.
+    pub override_kv: Vec<String>,
+    /// The source was this GGUF file (its path relative to the source directory, as in `sources`)
+    /// rather than a Hugging Face checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_gguf: Option<String>,
+}
+
+/// A file given on the command line: the path as given, its size and sha256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl FileRecord {
+    /// Hashes `path` (recorded as given).
+    pub fn of(path: &Path) -> Result<FileRecord, ManifestError> {
+        let (size, sha256) = hash_file(path)?;
+        Ok(FileRecord { path: path.display().to_string(), size, sha256 })
+    }
+}
+
+/// The recipe used: a named one (`moe-q4`) or a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipeRecord {
+    /// `moe-q4`, or the file's path as given.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// The recipe file (`--recipe FILE`); absent for a named recipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileRecord>,
+}
+
+/// One type rule, as the quantizer applies it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    /// Where it came from: `tensor-type`, `tensor-type-file` or `recipe`.
+    pub from: String,
+    /// Its text in reports (`ffn_down_exps` for a flag, `moe-q4#5(role=routed_experts,name=…)` for a
+    /// recipe rule).
+    pub pattern: String,
+    /// The regular expression searched in the GGUF tensor name, as compiled (`--tensor-type`
+    /// patterns are lower-cased first, as llama-quantize does).
+    pub regex: String,
+    /// The ggml type it sets.
+    #[serde(rename = "type")]
+    pub dtype: String,
+    /// Only tensors of this role (recipe rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Only tensors of blocks in this inclusive range (recipe rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<[u64; 2]>,
+}
+
+impl RuleRecord {
+    /// The record of `rule`, which came from `from`.
+    pub fn of(rule: &TensorTypeRule, from: &str) -> RuleRecord {
+        RuleRecord {
+            from: from.to_string(),
+            pattern: rule.pattern.clone(),
+            regex: rule.regex.as_str().to_string(),
+            dtype: rule.dtype.name().to_string(),
+            role: rule.role,
+            layers: rule.layers.map(|(a, b)| [a, b]),
+        }
+    }
+
+    /// The rule back, as the quantizer uses it.
+    pub fn to_rule(&self) -> Result<TensorTypeRule, String> {
+        let dtype = sling_core::DType::from_name(&self.dtype)
+            .filter(|d| d.info().ggml_id.is_some())
+            .ok_or_else(|| format!("rule {}: unknown type {:?}", self.pattern, self.dtype))?;
+        let regex = regex::Regex::new(&self.regex).map_err(|e| format!("rule {}: bad pattern: {e}", self.pattern))?;
+        Ok(TensorTypeRule {
+            pattern: self.pattern.clone(),
+            regex,
+            dtype,
+            role: self.role,
+            layers: self.layers.map(|[a, b]| (a, b)),
+        })
+    }
+}
+
+/// The importance matrix used: the file as given, and how it was filtered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImatrixRecord {
+    /// The path as given (also what `quantize.imatrix.file` holds in the GGUF).
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// `--include-weights`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_weights: Vec<String>,
+    /// `--exclude-weights`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_weights: Vec<String>,
+    /// Entries used, after the filters.
+    pub entries: u64,
+    /// Calibration data named in the file (`imatrix.datasets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+    /// Chunks it was computed from (`imatrix.chunk_count`; 0 when unknown).
+    pub chunk_count: u32,
 }
 
 /// A file read from the source.
@@ -148,7 +304,7 @@ pub struct TensorRecord {
 }
 
 /// A provenance manifest; see the module docs and `docs/manifest.md`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`SCHEMA`].
     pub schema: String,
@@ -167,6 +323,11 @@ pub struct Manifest {
     /// The model card written beside the outputs (`README.md`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_card: Option<OutputFile>,
+    /// Quality figures measured on the artifact (a JSON object: `kld_mean`, `kld_p99`, `kld_max`,
+    /// `top1`, `ppl`, `ppl_ref`, `data`, `chunks`, `ctx`, …), added by [`attach_quality`]; absent
+    /// when not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Value>,
     pub tensors: Vec<TensorRecord>,
     /// sha256 of [`canonical_json`] of the manifest without this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,14 +380,16 @@ impl Manifest {
     /// Sets `manifest_sha256`.
     pub fn seal(&mut self, path: &Path) -> Result<(), ManifestError> {
         self.manifest_sha256 = None;
-        let v = serde_json::to_value(&*self).map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
+        let v = serde_json::to_value(&*self)
+            .map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
         self.manifest_sha256 = Some(seal_of(&v));
         Ok(())
     }
 
     /// The bytes written to disk: pretty JSON in field order, and a final newline.
     pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>, ManifestError> {
-        let mut b = serde_json::to_vec_pretty(self).map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
+        let mut b = serde_json::to_vec_pretty(self)
+            .map_err(|source| ManifestError::Serialize { path: path.to_path_buf(), source })?;
         b.push(b'\n');
         Ok(b)
     }
@@ -242,7 +405,8 @@ impl Manifest {
     /// Reads and parses a manifest; also returns its raw JSON (for the seal check).
     pub fn read(path: &Path) -> Result<(Manifest, Value), ManifestError> {
         let bytes = std::fs::read(path).map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
         let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
         if schema != SCHEMA {
             let found = match v.get("schema") {
@@ -252,8 +416,8 @@ impl Manifest {
             };
             return Err(ManifestError::Schema { path: path.to_path_buf(), found });
         }
-        let m: Manifest =
-            serde_json::from_value(v.clone()).map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
+        let m: Manifest = serde_json::from_value(v.clone())
+            .map_err(|source| ManifestError::Json { path: path.to_path_buf(), source })?;
         Ok((m, v))
     }
 }
@@ -372,8 +536,11 @@ impl SourceHasher {
         while !self.cancel.load(Ordering::Relaxed) {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some((rel, p)) = self.paths.get(i) else { break };
-            let r = hash_file_until(p, Some(&self.cancel))
-                .map(|(size, sha256)| SourceFile { path: rel.clone(), size, sha256 });
+            let r = hash_file_until(p, Some(&self.cancel)).map(|(size, sha256)| SourceFile {
+                path: rel.clone(),
+                size,
+                sha256,
+            });
             if let Ok(mut g) = self.results.lock() {
                 if let Some(slot) = g.get_mut(i) {
                     *slot = Some(r);
@@ -419,8 +586,11 @@ pub fn build(
     sources_of: &HashMap<String, Vec<String>>,
 ) -> Manifest {
     let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let outputs: Vec<OutputFile> =
-        written.files.iter().map(|f| OutputFile { name: file_name(&f.path), size: f.size, sha256: f.sha256.clone() }).collect();
+    let outputs: Vec<OutputFile> = written
+        .files
+        .iter()
+        .map(|f| OutputFile { name: file_name(&f.path), size: f.size, sha256: f.sha256.clone() })
+        .collect();
     let tensors = written
         .tensors
         .iter()
@@ -445,9 +615,72 @@ pub fn build(
         sources,
         outputs,
         model_card: None,
+        quality: None,
         tensors,
         manifest_sha256: None,
     }
+}
+
+/// Records quality figures measured on an artifact that is already written (`sling quantize --eval`,
+/// `sling eval`): sets `quality` in the manifest at `manifest_path` (replacing any figures recorded
+/// before), re-renders the model card's quality row and "Quality" section when the manifest lists a
+/// card ([`crate::convert::card::with_quality`]; the rest of the card is kept as written, so no card
+/// context needs storing), then writes the card and the manifest with the card's new size and sha256
+/// and a fresh `manifest_sha256`, each atomically, card first.
+///
+/// Refused, with nothing written, when `quality` is not a JSON object, when the manifest's seal does
+/// not match its content, when it holds fields this sling does not know (a newer sling's), or when the
+/// card differs from the manifest's record of it: an edited manifest or card is never resealed. The
+/// outputs are not re-hashed (`verify` does that). A crash between the two writes leaves a card that
+/// the manifest does not describe, which `verify` reports as a mismatch, never as verified.
+pub fn attach_quality(manifest_path: &Path, quality: Value) -> Result<(), ManifestError> {
+    let refuse = |path: &Path, why: &str| ManifestError::Refused { path: path.to_path_buf(), why: why.to_string() };
+    if !quality.is_object() {
+        return Err(refuse(manifest_path, "quality figures must be a JSON object"));
+    }
+    let (mut m, raw) = Manifest::read(manifest_path)?;
+    if m.manifest_sha256.as_deref() != Some(seal_of(&raw).as_str()) {
+        return Err(refuse(
+            manifest_path,
+            "the manifest's seal (manifest_sha256) does not match its content: it was edited, and is not resealed",
+        ));
+    }
+    let known = serde_json::to_value(&m)
+        .map_err(|source| ManifestError::Serialize { path: manifest_path.to_path_buf(), source })?;
+    if known != raw {
+        return Err(refuse(
+            manifest_path,
+            "the manifest holds fields this sling does not know (written by a newer sling?)",
+        ));
+    }
+    m.quality = Some(quality);
+    if let Some(card) = m.model_card.clone() {
+        if !is_plain_name(&card.name) {
+            return Err(refuse(manifest_path, &format!("model card name {:?} is not a plain file name", card.name)));
+        }
+        let dir = match manifest_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let p = dir.join(&card.name);
+        let bytes = std::fs::read(&p).map_err(|source| ManifestError::Read { path: p.clone(), source })?;
+        if bytes.len() as u64 != card.size || hex(&Sha256::digest(&bytes)) != card.sha256 {
+            return Err(refuse(
+                &p,
+                "the model card differs from the manifest's record of it (edited?), and is not rewritten",
+            ));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| refuse(&p, "the model card is not UTF-8"))?;
+        let text = crate::convert::card::with_quality(&text, m.quality.as_ref())
+            .ok_or_else(|| refuse(&p, "not a model card sling can update (no quality row or Quality section)"))?;
+        write_atomic(&p, text.as_bytes())?;
+        m.model_card = Some(OutputFile {
+            name: card.name,
+            size: text.len() as u64,
+            sha256: hex(&Sha256::digest(text.as_bytes())),
+        });
+    }
+    m.write(manifest_path)
 }
 
 /// `secs` since the Unix epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`), as `created` holds it.
@@ -499,6 +732,17 @@ pub enum ProblemKind {
     MissingSource,
     /// A source file's size or sha256 differs.
     SourceHash,
+    /// The imatrix given to `verify --imatrix` is not the one the manifest records.
+    ImatrixHash,
+    /// Re-derivation: the source and the recorded options give no such tensor, or one of another type,
+    /// shape or source tensors, or a tensor the manifest does not list.
+    RederivedTensor,
+    /// Re-derivation: the output's metadata (GGUF key/value pairs) differs from what the source and the
+    /// recorded options give.
+    RederivedMetadata,
+    /// Re-derivation: a tensor recomputed from the source hashes differently from the manifest (or
+    /// from the file).
+    RederivedData,
 }
 
 /// One difference between the artifact and its manifest.
@@ -523,7 +767,8 @@ fn problem(kind: ProblemKind, file: &str, tensor: Option<&str>, message: String)
     Problem { kind, file: Some(file.to_string()), tensor: tensor.map(str::to_string), message }
 }
 
-/// The result of [`verify`]: verified when `problems` is empty.
+/// The result of [`verify`] / [`verify_with`]: verified when `problems` is empty and the
+/// re-derivation, if one was asked for, could be made.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
     pub manifest: PathBuf,
@@ -531,12 +776,55 @@ pub struct VerifyReport {
     pub tensors_checked: usize,
     pub sources_checked: usize,
     pub problems: Vec<Problem>,
+    /// What re-deriving tensors from the source found, when it was asked for.
+    pub rederive: Option<RederiveReport>,
+    /// Remarks that are not problems (an `--imatrix` the manifest does not need, …).
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
+    /// No problem, and every check asked for was made.
     pub fn verified(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.incomplete().is_none()
     }
+
+    /// Why a check that was asked for (the re-derivation) could not be made, when there is no
+    /// problem to report instead: then the artifact is neither verified nor a mismatch.
+    pub fn incomplete(&self) -> Option<&str> {
+        if !self.problems.is_empty() {
+            return None;
+        }
+        match &self.rederive {
+            Some(r) if r.status == RederiveStatus::NotChecked => Some(r.error.as_deref().unwrap_or("not checked")),
+            _ => None,
+        }
+    }
+}
+
+/// What [`verify_with`] checks besides the artifact itself.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Re-hash the source files under this directory.
+    pub source: Option<PathBuf>,
+    /// Re-derive tensors from `source` (needs it).
+    pub rederive: Rederive,
+    /// The imatrix file, for re-deriving an artifact quantized with one (its sha256 must be the
+    /// recorded one).
+    pub imatrix: Option<PathBuf>,
+}
+
+/// Which tensors [`verify_with`] recomputes from the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rederive {
+    /// None (the source files are only re-hashed).
+    #[default]
+    Off,
+    /// Up to this many, spread over the file and including a routed-expert tensor when there is one
+    /// ([`rederive::sample`]); the plan (every tensor's name, type, shape) and the metadata are
+    /// checked in full.
+    Sample(usize),
+    /// Every tensor.
+    Full,
 }
 
 /// A plain file name (one normal path component).
@@ -562,55 +850,72 @@ fn is_shard_name(name: &str, stem: &str) -> bool {
         && b[10..15].iter().all(u8::is_ascii_digit)
 }
 
-/// Checks one output file: its size and sha256, and each of its tensors.
-fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> Vec<Problem> {
+/// A tensor's name and the sha256 of its data bytes as found in an output file.
+type TensorHash = (String, String);
+/// [`TensorHash`] of every tensor of a file.
+type FileTensorHashes = Vec<TensorHash>;
+
+/// Checks one output file: its size and sha256, and each of its tensors (whose hashes it returns).
+fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> (Vec<Problem>, FileTensorHashes) {
     let name = out.name.as_str();
     let path = dir.join(name);
     let mut problems = Vec::new();
     match std::fs::metadata(&path) {
         Ok(m) if m.is_file() => {}
         Ok(_) => {
-            problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: missing (not a regular file)")));
-            return problems;
+            problems.push(problem(
+                ProblemKind::MissingFile,
+                name,
+                None,
+                format!("{name}: missing (not a regular file)"),
+            ));
+            return (problems, Vec::new());
         }
         Err(e) => {
             problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: missing ({e})")));
-            return problems;
+            return (problems, Vec::new());
         }
     }
-    let (file_hash, tensor_problems) = rayon::join(|| hash_file(&path), || check_tensors(&path, name, tensors));
+    let (file_hash, (tensor_problems, hashes)) =
+        rayon::join(|| hash_file(&path), || check_tensors(&path, name, tensors));
     match file_hash {
         Ok((size, sha)) if size == out.size && sha == out.sha256 => {}
         Ok((size, sha)) => problems.push(problem(
             ProblemKind::FileHash,
             name,
             None,
-            format!("{name}: file differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes", out.sha256, out.size),
+            format!(
+                "{name}: file differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes",
+                out.sha256, out.size
+            ),
         )),
         Err(e) => problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: {e}"))),
     }
     problems.extend(tensor_problems);
-    problems
+    (problems, hashes)
 }
 
-/// Parses `path` as GGUF and checks every tensor the manifest places in it.
-fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> Vec<Problem> {
+/// Parses `path` as GGUF and checks every tensor the manifest places in it; returns the problems and
+/// the sha256 of the data of each tensor found with the listed type, shape and place.
+fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<Problem>, FileTensorHashes) {
     let g = match GgufFile::open(path) {
         Ok(g) => g,
         Err(e) => {
-            return vec![problem(ProblemKind::NotGguf, name, None, format!("{name}: cannot be read as GGUF: {e}"))];
+            let p = problem(ProblemKind::NotGguf, name, None, format!("{name}: cannot be read as GGUF: {e}"));
+            return (vec![p], Vec::new());
         }
     };
-    let mut problems: Vec<Problem> = tensors
+    let results: Vec<(Option<Problem>, Option<TensorHash>)> = tensors
         .par_iter()
-        .filter_map(|t| {
+        .map(|t| {
             let tn = t.name.as_str();
             let Some(info) = g.tensor(tn) else {
-                return Some(problem(ProblemKind::MissingTensor, name, Some(tn), format!("{name}: tensor {tn} is missing")));
+                let p = problem(ProblemKind::MissingTensor, name, Some(tn), format!("{name}: tensor {tn} is missing"));
+                return (Some(p), None);
             };
             let offset = g.data_offset.saturating_add(info.offset);
             if info.dtype.name() != t.dtype || info.ne != t.ne || offset != t.offset || info.n_bytes != t.n_bytes {
-                return Some(problem(
+                let p = problem(
                     ProblemKind::TensorInfo,
                     name,
                     Some(tn),
@@ -624,19 +929,27 @@ fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> Vec<Prob
                         t.offset,
                         t.n_bytes
                     ),
-                ));
+                );
+                return (Some(p), None);
             }
             let sha = hex(&Sha256::digest(g.tensor_data(info)));
-            (sha != t.sha256).then(|| {
+            let p = (sha != t.sha256).then(|| {
                 problem(
                     ProblemKind::TensorData,
                     name,
                     Some(tn),
                     format!("{name}: tensor {tn}: data differs: sha256 {sha}; the manifest says {}", t.sha256),
                 )
-            })
+            });
+            (p, Some((t.name.clone(), sha)))
         })
         .collect();
+    let mut problems = Vec::new();
+    let mut hashes = Vec::new();
+    for (p, h) in results {
+        problems.extend(p);
+        hashes.extend(h);
+    }
     let listed: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     for info in &g.tensors {
         if !listed.contains(info.name.as_str()) {
@@ -649,15 +962,26 @@ fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> Vec<Prob
             ));
         }
     }
-    problems
+    (problems, hashes)
 }
 
 /// Verifies the artifact described by the manifest at `manifest_path` (output files are looked up in
-/// the manifest's directory). With `source`, also re-hashes the source files under that directory.
+/// the manifest's directory). With `source`, also re-hashes the source files under that directory
+/// (no re-derivation: see [`verify_with`]).
 ///
 /// `Err` means the check could not be made (manifest missing, unreadable or of another schema); a
 /// report with problems means the artifact does not match.
 pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyReport, ManifestError> {
+    verify_with(manifest_path, &VerifyOptions { source: source.map(Path::to_path_buf), ..VerifyOptions::default() })
+}
+
+/// [`verify`], and with `opts.source` and `opts.rederive`, re-derivation: the plan is rebuilt from the
+/// source and the options the manifest records, every tensor's name, type and shape and the output's
+/// metadata are compared with it, and the chosen tensors are recomputed and their sha256 compared with
+/// the manifest's and the file's ([`rederive`]). A re-derivation that cannot be made (an imatrix not
+/// given, options not recorded, an unreadable source) leaves the report [`VerifyReport::incomplete`].
+pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, ManifestError> {
+    let source = opts.source.as_deref();
     let (m, raw) = Manifest::read(manifest_path)?;
     let dir = match manifest_path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -676,7 +1000,12 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
             None,
             format!("{mname}: manifest was edited: its content hashes to {actual}, its manifest_sha256 says {s}"),
         )),
-        None => problems.push(problem(ProblemKind::ManifestEdited, &mname, None, format!("{mname}: manifest has no manifest_sha256"))),
+        None => problems.push(problem(
+            ProblemKind::ManifestEdited,
+            &mname,
+            None,
+            format!("{mname}: manifest has no manifest_sha256"),
+        )),
     }
 
     // The manifest's own consistency.
@@ -712,11 +1041,15 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
     }
 
     // Output files and their tensors.
-    let per_file: Vec<Vec<Problem>> = outputs
+    let per_file: Vec<(Vec<Problem>, FileTensorHashes)> = outputs
         .par_iter()
         .map(|o| check_output(&dir, o, by_file.get(o.name.as_str()).map(Vec::as_slice).unwrap_or(&[])))
         .collect();
-    problems.extend(per_file.into_iter().flatten());
+    let mut file_hashes: HashMap<String, String> = HashMap::new();
+    for (p, h) in per_file {
+        problems.extend(p);
+        file_hashes.extend(h);
+    }
 
     // The model card, when the manifest lists one.
     if let Some(card) = &m.model_card {
@@ -735,9 +1068,17 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
                     ProblemKind::FileHash,
                     name,
                     None,
-                    format!("{name}: model card differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes", card.sha256, card.size),
+                    format!(
+                        "{name}: model card differs: sha256 {sha}, {size} bytes; the manifest says sha256 {}, {} bytes",
+                        card.sha256, card.size
+                    ),
                 )),
-                Err(e) => problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: model card missing ({e})"))),
+                Err(e) => problems.push(problem(
+                    ProblemKind::MissingFile,
+                    name,
+                    None,
+                    format!("{name}: model card missing ({e})"),
+                )),
             }
         }
     }
@@ -759,7 +1100,12 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
             .collect();
         extra.sort();
         for n in extra {
-            problems.push(problem(ProblemKind::ExtraFile, &n, None, format!("{n}: extra file of the set, not in the manifest")));
+            problems.push(problem(
+                ProblemKind::ExtraFile,
+                &n,
+                None,
+                format!("{n}: extra file of the set, not in the manifest"),
+            ));
         }
     }
 
@@ -795,12 +1141,31 @@ pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyRepor
         problems.extend(src_problems.into_iter().flatten());
     }
 
+    // Re-derivation from the source.
+    let mut notes = Vec::new();
+    let rederive = match (source, opts.rederive) {
+        (Some(src), mode) if mode != Rederive::Off => {
+            let sources_differ =
+                problems.iter().any(|p| matches!(p.kind, ProblemKind::SourceHash | ProblemKind::MissingSource));
+            Some(rederive::run(
+                &rederive::Inputs { manifest: &m, dir: &dir, source: src, mode, imatrix: opts.imatrix.as_deref() },
+                sources_differ,
+                &file_hashes,
+                &mut problems,
+                &mut notes,
+            ))
+        }
+        _ => None,
+    };
+
     Ok(VerifyReport {
         manifest: manifest_path.to_path_buf(),
         files_checked: outputs.len(),
         tensors_checked: m.tensors.len(),
         sources_checked,
         problems,
+        rederive,
+        notes,
     })
 }
 
@@ -844,7 +1209,8 @@ mod tests {
 
     #[test]
     fn source_hasher_matches_hash_sources() {
-        let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/mixtral-sharded")).unwrap();
+        let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/mixtral-sharded"))
+            .unwrap();
         let sh = SourceHasher::new(&ck);
         std::thread::scope(|s| {
             s.spawn(|| sh.work());
@@ -858,6 +1224,51 @@ mod tests {
         sh.cancel();
         sh.work_all();
         assert!(sh.into_results().is_err());
+    }
+
+    #[test]
+    fn old_manifests_parse_and_convert_manifests_gain_no_field() {
+        let old = r#"{"schema":"sling.manifest/1","sling":{"name":"sling","version":"0.1.0","git_commit":"x"},
+            "options":{"to":"gguf","type":"Q4_K_M","split":{"max_tensors":0,"max_bytes":0,"small_first_shard":false},
+            "tokenizer_pre":null,"allow_nonfinite":false},"compute":"cpu","output":"m.gguf","sources":[],
+            "outputs":[{"name":"m.gguf","size":1,"sha256":"00"}],"tensors":[]}"#;
+        let m: Manifest = serde_json::from_str(old).unwrap();
+        assert!(m.options.quantize.is_none() && m.quality.is_none());
+        let v: Value = serde_json::from_slice(&m.to_bytes(Path::new("m")).unwrap()).unwrap();
+        let want: Value = serde_json::from_str(old).unwrap();
+        assert_eq!(v, want, "a manifest without the new fields writes none of them");
+    }
+
+    #[test]
+    fn attach_quality_refuses_what_it_must_not_reseal() {
+        let d = tempfile::tempdir().unwrap();
+        let mp = d.path().join("m.sling.json");
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "schema": SCHEMA, "sling": {"name": "sling", "version": "0", "git_commit": "x"},
+            "options": {"to": "gguf", "type": "bf16", "split": {"max_tensors": 0, "max_bytes": 0, "small_first_shard": false},
+                "tokenizer_pre": null, "allow_nonfinite": false},
+            "compute": "cpu", "output": "m.gguf", "sources": [], "outputs": [{"name": "m.gguf", "size": 1, "sha256": "00"}],
+            "tensors": []
+        }))
+        .unwrap();
+        m.write(&mp).unwrap();
+        assert!(matches!(attach_quality(&mp, serde_json::json!([1])), Err(ManifestError::Refused { .. })));
+        // No card: only the manifest changes, and stays sealed.
+        attach_quality(&mp, serde_json::json!({"kld_mean": 0.5})).unwrap();
+        let (m2, raw) = Manifest::read(&mp).unwrap();
+        assert_eq!(m2.quality, Some(serde_json::json!({"kld_mean": 0.5})));
+        assert_eq!(m2.manifest_sha256.as_deref(), Some(seal_of(&raw).as_str()));
+        // An edited manifest is not resealed.
+        let text = std::fs::read_to_string(&mp).unwrap().replace("\"bf16\"", "\"f16\"");
+        std::fs::write(&mp, &text).unwrap();
+        assert!(matches!(attach_quality(&mp, serde_json::json!({})), Err(ManifestError::Refused { .. })));
+        assert_eq!(std::fs::read_to_string(&mp).unwrap(), text);
+        // Nor one with fields this sling does not know.
+        let mut v: Value = serde_json::from_str(&text.replace("\"f16\"", "\"bf16\"")).unwrap();
+        v["future"] = 1.into();
+        v["manifest_sha256"] = seal_of(&v).into();
+        std::fs::write(&mp, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        assert!(matches!(attach_quality(&mp, serde_json::json!({})), Err(ManifestError::Refused { .. })));
     }
 
     #[test]

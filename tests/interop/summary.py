@@ -111,6 +111,23 @@ def render(results: Path) -> str:
             out += ["", "Limit on KL mean: " + ", ".join(f"{x:g}" for x in lims) + "; top-1 must be 1."]
         out.append("")
 
+    ev, v = _load(results, "eval")
+    versions.update(v)
+    if ev:
+        out += ["## Evaluation (`sling eval`) vs llama-perplexity", "",
+                "The candidate is `sling quantize`'s file; both tools on the same text (tests/interop/data/eval.txt),"
+                " 64-token chunks; KLD base logits from the reference converter's F32 file. Limits: PPL within 1 %,"
+                " mean KLD within 5 % relative (docs/eval.md explains the gap: llama.cpp rounds activations to 8 bits).",
+                "", "| fixture | preset | PPL sling | PPL llama.cpp | gap | KLD sling | KLD llama.cpp | gap |"
+                " top-1 sling / llama.cpp |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, e in sorted(ev.items()):
+            s_, l_ = e["sling"], e["llama_perplexity"]
+            n, p = k.split("/", 1)
+            out.append(f"| {n} | {p} | {s_['ppl']:.2f} | {l_['ppl']:.2f} | {100 * e['ppl_rel']:.2f} % |"
+                       f" {s_['kld_mean']:.5f} | {l_['kld_mean']:.5f} | {100 * e['kld_rel']:.2f} % |"
+                       f" {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
+        out.append("")
+
     split, v = _load(results, "split")
     versions.update(v)
     if split:

@@ -10,6 +10,10 @@ near-tie tokens pick another expert. That comparison checks entries, per-tensor 
 
 Then llama-quantize accepts sling's file, and `sling quantize --imatrix` with it gives llama-quantize's bytes.
 
+Coverage: the report's unused experts per MoE layer are exactly the experts llama-imatrix writes with count 0, on
+calib.txt (none unused) and on a narrow text (a phrase repeated) that leaves several unused. `--all-experts` gives
+every expert a count equal to the number of tokens, and changes nothing else (same routing, same dense entries).
+
 Figures go to results/calibrate.json.
 """
 from __future__ import annotations
@@ -30,9 +34,16 @@ OVERRIDE = {"deepseekv3": ["--override-kv", f"{lab.GATING_KEY}=int:{lab.SIGMOID}
 MAX_REL = 1e-4  # measured <= 4.4e-6 (see results/calibrate.json)
 
 
-def sling_imatrix(name: str, out) -> dict:
-    r = lab.sling("-q", "calibrate", lab.fixture_dir(name), "--data", lab.CALIB, "--ctx", "64", "--chunks", "8",
-                  "-o", out, "--json")
+# A narrow calibration text: one phrase over and over, so that the routing leaves experts unused.
+NARROW = "the cat sat on the mat. " * 40
+NARROW_CHUNKS = "2"
+# Fixtures where the narrow text leaves experts unused (so that the comparison is not between two empty lists).
+NARROW_UNUSED = ("qwen3moe", "mixtral", "qwen2moe", "olmoe")
+
+
+def sling_imatrix(name: str, out, data=lab.CALIB, chunks="8", extra=()) -> dict:
+    r = lab.sling("-q", "calibrate", lab.fixture_dir(name), "--data", data, "--ctx", "64", "--chunks", chunks,
+                  "-o", out, "--json", *extra)
     return json.loads(r.stdout)
 
 
@@ -53,16 +64,33 @@ def read_imatrix(path) -> tuple[dict, dict]:
     return kv, entries
 
 
-def reference_imatrix_f32(name: str):
+def reference_imatrix_f32(name: str, data=lab.CALIB, chunks="8"):
     """llama-imatrix on the reference converter's F32 file (lab.reference_imatrix's arguments), with an F32 KV cache
     and flash attention off (the default F16 cache rounds K and V: ~5e-4 relative on every later activation)."""
     f32 = lab.reference_convert(name, "f32")[0]
     extra = OVERRIDE.get(name, [])
-    return lab.cached_file("imatrix-f32", name, [lab._bin_hash("llama-imatrix"), lab.CALIB.read_bytes(), "kv-f32",
-                                                 *extra],
-                           lambda out: lab.run_tool("llama-imatrix", [
-                               "-m", f32, "-f", lab.CALIB, "-o", out, "-c", "64", "--chunks", "8", "-t", lab.JOBS,
-                               "--output-format", "gguf", "-ctk", "f32", "-ctv", "f32", "-fa", "off", *extra]))
+    key = [lab._bin_hash("llama-imatrix"), data.read_bytes(), "kv-f32", *extra]
+    if chunks != "8":
+        key.append(f"chunks={chunks}")
+    return lab.cached_file("imatrix-f32", name, key, lambda out: lab.run_tool("llama-imatrix", [
+        "-m", f32, "-f", data, "-o", out, "-c", "64", "--chunks", chunks, "-t", lab.JOBS,
+        "--output-format", "gguf", "-ctk", "f32", "-ctv", "f32", "-fa", "off", *extra]))
+
+
+def zero_experts(entries: dict) -> dict:
+    """{layer: [experts with count 0]} from an imatrix's *_exps entries (all of a layer's must agree)."""
+    out = {}
+    for n, (_, c) in entries.items():
+        if "_exps." not in n:
+            continue
+        layer = int(n.split(".")[1])
+        z = [int(e) for e in np.flatnonzero(c == 0)]
+        assert out.setdefault(layer, z) == z, f"{n}: zero-count experts {z} != {out[layer]} of the layer's others"
+    return out
+
+
+def report_zero_experts(report: dict) -> dict:
+    return {int(l["layer"]): list(l["zero"]) for l in report["experts"]}
 
 
 def rel_err(ours: dict, ref: dict) -> tuple[float, str | None]:
@@ -116,6 +144,57 @@ def test_imatrix_matches_llama_imatrix(name, tmp_path):
     lab.record("calibrate", f"{name}/parity", {"entries": len(ref), "max_rel": max_rel, "worst": worst,
                                                 "tokens": report["tokens"], "chunks": report["chunks"]})
     assert max_rel <= MAX_REL, f"max relative error {max_rel:.3g} at {worst}"
+    # coverage report: the unused experts are the ones llama-imatrix writes with count 0 (none on this text)
+    assert report_zero_experts(report) == zero_experts(ref)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_coverage_report_names_llama_imatrix_unused_experts(name, tmp_path):
+    """On a narrow text, the experts the report lists as unused per layer are exactly those with count 0 in
+    llama-imatrix's file (and in sling's); every count still equal."""
+    data = tmp_path / "narrow.txt"
+    data.write_text(NARROW)
+    ref_path = reference_imatrix_f32(name, data, NARROW_CHUNKS)
+    ours_path = tmp_path / "imatrix.gguf"
+    report = sling_imatrix(name, ours_path, data, NARROW_CHUNKS)
+    _, ref = read_imatrix(ref_path)
+    _, ours = read_imatrix(ours_path)
+    assert sorted(ours) == sorted(ref)
+    for n, (_, c_ref) in ref.items():
+        assert np.array_equal(ours[n][1], c_ref), f"{n}: counts {ours[n][1].tolist()} != {c_ref.tolist()}"
+    ref_zero = zero_experts(ref)
+    assert report_zero_experts(report) == ref_zero == zero_experts(ours)
+    unused = sum(map(len, ref_zero.values()))
+    assert report["coverage"]["unused"] == unused
+    lab.record("calibrate", f"{name}/coverage-narrow", {"unused": {str(k): v for k, v in ref_zero.items() if v},
+                                                       "tokens": report["tokens"]})
+    if name in NARROW_UNUSED:
+        assert unused > 0, "the narrow text should leave experts unused here"
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_all_experts(name, tmp_path):
+    """--all-experts: every expert count = tokens, > 0; the routing (report) and every other entry unchanged; an
+    expert's sums only grow (all tokens include the routed ones)."""
+    plain_report = sling_imatrix(name, tmp_path / "plain.gguf")
+    report = sling_imatrix(name, tmp_path / "all.gguf", extra=("--all-experts",))
+    kv_plain, plain = read_imatrix(tmp_path / "plain.gguf")
+    kv_all, every = read_imatrix(tmp_path / "all.gguf")
+    assert report["all_experts"] is True
+    assert report["experts"] == plain_report["experts"], "the report's routing changed"
+    assert sorted(every) == sorted(plain)
+    assert kv_all == kv_plain
+    n_tok = report["tokens"]
+    n_exps = 0
+    for n, (s, c) in every.items():
+        s0, c0 = plain[n]
+        if "_exps." in n:
+            n_exps += 1
+            assert (c > 0).all() and (c == n_tok).all(), f"{n}: counts {c.tolist()} (tokens {n_tok})"
+            assert (s >= s0 * (1 - 1e-6)).all(), f"{n}: sums smaller than the routed tokens' alone"
+        else:
+            assert np.array_equal(c, c0) and np.array_equal(s, s0), f"{n} changed with --all-experts"
+    assert n_exps > 0
 
 
 @pytest.mark.parametrize("name", ("qwen3moe", "mixtral"))

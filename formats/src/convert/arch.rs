@@ -43,13 +43,25 @@ pub struct Arch {
     pub layer_overrides: &'static [(&'static str, &'static str)],
 }
 
-const MOE_STACK: &[(&str, &str)] =
-    &[("down_proj", "mlp.experts.down_proj"), ("gate_proj", "mlp.experts.gate_proj"), ("up_proj", "mlp.experts.up_proj")];
+const MOE_STACK: &[(&str, &str)] = &[
+    ("down_proj", "mlp.experts.down_proj"),
+    ("gate_proj", "mlp.experts.gate_proj"),
+    ("up_proj", "mlp.experts.up_proj"),
+];
 
 impl Arch {
     /// A dense architecture (no experts), mapped by [`LAYER_MAP`] alone.
     const fn dense(hf: &'static str, gguf: &'static str, family: Family, vocab: VocabStyle) -> Arch {
-        Arch { hf, gguf, family, vocab, expert_count_keys: &[], experts_prefix: "", expert_weights: &[], layer_overrides: &[] }
+        Arch {
+            hf,
+            gguf,
+            family,
+            vocab,
+            expert_count_keys: &[],
+            experts_prefix: "",
+            expert_weights: &[],
+            layer_overrides: &[],
+        }
     }
     /// A MoE architecture whose per-expert tensors are `model.layers.{bid}.{prefix}.{x}.{w}.weight`.
     const fn moe(
@@ -175,12 +187,7 @@ impl Arch {
         if let Some(rest) = stem.strip_prefix("model.layers.") {
             let (bid, inner) = rest.split_once('.')?;
             bid.parse::<u64>().ok()?;
-            let g = self
-                .layer_overrides
-                .iter()
-                .chain(LAYER_MAP.iter())
-                .find(|(h, _)| *h == inner)
-                .map(|(_, g)| *g)?;
+            let g = self.layer_overrides.iter().chain(LAYER_MAP.iter()).find(|(h, _)| *h == inner).map(|(_, g)| *g)?;
             return Some(format!("blk.{bid}.{g}{dot}{suffix}"));
         }
         GLOBAL_MAP.iter().find(|(h, _)| *h == stem).map(|(_, g)| format!("{g}{dot}{suffix}"))
@@ -197,10 +204,16 @@ mod tests {
         assert_eq!(a.map_name("model.layers.3.self_attn.q_proj.bias").unwrap(), "blk.3.attn_q.bias");
         assert_eq!(a.map_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
         assert_eq!(a.map_name("lm_head.weight").unwrap(), "output.weight");
-        assert_eq!(a.map_name("model.layers.0.mlp.shared_expert_gate.weight").unwrap(), "blk.0.ffn_gate_inp_shexp.weight");
+        assert_eq!(
+            a.map_name("model.layers.0.mlp.shared_expert_gate.weight").unwrap(),
+            "blk.0.ffn_gate_inp_shexp.weight"
+        );
         assert!(a.map_name("model.layers.0.unknown.weight").is_none());
         let g = find("GptOssForCausalLM").unwrap();
-        assert_eq!(g.map_name("model.layers.1.post_attention_layernorm.weight").unwrap(), "blk.1.post_attention_norm.weight");
+        assert_eq!(
+            g.map_name("model.layers.1.post_attention_layernorm.weight").unwrap(),
+            "blk.1.post_attention_norm.weight"
+        );
         let d = find("DeepseekV3ForCausalLM").unwrap();
         assert_eq!(d.map_name("model.layers.1.mlp.gate.e_score_correction.bias").unwrap(), "blk.1.exp_probs_b.bias");
     }

@@ -4,10 +4,18 @@
 //! The card is rendered from the (unsealed) manifest and a few facts about the source, so it holds
 //! nothing that depends on the machine, the paths or the thread count: the same inputs give the same
 //! bytes (and its sha256 is recorded in the manifest's `model_card`). See `docs/pipeline.md`.
+//!
+//! Only two parts depend on the manifest's `quality`: the summary table's `quality` row
+//! ([`quality_row`]) and the "Quality" section ([`quality_section`]). [`with_quality`] re-renders
+//! exactly those two in a card already written, which gives the same text as rendering the card again
+//! with the new figures: that is how [`crate::manifest::attach_quality`] updates a card without the
+//! source at hand.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+use serde_json::Value;
 
 use crate::manifest::Manifest;
 use crate::quantize::rules::Role;
@@ -171,7 +179,7 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
         m.outputs.len(),
         if m.outputs.len() == 1 { "" } else { "s" }
     );
-    let _ = writeln!(s, "| quality | not measured |");
+    let _ = writeln!(s, "{}", quality_row(m.quality.as_ref()));
     match &m.created {
         Some(c) => {
             let _ = writeln!(s, "| created | {c} |");
@@ -206,11 +214,24 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
         bpw(total_bytes, total_elems)
     );
     let _ = writeln!(s);
+    if let Some(q) = &m.options.quantize {
+        if !q.rules.is_empty() {
+            let _ = writeln!(
+                s,
+                "Type rules, tried in order (the first that selects a tensor sets its type; `{}` decides the rest):",
+                q.ftype
+            );
+            let _ = writeln!(s);
+            let _ = writeln!(s, "| # | from | rule | type |");
+            let _ = writeln!(s, "|---:|---|---|---|");
+            for (i, r) in q.rules.iter().enumerate() {
+                let _ = writeln!(s, "| {} | {} | `{}` | {} |", i + 1, r.from, cell(&r.pattern), r.dtype);
+            }
+            let _ = writeln!(s);
+        }
+    }
 
-    let _ = writeln!(s, "## Quality");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "Not measured: no perplexity or KL-divergence figures were recorded for this artifact.");
-    let _ = writeln!(s);
+    s.push_str(&quality_section(m.quality.as_ref()));
 
     let _ = writeln!(s, "## Files");
     let _ = writeln!(s);
@@ -250,6 +271,137 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
     s
 }
 
+/// Text for a Markdown table cell: `|` escaped, line breaks as spaces.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+/// A figure as the card shows it: integers as they are, other numbers to 4 significant digits
+/// (trailing zeros dropped), strings as they are.
+fn figure(v: &Value) -> String {
+    match v {
+        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if x == 0.0 || !x.is_finite() {
+                return format!("{x}");
+            }
+            let mag = x.abs().log10().floor() as i32;
+            let decimals = (3 - mag).clamp(0, 12) as usize;
+            let t = format!("{x:.decimals$}");
+            let t = if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
+            if t == "-0" {
+                "0".into()
+            } else {
+                t
+            }
+        }
+        Value::String(s) => cell(s),
+        other => cell(&other.to_string()),
+    }
+}
+
+/// The summary table's `quality` row: `| quality | not measured |`, or the recorded figures (those of
+/// `kld_mean`, `kld_p99`, `kld_max`, `top1`, `ppl`, `ppl_ref`, `data`, `chunks`, `ctx` that are present):
+/// `| quality | KLD mean 0.0123 (p99 0.08, max 0.3), top-1 97.1 %, PPL 12.3 vs 12.1 (reference), on
+/// calib.txt, 4 x 512 tokens |`. `top1` is a fraction (0.971); a value above 1 is taken as a percentage.
+pub fn quality_row(q: Option<&Value>) -> String {
+    let Some(q) = q else { return "| quality | not measured |".to_string() };
+    let get = |k: &str| q.get(k).filter(|v| !v.is_null());
+    let mut parts = Vec::new();
+    let kld_extra: Vec<String> = [("p99", "kld_p99"), ("max", "kld_max")]
+        .iter()
+        .filter_map(|(label, k)| get(k).map(|v| format!("{label} {}", figure(v))))
+        .collect();
+    match get("kld_mean") {
+        Some(mean) if kld_extra.is_empty() => parts.push(format!("KLD mean {}", figure(mean))),
+        Some(mean) => parts.push(format!("KLD mean {} ({})", figure(mean), kld_extra.join(", "))),
+        None if !kld_extra.is_empty() => parts.push(format!("KLD {}", kld_extra.join(", "))),
+        None => {}
+    }
+    if let Some(t) = get("top1") {
+        let shown = match t.as_f64() {
+            Some(x) if x <= 1.0 => figure(&serde_json::json!(x * 100.0)),
+            _ => figure(t),
+        };
+        parts.push(format!("top-1 {shown} %"));
+    }
+    match (get("ppl"), get("ppl_ref")) {
+        (Some(p), Some(r)) => parts.push(format!("PPL {} vs {} (reference)", figure(p), figure(r))),
+        (Some(p), None) => parts.push(format!("PPL {}", figure(p))),
+        (None, Some(r)) => parts.push(format!("PPL {} (reference)", figure(r))),
+        (None, None) => {}
+    }
+    if let Some(d) = get("data") {
+        parts.push(format!("on {}", figure(d)));
+    }
+    match (get("chunks"), get("ctx")) {
+        (Some(c), Some(n)) => parts.push(format!("{} x {} tokens", figure(c), figure(n))),
+        (Some(c), None) => parts.push(format!("{} chunks", figure(c))),
+        (None, Some(n)) => parts.push(format!("{}-token chunks", figure(n))),
+        (None, None) => {}
+    }
+    if parts.is_empty() {
+        parts.push("measured (see `quality` in the manifest)".to_string());
+    }
+    format!("| quality | {} |", parts.join(", "))
+}
+
+/// The "Quality" section, from its heading to the blank line before the next section: "Not measured
+/// …", or every recorded figure (key and value, in the manifest's order).
+pub fn quality_section(q: Option<&Value>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Quality");
+    let _ = writeln!(s);
+    match q.and_then(Value::as_object) {
+        None => {
+            let _ =
+                writeln!(s, "Not measured: no perplexity or KL-divergence figures were recorded for this artifact.");
+        }
+        Some(o) => {
+            let _ = writeln!(
+                s,
+                "Measured on this artifact against the source model, as recorded in the manifest's `quality` \
+                 (KLD: KL divergence of the token distributions, per token; top-1: how often both pick the same \
+                 token; PPL: perplexity):"
+            );
+            let _ = writeln!(s);
+            let _ = writeln!(s, "| figure | value |");
+            let _ = writeln!(s, "|---|---|");
+            for (k, v) in o {
+                let shown = match v {
+                    Value::String(x) => cell(x),
+                    other => cell(&other.to_string()),
+                };
+                let _ = writeln!(s, "| `{}` | {shown} |", cell(k));
+            }
+        }
+    }
+    let _ = writeln!(s);
+    s
+}
+
+/// `text` (a card sling rendered) with its quality row and "Quality" section re-rendered for `q`: the
+/// card [`render`] gives for a manifest with that `quality`. `None` when `text` has no quality row or
+/// no Quality section followed by another section.
+pub fn with_quality(text: &str, q: Option<&Value>) -> Option<String> {
+    // The summary table's row: the first line that starts with `| quality | `.
+    let row_start =
+        text.match_indices("| quality | ").map(|(i, _)| i).find(|&i| i == 0 || text.as_bytes()[i - 1] == b'\n')?;
+    let row_end = row_start + text[row_start..].find('\n')?;
+    let mut out = String::with_capacity(text.len() + 512);
+    out.push_str(&text[..row_start]);
+    out.push_str(&quality_row(q));
+    let rest = &text[row_end..];
+    // The section: from its heading to the next heading of the same level.
+    let sec_start = rest.find("\n## Quality\n")? + 1;
+    let sec_len = rest[sec_start..].find("\n## ")? + 1;
+    out.push_str(&rest[..sec_start]);
+    out.push_str(&quality_section(q));
+    out.push_str(&rest[sec_start + sec_len..]);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +422,84 @@ mod tests {
         assert!(!d.path().join("README.md").exists());
         assert_eq!(human(1536), "1.50 KiB");
         assert_eq!(human(10), "10 B");
+    }
+
+    fn manifest() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "schema": "sling.manifest/1",
+            "sling": {"name": "sling", "version": "0.1.0", "git_commit": "abc"},
+            "options": {
+                "to": "gguf", "type": "q8_0",
+                "split": {"max_tensors": 0, "max_bytes": 0, "small_first_shard": false},
+                "tokenizer_pre": null, "allow_nonfinite": false
+            },
+            "compute": "cpu",
+            "output": "m.gguf",
+            "sources": [{"path": "config.json", "size": 3, "sha256": "00"}],
+            "outputs": [{"name": "m.gguf", "size": 1000, "sha256": "11"}],
+            "tensors": [{
+                "name": "blk.0.ffn_up_exps.weight", "type": "q8_0", "ne": [32, 2, 4], "file": "m.gguf",
+                "offset": 64, "n_bytes": 272, "sha256": "22", "sources": []
+            }]
+        }))
+        .unwrap()
+    }
+
+    fn cx() -> CardContext {
+        CardContext {
+            source_name: "tiny".into(),
+            hf_architecture: Some("Qwen3MoeForCausalLM".into()),
+            gguf_architecture: "qwen3moe".into(),
+            experts: Some(4),
+            manifest_name: "m.sling.json".into(),
+            extra: vec![("imatrix".into(), "none".into())],
+        }
+    }
+
+    #[test]
+    fn quality_row_renders_what_is_there() {
+        let q = serde_json::json!({
+            "kld_mean": 0.0123, "kld_p99": 0.08, "kld_max": 0.3, "top1": 0.971, "ppl": 12.3, "ppl_ref": 12.1,
+            "data": "calib.txt", "chunks": 4, "ctx": 512
+        });
+        assert_eq!(
+            quality_row(Some(&q)),
+            "| quality | KLD mean 0.0123 (p99 0.08, max 0.3), top-1 97.1 %, PPL 12.3 vs 12.1 (reference), on calib.txt, 4 x 512 tokens |"
+        );
+        assert_eq!(quality_row(None), "| quality | not measured |");
+        assert_eq!(quality_row(Some(&serde_json::json!({"ppl": 12.34567}))), "| quality | PPL 12.35 |");
+        assert_eq!(
+            quality_row(Some(&serde_json::json!({"kld_max": 1.5e-5, "top1": 97.5, "data": "a|b", "ctx": 256}))),
+            "| quality | KLD max 0.000015, top-1 97.5 %, on a\\|b, 256-token chunks |"
+        );
+        assert_eq!(
+            quality_row(Some(&serde_json::json!({"kld_mean": 0.5, "ppl_ref": 9}))),
+            "| quality | KLD mean 0.5, PPL 9 (reference) |"
+        );
+        assert_eq!(
+            quality_row(Some(&serde_json::json!({"other": 1}))),
+            "| quality | measured (see `quality` in the manifest) |"
+        );
+    }
+
+    #[test]
+    fn with_quality_equals_a_fresh_render() {
+        let m = manifest();
+        let plain = render(&m, &cx());
+        assert!(plain.contains("\n| quality | not measured |\n"), "{plain}");
+        assert!(plain.contains("\n## Quality\n\nNot measured: no perplexity"), "{plain}");
+        let mut mq = m.clone();
+        mq.quality =
+            Some(serde_json::json!({"kld_mean": 0.01, "top1": 0.95, "data": "wiki|test.txt", "note": "multi\nline"}));
+        let measured = render(&mq, &cx());
+        assert_ne!(plain, measured);
+        assert_eq!(with_quality(&plain, mq.quality.as_ref()).unwrap(), measured);
+        // Back again, and replacing figures already there.
+        assert_eq!(with_quality(&measured, None).unwrap(), plain);
+        let mut mq2 = m.clone();
+        mq2.quality = Some(serde_json::json!({"ppl": 7.25}));
+        assert_eq!(with_quality(&measured, mq2.quality.as_ref()).unwrap(), render(&mq2, &cx()));
+        assert!(measured.contains("| `note` | multi line |"), "{measured}");
+        assert!(with_quality("# some other README\n", None).is_none());
     }
 }

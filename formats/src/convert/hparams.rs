@@ -38,12 +38,21 @@ fn u32_of(key: &str, v: &Value) -> Result<GgufValue, ConfigError> {
 }
 
 fn f32_of(key: &str, v: &Value) -> Result<GgufValue, ConfigError> {
-    v.as_f64().map(|x| GgufValue::F32(x as f32)).ok_or_else(|| ConfigError::BadValue { key: key.into(), value: v.to_string() })
+    v.as_f64()
+        .map(|x| GgufValue::F32(x as f32))
+        .ok_or_else(|| ConfigError::BadValue { key: key.into(), value: v.to_string() })
 }
 
 /// `gguf.ExpertGatingFuncType`.
 fn gating_func(arch: &Arch, cfg: &ModelConfig) -> Result<Option<u32>, ConfigError> {
-    let keys = ["score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func", "expert_selection_fn"];
+    let keys = [
+        "score_function",
+        "scoring_func",
+        "score_func",
+        "moe_router_activation",
+        "moe_router_activation_func",
+        "expert_selection_fn",
+    ];
     match cfg.find(&keys) {
         Some(Value::String(s)) => match s.as_str() {
             "softmax" => Ok(Some(1)),
@@ -75,9 +84,28 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
     let block_count = cfg.req_u64(&["n_layers", "num_hidden_layers", "n_layer", "num_layers"])?;
     kvs.set(format!("{a}.block_count"), GgufValue::U32(block_count as u32));
     let base_u32: [(&str, &[&str]); 5] = [
-        ("context_length", &["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"]),
+        (
+            "context_length",
+            &[
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ],
+        ),
         ("embedding_length", &["hidden_size", "n_embd", "dim"]),
-        ("feed_forward_length", &["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"]),
+        (
+            "feed_forward_length",
+            &[
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+        ),
         ("attention.head_count", &["num_attention_heads", "n_head", "n_heads"]),
         ("attention.head_count_kv", &["num_key_value_heads", "n_kv_heads"]),
     ];
@@ -103,7 +131,10 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
                 kvs.set(format!("{a}.rope.scaling.factor"), f32_of("factor", f)?);
                 let orig = rp("original_max_position_embeddings")
                     .ok_or_else(|| ConfigError::Missing("rope_scaling.original_max_position_embeddings".into()))?;
-                kvs.set(format!("{a}.rope.scaling.original_context_length"), u32_of("original_max_position_embeddings", orig)?);
+                kvs.set(
+                    format!("{a}.rope.scaling.original_context_length"),
+                    u32_of("original_max_position_embeddings", orig)?,
+                );
                 if let Some(v) = rp("extrapolation_factor") {
                     kvs.set(format!("{a}.rope.scaling.yarn_ext_factor"), f32_of("extrapolation_factor", v)?);
                 }
@@ -155,9 +186,14 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
 
     match arch.family {
         Family::Llama => {
-            kvs.set(format!("{a}.vocab_size"), u32_of("vocab_size", cfg.get("vocab_size").ok_or_else(|| ConfigError::Missing("vocab_size".into()))?)?);
+            kvs.set(
+                format!("{a}.vocab_size"),
+                u32_of("vocab_size", cfg.get("vocab_size").ok_or_else(|| ConfigError::Missing("vocab_size".into()))?)?,
+            );
             let rope_dim = match cfg.get("head_dim") {
-                Some(v) => v.as_u64().ok_or_else(|| ConfigError::BadValue { key: "head_dim".into(), value: v.to_string() })?,
+                Some(v) => {
+                    v.as_u64().ok_or_else(|| ConfigError::BadValue { key: "head_dim".into(), value: v.to_string() })?
+                }
                 None => cfg.req_u64(&["hidden_size"])? / cfg.req_u64(&["num_attention_heads"])?.max(1),
             };
             kvs.set(format!("{a}.rope.dimension_count"), GgufValue::U32(rope_dim as u32));
@@ -168,7 +204,10 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
                 kvs.set(format!("{a}.expert_feed_forward_length"), u32_of("moe_intermediate_size", v)?);
             }
             if let Some(v) = cfg.get("shared_expert_intermediate_size") {
-                kvs.set(format!("{a}.expert_shared_feed_forward_length"), u32_of("shared_expert_intermediate_size", v)?);
+                kvs.set(
+                    format!("{a}.expert_shared_feed_forward_length"),
+                    u32_of("shared_expert_intermediate_size", v)?,
+                );
             }
         }
         Family::Olmoe => {
@@ -177,7 +216,10 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
         Family::Deepseek2 => {
             let has_moe = cfg.get("n_routed_experts").is_some();
             let first_dense = match cfg.get("first_k_dense_replace") {
-                Some(v) => v.as_u64().ok_or_else(|| ConfigError::BadValue { key: "first_k_dense_replace".into(), value: v.to_string() })?,
+                Some(v) => v.as_u64().ok_or_else(|| ConfigError::BadValue {
+                    key: "first_k_dense_replace".into(),
+                    value: v.to_string(),
+                })?,
                 None if has_moe => 0,
                 None => block_count,
             };
@@ -210,7 +252,9 @@ pub fn arch_kvs(arch: &Arch, cfg_in: &ModelConfig, file_type: u32, kvs: &mut Kvs
             }
             kvs.set(format!("{a}.rope.dimension_count"), GgufValue::U32(rope_dim as u32));
             if let Some(m) = rp("mscale_all_dim") {
-                let m = m.as_f64().ok_or_else(|| ConfigError::BadValue { key: "mscale_all_dim".into(), value: m.to_string() })?;
+                let m = m
+                    .as_f64()
+                    .ok_or_else(|| ConfigError::BadValue { key: "mscale_all_dim".into(), value: m.to_string() })?;
                 // [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: the reference writes 0.1 * mscale_all_dim
                 // (computed in Python floats) and the loader divides by 0.1 again.
                 kvs.set(format!("{a}.rope.scaling.yarn_log_multiplier"), GgufValue::F32((0.1 * m) as f32));

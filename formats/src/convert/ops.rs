@@ -184,8 +184,15 @@ fn source_bytes<'a>(ck: &'a Checkpoint, s: &Src, r0: u64, r1: u64) -> Result<&'a
 /// An element the op tree can move: `f32` values (decoded, with arithmetic) or raw bits.
 pub trait Elem: Copy + Default + Send {
     fn source(ck: &Checkpoint, s: &Src, r0: u64, r1: u64, out: &mut Vec<Self>) -> Result<(), OpError>;
-    fn fp8(ck: &Checkpoint, w: &Src, scale: &Src, block: (u64, u64), r0: u64, r1: u64, out: &mut Vec<Self>)
-        -> Result<(), OpError>;
+    fn fp8(
+        ck: &Checkpoint,
+        w: &Src,
+        scale: &Src,
+        block: (u64, u64),
+        r0: u64,
+        r1: u64,
+        out: &mut Vec<Self>,
+    ) -> Result<(), OpError>;
 }
 
 impl Elem for f32 {
@@ -196,8 +203,15 @@ impl Elem for f32 {
 
     /// `weight.float() * scale` with the scale repeated over the block and cropped: one f32
     /// multiply per element, as `dequant_simple` does.
-    fn fp8(ck: &Checkpoint, weight: &Src, scale: &Src, block: (u64, u64), r0: u64, r1: u64, out: &mut Vec<f32>)
-        -> Result<(), OpError> {
+    fn fp8(
+        ck: &Checkpoint,
+        weight: &Src,
+        scale: &Src,
+        block: (u64, u64),
+        r0: u64,
+        r1: u64,
+        out: &mut Vec<f32>,
+    ) -> Result<(), OpError> {
         let start = out.len();
         Self::source(ck, weight, r0, r1, out)?;
         let mut sc = Vec::new();
@@ -230,7 +244,15 @@ macro_rules! raw_elem {
                 }));
                 Ok(())
             }
-            fn fp8(_: &Checkpoint, w: &Src, _: &Src, _: (u64, u64), _: u64, _: u64, _: &mut Vec<$t>) -> Result<(), OpError> {
+            fn fp8(
+                _: &Checkpoint,
+                w: &Src,
+                _: &Src,
+                _: (u64, u64),
+                _: u64,
+                _: u64,
+                _: &mut Vec<$t>,
+            ) -> Result<(), OpError> {
                 let source = sling_quantizers::DecodeError::Unsupported(DType::F8E4M3);
                 Err(OpError::Decode { tensor: w.name.clone(), source })
             }
@@ -263,7 +285,13 @@ impl Mxfp4Repack {
                 out.push(sb[src * nb + k]);
                 let blk = &bb[(src * nb + k) * 16..(src * nb + k + 1) * 16];
                 // HF packs elements (2i, 2i+1) as (low, high) nibble of byte i.
-                let el = |e: usize| -> u8 { if e % 2 == 0 { blk[e / 2] & 0x0f } else { blk[e / 2] >> 4 } };
+                let el = |e: usize| -> u8 {
+                    if e % 2 == 0 {
+                        blk[e / 2] & 0x0f
+                    } else {
+                        blk[e / 2] >> 4
+                    }
+                };
                 out.extend((0..16).map(|j| el(j) | (el(j + 16) << 4)));
             }
         }

@@ -25,11 +25,11 @@ use std::time::Duration;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::card::{self, CardContext};
 use super::hparams::{arch_kvs, Kvs};
 use super::ops::OpError;
 use super::plan::{plan, OutTensor, OutType, Payload, PlanError};
 use crate::checkpoint::Checkpoint;
-use super::card::{self, CardContext};
 use crate::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
 use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
 use crate::manifest::{self, ManifestError, Tool};
@@ -62,6 +62,8 @@ pub struct ConvertOptions {
     pub model_card: bool,
     /// Extra rows for the model card's summary table (recipe description, imatrix, ...).
     pub card_extra: Vec<(String, String)>,
+    /// `sling quantize`'s options, recorded in the manifest as `options.quantize`.
+    pub quantize: Option<manifest::QuantizeRecord>,
 }
 
 impl ConvertOptions {
@@ -79,6 +81,7 @@ impl ConvertOptions {
             created: None,
             model_card: false,
             card_extra: Vec::new(),
+            quantize: None,
         }
     }
 }
@@ -94,7 +97,16 @@ pub enum Event<'a> {
     Bytes { done: u64, total: u64 },
     /// Tensor `index` (0-based, file order) of `of` is complete in its file; `done_bytes` counts the
     /// data bytes of every tensor complete so far.
-    Tensor { index: usize, of: usize, name: &'a str, dtype: DType, bytes: u64, done_bytes: u64, total_bytes: u64, reused: bool },
+    Tensor {
+        index: usize,
+        of: usize,
+        name: &'a str,
+        dtype: DType,
+        bytes: u64,
+        done_bytes: u64,
+        total_bytes: u64,
+        reused: bool,
+    },
     /// A step after the tensors: `"hashing sources"`, `"writing manifest"`.
     Stage(&'a str),
 }
@@ -269,7 +281,12 @@ pub const HASH_RATE: f64 = 1.5e9;
 /// bytes plus the computed window's source pages. Time: encoding at [`encode_rate`] on `threads`
 /// threads, plus hashing (outputs on the writer thread, sources on all threads) at [`HASH_RATE`] when
 /// `hashing`.
-pub fn estimate(tensors: &[OutTensor], src_bytes_per_elem: &dyn Fn(&OutTensor) -> f64, threads: usize, hashing: bool) -> Estimate {
+pub fn estimate(
+    tensors: &[OutTensor],
+    src_bytes_per_elem: &dyn Fn(&OutTensor) -> f64,
+    threads: usize,
+    hashing: bool,
+) -> Estimate {
     let threads = threads.max(1);
     let window = 2 * threads;
     let cs = chunks(tensors);
@@ -455,6 +472,24 @@ fn raw_copy(
     Ok(true)
 }
 
+/// The sha256 of tensor `t`'s data bytes as [`execute`] writes them (the same chunks, computed a
+/// window at a time on the rayon pool and hashed in order), without writing anything: what
+/// `sling verify --source` re-derives. Also returns the number of bytes hashed.
+pub fn tensor_sha256(ck: &Checkpoint, t: &OutTensor, allow_nonfinite: bool) -> Result<(String, u64), ConvertError> {
+    let window = 2 * rayon::current_num_threads().max(1);
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    for win in chunks(std::slice::from_ref(t)).chunks(window) {
+        let results = win.par_iter().map(|c| compute(ck, t, c, allow_nonfinite)).collect::<Result<Vec<_>, _>>();
+        ck.release_pages();
+        for (bytes, _) in results? {
+            h.update(&bytes);
+            n += bytes.len() as u64;
+        }
+    }
+    Ok((hex(&h.finalize()), n))
+}
+
 /// Converts `ck` as `opts` says, reporting progress through `events`.
 pub fn convert(
     ck: &Checkpoint,
@@ -496,8 +531,15 @@ pub fn execute(
         resume: opts.resume,
         interval: Duration::from_millis(env_u64("SLING_JOURNAL_INTERVAL_MS").unwrap_or(5000)),
     };
-    let mut w = GgufWriter::create_resumable(&opts.output, kvs.0, descs, opts.split, opts.provenance.is_some(), Some(resumable))
-        .map_err(output_error(opts.resume))?;
+    let mut w = GgufWriter::create_resumable(
+        &opts.output,
+        kvs.0,
+        descs,
+        opts.split,
+        opts.provenance.is_some(),
+        Some(resumable),
+    )
+    .map_err(output_error(opts.resume))?;
     // A run asked to resume keeps its partial files if it fails as well, for the next --resume.
     w.keep_partial(opts.resume);
     let resumed = w.resumed().clone();
@@ -582,15 +624,14 @@ fn output_error(resume: bool) -> impl Fn(GgufError) -> ConvertError {
                 K::ReadOnlyFilesystem => "the output directory is on a read-only file system".to_string(),
                 K::PermissionDenied => "permission denied (is the output directory writable?)".to_string(),
                 K::NotFound => "the output directory does not exist".to_string(),
-                K::WouldBlock if op == "lock" => {
-                    "another sling process is writing this output right now".to_string()
-                }
+                K::WouldBlock if op == "lock" => "another sling process is writing this output right now".to_string(),
                 _ => format!("{op} failed"),
             };
             let hint = if op == "lock" {
                 String::new()
             } else if resume {
-                "; the partial output is kept: rerun with --resume to continue (or delete the .partial files)".to_string()
+                "; the partial output is kept: rerun with --resume to continue (or delete the .partial files)"
+                    .to_string()
             } else {
                 "; nothing was left behind and the source was not touched".to_string()
             };
@@ -803,6 +844,7 @@ fn write_manifest(
         split: opts.split.into(),
         tokenizer_pre: opts.tokenizer_pre.clone(),
         allow_nonfinite: opts.allow_nonfinite,
+        quantize: opts.quantize.clone(),
     };
     let mut m = manifest::build(tool, options, &opts.output, sources, written, &sources_of);
     m.created = opts.created.map(manifest::rfc3339);

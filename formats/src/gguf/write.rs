@@ -643,9 +643,9 @@ impl GgufWriter {
             Some(h) if !h.hashes || !self.hash => {
                 Some("the interrupted run kept no hashes (--no-manifest), so its bytes cannot be checked".into())
             }
-            Some(h) if h.fingerprint != fingerprint || h.files != files => Some(
-                "the interrupted run had another source, plan, options or sling version".to_string(),
-            ),
+            Some(h) if h.fingerprint != fingerprint || h.files != files => {
+                Some("the interrupted run had another source, plan, options or sling version".to_string())
+            }
             Some(_) => None,
         };
         if let Some(why) = why_not {
@@ -666,7 +666,12 @@ impl GgufWriter {
             let p = &shard.tensors[t];
             let offset = hdr.len() as u64 + p.offset;
             let end = offset + checked_align(p.n_bytes, shard.alignment).unwrap_or(p.n_bytes);
-            if e.i != i || e.name != p.desc.name || e.file != s || e.offset != offset || e.n_bytes != p.n_bytes || e.end != end
+            if e.i != i
+                || e.name != p.desc.name
+                || e.file != s
+                || e.offset != offset
+                || e.n_bytes != p.n_bytes
+                || e.end != end
             {
                 break;
             }
@@ -908,7 +913,11 @@ impl Drop for GgufWriter {
             }
             let cur_shard = self.shard_idx;
             if let Some(j) = self.journal.as_mut() {
-                let keep = j.pending.iter().take_while(|(shard, end, _)| *shard < cur_shard || on_disk.is_some_and(|n| *end <= n)).count();
+                let keep = j
+                    .pending
+                    .iter()
+                    .take_while(|(shard, end, _)| *shard < cur_shard || on_disk.is_some_and(|n| *end <= n))
+                    .count();
                 j.pending.truncate(keep);
                 let _ = j.commit();
             }
@@ -1196,7 +1205,10 @@ fn open_shard(shard: &Shard, hash: bool) -> Result<(ShardWriter, u64), GgufError
     // The usual 0o666 & !umask (what `open(path, "wb")` gives gguf-py).
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io("create"))?;
     let h = shard_header(shard);
-    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter { inner: file, hasher: Sha256::new(), n: 0, enabled: hash });
+    let mut f = BufWriter::with_capacity(
+        BUF_CAPACITY,
+        HashingWriter { inner: file, hasher: Sha256::new(), n: 0, enabled: hash },
+    );
     f.write_all(&h).map_err(io("write"))?;
     Ok((f, h.len() as u64))
 }
@@ -1330,11 +1342,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let tensors: Vec<TensorDesc> =
             (0..9).map(|i| TensorDesc::new(format!("t{i}"), DType::F32, vec![5 + i as u64, 3])).collect();
-        let data: Vec<Vec<u8>> = tensors.iter().map(|t| (0..t.ne[0] * 12).map(|b| (b * 7 + t.ne[0]) as u8).collect()).collect();
+        let data: Vec<Vec<u8>> =
+            tensors.iter().map(|t| (0..t.ne[0] * 12).map(|b| (b * 7 + t.ne[0]) as u8).collect()).collect();
         let kvs = vec![("general.architecture".to_string(), GgufValue::String("llama".into()))];
         let r = |resume| Resumable { fingerprint: "fp".into(), resume, interval: Duration::ZERO };
         let make = |out: &Path, resume| {
-            GgufWriter::create_resumable(out, kvs.clone(), tensors.clone(), SplitPolicy::MaxTensors(4), true, Some(r(resume))).unwrap()
+            GgufWriter::create_resumable(
+                out,
+                kvs.clone(),
+                tensors.clone(),
+                SplitPolicy::MaxTensors(4),
+                true,
+                Some(r(resume)),
+            )
+            .unwrap()
         };
         let direct = {
             let mut w = make(&d.path().join("a.gguf"), false);
@@ -1353,7 +1374,10 @@ mod tests {
             data[stop..].iter().for_each(|b| w.write_data(b).unwrap());
             let got = w.finish_hashed().unwrap();
             assert!(!journal_path(&out).exists());
-            assert_eq!(got.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>(), direct.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>());
+            assert_eq!(
+                got.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>(),
+                direct.tensors.iter().map(|t| &t.sha256).collect::<Vec<_>>()
+            );
             for (g, a) in got.files.iter().zip(&direct.files) {
                 assert_eq!((g.size, &g.sha256), (a.size, &a.sha256));
                 assert_eq!(std::fs::read(&g.path).unwrap(), std::fs::read(&a.path).unwrap());
@@ -1367,11 +1391,23 @@ mod tests {
         w.keep_partial(true);
         drop(w);
         let other = Resumable { fingerprint: "other".into(), resume: true, interval: Duration::ZERO };
-        let w = GgufWriter::create_resumable(&out, kvs.clone(), tensors.clone(), SplitPolicy::MaxTensors(4), true, Some(other)).unwrap();
+        let w = GgufWriter::create_resumable(
+            &out,
+            kvs.clone(),
+            tensors.clone(),
+            SplitPolicy::MaxTensors(4),
+            true,
+            Some(other),
+        )
+        .unwrap();
         assert_eq!(w.resumed().tensors, 0);
         assert!(w.resumed().note.as_deref().unwrap_or("").contains("nothing to resume"));
         drop(w);
-        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with('c')).collect();
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('c'))
+            .collect();
         assert!(left.is_empty(), "{left:?}");
     }
 
