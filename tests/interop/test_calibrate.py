@@ -211,3 +211,28 @@ def test_quantize_with_sling_imatrix(name, tmp_path):
     assert not c.tensor_diffs, f"{len(c.tensor_diffs)} tensors differ:\n" + "\n".join(c.tensor_diffs[:20])
     assert c.order_equal and not c.kv_diffs, "\n".join(c.kv_diffs)
     assert c.tensors_total > 0 and c.tensors_identical == c.tensors_total
+
+
+@pytest.mark.parametrize("name,preset", [("qwen3moe", "Q4_K_M"), ("qwen3moe-wide", "IQ4_XS")])
+def test_quantize_same_bytes_with_either_writers_file(name, preset, tmp_path):
+    """Equal contents, two writers: llama-imatrix reads sling's file (--in-file) and writes its own; the sums and
+    counts are then equal, and `sling quantize --imatrix` gives the same tensors with either file (only the
+    quantize.imatrix.* metadata, which names the file and its chunking, differs)."""
+    ours = tmp_path / "sling-imatrix.gguf"
+    sling_imatrix(name, ours)
+    theirs = tmp_path / "llama-imatrix.gguf"
+    lab.run_tool("llama-imatrix", ["-m", lab.reference_convert(name, "bf16")[0], "--in-file", ours, "-o", theirs,
+                                   "--output-format", "gguf"])
+    _, a = read_imatrix(ours)
+    _, b = read_imatrix(theirs)
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert np.array_equal(a[n][0], b[n][0]) and np.array_equal(a[n][1], b[n][1]), n
+    q1 = lab.sling_quantize(name, preset, tmp_path / "with-sling.gguf", ("--imatrix", ours))[0]
+    q2 = lab.sling_quantize(name, preset, tmp_path / "with-llama.gguf", ("--imatrix", theirs))[0]
+    c = gguf_compare.compare(str(q1), str(q2), ignore_keys=[k for k in ("quantize.imatrix.file",
+                             "quantize.imatrix.dataset", "quantize.imatrix.chunks_count")])
+    lab.record("calibrate", f"{name}/{preset}/either-writer", {"tensors_identical": c.tensors_identical,
+                                                                "tensors_total": c.tensors_total})
+    assert not c.tensor_diffs and c.tensors_total > 0 and c.tensors_identical == c.tensors_total
+    assert c.order_equal and not c.kv_diffs, "\n".join(c.kv_diffs)
