@@ -169,8 +169,33 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             a.out.display()
         );
     }
+    let act = activation_stats(&col.stats);
+    if !quiet {
+        if let Some(w) = act.iter().max_by(|x, y| x.outlier_ratio.total_cmp(&y.outlier_ratio)) {
+            eprintln!(
+                "  activations: mean x² over {} tensors {:.3e}..{:.3e}; largest max/mean column ratio {:.1} at {}{} column {}",
+                act.len(),
+                act.iter().map(|t| t.mean_sq).fold(f64::INFINITY, f64::min),
+                act.iter().map(|t| t.mean_sq).fold(0.0, f64::max),
+                w.outlier_ratio,
+                w.tensor,
+                w.max_matrix.map_or(String::new(), |m| format!(" (matrix {m})")),
+                w.max_column
+            );
+        }
+    }
     if a.json {
+        let tensors: Vec<serde_json::Value> = act
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "tensor": t.tensor, "mean_sq": t.mean_sq, "max_sq": t.max_sq, "max_column": t.max_column,
+                    "max_matrix": t.max_matrix, "outlier_ratio": t.outlier_ratio, "zero_columns": t.zero_columns,
+                })
+            })
+            .collect();
         let report = serde_json::json!({
+            "activations": tensors,
             "out": a.out.display().to_string(),
             "dataset": dataset,
             "tokens_in_data": tokens.len(),
@@ -192,6 +217,63 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// Per-tensor activation statistics from the imatrix sums: the mean of x² per input column (sum / count), over
+/// every matrix (expert or head) with data.
+struct ActStat {
+    tensor: String,
+    /// Mean over columns (and matrices) of the per-column mean x².
+    mean_sq: f64,
+    /// The largest per-column mean x², its column, and its matrix (expert or head) where there are several.
+    max_sq: f64,
+    max_column: usize,
+    max_matrix: Option<usize>,
+    /// `max_sq / mean_sq`: how much one input channel dominates (outlier channels make low-bit quants hard).
+    outlier_ratio: f64,
+    /// Columns whose x² was always 0.
+    zero_columns: usize,
+}
+
+fn activation_stats(stats: &std::collections::BTreeMap<String, sling_calibration::imatrix::Stat>) -> Vec<ActStat> {
+    let mut out = Vec::new();
+    for (name, s) in stats {
+        if s.ne0 == 0 || s.sums.is_empty() {
+            continue;
+        }
+        let n_mat = s.sums.len() / s.ne0;
+        let (mut total, mut n, mut max, mut at, mut zero) = (0.0, 0usize, f64::NEG_INFINITY, (0, 0), 0);
+        for m in 0..n_mat {
+            let c = if s.counts.len() == n_mat { s.counts[m] } else { s.counts.first().copied().unwrap_or(0) };
+            if c == 0 {
+                continue;
+            }
+            for (j, &v) in s.sums[m * s.ne0..(m + 1) * s.ne0].iter().enumerate() {
+                let v = v / c as f64;
+                total += v;
+                n += 1;
+                zero += usize::from(v == 0.0);
+                if v > max {
+                    max = v;
+                    at = (m, j);
+                }
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let mean = total / n as f64;
+        out.push(ActStat {
+            tensor: name.clone(),
+            mean_sq: mean,
+            max_sq: max,
+            max_column: at.1,
+            max_matrix: (n_mat > 1).then_some(at.0),
+            outlier_ratio: if mean > 0.0 { max / mean } else { 0.0 },
+            zero_columns: zero,
+        });
+    }
+    out
 }
 
 /// "Few tokens": under this fraction of the layer's mean.

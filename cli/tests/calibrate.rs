@@ -59,6 +59,17 @@ fn coverage_report_and_all_experts() {
     }
     assert!(unused > 0, "the narrow text should leave experts unused: {report}");
     assert_eq!(report["coverage"]["unused"], unused);
+    // per-tensor activation statistics: one per entry, max >= mean
+    let act = report["activations"].as_array().unwrap();
+    assert_eq!(act.len() as u64, report["entries"].as_u64().unwrap());
+    for t in act {
+        assert!(
+            t["max_sq"].as_f64().unwrap() >= t["mean_sq"].as_f64().unwrap()
+                && t["outlier_ratio"].as_f64().unwrap() >= 1.0,
+            "{t}"
+        );
+    }
+    assert!(stderr.contains("activations:"), "{stderr}");
 
     let o = calibrate(dir.path(), &tokens, &all, &["--json", "--all-experts", "-q"]);
     assert!(o.stderr.is_empty(), "-q: {}", String::from_utf8_lossy(&o.stderr));
