@@ -285,6 +285,8 @@ impl TensorSource for GgufCandidate<'_> {
         if let Ok(mut c) = self.cache.lock() {
             c.clear();
         }
+        self.reference.release();
+        self.files.iter().for_each(GgufFile::release_pages);
     }
 
     fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>> {

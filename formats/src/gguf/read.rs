@@ -129,6 +129,16 @@ impl GgufFile {
         }
     }
 
+    /// Drops this process's mapped pages (they stay in the page cache): resident memory stays bounded when a
+    /// reader walks a large file once (`sling eval` drops them after each layer).
+    pub fn release_pages(&self) {
+        // SAFETY: the map is a shared, read-only, file-backed mapping. MADV_DONTNEED only removes
+        // page-table entries; a later access faults the same file bytes back in from the page
+        // cache, so no slice into the map observes different data.
+        #[cfg(unix)]
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
     /// Length of the file in bytes.
     pub fn file_len(&self) -> u64 {
         self.map.len() as u64
