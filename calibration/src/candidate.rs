@@ -75,7 +75,7 @@ impl<'a> GgufCandidate<'a> {
         let first = open(path)?;
         let paths = shard_paths(path, &first);
         let mut files = vec![first];
-        for p in paths.iter().skip(1) {
+        for p in &paths {
             if p.as_path() != path {
                 files.push(open(p)?);
             }

@@ -113,6 +113,27 @@ fn quantized_candidate_gate_and_hf_candidate() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("FAIL"));
     assert_eq!(json(&eval(&src, &out, &["--max-kld", "1"]))["pass"], true);
 
+    // a split GGUF, named by any shard
+    let split = dir.join("split.gguf");
+    let o = run(&[
+        "-q",
+        "convert",
+        src.to_str().unwrap(),
+        "--type",
+        "f32",
+        "-o",
+        split.to_str().unwrap(),
+        "--tokenizer-pre",
+        "gpt-2",
+        "--no-manifest",
+        "--split-max-tensors",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for shard in ["split-00001-of-00003.gguf", "split-00003-of-00003.gguf"] {
+        assert_eq!(json(&eval(&src, &dir.join(shard), &[]))["kld_max"], 0.0, "{shard}");
+    }
+
     // an HF checkpoint as the candidate: the reference against itself
     let r = json(&eval(&src, &src, &[]));
     assert_eq!(r["kld_max"], 0.0);
