@@ -1,8 +1,8 @@
 //! `sling`: convert and quantize open-weight MoE checkpoints into verified artifacts.
 //!
 //! Exit codes: 0 success; 2 usage or input error (bad flags, unreadable or malformed input,
-//! unsupported architecture, refused output path; for `verify`: could not check); 1 verification
-//! failure (`verify` found a mismatch); 3 internal error.
+//! unsupported architecture, refused output path; for `verify`: could not check); 1 a check failed
+//! (`verify` found a mismatch, `eval`/`quantize --eval` above `--max-kld`); 3 internal error.
 
 use std::process::ExitCode;
 
