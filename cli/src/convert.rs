@@ -292,6 +292,17 @@ pub struct Args {
 }
 
 /// Parses 500M, 50G, 1.5T, 1000 (bytes) like gguf-split's --split-max-size.
+/// `--split-max-size` / `--split-max-tensors` (as llama-gguf-split and convert_hf_to_gguf.py take them).
+pub fn split_policy(max_size: Option<&str>, max_tensors: Option<usize>) -> Result<SplitPolicy> {
+    Ok(match (max_size, max_tensors) {
+        (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
+        (Some(s), None) => SplitPolicy::MaxBytes(parse_size(s)?),
+        (None, Some(n)) if n > 0 => SplitPolicy::MaxTensors(n),
+        (None, Some(_)) => bail!("--split-max-tensors must be at least 1"),
+        (None, None) => SplitPolicy::None,
+    })
+}
+
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
@@ -343,13 +354,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let out_type = OutType::parse(&a.out_type).context("unknown --type")?;
-    let split = match (&a.split_max_size, a.split_max_tensors) {
-        (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
-        (Some(s), None) => SplitPolicy::MaxBytes(parse_size(s)?),
-        (None, Some(n)) if n > 0 => SplitPolicy::MaxTensors(n),
-        (None, Some(_)) => bail!("--split-max-tensors must be at least 1"),
-        (None, None) => SplitPolicy::None,
-    };
+    let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
     let t0 = Instant::now();
     let created = a.pipeline.created()?;
     let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;

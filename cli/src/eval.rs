@@ -224,12 +224,16 @@ pub fn gate(r: &EvalReport, max_kld: Option<f64>, quiet: bool) -> bool {
     pass
 }
 
-pub fn run(a: Args, quiet: bool) -> Result<u8> {
-    if let Some(x) = a.max_kld {
-        if !(x >= 0.0) {
-            bail!("--max-kld must be a number >= 0");
-        }
+/// `--max-kld` must be a number >= 0 (not NaN).
+pub fn check_max_kld(x: Option<f64>) -> Result<()> {
+    if x.is_some_and(|x| !(x >= 0.0)) {
+        bail!("--max-kld must be a number >= 0");
     }
+    Ok(())
+}
+
+pub fn run(a: Args, quiet: bool) -> Result<u8> {
+    check_max_kld(a.max_kld)?;
     let o = run_eval(&a.reference, &a.candidate, &a.data, quiet)?;
     if !quiet {
         let ds = o.json.get("data").and_then(|v| v.as_str()).unwrap_or("").to_string();

@@ -13,7 +13,7 @@ use sling_formats::quantize::{
     RuleOptions, TensorTypeRule, Why,
 };
 
-use crate::convert::{parse_size, tool, written_list, PipelineArgs, Reporter};
+use crate::convert::{split_policy, tool, written_list, PipelineArgs, Reporter};
 use serde_json::json;
 
 pub const AFTER_HELP: &str = "Examples:
@@ -444,18 +444,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let (opts, label) = options(&a.q)?;
-    if let Some(x) = a.max_kld {
-        if !(x >= 0.0) {
-            bail!("--max-kld must be a number >= 0");
-        }
-    }
-    let split = match (&a.split_max_size, a.split_max_tensors) {
-        (Some(_), Some(_)) => bail!("use either --split-max-size or --split-max-tensors, not both"),
-        (Some(s), None) => SplitPolicy::MaxBytes(parse_size(s)?),
-        (None, Some(n)) if n > 0 => SplitPolicy::MaxTensors(n),
-        (None, Some(_)) => bail!("--split-max-tensors must be at least 1"),
-        (None, None) => SplitPolicy::None,
-    };
+    crate::eval::check_max_kld(a.max_kld)?;
+    let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
     let t0 = Instant::now();
     let created = a.pipeline.created()?;
     let src = &a.q.src;
