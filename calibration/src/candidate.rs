@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sling_core::DType;
 use sling_formats::convert::ops::Op;
 use sling_formats::convert::plan::{OutTensor, Payload};
 use sling_formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
@@ -297,36 +296,28 @@ impl TensorSource for GgufCandidate<'_> {
         }
         let per = if shape.is_empty() { 1 } else { shape[1..].iter().product::<u64>() } as usize;
         let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
+        let (a, b) = (i0 as usize * per, i1 as usize * per);
         let whole = match cached {
             Some(w) => w,
+            // A whole tensor is read once: hand over the rebuilt buffer without copying it.
+            None if i1 - i0 == n0 => return self.materialize(name),
             None => {
+                // Only fused tensors are read by slices, once per expert: cache those for the layer.
                 let w = Arc::new(self.materialize(name)?);
-                // Only fused tensors are read by slices more than once per layer: cache those.
-                if i1 - i0 < n0 {
-                    if let Ok(mut c) = self.cache.lock() {
-                        c.insert(name.to_string(), w.clone());
-                    }
+                if let Ok(mut c) = self.cache.lock() {
+                    c.insert(name.to_string(), w.clone());
                 }
                 w
             }
         };
-        let (a, b) = (i0 as usize * per, i1 as usize * per);
         Ok(whole.get(a..b).map(<[f32]>::to_vec).unwrap_or_default())
     }
-}
-
-/// The dtypes of the candidate's tensors, for reports.
-pub fn type_counts(c: &GgufCandidate<'_>) -> Vec<(DType, usize)> {
-    let mut m: std::collections::BTreeMap<String, (DType, usize)> = Default::default();
-    for (_, t) in c.tensors.values() {
-        m.entry(t.dtype.to_string()).or_insert((t.dtype, 0)).1 += 1;
-    }
-    m.into_values().collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sling_core::DType;
     use sling_formats::convert::ops::Src;
 
     fn src(name: &str, rows: u64, cols: u64) -> Op {
