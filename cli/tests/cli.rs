@@ -149,12 +149,22 @@ fn poke_tensor(model: &Path, tensor: &str, f: impl Fn(&mut [u8])) {
 #[test]
 fn nonfinite_weights_are_reported_and_refused_unless_allowed() {
     let (t, _src, out) = dirs();
-    let m = copy_fixture("llama", t.path());
-    // bf16 NaN (0x7fc0) as the 4th element
-    poke_tensor(&m, "model.layers.1.mlp.down_proj.weight", |d| d[6..8].copy_from_slice(&[0xc0, 0x7f]));
-    assert_refused(&convert(&m, &out.join("x.gguf"), &[]), "blk.1.ffn_down.weight", &out);
-    let o = convert(&m, &out.join("x.gguf"), &["--allow-nonfinite"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    // bf16 NaN (0x7fc0) as the 4th element, -Inf (0xff80) as the 37th: every output type's path (bytes copied
+    // from the mapped source for bf16, bf16 straight to Q8_0, decoded for f16/f32) must see each.
+    for (at, bits) in [(3usize, [0xc0, 0x7f]), (36, [0x80, 0xff])] {
+        let m = copy_fixture("llama", t.path());
+        poke_tensor(&m, "model.layers.1.mlp.down_proj.weight", |d| d[2 * at..2 * at + 2].copy_from_slice(&bits));
+        for ty in ["bf16", "q8_0", "f16", "f32"] {
+            let o = convert(&m, &out.join("x.gguf"), &["--type", ty]);
+            assert_refused(&o, "blk.1.ffn_down.weight", &out);
+            assert!(stderr(&o).contains(&format!("first at element {at}")), "{ty}: {}", stderr(&o));
+            let o = convert(&m, &out.join("x.gguf"), &["--type", ty, "--allow-nonfinite"]);
+            assert!(o.status.success(), "{ty}: {}", stderr(&o));
+            fs::remove_dir_all(&out).unwrap();
+            fs::create_dir(&out).unwrap();
+        }
+        fs::remove_dir_all(&m).unwrap();
+    }
 }
 
 #[test]

@@ -21,20 +21,92 @@ pub fn cpu_path() -> &'static str {
 /// [`sling_quantizers::encode::quantize_row_q8_0`].
 pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
+    if std::is_x86_feature_detected!("avx2") && !disabled() {
         // SAFETY: the CPU supports AVX2 (checked just above), which is all `q8_0_avx2` requires.
-        unsafe { q8_0_avx2(x, out) };
+        unsafe { q8_0_avx2::<false>(x.as_ptr().cast(), x.len() / 32, out) };
         return;
     }
     encode::quantize_row_q8_0(x, out)
 }
 
-/// The scalar body compiled with AVX2 enabled: the compiler vectorises it 8 lanes wide. No FMA is
-/// enabled, so results are bit-identical to the scalar build.
+/// [`quantize_row_q8_0`] of bf16 elements given as little-endian bytes (`x.len()` a multiple of 64),
+/// widened to f32 in registers: converting a bf16 checkpoint to Q8_0 needs no f32 copy of it. Same
+/// bits as [`sling_quantizers::encode::quantize_bf16_row_q8_0`].
+pub fn quantize_bf16_row_q8_0(x: &[u8], out: &mut Vec<u8>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && !disabled() {
+        // SAFETY: the CPU supports AVX2 (checked just above); `x` holds `x.len() / 64` blocks of
+        // 32 bf16 values.
+        unsafe { q8_0_avx2::<true>(x.as_ptr(), x.len() / 64, out) };
+        return;
+    }
+    encode::quantize_bf16_row_q8_0(x, out)
+}
+
+/// `quantize_row_q8_0_ref` over `nb` blocks of 32 values at `x` (f32, or bf16 when `BF16`), with
+/// AVX2 and the same IEEE operations as the scalar body, so the same bits: amax as an integer max
+/// of the magnitudes' bits, `d = amax / 127` and `id = 1 / d` in scalar f32, `x * id` rounded half
+/// away from zero as truncation plus an exact fraction test (`_mm256_round_ps` toward zero), then
+/// `cvttps2dq`, whose "integer indefinite" (NaN, ±Inf) is stored as 0 like the scalar
+/// [`encode::roundf_i32`]'s `i32::MIN`. No FMA.
+///
+/// # Safety
+/// The CPU must support AVX2, and `x` must be valid for reading `nb` blocks (128 bytes each for
+/// f32, 64 for bf16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn q8_0_avx2(x: &[f32], out: &mut Vec<u8>) {
-    encode::quantize_row_q8_0_body(x, out)
+unsafe fn q8_0_avx2<const BF16: bool>(x: *const u8, nb: usize, out: &mut Vec<u8>) {
+    use std::arch::x86_64::*;
+    let start = out.len();
+    out.reserve(nb * 34);
+    // SAFETY (whole body): loads stay within the `nb` blocks the caller vouched for; stores stay
+    // within the `nb * 34` bytes reserved above, and the length is set only after all are written.
+    unsafe {
+        let dst = out.as_mut_ptr().add(start);
+        let abs_mask = _mm256_set1_epi32(0x7fff_ffff);
+        let half = _mm256_set1_ps(0.5);
+        let neg_half = _mm256_set1_ps(-0.5);
+        let one = _mm256_set1_ps(1.0);
+        let indefinite = _mm256_set1_epi32(i32::MIN);
+        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let load = |b: usize, k: usize| -> __m256 {
+            if BF16 {
+                let p = x.add(b * 64 + k * 16) as *const __m128i;
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16))
+            } else {
+                _mm256_loadu_ps((x as *const f32).add(b * 32 + k * 8))
+            }
+        };
+        for b in 0..nb {
+            let v = [load(b, 0), load(b, 1), load(b, 2), load(b, 3)];
+            let a = |i: usize| _mm256_and_si256(_mm256_castps_si256(v[i]), abs_mask);
+            let m = _mm256_max_epu32(_mm256_max_epu32(a(0), a(1)), _mm256_max_epu32(a(2), a(3)));
+            let m = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+            let m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0b01_00_11_10));
+            let m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0b10_11_00_01));
+            let amax = f32::from_bits(_mm_cvtsi128_si32(m) as u32);
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let o = dst.add(b * 34);
+            std::ptr::copy_nonoverlapping(encode::f32_to_f16_bits(d).to_le_bytes().as_ptr(), o, 2);
+            let idv = _mm256_set1_ps(id);
+            let q = |i: usize| -> __m256i {
+                let y = _mm256_mul_ps(v[i], idv);
+                let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_sub_ps(y, t);
+                let up = _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), one);
+                let down = _mm256_and_ps(_mm256_cmp_ps(frac, neg_half, _CMP_LE_OQ), one);
+                let r = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_add_ps(t, up), down));
+                // NaN/Inf lanes: 0, as the low byte of i32::MIN; others are within -127..=127.
+                _mm256_andnot_si256(_mm256_cmpeq_epi32(r, indefinite), r)
+            };
+            let w01 = _mm256_packs_epi32(q(0), q(1));
+            let w23 = _mm256_packs_epi32(q(2), q(3));
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), perm);
+            _mm256_storeu_si256(o.add(2) as *mut __m256i, bytes);
+        }
+        out.set_len(start + nb * 34);
+    }
 }
 
 /// [`sling_quantizers::encode_f32`] with the fast kernels where there are some.
@@ -120,6 +192,27 @@ mod tests {
         fn q8_0_fast_equals_scalar_on_any_bits(bits in proptest::collection::vec(any::<u32>(), 64)) {
             let x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
             let (a, b) = both(&x);
+            prop_assert_eq!(a, b);
+        }
+
+        /// Magnitudes spread over the whole exponent range (tiny scales whose inverse overflows,
+        /// huge ones, subnormals), mixed signs, and exact halves after scaling.
+        #[test]
+        fn q8_0_fast_equals_scalar_across_scales(
+            exp in -149i32..128,
+            m in proptest::collection::vec((-1000i32..1000, any::<bool>()), 32 * 3),
+        ) {
+            let x: Vec<f32> = m.iter().map(|&(k, half)| (k as f32 + if half { 0.5 } else { 0.0 }) * 2f32.powi(exp)).collect();
+            let (a, b) = both(&x);
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn q8_0_from_bf16_fast_equals_scalar(bits in proptest::collection::vec(any::<u16>(), 32 * 5)) {
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let (mut a, mut b) = (vec![7u8], vec![7u8]);
+            quantize_bf16_row_q8_0(&bytes, &mut a);
+            encode::quantize_bf16_row_q8_0(&bytes, &mut b);
             prop_assert_eq!(a, b);
         }
     }

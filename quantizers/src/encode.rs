@@ -30,14 +30,19 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
-/// C `roundf` (half away from zero, gguf-py `np_roundf`) for |x| < 2^31, returned as an integer.
-/// `f32::round` is a libm call on baseline x86-64; truncation (`cvttss2si`) plus an exact
-/// fraction test is several times faster and gives the same result (tested against `f32::round`).
+/// C `roundf` (half away from zero, gguf-py `np_roundf`) converted to an integer the way x86's
+/// `cvttss2si` does: NaN, ±Inf and |x| >= 2^31 give `i32::MIN` (whose low byte, what an `int8_t`
+/// store keeps, is 0). Q8_0 meets those only in a block whose scale is so small (amax < ~4e-37) that
+/// `1/d` overflows; the stored f16 scale is then 0 anyway. `f32::round` is a libm call on baseline
+/// x86-64; truncation plus an exact fraction test is several times faster and gives the same result
+/// (tested against `f32::round`).
 #[inline(always)]
-fn roundf_i32(x: f32) -> i32 {
+pub fn roundf_i32(x: f32) -> i32 {
+    if x.is_nan() || x.abs() >= 2_147_483_648.0 {
+        return i32::MIN;
+    }
     let i = x as i32;
     let frac = x - i as f32; // exact: x and i share the exponent range, |x| < 2^31
-                             // Branch-free so that the block loop vectorises.
     i + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
 
@@ -73,6 +78,19 @@ pub fn quantize_row_q8_0_body(x: &[f32], out: &mut Vec<u8>) {
             q[i] = roundf_i32(block[i] * id) as i8 as u8;
         }
         dst[2..].copy_from_slice(&q);
+    }
+}
+
+/// [`quantize_row_q8_0`] of bf16 elements given as little-endian bytes (`x.len()` a multiple of 64):
+/// each is widened to f32 exactly (`ggml_bf16_to_fp32`), so the bytes equal those of quantizing the
+/// decoded values. The scalar reference of `sling_kernels::quantize_bf16_row_q8_0`.
+pub fn quantize_bf16_row_q8_0(x: &[u8], out: &mut Vec<u8>) {
+    let mut v = [0f32; 32];
+    for block in x.chunks_exact(64) {
+        for (d, c) in v.iter_mut().zip(block.chunks_exact(2)) {
+            *d = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+        }
+        quantize_row_q8_0_body(&v, out);
     }
 }
 
@@ -132,6 +150,14 @@ mod tests {
         let mut zeros = Vec::new();
         quantize_row_q8_0(&[0.0; 32], &mut zeros);
         assert!(zeros.iter().all(|&b| b == 0));
+        // amax so small that 1/d overflows: x * id is ±Inf or NaN, stored as 0 like C's cvttss2si.
+        let mut tiny = [0.0f32; 32];
+        tiny[0] = 1e-38;
+        tiny[1] = -1e-38;
+        tiny[2] = -5e-39;
+        let mut out = Vec::new();
+        quantize_row_q8_0(&tiny, &mut out);
+        assert!(out.iter().all(|&b| b == 0), "{out:?}");
     }
 
     proptest! {
@@ -164,6 +190,22 @@ mod tests {
             // values at and next to .5 boundaries
             let x = f32::from_bits((i as f32 + 0.5).to_bits().wrapping_add(k).wrapping_sub(4));
             prop_assert_eq!(roundf_i32(x) as f32, x.round());
+        }
+
+        #[test]
+        fn roundf_of_non_finite_and_huge_is_cvtt_min(x in any::<f32>()) {
+            prop_assume!(x.is_nan() || x.abs() >= 2_147_483_648.0);
+            prop_assert_eq!(roundf_i32(x), i32::MIN);
+        }
+
+        #[test]
+        fn q8_0_of_bf16_bytes_equals_q8_0_of_decoded(bits in proptest::collection::vec(any::<u16>(), 64)) {
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let vals: Vec<f32> = bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            quantize_bf16_row_q8_0(&bytes, &mut a);
+            quantize_row_q8_0(&vals, &mut b);
+            prop_assert_eq!(a, b);
         }
 
         #[test]

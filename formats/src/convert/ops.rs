@@ -115,6 +115,68 @@ impl Op {
         }
     }
 
+    /// Appends rows `r0..r1` as slices of the mapped source files, in order, when this op only
+    /// selects and concatenates rows (no arithmetic, no transposition) and every leaf has the
+    /// same dtype: the bytes can then be written without copying them first. Returns false, with
+    /// `out` as it was, for ops that need their elements moved (transpose) or computed (FP8).
+    pub fn raw_slices<'a>(
+        &self,
+        ck: &'a Checkpoint,
+        r0: u64,
+        r1: u64,
+        out: &mut Vec<&'a [u8]>,
+    ) -> Result<bool, OpError> {
+        if !self.slices_only() || self.raw_dtype().is_none() {
+            return Ok(false);
+        }
+        self.push_slices(ck, r0, r1, out)?;
+        Ok(true)
+    }
+
+    fn slices_only(&self) -> bool {
+        match self {
+            Op::Source(_) => true,
+            Op::Fp8 { .. } | Op::Transpose { .. } => false,
+            Op::Rows { inner, .. } => inner.slices_only(),
+            Op::Concat(parts) => parts.iter().all(Op::slices_only),
+        }
+    }
+
+    fn push_slices<'a>(&self, ck: &'a Checkpoint, r0: u64, r1: u64, out: &mut Vec<&'a [u8]>) -> Result<(), OpError> {
+        if r1 <= r0 {
+            return Ok(());
+        }
+        match self {
+            Op::Source(s) => out.push(source_bytes(ck, s, r0, r1)?),
+            Op::Rows { inner, map } => {
+                let mut i = r0 as usize;
+                while i < r1 as usize {
+                    let s = map[i];
+                    let mut j = i + 1;
+                    while j < r1 as usize && map[j] == map[j - 1] + 1 {
+                        j += 1;
+                    }
+                    inner.push_slices(ck, s, s + (j - i) as u64, out)?;
+                    i = j;
+                }
+            }
+            Op::Concat(parts) => {
+                let mut base = 0;
+                for p in parts {
+                    let n = p.rows();
+                    let (a, b) = (r0.max(base), r1.min(base + n));
+                    if a < b {
+                        p.push_slices(ck, a - base, b - base, out)?;
+                    }
+                    base += n;
+                }
+            }
+            // Excluded by `slices_only`.
+            Op::Fp8 { .. } | Op::Transpose { .. } => {}
+        }
+        Ok(())
+    }
+
     /// Appends rows `r0..r1` as raw elements (`u16` for 2-byte, `u32` for 4-byte dtypes); only for
     /// ops where [`raw_dtype`](Self::raw_dtype) is `Some`.
     pub fn read_raw<E: Elem>(&self, ck: &Checkpoint, r0: u64, r1: u64, out: &mut Vec<E>) -> Result<(), OpError> {

@@ -344,17 +344,92 @@ fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>) -> Result<(), Co
         .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })
 }
 
-fn compute(
-    ck: &Checkpoint,
+/// A chunk's output bytes: computed into a buffer, or slices of the mapped source files that are
+/// written as they are (same type in and out, rows only selected and concatenated).
+enum Piece<'a> {
+    Owned(Vec<u8>),
+    Mapped(Vec<&'a [u8]>),
+}
+
+impl Piece<'_> {
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        let (one, many): (Option<&[u8]>, &[&[u8]]) = match self {
+            Piece::Owned(v) => (Some(v.as_slice()), &[]),
+            Piece::Mapped(s) => (None, s.as_slice()),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+}
+
+/// Whether `b`, elements of the plain float type `dtype`, holds an Inf or NaN (exponent bits all
+/// ones). Eight bytes at a time: masking each lane to its exponent and adding the exponent's lowest
+/// bit carries into the lane's top bit exactly when the exponent is all ones, and never across
+/// lanes; the loop has no branch, so it vectorises. Other dtypes: false.
+fn has_nonfinite(dtype: DType, b: &[u8]) -> bool {
+    let (mask, add, top) = match dtype {
+        DType::BF16 => (0x7f80_7f80_7f80_7f80u64, 0x0080_0080_0080_0080u64, 0x8000_8000_8000_8000u64),
+        DType::F16 => (0x7c00_7c00_7c00_7c00, 0x0400_0400_0400_0400, 0x8000_8000_8000_8000),
+        DType::F32 => (0x7f80_0000_7f80_0000, 0x0080_0000_0080_0000, 0x8000_0000_8000_0000),
+        _ => return false,
+    };
+    let words = b.chunks_exact(8);
+    // The tail holds whole elements; zero lanes after them are finite.
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    let word = |w: &[u8]| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        (u64::from_le_bytes(a) & mask) + add
+    };
+    let acc = words.fold(word(&tail), |acc, w| acc | word(w));
+    acc & top != 0
+}
+
+fn compute<'a>(
+    ck: &'a Checkpoint,
     t: &OutTensor,
     c: &Chunk,
     allow_nonfinite: bool,
-) -> Result<(Vec<u8>, Option<String>), ConvertError> {
+) -> Result<(Piece<'a>, Option<String>), ConvertError> {
     let mut bytes = Vec::new();
     let mut flagged = None;
     let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
     // Rounding through the intermediate type is the identity when the output has that type.
     let round_via = t.round_via.filter(|r| *r != t.dtype);
+    if let Payload::Values(op) = &t.payload {
+        if round_via.is_none()
+            && matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
+            && op.raw_dtype() == Some(t.dtype)
+        {
+            // Same type in and out and only rows selected: with no NaN/Inf the reference's
+            // decode-then-round is the identity (bf16->f32->bf16, f16->f32->f16), so the mapped
+            // source bytes are the output. A chunk with NaN/Inf takes the slow path, which reports it.
+            let mut slices = Vec::new();
+            if op.raw_slices(ck, c.r0, c.r1, &mut slices).map_err(op_err)?
+                && !slices.iter().any(|b| has_nonfinite(t.dtype, b))
+            {
+                return Ok((Piece::Mapped(slices), None));
+            }
+        }
+        if t.dtype == DType::Q8_0
+            && op.raw_dtype() == Some(DType::BF16)
+            && matches!(round_via, None | Some(DType::BF16))
+            && op.cols() % 32 == 0
+        {
+            // bf16 rows to Q8_0 straight from the mapped bytes (widening bf16 to f32 is exact, and
+            // rounding it back through bf16 the identity), without an f32 copy of the chunk.
+            let mut slices = Vec::new();
+            if op.raw_slices(ck, c.r0, c.r1, &mut slices).map_err(op_err)?
+                && !slices.iter().any(|b| has_nonfinite(DType::BF16, b))
+            {
+                bytes.reserve_exact(t.dtype.bytes_for((c.r1 - c.r0) * op.cols()).unwrap_or(0) as usize);
+                for b in slices {
+                    sling_kernels::quantize_bf16_row_q8_0(b, &mut bytes);
+                }
+                return Ok((Piece::Owned(bytes), None));
+            }
+        }
+    }
     match &t.payload {
         Payload::Mxfp4(m) if t.dtype == DType::MXFP4 => m.read(ck, c.r0, c.r1, &mut bytes).map_err(op_err)?,
         Payload::Mxfp4(m) => {
@@ -427,7 +502,7 @@ fn compute(
             encode(t, c.r0, &v, &mut bytes)?;
         }
     }
-    Ok((bytes, flagged))
+    Ok((Piece::Owned(bytes), flagged))
 }
 
 /// Produces chunk `c` of `op` by moving raw elements when its type is a plain float type and every
@@ -482,9 +557,11 @@ pub fn tensor_sha256(ck: &Checkpoint, t: &OutTensor, allow_nonfinite: bool) -> R
     for win in chunks(std::slice::from_ref(t)).chunks(window) {
         let results = win.par_iter().map(|c| compute(ck, t, c, allow_nonfinite)).collect::<Result<Vec<_>, _>>();
         ck.release_pages();
-        for (bytes, _) in results? {
-            h.update(&bytes);
-            n += bytes.len() as u64;
+        for (piece, _) in results? {
+            for b in piece.slices() {
+                h.update(b);
+                n += b.len() as u64;
+            }
         }
     }
     Ok((hex(&h.finalize()), n))
@@ -714,7 +791,7 @@ fn write_outputs<'scope, 'env>(
     let mut nonfinite = Vec::new();
     // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
     // two windows of output in memory.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Piece<'env>>>(1);
     let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
         let mut w = w;
         let n = tensors.len();
@@ -744,9 +821,11 @@ fn write_outputs<'scope, 'env>(
         report(&w, &mut seen, &mut tensor_bytes);
         let mut done = tensor_bytes;
         for batch in rx {
-            for bytes in batch {
-                w.write_data(&bytes).map_err(output_error(opts.resume))?;
-                done += bytes.len() as u64;
+            for piece in batch {
+                for bytes in piece.slices() {
+                    w.write_data(bytes).map_err(output_error(opts.resume))?;
+                    done += bytes.len() as u64;
+                }
                 events(&Event::Bytes { done, total });
                 report(&w, &mut seen, &mut tensor_bytes);
             }
@@ -755,10 +834,11 @@ fn write_outputs<'scope, 'env>(
     });
     let mut failed = None;
     for win in jobs.chunks(window) {
-        let results: Result<Vec<(Vec<u8>, Option<String>)>, ConvertError> =
+        let results: Result<Vec<(Piece<'env>, Option<String>)>, ConvertError> =
             win.par_iter().map(|c| compute(ck, &tensors[c.t], c, opts.allow_nonfinite)).collect();
-        // The window's source pages were copied out: drop them from this process's mappings so
-        // resident memory stays bounded by the window, not by the model (pages stay cached).
+        // Drop the window's source pages from this process's mappings so resident memory stays
+        // bounded by the window, not by the model (pages stay cached). Mapped pieces the writer has
+        // yet to write stay valid: their pages fault back in from the page cache.
         ck.release_pages();
         match results {
             Ok(r) => {
@@ -862,4 +942,62 @@ fn write_manifest(
     }
     m.write(path)?;
     Ok(card_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The scalar definition: decode each element and ask it.
+    fn scalar(dtype: DType, b: &[u8]) -> bool {
+        match dtype {
+            DType::BF16 => b.chunks_exact(2).any(|c| !half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+            DType::F16 => b.chunks_exact(2).any(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
+            DType::F32 => b.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn has_nonfinite_agrees_with_is_finite(
+            words in proptest::collection::vec(any::<u32>(), 0..40),
+            special in proptest::collection::vec((0usize..80, prop_oneof![Just(0x7f80u16), Just(0x7c00), Just(0xffff), Just(0x7fc0), Just(0x7bff), Just(0x7f7f)]), 0..3),
+        ) {
+            let mut b: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            for (i, v) in special {
+                if 2 * i + 1 < b.len() {
+                    b[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                let es = dtype.block_bytes();
+                // Every length that holds whole elements, so the tail is exercised too.
+                for len in (0..=b.len()).filter(|l| l % es == 0) {
+                    prop_assert_eq!(has_nonfinite(dtype, &b[..len]), scalar(dtype, &b[..len]), "{:?} len {}", dtype, len);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn has_nonfinite_finds_each_lane() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let es = dtype.block_bytes();
+            let bad: &[u8] = match dtype {
+                DType::BF16 => &[0x80, 0x7f],
+                DType::F16 => &[0x00, 0xfc],
+                _ => &[0x01, 0x00, 0x80, 0x7f],
+            };
+            for n in 1..12 {
+                for at in 0..n {
+                    let mut b = vec![0x11u8; n * es];
+                    b[at * es..(at + 1) * es].copy_from_slice(bad);
+                    assert!(has_nonfinite(dtype, &b), "{dtype:?} n {n} at {at}");
+                }
+                assert!(!has_nonfinite(dtype, &vec![0x11u8; n * es]));
+            }
+        }
+    }
 }

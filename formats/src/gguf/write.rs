@@ -97,6 +97,11 @@ const BUF_CAPACITY: usize = 8 << 20;
 /// Pieces passed to `write_data` at least this large have their tensor hash computed on a helper
 /// thread while the file hash and the write proceed.
 const PARALLEL_HASH_MIN: usize = 1 << 20;
+/// Pieces passed to `write_data` at least this large go straight to the file (after the buffer is
+/// flushed), not through the buffer: copying them into it first would cost a pass over the bytes.
+const DIRECT_WRITE_MIN: usize = 256 << 10;
+/// Bytes written between two requests to start the kernel's writeback (see [`start_writeback`]).
+const WRITEBACK_STEP: u64 = 32 << 20;
 /// Read size when re-checking a partial file.
 const VERIFY_BUF: usize = 1 << 20;
 
@@ -288,24 +293,37 @@ struct Journal {
     pending: Vec<(usize, u64, String)>,
 }
 
-/// A writer that hashes (and counts) every byte that its inner writer accepts.
+/// A writer that hashes (and counts) every byte that its file accepts, and starts the kernel's
+/// writeback of what it wrote every [`WRITEBACK_STEP`] bytes.
 #[derive(Debug)]
-struct HashingWriter<W> {
-    inner: W,
+struct HashingWriter {
+    inner: File,
     hasher: Sha256,
     n: u64,
     /// Off when no caller wants the hashes (`GgufWriter::create_with(.., false)`): hashing is a
     /// pass over every byte, a large share of a plain bf16 conversion's time.
     enabled: bool,
+    /// Bytes before this offset have had their writeback started.
+    kicked: u64,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl HashingWriter {
+    fn new(inner: File, hasher: Sha256, n: u64, enabled: bool) -> HashingWriter {
+        HashingWriter { inner, hasher, n, enabled, kicked: n }
+    }
+}
+
+impl Write for HashingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         if self.enabled {
             self.hasher.update(buf.get(..n).unwrap_or(buf));
         }
         self.n += n as u64;
+        if self.n - self.kicked >= WRITEBACK_STEP {
+            start_writeback(&self.inner, self.kicked, self.n - self.kicked);
+            self.kicked = self.n;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -313,7 +331,24 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-type ShardWriter = BufWriter<HashingWriter<File>>;
+/// Asks the kernel to start writing `len` bytes at `from` to disk now, without waiting: the output is
+/// fsynced before it is renamed, and without this the whole file would still be dirty then (a 4 GB
+/// bf16 output waited 1.5 s in that fsync). Writing back while the conversion runs overlaps the disk
+/// with the computation, as `dd oflag=direct`-style tools do. Advisory: errors are ignored (the
+/// fsync reports real ones).
+#[cfg(target_os = "linux")]
+fn start_writeback(f: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else { return };
+    // SAFETY: sync_file_range takes a descriptor and plain integers and touches no memory of ours;
+    // `f` is an open file for the whole call.
+    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: u64) {}
+
+type ShardWriter = BufWriter<HashingWriter>;
 
 /// One output file.
 #[derive(Debug)]
@@ -504,7 +539,14 @@ impl GgufWriter {
         let path = partial_path(&shard.path);
         let cur = self.cur.as_mut();
         let write = move || match cur {
-            Some(f) => f.write_all(bytes).map_err(|source| GgufError::Io { path, op: "write", source }),
+            Some(f) => {
+                let res = if bytes.len() >= DIRECT_WRITE_MIN {
+                    f.flush().and_then(|()| f.get_mut().write_all(bytes))
+                } else {
+                    f.write_all(bytes)
+                };
+                res.map_err(|source| GgufError::Io { path, op: "write", source })
+            }
             None => Err(GgufError::Poisoned { path }),
         };
         let hasher = &mut self.tensor_hasher;
@@ -755,7 +797,7 @@ impl GgufWriter {
             }
             // The shard to continue: append after the checked prefix.
             f.seek(SeekFrom::Start(pos)).map_err(io("seek"))?;
-            let hw = HashingWriter { inner: f, hasher: file_hasher, n: pos, enabled: self.hash };
+            let hw = HashingWriter::new(f, file_hasher, pos, self.hash);
             self.cur = Some(BufWriter::with_capacity(BUF_CAPACITY, hw));
             self.cur_data_offset = hdr.len() as u64;
             self.shard_idx = s;
@@ -1205,10 +1247,7 @@ fn open_shard(shard: &Shard, hash: bool) -> Result<(ShardWriter, u64), GgufError
     // The usual 0o666 & !umask (what `open(path, "wb")` gives gguf-py).
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io("create"))?;
     let h = shard_header(shard);
-    let mut f = BufWriter::with_capacity(
-        BUF_CAPACITY,
-        HashingWriter { inner: file, hasher: Sha256::new(), n: 0, enabled: hash },
-    );
+    let mut f = BufWriter::with_capacity(BUF_CAPACITY, HashingWriter::new(file, Sha256::new(), 0, hash));
     f.write_all(&h).map_err(io("write"))?;
     Ok((f, h.len() as u64))
 }
