@@ -303,13 +303,45 @@ struct HashingWriter {
     /// Off when no caller wants the hashes (`GgufWriter::create_with(.., false)`): hashing is a
     /// pass over every byte, a large share of a plain bf16 conversion's time.
     enabled: bool,
-    /// Bytes before this offset have had their writeback started.
-    kicked: u64,
+    writeback: Writeback,
 }
 
 impl HashingWriter {
     fn new(inner: File, hasher: Sha256, n: u64, enabled: bool) -> HashingWriter {
-        HashingWriter { inner, hasher, n, enabled, kicked: n }
+        HashingWriter { inner, hasher, n, enabled, writeback: Writeback::at(n) }
+    }
+}
+
+/// Which byte ranges of a file being appended to should start writing back, and which are old enough to
+/// be dropped from the page cache (see [`start_writeback`], [`drop_behind`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Writeback {
+    /// Writeback has been started for every byte before this offset.
+    kicked: u64,
+    /// `kicked` one step earlier: bytes before it have been writing back for at least a step.
+    kicked_before: u64,
+    /// Bytes before this offset (from where the writer began) have been dropped from the page cache.
+    dropped: u64,
+}
+
+impl Writeback {
+    fn at(n: u64) -> Writeback {
+        Writeback { kicked: n, kicked_before: n, dropped: n }
+    }
+
+    /// With `n` bytes written: once at least [`WRITEBACK_STEP`] bytes are new, the range to start
+    /// writing back, and the range (possibly empty) whose writeback started two steps ago or earlier,
+    /// to drop. Contiguous and without gaps whatever the size of each write.
+    fn step(&mut self, n: u64) -> Option<(std::ops::Range<u64>, std::ops::Range<u64>)> {
+        if n.saturating_sub(self.kicked) < WRITEBACK_STEP {
+            return None;
+        }
+        let start = self.kicked..n;
+        let drop = self.dropped..self.kicked_before.max(self.dropped);
+        self.dropped = drop.end;
+        self.kicked_before = self.kicked;
+        self.kicked = n;
+        Some((start, drop))
     }
 }
 
@@ -320,12 +352,11 @@ impl Write for HashingWriter {
             self.hasher.update(buf.get(..n).unwrap_or(buf));
         }
         self.n += n as u64;
-        if self.n - self.kicked >= WRITEBACK_STEP {
-            start_writeback(&self.inner, self.kicked, self.n - self.kicked);
-            if self.kicked >= 2 * WRITEBACK_STEP {
-                drop_behind(&self.inner, self.kicked - 2 * WRITEBACK_STEP, WRITEBACK_STEP);
+        if let Some((start, drop)) = self.writeback.step(self.n) {
+            start_writeback(&self.inner, start.start, start.end - start.start);
+            if !drop.is_empty() {
+                drop_behind(&self.inner, drop.start, drop.end - drop.start);
             }
-            self.kicked = self.n;
         }
         Ok(n)
     }
@@ -353,8 +384,8 @@ fn start_writeback(_: &File, _: u64, _: u64) {}
 #[cfg(not(target_os = "linux"))]
 fn drop_behind(_: &File, _: u64, _: u64) {}
 
-/// Waits until `len` bytes at `from` (whose writeback started two steps earlier, so it is normally
-/// done) are on disk, then drops them from the page cache. A conversion writes far more than it
+/// Waits until `len` bytes at `from` (whose writeback started at least two steps earlier, so it is
+/// normally done) are on disk, then drops them from the page cache. A conversion writes far more than it
 /// will read again soon; left cached, its output fills memory and every later page the process
 /// writes must first be reclaimed from that full cache, in its own system time. Measured on a 4 GB
 /// model with the page cache full (2 cores): bf16 3.2 -> 2.5 s, q8_0 2.5-2.8 -> 1.6-1.7 s, system
@@ -1351,6 +1382,38 @@ fn put_value(h: &mut Vec<u8>, v: &GgufValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the write sizes: writeback starts on contiguous ranges from where the writer began, each
+        /// at least a step long; the dropped ranges are contiguous too, and cover exactly what started writing
+        /// back two steps (or more) before.
+        #[test]
+        fn writeback_ranges_are_contiguous_and_drop_two_steps_behind(
+            start in 0u64..1000,
+            writes in proptest::collection::vec(0u64..3 * WRITEBACK_STEP, 0..60),
+        ) {
+            let mut wb = Writeback::at(start);
+            let (mut n, mut kicked, mut dropped) = (start, start, start);
+            let mut kicks: Vec<u64> = vec![start];
+            for w in writes {
+                n += w;
+                if let Some((k, d)) = wb.step(n) {
+                    prop_assert_eq!(k.start, kicked);
+                    prop_assert!(k.end - k.start >= WRITEBACK_STEP);
+                    prop_assert_eq!(d.start, dropped);
+                    kicked = k.end;
+                    dropped = d.end;
+                    kicks.push(k.end);
+                    // Dropped: everything that started writing back before the previous step's start.
+                    let two_back = kicks.len().checked_sub(3).map_or(start, |i| kicks[i]);
+                    prop_assert_eq!(dropped, two_back);
+                } else {
+                    prop_assert!(n - kicked < WRITEBACK_STEP);
+                }
+            }
+        }
+    }
 
     #[test]
     fn shard_names_follow_gguf_py() {
