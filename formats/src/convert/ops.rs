@@ -148,29 +148,8 @@ impl Op {
         }
         match self {
             Op::Source(s) => out.push(source_bytes(ck, s, r0, r1)?),
-            Op::Rows { inner, map } => {
-                let mut i = r0 as usize;
-                while i < r1 as usize {
-                    let s = map[i];
-                    let mut j = i + 1;
-                    while j < r1 as usize && map[j] == map[j - 1] + 1 {
-                        j += 1;
-                    }
-                    inner.push_slices(ck, s, s + (j - i) as u64, out)?;
-                    i = j;
-                }
-            }
-            Op::Concat(parts) => {
-                let mut base = 0;
-                for p in parts {
-                    let n = p.rows();
-                    let (a, b) = (r0.max(base), r1.min(base + n));
-                    if a < b {
-                        p.push_slices(ck, a - base, b - base, out)?;
-                    }
-                    base += n;
-                }
-            }
+            Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.push_slices(ck, a, b, out))?,
+            Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.push_slices(ck, a, b, out))?,
             // Excluded by `slices_only`.
             Op::Fp8 { .. } | Op::Transpose { .. } => {}
         }
@@ -191,32 +170,8 @@ impl Op {
         match self {
             Op::Source(s) => E::source(ck, s, r0, r1, out),
             Op::Fp8 { weight, scale, block } => E::fp8(ck, weight, scale, *block, r0, r1, out),
-            Op::Rows { inner, map } => {
-                // Gather runs of consecutive source rows in one read.
-                let mut i = r0 as usize;
-                while i < r1 as usize {
-                    let s = map[i];
-                    let mut j = i + 1;
-                    while j < r1 as usize && map[j] == map[j - 1] + 1 {
-                        j += 1;
-                    }
-                    inner.gather(ck, s, s + (j - i) as u64, out)?;
-                    i = j;
-                }
-                Ok(())
-            }
-            Op::Concat(parts) => {
-                let mut base = 0;
-                for p in parts {
-                    let n = p.rows();
-                    let (a, b) = (r0.max(base), r1.min(base + n));
-                    if a < b {
-                        p.gather(ck, a - base, b - base, out)?;
-                    }
-                    base += n;
-                }
-                Ok(())
-            }
+            Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.gather(ck, a, b, out)),
+            Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.gather(ck, a, b, out)),
             Op::Transpose { inner, r, c, .. } => {
                 let (r, c) = (*r, *c);
                 let mut m: Vec<E> = Vec::new();
@@ -235,6 +190,42 @@ impl Op {
             }
         }
     }
+}
+
+/// Output rows `r0..r1` of [`Op::Rows`] as runs of consecutive source rows, so that each run is read in
+/// one call: `f(first, end)` for each run, in order.
+fn row_runs(map: &[u64], r0: u64, r1: u64, mut f: impl FnMut(u64, u64) -> Result<(), OpError>) -> Result<(), OpError> {
+    let mut i = r0 as usize;
+    while i < r1 as usize {
+        let s = map[i];
+        let mut j = i + 1;
+        while j < r1 as usize && map[j] == map[j - 1] + 1 {
+            j += 1;
+        }
+        f(s, s + (j - i) as u64)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Output rows `r0..r1` of [`Op::Concat`] split over its parts: `f(part, a, b)` for rows `a..b` of each
+/// part that holds some of them, in order.
+fn concat_parts(
+    parts: &[Op],
+    r0: u64,
+    r1: u64,
+    mut f: impl FnMut(&Op, u64, u64) -> Result<(), OpError>,
+) -> Result<(), OpError> {
+    let mut base = 0;
+    for p in parts {
+        let n = p.rows();
+        let (a, b) = (r0.max(base), r1.min(base + n));
+        if a < b {
+            f(p, a - base, b - base)?;
+        }
+        base += n;
+    }
+    Ok(())
 }
 
 fn source_bytes<'a>(ck: &'a Checkpoint, s: &Src, r0: u64, r1: u64) -> Result<&'a [u8], OpError> {

@@ -401,38 +401,33 @@ fn compute<'a>(
     let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
     // Rounding through the intermediate type is the identity when the output has that type.
     let round_via = t.round_via.filter(|r| *r != t.dtype);
-    if let Payload::Values(op) = &t.payload {
-        if round_via.is_none()
-            && matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
-            && op.raw_dtype() == Some(t.dtype)
+    if let Some((op, src)) = match &t.payload {
+        Payload::Values(op) => op.raw_dtype().map(|d| (op, d)),
+        _ => None,
+    } {
+        // Same type in and out and only rows selected: with no NaN/Inf the reference's decode-then-round
+        // is the identity (bf16->f32->bf16, f16->f32->f16), so the mapped source bytes are the output.
+        let copy = round_via.is_none() && matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32) && src == t.dtype;
+        // bf16 rows to Q8_0 straight from the mapped bytes (widening bf16 to f32 is exact, and rounding it
+        // back through bf16 the identity), without an f32 copy of the chunk.
+        let q8_0 = t.dtype == DType::Q8_0
+            && src == DType::BF16
+            && matches!(round_via, None | Some(DType::BF16))
+            && op.cols() % 32 == 0;
+        let mut slices = Vec::new();
+        // A chunk with NaN/Inf takes the slow path below, which reports it.
+        if (copy || q8_0)
+            && op.raw_slices(ck, c.r0, c.r1, &mut slices).map_err(op_err)?
+            && !slices.iter().any(|b| has_nonfinite(src, b))
         {
-            // Same type in and out and only rows selected: with no NaN/Inf the reference's
-            // decode-then-round is the identity (bf16->f32->bf16, f16->f32->f16), so the mapped
-            // source bytes are the output. A chunk with NaN/Inf takes the slow path, which reports it.
-            let mut slices = Vec::new();
-            if op.raw_slices(ck, c.r0, c.r1, &mut slices).map_err(op_err)?
-                && !slices.iter().any(|b| has_nonfinite(t.dtype, b))
-            {
+            if copy {
                 return Ok((Piece::Mapped(slices), None));
             }
-        }
-        if t.dtype == DType::Q8_0
-            && op.raw_dtype() == Some(DType::BF16)
-            && matches!(round_via, None | Some(DType::BF16))
-            && op.cols() % 32 == 0
-        {
-            // bf16 rows to Q8_0 straight from the mapped bytes (widening bf16 to f32 is exact, and
-            // rounding it back through bf16 the identity), without an f32 copy of the chunk.
-            let mut slices = Vec::new();
-            if op.raw_slices(ck, c.r0, c.r1, &mut slices).map_err(op_err)?
-                && !slices.iter().any(|b| has_nonfinite(DType::BF16, b))
-            {
-                bytes.reserve_exact(t.dtype.bytes_for((c.r1 - c.r0) * op.cols()).unwrap_or(0) as usize);
-                for b in slices {
-                    sling_kernels::quantize_bf16_row_q8_0(b, &mut bytes);
-                }
-                return Ok((Piece::Owned(bytes), None));
+            bytes.reserve_exact(t.dtype.bytes_for((c.r1 - c.r0) * op.cols()).unwrap_or(0) as usize);
+            for b in slices {
+                sling_kernels::quantize_bf16_row_q8_0(b, &mut bytes);
             }
+            return Ok((Piece::Owned(bytes), None));
         }
     }
     match &t.payload {
