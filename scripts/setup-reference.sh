@@ -26,7 +26,8 @@ fi
 # build (~4 GB of wheels); it runs on CPU. pytest runs the interop suite (tests/interop).
 PKGS="numpy==2.4.6 safetensors==0.8.0 gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 torch==2.15.0
       transformers==5.24.0 tokenizers==0.23.3 jinja2==3.1.6 diskcache==5.6.3 typing_extensions==4.16.0
-      pytest==9.2.0 model-signing==1.1.1 pyopenssl==26.4.0"
+      pytest==9.2.0 model-signing==1.1.1 pyopenssl==26.4.0
+      compressed-tensors==0.20.1 mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2"
 stamp="venv/.sling-$(echo "$PKGS" | sha256sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   [ -x venv/bin/python ] || "$PYTHON" -m venv venv

@@ -226,6 +226,27 @@ impl Reporter {
         }
     }
 
+    /// Progress bar: total bytes.
+    pub fn set_length(&self, n: u64) {
+        self.bar.set_length(n);
+    }
+
+    /// Progress bar: bytes done, and what is being worked on.
+    pub fn set_position(&self, n: u64, message: &str) {
+        self.bar.set_position(n);
+        self.bar.set_message(message.to_string());
+    }
+
+    /// Progress bar: what is being worked on.
+    pub fn set_message(&self, message: &str) {
+        self.bar.set_message(message.to_string());
+    }
+
+    /// Removes the progress bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
     /// The final event of a successful run.
     pub fn done(&self, report: &ConvertReport, extra: Value) {
         self.bar.finish_and_clear();

@@ -130,7 +130,12 @@ pub fn run_eval(reference: &Path, candidate: &Path, d: &DataArgs, quiet: bool) -
     let cand_ck;
     let cand_gguf;
     let cand_hf;
-    let (cand_src, cand_cfg): (&dyn TensorSource, _) = if candidate.is_dir() {
+    let cand_art = if candidate.is_dir() { crate::dequantize::open(candidate)? } else { None };
+    let (cand_src, cand_cfg): (&dyn TensorSource, _) = if let Some(art) = &cand_art {
+        // A compressed-tensors or MLX directory: its weights dequantized by sling.
+        let c = art.0.ck.config.clone().with_context(|| format!("{}: no config.json", candidate.display()))?;
+        (art, c)
+    } else if candidate.is_dir() {
         cand_ck = Checkpoint::open(candidate).with_context(|| format!("cannot open {}", candidate.display()))?;
         let c = cand_ck.config.clone().with_context(|| format!("{}: no config.json", candidate.display()))?;
         cand_hf = CheckpointSource::new(&cand_ck);

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sling_calibration::{CheckpointSource, Model};
+use sling_calibration::{CheckpointSource, Model, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
 
 pub const AFTER_HELP: &str =
@@ -17,7 +17,8 @@ sling logits fixtures/models/deepseekv3 --ids 1,2,3 --ids 4,5";
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (config.json + safetensors).
+    /// A Hugging Face model directory (config.json + safetensors), or a compressed-tensors / MLX directory
+    /// written by `sling quantize --to vllm:… | mlx:…` (its weights dequantized by sling).
     src: PathBuf,
     /// Comma-separated token ids of one sequence; repeat for a batch.
     #[arg(long, required = true, value_parser = parse_ids)]
@@ -53,10 +54,19 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             bail!("--out {}: the file name must end in .npy or .f32", out.display());
         }
     }
-    let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
-    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
-    let src = CheckpointSource::new(&ck);
-    let model = Model::new(&src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    // A compressed-tensors or MLX directory is read through sling's dequantizer; anything else as a checkpoint.
+    let artifact = if a.src.is_dir() { crate::dequantize::open(&a.src)? } else { None };
+    let ck;
+    let plain;
+    let (src, cfg): (&dyn TensorSource, _) = match &artifact {
+        Some(art) => (art, art.0.ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?),
+        None => {
+            ck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
+            plain = CheckpointSource::new(&ck);
+            (&plain, ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?)
+        }
+    };
+    let model = Model::new(src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
     let t0 = std::time::Instant::now();
     let logits = model.logits(&seqs, None).with_context(|| format!("{}: forward pass failed", a.src.display()))?;
     let vocab = model.spec().vocab;

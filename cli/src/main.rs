@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 
 mod calibrate;
 mod convert;
+mod dequantize;
 mod eval;
+mod hfout;
 mod inspect;
 mod logits;
 mod quantize;
@@ -70,6 +72,9 @@ enum Cmd {
     /// key`): a sigstore bundle with the sha256 of every file, ECDSA P-256.
     #[command(after_help = sign::AFTER_HELP)]
     Sign(sign::Args),
+    /// Developer command: sling's dequantization of a vllm/mlx artifact directory, as F32 safetensors.
+    #[command(hide = true, after_help = dequantize::AFTER_HELP)]
+    Dequantize(dequantize::Args),
     /// Developer command: logits of the calibration engine's f32 forward pass on given token ids.
     #[command(hide = true, after_help = logits::AFTER_HELP)]
     Logits(logits::Args),
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => return ExitCode::from(verify::run(a, cli.quiet)),
         Cmd::Sign(a) => sign::run(a, cli.quiet),
         Cmd::Logits(a) => logits::run(a, cli.quiet),
+        Cmd::Dequantize(a) => dequantize::run(a),
         Cmd::Calibrate(a) => calibrate::run(a, cli.quiet),
         // eval chooses its exit code: 0, or 1 when the --max-kld gate fails.
         Cmd::Eval(a) => eval::run(a, cli.quiet).map(|code| {

@@ -50,93 +50,101 @@ Crash safety, --resume, --progress json / --events, --reproducible and the model
 pub struct QuantArgs {
     /// Source: a Hugging Face model directory, a .safetensors file, or a GGUF file (as llama-quantize takes;
     /// block-quantized tensors in it need --allow-requantize).
-    src: PathBuf,
-    /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4).
-    /// Optional with --recipe.
-    #[arg(long, value_name = "gguf:PRESET")]
-    to: Option<String>,
+    pub(crate) src: PathBuf,
+    /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4);
+    /// vllm:SCHEME, a compressed-tensors directory for vLLM/SGLang (w4a16, w4a16-asym, w8a16, fp8-dynamic,
+    /// fp8-block, nvfp4, mxfp4); mlx:BITS, a directory for mlx-lm (2, 3, 4, 5, 6, 8). Optional with --recipe.
+    #[arg(long, value_name = "TARGET")]
+    pub(crate) to: Option<String>,
     /// Recipe file (TOML): a base preset plus rules by role, layer range and name (docs/quantization.md).
     #[arg(long, value_name = "FILE")]
-    recipe: Option<PathBuf>,
+    pub(crate) recipe: Option<PathBuf>,
     /// Importance matrix (llama-imatrix GGUF output or legacy .dat).
     #[arg(long, value_name = "FILE")]
-    imatrix: Option<PathBuf>,
+    pub(crate) imatrix: Option<PathBuf>,
     /// Use imatrix entries only for tensors whose name contains this (repeatable).
     #[arg(long, value_name = "NAME", conflicts_with = "exclude_weights")]
-    include_weights: Vec<String>,
+    pub(crate) include_weights: Vec<String>,
     /// Do not use imatrix entries for tensors whose name contains this (repeatable).
     #[arg(long, value_name = "NAME")]
-    exclude_weights: Vec<String>,
+    pub(crate) exclude_weights: Vec<String>,
     /// Every quantized tensor gets the preset's default type (no k-quant mixtures).
     #[arg(long)]
-    pure: bool,
+    pub(crate) pure: bool,
     /// Leave output.weight as it is (not quantized).
     #[arg(long)]
-    leave_output_tensor: bool,
+    pub(crate) leave_output_tensor: bool,
     /// Type for output.weight (e.g. q8_0, f16).
     #[arg(long, value_name = "TYPE")]
-    output_tensor_type: Option<String>,
+    pub(crate) output_tensor_type: Option<String>,
     /// Type for token_embd.weight.
     #[arg(long, value_name = "TYPE")]
-    token_embedding_type: Option<String>,
+    pub(crate) token_embedding_type: Option<String>,
     /// REGEX=TYPE: tensors whose name matches get TYPE (repeatable; first match wins).
     #[arg(long, value_name = "REGEX=TYPE")]
-    tensor_type: Vec<String>,
+    pub(crate) tensor_type: Vec<String>,
     /// KEY=TYPE:VALUE metadata to set in the output (TYPE int, float, bool or str), like llama-quantize's
     /// --override-kv (repeatable).
     #[arg(long, value_name = "KEY=TYPE:VALUE")]
-    override_kv: Vec<String>,
+    pub(crate) override_kv: Vec<String>,
     /// File of whitespace-separated REGEX=TYPE rules, used after --tensor-type (llama-quantize --tensor-type-file).
     #[arg(long, value_name = "FILE")]
-    tensor_type_file: Option<PathBuf>,
+    pub(crate) tensor_type_file: Option<PathBuf>,
     /// Requantize tensors the source holds in a block type (gpt-oss MXFP4 experts) for presets other than MXFP4_MOE.
     #[arg(long)]
-    allow_requantize: bool,
+    pub(crate) allow_requantize: bool,
     /// tokenizer.ggml.pre to write when the tokenizer is not one llama.cpp knows by hash.
     #[arg(long, value_name = "NAME")]
-    tokenizer_pre: Option<String>,
+    pub(crate) tokenizer_pre: Option<String>,
+    /// Group size for mlx targets: 32, 64 (default) or 128.
+    #[arg(long, value_name = "N")]
+    pub(crate) group_size: Option<u64>,
+    /// vllm/mlx targets: a weight whose shape the scheme cannot take is an error (default: kept at source
+    /// precision, with a warning, and listed in the plan, the manifest and the model card).
+    #[arg(long)]
+    pub(crate) strict: bool,
     /// Print JSON on stdout (logs and progress go to stderr).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    q: QuantArgs,
+    pub(crate) q: QuantArgs,
     /// Output file (with splits: the first shard's base name).
     #[arg(short, long = "output", visible_alias = "outfile")]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Maximum size of each output shard, e.g. 50G.
     #[arg(long, value_name = "SIZE")]
-    split_max_size: Option<String>,
+    pub(crate) split_max_size: Option<String>,
     /// Maximum number of tensors per output shard.
     #[arg(long, value_name = "N")]
-    split_max_tensors: Option<usize>,
+    pub(crate) split_max_tensors: Option<usize>,
     /// Quantize even if weights hold NaN or Inf.
     #[arg(long)]
-    allow_nonfinite: bool,
+    pub(crate) allow_nonfinite: bool,
     /// Do not write the provenance manifest OUT.sling.json.
     #[arg(long)]
-    no_manifest: bool,
+    pub(crate) no_manifest: bool,
     /// Print the plan (as `sling plan` does) and write nothing, like llama-quantize --dry-run.
     #[arg(long)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// After writing, evaluate the artifact against the source on this text (as `sling eval` does: PPL, KLD,
     /// top-1, Δp) and record the figures in the manifest (`quality`) and the model card.
     #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
-    eval: Option<PathBuf>,
+    pub(crate) eval: Option<PathBuf>,
     /// Tokens per evaluation chunk (with --eval).
     #[arg(long, value_name = "N", default_value_t = 512, requires = "eval")]
-    eval_ctx: usize,
+    pub(crate) eval_ctx: usize,
     /// At most this many evaluation chunks (with --eval; default: all).
     #[arg(long, value_name = "N", requires = "eval")]
-    eval_chunks: Option<usize>,
+    pub(crate) eval_chunks: Option<usize>,
     /// With --eval: exit with code 1 when the mean KLD is above this (the artifact is kept, with its figures).
     #[arg(long, value_name = "X", requires = "eval")]
-    max_kld: Option<f64>,
+    pub(crate) max_kld: Option<f64>,
     #[command(flatten)]
-    pipeline: PipelineArgs,
+    pub(crate) pipeline: PipelineArgs,
 }
 
 fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<DType>> {
@@ -382,8 +390,23 @@ fn human_secs(s: f64) -> String {
     }
 }
 
+/// `--to vllm:…` or `--to mlx:…`, if that is what was asked for.
+fn hf_target(a: &QuantArgs) -> Result<Option<sling_targets::To>> {
+    match &a.to {
+        // Without a `kind:` prefix, the gguf path says what it expects.
+        Some(to) if to.contains(':') => Ok(sling_targets::To::parse(to)?),
+        _ => Ok(None),
+    }
+}
+
 /// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
 pub fn run_plan(a: QuantArgs) -> Result<()> {
+    if let Some(to) = hf_target(&a)? {
+        return crate::hfout::run_plan(&a, to);
+    }
+    if a.group_size.is_some() || a.strict {
+        bail!("--group-size and --strict apply to vllm:… and mlx:… targets");
+    }
     let (opts, label) = options(&a)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
@@ -435,7 +458,14 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         return run_plan(a.q);
     }
     let rep = Reporter::new("quantize", &a.pipeline, quiet, a.q.json)?;
-    let r = run_with(&a, quiet, &rep);
+    let r = match hf_target(&a.q) {
+        Ok(Some(to)) => crate::hfout::run(&a, to, quiet, &rep),
+        Ok(None) if a.q.group_size.is_some() || a.q.strict => {
+            Err(anyhow::anyhow!("--group-size and --strict apply to vllm:… and mlx:… targets"))
+        }
+        Ok(None) => run_with(&a, quiet, &rep),
+        Err(e) => Err(e),
+    };
     if let Err(e) = &r {
         rep.error(e);
     }

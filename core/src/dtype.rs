@@ -39,6 +39,8 @@ pub enum DType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    /// Unsigned 32-bit words: MLX's packed affine weights.
+    U32,
 }
 
 /// Static facts about a [`DType`].
@@ -99,6 +101,7 @@ table! {
     TQ1_0  => "tq1_0",  Some(34), None,           256, 54;
     TQ2_0  => "tq2_0",  Some(35), None,           256, 66;
     MXFP4  => "mxfp4",  Some(39), None,            32, 17;
+    U32    => "u32",    None,     Some("U32"),      1, 4;
 }
 
 impl DType {

@@ -9,4 +9,5 @@ pub mod gguf;
 pub mod manifest;
 pub mod quantize;
 pub mod signing;
+pub mod st_write;
 pub mod tokenizer;

@@ -303,6 +303,13 @@ pub struct TensorRecord {
     pub sources: Vec<String>,
 }
 
+/// A weight kept at source precision, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptRecord {
+    pub name: String,
+    pub why: String,
+}
+
 /// A provenance manifest; see the module docs and `docs/manifest.md`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -328,6 +335,10 @@ pub struct Manifest {
     /// when not measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<Value>,
+    /// Weights the target's scheme cannot take (a row length its group size does not divide), kept at
+    /// source precision; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<KeptRecord>,
     pub tensors: Vec<TensorRecord>,
     /// sha256 of [`canonical_json`] of the manifest without this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -616,6 +627,7 @@ pub fn build(
         outputs,
         model_card: None,
         quality: None,
+        kept: Vec::new(),
         tensors,
         manifest_sha256: None,
     }

@@ -6,12 +6,14 @@
 #![deny(unsafe_code)]
 
 pub mod common;
+pub mod ct;
 pub mod decode;
 pub mod encode;
 pub mod ggml;
 pub mod iq4;
 pub mod kquants;
 pub mod legacy;
+pub mod mlx;
 pub mod mxfp4;
 pub mod search;
 pub mod ternary;

@@ -39,6 +39,9 @@ pub struct CardContext {
     pub manifest_name: String,
     /// Extra rows for the summary table (recipe description, imatrix, ...).
     pub extra: Vec<(String, String)>,
+    /// For artifacts other than GGUF: what the card calls the format (`compressed-tensors`, `MLX`) and the
+    /// Hugging Face `library_name` (`transformers`, `mlx`); tensor names are then the checkpoint's own.
+    pub format: Option<(String, String)>,
 }
 
 fn marker(output: &str) -> String {
@@ -129,10 +132,14 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
     let out_name = m.output.as_str();
 
     // Hugging Face model-card metadata.
+    let (format, library) = match &cx.format {
+        Some((f, l)) => (f.as_str(), l.as_str()),
+        None => ("GGUF", "gguf"),
+    };
     let _ = writeln!(s, "---");
-    let _ = writeln!(s, "library_name: gguf");
+    let _ = writeln!(s, "library_name: {library}");
     let _ = writeln!(s, "tags:");
-    let _ = writeln!(s, "- gguf");
+    let _ = writeln!(s, "- {}", format.to_ascii_lowercase());
     let _ = writeln!(s, "- sling");
     if !cx.gguf_architecture.is_empty() {
         let _ = writeln!(s, "- {}", cx.gguf_architecture);
@@ -148,19 +155,20 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
         cx.manifest_name
     );
     let _ = writeln!(s);
-    let _ = writeln!(s, "# {} — {} GGUF", cx.source_name, m.options.out_type);
+    let _ = writeln!(s, "# {} — {} {format}", cx.source_name, m.options.out_type);
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "`{out_name}`: `{}` converted to GGUF ({}) by sling {} (commit `{}`).",
+        "`{out_name}`: `{}` converted to {format} ({}) by sling {} (commit `{}`).",
         cx.source_name, m.options.out_type, m.sling.version, m.sling.git_commit
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "| | |");
     let _ = writeln!(s, "|---|---|");
-    let arch = match &cx.hf_architecture {
-        Some(a) => format!("`{a}` → GGUF `{}`", cx.gguf_architecture),
-        None => format!("GGUF `{}`", cx.gguf_architecture),
+    let arch = match (&cx.hf_architecture, cx.format.is_some()) {
+        (Some(a), true) => format!("`{a}`"),
+        (Some(a), false) => format!("`{a}` → GGUF `{}`", cx.gguf_architecture),
+        (None, _) => format!("GGUF `{}`", cx.gguf_architecture),
     };
     let _ = writeln!(s, "| source | `{}` ({arch}) |", cx.source_name);
     if let Some(e) = cx.experts.filter(|e| *e > 1) {
@@ -194,7 +202,8 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
     // Recipe: tensors per role and type.
     let mut table: BTreeMap<(&'static str, String), (usize, u64, u64)> = BTreeMap::new();
     for t in &m.tensors {
-        let e = table.entry((role_name(Role::of(&t.name)), t.dtype.clone())).or_default();
+        let role = if cx.format.is_some() { Role::of_hf(&t.name, t.ne.len()) } else { Role::of(&t.name) };
+        let e = table.entry((role_name(role), t.dtype.clone())).or_default();
         e.0 += 1;
         e.1 += t.ne.iter().product::<u64>();
         e.2 += t.n_bytes;
@@ -231,6 +240,15 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
         }
     }
 
+    if !m.kept.is_empty() {
+        let _ = writeln!(s, "Kept at source precision (the scheme cannot take their shape):");
+        let _ = writeln!(s);
+        for k in &m.kept {
+            let _ = writeln!(s, "- `{}`: {}", cell(&k.name), cell(&k.why));
+        }
+        let _ = writeln!(s);
+    }
+
     s.push_str(&quality_section(m.quality.as_ref()));
 
     let _ = writeln!(s, "## Files");
@@ -256,7 +274,7 @@ pub fn render(m: &Manifest, cx: &CardContext) -> String {
     let _ = writeln!(
         s,
         "sling verify {}                 # every file and tensor against {} (and this card)",
-        m.outputs.first().map(|o| o.name.as_str()).unwrap_or(out_name),
+        if cx.format.is_some() { "." } else { m.outputs.first().map(|o| o.name.as_str()).unwrap_or(out_name) },
         cx.manifest_name
     );
     let _ = writeln!(s, "sling verify {} --source SRC     # also the source files listed above", cx.manifest_name);
@@ -447,6 +465,7 @@ mod tests {
 
     fn cx() -> CardContext {
         CardContext {
+            format: None,
             source_name: "tiny".into(),
             hf_architecture: Some("Qwen3MoeForCausalLM".into()),
             gguf_architecture: "qwen3moe".into(),

@@ -900,6 +900,7 @@ fn card_context(ck: &Checkpoint, kvs: &Kvs, opts: &ConvertOptions) -> CardContex
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         extra: opts.card_extra.clone(),
+        format: None,
     }
 }
 

@@ -206,6 +206,37 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role of a tensor from its Hugging Face (checkpoint) name and number of dimensions.
+    pub fn of_hf(name: &str, n_dims: usize) -> Role {
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        if n_dims < 2 || module.ends_with("norm") || module.contains("layernorm") {
+            return Role::Other;
+        }
+        if module.ends_with(".mlp.gate")
+            || module.ends_with("block_sparse_moe.gate")
+            || module.ends_with(".router")
+            || module.ends_with("shared_expert_gate")
+            || name.contains("e_score_correction")
+        {
+            Role::Router
+        } else if module.contains("shared_expert") {
+            Role::SharedExperts
+        } else if module.contains(".experts.") || module.contains(".switch_mlp.") {
+            Role::RoutedExperts
+        } else if module.contains("self_attn.") || module.contains(".attention.") {
+            Role::Attention
+        } else if module.ends_with("embed_tokens") || module.ends_with("wte") {
+            Role::Embeddings
+        } else if module == "lm_head" || module.ends_with(".lm_head") {
+            Role::Output
+        } else if module.contains(".mlp.") {
+            Role::DenseFfn
+        } else {
+            Role::Other
+        }
+    }
+
+    /// The role of a tensor from its GGUF name.
     pub fn of(name: &str) -> Role {
         if name.contains("ffn_gate_inp") || name.contains("exp_probs_b") {
             Role::Router

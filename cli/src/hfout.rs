@@ -1,0 +1,281 @@
+//! `sling quantize --to vllm:SCHEME | mlx:BITS` and `sling plan` for them: Hugging Face-format directories
+//! written by the target-agnostic pipeline (`sling_pipeline`) with a target plug-in (`sling_targets`).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::manifest;
+use sling_pipeline::{Event, ExecOptions, IndexStyle, Plan, Target};
+use sling_targets::{mlx, vllm, To};
+
+use crate::convert::{parse_size, tool, Reporter};
+use crate::quantize::{Args, QuantArgs};
+
+/// Files of the source directory an HF-format artifact carries over as they are.
+pub const COPIED: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Refuses the GGUF-only flags with these targets.
+fn check_flags(a: &QuantArgs) -> Result<()> {
+    let gguf_only = [
+        ("--recipe", a.recipe.is_some()),
+        ("--imatrix", a.imatrix.is_some()),
+        ("--pure", a.pure),
+        ("--leave-output-tensor", a.leave_output_tensor),
+        ("--output-tensor-type", a.output_tensor_type.is_some()),
+        ("--token-embedding-type", a.token_embedding_type.is_some()),
+        ("--tensor-type", !a.tensor_type.is_empty()),
+        ("--tensor-type-file", a.tensor_type_file.is_some()),
+        ("--override-kv", !a.override_kv.is_empty()),
+        ("--tokenizer-pre", a.tokenizer_pre.is_some()),
+        ("--allow-requantize", a.allow_requantize),
+    ];
+    if let Some((flag, _)) = gguf_only.iter().find(|(_, on)| *on) {
+        bail!("{flag} applies to --to gguf:… only");
+    }
+    Ok(())
+}
+
+/// A planned HF-format artifact, whichever target.
+enum Planned {
+    Vllm(vllm::Scheme, Plan<vllm::Enc>),
+    Mlx(mlx::MlxPlan),
+}
+
+fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
+    check_flags(a)?;
+    let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
+    let ctx = || format!("cannot quantize {} to {}", a.src.display(), to.label());
+    let p = match to {
+        To::Vllm(s) => {
+            if a.group_size.is_some() {
+                bail!("--group-size applies to mlx targets (vllm schemes fix their group size)");
+            }
+            Planned::Vllm(s, vllm::plan(&ck, s, a.strict).with_context(ctx)?)
+        }
+        To::Mlx(b) => Planned::Mlx(mlx::plan(&ck, b, a.group_size.unwrap_or(64), a.strict).with_context(ctx)?),
+    };
+    Ok((ck, p))
+}
+
+fn weights_json<E: std::fmt::Debug>(p: &Plan<E>) -> Vec<serde_json::Value> {
+    p.weights
+        .iter()
+        .map(|w| {
+            json!({
+                "name": w.name,
+                "role": w.role,
+                "encoding": format!("{:?}", w.enc),
+                "tensors": w.parts.iter().map(|t| json!({"name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.n_bytes()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+fn summary<E: std::fmt::Debug>(label: &str, p: &Plan<E>) -> serde_json::Value {
+    let bytes = sling_pipeline::plan_bytes(p);
+    let elems: u64 = p.weights.iter().map(|w| w.rows() * w.cols()).sum();
+    json!({
+        "target": label,
+        "bytes": bytes,
+        "bpw": if elems > 0 { bytes as f64 * 8.0 / elems as f64 } else { 0.0 },
+        "kept": p.kept,
+        "weights": weights_json(p),
+    })
+}
+
+fn plan_of(p: &Planned) -> (String, serde_json::Value) {
+    match p {
+        Planned::Vllm(s, plan) => {
+            let l = format!("vllm:{}", s.name());
+            let j = summary(&l, plan);
+            (l, j)
+        }
+        Planned::Mlx(m) => {
+            let l = format!("mlx:{}", m.bits);
+            let mut j = summary(&l, &m.plan);
+            j["group_size"] = m.group.into();
+            (l, j)
+        }
+    }
+}
+
+/// `sling plan --to vllm:…|mlx:…`.
+pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
+    let (_ck, p) = open_and_plan(a, to)?;
+    let (label, j) = plan_of(&p);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("{:<60} {:<16} {:<10} {:>24} {:>12}", "tensor", "role", "dtype", "shape", "bytes");
+    for w in j["weights"].as_array().into_iter().flatten() {
+        for t in w["tensors"].as_array().into_iter().flatten() {
+            let shape = t["shape"].as_array().into_iter().flatten().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+            println!(
+                "{:<60} {:<16} {:<10} {:>24} {:>12}",
+                t["name"].as_str().unwrap_or(""),
+                w["role"].as_str().unwrap_or(""),
+                t["dtype"].as_str().unwrap_or(""),
+                shape,
+                t["bytes"]
+            );
+        }
+    }
+    for k in j["kept"].as_array().into_iter().flatten() {
+        println!("kept at source precision: {} ({})", k["name"].as_str().unwrap_or(""), k["why"].as_str().unwrap_or(""));
+    }
+    println!(
+        "total: {label}, {} weights, {} bytes ({:.2} MiB), {:.3} bits per weight, {} kept at source precision",
+        j["weights"].as_array().map_or(0, Vec::len),
+        j["bytes"],
+        j["bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        j["bpw"].as_f64().unwrap_or(0.0),
+        j["kept"].as_array().map_or(0, Vec::len)
+    );
+    Ok(())
+}
+
+/// `sling quantize --to vllm:…|mlx:…`.
+pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
+    if a.split_max_tensors.is_some() {
+        bail!("--split-max-tensors applies to --to gguf:… only (use --split-max-size for shard sizes)");
+    }
+    if a.pipeline.resume {
+        bail!("--resume is not supported for {} yet: rerun without it (the unfinished OUT.partial is replaced)", to.label());
+    }
+    if a.eval.is_some() {
+        bail!("--eval is not supported for {} yet: run `sling eval` on the directory", to.label());
+    }
+    let t0 = Instant::now();
+    let (ck, planned) = open_and_plan(&a.q, to)?;
+    let (label, summary) = plan_of(&planned);
+    let max_shard = a.split_max_size.as_deref().map(parse_size).transpose()?.or(Some(5 << 30));
+    let record = |what: &str| manifest::Options {
+        to: what.to_string(),
+        out_type: label.split_once(':').map_or(label.clone(), |(_, s)| s.to_string()),
+        split: manifest::Split { max_tensors: 0, max_bytes: max_shard.unwrap_or(0), small_first_shard: false },
+        tokenizer_pre: None,
+        allow_nonfinite: a.allow_nonfinite,
+        quantize: None,
+    };
+    let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
+    let kept = summary["kept"].as_array().map_or(0, Vec::len);
+    if kept > 0 {
+        card_extra.push(("kept at source precision".into(), format!("{kept} weight(s), listed below")));
+    }
+    let base = |files, what: &str, index, meta: BTreeMap<String, String>, card_format: (&str, &str)| ExecOptions {
+        output: a.output.clone(),
+        max_shard_bytes: max_shard,
+        shard_metadata: meta,
+        index,
+        files,
+        copy: COPIED.iter().map(|s| s.to_string()).collect(),
+        allow_nonfinite: a.allow_nonfinite,
+        window: None,
+        provenance: (!a.no_manifest).then(|| (tool(), record(what))),
+        created: a.pipeline.created().ok().flatten(),
+        model_card: (!a.no_manifest && !a.pipeline.no_model_card).then(|| card_extra.clone()),
+        card_format: (card_format.0.to_string(), card_format.1.to_string()),
+    };
+    let events = |ev: &Event<'_>| on_event(rep, &a.q.src, &label, ev);
+    let pt: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let report = match &planned {
+        Planned::Vllm(s, plan) => {
+            let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
+            let opts = base(files, "vllm", IndexStyle::transformers(), pt, ("compressed-tensors", "transformers"));
+            exec(&vllm::Vllm { scheme: *s }, &ck, plan, &opts, &events)
+        }
+        Planned::Mlx(m) => {
+            let files = vec![("config.json".to_string(), mlx::config_json(&ck, m))];
+            let index = IndexStyle {
+                always: true,
+                indent: 4,
+                trailing_newline: false,
+                metadata: vec![("total_parameters".into(), mlx::total_parameters(m).into())],
+            };
+            let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
+            let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
+            exec(&mlx::Mlx, &ck, &m.plan, &opts, &events)
+        }
+    }
+    .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    rep.finish();
+    rep.emit("done", json!({"output": report.output, "files": report.files, "manifest": report.manifest, "bytes": report.bytes_out, "seconds": secs}));
+    if a.q.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "output": report.output,
+                "target": label,
+                "files": report.files,
+                "manifest": report.manifest,
+                "weights": report.weights,
+                "tensors": report.tensors,
+                "bytes_in": report.bytes_in,
+                "bytes_out": report.bytes_out,
+                "bpw": summary["bpw"],
+                "kept": summary["kept"],
+                "nonfinite": report.nonfinite,
+                "seconds": secs,
+            }))?
+        );
+    } else if !quiet {
+        rep.say(&format!(
+            "wrote {} ({label}: {} tensors in {} files, {:.2} GB, {:.2} bpw, {kept} weight(s) kept at source precision) in {:.1}s, {:.2} GB/s of input",
+            report.output.display(),
+            report.tensors,
+            report.files.len(),
+            report.bytes_out as f64 / 1e9,
+            summary["bpw"].as_f64().unwrap_or(0.0),
+            secs,
+            report.bytes_in as f64 / 1e9 / secs.max(1e-9)
+        ));
+    }
+    Ok(())
+}
+
+fn exec<T: Target>(
+    t: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<sling_pipeline::ExecReport> {
+    Ok(sling_pipeline::execute(t, ck, plan, opts, events)?)
+}
+
+fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) {
+    match ev {
+        Event::Start { weights, bytes } => {
+            rep.set_length(*bytes);
+            rep.emit(
+                "start",
+                json!({"tool": "sling", "version": env!("CARGO_PKG_VERSION"), "command": "quantize", "source": src,
+                       "type": label, "weights": weights, "bytes": bytes, "threads": rayon::current_num_threads()}),
+            );
+        }
+        Event::Weight { index, of, name, done_bytes, total_bytes } => {
+            rep.set_position(*done_bytes, name);
+            rep.emit("weight", json!({"index": index, "of": of, "name": name, "done_bytes": done_bytes, "total_bytes": total_bytes}));
+        }
+        Event::Stage(s) => {
+            rep.set_message(s);
+            rep.emit("stage", json!({"stage": s}));
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Executing a [`Plan`] into an artifact directory.
+//!
+//! Weights are cut into row chunks of bounded size (aligned to each weight's `row_align`), computed in
+//! parallel a window at a time (rayon), encoded by the [`Target`], and written at their parts' places in the
+//! shard set ([`crate::sink`]). Chunk boundaries do not depend on the thread count and every chunk is
+//! encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
+//!
+//! Crash safety: everything is written into `OUT.partial/` (a directory beside the output) and renamed to
+//! `OUT` only when the shards, the extra files, the model card and the manifest are complete and synced, so
+//! an interrupted run never leaves a directory that looks complete. The output must not exist yet (or be an
+//! empty directory), and must not lie inside the source directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::convert::card::{self, CardContext};
+use sling_formats::convert::ops::OpError;
+use sling_formats::gguf::write::hex;
+use sling_formats::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
+use sling_formats::st_write::{self, StTensor};
+
+use crate::sink::{Sink, SinkError};
+use crate::{EncodeError, Plan, Target};
+
+/// f32 elements per chunk (16 MiB of values), as the GGUF executor.
+pub const CHUNK_ELEMS: u64 = 4 << 20;
+/// The manifest's name inside an artifact directory.
+pub const MANIFEST_NAME: &str = "sling.json";
+
+/// How to write the artifact.
+pub struct ExecOptions {
+    /// The artifact directory to create.
+    pub output: PathBuf,
+    /// Largest shard (data bytes); `None`: one file.
+    pub max_shard_bytes: Option<u64>,
+    /// safetensors `__metadata__` of every shard (`{"format": "pt"}`, mlx-lm's `{"format": "mlx"}`).
+    pub shard_metadata: BTreeMap<String, String>,
+    /// How `model.safetensors.index.json` is written.
+    pub index: IndexStyle,
+    /// Files the target made (`config.json`, ...): name, bytes.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Files of the source directory copied as they are when present (tokenizer, generation config).
+    pub copy: Vec<String>,
+    /// Continue when a weight holds NaN or Inf.
+    pub allow_nonfinite: bool,
+    /// Chunks computed at once (default 2 × threads).
+    pub window: Option<usize>,
+    /// Write the provenance manifest (`OUT/sling.json`) with these options, naming this tool.
+    pub provenance: Option<(Tool, manifest::Options)>,
+    /// `created` of the manifest (seconds since the epoch).
+    pub created: Option<u64>,
+    /// Write a model card (`OUT/README.md`), with these extra rows; needs `provenance`.
+    pub model_card: Option<Vec<(String, String)>>,
+    /// What the card calls the format (`compressed-tensors`, `MLX`) and its Hugging Face `library_name`.
+    pub card_format: (String, String),
+}
+
+/// `model.safetensors.index.json`: `{"metadata": {"total_size": N, …}, "weight_map": {name: file}}` with
+/// `weight_map` sorted by name, as transformers (`indent=2`, sorted keys, trailing newline, only when sharded)
+/// or mlx-lm (`indent=4`, always, `total_parameters` too) write it.
+#[derive(Clone, Debug)]
+pub struct IndexStyle {
+    pub always: bool,
+    pub indent: usize,
+    pub trailing_newline: bool,
+    /// `metadata` entries after `total_size`.
+    pub metadata: Vec<(String, serde_json::Value)>,
+}
+
+impl IndexStyle {
+    /// transformers' `save_pretrained`.
+    pub fn transformers() -> IndexStyle {
+        IndexStyle { always: false, indent: 2, trailing_newline: true, metadata: Vec::new() }
+    }
+
+    fn render(&self, layout: &st_write::ShardLayout) -> String {
+        let total: u64 = layout.shards.iter().map(|s| s.data_bytes).sum();
+        let mut meta = serde_json::Map::new();
+        meta.insert("total_size".into(), total.into());
+        for (k, v) in &self.metadata {
+            meta.insert(k.clone(), v.clone());
+        }
+        let mut map: Vec<(&str, &str)> = layout
+            .shards
+            .iter()
+            .flat_map(|s| s.tensors.iter().map(move |t| (t.name.as_str(), s.file_name.as_str())))
+            .collect();
+        map.sort();
+        let mut wm = serde_json::Map::new();
+        for (n, f) in map {
+            wm.insert(n.to_string(), f.into());
+        }
+        let v = serde_json::json!({"metadata": meta, "weight_map": wm});
+        let pad = vec![b' '; self.indent];
+        let mut buf = Vec::new();
+        let mut ser = serde_json::Serializer::with_formatter(&mut buf, serde_json::ser::PrettyFormatter::with_indent(&pad));
+        let _ = serde::Serialize::serialize(&v, &mut ser);
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        if self.trailing_newline {
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// Progress, in this order: `Start`, `Weight` as each weight is complete, `Stage`s.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Start { weights: usize, bytes: u64 },
+    Weight { index: usize, of: usize, name: &'a str, done_bytes: u64, total_bytes: u64 },
+    Stage(&'a str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("tensor {tensor}: {source}")]
+    Op { tensor: String, source: OpError },
+    #[error("tensor {tensor}: {source}")]
+    Encode { tensor: String, source: EncodeError },
+    #[error("tensor {tensor} (from {sources}) holds non-finite values (first at element {index}: {value}); pass --allow-nonfinite to quantize anyway")]
+    NonFinite { tensor: String, sources: String, index: u64, value: f32 },
+    #[error("output {0} already exists and is not an empty directory; remove it or choose another name")]
+    OutputExists(PathBuf),
+    #[error("output {output} is inside the input directory {input}; write it elsewhere so the source is never touched")]
+    OutputInsideInput { output: PathBuf, input: PathBuf },
+    #[error("cannot {op} {path}")]
+    Io { path: PathBuf, op: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("shard layout: {0}")]
+    Layout(String),
+    #[error("provenance manifest: {0}")]
+    Manifest(#[from] ManifestError),
+}
+
+/// What was written.
+#[derive(Debug)]
+pub struct ExecReport {
+    pub output: PathBuf,
+    pub weights: usize,
+    pub tensors: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub files: Vec<String>,
+    pub nonfinite: Vec<String>,
+    pub manifest: Option<PathBuf>,
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> ExecError + 'a {
+    move |source| ExecError::Io { path: path.to_path_buf(), op, source }
+}
+
+/// `OUT` → `OUT.partial` beside it.
+pub fn partial_dir(output: &Path) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    output.with_file_name(name)
+}
+
+/// Refuses outputs that exist (unless an empty directory) or lie inside the source.
+pub fn check_output(ck: &Checkpoint, output: &Path) -> Result<(), ExecError> {
+    match std::fs::read_dir(output) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(ExecError::OutputExists(output.to_path_buf()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return Err(ExecError::OutputExists(output.to_path_buf())),
+    }
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out_dir = parent.canonicalize().map_err(io(parent, "open the output's directory"))?;
+    let out_abs = out_dir.join(output.file_name().unwrap_or_default());
+    let in_dir = ck.dir.canonicalize().map_err(io(&ck.dir, "open"))?;
+    if out_abs.starts_with(&in_dir) || in_dir.starts_with(&out_abs) {
+        return Err(ExecError::OutputInsideInput { output: output.to_path_buf(), input: ck.dir.clone() });
+    }
+    Ok(())
+}
+
+/// One unit of work: rows `r0..r1` of weight `w`.
+struct Chunk {
+    w: usize,
+    r0: u64,
+    r1: u64,
+}
+
+fn chunks<E>(plan: &Plan<E>) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for (i, w) in plan.weights.iter().enumerate() {
+        let (rows, cols) = (w.rows(), w.cols().max(1));
+        let align = w.row_align.max(1);
+        let step = ((CHUNK_ELEMS / cols).max(1) / align).max(1) * align;
+        let mut r = 0;
+        while r < rows {
+            let e = (r + step).min(rows);
+            out.push(Chunk { w: i, r0: r, r1: e });
+            r = e;
+        }
+    }
+    out
+}
+
+/// Values of a chunk, checked for NaN/Inf.
+fn values<E>(
+    ck: &Checkpoint,
+    w: &crate::Weight<E>,
+    c: &Chunk,
+    allow_nonfinite: bool,
+) -> Result<(Vec<f32>, Option<String>), ExecError> {
+    let mut v = Vec::with_capacity(((c.r1 - c.r0) * w.cols()) as usize);
+    w.op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ExecError::Op { tensor: w.name.clone(), source })?;
+    let mut flagged = None;
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        let index = c.r0 * w.cols() + i as u64;
+        if !allow_nonfinite {
+            return Err(ExecError::NonFinite { tensor: w.name.clone(), sources: w.sources.join(", "), index, value: *x });
+        }
+        flagged = Some(format!("{}: non-finite value {x} at element {index}", w.name));
+    }
+    Ok((v, flagged))
+}
+
+/// Writes `plan` for `target` from `ck` as `opts` says.
+pub fn execute<T: Target>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<ExecReport, ExecError> {
+    check_output(ck, &opts.output)?;
+    let partial = partial_dir(&opts.output);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial, "remove the stale"))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial, "create"))?;
+    let res = write_all(target, ck, plan, opts, &partial, events);
+    match res {
+        Ok(mut report) => {
+            if opts.output.exists() {
+                std::fs::remove_dir(&opts.output).map_err(io(&opts.output, "replace the empty directory"))?;
+            }
+            std::fs::rename(&partial, &opts.output).map_err(io(&opts.output, "rename the finished output to"))?;
+            if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if let Ok(d) = std::fs::File::open(parent) {
+                    let _ = d.sync_all();
+                }
+            }
+            report.manifest = report.manifest.map(|_| opts.output.join(MANIFEST_NAME));
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn write_all<T: Target>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    dir: &Path,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<ExecReport, ExecError> {
+    let st: Vec<StTensor> = plan
+        .weights
+        .iter()
+        .flat_map(|w| &w.parts)
+        .map(|p| StTensor { name: p.name.clone(), dtype: p.dtype, shape: p.shape.clone() })
+        .collect();
+    let layout = st_write::layout(st, opts.max_shard_bytes, "model", Some(&opts.shard_metadata))
+        .map_err(|e| ExecError::Layout(e.to_string()))?;
+    let mut sink = Sink::create(dir, &layout)?;
+    let slots: Vec<Vec<usize>> = plan
+        .weights
+        .iter()
+        .map(|w| w.parts.iter().map(|p| sink.index_of(&p.name).unwrap_or(usize::MAX)).collect())
+        .collect();
+    let total: u64 = crate::plan_bytes(plan);
+    events(&Event::Start { weights: plan.weights.len(), bytes: total });
+
+    // Source files are hashed by a background thread while the weights are computed.
+    let source_hasher = opts.provenance.as_ref().map(|_| manifest::SourceHasher::new(ck));
+    let written = std::thread::scope(|scope| {
+        if let Some(sh) = &source_hasher {
+            scope.spawn(|| sh.work());
+        }
+        let res = compute_and_write(target, ck, plan, opts, &mut sink, &slots, total, events);
+        if let Some(sh) = &source_hasher {
+            match &res {
+                Ok(_) => {
+                    events(&Event::Stage("hashing sources"));
+                    sh.work_all()
+                }
+                Err(_) => sh.cancel(),
+            }
+        }
+        res
+    });
+    let nonfinite = written?;
+    let written = sink.finish()?;
+
+    // Index and the target's files, then copies from the source directory.
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    if layout.shards.len() > 1 || opts.index.always {
+        files.push(("model.safetensors.index.json".into(), opts.index.render(&layout).into_bytes()));
+    }
+    files.extend(opts.files.iter().cloned());
+    for name in &opts.copy {
+        let src = ck.dir.join(name);
+        match std::fs::read(&src) {
+            Ok(b) => files.push((name.clone(), b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ExecError::Io { path: src, op: "read", source: e }),
+        }
+    }
+    let mut outputs: Vec<OutputFile> =
+        written.files.iter().map(|(n, s, h)| OutputFile { name: n.clone(), size: *s, sha256: h.clone() }).collect();
+    for (name, bytes) in &files {
+        let p = dir.join(name);
+        manifest::write_atomic(&p, bytes)?;
+        outputs.push(OutputFile { name: name.clone(), size: bytes.len() as u64, sha256: hex(&Sha256::digest(bytes)) });
+    }
+
+    let mut report = ExecReport {
+        output: opts.output.clone(),
+        weights: plan.weights.len(),
+        tensors: written.tensors.len(),
+        bytes_in: ck.total_bytes(),
+        bytes_out: outputs.iter().map(|o| o.size).sum(),
+        files: outputs.iter().map(|o| o.name.clone()).collect(),
+        nonfinite,
+        manifest: None,
+    };
+    if let (Some((tool, options)), Some(sh)) = (&opts.provenance, source_hasher) {
+        events(&Event::Stage("writing manifest"));
+        let sources = sh.into_results()?;
+        let part_of: HashMap<&str, (&crate::Part, &Vec<String>)> =
+            plan.weights.iter().flat_map(|w| w.parts.iter().map(move |p| (p.name.as_str(), (p, &w.sources)))).collect();
+        let tensors = written
+            .tensors
+            .iter()
+            .map(|(name, file, offset, n_bytes, sha)| {
+                let found = part_of.get(name.as_str());
+                let part = found.map(|(p, _)| *p);
+                TensorRecord {
+                    name: name.clone(),
+                    dtype: part.map(|p| p.dtype.name().to_string()).unwrap_or_default(),
+                    ne: part.map(|p| p.shape.iter().rev().copied().collect()).unwrap_or_default(),
+                    file: file.clone(),
+                    offset: *offset,
+                    n_bytes: *n_bytes,
+                    sha256: sha.clone(),
+                    sources: found.map(|(_, s)| (*s).clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let mut m = Manifest {
+            schema: manifest::SCHEMA.to_string(),
+            sling: tool.clone(),
+            created: opts.created.map(manifest::rfc3339),
+            options: options.clone(),
+            compute: "cpu".to_string(),
+            output: opts.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            sources,
+            outputs,
+            model_card: None,
+            quality: None,
+            kept: plan.kept.iter().map(|k| manifest::KeptRecord { name: k.name.clone(), why: k.why.clone() }).collect(),
+            tensors,
+            manifest_sha256: None,
+        };
+        if let Some(extra) = &opts.model_card {
+            let cx = CardContext {
+                source_name: ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+                hf_architecture: ck.config.as_ref().and_then(|c| c.architecture().ok()).map(str::to_string),
+                gguf_architecture: String::new(),
+                experts: None,
+                manifest_name: MANIFEST_NAME.to_string(),
+                extra: extra.clone(),
+                format: Some(opts.card_format.clone()),
+            };
+            let text = card::render(&m, &cx);
+            let p = dir.join("README.md");
+            manifest::write_atomic(&p, text.as_bytes())?;
+            m.model_card = Some(OutputFile {
+                name: "README.md".into(),
+                size: text.len() as u64,
+                sha256: hex(&Sha256::digest(text.as_bytes())),
+            });
+        }
+        m.write(&dir.join(MANIFEST_NAME))?;
+        report.manifest = Some(dir.join(MANIFEST_NAME));
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_and_write<T: Target>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    sink: &mut Sink,
+    slots: &[Vec<usize>],
+    total: u64,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<Vec<String>, ExecError> {
+    let jobs = chunks(plan);
+    // Weights whose encoding needs their absolute maximum: one pass over each first.
+    let mut amax: HashMap<usize, f32> = HashMap::new();
+    for (i, w) in plan.weights.iter().enumerate().filter(|(_, w)| target.needs_amax(&w.enc)) {
+        let parts: Result<Vec<f32>, ExecError> = jobs
+            .iter()
+            .filter(|c| c.w == i)
+            .collect::<Vec<_>>()
+            .par_iter()
+            .map(|c| values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()))))
+            .collect();
+        amax.insert(i, parts?.into_iter().fold(0f32, f32::max));
+        ck.release_pages();
+    }
+    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
+    let mut nonfinite = Vec::new();
+    let mut done = 0u64;
+    for win in jobs.chunks(window) {
+        let results: Result<Vec<(Vec<Vec<u8>>, Option<String>)>, ExecError> = win
+            .par_iter()
+            .map(|c| {
+                let w = &plan.weights[c.w];
+                let (v, flag) = values(ck, w, c, opts.allow_nonfinite)?;
+                let mut out = vec![Vec::new(); w.parts.len()];
+                target
+                    .encode(w, c.r0, &v, amax.get(&c.w).copied(), &mut out)
+                    .map_err(|source| ExecError::Encode { tensor: w.name.clone(), source })?;
+                Ok((out, flag))
+            })
+            .collect();
+        ck.release_pages();
+        for (c, (parts, flag)) in win.iter().zip(results?) {
+            nonfinite.extend(flag);
+            for (slot, bytes) in slots[c.w].iter().zip(&parts) {
+                if !bytes.is_empty() {
+                    sink.append(*slot, bytes)?;
+                }
+                done += bytes.len() as u64;
+            }
+            let w = &plan.weights[c.w];
+            if c.r1 == w.rows() {
+                events(&Event::Weight {
+                    index: c.w,
+                    of: plan.weights.len(),
+                    name: &w.name,
+                    done_bytes: done,
+                    total_bytes: total,
+                });
+            }
+        }
+    }
+    Ok(nonfinite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_dir_is_beside() {
+        assert_eq!(partial_dir(Path::new("/a/b/out")), PathBuf::from("/a/b/out.partial"));
+    }
+}

@@ -1,0 +1,119 @@
+//! The target-agnostic pipeline for artifacts that are Hugging Face-style directories of safetensors shards
+//! (vLLM/SGLang compressed-tensors, MLX): a target plans *weights* — each a lazy row-range recipe ([`Op`])
+//! over the source checkpoint, stored as a group of tensors ([`Part`]s: packed values, scales, zero points,
+//! ...) — and encodes row chunks of them; the pipeline chunks, computes in parallel a window at a time, and
+//! writes every part at its place in the shard set ([`sink`]), then the extra files, the manifest and the
+//! model card, and renames the finished directory into place ([`exec`]).
+//!
+//! This crate never names a target: everything target-specific comes through the [`Target`] trait. The GGUF
+//! path (`sling_formats::convert`) predates this crate and still has its own executor; see
+//! `docs/architecture.md`.
+
+use sling_core::DType;
+use sling_formats::convert::ops::Op;
+use sling_formats::quantize::rules::Role;
+
+pub mod exec;
+pub mod hf;
+pub mod sink;
+
+pub use exec::{execute, Event, ExecError, ExecOptions, ExecReport, IndexStyle};
+
+/// One stored tensor of an output weight, in the artifact's own naming and shape (PyTorch order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+impl Part {
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<u64>) -> Part {
+        Part { name: name.into(), dtype, shape }
+    }
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+    pub fn n_bytes(&self) -> u64 {
+        self.dtype.bytes_for(self.numel()).unwrap_or(0)
+    }
+}
+
+/// One weight of the output: values `[rows, cols]` computed by `op`, encoded by the target as `enc` into
+/// `parts`. Rows are independent except in groups of `row_align` rows (a block scale spanning 128 rows, zero
+/// points packed across 32 rows): chunks start at multiples of it.
+#[derive(Clone, Debug)]
+pub struct Weight<E> {
+    /// What reports call it: the artifact's name of the weight (the source's name, or a stacked name).
+    pub name: String,
+    pub role: Role,
+    pub op: Op,
+    pub enc: E,
+    pub parts: Vec<Part>,
+    /// Source tensor names, for reports and provenance.
+    pub sources: Vec<String>,
+    pub row_align: u64,
+}
+
+impl<E> Weight<E> {
+    pub fn rows(&self) -> u64 {
+        self.op.rows()
+    }
+    pub fn cols(&self) -> u64 {
+        self.op.cols()
+    }
+}
+
+/// A weight the scheme cannot take, kept at source precision (listed in `plan`, the manifest and the card).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Kept {
+    pub name: String,
+    pub why: String,
+}
+
+/// A planned artifact.
+#[derive(Clone, Debug)]
+pub struct Plan<E> {
+    /// In computation order (layer by layer).
+    pub weights: Vec<Weight<E>>,
+    /// Weights the scheme would quantize but cannot, kept at source precision.
+    pub kept: Vec<Kept>,
+    /// Notes for the user.
+    pub notes: Vec<String>,
+}
+
+/// Bytes of a plan's parts.
+pub fn plan_bytes<E>(p: &Plan<E>) -> u64 {
+    p.weights.iter().flat_map(|w| &w.parts).map(Part::n_bytes).sum()
+}
+
+/// Why a chunk could not be encoded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EncodeError(pub String);
+
+/// An output target as a plug-in of the pipeline: how a weight's rows become its parts' bytes. Planning and
+/// the artifact's other files are the target's own business (it hands the pipeline a [`Plan`] and a list of
+/// files); the pipeline only chunks, computes, writes and records.
+pub trait Target: Sync {
+    /// What a weight's encoding is (scheme, group size, scale dtype ...), decided when planning.
+    type Enc: Sync + Send + std::fmt::Debug + Clone;
+
+    /// Whether encoding `enc` needs the weight's absolute maximum over all its elements (a pass over the
+    /// weight before it is encoded, e.g. NVFP4's global scale).
+    fn needs_amax(&self, _enc: &Self::Enc) -> bool {
+        false
+    }
+
+    /// Encodes whole rows `r0..r0 + vals.len() / cols` of `w` (`vals` row-major), appending each part's bytes
+    /// for those rows to `out[i]` (`out.len() == w.parts.len()`). Row-independent parts (a shape, a global
+    /// scale) are written with the chunk that starts at row 0. `amax` is given when [`Target::needs_amax`].
+    fn encode(
+        &self,
+        w: &Weight<Self::Enc>,
+        r0: u64,
+        vals: &[f32],
+        amax: Option<f32>,
+        out: &mut [Vec<u8>],
+    ) -> Result<(), EncodeError>;
+}

@@ -1,0 +1,132 @@
+//! Output targets as plug-ins of the pipeline (`sling_pipeline::Target`): vLLM/SGLang (compressed-tensors) and
+//! MLX. Each plans the artifact's weights from the checkpoint, encodes row chunks of them, and makes its own
+//! files (`config.json`); the pipeline does the rest. The targets never depend on each other.
+
+use sling_formats::convert::PlanError;
+
+pub mod mlx;
+pub mod read;
+pub mod vllm;
+
+/// A target named with `--to` (other than `gguf:…`, which `sling_formats::quantize` handles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum To {
+    Vllm(vllm::Scheme),
+    Mlx(mlx::Bits),
+}
+
+/// The targets `--to` takes, for messages.
+pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 6, 8)";
+
+impl To {
+    /// Parses `vllm:SCHEME` or `mlx:BITS`; `Ok(None)` for `gguf:…`.
+    pub fn parse(s: &str) -> Result<Option<To>, TargetError> {
+        let unknown = || TargetError::UnknownTarget(s.to_string());
+        let (kind, rest) = s.split_once(':').ok_or_else(unknown)?;
+        match kind.to_ascii_lowercase().as_str() {
+            "gguf" => Ok(None),
+            "vllm" => vllm::Scheme::parse(rest).map(|x| Some(To::Vllm(x))).ok_or_else(|| TargetError::UnknownScheme {
+                target: "vllm".into(),
+                scheme: rest.into(),
+                known: vllm::SCHEMES.join(", "),
+            }),
+            "mlx" => mlx::Bits::parse(rest).map(|x| Some(To::Mlx(x))).ok_or_else(|| TargetError::UnknownScheme {
+                target: "mlx".into(),
+                scheme: rest.into(),
+                known: "2, 3, 4, 6, 8".into(),
+            }),
+            _ => Err(unknown()),
+        }
+    }
+
+    /// `vllm:w4a16`, `mlx:4`.
+    pub fn label(&self) -> String {
+        match self {
+            To::Vllm(s) => format!("vllm:{}", s.name()),
+            To::Mlx(b) => format!("mlx:{}", b.0),
+        }
+    }
+}
+
+/// Why a target cannot plan an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("unknown target {0:?}; sling writes {TARGETS}")]
+    UnknownTarget(String),
+    #[error("unknown {target} scheme {scheme:?}; {target} schemes: {known}")]
+    UnknownScheme { target: String, scheme: String, known: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{tensor}: {why} (--strict)")]
+    Strict { tensor: String, why: String },
+    #[error("{scheme}: nothing to quantize: {why}")]
+    NothingToQuantize { scheme: String, why: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// JSON as Python's `json.dump(…, indent=N)` writes it with `ensure_ascii` (non-ASCII as `\uXXXX`): keys
+/// sorted at every level (`sort_all`, compressed-tensors) or only at the top (mlx-lm's `save_config`).
+pub fn json_sorted(v: &serde_json::Value, indent: usize, sort_all: bool) -> String {
+    fn sort(v: &serde_json::Value, deep: bool) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut out = serde_json::Map::new();
+                for k in keys {
+                    out.insert(k.clone(), if deep { sort(&m[k], deep) } else { m[k].clone() });
+                }
+                serde_json::Value::Object(out)
+            }
+            serde_json::Value::Array(a) if deep => serde_json::Value::Array(a.iter().map(|x| sort(x, deep)).collect()),
+            other => other.clone(),
+        }
+    }
+    let sorted = sort(v, sort_all);
+    let pad = vec![b' '; indent];
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+    serde::Serialize::serialize(&sorted, &mut ser).expect("serialising a JSON value to memory cannot fail");
+    let text = String::from_utf8(buf).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{:04x}", u));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_targets() {
+        assert_eq!(To::parse("gguf:Q4_K_M").unwrap(), None);
+        assert_eq!(To::parse("vllm:w4a16").unwrap(), Some(To::Vllm(vllm::Scheme::W4A16 { symmetric: true })));
+        assert_eq!(To::parse("mlx:4").unwrap(), Some(To::Mlx(mlx::Bits(4))));
+        assert!(matches!(To::parse("onnx:int8"), Err(TargetError::UnknownTarget(_))));
+        assert!(matches!(To::parse("vllm:w3a16"), Err(TargetError::UnknownScheme { .. })));
+        assert!(matches!(To::parse("mlx:7"), Err(TargetError::UnknownScheme { .. })));
+        assert!(matches!(To::parse("Q4_K_M"), Err(TargetError::UnknownTarget(_))));
+    }
+
+    #[test]
+    fn json_like_python() {
+        let v = serde_json::json!({"b": {"z": 1, "a": [1, {"y": 2, "x": "é"}]}, "a": {}, "c": []});
+        assert_eq!(
+            json_sorted(&v, 2, true),
+            "{\n  \"a\": {},\n  \"b\": {\n    \"a\": [\n      1,\n      {\n        \"x\": \"\\u00e9\",\n        \"y\": 2\n      }\n    ],\n    \"z\": 1\n  },\n  \"c\": []\n}"
+        );
+        let top = json_sorted(&serde_json::json!({"b": {"z": 1, "a": 2}, "a": 1}), 4, false);
+        assert_eq!(top, "{\n    \"a\": 1,\n    \"b\": {\n        \"z\": 1,\n        \"a\": 2\n    }\n}");
+    }
+}

@@ -1,0 +1,355 @@
+//! Reading an artifact directory back (sling's own dequantizer): a compressed-tensors (`vllm:…`) or MLX
+//! (`mlx:…`) directory seen as the source checkpoint's tensors — the same names and shapes, per-expert 2-D
+//! tensors for MLX's stacked `switch_mlp` experts (Mixtral's `w1/w2/w3` names back) — with each weight
+//! dequantized to f32 by the one definition of its encoding (`sling_quantizers::ct`, `sling_quantizers::mlx`).
+//! `sling eval`, `sling logits` and `sling dequantize` read candidates through it, and the interop tests compare
+//! it with the consumers' own decoders.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use sling_core::DType;
+use sling_formats::checkpoint::{Checkpoint, CheckpointError, SourceTensor};
+use sling_quantizers::ct;
+use sling_quantizers::mlx as affine;
+
+/// Why an artifact cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{dir}: {why}")]
+    Format { dir: String, why: String },
+    #[error("tensor {tensor}: {why}")]
+    Tensor { tensor: String, why: String },
+    #[error("tensor {0} not found")]
+    Missing(String),
+}
+
+/// What kind of artifact a directory is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// compressed-tensors: format, bits, symmetric, group size (None: channel), block (fp8-block).
+    CompressedTensors { format: String, bits: u32, symmetric: bool, group: Option<usize>, block: bool },
+    /// MLX affine: global bits and group size (per-module overrides in `config.json` and the shapes).
+    Mlx { bits: u32, group: usize },
+}
+
+#[derive(Clone, Debug)]
+enum Logical {
+    /// A stored tensor read as it is (widened to f32).
+    Plain { tensor: String },
+    /// A compressed-tensors module (`<module>.weight_*`).
+    Ct { module: String },
+    /// An MLX affine weight (`<module>.weight/.scales/.biases`); `expert`: one slice of a stacked tensor.
+    Affine { module: String, bits: u32, group: usize, expert: Option<u64> },
+    /// One expert of a stacked unquantized tensor.
+    Slice { tensor: String, expert: u64 },
+}
+
+/// An artifact directory read back (see the module docs).
+pub struct Artifact {
+    pub ck: Checkpoint,
+    pub kind: Kind,
+    logical: HashMap<String, (Vec<u64>, Logical)>,
+    order: Vec<String>,
+    /// Unpacked zero points per module (small; unpacked once).
+    zeros: Mutex<HashMap<String, std::sync::Arc<Vec<i8>>>>,
+}
+
+fn fmt_err(dir: &Path, why: impl Into<String>) -> ReadError {
+    ReadError::Format { dir: dir.display().to_string(), why: why.into() }
+}
+
+/// Whether `dir` holds a compressed-tensors or MLX artifact (by its `config.json`).
+pub fn kind_of(dir: &Path) -> Option<Kind> {
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+    if let Some(q) = cfg.get("quantization_config").filter(|q| q["quant_method"] == "compressed-tensors") {
+        let w = &q["config_groups"]["group_0"]["weights"];
+        return Some(Kind::CompressedTensors {
+            format: q["format"].as_str().unwrap_or("").to_string(),
+            bits: w["num_bits"].as_u64().unwrap_or(0) as u32,
+            symmetric: w["symmetric"].as_bool().unwrap_or(true),
+            group: w["group_size"].as_u64().filter(|g| *g > 0).map(|g| g as usize),
+            block: w["strategy"] == "block",
+        });
+    }
+    let q = cfg.get("quantization")?;
+    if q.get("mode").and_then(|m| m.as_str()).unwrap_or("affine") != "affine" {
+        return None;
+    }
+    Some(Kind::Mlx { bits: q["bits"].as_u64()? as u32, group: q["group_size"].as_u64()? as usize })
+}
+
+fn decode(t: &SourceTensor, bytes: &[u8]) -> Result<Vec<f32>, ReadError> {
+    let mut v = Vec::new();
+    sling_quantizers::decode_to_f32(t.dtype, bytes, &mut v)
+        .map_err(|e| ReadError::Tensor { tensor: t.name.clone(), why: e.to_string() })?;
+    Ok(v)
+}
+
+fn scale_of(t: &SourceTensor, bytes: &[u8]) -> Result<Vec<f32>, ReadError> {
+    decode(t, bytes)
+}
+
+impl Artifact {
+    /// Opens `dir`; `None` when it is neither a compressed-tensors nor an MLX artifact.
+    pub fn open(dir: &Path) -> Result<Option<Artifact>, ReadError> {
+        let Some(kind) = kind_of(dir) else { return Ok(None) };
+        let ck = Checkpoint::open(dir)?;
+        let mut logical = HashMap::new();
+        let mut order = Vec::new();
+        let mut add = |name: String, shape: Vec<u64>, l: Logical| {
+            order.push(name.clone());
+            logical.insert(name, (shape, l));
+        };
+        match &kind {
+            Kind::CompressedTensors { format, .. } => {
+                for t in ck.tensors() {
+                    let n = t.name.as_str();
+                    if let Some(module) = n.strip_suffix(".weight_packed") {
+                        let shape = match ck.get(&format!("{module}.weight_shape")) {
+                            Some(s) => {
+                                let v: Vec<i64> =
+                                    ck.bytes(s).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+                                v.iter().map(|&x| x.max(0) as u64).collect()
+                            }
+                            None if format.contains("fp4") => vec![t.shape[0], t.shape.get(1).copied().unwrap_or(0) * 2],
+                            None => return Err(fmt_err(dir, format!("{module}: weight_packed without weight_shape"))),
+                        };
+                        add(format!("{module}.weight"), shape, Logical::Ct { module: module.to_string() });
+                    } else if n.ends_with(".weight") && t.dtype == DType::F8E4M3 {
+                        let module = n.strip_suffix(".weight").unwrap_or(n);
+                        add(n.to_string(), t.shape.clone(), Logical::Ct { module: module.to_string() });
+                    } else if [".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_global_scale"]
+                        .iter()
+                        .any(|s| n.ends_with(s))
+                    {
+                        continue;
+                    } else {
+                        add(n.to_string(), t.shape.clone(), Logical::Plain { tensor: n.to_string() });
+                    }
+                }
+            }
+            Kind::Mlx { bits, group } => {
+                let cfg = ck.config.as_ref().map(|c| c.root().clone()).unwrap_or_default();
+                let q = cfg.get("quantization").cloned().unwrap_or_default();
+                for t in ck.tensors() {
+                    let n = t.name.as_str();
+                    if n.ends_with(".scales") || n.ends_with(".biases") {
+                        continue;
+                    }
+                    let module = n.strip_suffix(".weight");
+                    let quantized = module.is_some_and(|m| ck.get(&format!("{m}.scales")).is_some());
+                    let (b, g) = match module.and_then(|m| q.get(m)) {
+                        Some(o) => (
+                            o["bits"].as_u64().unwrap_or(*bits as u64) as u32,
+                            o["group_size"].as_u64().unwrap_or(*group as u64) as usize,
+                        ),
+                        None => (*bits, *group),
+                    };
+                    let mut shape = t.shape.clone();
+                    if quantized {
+                        let last = shape.last_mut().ok_or_else(|| fmt_err(dir, format!("{n}: scalar weight")))?;
+                        *last = *last * 32 / u64::from(b.max(1));
+                    }
+                    let module = module.unwrap_or(n).to_string();
+                    match module.split_once(".switch_mlp.") {
+                        Some((before, proj)) if shape.len() == 3 => {
+                            let mixtral = before.ends_with("block_sparse_moe");
+                            let proj = match (mixtral, proj) {
+                                (true, "gate_proj") => "w1",
+                                (true, "down_proj") => "w2",
+                                (true, "up_proj") => "w3",
+                                (_, p) => p,
+                            };
+                            for e in 0..shape[0] {
+                                let name = format!("{before}.experts.{e}.{proj}.weight");
+                                let l = if quantized {
+                                    Logical::Affine { module: module.clone(), bits: b, group: g, expert: Some(e) }
+                                } else {
+                                    Logical::Slice { tensor: n.to_string(), expert: e }
+                                };
+                                add(name, shape[1..].to_vec(), l);
+                            }
+                        }
+                        _ if quantized => add(n.to_string(), shape, Logical::Affine { module, bits: b, group: g, expert: None }),
+                        _ => add(n.to_string(), shape, Logical::Plain { tensor: n.to_string() }),
+                    }
+                }
+            }
+        }
+        Ok(Some(Artifact { ck, kind, logical, order, zeros: Mutex::new(HashMap::new()) }))
+    }
+
+    /// Every tensor, in the artifact's order, with its shape (PyTorch order).
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[u64])> {
+        self.order.iter().map(|n| (n.as_str(), self.logical[n].0.as_slice()))
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<u64>> {
+        self.logical.get(name).map(|(s, _)| s.clone())
+    }
+
+    fn get(&self, name: &str) -> Result<&SourceTensor, ReadError> {
+        self.ck.get(name).ok_or_else(|| ReadError::Missing(name.to_string()))
+    }
+
+    /// Rows `i0..i1` of the outermost dimension of `name`, dequantized, row-major.
+    pub fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>, ReadError> {
+        let (shape, l) = self.logical.get(name).ok_or_else(|| ReadError::Missing(name.to_string()))?;
+        let n0 = shape.first().copied().unwrap_or(1);
+        if i0 > i1 || i1 > n0 {
+            return Err(ReadError::Tensor { tensor: name.into(), why: format!("slice {i0}..{i1} outside 0..{n0}") });
+        }
+        let numel: u64 = shape.iter().product();
+        let per = numel.checked_div(n0).unwrap_or(0);
+        match l {
+            Logical::Plain { tensor } => {
+                let t = self.get(tensor)?;
+                let es = t.dtype.block_bytes() as u64;
+                decode(t, &self.ck.bytes(t)[(i0 * per * es) as usize..(i1 * per * es) as usize])
+            }
+            Logical::Slice { tensor, expert } => {
+                let t = self.get(tensor)?;
+                let es = t.dtype.block_bytes() as u64;
+                let base = expert * numel;
+                decode(t, &self.ck.bytes(t)[((base + i0 * per) * es) as usize..((base + i1 * per) * es) as usize])
+            }
+            Logical::Affine { module, bits, group, expert } => {
+                let cols = *shape.last().unwrap_or(&1) as usize;
+                let rows_per_outer = per / cols as u64;
+                let (r0, r1) = (i0 * rows_per_outer, i1 * rows_per_outer);
+                let base = expert.map_or(0, |e| e * (numel / cols as u64));
+                self.affine_rows(module, *bits, *group, cols, base + r0, base + r1)
+            }
+            Logical::Ct { module } => {
+                let cols = *shape.last().unwrap_or(&1) as usize;
+                self.ct_rows(module, shape[0], cols, i0, i1)
+            }
+        }
+    }
+
+    fn affine_rows(&self, module: &str, bits: u32, group: usize, cols: usize, r0: u64, r1: u64) -> Result<Vec<f32>, ReadError> {
+        let w = self.get(&format!("{module}.weight"))?;
+        let s = self.get(&format!("{module}.scales"))?;
+        let b = self.get(&format!("{module}.biases"))?;
+        let words = cols * bits as usize / 32;
+        let ng = cols / group.max(1);
+        let wb = &self.ck.bytes(w)[(r0 as usize * words * 4)..(r1 as usize * words * 4)];
+        let ses = s.dtype.block_bytes();
+        let scales = scale_of(s, &self.ck.bytes(s)[r0 as usize * ng * ses..r1 as usize * ng * ses])?;
+        let biases = scale_of(b, &self.ck.bytes(b)[r0 as usize * ng * ses..r1 as usize * ng * ses])?;
+        let packed: Vec<u32> = wb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut out = Vec::with_capacity((r1 - r0) as usize * cols);
+        for r in 0..(r1 - r0) as usize {
+            affine::dequantize_affine_row(
+                &packed[r * words..(r + 1) * words],
+                bits,
+                group,
+                cols,
+                &scales[r * ng..(r + 1) * ng],
+                &biases[r * ng..(r + 1) * ng],
+                &mut out,
+            );
+        }
+        Ok(out)
+    }
+
+    fn ct_rows(&self, module: &str, rows: u64, cols: usize, i0: u64, i1: u64) -> Result<Vec<f32>, ReadError> {
+        let Kind::CompressedTensors { format, bits, symmetric, group, block } = &self.kind else {
+            return Err(ReadError::Missing(module.to_string()));
+        };
+        let (r0, r1) = (i0 as usize, i1 as usize);
+        let scale_t = self.get(&format!("{module}.weight_scale"))?;
+        let mut out = Vec::with_capacity((r1 - r0) * cols);
+        let bad = |why: String| ReadError::Tensor { tensor: format!("{module}.weight_scale"), why };
+        match format.as_str() {
+            "pack-quantized" => {
+                let p = self.get(&format!("{module}.weight_packed"))?;
+                let words = (cols * *bits as usize).div_ceil(32);
+                let g = group.unwrap_or(cols);
+                let ng = cols / g.max(1);
+                let ses = scale_t.dtype.block_bytes();
+                let scales = scale_of(scale_t, &self.ck.bytes(scale_t)[r0 * ng * ses..r1 * ng * ses])?;
+                if scales.len() != (r1 - r0) * ng {
+                    return Err(bad(format!("{} scales for {} rows of {ng} groups", scales.len(), r1 - r0)));
+                }
+                let zeros = if *symmetric { None } else { Some(self.zero_points(module, rows as usize, ng, *bits)?) };
+                let pb = &self.ck.bytes(p)[r0 * words * 4..r1 * words * 4];
+                let packed: Vec<u32> = pb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let mut codes = Vec::with_capacity(cols);
+                for r in 0..(r1 - r0) {
+                    codes.clear();
+                    ct::unpack_row(&packed[r * words..(r + 1) * words], *bits, cols, &mut codes);
+                    let z = zeros.as_ref().map(|z| &z[(r0 + r) * ng..(r0 + r + 1) * ng]);
+                    ct::dequantize_int_row(&codes, &scales[r * ng..(r + 1) * ng], z, g, &mut out);
+                }
+            }
+            "float-quantized" | "naive-quantized" => {
+                let w = self.get(&format!("{module}.weight"))?;
+                let codes = &self.ck.bytes(w)[r0 * cols..r1 * cols];
+                let all = scale_of(scale_t, self.ck.bytes(scale_t))?;
+                if *block {
+                    let bc = cols.div_ceil(128);
+                    for r in r0..r1 {
+                        for (c, &code) in codes[(r - r0) * cols..(r - r0 + 1) * cols].iter().enumerate() {
+                            let s = all.get((r / 128) * bc + c / 128).copied().ok_or_else(|| bad("block scale missing".into()))?;
+                            ct::dequantize_fp8(&[code], s, &mut out);
+                        }
+                    }
+                } else {
+                    for r in r0..r1 {
+                        let s = all.get(r).copied().ok_or_else(|| bad("channel scale missing".into()))?;
+                        ct::dequantize_fp8(&codes[(r - r0) * cols..(r - r0 + 1) * cols], s, &mut out);
+                    }
+                }
+            }
+            "nvfp4-pack-quantized" => {
+                let p = self.get(&format!("{module}.weight_packed"))?;
+                let gs = self.get(&format!("{module}.weight_global_scale"))?;
+                let global = scale_of(gs, self.ck.bytes(gs))?.first().copied().unwrap_or(1.0);
+                let pb = &self.ck.bytes(p)[r0 * cols / 2..r1 * cols / 2];
+                let sb = &self.ck.bytes(scale_t)[r0 * cols / 16..r1 * cols / 16];
+                for r in 0..(r1 - r0) {
+                    ct::dequantize_nvfp4_row(
+                        &pb[r * cols / 2..(r + 1) * cols / 2],
+                        &sb[r * cols / 16..(r + 1) * cols / 16],
+                        global,
+                        &mut out,
+                    );
+                }
+            }
+            "mxfp4-pack-quantized" => {
+                let p = self.get(&format!("{module}.weight_packed"))?;
+                let pb = &self.ck.bytes(p)[r0 * cols / 2..r1 * cols / 2];
+                let sb = &self.ck.bytes(scale_t)[r0 * cols / 32..r1 * cols / 32];
+                for r in 0..(r1 - r0) {
+                    ct::dequantize_mxfp4_row(&pb[r * cols / 2..(r + 1) * cols / 2], &sb[r * cols / 32..(r + 1) * cols / 32], &mut out);
+                }
+            }
+            f => return Err(ReadError::Tensor { tensor: module.to_string(), why: format!("format {f:?} is not one sling reads") }),
+        }
+        Ok(out)
+    }
+
+    fn zero_points(&self, module: &str, rows: usize, ng: usize, bits: u32) -> Result<std::sync::Arc<Vec<i8>>, ReadError> {
+        if let Some(z) = self.zeros.lock().ok().and_then(|m| m.get(module).cloned()) {
+            return Ok(z);
+        }
+        let t = self.get(&format!("{module}.weight_zero_point"))?;
+        let words: Vec<u32> =
+            self.ck.bytes(t).chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let z = std::sync::Arc::new(ct::unpack_zero_points(&words, rows, ng, bits));
+        if let Ok(mut m) = self.zeros.lock() {
+            m.insert(module.to_string(), z.clone());
+        }
+        Ok(z)
+    }
+
+    /// Drops the mapped pages read so far (between layers).
+    pub fn release(&self) {
+        self.ck.release_pages();
+    }
+}

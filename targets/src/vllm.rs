@@ -1,0 +1,388 @@
+//! `--to vllm:SCHEME`: a Hugging Face directory in the compressed-tensors format (0.20.x) that vLLM and SGLang
+//! serve, transformers loads, and `convert_hf_to_gguf.py` reads.
+//!
+//! Facts: `../shared/docs/formats-and-algorithms.md` §1 (config block, tensor names/dtypes/shapes, packing,
+//! rounding, how vLLM and transformers 5.24 load MoE experts). Every Linear weight the scheme can take is
+//! stored under the source checkpoint's own name (`….weight_packed`, `….weight_scale`, …), routed experts as
+//! per-expert 2-D tensors (`mlp.experts.{e}.gate_proj`, Mixtral's `block_sparse_moe.experts.{e}.w1`): the names
+//! vLLM's `FusedMoE` loader and transformers' converters expect (fused 3-D names load as random weights in
+//! transformers 5.24). Routers, norms, embeddings and `lm_head` keep the source precision and are listed in
+//! `ignore` where they are Linear modules, as llm-compressor's recipes do.
+//!
+//! The codes are sling's one definition of each encoding (`sling_quantizers::ct`: f32 arithmetic, the scale
+//! rounded to its stored dtype before dividing by it); compressed-tensors' own CPU compressor divides in the
+//! weight dtype (bf16) and can differ by one code where that rounding crosses a half step (see `docs/vllm.md`).
+
+use sling_core::DType;
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::quantize::rules::Role;
+use sling_pipeline::hf::HfTensor;
+use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
+use sling_quantizers::ct::{self, IntArgs, ScaleDtype};
+
+use crate::{json_sorted, TargetError};
+
+/// compressed-tensors version whose format this writes (`quantization_config.version`).
+pub const CT_VERSION: &str = "0.20.1";
+
+/// A vLLM scheme (`--to vllm:NAME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// int4, group 128, `pack-quantized` (`W4A16`, `W4A16_ASYM`).
+    W4A16 { symmetric: bool },
+    /// int8, group 128, `pack-quantized` (`W8A16`).
+    W8A16,
+    /// FP8 E4M3 per output channel, dynamic per-token FP8 activations (`FP8_DYNAMIC`).
+    Fp8Dynamic,
+    /// FP8 E4M3 with 128×128 block scales, dynamic per-group activations (`FP8_BLOCK`, DeepSeek style).
+    Fp8Block,
+    /// E2M1 + FP8 E4M3 scale per 16 + F32 global scale (`NVFP4A16`).
+    Nvfp4,
+    /// E2M1 + E8M0 scale per 32 (`MXFP4A16`).
+    Mxfp4,
+}
+
+/// The names `--to vllm:` takes, in help order.
+pub const SCHEMES: &[&str] = &["w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4"];
+
+impl Scheme {
+    pub fn parse(s: &str) -> Option<Scheme> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "w4a16" => Scheme::W4A16 { symmetric: true },
+            "w4a16-asym" | "w4a16_asym" => Scheme::W4A16 { symmetric: false },
+            "w8a16" => Scheme::W8A16,
+            "fp8-dynamic" | "fp8_dynamic" => Scheme::Fp8Dynamic,
+            "fp8-block" | "fp8_block" => Scheme::Fp8Block,
+            "nvfp4" | "nvfp4a16" => Scheme::Nvfp4,
+            "mxfp4" | "mxfp4a16" => Scheme::Mxfp4,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::W4A16 { symmetric: true } => "w4a16",
+            Scheme::W4A16 { symmetric: false } => "w4a16-asym",
+            Scheme::W8A16 => "w8a16",
+            Scheme::Fp8Dynamic => "fp8-dynamic",
+            Scheme::Fp8Block => "fp8-block",
+            Scheme::Nvfp4 => "nvfp4",
+            Scheme::Mxfp4 => "mxfp4",
+        }
+    }
+
+    /// The compressed-tensors format string.
+    pub fn format(self) -> &'static str {
+        match self {
+            Scheme::W4A16 { .. } | Scheme::W8A16 => "pack-quantized",
+            Scheme::Fp8Dynamic | Scheme::Fp8Block => "float-quantized",
+            Scheme::Nvfp4 => "nvfp4-pack-quantized",
+            Scheme::Mxfp4 => "mxfp4-pack-quantized",
+        }
+    }
+
+    /// Elements along a row that share a scale (the row length must be a multiple), if any.
+    pub fn group(self) -> Option<u64> {
+        match self {
+            Scheme::W4A16 { .. } | Scheme::W8A16 => Some(128),
+            Scheme::Nvfp4 => Some(16),
+            Scheme::Mxfp4 => Some(32),
+            Scheme::Fp8Dynamic | Scheme::Fp8Block => None,
+        }
+    }
+
+    fn int_args(self) -> Option<IntArgs> {
+        match self {
+            Scheme::W4A16 { symmetric } => Some(IntArgs { bits: 4, symmetric, group: Some(128) }),
+            Scheme::W8A16 => Some(IntArgs { bits: 8, symmetric: true, group: Some(128) }),
+            _ => None,
+        }
+    }
+
+    /// `config_groups.group_0` as compressed-tensors 0.20.1 serialises the matching preset scheme
+    /// (`W4A16`, `W4A16_ASYM`, `W8A16`, `FP8_DYNAMIC`, `FP8_BLOCK`, `NVFP4A16`, `MXFP4A16`).
+    pub fn config_group(self) -> serde_json::Value {
+        use serde_json::json;
+        let (weights, input) = match self {
+            Scheme::W4A16 { symmetric } => (
+                json!({"dynamic": false, "group_size": 128, "num_bits": 4, "strategy": "group", "symmetric": symmetric, "type": "int"}),
+                serde_json::Value::Null,
+            ),
+            Scheme::W8A16 => (
+                json!({"dynamic": false, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": true, "type": "int"}),
+                serde_json::Value::Null,
+            ),
+            Scheme::Fp8Dynamic => (
+                json!({"dynamic": false, "group_size": null, "num_bits": 8, "strategy": "channel", "symmetric": true, "type": "float"}),
+                json!({"dynamic": true, "group_size": null, "num_bits": 8, "strategy": "token", "symmetric": true, "type": "float"}),
+            ),
+            Scheme::Fp8Block => (
+                json!({"block_structure": [128, 128], "dynamic": false, "group_size": null, "num_bits": 8, "strategy": "block", "symmetric": true, "type": "float"}),
+                json!({"dynamic": true, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": true, "type": "float"}),
+            ),
+            Scheme::Nvfp4 => (
+                json!({"dynamic": false, "group_size": 16, "num_bits": 4, "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group", "symmetric": true, "type": "float"}),
+                serde_json::Value::Null,
+            ),
+            Scheme::Mxfp4 => (
+                json!({"dynamic": false, "group_size": 32, "num_bits": 4, "scale_dtype": "torch.uint8", "strategy": "group", "symmetric": true, "type": "float"}),
+                serde_json::Value::Null,
+            ),
+        };
+        json!({"format": self.format(), "input_activations": input, "output_activations": null, "targets": ["Linear"], "weights": weights})
+    }
+}
+
+/// How one weight is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Enc {
+    /// At source precision, in this dtype.
+    Keep(DType),
+    Int { args: IntArgs, sd: ScaleDtype },
+    Fp8Channel { sd: ScaleDtype },
+    Fp8Block { sd: ScaleDtype },
+    Nvfp4,
+    Mxfp4,
+}
+
+/// The vLLM target (see the module docs).
+pub struct Vllm {
+    pub scheme: Scheme,
+}
+
+/// The scale dtype compressed-tensors gives a weight of dtype `d` (`initialize_qparams`: the weight dtype if it
+/// is a float type, else F16; a dequantized FP8 source is BF16 here).
+fn scale_dtype(d: DType) -> ScaleDtype {
+    match d {
+        DType::F32 => ScaleDtype::F32,
+        DType::F16 => ScaleDtype::F16,
+        _ => ScaleDtype::BF16,
+    }
+}
+
+fn sd_dtype(sd: ScaleDtype) -> DType {
+    match sd {
+        ScaleDtype::F32 => DType::F32,
+        ScaleDtype::F16 => DType::F16,
+        ScaleDtype::BF16 => DType::BF16,
+    }
+}
+
+/// Plans the artifact: every tensor of the checkpoint, Linear weights encoded with `scheme` where their shape
+/// allows. `strict`: a weight the scheme cannot take is an error instead of being kept.
+pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, TargetError> {
+    let tensors = sling_pipeline::hf::tensors(ck)?;
+    let mut weights = Vec::new();
+    let mut kept = Vec::new();
+    let mut quantized = 0usize;
+    for t in tensors {
+        let linear = matches!(t.role, Role::RoutedExperts | Role::SharedExperts | Role::Attention | Role::DenseFfn)
+            && t.shape.len() == 2
+            && t.name.ends_with(".weight");
+        if !linear {
+            weights.push(keep(t));
+            continue;
+        }
+        let cols = t.shape[1];
+        if let Some(g) = scheme.group().filter(|g| cols % g != 0) {
+            let why = format!("row length {cols} is not a multiple of {}'s group size {g}", scheme.name());
+            if strict {
+                return Err(TargetError::Strict { tensor: t.name, why });
+            }
+            tracing::warn!("{}: {why}; kept at source precision ({})", t.name, t.dtype);
+            kept.push(Kept { name: t.name.clone(), why });
+            weights.push(keep(t));
+            continue;
+        }
+        quantized += 1;
+        weights.push(quantize(t, scheme));
+    }
+    if quantized == 0 {
+        return Err(TargetError::NothingToQuantize {
+            scheme: format!("vllm:{}", scheme.name()),
+            why: match scheme.group() {
+                Some(g) => format!("no Linear weight has a row length that is a multiple of {g}"),
+                None => "the checkpoint has no Linear weights".into(),
+            },
+        });
+    }
+    Ok(Plan { weights, kept, notes: Vec::new() })
+}
+
+fn keep(t: HfTensor) -> Weight<Enc> {
+    let dtype = t.dtype;
+    Weight {
+        parts: vec![Part::new(t.name.clone(), dtype, t.shape.clone())],
+        name: t.name,
+        role: t.role,
+        op: t.op,
+        enc: Enc::Keep(dtype),
+        sources: t.sources,
+        row_align: 1,
+    }
+}
+
+fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let module = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
+    let sd = scale_dtype(t.dtype);
+    let p = |suffix: &str, dtype, shape| Part::new(format!("{module}.{suffix}"), dtype, shape);
+    let (enc, parts, row_align) = match scheme {
+        Scheme::W4A16 { .. } | Scheme::W8A16 => {
+            let args = scheme.int_args().unwrap_or(IntArgs { bits: 4, symmetric: true, group: Some(128) });
+            let b = u64::from(args.bits);
+            let g = 128;
+            let mut parts = vec![
+                p("weight_packed", DType::I32, vec![rows, (cols * b).div_ceil(32)]),
+                p("weight_scale", sd_dtype(sd), vec![rows, cols / g]),
+                p("weight_shape", DType::I64, vec![2]),
+            ];
+            if !args.symmetric {
+                parts.push(p("weight_zero_point", DType::I32, vec![(rows * b).div_ceil(32), cols / g]));
+            }
+            // Zero points pack 32/b rows into a word along dim 0: chunks must not split a word.
+            (Enc::Int { args, sd }, parts, if args.symmetric { 1 } else { 32 })
+        }
+        Scheme::Fp8Dynamic => (
+            Enc::Fp8Channel { sd },
+            vec![p("weight", DType::F8E4M3, vec![rows, cols]), p("weight_scale", sd_dtype(sd), vec![rows, 1])],
+            1,
+        ),
+        Scheme::Fp8Block => (
+            Enc::Fp8Block { sd },
+            vec![
+                p("weight", DType::F8E4M3, vec![rows, cols]),
+                p("weight_scale", sd_dtype(sd), vec![rows.div_ceil(128), cols.div_ceil(128)]),
+            ],
+            128,
+        ),
+        Scheme::Nvfp4 => (
+            Enc::Nvfp4,
+            vec![
+                p("weight_packed", DType::U8, vec![rows, cols / 2]),
+                p("weight_scale", DType::F8E4M3, vec![rows, cols / 16]),
+                p("weight_global_scale", DType::F32, vec![1]),
+            ],
+            1,
+        ),
+        Scheme::Mxfp4 => (
+            Enc::Mxfp4,
+            vec![p("weight_packed", DType::U8, vec![rows, cols / 2]), p("weight_scale", DType::U8, vec![rows, cols / 32])],
+            1,
+        ),
+    };
+    Weight { name: t.name, role: t.role, op: t.op, enc, parts, sources: t.sources, row_align }
+}
+
+/// Appends `v` in the plain float type `d`.
+pub(crate) fn put_float(d: DType, v: &[f32], out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    sling_quantizers::encode_f32(d, v, v.len().max(1), out).map_err(|e| EncodeError(e.to_string()))
+}
+
+impl Target for Vllm {
+    type Enc = Enc;
+
+    fn needs_amax(&self, enc: &Enc) -> bool {
+        matches!(enc, Enc::Nvfp4)
+    }
+
+    fn encode(&self, w: &Weight<Enc>, r0: u64, vals: &[f32], amax: Option<f32>, out: &mut [Vec<u8>]) -> Result<(), EncodeError> {
+        let cols = w.cols() as usize;
+        let rows = vals.len() / cols.max(1);
+        match &w.enc {
+            Enc::Keep(d) => put_float(*d, vals, &mut out[0])?,
+            Enc::Int { args, sd } => {
+                let (mut codes, mut scales, mut zeros, mut words) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for row in vals.chunks_exact(cols) {
+                    codes.clear();
+                    words.clear();
+                    ct::quantize_int_row(row, args, *sd, &mut codes, &mut scales, &mut zeros);
+                    ct::pack_row(&codes, args.bits, &mut words);
+                    out[0].extend(words.iter().flat_map(|w| w.to_le_bytes()));
+                }
+                for s in &scales {
+                    sd.put(*s, &mut out[1]);
+                }
+                if r0 == 0 {
+                    out[2].extend((w.rows() as i64).to_le_bytes());
+                    out[2].extend((cols as i64).to_le_bytes());
+                }
+                if !args.symmetric {
+                    let ngroups = cols / args.group.unwrap_or(cols).max(1);
+                    let words = ct::pack_zero_points(&zeros, rows, ngroups, args.bits);
+                    out[3].extend(words.iter().flat_map(|w| w.to_le_bytes()));
+                }
+            }
+            Enc::Fp8Channel { sd } => {
+                for row in vals.chunks_exact(cols) {
+                    let s = ct::quantize_fp8_row(row, *sd, &mut out[0]);
+                    sd.put(s, &mut out[1]);
+                }
+            }
+            Enc::Fp8Block { sd } => {
+                let mut scales = Vec::new();
+                ct::quantize_fp8_block(vals, rows, cols, (128, 128), *sd, &mut out[0], &mut scales);
+                for s in &scales {
+                    sd.put(*s, &mut out[1]);
+                }
+            }
+            Enc::Nvfp4 => {
+                let global = ct::nvfp4_global_scale(amax.unwrap_or(0.0));
+                let (packed, rest) = out.split_at_mut(1);
+                for row in vals.chunks_exact(cols) {
+                    ct::quantize_nvfp4_row(row, global, &mut packed[0], &mut rest[0]);
+                }
+                if r0 == 0 {
+                    rest[1].extend(global.to_le_bytes());
+                }
+            }
+            Enc::Mxfp4 => {
+                let (packed, rest) = out.split_at_mut(1);
+                for row in vals.chunks_exact(cols) {
+                    ct::quantize_mxfp4_row(row, &mut packed[0], &mut rest[0]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The artifact's `config.json`: the source's, with `quantization_config` replaced by the compressed-tensors
+/// block, written as compressed-tensors writes it (`json.dump(indent=2, sort_keys=True)`, no trailing newline).
+pub fn config_json(ck: &Checkpoint, scheme: Scheme, plan: &Plan<Enc>) -> Result<Vec<u8>, TargetError> {
+    let mut root = ck.config.as_ref().map(|c| c.root().clone()).unwrap_or_default();
+    root.remove("quantization_config");
+    // `ignore`: every Linear module left unquantized (routers, lm_head, weights the scheme cannot take), in
+    // checkpoint order.
+    let mut ignore: Vec<String> = Vec::new();
+    for w in &plan.weights {
+        let linear_kept = matches!(w.enc, Enc::Keep(_))
+            && w.name.ends_with(".weight")
+            && w.parts.first().is_some_and(|p| p.shape.len() == 2)
+            && matches!(
+                w.role,
+                Role::Router | Role::Output | Role::RoutedExperts | Role::SharedExperts | Role::Attention | Role::DenseFfn
+            );
+        if linear_kept {
+            let m = w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string();
+            if !ignore.contains(&m) {
+                ignore.push(m);
+            }
+        }
+    }
+    let block = serde_json::json!({
+        "config_groups": {"group_0": scheme.config_group()},
+        "format": scheme.format(),
+        "global_compression_ratio": null,
+        "ignore": ignore,
+        "kv_cache_scheme": null,
+        "moe_sparsity_config": null,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    });
+    root.insert("quantization_config".into(), block);
+    Ok(json_sorted(&serde_json::Value::Object(root), 2, true).into_bytes())
+}

@@ -1,0 +1,73 @@
+//! Planning on the committed fixtures: names, encodings and kept weights as docs/vllm.md and docs/mlx.md say.
+
+use std::path::{Path, PathBuf};
+
+use sling_core::DType;
+use sling_formats::checkpoint::Checkpoint;
+use sling_targets::{mlx, vllm, TargetError};
+
+fn fixture(name: &str) -> Checkpoint {
+    let p: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name);
+    Checkpoint::open(&p).unwrap()
+}
+
+#[test]
+fn vllm_mxfp4_quantizes_every_linear_and_keeps_the_rest() {
+    let ck = fixture("qwen3moe");
+    let p = vllm::plan(&ck, vllm::Scheme::Mxfp4, false).unwrap();
+    let names: Vec<&str> = p.weights.iter().flat_map(|w| w.parts.iter().map(|t| t.name.as_str())).collect();
+    assert!(names.contains(&"model.layers.0.mlp.experts.3.gate_proj.weight_packed"));
+    assert!(names.contains(&"model.layers.0.mlp.experts.3.gate_proj.weight_scale"));
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.weight_packed"));
+    // Routers, norms, embeddings and lm_head stay as they are.
+    for kept in ["model.layers.0.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"] {
+        let w = p.weights.iter().find(|w| w.name == kept).unwrap();
+        assert_eq!(w.enc, vllm::Enc::Keep(DType::BF16), "{kept}");
+    }
+    assert!(p.kept.is_empty());
+}
+
+#[test]
+fn vllm_int_schemes_keep_rows_the_group_does_not_divide() {
+    let ck = fixture("qwen3moe"); // 64-, 32- and 128-wide rows: only the 128-wide ones take group 128
+    let p = vllm::plan(&ck, vllm::Scheme::W4A16 { symmetric: true }, false).unwrap();
+    assert!(!p.kept.is_empty());
+    assert!(p.kept.iter().all(|k| k.why.contains("group size 128")));
+    let err = vllm::plan(&ck, vllm::Scheme::W4A16 { symmetric: true }, true).err().unwrap();
+    assert!(matches!(err, TargetError::Strict { .. }), "{err}");
+}
+
+#[test]
+fn vllm_scheme_no_tensor_can_take_is_an_error() {
+    let ck = fixture("mixtral"); // hidden 64, ffn 32: nothing is 128 wide
+    let err = vllm::plan(&ck, vllm::Scheme::W8A16, false).err().unwrap();
+    assert!(matches!(err, TargetError::NothingToQuantize { .. }), "{err}");
+}
+
+#[test]
+fn vllm_fp8_source_is_dequantized_and_scales_dropped() {
+    let ck = fixture("deepseekv3-fp8");
+    let p = vllm::plan(&ck, vllm::Scheme::Fp8Dynamic, false).unwrap();
+    let names: Vec<&str> = p.weights.iter().flat_map(|w| w.parts.iter().map(|t| t.name.as_str())).collect();
+    assert!(!names.iter().any(|n| n.ends_with("_scale_inv")));
+    assert!(names.contains(&"model.layers.1.mlp.experts.0.down_proj.weight_scale"));
+}
+
+#[test]
+fn mlx_stacks_experts_and_overrides_the_router() {
+    let ck = fixture("mixtral");
+    let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
+    let w = p.plan.weights.iter().find(|w| w.name == "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight").unwrap();
+    assert_eq!(w.parts[0].shape[0], 8, "8 experts stacked");
+    assert_eq!(w.parts[0].dtype, DType::U32);
+    assert_eq!(p.overrides.get("model.layers.0.block_sparse_moe.gate"), Some(&(8, 64)));
+    assert!(!p.plan.weights.iter().any(|w| w.name.contains(".experts.")));
+}
+
+#[test]
+fn mlx_refuses_unknown_group_sizes_and_architectures() {
+    let ck = fixture("qwen3moe");
+    assert!(mlx::plan(&ck, mlx::Bits(4), 48, false).is_err());
+    let ck = fixture("deepseekv3");
+    assert!(matches!(mlx::plan(&ck, mlx::Bits(4), 32, false), Err(TargetError::Unsupported(_))));
+}

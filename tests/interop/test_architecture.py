@@ -1,0 +1,33 @@
+"""The crate graph of docs/architecture.md holds (scripts/check-architecture), and the checker catches a
+forbidden arrow (a target reached from the containers crate, the pipeline naming a target)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lab
+
+SCRIPT = lab.REPO / "scripts" / "check-architecture"
+
+
+def _metadata() -> dict:
+    return json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps", "--offline"],
+                                     cwd=lab.REPO, check=True, capture_output=True, text=True).stdout)
+
+
+def test_crate_graph_holds():
+    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_checker_catches_forbidden_arrows(tmp_path):
+    for crate, dep in [("sling-formats", "sling-targets"), ("sling-pipeline", "sling-targets"),
+                       ("sling-pipeline", "sling-quantizers"), ("sling-quantizers", "sling-formats")]:
+        meta = _metadata()
+        pkg = next(p for p in meta["packages"] if p["name"] == crate)
+        pkg["dependencies"].append({"name": dep, "kind": None})
+        f = tmp_path / "meta.json"
+        f.write_text(json.dumps(meta))
+        r = subprocess.run([sys.executable, str(SCRIPT), "--metadata", str(f)], capture_output=True, text=True)
+        assert r.returncode == 1 and f"{crate} -> {dep}" in r.stderr, (crate, dep, r.stderr)
