@@ -61,11 +61,17 @@ fn group_params(mn: f32, mx: f32, bits: u32, n: f32) -> (f32, f32) {
 }
 
 /// One row of MLX affine quantization: groups of `group` consecutive elements (MLX: 32, 64 or 128), `bits` in
-/// {1, 2, 3, 4, 5, 6, 8}. Per group the `f32` scale `s` and bias `b` of [`group_params`]; codes
+/// {1, 2, 3, 4, 5, 6, 8}. Per group the `f32` scale `s` and bias `b` (below); codes
 /// `q = clip(rint((w − b)/s), 0, 2^bits − 1)` (round half to even) computed with those `f32` values; appends the
 /// codes as an LSB-first little-endian bitstream (`cols·bits/32` u32 words, `ceil` for a ragged row; for 3/5/6
 /// bits MLX writes byte packs that form the same stream), and per group `sd.round(s)` and `sd.round(b)` — the
 /// values the file holds (`static_cast<T>`). `sd` is the weight dtype MLX would be called with.
+///
+/// Scale and bias, in `f32` exactly as MLX 0.32.4 computes them (§2.3), with α = max, β = min of the group:
+/// * bits 2–8 (`quantized.cpp` `quantize`): `s = max((α−β)/n, 1e−7)`; if `|β| > |α|` keep `s` and take
+///   `edge = β`, else negate `s` and take `edge = α`; `q0 = rint(edge/s)`; if `q0 ≠ 0` then `s = edge/q0`,
+///   `bias = edge`, else `bias = 0` (the larger-magnitude extreme and 0 are exact; the other extreme may clip);
+/// * 1 bit (new in 0.32.4, black-box, confirmed by the vectors): `s = max(α−β, 1e−7)`, `bias = β`.
 pub fn quantize_affine_row(
     row: &[f32],
     bits: u32,

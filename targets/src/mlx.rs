@@ -248,6 +248,29 @@ impl Target for Mlx {
     }
 }
 
+/// mlx-lm 0.32 reads the transformers-4 spellings only: a transformers-5 config (`rope_parameters`, Qwen3-MoE's
+/// `num_local_experts`) fails to load ("missing … num_experts, rope_theta") or, worse, silently runs with
+/// mlx-lm's default `rope_theta`. Adds the transformers-4 keys beside the transformers-5 ones (transformers 5
+/// accepts both), never overwriting a key the source has.
+fn legacy_keys(root: &mut serde_json::Map<String, serde_json::Value>) {
+    if root.get("model_type").and_then(|v| v.as_str()) == Some("qwen3_moe") && !root.contains_key("num_experts") {
+        if let Some(n) = root.get("num_local_experts").cloned() {
+            root.insert("num_experts".into(), n);
+        }
+    }
+    if let Some(rp) = root.get("rope_parameters").and_then(|v| v.as_object()).cloned() {
+        if let Some(theta) = rp.get("rope_theta").filter(|_| !root.contains_key("rope_theta")) {
+            root.insert("rope_theta".into(), theta.clone());
+        }
+        let kind = rp.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+        if kind != "default" && !root.contains_key("rope_scaling") {
+            let scaling: serde_json::Map<String, serde_json::Value> =
+                rp.into_iter().filter(|(k, _)| k != "rope_theta").collect();
+            root.insert("rope_scaling".into(), serde_json::Value::Object(scaling));
+        }
+    }
+}
+
 /// Parameters as mlx-lm counts them (`get_total_parameters`: a quantized layer counts its unquantized size).
 pub fn total_parameters(p: &MlxPlan) -> u64 {
     p.plan.weights.iter().map(|w| w.rows() * w.cols()).sum()
@@ -260,6 +283,7 @@ pub fn config_json(ck: &Checkpoint, p: &MlxPlan) -> Vec<u8> {
     let mut root = ck.config.as_ref().map(|c| c.root().clone()).unwrap_or_default();
     root.remove("_name_or_path");
     root.remove("vision_config");
+    legacy_keys(&mut root);
     let mut q = serde_json::Map::new();
     q.insert("group_size".into(), p.group.into());
     q.insert("bits".into(), p.bits.into());
