@@ -171,6 +171,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         tokenizer_pre: None,
         allow_nonfinite: a.allow_nonfinite,
         quantize: None,
+        target: Some(manifest::TargetRecord { target: label.clone(), group_size: a.q.group_size, strict: a.q.strict }),
     };
     let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
     let kept = summary["kept"].as_array().map_or(0, Vec::len);
@@ -196,17 +197,12 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let report = match &planned {
         Planned::Vllm(s, plan) => {
             let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
-            let opts = base(files, "vllm", IndexStyle::transformers(), pt, ("compressed-tensors", "transformers"));
+            let opts = base(files, "vllm", IndexStyle::Transformers, pt, ("compressed-tensors", "transformers"));
             exec(&vllm::Vllm { scheme: *s }, &ck, plan, &opts, &events)
         }
         Planned::Mlx(m) => {
             let files = vec![("config.json".to_string(), mlx::config_json(&ck, m))];
-            let index = IndexStyle {
-                always: true,
-                indent: 4,
-                trailing_newline: false,
-                metadata: vec![("total_parameters".into(), mlx::total_parameters(m).into())],
-            };
+            let index = IndexStyle::Mlx { total_parameters: mlx::total_parameters(m) };
             let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
             let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
             exec(&mlx::Mlx, &ck, &m.plan, &opts, &events)
@@ -276,6 +272,155 @@ fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) 
         Event::Stage(s) => {
             rep.set_message(s);
             rep.emit("stage", json!({"stage": s}));
+        }
+    }
+}
+
+/// `sling verify --source` for a vllm/mlx artifact directory: plans it again from the source and the options the
+/// manifest records, checks every stored tensor's name, dtype and shape against that plan, and recomputes the
+/// parts of a sample of weights (spread over the plan, a routed expert among them) or all of them, comparing
+/// their sha256 with the manifest's (which `verify` has checked against the files).
+pub fn rederive(
+    m: &manifest::Manifest,
+    source: &std::path::Path,
+    mode: manifest::Rederive,
+) -> (manifest::RederiveReport, Vec<manifest::Problem>) {
+    use manifest::{Problem, ProblemKind, RederiveReport, RederiveStatus};
+    let (sample, mode_name) = match mode {
+        manifest::Rederive::Sample(n) => (Some(n), "sample"),
+        _ => (None, "full"),
+    };
+    let mut report = RederiveReport {
+        status: RederiveStatus::NotChecked,
+        mode: mode_name,
+        sample,
+        plan: None,
+        tensors: Vec::new(),
+        metadata_checked: false,
+        imatrix: None,
+        error: None,
+    };
+    let mut problems = Vec::new();
+    let res = (|| -> Result<()> {
+        let rec = m.options.target.as_ref().context("the manifest does not record the target's options")?;
+        let to = To::parse(&rec.target)?.context("not a vllm/mlx target")?;
+        let ck = Checkpoint::open(source).with_context(|| format!("cannot read checkpoint {}", source.display()))?;
+        report.plan = Some(rec.target.clone());
+        let recorded: std::collections::HashMap<&str, &manifest::TensorRecord> =
+            m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let mut check = |plan_parts: Vec<(String, String, Vec<u64>)>| {
+            let mut seen = std::collections::HashSet::new();
+            for (name, dtype, shape) in plan_parts {
+                let ne: Vec<u64> = shape.iter().rev().copied().collect();
+                match recorded.get(name.as_str()) {
+                    Some(t) if t.dtype == dtype && t.ne == ne => {}
+                    Some(t) => problems.push(Problem {
+                        kind: ProblemKind::RederivedTensor,
+                        file: Some(t.file.clone()),
+                        tensor: Some(name.clone()),
+                        message: format!("tensor {name}: the source and the recorded options give {dtype} {ne:?}; the manifest says {} {:?}", t.dtype, t.ne),
+                    }),
+                    None => problems.push(Problem {
+                        kind: ProblemKind::RederivedTensor,
+                        file: None,
+                        tensor: Some(name.clone()),
+                        message: format!("tensor {name}: the source and the recorded options give it, the manifest does not list it"),
+                    }),
+                }
+                seen.insert(name);
+            }
+            for t in &m.tensors {
+                if !seen.contains(&t.name) {
+                    problems.push(Problem {
+                        kind: ProblemKind::RederivedTensor,
+                        file: Some(t.file.clone()),
+                        tensor: Some(t.name.clone()),
+                        message: format!("tensor {}: in the manifest, but the source and the recorded options do not give it", t.name),
+                    });
+                }
+            }
+        };
+        let allow = m.options.allow_nonfinite;
+        match to {
+            To::Vllm(s) => {
+                let plan = vllm::plan(&ck, s, rec.strict)?;
+                check(parts_of(&plan));
+                let t = vllm::Vllm { scheme: s };
+                for i in pick(&plan, sample) {
+                    let w = &plan.weights[i];
+                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, w, allow)?;
+                    compare(w, &hashes, &recorded, &mut problems, &mut report.tensors);
+                }
+            }
+            To::Mlx(b) => {
+                let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
+                check(parts_of(&p.plan));
+                for i in pick(&p.plan, sample) {
+                    let w = &p.plan.weights[i];
+                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx, &ck, w, allow)?;
+                    compare(w, &hashes, &recorded, &mut problems, &mut report.tensors);
+                }
+            }
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => {
+            report.status = if problems.is_empty() { RederiveStatus::Verified } else { RederiveStatus::Mismatch };
+        }
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    (report, problems)
+}
+
+fn parts_of<E>(p: &Plan<E>) -> Vec<(String, String, Vec<u64>)> {
+    p.weights.iter().flat_map(|w| &w.parts).map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone())).collect()
+}
+
+/// Weights a sample of `n` recomputes: the middle of each of `n` equal runs of the plan, with the middle routed
+/// expert in place of the nearest pick when none is routed (as the GGUF re-derivation samples); all for `None`.
+fn pick<E>(p: &Plan<E>, n: Option<usize>) -> Vec<usize> {
+    let len = p.weights.len();
+    let Some(n) = n.filter(|n| *n < len) else { return (0..len).collect() };
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
+    let routed = |i: &usize| p.weights[*i].role == sling_formats::quantize::rules::Role::RoutedExperts;
+    if !idx.iter().any(routed) {
+        let all: Vec<usize> = (0..len).filter(routed).collect();
+        if let Some(&r) = all.get(all.len() / 2) {
+            if let Some(j) = (0..idx.len()).min_by_key(|&j| idx[j].abs_diff(r)) {
+                idx[j] = r;
+            }
+            idx.sort_unstable();
+            idx.dedup();
+        }
+    }
+    idx
+}
+
+fn compare<E>(
+    w: &sling_pipeline::Weight<E>,
+    hashes: &[String],
+    recorded: &std::collections::HashMap<&str, &manifest::TensorRecord>,
+    problems: &mut Vec<manifest::Problem>,
+    done: &mut Vec<String>,
+) {
+    for (part, sha) in w.parts.iter().zip(hashes) {
+        done.push(part.name.clone());
+        if let Some(t) = recorded.get(part.name.as_str()) {
+            if t.sha256 != *sha {
+                problems.push(manifest::Problem {
+                    kind: manifest::ProblemKind::RederivedData,
+                    file: Some(t.file.clone()),
+                    tensor: Some(part.name.clone()),
+                    message: format!(
+                        "tensor {}: recomputed from the source it hashes to {sha}; the manifest says {}",
+                        part.name, t.sha256
+                    ),
+                });
+            }
         }
     }
 }

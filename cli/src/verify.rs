@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use sling_formats::manifest::{verify_with, Rederive, VerifyOptions, VerifyReport, DEFAULT_SAMPLE, MANIFEST_SUFFIX};
+use sling_formats::manifest::{
+    verify_with, Manifest, Rederive, VerifyOptions, VerifyReport, DEFAULT_SAMPLE, DIR_MANIFEST, MANIFEST_SUFFIX,
+};
 use sling_formats::signing::{self, SigVerifyReport};
 
 /// Exit code: everything matches the manifest.
@@ -18,6 +20,8 @@ pub const AFTER_HELP: &str = "Examples:
   sling verify ds-v3-q8_0.sling.json --source ./DeepSeek-V3 --json
   sling verify ds-v3-q8_0.gguf --source ./DeepSeek-V3 --full    # re-derive every tensor
   sling verify q4.gguf --source ./Qwen3-30B-A3B --imatrix imatrix.gguf   # made with an imatrix
+  sling verify qwen3-w4a16/                         # a vllm/mlx directory: its sling.json
+  sling verify qwen3-w4a16/ --source ./Qwen3-30B-A3B  # ... and re-derive a sample of weights
   sling verify --signature model.sig --public-key pub.pem out/   # a model_signing signature
 
 Checks every output file (size, sha256), every tensor (type, shape, offset, sha256 of its bytes), that no file of \
@@ -45,8 +49,8 @@ check (no manifest, unreadable or unknown manifest; with --source: the re-deriva
 #[derive(clap::Args)]
 pub struct Args {
     /// The manifest (OUT.sling.json) or an output of `sling convert` (OUT.gguf, or any shard of a split
-    /// output, whose manifest is named after the base OUT). With --signature: the signed model
-    /// directory or file.
+    /// output, whose manifest is named after the base OUT), or a directory written by `sling quantize --to
+    /// vllm:…|mlx:…` (its sling.json). With --signature: the signed model directory or file.
     artifact: PathBuf,
     /// Also re-hash the source files listed in the manifest, found under this directory, and re-derive
     /// tensors from them (see --sample, --full).
@@ -94,6 +98,18 @@ fn strip_shard_suffix(stem: &str) -> Option<&str> {
 /// The manifest for ARTIFACT: itself, `<stem>.sling.json` beside it, or for a shard the one named
 /// after the base name.
 fn find_manifest(artifact: &Path) -> Result<PathBuf, String> {
+    if artifact.is_dir() {
+        // A directory artifact (`--to vllm:…|mlx:…`) holds its manifest.
+        let m = artifact.join(DIR_MANIFEST);
+        if m.is_file() {
+            return Ok(m);
+        }
+        return Err(format!(
+            "no manifest in {} (looked for {}): not verifiable — it was not written by `sling quantize --to vllm:…|mlx:…`, or the run did not finish",
+            artifact.display(),
+            m.display()
+        ));
+    }
     let name = artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(MANIFEST_SUFFIX) {
         return Ok(artifact.to_path_buf());
@@ -158,10 +174,20 @@ pub fn run(a: Args, quiet: bool) -> u8 {
         (false, n) => Rederive::Sample(n),
     };
     let opts = VerifyOptions { source: a.source.clone(), rederive, imatrix: a.imatrix.clone() };
-    let report = match verify_with(&manifest, &opts) {
+    let mut report = match verify_with(&manifest, &opts) {
         Ok(r) => r,
         Err(e) => return cannot_check(a.json, &a.artifact, &e.to_string()),
     };
+    // A directory artifact is re-derived here, where the targets are known.
+    if let (Some(src), true) = (&a.source, rederive != Rederive::Off) {
+        if let Ok((m, _)) = Manifest::read(&manifest) {
+            if m.options.to != "gguf" {
+                let (r, problems) = crate::hfout::rederive(&m, src, rederive);
+                report.problems.extend(problems);
+                report.rederive = Some(r);
+            }
+        }
+    }
     print_report(&report, a.json, quiet);
     exit_code(&report)
 }

@@ -9,5 +9,6 @@ pub mod gguf;
 pub mod manifest;
 pub mod quantize;
 pub mod signing;
+pub mod pyjson;
 pub mod st_write;
 pub mod tokenizer;

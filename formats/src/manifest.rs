@@ -125,7 +125,26 @@ pub struct Options {
     /// and in manifests written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeRecord>,
+    /// `sling quantize --to vllm:…|mlx:…` only: what decides the artifact's tensors besides the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetRecord>,
 }
+
+/// The options of an artifact written by the target-agnostic pipeline (`--to vllm:…`, `--to mlx:…`):
+/// enough for `sling verify --source` to plan it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// `vllm:w4a16`, `mlx:4`.
+    pub target: String,
+    /// `--group-size` (mlx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<u64>,
+    /// `--strict`.
+    pub strict: bool,
+}
+
+/// The manifest's name inside an artifact directory (`sling quantize --to vllm:…|mlx:…`).
+pub const DIR_MANIFEST: &str = "sling.json";
 
 /// What `sling quantize` was asked for, resolved: enough to read the exact recipe and to rebuild the
 /// plan ([`crate::quantize::QuantizeOptions`]) when verifying against the source.
@@ -888,8 +907,19 @@ fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> (Vec
             return (problems, Vec::new());
         }
     }
-    let (file_hash, (tensor_problems, hashes)) =
-        rayon::join(|| hash_file(&path), || check_tensors(&path, name, tensors));
+    let (file_hash, (tensor_problems, hashes)) = rayon::join(
+        || hash_file(&path),
+        || {
+            if name.ends_with(".safetensors") {
+                check_st_tensors(&path, name, tensors)
+            } else if tensors.is_empty() && !name.ends_with(".gguf") {
+                // A file of a directory artifact that holds no tensors (config.json, tokenizer files).
+                (Vec::new(), Vec::new())
+            } else {
+                check_tensors(&path, name, tensors)
+            }
+        },
+    );
     match file_hash {
         Ok((size, sha)) if size == out.size && sha == out.sha256 => {}
         Ok((size, sha)) => problems.push(problem(
@@ -904,6 +934,60 @@ fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> (Vec
         Err(e) => problems.push(problem(ProblemKind::MissingFile, name, None, format!("{name}: {e}"))),
     }
     problems.extend(tensor_problems);
+    (problems, hashes)
+}
+
+/// Parses `path` as safetensors (the checkpoint reader's validated header) and checks every tensor the manifest
+/// places in it: dtype, shape (`ne` is the reversed shape), absolute offset, size, and the sha256 of its bytes.
+fn check_st_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<Problem>, FileTensorHashes) {
+    let f = match crate::checkpoint::SafetensorsFile::open(path, 0) {
+        Ok(f) => f,
+        Err(e) => {
+            let p = problem(ProblemKind::NotGguf, name, None, format!("{name}: cannot be read as safetensors: {e}"));
+            return (vec![p], Vec::new());
+        }
+    };
+    let by_name: HashMap<&str, &crate::checkpoint::SourceTensor> = f.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut problems = Vec::new();
+    let mut hashes = Vec::new();
+    for t in tensors {
+        let tn = t.name.as_str();
+        let Some(info) = by_name.get(tn) else {
+            problems.push(problem(ProblemKind::MissingTensor, name, Some(tn), format!("{name}: tensor {tn} is missing")));
+            continue;
+        };
+        let ne: Vec<u64> = info.shape.iter().rev().copied().collect();
+        let (offset, n_bytes) = (info.start as u64, (info.end - info.start) as u64);
+        if info.dtype.name() != t.dtype || ne != t.ne || offset != t.offset || n_bytes != t.n_bytes {
+            problems.push(problem(
+                ProblemKind::TensorInfo,
+                name,
+                Some(tn),
+                format!(
+                    "{name}: tensor {tn}: {} {:?} at offset {offset} ({n_bytes} bytes); the manifest says {} {:?} at offset {} ({} bytes)",
+                    info.dtype.name(), ne, t.dtype, t.ne, t.offset, t.n_bytes
+                ),
+            ));
+            continue;
+        }
+        let sha = hex(&Sha256::digest(f.bytes(info)));
+        if sha != t.sha256 {
+            problems.push(problem(
+                ProblemKind::TensorData,
+                name,
+                Some(tn),
+                format!("{name}: tensor {tn}: data differs: sha256 {sha}; the manifest says {}", t.sha256),
+            ));
+        }
+        hashes.push((t.name.clone(), sha));
+    }
+    let listed: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    for info in &f.tensors {
+        if !listed.contains(info.name.as_str()) {
+            let tn = info.name.as_str();
+            problems.push(problem(ProblemKind::ExtraTensor, name, Some(tn), format!("{name}: tensor {tn} is not in the manifest")));
+        }
+    }
     (problems, hashes)
 }
 
@@ -1105,7 +1189,11 @@ pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyR
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| !names.contains(n.as_str()))
             .filter(|n| {
-                (!base.is_empty() && (*n == base || is_shard_name(n, &stem)))
+                // A directory artifact: every file in it is the manifest's, its card's, or extra.
+                (m.options.to != "gguf"
+                    && *n != mname
+                    && m.model_card.as_ref().map_or(true, |c| c.name != *n))
+                    || (!base.is_empty() && (*n == base || is_shard_name(n, &stem)))
                     || *n == format!("{manifest_stem}.gguf")
                     || is_shard_name(n, &manifest_stem)
             })
@@ -1156,7 +1244,8 @@ pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyR
     // Re-derivation from the source.
     let mut notes = Vec::new();
     let rederive = match (source, opts.rederive) {
-        (Some(src), mode) if mode != Rederive::Off => {
+        // Directory artifacts (vllm/mlx) are re-derived by the caller, which knows the targets.
+        (Some(src), mode) if mode != Rederive::Off && m.options.to == "gguf" => {
             let sources_differ =
                 problems.iter().any(|p| matches!(p.kind, ProblemKind::SourceHash | ProblemKind::MissingSource));
             Some(rederive::run(

@@ -5,6 +5,9 @@
 //! shard set ([`crate::sink`]). Chunk boundaries do not depend on the thread count and every chunk is
 //! encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
 //!
+//! Test hook: `SLING_TEST_ABORT_AFTER_WEIGHTS=N` stops the process at once (exit status 134, no destructor
+//! runs: what `kill -9` leaves) once N weights are written.
+//!
 //! Crash safety: everything is written into `OUT.partial/` (a directory beside the output) and renamed to
 //! `OUT` only when the shards, the extra files, the model card and the manifest are complete and synced, so
 //! an interrupted run never leaves a directory that looks complete. The output must not exist yet (or be an
@@ -58,51 +61,38 @@ pub struct ExecOptions {
     pub card_format: (String, String),
 }
 
-/// `model.safetensors.index.json`: `{"metadata": {"total_size": N, …}, "weight_map": {name: file}}` with
-/// `weight_map` sorted by name, as transformers (`indent=2`, sorted keys, trailing newline, only when sharded)
-/// or mlx-lm (`indent=4`, always, `total_parameters` too) write it.
+/// How `model.safetensors.index.json` is written: `{"metadata": {"total_size": N, …}, "weight_map": {name: file}}`.
 #[derive(Clone, Debug)]
-pub struct IndexStyle {
-    pub always: bool,
-    pub indent: usize,
-    pub trailing_newline: bool,
-    /// `metadata` entries after `total_size`.
-    pub metadata: Vec<(String, serde_json::Value)>,
+pub enum IndexStyle {
+    /// transformers' `save_pretrained`: only when sharded; sorted keys, indent 2, trailing newline.
+    Transformers,
+    /// mlx-lm's `save_model`: always; `total_parameters` after `total_size`, `weight_map` sorted by name, indent
+    /// 4, no trailing newline.
+    Mlx { total_parameters: u64 },
 }
 
 impl IndexStyle {
-    /// transformers' `save_pretrained`.
-    pub fn transformers() -> IndexStyle {
-        IndexStyle { always: false, indent: 2, trailing_newline: true, metadata: Vec::new() }
-    }
-
-    fn render(&self, layout: &st_write::ShardLayout) -> String {
-        let total: u64 = layout.shards.iter().map(|s| s.data_bytes).sum();
-        let mut meta = serde_json::Map::new();
-        meta.insert("total_size".into(), total.into());
-        for (k, v) in &self.metadata {
-            meta.insert(k.clone(), v.clone());
+    fn render(&self, layout: &st_write::ShardLayout) -> Option<String> {
+        match self {
+            IndexStyle::Transformers => (layout.shards.len() > 1).then(|| layout.index_json(&[])),
+            IndexStyle::Mlx { total_parameters } => {
+                let mut map: Vec<(&str, &str)> = layout
+                    .shards
+                    .iter()
+                    .flat_map(|s| s.tensors.iter().map(move |t| (t.name.as_str(), s.file_name.as_str())))
+                    .collect();
+                map.sort();
+                let mut wm = serde_json::Map::new();
+                for (n, f) in map {
+                    wm.insert(n.to_string(), f.into());
+                }
+                let v = serde_json::json!({
+                    "metadata": {"total_size": layout.total_data_bytes(), "total_parameters": total_parameters},
+                    "weight_map": wm,
+                });
+                Some(sling_formats::pyjson::dumps(&v, 4, sling_formats::pyjson::SortKeys::None))
+            }
         }
-        let mut map: Vec<(&str, &str)> = layout
-            .shards
-            .iter()
-            .flat_map(|s| s.tensors.iter().map(move |t| (t.name.as_str(), s.file_name.as_str())))
-            .collect();
-        map.sort();
-        let mut wm = serde_json::Map::new();
-        for (n, f) in map {
-            wm.insert(n.to_string(), f.into());
-        }
-        let v = serde_json::json!({"metadata": meta, "weight_map": wm});
-        let pad = vec![b' '; self.indent];
-        let mut buf = Vec::new();
-        let mut ser = serde_json::Serializer::with_formatter(&mut buf, serde_json::ser::PrettyFormatter::with_indent(&pad));
-        let _ = serde::Serialize::serialize(&v, &mut ser);
-        let mut text = String::from_utf8(buf).unwrap_or_default();
-        if self.trailing_newline {
-            text.push('\n');
-        }
-        text
     }
 }
 
@@ -191,17 +181,67 @@ struct Chunk {
 fn chunks<E>(plan: &Plan<E>) -> Vec<Chunk> {
     let mut out = Vec::new();
     for (i, w) in plan.weights.iter().enumerate() {
-        let (rows, cols) = (w.rows(), w.cols().max(1));
-        let align = w.row_align.max(1);
-        let step = ((CHUNK_ELEMS / cols).max(1) / align).max(1) * align;
-        let mut r = 0;
-        while r < rows {
-            let e = (r + step).min(rows);
-            out.push(Chunk { w: i, r0: r, r1: e });
-            r = e;
-        }
+        weight_chunks(w, i, &mut out);
     }
     out
+}
+
+/// The chunks of weight `w` (index `i`): bounded rows, starting at multiples of its `row_align`.
+fn weight_chunks<E>(w: &crate::Weight<E>, i: usize, out: &mut Vec<Chunk>) {
+    let (rows, cols) = (w.rows(), w.cols().max(1));
+    let align = w.row_align.max(1);
+    let step = ((CHUNK_ELEMS / cols).max(1) / align).max(1) * align;
+    let mut r = 0;
+    while r < rows {
+        let e = (r + step).min(rows);
+        out.push(Chunk { w: i, r0: r, r1: e });
+        r = e;
+    }
+}
+
+/// The sha256 of each of `w`'s parts as [`execute`] writes them (the same chunks and encoding), without
+/// writing anything: what `sling verify --source` re-derives.
+pub fn part_sha256<T: Target>(
+    target: &T,
+    ck: &Checkpoint,
+    w: &crate::Weight<T::Enc>,
+    allow_nonfinite: bool,
+) -> Result<Vec<String>, ExecError> {
+    let mut cs = Vec::new();
+    weight_chunks(w, 0, &mut cs);
+    let amax = if target.needs_amax(&w.enc) { Some(weight_amax(ck, w, &cs)?) } else { None };
+    let mut hashers: Vec<Sha256> = w.parts.iter().map(|_| Sha256::new()).collect();
+    let window = 2 * rayon::current_num_threads().max(1);
+    for win in cs.chunks(window) {
+        let results: Result<Vec<Vec<Vec<u8>>>, ExecError> = win
+            .par_iter()
+            .map(|c| {
+                let (v, _) = values(ck, w, c, allow_nonfinite)?;
+                let mut out = vec![Vec::new(); w.parts.len()];
+                target
+                    .encode(w, c.r0, &v, amax, &mut out)
+                    .map_err(|source| ExecError::Encode { tensor: w.name.clone(), source })?;
+                Ok(out)
+            })
+            .collect();
+        ck.release_pages();
+        for parts in results? {
+            for (h, b) in hashers.iter_mut().zip(&parts) {
+                h.update(b);
+            }
+        }
+    }
+    Ok(hashers.into_iter().map(|h| hex(&h.finalize())).collect())
+}
+
+/// The largest finite |value| of a weight (one pass over its chunks, in parallel).
+fn weight_amax<E: Sync>(ck: &Checkpoint, w: &crate::Weight<E>, cs: &[Chunk]) -> Result<f32, ExecError> {
+    let parts: Result<Vec<f32>, ExecError> = cs
+        .par_iter()
+        .map(|c| values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()))))
+        .collect();
+    ck.release_pages();
+    Ok(parts?.into_iter().fold(0f32, f32::max))
 }
 
 /// Values of a chunk, checked for NaN/Inf.
@@ -308,8 +348,8 @@ fn write_all<T: Target>(
 
     // Index and the target's files, then copies from the source directory.
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    if layout.shards.len() > 1 || opts.index.always {
-        files.push(("model.safetensors.index.json".into(), opts.index.render(&layout).into_bytes()));
+    if let Some(index) = opts.index.render(&layout) {
+        files.push(("model.safetensors.index.json".into(), index.into_bytes()));
     }
     files.extend(opts.files.iter().cloned());
     for name in &opts.copy {
@@ -419,19 +459,16 @@ fn compute_and_write<T: Target>(
     // Weights whose encoding needs their absolute maximum: one pass over each first.
     let mut amax: HashMap<usize, f32> = HashMap::new();
     for (i, w) in plan.weights.iter().enumerate().filter(|(_, w)| target.needs_amax(&w.enc)) {
-        let parts: Result<Vec<f32>, ExecError> = jobs
-            .iter()
-            .filter(|c| c.w == i)
-            .collect::<Vec<_>>()
-            .par_iter()
-            .map(|c| values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()))))
-            .collect();
-        amax.insert(i, parts?.into_iter().fold(0f32, f32::max));
-        ck.release_pages();
+        let mut cs = Vec::new();
+        weight_chunks(w, i, &mut cs);
+        amax.insert(i, weight_amax(ck, w, &cs)?);
     }
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
     let mut nonfinite = Vec::new();
     let mut done = 0u64;
+    let abort_after: Option<usize> =
+        std::env::var("SLING_TEST_ABORT_AFTER_WEIGHTS").ok().and_then(|v| v.trim().parse().ok());
+    let mut weights_done = 0usize;
     for win in jobs.chunks(window) {
         let results: Result<Vec<(Vec<Vec<u8>>, Option<String>)>, ExecError> = win
             .par_iter()
@@ -463,6 +500,10 @@ fn compute_and_write<T: Target>(
                     done_bytes: done,
                     total_bytes: total,
                 });
+                weights_done += 1;
+                if abort_after.is_some_and(|n| weights_done >= n) {
+                    std::process::exit(134);
+                }
             }
         }
     }

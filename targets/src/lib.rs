@@ -16,7 +16,7 @@ pub enum To {
 }
 
 /// The targets `--to` takes, for messages.
-pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 6, 8)";
+pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 5, 6, 8)";
 
 impl To {
     /// Parses `vllm:SCHEME` or `mlx:BITS`; `Ok(None)` for `gguf:…`.
@@ -33,7 +33,7 @@ impl To {
             "mlx" => mlx::Bits::parse(rest).map(|x| Some(To::Mlx(x))).ok_or_else(|| TargetError::UnknownScheme {
                 target: "mlx".into(),
                 scheme: rest.into(),
-                known: "2, 3, 4, 6, 8".into(),
+                known: "2, 3, 4, 5, 6, 8".into(),
             }),
             _ => Err(unknown()),
         }
@@ -65,43 +65,11 @@ pub enum TargetError {
     Unsupported(String),
 }
 
-/// JSON as Python's `json.dump(…, indent=N)` writes it with `ensure_ascii` (non-ASCII as `\uXXXX`): keys
-/// sorted at every level (`sort_all`, compressed-tensors) or only at the top (mlx-lm's `save_config`).
+/// JSON as Python's `json.dump(…, indent=N)` writes it (`ensure_ascii`, `repr` floats): keys sorted at every
+/// level (`sort_all`: compressed-tensors' `sort_keys=True`) or only at the top (mlx-lm's `save_config`).
 pub fn json_sorted(v: &serde_json::Value, indent: usize, sort_all: bool) -> String {
-    fn sort(v: &serde_json::Value, deep: bool) -> serde_json::Value {
-        match v {
-            serde_json::Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                let mut out = serde_json::Map::new();
-                for k in keys {
-                    out.insert(k.clone(), if deep { sort(&m[k], deep) } else { m[k].clone() });
-                }
-                serde_json::Value::Object(out)
-            }
-            serde_json::Value::Array(a) if deep => serde_json::Value::Array(a.iter().map(|x| sort(x, deep)).collect()),
-            other => other.clone(),
-        }
-    }
-    let sorted = sort(v, sort_all);
-    let pad = vec![b' '; indent];
-    let mut buf = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
-    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-    serde::Serialize::serialize(&sorted, &mut ser).expect("serialising a JSON value to memory cannot fail");
-    let text = String::from_utf8(buf).unwrap_or_default();
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_ascii() {
-            out.push(c);
-        } else {
-            let mut units = [0u16; 2];
-            for u in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{:04x}", u));
-            }
-        }
-    }
-    out
+    use sling_formats::pyjson::{dumps, SortKeys};
+    dumps(v, indent, if sort_all { SortKeys::All } else { SortKeys::Top })
 }
 
 #[cfg(test)]
@@ -126,7 +94,7 @@ mod tests {
             json_sorted(&v, 2, true),
             "{\n  \"a\": {},\n  \"b\": {\n    \"a\": [\n      1,\n      {\n        \"x\": \"\\u00e9\",\n        \"y\": 2\n      }\n    ],\n    \"z\": 1\n  },\n  \"c\": []\n}"
         );
-        let top = json_sorted(&serde_json::json!({"b": {"z": 1, "a": 2}, "a": 1}), 4, false);
-        assert_eq!(top, "{\n    \"a\": 1,\n    \"b\": {\n        \"z\": 1,\n        \"a\": 2\n    }\n}");
+        let top = json_sorted(&serde_json::json!({"b": {"z": 1, "a": 2}, "a": 1e-6}), 4, false);
+        assert_eq!(top, "{\n    \"a\": 1e-06,\n    \"b\": {\n        \"z\": 1,\n        \"a\": 2\n    }\n}");
     }
 }

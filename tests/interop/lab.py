@@ -84,7 +84,7 @@ def missing_tools() -> list[str]:
     ]:
         if not p.exists():
             miss.append(f"{what}: {p}")
-    for mod in ("numpy", "torch", "transformers", "safetensors"):
+    for mod in ("numpy", "torch", "transformers", "safetensors", "compressed_tensors", "mlx", "mlx_lm"):
         if importlib.util.find_spec(mod) is None:
             miss.append(f"python module {mod!r} in {sys.executable} (run pytest with $SLING_LAB/venv/bin/python)")
     return miss

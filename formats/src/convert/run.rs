@@ -926,6 +926,7 @@ fn write_manifest(
         tokenizer_pre: opts.tokenizer_pre.clone(),
         allow_nonfinite: opts.allow_nonfinite,
         quantize: opts.quantize.clone(),
+        target: None,
     };
     let mut m = manifest::build(tool, options, &opts.output, sources, written, &sources_of);
     m.created = opts.created.map(manifest::rfc3339);
