@@ -154,9 +154,6 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     if a.split_max_tensors.is_some() {
         bail!("--split-max-tensors applies to --to gguf:… only (use --split-max-size for shard sizes)");
     }
-    if a.pipeline.resume {
-        bail!("--resume is not supported for {} yet: rerun without it (the unfinished OUT.partial is replaced)", to.label());
-    }
     if a.eval.is_some() {
         bail!("--eval is not supported for {} yet: run `sling eval` on the directory", to.label());
     }
@@ -187,6 +184,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         copy: COPIED.iter().map(|s| s.to_string()).collect(),
         allow_nonfinite: a.allow_nonfinite,
         window: None,
+        resume: a.pipeline.resume,
         provenance: (!a.no_manifest).then(|| (tool(), record(what))),
         created: a.pipeline.created().ok().flatten(),
         model_card: (!a.no_manifest && !a.pipeline.no_model_card).then(|| card_extra.clone()),
@@ -257,13 +255,17 @@ fn exec<T: Target>(
 
 fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) {
     match ev {
-        Event::Start { weights, bytes } => {
+        Event::Start { weights, bytes, resumed } => {
             rep.set_length(*bytes);
             rep.emit(
                 "start",
                 json!({"tool": "sling", "version": env!("CARGO_PKG_VERSION"), "command": "quantize", "source": src,
-                       "type": label, "weights": weights, "bytes": bytes, "threads": rayon::current_num_threads()}),
+                       "type": label, "weights": weights, "bytes": bytes, "threads": rayon::current_num_threads(),
+                       "resumed_weights": resumed}),
             );
+            if *resumed > 0 {
+                rep.say(&format!("resuming: {resumed} of {weights} weights re-checked and reused from the interrupted run"));
+            }
         }
         Event::Weight { index, of, name, done_bytes, total_bytes } => {
             rep.set_position(*done_bytes, name);

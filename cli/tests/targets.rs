@@ -205,3 +205,36 @@ fn eval_reads_a_vllm_and_an_mlx_directory() {
         assert!(kld > 0.0 && kld < 0.05, "{to}: mean KLD {kld}");
     }
 }
+
+#[test]
+fn resume_after_a_kill_gives_the_same_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    for (src, to, extra) in [("qwen3moe", "vllm:nvfp4", &[][..]), ("mixtral", "mlx:4", &["--group-size", "32"][..])] {
+        let tag = to.replace(':', "-");
+        let whole = d.path().join(format!("{tag}-whole"));
+        let o = quantize(src, to, &whole, extra, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = d.path().join(format!("{tag}-resumed"));
+        let mut args = vec!["-t", "1"];
+        args.extend_from_slice(extra);
+        let env = [("SLING_TEST_ABORT_AFTER_WEIGHTS", "9"), ("SLING_JOURNAL_INTERVAL_MS", "0")];
+        let o = quantize(src, to, &out, &args, &env);
+        assert_eq!(o.status.code(), Some(134), "{}", stderr(&o));
+        assert!(!out.exists());
+        let mut args = vec!["--resume", "--progress", "json"];
+        args.extend_from_slice(extra);
+        let o = quantize(src, to, &out, &args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let start = stderr(&o).lines().find(|l| l.contains("\"event\":\"start\"")).unwrap().to_string();
+        let v: serde_json::Value = serde_json::from_str(&start).unwrap();
+        assert!(v["resumed_weights"].as_u64().unwrap() >= 8, "{start}");
+        for ((na, ba), (nb, bb)) in files(&whole).iter().zip(&files(&out)) {
+            assert_eq!(na, nb);
+            if na != "sling.json" && na != "README.md" {
+                assert!(ba == bb, "{to}: {na} differs after --resume");
+            }
+        }
+        let o = run(&["verify", out.to_str().unwrap()], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}

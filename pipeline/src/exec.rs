@@ -5,6 +5,14 @@
 //! shard set ([`crate::sink`]). Chunk boundaries do not depend on the thread count and every chunk is
 //! encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
 //!
+//! Resume: while it runs, the executor records in `OUT.partial/.sling-journal.json` how many weights (in plan
+//! order) are complete on disk — after syncing them, at most every `SLING_JOURNAL_INTERVAL_MS` (default 5000;
+//! 0: after every window) — with a fingerprint of everything that decides the bytes (the plan, the options, the
+//! code version, each source file's path, size and modification time). With [`ExecOptions::resume`], a run
+//! whose fingerprint matches reopens the partial shards, re-hashes the complete weights' bytes, and computes
+//! only the rest; the result is byte-identical to an uninterrupted run. A run asked to resume keeps its partial
+//! directory if it fails too.
+//!
 //! Test hook: `SLING_TEST_ABORT_AFTER_WEIGHTS=N` stops the process at once (exit status 134, no destructor
 //! runs: what `kill -9` leaves) once N weights are written.
 //!
@@ -31,7 +39,10 @@ use crate::{EncodeError, Plan, Target};
 /// f32 elements per chunk (16 MiB of values), as the GGUF executor.
 pub const CHUNK_ELEMS: u64 = 4 << 20;
 /// The manifest's name inside an artifact directory.
-pub const MANIFEST_NAME: &str = "sling.json";
+pub const MANIFEST_NAME: &str = manifest::DIR_MANIFEST;
+/// The resume journal's name inside `OUT.partial/` (removed before the directory is renamed).
+pub const JOURNAL_NAME: &str = ".sling-journal.json";
+const JOURNAL_SCHEMA: &str = "sling.pipeline-journal/1";
 
 /// How to write the artifact.
 pub struct ExecOptions {
@@ -51,6 +62,8 @@ pub struct ExecOptions {
     pub allow_nonfinite: bool,
     /// Chunks computed at once (default 2 × threads).
     pub window: Option<usize>,
+    /// Continue an interrupted run of the same plan from `OUT.partial/` (see the module docs).
+    pub resume: bool,
     /// Write the provenance manifest (`OUT/sling.json`) with these options, naming this tool.
     pub provenance: Option<(Tool, manifest::Options)>,
     /// `created` of the manifest (seconds since the epoch).
@@ -99,7 +112,8 @@ impl IndexStyle {
 /// Progress, in this order: `Start`, `Weight` as each weight is complete, `Stage`s.
 #[derive(Debug)]
 pub enum Event<'a> {
-    Start { weights: usize, bytes: u64 },
+    /// `resumed`: weights an interrupted run completed, re-checked and reused.
+    Start { weights: usize, bytes: u64, resumed: usize },
     Weight { index: usize, of: usize, name: &'a str, done_bytes: u64, total_bytes: u64 },
     Stage(&'a str),
 }
@@ -274,11 +288,13 @@ pub fn execute<T: Target>(
 ) -> Result<ExecReport, ExecError> {
     check_output(ck, &opts.output)?;
     let partial = partial_dir(&opts.output);
-    if partial.exists() {
+    let fp = fingerprint(ck, plan, opts);
+    let resumed = if opts.resume { journal_weights(&partial, &fp) } else { None };
+    if resumed.is_none() && partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial, "remove the stale"))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial, "create"))?;
-    let res = write_all(target, ck, plan, opts, &partial, events);
+    let res = write_all(target, ck, plan, opts, &partial, &fp, resumed, events);
     match res {
         Ok(mut report) => {
             if opts.output.exists() {
@@ -294,18 +310,66 @@ pub fn execute<T: Target>(
             Ok(report)
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&partial);
+            if !opts.resume {
+                let _ = std::fs::remove_dir_all(&partial);
+            }
             Err(e)
         }
     }
 }
 
+/// A digest of everything that decides the artifact's bytes; a journal with another one is never resumed.
+fn fingerprint<E: std::fmt::Debug>(ck: &Checkpoint, plan: &Plan<E>, opts: &ExecOptions) -> String {
+    let mut h = Sha256::new();
+    let mut put = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    put(JOURNAL_SCHEMA);
+    put(env!("CARGO_PKG_VERSION"));
+    if let Some((tool, options)) = &opts.provenance {
+        put(&tool.git_commit);
+        put(&format!("{options:?}"));
+    }
+    put(&format!("{:?} {:?} {}", opts.max_shard_bytes, opts.shard_metadata, opts.allow_nonfinite));
+    for w in &plan.weights {
+        put(&format!("{} {:?} {:?} {:?} {} {:?}", w.name, w.enc, w.parts, w.sources, w.row_align, w.op));
+    }
+    for (rel, p) in manifest::source_paths(ck) {
+        put(&rel);
+        match std::fs::metadata(&p) {
+            Ok(m) => {
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                put(&format!("{} {mtime}", m.len()));
+            }
+            Err(_) => put("missing"),
+        }
+    }
+    hex(&h.finalize())
+}
+
+/// Weights complete in the partial directory of an interrupted run with this fingerprint, if any.
+fn journal_weights(partial: &Path, fp: &str) -> Option<usize> {
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(partial.join(JOURNAL_NAME)).ok()?).ok()?;
+    if j["schema"] != JOURNAL_SCHEMA || j["fingerprint"] != fp {
+        return None;
+    }
+    j["weights_done"].as_u64().map(|n| n as usize)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_all<T: Target>(
     target: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,
     opts: &ExecOptions,
     dir: &Path,
+    fp: &str,
+    resumed: Option<usize>,
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ExecReport, ExecError> {
     let st: Vec<StTensor> = plan
@@ -316,14 +380,30 @@ fn write_all<T: Target>(
         .collect();
     let layout = st_write::layout(st, opts.max_shard_bytes, "model", Some(&opts.shard_metadata))
         .map_err(|e| ExecError::Layout(e.to_string()))?;
-    let mut sink = Sink::create(dir, &layout)?;
+    // Reuse what an interrupted run completed, when its layout is this plan's; otherwise start over.
+    let (mut sink, reused) = match resumed {
+        Some(k) => {
+            let k = k.min(plan.weights.len());
+            let done: Vec<&str> = plan.weights[..k].iter().flat_map(|w| w.parts.iter().map(|p| p.name.as_str())).collect();
+            match Sink::reopen(dir, &layout, &done) {
+                Ok(s) => (s, k),
+                Err(e) => {
+                    tracing::warn!("--resume: cannot reuse {}: {e}; starting over", dir.display());
+                    std::fs::remove_dir_all(dir).map_err(io(dir, "remove the stale"))?;
+                    std::fs::create_dir_all(dir).map_err(io(dir, "create"))?;
+                    (Sink::create(dir, &layout)?, 0)
+                }
+            }
+        }
+        None => (Sink::create(dir, &layout)?, 0),
+    };
     let slots: Vec<Vec<usize>> = plan
         .weights
         .iter()
         .map(|w| w.parts.iter().map(|p| sink.index_of(&p.name).unwrap_or(usize::MAX)).collect())
         .collect();
     let total: u64 = crate::plan_bytes(plan);
-    events(&Event::Start { weights: plan.weights.len(), bytes: total });
+    events(&Event::Start { weights: plan.weights.len(), bytes: total, resumed: reused });
 
     // Source files are hashed by a background thread while the weights are computed.
     let source_hasher = opts.provenance.as_ref().map(|_| manifest::SourceHasher::new(ck));
@@ -331,7 +411,7 @@ fn write_all<T: Target>(
         if let Some(sh) = &source_hasher {
             scope.spawn(|| sh.work());
         }
-        let res = compute_and_write(target, ck, plan, opts, &mut sink, &slots, total, events);
+        let res = compute_and_write(target, ck, plan, opts, &mut sink, &slots, total, (dir, fp, reused), events);
         if let Some(sh) = &source_hasher {
             match &res {
                 Ok(_) => {
@@ -345,6 +425,7 @@ fn write_all<T: Target>(
     });
     let nonfinite = written?;
     let written = sink.finish()?;
+    let _ = std::fs::remove_file(dir.join(JOURNAL_NAME));
 
     // Index and the target's files, then copies from the source directory.
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -453,22 +534,34 @@ fn compute_and_write<T: Target>(
     sink: &mut Sink,
     slots: &[Vec<usize>],
     total: u64,
+    (dir, fp, reused): (&Path, &str, usize),
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<Vec<String>, ExecError> {
-    let jobs = chunks(plan);
+    let jobs: Vec<Chunk> = chunks(plan).into_iter().filter(|c| c.w >= reused).collect();
+    let interval = std::time::Duration::from_millis(
+        std::env::var("SLING_JOURNAL_INTERVAL_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000),
+    );
+    let mut last_commit = std::time::Instant::now();
+    let journal = dir.join(JOURNAL_NAME);
+    let commit = |sink: &Sink, done: usize| -> Result<(), ExecError> {
+        sink.sync()?;
+        let j = serde_json::json!({"schema": JOURNAL_SCHEMA, "fingerprint": fp, "weights_done": done});
+        manifest::write_atomic(&journal, j.to_string().as_bytes())?;
+        Ok(())
+    };
     // Weights whose encoding needs their absolute maximum: one pass over each first.
     let mut amax: HashMap<usize, f32> = HashMap::new();
-    for (i, w) in plan.weights.iter().enumerate().filter(|(_, w)| target.needs_amax(&w.enc)) {
+    for (i, w) in plan.weights.iter().enumerate().skip(reused).filter(|(_, w)| target.needs_amax(&w.enc)) {
         let mut cs = Vec::new();
         weight_chunks(w, i, &mut cs);
         amax.insert(i, weight_amax(ck, w, &cs)?);
     }
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
     let mut nonfinite = Vec::new();
-    let mut done = 0u64;
+    let mut done: u64 = plan.weights[..reused].iter().flat_map(|w| &w.parts).map(crate::Part::n_bytes).sum();
     let abort_after: Option<usize> =
         std::env::var("SLING_TEST_ABORT_AFTER_WEIGHTS").ok().and_then(|v| v.trim().parse().ok());
-    let mut weights_done = 0usize;
+    let mut weights_done = reused;
     for win in jobs.chunks(window) {
         let results: Result<Vec<(Vec<Vec<u8>>, Option<String>)>, ExecError> = win
             .par_iter()
@@ -505,6 +598,10 @@ fn compute_and_write<T: Target>(
                     std::process::exit(134);
                 }
             }
+        }
+        if last_commit.elapsed() >= interval {
+            commit(sink, weights_done)?;
+            last_commit = std::time::Instant::now();
         }
     }
     Ok(nonfinite)

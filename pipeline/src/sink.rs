@@ -79,6 +79,67 @@ impl Sink {
         Ok(Sink { dir: dir.to_path_buf(), files, places, index })
     }
 
+    /// Reopens the shard set an interrupted run left in `dir` (every file at its full size, its header the
+    /// layout's), with the tensors named by `done` taken as complete: their bytes are read back and hashed (so
+    /// the sha256s recorded at the end are of the bytes on disk, as if they had just been written).
+    pub fn reopen(dir: &Path, layout: &ShardLayout, done: &[&str]) -> Result<Sink, SinkError> {
+        let mut files = Vec::new();
+        let mut places = Vec::new();
+        let mut index = HashMap::new();
+        for (fi, shard) in layout.shards.iter().enumerate() {
+            let path = dir.join(&shard.file_name);
+            let io = |op: &'static str| {
+                let path = path.clone();
+                move |source| SinkError::Io { path, op, source }
+            };
+            let f = File::options().read(true).write(true).open(&path).map_err(io("reopen"))?;
+            let head = shard.header.len() as u64;
+            let len = f.metadata().map_err(io("reopen"))?.len();
+            let mut header = vec![0u8; shard.header.len()];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0).map_err(io("read back"))?;
+            if len != head + shard.data_bytes || header != shard.header {
+                return Err(SinkError::Order {
+                    tensor: shard.file_name.clone(),
+                    why: "the interrupted run's file does not have this plan's layout".into(),
+                });
+            }
+            let mut at = head;
+            for t in &shard.tensors {
+                let len = t.n_bytes();
+                index.insert(t.name.clone(), places.len());
+                places.push(Place { name: t.name.clone(), file: fi, start: at, len, written: 0, hasher: Sha256::new() });
+                at += len;
+            }
+            files.push((shard.file_name.clone(), f));
+        }
+        let mut sink = Sink { dir: dir.to_path_buf(), files, places, index };
+        let mut buf = vec![0u8; 1 << 20];
+        for name in done {
+            let Some(i) = sink.index_of(name) else { continue };
+            let p = &mut sink.places[i];
+            let (fname, f) = &sink.files[p.file];
+            let mut off = 0;
+            while off < p.len {
+                let n = buf.len().min((p.len - off) as usize);
+                std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..n], p.start + off).map_err(|source| {
+                    SinkError::Io { path: sink.dir.join(fname), op: "read back", source }
+                })?;
+                p.hasher.update(&buf[..n]);
+                off += n as u64;
+            }
+            p.written = p.len;
+        }
+        Ok(sink)
+    }
+
+    /// Makes the bytes written so far durable (before a journal says they are there).
+    pub fn sync(&self) -> Result<(), SinkError> {
+        for (name, f) in &self.files {
+            f.sync_data().map_err(|source| SinkError::Io { path: self.dir.join(name), op: "sync", source })?;
+        }
+        Ok(())
+    }
+
     /// The place index of tensor `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
