@@ -342,3 +342,24 @@ def test_release_pipeline(tmp_path):
     sling_refused(out, pub, ref, "file_hash", "qwen3moe-q8_0.gguf")
     assert lab.sling("verify", g, check=False).returncode == 1
     lab.record("signing", "release_pipeline", {"files": len(j["files"]), "root": j["root_digest"]})
+
+
+@pytest.mark.parametrize("to", ["vllm:w4a16", "mlx:4"])
+def test_vllm_and_mlx_directories_sign_and_verify(tmp_path, to):
+    """A `sling quantize --to vllm:…|mlx:…` directory (shards, config, tokenizer, card, sling.json) signed by sling
+    verifies with model_signing and is the same statement model_signing makes; `sling verify DIR` still passes."""
+    out = tmp_path / to.replace(":", "-")
+    extra = ("--group-size", "32") if to.startswith("mlx") else ()
+    r = sling_run("-q", "quantize", lab.fixture_dir("qwen3moe"), "--to", to, "-o", out, *extra)
+    assert r.returncode == 0, r.stderr
+    key, pub = keypair(tmp_path)
+    sig = tmp_path / "artifact.sig"
+    j = sling_sign(out, key, sig)
+    names = [f["name"] for f in j["files"]]
+    assert "sling.json" in names and "config.json" in names and "model.safetensors" in names, names
+    ms_verified(out, pub, sig)
+    compare_with_model_signing(out, key, tmp_path, sig)
+    sling_verified(out, pub, sig)
+    r = sling_run("verify", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lab.record("signing", f"sling_sign->model_signing_verify {to} directory", {"files": len(names)})
