@@ -370,6 +370,14 @@ pub fn config_json(ck: &Checkpoint, scheme: Scheme, plan: &Plan<Enc>) -> Result<
             }
         }
     }
+    // In module order, as compressed-tensors lists them (`named_modules`): layers by number (the checkpoint lists
+    // `layers.10` before `layers.2`), `lm_head` last.
+    let key = |m: &String| match sling_pipeline::hf::layer_of(m) {
+        Some(l) => l + 1,
+        None if m == "lm_head" || m.ends_with(".lm_head") => u64::MAX,
+        None => 0,
+    };
+    ignore.sort_by_key(key); // stable: checkpoint order within a layer
     let block = serde_json::json!({
         "config_groups": {"group_0": scheme.config_group()},
         "format": scheme.format(),
