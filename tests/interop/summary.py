@@ -23,6 +23,140 @@ _PRESET_ORDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L
                  "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE")
 
 
+_VLLM_SCHEMES = ("w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4")
+
+
+def _split_key(entries: dict, n_head: int) -> dict[tuple, dict]:
+    """{"a/b/kind": e} -> {("a", "b"): {"kind": e}} for keys with n_head leading parts."""
+    out: dict[tuple, dict] = {}
+    for k, e in entries.items():
+        parts = k.split("/")
+        if len(parts) == n_head + 1:
+            out.setdefault(tuple(parts[:n_head]), {})[parts[-1]] = e
+    return out
+
+
+def _num(s: str) -> int:
+    """The number in a key part such as "q4", "g32" or "2048" (99 if none), for sorting."""
+    d = "".join(ch for ch in s if ch.isdigit())
+    return int(d) if d else 99
+
+
+def _kl_cell(e: dict | None) -> str:
+    return "" if not e or "kl_mean" not in e else f"{_e(e['kl_mean'])} / {_e(e['maxabs'])}"
+
+
+def _vllm(entries: dict) -> list[str]:
+    cases = _split_key(entries, 2)
+    if not cases:
+        return []
+    order = sorted(cases, key=lambda c: (c[0], _VLLM_SCHEMES.index(c[1]) if c[1] in _VLLM_SCHEMES else 99, c[1]))
+    out = ["## compressed-tensors (vLLM) directories", "",
+           "`sling quantize --to vllm:SCHEME` against compressed-tensors' and transformers' own code."
+           " CT decompress: modules whose CT compressor output equals `sling dequantize` bit for bit in float32 /"
+           " quantized modules. Codes ≠: CT's `quantize` of the float32 source weight with sling's stored scale"
+           " (must be 0); the BF16-division count (CT's CPU path on a BF16 weight, x/scale rounded to BF16) is"
+           " recorded, not asserted (n/a: source not BF16). Scales / zero points / NVFP4 global scale ≠: vs CT's"
+           " calculate_qparams / generate_gparam on the float32 weight (- where the scheme has none)."
+           " convert_hf_to_gguf.py `--outtype f32` on the directory vs on a plain directory of `sling dequantize`'s"
+           " tensors: tensors identical / total (nvfp4: max relative difference of llama.cpp's NVFP4 decode)."
+           " transformers (CPU, float32): KL(transformers || `sling logits`) mean / max abs logit difference.", "",
+           "| fixture | scheme | CT decompress | codes ≠ (f32) | codes ≠ (BF16 division) | scales / zp / global ≠ |"
+           " convert_hf_to_gguf | transformers dequantize=True | transformers default |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    n_ok = n_ct = 0
+    for c in order:
+        kinds = cases[c]
+        name, scheme = c
+        ct, rtn, gg = kinds.get("ct_decompress"), kinds.get("rtn"), kinds.get("convert_hf_to_gguf")
+        ct_cell = ""
+        if ct:
+            ok = ct["bit_identical_f32"] == ct["quantized_modules"]
+            n_ct += 1
+            n_ok += ok
+            ct_cell = f"{ct['bit_identical_f32']}/{ct['quantized_modules']}" + ("" if ok else " **DIFF**")
+        f32 = bf16 = qp = ""
+        if rtn:
+            f32 = str(rtn["codes_f32_mismatch"]) + ("" if rtn["codes_f32_mismatch"] == 0 else " **DIFF**")
+            b = rtn.get("codes_bf16_division_mismatch")
+            bf16 = ("n/a" if b is None else f"{b} ({100 * b / rtn['elements']:.2f} %)" if b and rtn["elements"]
+                    else str(b))
+            qp = " / ".join(str(v) if v or applies else "-" for v, applies in (
+                (rtn["scale_mismatch"], True), (rtn["zero_point_mismatch"], "asym" in scheme),
+                (rtn["global_scale_mismatch"], scheme == "nvfp4")))
+        gg_cell = ""
+        if gg and "max_rel_diff" in gg:
+            gg_cell = f"max rel {_e(gg['max_rel_diff'])} ({gg['nvfp4_tensors']} NVFP4 of {gg['tensors_total']})"
+        elif gg:
+            gg_cell = f"{gg['tensors_identical']}/{gg['tensors_total']}" + (
+                "" if gg["tensors_identical"] == gg["tensors_total"] and not gg.get("kv_diffs") else " **DIFF**")
+        out.append(f"| {name} | {scheme} | {ct_cell} | {f32} | {bf16} | {qp} | {gg_cell} |"
+                   f" {_kl_cell(kinds.get('transformers'))} | {_kl_cell(kinds.get('transformers-default'))} |")
+    notes = []
+    if n_ct:
+        notes.append(f"- {n_ok} of {n_ct} cases: every quantized module decompressed bit-identical by CT.")
+    tf = {f"{n}/{s}": cases[(n, s)]["transformers"] for n, s in order if "transformers" in cases[(n, s)]}
+    if tf:
+        worst = max(e["same_weights"]["kl_mean"] for e in tf.values() if "same_weights" in e) \
+            if any("same_weights" in e for e in tf.values()) else None
+        lims: dict[float, list] = {}
+        for k, e in tf.items():
+            lims.setdefault(e.get("kl_limit"), []).append(k)
+        lim_txt = "; ".join(f"{l:.0e} for {', '.join(ks) if len(ks) < len(tf) / 2 or len(lims) == 1 else 'the others'}"
+                            for l, ks in sorted(lims.items(), key=lambda g: len(g[1])) if l is not None)
+        notes.append("- transformers dequantize=True: KL mean limit " + lim_txt
+                     + " (the larger one where transformers rounds parameters to BF16)."
+                     + (f" Against `sling logits` of the very weights transformers holds: KL mean ≤ {_e(worst)}."
+                        if worst is not None else ""))
+    if any("transformers-default" in k for k in cases.values()):
+        notes.append("- transformers default mode (dequantize=False): fp8-dynamic fake-quantizes activations to FP8"
+                     " there, so its KL is recorded only; the others' KL mean must be < 1e-3.")
+    return out + [""] + notes + ([""] if notes else [])
+
+
+def _mlx(entries: dict) -> list[str]:
+    cases = _split_key(entries, 3)
+    if not cases:
+        return []
+    order = sorted(cases, key=lambda c: (c[0], _num(c[1]), _num(c[2])))
+    out = ["## MLX directories", "",
+           "`sling quantize --to mlx:BITS` against mlx / mlx-lm (Linux CPU). Logits: KL(mlx-lm || `sling logits`)"
+           " on the same directory, mean / max abs logit difference, after `model.set_dtype(float32)` (limit KL mean"
+           " 1e-9, top-1 1) and in mlx-lm's native BF16 compute (recorded only). mx.quantize: every quantized"
+           " module's packed words, scales and biases equal `mx.quantize(mode=\"affine\")` of the source weights"
+           " (float32 upcast and BF16 alike; number of modules). Router overrides: per-module entries in"
+           " config.json's `quantization` (routers at 8 bits, group 64).", "",
+           "| fixture | bits | group | float32 KL mean / max abs | native BF16 KL mean / max abs | BF16 top-1 |"
+           " mx.quantize identical | router overrides |", "|---|---|---|---|---|---|---|---|"]
+    for c in order:
+        kinds = cases[c]
+        lg, mq, cfg = kinds.get("logits") or {}, kinds.get("mx_quantize"), kinds.get("config")
+        nat = lg.get("mlx_native_bf16")
+        mq_cell = "" if not mq else (f"yes ({mq['quantized_modules']} modules)" if mq.get("identical") else "**NO**")
+        out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {_kl_cell(lg.get('float32'))} |"
+                   f" {_kl_cell(nat)} | {'' if not nat else format(nat['top1'], '.3f')} | {mq_cell} |"
+                   f" {'' if not cfg else cfg['router_overrides']} |")
+    return out + [""]
+
+
+def _st_write(entries: dict) -> list[str]:
+    if not entries:
+        return []
+    out = ["## safetensors writer", "",
+           "`st_write_demo` (sling_formats::st_write) output vs the Python writers, whole files byte for byte:"
+           " a single file vs `safetensors.torch.save_file` / `safetensors.numpy.save_file`, and shard sets vs"
+           " huggingface_hub's `split_torch_state_dict_into_shards` + `save_file` per shard + transformers 5's"
+           " index JSON.", "", "| case | reference | written | byte-identical |", "|---|---|---|---|"]
+    for k, e in sorted(entries.items(), key=lambda kv: (kv[0].startswith("sharded/"), -_num(kv[0]), kv[0])):
+        if k.startswith("sharded/"):
+            ref, what = "hub split + save_file + index", f"{e.get('files')} files (max shard {k.split('/', 1)[1]} B)"
+        else:
+            ref = "safetensors." + k.replace("_save_file", ".save_file")
+            what = f"1 file, {e.get('tensors')} tensors" + (f", {e['bytes']} B" if "bytes" in e else "")
+        out.append(f"| {k} | {ref} | {what} | {'yes' if e.get('identical') else '**NO**'} |")
+    return out + [""]
+
+
 def render(results: Path) -> str:
     out = ["# sling interop results", "",
            "Written by the interop suite (`scripts/test`, tests/interop); figures from its last run."
@@ -193,6 +327,11 @@ def render(results: Path) -> str:
                 (f"{ql[f'{m}/{p}']['kl_mean']:.3f} / {ql[f'{m}/{p}']['top1']:.2f}" if f"{m}/{p}" in ql else "")
                 for p in presets) + " |")
         out.append("")
+
+    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("st_write", _st_write)):
+        entries, v = _load(results, section)
+        versions.update(v)
+        out += fn(entries)
 
     if versions:
         out += ["## Tools", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
