@@ -12,7 +12,7 @@ SCRIPT = lab.REPO / "scripts" / "check-architecture"
 
 
 def _metadata() -> dict:
-    return json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps", "--offline"],
+    return json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
                                      cwd=lab.REPO, check=True, capture_output=True, text=True).stdout)
 
 
