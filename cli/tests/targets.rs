@@ -251,3 +251,75 @@ fn resume_after_a_kill_gives_the_same_bytes() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
 }
+
+/// The deepseekv3-fp8 fixture with 128×128 scale blocks (DeepSeek-V3's own block size; the fixture uses 32×32):
+/// the same FP8 codes, one scale per 128×128 block (the first of the 4×4 fixture scales it covers).
+fn fp8_128_checkpoint(dir: &Path) -> PathBuf {
+    let src = fixture("deepseekv3-fp8");
+    let out = dir.join("deepseekv3-fp8-128");
+    fs::create_dir_all(&out).unwrap();
+    for e in fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != "model.safetensors" && name != "config.json" {
+            fs::copy(e.path(), out.join(&name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(&fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"]["weight_block_size"] = serde_json::json!([128, 128]);
+    fs::write(out.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    let bytes = fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in st.tensors() {
+        if name.ends_with("_scale_inv") {
+            let (r, c) = (t.shape()[0], t.shape()[1]);
+            let (r2, c2) = (r.div_ceil(4), c.div_ceil(4));
+            let mut data = Vec::new();
+            for i in 0..r2 {
+                for j in 0..c2 {
+                    let k = (i * 4 * c + j * 4) * 4;
+                    data.extend_from_slice(&t.data()[k..k + 4]);
+                }
+            }
+            owned.push((name, t.dtype(), vec![r2, c2], data));
+        } else {
+            owned.push((name, t.dtype(), t.shape().to_vec(), t.data().to_vec()));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    out
+}
+
+#[test]
+fn deepseek_fp8_goes_to_fp8_block_without_requantizing() {
+    let d = tempfile::tempdir().unwrap();
+    let src_dir = fp8_128_checkpoint(d.path());
+    let out = d.path().join("o");
+    let o = run(
+        &["-q", "quantize", src_dir.to_str().unwrap(), "--to", "vllm:fp8-block", "-o", out.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let src = fs::read(src_dir.join("model.safetensors")).unwrap();
+    let dst = fs::read(out.join("model.safetensors")).unwrap();
+    let (src, dst) =
+        (safetensors::SafeTensors::deserialize(&src).unwrap(), safetensors::SafeTensors::deserialize(&dst).unwrap());
+    let mut n = 0;
+    for (name, t) in src.tensors() {
+        let Some(module) = name.strip_suffix(".weight_scale_inv") else { continue };
+        let w = src.tensor(&format!("{module}.weight")).unwrap();
+        assert_eq!(dst.tensor(&format!("{module}.weight")).unwrap().data(), w.data(), "{module}: codes");
+        let s = dst.tensor(&format!("{module}.weight_scale")).unwrap();
+        assert_eq!(s.dtype(), safetensors::Dtype::F32);
+        assert_eq!(s.data(), t.data(), "{module}: scales");
+        n += 1;
+    }
+    assert!(n > 10, "{n} FP8 weights");
+    let o = run(&["verify", out.to_str().unwrap(), "--source", src_dir.to_str().unwrap(), "--full"], &[]);
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}

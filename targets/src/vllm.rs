@@ -15,6 +15,7 @@
 
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
+use sling_formats::convert::ops::Op;
 use sling_formats::quantize::rules::Role;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
@@ -138,6 +139,8 @@ impl Scheme {
 pub enum Enc {
     /// At source precision, in this dtype.
     Keep(DType),
+    /// FP8 E4M3 codes copied from an FP8 source (the values are the codes, decoded exactly).
+    Fp8Codes,
     Int {
         args: IntArgs,
         sd: ScaleDtype,
@@ -202,7 +205,33 @@ pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, 
             continue;
         }
         quantized += 1;
-        weights.push(quantize(t, scheme));
+        match (&t.op, scheme) {
+            // DeepSeek FP8 (128×128 blocks) to FP8_BLOCK: the source's codes and scales as they are, no
+            // requantization (which would round each block's scale again).
+            (Op::Fp8 { weight, scale, block: (128, 128) }, Scheme::Fp8Block) => {
+                let module = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
+                let scale_shape = vec![scale.rows, scale.cols];
+                weights.push(Weight {
+                    name: t.name.clone(),
+                    role: t.role,
+                    op: Op::Source(weight.clone()),
+                    enc: Enc::Fp8Codes,
+                    parts: vec![Part::new(t.name.clone(), DType::F8E4M3, t.shape.clone())],
+                    sources: vec![weight.name.clone()],
+                    row_align: 1,
+                });
+                weights.push(Weight {
+                    name: format!("{module}.weight_scale"),
+                    role: t.role,
+                    op: Op::Source(scale.clone()),
+                    enc: Enc::Keep(DType::F32),
+                    parts: vec![Part::new(format!("{module}.weight_scale"), DType::F32, scale_shape)],
+                    sources: vec![scale.name.clone()],
+                    row_align: 1,
+                });
+            }
+            _ => weights.push(quantize(t, scheme)),
+        }
     }
     if quantized == 0 {
         return Err(TargetError::NothingToQuantize {
@@ -308,6 +337,7 @@ impl Target for Vllm {
         let rows = vals.len() / cols.max(1);
         match &w.enc {
             Enc::Keep(d) => put_float(*d, vals, &mut out[0])?,
+            Enc::Fp8Codes => out[0].extend(vals.iter().map(|&x| ct::f32_to_e4m3(x))),
             Enc::Int { args, sd } => {
                 let (mut codes, mut scales, mut zeros, mut words) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for row in vals.chunks_exact(cols) {

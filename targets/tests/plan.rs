@@ -76,3 +76,14 @@ fn mlx_refuses_unknown_group_sizes_and_architectures() {
     let ck = fixture("deepseekv3");
     assert!(matches!(mlx::plan(&ck, mlx::Bits(4), 32, false), Err(TargetError::Unsupported(_))));
 }
+
+#[test]
+fn vllm_fp8_block_requantizes_fp8_sources_of_another_block_size() {
+    // The fixture's FP8 blocks are 32×32; FP8_BLOCK is 128×128, so the weights are requantized (a 128×128 source
+    // is copied as it is: cli/tests/targets.rs `deepseek_fp8_goes_to_fp8_block_without_requantizing`).
+    let ck = fixture("deepseekv3-fp8");
+    let p = vllm::plan(&ck, vllm::Scheme::Fp8Block, false).unwrap();
+    let w = p.weights.iter().find(|w| w.name == "model.layers.1.mlp.experts.0.down_proj.weight").unwrap();
+    assert!(matches!(w.enc, vllm::Enc::Fp8Block { .. }), "{:?}", w.enc);
+    assert!(!p.weights.iter().any(|w| w.name.ends_with(".weight_scale")));
+}
