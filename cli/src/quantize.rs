@@ -24,8 +24,13 @@ pub const AFTER_HELP: &str = "Examples:
   sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
   sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
   sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M     (per-tensor table, nothing written)
+  sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 -o qwen3-30b-a3b-w4a16     (compressed-tensors, for vLLM/SGLang)
+  sling quantize ./DeepSeek-V3 --to vllm:fp8-block -o ds-v3-fp8-block      (FP8 sources: codes and scales copied)
+  sling quantize ./Qwen3-30B-A3B --to mlx:4 --group-size 64 -o qwen3-30b-a3b-mlx-4bit   (for mlx-lm)
+  sling plan ./DeepSeek-V3 --to vllm:nvfp4 --json  (what is quantized, what is kept at source precision)
 
-One pass from the Hugging Face checkpoint: the output is the file `convert_hf_to_gguf.py --outtype bf16` followed \
+vllm:SCHEME and mlx:BITS write a Hugging Face directory (docs/vllm.md, docs/mlx.md); gguf:PRESET writes GGUF in \
+one pass from the Hugging Face checkpoint: the output is the file `convert_hf_to_gguf.py --outtype bf16` followed \
 by `llama-quantize PRESET` would write (same tensor types, order, metadata and bytes), without the BF16 file in \
 between.
 
