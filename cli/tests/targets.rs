@@ -300,10 +300,8 @@ fn deepseek_fp8_goes_to_fp8_block_without_requantizing() {
     let d = tempfile::tempdir().unwrap();
     let src_dir = fp8_128_checkpoint(d.path());
     let out = d.path().join("o");
-    let o = run(
-        &["-q", "quantize", src_dir.to_str().unwrap(), "--to", "vllm:fp8-block", "-o", out.to_str().unwrap()],
-        &[],
-    );
+    let o =
+        run(&["-q", "quantize", src_dir.to_str().unwrap(), "--to", "vllm:fp8-block", "-o", out.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let src = fs::read(src_dir.join("model.safetensors")).unwrap();
     let dst = fs::read(out.join("model.safetensors")).unwrap();

@@ -29,6 +29,22 @@ pub struct HfTensor {
     pub sources: Vec<String>,
 }
 
+impl HfTensor {
+    /// This tensor as one weight stored as it is (one part: its name, the dtype the source stores it in, its
+    /// shape), encoded as `enc` says.
+    pub fn into_weight<E>(self, enc: E) -> crate::Weight<E> {
+        crate::Weight {
+            parts: vec![crate::Part::new(self.name.clone(), self.dtype, self.shape.clone())],
+            name: self.name,
+            role: self.role,
+            op: self.op,
+            enc,
+            sources: self.sources,
+            row_align: 1,
+        }
+    }
+}
+
 /// The layer index in `model.layers.N.…`.
 pub fn layer_of(name: &str) -> Option<u64> {
     let rest = name.strip_prefix("model.layers.")?;

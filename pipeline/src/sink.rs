@@ -54,20 +54,27 @@ pub struct Sink {
 impl Sink {
     /// Creates every shard of `layout` in `dir` (which must exist) at its full size, header written.
     pub fn create(dir: &Path, layout: &ShardLayout) -> Result<Sink, SinkError> {
+        Sink::open(dir, layout, |path, shard| {
+            let io = |op| move |source| SinkError::Io { path: path.to_path_buf(), op, source };
+            let f = File::options().read(true).write(true).create_new(true).open(path).map_err(io("create"))?;
+            f.set_len(shard.file_size()).map_err(io("size"))?;
+            std::os::unix::fs::FileExt::write_all_at(&f, &shard.header, 0).map_err(io("write"))?;
+            Ok(f)
+        })
+    }
+
+    /// Opens each shard of `layout` in `dir` with `open_file` and lays out the places of its tensors.
+    fn open(
+        dir: &Path,
+        layout: &ShardLayout,
+        open_file: impl Fn(&Path, &sling_formats::st_write::Shard) -> Result<File, SinkError>,
+    ) -> Result<Sink, SinkError> {
         let mut files = Vec::new();
         let mut places = Vec::new();
         let mut index = HashMap::new();
         for (fi, shard) in layout.shards.iter().enumerate() {
-            let path = dir.join(&shard.file_name);
-            let io = |op: &'static str| {
-                let path = path.clone();
-                move |source| SinkError::Io { path, op, source }
-            };
-            let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(io("create"))?;
-            let head = shard.header.len() as u64;
-            f.set_len(head + shard.data_bytes).map_err(io("size"))?;
-            std::os::unix::fs::FileExt::write_all_at(&f, &shard.header, 0).map_err(io("write"))?;
-            let mut at = head;
+            let f = open_file(&dir.join(&shard.file_name), shard)?;
+            let mut at = shard.data_start();
             for t in &shard.tensors {
                 let len = t.n_bytes();
                 index.insert(t.name.clone(), places.len());
@@ -90,43 +97,20 @@ impl Sink {
     /// layout's), with the tensors named by `done` taken as complete: their bytes are read back and hashed (so
     /// the sha256s recorded at the end are of the bytes on disk, as if they had just been written).
     pub fn reopen(dir: &Path, layout: &ShardLayout, done: &[&str]) -> Result<Sink, SinkError> {
-        let mut files = Vec::new();
-        let mut places = Vec::new();
-        let mut index = HashMap::new();
-        for (fi, shard) in layout.shards.iter().enumerate() {
-            let path = dir.join(&shard.file_name);
-            let io = |op: &'static str| {
-                let path = path.clone();
-                move |source| SinkError::Io { path, op, source }
-            };
-            let f = File::options().read(true).write(true).open(&path).map_err(io("reopen"))?;
-            let head = shard.header.len() as u64;
+        let mut sink = Sink::open(dir, layout, |path, shard| {
+            let io = |op| move |source| SinkError::Io { path: path.to_path_buf(), op, source };
+            let f = File::options().read(true).write(true).open(path).map_err(io("reopen"))?;
             let len = f.metadata().map_err(io("reopen"))?.len();
             let mut header = vec![0u8; shard.header.len()];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0).map_err(io("read back"))?;
-            if len != head + shard.data_bytes || header != shard.header {
+            if len != shard.file_size() || header != shard.header {
                 return Err(SinkError::Order {
                     tensor: shard.file_name.clone(),
                     why: "the interrupted run's file does not have this plan's layout".into(),
                 });
             }
-            let mut at = head;
-            for t in &shard.tensors {
-                let len = t.n_bytes();
-                index.insert(t.name.clone(), places.len());
-                places.push(Place {
-                    name: t.name.clone(),
-                    file: fi,
-                    start: at,
-                    len,
-                    written: 0,
-                    hasher: Sha256::new(),
-                });
-                at += len;
-            }
-            files.push((shard.file_name.clone(), f));
-        }
-        let mut sink = Sink { dir: dir.to_path_buf(), files, places, index };
+            Ok(f)
+        })?;
         let mut buf = vec![0u8; 1 << 20];
         for name in done {
             let Some(i) = sink.index_of(name) else { continue };

@@ -210,15 +210,8 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
 }
 
 fn keep(t: HfTensor) -> Weight<Enc> {
-    Weight {
-        parts: vec![Part::new(t.name.clone(), t.dtype, t.shape.clone())],
-        name: t.name,
-        role: t.role,
-        op: t.op,
-        enc: Enc::Keep(t.dtype),
-        sources: t.sources,
-        row_align: 1,
-    }
+    let dtype = t.dtype;
+    t.into_weight(Enc::Keep(dtype))
 }
 
 impl Target for Mlx {

@@ -247,15 +247,7 @@ pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, 
 
 fn keep(t: HfTensor) -> Weight<Enc> {
     let dtype = t.dtype;
-    Weight {
-        parts: vec![Part::new(t.name.clone(), dtype, t.shape.clone())],
-        name: t.name,
-        role: t.role,
-        op: t.op,
-        enc: Enc::Keep(dtype),
-        sources: t.sources,
-        row_align: 1,
-    }
+    t.into_weight(Enc::Keep(dtype))
 }
 
 fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
