@@ -97,6 +97,15 @@ fn clamp_finite(x: f32, max: f32) -> f32 {
     }
 }
 
+/// Round half to even of `v` with `|v| ≤ 2^22` (a clamped code): adding and subtracting 1.5·2^23 leaves the
+/// nearest integer, ties to even, under IEEE round-to-nearest-even — the same value as `round_ties_even`, which
+/// the x86-64 baseline (no SSE4.1 `roundss`) compiles to a `rintf` call per element. NaN stays NaN.
+#[inline(always)]
+pub(crate) fn rne_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (v + MAGIC) - MAGIC
+}
+
 /// Integer weight arguments: `bits` in 1..=8 (compressed-tensors presets use 2..=8), symmetric or not, and the
 /// group size (`None` = one group per row, the "channel" strategy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,13 +195,12 @@ pub fn quantize_int_row(
         if !a.symmetric {
             zeros.push(zp as i8);
         }
-        for &x in chunk {
+        // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax; the scale is
+        // finite and positive, so `v` is never NaN. Branch-free, so that it vectorises.
+        codes.extend(chunk.iter().map(|&x| {
             let x = if x.is_nan() { 0.0 } else { x };
-            // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax.
-            let v = (x / scale + zp).clamp(qmin, qmax);
-            let q = if v.is_nan() { zp } else { v.round_ties_even() };
-            codes.push(q as i8);
-        }
+            rne_small((x / scale + zp).clamp(qmin, qmax)) as i8
+        }));
     }
 }
 
@@ -255,6 +263,16 @@ pub fn pack_row(codes: &[i8], bits: u32, out: &mut Vec<u32>) {
         return;
     }
     let offset = 1i32 << (bits - 1);
+    if 32 % bits == 0 {
+        // 1, 2, 4, 8 bits: whole values per word, so one word per `32/bits` codes (the same bitstream).
+        let (per, mask) = ((32 / bits) as usize, (1u32 << bits) - 1);
+        out.extend(codes.chunks(per).map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u32, |w, (k, &q)| w | (((i32::from(q) + offset) as u32 & mask) << (k as u32 * bits)))
+        }));
+        return;
+    }
     pack_bits(codes.iter().map(|&q| (i32::from(q) + offset) as u32), bits, out);
 }
 
@@ -809,6 +827,18 @@ mod tests {
         unpack_row(&[], 4, 5, &mut out);
         assert_eq!(out, [-8; 5]);
         assert_eq!(unpack_zero_points(&[], 3, 2, 4), [-8; 6]);
+    }
+
+    #[test]
+    fn rne_small_is_round_ties_even() {
+        for i in -(1 << 12)..(1 << 12) {
+            for frac in [0.0f32, 0.25, 0.5, 0.499_999_97, 0.500_000_06, 0.75] {
+                let v = i as f32 + frac;
+                assert_eq!(rne_small(v), v.round_ties_even(), "{v}");
+                assert_eq!(rne_small(-v), (-v).round_ties_even(), "{}", -v);
+            }
+        }
+        assert!(rne_small(f32::NAN).is_nan());
     }
 
     #[test]

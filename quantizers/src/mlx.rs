@@ -92,7 +92,9 @@ pub fn quantize_affine_row(
         let (s, b) = group_params(mn, mx, bits, n);
         for &w in chunk {
             let w = if w.is_nan() { 0.0 } else { w };
-            let q = ((w - b) / s).round_ties_even().clamp(0.0, n);
+            // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small
+            // enough for the branch-free rounding.
+            let q = crate::ct::rne_small(((w - b) / s).clamp(0.0, n));
             codes.push(if q.is_nan() { 0 } else { q as u32 });
         }
         scales.push(sd.round(s));
