@@ -49,7 +49,10 @@ pub fn open(dir: &std::path::Path) -> Result<Option<ArtifactSource>> {
 
 pub fn run(a: Args) -> Result<()> {
     let Some(src) = open(&a.dir)? else {
-        bail!("{}: not a compressed-tensors or MLX artifact (no such quantization block in config.json)", a.dir.display());
+        bail!(
+            "{}: not a compressed-tensors or MLX artifact (no such quantization block in config.json)",
+            a.dir.display()
+        );
     };
     let ext_ok = a.output.extension().and_then(|e| e.to_str()) == Some("safetensors");
     if !ext_ok {

@@ -124,7 +124,8 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
     println!("{:<60} {:<16} {:<10} {:>24} {:>12}", "tensor", "role", "dtype", "shape", "bytes");
     for w in j["weights"].as_array().into_iter().flatten() {
         for t in w["tensors"].as_array().into_iter().flatten() {
-            let shape = t["shape"].as_array().into_iter().flatten().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+            let shape =
+                t["shape"].as_array().into_iter().flatten().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
             println!(
                 "{:<60} {:<16} {:<10} {:>24} {:>12}",
                 t["name"].as_str().unwrap_or(""),
@@ -136,7 +137,11 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
         }
     }
     for k in j["kept"].as_array().into_iter().flatten() {
-        println!("kept at source precision: {} ({})", k["name"].as_str().unwrap_or(""), k["why"].as_str().unwrap_or(""));
+        println!(
+            "kept at source precision: {} ({})",
+            k["name"].as_str().unwrap_or(""),
+            k["why"].as_str().unwrap_or("")
+        );
     }
     println!(
         "total: {label}, {} weights, {} bytes ({:.2} MiB), {:.3} bits per weight, {} kept at source precision",
@@ -264,12 +269,17 @@ fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) 
                        "resumed_weights": resumed}),
             );
             if *resumed > 0 {
-                rep.say(&format!("resuming: {resumed} of {weights} weights re-checked and reused from the interrupted run"));
+                rep.say(&format!(
+                    "resuming: {resumed} of {weights} weights re-checked and reused from the interrupted run"
+                ));
             }
         }
         Event::Weight { index, of, name, done_bytes, total_bytes } => {
             rep.set_position(*done_bytes, name);
-            rep.emit("weight", json!({"index": index, "of": of, "name": name, "done_bytes": done_bytes, "total_bytes": total_bytes}));
+            rep.emit(
+                "weight",
+                json!({"index": index, "of": of, "name": name, "done_bytes": done_bytes, "total_bytes": total_bytes}),
+            );
         }
         Event::Stage(s) => {
             rep.set_message(s);
@@ -337,7 +347,10 @@ pub fn rederive(
                         kind: ProblemKind::RederivedTensor,
                         file: Some(t.file.clone()),
                         tensor: Some(t.name.clone()),
-                        message: format!("tensor {}: in the manifest, but the source and the recorded options do not give it", t.name),
+                        message: format!(
+                            "tensor {}: in the manifest, but the source and the recorded options do not give it",
+                            t.name
+                        ),
                     });
                 }
             }
@@ -376,7 +389,11 @@ pub fn rederive(
 }
 
 fn parts_of<E>(p: &Plan<E>) -> Vec<(String, String, Vec<u64>)> {
-    p.weights.iter().flat_map(|w| &w.parts).map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone())).collect()
+    p.weights
+        .iter()
+        .flat_map(|w| &w.parts)
+        .map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone()))
+        .collect()
 }
 
 /// Weights a sample of `n` recomputes: the middle of each of `n` equal runs of the plan, with the middle routed
@@ -388,7 +405,7 @@ fn pick<E>(p: &Plan<E>, n: Option<usize>) -> Vec<usize> {
         return Vec::new();
     }
     let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
-    let routed = |i: &usize| p.weights[*i].role == sling_formats::quantize::rules::Role::RoutedExperts;
+    let routed = |i: &usize| p.weights[*i].role == sling_core::Role::RoutedExperts;
     if !idx.iter().any(routed) {
         let all: Vec<usize> = (0..len).filter(routed).collect();
         if let Some(&r) = all.get(all.len() / 2) {

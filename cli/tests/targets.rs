@@ -26,7 +26,8 @@ fn stderr(o: &Output) -> String {
 
 fn quantize(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let src = fixture(src);
-    let mut a = vec!["-q", "quantize", src.to_str().unwrap(), "--to", to, "-o", out.to_str().unwrap(), "--reproducible"];
+    let mut a =
+        vec!["-q", "quantize", src.to_str().unwrap(), "--to", to, "-o", out.to_str().unwrap(), "--reproducible"];
     a.extend_from_slice(extra);
     run(&a, env)
 }
@@ -194,8 +195,20 @@ fn eval_reads_a_vllm_and_an_mlx_directory() {
         }
         let reference = if to.starts_with("mlx") { fixture("qwen3moe") } else { fixture("deepseekv3") };
         let o = run(
-            &["-q", "eval", "--ref", reference.to_str().unwrap(), out.to_str().unwrap(), "--data",
-              data.to_str().unwrap(), "--ctx", "64", "--chunks", "4", "--json"],
+            &[
+                "-q",
+                "eval",
+                "--ref",
+                reference.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--ctx",
+                "64",
+                "--chunks",
+                "4",
+                "--json",
+            ],
             &[],
         );
         assert!(o.status.success(), "{to}: {}", stderr(&o));

@@ -41,7 +41,8 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::gguf::write::{hex, Written};
 use crate::gguf::{GgufFile, SplitPolicy};
-use crate::quantize::rules::{Role, TensorTypeRule};
+use crate::quantize::rules::TensorTypeRule;
+use sling_core::Role;
 
 pub mod rederive;
 pub use rederive::{RederiveReport, RederiveStatus, DEFAULT_SAMPLE};
@@ -947,13 +948,19 @@ fn check_st_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<
             return (vec![p], Vec::new());
         }
     };
-    let by_name: HashMap<&str, &crate::checkpoint::SourceTensor> = f.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, &crate::checkpoint::SourceTensor> =
+        f.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut problems = Vec::new();
     let mut hashes = Vec::new();
     for t in tensors {
         let tn = t.name.as_str();
         let Some(info) = by_name.get(tn) else {
-            problems.push(problem(ProblemKind::MissingTensor, name, Some(tn), format!("{name}: tensor {tn} is missing")));
+            problems.push(problem(
+                ProblemKind::MissingTensor,
+                name,
+                Some(tn),
+                format!("{name}: tensor {tn} is missing"),
+            ));
             continue;
         };
         let ne: Vec<u64> = info.shape.iter().rev().copied().collect();
@@ -985,7 +992,12 @@ fn check_st_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<
     for info in &f.tensors {
         if !listed.contains(info.name.as_str()) {
             let tn = info.name.as_str();
-            problems.push(problem(ProblemKind::ExtraTensor, name, Some(tn), format!("{name}: tensor {tn} is not in the manifest")));
+            problems.push(problem(
+                ProblemKind::ExtraTensor,
+                name,
+                Some(tn),
+                format!("{name}: tensor {tn} is not in the manifest"),
+            ));
         }
     }
     (problems, hashes)
@@ -1190,9 +1202,7 @@ pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyR
             .filter(|n| !names.contains(n.as_str()))
             .filter(|n| {
                 // A directory artifact: every file in it is the manifest's, its card's, or extra.
-                (m.options.to != "gguf"
-                    && *n != mname
-                    && m.model_card.as_ref().map_or(true, |c| c.name != *n))
+                (m.options.to != "gguf" && *n != mname && m.model_card.as_ref().map_or(true, |c| c.name != *n))
                     || (!base.is_empty() && (*n == base || is_shard_name(n, &stem)))
                     || *n == format!("{manifest_stem}.gguf")
                     || is_shard_name(n, &manifest_stem)

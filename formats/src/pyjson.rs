@@ -139,4 +139,3 @@ pub fn py_float_repr(x: f64) -> String {
     };
     format!("{sign}{body}")
 }
-

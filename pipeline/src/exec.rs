@@ -113,8 +113,18 @@ impl IndexStyle {
 #[derive(Debug)]
 pub enum Event<'a> {
     /// `resumed`: weights an interrupted run completed, re-checked and reused.
-    Start { weights: usize, bytes: u64, resumed: usize },
-    Weight { index: usize, of: usize, name: &'a str, done_bytes: u64, total_bytes: u64 },
+    Start {
+        weights: usize,
+        bytes: u64,
+        resumed: usize,
+    },
+    Weight {
+        index: usize,
+        of: usize,
+        name: &'a str,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
     Stage(&'a str),
 }
 
@@ -128,7 +138,9 @@ pub enum ExecError {
     NonFinite { tensor: String, sources: String, index: u64, value: f32 },
     #[error("output {0} already exists and is not an empty directory; remove it or choose another name")]
     OutputExists(PathBuf),
-    #[error("output {output} is inside the input directory {input}; write it elsewhere so the source is never touched")]
+    #[error(
+        "output {output} is inside the input directory {input}; write it elsewhere so the source is never touched"
+    )]
     OutputInsideInput { output: PathBuf, input: PathBuf },
     #[error("cannot {op} {path}")]
     Io { path: PathBuf, op: &'static str, source: std::io::Error },
@@ -252,7 +264,9 @@ pub fn part_sha256<T: Target>(
 fn weight_amax<E: Sync>(ck: &Checkpoint, w: &crate::Weight<E>, cs: &[Chunk]) -> Result<f32, ExecError> {
     let parts: Result<Vec<f32>, ExecError> = cs
         .par_iter()
-        .map(|c| values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()))))
+        .map(|c| {
+            values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())))
+        })
         .collect();
     ck.release_pages();
     Ok(parts?.into_iter().fold(0f32, f32::max))
@@ -271,7 +285,12 @@ fn values<E>(
     if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
         let index = c.r0 * w.cols() + i as u64;
         if !allow_nonfinite {
-            return Err(ExecError::NonFinite { tensor: w.name.clone(), sources: w.sources.join(", "), index, value: *x });
+            return Err(ExecError::NonFinite {
+                tensor: w.name.clone(),
+                sources: w.sources.join(", "),
+                index,
+                value: *x,
+            });
         }
         flagged = Some(format!("{}: non-finite value {x} at element {index}", w.name));
     }
@@ -384,7 +403,8 @@ fn write_all<T: Target>(
     let (mut sink, reused) = match resumed {
         Some(k) => {
             let k = k.min(plan.weights.len());
-            let done: Vec<&str> = plan.weights[..k].iter().flat_map(|w| w.parts.iter().map(|p| p.name.as_str())).collect();
+            let done: Vec<&str> =
+                plan.weights[..k].iter().flat_map(|w| w.parts.iter().map(|p| p.name.as_str())).collect();
             match Sink::reopen(dir, &layout, &done) {
                 Ok(s) => (s, k),
                 Err(e) => {
@@ -499,7 +519,11 @@ fn write_all<T: Target>(
         };
         if let Some(extra) = &opts.model_card {
             let cx = CardContext {
-                source_name: ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+                source_name: ck
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into()),
                 hf_architecture: ck.config.as_ref().and_then(|c| c.architecture().ok()).map(str::to_string),
                 gguf_architecture: String::new(),
                 experts: None,

@@ -6,11 +6,11 @@
 //! `convert_hf_to_gguf.py` load (`mlp.experts.{e}.{gate,up,down}_proj.weight`). Layers past
 //! `num_hidden_layers` (DeepSeek's multi-token-prediction layer) and rotary caches are left out.
 
+use sling_core::Role;
 use sling_core::{DType, ModelConfig};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::convert::ops::{Op, Src};
 use sling_formats::convert::PlanError;
-use sling_formats::quantize::rules::Role;
 
 /// One tensor of the checkpoint as an artifact in Hugging Face naming holds it.
 #[derive(Clone, Debug)]
@@ -51,18 +51,19 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
     let n_layers = cfg.req_u64(&["num_hidden_layers", "n_layers", "n_layer", "num_layers"])?;
     let quant = cfg.get("quantization_config");
     let method = quant.and_then(|q| q.get("quant_method")).and_then(|m| m.as_str()).map(str::to_string);
-    let block = quant.and_then(|q| q.get("weight_block_size")).and_then(|b| b.as_array()).and_then(|b| {
-        match b.as_slice() {
+    let block =
+        quant.and_then(|q| q.get("weight_block_size")).and_then(|b| b.as_array()).and_then(|b| match b.as_slice() {
             [r, c] => Some((r.as_u64()?, c.as_u64()?)),
             _ => None,
-        }
-    });
+        });
     match method.as_deref() {
         None | Some("fp8") => {}
         Some(m) => {
             return Err(unsupported(
                 "quantization_config",
-                format!("quant_method {m:?} sources are not supported for this target (bf16/f16/f32 and DeepSeek fp8 are)"),
+                format!(
+                    "quant_method {m:?} sources are not supported for this target (bf16/f16/f32 and DeepSeek fp8 are)"
+                ),
             ))
         }
     }
@@ -85,14 +86,19 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             continue; // DeepSeek's MTP layer (what every runtime skips)
         }
         if t.shape.iter().any(|&d| d == 0) {
-            return Err(PlanError::Shape { tensor: t.name.clone(), shape: t.shape.clone(), why: "empty dimension".into() });
+            return Err(PlanError::Shape {
+                tensor: t.name.clone(),
+                shape: t.shape.clone(),
+                why: "empty dimension".into(),
+            });
         }
         let src = Src::of(t);
         let (op, dtype, mut sources) = match t.dtype {
             DType::F32 | DType::F16 | DType::BF16 => (Op::Source(src), t.dtype, vec![t.name.clone()]),
             DType::F8E4M3 => {
                 let scale_name = format!("{name}_scale_inv");
-                let s = ck.get(&scale_name).ok_or_else(|| unsupported(name, format!("FP8 weight without {scale_name}")))?;
+                let s =
+                    ck.get(&scale_name).ok_or_else(|| unsupported(name, format!("FP8 weight without {scale_name}")))?;
                 let block = block.ok_or_else(|| unsupported(name, "FP8 source without weight_block_size"))?;
                 if t.shape.len() != 2
                     || s.shape.len() != 2
@@ -104,7 +110,10 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
                     return Err(PlanError::Shape {
                         tensor: scale_name,
                         shape: s.shape.clone(),
-                        why: format!("must be [ceil(rows/{}), ceil(cols/{})] of {name} {:?}", block.0, block.1, t.shape),
+                        why: format!(
+                            "must be [ceil(rows/{}), ceil(cols/{})] of {name} {:?}",
+                            block.0, block.1, t.shape
+                        ),
                     });
                 }
                 if !matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16) {
@@ -120,10 +129,18 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             .find(|(stem, _)| name.ends_with(stem) || name.ends_with(&format!("{stem}.weight")));
         if let Some((stem, gate_up)) = fused {
             let [e, r, c] = t.shape[..] else {
-                return Err(PlanError::Shape { tensor: t.name.clone(), shape: t.shape.clone(), why: "expected [E, rows, cols]".into() });
+                return Err(PlanError::Shape {
+                    tensor: t.name.clone(),
+                    shape: t.shape.clone(),
+                    why: "expected [E, rows, cols]".into(),
+                });
             };
             if gate_up && r % 2 != 0 {
-                return Err(PlanError::Shape { tensor: t.name.clone(), shape: t.shape.clone(), why: "gate_up_proj must be [E, 2*I, H]".into() });
+                return Err(PlanError::Shape {
+                    tensor: t.name.clone(),
+                    shape: t.shape.clone(),
+                    why: "gate_up_proj must be [E, 2*I, H]".into(),
+                });
             }
             let base = &name[..name.find(stem).unwrap_or(0)];
             let parts: &[(&str, u64, u64)] =
@@ -147,7 +164,10 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             continue;
         }
         if name.contains("experts.") && (name.ends_with("_blocks") || name.ends_with("_scales") || t.shape.len() > 2) {
-            return Err(unsupported(name, "stacked or MXFP4 expert tensors (gpt-oss layout) are not supported for this target yet"));
+            return Err(unsupported(
+                name,
+                "stacked or MXFP4 expert tensors (gpt-oss layout) are not supported for this target yet",
+            ));
         }
         sources.dedup();
         out.push(HfTensor {

@@ -10,8 +10,8 @@
 //! `docs/architecture.md`.
 
 use sling_core::DType;
+use sling_core::Role;
 use sling_formats::convert::ops::Op;
-use sling_formats::quantize::rules::Role;
 
 pub mod exec;
 pub mod hf;

@@ -71,7 +71,14 @@ impl Sink {
             for t in &shard.tensors {
                 let len = t.n_bytes();
                 index.insert(t.name.clone(), places.len());
-                places.push(Place { name: t.name.clone(), file: fi, start: at, len, written: 0, hasher: Sha256::new() });
+                places.push(Place {
+                    name: t.name.clone(),
+                    file: fi,
+                    start: at,
+                    len,
+                    written: 0,
+                    hasher: Sha256::new(),
+                });
                 at += len;
             }
             files.push((shard.file_name.clone(), f));
@@ -107,7 +114,14 @@ impl Sink {
             for t in &shard.tensors {
                 let len = t.n_bytes();
                 index.insert(t.name.clone(), places.len());
-                places.push(Place { name: t.name.clone(), file: fi, start: at, len, written: 0, hasher: Sha256::new() });
+                places.push(Place {
+                    name: t.name.clone(),
+                    file: fi,
+                    start: at,
+                    len,
+                    written: 0,
+                    hasher: Sha256::new(),
+                });
                 at += len;
             }
             files.push((shard.file_name.clone(), f));
@@ -121,9 +135,8 @@ impl Sink {
             let mut off = 0;
             while off < p.len {
                 let n = buf.len().min((p.len - off) as usize);
-                std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..n], p.start + off).map_err(|source| {
-                    SinkError::Io { path: sink.dir.join(fname), op: "read back", source }
-                })?;
+                std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..n], p.start + off)
+                    .map_err(|source| SinkError::Io { path: sink.dir.join(fname), op: "read back", source })?;
                 p.hasher.update(&buf[..n]);
                 off += n as u64;
             }
@@ -151,7 +164,11 @@ impl Sink {
         if p.written + bytes.len() as u64 > p.len {
             return Err(SinkError::Order {
                 tensor: p.name.clone(),
-                why: format!("{} bytes written past its {} bytes (internal error)", p.written + bytes.len() as u64, p.len),
+                why: format!(
+                    "{} bytes written past its {} bytes (internal error)",
+                    p.written + bytes.len() as u64,
+                    p.len
+                ),
             });
         }
         let (fname, f) = &self.files[p.file];

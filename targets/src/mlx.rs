@@ -12,9 +12,9 @@
 use std::collections::BTreeMap;
 
 use sling_core::DType;
+use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::convert::ops::Op;
-use sling_formats::quantize::rules::Role;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
 use sling_quantizers::ct::ScaleDtype;
@@ -152,9 +152,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             }
         };
         let module = t.name.strip_suffix(".weight").map(str::to_string);
-        let quantizable = t.name.ends_with(".weight")
-            && t.shape.len() >= 2
-            && !matches!(t.role, Role::Other);
+        let quantizable = t.name.ends_with(".weight") && t.shape.len() >= 2 && !matches!(t.role, Role::Other);
         let Some(module) = module.filter(|_| quantizable) else {
             weights.push(keep(t));
             continue;
@@ -226,7 +224,14 @@ fn keep(t: HfTensor) -> Weight<Enc> {
 impl Target for Mlx {
     type Enc = Enc;
 
-    fn encode(&self, w: &Weight<Enc>, _r0: u64, vals: &[f32], _amax: Option<f32>, out: &mut [Vec<u8>]) -> Result<(), EncodeError> {
+    fn encode(
+        &self,
+        w: &Weight<Enc>,
+        _r0: u64,
+        vals: &[f32],
+        _amax: Option<f32>,
+        out: &mut [Vec<u8>],
+    ) -> Result<(), EncodeError> {
         match &w.enc {
             Enc::Keep(d) => crate::vllm::put_float(*d, vals, &mut out[0]),
             Enc::Affine { bits, group, sd } => {

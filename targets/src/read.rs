@@ -111,11 +111,16 @@ impl Artifact {
                     if let Some(module) = n.strip_suffix(".weight_packed") {
                         let shape = match ck.get(&format!("{module}.weight_shape")) {
                             Some(s) => {
-                                let v: Vec<i64> =
-                                    ck.bytes(s).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+                                let v: Vec<i64> = ck
+                                    .bytes(s)
+                                    .chunks_exact(8)
+                                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                                    .collect();
                                 v.iter().map(|&x| x.max(0) as u64).collect()
                             }
-                            None if format.contains("fp4") => vec![t.shape[0], t.shape.get(1).copied().unwrap_or(0) * 2],
+                            None if format.contains("fp4") => {
+                                vec![t.shape[0], t.shape.get(1).copied().unwrap_or(0) * 2]
+                            }
                             None => return Err(fmt_err(dir, format!("{module}: weight_packed without weight_shape"))),
                         };
                         add(format!("{module}.weight"), shape, Logical::Ct { module: module.to_string() });
@@ -174,7 +179,9 @@ impl Artifact {
                                 add(name, shape[1..].to_vec(), l);
                             }
                         }
-                        _ if quantized => add(n.to_string(), shape, Logical::Affine { module, bits: b, group: g, expert: None }),
+                        _ if quantized => {
+                            add(n.to_string(), shape, Logical::Affine { module, bits: b, group: g, expert: None })
+                        }
                         _ => add(n.to_string(), shape, Logical::Plain { tensor: n.to_string() }),
                     }
                 }
@@ -231,7 +238,15 @@ impl Artifact {
         }
     }
 
-    fn affine_rows(&self, module: &str, bits: u32, group: usize, cols: usize, r0: u64, r1: u64) -> Result<Vec<f32>, ReadError> {
+    fn affine_rows(
+        &self,
+        module: &str,
+        bits: u32,
+        group: usize,
+        cols: usize,
+        r0: u64,
+        r1: u64,
+    ) -> Result<Vec<f32>, ReadError> {
         let w = self.get(&format!("{module}.weight"))?;
         let s = self.get(&format!("{module}.scales"))?;
         let b = self.get(&format!("{module}.biases"))?;
@@ -278,7 +293,8 @@ impl Artifact {
                 }
                 let zeros = if *symmetric { None } else { Some(self.zero_points(module, rows as usize, ng, *bits)?) };
                 let pb = &self.ck.bytes(p)[r0 * words * 4..r1 * words * 4];
-                let packed: Vec<u32> = pb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let packed: Vec<u32> =
+                    pb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 let mut codes = Vec::with_capacity(cols);
                 for r in 0..(r1 - r0) {
                     codes.clear();
@@ -295,7 +311,10 @@ impl Artifact {
                     let bc = cols.div_ceil(128);
                     for r in r0..r1 {
                         for (c, &code) in codes[(r - r0) * cols..(r - r0 + 1) * cols].iter().enumerate() {
-                            let s = all.get((r / 128) * bc + c / 128).copied().ok_or_else(|| bad("block scale missing".into()))?;
+                            let s = all
+                                .get((r / 128) * bc + c / 128)
+                                .copied()
+                                .ok_or_else(|| bad("block scale missing".into()))?;
                             ct::dequantize_fp8(&[code], s, &mut out);
                         }
                     }
@@ -326,15 +345,30 @@ impl Artifact {
                 let pb = &self.ck.bytes(p)[r0 * cols / 2..r1 * cols / 2];
                 let sb = &self.ck.bytes(scale_t)[r0 * cols / 32..r1 * cols / 32];
                 for r in 0..(r1 - r0) {
-                    ct::dequantize_mxfp4_row(&pb[r * cols / 2..(r + 1) * cols / 2], &sb[r * cols / 32..(r + 1) * cols / 32], &mut out);
+                    ct::dequantize_mxfp4_row(
+                        &pb[r * cols / 2..(r + 1) * cols / 2],
+                        &sb[r * cols / 32..(r + 1) * cols / 32],
+                        &mut out,
+                    );
                 }
             }
-            f => return Err(ReadError::Tensor { tensor: module.to_string(), why: format!("format {f:?} is not one sling reads") }),
+            f => {
+                return Err(ReadError::Tensor {
+                    tensor: module.to_string(),
+                    why: format!("format {f:?} is not one sling reads"),
+                })
+            }
         }
         Ok(out)
     }
 
-    fn zero_points(&self, module: &str, rows: usize, ng: usize, bits: u32) -> Result<std::sync::Arc<Vec<i8>>, ReadError> {
+    fn zero_points(
+        &self,
+        module: &str,
+        rows: usize,
+        ng: usize,
+        bits: u32,
+    ) -> Result<std::sync::Arc<Vec<i8>>, ReadError> {
         if let Some(z) = self.zeros.lock().ok().and_then(|m| m.get(module).cloned()) {
             return Ok(z);
         }

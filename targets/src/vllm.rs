@@ -14,8 +14,8 @@
 //! weight dtype (bf16) and can differ by one code where that rounding crosses a half step (see `docs/vllm.md`).
 
 use sling_core::DType;
+use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::quantize::rules::Role;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
 use sling_quantizers::ct::{self, IntArgs, ScaleDtype};
@@ -138,9 +138,16 @@ impl Scheme {
 pub enum Enc {
     /// At source precision, in this dtype.
     Keep(DType),
-    Int { args: IntArgs, sd: ScaleDtype },
-    Fp8Channel { sd: ScaleDtype },
-    Fp8Block { sd: ScaleDtype },
+    Int {
+        args: IntArgs,
+        sd: ScaleDtype,
+    },
+    Fp8Channel {
+        sd: ScaleDtype,
+    },
+    Fp8Block {
+        sd: ScaleDtype,
+    },
     Nvfp4,
     Mxfp4,
 }
@@ -267,7 +274,10 @@ fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
         ),
         Scheme::Mxfp4 => (
             Enc::Mxfp4,
-            vec![p("weight_packed", DType::U8, vec![rows, cols / 2]), p("weight_scale", DType::U8, vec![rows, cols / 32])],
+            vec![
+                p("weight_packed", DType::U8, vec![rows, cols / 2]),
+                p("weight_scale", DType::U8, vec![rows, cols / 32]),
+            ],
             1,
         ),
     };
@@ -286,7 +296,14 @@ impl Target for Vllm {
         matches!(enc, Enc::Nvfp4)
     }
 
-    fn encode(&self, w: &Weight<Enc>, r0: u64, vals: &[f32], amax: Option<f32>, out: &mut [Vec<u8>]) -> Result<(), EncodeError> {
+    fn encode(
+        &self,
+        w: &Weight<Enc>,
+        r0: u64,
+        vals: &[f32],
+        amax: Option<f32>,
+        out: &mut [Vec<u8>],
+    ) -> Result<(), EncodeError> {
         let cols = w.cols() as usize;
         let rows = vals.len() / cols.max(1);
         match &w.enc {
@@ -361,7 +378,12 @@ pub fn config_json(ck: &Checkpoint, scheme: Scheme, plan: &Plan<Enc>) -> Result<
             && w.parts.first().is_some_and(|p| p.shape.len() == 2)
             && matches!(
                 w.role,
-                Role::Router | Role::Output | Role::RoutedExperts | Role::SharedExperts | Role::Attention | Role::DenseFfn
+                Role::Router
+                    | Role::Output
+                    | Role::RoutedExperts
+                    | Role::SharedExperts
+                    | Role::Attention
+                    | Role::DenseFfn
             );
         if linear_kept {
             let m = w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string();

@@ -57,7 +57,12 @@ fn vllm_fp8_source_is_dequantized_and_scales_dropped() {
 fn mlx_stacks_experts_and_overrides_the_router() {
     let ck = fixture("mixtral");
     let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
-    let w = p.plan.weights.iter().find(|w| w.name == "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight").unwrap();
+    let w = p
+        .plan
+        .weights
+        .iter()
+        .find(|w| w.name == "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight")
+        .unwrap();
     assert_eq!(w.parts[0].shape[0], 8, "8 experts stacked");
     assert_eq!(w.parts[0].dtype, DType::U32);
     assert_eq!(p.overrides.get("model.layers.0.block_sparse_moe.gate"), Some(&(8, 64)));

@@ -31,10 +31,10 @@ use crate::convert::hparams::Kvs;
 use crate::convert::run::{build_kvs, tensor_sha256};
 use crate::convert::{plan, OutTensor, OutType, Payload};
 use crate::gguf::{GgufFile, GgufValue};
-use crate::quantize::rules::Role;
 use crate::quantize::{
     parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, RuleOptions,
 };
+use sling_core::Role;
 
 /// Tensors `sling verify --source` re-derives when `--sample` is not given.
 pub const DEFAULT_SAMPLE: usize = 8;
