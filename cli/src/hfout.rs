@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::manifest;
 use sling_pipeline::{Event, ExecOptions, IndexStyle, Plan, Target};
+use sling_provenance::manifest;
 use sling_targets::{mlx, vllm, To};
 
 use crate::convert::{parse_size, tool, Reporter};

@@ -7,6 +7,7 @@
 //! branches are left out; every branch that can fire for an offered ftype is here, in the C order.
 
 use sling_core::{DType, Role};
+use sling_provenance::manifest::RuleRecord;
 
 /// A llama-quantize preset (`llama_ftype`): its CLI name, id and default tensor type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +217,35 @@ impl TensorTypeRule {
         let pattern = pat.to_ascii_lowercase();
         let regex = regex::Regex::new(&pattern).map_err(|e| format!("{spec:?}: bad pattern: {e}"))?;
         Ok(TensorTypeRule { pattern, regex, dtype, role: None, layers: None })
+    }
+}
+
+impl TensorTypeRule {
+    /// The manifest's record of this rule, which came from `from`.
+    pub fn record(&self, from: &str) -> RuleRecord {
+        RuleRecord {
+            from: from.to_string(),
+            pattern: self.pattern.clone(),
+            regex: self.regex.as_str().to_string(),
+            dtype: self.dtype.name().to_string(),
+            role: self.role,
+            layers: self.layers.map(|(a, b)| [a, b]),
+        }
+    }
+
+    /// The rule back from the manifest's record, as the quantizer uses it.
+    pub fn from_record(r: &RuleRecord) -> Result<TensorTypeRule, String> {
+        let dtype = DType::from_name(&r.dtype)
+            .filter(|d| d.info().ggml_id.is_some())
+            .ok_or_else(|| format!("rule {}: unknown type {:?}", r.pattern, r.dtype))?;
+        let regex = regex::Regex::new(&r.regex).map_err(|e| format!("rule {}: bad pattern: {e}", r.pattern))?;
+        Ok(TensorTypeRule {
+            pattern: r.pattern.clone(),
+            regex,
+            dtype,
+            role: r.role,
+            layers: r.layers.map(|[a, b]| (a, b)),
+        })
     }
 }
 
