@@ -24,7 +24,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::ops::OpError;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use sling_formats::checkpoint::Checkpoint;
@@ -33,6 +32,7 @@ use sling_formats::st_write::{self, StTensor};
 use sling_provenance::card::{self, CardContext};
 use sling_provenance::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
 
+use crate::ops::OpError;
 use crate::sink::{Sink, SinkError};
 use crate::{EncodeError, Plan, Target};
 
