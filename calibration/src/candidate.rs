@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sling_formats::convert::ops::Op;
-use sling_formats::convert::plan::{OutTensor, Payload};
 use sling_formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
+use sling_pipeline::ops::Op;
+use sling_target_gguf::convert::plan::{OutTensor, Payload};
 
 use crate::error::{Error, Result};
 use crate::source::{CheckpointSource, TensorSource};
@@ -318,7 +318,7 @@ impl TensorSource for GgufCandidate<'_> {
 mod tests {
     use super::*;
     use sling_core::DType;
-    use sling_formats::convert::ops::Src;
+    use sling_pipeline::ops::Src;
 
     fn src(name: &str, rows: u64, cols: u64) -> Op {
         Op::Source(Src { name: name.into(), dtype: DType::F32, rows, cols })

@@ -271,7 +271,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("im.gguf");
         c.save(&p, &["x.txt".into()], 16).unwrap();
-        let m = sling_formats::quantize::imatrix::Imatrix::load(&p).unwrap();
+        let m = sling_target_gguf::quantize::imatrix::Imatrix::load(&p).unwrap();
         assert_eq!(m.chunk_count, 1);
         let e = &m.entries["blk.0.ffn_down_exps.weight"];
         assert_eq!(e.counts, vec![0, 0, 2, 0]);

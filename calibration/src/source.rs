@@ -8,7 +8,7 @@
 
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::ops::{Mxfp4Repack, Op, Src};
+use sling_pipeline::ops::{Mxfp4Repack, Op, Src};
 
 use crate::error::{Error, Result};
 

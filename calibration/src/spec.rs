@@ -5,7 +5,7 @@
 //! Facts: the `transformers` 5.24 modeling code of each architecture (`modeling_<arch>.py`).
 
 use sling_core::ModelConfig;
-use sling_formats::convert::arch::{self, Arch};
+use sling_target_gguf::convert::arch::{self, Arch};
 
 use crate::error::{Error, Result};
 use crate::rope::Rope;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 use sling_calibration::{CheckpointSource, Error, LinearInput, MemSource, Model, Observer, SumSquares, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::{plan, OutType};
+use sling_target_gguf::convert::{plan, OutType};
 
 const IDS: [u32; 16] = [342, 223, 83, 87, 296, 77, 264, 84, 328, 80, 305, 81, 90, 223, 76, 87];
 

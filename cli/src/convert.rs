@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::{convert, ConvertError, ConvertOptions, ConvertReport, Event, OutType};
 use sling_formats::gguf::SplitPolicy;
-use sling_formats::manifest::Tool;
+use sling_provenance::manifest::Tool;
+use sling_target_gguf::convert::{convert, ConvertError, ConvertOptions, ConvertReport, Event, OutType};
 
 pub const AFTER_HELP: &str = "Examples:
   sling convert ./Qwen3-30B-A3B --to gguf -o qwen3-30b-a3b-bf16.gguf

@@ -10,7 +10,7 @@ use sling_calibration::eval::{evaluate, EvalReport};
 use sling_calibration::imatrix::chunks;
 use sling_calibration::{CheckpointSource, GgufCandidate, Model, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::plan::{plan, OutType};
+use sling_target_gguf::convert::plan::{plan, OutType};
 
 use crate::textdata::{self, Tokens};
 
@@ -164,7 +164,7 @@ pub fn run_eval(reference: &Path, candidate: &Path, d: &DataArgs, quiet: bool) -
     }
     let mut json = report.to_json();
     let data_sha = match (&d.data, &d.tokens) {
-        (Some(p), _) | (None, Some(p)) => sling_formats::manifest::hash_file(p).ok().map(|(_, h)| h),
+        (Some(p), _) | (None, Some(p)) => sling_provenance::manifest::hash_file(p).ok().map(|(_, h)| h),
         _ => None,
     };
     if let Some(o) = json.as_object_mut() {

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::manifest;
 use sling_pipeline::{Event, ExecOptions, IndexStyle, Plan, Target};
+use sling_provenance::manifest;
 use sling_targets::{mlx, vllm, To};
 
 use crate::convert::{parse_size, tool, Reporter};
@@ -405,7 +405,7 @@ fn pick<E>(p: &Plan<E>, n: Option<usize>) -> Vec<usize> {
         return Vec::new();
     }
     let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
-    let routed = |i: &usize| p.weights[*i].role == sling_formats::quantize::rules::Role::RoutedExperts;
+    let routed = |i: &usize| p.weights[*i].role == sling_core::Role::RoutedExperts;
     if !idx.iter().any(routed) {
         let all: Vec<usize> = (0..len).filter(routed).collect();
         if let Some(&r) = all.get(all.len() / 2) {

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use sling_core::{DType, ModelConfig};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::arch::{role_of, Role};
 use sling_formats::gguf::GgufFile;
+use sling_target_gguf::convert::arch::{role_of, Role};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::{execute, ConvertOptions, ConvertReport, OutType};
 use sling_formats::gguf::SplitPolicy;
-use sling_formats::quantize::{
+use sling_target_gguf::convert::{execute, ConvertOptions, ConvertReport, OutType};
+use sling_target_gguf::quantize::{
     parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, QuantizePlan, Recipe,
     RuleOptions, TensorTypeRule, Why,
 };
@@ -191,7 +191,7 @@ fn target(a: &QuantArgs) -> Result<(Ftype, Vec<TensorTypeRule>, String)> {
             if let Some(r) = Recipe::named(n) {
                 return Ok((r.base, r.rules, r.name));
             }
-            let recipes: Vec<&str> = sling_formats::quantize::recipe::NAMED.iter().map(|(n, _)| *n).collect();
+            let recipes: Vec<&str> = sling_target_gguf::quantize::recipe::NAMED.iter().map(|(n, _)| *n).collect();
             bail!("unknown preset {n:?}; presets: {}; MoE recipes: {}", Ftype::names().join(", "), recipes.join(", "))
         }
     }
@@ -315,12 +315,12 @@ fn card_extra(a: &QuantArgs) -> Result<Vec<(String, String)>> {
     }
     if let Some(p) = &a.recipe {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (_, sha) = sling_formats::manifest::hash_file(p)?;
+        let (_, sha) = sling_provenance::manifest::hash_file(p)?;
         rows.push(("recipe file".to_string(), format!("`{name}` (sha256 `{sha}`)")));
     }
     if let Some(p) = &a.imatrix {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (_, sha) = sling_formats::manifest::hash_file(p)?;
+        let (_, sha) = sling_provenance::manifest::hash_file(p)?;
         rows.push(("imatrix".to_string(), format!("`{name}` (sha256 `{sha}`)")));
     } else {
         rows.push(("imatrix".to_string(), "none".to_string()));
@@ -372,11 +372,11 @@ fn estimate_json(p: &QuantizePlan) -> Result<serde_json::Value> {
     let files = planned_files(std::path::Path::new("model.gguf"), p.prepared.kvs.0.clone(), descs, SplitPolicy::None)?;
     let disk: u64 = files.iter().map(|f| f.1).sum();
     let from: std::collections::HashMap<&str, DType> = p.rows.iter().map(|r| (r.name.as_str(), r.from)).collect();
-    let src_bpe = |t: &sling_formats::convert::OutTensor| {
+    let src_bpe = |t: &sling_target_gguf::convert::OutTensor| {
         let n = t.numel().max(1);
         from.get(t.name.as_str()).and_then(|d| d.bytes_for(n)).map_or(2.0, |b| b as f64 / n as f64)
     };
-    let e = sling_formats::convert::run::estimate(t, &src_bpe, rayon::current_num_threads(), true);
+    let e = sling_target_gguf::convert::run::estimate(t, &src_bpe, rayon::current_num_threads(), true);
     Ok(json!({
         "disk_bytes": disk,
         "peak_memory_bytes": e.peak_memory,
@@ -502,7 +502,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let report = execute(&ck, p.prepared, &copts, &|ev| {
         rep.on_event(src, &label, ev);
         // Warnings come right after the start event.
-        if matches!(ev, sling_formats::convert::Event::Start { .. }) {
+        if matches!(ev, sling_target_gguf::convert::Event::Start { .. }) {
             for w in &warnings {
                 rep.warn(w);
             }
@@ -577,7 +577,7 @@ fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool)
         }
     }
     if let Some(mp) = &report.manifest {
-        sling_formats::manifest::attach_quality(mp, q.clone())
+        sling_provenance::manifest::attach_quality(mp, q.clone())
             .with_context(|| format!("--eval: cannot record the figures in {}", mp.display()))?;
     }
     if !crate::eval::gate(&o.report, a.max_kld, quiet) {
@@ -591,8 +591,8 @@ fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool)
 
 /// The options as the manifest records them (`options.quantize`, docs/manifest.md): enough to read the
 /// exact recipe and for `sling verify --source` to rebuild the plan.
-fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_formats::manifest::QuantizeRecord> {
-    use sling_formats::manifest::{FileRecord, ImatrixRecord, QuantizeRecord, RecipeRecord, RuleRecord};
+fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_provenance::manifest::QuantizeRecord> {
+    use sling_provenance::manifest::{FileRecord, ImatrixRecord, QuantizeRecord, RecipeRecord};
     // `options` puts the --tensor-type flags first, then the --tensor-type-file rules, then the recipe's.
     let (_, recipe_rules, _) = target(a)?;
     let all = &opts.rules.tensor_types;
@@ -607,7 +607,7 @@ fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_formats::manife
             } else {
                 "recipe"
             };
-            RuleRecord::of(r, from)
+            r.record(from)
         })
         .collect();
     let recipe = match (&a.recipe, a.to.as_deref().and_then(|t| t.strip_prefix("gguf:"))) {

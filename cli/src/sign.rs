@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use sling_formats::signing::{sign, DEFAULT_SIGNATURE};
+use sling_provenance::signing::{sign, DEFAULT_SIGNATURE};
 
 pub const AFTER_HELP: &str = "Examples:
   openssl ecparam -name prime256v1 -genkey -noout -out key.pem

@@ -2,10 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use sling_formats::manifest::{
-    verify_with, Manifest, Rederive, VerifyOptions, VerifyReport, DEFAULT_SAMPLE, DIR_MANIFEST, MANIFEST_SUFFIX,
+use sling_provenance::manifest::{
+    verify_with, Problem, Rederive, RederiveInputs, RederiveReport, VerifyOptions, VerifyReport, DEFAULT_SAMPLE,
+    DIR_MANIFEST, MANIFEST_SUFFIX,
 };
-use sling_formats::signing::{self, SigVerifyReport};
+use sling_provenance::signing::{self, SigVerifyReport};
 
 /// Exit code: everything matches the manifest.
 pub const EXIT_VERIFIED: u8 = 0;
@@ -174,22 +175,28 @@ pub fn run(a: Args, quiet: bool) -> u8 {
         (false, n) => Rederive::Sample(n),
     };
     let opts = VerifyOptions { source: a.source.clone(), rederive, imatrix: a.imatrix.clone() };
-    let mut report = match verify_with(&manifest, &opts) {
+    let report = match verify_with(&manifest, &opts, Some(&rederive_by_target)) {
         Ok(r) => r,
         Err(e) => return cannot_check(a.json, &a.artifact, &e.to_string()),
     };
-    // A directory artifact is re-derived here, where the targets are known.
-    if let (Some(src), true) = (&a.source, rederive != Rederive::Off) {
-        if let Ok((m, _)) = Manifest::read(&manifest) {
-            if m.options.to != "gguf" {
-                let (r, problems) = crate::hfout::rederive(&m, src, rederive);
-                report.problems.extend(problems);
-                report.rederive = Some(r);
-            }
-        }
-    }
     print_report(&report, a.json, quiet);
     exit_code(&report)
+}
+
+/// Re-derivation is the target's: GGUF's (`sling_target_gguf::rederive`), or for a directory artifact vLLM's or
+/// MLX's (`hfout::rederive`), here where the targets are known.
+fn rederive_by_target(
+    inp: &RederiveInputs<'_>,
+    problems: &mut Vec<Problem>,
+    notes: &mut Vec<String>,
+) -> RederiveReport {
+    if inp.manifest.options.to == "gguf" {
+        sling_target_gguf::rederive::run(inp, problems, notes)
+    } else {
+        let (r, p) = crate::hfout::rederive(inp.manifest, inp.source, inp.mode);
+        problems.extend(p);
+        r
+    }
 }
 
 /// 1 for any problem, else 2 when a check asked for could not be made, else 0.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sling_formats::quantize::imatrix::Imatrix;
+use sling_target_gguf::quantize::imatrix::Imatrix;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)

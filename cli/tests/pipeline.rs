@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use sling_formats::manifest::hash_file;
+use sling_provenance::manifest::hash_file;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));

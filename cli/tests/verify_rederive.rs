@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 use sling_formats::gguf::GgufFile;
-use sling_formats::manifest::{attach_quality, hash_file, seal_of};
+use sling_provenance::manifest::{attach_quality, hash_file, seal_of};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sling"))

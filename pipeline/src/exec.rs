@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::card::{self, CardContext};
-use sling_formats::convert::ops::OpError;
 use sling_formats::gguf::write::hex;
-use sling_formats::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
 use sling_formats::st_write::{self, StTensor};
+use sling_provenance::card::{self, CardContext};
+use sling_provenance::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
 
+use crate::ops::OpError;
 use crate::sink::{Sink, SinkError};
 use crate::{EncodeError, Plan, Target};
 

@@ -6,11 +6,11 @@
 //! `convert_hf_to_gguf.py` load (`mlp.experts.{e}.{gate,up,down}_proj.weight`). Layers past
 //! `num_hidden_layers` (DeepSeek's multi-token-prediction layer) and rotary caches are left out.
 
+use crate::ops::{Op, Src};
+use crate::PlanError;
+use sling_core::Role;
 use sling_core::{DType, ModelConfig};
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::ops::{Op, Src};
-use sling_formats::convert::PlanError;
-use sling_formats::quantize::rules::Role;
 
 /// One tensor of the checkpoint as an artifact in Hugging Face naming holds it.
 #[derive(Clone, Debug)]

@@ -5,17 +5,21 @@
 //! writes every part at its place in the shard set ([`sink`]), then the extra files, the manifest and the
 //! model card, and renames the finished directory into place ([`exec`]).
 //!
+//! The lazy row-range recipe itself ([`ops`]: [`Op`], [`ops::Src`], [`ops::Mxfp4Repack`]) is shared by every
+//! target, GGUF included, and by the calibration forward pass.
+//!
 //! This crate never names a target: everything target-specific comes through the [`Target`] trait. The GGUF
-//! path (`sling_formats::convert`) predates this crate and still has its own executor; see
+//! target (`sling_target_gguf`) predates this crate and still has its own executor; see
 //! `docs/architecture.md`.
 
-use sling_core::DType;
-use sling_formats::convert::ops::Op;
-use sling_formats::quantize::rules::Role;
+use sling_core::{DType, Role};
 
 pub mod exec;
 pub mod hf;
+pub mod ops;
 pub mod sink;
+
+pub use ops::Op;
 
 pub use exec::{execute, Event, ExecError, ExecOptions, ExecReport, IndexStyle};
 
@@ -80,6 +84,28 @@ pub struct Plan<E> {
     pub kept: Vec<Kept>,
     /// Notes for the user.
     pub notes: Vec<String>,
+}
+
+/// Reasons a target refuses to plan an artifact (GGUF's conversion, vLLM/MLX's weights). Each names the tensor
+/// or key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("no config.json next to the weights: sling needs it to know the architecture")]
+    NoConfig,
+    #[error("config.json: {0}")]
+    Config(#[from] sling_core::ConfigError),
+    #[error("architecture {arch} is not supported; sling converts: {supported}")]
+    UnsupportedArch { arch: String, supported: String },
+    #[error("cannot map tensor {0} to a GGUF name for this architecture")]
+    Unmapped(String),
+    #[error("tensor {tensor}: shape {shape:?} disagrees with config.json ({why})")]
+    Shape { tensor: String, shape: Vec<u64>, why: String },
+    #[error("layer {layer}: expert tensors incomplete: {names:?}")]
+    IncompleteExperts { layer: u64, names: Vec<String> },
+    #[error("tensor {tensor}: {why}")]
+    Unsupported { tensor: String, why: String },
+    #[error("tensor {0} names a layer outside 0..num_hidden_layers")]
+    BadLayer(String),
 }
 
 /// Bytes of a plan's parts.

@@ -2,13 +2,13 @@
 //! MLX. Each plans the artifact's weights from the checkpoint, encodes row chunks of them, and makes its own
 //! files (`config.json`); the pipeline does the rest. The targets never depend on each other.
 
-use sling_formats::convert::PlanError;
+use sling_pipeline::PlanError;
 
 pub mod mlx;
 pub mod read;
 pub mod vllm;
 
-/// A target named with `--to` (other than `gguf:…`, which `sling_formats::quantize` handles).
+/// A target named with `--to` (other than `gguf:…`, which `sling_target_gguf::quantize` handles).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum To {
     Vllm(vllm::Scheme),

@@ -12,11 +12,10 @@
 use std::collections::BTreeMap;
 
 use sling_core::DType;
+use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::ops::Op;
-use sling_formats::quantize::rules::Role;
 use sling_pipeline::hf::HfTensor;
-use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
+use sling_pipeline::{EncodeError, Kept, Op, Part, Plan, Target, Weight};
 use sling_quantizers::ct::ScaleDtype;
 use sling_quantizers::mlx as affine;
 
@@ -87,7 +86,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
     if !GROUP_SIZES.contains(&group) {
         return Err(TargetError::Unsupported(format!("--group-size {group}: MLX takes 32, 64 or 128")));
     }
-    let cfg = ck.config.as_ref().ok_or(sling_formats::convert::PlanError::NoConfig)?;
+    let cfg = ck.config.as_ref().ok_or(sling_pipeline::PlanError::NoConfig)?;
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     if !MODEL_TYPES.contains(&model_type) {
         return Err(TargetError::Unsupported(format!(

@@ -14,10 +14,10 @@
 //! weight dtype (bf16) and can differ by one code where that rounding crosses a half step (see `docs/vllm.md`).
 
 use sling_core::DType;
+use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
-use sling_formats::convert::ops::Op;
-use sling_formats::quantize::rules::Role;
 use sling_pipeline::hf::HfTensor;
+use sling_pipeline::ops::Op;
 use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
 use sling_quantizers::ct::{self, IntArgs, ScaleDtype};
 

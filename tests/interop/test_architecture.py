@@ -1,5 +1,6 @@
 """The crate graph of docs/architecture.md holds (scripts/check-architecture), and the checker catches a
-forbidden arrow (a target reached from the containers crate, the pipeline naming a target)."""
+forbidden arrow (a target reached from the containers crate, the pipeline or provenance naming a target,
+one target crate reaching the other)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,10 @@ def test_crate_graph_holds():
 
 def test_checker_catches_forbidden_arrows(tmp_path):
     for crate, dep in [("sling-formats", "sling-targets"), ("sling-pipeline", "sling-targets"),
-                       ("sling-pipeline", "sling-quantizers"), ("sling-quantizers", "sling-formats")]:
+                       ("sling-quantizers", "sling-formats"), ("sling-formats", "sling-quantizers"),
+                       ("sling-pipeline", "sling-target-gguf"), ("sling-provenance", "sling-target-gguf"),
+                       ("sling-provenance", "sling-pipeline"), ("sling-targets", "sling-target-gguf"),
+                       ("sling-target-gguf", "sling-targets")]:
         meta = _metadata()
         pkg = next(p for p in meta["packages"] if p["name"] == crate)
         pkg["dependencies"].append({"name": dep, "kind": None})

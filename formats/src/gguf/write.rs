@@ -47,7 +47,7 @@
 //! **Hashes while writing**: every byte that goes to a shard also goes through a SHA-256 of that shard,
 //! and the data bytes of each tensor (without padding) through a SHA-256 of that tensor, so
 //! [`GgufWriter::finish_hashed`] can report the sha256 of every file and tensor without reading
-//! anything back (the provenance manifest, `crate::manifest`, is built from them).
+//! anything back (the provenance manifest, `sling_provenance::manifest`, is built from them).
 //!
 //! # Cross-checks done by hand (pinned tree at `/root/.cache/sling-lab/llama.cpp`)
 //!

@@ -4,7 +4,7 @@
 //! split output): the sling version and git commit, the conversion options, the compute path, the
 //! size and sha256 of every source file read and of every output file, and per tensor its place
 //! (file, offset, bytes), type, shape, sha256 and the source tensors it came from. Output hashes are
-//! those of the bytes as they were written ([`crate::gguf::GgufWriter::finish_hashed`]); nothing is
+//! those of the bytes as they were written ([`sling_formats::gguf::GgufWriter::finish_hashed`]); nothing is
 //! read back. Apart from the optional `created` timestamp (omitted with `--reproducible`, pinned by
 //! `SOURCE_DATE_EPOCH`), the same source and options give the same bytes, whatever the thread count or
 //! run (`docs/reproducibility.md`). When a model card (`README.md`) is written with the artifact, its
@@ -22,9 +22,10 @@
 //!
 //! [`verify`] re-hashes every output file and every tensor's bytes against the manifest, looks for
 //! missing and extra files of the set, checks the seal, and optionally re-hashes the source files;
-//! [`verify_with`] can also re-derive tensors from the source ([`rederive`]): rebuild the plan from
-//! the recorded options, recompute a sample of tensors (or all of them) and compare their sha256
-//! with the manifest and the file. The schema is documented in `docs/manifest.md`.
+//! [`verify_with`] can also re-derive tensors from the source, through the target's [`Rederiver`]
+//! that the caller supplies (GGUF's: `sling_target_gguf::rederive`): rebuild the plan from the
+//! recorded options, recompute a sample of tensors (or all of them) and compare their sha256 with the
+//! manifest and the file. The schema is documented in `docs/manifest.md`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -38,13 +39,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::Checkpoint;
-use crate::gguf::write::{hex, Written};
-use crate::gguf::{GgufFile, SplitPolicy};
-use crate::quantize::rules::{Role, TensorTypeRule};
+use sling_core::Role;
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::gguf::write::{hex, Written};
+use sling_formats::gguf::{GgufFile, SplitPolicy};
 
 pub mod rederive;
-pub use rederive::{RederiveReport, RederiveStatus, DEFAULT_SAMPLE};
+pub use rederive::{RederiveInputs, RederiveReport, RederiveStatus, Rederiver, DEFAULT_SAMPLE};
 
 /// The value of the `schema` field this version writes and reads.
 pub const SCHEMA: &str = "sling.manifest/1";
@@ -147,7 +148,7 @@ pub struct TargetRecord {
 pub const DIR_MANIFEST: &str = "sling.json";
 
 /// What `sling quantize` was asked for, resolved: enough to read the exact recipe and to rebuild the
-/// plan ([`crate::quantize::QuantizeOptions`]) when verifying against the source.
+/// plan (`sling_target_gguf::quantize::QuantizeOptions`) when verifying against the source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantizeRecord {
     /// The llama-quantize preset the types derive from (a recipe's `base`): `Q4_K_M`.
@@ -231,35 +232,6 @@ pub struct RuleRecord {
     /// Only tensors of blocks in this inclusive range (recipe rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<[u64; 2]>,
-}
-
-impl RuleRecord {
-    /// The record of `rule`, which came from `from`.
-    pub fn of(rule: &TensorTypeRule, from: &str) -> RuleRecord {
-        RuleRecord {
-            from: from.to_string(),
-            pattern: rule.pattern.clone(),
-            regex: rule.regex.as_str().to_string(),
-            dtype: rule.dtype.name().to_string(),
-            role: rule.role,
-            layers: rule.layers.map(|(a, b)| [a, b]),
-        }
-    }
-
-    /// The rule back, as the quantizer uses it.
-    pub fn to_rule(&self) -> Result<TensorTypeRule, String> {
-        let dtype = sling_core::DType::from_name(&self.dtype)
-            .filter(|d| d.info().ggml_id.is_some())
-            .ok_or_else(|| format!("rule {}: unknown type {:?}", self.pattern, self.dtype))?;
-        let regex = regex::Regex::new(&self.regex).map_err(|e| format!("rule {}: bad pattern: {e}", self.pattern))?;
-        Ok(TensorTypeRule {
-            pattern: self.pattern.clone(),
-            regex,
-            dtype,
-            role: self.role,
-            layers: self.layers.map(|[a, b]| (a, b)),
-        })
-    }
 }
 
 /// The importance matrix used: the file as given, and how it was filtered.
@@ -655,7 +627,7 @@ pub fn build(
 /// Records quality figures measured on an artifact that is already written (`sling quantize --eval`,
 /// `sling eval`): sets `quality` in the manifest at `manifest_path` (replacing any figures recorded
 /// before), re-renders the model card's quality row and "Quality" section when the manifest lists a
-/// card ([`crate::convert::card::with_quality`]; the rest of the card is kept as written, so no card
+/// card ([`crate::card::with_quality`]; the rest of the card is kept as written, so no card
 /// context needs storing), then writes the card and the manifest with the card's new size and sha256
 /// and a fresh `manifest_sha256`, each atomically, card first.
 ///
@@ -702,7 +674,7 @@ pub fn attach_quality(manifest_path: &Path, quality: Value) -> Result<(), Manife
             ));
         }
         let text = String::from_utf8(bytes).map_err(|_| refuse(&p, "the model card is not UTF-8"))?;
-        let text = crate::convert::card::with_quality(&text, m.quality.as_ref())
+        let text = crate::card::with_quality(&text, m.quality.as_ref())
             .ok_or_else(|| refuse(&p, "not a model card sling can update (no quality row or Quality section)"))?;
         write_atomic(&p, text.as_bytes())?;
         m.model_card = Some(OutputFile {
@@ -794,7 +766,8 @@ impl std::fmt::Display for Problem {
     }
 }
 
-fn problem(kind: ProblemKind, file: &str, tensor: Option<&str>, message: String) -> Problem {
+/// A [`Problem`] about `file` (and `tensor`).
+pub fn problem(kind: ProblemKind, file: &str, tensor: Option<&str>, message: String) -> Problem {
     Problem { kind, file: Some(file.to_string()), tensor: tensor.map(str::to_string), message }
 }
 
@@ -851,7 +824,7 @@ pub enum Rederive {
     #[default]
     Off,
     /// Up to this many, spread over the file and including a routed-expert tensor when there is one
-    /// ([`rederive::sample`]); the plan (every tensor's name, type, shape) and the metadata are
+    /// (GGUF's `sling_target_gguf::rederive::sample`); the plan (every tensor's name, type, shape) and the metadata are
     /// checked in full.
     Sample(usize),
     /// Every tensor.
@@ -865,7 +838,7 @@ fn is_plain_name(name: &str) -> bool {
 }
 
 /// A relative path that stays inside its directory.
-fn is_inner_path(path: &str) -> bool {
+pub fn is_inner_path(path: &str) -> bool {
     let p = Path::new(path);
     !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
 }
@@ -940,14 +913,14 @@ fn check_output(dir: &Path, out: &OutputFile, tensors: &[&TensorRecord]) -> (Vec
 /// Parses `path` as safetensors (the checkpoint reader's validated header) and checks every tensor the manifest
 /// places in it: dtype, shape (`ne` is the reversed shape), absolute offset, size, and the sha256 of its bytes.
 fn check_st_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<Problem>, FileTensorHashes) {
-    let f = match crate::checkpoint::SafetensorsFile::open(path, 0) {
+    let f = match sling_formats::checkpoint::SafetensorsFile::open(path, 0) {
         Ok(f) => f,
         Err(e) => {
             let p = problem(ProblemKind::NotGguf, name, None, format!("{name}: cannot be read as safetensors: {e}"));
             return (vec![p], Vec::new());
         }
     };
-    let by_name: HashMap<&str, &crate::checkpoint::SourceTensor> =
+    let by_name: HashMap<&str, &sling_formats::checkpoint::SourceTensor> =
         f.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut problems = Vec::new();
     let mut hashes = Vec::new();
@@ -1079,15 +1052,25 @@ fn check_tensors(path: &Path, name: &str, tensors: &[&TensorRecord]) -> (Vec<Pro
 /// `Err` means the check could not be made (manifest missing, unreadable or of another schema); a
 /// report with problems means the artifact does not match.
 pub fn verify(manifest_path: &Path, source: Option<&Path>) -> Result<VerifyReport, ManifestError> {
-    verify_with(manifest_path, &VerifyOptions { source: source.map(Path::to_path_buf), ..VerifyOptions::default() })
+    verify_with(
+        manifest_path,
+        &VerifyOptions { source: source.map(Path::to_path_buf), ..VerifyOptions::default() },
+        None,
+    )
 }
 
 /// [`verify`], and with `opts.source` and `opts.rederive`, re-derivation: the plan is rebuilt from the
 /// source and the options the manifest records, every tensor's name, type and shape and the output's
 /// metadata are compared with it, and the chosen tensors are recomputed and their sha256 compared with
-/// the manifest's and the file's ([`rederive`]). A re-derivation that cannot be made (an imatrix not
-/// given, options not recorded, an unreadable source) leaves the report [`VerifyReport::incomplete`].
-pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, ManifestError> {
+/// the manifest's and the file's. The re-derivation is the target's: `rederive` does it (the caller knows the
+/// targets; `None`: none is made, the source files are only re-hashed). A re-derivation that cannot be made
+/// (an imatrix not given, options not recorded, an unreadable source) leaves the report
+/// [`VerifyReport::incomplete`].
+pub fn verify_with(
+    manifest_path: &Path,
+    opts: &VerifyOptions,
+    rederive: Option<&Rederiver<'_>>,
+) -> Result<VerifyReport, ManifestError> {
     let source = opts.source.as_deref();
     let (m, raw) = Manifest::read(manifest_path)?;
     let dir = match manifest_path.parent() {
@@ -1252,18 +1235,20 @@ pub fn verify_with(manifest_path: &Path, opts: &VerifyOptions) -> Result<VerifyR
 
     // Re-derivation from the source.
     let mut notes = Vec::new();
-    let rederive = match (source, opts.rederive) {
-        // Directory artifacts (vllm/mlx) are re-derived by the caller, which knows the targets.
-        (Some(src), mode) if mode != Rederive::Off && m.options.to == "gguf" => {
+    let rederive = match (source, opts.rederive, rederive) {
+        (Some(src), mode, Some(rederiver)) if mode != Rederive::Off => {
             let sources_differ =
                 problems.iter().any(|p| matches!(p.kind, ProblemKind::SourceHash | ProblemKind::MissingSource));
-            Some(rederive::run(
-                &rederive::Inputs { manifest: &m, dir: &dir, source: src, mode, imatrix: opts.imatrix.as_deref() },
+            let inputs = RederiveInputs {
+                manifest: &m,
+                dir: &dir,
+                source: src,
+                mode,
+                imatrix: opts.imatrix.as_deref(),
                 sources_differ,
-                &file_hashes,
-                &mut problems,
-                &mut notes,
-            ))
+                file_hashes: &file_hashes,
+            };
+            Some(rederiver(&inputs, &mut problems, &mut notes))
         }
         _ => None,
     };

@@ -1,4 +1,4 @@
-//! Tokenizer → GGUF metadata (`sling_formats::tokenizer`) against the pinned reference converter.
+//! Tokenizer → GGUF metadata (`sling_target_gguf::tokenizer`) against the pinned reference converter.
 //!
 //! * `reference`: the fixture directories under `tests/data/tokenizer/` (made by `make_fixtures.py` there, which
 //!   also ran `convert_hf_to_gguf.py --vocab-only` on each and stored the `tokenizer.*` KVs in
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sling_formats::gguf::{GgufValue, ValueType};
-use sling_formats::tokenizer::{check_vocab, chkhsh, vocab_kvs, TokenizerError, VocabOptions, VocabStyle};
+use sling_target_gguf::tokenizer::{check_vocab, chkhsh, vocab_kvs, TokenizerError, VocabOptions, VocabStyle};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer")

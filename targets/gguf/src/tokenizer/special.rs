@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::hf::{read_json, read_json_opt};
 use super::{keys, truthy, KvWriter, TokenizerError};
-use crate::gguf::{GgufValue, ValueType};
+use sling_formats::gguf::{GgufValue, ValueType};
 
 /// The default `special_token_types`.
 pub(crate) const DEFAULT_TYPES: &[&str] = &["bos", "eos", "unk", "sep", "pad", "cls", "mask"];

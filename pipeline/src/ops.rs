@@ -8,7 +8,7 @@
 use sling_core::DType;
 use sling_quantizers::decode_to_f32;
 
-use crate::checkpoint::{Checkpoint, SourceTensor};
+use sling_formats::checkpoint::{Checkpoint, SourceTensor};
 
 /// A source tensor viewed as a row-major matrix `[rows, cols]` (cols = its last dimension).
 #[derive(Clone, Debug)]

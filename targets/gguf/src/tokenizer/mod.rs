@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::gguf::{GgufValue, ValueType};
+use sling_formats::gguf::{GgufValue, ValueType};
 
 pub use hf::chkhsh;
 pub use pre_table::{CHKHSH_TABLE, CHKTXT, LLAMA_CPP_BPE_PRE_NAMES};

@@ -6,7 +6,8 @@
 //! The ftypes of the IQ1/IQ2/IQ3 families are not offered (sling does not write those types), so their
 //! branches are left out; every branch that can fire for an offered ftype is here, in the C order.
 
-use sling_core::DType;
+use sling_core::{DType, Role};
+use sling_provenance::manifest::RuleRecord;
 
 /// A llama-quantize preset (`llama_ftype`): its CLI name, id and default tensor type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,83 +184,6 @@ pub struct ModelFacts {
     pub is_70b: bool,
 }
 
-/// What a tensor is for, from its GGUF name: what recipes select on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// `ffn_{gate,up,down}_exps`: the routed experts (most of an MoE model's parameters).
-    RoutedExperts,
-    /// `ffn_*_shexp`: shared experts.
-    SharedExperts,
-    /// `ffn_gate_inp*`, `exp_probs_b`: the router (never quantized).
-    Router,
-    /// `attn_*`: attention projections (MLA included).
-    Attention,
-    /// `token_embd`.
-    Embeddings,
-    /// `output.weight`.
-    Output,
-    /// `ffn_{gate,up,down}.weight`: dense FFN (dense models, and DeepSeek's leading dense layers).
-    DenseFfn,
-    /// Norms and everything else.
-    Other,
-}
-
-impl Role {
-    /// The role of a tensor from its Hugging Face (checkpoint) name and number of dimensions.
-    pub fn of_hf(name: &str, n_dims: usize) -> Role {
-        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-        if n_dims < 2 || module.ends_with("norm") || module.contains("layernorm") {
-            return Role::Other;
-        }
-        if module.ends_with(".mlp.gate")
-            || module.ends_with("block_sparse_moe.gate")
-            || module.ends_with(".router")
-            || module.ends_with("shared_expert_gate")
-            || name.contains("e_score_correction")
-        {
-            Role::Router
-        } else if module.contains("shared_expert") {
-            Role::SharedExperts
-        } else if module.contains(".experts.") || module.contains(".switch_mlp.") {
-            Role::RoutedExperts
-        } else if module.contains("self_attn.") || module.contains(".attention.") {
-            Role::Attention
-        } else if module.ends_with("embed_tokens") || module.ends_with("wte") {
-            Role::Embeddings
-        } else if module == "lm_head" || module.ends_with(".lm_head") {
-            Role::Output
-        } else if module.contains(".mlp.") {
-            Role::DenseFfn
-        } else {
-            Role::Other
-        }
-    }
-
-    /// The role of a tensor from its GGUF name.
-    pub fn of(name: &str) -> Role {
-        if name.contains("ffn_gate_inp") || name.contains("exp_probs_b") {
-            Role::Router
-        } else if name.contains("_exps") {
-            Role::RoutedExperts
-        } else if name.contains("_shexp") {
-            Role::SharedExperts
-        } else if name.contains("_norm") {
-            Role::Other
-        } else if name.contains(".attn_") {
-            Role::Attention
-        } else if name.starts_with("token_embd") {
-            Role::Embeddings
-        } else if name == "output.weight" {
-            Role::Output
-        } else if name.contains(".ffn_") {
-            Role::DenseFfn
-        } else {
-            Role::Other
-        }
-    }
-}
-
 /// A type override: `--tensor-type PATTERN=TYPE`, or a recipe rule that also selects by role and layer range.
 /// llama-quantize lower-cases `--tensor-type` pattern text before compiling it (`tools/quantize/quantize.cpp
 /// parse_tensor_type`), so `\D` means `\d` there and here alike; recipe patterns are used as written.
@@ -293,6 +217,35 @@ impl TensorTypeRule {
         let pattern = pat.to_ascii_lowercase();
         let regex = regex::Regex::new(&pattern).map_err(|e| format!("{spec:?}: bad pattern: {e}"))?;
         Ok(TensorTypeRule { pattern, regex, dtype, role: None, layers: None })
+    }
+}
+
+impl TensorTypeRule {
+    /// The manifest's record of this rule, which came from `from`.
+    pub fn record(&self, from: &str) -> RuleRecord {
+        RuleRecord {
+            from: from.to_string(),
+            pattern: self.pattern.clone(),
+            regex: self.regex.as_str().to_string(),
+            dtype: self.dtype.name().to_string(),
+            role: self.role,
+            layers: self.layers.map(|(a, b)| [a, b]),
+        }
+    }
+
+    /// The rule back from the manifest's record, as the quantizer uses it.
+    pub fn from_record(r: &RuleRecord) -> Result<TensorTypeRule, String> {
+        let dtype = DType::from_name(&r.dtype)
+            .filter(|d| d.info().ggml_id.is_some())
+            .ok_or_else(|| format!("rule {}: unknown type {:?}", r.pattern, r.dtype))?;
+        let regex = regex::Regex::new(&r.regex).map_err(|e| format!("rule {}: bad pattern: {e}", r.pattern))?;
+        Ok(TensorTypeRule {
+            pattern: r.pattern.clone(),
+            regex,
+            dtype,
+            role: r.role,
+            layers: r.layers.map(|[a, b]| (a, b)),
+        })
     }
 }
 
@@ -682,18 +635,5 @@ mod tests {
         let ch = c.choose("blk.1.ffn_up_exps.weight", &[256, 256, 4], DType::BF16).unwrap();
         assert_eq!((ch.dtype, ch.why), (DType::Q8_0, Why::Pattern("ffn_.*_exps".into())));
         assert!(TensorTypeRule::parse("x=q9_9").is_err());
-    }
-
-    #[test]
-    fn roles_from_names() {
-        assert_eq!(Role::of("blk.3.ffn_down_exps.weight"), Role::RoutedExperts);
-        assert_eq!(Role::of("blk.3.ffn_up_shexp.weight"), Role::SharedExperts);
-        assert_eq!(Role::of("blk.3.ffn_gate_inp.weight"), Role::Router);
-        assert_eq!(Role::of("blk.3.ffn_gate_inp_shexp.weight"), Role::Router);
-        assert_eq!(Role::of("blk.3.attn_kv_a_mqa.weight"), Role::Attention);
-        assert_eq!(Role::of("blk.3.attn_norm.weight"), Role::Other);
-        assert_eq!(Role::of("blk.0.ffn_down.weight"), Role::DenseFfn);
-        assert_eq!(Role::of("token_embd.weight"), Role::Embeddings);
-        assert_eq!(Role::of("output.weight"), Role::Output);
     }
 }

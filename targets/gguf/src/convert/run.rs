@@ -4,7 +4,7 @@
 //! identical whatever the number of threads. Peak memory is bounded by the window, not the model.
 //!
 //! Crash safety and resume: outputs are written as `NAME.partial` with a journal
-//! (`OUT.partial.json`, see [`crate::gguf::write`]) and renamed only when complete and hashed. The
+//! (`OUT.partial.json`, see [`sling_formats::gguf::write`]) and renamed only when complete and hashed. The
 //! journal's fingerprint covers everything that decides the bytes (see [`fingerprint`]), so a resumed
 //! run ([`ConvertOptions::resume`]) reuses only tensors this plan would write identically, after
 //! re-hashing them, and skips computing them.
@@ -25,16 +25,17 @@ use std::time::Duration;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use super::card::{self, CardContext};
 use super::hparams::{arch_kvs, Kvs};
-use super::ops::OpError;
-use super::plan::{plan, OutTensor, OutType, Payload, PlanError};
-use crate::checkpoint::Checkpoint;
-use crate::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
-use crate::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
-use crate::manifest::{self, ManifestError, Tool};
+use super::plan::{plan, OutTensor, OutType, Payload};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
 use sling_core::DType;
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
+use sling_formats::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
+use sling_pipeline::ops::OpError;
+use sling_pipeline::PlanError;
+use sling_provenance::card::{self, CardContext};
+use sling_provenance::manifest::{self, ManifestError, Tool};
 
 /// Elements per chunk: 4 Mi f32 values (16 MiB) — small enough that a window of chunks stays far
 /// below 1 GiB, large enough to amortise the per-chunk overhead.
@@ -50,7 +51,7 @@ pub struct ConvertOptions {
     pub tokenizer_pre: Option<String>,
     /// Chunks computed at once (default: 2 × rayon threads).
     pub window: Option<usize>,
-    /// Write the provenance manifest (`OUT.sling.json`, see [`crate::manifest`]) naming this tool.
+    /// Write the provenance manifest (`OUT.sling.json`, see [`sling_provenance::manifest`]) naming this tool.
     /// A stale manifest of the same name is removed in every case before the outputs are renamed.
     pub provenance: Option<Tool>,
     /// Continue an interrupted conversion of the same plan from its partial files (re-hashing what
@@ -510,7 +511,7 @@ fn compute<'a>(
 /// `out` untouched, when the slow path must decide.
 fn raw_copy(
     ck: &Checkpoint,
-    op: &super::ops::Op,
+    op: &sling_pipeline::ops::Op,
     c: &Chunk,
     t: &OutTensor,
     out: &mut Vec<u8>,

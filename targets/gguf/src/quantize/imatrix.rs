@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use sling_core::DType;
 
-use crate::gguf::{GgufFile, GgufValue};
+use sling_formats::gguf::{GgufFile, GgufValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImatrixError {
@@ -71,8 +71,10 @@ impl Imatrix {
             }
         }
         let chunk_count = g.get("imatrix.chunk_count").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        let mut pairs: BTreeMap<String, (Option<&crate::gguf::GgufTensorInfo>, Option<&crate::gguf::GgufTensorInfo>)> =
-            BTreeMap::new();
+        let mut pairs: BTreeMap<
+            String,
+            (Option<&sling_formats::gguf::GgufTensorInfo>, Option<&sling_formats::gguf::GgufTensorInfo>),
+        > = BTreeMap::new();
         for t in &g.tensors {
             if let Some(n) = t.name.strip_suffix(".in_sum2") {
                 pairs.entry(n.to_string()).or_default().0 = Some(t);

@@ -21,7 +21,8 @@
 use serde::Deserialize;
 use sling_core::DType;
 
-use super::rules::{Ftype, Role, TensorTypeRule};
+use super::rules::{Ftype, TensorTypeRule};
+use sling_core::Role;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use sling_core::{DType, ModelConfig};
 
 use super::arch::{self, Arch, Family, KEEP_F32};
-use super::ops::{Mxfp4Repack, Op, Src};
-use crate::checkpoint::{Checkpoint, SourceTensor};
+use sling_formats::checkpoint::{Checkpoint, SourceTensor};
+use sling_pipeline::ops::{Mxfp4Repack, Op, Src};
+use sling_pipeline::PlanError;
 
 /// The output type requested with `--type` (`--outtype` of the reference).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +65,7 @@ pub enum Payload {
 /// One tensor of an open GGUF file.
 #[derive(Clone, Debug)]
 pub struct GgufSource {
-    pub file: std::sync::Arc<crate::gguf::GgufFile>,
+    pub file: std::sync::Arc<sling_formats::gguf::GgufFile>,
     pub index: usize,
     pub dtype: DType,
     /// Bytes per row (`ne[0]` elements).
@@ -108,27 +109,6 @@ impl OutTensor {
     pub fn rows(&self) -> u64 {
         self.numel() / self.ne.first().copied().unwrap_or(1).max(1)
     }
-}
-
-/// Reasons a conversion is refused while planning. Each names the tensor or key involved.
-#[derive(Debug, thiserror::Error)]
-pub enum PlanError {
-    #[error("no config.json next to the weights: sling needs it to know the architecture")]
-    NoConfig,
-    #[error("config.json: {0}")]
-    Config(#[from] sling_core::ConfigError),
-    #[error("architecture {arch} is not supported; sling converts: {supported}")]
-    UnsupportedArch { arch: String, supported: String },
-    #[error("cannot map tensor {0} to a GGUF name for this architecture")]
-    Unmapped(String),
-    #[error("tensor {tensor}: shape {shape:?} disagrees with config.json ({why})")]
-    Shape { tensor: String, shape: Vec<u64>, why: String },
-    #[error("layer {layer}: expert tensors incomplete: {names:?}")]
-    IncompleteExperts { layer: u64, names: Vec<String> },
-    #[error("tensor {tensor}: {why}")]
-    Unsupported { tensor: String, why: String },
-    #[error("tensor {0} names a layer outside 0..num_hidden_layers")]
-    BadLayer(String),
 }
 
 /// A planned conversion.

@@ -1,4 +1,5 @@
-//! Re-derivation (`sling verify --source SRC`, with `--sample N` or `--full`): the plan is rebuilt from
+//! Re-derivation of a GGUF artifact (`sling verify --source SRC`, with `--sample N` or `--full`; the
+//! [`sling_provenance::manifest::Rederiver`] the CLI gives `verify_with` for `gguf` manifests): the plan is rebuilt from
 //! the source and the options the manifest records (`options.type`, `options.tokenizer_pre`,
 //! `options.allow_nonfinite`, and for `sling quantize` everything in `options.quantize`), then
 //!
@@ -22,66 +23,24 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use serde::Serialize;
-use sling_core::DType;
+use sling_core::{DType, Role};
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::gguf::{GgufFile, GgufValue};
+use sling_provenance::manifest::{
+    hash_file, is_inner_path, problem, Manifest, Problem, ProblemKind, Rederive, RederiveInputs as Inputs,
+    RederiveReport, RederiveStatus,
+};
 
-use super::{hash_file, is_inner_path, problem, Manifest, Problem, ProblemKind, Rederive};
-use crate::checkpoint::Checkpoint;
 use crate::convert::hparams::Kvs;
 use crate::convert::run::{build_kvs, tensor_sha256};
 use crate::convert::{plan, OutTensor, OutType, Payload};
-use crate::gguf::{GgufFile, GgufValue};
-use crate::quantize::rules::Role;
+use crate::quantize::rules::TensorTypeRule;
 use crate::quantize::{
     parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, RuleOptions,
 };
 
-/// Tensors `sling verify --source` re-derives when `--sample` is not given.
-pub const DEFAULT_SAMPLE: usize = 8;
-
 /// The `options.type` values `sling convert` writes.
 const CONVERT_TYPES: [&str; 4] = ["f32", "f16", "bf16", "q8_0"];
-
-/// The outcome of a re-derivation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RederiveStatus {
-    /// The plan, the metadata and every re-derived tensor match.
-    Verified,
-    /// At least one `rederived_*` problem (or the imatrix given differs).
-    Mismatch,
-    /// The re-derivation could not be made (`error` says why).
-    NotChecked,
-}
-
-/// What re-deriving found (the problems themselves are in the report's `problems`).
-#[derive(Clone, Debug, Serialize)]
-pub struct RederiveReport {
-    pub status: RederiveStatus,
-    /// `sample` or `full`.
-    pub mode: &'static str,
-    /// The sample size asked for (`sample` mode).
-    pub sample: Option<usize>,
-    /// What the plan was rebuilt as: `convert q8_0`, `quantize Q4_K_M`, … (none if it could not be).
-    pub plan: Option<String>,
-    /// The tensors whose bytes were recomputed, in file order.
-    pub tensors: Vec<String>,
-    /// Whether the first output's metadata was compared with the plan's.
-    pub metadata_checked: bool,
-    /// The imatrix file used (`--imatrix`), when the artifact was quantized with one.
-    pub imatrix: Option<String>,
-    /// Why it could not be made, for `not_checked`.
-    pub error: Option<String>,
-}
-
-/// What the re-derivation works on.
-pub(super) struct Inputs<'a> {
-    pub manifest: &'a Manifest,
-    pub dir: &'a Path,
-    pub source: &'a Path,
-    pub mode: Rederive,
-    pub imatrix: Option<&'a Path>,
-}
 
 /// Which of `names` (a manifest's tensors, in file order) a sample of `n` re-derives, as indices in
 /// increasing order: the middle of each of `n` equal runs of the list, so the sample is spread over the
@@ -164,7 +123,7 @@ fn rebuild(
     let ftype = Ftype::parse(&q.ftype)
         .filter(|f| f.id == q.file_type)
         .ok_or_else(|| bad(format!("unknown preset {:?} (file type {})", q.ftype, q.file_type)))?;
-    let tensor_types = q.rules.iter().map(|r| r.to_rule()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let tensor_types = q.rules.iter().map(TensorTypeRule::from_record).collect::<Result<Vec<_>, _>>().map_err(bad)?;
     let dtype = |s: &Option<String>| -> Result<Option<DType>, String> {
         s.as_deref()
             .map(|t| {
@@ -295,15 +254,10 @@ fn check_metadata(inp: &Inputs<'_>, kvs: &Kvs, problems: &mut Vec<Problem>) -> b
     true
 }
 
-/// Re-derives as `inp` says; pushes what differs to `problems`. `file_hashes`: the sha256 of each
+/// Re-derives as `inp` says; pushes what differs to `problems`. `inp.file_hashes`: the sha256 of each
 /// tensor's bytes in the output files, as `verify` found them.
-pub(super) fn run(
-    inp: &Inputs<'_>,
-    sources_differ: bool,
-    file_hashes: &HashMap<String, String>,
-    problems: &mut Vec<Problem>,
-    notes: &mut Vec<String>,
-) -> RederiveReport {
+pub fn run(inp: &Inputs<'_>, problems: &mut Vec<Problem>, notes: &mut Vec<String>) -> RederiveReport {
+    let (sources_differ, file_hashes) = (inp.sources_differ, inp.file_hashes);
     let (mode, sample_n) = match inp.mode {
         Rederive::Sample(n) => ("sample", Some(n)),
         _ => ("full", None),

@@ -16,14 +16,15 @@ use std::sync::Arc;
 
 use sling_core::DType;
 
-use crate::checkpoint::Checkpoint;
 use crate::convert::hparams::Kvs;
 use crate::convert::run::build_kvs;
-use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Payload, PlanError, Prepared};
-use crate::gguf::{GgufFile, GgufValue};
+use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Payload, Prepared};
 pub use imatrix::{Imatrix, ImatrixError};
 pub use recipe::Recipe;
 pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, TensorTypeRule, Why};
+use sling_formats::checkpoint::Checkpoint;
+use sling_formats::gguf::{GgufFile, GgufValue};
+use sling_pipeline::PlanError;
 
 /// What `sling quantize` was asked for.
 #[derive(Clone, Debug)]

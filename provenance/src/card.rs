@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::manifest::Manifest;
-use crate::quantize::rules::Role;
+use sling_core::Role;
 
 /// The marker that identifies a card written by sling, and for which output (`<!-- sling-model-card
 /// output="m.gguf" -->`): a `README.md` holding another output's marker, or none, is never replaced.

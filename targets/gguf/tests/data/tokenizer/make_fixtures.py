@@ -2,7 +2,7 @@
 """Regenerate the tokenizer test fixtures and the reference KVs (run by hand; tests only read the output).
 
     VENV=/root/.cache/sling-lab/venv LLAMA_CPP_DIR=/root/.cache/sling-lab/llama.cpp \
-        $VENV/bin/python formats/tests/data/tokenizer/make_fixtures.py [--only NAME]
+        $VENV/bin/python targets/gguf/tests/data/tokenizer/make_fixtures.py [--only NAME]
 
 Each fixture is a model directory (config.json + tokenizer files). For each, the pinned reference converter
 (convert_hf_to_gguf.py --vocab-only, through shared/oracles/convert_compat.py so an unknown chkhsh maps to
@@ -226,7 +226,7 @@ def run_reference(d: Path, use_compat: bool, allow_fail: bool = False):
 
 # ------------------------------------------------------------------------------------------------------
 # Variants for differential testing (not committed): `--variants DIR` writes one model directory per case with
-# the reference's expected_kvs.json; `SLING_TOKENIZER_DIRS=DIR/* cargo test -p sling-formats --test
+# the reference's expected_kvs.json; `SLING_TOKENIZER_DIRS=DIR/* cargo test -p sling-target-gguf --test
 # tokenizer_vocab -- --ignored external_dirs` compares sling with them.
 def make_variants(out_root: Path):
     base = HERE / "qwen2moe_tiny"

@@ -5,7 +5,7 @@ use serde_json::Value;
 use sling_core::{ConfigError, ModelConfig};
 
 use super::arch::{Arch, Family};
-use crate::gguf::GgufValue;
+use sling_formats::gguf::GgufValue;
 
 /// An ordered KV list with the reference writer's semantics: setting an existing key replaces the
 /// value in place (the key keeps its position).
