@@ -362,18 +362,16 @@ pub fn rederive(
                 check(parts_of(&plan));
                 let t = vllm::Vllm { scheme: s };
                 for i in pick(&plan, sample) {
-                    let w = &plan.weights[i];
-                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, w, allow)?;
-                    compare(w, &hashes, &recorded, &mut problems, &mut report.tensors);
+                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
+                    compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
                 }
             }
             To::Mlx(b) => {
                 let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
                 check(parts_of(&p.plan));
                 for i in pick(&p.plan, sample) {
-                    let w = &p.plan.weights[i];
-                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx, &ck, w, allow)?;
-                    compare(w, &hashes, &recorded, &mut problems, &mut report.tensors);
+                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx, &ck, &p.plan, i, allow)?;
+                    compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
                 }
             }
         }

@@ -230,12 +230,14 @@ fn weight_chunks<E>(w: &crate::Weight<E>, i: usize, out: &mut Vec<Chunk>) {
 pub fn part_sha256<T: Target>(
     target: &T,
     ck: &Checkpoint,
-    w: &crate::Weight<T::Enc>,
+    plan: &Plan<T::Enc>,
+    i: usize,
     allow_nonfinite: bool,
 ) -> Result<Vec<String>, ExecError> {
+    let w = &plan.weights[i];
     let mut cs = Vec::new();
     weight_chunks(w, 0, &mut cs);
-    let amax = if target.needs_amax(&w.enc) { Some(weight_amax(ck, w, &cs)?) } else { None };
+    let amax = amaxes(target, ck, plan, &[i])?.get(&i).copied();
     let mut hashers: Vec<Sha256> = w.parts.iter().map(|_| Sha256::new()).collect();
     let window = 2 * rayon::current_num_threads().max(1);
     for win in cs.chunks(window) {
@@ -258,6 +260,47 @@ pub fn part_sha256<T: Target>(
         }
     }
     Ok(hashers.into_iter().map(|h| hex(&h.finalize())).collect())
+}
+
+/// The amax of each of `which` weights that needs one ([`Target::needs_amax`]), shared across its
+/// [`Target::amax_group`]: the largest finite |value| of every weight of the group (one pass over each).
+fn amaxes<T: Target>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    which: &[usize],
+) -> Result<HashMap<usize, f32>, ExecError> {
+    let groups: Vec<Option<String>> = plan.weights.iter().map(|w| target.amax_group(w)).collect();
+    let mut members_of: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (j, g) in groups.iter().enumerate() {
+        if let Some(g) = g {
+            members_of.entry(g.as_str()).or_default().push(j);
+        }
+    }
+    let mut own: HashMap<usize, f32> = HashMap::new();
+    let mut out = HashMap::new();
+    for &i in which.iter().filter(|&&i| target.needs_amax(&plan.weights[i].enc)) {
+        let members: Vec<usize> = match &groups[i] {
+            Some(g) => members_of.get(g.as_str()).cloned().unwrap_or_else(|| vec![i]),
+            None => vec![i],
+        };
+        let mut m = 0f32;
+        for j in members {
+            let a = match own.get(&j) {
+                Some(a) => *a,
+                None => {
+                    let mut cs = Vec::new();
+                    weight_chunks(&plan.weights[j], j, &mut cs);
+                    let a = weight_amax(ck, &plan.weights[j], &cs)?;
+                    own.insert(j, a);
+                    a
+                }
+            };
+            m = m.max(a);
+        }
+        out.insert(i, m);
+    }
+    Ok(out)
 }
 
 /// The largest finite |value| of a weight (one pass over its chunks, in parallel).
@@ -576,12 +619,8 @@ fn compute_and_write<T: Target>(
         Ok(())
     };
     // Weights whose encoding needs their absolute maximum: one pass over each first.
-    let mut amax: HashMap<usize, f32> = HashMap::new();
-    for (i, w) in plan.weights.iter().enumerate().skip(reused).filter(|(_, w)| target.needs_amax(&w.enc)) {
-        let mut cs = Vec::new();
-        weight_chunks(w, i, &mut cs);
-        amax.insert(i, weight_amax(ck, w, &cs)?);
-    }
+    let todo: Vec<usize> = (reused..plan.weights.len()).collect();
+    let amax = amaxes(target, ck, plan, &todo)?;
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
     let mut nonfinite = Vec::new();
     let mut done: u64 = plan.weights[..reused].iter().flat_map(|w| &w.parts).map(crate::Part::n_bytes).sum();

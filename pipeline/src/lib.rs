@@ -131,6 +131,12 @@ pub trait Target: Sync {
         false
     }
 
+    /// Weights whose amax is shared: weights with the same key get the largest amax of them all (NVFP4's global
+    /// scale of the shards a runtime fuses into one layer, e.g. q/k/v or gate/up). `None`: the weight's own.
+    fn amax_group(&self, _w: &Weight<Self::Enc>) -> Option<String> {
+        None
+    }
+
     /// Encodes whole rows `r0..r0 + vals.len() / cols` of `w` (`vals` row-major), appending each part's bytes
     /// for those rows to `out[i]` (`out.len() == w.parts.len()`). Row-independent parts (a shape, a global
     /// scale) are written with the chunk that starts at row 0. `amax` is given when [`Target::needs_amax`].

@@ -305,6 +305,23 @@ fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
     Weight { name: t.name, role: t.role, op: t.op, enc, parts, sources: t.sources, row_align }
 }
 
+/// The layer a runtime fuses this projection into, if any: vLLM loads q/k/v as one `qkv_proj`, gate/up (Mixtral
+/// w1/w3) as one `gate_up_proj` / `w13`, DeepSeek's `q_a_proj` and `kv_a_proj_with_mqa` as one
+/// `fused_qkv_a_proj`, and keeps one NVFP4 global scale per fused layer; llm-compressor therefore gives the shards
+/// one global scale from their combined statistics (`observers/helpers.py` `FUSED_LAYER_NAMES`, facts doc §1.4).
+pub fn fused_group(weight: &str) -> Option<String> {
+    let module = weight.strip_suffix(".weight").unwrap_or(weight);
+    let (parent, leaf) = module.rsplit_once('.')?;
+    let tag = match leaf {
+        "q_proj" | "k_proj" | "v_proj" => "qkv",
+        "gate_proj" | "up_proj" => "gate_up",
+        "w1" | "w3" => "w13",
+        "q_a_proj" | "kv_a_proj_with_mqa" => "qkv_a",
+        _ => return None,
+    };
+    Some(format!("{parent}.{tag}"))
+}
+
 /// Appends `v` in the plain float type `d`.
 pub(crate) fn put_float(d: DType, v: &[f32], out: &mut Vec<u8>) -> Result<(), EncodeError> {
     sling_quantizers::encode_f32(d, v, v.len().max(1), out).map_err(|e| EncodeError(e.to_string()))
@@ -315,6 +332,13 @@ impl Target for Vllm {
 
     fn needs_amax(&self, enc: &Enc) -> bool {
         matches!(enc, Enc::Nvfp4)
+    }
+
+    fn amax_group(&self, w: &Weight<Enc>) -> Option<String> {
+        if w.enc != Enc::Nvfp4 {
+            return None;
+        }
+        fused_group(&w.name)
     }
 
     fn encode(

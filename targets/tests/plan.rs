@@ -87,3 +87,23 @@ fn vllm_fp8_block_requantizes_fp8_sources_of_another_block_size() {
     assert!(matches!(w.enc, vllm::Enc::Fp8Block { .. }), "{:?}", w.enc);
     assert!(!p.weights.iter().any(|w| w.name.ends_with(".weight_scale")));
 }
+
+#[test]
+fn nvfp4_fused_shards_share_one_amax_group() {
+    use sling_pipeline::Target;
+    let ck = fixture("qwen3moe");
+    let p = vllm::plan(&ck, vllm::Scheme::Nvfp4, false).unwrap();
+    let t = vllm::Vllm { scheme: vllm::Scheme::Nvfp4 };
+    let group = |n: &str| t.amax_group(p.weights.iter().find(|w| w.name == n).unwrap());
+    let q = group("model.layers.0.self_attn.q_proj.weight");
+    assert_eq!(q.as_deref(), Some("model.layers.0.self_attn.qkv"));
+    assert_eq!(group("model.layers.0.self_attn.v_proj.weight"), q);
+    assert_eq!(group("model.layers.0.self_attn.o_proj.weight"), None);
+    let g = group("model.layers.0.mlp.experts.3.gate_proj.weight");
+    assert_eq!(g.as_deref(), Some("model.layers.0.mlp.experts.3.gate_up"));
+    assert_eq!(group("model.layers.0.mlp.experts.3.up_proj.weight"), g);
+    assert_eq!(
+        vllm::fused_group("model.layers.0.block_sparse_moe.experts.1.w3.weight").as_deref(),
+        Some("model.layers.0.block_sparse_moe.experts.1.w13")
+    );
+}

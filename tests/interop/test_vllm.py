@@ -169,9 +169,26 @@ def test_config_json_is_what_compressed_tensors_writes(name, scheme, art, tmp_pa
 
 # ---------------------------------------------------------------------------------------------------------------
 # b. round-to-nearest codes and scales are compressed-tensors' own
-def _qparams_ref(w, args, scheme):
+# Shards a runtime fuses into one layer (vLLM's qkv_proj, gate_up_proj / w13, fused_qkv_a_proj) share one NVFP4
+# global scale from their combined min/max, as llm-compressor 0.14 gives them (observers/helpers.py
+# FUSED_LAYER_NAMES); sling does the same (targets/src/vllm.rs `fused_group`).
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+         "w1": "w13", "w3": "w13", "q_a_proj": "qkv_a", "kv_a_proj_with_mqa": "qkv_a"}
+
+
+def _fused_members(m: str, modules) -> list[str]:
+    parent, leaf = m.rsplit(".", 1)
+    tag = FUSED.get(leaf)
+    if tag is None:
+        return [m]
+    return [x for x in modules if x.rsplit(".", 1)[0] == parent and FUSED.get(x.rsplit(".", 1)[1]) == tag]
+
+
+def _qparams_ref(w, args, scheme, group=None):
     """CT's calculate_qparams on the float32 weight, with per-group / per-channel / per-block min and max as
-    llm-compressor's memoryless_minmax observer takes them. Returns (scale, zero_point or None, global or None)."""
+    llm-compressor's memoryless_minmax observer takes them; NVFP4's global scale from the min/max of `group` (the
+    fused shards' weights, flattened and concatenated; default: `w`). Returns (scale, zero_point or None, global
+    or None)."""
     import torch
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
@@ -187,7 +204,8 @@ def _qparams_ref(w, args, scheme):
         g = args.group_size
         wg = w.reshape(rows, cols // g, g)
         mn, mx = wg.amin(-1), wg.amax(-1)
-    gs = generate_gparam(w.amin(), w.amax()) if scheme == "nvfp4" else None
+    gw = w if group is None else group
+    gs = generate_gparam(gw.amin(), gw.amax()) if scheme == "nvfp4" else None
     s, z = calculate_qparams(mn, mx, args, global_scale=gs)
     return s, (None if args.symmetric else z.to(torch.int8)), gs
 
@@ -214,11 +232,13 @@ def test_rtn_codes_are_compressed_tensors_quantize(name, scheme, art):
     n = {"elements": 0, "codes_f32_mismatch": 0, "codes_bf16_division_mismatch": 0 if bf16_source else None,
          "scale_mismatch": 0, "zero_point_mismatch": 0, "global_scale_mismatch": 0}
     bad = []
-    for m in hfdir.ct_modules(tensors):
+    modules = list(hfdir.ct_modules(tensors))
+    for m in modules:
         w = src[m + ".weight"]
         st = hfdir.ct_state(tensors, m, comp, sch)
         scale = st["weight_scale"]
-        s_ref, z_ref, g_ref = _qparams_ref(w, args, scheme)
+        group = torch.cat([src[x + ".weight"].flatten() for x in _fused_members(m, modules)])
+        s_ref, z_ref, g_ref = _qparams_ref(w, args, scheme, group)
         zp = gs = None
         if sch.format == "pack-quantized":
             b, ng = args.num_bits, w.shape[1] // args.group_size
