@@ -35,8 +35,11 @@ others used more than --noisy cores (default 0.3) is run again, up to --max-trie
 counts (all are kept in the JSON). sling is measured from a private copy (WORK/sling, sha256 recorded).
 
 Outputs: RESULTS/targets.json (everything) and RESULTS/targets.md (the table); RESULTS defaults to
-scripts/bench/results. Options: --sizes 1,2.5  --targets vllm:w4a16,vllm:fp8-block,vllm:nvfp4,mlx:4  --repeat 1
---work /tmp/sling-bench-targets  --skip-ref  --keep-models  --sling PATH  --python PATH  --llmc-python PATH.
+scripts/bench/results. `--update` measures only --sizes x --targets again (e.g. rows a busy machine disturbed) and
+keeps the other (size, target) pairs of the existing targets.json (the replaced runs stay there under
+superseded_runs); it refuses a sling binary whose sha256 differs
+(pass --sling with the measured copy). Options: --sizes 1,2.5  --targets vllm:w4a16,vllm:fp8-block,vllm:nvfp4,mlx:4
+--repeat 1 --work /tmp/sling-bench-targets  --skip-ref  --keep-models  --sling PATH  --python PATH  --llmc-python PATH.
 """
 from __future__ import annotations
 
@@ -168,6 +171,9 @@ def main():
     ap.add_argument("--noisy", type=float, default=0.3, help="others' cores above which a run is repeated")
     ap.add_argument("--max-tries", type=int, default=2)
     ap.add_argument("--keep-models", action="store_true", help="reuse/keep the synthetic models in WORK")
+    ap.add_argument("--update", action="store_true",
+                    help="measure only --sizes x --targets again and keep every other (size, target) of the existing "
+                         "RESULTS/targets.json; refused unless the sling binary has the same sha256")
     a = ap.parse_args()
 
     if not Path("/usr/bin/time").exists():
@@ -199,6 +205,14 @@ def main():
         "mlx": version(a.python, "import importlib.metadata as m; print(' '.join(f'{p} '+m.version(p) "
                                  "for p in ('mlx','mlx-lm','transformers')))"),
     } if not a.skip_ref else {}
+    if a.update:
+        prev_path = a.results / "targets.json"
+        if not prev_path.exists():
+            sys.exit(f"--update: {prev_path} missing")
+        prev_sha = json.loads(prev_path.read_text())["sling_binary"]["sha256"]
+        if prev_sha != copied["sha256"]:
+            sys.exit(f"--update: {prev_path} measured sling {prev_sha[:12]}, this binary is {copied['sha256'][:12]} "
+                     f"(pass --sling with the same binary, or measure everything again)")
     nproc = os.cpu_count()
     result = {"machine": machine_info(), "sling": str(src_sling), "sling_version": sling_ver,
               "sling_binary": {k: copied[k] for k in ("sha256", "size", "mtime_utc")}, "versions": versions,
@@ -303,6 +317,8 @@ def main():
     if changed_since(copied):
         result["note"] = f"{src_sling} was rebuilt during the run; the measured copy is the one from the start"
         print("NOTE:", result["note"])
+    if a.update:
+        merge_previous(result, a.results / "targets.json")
     result["summary"] = summarize(result)
     result["goals"] = goals(result)
     (a.results / "targets.json").write_text(json.dumps(result, indent=2))
@@ -313,6 +329,33 @@ def main():
 
 
 # ------------------------------------------------------------------------------------------------------------
+def merge_previous(result: dict, prev_path: Path):
+    """--update: the (size, target) pairs this invocation did not measure come from the previous targets.json;
+    its other invocations are listed under "invocations" (machine, time, what they measured)."""
+    prev = json.loads(prev_path.read_text())
+    mine = {(s, t) for s in result["sizes"] for t in result["targets"]}
+    keep = lambda x: (x["size_gb"], x["target"]) not in mine  # noqa: E731
+    # the runs measured again stay in the JSON (not in the table) under superseded_runs
+    result["superseded_runs"] = prev.get("superseded_runs", []) + [r for r in prev["runs"] if not keep(r)]
+    result["runs"] = [r for r in prev["runs"] if keep(r)] + result["runs"]
+    result["verification"] = [v for v in prev["verification"] if keep(v)] + result["verification"]
+    result["failures"] = [f for f in prev.get("failures", []) if keep(f)] + result["failures"]
+    sizes = sorted(set(prev["sizes"]) | set(result["sizes"]))
+    targets = [t for t in TARGETS if t in set(prev["targets"]) | set(result["targets"])]
+    models = {m["size_gb"]: m for m in prev["models"]}
+    models.update({m["size_gb"]: m for m in result["models"]})
+    this = {"date_utc": result["machine"]["date_utc"], "git_rev": result["machine"]["git_rev"],
+            "sizes": result["sizes"], "targets": result["targets"], "total_s": result["total_s"],
+            "quiet_wait_total_s": result["quiet_wait_total_s"]}
+    earlier = prev.get("invocations") or [
+        {"date_utc": prev["machine"]["date_utc"], "git_rev": prev["machine"]["git_rev"], "sizes": prev["sizes"],
+         "targets": prev["targets"], "total_s": prev["total_s"], "quiet_wait_total_s": prev.get("quiet_wait_total_s")}]
+    # same sha256 (checked before measuring): keep the first record, whose mtime is the build's, not a copy's
+    result["sling_binary"] = prev["sling_binary"]
+    result.update(sizes=sizes, targets=targets, models=[models[s] for s in sizes],
+                  references={t: REFERENCE[t][0] for t in targets}, invocations=earlier + [this])
+
+
 def pick(runs: list[dict]) -> list[dict]:
     """Per repeat, the attempt the others disturbed least."""
     by_rep = {}
@@ -341,7 +384,8 @@ def summarize(result) -> list[dict]:
             "max_rss_mib": max(r["max_rss_kib"] for r in rs) / 1024,
             "peak_anon_mib": max(r["peak_rss_anon_kib"] for r in rs) / 1024,
             "peak_file_mib": max(r["peak_rss_file_kib"] for r in rs) / 1024,
-            "output_bytes": rs[0].get("output_bytes"), "output_safetensors_bytes": rs[0].get("output_safetensors_bytes"),
+            "output_bytes": rs[0].get("output_bytes"),
+            "output_safetensors_bytes": rs[0].get("output_safetensors_bytes"),
             "other_cores": max(other_cores(r) for r in rs),
             "ref_phases": rs[0].get("ref_phases"),
         })
@@ -389,6 +433,9 @@ def render_md(result) -> str:
         f"{m['mem_gib']} GiB RAM, kernel {m['kernel']}; {result['sling_version']} at {m['git_rev']} "
         f"(binary sha256 {result['sling_binary']['sha256'][:12]}, built {result['sling_binary']['mtime_utc']}); "
         f"{m['date_utc']}; total {result['total_s']:.0f} s.",
+        *([f"Measured in {len(result['invocations'])} invocations (--update), same binary: " + "; ".join(
+            f"{i['date_utc']} at {i['git_rev']}: {','.join(f'{s:g}' for s in i['sizes'])} GB x {','.join(i['targets'])}"
+            f" ({i['total_s']:.0f} s)" for i in result["invocations"]) + "."] if result.get("invocations") else []),
         "",
         f"References: {'; '.join(f'{k}: {v}' for k, v in result.get('versions', {}).items())}.",
         f"Models (make_synthetic.py, bf16 Qwen3-MoE, hidden 2048, 32 experts x 768): {models}.",
@@ -418,7 +465,8 @@ def render_md(result) -> str:
             f"{r['target']} {r['size_gb']:g} GB: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in r["ref_phases"].items())
             for r in phases) + ".")
         lines.append("")
-    for v in result["verification"]:
+    tix = {t: i for i, t in enumerate(TARGETS)}
+    for v in sorted(result["verification"], key=lambda v: (v["size_gb"], tix.get(v["target"], 9))):
         lines.append(
             f"- {v['size_gb']:g} GB {v['target']}: sling {v['sling_tensors']} tensors, reference {v['reference_tensors']}; "
             f"names only in sling {v['n_only_sling']}{' ' + str(v['only_sling'][:3]) if v['n_only_sling'] else ''}, "
@@ -438,7 +486,7 @@ def render_md(result) -> str:
         lines.append(f"- goal ≥ {s['goal']:g}x vs the reference, {s['target']} {s['size_gb']:g} GB "
                      f"(--no-manifest, default threads): {s['speedup']:.1f}x — {'met' if s['met'] else 'NOT met'}")
     for s in g["rss"]:
-        by = ", ".join(f"{k:g} GB {v:.0f} MiB" for k, v in s["max_rss_mib_by_size"].items() if v is not None)
+        by = ", ".join(f"{float(k):g} GB {v:.0f} MiB" for k, v in s["max_rss_mib_by_size"].items() if v is not None)
         lines.append(f"- sling peak RSS {s['target']} (max over its runs per size): {by}; growth {s['growth']:.2f}x; "
                      f"< {RSS_GOAL_MIB} MiB: {'met' if s['under_goal'] else 'NOT met'}")
     return "\n".join(lines) + "\n"
