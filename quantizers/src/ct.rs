@@ -221,8 +221,26 @@ pub fn dequantize_int_row(codes: &[i8], scales: &[f32], zeros: Option<&[i8]>, gr
 /// at bits `[i·b, i·b+b)`, straddling words where needed, `ceil(n·b/32)` words, padding bits 0. The layout of
 /// compressed-tensors `pack_to_int32` (≥ 0.17.0) and of MLX's affine `weight`. `bits` must be 1..=8 (caller checks).
 pub(crate) fn pack_bits(vals: impl ExactSizeIterator<Item = u32>, bits: u32, out: &mut Vec<u32>) {
-    let bits = bits as usize;
     let mask = (1u32 << bits) - 1;
+    if 32 % bits == 0 {
+        // 1, 2, 4, 8 bits: whole values per word, one word per `32/bits` values (the same bitstream, no straddling).
+        let per = 32 / bits;
+        out.reserve((vals.len() * bits as usize).div_ceil(32));
+        let (mut word, mut k) = (0u32, 0u32);
+        for u in vals {
+            word |= (u & mask) << (k * bits);
+            k += 1;
+            if k == per {
+                out.push(word);
+                (word, k) = (0, 0);
+            }
+        }
+        if k > 0 {
+            out.push(word);
+        }
+        return;
+    }
+    let bits = bits as usize;
     let start = out.len();
     out.resize(start + (vals.len() * bits).div_ceil(32), 0);
     let words = &mut out[start..];
@@ -263,16 +281,6 @@ pub fn pack_row(codes: &[i8], bits: u32, out: &mut Vec<u32>) {
         return;
     }
     let offset = 1i32 << (bits - 1);
-    if 32 % bits == 0 {
-        // 1, 2, 4, 8 bits: whole values per word, so one word per `32/bits` codes (the same bitstream).
-        let (per, mask) = ((32 / bits) as usize, (1u32 << bits) - 1);
-        out.extend(codes.chunks(per).map(|c| {
-            c.iter()
-                .enumerate()
-                .fold(0u32, |w, (k, &q)| w | (((i32::from(q) + offset) as u32 & mask) << (k as u32 * bits)))
-        }));
-        return;
-    }
     pack_bits(codes.iter().map(|&q| (i32::from(q) + offset) as u32), bits, out);
 }
 

@@ -26,8 +26,24 @@ const EPS: f32 = 1e-7;
 
 /// `(min, max)` over the finite elements; `(0, 0)` if there are none. Not widened to 0 (MLX does not).
 fn finite_min_max(vals: &[f32]) -> (f32, f32) {
+    // Eight independent lanes (then folded): no branch and no reassociated reduction, so it vectorises; min and
+    // max are exact, so the order does not change the result (a ±0 tie does not matter below).
+    let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+    let mut chunks = vals.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            let v = c[k];
+            let fin = v.is_finite();
+            lo[k] = lo[k].min(if fin { v } else { f32::INFINITY });
+            hi[k] = hi[k].max(if fin { v } else { f32::NEG_INFINITY });
+        }
+    }
     let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in vals {
+    for k in 0..8 {
+        mn = mn.min(lo[k]);
+        mx = mx.max(hi[k]);
+    }
+    for &v in chunks.remainder() {
         if v.is_finite() {
             mn = mn.min(v);
             mx = mx.max(v);
@@ -90,13 +106,12 @@ pub fn quantize_affine_row(
     for chunk in row.chunks(g) {
         let (mn, mx) = finite_min_max(chunk);
         let (s, b) = group_params(mn, mx, bits, n);
-        for &w in chunk {
+        // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small enough for
+        // the branch-free rounding. A NaN element reads as 0 (and a NaN code casts to 0).
+        codes.extend(chunk.iter().map(|&w| {
             let w = if w.is_nan() { 0.0 } else { w };
-            // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small
-            // enough for the branch-free rounding.
-            let q = crate::ct::rne_small(((w - b) / s).clamp(0.0, n));
-            codes.push(if q.is_nan() { 0 } else { q as u32 });
-        }
+            crate::ct::rne_small(((w - b) / s).clamp(0.0, n)) as u32
+        }));
         scales.push(sd.round(s));
         biases.push(sd.round(b));
     }
