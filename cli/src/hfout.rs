@@ -398,23 +398,7 @@ fn parts_of<E>(p: &Plan<E>) -> Vec<(String, String, Vec<u64>)> {
 /// expert in place of the nearest pick when none is routed (as the GGUF re-derivation samples); all for `None`.
 fn pick<E>(p: &Plan<E>, n: Option<usize>) -> Vec<usize> {
     let len = p.weights.len();
-    let Some(n) = n.filter(|n| *n < len) else { return (0..len).collect() };
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
-    let routed = |i: &usize| p.weights[*i].role == sling_core::Role::RoutedExperts;
-    if !idx.iter().any(routed) {
-        let all: Vec<usize> = (0..len).filter(routed).collect();
-        if let Some(&r) = all.get(all.len() / 2) {
-            if let Some(j) = (0..idx.len()).min_by_key(|&j| idx[j].abs_diff(r)) {
-                idx[j] = r;
-            }
-            idx.sort_unstable();
-            idx.dedup();
-        }
-    }
-    idx
+    manifest::spread_sample(len, n.unwrap_or(len), |i| p.weights[i].role == sling_core::Role::RoutedExperts)
 }
 
 fn compare<E>(

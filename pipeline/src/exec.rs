@@ -399,19 +399,9 @@ fn fingerprint<E: std::fmt::Debug>(ck: &Checkpoint, plan: &Plan<E>, opts: &ExecO
     for w in &plan.weights {
         put(&format!("{} {:?} {:?} {:?} {} {:?}", w.name, w.enc, w.parts, w.sources, w.row_align, w.op));
     }
-    for (rel, p) in manifest::source_paths(ck) {
+    for (rel, stamp) in manifest::source_stamps(ck) {
         put(&rel);
-        match std::fs::metadata(&p) {
-            Ok(m) => {
-                let mtime = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                put(&format!("{} {mtime}", m.len()));
-            }
-            Err(_) => put("missing"),
-        }
+        put(&stamp);
     }
     hex(&h.finalize())
 }

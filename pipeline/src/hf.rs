@@ -45,6 +45,14 @@ impl HfTensor {
     }
 }
 
+/// A weight the target's scheme cannot take (`why`), kept at source precision: warned about, listed in `kept` (for
+/// `plan`, the manifest and the card), and stored as it is, encoded as `keep`.
+pub fn keep_unfit<E>(t: HfTensor, why: String, keep: E, kept: &mut Vec<crate::Kept>) -> crate::Weight<E> {
+    tracing::warn!("{}: {why}; kept at source precision ({})", t.name, t.dtype);
+    kept.push(crate::Kept { name: t.name.clone(), why });
+    t.into_weight(keep)
+}
+
 /// The layer index in `model.layers.N.…`.
 pub fn layer_of(name: &str) -> Option<u64> {
     let rest = name.strip_prefix("model.layers.")?;

@@ -486,6 +486,53 @@ fn relative(dir: &Path, path: &Path) -> String {
     rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/")
 }
 
+/// Each source file's path (as [`source_paths`] names it) with its size and modification time, or `missing`:
+/// what a resume journal's fingerprint covers, so that a source changed between two runs is never resumed.
+pub fn source_stamps(ck: &Checkpoint) -> Vec<(String, String)> {
+    source_paths(ck)
+        .into_iter()
+        .map(|(rel, p)| {
+            let stamp = match std::fs::metadata(&p) {
+                Ok(m) => {
+                    let mtime = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos());
+                    format!("{} {mtime}", m.len())
+                }
+                Err(_) => "missing".to_string(),
+            };
+            (rel, stamp)
+        })
+        .collect()
+}
+
+/// The sample of `len` items (in order) that re-derivation recomputes, as indices in increasing order: the middle
+/// of each of `n` equal runs, so the sample is spread over the whole artifact (all of them when `n ≥ len`); when
+/// none of those is a routed expert (`routed(i)`) and some item is, the middle routed one replaces the nearest
+/// pick.
+pub fn spread_sample(len: usize, n: usize, routed: impl Fn(usize) -> bool) -> Vec<usize> {
+    if n >= len {
+        return (0..len).collect();
+    }
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
+    if !idx.iter().any(|&i| routed(i)) {
+        let all: Vec<usize> = (0..len).filter(|&i| routed(i)).collect();
+        if let Some(&r) = all.get(all.len() / 2) {
+            if let Some(j) = (0..idx.len()).min_by_key(|&j| idx[j].abs_diff(r)) {
+                idx[j] = r;
+            }
+            idx.sort_unstable();
+            idx.dedup();
+        }
+    }
+    idx
+}
+
 /// Every file a conversion of `ck` reads: the config and tokenizer files present, the index and the
 /// weight files; sorted by relative path.
 pub fn source_paths(ck: &Checkpoint) -> Vec<(String, PathBuf)> {

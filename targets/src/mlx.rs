@@ -15,7 +15,7 @@ use sling_core::DType;
 use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_pipeline::hf::HfTensor;
-use sling_pipeline::{EncodeError, Kept, Op, Part, Plan, Target, Weight};
+use sling_pipeline::{EncodeError, Op, Part, Plan, Target, Weight};
 use sling_quantizers::ct::ScaleDtype;
 use sling_quantizers::mlx as affine;
 
@@ -163,9 +163,8 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             if strict {
                 return Err(TargetError::Strict { tensor: t.name, why });
             }
-            tracing::warn!("{}: {why}; kept at source precision ({})", t.name, t.dtype);
-            kept.push(Kept { name: t.name.clone(), why });
-            weights.push(keep(t));
+            let dtype = t.dtype;
+            weights.push(sling_pipeline::hf::keep_unfit(t, why, Enc::Keep(dtype), &mut kept));
             continue;
         }
         if (b, g) != (bits.0, group) {

@@ -18,7 +18,7 @@ use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::ops::Op;
-use sling_pipeline::{EncodeError, Kept, Part, Plan, Target, Weight};
+use sling_pipeline::{EncodeError, Part, Plan, Target, Weight};
 use sling_quantizers::ct::{self, IntArgs, ScaleDtype};
 
 use crate::{json_sorted, TargetError};
@@ -199,9 +199,8 @@ pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, 
             if strict {
                 return Err(TargetError::Strict { tensor: t.name, why });
             }
-            tracing::warn!("{}: {why}; kept at source precision ({})", t.name, t.dtype);
-            kept.push(Kept { name: t.name.clone(), why });
-            weights.push(keep(t));
+            let dtype = t.dtype;
+            weights.push(sling_pipeline::hf::keep_unfit(t, why, Enc::Keep(dtype), &mut kept));
             continue;
         }
         quantized += 1;

@@ -47,26 +47,7 @@ const CONVERT_TYPES: [&str; 4] = ["f32", "f16", "bf16", "q8_0"];
 /// whole file (all of them when `n` is at least their number); when none of those is a routed-expert
 /// tensor (`*_exps`) and the list has some, the middle routed-expert tensor replaces the nearest pick.
 pub fn sample(names: &[&str], n: usize) -> Vec<usize> {
-    let len = names.len();
-    if n >= len {
-        return (0..len).collect();
-    }
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<usize> = (0..n).map(|k| (2 * k + 1) * len / (2 * n)).collect();
-    let routed = |i: &usize| Role::of(names[*i]) == Role::RoutedExperts;
-    if !idx.iter().any(routed) {
-        let all: Vec<usize> = (0..len).filter(routed).collect();
-        if let Some(&r) = all.get(all.len() / 2) {
-            if let Some(j) = (0..idx.len()).min_by_key(|&j| idx[j].abs_diff(r)) {
-                idx[j] = r;
-            }
-            idx.sort_unstable();
-            idx.dedup();
-        }
-    }
-    idx
+    sling_provenance::manifest::spread_sample(names.len(), n, |i| Role::of(names[i]) == Role::RoutedExperts)
 }
 
 /// A plan rebuilt from the source and the recorded options.

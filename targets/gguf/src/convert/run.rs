@@ -752,19 +752,9 @@ pub fn fingerprint(ck: &Checkpoint, tensors: &[OutTensor], kvs: &Kvs, opts: &Con
             None => put("-"),
         }
     }
-    for (rel, p) in manifest::source_paths(ck) {
+    for (rel, stamp) in manifest::source_stamps(ck) {
         put(&rel);
-        match std::fs::metadata(&p) {
-            Ok(m) => {
-                let mtime = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                put(&format!("{} {mtime}", m.len()));
-            }
-            Err(_) => put("missing"),
-        }
+        put(&stamp);
     }
     hex(&h.finalize())
 }
