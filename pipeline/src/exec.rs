@@ -325,16 +325,14 @@ fn values<E>(
     let mut v = Vec::with_capacity(((c.r1 - c.r0) * w.cols()) as usize);
     w.op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ExecError::Op { tensor: w.name.clone(), source })?;
     let mut flagged = None;
-    // A branch-free scan first (it vectorises); the position is looked up only if needed.
-    let any_bad = v.iter().fold(false, |acc, x| acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-    if let Some((i, x)) = any_bad.then(|| v.iter().enumerate().find(|(_, x)| !x.is_finite())).flatten() {
+    if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
         let index = c.r0 * w.cols() + i as u64;
         if !allow_nonfinite {
             return Err(ExecError::NonFinite {
                 tensor: w.name.clone(),
                 sources: w.sources.join(", "),
                 index,
-                value: *x,
+                value: x,
             });
         }
         flagged = Some(format!("{}: non-finite value {x} at element {index}", w.name));

@@ -58,3 +58,13 @@ mod tests {
         assert_eq!(nearest_int(-7.51), -8);
     }
 }
+
+/// The first element of `v` that is NaN or ±Inf, with its index. A branch-free scan of the exponent bits first
+/// (it vectorises); the position is looked up only when there is one.
+pub fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
+    let any = v.iter().fold(false, |acc, x| acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    if !any {
+        return None;
+    }
+    v.iter().copied().enumerate().find(|(_, x)| !x.is_finite())
+}

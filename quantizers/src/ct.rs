@@ -97,15 +97,6 @@ fn clamp_finite(x: f32, max: f32) -> f32 {
     }
 }
 
-/// Round half to even of `v` with `|v| ≤ 2^22` (a clamped code): adding and subtracting 1.5·2^23 leaves the
-/// nearest integer, ties to even, under IEEE round-to-nearest-even — the same value as `round_ties_even`, which
-/// the x86-64 baseline (no SSE4.1 `roundss`) compiles to a `rintf` call per element. NaN stays NaN.
-#[inline(always)]
-pub(crate) fn rne_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
-}
-
 /// Integer weight arguments: `bits` in 1..=8 (compressed-tensors presets use 2..=8), symmetric or not, and the
 /// group size (`None` = one group per row, the "channel" strategy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,10 +187,11 @@ pub fn quantize_int_row(
             zeros.push(zp as i8);
         }
         // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax; the scale is
-        // finite and positive, so `v` is never NaN. Branch-free, so that it vectorises.
+        // finite and positive, so `v` is never NaN. Rounded through the float adder (`nearest_int`, ties to even)
+        // rather than `round_ties_even`, which the baseline x86-64 build compiles to a `rintf` call per element.
         codes.extend(chunk.iter().map(|&x| {
             let x = if x.is_nan() { 0.0 } else { x };
-            rne_small((x / scale + zp).clamp(qmin, qmax)) as i8
+            crate::common::nearest_int((x / scale + zp).clamp(qmin, qmax)) as i8
         }));
     }
 }
@@ -838,15 +830,15 @@ mod tests {
     }
 
     #[test]
-    fn rne_small_is_round_ties_even() {
+    fn nearest_int_is_round_ties_even() {
+        use crate::common::nearest_int;
         for i in -(1 << 12)..(1 << 12) {
             for frac in [0.0f32, 0.25, 0.5, 0.499_999_97, 0.500_000_06, 0.75] {
                 let v = i as f32 + frac;
-                assert_eq!(rne_small(v), v.round_ties_even(), "{v}");
-                assert_eq!(rne_small(-v), (-v).round_ties_even(), "{}", -v);
+                assert_eq!(nearest_int(v) as f32, v.round_ties_even(), "{v}");
+                assert_eq!(nearest_int(-v) as f32, (-v).round_ties_even(), "{}", -v);
             }
         }
-        assert!(rne_small(f32::NAN).is_nan());
     }
 
     #[test]

@@ -107,10 +107,10 @@ pub fn quantize_affine_row(
         let (mn, mx) = finite_min_max(chunk);
         let (s, b) = group_params(mn, mx, bits, n);
         // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small enough for
-        // the branch-free rounding. A NaN element reads as 0 (and a NaN code casts to 0).
+        // the float adder's rounding (`nearest_int`, ties to even). A NaN element reads as 0; `s` and `b` are finite.
         codes.extend(chunk.iter().map(|&w| {
             let w = if w.is_nan() { 0.0 } else { w };
-            crate::ct::rne_small(((w - b) / s).clamp(0.0, n)) as u32
+            crate::common::nearest_int(((w - b) / s).clamp(0.0, n)) as u32
         }));
         scales.push(sd.round(s));
         biases.push(sd.round(b));

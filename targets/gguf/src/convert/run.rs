@@ -456,14 +456,14 @@ fn compute<'a>(
                 sling_quantizers::decode_to_f32(g.dtype, src, &mut v)
                     .map_err(|_| enc_err(sling_quantizers::EncodeError::Unsupported(g.dtype)))?;
             }
-            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
                 let index = c.r0 * t.ne.first().copied().unwrap_or(1) + i as u64;
                 if !allow_nonfinite {
                     return Err(ConvertError::NonFinite {
                         tensor: t.name.clone(),
                         sources: t.sources.join(", "),
                         index,
-                        value: *x,
+                        value: x,
                     });
                 }
                 flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
@@ -483,16 +483,14 @@ fn compute<'a>(
         Payload::Values(op) => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
             op.read(ck, c.r0, c.r1, &mut v).map_err(op_err)?;
-            // A branch-free scan first (it vectorises); the position is looked up only if needed.
-            let any_bad = v.iter().fold(false, |acc, x| acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-            if let Some((i, x)) = any_bad.then(|| v.iter().enumerate().find(|(_, x)| !x.is_finite())).flatten() {
+            if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
                 let index = c.r0 * op.cols() + i as u64;
                 if !allow_nonfinite {
                     return Err(ConvertError::NonFinite {
                         tensor: t.name.clone(),
                         sources: t.sources.join(", "),
                         index,
-                        value: *x,
+                        value: x,
                     });
                 }
                 flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
