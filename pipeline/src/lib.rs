@@ -18,6 +18,7 @@ pub mod exec;
 pub mod hf;
 pub mod ops;
 pub mod sink;
+pub mod solved;
 
 pub use ops::Op;
 

@@ -10,6 +10,7 @@ pub mod ct;
 pub mod decode;
 pub mod encode;
 pub mod ggml;
+pub mod gptq;
 pub mod iq4;
 pub mod kquants;
 pub mod legacy;
