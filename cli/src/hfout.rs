@@ -173,7 +173,12 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         tokenizer_pre: None,
         allow_nonfinite: a.allow_nonfinite,
         quantize: None,
-        target: Some(manifest::TargetRecord { target: label.clone(), group_size: a.q.group_size, strict: a.q.strict }),
+        target: Some(manifest::TargetRecord {
+            target: label.clone(),
+            group_size: a.q.group_size,
+            strict: a.q.strict,
+            calibration: None,
+        }),
     };
     let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
     let kept = summary["kept"].as_array().map_or(0, Vec::len);

@@ -17,6 +17,7 @@ mod inspect;
 mod logits;
 mod quantize;
 mod sign;
+mod solve;
 mod textdata;
 mod verify;
 

@@ -111,6 +111,8 @@ pub struct QuantArgs {
     /// Print JSON on stdout (logs and progress go to stderr).
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) solve: crate::solve::SolveArgs,
 }
 
 #[derive(clap::Args)]
@@ -412,6 +414,9 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
     if a.group_size.is_some() || a.strict {
         bail!("--group-size and --strict apply to vllm:… and mlx:… targets");
     }
+    if a.solve.any() {
+        bail!(crate::solve::GGUF_REFUSAL);
+    }
     let (opts, label) = options(&a)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
@@ -468,6 +473,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         Ok(None) if a.q.group_size.is_some() || a.q.strict => {
             Err(anyhow::anyhow!("--group-size and --strict apply to vllm:… and mlx:… targets"))
         }
+        Ok(None) if a.q.solve.any() => Err(anyhow::anyhow!(crate::solve::GGUF_REFUSAL)),
         Ok(None) => run_with(&a, quiet, &rep),
         Err(e) => Err(e),
     };

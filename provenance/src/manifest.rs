@@ -112,7 +112,7 @@ impl From<SplitPolicy> for Split {
 }
 
 /// The conversion options that shape the output bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Options {
     /// Target format: `"gguf"`.
     pub to: String,
@@ -133,7 +133,7 @@ pub struct Options {
 
 /// The options of an artifact written by the target-agnostic pipeline (`--to vllm:…`, `--to mlx:…`):
 /// enough for `sling verify --source` to plan it again.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TargetRecord {
     /// `vllm:w4a16`, `mlx:4`.
     pub target: String,
@@ -142,6 +142,56 @@ pub struct TargetRecord {
     pub group_size: Option<u64>,
     /// `--strict`.
     pub strict: bool,
+    /// Calibrated quantization (`--method gptq|awq`): its settings, the calibration data and what fell back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+}
+
+/// How a calibrated quantization (GPTQ, AWQ) was run: enough to run it again (`verify --source --data`) and to
+/// see which weights it could not calibrate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    /// `gptq` or `awq`.
+    pub method: String,
+    /// GPTQ dampening (fraction of the Hessian's mean diagonal).
+    pub damp: f64,
+    /// GPTQ block width (columns).
+    pub block: u64,
+    pub act_order: bool,
+    /// Each layer calibrated on the outputs of the already-quantized layers before it.
+    pub sequential: bool,
+    /// Every token through every routed expert for the statistics.
+    pub all_experts: bool,
+    /// Routed experts with fewer routed calibration tokens fall back to round-to-nearest.
+    pub min_expert_tokens: u64,
+    /// The calibration data.
+    pub data: CalibrationData,
+    /// Weights quantized by round-to-nearest instead, with why.
+    pub fallbacks: Vec<CalibrationFallback>,
+    /// Per MoE layer (`model.layers.N`), the calibration tokens the router sent to each expert.
+    pub expert_tokens: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+/// The calibration data of a [`CalibrationRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationData {
+    /// The file name as given (`calib.txt`).
+    pub name: String,
+    /// sha256 of the file's bytes.
+    pub sha256: String,
+    /// Tokens per sequence and sequences used.
+    pub ctx: u64,
+    pub chunks: u64,
+    pub tokens: u64,
+}
+
+/// A weight a calibrated method could not calibrate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationFallback {
+    pub weight: String,
+    /// Calibration rows (tokens) it saw.
+    pub tokens: u64,
+    pub why: String,
 }
 
 /// The manifest's name inside an artifact directory (`sling quantize --to vllm:…|mlx:…`).
