@@ -7,8 +7,16 @@
 #   $SLING_LAB/llama.cpp-build  its tools (llama-gguf-split, llama-quantize, ...) + libllama.so
 #   $SLING_LAB/pylib/llama_cpp  the sdist's ctypes bindings, used with LLAMA_CPP_LIB_PATH
 #   $SLING_LAB/llama.cpp-build/bin/ggml-quant-ref  quantizer oracle (tests/ggml-ref/ggml-quant-ref.c)
+#   $SLING_LAB/venv-llmc        llm-compressor 0.14.0.1 in its own venv (it pins torch 2.14 / transformers 5.17 /
+#                               compressed-tensors 0.19, older than the main venv's): the GPTQ reference
+#                               (tests/interop/gptq_ref.py) and the benchmarks' references (scripts/bench/targets_ref.py,
+#                               gptq_ref.py). Pinned below (LLMC_PKGS, from shared/oracles/requirements-llmc.lock.txt);
+#                               stamped like venv. A venv-llmc made by hand that already holds exactly these versions is
+#                               only stamped, not reinstalled. SKIP_LLMC=1 skips it. torch comes from PyPI (the CUDA
+#                               build, ~4 GB with its nvidia-* wheels; runs on CPU) unless LLMC_TORCH_INDEX names another
+#                               index, e.g. LLMC_TORCH_INDEX=https://download.pytorch.org/whl/cpu (~200 MB, 2.14.0+cpu).
 #
-# Pattern taken from ../shared/oracles/setup.sh. Env: SLING_LAB, JOBS, PYTHON.
+# Pattern taken from ../shared/oracles/setup.sh. Env: SLING_LAB, JOBS, PYTHON, SKIP_LLMC, LLMC_TORCH_INDEX.
 set -euo pipefail
 LAB=${SLING_LAB:-$HOME/.cache/sling-lab}
 VER=0.3.36
@@ -34,6 +42,40 @@ if [ ! -f "$stamp" ]; then
   venv/bin/pip install -q --upgrade pip
   venv/bin/pip install -q $PKGS
   touch "$stamp"
+fi
+
+# llm-compressor's venv (see the header). The check for a hand-made venv-llmc compares installed versions with the
+# pins (torch's local label, e.g. +cpu, ignored) and stamps it when they all match.
+LLMC_TORCH=2.14.0
+LLMC_PKGS="llmcompressor==0.14.0.1 compressed-tensors==0.19.0 transformers==5.17.0 accelerate==1.15.0
+           datasets==5.2.0 auto-round==0.15.1 huggingface_hub==1.33.0 numpy==2.4.6 safetensors==0.8.0
+           tokenizers==0.23.3 pydantic==2.14.4 loguru==0.7.3"
+if [ -z "${SKIP_LLMC:-}" ]; then
+  llmc_stamp="venv-llmc/.sling-$(echo "$LLMC_TORCH $LLMC_PKGS" | sha256sum | cut -c1-12)"
+  if [ ! -f "$llmc_stamp" ]; then
+    [ -x venv-llmc/bin/python ] || "$PYTHON" -m venv venv-llmc
+    if ! venv-llmc/bin/python - "torch==$LLMC_TORCH" $LLMC_PKGS <<'PY'
+import importlib.metadata as m, sys
+bad = []
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        have = m.version(name)
+    except m.PackageNotFoundError:
+        have = None
+    if have is None or have.split("+")[0] != want:
+        bad.append(f"{name} {have} (want {want})")
+sys.exit(1 if bad else 0)
+PY
+    then
+      venv-llmc/bin/pip install -q --upgrade pip
+      if [ -n "${LLMC_TORCH_INDEX:-}" ]; then
+        venv-llmc/bin/pip install -q --index-url "$LLMC_TORCH_INDEX" "torch==$LLMC_TORCH"
+      fi
+      venv-llmc/bin/pip install -q "torch==$LLMC_TORCH" $LLMC_PKGS
+    fi
+    rm -f venv-llmc/.sling-* && touch "$llmc_stamp"
+  fi
 fi
 
 SD=sdist/llama_cpp_python-$VER
@@ -73,3 +115,5 @@ fi
 
 LLAMA_CPP_LIB_PATH="$LAB/$B/bin" PYTHONPATH="$LAB/pylib" venv/bin/python -c \
   "import llama_cpp, gguf, transformers, torch; print('reference tools ready: llama.cpp $COMMIT, transformers', transformers.__version__)"
+[ -n "${SKIP_LLMC:-}" ] || venv-llmc/bin/python -c \
+  "import importlib.metadata as m; print('llm-compressor venv ready: llmcompressor', m.version('llmcompressor'), 'torch', m.version('torch'))"

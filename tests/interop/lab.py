@@ -133,9 +133,38 @@ def wide_root() -> Path:
     return _cached_run("fixtures-wide", key, "models", make, base=LAB)
 
 
+# Trained fixtures: a tiny Qwen3-MoE trained on a fixed corpus (fixtures/make_trained.py; every Linear input width a
+# multiple of 128), so that calibrated quantizers (GPTQ, AWQ) differ measurably from round to nearest. ~4 MB each,
+# ~3 minutes to train on 2 cores, so generated here instead of committed. "-dead": expert DEAD_EXPERT unreachable.
+TRAINED = ("qwen3moe-trained", "qwen3moe-trained-dead")
+DEAD_EXPERT = "1:5"
+MAKE_TRAINED = REPO / "fixtures" / "make_trained.py"
+
+
+@lru_cache(maxsize=None)
+def trained_root() -> Path:
+    """$SLING_LAB/fixtures-trained/<hash>, generated on first use (seeded, deterministic algorithms, one thread: a
+    second run on the same machine writes byte-identical files). The key covers make_trained.py, the tokenizer files
+    it copies, the texts the dead expert is checked on, the dead-expert choice and the interpreter (its stdlib
+    docstrings are the training corpus)."""
+    def make(out: Path) -> None:
+        r = subprocess.run([str(LAB / "venv" / "bin" / "python"), str(MAKE_TRAINED), "--out", str(out),
+                            "--dead-expert", DEAD_EXPERT], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"make_trained.py failed:\n{_tail(r.stderr)}")
+        (out / "log.txt").write_text(r.stderr)
+    tok = FIXTURES / "qwen3moe"
+    parts = [MAKE_TRAINED.read_bytes(), DEAD_EXPERT, os.path.realpath(LAB / "venv" / "bin" / "python")]
+    parts += [(tok / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")]
+    parts += [(HERE / "data" / f).read_bytes() for f in ("eval.txt", "calib.txt")]
+    return _cached_run("fixtures-trained", _sha(*parts)[:12] + "-v1", "models", make, base=LAB)
+
+
 def fixture_dir(name: str) -> Path:
     if name.endswith("-wide"):
         return wide_root() / name[: -len("-wide")]
+    if name in TRAINED:
+        return trained_root() / name
     return FIXTURES / name
 
 
