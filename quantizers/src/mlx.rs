@@ -172,6 +172,14 @@ impl crate::gptq::Grid for AffineGrid {
     }
 }
 
+/// Appends `codes` (each masked to `bits`) as the LSB-first bitstream of [`quantize_affine_row`]'s `packed`
+/// (`ceil(n·bits/32)` words). Bits outside 1..=8: nothing appended.
+pub fn pack_codes(codes: &[u8], bits: u32, packed: &mut Vec<u32>) {
+    if (1..=8).contains(&bits) {
+        pack_bits(codes.iter().map(|&c| u32::from(c)), bits, packed);
+    }
+}
+
 /// `w = scales · q + biases` per element (in `f32`, a product then a sum, no fused multiply-add), element `i` with
 /// `scales[i/group]` and `biases[i/group]` (missing ones read as 0); appends `cols` values read from the
 /// bitstream (words past the end read as 0). Bits outside 1..=8: nothing appended.
