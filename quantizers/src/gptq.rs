@@ -540,8 +540,8 @@ mod tests {
         let hp: Vec<f64> = (0..cols * cols).map(|i| h[perm[i / cols] * cols + perm[i % cols]]).collect();
         let sp = solve(&wp, rows, cols, &hp, &g, &o).unwrap();
         for r in 0..rows {
-            for j in 0..cols {
-                assert_eq!(sp.codes[r * cols + j], s.codes[r * cols + perm[j]]);
+            for (j, &pj) in perm.iter().enumerate() {
+                assert_eq!(sp.codes[r * cols + j], s.codes[r * cols + pj]);
             }
         }
         assert!((sp.loss - s.loss).abs() <= 1e-9 * s.loss);
