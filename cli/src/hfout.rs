@@ -206,14 +206,14 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         Planned::Vllm(s, plan) => {
             let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
             let opts = base(files, "vllm", IndexStyle::Transformers, pt, ("compressed-tensors", "transformers"));
-            exec(&vllm::Vllm { scheme: *s }, &ck, plan, &opts, &events)
+            exec(&vllm::Vllm { scheme: *s, solved: None }, &ck, plan, &opts, &events)
         }
         Planned::Mlx(m) => {
             let files = vec![("config.json".to_string(), mlx::config_json(&ck, m))];
             let index = IndexStyle::Mlx { total_parameters: mlx::total_parameters(m) };
             let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
             let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
-            exec(&mlx::Mlx, &ck, &m.plan, &opts, &events)
+            exec(&mlx::Mlx::default(), &ck, &m.plan, &opts, &events)
         }
     }
     .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
@@ -365,7 +365,7 @@ pub fn rederive(
             To::Vllm(s) => {
                 let plan = vllm::plan(&ck, s, rec.strict)?;
                 check(parts_of(&plan));
-                let t = vllm::Vllm { scheme: s };
+                let t = vllm::Vllm { scheme: s, solved: None };
                 for i in pick(&plan, sample) {
                     let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
                     compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
@@ -375,7 +375,7 @@ pub fn rederive(
                 let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
                 check(parts_of(&p.plan));
                 for i in pick(&p.plan, sample) {
-                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx, &ck, &p.plan, i, allow)?;
+                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx::default(), &ck, &p.plan, i, allow)?;
                     compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
                 }
             }

@@ -12,6 +12,7 @@ mod calibrate;
 mod convert;
 mod dequantize;
 mod eval;
+mod gptq_layer;
 mod hfout;
 mod inspect;
 mod logits;
@@ -76,6 +77,9 @@ enum Cmd {
     /// Developer command: sling's dequantization of a vllm/mlx artifact directory, as F32 safetensors.
     #[command(hide = true, after_help = dequantize::AFTER_HELP)]
     Dequantize(dequantize::Args),
+    /// Developer command: GPTQ (or RTN) of one weight matrix on a vllm/mlx grid, from its inputs or Hessian.
+    #[command(hide = true, name = "gptq-layer", after_help = gptq_layer::AFTER_HELP)]
+    GptqLayer(gptq_layer::Args),
     /// Developer command: logits of the calibration engine's f32 forward pass on given token ids.
     #[command(hide = true, after_help = logits::AFTER_HELP)]
     Logits(logits::Args),
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Sign(a) => sign::run(a, cli.quiet),
         Cmd::Logits(a) => logits::run(a, cli.quiet),
         Cmd::Dequantize(a) => dequantize::run(a),
+        Cmd::GptqLayer(a) => gptq_layer::run(a),
         Cmd::Calibrate(a) => calibrate::run(a, cli.quiet),
         // eval chooses its exit code: 0, or 1 when the --max-kld gate fails.
         Cmd::Eval(a) => eval::run(a, cli.quiet).map(|code| {

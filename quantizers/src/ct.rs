@@ -164,35 +164,98 @@ pub fn quantize_int_row(
     zeros: &mut Vec<i8>,
 ) {
     let Some((qmin, qmax)) = int_range(a.bits) else { return };
-    let g = match a.group {
-        Some(g) if g > 0 => g,
-        _ => row.len().max(1),
-    };
+    let g = int_group_len(a, row.len());
     codes.reserve(row.len());
     for chunk in row.chunks(g) {
-        let (mn, mx) = finite_min_max0(chunk);
-        let (raw, zp) = if a.symmetric {
-            ((-mn).max(mx) / ((qmax - qmin) / 2.0), 0.0f32)
-        } else {
-            let s = (mx - mn) / (qmax - qmin);
-            let z = (qmin - mn / s).clamp(qmin, qmax);
-            (s, if z.is_nan() { 0.0 } else { z.round_ties_even() })
-        };
-        let mut scale = sd.round(raw);
-        if scale == 0.0 {
-            scale = sd.eps();
-        }
+        let (scale, zp) = int_group_params(chunk, a.symmetric, sd, qmin, qmax);
         scales.push(scale);
         if !a.symmetric {
             zeros.push(zp as i8);
         }
-        // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax; the scale is
-        // finite and positive, so `v` is never NaN. Rounded through the float adder (`nearest_int`, ties to even)
-        // rather than `round_ties_even`, which the baseline x86-64 build compiles to a `rintf` call per element.
-        codes.extend(chunk.iter().map(|&x| {
-            let x = if x.is_nan() { 0.0 } else { x };
-            crate::common::nearest_int((x / scale + zp).clamp(qmin, qmax)) as i8
-        }));
+        codes.extend(chunk.iter().map(|&x| int_code(x, scale, zp, qmin, qmax)));
+    }
+}
+
+/// Elements per group of a row of `len` elements (`None` or `Some(0)`: the whole row, at least 1).
+fn int_group_len(a: &IntArgs, len: usize) -> usize {
+    match a.group {
+        Some(g) if g > 0 => g,
+        _ => len.max(1),
+    }
+}
+
+/// The stored scale and the zero point (an integer in `[qmin, qmax]`, as `f32`; 0 when symmetric) of one group,
+/// `calculate_qparams` as [`quantize_int_row`] documents it. The one definition, shared by [`quantize_int_row`]
+/// and [`IntGrid`].
+fn int_group_params(chunk: &[f32], symmetric: bool, sd: ScaleDtype, qmin: f32, qmax: f32) -> (f32, f32) {
+    let (mn, mx) = finite_min_max0(chunk);
+    let (raw, zp) = if symmetric {
+        ((-mn).max(mx) / ((qmax - qmin) / 2.0), 0.0f32)
+    } else {
+        let s = (mx - mn) / (qmax - qmin);
+        let z = (qmin - mn / s).clamp(qmin, qmax);
+        (s, if z.is_nan() { 0.0 } else { z.round_ties_even() })
+    };
+    let mut scale = sd.round(raw);
+    if scale == 0.0 {
+        scale = sd.eps();
+    }
+    (scale, zp)
+}
+
+/// The code of one element (`_quantize`): `rne(clamp(x/scale + zp, qmin, qmax))`, NaN read as 0.
+#[inline]
+fn int_code(x: f32, scale: f32, zp: f32, qmin: f32, qmax: f32) -> i8 {
+    // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax; the scale is
+    // finite and positive, so `v` is never NaN. Rounded through the float adder (`nearest_int`, ties to even)
+    // rather than `round_ties_even`, which the baseline x86-64 build compiles to a `rintf` call per element.
+    let x = if x.is_nan() { 0.0 } else { x };
+    crate::common::nearest_int((x / scale + zp).clamp(qmin, qmax)) as i8
+}
+
+/// Integer quantization seen one group at a time ([`crate::gptq::Grid`]): the parameters of a group are those of
+/// [`quantize_int_row`] (computed once, from the original weights), the code of an element is its
+/// `_quantize`. Codes are bytes: the `i8` code in two's complement.
+///
+/// The value of a code is what compressed-tensors' fake quantization gives (`forward_helpers.py`
+/// `_quantize_dequantize`, the QDQ that llm-compressor's GPTQ propagates the error of): `(q − zp) · scale`
+/// computed **in the scale dtype**, i.e. `sd.round((q − zp) · scale)` (the `f32` product is exact, so this is one
+/// rounding, as torch's BF16/F16 multiply). With F32 scales it is exactly [`dequantize_int_row`]; with BF16/F16
+/// scales it is also what a runtime that dequantizes in the activation dtype (vLLM's W4A16 kernels) computes.
+/// Bits outside 1..=8 give no parameters (`row_params` is empty), which `gptq::solve` reports as an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntGrid {
+    pub args: IntArgs,
+    pub sd: ScaleDtype,
+}
+
+impl crate::gptq::Grid for IntGrid {
+    fn group(&self) -> usize {
+        // One group per row: a group longer than any row.
+        int_group_len(&self.args, usize::MAX)
+    }
+
+    fn row_params(&self, row: &[f32]) -> Vec<crate::gptq::GroupParams> {
+        let Some((qmin, qmax)) = int_range(self.args.bits) else { return Vec::new() };
+        let g = int_group_len(&self.args, row.len());
+        row.chunks(g)
+            .map(|chunk| {
+                let (scale, zp) = int_group_params(chunk, self.args.symmetric, self.sd, qmin, qmax);
+                crate::gptq::GroupParams { scale, zero: zp, q_scale: scale, q_zero: zp }
+            })
+            .collect()
+    }
+
+    #[inline]
+    fn quantize(&self, x: f32, p: &crate::gptq::GroupParams) -> (u8, f32) {
+        let (qmin, qmax) = int_range(self.args.bits).unwrap_or((0.0, 0.0));
+        let c = int_code(x, p.q_scale, p.q_zero, qmin, qmax) as u8;
+        (c, self.dequantize(c, p))
+    }
+
+    #[inline]
+    fn dequantize(&self, code: u8, p: &crate::gptq::GroupParams) -> f32 {
+        self.sd.round((f32::from(code as i8) - p.zero) * p.scale)
     }
 }
 

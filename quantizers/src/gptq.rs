@@ -1,6 +1,6 @@
 //! GPTQ (Frantar et al., 2022, <https://arxiv.org/abs/2210.17323>) as llm-compressor 0.14 runs it
 //! (`modifiers/gptq/gptq_quantize.py` `quantize_weight`, `helpers.py` `factorize_hessian`,
-//! `apply_activation_ordering`): maths on slices, no I/O. SKELETON — being filled in.
+//! `apply_activation_ordering`, the eager `gptq_block_update`): maths on slices, no I/O.
 //!
 //! The quantization grid (scales, zero points / biases) of every group is the round-to-nearest grid of the
 //! *original* weights, as llm-compressor 0.14 takes it from its weight observer before GPTQ runs; GPTQ only
@@ -82,30 +82,131 @@ pub enum GptqError {
     HessianLen { cols: usize, len: usize },
     #[error("Hessian holds non-finite values")]
     NonFinite,
+    #[error("the grid gave {got} parameter groups for a row of {cols} (expected {want}): unsupported bit width?")]
+    Params { cols: usize, want: usize, got: usize },
+    #[error("GPTQ options: {0}")]
+    Options(&'static str),
+}
+
+/// Groups per row of `cols` elements under groups of `g` (`g` ≥ 1; `usize::MAX` = one group per row).
+fn groups_per_row(cols: usize, g: usize) -> usize {
+    cols.div_ceil(g.max(1)).max(1)
+}
+
+/// The parameters of every row of `w` (row-major, `rows × ngroups`), checked against the grid's group size.
+fn all_params<G: Grid + ?Sized>(w: &[f32], rows: usize, cols: usize, grid: &G) -> Result<Vec<GroupParams>, GptqError> {
+    let ng = groups_per_row(cols, grid.group());
+    let mut params = Vec::with_capacity(rows * ng);
+    for row in w.chunks_exact(cols.max(1)).take(rows) {
+        let p = grid.row_params(row);
+        if p.len() != ng {
+            return Err(GptqError::Params { cols, want: ng, got: p.len() });
+        }
+        params.extend(p);
+    }
+    Ok(params)
 }
 
 /// Round to nearest on the grid: the reference GPTQ must beat, and what a fallback writes.
 pub fn rtn<G: Grid + ?Sized>(w: &[f32], rows: usize, cols: usize, grid: &G) -> Result<Solution, GptqError> {
-    if w.len() != rows * cols {
+    if w.len() != rows.saturating_mul(cols) {
         return Err(GptqError::WeightLen { rows, cols, len: w.len() });
     }
     let g = grid.group().max(1);
-    let (mut codes, mut params, mut dequant) =
-        (Vec::with_capacity(w.len()), Vec::new(), Vec::with_capacity(w.len()));
-    for row in w.chunks_exact(cols.max(1)) {
-        let p = grid.row_params(row);
+    let ng = groups_per_row(cols, g);
+    let params = if cols == 0 { Vec::new() } else { all_params(w, rows, cols, grid)? };
+    let (mut codes, mut dequant) = (Vec::with_capacity(w.len()), Vec::with_capacity(w.len()));
+    for (r, row) in w.chunks_exact(cols.max(1)).enumerate() {
+        let p = &params[r * ng..(r + 1) * ng];
         for (i, &x) in row.iter().enumerate() {
             let (c, d) = grid.quantize(x, &p[i / g]);
             codes.push(c);
             dequant.push(d);
         }
-        params.extend(p);
     }
     Ok(Solution { rows, cols, codes, params, dequant, loss: 0.0, fallback: None })
 }
 
+/// The dampened Hessian's factor GPTQ runs with (`factorize_hessian`): the upper Cholesky factor `U` of `H⁻¹`
+/// (`H⁻¹ = UᵀU`), row-major `n × n` in `f32`, or `None` when a Cholesky factorization fails (not positive
+/// definite). `h` is dampened in place. All in `f64` (llm-compressor factorizes in `float32`; `f64` makes the
+/// factor of an ill-conditioned Hessian more accurate and changes nothing else), with faer's sequential kernels
+/// (`Par::Seq`: the same result for any number of threads).
+fn inverse_factor(h: &mut faer::Mat<f64>, damp: f64) -> Option<Vec<f32>> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::cholesky::llt::{factor, inverse};
+    use faer::Par;
+    let n = h.nrows();
+    // damp = percdamp · mean(diag H); H += damp·I.
+    let mean = (0..n).map(|i| h[(i, i)]).sum::<f64>() / n as f64;
+    let d = damp * mean;
+    for i in 0..n {
+        h[(i, i)] += d;
+    }
+    let chol = |a: &mut faer::Mat<f64>| {
+        let mut mem = MemBuffer::new(factor::cholesky_in_place_scratch::<f64>(n, Par::Seq, Default::default()));
+        factor::cholesky_in_place(a.as_mut(), Default::default(), Par::Seq, MemStack::new(&mut mem), Default::default())
+            .is_ok()
+    };
+    // torch.linalg.cholesky_ex(H) (lower; faer reads and writes the lower triangle only).
+    if !chol(h) {
+        return None;
+    }
+    for j in 0..n {
+        for i in 0..j {
+            h[(i, j)] = 0.0;
+        }
+    }
+    // torch.cholesky_inverse: H⁻¹ = (LLᵀ)⁻¹, lower triangle.
+    let mut inv = faer::Mat::<f64>::zeros(n, n);
+    let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(n, Par::Seq));
+    inverse::inverse(inv.as_mut(), h.as_ref(), Par::Seq, MemStack::new(&mut mem));
+    // torch.linalg.cholesky(H⁻¹, upper=True) = (lower factor)ᵀ.
+    if !chol(&mut inv) {
+        return None;
+    }
+    let mut u = vec![0f32; n * n];
+    for i in 0..n {
+        for j in i..n {
+            u[i * n + j] = inv[(j, i)] as f32;
+        }
+    }
+    if u.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    Some(u)
+}
+
 /// GPTQ of `w` (`rows × cols`, row-major) with the Hessian `h` (`cols × cols`, row-major; any positive
 /// multiple of `XᵀX` of the layer's inputs, e.g. llm-compressor's `2/n Σ x xᵀ`).
+///
+/// llm-compressor 0.14 `quantize_weight` step by step:
+/// 1. the grid's parameters of every group, from the original weights (the observer's qparams);
+/// 2. `act_order` (`apply_activation_ordering`): columns and both Hessian axes permuted by descending diagonal
+///    of `H`. torch's `argsort` does not promise an order for ties; here the sort is **stable** (equal diagonals
+///    keep their original column order, `-0.0 == 0.0`), and a permuted column keeps its original group
+///    (`g_idx = perm // group_size`);
+/// 3. `factorize_hessian`: dead columns (`H[j,j] == 0`) get `H[j,j] = 1` and their weights zeroed, then
+///    `H += percdamp · mean(diag H) · I`, Cholesky, `cholesky_inverse`, upper Cholesky: `Hinv = U`. When a
+///    factorization fails `Hinv = I`, so every column is rounded on its own (RTN of the weights with dead columns
+///    zeroed) and [`Solution::fallback`] says why;
+/// 4. per block of `o.block` columns, per column `i`: `q = QDQ(w_i)` with its group's fixed parameters,
+///    `err = (w_i − q) / Hinv[i,i]`, `W[:, i:i2] −= err ⊗ Hinv[i, i:i2]`, `loss += err² / 2`; after the block
+///    `W[:, i2:] −= Err @ Hinv[i1:i2, i2:]`;
+/// 5. codes and values put back in the original column order.
+///
+/// Precision: the Hessian is factorized in `f64` (above); the weights, `Hinv` (rounded to `f32` once), the
+/// errors and both updates are `f32` as llm-compressor's `GPTQ_PRECISION = float32`: the column update is the
+/// same sequence of `f32` operations per element as the eager `gptq_block_update` (a product, then a
+/// subtraction, no fused multiply-add); the trailing update is a faer `f32` matrix product with `Par::Seq`
+/// (deterministic for any thread count, its summation order is faer's, not MKL's). The loss is summed in `f64`.
+///
+/// Non-finite weights (llm-compressor has no defined behaviour: one NaN poisons its row) get the grid's code
+/// and contribute no error (`err = 0`). A non-finite Hessian is an error ([`GptqError::NonFinite`]), not a
+/// fallback: it means the statistics are broken, which the caller should hear about.
+///
+/// Single-threaded: callers parallelise across weights. Rows are processed one at a time inside a block (the
+/// row's block segment stays in L1), which gives the same arithmetic as llm-compressor's column-at-a-time loop.
 pub fn solve<G: Grid + ?Sized>(
     w: &[f32],
     rows: usize,
@@ -114,9 +215,579 @@ pub fn solve<G: Grid + ?Sized>(
     grid: &G,
     o: &Options,
 ) -> Result<Solution, GptqError> {
-    let _ = o;
-    if h.len() != cols * cols {
+    if w.len() != rows.saturating_mul(cols) {
+        return Err(GptqError::WeightLen { rows, cols, len: w.len() });
+    }
+    if h.len() != cols.saturating_mul(cols) {
         return Err(GptqError::HessianLen { cols, len: h.len() });
     }
-    rtn(w, rows, cols, grid) // SKELETON
+    if o.block == 0 {
+        return Err(GptqError::Options("block must be at least 1"));
+    }
+    if !(o.damp.is_finite() && o.damp >= 0.0) {
+        return Err(GptqError::Options("dampening must be finite and non-negative"));
+    }
+    if h.iter().any(|x| !x.is_finite()) {
+        return Err(GptqError::NonFinite);
+    }
+    if rows == 0 || cols == 0 {
+        return rtn(w, rows, cols, grid);
+    }
+    let g = grid.group().max(1);
+    let ng = groups_per_row(cols, g);
+    // 1. The grid of the original weights.
+    let params = all_params(w, rows, cols, grid)?;
+
+    // 2. Activation ordering: perm[j] = the original column processed j-th.
+    let mut perm: Vec<usize> = (0..cols).collect();
+    if o.act_order {
+        perm.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap_or(std::cmp::Ordering::Equal));
+    }
+    let gidx: Vec<usize> = perm.iter().map(|&c| c / g).collect();
+    let mut wk = vec![0f32; rows * cols];
+    for (dst, src) in wk.chunks_exact_mut(cols).zip(w.chunks_exact(cols)) {
+        for (d, &c) in dst.iter_mut().zip(&perm) {
+            *d = src[c];
+        }
+    }
+    let mut hm = faer::Mat::<f64>::from_fn(cols, cols, |i, j| h[perm[i] * cols + perm[j]]);
+
+    // 3. Dead columns, dampening, factorization.
+    for j in 0..cols {
+        if hm[(j, j)] == 0.0 {
+            hm[(j, j)] = 1.0;
+            for row in wk.chunks_exact_mut(cols) {
+                row[j] = 0.0;
+            }
+        }
+    }
+    let (hinv, fallback) = match inverse_factor(&mut hm, o.damp) {
+        Some(u) => (u, None),
+        None => {
+            let mut eye = vec![0f32; cols * cols];
+            for i in 0..cols {
+                eye[i * cols + i] = 1.0;
+            }
+            (eye, Some(Fallback::NotPositiveDefinite))
+        }
+    };
+    drop(hm);
+
+    // 4. Blocks.
+    let mut codes_p = vec![0u8; rows * cols];
+    let mut deq_p = vec![0f32; rows * cols];
+    let mut loss = 0f64;
+    let mut err1: Vec<f32> = Vec::new();
+    let mut hb: Vec<f32> = Vec::new();
+    let mut i1 = 0;
+    while i1 < cols {
+        let i2 = (i1 + o.block).min(cols);
+        let bw = i2 - i1;
+        // Hinv[i1:i2, i1:i2], contiguous.
+        hb.clear();
+        for i in i1..i2 {
+            hb.extend_from_slice(&hinv[i * cols + i1..i * cols + i2]);
+        }
+        err1.clear();
+        err1.resize(rows * bw, 0.0);
+        for r in 0..rows {
+            let seg = &mut wk[r * cols + i1..r * cols + i2];
+            let errs = &mut err1[r * bw..(r + 1) * bw];
+            let prow = &params[r * ng..(r + 1) * ng];
+            for k in 0..bw {
+                let j = i1 + k;
+                let x = seg[k];
+                let (c, q) = grid.quantize(x, &prow[gidx[j]]);
+                codes_p[r * cols + j] = c;
+                deq_p[r * cols + j] = q;
+                let e = if x.is_finite() { (x - q) / hb[k * bw + k] } else { 0.0 };
+                if !e.is_finite() {
+                    continue;
+                }
+                errs[k] = e;
+                loss += f64::from(e) * f64::from(e) / 2.0;
+                let hrow = &hb[k * bw + k + 1..(k + 1) * bw];
+                for (v, &hv) in seg[k + 1..].iter_mut().zip(hrow) {
+                    *v -= e * hv;
+                }
+            }
+        }
+        if i2 < cols && fallback.is_none() {
+            use faer::{Accum, MatMut, MatRef, Par};
+            let tail = cols - i2;
+            // Row-major `rows × tail` with row stride `cols`, built as the transpose of a column-major view:
+            // faer 0.24.4's `MatMut::from_row_major_slice_with_stride_mut` swaps the strides (it lays the slice
+            // out column-major), so it must not be used.
+            let dst = MatMut::from_column_major_slice_with_stride_mut(&mut wk[i2..], tail, rows, cols).transpose_mut();
+            let lhs = MatRef::from_row_major_slice(&err1[..], rows, bw);
+            let rhs = MatRef::from_row_major_slice_with_stride(&hinv[i1 * cols + i2..], bw, tail, cols);
+            faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::Seq);
+        }
+        i1 = i2;
+    }
+
+    // 5. Original column order.
+    let (mut codes, mut dequant) = (vec![0u8; rows * cols], vec![0f32; rows * cols]);
+    for r in 0..rows {
+        for (j, &c) in perm.iter().enumerate() {
+            codes[r * cols + c] = codes_p[r * cols + j];
+            dequant[r * cols + c] = deq_p[r * cols + j];
+        }
+    }
+    Ok(Solution { rows, cols, codes, params, dequant, loss, fallback })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ct::{self, IntArgs, IntGrid, ScaleDtype};
+    use crate::mlx::{self, AffineGrid};
+
+    /// xorshift64* and Box–Muller: seeded test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn u(&mut self) -> f64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+        fn n(&mut self) -> f64 {
+            (-2.0 * self.u().ln()).sqrt() * (std::f64::consts::TAU * self.u()).cos()
+        }
+        fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+            (0..n).map(|_| (self.n() * scale) as f32).collect()
+        }
+    }
+
+    fn grids() -> Vec<(&'static str, Box<dyn Grid>)> {
+        vec![
+            (
+                "int4 sym bf16",
+                Box::new(IntGrid { args: IntArgs { bits: 4, symmetric: true, group: Some(32) }, sd: ScaleDtype::BF16 }),
+            ),
+            (
+                "int4 asym f32",
+                Box::new(IntGrid { args: IntArgs { bits: 4, symmetric: false, group: Some(32) }, sd: ScaleDtype::F32 }),
+            ),
+            (
+                "int8 sym f16",
+                Box::new(IntGrid { args: IntArgs { bits: 8, symmetric: true, group: Some(32) }, sd: ScaleDtype::F16 }),
+            ),
+            ("mlx4 bf16", Box::new(AffineGrid { bits: 4, group: 32, sd: ScaleDtype::BF16 })),
+            ("mlx3 f32", Box::new(AffineGrid { bits: 3, group: 32, sd: ScaleDtype::F32 })),
+        ]
+    }
+
+    /// Inputs `n × cols` with correlated features (a shared low-rank part plus noise), and `H = 2/n XᵀX` in f64.
+    fn inputs(rng: &mut Rng, n: usize, cols: usize) -> (Vec<f32>, Vec<f64>) {
+        let rank = 4;
+        let basis = rng.vec(rank * cols, 1.0);
+        let mut x = vec![0f32; n * cols];
+        for s in 0..n {
+            let coef = rng.vec(rank, 1.0);
+            for c in 0..cols {
+                let mut v = 0.3 * rng.n() as f32;
+                for k in 0..rank {
+                    v += coef[k] * basis[k * cols + c];
+                }
+                x[s * cols + c] = v;
+            }
+        }
+        (x.clone(), hessian(&x, n, cols))
+    }
+
+    fn hessian(x: &[f32], n: usize, cols: usize) -> Vec<f64> {
+        let mut h = vec![0f64; cols * cols];
+        for s in x.chunks_exact(cols) {
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] += 2.0 * f64::from(s[i]) * f64::from(s[j]) / n as f64;
+                }
+            }
+        }
+        h
+    }
+
+    /// ‖(W − Ŵ) Xᵀ‖² over the samples.
+    fn out_err(w: &[f32], dq: &[f32], x: &[f32], rows: usize, cols: usize) -> f64 {
+        let mut e = 0.0;
+        for r in 0..rows {
+            for s in x.chunks_exact(cols) {
+                let d: f64 = (0..cols).map(|c| f64::from(w[r * cols + c] - dq[r * cols + c]) * f64::from(s[c])).sum();
+                e += d * d;
+            }
+        }
+        e
+    }
+
+    fn eye(n: usize, d: f64) -> Vec<f64> {
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            h[i * n + i] = d;
+        }
+        h
+    }
+
+    #[test]
+    fn identity_and_diagonal_hessians_give_rtn() {
+        let mut rng = Rng(1);
+        let (rows, cols) = (8, 96);
+        let w = rng.vec(rows * cols, 0.05);
+        let mut diag = eye(cols, 1.0);
+        for i in 0..cols {
+            diag[i * cols + i] = 0.1 + rng.u() * 10.0;
+        }
+        for (name, g) in grids() {
+            let r = rtn(&w, rows, cols, g.as_ref()).unwrap();
+            for (h, act_order) in [(eye(cols, 1.0), false), (diag.clone(), false), (diag.clone(), true)] {
+                let o = Options { block: 32, act_order, ..Options::default() };
+                let s = solve(&w, rows, cols, &h, g.as_ref(), &o).unwrap();
+                assert_eq!(s.codes, r.codes, "{name} act_order={act_order}");
+                assert_eq!(s.params, r.params, "{name}");
+                assert_eq!(s.dequant, r.dequant, "{name}");
+                assert!(s.fallback.is_none());
+                assert!(s.loss > 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_beats_rtn_on_correlated_inputs() {
+        let mut rng = Rng(7);
+        let (rows, cols, n) = (16, 128, 256);
+        let w = rng.vec(rows * cols, 0.05);
+        let (x, h) = inputs(&mut rng, n, cols);
+        for (name, g) in grids() {
+            for act_order in [false, true] {
+                let o = Options { block: 32, act_order, ..Options::default() };
+                let s = solve(&w, rows, cols, &h, g.as_ref(), &o).unwrap();
+                let r = rtn(&w, rows, cols, g.as_ref()).unwrap();
+                let (es, er) = (out_err(&w, &s.dequant, &x, rows, cols), out_err(&w, &r.dequant, &x, rows, cols));
+                eprintln!("{name} act_order={act_order}: GPTQ {es:.4e} RTN {er:.4e} ({:.1}%)", 100.0 * es / er);
+                assert!(es < 0.8 * er, "{name}: {es} vs {er}");
+                // The dequantized values are the grid's values of the codes.
+                for (i, (&c, &d)) in s.codes.iter().zip(&s.dequant).enumerate() {
+                    let p = &s.params[(i / cols) * cols.div_ceil(32) + (i % cols) / 32];
+                    assert_eq!(g.dequantize(c, p).to_bits(), d.to_bits());
+                }
+            }
+        }
+    }
+
+    /// Textbook GPTQ (OBQ order, Frantar et al. 2022 eq. 2–3) in `f64`: explicit inverse, one column at a time,
+    /// the inverse updated by Gaussian elimination of the quantized column; no Cholesky, no blocks.
+    fn naive(w: &[f32], rows: usize, cols: usize, h: &[f64], grid: &dyn Grid, damp: f64) -> Vec<u8> {
+        use faer::linalg::solvers::DenseSolveCore;
+        let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+        let hm = faer::Mat::<f64>::from_fn(cols, cols, |i, j| h[i * cols + j] + if i == j { damp * mean } else { 0.0 });
+        let mut hinv = hm.llt(faer::Side::Lower).unwrap().inverse();
+        let params: Vec<Vec<GroupParams>> = w.chunks(cols).map(|r| grid.row_params(r)).collect();
+        let g = grid.group();
+        let mut wk: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
+        let mut codes = vec![0u8; rows * cols];
+        for i in 0..cols {
+            let d = hinv[(i, i)];
+            for r in 0..rows {
+                let (c, q) = grid.quantize(wk[r * cols + i] as f32, &params[r][i / g]);
+                codes[r * cols + i] = c;
+                let e = (wk[r * cols + i] - f64::from(q)) / d;
+                for j in i + 1..cols {
+                    wk[r * cols + j] -= e * hinv[(i, j)];
+                }
+            }
+            let col: Vec<f64> = (0..cols).map(|k| hinv[(k, i)]).collect();
+            for a in 0..cols {
+                for b in 0..cols {
+                    hinv[(a, b)] -= col[a] * col[b] / d;
+                }
+            }
+        }
+        codes
+    }
+
+    #[test]
+    fn agrees_with_a_textbook_implementation() {
+        let mut rng = Rng(11);
+        let (rows, cols, n) = (12, 64, 512);
+        let w = rng.vec(rows * cols, 0.05);
+        // Well conditioned: plenty of samples, noise on every feature.
+        let (_, h) = inputs(&mut rng, n, cols);
+        for (name, g) in grids() {
+            let reference = naive(&w, rows, cols, &h, g.as_ref(), 0.01);
+            for block in [1, 16, 64, 128] {
+                let o = Options { block, ..Options::default() };
+                let s = solve(&w, rows, cols, &h, g.as_ref(), &o).unwrap();
+                let same = s.codes.iter().zip(&reference).filter(|(a, b)| a == b).count();
+                assert_eq!(same, rows * cols, "{name} block {block}: {same} of {} codes agree", rows * cols);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_and_column_order_are_consistent() {
+        // One group per row: the grid does not depend on column order, so permuting the columns (and H) permutes
+        // the act-order result, which must come back in the caller's column order.
+        let mut rng = Rng(5);
+        let (rows, cols, n) = (6, 48, 200);
+        let w = rng.vec(rows * cols, 0.05);
+        let (_, h) = inputs(&mut rng, n, cols);
+        let g = IntGrid { args: IntArgs { bits: 4, symmetric: false, group: None }, sd: ScaleDtype::BF16 };
+        let o = Options { block: 16, act_order: true, ..Options::default() };
+        let s = solve(&w, rows, cols, &h, &g, &o).unwrap();
+        let perm: Vec<usize> = (0..cols).map(|j| (j * 7 + 3) % cols).collect(); // 7 is prime to 48
+        let wp: Vec<f32> = (0..rows * cols).map(|i| w[(i / cols) * cols + perm[i % cols]]).collect();
+        let hp: Vec<f64> = (0..cols * cols).map(|i| h[perm[i / cols] * cols + perm[i % cols]]).collect();
+        let sp = solve(&wp, rows, cols, &hp, &g, &o).unwrap();
+        for r in 0..rows {
+            for (j, &pj) in perm.iter().enumerate() {
+                assert_eq!(sp.codes[r * cols + j], s.codes[r * cols + pj]);
+            }
+        }
+        assert!((sp.loss - s.loss).abs() <= 1e-9 * s.loss);
+        // act-order with an already descending diagonal is the plain order
+        let mut order: Vec<usize> = (0..cols).collect();
+        order.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap());
+        let ws: Vec<f32> = (0..rows * cols).map(|i| w[(i / cols) * cols + order[i % cols]]).collect();
+        let hs: Vec<f64> = (0..cols * cols).map(|i| h[order[i / cols] * cols + order[i % cols]]).collect();
+        let a = solve(&ws, rows, cols, &hs, &g, &o).unwrap();
+        let b = solve(&ws, rows, cols, &hs, &g, &Options { act_order: false, ..o }).unwrap();
+        assert_eq!(a.codes, b.codes);
+        assert_eq!(a.dequant, b.dequant);
+    }
+
+    #[test]
+    fn not_positive_definite_falls_back_to_rtn() {
+        let mut rng = Rng(3);
+        let (rows, cols) = (4, 64);
+        let w = rng.vec(rows * cols, 0.05);
+        let (_, mut h) = inputs(&mut rng, 100, cols);
+        h[5 * cols + 5] = -50.0;
+        for (name, g) in grids() {
+            for act_order in [false, true] {
+                let o = Options { act_order, ..Options::default() };
+                let s = solve(&w, rows, cols, &h, g.as_ref(), &o).unwrap();
+                assert_eq!(s.fallback, Some(Fallback::NotPositiveDefinite), "{name}");
+                let r = rtn(&w, rows, cols, g.as_ref()).unwrap();
+                assert_eq!(s.codes, r.codes, "{name}");
+                assert_eq!(s.dequant, r.dequant, "{name}");
+            }
+        }
+        h[5 * cols + 5] = f64::NAN;
+        let g = AffineGrid { bits: 4, group: 32, sd: ScaleDtype::BF16 };
+        assert!(matches!(solve(&w, rows, cols, &h, &g, &Options::default()), Err(GptqError::NonFinite)));
+        // an all-zero Hessian: every column dead, H = I after the fix-up: RTN of zeroed weights
+        let s = solve(&w, rows, cols, &vec![0.0; cols * cols], &g, &Options::default()).unwrap();
+        assert!(s.fallback.is_none());
+        let p = &s.params;
+        assert!(s.codes.iter().enumerate().all(|(i, &c)| c == g.quantize(0.0, &p[(i / cols) * 2 + (i % cols) / 32]).0));
+    }
+
+    #[test]
+    fn dead_columns_are_zeroed_and_the_rest_solved() {
+        let mut rng = Rng(9);
+        let (rows, cols, n) = (8, 64, 300);
+        let w = rng.vec(rows * cols, 0.05);
+        let (mut x, _) = inputs(&mut rng, n, cols);
+        for s in x.chunks_exact_mut(cols) {
+            s[3] = 0.0;
+            s[40] = 0.0;
+        }
+        let h = hessian(&x, n, cols);
+        for (name, g) in grids() {
+            for act_order in [false, true] {
+                let o = Options { block: 16, act_order, ..Options::default() };
+                let s = solve(&w, rows, cols, &h, g.as_ref(), &o).unwrap();
+                assert!(s.fallback.is_none(), "{name}");
+                for r in 0..rows {
+                    for c in [3, 40] {
+                        let p = &s.params[r * 2 + c / 32];
+                        assert_eq!(s.codes[r * cols + c], g.quantize(0.0, p).0, "{name}");
+                    }
+                }
+                let rt = rtn(&w, rows, cols, g.as_ref()).unwrap();
+                assert!(out_err(&w, &s.dequant, &x, rows, cols) < out_err(&w, &rt.dequant, &x, rows, cols), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_weights_do_not_spread() {
+        let mut rng = Rng(13);
+        let (rows, cols, n) = (3, 64, 200);
+        let mut w = rng.vec(rows * cols, 0.05);
+        w[10] = f32::NAN;
+        w[70] = f32::INFINITY;
+        let (_, h) = inputs(&mut rng, n, cols);
+        for (name, g) in grids() {
+            let s = solve(&w, rows, cols, &h, g.as_ref(), &Options::default()).unwrap();
+            assert!(s.loss.is_finite(), "{name}");
+            assert!(s.dequant.iter().all(|v| v.is_finite()), "{name}");
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_and_options_are_errors() {
+        let g = IntGrid { args: IntArgs { bits: 4, symmetric: true, group: Some(32) }, sd: ScaleDtype::BF16 };
+        let w = vec![0.1f32; 2 * 64];
+        let h = eye(64, 1.0);
+        let o = Options::default();
+        assert!(matches!(solve(&w[1..], 2, 64, &h, &g, &o), Err(GptqError::WeightLen { .. })));
+        assert!(matches!(solve(&w, 2, 64, &h[1..], &g, &o), Err(GptqError::HessianLen { .. })));
+        assert!(matches!(solve(&w, usize::MAX, 3, &h, &g, &o), Err(GptqError::WeightLen { .. })));
+        assert!(matches!(solve(&w, 2, 64, &h, &g, &Options { block: 0, ..o }), Err(GptqError::Options(_))));
+        assert!(matches!(solve(&w, 2, 64, &h, &g, &Options { damp: f64::NAN, ..o }), Err(GptqError::Options(_))));
+        let bad = IntGrid { args: IntArgs { bits: 9, ..g.args }, sd: ScaleDtype::BF16 };
+        assert!(matches!(solve(&w, 2, 64, &h, &bad, &o), Err(GptqError::Params { .. })));
+        assert!(matches!(
+            rtn(&w, 2, 64, &AffineGrid { bits: 0, group: 32, sd: ScaleDtype::F32 }),
+            Err(GptqError::Params { .. })
+        ));
+        assert!(matches!(rtn(&w, 3, 64, &g), Err(GptqError::WeightLen { .. })));
+        // empty shapes
+        assert_eq!(solve(&[], 0, 64, &h, &g, &o).unwrap().codes.len(), 0);
+        assert_eq!(solve(&[], 5, 0, &[], &g, &o).unwrap().codes.len(), 0);
+        // a ragged last group and one group per row
+        let w = vec![0.3f32; 2 * 40];
+        let s = solve(&w, 2, 40, &eye(40, 1.0), &g, &o).unwrap();
+        assert_eq!(s.params.len(), 4);
+        let ch = IntGrid { args: IntArgs { bits: 4, symmetric: true, group: None }, sd: ScaleDtype::BF16 };
+        assert_eq!(solve(&w, 2, 40, &eye(40, 1.0), &ch, &o).unwrap().params.len(), 2);
+        let m0 = AffineGrid { bits: 4, group: 0, sd: ScaleDtype::BF16 };
+        assert_eq!(rtn(&w, 2, 40, &m0).unwrap().params.len(), 2);
+    }
+
+    /// The grids are the targets' RTN encoders: codes and parameters of `rtn`, packed, are the encoders' bytes.
+    #[test]
+    fn grid_rtn_is_the_encoders_output() {
+        let mut rng = Rng(21);
+        for trial in 0..40 {
+            let cols = [32, 64, 96, 128, 256][trial % 5];
+            let rows = 3;
+            let scale = [1e-3, 0.05, 3.0, 100.0][trial % 4];
+            let mut w = rng.vec(rows * cols, scale);
+            if trial % 7 == 0 {
+                w[1] = f32::NAN;
+                w[2] = f32::NEG_INFINITY;
+                w[cols..2 * cols].iter_mut().for_each(|v| *v = 0.0);
+            }
+            for sd in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16] {
+                for (bits, symmetric, group) in [
+                    (4, true, Some(32)),
+                    (4, false, Some(32)),
+                    (8, true, Some(128)),
+                    (4, false, None),
+                    (2, true, Some(16)),
+                ] {
+                    let args = IntArgs { bits, symmetric, group };
+                    let s = rtn(&w, rows, cols, &IntGrid { args, sd }).unwrap();
+                    let ng = s.params.len() / rows;
+                    for r in 0..rows {
+                        let row = &w[r * cols..(r + 1) * cols];
+                        let (mut c, mut sc, mut z, mut words) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                        ct::quantize_int_row(row, &args, sd, &mut c, &mut sc, &mut z);
+                        ct::pack_row(&c, bits, &mut words);
+                        let mine: Vec<i8> = s.codes[r * cols..(r + 1) * cols].iter().map(|&b| b as i8).collect();
+                        let mut mw = Vec::new();
+                        ct::pack_row(&mine, bits, &mut mw);
+                        assert_eq!(mw, words);
+                        let p = &s.params[r * ng..(r + 1) * ng];
+                        assert_eq!(p.iter().map(|p| p.scale).collect::<Vec<_>>(), sc);
+                        if !symmetric {
+                            assert_eq!(p.iter().map(|p| p.zero as i8).collect::<Vec<_>>(), z);
+                        }
+                        if sd == ScaleDtype::F32 {
+                            let mut d = Vec::new();
+                            ct::dequantize_int_row(&c, &sc, (!symmetric).then_some(&z[..]), group.unwrap_or(0), &mut d);
+                            assert_eq!(d, s.dequant[r * cols..(r + 1) * cols]);
+                        }
+                    }
+                }
+                for bits in [1, 2, 3, 4, 5, 6, 8] {
+                    for group in [32, 0] {
+                        let s = rtn(&w, rows, cols, &AffineGrid { bits, group, sd }).unwrap();
+                        let ng = s.params.len() / rows;
+                        for r in 0..rows {
+                            let row = &w[r * cols..(r + 1) * cols];
+                            let (mut pk, mut sc, mut bi) = (Vec::new(), Vec::new(), Vec::new());
+                            mlx::quantize_affine_row(row, bits, group, sd, &mut pk, &mut sc, &mut bi);
+                            let mut mine = Vec::new();
+                            ct::pack_bits(
+                                s.codes[r * cols..(r + 1) * cols].iter().map(|&c| u32::from(c)),
+                                bits,
+                                &mut mine,
+                            );
+                            assert_eq!(mine, pk, "bits {bits}");
+                            let p = &s.params[r * ng..(r + 1) * ng];
+                            assert_eq!(p.iter().map(|p| p.scale).collect::<Vec<_>>(), sc);
+                            assert_eq!(p.iter().map(|p| p.zero).collect::<Vec<_>>(), bi);
+                            let mut d = Vec::new();
+                            mlx::dequantize_affine_row(&pk, bits, group, cols, &sc, &bi, &mut d);
+                            assert_eq!(d, s.dequant[r * cols..(r + 1) * cols]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+/// The two faer pieces on their own: the factor, and the strided row-major product view (faer 0.24.4's
+/// `from_row_major_slice_with_stride_mut` lays a slice out column-major; this guards the workaround).
+#[cfg(test)]
+mod faer_pieces {
+    #[test]
+    fn factor_is_the_upper_cholesky_of_the_inverse() {
+        let n = 64;
+        let mut a = faer::Mat::<f64>::from_fn(n, n, |i, j| {
+            if i == j {
+                2.0 + i as f64
+            } else {
+                0.5 / (1.0 + (i as f64 - j as f64).abs())
+            }
+        });
+        let orig = a.clone();
+        let u = super::inverse_factor(&mut a, 0.0).unwrap();
+        // (UᵀU) H ≈ I
+        let mut maxe = 0f64;
+        for i in 0..n {
+            for j in 0..n {
+                let mut s = 0.0;
+                for k in 0..n {
+                    let mut hinv = 0.0;
+                    for m in 0..n {
+                        hinv += f64::from(u[m * n + i]) * f64::from(u[m * n + k]);
+                    }
+                    s += hinv * orig[(k, j)];
+                }
+                maxe = maxe.max((s - if i == j { 1.0 } else { 0.0 }).abs());
+            }
+        }
+        assert!(maxe < 1e-5, "{maxe}");
+    }
+    #[test]
+    fn trailing_update_is_row_major() {
+        use faer::{Accum, MatMut, MatRef, Par};
+        let (rows, cols, i1, i2) = (16usize, 128usize, 32usize, 64usize);
+        let bw = i2 - i1;
+        let mut wk: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.01).collect();
+        let err: Vec<f32> = (0..rows * bw).map(|i| (i % 7) as f32).collect();
+        let hinv: Vec<f32> = (0..cols * cols).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut expect = wk.clone();
+        for r in 0..rows {
+            for j in i2..cols {
+                let mut s = 0f32;
+                for k in 0..bw {
+                    s += err[r * bw + k] * hinv[(i1 + k) * cols + j];
+                }
+                expect[r * cols + j] -= s;
+            }
+        }
+        let tail = cols - i2;
+        let dst = MatMut::from_column_major_slice_with_stride_mut(&mut wk[i2..], tail, rows, cols).transpose_mut();
+        let lhs = MatRef::from_row_major_slice(&err[..], rows, bw);
+        let rhs = MatRef::from_row_major_slice_with_stride(&hinv[i1 * cols + i2..], bw, tail, cols);
+        faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::Seq);
+        let maxe = wk.iter().zip(&expect).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(maxe < 1e-3, "{maxe}");
+    }
 }

@@ -106,16 +106,78 @@ pub fn quantize_affine_row(
     for chunk in row.chunks(g) {
         let (mn, mx) = finite_min_max(chunk);
         let (s, b) = group_params(mn, mx, bits, n);
-        // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small enough for
-        // the float adder's rounding (`nearest_int`, ties to even). A NaN element reads as 0; `s` and `b` are finite.
-        codes.extend(chunk.iter().map(|&w| {
-            let w = if w.is_nan() { 0.0 } else { w };
-            crate::common::nearest_int(((w - b) / s).clamp(0.0, n)) as u32
-        }));
+        codes.extend(chunk.iter().map(|&w| affine_code(w, s, b, n)));
         scales.push(sd.round(s));
         biases.push(sd.round(b));
     }
     pack_bits(codes.into_iter(), bits, packed);
+}
+
+/// The code of one element with the group's `f32` scale `s` and bias `b`: `clip(rint((w − b)/s), 0, n)`, NaN read
+/// as 0. The one definition, shared by [`quantize_affine_row`] and [`AffineGrid`].
+#[inline]
+fn affine_code(w: f32, s: f32, b: f32, n: f32) -> u32 {
+    // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small enough for
+    // the float adder's rounding (`nearest_int`, ties to even). A NaN element reads as 0; `s` and `b` are finite.
+    let w = if w.is_nan() { 0.0 } else { w };
+    crate::common::nearest_int(((w - b) / s).clamp(0.0, n)) as u32
+}
+
+/// MLX affine quantization seen one group at a time ([`crate::gptq::Grid`]): per group the `f32` scale and bias of
+/// [`quantize_affine_row`] (`q_scale`, `q_zero`: what codes are computed with) and their stored roundings
+/// `sd.round(s)`, `sd.round(b)` (`scale`, `zero`: what the file holds). The value of a code is what
+/// [`dequantize_affine_row`] computes from the file, `scale · q + zero` in `f32`. `group` 0 = one group per row;
+/// bits outside 1..=8 give no parameters (`row_params` is empty), which `gptq::solve` reports as an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffineGrid {
+    pub bits: u32,
+    pub group: usize,
+    pub sd: ScaleDtype,
+}
+
+impl crate::gptq::Grid for AffineGrid {
+    fn group(&self) -> usize {
+        if self.group == 0 {
+            usize::MAX
+        } else {
+            self.group
+        }
+    }
+
+    fn row_params(&self, row: &[f32]) -> Vec<crate::gptq::GroupParams> {
+        if !(1..=8).contains(&self.bits) {
+            return Vec::new();
+        }
+        let g = if self.group == 0 { row.len().max(1) } else { self.group };
+        let n = ((1u32 << self.bits) - 1) as f32;
+        row.chunks(g)
+            .map(|chunk| {
+                let (mn, mx) = finite_min_max(chunk);
+                let (s, b) = group_params(mn, mx, self.bits, n);
+                crate::gptq::GroupParams { scale: self.sd.round(s), zero: self.sd.round(b), q_scale: s, q_zero: b }
+            })
+            .collect()
+    }
+
+    #[inline]
+    fn quantize(&self, x: f32, p: &crate::gptq::GroupParams) -> (u8, f32) {
+        let n = ((1u32 << self.bits.clamp(1, 8)) - 1) as f32;
+        let c = affine_code(x, p.q_scale, p.q_zero, n) as u8;
+        (c, self.dequantize(c, p))
+    }
+
+    #[inline]
+    fn dequantize(&self, code: u8, p: &crate::gptq::GroupParams) -> f32 {
+        p.scale * f32::from(code) + p.zero
+    }
+}
+
+/// Appends `codes` (each masked to `bits`) as the LSB-first bitstream of [`quantize_affine_row`]'s `packed`
+/// (`ceil(n·bits/32)` words). Bits outside 1..=8: nothing appended.
+pub fn pack_codes(codes: &[u8], bits: u32, packed: &mut Vec<u32>) {
+    if (1..=8).contains(&bits) {
+        pack_bits(codes.iter().map(|&c| u32::from(c)), bits, packed);
+    }
 }
 
 /// `w = scales · q + biases` per element (in `f32`, a product then a sum, no fused multiply-add), element `i` with

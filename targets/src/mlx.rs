@@ -10,14 +10,17 @@
 //! source precision and get no entry (the loader then sees no `.scales`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use sling_core::DType;
 use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_pipeline::hf::HfTensor;
+use sling_pipeline::solved::Store;
 use sling_pipeline::{EncodeError, Op, Part, Plan, Target, Weight};
 use sling_quantizers::ct::ScaleDtype;
-use sling_quantizers::mlx as affine;
+use sling_quantizers::gptq::Grid;
+use sling_quantizers::mlx::{self as affine, AffineGrid};
 
 use crate::{json_sorted, TargetError};
 
@@ -49,11 +52,33 @@ pub const MODEL_TYPES: &[&str] = &["llama", "qwen2", "qwen2_moe", "qwen3_moe", "
 #[derive(Clone, Debug, PartialEq)]
 pub enum Enc {
     Keep(DType),
-    Affine { bits: u32, group: usize, sd: ScaleDtype },
+    Affine {
+        bits: u32,
+        group: usize,
+        sd: ScaleDtype,
+        /// For routed experts stacked into one `[E, out, in]` weight: the Hugging Face names of the experts, in
+        /// stacking order (row `r` of the stacked weight is row `r % out` of expert `r / out`), under which a
+        /// solved-weight store keys them. Empty: the weight is its own Hugging Face tensor (`Weight::name`).
+        experts: Vec<String>,
+    },
 }
 
 /// The MLX target.
-pub struct Mlx;
+#[derive(Default)]
+pub struct Mlx {
+    /// Weights quantized upstream (GPTQ), keyed by their Hugging Face names (per expert for stacked experts):
+    /// rows the store holds are written from its codes and parameters instead of being rounded to nearest.
+    pub solved: Option<Arc<Store>>,
+}
+
+/// The quantization grid of an encoding a solver (GPTQ) can choose the codes of: every affine encoding, whose
+/// round-to-nearest on this grid is exactly what [`Mlx`] writes. `None` for weights kept as they are.
+pub fn grid(enc: &Enc) -> Option<Box<dyn Grid>> {
+    match enc {
+        Enc::Affine { bits, group, sd, .. } => Some(Box::new(AffineGrid { bits: *bits, group: *group, sd: *sd })),
+        Enc::Keep(_) => None,
+    }
+}
 
 fn scale_dtype(d: DType) -> ScaleDtype {
     match d {
@@ -121,11 +146,13 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
     let (mut weights, mut kept, mut overrides) = (Vec::new(), Vec::new(), BTreeMap::new());
     let mut quantized = 0;
     for item in order {
+        let mut expert_names = Vec::new();
         let t = match item {
             Ok(t) => t,
             Err(key) => {
                 let mut experts = stacks.remove(&key).unwrap_or_default();
                 experts.sort_by_key(|t| t.expert);
+                expert_names = experts.iter().map(|t| t.name.clone()).collect();
                 let first = &experts[0];
                 if experts.iter().enumerate().any(|(i, t)| t.expert != Some(i as u64) || t.shape != first.shape) {
                     return Err(TargetError::Unsupported(format!(
@@ -192,7 +219,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             name: t.name,
             role: t.role,
             op: t.op,
-            enc: Enc::Affine { bits: b, group: g as usize, sd },
+            enc: Enc::Affine { bits: b, group: g as usize, sd, experts: expert_names },
             parts,
             sources: t.sources,
             row_align: 1,
@@ -218,18 +245,58 @@ impl Target for Mlx {
     fn encode(
         &self,
         w: &Weight<Enc>,
-        _r0: u64,
+        r0: u64,
         vals: &[f32],
         _amax: Option<f32>,
         out: &mut [Vec<u8>],
     ) -> Result<(), EncodeError> {
         match &w.enc {
             Enc::Keep(d) => crate::vllm::put_float(*d, vals, &mut out[0]),
-            Enc::Affine { bits, group, sd } => {
+            Enc::Affine { bits, group, sd, experts } => {
                 let cols = w.cols() as usize;
+                let rows = vals.len() / cols.max(1);
                 let (mut packed, mut scales, mut biases) = (Vec::new(), Vec::new(), Vec::new());
-                for row in vals.chunks_exact(cols) {
-                    affine::quantize_affine_row(row, *bits, *group, *sd, &mut packed, &mut scales, &mut biases);
+                let g = AffineGrid { bits: *bits, group: *group, sd: *sd }.group();
+                let ng = cols.div_ceil(g.max(1)).max(1);
+                // Rows of one Hugging Face tensor at a time: the whole weight, or one stacked expert's rows.
+                let per = if experts.is_empty() { usize::MAX } else { (w.rows() as usize / experts.len()).max(1) };
+                let mut r = 0;
+                while r < rows {
+                    let at = r0 as usize + r;
+                    let (key, local, n) = match experts.get(at / per) {
+                        Some(e) => (e.as_str(), at % per, (per - at % per).min(rows - r)),
+                        None => (w.name.as_str(), at, rows - r),
+                    };
+                    let seg = &vals[r * cols..(r + n) * cols];
+                    match crate::vllm::solved_rows(self.solved.as_deref(), key, local, n, cols, g)? {
+                        // The stored codes and parameters, laid out exactly as the RTN path lays out its own.
+                        Some(sr) => {
+                            if sr.codes.iter().any(|&c| u32::from(c) >> bits != 0) {
+                                return Err(EncodeError(format!("{key}: a solved code does not fit {bits} bits")));
+                            }
+                            for i in 0..n {
+                                affine::pack_codes(&sr.codes[i * cols..(i + 1) * cols], *bits, &mut packed);
+                                for p in &sr.params[i * ng..(i + 1) * ng] {
+                                    scales.push(p.scale);
+                                    biases.push(p.zero);
+                                }
+                            }
+                        }
+                        None => {
+                            for row in seg.chunks_exact(cols) {
+                                affine::quantize_affine_row(
+                                    row,
+                                    *bits,
+                                    *group,
+                                    *sd,
+                                    &mut packed,
+                                    &mut scales,
+                                    &mut biases,
+                                );
+                            }
+                        }
+                    }
+                    r += n;
                 }
                 out[0].extend(packed.iter().flat_map(|x| x.to_le_bytes()));
                 for s in &scales {

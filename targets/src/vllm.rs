@@ -13,13 +13,17 @@
 //! rounded to its stored dtype before dividing by it); compressed-tensors' own CPU compressor divides in the
 //! weight dtype (bf16) and can differ by one code where that rounding crosses a half step (see `docs/vllm.md`).
 
+use std::sync::Arc;
+
 use sling_core::DType;
 use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::ops::Op;
+use sling_pipeline::solved::{SolvedRows, Store};
 use sling_pipeline::{EncodeError, Part, Plan, Target, Weight};
-use sling_quantizers::ct::{self, IntArgs, ScaleDtype};
+use sling_quantizers::ct::{self, IntArgs, IntGrid, ScaleDtype};
+use sling_quantizers::gptq::Grid;
 
 use crate::{json_sorted, TargetError};
 
@@ -158,6 +162,39 @@ pub enum Enc {
 /// The vLLM target (see the module docs).
 pub struct Vllm {
     pub scheme: Scheme,
+    /// Weights quantized upstream (GPTQ), keyed by their Hugging Face name: an integer weight the store holds is
+    /// written from its stored codes and parameters instead of being rounded to nearest; any other is encoded
+    /// as usual.
+    pub solved: Option<Arc<Store>>,
+}
+
+/// The quantization grid of an encoding a solver (GPTQ) can choose the codes of: the integer schemes (w4a16,
+/// w4a16-asym, w8a16), whose round-to-nearest on this grid is exactly what [`Vllm`] writes. `None` for the rest.
+pub fn grid(enc: &Enc) -> Option<Box<dyn Grid>> {
+    match enc {
+        Enc::Int { args, sd } => Some(Box::new(IntGrid { args: *args, sd: *sd })),
+        _ => None,
+    }
+}
+
+/// Rows of `name` from `store`, checked against the grid they are written with.
+pub(crate) fn solved_rows(
+    store: Option<&Store>,
+    name: &str,
+    r0: usize,
+    n: usize,
+    cols: usize,
+    group: usize,
+) -> Result<Option<SolvedRows>, EncodeError> {
+    let Some(store) = store else { return Ok(None) };
+    let Some(sr) = store.rows(name, r0, r0 + n).map_err(|e| EncodeError(e.to_string()))? else { return Ok(None) };
+    if sr.cols != cols || sr.group != group {
+        return Err(EncodeError(format!(
+            "{name}: the solved-weight store holds {} columns in groups of {}, the target writes {cols} in groups of              {group}",
+            sr.cols, sr.group
+        )));
+    }
+    Ok(Some(sr))
 }
 
 /// The scale dtype compressed-tensors gives a weight of dtype `d` (`initialize_qparams`: the weight dtype if it
@@ -355,10 +392,32 @@ impl Target for Vllm {
             Enc::Fp8Codes => out[0].extend(vals.iter().map(|&x| ct::f32_to_e4m3(x))),
             Enc::Int { args, sd } => {
                 let (mut codes, mut scales, mut zeros, mut words) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for row in vals.chunks_exact(cols) {
+                let group = IntGrid { args: *args, sd: *sd }.group();
+                let solved = solved_rows(self.solved.as_deref(), &w.name, r0 as usize, rows, cols, group)?;
+                let ng = cols.div_ceil(group.max(1)).max(1);
+                let half = 1i32 << (args.bits.clamp(1, 8) - 1);
+                for (r, row) in vals.chunks_exact(cols).enumerate() {
                     codes.clear();
                     words.clear();
-                    ct::quantize_int_row(row, args, *sd, &mut codes, &mut scales, &mut zeros);
+                    match &solved {
+                        // The stored codes and parameters, laid out exactly as the RTN path lays out its own.
+                        Some(sr) => {
+                            codes.extend(sr.codes[r * cols..(r + 1) * cols].iter().map(|&c| c as i8));
+                            if codes.iter().any(|&c| !(-half..half).contains(&i32::from(c))) {
+                                return Err(EncodeError(format!(
+                                    "{}: a solved code does not fit {} bits",
+                                    w.name, args.bits
+                                )));
+                            }
+                            for p in &sr.params[r * ng..(r + 1) * ng] {
+                                scales.push(p.scale);
+                                if !args.symmetric {
+                                    zeros.push(p.zero as i8);
+                                }
+                            }
+                        }
+                        None => ct::quantize_int_row(row, args, *sd, &mut codes, &mut scales, &mut zeros),
+                    }
                     ct::pack_row(&codes, args.bits, &mut words);
                     out[0].extend(words.iter().flat_map(|w| w.to_le_bytes()));
                 }
