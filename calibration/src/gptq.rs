@@ -797,3 +797,81 @@ fn solve_one(
     };
     Ok((sw, Some(SolvedEntry { rows: w.rows, cols: w.cols, grid: w.grid.clone(), codes })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hessians_sum_once_per_shared_input() {
+        let inputs = [Input { cols: 3, expert: None }, Input { cols: 2, expert: Some(1) }];
+        let w = |name: &str, input: usize| Weight {
+            name: name.into(),
+            expert: None,
+            rows: 1,
+            cols: inputs[input].cols,
+            input,
+            grid: Arc::new(NoGrid),
+            resumed: false,
+        };
+        let weights = [w("q", 0), w("k", 0), w("e1", 1)];
+        let s = Settings { min_expert_tokens: 2, ..Settings::default() };
+        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
+        let x: Vec<f32> = (0..3 * 1100).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        h.routing(0, &[0, 5]);
+        h.linear_input(&lin("q", &x, 3));
+        h.linear_input(&lin("k", &x, 3)); // the same rows: not counted twice
+        h.linear_input(&lin("unknown", &x, 3));
+        h.linear_input(&lin("e1", &[1.0, 2.0, 3.0, 4.0], 2));
+        let a = h.acc[0].as_ref().unwrap();
+        assert_eq!(a.n, 1100);
+        for i in 0..3 {
+            for j in 0..3 {
+                let want: f64 = x.chunks(3).map(|r| r[i] as f64 * r[j] as f64).sum();
+                assert_eq!(a.sum[[i, j]], want);
+            }
+        }
+        let e = h.acc[1].as_ref().unwrap();
+        assert_eq!((e.n, e.sum.as_slice().unwrap()), (2, &[10.0, 14.0, 14.0, 20.0][..]));
+        // an expert under the minimum accumulates nothing
+        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
+        h.routing(0, &[0, 1]);
+        h.linear_input(&lin("e1", &[1.0, 2.0], 2));
+        assert!(h.acc[1].is_none());
+        // a wrong width is an error, not a panic
+        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
+        h.linear_input(&lin("q", &[1.0, 2.0], 2));
+        assert!(matches!(h.bad, Some(Error::Shape { .. })));
+    }
+
+    fn lin<'a>(name: &'a str, rows: &'a [f32], n_cols: usize) -> LinearInput<'a> {
+        LinearInput { tensor: "", hf: Some(name), expert: None, rows, n_cols, tokens: None }
+    }
+
+    struct NoGrid;
+    impl Grid for NoGrid {
+        fn group(&self) -> usize {
+            1
+        }
+        fn row_params(&self, row: &[f32]) -> Vec<GroupParams> {
+            vec![GroupParams { scale: 1.0, zero: 0.0, q_scale: 1.0, q_zero: 0.0 }; row.len()]
+        }
+        fn quantize(&self, x: f32, _: &GroupParams) -> (u8, f32) {
+            (0, x)
+        }
+        fn dequantize(&self, _: u8, _: &GroupParams) -> f32 {
+            0.0
+        }
+    }
+
+    #[test]
+    fn fused_names() {
+        assert_eq!(
+            fused_part("model.layers.3.mlp.experts.5.up_proj.weight"),
+            Some(("model.layers.3.mlp.experts.gate_up_proj".into(), 5, 1))
+        );
+        assert_eq!(fused_part("model.layers.3.mlp.experts.5.down_proj.weight").map(|f| f.2), Some(2));
+        assert_eq!(fused_part("model.layers.3.block_sparse_moe.experts.5.w1.weight"), None);
+        assert_eq!(fused_part("model.layers.3.mlp.shared_experts.up_proj.weight"), None);
+    }
+}
