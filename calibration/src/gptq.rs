@@ -31,21 +31,24 @@
 //!
 //! # Memory
 //!
-//! Held at once: the batch's hidden states (`tokens × hidden × 4 B`, twice: the layer's input is kept for the
-//! re-forward), one layer's forward working set (docs/calibration.md, "Memory bound"), **one layer's Hessians**
-//! (`cols² × 8 B` per accumulator, allocated when its first input arrives; experts under `min_expert_tokens` never
-//! allocate one), the solves in flight (per worker thread: the weight in f32, the solver's copy of its Hessian and
-//! its workspace), and until the re-forward the layer's codes (1 B per element, plus one [`GroupParams`] per group)
-//! of weights the store does not read back (none once the store keeps them).
+//! Held at once: the batch's hidden states twice (`2 × tokens × hidden × 4 B`: the layer's input is kept for the
+//! re-forward while the observing pass writes its output), the forward pass's working set of one sub-batch of
+//! [`Settings::batch_tokens`] tokens (docs/calibration.md, "Memory bound"), **one layer's Hessians** (`cols² × 8 B`
+//! per shared input, allocated when its first input arrives, so a routed expert no token reaches takes none), the
+//! solves in flight (per worker thread: the weight in f32 and the solver's working copies of its Hessian, about
+//! `2 × cols² × 8 B` in llm-compressor's algorithm) and, until the re-forward, the layer's codes (1 B per element
+//! plus one [`GroupParams`] per group) of the weights the store does not read back (none once it keeps them).
 //!
-//! DeepSeek-V3 (hidden 7168, moe_intermediate 2048, 256 routed experts, one shared expert of 2048): per routed
-//! expert gate/up share a 7168² f64 Hessian (411 MB) and down has a 2048² one (33.6 MB): 444 MB per expert,
-//! **113.8 GB for the 256 experts of a layer** without `all_experts`; with `all_experts` every expert's gate/up
-//! shares the layer's one input Hessian, leaving 256 down Hessians = 8.6 GB. The attention's (q_a/kv_a 7168²,
-//! q_b 1536², kv_b 512², o 16384² = 2.1 GB) and the shared expert's are 2.6 GB more. With
-//! [`Settings::max_ram`] the routed experts of a layer are processed in groups whose Hessians fit in
+//! DeepSeek-V3 (hidden 7168, moe_intermediate 2048, 256 routed experts, q_lora 1536, kv_lora 512, 128 heads of
+//! v_head 128): per routed expert gate/up share a 7168² f64 Hessian (411 MB) and down has a 2048² one (33.6 MB):
+//! 444.6 MB per expert, **113.8 GB for the 256 experts of a layer** without `all_experts`; with `all_experts` every
+//! expert's gate/up shares the layer's one FFN-input Hessian, leaving 256 down Hessians = 8.6 GB. The rest of a
+//! layer: attention q_a/kv_a 7168² (411 MB), q_b 1536² (19 MB), kv_b 512² (2 MB), o_proj 16384² (2.15 GB), router
+//! and shared expert gate/up 7168² (411 MB, only if one of them is quantized), shared down 2048² (34 MB): 3.0 GB.
+//! With [`Settings::max_ram`] the routed experts of a layer are processed in groups whose Hessians fit in
 //! `max_ram − the layer's other Hessians` (at least one expert per group), the layer's forward running once per
-//! group: e.g. 32 GB → 67 experts per group, 4 observing passes per MoE layer.
+//! group: `max_ram` = 32 GB → 65 experts per group, 4 observing passes per MoE layer; 16 GB → 29 per group, 9
+//! passes. Solving with `T` threads adds about `T × (2 × 411 MB + 59 MB)` for gate/up weights.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,7 +61,7 @@ use sling_pipeline::solved::Store;
 use sling_quantizers::gptq::{self, Grid, GroupParams, Options, Solution};
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Batch, Model};
 use crate::observer::{LinearInput, Observer};
 use crate::source::TensorSource;
 use crate::spec::{Attention, ExpertLayout, Ffn, Spec};
@@ -77,6 +80,10 @@ pub struct Settings {
     pub sequential: bool,
     /// Bytes the Hessians of one layer may take; the routed experts are then processed in groups.
     pub max_ram: Option<u64>,
+    /// Tokens per forward call: the sequences run through a layer in sub-batches of whole sequences of at most
+    /// this many tokens (default 2048, llama-imatrix's batch), which bounds the forward pass's activations; the
+    /// Hessians sum over all of them.
+    pub batch_tokens: usize,
 }
 
 impl Default for Settings {
@@ -87,6 +94,7 @@ impl Default for Settings {
             all_experts: false,
             sequential: true,
             max_ram: None,
+            batch_tokens: 2048,
         }
     }
 }
@@ -148,8 +156,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// How many weights went `f`'s way.
     pub fn count(&self, f: impl Fn(&Method) -> bool) -> usize {
         self.weights.iter().filter(|w| f(&w.method)).count()
+    }
+
+    /// The weights that fell back to round-to-nearest: `(name, tokens, why)` (the manifest's `fallbacks`).
+    pub fn fallbacks(&self) -> impl Iterator<Item = (&str, u64, &str)> {
+        self.weights.iter().filter_map(|w| match &w.method {
+            Method::Rtn { why } => Some((w.name.as_str(), w.tokens, why.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Per MoE layer, `model.layers.N` → routed calibration tokens per expert (the manifest's `expert_tokens`).
+    pub fn expert_tokens(&self) -> std::collections::BTreeMap<String, Vec<u64>> {
+        self.routing.iter().map(|r| (format!("model.layers.{}", r.layer), r.counts.clone())).collect()
     }
 }
 
@@ -161,13 +183,13 @@ pub enum Progress<'a> {
         layers: usize,
         weights: usize,
     },
-    /// Layer `layer` starts: its weights, its observing passes, and its input hidden states (`[tokens, hidden]`;
-    /// for diagnostics and tests).
+    /// Layer `layer` starts: its weights, its observing passes, and its input hidden states (`[tokens, hidden]`
+    /// per sub-batch; for diagnostics and tests).
     LayerStart {
         layer: usize,
         weights: usize,
         passes: usize,
-        input: &'a Array2<f32>,
+        inputs: &'a [Array2<f32>],
     },
     /// One weight is done (solved, fallen back or resumed).
     Solved {
@@ -364,17 +386,15 @@ struct Hessians<'a> {
     inputs: &'a [Input],
     active: Vec<bool>,
     acc: Vec<Option<Acc>>,
+    /// Inputs accumulated in the current forward call (reset by `layer_done`).
     taken: Vec<bool>,
-    /// Routed experts under the token minimum: their inputs are not accumulated.
-    skip_expert: Vec<bool>,
-    min_tokens: u64,
-    all_experts: bool,
+    /// Routed (token, slot) pairs per expert, summed over the forward calls (sub-batches).
     routing: Option<Vec<u64>>,
     bad: Option<Error>,
 }
 
 impl<'a> Hessians<'a> {
-    fn new(inputs: &'a [Input], weights: &'a [Weight], active: Vec<bool>, s: &Settings) -> Self {
+    fn new(inputs: &'a [Input], weights: &'a [Weight], active: Vec<bool>) -> Self {
         let by_name = weights.iter().map(|w| (w.name.as_str(), w.input)).collect();
         Hessians {
             by_name,
@@ -382,9 +402,6 @@ impl<'a> Hessians<'a> {
             acc: inputs.iter().map(|_| None).collect(),
             taken: vec![false; inputs.len()],
             active,
-            skip_expert: Vec::new(),
-            min_tokens: s.min_expert_tokens,
-            all_experts: s.all_experts,
             routing: None,
             bad: None,
         }
@@ -396,11 +413,8 @@ impl<'a> Hessians<'a> {
             return;
         }
         self.taken[i] = true;
-        if self.inputs[i].expert.is_some_and(|e| self.skip_expert.get(e).copied().unwrap_or(false)) {
-            return;
-        }
         let c = self.inputs[i].cols;
-        if x.n_cols != c || x.rows.len() % c.max(1) != 0 {
+        if x.n_cols != c || !x.rows.len().is_multiple_of(c.max(1)) {
             self.bad.get_or_insert(Error::Shape {
                 tensor: x.hf.unwrap_or(x.tensor).to_string(),
                 shape: vec![(x.rows.len() / x.n_cols.max(1)) as u64, x.n_cols as u64],
@@ -436,8 +450,17 @@ impl Observer for Hessians<'_> {
         self.add(x);
     }
     fn routing(&mut self, _layer: usize, counts: &[u64]) {
-        self.skip_expert = counts.iter().map(|&c| !self.all_experts && c < self.min_tokens).collect();
-        self.routing = Some(counts.to_vec());
+        add_counts(&mut self.routing, counts);
+    }
+    fn layer_done(&mut self, _layer: usize) {
+        self.taken.iter_mut().for_each(|t| *t = false);
+    }
+}
+
+fn add_counts(acc: &mut Option<Vec<u64>>, counts: &[u64]) {
+    match acc {
+        Some(a) if a.len() == counts.len() => a.iter_mut().zip(counts).for_each(|(a, c)| *a += c),
+        _ => *acc = Some(counts.to_vec()),
     }
 }
 
@@ -448,7 +471,7 @@ struct RoutingOnly(Option<Vec<u64>>);
 impl Observer for RoutingOnly {
     fn linear_input(&mut self, _: &LinearInput<'_>) {}
     fn routing(&mut self, _layer: usize, counts: &[u64]) {
-        self.0 = Some(counts.to_vec());
+        add_counts(&mut self.0, counts);
     }
 }
 
@@ -588,8 +611,46 @@ fn expert_groups(inputs: &[Input], active: &[bool], max_ram: Option<u64>) -> Vec
     groups
 }
 
+/// Sequences in sub-batches of whole sequences of at most `max_tokens` tokens (a longer sequence alone).
+fn sub_batches(seqs: &[Vec<u32>], max_tokens: usize) -> Vec<&[Vec<u32>]> {
+    let mut out = Vec::new();
+    let (mut start, mut n) = (0, 0);
+    for (i, sq) in seqs.iter().enumerate() {
+        if i > start && n + sq.len() > max_tokens {
+            out.push(&seqs[start..i]);
+            (start, n) = (i, 0);
+        }
+        n += sq.len();
+    }
+    if start < seqs.len() {
+        out.push(&seqs[start..]);
+    }
+    out
+}
+
+/// Runs layer `l` over every sub-batch, in place.
+fn forward(
+    model: &Model<'_>,
+    l: usize,
+    hs: &mut [Array2<f32>],
+    batches: &[Batch],
+    mut obs: Option<&mut dyn Observer>,
+) -> Result<()> {
+    for (h, b) in hs.iter_mut().zip(batches) {
+        let o: Option<&mut dyn Observer> = match &mut obs {
+            Some(o) => Some(&mut **o),
+            None => None,
+        };
+        model.run_layer(l, h, b, o)?;
+    }
+    Ok(())
+}
+
 /// Runs the pass: solves every linear weight of every decoder layer that `grids` names, stores the solutions
-/// in `store` and reports what it did. `seqs` are the calibration sequences (token ids), run as one batch.
+/// in `store` and reports what it did. `seqs` are the calibration sequences (token ids); they run through each
+/// layer in sub-batches of whole sequences of at most [`Settings::batch_tokens`] tokens, the Hessians summing
+/// over all of them. Errors: an empty batch or sequence, a token out of range, a missing or misshapen
+/// tensor, gpt-oss's stacked experts, a solver or store failure.
 pub fn run(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
@@ -601,13 +662,21 @@ pub fn run(
 ) -> Result<Report> {
     let model = Model::new(src, cfg)?.all_experts(s.all_experts);
     let spec = model.spec();
-    let (mut h, batch) = model.embed_batch(seqs)?;
+    if seqs.is_empty() {
+        return Err(Error::Empty("no calibration sequences"));
+    }
+    let (mut hs, batches): (Vec<Array2<f32>>, Vec<Batch>) = sub_batches(seqs, s.batch_tokens.max(1))
+        .into_iter()
+        .map(|b| model.embed_batch(b))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let layers: Vec<(Vec<Input>, Vec<Weight>)> =
         (0..spec.n_layers).map(|l| layer_weights(spec, src, l, s.all_experts, grids, store)).collect::<Result<_>>()?;
     progress(Progress::Start { layers: spec.n_layers, weights: layers.iter().map(|(_, w)| w.len()).sum() });
     let mut report = Report {
         sequences: seqs.len(),
-        tokens: h.nrows() as u64,
+        tokens: hs.iter().map(|h| h.nrows() as u64).sum(),
         all_experts: s.all_experts,
         sequential: s.sequential,
         min_expert_tokens: s.min_expert_tokens,
@@ -624,10 +693,10 @@ pub fn run(
             todo[w.input] = true;
         }
         let groups = if todo.iter().any(|&t| t) { expert_groups(&inputs, &todo, s.max_ram) } else { vec![] };
-        progress(Progress::LayerStart { layer: l, weights: weights.len(), passes: groups.len(), input: &h });
+        progress(Progress::LayerStart { layer: l, weights: weights.len(), passes: groups.len(), inputs: &hs });
         let mut overlay = Overlay { base: src, store, solved: HashMap::new(), fused: Default::default() };
         let mut routing: Option<Vec<u64>> = None;
-        let mut observed_out: Option<Array2<f32>> = None;
+        let mut observed_out: Option<Vec<Array2<f32>>> = None;
         let mut solved: Vec<Option<SolvedWeight>> = weights.iter().map(|_| None).collect();
         for (gi, group) in groups.iter().enumerate() {
             let active: Vec<bool> = inputs
@@ -635,9 +704,9 @@ pub fn run(
                 .enumerate()
                 .map(|(k, i)| todo[k] && i.expert.map_or(gi == 0, |e| group.contains(&e)))
                 .collect();
-            let mut obs = Hessians::new(&inputs, &weights, active.clone(), s);
-            let mut hx = h.clone();
-            model.run_layer(l, &mut hx, &batch, Some(&mut obs))?;
+            let mut obs = Hessians::new(&inputs, &weights, active.clone());
+            let mut hx = hs.clone();
+            forward(&model, l, &mut hx, &batches, Some(&mut obs))?;
             if let Some(e) = obs.bad.take() {
                 return Err(e);
             }
@@ -645,7 +714,6 @@ pub fn run(
                 routing = obs.routing.clone();
             }
             observed_out = Some(hx);
-            let skip = std::mem::take(&mut obs.skip_expert);
             let mut accs = std::mem::take(&mut obs.acc);
             drop(obs);
             // H = 2/n Σ x xᵀ, in place
@@ -653,45 +721,63 @@ pub fn run(
                 let f = 2.0 / a.n.max(1) as f64;
                 a.sum.mapv_inplace(|v| v * f);
             }
-            let hs: Vec<Option<(&[f64], u64)>> = accs
+            let hess: Vec<Option<(&[f64], u64)>> = accs
                 .iter()
                 .map(|a| a.as_ref().filter(|a| a.n > 0).and_then(|a| Some((a.sum.as_slice()?, a.n))))
                 .collect();
             let chosen: Vec<usize> = (0..weights.len()).filter(|&i| active[weights[i].input]).collect();
-            let results: Vec<Result<(SolvedWeight, Option<SolvedEntry>)>> = chosen
+            let results: Vec<Result<(SolvedWeight, SolvedEntry)>> = chosen
                 .par_iter()
                 .map(|&i| {
                     let w = &weights[i];
                     let input = &inputs[w.input];
-                    let routed_tokens = input.expert.and_then(|e| routing.as_ref().and_then(|r| r.get(e).copied()));
-                    let few = input.expert.is_some_and(|e| skip.get(e).copied().unwrap_or(false));
-                    let hess = hs[w.input].as_ref();
-                    let tokens = hess.map(|h| h.1).or(if few { routed_tokens } else { None }).unwrap_or(0);
-                    solve_one(src, store, w, l, tokens, if few { None } else { hess.map(|h| h.0) }, few, s)
+                    let h = hess[w.input];
+                    // a routed expert's own tokens (not with all_experts: its inputs are every token)
+                    let routed = input.expert.filter(|_| !s.all_experts);
+                    let routed_tokens = routed.and_then(|e| routing.as_ref().and_then(|r| r.get(e).copied()));
+                    let tokens = h.map(|h| h.1).or(routed_tokens).unwrap_or(0);
+                    let why = if routed.is_some() && tokens < s.min_expert_tokens {
+                        Some(format!("{tokens} routed tokens, fewer than the minimum {}", s.min_expert_tokens))
+                    } else if h.is_none() {
+                        Some("no input observed for this weight".to_string())
+                    } else {
+                        None
+                    };
+                    solve_one(src, store, w, l, tokens, h.map(|h| h.0).filter(|_| why.is_none()), why, s)
                 })
                 .collect();
-            drop(hs);
+            drop(hess);
             drop(accs);
             for (&i, r) in chosen.iter().zip(results) {
                 let (sw, entry) = r?;
                 progress(Progress::Solved { weight: &sw });
-                if let Some(e) = entry {
-                    insert(&mut overlay, &weights[i].name, e);
-                }
+                insert(&mut overlay, &weights[i].name, entry);
                 solved[i] = Some(sw);
             }
         }
+        if moe(l) && routing.is_none() {
+            // nothing observed (every weight resumed or left alone): the routing of the original layer, as an
+            // uninterrupted run reports it
+            let mut ro = RoutingOnly::default();
+            let mut hx = hs.clone();
+            forward(&model, l, &mut hx, &batches, Some(&mut ro))?;
+            routing = ro.0;
+            observed_out = Some(hx);
+        }
         // resumed weights: no solve, their stored codes for the re-forward
         for (i, w) in weights.iter().enumerate().filter(|(_, w)| w.resumed) {
-            let input = &inputs[w.input];
-            let tokens = input.expert.and_then(|e| routing.as_ref().and_then(|r| r.get(e).copied())).unwrap_or(0);
+            let routed = inputs[w.input].expert.filter(|_| !s.all_experts);
+            let tokens = match routed {
+                Some(e) => routing.as_ref().and_then(|r| r.get(e).copied()).unwrap_or(0),
+                None => report.tokens,
+            };
             let sw = SolvedWeight {
                 name: w.name.clone(),
                 layer: l,
                 expert: w.expert,
                 rows: w.rows,
                 cols: w.cols,
-                tokens: if input.expert.is_some() && !s.all_experts { tokens } else { report.tokens },
+                tokens,
                 method: Method::Resumed,
                 loss: 0.0,
             };
@@ -701,31 +787,22 @@ pub fn run(
             solved[i] = Some(sw);
         }
         report.weights.extend(solved.into_iter().flatten());
-        if moe(l) && routing.is_none() {
-            // nothing observed (every weight resumed or left alone): the routing of the original layer, as
-            // an uninterrupted run reports it
-            let mut ro = RoutingOnly::default();
-            let mut hx = h.clone();
-            model.run_layer(l, &mut hx, &batch, Some(&mut ro))?;
-            routing = ro.0;
-            observed_out = Some(hx);
-        }
         // propagate
         let mut err = None;
         if s.sequential && !overlay.solved.is_empty() {
-            Model::new(&overlay, cfg)?.run_layer(l, &mut h, &batch, None)?;
-            if let Some(y) = &observed_out {
+            forward(&Model::new(&overlay, cfg)?, l, &mut hs, &batches, None)?;
+            if let Some(ys) = &observed_out {
                 let (mut d, mut n) = (0f64, 0f64);
-                for (a, b) in h.iter().zip(y) {
+                for (a, b) in hs.iter().flatten().zip(ys.iter().flatten()) {
                     d += (f64::from(*a) - f64::from(*b)).powi(2);
                     n += f64::from(*b).powi(2);
                 }
                 err = Some(if n > 0.0 { (d / n).sqrt() } else { d.sqrt() });
             }
         } else if let Some(out) = observed_out {
-            h = out;
+            hs = out;
         } else {
-            model.run_layer(l, &mut h, &batch, None)?;
+            forward(&model, l, &mut hs, &batches, None)?;
         }
         if let (true, Some(counts)) = (moe(l), routing) {
             report.routing.push(LayerRouting { layer: l, counts });
@@ -754,28 +831,24 @@ fn solve_one(
     layer: usize,
     tokens: u64,
     h: Option<&[f64]>,
-    few: bool,
+    rtn_why: Option<String>,
     s: &Settings,
-) -> Result<(SolvedWeight, Option<SolvedEntry>)> {
+) -> Result<(SolvedWeight, SolvedEntry)> {
     let data = read_weight(src, &w.name, w.rows, w.cols)?;
     let err = |e: gptq::GptqError| Error::Solve { tensor: w.name.clone(), why: e.to_string() };
-    let (sol, method): (Solution, Method) = match h {
-        _ if few => (
-            gptq::rtn(&data, w.rows, w.cols, &*w.grid).map_err(err)?,
-            Method::Rtn { why: format!("{tokens} routed tokens, fewer than the minimum {}", s.min_expert_tokens) },
-        ),
-        None => (
-            gptq::rtn(&data, w.rows, w.cols, &*w.grid).map_err(err)?,
-            Method::Rtn { why: "no input observed for this weight".into() },
-        ),
-        Some(h) => {
+    let (sol, method) = match (h, rtn_why) {
+        (Some(h), None) => {
             let sol = gptq::solve(&data, w.rows, w.cols, h, &*w.grid, &s.gptq).map_err(err)?;
             let m = match sol.fallback {
-                Some(f) => Method::Rtn { why: format!("GPTQ fell back: {f:?}") },
+                Some(f) => Method::Rtn { why: format!("GPTQ fell back to RTN: {f:?}") },
                 None => Method::Gptq,
             };
             (sol, m)
         }
+        (_, why) => (
+            gptq::rtn(&data, w.rows, w.cols, &*w.grid).map_err(err)?,
+            Method::Rtn { why: why.unwrap_or_else(|| "no input observed for this weight".into()) },
+        ),
     };
     drop(data);
     store.put(&w.name, w.grid.group(), &sol).map_err(|e| Error::Store(e.to_string()))?;
@@ -795,7 +868,7 @@ fn solve_one(
         let Solution { codes, params, .. } = sol;
         Codes::Mem { codes, params }
     };
-    Ok((sw, Some(SolvedEntry { rows: w.rows, cols: w.cols, grid: w.grid.clone(), codes })))
+    Ok((sw, SolvedEntry { rows: w.rows, cols: w.cols, grid: w.grid.clone(), codes }))
 }
 
 #[cfg(test)]
@@ -815,8 +888,7 @@ mod tests {
             resumed: false,
         };
         let weights = [w("q", 0), w("k", 0), w("e1", 1)];
-        let s = Settings { min_expert_tokens: 2, ..Settings::default() };
-        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
+        let mut h = Hessians::new(&inputs, &weights, vec![true, true]);
         let x: Vec<f32> = (0..3 * 1100).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
         h.routing(0, &[0, 5]);
         h.linear_input(&lin("q", &x, 3));
@@ -833,13 +905,8 @@ mod tests {
         }
         let e = h.acc[1].as_ref().unwrap();
         assert_eq!((e.n, e.sum.as_slice().unwrap()), (2, &[10.0, 14.0, 14.0, 20.0][..]));
-        // an expert under the minimum accumulates nothing
-        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
-        h.routing(0, &[0, 1]);
-        h.linear_input(&lin("e1", &[1.0, 2.0], 2));
-        assert!(h.acc[1].is_none());
         // a wrong width is an error, not a panic
-        let mut h = Hessians::new(&inputs, &weights, vec![true, true], &s);
+        let mut h = Hessians::new(&inputs, &weights, vec![true, true]);
         h.linear_input(&lin("q", &[1.0, 2.0], 2));
         assert!(matches!(h.bad, Some(Error::Shape { .. })));
     }

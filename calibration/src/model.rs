@@ -259,7 +259,7 @@ impl<'s> Model<'s> {
         }
         self.layer(l, h, b, &mut observer)?;
         self.src.release();
-        if let Some(o) = observer.as_deref_mut() {
+        if let Some(o) = observer {
             o.layer_done(l);
         }
         Ok(())

@@ -235,8 +235,8 @@ fn sequential_propagates_the_quantized_layer() {
         let mut seen = Vec::new();
         let s = Settings { sequential, ..Settings::default() };
         let r = run(&src, &cfg, &data, &grids, &store, &s, &mut |p| {
-            if let Progress::LayerStart { input, .. } = p {
-                seen.push(input.clone());
+            if let Progress::LayerStart { inputs, .. } = p {
+                seen.push(inputs.to_vec());
             }
         })
         .unwrap();
@@ -421,5 +421,26 @@ fn observed_hf_names_are_the_artifact_tensor_names() {
         assert_eq!(all, hf, "{name}");
         assert!(o.1.iter().all(|n| n.ends_with("self_attn.kv_b_proj.weight")), "{name}: {:?}", o.1);
         assert_eq!(!o.1.is_empty(), name.starts_with("deepseek"), "{name}");
+    }
+}
+
+#[test]
+fn sub_batches_sum_into_the_same_statistics() {
+    let data = seqs(4, 24, 13);
+    let s = Settings { min_expert_tokens: 8, ..Settings::default() };
+    let go = |s: &Settings| {
+        let dir = tempfile::tempdir().unwrap();
+        run_fixture("mixtral", &data, &Store::open(dir.path()).unwrap(), s).unwrap()
+    };
+    let whole = go(&s);
+    let split = go(&Settings { batch_tokens: 50, ..s.clone() }); // two sequences per forward call
+    let single = go(&Settings { batch_tokens: 1, ..s.clone() }); // one per call
+    for r in [&split, &single] {
+        assert_eq!(r.tokens, whole.tokens);
+        assert_eq!(r.routing, whole.routing);
+        for (a, b) in r.weights.iter().zip(&whole.weights) {
+            assert_eq!((&a.name, a.tokens, &a.method), (&b.name, b.tokens, &b.method));
+            assert!((a.loss - b.loss).abs() <= 1e-4 * b.loss.abs().max(1e-12), "{}: {} vs {}", a.name, a.loss, b.loss);
+        }
     }
 }
