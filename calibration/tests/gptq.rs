@@ -249,9 +249,47 @@ fn sequential_propagates_the_quantized_layer() {
     assert_ne!(seq[1], plain[1], "layer 1 sees layer 0's quantized output only when sequential");
     assert!(rp.output_error.iter().all(Option::is_none));
     assert!(rs.output_error.iter().all(Option::is_some));
-    // Once the solver is real, layer 1's GPTQ losses differ too (its Hessians come from other inputs):
-    // re-check after merging quantizers::gptq: `assert_ne!(losses(rs, 1), losses(rp, 1))`.
-    let _ = (rs, rp);
+    // With the real solver, layer 1's GPTQ losses differ too (its Hessians come from other inputs), layer 0's
+    // do not.
+    if solver_works() {
+        let loss = |r: &Report, l: usize| r.weights.iter().filter(|w| w.layer == l).map(|w| w.loss).collect::<Vec<_>>();
+        assert_eq!(loss(&rs, 0), loss(&rp, 0));
+        assert_ne!(loss(&rs, 1), loss(&rp, 1));
+    }
+}
+
+/// Whether `gptq::solve` is the real solver (false while it is the skeleton that returns RTN).
+fn solver_works() -> bool {
+    let w: Vec<f32> = (0..64).map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.3).collect();
+    let mut h = vec![0.0f64; 64 * 64];
+    for i in 0..64 {
+        for j in 0..64 {
+            h[i * 64 + j] = if i == j { 2.0 } else { 0.9f64.powi((i as i32 - j as i32).abs()) };
+        }
+    }
+    let g = sling_quantizers::gptq::solve(&w, 1, 64, &h, &Sym4, &Default::default()).unwrap();
+    g.loss > 0.0
+}
+
+#[test]
+fn gptq_lowers_the_layer_output_error() {
+    if !solver_works() {
+        eprintln!("skipped until quantizers::gptq::solve is merged");
+        return;
+    }
+    // measured (qwen3moe, 8 × 64 tokens): layer outputs' relative error 0.190 / 0.089 with GPTQ against
+    // 0.214 / 0.138 with GPTQ damped into RTN (damp 1e6)
+    let data = seqs(8, 64, 21);
+    let go = |damp: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let gptq = sling_quantizers::gptq::Options { damp, ..Default::default() };
+        let s = Settings { min_expert_tokens: 8, gptq, ..Settings::default() };
+        run_fixture("qwen3moe", &data, &Store::open(dir.path()).unwrap(), &s).unwrap()
+    };
+    let (g, r) = (go(0.01), go(1e6));
+    for (a, b) in g.output_error.iter().zip(&r.output_error) {
+        assert!(a.unwrap() < b.unwrap(), "{:?} vs {:?}", g.output_error, r.output_error);
+    }
 }
 
 #[test]
