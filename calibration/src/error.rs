@@ -19,6 +19,10 @@ pub enum Error {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("empty input: {0}")]
     Empty(&'static str),
+    #[error("GPTQ of {tensor}: {why}")]
+    Solve { tensor: String, why: String },
+    #[error("solved-weight store: {0}")]
+    Store(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

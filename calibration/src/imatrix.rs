@@ -249,15 +249,24 @@ mod tests {
         c.begin_batch(16);
         let rows: Vec<f32> = (0..32).map(|i| i as f32).collect(); // 16 rows x 2
         c.linear_input(&LinearInput {
+            hf: None,
             tensor: "blk.0.attn_q.weight",
             expert: None,
             rows: &rows,
             n_cols: 2,
             tokens: None,
         });
-        c.linear_input(&LinearInput { tensor: "output.weight", expert: None, rows: &rows, n_cols: 2, tokens: None });
+        c.linear_input(&LinearInput {
+            hf: None,
+            tensor: "output.weight",
+            expert: None,
+            rows: &rows,
+            n_cols: 2,
+            tokens: None,
+        });
         let toks = [0usize, 3];
         c.linear_input(&LinearInput {
+            hf: None,
             tensor: "blk.0.ffn_down_exps.weight",
             expert: Some(2),
             rows: &rows[..4],

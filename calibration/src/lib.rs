@@ -20,6 +20,7 @@
 pub mod candidate;
 pub mod error;
 pub mod eval;
+pub mod gptq;
 pub mod imatrix;
 pub mod math;
 pub mod model;
@@ -31,7 +32,7 @@ pub mod spec;
 pub use candidate::GgufCandidate;
 pub use error::{Error, Result};
 pub use eval::{evaluate, EvalReport, Evaluator};
-pub use model::Model;
+pub use model::{Batch, Model};
 pub use observer::{LinearInput, Observer, SumSquares};
 pub use source::{CheckpointSource, MemSource, TensorSource};
 pub use spec::Spec;

@@ -20,8 +20,8 @@ use crate::spec::{Act, Attention, ExpertLayout, Ffn, Moe, QkNorm, Router, Spec};
 
 type Obs<'o, 'a> = &'o mut Option<&'a mut dyn Observer>;
 
-/// Token layout of a batch: sequences one after the other.
-struct Batch {
+/// Token layout of a batch: sequences one after the other (opaque; from [`Model::embed_batch`]).
+pub struct Batch {
     seqs: Vec<(usize, usize)>,
     /// Position of every token within its sequence.
     pos: Vec<usize>,
@@ -43,6 +43,7 @@ pub struct Model<'s> {
 fn observe(
     obs: Obs,
     tensor: impl FnOnce() -> String,
+    hf: impl FnOnce() -> Option<String>,
     expert: Option<usize>,
     x: &Array2<f32>,
     tokens: Option<&[usize]>,
@@ -50,9 +51,22 @@ fn observe(
     if let Some(o) = obs.as_deref_mut() {
         let c = x.as_standard_layout();
         if let Some(rows) = c.as_slice() {
-            o.linear_input(&LinearInput { tensor: &tensor(), expert, rows, n_cols: x.ncols(), tokens });
+            let hf = hf();
+            o.linear_input(&LinearInput {
+                tensor: &tensor(),
+                hf: hf.as_deref(),
+                expert,
+                rows,
+                n_cols: x.ncols(),
+                tokens,
+            });
         }
     }
+}
+
+/// `model.layers.{l}.{stem}.weight`, for [`observe`].
+fn hf_name(l: usize, stem: &str) -> Option<String> {
+    Some(format!("model.layers.{l}.{stem}.weight"))
 }
 
 /// One routed expert's weights in `nn.Linear` layout.
@@ -215,6 +229,48 @@ impl<'s> Model<'s> {
         Ok(self.final_hidden(seqs, &mut observer)?.0)
     }
 
+    /// Layer by layer, for callers that act between layers (the GPTQ pass): the embedded hidden states
+    /// (`[tokens, hidden]`, sequences one after the other) and the batch layout to hand to
+    /// [`Model::run_layer`]. Errors on an empty batch, an empty sequence or a token out of range.
+    pub fn embed_batch(&self, seqs: &[Vec<u32>]) -> Result<(Array2<f32>, Batch)> {
+        let b = self.batch(seqs)?;
+        Ok((self.embed(seqs)?, b))
+    }
+
+    /// Runs decoder layer `l` over `h` in place (what [`Model::logits`] does for each layer, observer calls
+    /// included: the layer's linear inputs, routing, then [`Observer::layer_done`]). `h` must come from
+    /// [`Model::embed_batch`] with `b` (and layers `0..l`).
+    pub fn run_layer(
+        &self,
+        l: usize,
+        h: &mut Array2<f32>,
+        b: &Batch,
+        mut observer: Option<&mut dyn Observer>,
+    ) -> Result<()> {
+        if l >= self.spec.n_layers {
+            return Err(Error::BadConfig(format!("layer {l} of a {}-layer model", self.spec.n_layers)));
+        }
+        if h.nrows() != b.pos.len() || h.ncols() != self.spec.hidden {
+            return Err(Error::Shape {
+                tensor: "hidden states".into(),
+                shape: h.shape().iter().map(|&d| d as u64).collect(),
+                expected: format!("[{}, {}]", b.pos.len(), self.spec.hidden),
+            });
+        }
+        self.layer(l, h, b, &mut observer)?;
+        self.src.release();
+        if let Some(o) = observer {
+            o.layer_done(l);
+        }
+        Ok(())
+    }
+
+    /// The final norm (`model.norm`) of hidden states: the input of the output head.
+    pub fn final_norm(&self, h: &Array2<f32>) -> Result<Array2<f32>> {
+        let w = self.vector("model.norm.weight", self.spec.hidden)?;
+        Ok(rms_norm_rows(h, &w, self.spec.eps))
+    }
+
     fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
         if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
             return Err(Error::Empty("every sequence needs at least one token"));
@@ -284,7 +340,7 @@ impl<'s> Model<'s> {
         if shape.len() != 2 || shape[1] != hd as u64 {
             return Err(Error::Shape { tensor: name.into(), shape, expected: format!("[vocab, {hd}]") });
         }
-        observe(obs, || gguf.to_string(), None, x, None);
+        observe(obs, || gguf.to_string(), || Some(name.to_string()), None, x, None);
         let vocab = shape[0] as usize;
         let mut out = Array2::<f32>::zeros((x.nrows(), vocab));
         let chunk = ((64usize << 20) / hd.max(1)).clamp(1, vocab.max(1));
@@ -347,7 +403,8 @@ impl<'s> Model<'s> {
         let (wk, bk) = self.lin(&format!("{p}k_proj"), nkv * dh, hd)?;
         let (wv, bv) = self.lin(&format!("{p}v_proj"), nkv * dh, hd)?;
         for stem in ["q_proj", "k_proj", "v_proj"] {
-            observe(obs, || s.gguf_name(l, &format!("self_attn.{stem}")), None, x, None);
+            let stem = format!("self_attn.{stem}");
+            observe(obs, || s.gguf_name(l, &stem), || hf_name(l, &stem), None, x, None);
         }
         let mut q = linear(x.view(), wq.view(), bq.as_deref());
         let mut k = linear(x.view(), wk.view(), bk.as_deref());
@@ -392,7 +449,7 @@ impl<'s> Model<'s> {
             sinks: sink_v.as_deref(),
         };
         let out = attention(&q, &k, &v, &shape);
-        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), None, &out, None);
+        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dh)?;
         Ok(linear(out.view(), wo.view(), bo.as_deref()))
     }
@@ -414,27 +471,63 @@ impl<'s> Model<'s> {
         let mut q = match q_lora_rank {
             Some(r) => {
                 let (wa, ba) = self.lin(&format!("{p}q_a_proj"), r, hd)?;
-                observe(obs, || s.gguf_name(l, "self_attn.q_a_proj"), None, x, None);
+                observe(
+                    obs,
+                    || s.gguf_name(l, "self_attn.q_a_proj"),
+                    || hf_name(l, "self_attn.q_a_proj"),
+                    None,
+                    x,
+                    None,
+                );
                 let qa = linear(x.view(), wa.view(), ba.as_deref());
                 let qa = rms_norm_rows(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
                 let (wb, bb) = self.lin(&format!("{p}q_b_proj"), nh * dk, r)?;
-                observe(obs, || s.gguf_name(l, "self_attn.q_b_proj"), None, &qa, None);
+                observe(
+                    obs,
+                    || s.gguf_name(l, "self_attn.q_b_proj"),
+                    || hf_name(l, "self_attn.q_b_proj"),
+                    None,
+                    &qa,
+                    None,
+                );
                 linear(qa.view(), wb.view(), bb.as_deref())
             }
             None => {
                 let (w, bq) = self.lin(&format!("{p}q_proj"), nh * dk, hd)?;
-                observe(obs, || s.gguf_name(l, "self_attn.q_proj"), None, x, None);
+                observe(obs, || s.gguf_name(l, "self_attn.q_proj"), || hf_name(l, "self_attn.q_proj"), None, x, None);
                 linear(x.view(), w.view(), bq.as_deref())
             }
         };
         let (wkv, bkv) = self.lin(&format!("{p}kv_a_proj_with_mqa"), kvr + qk_rope, hd)?;
-        observe(obs, || s.gguf_name(l, "self_attn.kv_a_proj_with_mqa"), None, x, None);
+        observe(
+            obs,
+            || s.gguf_name(l, "self_attn.kv_a_proj_with_mqa"),
+            || hf_name(l, "self_attn.kv_a_proj_with_mqa"),
+            None,
+            x,
+            None,
+        );
         let ckv = linear(x.view(), wkv.view(), bkv.as_deref());
         let c = rms_norm_rows(
             &ckv.slice(s![.., ..kvr]).to_owned(),
             &self.vector(&format!("{p}kv_a_layernorm.weight"), kvr)?,
             eps,
         );
+        if let Some(o) = obs.as_deref_mut() {
+            // The Hugging Face kv_b_proj multiplies the normed latent; GGUF has no such weight (see
+            // `Observer::hf_only_input`).
+            if let Some(rows) = c.as_slice() {
+                let name = format!("{p}kv_b_proj.weight");
+                o.hf_only_input(&LinearInput {
+                    tensor: &name,
+                    hf: Some(&name),
+                    expert: None,
+                    rows,
+                    n_cols: kvr,
+                    tokens: None,
+                });
+            }
+        }
         let mut kpe = ckv.slice(s![.., kvr..]).to_owned();
         self.rope_rows(&mut q, b, nh, dk, qk_nope);
         self.rope_rows(&mut kpe, b, 1, qk_rope, 0);
@@ -470,14 +563,14 @@ impl<'s> Model<'s> {
                     qn.row_mut(tt * nh + hh).assign(&q.slice(s![tt, hh * dk..hh * dk + qk_nope]));
                 }
             }
-            observe(obs, || s.gguf_name(l, "self_attn.k_b_proj"), None, &qn, None);
+            observe(obs, || s.gguf_name(l, "self_attn.k_b_proj"), || None, None, &qn, None);
             let lat = attention(&q, &k, &c, &AttnShape { n_v: 1, dv: kvr, ..shape });
             let lat = lat
                 .into_shape_with_order((t * nh, kvr))
                 .map_err(|e| Error::Read { tensor: format!("{p}kv_b_proj.weight"), why: e.to_string() })?;
-            observe(obs, || s.gguf_name(l, "self_attn.v_b_proj"), None, &lat, None);
+            observe(obs, || s.gguf_name(l, "self_attn.v_b_proj"), || None, None, &lat, None);
         }
-        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), None, &out, None);
+        observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dv)?;
         Ok(linear(out.view(), wo.view(), bo.as_deref()))
     }
@@ -488,13 +581,16 @@ impl<'s> Model<'s> {
         let p = format!("model.layers.{l}.{stem}.");
         let (wg, bg) = self.lin(&format!("{p}gate_proj"), ff, hd)?;
         let (wu, bu) = self.lin(&format!("{p}up_proj"), ff, hd)?;
-        observe(obs, || s.gguf_name(l, &format!("{stem}.gate_proj")), None, x, None);
-        observe(obs, || s.gguf_name(l, &format!("{stem}.up_proj")), None, x, None);
+        for w in ["gate_proj", "up_proj"] {
+            let st = format!("{stem}.{w}");
+            observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, x, None);
+        }
         let mut g = linear(x.view(), wg.view(), bg.as_deref());
         let u = linear(x.view(), wu.view(), bu.as_deref());
         drop((wg, wu));
         self.activate(&mut g, &u);
-        observe(obs, || s.gguf_name(l, &format!("{stem}.down_proj")), None, &g, None);
+        let st = format!("{stem}.down_proj");
+        observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, &g, None);
         let (wd, bd) = self.lin(&format!("{p}down_proj"), hd, ff)?;
         Ok(linear(g.view(), wd.view(), bd.as_deref()))
     }
@@ -516,7 +612,7 @@ impl<'s> Model<'s> {
         let (t, hd, ne) = (x.nrows(), s.hidden, m.n_experts);
         let p = format!("model.layers.{l}.");
         let (wr, br) = self.lin(&format!("{p}{}", s.router_stem), ne, hd)?;
-        observe(obs, || s.gguf_name(l, s.router_stem), None, x, None);
+        observe(obs, || s.gguf_name(l, s.router_stem), || hf_name(l, s.router_stem), None, x, None);
         let logits = linear(x.view(), wr.view(), br.as_deref());
         let e_bias = match m.router {
             Router::DeepseekV3 { .. } => Some(self.vector(&format!("{p}mlp.gate.e_score_correction_bias"), ne)?),
@@ -598,19 +694,21 @@ impl<'s> Model<'s> {
                         o += &row;
                     }
                 }
-                match seen {
-                    Seen::None => {}
-                    Seen::Routed(xe, g) => {
-                        observe(obs, || names[0].clone(), Some(e), &xe, Some(&toks));
-                        observe(obs, || names[1].clone(), Some(e), &xe, Some(&toks));
-                        observe(obs, || names[2].clone(), Some(e), &g, Some(&toks));
+                let hf = |i: usize| match m.layout {
+                    ExpertLayout::PerExpert => {
+                        let (prefix, w) = s.expert_names;
+                        Some(format!("model.layers.{l}.{prefix}.{e}.{}.weight", w[i]))
                     }
-                    Seen::All(g) => {
-                        observe(obs, || names[0].clone(), Some(e), x, Some(&all_toks));
-                        observe(obs, || names[1].clone(), Some(e), x, Some(&all_toks));
-                        observe(obs, || names[2].clone(), Some(e), &g, Some(&all_toks));
-                    }
-                }
+                    ExpertLayout::GptOss => None,
+                };
+                let (xin, down, toks) = match &seen {
+                    Seen::None => continue,
+                    Seen::Routed(xe, g) => (xe, g, &toks),
+                    Seen::All(g) => (x, g, &all_toks),
+                };
+                observe(obs, || names[0].clone(), || hf(0), Some(e), xin, Some(toks.as_slice()));
+                observe(obs, || names[1].clone(), || hf(1), Some(e), xin, Some(toks.as_slice()));
+                observe(obs, || names[2].clone(), || hf(2), Some(e), down, Some(toks.as_slice()));
             }
         }
         if let Some(sff) = m.shared_ff {
@@ -618,7 +716,7 @@ impl<'s> Model<'s> {
             if m.shared_gate {
                 let gate_stem = format!("{}_gate", m.shared_stem);
                 let wg = self.mat(&format!("{p}{gate_stem}.weight"), 1, hd)?;
-                observe(obs, || s.gguf_name(l, &gate_stem), None, x, None);
+                observe(obs, || s.gguf_name(l, &gate_stem), || hf_name(l, &gate_stem), None, x, None);
                 let gl = linear(x.view(), wg.view(), None);
                 for (mut row, gv) in sh.rows_mut().into_iter().zip(gl.column(0)) {
                     let f = sigmoid(*gv);

@@ -7,6 +7,14 @@ pub struct LinearInput<'a> {
     /// The weight's GGUF tensor name, as llama.cpp's imatrix names it: `blk.3.attn_q.weight`,
     /// `blk.3.ffn_down_exps.weight`, `output.weight` (`token_embd.weight` when the output is tied).
     pub tensor: &'a str,
+    /// The Hugging Face tensor name of the weight these rows are the input of, exactly as
+    /// `sling_pipeline::hf::tensors` names it: `model.layers.3.self_attn.q_proj.weight`, per routed expert
+    /// `model.layers.3.mlp.experts.5.gate_proj.weight` (Mixtral: `block_sparse_moe.experts.5.w1.weight`;
+    /// transformers-5 fused experts: the per-expert split names), `lm_head.weight` (`model.embed_tokens.weight`
+    /// when the output is tied). `None` where no Hugging Face weight multiplies these rows: DeepSeek's
+    /// `attn_k_b`/`attn_v_b` inputs (GGUF's split of `kv_b_proj`, whose own input goes to
+    /// [`Observer::hf_only_input`]) and gpt-oss's stacked experts.
+    pub hf: Option<&'a str>,
     /// The expert, for routed experts (`*_exps`).
     pub expert: Option<usize>,
     /// Row-major `[n_rows, n_cols]` inputs.
@@ -26,6 +34,13 @@ pub trait Observer {
     /// Called once per linear layer (and routed expert) per layer pass, with that layer's inputs for
     /// the whole batch.
     fn linear_input(&mut self, input: &LinearInput<'_>);
+
+    /// The input of a Hugging Face weight that has no GGUF counterpart with the same input, so that
+    /// [`Observer::linear_input`] never sees it: DeepSeek's `self_attn.kv_b_proj.weight`, whose input is the
+    /// `kv_a_layernorm`ed latent (GGUF splits the weight into `attn_k_b`/`attn_v_b`, observed with
+    /// llama.cpp's absorbed inputs). `input.tensor` is the Hugging Face name here too, and `input.hf` is
+    /// `Some` of it. Default: ignored (importance matrices are keyed by GGUF names).
+    fn hf_only_input(&mut self, _input: &LinearInput<'_>) {}
 
     /// Called once per MoE layer per forward call, before its experts' inputs: how many (token, slot)
     /// pairs the router sent to each expert. This is the true routing, also when the model runs with
