@@ -71,6 +71,39 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
     Ok((ck, p))
 }
 
+/// The weights the plan puts on an integer grid, by Hugging Face tensor name (MLX's stacked experts by each
+/// expert's name): what `--method gptq` solves.
+fn grids_of(p: &Planned) -> std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>> {
+    let mut m = std::collections::HashMap::new();
+    match p {
+        Planned::Vllm(_, plan) => {
+            for w in &plan.weights {
+                if let Some(g) = vllm::grid(&w.enc) {
+                    m.insert(w.name.clone(), std::sync::Arc::from(g));
+                }
+            }
+        }
+        Planned::Mlx(mp) => {
+            for w in &mp.plan.weights {
+                if let Some(g) = mlx::grid(&w.enc) {
+                    let g: std::sync::Arc<dyn sling_quantizers::gptq::Grid> = std::sync::Arc::from(g);
+                    match &w.enc {
+                        mlx::Enc::Affine { experts, .. } if !experts.is_empty() => {
+                            for e in experts {
+                                m.insert(e.clone(), g.clone());
+                            }
+                        }
+                        _ => {
+                            m.insert(w.name.clone(), g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    m
+}
+
 fn weights_json<E: std::fmt::Debug>(p: &Plan<E>) -> Vec<serde_json::Value> {
     p.weights
         .iter()
@@ -165,6 +198,24 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let t0 = Instant::now();
     let (ck, planned) = open_and_plan(&a.q, to)?;
     let (label, summary) = plan_of(&planned);
+    let method = a.q.solve.method()?;
+    if method != crate::solve::Method::Rtn {
+        sling_pipeline::exec::check_output(&ck, &a.output)?;
+    }
+    let solved = match method {
+        crate::solve::Method::Rtn => None,
+        m => Some(crate::solve::run(
+            &a.q.solve,
+            m,
+            &ck,
+            &grids_of(&planned),
+            &label,
+            &a.output,
+            a.pipeline.resume,
+            rep,
+        )?),
+    };
+    let store = solved.as_ref().map(|s| s.store.clone());
     let max_shard = a.split_max_size.as_deref().map(parse_size).transpose()?.or(Some(5 << 30));
     let record = |what: &str| manifest::Options {
         to: what.to_string(),
@@ -177,10 +228,39 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
             target: label.clone(),
             group_size: a.q.group_size,
             strict: a.q.strict,
-            calibration: None,
+            calibration: solved.as_ref().map(|s| s.record.clone()),
         }),
     };
     let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
+    if let Some(s) = &solved {
+        let r = &s.record;
+        card_extra.push((
+            "quantization method".into(),
+            format!(
+                "{} (damp {}, block {}, act-order {}, {}sequential{}) on {} calibration tokens ({} x {}, `{}` sha256 {})",
+                r.method,
+                r.damp,
+                r.block,
+                r.act_order,
+                if r.sequential { "" } else { "not " },
+                if r.all_experts { ", all experts" } else { "" },
+                r.data.tokens,
+                r.data.chunks,
+                r.data.ctx,
+                r.data.name,
+                &r.data.sha256[..16.min(r.data.sha256.len())]
+            ),
+        ));
+        if !r.fallbacks.is_empty() {
+            card_extra.push((
+                "round-to-nearest fallbacks".into(),
+                format!(
+                    "{} weight(s) (too few calibration tokens or no input observed; listed in sling.json)",
+                    r.fallbacks.len()
+                ),
+            ));
+        }
+    }
     let kept = summary["kept"].as_array().map_or(0, Vec::len);
     if kept > 0 {
         card_extra.push(("kept at source precision".into(), format!("{kept} weight(s), listed below")));
@@ -206,17 +286,21 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         Planned::Vllm(s, plan) => {
             let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
             let opts = base(files, "vllm", IndexStyle::Transformers, pt, ("compressed-tensors", "transformers"));
-            exec(&vllm::Vllm { scheme: *s, solved: None }, &ck, plan, &opts, &events)
+            exec(&vllm::Vllm { scheme: *s, solved: store.clone() }, &ck, plan, &opts, &events)
         }
         Planned::Mlx(m) => {
             let files = vec![("config.json".to_string(), mlx::config_json(&ck, m))];
             let index = IndexStyle::Mlx { total_parameters: mlx::total_parameters(m) };
             let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
             let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
-            exec(&mlx::Mlx::default(), &ck, &m.plan, &opts, &events)
+            exec(&mlx::Mlx { solved: store.clone() }, &ck, &m.plan, &opts, &events)
         }
     }
     .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
+    if let Some(s) = &solved {
+        // The artifact is complete: the solved weights are in it.
+        std::fs::remove_dir_all(&s.dir).with_context(|| format!("cannot remove {}", s.dir.display()))?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     rep.finish();
     rep.emit("done", json!({"output": report.output, "files": report.files, "manifest": report.manifest, "bytes": report.bytes_out, "seconds": secs}));
@@ -234,6 +318,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
                 "bytes_out": report.bytes_out,
                 "bpw": summary["bpw"],
                 "kept": summary["kept"],
+                "calibration": solved.as_ref().map(|s| serde_json::json!({"record": s.record, "weights": s.report.weights})),
                 "nonfinite": report.nonfinite,
                 "seconds": secs,
             }))?

@@ -121,3 +121,200 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(sling_formats::gguf::write::hex(&h.finalize()))
 }
+
+/// A calibrated solution ready for the executor.
+pub struct Solved {
+    pub store: std::sync::Arc<sling_pipeline::solved::Store>,
+    pub dir: PathBuf,
+    pub record: sling_provenance::manifest::CalibrationRecord,
+    pub report: sling_calibration::gptq::Report,
+}
+
+const FINGERPRINT: &str = "fingerprint.json";
+
+/// Runs the calibration pass of `a` (GPTQ) for the weights `grids` names, into `OUT.solve/` (reused with
+/// `--resume` when its fingerprint matches). `label` is the target (`vllm:w4a16`), `what` the source.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    s: &SolveArgs,
+    method: Method,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    grids: &std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>>,
+    label: &str,
+    output: &Path,
+    resume: bool,
+    rep: &crate::convert::Reporter,
+) -> Result<Solved> {
+    use sling_calibration::gptq::{self, Progress, Settings};
+    use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord};
+    if method == Method::Awq {
+        bail!("--method awq is not available yet for {label}; use --method gptq");
+    }
+    if grids.is_empty() {
+        bail!(
+            "--method {} applies to integer schemes (vllm:w4a16, vllm:w4a16-asym, vllm:w8a16, mlx:BITS); {label} \
+             quantizes no weight on an integer grid",
+            method.name()
+        );
+    }
+    if s.ctx == 0 {
+        bail!("--ctx must be > 0");
+    }
+    if !(s.damp.is_finite() && s.damp >= 0.0) || s.gptq_block_size == 0 {
+        bail!("--damp must be a finite number >= 0 and --gptq-block-size > 0");
+    }
+    let max_ram = s.max_ram.as_deref().map(crate::convert::parse_size).transpose()?;
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
+    let data_path = s.data.as_deref().or(s.tokens.as_deref()).context("no calibration data")?;
+    let t = crate::textdata::load(&ck.dir, s.data.as_deref(), s.tokens.as_deref())?;
+    let seqs = sling_calibration::imatrix::chunks(&t.ids, s.ctx, s.chunks, t.bos);
+    if seqs.is_empty() {
+        bail!(
+            "{}: {} tokens, fewer than one --ctx {} sequence; give more data or a smaller --ctx",
+            data_path.display(),
+            t.ids.len(),
+            s.ctx
+        );
+    }
+    let data_sha = file_sha256(data_path)?;
+    let settings = Settings {
+        gptq: sling_quantizers::gptq::Options { block: s.gptq_block_size, damp: s.damp, act_order: s.act_order },
+        min_expert_tokens: s.min_expert_tokens,
+        all_experts: s.all_experts,
+        sequential: !s.no_sequential,
+        max_ram,
+        ..Default::default()
+    };
+    // Everything that decides the store's contents: a resumed run reuses it only when all of it is the same.
+    let fp = serde_json::json!({
+        "schema": "sling.solve/1",
+        "version": env!("CARGO_PKG_VERSION"),
+        "target": label,
+        "method": method.name(),
+        "sources": sling_provenance::manifest::source_stamps(ck),
+        "data_sha256": data_sha,
+        "ctx": s.ctx, "chunks": seqs.len(),
+        "damp": s.damp, "block": s.gptq_block_size, "act_order": s.act_order, "all_experts": s.all_experts,
+        "min_expert_tokens": s.min_expert_tokens, "sequential": !s.no_sequential,
+        "grids": grids.keys().collect::<std::collections::BTreeSet<_>>(),
+    })
+    .to_string();
+    let dir = store_dir(output);
+    let reuse = resume && std::fs::read_to_string(dir.join(FINGERPRINT)).is_ok_and(|f| f == fp);
+    if !reuse && dir.exists() {
+        if resume {
+            rep.say(&format!("{}: made with other options or data; calibrating from the start", dir.display()));
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    let store = sling_pipeline::solved::Store::open(&dir)?;
+    std::fs::write(dir.join(FINGERPRINT), &fp).with_context(|| format!("cannot write {}", dir.display()))?;
+
+    let n_tok: usize = seqs.iter().map(Vec::len).sum();
+    rep.say(&format!(
+        "{}: {} on {} sequences x {} tokens ({n_tok} tokens) from {}{}",
+        label,
+        method.name(),
+        seqs.len(),
+        s.ctx,
+        data_path.display(),
+        if reuse { ", resuming" } else { "" }
+    ));
+    let src = sling_calibration::CheckpointSource::new(ck);
+    let lookup = |hf: &str| grids.get(hf).cloned();
+    let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
+    let (mut solved, mut total) = (0usize, 0usize);
+    let t0 = std::time::Instant::now();
+    let report = gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |p| match p {
+        Progress::Start { layers, weights } => {
+            total = weights;
+            rep.set_length(weights as u64);
+            rep.emit("calibrate_start", serde_json::json!({"layers": layers, "weights": weights, "tokens": n_tok}));
+        }
+        Progress::LayerStart { layer, .. } => rep.set_message(&format!("{} layer {layer}", method.name())),
+        Progress::Solved { weight } => {
+            solved += 1;
+            rep.set_position(solved as u64, &weight.name);
+            rep.emit("solved", serde_json::json!({"index": solved, "of": total, "weight": weight}));
+            if abort_after == Some(solved) {
+                std::process::abort(); // test hook: what `kill -9` leaves
+            }
+        }
+        Progress::LayerDone { layer } => rep.emit("layer_done", serde_json::json!({"layer": layer})),
+    })
+    .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?;
+    let n_gptq = report.count(|m| matches!(m, gptq::Method::Gptq | gptq::Method::Resumed));
+    let fallbacks: Vec<CalibrationFallback> = report
+        .fallbacks()
+        .map(|(w, tokens, why)| CalibrationFallback { weight: w.to_string(), tokens, why: why.to_string() })
+        .collect();
+    let unsolved: Vec<&String> = {
+        let seen: std::collections::HashSet<&str> = report.weights.iter().map(|w| w.name.as_str()).collect();
+        let mut v: Vec<&String> = grids.keys().filter(|k| !seen.contains(k.as_str())).collect();
+        v.sort();
+        v
+    };
+    rep.say(&format!(
+        "calibrated {} weights in {:.1}s: {n_gptq} by {}, {} by round-to-nearest{}",
+        report.weights.len(),
+        t0.elapsed().as_secs_f64(),
+        method.name(),
+        fallbacks.len(),
+        if unsolved.is_empty() {
+            String::new()
+        } else {
+            format!(", {} outside the decoder layers by round-to-nearest", unsolved.len())
+        }
+    ));
+    print_coverage(&report, s.min_expert_tokens, s.all_experts, rep);
+    for f in fallbacks.iter().take(20) {
+        rep.say(&format!("  round-to-nearest: {} ({} tokens): {}", f.weight, f.tokens, f.why));
+    }
+    if fallbacks.len() > 20 {
+        rep.say(&format!("  … and {} more (all listed in the manifest)", fallbacks.len() - 20));
+    }
+    let record = CalibrationRecord {
+        method: method.name().to_string(),
+        damp: s.damp,
+        block: s.gptq_block_size as u64,
+        act_order: s.act_order,
+        sequential: !s.no_sequential,
+        all_experts: s.all_experts,
+        min_expert_tokens: s.min_expert_tokens,
+        data: CalibrationData {
+            name: data_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            sha256: data_sha,
+            ctx: s.ctx as u64,
+            chunks: seqs.len() as u64,
+            tokens: n_tok as u64,
+        },
+        fallbacks,
+        expert_tokens: report.expert_tokens(),
+    };
+    Ok(Solved { store: std::sync::Arc::new(store), dir, record, report })
+}
+
+/// The per-expert coverage table: routed calibration tokens per expert of each MoE layer.
+pub fn print_coverage(
+    report: &sling_calibration::gptq::Report,
+    min_tokens: u64,
+    all_experts: bool,
+    rep: &crate::convert::Reporter,
+) {
+    for r in &report.routing {
+        let (mn, mx) = (r.counts.iter().min().copied().unwrap_or(0), r.counts.iter().max().copied().unwrap_or(0));
+        let few: Vec<usize> = (0..r.counts.len()).filter(|&e| r.counts[e] < min_tokens).collect();
+        rep.say(&format!(
+            "  layer {:>3}: {} experts, routed tokens min {mn} max {mx}{}",
+            r.layer,
+            r.counts.len(),
+            if all_experts {
+                " (--all-experts: every expert calibrated on every token)".to_string()
+            } else if few.is_empty() {
+                String::new()
+            } else {
+                format!(", {} under --min-expert-tokens {min_tokens}: {few:?}", few.len())
+            }
+        ));
+    }
+}
