@@ -386,6 +386,7 @@ pub fn rederive(
     m: &manifest::Manifest,
     source: &std::path::Path,
     mode: manifest::Rederive,
+    data: Option<&std::path::Path>,
 ) -> (manifest::RederiveReport, Vec<manifest::Problem>) {
     use manifest::{Problem, ProblemKind, RederiveReport, RederiveStatus};
     let (sample, mode_name) = match mode {
@@ -410,7 +411,7 @@ pub fn rederive(
         report.plan = Some(rec.target.clone());
         let recorded: std::collections::HashMap<&str, &manifest::TensorRecord> =
             m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-        let mut check = |plan_parts: Vec<(String, String, Vec<u64>)>| {
+        let check = |plan_parts: Vec<(String, String, Vec<u64>)>, problems: &mut Vec<Problem>| {
             let mut seen = std::collections::HashSet::new();
             for (name, dtype, shape) in plan_parts {
                 let ne: Vec<u64> = shape.iter().rev().copied().collect();
@@ -446,11 +447,43 @@ pub fn rederive(
             }
         };
         let allow = m.options.allow_nonfinite;
+        // A calibrated artifact: the calibration pass runs again on the same data, into a scratch store.
+        let mut tmp: Option<std::path::PathBuf> = None;
+        let resolve = |rec: &manifest::TargetRecord,
+                       ck: &Checkpoint,
+                       planned: &Planned,
+                       tmp: &mut Option<std::path::PathBuf>|
+         -> Result<Option<std::sync::Arc<sling_pipeline::solved::Store>>> {
+            let Some(cal) = &rec.calibration else { return Ok(None) };
+            let data = data.with_context(|| {
+                format!(
+                    "made with --method {} on calibration data {} (sha256 {}): give it with --data FILE to re-derive",
+                    cal.method, cal.data.name, cal.data.sha256
+                )
+            })?;
+            let sha = crate::solve::file_sha256(data)?;
+            if sha != cal.data.sha256 {
+                bail!(
+                    "--data {}: sha256 {sha}, but the artifact was calibrated on {} (sha256 {})",
+                    data.display(),
+                    cal.data.name,
+                    cal.data.sha256
+                );
+            }
+            let dir = std::env::temp_dir().join(format!("sling-verify-{}-{}", std::process::id(), &sha[..12]));
+            *tmp = Some(dir.clone());
+            let store = crate::solve::replay(cal, data, ck, &grids_of(planned), &rec.target, &dir)?;
+            Ok(Some(store))
+        };
+        let r = (|| -> Result<()> {
         match to {
             To::Vllm(s) => {
                 let plan = vllm::plan(&ck, s, rec.strict)?;
-                check(parts_of(&plan));
-                let t = vllm::Vllm { scheme: s, solved: None };
+                check(parts_of(&plan), &mut problems);
+                let planned = Planned::Vllm(s, plan);
+                let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                let Planned::Vllm(_, plan) = planned else { unreachable!() };
+                let t = vllm::Vllm { scheme: s, solved };
                 for i in pick(&plan, sample) {
                     let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
                     compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
@@ -458,14 +491,23 @@ pub fn rederive(
             }
             To::Mlx(b) => {
                 let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
-                check(parts_of(&p.plan));
+                check(parts_of(&p.plan), &mut problems);
+                let planned = Planned::Mlx(p);
+                let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                let Planned::Mlx(p) = planned else { unreachable!() };
+                let t = mlx::Mlx { solved };
                 for i in pick(&p.plan, sample) {
-                    let hashes = sling_pipeline::exec::part_sha256(&mlx::Mlx::default(), &ck, &p.plan, i, allow)?;
+                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &p.plan, i, allow)?;
                     compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
                 }
             }
         }
         Ok(())
+        })();
+        if let Some(d) = tmp {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        r
     })();
     match res {
         Ok(()) => {

@@ -283,6 +283,7 @@ pub fn run(
         min_expert_tokens: s.min_expert_tokens,
         data: CalibrationData {
             name: data_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            token_ids: s.tokens.is_some(),
             sha256: data_sha,
             ctx: s.ctx as u64,
             chunks: seqs.len() as u64,
@@ -317,4 +318,38 @@ pub fn print_coverage(
             }
         ));
     }
+}
+
+/// Runs the calibration pass a manifest records again (`verify --source --data`), into `dir`, quietly.
+pub fn replay(
+    cal: &sling_provenance::manifest::CalibrationRecord,
+    data: &Path,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    grids: &std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>>,
+    label: &str,
+    dir: &Path,
+) -> Result<std::sync::Arc<sling_pipeline::solved::Store>> {
+    if cal.method != "gptq" {
+        bail!("cannot re-derive --method {} artifacts", cal.method);
+    }
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
+    let (text, ids) = if cal.data.token_ids { (None, Some(data)) } else { (Some(data), None) };
+    let t = crate::textdata::load(&ck.dir, text, ids)?;
+    let seqs = sling_calibration::imatrix::chunks(&t.ids, cal.data.ctx as usize, Some(cal.data.chunks as usize), t.bos);
+    let settings = sling_calibration::gptq::Settings {
+        gptq: sling_quantizers::gptq::Options { block: cal.block as usize, damp: cal.damp, act_order: cal.act_order },
+        min_expert_tokens: cal.min_expert_tokens,
+        all_experts: cal.all_experts,
+        sequential: cal.sequential,
+        ..Default::default()
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    let store = sling_pipeline::solved::Store::open(dir)?;
+    let src = sling_calibration::CheckpointSource::new(ck);
+    let lookup = |hf: &str| grids.get(hf).cloned();
+    sling_calibration::gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |_| {})
+        .with_context(|| format!("{label}: calibration pass failed"))?;
+    Ok(std::sync::Arc::new(store))
 }

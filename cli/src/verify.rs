@@ -69,6 +69,10 @@ pub struct Args {
     /// the manifest records), needed to re-derive such an artifact.
     #[arg(long, value_name = "FILE", requires = "source")]
     imatrix: Option<PathBuf>,
+    /// With --source: the calibration data a `--method gptq` artifact was quantized with (its sha256 must be the
+    /// one the manifest records), needed to re-derive such an artifact: the calibration pass runs again.
+    #[arg(long, value_name = "FILE", requires = "source")]
+    data: Option<PathBuf>,
     /// Check this OpenSSF model-signing signature (model.sig, from `sling sign` or `model_signing
     /// sign key`) instead of the provenance manifest.
     #[arg(long, value_name = "SIG", requires = "public_key", conflicts_with = "source")]
@@ -174,7 +178,7 @@ pub fn run(a: Args, quiet: bool) -> u8 {
         (false, 0) => Rederive::Off,
         (false, n) => Rederive::Sample(n),
     };
-    let opts = VerifyOptions { source: a.source.clone(), rederive, imatrix: a.imatrix.clone() };
+    let opts = VerifyOptions { source: a.source.clone(), rederive, imatrix: a.imatrix.clone(), data: a.data.clone() };
     let report = match verify_with(&manifest, &opts, Some(&rederive_by_target)) {
         Ok(r) => r,
         Err(e) => return cannot_check(a.json, &a.artifact, &e.to_string()),
@@ -193,7 +197,7 @@ fn rederive_by_target(
     if inp.manifest.options.to == "gguf" {
         sling_target_gguf::rederive::run(inp, problems, notes)
     } else {
-        let (r, p) = crate::hfout::rederive(inp.manifest, inp.source, inp.mode);
+        let (r, p) = crate::hfout::rederive(inp.manifest, inp.source, inp.mode, inp.data);
         problems.extend(p);
         r
     }

@@ -177,6 +177,9 @@ pub struct CalibrationRecord {
 pub struct CalibrationData {
     /// The file name as given (`calib.txt`).
     pub name: String,
+    /// The file holds token ids (`--tokens`), not text (`--data`).
+    #[serde(default)]
+    pub token_ids: bool,
     /// sha256 of the file's bytes.
     pub sha256: String,
     /// Tokens per sequence and sequences used.
@@ -912,6 +915,9 @@ pub struct VerifyOptions {
     /// The imatrix file, for re-deriving an artifact quantized with one (its sha256 must be the
     /// recorded one).
     pub imatrix: Option<PathBuf>,
+    /// The calibration data, for re-deriving an artifact quantized with `--method gptq` (its sha256 must be the
+    /// recorded one).
+    pub data: Option<PathBuf>,
 }
 
 /// Which tensors [`verify_with`] recomputes from the source.
@@ -1342,6 +1348,7 @@ pub fn verify_with(
                 source: src,
                 mode,
                 imatrix: opts.imatrix.as_deref(),
+                data: opts.data.as_deref(),
                 sources_differ,
                 file_hashes: &file_hashes,
             };

@@ -56,6 +56,8 @@ pub struct RederiveInputs<'a> {
     pub mode: Rederive,
     /// `verify --imatrix`.
     pub imatrix: Option<&'a Path>,
+    /// `verify --data`: the calibration data of a `--method gptq` artifact.
+    pub data: Option<&'a Path>,
     /// Whether re-hashing the source files found one that differs or is missing.
     pub sources_differ: bool,
     /// The sha256 of each tensor's bytes as found in the output files, by name.
