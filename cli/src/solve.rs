@@ -237,7 +237,9 @@ pub fn run(
             rep.set_position(solved as u64, &weight.name);
             rep.emit("solved", serde_json::json!({"index": solved, "of": total, "weight": weight}));
             if abort_after == Some(solved) {
-                std::process::abort(); // test hook: what `kill -9` leaves
+                // Test hook, as the executor's SLING_TEST_ABORT_AFTER_WEIGHTS: stop at once (exit status 134, no
+                // destructor runs), what `kill -9` leaves.
+                std::process::exit(134);
             }
         }
         Progress::LayerDone { layer } => rep.emit("layer_done", serde_json::json!({"layer": layer})),
