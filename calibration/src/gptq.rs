@@ -811,6 +811,43 @@ pub fn run(
         report.output_error.push(err);
         progress(Progress::LayerDone { layer: l });
     }
+    // The output head, when the target quantizes it (mlx-lm quantizes `lm_head`; llm-compressor's recipes leave it
+    // out, which vLLM targets do too): its input is the final-normed hidden states of the (quantized) model.
+    let head = if spec.tied && !src.contains("lm_head.weight") { None } else { Some("lm_head.weight") };
+    if let Some(grid) = head.and_then(|n| grids(n)) {
+        let name = "lm_head.weight";
+        if let Some((rows, cols)) = weight_shape(src, name) {
+            let w =
+                Weight { name: name.into(), expert: None, rows, cols, input: 0, grid, resumed: store.contains(name) };
+            let tokens = report.tokens;
+            let sw = if w.resumed {
+                SolvedWeight {
+                    name: w.name.clone(),
+                    layer: spec.n_layers,
+                    expert: None,
+                    rows,
+                    cols,
+                    tokens,
+                    method: Method::Resumed,
+                    loss: 0.0,
+                }
+            } else {
+                let mut sum = Array2::<f64>::zeros((cols, cols));
+                for h in &hs {
+                    let x = model.final_norm(h)?;
+                    let mut xtx = Array2::<f32>::zeros((cols, cols));
+                    general_mat_mul(1.0, &x.t(), &x, 0.0, &mut xtx);
+                    sum.zip_mut_with(&xtx, |a, &b| *a += f64::from(b));
+                }
+                let f = 2.0 / tokens.max(1) as f64;
+                sum.mapv_inplace(|v| v * f);
+                let h = sum.as_slice().ok_or_else(|| Error::Solve { tensor: name.into(), why: "layout".into() })?;
+                solve_one(src, store, &w, spec.n_layers, tokens, Some(h), None, s)?.0
+            };
+            progress(Progress::Solved { weight: &sw });
+            report.weights.push(sw);
+        }
+    }
     Ok(report)
 }
 

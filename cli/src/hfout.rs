@@ -204,16 +204,9 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     }
     let solved = match method {
         crate::solve::Method::Rtn => None,
-        m => Some(crate::solve::run(
-            &a.q.solve,
-            m,
-            &ck,
-            &grids_of(&planned),
-            &label,
-            &a.output,
-            a.pipeline.resume,
-            rep,
-        )?),
+        m => {
+            Some(crate::solve::run(&a.q.solve, m, &ck, &grids_of(&planned), &label, &a.output, a.pipeline.resume, rep)?)
+        }
     };
     let store = solved.as_ref().map(|s| s.store.clone());
     let max_shard = a.split_max_size.as_deref().map(parse_size).transpose()?.or(Some(5 << 30));
@@ -476,33 +469,33 @@ pub fn rederive(
             Ok(Some(store))
         };
         let r = (|| -> Result<()> {
-        match to {
-            To::Vllm(s) => {
-                let plan = vllm::plan(&ck, s, rec.strict)?;
-                check(parts_of(&plan), &mut problems);
-                let planned = Planned::Vllm(s, plan);
-                let solved = resolve(rec, &ck, &planned, &mut tmp)?;
-                let Planned::Vllm(_, plan) = planned else { unreachable!() };
-                let t = vllm::Vllm { scheme: s, solved };
-                for i in pick(&plan, sample) {
-                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
-                    compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
+            match to {
+                To::Vllm(s) => {
+                    let plan = vllm::plan(&ck, s, rec.strict)?;
+                    check(parts_of(&plan), &mut problems);
+                    let planned = Planned::Vllm(s, plan);
+                    let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                    let Planned::Vllm(_, plan) = planned else { unreachable!() };
+                    let t = vllm::Vllm { scheme: s, solved };
+                    for i in pick(&plan, sample) {
+                        let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
+                        compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
+                    }
+                }
+                To::Mlx(b) => {
+                    let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
+                    check(parts_of(&p.plan), &mut problems);
+                    let planned = Planned::Mlx(p);
+                    let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                    let Planned::Mlx(p) = planned else { unreachable!() };
+                    let t = mlx::Mlx { solved };
+                    for i in pick(&p.plan, sample) {
+                        let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &p.plan, i, allow)?;
+                        compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
+                    }
                 }
             }
-            To::Mlx(b) => {
-                let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
-                check(parts_of(&p.plan), &mut problems);
-                let planned = Planned::Mlx(p);
-                let solved = resolve(rec, &ck, &planned, &mut tmp)?;
-                let Planned::Mlx(p) = planned else { unreachable!() };
-                let t = mlx::Mlx { solved };
-                for i in pick(&p.plan, sample) {
-                    let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &p.plan, i, allow)?;
-                    compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
-                }
-            }
-        }
-        Ok(())
+            Ok(())
         })();
         if let Some(d) = tmp {
             let _ = std::fs::remove_dir_all(d);

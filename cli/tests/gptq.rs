@@ -134,8 +134,10 @@ fn same_bytes_for_any_thread_count_verified_and_rederived() {
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         assert!(stderr(&o).contains("give it with --data FILE"), "{}", stderr(&o));
         let other = repo("tests/interop/data/eval.txt");
-        let o =
-            run(&["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap(), "--data", other.to_str().unwrap()], &[]);
+        let o = run(
+            &["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap(), "--data", other.to_str().unwrap()],
+            &[],
+        );
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         assert!(stderr(&o).contains("but the artifact was calibrated on calib.txt"), "{}", stderr(&o));
     }
