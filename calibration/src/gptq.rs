@@ -577,6 +577,39 @@ impl TensorSource for Overlay<'_> {
     }
 }
 
+/// The source with the token embeddings as the target stores them (rounded to nearest on their grid), for a
+/// target that quantizes them (mlx-lm does): the layers are calibrated on the inputs the quantized model gives them,
+/// in the sequential pipeline's spirit. The embeddings themselves cannot be calibrated (a lookup has no Hessian).
+struct RoundedEmbeddings<'a> {
+    base: &'a dyn TensorSource,
+    grid: Arc<dyn Grid>,
+}
+
+const EMBEDDINGS: &str = "model.embed_tokens.weight";
+
+impl TensorSource for RoundedEmbeddings<'_> {
+    fn shape(&self, name: &str) -> Option<Vec<u64>> {
+        self.base.shape(name)
+    }
+    fn is_mxfp4(&self, name: &str) -> bool {
+        self.base.is_mxfp4(name)
+    }
+    fn release(&self) {
+        self.base.release()
+    }
+    fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>> {
+        let v = self.base.read_outer(name, i0, i1)?;
+        if name != EMBEDDINGS || i1 <= i0 {
+            return Ok(v);
+        }
+        let rows = (i1 - i0) as usize;
+        let cols = v.len() / rows;
+        let sol = gptq::rtn(&v, rows, cols, &*self.grid)
+            .map_err(|e| Error::Solve { tensor: name.into(), why: e.to_string() })?;
+        Ok(sol.dequant)
+    }
+}
+
 // ---- the pass ---------------------------------------------------------------------------------------
 
 /// Groups of routed experts (indices) whose Hessians fit in the budget; one group with every expert without
@@ -660,7 +693,12 @@ pub fn run(
     s: &Settings,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Report> {
-    let model = Model::new(src, cfg)?.all_experts(s.all_experts);
+    let rounded = grids(EMBEDDINGS).map(|grid| RoundedEmbeddings { base: src, grid });
+    let fwd: &dyn TensorSource = match &rounded {
+        Some(r) => r,
+        None => src,
+    };
+    let model = Model::new(fwd, cfg)?.all_experts(s.all_experts);
     let spec = model.spec();
     if seqs.is_empty() {
         return Err(Error::Empty("no calibration sequences"));

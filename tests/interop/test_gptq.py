@@ -160,7 +160,10 @@ def test_gptq_beats_round_to_nearest_on_a_trained_model(to, art):
         "top1_gptq": eg["top1"], "top1_rtn": er["top1"], "ppl_ref": eg["ppl_ref"], "ppl_gptq": eg["ppl"],
         "ppl_rtn": er["ppl"], "eval_tokens": eg["tokens"]})
     assert cal["method"] == "gptq" and not cal["fallbacks"], cal["fallbacks"][:3]
-    assert eg["kld_mean"] < 0.8 * er["kld_mean"], f"GPTQ KLD {eg['kld_mean']:.5g} vs RTN {er['kld_mean']:.5g}"
+    # mlx-lm also quantizes the embeddings (round to nearest: a lookup has nothing to calibrate), which leaves GPTQ a
+    # smaller share of the error to win back (measured: KLD ratio 0.58 for vllm:w4a16, 0.73 for mlx:4).
+    bar = 0.8 if to.startswith("vllm") else 0.85
+    assert eg["kld_mean"] < bar * er["kld_mean"], f"GPTQ KLD {eg['kld_mean']:.5g} vs RTN {er['kld_mean']:.5g}"
 
 
 def test_gptq_vllm_loads_in_compressed_tensors_and_transformers(art, tmp_path):
@@ -181,14 +184,18 @@ def test_gptq_vllm_loads_in_compressed_tensors_and_transformers(art, tmp_path):
 
 
 def test_gptq_mlx_loads_in_mlx_lm(art):
+    """mlx-lm in float32 over the artifact computes sling's logits (test_mlx.py's bar: 1e-9)."""
+    mx = hfdir.mlx_cpu()
     d = art.made(TRAINED, "mlx:4", "gptq")
     model, _ = hfdir.mlx_load(d)
+    model.set_dtype(mx.float32)
     s = lab.kl_stats(hfdir.mlx_logits(model), art.logits(d))
-    lab.record("gptq", f"load/{TRAINED}/mlx:4", {"mlx_lm": s})
-    assert s["kl_mean"] < 1e-3 and s["top1"] == 1.0, s
+    lab.record("gptq", f"load/{TRAINED}/mlx:4", {"mlx_lm_float32": s})
+    assert s["kl_mean"] < 1e-9 and s["top1"] == 1.0, s
 
 
 def test_an_expert_no_token_reaches_falls_back_and_the_output_is_valid(art):
+    import torch
     name = "qwen3moe-trained-dead"
     layer, expert = (int(x) for x in lab.DEAD_EXPERT.split(":"))
     g, r = art.made(name, "vllm:w4a16", "gptq"), art.made(name, "vllm:w4a16", "rtn")
@@ -203,9 +210,9 @@ def test_an_expert_no_token_reaches_falls_back_and_the_output_is_valid(art):
     for w in want:
         m = w[: -len(".weight")]
         for p in ("weight_packed", "weight_scale"):
-            assert hfdir.bits_equal(tg[f"{m}.{p}"], tr[f"{m}.{p}"]), f"{m}.{p}: not the round-to-nearest tensor"
+            assert torch.equal(tg[f"{m}.{p}"], tr[f"{m}.{p}"]), f"{m}.{p}: not the round-to-nearest tensor"
     other = f"model.layers.{layer}.mlp.experts.{(expert + 1) % 8}.gate_proj.weight_packed"
-    assert not hfdir.bits_equal(tg[other], tr[other]), "a calibrated expert holds the RTN codes"
+    assert not torch.equal(tg[other], tr[other]), "a calibrated expert holds the RTN codes"
     e = _eval(name, g)
     lab.record("gptq", f"dead-expert/{name}", {"fallbacks": len(cal["fallbacks"]), "kld": e["kld_mean"]})
     assert np.isfinite(e["kld_mean"])
