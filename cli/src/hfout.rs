@@ -148,8 +148,45 @@ fn plan_of(p: &Planned) -> (String, serde_json::Value) {
 
 /// `sling plan --to vllm:…|mlx:…`.
 pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
-    let (_ck, p) = open_and_plan(a, to)?;
-    let (label, j) = plan_of(&p);
+    let (ck, p) = open_and_plan(a, to)?;
+    let (label, mut j) = plan_of(&p);
+    let method = a.solve.method()?;
+    if method != crate::solve::Method::Rtn {
+        // Before a long calibrated run: which experts the calibration data reaches (a routing-only forward pass).
+        let grids = grids_of(&p);
+        if grids.is_empty() {
+            bail!("--method {} applies to integer schemes; {label} quantizes no weight on an integer grid", method.name());
+        }
+        let cov = crate::solve::coverage(&a.solve, &ck)?;
+        j["calibration"] = json!({"method": method.name(), "weights": grids.len(), "expert_tokens": cov.1,
+                                  "tokens": cov.0, "min_expert_tokens": a.solve.min_expert_tokens});
+        if !a.json {
+            eprintln!(
+                "{label} --method {}: {} weights on an integer grid; {} calibration tokens route as follows:",
+                method.name(),
+                grids.len(),
+                cov.0
+            );
+            for (layer, counts) in &cov.1 {
+                let few: Vec<usize> = (0..counts.len()).filter(|&e| counts[e] < a.solve.min_expert_tokens).collect();
+                eprintln!(
+                    "  {layer}: {} experts, routed tokens min {} max {}{}",
+                    counts.len(),
+                    counts.iter().min().unwrap_or(&0),
+                    counts.iter().max().unwrap_or(&0),
+                    if few.is_empty() || a.solve.all_experts {
+                        String::new()
+                    } else {
+                        format!(
+                            ", {} under --min-expert-tokens {} (round-to-nearest): {few:?}",
+                            few.len(),
+                            a.solve.min_expert_tokens
+                        )
+                    }
+                );
+            }
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());

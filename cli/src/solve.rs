@@ -355,3 +355,36 @@ pub fn replay(
         .with_context(|| format!("{label}: calibration pass failed"))?;
     Ok(std::sync::Arc::new(store))
 }
+
+/// The routing of the calibration data (a forward pass of the source model that only counts): total tokens, and per
+/// MoE layer (`model.layers.N`) the tokens routed to each expert. For `sling plan` before a long calibrated run.
+pub fn coverage(
+    s: &SolveArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+) -> Result<(u64, std::collections::BTreeMap<String, Vec<u64>>)> {
+    struct Routing(std::collections::BTreeMap<String, Vec<u64>>);
+    impl sling_calibration::Observer for Routing {
+        fn linear_input(&mut self, _: &sling_calibration::LinearInput<'_>) {}
+        fn routing(&mut self, layer: usize, counts: &[u64]) {
+            let e = self.0.entry(format!("model.layers.{layer}")).or_insert_with(|| vec![0; counts.len()]);
+            e.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
+        }
+    }
+    if s.ctx == 0 {
+        bail!("--ctx must be > 0");
+    }
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
+    let t = crate::textdata::load(&ck.dir, s.data.as_deref(), s.tokens.as_deref())?;
+    let seqs = sling_calibration::imatrix::chunks(&t.ids, s.ctx, s.chunks, t.bos);
+    if seqs.is_empty() {
+        bail!("{} tokens, fewer than one --ctx {} sequence", t.ids.len(), s.ctx);
+    }
+    let src = sling_calibration::CheckpointSource::new(ck);
+    let model = sling_calibration::Model::new(&src, &cfg)?;
+    let mut r = Routing(Default::default());
+    let per_batch = (2048 / s.ctx).max(1);
+    for b in seqs.chunks(per_batch) {
+        model.hidden_states(b, Some(&mut r)).with_context(|| format!("{}: forward pass failed", ck.dir.display()))?;
+    }
+    Ok((seqs.iter().map(|q| q.len() as u64).sum(), r.0))
+}

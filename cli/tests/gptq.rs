@@ -223,6 +223,14 @@ fn experts_without_enough_tokens_fall_back_and_are_reported() {
     }
     let card = fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.contains("round-to-nearest fallbacks"), "{card}");
+    // `plan` shows the same coverage before a long run, without writing anything.
+    let mut p = vec!["plan"];
+    p.extend(args.iter().filter(|a| **a != "-o" && **a != out.to_str().unwrap() && **a != "quantize"));
+    let o = run(&p, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("model.layers.0: 8 experts, routed tokens min"), "{err}");
+    assert!(err.contains("8 under --min-expert-tokens 1000 (round-to-nearest)"), "{err}");
     // The artifact is still complete and verifiable.
     let o = run(&["verify", out.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
