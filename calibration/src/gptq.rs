@@ -764,26 +764,50 @@ pub fn run(
                 .map(|a| a.as_ref().filter(|a| a.n > 0).and_then(|a| Some((a.sum.as_slice()?, a.n))))
                 .collect();
             let chosen: Vec<usize> = (0..weights.len()).filter(|&i| active[weights[i].input]).collect();
+            // Why a weight is rounded to nearest instead (per input: a routed expert's token count, no input seen).
+            let why_of = |k: usize| -> (u64, Option<String>) {
+                let input = &inputs[k];
+                let h = hess[k];
+                // a routed expert's own tokens (not with all_experts: its inputs are every token)
+                let routed = input.expert.filter(|_| !s.all_experts);
+                let routed_tokens = routed.and_then(|e| routing.as_ref().and_then(|r| r.get(e).copied()));
+                let tokens = h.map(|h| h.1).or(routed_tokens).unwrap_or(0);
+                let why = if routed.is_some() && tokens < s.min_expert_tokens {
+                    Some(format!("{tokens} routed tokens, fewer than the minimum {}", s.min_expert_tokens))
+                } else if h.is_none() {
+                    Some("no input observed for this weight".to_string())
+                } else {
+                    None
+                };
+                (tokens, why)
+            };
+            // One factorization per input, shared by the weights that read it (q/k/v, gate/up).
+            let mut need: Vec<usize> = chosen.iter().map(|&i| weights[i].input).collect();
+            need.sort_unstable();
+            need.dedup();
+            let factored: Vec<(usize, Result<gptq::Factor>)> = need
+                .par_iter()
+                .filter(|&&k| why_of(k).1.is_none())
+                .map(|&k| {
+                    let f = gptq::factor(hess[k].map_or(&[][..], |h| h.0), inputs[k].cols, &s.gptq)
+                        .map_err(|e| Error::Solve { tensor: format!("input {k} of layer {l}"), why: e.to_string() });
+                    (k, f)
+                })
+                .collect();
+            let mut factors: HashMap<usize, gptq::Factor> = HashMap::new();
+            for (k, f) in factored {
+                factors.insert(k, f?);
+            }
             let results: Vec<Result<(SolvedWeight, SolvedEntry)>> = chosen
                 .par_iter()
                 .map(|&i| {
                     let w = &weights[i];
-                    let input = &inputs[w.input];
-                    let h = hess[w.input];
-                    // a routed expert's own tokens (not with all_experts: its inputs are every token)
-                    let routed = input.expert.filter(|_| !s.all_experts);
-                    let routed_tokens = routed.and_then(|e| routing.as_ref().and_then(|r| r.get(e).copied()));
-                    let tokens = h.map(|h| h.1).or(routed_tokens).unwrap_or(0);
-                    let why = if routed.is_some() && tokens < s.min_expert_tokens {
-                        Some(format!("{tokens} routed tokens, fewer than the minimum {}", s.min_expert_tokens))
-                    } else if h.is_none() {
-                        Some("no input observed for this weight".to_string())
-                    } else {
-                        None
-                    };
-                    solve_one(src, store, w, l, tokens, h.map(|h| h.0).filter(|_| why.is_none()), why, s)
+                    let (tokens, why) = why_of(w.input);
+                    let f = factors.get(&w.input).filter(|_| why.is_none());
+                    solve_one(src, store, w, l, tokens, f, why, s)
                 })
                 .collect();
+            drop(factors);
             drop(hess);
             drop(accs);
             for (&i, r) in chosen.iter().zip(results) {
@@ -880,7 +904,9 @@ pub fn run(
                 let f = 2.0 / tokens.max(1) as f64;
                 sum.mapv_inplace(|v| v * f);
                 let h = sum.as_slice().ok_or_else(|| Error::Solve { tensor: name.into(), why: "layout".into() })?;
-                solve_one(src, store, &w, spec.n_layers, tokens, Some(h), None, s)?.0
+                let f = gptq::factor(h, cols, &s.gptq)
+                    .map_err(|e| Error::Solve { tensor: name.into(), why: e.to_string() })?;
+                solve_one(src, store, &w, spec.n_layers, tokens, Some(&f), None, s)?.0
             };
             progress(Progress::Solved { weight: &sw });
             report.weights.push(sw);
@@ -905,15 +931,15 @@ fn solve_one(
     w: &Weight,
     layer: usize,
     tokens: u64,
-    h: Option<&[f64]>,
+    f: Option<&gptq::Factor>,
     rtn_why: Option<String>,
     s: &Settings,
 ) -> Result<(SolvedWeight, SolvedEntry)> {
     let data = read_weight(src, &w.name, w.rows, w.cols)?;
     let err = |e: gptq::GptqError| Error::Solve { tensor: w.name.clone(), why: e.to_string() };
-    let (sol, method) = match (h, rtn_why) {
-        (Some(h), None) => {
-            let sol = gptq::solve(&data, w.rows, w.cols, h, &*w.grid, &s.gptq).map_err(err)?;
+    let (sol, method) = match (f, rtn_why) {
+        (Some(f), None) => {
+            let sol = gptq::solve_factored(&data, w.rows, w.cols, f, &*w.grid, &s.gptq).map_err(err)?;
             let m = match sol.fallback {
                 Some(f) => Method::Rtn { why: format!("GPTQ fell back to RTN: {f:?}") },
                 None => Method::Gptq,

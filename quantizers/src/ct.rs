@@ -943,7 +943,7 @@ mod tests {
         fn zero_point_pack_round_trip(bits in 1u32..=8, rows in 0usize..70, ngroups in 0usize..5, seed in any::<u64>()) {
             let half = 1i64 << (bits - 1);
             let zp: Vec<i8> = (0..rows * ngroups)
-                .map(|i| ((seed.wrapping_mul(6364136223846793005).wrapping_add(i as u64 * 1442695040888963407) >> 33) as i64 % (2 * half) - half) as i8)
+                .map(|i| ((seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 33) as i64 % (2 * half) - half) as i8)
                 .collect();
             let w = pack_zero_points(&zp, rows, ngroups, bits);
             prop_assert_eq!(w.len(), (rows * bits as usize).div_ceil(32) * ngroups);

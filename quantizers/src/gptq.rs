@@ -177,47 +177,23 @@ fn inverse_factor(h: &mut faer::Mat<f64>, damp: f64) -> Option<Vec<f32>> {
     Some(u)
 }
 
-/// GPTQ of `w` (`rows × cols`, row-major) with the Hessian `h` (`cols × cols`, row-major; any positive
-/// multiple of `XᵀX` of the layer's inputs, e.g. llm-compressor's `2/n Σ x xᵀ`).
-///
-/// llm-compressor 0.14 `quantize_weight` step by step:
-/// 1. the grid's parameters of every group, from the original weights (the observer's qparams);
-/// 2. `act_order` (`apply_activation_ordering`): columns and both Hessian axes permuted by descending diagonal
-///    of `H`. torch's `argsort` does not promise an order for ties; here the sort is **stable** (equal diagonals
-///    keep their original column order, `-0.0 == 0.0`), and a permuted column keeps its original group
-///    (`g_idx = perm // group_size`);
-/// 3. `factorize_hessian`: dead columns (`H[j,j] == 0`) get `H[j,j] = 1` and their weights zeroed, then
-///    `H += percdamp · mean(diag H) · I`, Cholesky, `cholesky_inverse`, upper Cholesky: `Hinv = U`. When a
-///    factorization fails `Hinv = I`, so every column is rounded on its own (RTN of the weights with dead columns
-///    zeroed) and [`Solution::fallback`] says why;
-/// 4. per block of `o.block` columns, per column `i`: `q = QDQ(w_i)` with its group's fixed parameters,
-///    `err = (w_i − q) / Hinv[i,i]`, `W[:, i:i2] −= err ⊗ Hinv[i, i:i2]`, `loss += err² / 2`; after the block
-///    `W[:, i2:] −= Err @ Hinv[i1:i2, i2:]`;
-/// 5. codes and values put back in the original column order.
-///
-/// Precision: the Hessian is factorized in `f64` (above); the weights, `Hinv` (rounded to `f32` once), the
-/// errors and both updates are `f32` as llm-compressor's `GPTQ_PRECISION = float32`: the column update is the
-/// same sequence of `f32` operations per element as the eager `gptq_block_update` (a product, then a
-/// subtraction, no fused multiply-add); the trailing update is a faer `f32` matrix product with `Par::Seq`
-/// (deterministic for any thread count, its summation order is faer's, not MKL's). The loss is summed in `f64`.
-///
-/// Non-finite weights (llm-compressor has no defined behaviour: one NaN poisons its row) get the grid's code
-/// and contribute no error (`err = 0`). A non-finite Hessian is an error ([`GptqError::NonFinite`]), not a
-/// fallback: it means the statistics are broken, which the caller should hear about.
-///
-/// Single-threaded: callers parallelise across weights. Rows are processed one at a time inside a block (the
-/// row's block segment stays in L1), which gives the same arithmetic as llm-compressor's column-at-a-time loop.
-pub fn solve<G: Grid + ?Sized>(
-    w: &[f32],
-    rows: usize,
+/// The part of GPTQ that depends only on the Hessian: the column order, the dead columns and the upper Cholesky
+/// factor of the dampened inverse. Weights that share an input (q/k/v, one expert's gate/up, every expert's gate/up
+/// with `all_experts`) share it: [`factor`] once, [`solve_factored`] per weight.
+#[derive(Clone, Debug)]
+pub struct Factor {
     cols: usize,
-    h: &[f64],
-    grid: &G,
-    o: &Options,
-) -> Result<Solution, GptqError> {
-    if w.len() != rows.saturating_mul(cols) {
-        return Err(GptqError::WeightLen { rows, cols, len: w.len() });
-    }
+    /// `perm[j]`: the original column processed `j`-th.
+    perm: Vec<usize>,
+    /// Processing positions whose Hessian diagonal is 0 (their weights are zeroed before GPTQ, as llm-compressor).
+    dead: Vec<usize>,
+    /// Row-major `cols × cols` upper factor (identity on [`Fallback`]).
+    hinv: Vec<f32>,
+    pub fallback: Option<Fallback>,
+}
+
+/// [`Factor`] of the Hessian `h` (`cols × cols`, row-major): steps 2–3 of llm-compressor's `quantize_weight`.
+pub fn factor(h: &[f64], cols: usize, o: &Options) -> Result<Factor, GptqError> {
     if h.len() != cols.saturating_mul(cols) {
         return Err(GptqError::HessianLen { cols, len: h.len() });
     }
@@ -230,35 +206,18 @@ pub fn solve<G: Grid + ?Sized>(
     if h.iter().any(|x| !x.is_finite()) {
         return Err(GptqError::NonFinite);
     }
-    if rows == 0 || cols == 0 {
-        return rtn(w, rows, cols, grid);
-    }
-    let g = grid.group().max(1);
-    let ng = groups_per_row(cols, g);
-    // 1. The grid of the original weights.
-    let params = all_params(w, rows, cols, grid)?;
-
-    // 2. Activation ordering: perm[j] = the original column processed j-th.
+    // Activation ordering: perm[j] = the original column processed j-th (a stable sort: ties keep column order).
     let mut perm: Vec<usize> = (0..cols).collect();
     if o.act_order {
         perm.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap_or(std::cmp::Ordering::Equal));
     }
-    let gidx: Vec<usize> = perm.iter().map(|&c| c / g).collect();
-    let mut wk = vec![0f32; rows * cols];
-    for (dst, src) in wk.chunks_exact_mut(cols).zip(w.chunks_exact(cols)) {
-        for (d, &c) in dst.iter_mut().zip(&perm) {
-            *d = src[c];
-        }
-    }
     let mut hm = faer::Mat::<f64>::from_fn(cols, cols, |i, j| h[perm[i] * cols + perm[j]]);
-
-    // 3. Dead columns, dampening, factorization.
+    // Dead columns, dampening, factorization.
+    let mut dead = Vec::new();
     for j in 0..cols {
         if hm[(j, j)] == 0.0 {
             hm[(j, j)] = 1.0;
-            for row in wk.chunks_exact_mut(cols) {
-                row[j] = 0.0;
-            }
+            dead.push(j);
         }
     }
     let (hinv, fallback) = match inverse_factor(&mut hm, o.damp) {
@@ -271,7 +230,66 @@ pub fn solve<G: Grid + ?Sized>(
             (eye, Some(Fallback::NotPositiveDefinite))
         }
     };
-    drop(hm);
+    Ok(Factor { cols, perm, dead, hinv, fallback })
+}
+
+/// GPTQ of `w` (`rows × cols`, row-major) with the Hessian `h` (`cols × cols`, row-major; any positive
+/// multiple of `XᵀX` of the layer's inputs, e.g. llm-compressor's `2/n Σ x xᵀ`): [`factor`] then
+/// [`solve_factored`].
+pub fn solve<G: Grid + ?Sized>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    grid: &G,
+    o: &Options,
+) -> Result<Solution, GptqError> {
+    if w.len() != rows.saturating_mul(cols) {
+        return Err(GptqError::WeightLen { rows, cols, len: w.len() });
+    }
+    let f = factor(h, cols, o)?;
+    solve_factored(w, rows, cols, &f, grid, o)
+}
+
+/// GPTQ of `w` (`rows × cols`, row-major) with a [`Factor`] of its input's Hessian: steps 1, 4 and 5 of
+/// llm-compressor's `quantize_weight`.
+pub fn solve_factored<G: Grid + ?Sized>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    f: &Factor,
+    grid: &G,
+    o: &Options,
+) -> Result<Solution, GptqError> {
+    if w.len() != rows.saturating_mul(cols) {
+        return Err(GptqError::WeightLen { rows, cols, len: w.len() });
+    }
+    if f.cols != cols {
+        return Err(GptqError::HessianLen { cols, len: f.cols * f.cols });
+    }
+    if o.block == 0 {
+        return Err(GptqError::Options("block must be at least 1"));
+    }
+    if rows == 0 || cols == 0 {
+        return rtn(w, rows, cols, grid);
+    }
+    let (perm, hinv, fallback) = (&f.perm, &f.hinv, f.fallback);
+    let g = grid.group().max(1);
+    let ng = groups_per_row(cols, g);
+    // 1. The grid of the original weights.
+    let params = all_params(w, rows, cols, grid)?;
+    let gidx: Vec<usize> = perm.iter().map(|&c| c / g).collect();
+    let mut wk = vec![0f32; rows * cols];
+    for (dst, src) in wk.chunks_exact_mut(cols).zip(w.chunks_exact(cols)) {
+        for (d, &c) in dst.iter_mut().zip(perm) {
+            *d = src[c];
+        }
+    }
+    for &j in &f.dead {
+        for row in wk.chunks_exact_mut(cols) {
+            row[j] = 0.0;
+        }
+    }
 
     // 4. Blocks.
     let mut codes_p = vec![0u8; rows * cols];
