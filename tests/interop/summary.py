@@ -139,6 +139,30 @@ def _mlx(entries: dict) -> list[str]:
     return out + [""]
 
 
+def _gptq(entries: dict) -> list[str]:
+    if not entries:
+        return []
+    out = ["## GPTQ (`--method gptq`, tests/interop/test_gptq.py)", "",
+           "One layer of the trained fixture vs llm-compressor 0.14.0.1's own GPTQ code (`gptq_ref.py`): codes and"
+           " scales with the same fixed Hessian; reconstruction error ||(W - W^)X||^2 with each tool's own Hessian.", "",
+           "| case | codes identical (fixed H) | scales identical | error sling / llm-compressor | GPTQ / RTN error |",
+           "|---|---|---|---|---|"]
+    for k in sorted(k for k in entries if k.startswith("layer/") and k.count("/") == 1):
+        e = entries[k]
+        fh, fi = e["fixed_hessian"], e["from_inputs"]
+        out.append(f"| {k.split('/', 1)[1]} | {fh['codes_identical']:.6f} | {'yes' if fh['scales_identical'] else '**NO**'}"
+                   f" | {fi['sling_over_ref']:.4f} | {fi['sling_over_rtn']:.3f} |")
+    out += ["", "End to end on the trained Qwen3-MoE (`sling eval` on eval.txt):", "",
+            "| target | calibration tokens | KLD RTN | KLD GPTQ | ratio | top-1 RTN / GPTQ |", "|---|---|---|---|---|---|"]
+    for k in sorted(k for k in entries if k.startswith("e2e/")):
+        e = entries[k]
+        out.append(f"| {k.split('/')[-1]} | {e['calibration_tokens']} | {e['kld_rtn']:.5f} | {e['kld_gptq']:.5f} |"
+                   f" {e['kld_ratio']:.3f} | {e['top1_rtn']:.3f} / {e['top1_gptq']:.3f} |")
+    for k in sorted(k for k in entries if k.startswith("load/") or k.startswith("dead-expert/")):
+        out.append(f"- {k}: {json.dumps(entries[k])}")
+    return out + [""]
+
+
 def _st_write(entries: dict) -> list[str]:
     if not entries:
         return []
@@ -328,7 +352,7 @@ def render(results: Path) -> str:
                 for p in presets) + " |")
         out.append("")
 
-    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("st_write", _st_write)):
+    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("st_write", _st_write)):
         entries, v = _load(results, section)
         versions.update(v)
         out += fn(entries)
