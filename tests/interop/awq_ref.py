@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,6 @@ def run(a, Ws: list[torch.Tensor], X: torch.Tensor):
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
     from llmcompressor.observers.base import Observer
-
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}[a.dtype]
     cols = X.shape[-1]
     model = Toy([w.shape[0] for w in Ws], cols, dtype)
@@ -242,6 +242,10 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--selftest", action="store_true", help="seeded 256x256 layer, 512 inputs, 4 channels x20")
     a = ap.parse_args()
+    # llm-compressor logs to stdout (loguru): keep the real stdout for the JSON line, send fd 1 to stderr.
+    sys.stdout.flush()
+    result_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
 
@@ -271,7 +275,7 @@ def main():
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, a.out, metadata={"stats": json.dumps(stats)})
-    print(json.dumps(stats))
+    print(json.dumps(stats), file=result_out, flush=True)
     if a.selftest:
         assert stats["grid_matches"] >= 1, stats
         assert stats["ratio_awq_over_rtn"] < 1.0, stats
