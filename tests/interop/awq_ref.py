@@ -12,6 +12,11 @@ same input) and `inputs` [n, cols]: the inputs of the linears, i.e. the output o
 --selftest makes a seeded random 256x256 layer with 512 inputs whose channels 3, 77, 130, 201 are scaled x20
 (and writes it to IN.safetensors when given).
 
+sling's regression data (quantizers/tests/data/awq_llmc_reference.json, checked by quantizers/tests/awq.rs
+`awq_matches_llm_compressor`): `SLING_AWQ_CASE_DIR=D cargo test -p sling-quantizers --test awq -- --ignored
+write_awq_reference_cases`, run this on D/awq_case_single.safetensors and D/awq_case_multi.safetensors with -o, and
+store each JSON line under "single" / "multi" with the output's `x_mean` added as a list.
+
 OUT.safetensors gets, per linear i (suffix `.i` only with several): `eff` [rows, cols] = Q(W.s)/s (the smoothed,
 quantized, dequantized weight with the scales folded back: it computes what the smoothed model computes, in the
 original input space), `rtn` = Q(W) (round to nearest, no smoothing), `smoothed` = W.s (what AWQModifier leaves in
