@@ -25,6 +25,31 @@
 //!
 //! The search never returns scales worse than plain RTN: if no grid point beats `s = 1` (which the default grid
 //! contains as its first point, `(0.0, false)`), [`search`] returns `s = 1`, ratio 0, `duo = false`.
+//!
+//! Checked against llm-compressor 0.14's own `AWQModifier._apply_smoothing` on single and multi-linear mappings
+//! (`tests/interop/awq_ref.py`; `quantizers/tests/awq.rs` `awq_matches_llm_compressor`): every grid point's loss
+//! agrees (llm-compressor's = sling's / (tokens · Σ rows)) and so does the chosen ratio.
+//!
+//! # Precision
+//!
+//! The scales are `f64`, as llm-compressor's are with duo scaling (`_compute_layer_means` returns the weight means
+//! in `float64`, which promotes the scale formula), and `W·s` is computed in `f64` and rounded once to `f32`
+//! ([`scaled`]), as torch stores `weight * scales` into an `f32` parameter. This matters more than it looks:
+//! compressed-tensors' symmetric grid (`scale = absmax / 7.5`, codes −8..7) puts every group's largest element
+//! exactly on a .5 tie, so one ulp of `W·s` decides whether a negative maximum rounds to −8 or −7; on a channel
+//! with a large activation that sign flip moves the loss by ~0.1–0.3%. Rounding the scales to `f32` first was
+//! measured to change grid-point losses by up to 3e-3 relative against llm-compressor; with `f64` scales they
+//! agree to ~1e-6. The folds ([`fold_into_norm`], [`fold_into_linear_rows`]) divide in `f64` and round once.
+//!
+//! # Mappings (llm-compressor 0.14 `mappings.py`; the caller's job, listed for it)
+//!
+//! Qwen3-MoE / Qwen2-MoE (`_moe_default_mappings`): `input_layernorm → q/k/v_proj` (parent: `self_attn`);
+//! `v_proj → o_proj` only when `v_proj.out_features == o_proj.in_features` (`_check_layers_are_compatible`: skipped
+//! under GQA); `post_attention_layernorm → mlp.gate (the router) + every expert's gate_proj and up_proj`, one
+//! shared scale vector (parent: the sparse MoE block; the router is unquantized, so it is left out of the loss and
+//! of `w_mean` but multiplied by the scales); `up_proj → down_proj` per expert (parent: that `down_proj` itself, the
+//! lowest common ancestor of a single name, so llm-compressor's loss there is exactly this module's layer loss).
+//! Mixtral is not in the registry: `default_mappings` (`…gate_proj$`, `…up_proj$`, `…down_proj$`, no router).
 
 use crate::gptq::{rtn, GptqError, Grid};
 
@@ -62,7 +87,7 @@ impl Default for Options {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Search {
     /// One scale per input channel (all 1 when AWQ did not beat RTN).
-    pub scales: Vec<f32>,
+    pub scales: Vec<f64>,
     /// The chosen ratio (0 with `duo = false` for the identity).
     pub ratio: f32,
     /// Whether the chosen point used duo scaling.
@@ -93,6 +118,40 @@ pub enum AwqError {
     Grid(usize),
     #[error("balance layer {layer}: {source}")]
     Quant { layer: usize, source: GptqError },
+    #[error("fold: {what} has {len} values, expected {want}")]
+    FoldLen { what: &'static str, len: usize, want: usize },
+}
+
+/// Adds one layer's `_compute_layer_means` terms to `sum` (per input channel, `Σ_rows |w| / (chunk max|w| + 1e-6)`)
+/// and returns the number of rows read. Chunks are the quantization groups of `group` consecutive elements of a
+/// row (the last one of a row shorter; `group ≥ cols` = one chunk per row, the CHANNEL strategy). Element maths
+/// in `f32` (the weight's dtype), sums in `f64` (`get_high_precision`).
+fn layer_sums(w: &[f32], rows: usize, cols: usize, group: usize, sum: &mut [f64]) -> usize {
+    let g = group.clamp(1, cols.max(1));
+    let mut count = 0;
+    for row in w.chunks_exact(cols.max(1)).take(rows) {
+        for (c, chunk) in row.chunks(g).enumerate() {
+            let amax = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let d = amax + 1e-6;
+            for (j, &v) in chunk.iter().enumerate() {
+                sum[c * g + j] += f64::from(v.abs() / d);
+            }
+        }
+        count += 1;
+    }
+    count
+}
+
+/// `_compute_layer_means` (base.py) in `f64`, as llm-compressor returns it: per input channel, the mean over all
+/// rows of all layers of `|w|` normalised by its chunk's `max|w| + 1e-6`, each layer chunked by its own group.
+fn layer_means_f64(ws: &[(&[f32], usize, usize)], cols: usize) -> Vec<f64> {
+    let mut sum = vec![0f64; cols];
+    let mut count = 0usize;
+    for &(w, rows, group) in ws {
+        count += layer_sums(w, rows, cols, group, &mut sum);
+    }
+    let n = count.max(1) as f64;
+    sum.iter().map(|&s| s / n).collect()
 }
 
 /// `_compute_layer_means` (base.py): per input channel, the mean over all rows of all `ws` of `|w|` normalised by
@@ -101,81 +160,131 @@ pub enum AwqError {
 /// llm-compressor's `reshape(-1, group_size)` for GROUP when `group` divides `cols`, and CHANNEL; the TENSOR and
 /// BLOCK strategies are not covered. Element maths in `f32`, sums in `f64` (`get_high_precision`).
 /// Layers whose length is not a multiple of `cols` contribute their whole rows only; `rows` is trusted
-/// (`min(rows, len / cols)` rows are read). Empty input → zeros.
+/// (`min(rows, len / cols)` rows are read). Empty input → zeros. ([`search`] uses the `f64` means, each layer
+/// chunked by its own grid's group.)
 pub fn layer_means(ws: &[(&[f32], usize)], group: usize, cols: usize) -> Vec<f32> {
     if cols == 0 {
         return Vec::new();
     }
-    let g = group.clamp(1, cols);
-    let mut sum = vec![0f64; cols];
-    let mut count = 0usize;
-    for &(w, rows) in ws {
-        for row in w.chunks_exact(cols).take(rows) {
-            for (c, chunk) in row.chunks(g).enumerate() {
-                let amax = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                let d = amax + 1e-6;
-                for (j, &v) in chunk.iter().enumerate() {
-                    sum[c * g + j] += f64::from(v.abs() / d);
-                }
-            }
-            count += 1;
-        }
-    }
-    let n = count.max(1) as f64;
-    sum.iter().map(|&s| (s / n) as f32).collect()
+    let ws: Vec<(&[f32], usize, usize)> = ws.iter().map(|&(w, r)| (w, r, group)).collect();
+    layer_means_f64(&ws, cols).iter().map(|&v| v as f32).collect()
 }
 
 /// `W·diag(s)`: row-major `rows × cols` with column `j` multiplied by `scales[j]` (`_apply_smoothing` for a
-/// balance layer). The smooth layer must be divided by the same `scales`. Short inputs give a short output.
-pub fn scaled(w: &[f32], rows: usize, cols: usize, scales: &[f32]) -> Vec<f32> {
+/// balance layer: `weight * scales.view(1, -1)`, an `f32` weight times `f64` scales computed in `f64` and stored
+/// rounded to `f32`, which is what this does). The smooth layer must be divided by the same `scales`
+/// ([`fold_into_norm`], [`fold_into_linear_rows`]). Short inputs give a short output.
+pub fn scaled(w: &[f32], rows: usize, cols: usize, scales: &[f64]) -> Vec<f32> {
     if cols == 0 {
         return Vec::new();
     }
-    w.chunks_exact(cols).take(rows).flat_map(|row| row.iter().zip(scales).map(|(&a, &s)| a * s)).collect()
+    w.chunks_exact(cols)
+        .take(rows)
+        .flat_map(|row| row.iter().zip(scales).map(|(&a, &s)| (f64::from(a) * s) as f32))
+        .collect()
+}
+
+/// Folds the scales into a 1-D smooth layer: `norm_w[j] /= scales[j]` (`_apply_smoothing`'s
+/// `module.weight.div_(scales)` for a norm, and `module.bias.div_(scales)` for its bias: pass the bias the same
+/// way). With the balance layers multiplied by the scales ([`scaled`]), `(W·s)(norm(x)/s) = W·norm(x)` up to `f32`
+/// rounding. Lengths must agree.
+pub fn fold_into_norm(norm_w: &mut [f32], scales: &[f64]) -> Result<(), AwqError> {
+    if norm_w.len() != scales.len() {
+        return Err(AwqError::FoldLen { what: "norm weight", len: norm_w.len(), want: scales.len() });
+    }
+    norm_w.iter_mut().zip(scales).for_each(|(v, &s)| *v = (f64::from(*v) / s) as f32);
+    Ok(())
+}
+
+/// Folds the scales into a previous linear (`prev`: row-major `rows × cols`, e.g. `up_proj` for `down_proj`'s
+/// scales, `v_proj` for `o_proj`'s): its LAST `scales.len()` output rows are divided by the scales, row `rows −
+/// scales.len() + j` by `scales[j]` (`_apply_smoothing`: `weight[-scales.size(0):].div_(scales.view(-1, 1))`, the
+/// AutoAWQ edge case of a fused qkv_proj smoothing o_proj; with as many rows as scales, every row). A bias of the
+/// previous linear is divided the same way ([`fold_into_norm`] on its last `scales.len()` values). For `up_proj →
+/// down_proj` this is exact because `act(gate)·up` is linear in `up`'s output. Needs `prev.len() == rows·cols` and
+/// `scales.len() ≤ rows`.
+pub fn fold_into_linear_rows(prev: &mut [f32], rows: usize, cols: usize, scales: &[f64]) -> Result<(), AwqError> {
+    if Some(prev.len()) != rows.checked_mul(cols) {
+        return Err(AwqError::FoldLen { what: "previous linear", len: prev.len(), want: rows.saturating_mul(cols) });
+    }
+    if scales.len() > rows {
+        return Err(AwqError::FoldLen {
+            what: "scales (more than the previous linear's rows)",
+            len: scales.len(),
+            want: rows,
+        });
+    }
+    let first = rows - scales.len();
+    if cols > 0 {
+        for (row, &s) in prev.chunks_exact_mut(cols).skip(first).zip(scales) {
+            row.iter_mut().for_each(|v| *v = (f64::from(*v) / s) as f32);
+        }
+    }
+    Ok(())
 }
 
 /// The grid `_get_grid_search_params` builds: `(ratio, duo)` pairs.
-fn grid_points(o: &Options) -> Result<Vec<(f32, bool)>, AwqError> {
+fn grid_points(o: &Options) -> Result<Vec<(f64, bool)>, AwqError> {
     if o.duo_scaling {
         if o.n_grid < 3 {
             return Err(AwqError::Grid(o.n_grid));
         }
-        let d = (o.n_grid - 2) as f32;
-        Ok(std::iter::once((0.0, false)).chain((0..o.n_grid - 1).map(|k| (k as f32 / d, true))).collect())
+        let d = (o.n_grid - 2) as f64;
+        Ok(std::iter::once((0.0, false)).chain((0..o.n_grid - 1).map(|k| (k as f64 / d, true))).collect())
     } else {
         if o.n_grid < 2 {
             return Err(AwqError::Grid(o.n_grid));
         }
-        let d = (o.n_grid - 1) as f32;
-        Ok((0..o.n_grid).map(|k| (k as f32 / d, false)).collect())
+        let d = (o.n_grid - 1) as f64;
+        Ok((0..o.n_grid).map(|k| (k as f64 / d, false)).collect())
     }
 }
 
-/// The scales of one grid point (`_compute_best_scale`), in `f32` as torch computes them: `x^r / (w^(1−r) +
-/// 1e-4)` (duo) or `x^r`, clamped to ≥ 1e-4, divided by `sqrt(max · min)`; Inf/NaN → 1.
-fn point_scales(x_mean: &[f32], w_mean: &[f32], ratio: f32, duo: bool) -> Vec<f32> {
-    let mut s: Vec<f32> = x_mean
-        .iter()
-        .zip(w_mean)
-        .map(|(&x, &w)| {
-            let v = if duo { x.powf(ratio) / (w.powf(1.0 - ratio) + 1e-4) } else { x.powf(ratio) };
-            // torch's clamp(min) propagates NaN; `f32::max` would not.
-            if v.is_nan() {
-                v
-            } else {
-                v.max(1e-4)
-            }
-        })
-        .collect();
-    let (mx, mn) = s.iter().fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), &v| (a.max(v), b.min(v)));
-    let norm = (mx * mn).sqrt();
-    for v in &mut s {
-        *v /= norm;
-        if !v.is_finite() {
-            *v = 1.0;
-        }
+/// The scales of one grid point (`_compute_best_scale`), with torch's dtypes: `x_mean` is `f32` and `w_mean`
+/// `f64` (`_compute_layer_means` sums in `get_high_precision()`), so with duo scaling `x^r` is an `f32` power and
+/// the rest (`/ (w^(1−r) + 1e-4)`, clamp to ≥ 1e-4, `/ sqrt(max · min)`) is `f64`; without, all `f32`. Inf/NaN → 1.
+/// The scales stay `f64` (as llm-compressor keeps them): see "Precision" in the module docs.
+fn point_scales(x_mean: &[f32], w_mean: &[f64], ratio: f64, duo: bool) -> Vec<f64> {
+    // torch's `float32_tensor.pow(r)`: measured (torch 2.14 CPU) to equal the `f64` power of the `f32`-rounded
+    // exponent rounded to `f32`, except r = 0.5, which it computes as a square root.
+    let xpow = |x: f32| if ratio == 0.5 { x.sqrt() } else { f64::from(x).powf(f64::from(ratio as f32)) as f32 };
+    // torch's clamp(min) propagates NaN; `max` would not.
+    fn extremes<T: Copy + PartialOrd>(s: &[T], lo: T, hi: T) -> (T, T) {
+        s.iter().fold((lo, hi), |(a, b), &v| (if v > a { v } else { a }, if v < b { v } else { b }))
     }
-    s
+    let fix = |v: f64| if v.is_finite() { v } else { 1.0 };
+    if duo {
+        let s: Vec<f64> = x_mean
+            .iter()
+            .zip(w_mean)
+            .map(|(&x, &w)| {
+                let v = f64::from(xpow(x)) / (w.powf(1.0 - ratio) + 1e-4);
+                if v.is_nan() {
+                    v
+                } else {
+                    v.max(1e-4)
+                }
+            })
+            .collect();
+        let (mx, mn) = extremes(&s, f64::NEG_INFINITY, f64::INFINITY);
+        let norm = (mx * mn).sqrt();
+        s.iter().map(|&v| fix(v / norm)).collect()
+    } else {
+        let s: Vec<f32> = x_mean
+            .iter()
+            .map(|&x| {
+                let v = xpow(x);
+                if v.is_nan() {
+                    v
+                } else {
+                    v.max(1e-4)
+                }
+            })
+            .collect();
+        let (mx, mn) = extremes(&s, f32::NEG_INFINITY, f32::INFINITY);
+        let norm = (mx * mn).sqrt();
+        s.iter().map(|&v| fix(f64::from(v / norm))).collect()
+    }
 }
 
 /// `tr(Δ H Δᵀ)` for row-major `Δ` (`rows × cols`) and `H` (`cols × cols`), in `f64`, sequential faer kernels.
@@ -192,7 +301,7 @@ fn trace_loss(d: &[f64], h: &[f64], rows: usize, cols: usize) -> f64 {
 }
 
 /// `L(s)` over all balance layers (see the module docs).
-fn loss_at(balance: &[Balance], cols: usize, s: &[f32]) -> Result<f64, AwqError> {
+fn loss_at(balance: &[Balance], cols: usize, s: &[f64]) -> Result<f64, AwqError> {
     let mut total = 0f64;
     for (i, b) in balance.iter().enumerate() {
         let ws = scaled(b.w, b.rows, cols, s);
@@ -201,7 +310,7 @@ fn loss_at(balance: &[Balance], cols: usize, s: &[f32]) -> Result<f64, AwqError>
             b.w.iter()
                 .zip(&q.dequant)
                 .enumerate()
-                .map(|(k, (&w, &dq))| f64::from(w) - f64::from(dq / s[k % cols]))
+                .map(|(k, (&w, &dq))| f64::from(w) - f64::from(dq) / s[k % cols])
                 .collect();
         total += b.weight * trace_loss(&d, b.h, b.rows, cols);
     }
@@ -211,8 +320,10 @@ fn loss_at(balance: &[Balance], cols: usize, s: &[f32]) -> Result<f64, AwqError>
 /// `_compute_best_scale` (base.py) with the layer-wise loss of the module docs: tries every grid point of
 /// `_get_grid_search_params` (in order; the first strictly smallest loss wins, as in llm-compressor) and
 /// returns the best scales, never worse than `s = 1`. `x_mean[j]` is the mean `|x_j|` over the calibration
-/// tokens (`x_sum / count`); `w_mean` is [`layer_means`] of all balance layers with the first layer's grid
-/// group. Deterministic.
+/// tokens (`x_sum / count`); `w_mean` is `_compute_layer_means` of all balance layers (each chunked by its own
+/// grid's group, in `f64`). Balance layers that are not quantized (a router kept in 16 bits) must not be passed:
+/// llm-compressor leaves them out of `w_mean` and of the loss (their output does not change) and only multiplies
+/// them by the scales at the end ([`scaled`]). Deterministic.
 pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search, AwqError> {
     let cols = x_mean.len();
     if cols == 0 {
@@ -237,17 +348,17 @@ pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search
         }
     }
     let points = grid_points(o)?;
-    let ws: Vec<(&[f32], usize)> = balance.iter().map(|b| (b.w, b.rows)).collect();
-    let w_mean = layer_means(&ws, balance[0].grid.group(), cols);
+    let ws: Vec<(&[f32], usize, usize)> = balance.iter().map(|b| (b.w, b.rows, b.grid.group())).collect();
+    let w_mean = layer_means_f64(&ws, cols);
 
-    let ones = vec![1f32; cols];
+    let ones = vec![1f64; cols];
     let rtn_loss = loss_at(balance, cols, &ones)?;
-    let mut best: Option<(f64, f32, bool, Vec<f32>)> = None;
+    let mut best: Option<(f64, f64, bool, Vec<f64>)> = None;
     let mut losses = Vec::with_capacity(points.len());
     for (ratio, duo) in points {
         let s = point_scales(x_mean, &w_mean, ratio, duo);
         let l = loss_at(balance, cols, &s)?;
-        losses.push((ratio, duo, l));
+        losses.push((ratio as f32, duo, l));
         let better = match &best {
             None => true,
             Some(b) => l < b.0,
@@ -257,7 +368,9 @@ pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search
         }
     }
     Ok(match best {
-        Some((loss, ratio, duo, scales)) if loss <= rtn_loss => Search { scales, ratio, duo, loss, rtn_loss, losses },
+        Some((loss, ratio, duo, scales)) if loss <= rtn_loss => {
+            Search { scales, ratio: ratio as f32, duo, loss, rtn_loss, losses }
+        }
         _ => Search { scales: ones, ratio: 0.0, duo: false, loss: rtn_loss, rtn_loss, losses },
     })
 }
@@ -292,8 +405,9 @@ mod tests {
     #[test]
     fn point_scales_identity_and_normalised() {
         let x = [0.5f32, 2.0, 8.0];
-        let w = [0.3f32, 0.6, 0.9];
+        let w = [0.3f64, 0.6, 0.9];
         assert_eq!(point_scales(&x, &w, 0.0, false), vec![1.0; 3]);
+        assert_eq!(point_scales(&x, &[0.0; 3], 0.0, true), vec![1.0; 3]);
         let s = point_scales(&x, &w, 1.0, false);
         // x / sqrt(8 · 0.5) = x / 2.
         assert_eq!(s, vec![0.25, 1.0, 4.0]);
