@@ -155,7 +155,10 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
         // Before a long calibrated run: which experts the calibration data reaches (a routing-only forward pass).
         let grids = grids_of(&p);
         if grids.is_empty() {
-            bail!("--method {} applies to integer schemes; {label} quantizes no weight on an integer grid", method.name());
+            bail!(
+                "--method {} applies to integer schemes; {label} quantizes no weight on an integer grid",
+                method.name()
+            );
         }
         let cov = crate::solve::coverage(&a.solve, &ck)?;
         j["calibration"] = json!({"method": method.name(), "weights": grids.len(), "expert_tokens": cov.1,

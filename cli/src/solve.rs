@@ -16,11 +16,12 @@ pub const GGUF_REFUSAL: &str = "--method, --data and the GPTQ/AWQ flags apply to
 /// How the integer schemes choose their codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Method {
-    /// Round to nearest (no calibration data).
+    // (Plain comments: doc comments on the variants would switch `--help` to clap's long layout.)
+    // Round to nearest (no calibration data).
     Rtn,
-    /// GPTQ: Hessian-based error compensation per linear layer and routed expert.
+    // GPTQ: Hessian-based error compensation per linear layer and routed expert.
     Gptq,
-    /// AWQ: activation-aware per-channel scales, folded into the preceding norm or linear.
+    // AWQ: activation-aware per-channel scales, folded into the preceding norm or linear (not available yet).
     Awq,
 }
 
