@@ -123,6 +123,30 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(sling_formats::gguf::write::hex(&h.finalize()))
 }
 
+/// The calibration sequences: the text (or token ids) tokenized with the checkpoint's tokenizer and cut into `ctx`-token
+/// chunks as `sling calibrate` cuts them, at most `chunks` of them; at least one.
+fn sequences(
+    ck: &sling_formats::checkpoint::Checkpoint,
+    text: Option<&Path>,
+    ids: Option<&Path>,
+    ctx: usize,
+    chunks: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
+    if ctx == 0 {
+        bail!("--ctx must be > 0");
+    }
+    let t = crate::textdata::load(&ck.dir, text, ids)?;
+    let seqs = sling_calibration::imatrix::chunks(&t.ids, ctx, chunks, t.bos);
+    if seqs.is_empty() {
+        bail!(
+            "{}: {} tokens, fewer than one --ctx {ctx} sequence; give more data or a smaller --ctx",
+            text.or(ids).map_or(String::new(), |p| p.display().to_string()),
+            t.ids.len()
+        );
+    }
+    Ok(seqs)
+}
+
 /// A calibrated solution ready for the executor.
 pub struct Solved {
     pub store: std::sync::Arc<sling_pipeline::solved::Store>,
@@ -158,25 +182,13 @@ pub fn run(
             method.name()
         );
     }
-    if s.ctx == 0 {
-        bail!("--ctx must be > 0");
-    }
     if !(s.damp.is_finite() && s.damp >= 0.0) || s.gptq_block_size == 0 {
         bail!("--damp must be a finite number >= 0 and --gptq-block-size > 0");
     }
     let max_ram = s.max_ram.as_deref().map(crate::convert::parse_size).transpose()?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
     let data_path = s.data.as_deref().or(s.tokens.as_deref()).context("no calibration data")?;
-    let t = crate::textdata::load(&ck.dir, s.data.as_deref(), s.tokens.as_deref())?;
-    let seqs = sling_calibration::imatrix::chunks(&t.ids, s.ctx, s.chunks, t.bos);
-    if seqs.is_empty() {
-        bail!(
-            "{}: {} tokens, fewer than one --ctx {} sequence; give more data or a smaller --ctx",
-            data_path.display(),
-            t.ids.len(),
-            s.ctx
-        );
-    }
+    let seqs = sequences(ck, s.data.as_deref(), s.tokens.as_deref(), s.ctx, s.chunks)?;
     let data_sha = file_sha256(data_path)?;
     let settings = Settings {
         gptq: sling_quantizers::gptq::Options { block: s.gptq_block_size, damp: s.damp, act_order: s.act_order },
@@ -337,8 +349,7 @@ pub fn replay(
     }
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
     let (text, ids) = if cal.data.token_ids { (None, Some(data)) } else { (Some(data), None) };
-    let t = crate::textdata::load(&ck.dir, text, ids)?;
-    let seqs = sling_calibration::imatrix::chunks(&t.ids, cal.data.ctx as usize, Some(cal.data.chunks as usize), t.bos);
+    let seqs = sequences(ck, text, ids, cal.data.ctx as usize, Some(cal.data.chunks as usize))?;
     let settings = sling_calibration::gptq::Settings {
         gptq: sling_quantizers::gptq::Options { block: cal.block as usize, damp: cal.damp, act_order: cal.act_order },
         min_expert_tokens: cal.min_expert_tokens,
@@ -371,15 +382,8 @@ pub fn coverage(
             e.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
         }
     }
-    if s.ctx == 0 {
-        bail!("--ctx must be > 0");
-    }
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
-    let t = crate::textdata::load(&ck.dir, s.data.as_deref(), s.tokens.as_deref())?;
-    let seqs = sling_calibration::imatrix::chunks(&t.ids, s.ctx, s.chunks, t.bos);
-    if seqs.is_empty() {
-        bail!("{} tokens, fewer than one --ctx {} sequence", t.ids.len(), s.ctx);
-    }
+    let seqs = sequences(ck, s.data.as_deref(), s.tokens.as_deref(), s.ctx, s.chunks)?;
     let src = sling_calibration::CheckpointSource::new(ck);
     let model = sling_calibration::Model::new(&src, &cfg)?;
     let mut r = Routing(Default::default());
