@@ -2,11 +2,41 @@
 //!
 //! Every kernel here has a scalar reference in `sling-quantizers` and is tested against it bit for
 //! bit. Instruction sets are chosen at run time (`is_x86_feature_detected!`), never by
-//! `target-cpu=native`, so one binary runs everywhere and is fast where it can be. The CUDA path
-//! (cudarc, NVRTC at run time) will live here too, behind the `cuda` feature.
+//! `target-cpu=native`, so one binary runs everywhere and is fast where it can be. The CUDA kernels
+//! (`cu/`, compiled at run time by NVRTC through cudarc, feature `cuda`) run the reference C per block and are
+//! tested through their host build on every machine. [`backend`] is the seam callers use: [`backend::open`]
+//! gives a CPU or a CUDA [`backend::Backend`] with the same bytes.
 
 use sling_core::DType;
 use sling_quantizers::encode::{self, EncodeError};
+
+pub mod backend;
+pub mod cu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
+
+pub use backend::{Backend, Device, DeviceError, DeviceOptions, KernelError};
+
+/// What this build and machine offer for CUDA (`sling doctor`).
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Whether this binary was built with the `cuda` feature.
+    pub built: bool,
+    /// The driver's CUDA version, or why there is none.
+    pub driver: Result<String, String>,
+    /// NVRTC's version, or why there is none.
+    pub nvrtc: Result<String, String>,
+    /// One line per device: ordinal, name, architecture, memory (or the error opening it).
+    pub devices: Vec<String>,
+}
+
+/// Probes CUDA without starting a backend.
+pub fn probe_cuda() -> Probe {
+    cuda::probe()
+}
 
 /// Which code path the kernels use on this machine (reported in provenance and `--version -v`).
 pub fn cpu_path() -> &'static str {

@@ -1,0 +1,63 @@
+// The host build of the GPU kernels (kernels/build.rs compiles it with `-ffp-contract=off`): the very kernel
+// source NVRTC compiles, run on the CPU by a launcher that walks the grid one thread at a time. Tests compare
+// its bytes with the Rust scalar reference for every type (kernels/tests/host_kernels.rs), so a kernel bug
+// shows on a machine with no GPU; on the GPU only the launch and the memory path are new.
+#include "shim.h"
+#include "ggml_quants.cuh"
+#include "quant.cu"
+
+typedef void (*sling_quantize_kernel)(const float *, const float *, const float *, uint8_t *, int64_t, int);
+
+struct sling_host_kernel {
+    const char * name;
+    sling_quantize_kernel f;
+};
+
+#define SLING_HOST_ENTRY(T, QK, BYTES) {#T, sling_quantize_##T},
+static const sling_host_kernel SLING_HOST_KERNELS[] = {SLING_TYPES(SLING_HOST_ENTRY)};
+
+static void sling_host_grid(unsigned int nthreads, unsigned int block, void (*body)(void *), void * ctx) {
+    blockDim = sling_dim3{block, 1, 1};
+    for (unsigned int g = 0; g * block < nthreads; ++g) {
+        blockIdx = sling_dim3{g, 0, 0};
+        for (unsigned int t = 0; t < block; ++t) {
+            threadIdx = sling_dim3{t, 0, 0};
+            body(ctx);
+        }
+    }
+}
+
+struct sling_host_args {
+    sling_quantize_kernel f;
+    const float * x;
+    const float * qw;
+    float * sig2;
+    uint8_t * y;
+    int64_t nrows, nblocks;
+    int n_per_row, blocks_per_row;
+};
+
+static void sling_host_sigma2(void * p) {
+    sling_host_args * a = (sling_host_args *)p;
+    sling_row_sigma2_rows(a->x, a->sig2, a->nrows, a->n_per_row);
+}
+
+static void sling_host_quant(void * p) {
+    sling_host_args * a = (sling_host_args *)p;
+    a->f(a->x, a->qw, a->sig2, a->y, a->nblocks, a->blocks_per_row);
+}
+
+// Quantizes `nrows` rows of `n_per_row` values with the kernel of ggml type `name` (as the CUDA backend launches
+// it: the row sigma2 pass when `qw` is given, then one thread per block, 128-thread blocks). Returns 0, or -1
+// for an unknown type name. `sig2` holds `nrows` floats of scratch.
+extern "C" int sling_host_quantize(const char * name, const float * x, const float * qw, float * sig2, uint8_t * y,
+                                   int64_t nrows, int n_per_row, int qk) {
+    for (const sling_host_kernel & k : SLING_HOST_KERNELS) {
+        if (strcmp(k.name, name) != 0) continue;
+        sling_host_args a = {k.f, x, qw, qw ? sig2 : 0, y, nrows, nrows * (n_per_row / qk), n_per_row, n_per_row / qk};
+        if (qw) sling_host_grid((unsigned int)nrows, 128, sling_host_sigma2, &a);
+        sling_host_grid((unsigned int)a.nblocks, 128, sling_host_quant, &a);
+        return 0;
+    }
+    return -1;
+}

@@ -1,0 +1,137 @@
+//! The GPU kernels' source (`kernels/cu/`), the table of types it covers, the NVRTC options it is compiled with,
+//! and its host build (the same source compiled as C++ by `build.rs`), which tests compare with the scalar
+//! reference bit for bit on machines without a GPU.
+//!
+//! One thread owns one block and runs ggml's reference code for it (`cu/ggml_quants.cuh`, vendored by
+//! `scripts/vendor-ggml-cu.py`), so the bytes are `ggml_quantize_chunk`'s whichever backend runs.
+
+use sling_core::DType;
+use sling_quantizers::EncodeError;
+
+/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers and the kernels, in that order (NVRTC
+/// sees no include files, so the parts are concatenated; `host.cpp` includes the same three).
+pub const SOURCE: &str =
+    concat!(include_str!("../cu/shim.h"), "\n", include_str!("../cu/ggml_quants.cuh"), "\n", include_str!("../cu/quant.cu"));
+
+/// Types with a kernel: `sling_quantize_<ggml name>` in `cu/quant.cu` (its `SLING_TYPES` table, whose block sizes
+/// are checked against `sling_core`'s descriptor table by the tests).
+pub const TYPES: &[DType] = &[
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::MXFP4,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+    DType::TQ1_0,
+    DType::TQ2_0,
+    DType::IQ4NL,
+    DType::IQ4XS,
+];
+
+/// Whether `dtype` has a kernel.
+pub fn has_kernel(dtype: DType) -> bool {
+    TYPES.contains(&dtype)
+}
+
+/// The kernel function of `dtype` (`sling_quantize_q4_K`, ...).
+pub fn kernel_name(dtype: DType) -> Option<String> {
+    has_kernel(dtype).then(|| format!("sling_quantize_{}", dtype.name()))
+}
+
+/// The row pass that computes the legacy types' sigma2 (`sum x² / n` of each row, in the C's order).
+pub const ROW_SIGMA2: &str = "sling_row_sigma2_rows";
+
+/// Threads per CUDA block of the quantization kernels (the host launcher walks the grid with the same shape).
+pub const THREADS: u32 = 128;
+
+/// NVRTC options: no fast math, no FMA contraction, IEEE division and square root, denormals kept, so every
+/// float operation is the one the reference C does. `arch` is `sm_90`-style (a real architecture: NVRTC emits
+/// machine code for exactly that device).
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--ftz=false".into(),
+        "--std=c++17".into(),
+        "--device-as-default-execution-space".into(),
+    ]
+}
+
+/// Whether a window of values (and its importance weights) may run on the GPU and give the CPU's bytes. The
+/// kernels are the reference C, but a float-to-integer conversion of NaN, infinity or an out-of-range value
+/// differs between x86 (the "integer indefinite" the reference's bytes encode) and CUDA (saturation). Finite
+/// values of moderate magnitude never reach one: a block scale's inverse overflows only below 2^-125 and sums of
+/// squares only above 2^63. Such rows are rare in real weights (none in any checkpoint measured) and go to the
+/// CPU, so the bytes are the same whichever backend ran.
+pub fn device_safe(x: &[f32], qw: Option<&[f32]>) -> bool {
+    // |x| == 0 or 2^-100 <= |x| <= 2^60, as exponent bits: one comparison per value, vectorised.
+    const LO: u32 = (127 - 100) << 23;
+    const HI: u32 = (127 + 61) << 23;
+    let ok = |v: &f32| {
+        let a = v.to_bits() & 0x7fff_ffff;
+        a == 0 || (LO..HI).contains(&a)
+    };
+    x.iter().fold(true, |acc, v| acc & ok(v)) && qw.is_none_or(|w| w.iter().fold(true, |acc, v| acc & ok(v)))
+}
+
+extern "C" {
+    fn sling_host_quantize(
+        name: *const std::ffi::c_char,
+        x: *const f32,
+        qw: *const f32,
+        sig2: *mut f32,
+        y: *mut u8,
+        nrows: i64,
+        n_per_row: i32,
+        qk: i32,
+    ) -> i32;
+}
+
+/// Quantizes whole rows with the host build of the GPU kernel of `dtype`, launched as the CUDA backend launches
+/// it (row pass, then one thread per block), appending to `out`. For tests and `sling doctor`; the CPU backend
+/// uses the Rust kernels.
+pub fn host_quantize_rows(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
+    if !has_kernel(dtype) {
+        return Err(EncodeError::Unsupported(dtype));
+    }
+    let nrows = x.len() / n_per_row;
+    let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
+    let start = out.len();
+    out.resize(start + nrows * row_bytes, 0);
+    let mut sig2 = vec![0f32; nrows];
+    let name = std::ffi::CString::new(dtype.name()).expect("type names hold no NUL");
+    // SAFETY: `x` holds `nrows * n_per_row` values, `imatrix` (checked above) `n_per_row` or is null, `sig2`
+    // `nrows` floats and `out[start..]` `nrows * row_bytes` bytes: exactly what the launcher reads and writes for
+    // `nrows` rows of `n_per_row / qk` blocks of this type.
+    let rc = unsafe {
+        sling_host_quantize(
+            name.as_ptr(),
+            x.as_ptr(),
+            imatrix.map_or(std::ptr::null(), <[f32]>::as_ptr),
+            sig2.as_mut_ptr(),
+            out[start..].as_mut_ptr(),
+            nrows as i64,
+            n_per_row as i32,
+            dtype.block_elems() as i32,
+        )
+    };
+    if rc != 0 {
+        out.truncate(start);
+        return Err(EncodeError::Unsupported(dtype));
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! The CUDA backend (feature `cuda`): `cu/quant.cu` compiled at first use by NVRTC for the device's exact
+//! architecture (`sm_90` on Hopper), cached on disk, and launched one thread per block. cudarc loads the driver
+//! and NVRTC at run time, so this builds and starts on machines without CUDA; [`CudaBackend::open`] then says why
+//! it cannot run.
+//!
+//! Each call of [`Backend::quantize_rows`] takes a *lane* (a stream with its device buffers) from a pool, so the
+//! pipeline's worker threads keep several windows in flight: one lane's copies overlap another's kernels. A
+//! window larger than a lane's share of `--device-mem` is processed in row groups. Rows the kernels cannot
+//! reproduce exactly (non-finite or extreme values, see [`crate::cu::device_safe`]) and types without a kernel
+//! are quantized on the CPU, so the bytes never depend on the backend.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use sha2::{Digest, Sha256};
+use sling_core::DType;
+
+use crate::backend::{Backend, Counters, DeviceError, DeviceOptions, KernelError};
+use crate::cu;
+
+/// Lanes (streams with buffers) at most; further callers wait for one to come back.
+const MAX_LANES: usize = 8;
+
+struct Lane {
+    stream: Arc<CudaStream>,
+    x: Option<CudaSlice<f32>>,
+    qw: Option<CudaSlice<f32>>,
+    sig2: Option<CudaSlice<f32>>,
+    y: Option<CudaSlice<u8>>,
+}
+
+struct Pool {
+    idle: Vec<Lane>,
+    created: usize,
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    describe: String,
+    kernels: Vec<(DType, CudaFunction)>,
+    sigma2: CudaFunction,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+    /// Bytes of device buffers one lane may hold.
+    lane_bytes: u64,
+    counters: Counters,
+}
+
+fn cuda_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> DeviceError {
+    move |e| DeviceError::Cuda { ordinal, op, message: e.to_string() }
+}
+
+/// NVRTC's version, when the library loads.
+pub fn nvrtc_version() -> Result<(i32, i32), DeviceError> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { nvrtc_sys::is_culib_present() } {
+        return Err(DeviceError::NoNvrtc);
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); nvrtcVersion writes two ints.
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| DeviceError::Compile { arch: String::new(), log: format!("nvrtcVersion: {e}") })?;
+    Ok((major, minor))
+}
+
+/// Compiles [`cu::SOURCE`] for `arch` (`sm_80`, `sm_90`, ...) with NVRTC and returns the CUBIN (machine code for
+/// exactly that architecture). Needs NVRTC only, no GPU.
+pub fn compile(arch: &str) -> Result<Vec<u8>, DeviceError> {
+    nvrtc_version()?;
+    let fail = |log: String| DeviceError::Compile { arch: arch.to_string(), log };
+    let src = CString::new(cu::SOURCE).map_err(|_| fail("the source holds a NUL byte".into()))?;
+    let prog = nvrtc::create_program(&src, Some(c"sling_kernels.cu")).map_err(|e| fail(e.to_string()))?;
+    let opts = cu::nvrtc_options(arch);
+    // SAFETY: `prog` was just created and is destroyed below, after its last use; `src` outlives it.
+    let out = unsafe {
+        let r = match nvrtc::compile_program(prog, &opts) {
+            Err(e) => {
+                let log = nvrtc::get_program_log(prog).map(|l| c_chars_to_string(&l)).unwrap_or_default();
+                Err(fail(format!("{e}: {log}")))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
+                let mut cubin = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| fail(format!("nvrtcGetCUBIN: {e}")))?;
+                Ok(cubin)
+            }
+        };
+        let _ = nvrtc::destroy_program(prog);
+        r
+    };
+    out
+}
+
+fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The cache file's name: what decides the machine code (source, options, architecture), then the NVRTC version
+/// that made it. A machine without NVRTC can use a file another machine compiled for its architecture.
+fn cache_stem(arch: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(cu::SOURCE.as_bytes());
+    for o in cu::nvrtc_options(arch) {
+        h.update([0]);
+        h.update(o.as_bytes());
+    }
+    let hex: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{arch}")
+}
+
+/// The CUBIN for `arch`: from the cache when present (any NVRTC version's), else compiled and stored (written to a
+/// temporary file and renamed, so a concurrent run never reads half a file).
+pub fn cubin(arch: &str, cache: Option<&Path>) -> Result<(Vec<u8>, &'static str), DeviceError> {
+    let stem = cache_stem(arch);
+    let version = nvrtc_version();
+    if let Some(dir) = cache {
+        let exact = version.as_ref().ok().map(|(a, b)| dir.join(format!("{stem}-nvrtc{a}.{b}.cubin")));
+        let any = || -> Option<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".cubin")))
+                .collect();
+            v.sort();
+            v.pop()
+        };
+        if let Some(p) = exact.filter(|p| p.is_file()).or_else(|| if version.is_err() { any() } else { None }) {
+            if let Ok(b) = std::fs::read(&p) {
+                return Ok((b, "cache"));
+            }
+        }
+    }
+    let (major, minor) = version?;
+    let bin = compile(arch)?;
+    if let Some(dir) = cache {
+        let path = dir.join(format!("{stem}-nvrtc{major}.{minor}.cubin"));
+        let tmp = dir.join(format!(".{stem}.{}.tmp", std::process::id()));
+        let io = |source| DeviceError::Cache { path: path.clone(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(&tmp, &bin).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+    }
+    Ok((bin, "nvrtc"))
+}
+
+impl CudaBackend {
+    /// Starts CUDA device `ordinal`: loads the driver, creates the context, compiles (or reads from the cache) the
+    /// kernels for its architecture and loads them.
+    pub fn open(ordinal: usize, options: &DeviceOptions) -> Result<CudaBackend, DeviceError> {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(DeviceError::NoDriver("libcuda.so.1 is not on the library path".into()));
+        }
+        let n = CudaContext::device_count().map_err(|e| DeviceError::NoDriver(e.to_string()))?;
+        if ordinal as i32 >= n {
+            return Err(DeviceError::Cuda {
+                ordinal,
+                op: "select device",
+                message: format!("{n} CUDA device(s) present"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err(ordinal, "create context"))?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda_err(ordinal, "compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().map_err(cuda_err(ordinal, "device name"))?;
+        let (bin, from) = cubin(&arch, options.cache_dir.as_deref())?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+            .map_err(cuda_err(ordinal, "load kernels"))?;
+        let load = |f: &str| module.load_function(f).map_err(cuda_err(ordinal, "load kernel function"));
+        let mut kernels = Vec::new();
+        for &t in cu::TYPES {
+            kernels.push((t, load(&cu::kernel_name(t).expect("every listed type has a kernel"))?));
+        }
+        let sigma2 = load(cu::ROW_SIGMA2)?;
+        let (free, _) = ctx.mem_get_info().map_err(cuda_err(ordinal, "memory info"))?;
+        let budget = options.mem_limit.min(free as u64 * 9 / 10);
+        Ok(CudaBackend {
+            ordinal,
+            describe: format!("cuda:{ordinal} ({name}, {arch}, kernels from {from})"),
+            ctx,
+            kernels,
+            sigma2,
+            pool: Mutex::new(Pool { idle: Vec::new(), created: 0 }),
+            returned: Condvar::new(),
+            lane_bytes: (budget / MAX_LANES as u64).max(1 << 20),
+            counters: Counters::default(),
+        })
+    }
+
+    fn take_lane(&self) -> Result<Lane, DeviceError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(l) = pool.idle.pop() {
+                return Ok(l);
+            }
+            if pool.created < MAX_LANES {
+                pool.created += 1;
+                drop(pool);
+                let stream = self.ctx.new_stream().map_err(cuda_err(self.ordinal, "create stream"))?;
+                return Ok(Lane { stream, x: None, qw: None, sig2: None, y: None });
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn give_lane(&self, lane: Lane) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).idle.push(lane);
+        self.returned.notify_one();
+    }
+
+    /// One row group on the device: copies in, row pass (with importance weights), one thread per block, copy out.
+    fn run_group(
+        &self,
+        lane: &mut Lane,
+        f: &CudaFunction,
+        dtype: DType,
+        x: &[f32],
+        n_per_row: usize,
+        qw: Option<&[f32]>,
+        out: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        let err = |op| cuda_err(self.ordinal, op);
+        let s = lane.stream.clone();
+        let nrows = x.len() / n_per_row;
+        let nblocks = x.len() / dtype.block_elems();
+        fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+            s: &Arc<CudaStream>,
+            buf: &mut Option<CudaSlice<T>>,
+            n: usize,
+        ) -> Result<(), cudarc::driver::DriverError> {
+            if buf.as_ref().is_none_or(|b| b.len() < n) {
+                *buf = None;
+                *buf = Some(s.alloc_zeros::<T>(n.max(1))?);
+            }
+            Ok(())
+        }
+        ensure(&s, &mut lane.x, x.len()).map_err(err("allocate"))?;
+        ensure(&s, &mut lane.y, out.len()).map_err(err("allocate"))?;
+        ensure(&s, &mut lane.sig2, nrows).map_err(err("allocate"))?;
+        let (dx, dy, dsig) = (lane.x.as_mut().unwrap(), lane.y.as_mut().unwrap(), lane.sig2.as_mut().unwrap());
+        s.memcpy_htod(x, &mut dx.slice_mut(..x.len())).map_err(err("copy to device"))?;
+        let null = 0u64;
+        let nblocks_i = nblocks as i64;
+        let bpr = (n_per_row / dtype.block_elems()) as i32;
+        let cfg = |n: usize| LaunchConfig {
+            grid_dim: (n.div_ceil(cu::THREADS as usize) as u32, 1, 1),
+            block_dim: (cu::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if let Some(w) = qw {
+            ensure(&s, &mut lane.qw, w.len()).map_err(err("allocate"))?;
+            let dw = lane.qw.as_mut().unwrap();
+            s.memcpy_htod(w, &mut dw.slice_mut(..w.len())).map_err(err("copy to device"))?;
+            let (nrows_i, npr) = (nrows as i64, n_per_row as i32);
+            let mut b = s.launch_builder(&self.sigma2);
+            b.arg(&*dx).arg(&mut *dsig).arg(&nrows_i).arg(&npr);
+            // SAFETY: sling_row_sigma2_rows(const float*, float*, int64_t, int) reads nrows * n_per_row floats of
+            // x and writes nrows floats of sig2; both buffers hold at least that many (ensured above).
+            unsafe { b.launch(cfg(nrows)) }.map_err(err("launch sling_row_sigma2_rows"))?;
+            let mut b = s.launch_builder(f);
+            b.arg(&*dx).arg(&*dw).arg(&*dsig).arg(&mut *dy).arg(&nblocks_i).arg(&bpr);
+            // SAFETY: the kernel (const float*, const float*, const float*, uint8_t*, int64_t, int) reads nblocks
+            // blocks of x, blocks_per_row * QK weights and nrows sigma2 values, and writes nblocks blocks to y:
+            // every buffer holds at least that (ensured above; out.len() == nblocks * block bytes).
+            unsafe { b.launch(cfg(nblocks)) }.map_err(err("launch quantize kernel"))?;
+        } else {
+            let mut b = s.launch_builder(f);
+            b.arg(&*dx).arg(&null).arg(&null).arg(&mut *dy).arg(&nblocks_i).arg(&bpr);
+            // SAFETY: as above, with null weights and sigma2, which the kernel then does not read.
+            unsafe { b.launch(cfg(nblocks)) }.map_err(err("launch quantize kernel"))?;
+        }
+        s.memcpy_dtoh(&dy.slice(..out.len()), out).map_err(err("copy from device"))?;
+        s.synchronize().map_err(err("synchronize"))?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn is_gpu(&self) -> bool {
+        true
+    }
+
+    fn quantize_rows(
+        &self,
+        dtype: DType,
+        x: &[f32],
+        n_per_row: usize,
+        imatrix: Option<&[f32]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), KernelError> {
+        sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
+        let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f);
+        let Some(f) = f.filter(|_| !x.is_empty() && cu::device_safe(x, imatrix)) else {
+            crate::quantize_rows(dtype, x, n_per_row, imatrix, out)?;
+            if dtype.is_quantized() {
+                self.counters.add(false, (x.len() / dtype.block_elems()) as u64);
+            }
+            return Ok(());
+        };
+        let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
+        let nrows = x.len() / n_per_row;
+        let start = out.len();
+        out.resize(start + nrows * row_bytes, 0);
+        // Rows per group: the lane's share of device memory over each row's input, output and sigma2.
+        let per_row = (n_per_row * 4 + row_bytes + 4) as u64;
+        let group = ((self.lane_bytes.saturating_sub(n_per_row as u64 * 4)) / per_row).max(1) as usize;
+        let mut lane = self.take_lane()?;
+        let mut result = Ok(());
+        for (xs, ys) in x.chunks(group * n_per_row).zip(out[start..].chunks_mut(group * row_bytes)) {
+            result = self.run_group(&mut lane, f, dtype, xs, n_per_row, imatrix, ys);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.give_lane(lane);
+        if let Err(e) = result {
+            out.truncate(start);
+            return Err(e.into());
+        }
+        self.counters.add(true, (x.len() / dtype.block_elems()) as u64);
+        Ok(())
+    }
+
+    fn counters(&self) -> (u64, u64) {
+        self.counters.get()
+    }
+}
+
+/// What `sling doctor` reports about CUDA.
+pub fn probe() -> crate::Probe {
+    let nvrtc = nvrtc_version().map(|(a, b)| format!("{a}.{b}")).map_err(|e| e.to_string());
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return crate::Probe { built: true, driver: Err("libcuda.so.1 not found".into()), nvrtc, devices: Vec::new() };
+    }
+    let mut version = 0i32;
+    // SAFETY: the driver library is present (checked above); cuDriverGetVersion writes one int.
+    let driver = match unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }.result() {
+        Ok(()) => Ok(format!("CUDA {}.{}", version / 1000, version % 1000 / 10)),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut devices = Vec::new();
+    if let Ok(n) = CudaContext::device_count() {
+        for i in 0..n.max(0) as usize {
+            let d = CudaContext::new(i).and_then(|c| {
+                let (a, b) = c.compute_capability()?;
+                let mem = c.total_mem()?;
+                Ok(format!("cuda:{i} {} (sm_{a}{b}, {:.1} GiB)", c.name()?, mem as f64 / (1u64 << 30) as f64))
+            });
+            devices.push(d.unwrap_or_else(|e| format!("cuda:{i}: {e}")));
+        }
+    }
+    crate::Probe { built: true, driver, nvrtc, devices }
+}

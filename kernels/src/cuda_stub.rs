@@ -1,0 +1,40 @@
+//! The CUDA backend of a build without the `cuda` feature: the same API as `cuda.rs`, every entry saying that
+//! this build has no CUDA support.
+
+use sling_core::DType;
+
+use crate::backend::{Backend, DeviceError, DeviceOptions, KernelError};
+
+/// Never constructed in this build.
+pub enum CudaBackend {}
+
+impl CudaBackend {
+    pub fn open(_ordinal: usize, _options: &DeviceOptions) -> Result<CudaBackend, DeviceError> {
+        Err(DeviceError::NotBuilt)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn describe(&self) -> String {
+        match *self {}
+    }
+    fn is_gpu(&self) -> bool {
+        match *self {}
+    }
+    fn quantize_rows(&self, _: DType, _: &[f32], _: usize, _: Option<&[f32]>, _: &mut Vec<u8>) -> Result<(), KernelError> {
+        match *self {}
+    }
+    fn counters(&self) -> (u64, u64) {
+        match *self {}
+    }
+}
+
+/// What `sling doctor` reports about CUDA.
+pub fn probe() -> crate::Probe {
+    crate::Probe { built: false, driver: Err(DeviceError::NotBuilt.to_string()), nvrtc: Err(DeviceError::NotBuilt.to_string()), devices: Vec::new() }
+}
+
+/// Compiles the kernels for `arch` with NVRTC (unavailable in this build).
+pub fn compile(_arch: &str) -> Result<Vec<u8>, DeviceError> {
+    Err(DeviceError::NotBuilt)
+}
