@@ -44,6 +44,15 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# NVRTC from its PyPI wheel (~90 MB, no GPU needed): CI compiles every GPU kernel through it for sm_80 and sm_90
+# (kernels/tests/nvrtc.rs); scripts/test puts $LAB/nvrtc/nvidia/cu13/lib on LD_LIBRARY_PATH.
+NVRTC_PKG="nvidia-cuda-nvrtc==13.0.88"
+if [ ! -f "nvrtc/.sling-$NVRTC_PKG" ]; then
+  rm -rf nvrtc
+  venv/bin/pip install -q --no-deps --target nvrtc "$NVRTC_PKG"
+  touch "nvrtc/.sling-$NVRTC_PKG"
+fi
+
 # llm-compressor's venv (see the header). The check for a hand-made venv-llmc compares installed versions with the
 # pins (torch's local label, e.g. +cpu, ignored) and stamps it when they all match.
 LLMC_TORCH=2.14.0

@@ -65,6 +65,34 @@ pub struct PipelineArgs {
     /// Do not write the model card (README.md) beside the output.
     #[arg(long)]
     pub no_model_card: bool,
+    /// Where blocks are quantized: auto (a CUDA GPU when one works, else the CPU, saying why), cpu, cuda or
+    /// cuda:N (an error when that GPU cannot start). The output bytes are the same on every device
+    /// (docs/kernels.md); `sling doctor` shows what this machine offers.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: sling_kernels::Device,
+    /// Device memory the GPU backend may use for its buffers, e.g. 8G (larger windows run in row groups).
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    pub device_mem: String,
+}
+
+impl PipelineArgs {
+    /// Opens the backend `--device` asks for. With `auto`, a GPU that cannot be used is reported once as a
+    /// warning (as an info line when this build has no CUDA support at all).
+    pub fn backend(&self, rep: &Reporter) -> Result<std::sync::Arc<dyn sling_kernels::Backend>> {
+        let options = sling_kernels::DeviceOptions { mem_limit: parse_size(&self.device_mem)?, ..Default::default() };
+        let sel = sling_kernels::backend::open(self.device, &options)
+            .with_context(|| format!("--device {}: cannot use it (`sling doctor` says what this machine has)", self.device))?;
+        match &sel.fallback {
+            // No GPU support or no driver: nothing to tell a CPU-only user on every run.
+            Some(e @ (sling_kernels::DeviceError::NotBuilt | sling_kernels::DeviceError::NoDriver(_))) => {
+                tracing::info!("--device auto: {e}; using the CPU")
+            }
+            Some(e) => rep.warn(&format!("--device auto: no usable GPU ({e}); using the CPU")),
+            None if sel.backend.is_gpu() => tracing::info!("quantizing on {}", sel.backend.describe()),
+            None => {}
+        }
+        Ok(sel.backend)
+    }
 }
 
 impl PipelineArgs {
@@ -387,6 +415,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         resume: a.pipeline.resume,
         created,
         model_card: !a.no_manifest && !a.pipeline.no_model_card,
+        backend: Some(a.pipeline.backend(rep)?),
         ..ConvertOptions::new(out_type, a.output.clone())
     };
     let label = out_type.dtype().name().to_string();

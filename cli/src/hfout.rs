@@ -229,6 +229,9 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
 
 /// `sling quantize --to vllm:…|mlx:…`.
 pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
+    if let sling_kernels::Device::Cuda(_) = a.pipeline.device {
+        anyhow::bail!("--device {}: the GPU backend quantizes GGUF types; vllm:… and mlx:… encode on the CPU", a.pipeline.device);
+    }
     if a.split_max_tensors.is_some() {
         bail!("--split-max-tensors applies to --to gguf:… only (use --split-max-size for shard sizes)");
     }

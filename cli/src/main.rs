@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod calibrate;
 mod convert;
 mod dequantize;
+mod doctor;
 mod eval;
 mod gptq_layer;
 mod hfout;
@@ -90,6 +91,10 @@ enum Cmd {
     /// (llama-perplexity --kl-divergence's figures); --max-kld makes it a gate.
     #[command(after_help = eval::AFTER_HELP)]
     Eval(eval::Args),
+    /// Show what this machine and build offer: CPU SIMD level, threads, CUDA driver, NVRTC and GPUs (what
+    /// `--device auto` picks), and the reference-tool versions sling's interop tests are pinned to.
+    #[command(after_help = doctor::AFTER_HELP)]
+    Doctor(doctor::Args),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
         Cmd::Dequantize(a) => dequantize::run(a),
         Cmd::GptqLayer(a) => gptq_layer::run(a),
         Cmd::Calibrate(a) => calibrate::run(a, cli.quiet),
+        Cmd::Doctor(a) => doctor::run(a),
         // eval chooses its exit code: 0, or 1 when the --max-kld gate fails.
         Cmd::Eval(a) => eval::run(a, cli.quiet).map(|code| {
             if code != 0 {

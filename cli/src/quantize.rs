@@ -499,6 +499,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     let (ck, p) = open_and_plan(src, &opts)?;
     let warnings = imatrix_warnings(&p);
     let summary = plan_json(&p, &opts.rules.ftype, &label);
+    let backend = a.pipeline.backend(rep)?;
     let copts = ConvertOptions {
         split,
         allow_nonfinite: a.allow_nonfinite,
@@ -509,6 +510,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         model_card: !a.no_manifest && !a.pipeline.no_model_card,
         card_extra: card_extra(&a.q)?,
         quantize: if a.no_manifest { None } else { Some(record(&a.q, &opts)?) },
+        backend: Some(backend.clone()),
         ..ConvertOptions::new(OutType::BF16, a.output.clone())
     };
     let report = execute(&ck, p.prepared, &copts, &|ev| {
@@ -547,6 +549,7 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
             "notes": report.notes,
             "missing_imatrix": summary["missing_imatrix"],
             "empty_experts": summary["empty_experts"],
+            "device": device_json(&*backend),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !quiet {
@@ -664,4 +667,11 @@ fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_provenance::man
         override_kv: a.override_kv.clone(),
         source_gguf: is_gguf(&a.src).then(|| a.src.file_name().map(|n| n.to_string_lossy().into_owned())).flatten(),
     })
+}
+
+/// `--json`'s `device`: the backend and how many blocks ran on the device and on the host (windows with values
+/// the GPU kernels cannot reproduce exactly, and types without a kernel, run on the CPU).
+pub fn device_json(b: &dyn sling_kernels::Backend) -> serde_json::Value {
+    let (device_blocks, host_blocks) = b.counters();
+    json!({ "backend": b.describe(), "gpu": b.is_gpu(), "device_blocks": device_blocks, "host_blocks": host_blocks })
 }

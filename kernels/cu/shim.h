@@ -19,8 +19,7 @@ typedef unsigned int uint32_t;
 typedef long long int64_t;
 typedef unsigned long long uint64_t;
 #define FLT_MAX 3.40282346638528859812e+38F
-#define memcpy __builtin_memcpy
-#define memset __builtin_memset
+// memcpy, memset and the math functions are built into CUDA device code.
 #elif !defined(__CUDACC__)
 #include <float.h>
 #include <math.h>
@@ -45,6 +44,7 @@ static thread_local sling_dim3 blockIdx, blockDim, threadIdx;
 
 #define GGML_RESTRICT __restrict__
 // The reference's asserts guard the callers' contracts (checked in Rust before any launch).
+#undef assert
 #define assert(x) ((void)0)
 #define GGML_ASSERT(x) ((void)0)
 #define MIN(a, b) ((a) < (b) ? (a) : (b))

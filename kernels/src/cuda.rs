@@ -219,6 +219,7 @@ impl CudaBackend {
     }
 
     /// One row group on the device: copies in, row pass (with importance weights), one thread per block, copy out.
+    #[allow(clippy::too_many_arguments)]
     fn run_group(
         &self,
         lane: &mut Lane,
@@ -282,6 +283,63 @@ impl CudaBackend {
         s.memcpy_dtoh(&dy.slice(..out.len()), out).map_err(err("copy from device"))?;
         s.synchronize().map_err(err("synchronize"))?;
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// Seconds one launch of `dtype`'s kernel takes over `x` already on the device (no transfers): one warm-up,
+    /// then the mean of `reps` launches. For benchmarks.
+    pub fn time_kernel(
+        &self,
+        dtype: DType,
+        x: &[f32],
+        n_per_row: usize,
+        qw: Option<&[f32]>,
+        reps: usize,
+    ) -> Result<f64, KernelError> {
+        sling_quantizers::ggml::check_rows(dtype, x, n_per_row, qw)?;
+        let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f).ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
+        let err = |op| cuda_err(self.ordinal, op);
+        let s = self.ctx.new_stream().map_err(err("create stream"))?;
+        let dx = s.clone_htod(x).map_err(err("copy to device"))?;
+        let w = qw.map(|w| s.clone_htod(w)).transpose().map_err(err("copy to device"))?;
+        let nrows = x.len() / n_per_row;
+        let nblocks = (x.len() / dtype.block_elems()) as i64;
+        let mut dy = s.alloc_zeros::<u8>(nblocks as usize * dtype.block_bytes()).map_err(err("allocate"))?;
+        let mut sig = s.alloc_zeros::<f32>(nrows.max(1)).map_err(err("allocate"))?;
+        let bpr = (n_per_row / dtype.block_elems()) as i32;
+        let (nrows_i, npr, null) = (nrows as i64, n_per_row as i32, 0u64);
+        let cfg = |n: usize| LaunchConfig {
+            grid_dim: (n.div_ceil(cu::THREADS as usize) as u32, 1, 1),
+            block_dim: (cu::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut once = || -> Result<(), DeviceError> {
+            if let Some(w) = &w {
+                let mut b = s.launch_builder(&self.sigma2);
+                b.arg(&dx).arg(&mut sig).arg(&nrows_i).arg(&npr);
+                // SAFETY: as in `run_group`: every buffer holds what the kernel reads or writes.
+                unsafe { b.launch(cfg(nrows)) }.map_err(err("launch"))?;
+                let mut b = s.launch_builder(f);
+                b.arg(&dx).arg(w).arg(&sig).arg(&mut dy).arg(&nblocks).arg(&bpr);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg(nblocks as usize)) }.map_err(err("launch"))?;
+            } else {
+                let mut b = s.launch_builder(f);
+                b.arg(&dx).arg(&null).arg(&null).arg(&mut dy).arg(&nblocks).arg(&bpr);
+                // SAFETY: as above, null weights and sigma2 are not read.
+                unsafe { b.launch(cfg(nblocks as usize)) }.map_err(err("launch"))?;
+            }
+            Ok(())
+        };
+        once()?;
+        s.synchronize().map_err(err("synchronize"))?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            once()?;
+        }
+        s.synchronize().map_err(err("synchronize"))?;
+        Ok(t0.elapsed().as_secs_f64() / reps.max(1) as f64)
     }
 }
 

@@ -38,3 +38,8 @@ pub fn probe() -> crate::Probe {
 pub fn compile(_arch: &str) -> Result<Vec<u8>, DeviceError> {
     Err(DeviceError::NotBuilt)
 }
+
+/// The compiled kernels for `arch`, from the cache or NVRTC (unavailable in this build).
+pub fn cubin(_arch: &str, _cache: Option<&std::path::Path>) -> Result<(Vec<u8>, &'static str), DeviceError> {
+    Err(DeviceError::NotBuilt)
+}

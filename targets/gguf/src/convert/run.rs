@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rayon::prelude::*;
@@ -30,6 +31,7 @@ use super::plan::{plan, OutTensor, OutType, Payload};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
+use sling_kernels::backend::{Backend, CpuBackend, KernelError};
 use sling_formats::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
 use sling_formats::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
 use sling_pipeline::ops::OpError;
@@ -65,6 +67,8 @@ pub struct ConvertOptions {
     pub card_extra: Vec<(String, String)>,
     /// `sling quantize`'s options, recorded in the manifest as `options.quantize`.
     pub quantize: Option<manifest::QuantizeRecord>,
+    /// Where blocks are quantized (`--device`); `None`: the CPU. Every backend gives the same bytes.
+    pub backend: Option<Arc<dyn Backend>>,
 }
 
 impl ConvertOptions {
@@ -83,6 +87,7 @@ impl ConvertOptions {
             model_card: false,
             card_extra: Vec::new(),
             quantize: None,
+            backend: None,
         }
     }
 }
@@ -144,6 +149,8 @@ pub enum ConvertError {
     Op { tensor: String, source: OpError },
     #[error("tensor {tensor}: {source}")]
     Encode { tensor: String, source: sling_quantizers::EncodeError },
+    #[error("tensor {tensor}: {source}")]
+    Device { tensor: String, source: sling_kernels::DeviceError },
     #[error("tensor {tensor} (from {sources}) holds non-finite values (first at element {index}: {value}); pass --allow-nonfinite to convert anyway")]
     NonFinite { tensor: String, sources: String, index: u64, value: f32 },
     #[error(
@@ -339,15 +346,17 @@ fn round_through(via: DType, v: &mut [f32]) {
 }
 
 /// Encodes rows `r0..` of `t` (values `v`) as `t.dtype`, with the importance weights of the chunk's expert.
-fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>) -> Result<(), ConvertError> {
+fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>, backend: &dyn Backend) -> Result<(), ConvertError> {
     let cols = t.ne.first().copied().unwrap_or(1) as usize;
     let w = t.weights.as_deref().and_then(|w| {
         let per_expert = if t.ne.len() >= 3 { t.ne[1].max(1) } else { t.rows().max(1) };
         let e = (r0 / per_expert) as usize;
         w.get(e * cols..(e + 1) * cols)
     });
-    sling_kernels::quantize_rows(t.dtype, v, cols, w, out)
-        .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })
+    backend.quantize_rows(t.dtype, v, cols, w, out).map_err(|e| match e {
+        KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
+        KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
+    })
 }
 
 /// A chunk's output bytes: computed into a buffer, or slices of the mapped source files that are
@@ -396,6 +405,7 @@ fn compute<'a>(
     t: &OutTensor,
     c: &Chunk,
     allow_nonfinite: bool,
+    backend: &dyn Backend,
 ) -> Result<(Piece<'a>, Option<String>), ConvertError> {
     let mut bytes = Vec::new();
     let mut flagged = None;
@@ -440,7 +450,7 @@ fn compute<'a>(
             let mut v = Vec::new();
             sling_quantizers::dequantize(DType::MXFP4, &raw, &mut v)
                 .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
-            encode(t, c.r0, &v, &mut bytes)?;
+            encode(t, c.r0, &v, &mut bytes, backend)?;
         }
         Payload::Gguf(g) => {
             let src = g.rows(c.r0, c.r1).ok_or_else(|| ConvertError::Op {
@@ -471,7 +481,7 @@ fn compute<'a>(
             if t.dtype == g.dtype {
                 bytes.extend_from_slice(src);
             } else {
-                encode(t, c.r0, &v, &mut bytes)?;
+                encode(t, c.r0, &v, &mut bytes, backend)?;
             }
         }
         Payload::Values(op)
@@ -498,7 +508,7 @@ fn compute<'a>(
             if let Some(via) = round_via {
                 round_through(via, &mut v);
             }
-            encode(t, c.r0, &v, &mut bytes)?;
+            encode(t, c.r0, &v, &mut bytes, backend)?;
         }
     }
     Ok((Piece::Owned(bytes), flagged))
@@ -553,8 +563,9 @@ pub fn tensor_sha256(ck: &Checkpoint, t: &OutTensor, allow_nonfinite: bool) -> R
     let window = 2 * rayon::current_num_threads().max(1);
     let mut h = Sha256::new();
     let mut n = 0u64;
+    let cpu = CpuBackend::default();
     for win in chunks(std::slice::from_ref(t)).chunks(window) {
-        let results = win.par_iter().map(|c| compute(ck, t, c, allow_nonfinite)).collect::<Result<Vec<_>, _>>();
+        let results = win.par_iter().map(|c| compute(ck, t, c, allow_nonfinite, &cpu)).collect::<Result<Vec<_>, _>>();
         ck.release_pages();
         for (piece, _) in results? {
             for b in piece.slices() {
@@ -776,6 +787,8 @@ fn write_outputs<'scope, 'env>(
     events(&Event::Start { tensors: tensors.len(), bytes: total, outputs: &outputs, resumed: w.resumed() });
     let jobs: Vec<Chunk> = chunks(tensors).into_iter().filter(|c| c.t >= reused).collect();
     let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
+    let cpu = CpuBackend::default();
+    let backend: &dyn Backend = opts.backend.as_deref().unwrap_or(&cpu);
     let abort_after = env_u64("SLING_TEST_ABORT_AFTER_TENSORS").map(|n| n as usize);
     let mut nonfinite = Vec::new();
     // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
@@ -824,7 +837,7 @@ fn write_outputs<'scope, 'env>(
     let mut failed = None;
     for win in jobs.chunks(window) {
         let results: Result<Vec<(Piece<'env>, Option<String>)>, ConvertError> =
-            win.par_iter().map(|c| compute(ck, &tensors[c.t], c, opts.allow_nonfinite)).collect();
+            win.par_iter().map(|c| compute(ck, &tensors[c.t], c, opts.allow_nonfinite, backend)).collect();
         // Drop the window's source pages from this process's mappings so resident memory stays
         // bounded by the window, not by the model (pages stay cached). Mapped pieces the writer has
         // yet to write stay valid: their pages fault back in from the page cache.

@@ -1,0 +1,99 @@
+//! GPU parity: the CUDA backend's bytes equal the CPU backend's for every type with a kernel, with and without
+//! importance weights, on rows that run on the device and on rows it hands to the CPU. Runs where a CUDA device
+//! works; `SLING_REQUIRE_CUDA=1` (scripts/gpu-check) makes a missing device a failure instead of a skip.
+#![cfg(feature = "cuda")]
+
+use sling_core::DType;
+use sling_kernels::backend::{Backend, CpuBackend, DeviceOptions};
+use sling_kernels::cu;
+use sling_kernels::cuda::CudaBackend;
+
+fn gpu() -> Option<CudaBackend> {
+    let opts = DeviceOptions { cache_dir: sling_kernels::backend::default_cache_dir(), ..DeviceOptions::default() };
+    match CudaBackend::open(0, &opts) {
+        Ok(b) => {
+            eprintln!("{}", b.describe());
+            Some(b)
+        }
+        Err(e) if std::env::var_os("SLING_REQUIRE_CUDA").is_some_and(|v| v == "1") => {
+            panic!("SLING_REQUIRE_CUDA=1 but CUDA device 0 cannot be used: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+fn rows(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+            let g = (u - 0.5) * 2.0;
+            let scale = [0.02, 0.5, 3.0, 1e-3, 0.0][(i / 96) % 5];
+            (g * g * g * scale) as f32
+        })
+        .collect()
+}
+
+fn both(gpu: &CudaBackend, t: DType, x: &[f32], n: usize, qw: Option<&[f32]>) -> (Vec<u8>, Vec<u8>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    gpu.quantize_rows(t, x, n, qw, &mut a).unwrap();
+    CpuBackend::default().quantize_rows(t, x, n, qw, &mut b).unwrap();
+    (a, b)
+}
+
+#[test]
+fn gpu_bytes_equal_cpu_bytes_for_every_type() {
+    let Some(gpu) = gpu() else { return };
+    let mut failures = Vec::new();
+    for &t in cu::TYPES {
+        for (nrows, n) in [(1usize, 256usize), (37, 2048), (512, 4096)] {
+            let x = rows(t as u64 ^ n as u64, nrows * n);
+            let w: Vec<f32> = (0..n).map(|i| 0.05 + (i * 31 % 113) as f32 / 17.0).collect();
+            for qw in [None, Some(w.as_slice())] {
+                let (a, b) = both(&gpu, t, &x, n, qw);
+                if a != b {
+                    let i = a.iter().zip(&b).position(|(p, q)| p != q).unwrap_or(0);
+                    failures.push(format!("{t} {nrows}x{n} qw={}: first difference at byte {i} (block {})", qw.is_some(), i / t.block_bytes()));
+                }
+            }
+        }
+    }
+    let (dev, host) = gpu.counters();
+    eprintln!("blocks on the device: {dev}, on the host: {host}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(dev > 0, "nothing ran on the device");
+}
+
+#[test]
+fn rows_the_gpu_cannot_reproduce_go_to_the_cpu_with_the_same_bytes() {
+    let Some(gpu) = gpu() else { return };
+    let mut x = rows(7, 4 * 256);
+    x[300] = f32::NAN;
+    x[700] = 1e-38;
+    for &t in cu::TYPES {
+        let (a, b) = both(&gpu, t, &x, 256, None);
+        assert_eq!(a, b, "{t}");
+    }
+    let (dev, host) = gpu.counters();
+    assert_eq!(dev, 0, "a non-finite window ran on the device");
+    assert!(host > 0);
+}
+
+/// A window larger than a lane's share of device memory is processed in row groups, with the same bytes.
+#[test]
+fn windows_larger_than_device_memory_limit_run_in_row_groups() {
+    if gpu().is_none() {
+        return;
+    }
+    let opts = DeviceOptions { mem_limit: 8 << 20, cache_dir: sling_kernels::backend::default_cache_dir() };
+    let small = CudaBackend::open(0, &opts).unwrap();
+    let x = rows(11, 1024 * 4096); // 16 MiB of f32: several groups of a 1 MiB lane
+    let (a, b) = both(&small, DType::Q4K, &x, 4096, None);
+    assert_eq!(a, b);
+}
