@@ -22,7 +22,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn quantize(out: &Path, device: &str, env: &[(&str, &str)]) -> Output {
     let src = fixture("qwen3moe");
     run(
-        &["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "--device", device, "--no-manifest", "--json", "-o", out.to_str().unwrap()],
+        &["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2", "--device", device, "--no-manifest", "--json", "-o", out.to_str().unwrap()],
         env,
     )
 }
