@@ -26,7 +26,9 @@ FUNCS = [
     "quantize_row_q6_K_ref", "quantize_row_q6_K_impl",
     "quantize_row_q4_0_impl", "quantize_row_q4_1_impl", "quantize_row_q5_0_impl", "quantize_row_q5_1_impl",
     "quantize_row_tq1_0_ref", "quantize_row_tq2_0_ref", "quantize_row_iq4_nl_impl",
-]
+] + ["dequantize_row_" + t for t in (
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "tq1_0", "tq2_0",
+    "iq4_nl", "iq4_xs")]
 
 ROW_SIGMA2 = [
     # (exact text in the legacy _impl functions, replacement)

@@ -8,12 +8,15 @@
 
 typedef void (*sling_quantize_kernel)(const float *, const float *, const float *, uint8_t *, int64_t, int);
 
+typedef void (*sling_dequantize_kernel)(const uint8_t *, float *, int64_t);
+
 struct sling_host_kernel {
     const char * name;
     sling_quantize_kernel f;
+    sling_dequantize_kernel d;
 };
 
-#define SLING_HOST_ENTRY(T, QK, BYTES) {#T, sling_quantize_##T},
+#define SLING_HOST_ENTRY(T, QK, BYTES) {#T, sling_quantize_##T, sling_dequantize_##T},
 static const sling_host_kernel SLING_HOST_KERNELS[] = {SLING_TYPES(SLING_HOST_ENTRY)};
 
 static void sling_host_grid(unsigned int nthreads, unsigned int block, void (*body)(void *), void * ctx) {
@@ -57,6 +60,30 @@ extern "C" int sling_host_quantize(const char * name, const float * x, const flo
         sling_host_args a = {k.f, x, qw, qw ? sig2 : 0, y, nrows, nrows * (n_per_row / qk), n_per_row, n_per_row / qk};
         if (qw) sling_host_grid((unsigned int)nrows, 128, sling_host_sigma2, &a);
         sling_host_grid((unsigned int)a.nblocks, 128, sling_host_quant, &a);
+        return 0;
+    }
+    return -1;
+}
+
+struct sling_host_deq_args {
+    sling_dequantize_kernel d;
+    const uint8_t * y;
+    float * x;
+    int64_t nblocks;
+};
+
+static void sling_host_deq(void * p) {
+    sling_host_deq_args * a = (sling_host_deq_args *)p;
+    a->d(a->y, a->x, a->nblocks);
+}
+
+// Dequantizes `nblocks` blocks of ggml type `name` with its kernel, launched as the CUDA backend launches it.
+// Returns 0, or -1 for an unknown type name.
+extern "C" int sling_host_dequantize(const char * name, const uint8_t * y, float * x, int64_t nblocks) {
+    for (const sling_host_kernel & k : SLING_HOST_KERNELS) {
+        if (strcmp(k.name, name) != 0) continue;
+        sling_host_deq_args a = {k.d, y, x, nblocks};
+        sling_host_grid((unsigned int)nblocks, 128, sling_host_deq, &a);
         return 0;
     }
     return -1;

@@ -102,3 +102,13 @@ SLING_DEV void sling_blk_iq4_xs(const float * x, const float * qw, float s2, uin
         sling_blk_##T(x + i*QK, qw ? qw + b*QK : 0, sig2 ? sig2[r] : 0.0f, y + i*BYTES);                    \
     }
 SLING_TYPES(SLING_DEFINE_KERNEL)
+
+// Dequantization (ggml's `dequantize_row_T`, `to_float`): one thread per block, nblocks blocks of y into
+// nblocks * QK floats of x.
+#define SLING_DEFINE_DEQUANT(T, QK, BYTES)                                                                  \
+    SLING_KERNEL void sling_dequantize_##T(const uint8_t * y, float * x, int64_t nblocks) {                 \
+        const int64_t i = (int64_t)blockIdx.x*blockDim.x + threadIdx.x;                                     \
+        if (i >= nblocks) return;                                                                           \
+        dequantize_row_##T((const block_##T *)(y + i*BYTES), x + i*QK, QK);                                 \
+    }
+SLING_TYPES(SLING_DEFINE_DEQUANT)

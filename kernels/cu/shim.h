@@ -97,6 +97,12 @@ SLING_DEV uint32_t fp32_to_bits(float f) {
 
 // ggml_compute_fp16_to_fp32 (ggml-impl.h), exact.
 SLING_DEV float ggml_compute_fp16_to_fp32(ggml_fp16_t h) {
+    // Infinities and NaNs by their bits (x86 keeps a NaN's payload through the multiplication below and quietens
+    // it; CUDA would return its canonical NaN).
+    if ((h & 0x7C00u) == 0x7C00u) {
+        const uint32_t m = (uint32_t)(h & 0x3FFu) << 13;
+        return fp32_from_bits(((uint32_t)(h & 0x8000u) << 16) | 0x7F800000u | m | (m ? 0x00400000u : 0u));
+    }
     const uint32_t w = (uint32_t)h << 16;
     const uint32_t sign = w & 0x80000000u;
     const uint32_t two_w = w + w;

@@ -21,18 +21,27 @@ fn main() {
     let x: Vec<f32> = (0..nrows * n_per_row).map(|i| (((i * 2654435761) % 65521) as f32 / 65521.0 - 0.5) * 0.1).collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("{} MiB of f32 values ({} rows of {n_per_row}); CPU: {threads} threads\n", mib, nrows);
-    println!("| type | GPU kernel GB/s | GPU window GB/s | CPU GB/s ({threads} threads) | GPU kernel / CPU |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| type | GPU kernel GB/s | kernel, imatrix | GPU window GB/s | CPU GB/s ({threads} threads) | GPU kernel / CPU | kernel GB/s by threads per block |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
     let gb = (x.len() * 2) as f64 / 1e9;
     for &t in cu::TYPES {
         if !only.is_empty() && !only.contains(&t.name()) {
             continue;
         }
-        let k = gpu.time_kernel(t, &x, n_per_row, None, 3).expect("kernel");
+        let k = gpu.time_kernel(t, &x, n_per_row, None, 3, sling_kernels::cu::THREADS).expect("kernel");
+        // Threads per CUDA block and importance weights, for tuning (bytes do not depend on either).
+        let tune: Vec<String> = [32u32, 64, 256]
+            .iter()
+            .map(|&th| format!("{th}: {:.0}", gb / gpu.time_kernel(t, &x, n_per_row, None, 3, th).expect("kernel")))
+            .collect();
+        let w: Vec<f32> = (0..n_per_row).map(|i| 0.1 + (i % 7) as f32).collect();
+        let kw = gpu.time_kernel(t, &x, n_per_row, Some(&w), 3, sling_kernels::cu::THREADS).expect("kernel");
         let mut out = Vec::new();
         let t0 = Instant::now();
         gpu.quantize_rows(t, &x, n_per_row, None, &mut out).unwrap();
-        let w = t0.elapsed().as_secs_f64();
+        let wt = t0.elapsed().as_secs_f64();
         // CPU: rows split over threads as the pipeline's chunks are.
         let t0 = Instant::now();
         let per = x.len().div_ceil(threads * n_per_row) * n_per_row;
@@ -45,7 +54,16 @@ fn main() {
             }
         });
         let c = t0.elapsed().as_secs_f64();
-        println!("| {} | {:.1} | {:.1} | {:.2} | {:.0}× |", t.name(), gb / k, gb / w, gb / c, c / k);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0}× | {} |",
+            t.name(),
+            gb / k,
+            gb / kw,
+            gb / wt,
+            gb / c,
+            c / k,
+            tune.join(", ")
+        );
     }
 }
 

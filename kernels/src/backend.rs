@@ -108,6 +108,11 @@ pub trait Backend: Send + Sync {
         imatrix: Option<&[f32]>,
         out: &mut Vec<u8>,
     ) -> Result<(), KernelError>;
+    /// ggml's `to_float` of whole blocks of `dtype` (`bytes` a multiple of the block size), appending to `out`;
+    /// the same floats, bit for bit, as [`sling_quantizers::dequantize`].
+    fn dequantize(&self, dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), KernelError> {
+        Ok(sling_quantizers::dequantize(dtype, bytes, out)?)
+    }
     /// Blocks quantized on the device and on the host so far.
     fn counters(&self) -> (u64, u64);
 }

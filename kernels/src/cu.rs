@@ -43,6 +43,11 @@ pub fn kernel_name(dtype: DType) -> Option<String> {
     has_kernel(dtype).then(|| format!("sling_quantize_{}", dtype.name()))
 }
 
+/// The dequantization kernel of `dtype` (`sling_dequantize_q4_K`, ...).
+pub fn dequant_kernel_name(dtype: DType) -> Option<String> {
+    has_kernel(dtype).then(|| format!("sling_dequantize_{}", dtype.name()))
+}
+
 /// The row pass that computes the legacy types' sigma2 (`sum x² / n` of each row, in the C's order).
 pub const ROW_SIGMA2: &str = "sling_row_sigma2_rows";
 
@@ -82,6 +87,7 @@ pub fn device_safe(x: &[f32], qw: Option<&[f32]>) -> bool {
 }
 
 extern "C" {
+    fn sling_host_dequantize(name: *const std::ffi::c_char, y: *const u8, x: *mut f32, nblocks: i64) -> i32;
     fn sling_host_quantize(
         name: *const std::ffi::c_char,
         x: *const f32,
@@ -129,6 +135,25 @@ pub fn host_quantize_rows(
             dtype.block_elems() as i32,
         )
     };
+    if rc != 0 {
+        out.truncate(start);
+        return Err(EncodeError::Unsupported(dtype));
+    }
+    Ok(())
+}
+
+/// Dequantizes whole blocks with the host build of the GPU kernel of `dtype`, appending to `out`. For tests.
+pub fn host_dequantize(dtype: DType, y: &[u8], out: &mut Vec<f32>) -> Result<(), EncodeError> {
+    if !has_kernel(dtype) || y.len() % dtype.block_bytes() != 0 {
+        return Err(EncodeError::Unsupported(dtype));
+    }
+    let nblocks = y.len() / dtype.block_bytes();
+    let start = out.len();
+    out.resize(start + nblocks * dtype.block_elems(), 0.0);
+    let name = std::ffi::CString::new(dtype.name()).expect("type names hold no NUL");
+    // SAFETY: `y` holds `nblocks` blocks and `out[start..]` `nblocks * block_elems` floats: what the launcher reads
+    // and writes for `nblocks` blocks of this type.
+    let rc = unsafe { sling_host_dequantize(name.as_ptr(), y.as_ptr(), out[start..].as_mut_ptr(), nblocks as i64) };
     if rc != 0 {
         out.truncate(start);
         return Err(EncodeError::Unsupported(dtype));

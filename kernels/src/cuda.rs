@@ -42,11 +42,14 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     describe: String,
     kernels: Vec<(DType, CudaFunction)>,
+    dequant: Vec<(DType, CudaFunction)>,
     sigma2: CudaFunction,
     pool: Mutex<Pool>,
     returned: Condvar,
     /// Bytes of device buffers one lane may hold.
     lane_bytes: u64,
+    /// Threads per CUDA block (`cu::THREADS`, or `SLING_CUDA_THREADS` for tuning; bytes do not depend on it).
+    threads: u32,
     counters: Counters,
 }
 
@@ -177,9 +180,10 @@ impl CudaBackend {
             .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
             .map_err(cuda_err(ordinal, "load kernels"))?;
         let load = |f: &str| module.load_function(f).map_err(cuda_err(ordinal, "load kernel function"));
-        let mut kernels = Vec::new();
+        let (mut kernels, mut dequant) = (Vec::new(), Vec::new());
         for &t in cu::TYPES {
             kernels.push((t, load(&cu::kernel_name(t).expect("every listed type has a kernel"))?));
+            dequant.push((t, load(&cu::dequant_kernel_name(t).expect("every listed type has a kernel"))?));
         }
         let sigma2 = load(cu::ROW_SIGMA2)?;
         let (free, _) = ctx.mem_get_info().map_err(cuda_err(ordinal, "memory info"))?;
@@ -189,10 +193,16 @@ impl CudaBackend {
             describe: format!("cuda:{ordinal} ({name}, {arch}, kernels from {from})"),
             ctx,
             kernels,
+            dequant,
             sigma2,
             pool: Mutex::new(Pool { idle: Vec::new(), created: 0 }),
             returned: Condvar::new(),
             lane_bytes: (budget / MAX_LANES as u64).max(1 << 20),
+            threads: std::env::var("SLING_CUDA_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|t: &u32| (32..=1024).contains(t) && t % 32 == 0)
+                .unwrap_or(cu::THREADS),
             counters: Counters::default(),
         })
     }
@@ -253,9 +263,10 @@ impl CudaBackend {
         let null = 0u64;
         let nblocks_i = nblocks as i64;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
+        let threads = self.threads;
         let cfg = |n: usize| LaunchConfig {
-            grid_dim: (n.div_ceil(cu::THREADS as usize) as u32, 1, 1),
-            block_dim: (cu::THREADS, 1, 1),
+            grid_dim: (n.div_ceil(threads as usize) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         if let Some(w) = qw {
@@ -287,8 +298,9 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Seconds one launch of `dtype`'s kernel takes over `x` already on the device (no transfers): one warm-up,
-    /// then the mean of `reps` launches. For benchmarks.
+    /// Seconds one launch of `dtype`'s kernel takes over `x` already on the device (no transfers) with `threads`
+    /// threads per CUDA block: one warm-up, then the mean of `reps` launches. For benchmarks.
+    #[allow(clippy::too_many_arguments)]
     pub fn time_kernel(
         &self,
         dtype: DType,
@@ -296,6 +308,7 @@ impl CudaBackend {
         n_per_row: usize,
         qw: Option<&[f32]>,
         reps: usize,
+        threads: u32,
     ) -> Result<f64, KernelError> {
         sling_quantizers::ggml::check_rows(dtype, x, n_per_row, qw)?;
         let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f).ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
@@ -309,9 +322,9 @@ impl CudaBackend {
         let mut sig = s.alloc_zeros::<f32>(nrows.max(1)).map_err(err("allocate"))?;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
         let (nrows_i, npr, null) = (nrows as i64, n_per_row as i32, 0u64);
-        let cfg = |n: usize| LaunchConfig {
-            grid_dim: (n.div_ceil(cu::THREADS as usize) as u32, 1, 1),
-            block_dim: (cu::THREADS, 1, 1),
+                let cfg = |n: usize| LaunchConfig {
+            grid_dim: (n.div_ceil(threads as usize) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut once = || -> Result<(), DeviceError> {
@@ -393,8 +406,56 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn dequantize(&self, dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), KernelError> {
+        let f = self.dequant.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f);
+        let Some(f) = f.filter(|_| !bytes.is_empty() && bytes.len() % dtype.block_bytes() == 0) else {
+            return Ok(sling_quantizers::dequantize(dtype, bytes, out)?);
+        };
+        let nblocks = bytes.len() / dtype.block_bytes();
+        let start = out.len();
+        out.resize(start + nblocks * dtype.block_elems(), 0.0);
+        let mut lane = self.take_lane()?;
+        let r = self.run_dequant(&mut lane, f, dtype, bytes, &mut out[start..]);
+        self.give_lane(lane);
+        if let Err(e) = r {
+            out.truncate(start);
+            return Err(e.into());
+        }
+        // A NaN scale: x86 keeps its payload through the products, CUDA returns its canonical NaN. Such (hostile or
+        // corrupt) blocks are dequantized again on the CPU, so the floats are the reference's bit for bit.
+        if out[start..].iter().any(|v| v.is_nan()) {
+            out.truncate(start);
+            return Ok(sling_quantizers::dequantize(dtype, bytes, out)?);
+        }
+        Ok(())
+    }
+
     fn counters(&self) -> (u64, u64) {
         self.counters.get()
+    }
+}
+
+impl CudaBackend {
+    fn run_dequant(&self, lane: &mut Lane, f: &CudaFunction, dtype: DType, y: &[u8], out: &mut [f32]) -> Result<(), DeviceError> {
+        let err = |op| cuda_err(self.ordinal, op);
+        let s = lane.stream.clone();
+        let nblocks = (y.len() / dtype.block_bytes()) as i64;
+        let dy = s.clone_htod(y).map_err(err("copy to device"))?;
+        let mut dx = s.alloc_zeros::<f32>(out.len()).map_err(err("allocate"))?;
+        let threads = self.threads;
+        let cfg = LaunchConfig {
+            grid_dim: ((nblocks as usize).div_ceil(threads as usize) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(f);
+        b.arg(&dy).arg(&mut dx).arg(&nblocks);
+        // SAFETY: sling_dequantize_T(const uint8_t*, float*, int64_t) reads nblocks blocks of y and writes
+        // nblocks * QK floats of x; dy holds exactly the blocks, dx out.len() == nblocks * QK floats.
+        unsafe { b.launch(cfg) }.map_err(err("launch dequantize kernel"))?;
+        s.memcpy_dtoh(&dx, out).map_err(err("copy from device"))?;
+        s.synchronize().map_err(err("synchronize"))?;
+        Ok(())
     }
 }
 

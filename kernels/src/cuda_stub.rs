@@ -24,6 +24,9 @@ impl Backend for CudaBackend {
     fn quantize_rows(&self, _: DType, _: &[f32], _: usize, _: Option<&[f32]>, _: &mut Vec<u8>) -> Result<(), KernelError> {
         match *self {}
     }
+    fn dequantize(&self, _: DType, _: &[u8], _: &mut Vec<f32>) -> Result<(), KernelError> {
+        match *self {}
+    }
     fn counters(&self) -> (u64, u64) {
         match *self {}
     }

@@ -97,3 +97,31 @@ fn windows_larger_than_device_memory_limit_run_in_row_groups() {
     let (a, b) = both(&small, DType::Q4K, &x, 4096, None);
     assert_eq!(a, b);
 }
+
+/// Dequantization on the GPU = the reference's floats, bit for bit: blocks from the quantizer and arbitrary bytes
+/// (NaN, infinite and subnormal scales; NaN-producing windows are redone on the CPU).
+#[test]
+fn gpu_dequantize_equals_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for &t in cu::TYPES {
+        let x = rows(t as u64 + 99, 300 * 512);
+        let mut q = Vec::new();
+        CpuBackend::default().quantize_rows(t, &x, 512, None, &mut q).unwrap();
+        let mut s: u64 = 0x2545F4914F6CDD1D ^ t as u64;
+        let junk: Vec<u8> = (0..t.block_bytes() * 4096)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect();
+        for (what, y) in [("quantized", &q), ("arbitrary bytes", &junk)] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            gpu.dequantize(t, y, &mut a).unwrap();
+            sling_quantizers::dequantize(t, y, &mut b).unwrap();
+            let same = a.len() == b.len() && a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{t} {what}");
+        }
+    }
+}

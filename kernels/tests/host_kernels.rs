@@ -177,3 +177,29 @@ fn device_safe_admits_ordinary_weights_only() {
         assert!(!cu::device_safe(&[1.0], Some(&[bad])), "{bad}");
     }
 }
+
+/// Dequantization kernels (host build) = `sling_quantizers::dequantize`, bit for bit (NaN payloads included), on
+/// blocks from the quantizer and on arbitrary bytes (scales that are NaN, infinite or subnormal).
+#[test]
+fn host_dequantize_equals_the_reference() {
+    let bits_eq = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    for &t in cu::TYPES {
+        let x = rows(t as u64, 4 * 256);
+        let q = reference(t, &x, 256, None);
+        let mut s: u64 = 0x9E3779B97F4A7C15 ^ t as u64;
+        let junk: Vec<u8> = (0..t.block_bytes() * 64)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect();
+        for (what, y) in [("quantized", &q), ("arbitrary bytes", &junk)] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            cu::host_dequantize(t, y, &mut a).unwrap();
+            sling_quantizers::dequantize(t, y, &mut b).unwrap();
+            assert!(bits_eq(&a, &b), "{t} {what}: first difference at {:?}", a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()));
+        }
+    }
+}

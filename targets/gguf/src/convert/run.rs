@@ -353,10 +353,14 @@ fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>, backend: &dyn Ba
         let e = (r0 / per_expert) as usize;
         w.get(e * cols..(e + 1) * cols)
     });
-    backend.quantize_rows(t.dtype, v, cols, w, out).map_err(|e| match e {
+    backend.quantize_rows(t.dtype, v, cols, w, out).map_err(|e| kernel_error(t, e))
+}
+
+fn kernel_error(t: &OutTensor, e: KernelError) -> ConvertError {
+    match e {
         KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
         KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
-    })
+    }
 }
 
 /// A chunk's output bytes: computed into a buffer, or slices of the mapped source files that are
@@ -448,8 +452,7 @@ fn compute<'a>(
             let mut raw = Vec::new();
             m.read(ck, c.r0, c.r1, &mut raw).map_err(op_err)?;
             let mut v = Vec::new();
-            sling_quantizers::dequantize(DType::MXFP4, &raw, &mut v)
-                .map_err(|source| ConvertError::Encode { tensor: t.name.clone(), source })?;
+            backend.dequantize(DType::MXFP4, &raw, &mut v).map_err(|e| kernel_error(t, e))?;
             encode(t, c.r0, &v, &mut bytes, backend)?;
         }
         Payload::Gguf(g) => {
@@ -461,7 +464,7 @@ fn compute<'a>(
             let mut v = Vec::new();
             // ggml's to_float for every type (f32/f16/bf16 exact widening, block types dequantized).
             if g.dtype.is_quantized() {
-                sling_quantizers::dequantize(g.dtype, src, &mut v).map_err(enc_err)?;
+                backend.dequantize(g.dtype, src, &mut v).map_err(|e| kernel_error(t, e))?;
             } else {
                 sling_quantizers::decode_to_f32(g.dtype, src, &mut v)
                     .map_err(|_| enc_err(sling_quantizers::EncodeError::Unsupported(g.dtype)))?;
