@@ -157,11 +157,19 @@ pub struct DeviceOptions {
     pub mem_limit: u64,
     /// Where compiled kernels are cached (`None`: no disk cache).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Paths built and tested on the host but not yet run on a GPU (docs/kernels.md, "Not yet run on a GPU"):
+    /// page-locked staging of windows and dequantization on the device. Off unless `SLING_CUDA_UNVERIFIED=1`;
+    /// `scripts/gpu-check` turns them on so that the next run on a GPU checks them.
+    pub unverified: bool,
 }
 
 impl Default for DeviceOptions {
     fn default() -> Self {
-        DeviceOptions { mem_limit: 4 << 30, cache_dir: default_cache_dir() }
+        DeviceOptions {
+            mem_limit: 4 << 30,
+            cache_dir: default_cache_dir(),
+            unverified: std::env::var_os("SLING_CUDA_UNVERIFIED").is_some_and(|v| v == "1"),
+        }
     }
 }
 

@@ -55,9 +55,10 @@ pub struct CudaBackend {
     lane_bytes: u64,
     /// Threads per CUDA block (`cu::THREADS`, or `SLING_CUDA_THREADS` for tuning; bytes do not depend on it).
     threads: u32,
-    /// Stage windows through page-locked buffers (default; `SLING_CUDA_PAGEABLE=1` copies from the caller's memory,
-    /// for comparison).
+    /// Stage windows through page-locked buffers ([`DeviceOptions::unverified`] and not `SLING_CUDA_PAGEABLE=1`).
     pinned: bool,
+    /// Dequantize on the device ([`DeviceOptions::unverified`]).
+    gpu_dequantize: bool,
     counters: Counters,
 }
 
@@ -211,7 +212,8 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|t: &u32| (32..=1024).contains(t) && t % 32 == 0)
                 .unwrap_or(cu::THREADS),
-            pinned: std::env::var_os("SLING_CUDA_PAGEABLE").is_none_or(|v| v == "0"),
+            pinned: options.unverified && std::env::var_os("SLING_CUDA_PAGEABLE").is_none_or(|v| v == "0"),
+            gpu_dequantize: options.unverified,
             counters: Counters::default(),
         })
     }
@@ -453,7 +455,8 @@ impl Backend for CudaBackend {
 
     fn dequantize(&self, dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), KernelError> {
         let f = self.dequant.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f);
-        let Some(f) = f.filter(|_| !bytes.is_empty() && bytes.len() % dtype.block_bytes() == 0) else {
+        let Some(f) = f.filter(|_| self.gpu_dequantize && !bytes.is_empty() && bytes.len() % dtype.block_bytes() == 0)
+        else {
             return Ok(sling_quantizers::dequantize(dtype, bytes, out)?);
         };
         let nblocks = bytes.len() / dtype.block_bytes();

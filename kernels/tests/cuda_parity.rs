@@ -9,7 +9,8 @@ use sling_kernels::cu;
 use sling_kernels::cuda::CudaBackend;
 
 fn gpu() -> Option<CudaBackend> {
-    let opts = DeviceOptions { cache_dir: sling_kernels::backend::default_cache_dir(), ..DeviceOptions::default() };
+    // The paths not yet run on a GPU (page-locked staging, dequantization) are on here, so this test checks them.
+    let opts = DeviceOptions { unverified: true, ..DeviceOptions::default() };
     match CudaBackend::open(0, &opts) {
         Ok(b) => {
             eprintln!("{}", b.describe());
@@ -91,7 +92,7 @@ fn windows_larger_than_device_memory_limit_run_in_row_groups() {
     if gpu().is_none() {
         return;
     }
-    let opts = DeviceOptions { mem_limit: 8 << 20, cache_dir: sling_kernels::backend::default_cache_dir() };
+    let opts = DeviceOptions { mem_limit: 8 << 20, unverified: true, ..DeviceOptions::default() };
     let small = CudaBackend::open(0, &opts).unwrap();
     let x = rows(11, 1024 * 4096); // 16 MiB of f32: several groups of a 1 MiB lane
     let (a, b) = both(&small, DType::Q4K, &x, 4096, None);
