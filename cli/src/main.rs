@@ -143,9 +143,16 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Each cause once: many errors already spell their source out in their own message.
+            let mut said = e.to_string();
+            eprintln!("error: {said}");
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let c = cause.to_string();
+                if !said.contains(&c) {
+                    eprintln!("  caused by: {c}");
+                    said.push('\n');
+                    said.push_str(&c);
+                }
             }
             ExitCode::from(convert::exit_code(&e))
         }

@@ -103,3 +103,15 @@ fn doctor_reports_cpu_cuda_and_pins() {
     let s = String::from_utf8_lossy(&text.stdout);
     assert!(s.contains("--device auto uses:"), "{s}");
 }
+
+/// An error's cause chain prints each cause once (the tokenizer error spells its source out in its own message).
+#[test]
+fn each_cause_is_printed_once() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("llama");
+    let out = d.path().join("x.gguf");
+    let o = run(&["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "-o", out.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("is not in the reference converter's table").count(), 1, "{err}");
+}
