@@ -211,7 +211,29 @@ mod tests {
         (a, b)
     }
 
+    /// F16C's `vcvtps2ph` (round to nearest even), what ggml's x86 build converts scales with.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "f16c")]
+    unsafe fn f16c(x: f32) -> u16 {
+        use std::arch::x86_64::*;
+        _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
+    }
+
     proptest! {
+        /// The scalar f32→f16 conversion every block scale goes through = the hardware instruction, on any bits.
+        #[test]
+        #[cfg(target_arch = "x86_64")]
+        fn f16_conversion_equals_f16c(bits in any::<u32>()) {
+            let x = f32::from_bits(bits);
+            if std::is_x86_feature_detected!("f16c") {
+                // SAFETY: the CPU supports F16C (checked just above).
+                let hw = unsafe { f16c(x) };
+                prop_assert_eq!(encode::f32_to_f16_bits(x), hw, "{:#010x}", bits);
+            } else {
+                eprintln!("this CPU has no F16C: the f16 conversion is checked against ggml's scalar port only");
+            }
+        }
+
         #[test]
         fn q8_0_fast_equals_scalar_reference(x in proptest::collection::vec(-1e4f32..1e4, 32 * 9)) {
             let (a, b) = both(&x);

@@ -49,14 +49,18 @@ def test_split(how, unsplit, tmp_path):
     ref = lab.reference_convert(NAME, OUTTYPE, args)
     assert [p.name for p in shards] == [p.name for p in ref]
     n_tensors = 0
+    identical = 0  # tensors byte-identical to the reference converter's, over all shards
     for i, (ours, theirs) in enumerate(zip(shards, ref)):
         c = gguf_compare.compare(str(ours), str(theirs), ignore_keys=list(lab.NAMING_KEYS),
                                  expected_diffs=lab.INTENDED.get(NAME) if i == 0 else None)
         assert c.ok and c.order_equal, f"shard {ours.name}:\n" + "\n".join(c.tensor_diffs + c.kv_diffs)
         n_tensors += c.tensors_total
+        identical += c.tensors_identical
         sk = _split_keys(ours)
         assert sk["split.no"] == i and sk["split.count"] == n, sk
         assert sk["split.tensors.count"] == len(gguf_compare.read(str(whole))[2]), sk
+
+    assert identical == n_tensors, f"{n_tensors - identical} tensors differ from the reference converter's shards"
 
     # llama-gguf-split --merge
     merged = tmp_path / "merged.gguf"
@@ -72,7 +76,7 @@ def test_split(how, unsplit, tmp_path):
     same_split = bool(np.array_equal(split_logits, whole_logits))
     same_merged = bool(np.array_equal(merged_logits, whole_logits))
     lab.record("split", f"{NAME}/{OUTTYPE}/{how}", {
-        "args": args, "shards": n, "tensors": n_tensors, "shards_identical_to_reference": True,
+        "args": args, "shards": n, "tensors": n_tensors, "tensors_identical_to_reference": f"{identical}/{n_tensors}",
         "merged_tensors_identical": c.tensors_identical, "logits_split_equal_unsplit": same_split,
         "logits_merged_equal_unsplit": same_merged,
         "maxabs_split_vs_unsplit": float(np.abs(split_logits - whole_logits).max())})
