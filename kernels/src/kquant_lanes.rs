@@ -1,0 +1,387 @@
+//! Q4_K and Q5_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c (`make_qkx2_quants` for
+//! `quantize_row_qN_K_ref`, `make_qkx3_quants` for `quantize_row_qN_K_impl`) runs over the eight 32-value
+//! sub-blocks of a super-block at once, lane `j` holding sub-block `j`. Every lane performs exactly its own
+//! sub-block's scalar arithmetic, in the reference's order (each sum still adds element 0, 1, …, 31 in turn; only
+//! the eight independent sub-blocks run side by side), so the bytes are those of [`sling_quantizers::kquants`]
+//! (tested against it below and in `tests/kquant_lanes.rs`).
+//!
+//! How the scalar operations map onto lanes:
+//! - `if (x < min) min = x` is `minps(x, min)` (`x < min ? x : min`, the second operand on NaN), likewise
+//!   `maxps(x, max)`; `if (min > 0) min = 0` is a compare and mask, so NaN and -0 stay as C leaves them;
+//! - `nearest_int` is the same float-adder trick per lane, clamped with integer min/max as C's `MAX(0, MIN(nmax, l))`;
+//! - the data-dependent branches (`D > 0`, `this_min > 0`, `cur_error < best_error`, the degenerate range, `if (!d)
+//!   continue` of the requantization) are ordered-quiet compares (false on NaN, as in C) selecting per lane;
+//! - divisions and square roots are `divps`/`sqrtps`, correctly rounded like the scalar ones; no FMA anywhere;
+//! - what is per super-block (the maxima over the eight sub-blocks, `make_qp_quants`, the 6-bit packing, f16
+//!   rounding) runs in scalar code on the lanes' results, with the scalar reference's own helpers.
+//!
+//! A super-block always has eight sub-blocks, so there is no tail: every block of every row goes through here.
+
+use std::arch::x86_64::*;
+
+use sling_core::DType;
+use sling_quantizers::common::{fp16_to_fp32, fp32_to_fp16};
+use sling_quantizers::search::{get_scale_min_k4, make_qp_quants, nearest_int, pack_scale_min_k4};
+
+const QK_K: usize = 256;
+/// Values per sub-block, i.e. vectors per lane-transposed super-block.
+const SUB: usize = 32;
+
+/// Parameters of `make_qkx2_quants` / `make_qkx3_quants` (`v3`: the degenerate test is `max <= min`).
+#[derive(Clone, Copy)]
+struct Search {
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+    v3: bool,
+}
+
+/// What `quantize_row_q4_K_ref` passes to `make_qkx2_quants`.
+const Q4_REF: Search = Search { nmax: 15, rmin: -1.0, rdelta: 0.1, nstep: 20, use_mad: false, v3: false };
+/// What `quantize_row_q5_K_ref` passes to `make_qkx2_quants`.
+const Q5_REF: Search = Search { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: false, v3: false };
+
+/// What every K-quant `_impl` passes to `make_qkx3_quants`.
+const fn impl_search(nmax: i32) -> Search {
+    Search { nmax, rmin: -0.9, rdelta: 0.05, nstep: 36, use_mad: false, v3: true }
+}
+
+/// Whether [`rows`] handles `dtype` (with or without importance weights).
+pub(crate) fn handles(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4K | DType::Q5K)
+}
+
+/// `nearest_int` per lane followed by `MAX(0, MIN(nmax, l))`, returned as f32 (exact: 0..=nmax).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn code(t: __m256, nmax: __m256i) -> __m256 {
+    let i = _mm256_castps_si256(_mm256_add_ps(t, _mm256_set1_ps(12582912.0)));
+    let l = _mm256_sub_epi32(_mm256_and_si256(i, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000));
+    _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_setzero_si256(), _mm256_min_epi32(nmax, l)))
+}
+
+/// `fabsf` per lane (clears the sign bit, NaN payload kept, as `f32::abs`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn abs(v: __m256) -> __m256 {
+    _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)))
+}
+
+/// The 8x8 transpose: row `r` of the input becomes lane `r` of every output vector.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+/// A super-block (256 values) in lane form: `out[i]` lane `j` is `b[32 * j + i]`. Pure data movement.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn to_lanes(b: &[f32; QK_K]) -> [__m256; SUB] {
+    let mut out = [_mm256_setzero_ps(); SUB];
+    for k in 0..SUB / 8 {
+        // SAFETY: `b` holds 256 values; row `j` reads b[32j + 8k .. 32j + 8k + 8], within it (j < 8, k < 4).
+        let rows: [__m256; 8] = std::array::from_fn(|j| unsafe { _mm256_loadu_ps(b.as_ptr().add(SUB * j + 8 * k)) });
+        out[8 * k..8 * k + 8].copy_from_slice(&transpose8(rows));
+    }
+    out
+}
+
+/// `make_qkx2_quants` / `make_qkx3_quants` over the eight sub-blocks in lane form: `x`, `w` the values and weights,
+/// `l` receives the codes (0..=nmax, as f32). Returns `(scale, the_min)` per lane. Body and order as
+/// `sling_quantizers::search::make_qkx` (and ggml-quants.c); degenerate lanes are computed like the others and then
+/// overwritten with what C returns for them (`L = 0`, scale 0, `-min`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn make_qkx_lanes(x: &[__m256; SUB], w: &[__m256; SUB], l: &mut [__m256; SUB], p: Search) -> (__m256, __m256) {
+    let zero = _mm256_setzero_ps();
+    let nmaxi = _mm256_set1_epi32(p.nmax);
+    let err = |d: __m256| if p.use_mad { abs(d) } else { _mm256_mul_ps(d, d) };
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = w[0];
+    let mut sum_x = _mm256_mul_ps(sum_w, x[0]);
+    for i in 1..SUB {
+        min = _mm256_min_ps(x[i], min); // x < min ? x : min
+        max = _mm256_max_ps(x[i], max); // x > max ? x : max
+        sum_w = _mm256_add_ps(sum_w, w[i]);
+        sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(w[i], x[i]));
+    }
+    // if (min > 0) min = 0;
+    min = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(min, zero), min);
+    let degenerate = if p.v3 { _mm256_cmp_ps::<_CMP_LE_OQ>(max, min) } else { _mm256_cmp_ps::<_CMP_EQ_OQ>(max, min) };
+    let min0 = min;
+    let all_degenerate = _mm256_movemask_ps(degenerate) == 0xff;
+
+    let mut best_error = zero;
+    let mut scale = zero;
+    if !all_degenerate {
+        let iscale = _mm256_div_ps(_mm256_set1_ps(p.nmax as f32), _mm256_sub_ps(max, min));
+        scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+        for i in 0..SUB {
+            let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)), nmaxi);
+            l[i] = li;
+            let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, li), min), x[i]);
+            best_error = _mm256_add_ps(best_error, _mm256_mul_ps(w[i], err(diff)));
+        }
+        let mut laux = [zero; SUB];
+        for is in 0..=p.nstep {
+            let num = p.rmin + p.rdelta * is as f32 + p.nmax as f32;
+            let iscale = _mm256_div_ps(_mm256_set1_ps(num), _mm256_sub_ps(max, min));
+            let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
+            for i in 0..SUB {
+                let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)), nmaxi);
+                laux[i] = li;
+                let wl = _mm256_mul_ps(w[i], li);
+                sum_l = _mm256_add_ps(sum_l, wl);
+                sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, li));
+                sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, x[i]));
+            }
+            let d = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+            let d_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
+            if _mm256_movemask_ps(d_pos) == 0 {
+                continue;
+            }
+            let mut this_scale =
+                _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)), d);
+            let mut this_min =
+                _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)), d);
+            // if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }
+            let min_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(this_min, zero);
+            this_min = _mm256_andnot_ps(min_pos, this_min);
+            this_scale = _mm256_blendv_ps(this_scale, _mm256_div_ps(sum_xl, sum_l2), min_pos);
+            let mut cur_error = zero;
+            for i in 0..SUB {
+                let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, laux[i]), this_min), x[i]);
+                cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(w[i], err(diff)));
+            }
+            let better = _mm256_and_ps(d_pos, _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error, best_error));
+            if _mm256_movemask_ps(better) == 0 {
+                continue;
+            }
+            for i in 0..SUB {
+                l[i] = _mm256_blendv_ps(l[i], laux[i], better);
+            }
+            best_error = _mm256_blendv_ps(best_error, cur_error, better);
+            scale = _mm256_blendv_ps(scale, this_scale, better);
+            min = _mm256_blendv_ps(min, this_min, better);
+        }
+    }
+    // Degenerate lanes: L = 0, return 0 and -min (the min before any search).
+    if _mm256_movemask_ps(degenerate) != 0 {
+        for li in l.iter_mut() {
+            *li = _mm256_andnot_ps(degenerate, *li);
+        }
+        scale = _mm256_andnot_ps(degenerate, scale);
+        min = _mm256_blendv_ps(min, min0, degenerate);
+    }
+    (scale, _mm256_xor_ps(min, _mm256_set1_ps(-0.0)))
+}
+
+/// Stores the eight lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes(v: __m256) -> [f32; 8] {
+    let mut a = [0.0f32; 8];
+    // SAFETY: `a` has room for 8 f32.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+    a
+}
+
+/// One Q4_K (`NMAX` 15) or Q5_K (`NMAX` 31) super-block: `quantize_row_qN_K_ref` when `qw` is `None`,
+/// `quantize_row_qN_K_impl` with the super-block's 256 importance weights otherwise.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
+    let zero = _mm256_setzero_ps();
+    let x = to_lanes(xb);
+    let mut w = [zero; SUB];
+    let mut l = [zero; SUB];
+    let (sb, d16, dmin16) = match qw {
+        None => {
+            // av_x = sqrtf(sum_x2/32); weights[l] = av_x + fabsf(x[l]).
+            let mut sum_x2 = zero;
+            for xi in &x {
+                sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(*xi, *xi));
+            }
+            let av_x = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(32.0)));
+            for (wi, xi) in w.iter_mut().zip(&x) {
+                *wi = _mm256_add_ps(av_x, abs(*xi));
+            }
+            let p = if NMAX == 15 { Q4_REF } else { Q5_REF };
+            let (s, m) = make_qkx_lanes(&x, &w, &mut l, p);
+            let (scales, mins) = (lanes(s), lanes(m));
+            // The tail of q45_k_ref_scales, in scalar.
+            let mut max_scale = 0.0f32;
+            let mut max_min = 0.0f32;
+            for j in 0..8 {
+                if scales[j] > max_scale {
+                    max_scale = scales[j];
+                }
+                if mins[j] > max_min {
+                    max_min = mins[j];
+                }
+            }
+            let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+            let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+            let mut ls = [0u8; 8];
+            let mut lm = [0u8; 8];
+            for j in 0..8 {
+                ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+                lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
+            }
+            (pack_scale_min_k4(&ls, &lm), fp32_to_fp16(max_scale / 63.0), fp32_to_fp16(max_min / 63.0))
+        }
+        Some(qwb) => {
+            // sigma2 = 2*sum_x2/QK_K over the whole super-block, in element order.
+            let mut sum_x2 = 0.0f32;
+            for &v in xb {
+                sum_x2 += v * v;
+            }
+            let sigma2 = _mm256_set1_ps(2.0 * sum_x2 / QK_K as f32);
+            let q = to_lanes(qwb);
+            // weights[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] = sum of weights[l], in order.
+            let mut sw = zero;
+            for i in 0..SUB {
+                w[i] = _mm256_mul_ps(q[i], _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(x[i], x[i]))));
+                sw = _mm256_add_ps(sw, w[i]);
+            }
+            let (s, m) = make_qkx_lanes(&x, &w, &mut l, impl_search(NMAX));
+            let (scales, mins, sw) = (lanes(s), lanes(m), lanes(sw));
+            // The tail of q45_k_impl_scales, in scalar.
+            let mut ls = [0u8; 8];
+            let mut lm = [0u8; 8];
+            let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
+            let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
+            if NMAX == 31 {
+                // Q5_K's extra MIN(63, ·).
+                for v in ls.iter_mut().chain(lm.iter_mut()) {
+                    *v = (*v).min(63);
+                }
+            }
+            (pack_scale_min_k4(&ls, &lm), fp32_to_fp16(d_block), fp32_to_fp16(m_block))
+        }
+    };
+    yb[0..2].copy_from_slice(&d16.to_le_bytes());
+    yb[2..4].copy_from_slice(&dmin16.to_le_bytes());
+    yb[4..16].copy_from_slice(&sb);
+
+    // Requantization from the f16 super-scales: L = MAX(0, MIN(nmax, nearest_int((x + dm)/d))) where d != 0.
+    let (d_all, dmin_all) = (fp16_to_fp32(d16), fp16_to_fp32(dmin16));
+    let mut dv = [0.0f32; 8];
+    let mut dmv = [0.0f32; 8];
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, &sb);
+        dv[j] = d_all * sc as f32;
+        dmv[j] = dmin_all * m as f32;
+    }
+    // SAFETY: `dv` and `dmv` hold 8 f32 each.
+    let (d, dm) = unsafe { (_mm256_loadu_ps(dv.as_ptr()), _mm256_loadu_ps(dmv.as_ptr())) };
+    let keep = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, zero);
+    if _mm256_movemask_ps(keep) != 0xff {
+        let nmaxi = _mm256_set1_epi32(NMAX);
+        for (li, xi) in l.iter_mut().zip(&x) {
+            let q = code(_mm256_div_ps(_mm256_add_ps(*xi, dm), d), nmaxi);
+            *li = _mm256_blendv_ps(q, *li, keep);
+        }
+    }
+
+    // Packing. Lane j of l[i] is L[32j + i]; Q4_K/Q5_K put L[64c + i] in the low and L[64c + 32 + i] in the high
+    // nibble of qs[32c + i].
+    let qs_at = if NMAX == 15 { 16 } else { 48 };
+    let sixteen = _mm256_set1_ps(16.0);
+    let mut codes = [[0i32; 8]; SUB];
+    for i in 0..SUB {
+        let mut v = l[i];
+        if NMAX == 31 {
+            // Bit 4 of L[32j + i] goes to bit j of qh[i] (bit 2c for L[64c + i], 2c+1 for L[64c + 32 + i]).
+            let high = _mm256_cmp_ps::<_CMP_GE_OQ>(v, sixteen);
+            yb[16 + i] = _mm256_movemask_ps(high) as u8;
+            v = _mm256_sub_ps(v, _mm256_and_ps(high, sixteen));
+        }
+        // SAFETY: `codes[i]` has room for 8 i32.
+        unsafe { _mm256_storeu_si256(codes[i].as_mut_ptr().cast(), _mm256_cvttps_epi32(v)) };
+    }
+    for c in 0..4 {
+        for i in 0..SUB {
+            yb[qs_at + SUB * c + i] = (codes[i][2 * c] | codes[i][2 * c + 1] << 4) as u8;
+        }
+    }
+}
+
+/// Quantizes whole rows of Q4_K or Q5_K (`quantize_q4_K` / `quantize_q5_K`) into `y` (`row_bytes` per row), with
+/// or without importance weights (`n_per_row` of them, checked by the caller).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn rows(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    y: &mut [u8],
+    row_bytes: usize,
+) {
+    let block_bytes = dtype.block_bytes();
+    for (row, dst) in x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)) {
+        for (i, (xb, yb)) in row.chunks_exact(QK_K).zip(dst.chunks_exact_mut(block_bytes)).enumerate() {
+            let Ok(xb) = <&[f32; QK_K]>::try_from(xb) else { continue };
+            let qw = imatrix.and_then(|q| q.get(QK_K * i..QK_K * (i + 1))).and_then(|q| q.try_into().ok());
+            match dtype {
+                DType::Q4K => q45_k_block::<15>(xb, qw, yb),
+                DType::Q5K => q45_k_block::<31>(xb, qw, yb),
+                _ => unreachable!("kquant_lanes::rows called for {dtype}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_lanes_transposes() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let b: [f32; QK_K] = std::array::from_fn(|k| k as f32);
+        // SAFETY: AVX2 is present (checked above).
+        let v = unsafe { to_lanes(&b) };
+        for (i, vi) in v.iter().enumerate() {
+            // SAFETY: as above.
+            let a = unsafe { lanes(*vi) };
+            for (j, &aj) in a.iter().enumerate() {
+                assert_eq!(aj, (SUB * j + i) as f32);
+            }
+        }
+    }
+}
