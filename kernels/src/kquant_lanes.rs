@@ -1,6 +1,7 @@
-//! Q4_K and Q5_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c (`make_qkx2_quants` for
-//! `quantize_row_qN_K_ref`, `make_qkx3_quants` for `quantize_row_qN_K_impl`) runs over the eight 32-value
-//! sub-blocks of a super-block at once, lane `j` holding sub-block `j`. Every lane performs exactly its own
+//! Q4_K, Q5_K and Q6_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c (`make_qkx2_quants`
+//! for `quantize_row_q{4,5}_K_ref`, `make_qkx3_quants` for `quantize_row_q{4,5}_K_impl`, `make_qx_quants` for
+//! Q6_K) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding sub-block `j` (Q6_K:
+//! its sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
 //! sub-block's scalar arithmetic, in the reference's order (each sum still adds element 0, 1, …, 31 in turn; only
 //! the eight independent sub-blocks run side by side), so the bytes are those of [`sling_quantizers::kquants`]
 //! (tested against it below and in `tests/kquant_lanes.rs`).
@@ -15,7 +16,8 @@
 //! - what is per super-block (the maxima over the eight sub-blocks, `make_qp_quants`, the 6-bit packing, f16
 //!   rounding) runs in scalar code on the lanes' results, with the scalar reference's own helpers.
 //!
-//! A super-block always has eight sub-blocks, so there is no tail: every block of every row goes through here.
+//! A super-block always has eight (Q6_K: sixteen) sub-blocks, so there is no tail: every block of every row goes
+//! through here.
 
 use std::arch::x86_64::*;
 
@@ -50,7 +52,7 @@ const fn impl_search(nmax: i32) -> Search {
 
 /// Whether [`rows`] handles `dtype` (with or without importance weights).
 pub(crate) fn handles(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4K | DType::Q5K)
+    matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K)
 }
 
 /// `nearest_int` per lane followed by `MAX(0, MIN(nmax, l))`, returned as f32 (exact: 0..=nmax).
@@ -101,17 +103,33 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// A super-block (256 values) in lane form: `out[i]` lane `j` is `b[32 * j + i]`. Pure data movement.
+/// Eight groups of `G` values in lane form: `out[i]` lane `j` is `b[G * j + i]`. Pure data movement.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn to_lanes(b: &[f32; QK_K]) -> [__m256; SUB] {
-    let mut out = [_mm256_setzero_ps(); SUB];
-    for k in 0..SUB / 8 {
-        // SAFETY: `b` holds 256 values; row `j` reads b[32j + 8k .. 32j + 8k + 8], within it (j < 8, k < 4).
-        let rows: [__m256; 8] = std::array::from_fn(|j| unsafe { _mm256_loadu_ps(b.as_ptr().add(SUB * j + 8 * k)) });
+fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
+    assert!(b.len() >= 8 * G && G % 8 == 0);
+    let mut out = [_mm256_setzero_ps(); G];
+    for k in 0..G / 8 {
+        // SAFETY: row `j` reads b[G*j + 8k .. G*j + 8k + 8], within the 8*G values asserted above (j < 8, k < G/8).
+        let rows: [__m256; 8] = std::array::from_fn(|j| unsafe { _mm256_loadu_ps(b.as_ptr().add(G * j + 8 * k)) });
         out[8 * k..8 * k + 8].copy_from_slice(&transpose8(rows));
     }
     out
+}
+
+/// The inverse of [`to_lanes`] for codes: `out[G * j + i]` is lane `j` of `v[i]`, converted to an integer
+/// (the codes are small integers held in f32, so the conversion is exact).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
+    assert!(out.len() >= 8 * G && G % 8 == 0);
+    for k in 0..G / 8 {
+        let rows = transpose8(std::array::from_fn(|c| v[8 * k + c]));
+        for (j, r) in rows.iter().enumerate() {
+            // SAFETY: writes out[G*j + 8k .. G*j + 8k + 8], within the 8*G values asserted above.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(G * j + 8 * k).cast(), _mm256_cvttps_epi32(*r)) };
+        }
+    }
 }
 
 /// `make_qkx2_quants` / `make_qkx3_quants` over the eight sub-blocks in lane form: `x`, `w` the values and weights,
@@ -221,7 +239,7 @@ fn lanes(v: __m256) -> [f32; 8] {
 #[target_feature(enable = "avx2")]
 fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
     let zero = _mm256_setzero_ps();
-    let x = to_lanes(xb);
+    let x = to_lanes::<SUB>(xb);
     let mut w = [zero; SUB];
     let mut l = [zero; SUB];
     let (sb, d16, dmin16) = match qw {
@@ -266,7 +284,7 @@ fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: 
                 sum_x2 += v * v;
             }
             let sigma2 = _mm256_set1_ps(2.0 * sum_x2 / QK_K as f32);
-            let q = to_lanes(qwb);
+            let q = to_lanes::<SUB>(qwb);
             // weights[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] = sum of weights[l], in order.
             let mut sw = zero;
             for i in 0..SUB {
@@ -336,7 +354,177 @@ fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: 
     }
 }
 
-/// Quantizes whole rows of Q4_K or Q5_K (`quantize_q4_K` / `quantize_q5_K`) into `y` (`row_bytes` per row), with
+/// Values per Q6_K sub-block.
+const SUB6: usize = 16;
+/// `GROUP_MAX_EPS` (ggml-quants.c).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// `make_qx_quants(16, 32, x, L, 1, w)` (ggml-quants.c, as `sling_quantizers::search::make_qx_quants`) over eight
+/// 16-value sub-blocks in lane form: `w` the weights (`x²` when C gets `NULL`), `l` receives `L = l + 32` (as f32).
+/// Returns the scale per lane. Lanes whose `amax < GROUP_MAX_EPS` are searched like the others, then given what C
+/// returns for them (`L = 0`, scale 0).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn make_qx_lanes(x: &[__m256; SUB6], w: &[__m256; SUB6], l: &mut [__m256; SUB6]) -> __m256 {
+    const NMAX: i32 = 32;
+    let zero = _mm256_setzero_ps();
+    let bias = _mm256_set1_ps(NMAX as f32);
+    // The signed element of largest magnitude, first wins (strict >).
+    let mut max = zero;
+    let mut amax = zero;
+    for xi in x {
+        let ax = abs(*xi);
+        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(ax, amax);
+        amax = _mm256_blendv_ps(amax, ax, gt);
+        max = _mm256_blendv_ps(max, *xi, gt);
+    }
+    let all_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(amax, _mm256_set1_ps(GROUP_MAX_EPS));
+    if _mm256_movemask_ps(all_zero) == 0xff {
+        *l = [zero; SUB6];
+        return zero;
+    }
+    let wx: [__m256; SUB6] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
+    // MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x))), as f32.
+    let (lo, hi) = (_mm256_set1_epi32(-NMAX), _mm256_set1_epi32(NMAX - 1));
+    let codes = |iscale: __m256| -> [__m256; SUB6] {
+        std::array::from_fn(|i| {
+            let t = _mm256_mul_ps(iscale, x[i]);
+            let n = _mm256_castps_si256(_mm256_add_ps(t, _mm256_set1_ps(12582912.0)));
+            let n =
+                _mm256_sub_epi32(_mm256_and_si256(n, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000));
+            _mm256_cvtepi32_ps(_mm256_max_epi32(lo, _mm256_min_epi32(hi, n)))
+        })
+    };
+    // sumlx += w*x*l; suml2 += w*l*l, in element order.
+    let sums = |lf: &[__m256; SUB6]| -> (__m256, __m256) {
+        let (mut sumlx, mut suml2) = (zero, zero);
+        for i in 0..SUB6 {
+            sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(wx[i], lf[i]));
+            suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], lf[i]), lf[i]));
+        }
+        (sumlx, suml2)
+    };
+    let lf = codes(_mm256_div_ps(_mm256_set1_ps(-NMAX as f32), max));
+    for (li, lfi) in l.iter_mut().zip(&lf) {
+        *li = _mm256_add_ps(*lfi, bias);
+    }
+    let (sumlx, suml2) = sums(&lf);
+    // scale = suml2 ? sumlx/suml2 : 0 (NaN is true).
+    let mut scale = _mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2, zero), _mm256_div_ps(sumlx, suml2));
+    let mut best = _mm256_mul_ps(scale, sumlx);
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let iscale = _mm256_div_ps(_mm256_set1_ps(-(NMAX as f32 + 0.1f32 * is as f32)), max);
+        let lf = codes(iscale);
+        let (sumlx, suml2) = sums(&lf);
+        let better = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(sumlx, sumlx), _mm256_mul_ps(best, suml2)),
+        );
+        if _mm256_movemask_ps(better) == 0 {
+            continue;
+        }
+        for (li, lfi) in l.iter_mut().zip(&lf) {
+            *li = _mm256_blendv_ps(*li, _mm256_add_ps(*lfi, bias), better);
+        }
+        scale = _mm256_blendv_ps(scale, _mm256_div_ps(sumlx, suml2), better);
+        best = _mm256_blendv_ps(best, _mm256_mul_ps(scale, sumlx), better);
+    }
+    if _mm256_movemask_ps(all_zero) != 0 {
+        for li in l.iter_mut() {
+            *li = _mm256_andnot_ps(all_zero, *li);
+        }
+        scale = _mm256_andnot_ps(all_zero, scale);
+    }
+    scale
+}
+
+/// One Q6_K super-block (`quantize_row_q6_K_ref`, or `quantize_row_q6_K_impl` with the super-block's importance
+/// weights, which it passes to `make_qx_quants` as they are): the sixteen 16-value sub-blocks as two sets of eight
+/// lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
+    let zero = _mm256_setzero_ps();
+    let x = [to_lanes::<SUB6>(&xb[..128]), to_lanes::<SUB6>(&xb[128..])];
+    let mut l = [[zero; SUB6]; 2];
+    let mut scales = [0.0f32; 16];
+    for h in 0..2 {
+        let w = match qw {
+            Some(q) => to_lanes::<SUB6>(&q[128 * h..]),
+            None => std::array::from_fn(|i| _mm256_mul_ps(x[h][i], x[h][i])),
+        };
+        let s = make_qx_lanes(&x[h], &w, &mut l[h]);
+        scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s));
+    }
+    // The rest of quantize_row_q6_K_ref/_impl per super-block, in scalar.
+    let mut max_scale = 0.0f32;
+    let mut max_abs_scale = 0.0f32;
+    for &scale in &scales {
+        let abs_scale = scale.abs();
+        if abs_scale > max_abs_scale {
+            max_abs_scale = abs_scale;
+            max_scale = scale;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        // memset(&y[i], 0, ...) then d = f16(0): all bytes zero.
+        yb[..210].fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d16 = fp32_to_fp16(1.0 / iscale);
+    let mut sc = [0i8; 16];
+    for ib in 0..16 {
+        sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+    }
+    // Requantization: L = MAX(-32, MIN(31, nearest_int(x/d))) + 32 where d = d_all * sc != 0.
+    let d_all = fp16_to_fp32(d16);
+    let mut codes = [0i32; QK_K];
+    for h in 0..2 {
+        let dv: [f32; 8] = std::array::from_fn(|j| d_all * sc[8 * h + j] as f32);
+        // SAFETY: `dv` holds 8 f32.
+        let d = unsafe { _mm256_loadu_ps(dv.as_ptr()) };
+        let keep = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, zero);
+        if _mm256_movemask_ps(keep) != 0xff {
+            let (lo, hi) = (_mm256_set1_epi32(-32), _mm256_set1_epi32(31));
+            for (li, xi) in l[h].iter_mut().zip(&x[h]) {
+                let n = _mm256_castps_si256(_mm256_add_ps(_mm256_div_ps(*xi, d), _mm256_set1_ps(12582912.0)));
+                let n = _mm256_sub_epi32(
+                    _mm256_and_si256(n, _mm256_set1_epi32(0x007f_ffff)),
+                    _mm256_set1_epi32(0x0040_0000),
+                );
+                let q = _mm256_cvtepi32_ps(_mm256_add_epi32(
+                    _mm256_max_epi32(lo, _mm256_min_epi32(hi, n)),
+                    _mm256_set1_epi32(32),
+                ));
+                *li = _mm256_blendv_ps(q, *li, keep);
+            }
+        }
+        codes_from_lanes::<SUB6>(&l[h], &mut codes[128 * h..]);
+    }
+    // Packing, as the reference (L is 0..63).
+    let (ql, rest) = yb.split_at_mut(128);
+    let (qh, rest) = rest.split_at_mut(64);
+    for h in 0..2 {
+        let (j, ql, qh) = (128 * h, &mut ql[64 * h..64 * h + 64], &mut qh[32 * h..32 * h + 32]);
+        for k in 0..32 {
+            let (l1, l2, l3, l4) =
+                (codes[j + k] as u8, codes[j + k + 32] as u8, codes[j + k + 64] as u8, codes[j + k + 96] as u8);
+            ql[k] = (l1 & 0xF) | ((l3 & 0xF) << 4);
+            ql[k + 32] = (l2 & 0xF) | ((l4 & 0xF) << 4);
+            qh[k] = (l1 >> 4) | ((l2 >> 4) << 2) | ((l3 >> 4) << 4) | ((l4 >> 4) << 6);
+        }
+    }
+    for (dst, &s) in rest[..16].iter_mut().zip(&sc) {
+        *dst = s as u8;
+    }
+    rest[16..18].copy_from_slice(&d16.to_le_bytes());
+}
+
+/// Quantizes whole rows of Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with
 /// or without importance weights (`n_per_row` of them, checked by the caller).
 ///
 /// # Safety
@@ -358,6 +546,7 @@ pub(crate) unsafe fn rows(
             match dtype {
                 DType::Q4K => q45_k_block::<15>(xb, qw, yb),
                 DType::Q5K => q45_k_block::<31>(xb, qw, yb),
+                DType::Q6K => q6_k_block(xb, qw, yb),
                 _ => unreachable!("kquant_lanes::rows called for {dtype}"),
             }
         }
@@ -375,7 +564,7 @@ mod tests {
         }
         let b: [f32; QK_K] = std::array::from_fn(|k| k as f32);
         // SAFETY: AVX2 is present (checked above).
-        let v = unsafe { to_lanes(&b) };
+        let v = unsafe { to_lanes::<SUB>(&b) };
         for (i, vi) in v.iter().enumerate() {
             // SAFETY: as above.
             let a = unsafe { lanes(*vi) };
