@@ -64,6 +64,20 @@ fn code(t: __m256, nmax: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_setzero_si256(), _mm256_min_epi32(nmax, l)))
 }
 
+/// Bound under which [`code_fast`] rounds as `nearest_int`.
+const FAST_LIMIT: f32 = 2_097_152.0; // 2^21
+
+/// [`code`] for `t` known to be a number with |t| < 2^21: then `t + 12582912` lies in (2^23, 2^24), where the
+/// adder rounds to an integer (half to even) exactly as `nearest_int`'s, and subtracting 12582912 again gives that
+/// integer exactly; clamping it in float (never NaN, never -0) is the integer clamp. Two operations fewer.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn code_fast(t: __m256, nmax: __m256) -> __m256 {
+    let magic = _mm256_set1_ps(12582912.0);
+    let r = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+    _mm256_max_ps(_mm256_min_ps(r, nmax), _mm256_setzero_ps())
+}
+
 /// `fabsf` per lane (clears the sign bit, NaN payload kept, as `f32::abs`).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -132,95 +146,174 @@ fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
     }
 }
 
-/// `make_qkx2_quants` / `make_qkx3_quants` over the eight sub-blocks in lane form: `x`, `w` the values and weights,
-/// `l` receives the codes (0..=nmax, as f32). Returns `(scale, the_min)` per lane. Body and order as
+/// `make_qkx2_quants` / `make_qkx3_quants` over the eight sub-blocks in lane form, for `K` super-blocks at once
+/// (their searches are independent; interleaving them hides the latency of the in-order sums): `x`, `w` the values
+/// and weights, `l` receives the codes (0..=nmax, as f32). Returns `(scale, the_min)` per lane. Body and order as
 /// `sling_quantizers::search::make_qkx` (and ggml-quants.c); degenerate lanes are computed like the others and then
 /// overwritten with what C returns for them (`L = 0`, scale 0, `-min`).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn make_qkx_lanes(x: &[__m256; SUB], w: &[__m256; SUB], l: &mut [__m256; SUB], p: Search) -> (__m256, __m256) {
+fn make_qkx_lanes<const K: usize>(
+    x: &[[__m256; SUB]; K],
+    w: &[[__m256; SUB]; K],
+    l: &mut [[__m256; SUB]; K],
+    p: Search,
+) -> ([__m256; K], [__m256; K]) {
     let zero = _mm256_setzero_ps();
     let nmaxi = _mm256_set1_epi32(p.nmax);
     let err = |d: __m256| if p.use_mad { abs(d) } else { _mm256_mul_ps(d, d) };
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = w[0];
-    let mut sum_x = _mm256_mul_ps(sum_w, x[0]);
+    let mut min: [__m256; K] = std::array::from_fn(|k| x[k][0]);
+    let mut max = min;
+    let mut sum_w: [__m256; K] = std::array::from_fn(|k| w[k][0]);
+    let mut sum_x: [__m256; K] = std::array::from_fn(|k| _mm256_mul_ps(sum_w[k], x[k][0]));
     for i in 1..SUB {
-        min = _mm256_min_ps(x[i], min); // x < min ? x : min
-        max = _mm256_max_ps(x[i], max); // x > max ? x : max
-        sum_w = _mm256_add_ps(sum_w, w[i]);
-        sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(w[i], x[i]));
-    }
-    // if (min > 0) min = 0;
-    min = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(min, zero), min);
-    let degenerate = if p.v3 { _mm256_cmp_ps::<_CMP_LE_OQ>(max, min) } else { _mm256_cmp_ps::<_CMP_EQ_OQ>(max, min) };
-    let min0 = min;
-    let all_degenerate = _mm256_movemask_ps(degenerate) == 0xff;
-
-    let mut best_error = zero;
-    let mut scale = zero;
-    if !all_degenerate {
-        let iscale = _mm256_div_ps(_mm256_set1_ps(p.nmax as f32), _mm256_sub_ps(max, min));
-        scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
-        for i in 0..SUB {
-            let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)), nmaxi);
-            l[i] = li;
-            let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, li), min), x[i]);
-            best_error = _mm256_add_ps(best_error, _mm256_mul_ps(w[i], err(diff)));
+        for k in 0..K {
+            min[k] = _mm256_min_ps(x[k][i], min[k]); // x < min ? x : min
+            max[k] = _mm256_max_ps(x[k][i], max[k]); // x > max ? x : max
+            sum_w[k] = _mm256_add_ps(sum_w[k], w[k][i]);
+            sum_x[k] = _mm256_add_ps(sum_x[k], _mm256_mul_ps(w[k][i], x[k][i]));
         }
-        let mut laux = [zero; SUB];
+    }
+    // The data's own minimum (before `min` is clamped to 0) and whether any value is NaN: what the fast rounding
+    // below needs to know (see `code_fast`).
+    let xlo = min;
+    let mut nan = _mm256_setzero_ps();
+    for xk in x {
+        for xi in xk {
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(*xi, *xi));
+        }
+    }
+    let no_nan = _mm256_movemask_ps(nan) == 0;
+    let mut degenerate = [zero; K];
+    let mut any_degenerate = false;
+    let mut all_degenerate = true;
+    for k in 0..K {
+        // if (min > 0) min = 0;
+        min[k] = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(min[k], zero), min[k]);
+        degenerate[k] = if p.v3 {
+            _mm256_cmp_ps::<_CMP_LE_OQ>(max[k], min[k])
+        } else {
+            _mm256_cmp_ps::<_CMP_EQ_OQ>(max[k], min[k])
+        };
+        let m = _mm256_movemask_ps(degenerate[k]);
+        any_degenerate |= m != 0;
+        all_degenerate &= m == 0xff;
+    }
+    let min0 = min;
+
+    let mut best_error = [zero; K];
+    let mut scale = [zero; K];
+    if !all_degenerate {
+        for k in 0..K {
+            let iscale = _mm256_div_ps(_mm256_set1_ps(p.nmax as f32), _mm256_sub_ps(max[k], min[k]));
+            scale[k] = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+            for i in 0..SUB {
+                let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[k][i], min[k])), nmaxi);
+                l[k][i] = li;
+                let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale[k], li), min[k]), x[k][i]);
+                best_error[k] = _mm256_add_ps(best_error[k], _mm256_mul_ps(w[k][i], err(diff)));
+            }
+        }
+        let mut laux = [[zero; SUB]; K];
+        // x - min, recomputed whenever a lane's min changes (the same value C computes in every pass).
+        let mut xm: [[__m256; SUB]; K] =
+            std::array::from_fn(|k| std::array::from_fn(|i| _mm256_sub_ps(x[k][i], min[k])));
+        let nmaxf = _mm256_set1_ps(p.nmax as f32);
+        let limit = _mm256_set1_ps(FAST_LIMIT);
         for is in 0..=p.nstep {
-            let num = p.rmin + p.rdelta * is as f32 + p.nmax as f32;
-            let iscale = _mm256_div_ps(_mm256_set1_ps(num), _mm256_sub_ps(max, min));
-            let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
-            for i in 0..SUB {
-                let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)), nmaxi);
-                laux[i] = li;
-                let wl = _mm256_mul_ps(w[i], li);
-                sum_l = _mm256_add_ps(sum_l, wl);
-                sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, li));
-                sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, x[i]));
+            let num = _mm256_set1_ps(p.rmin + p.rdelta * is as f32 + p.nmax as f32);
+            let iscale: [__m256; K] = std::array::from_fn(|k| _mm256_div_ps(num, _mm256_sub_ps(max[k], min[k])));
+            // Every iscale*(x - min) of this pass lies between those of the data's minimum and maximum (rounding
+            // is monotone); when both bounds are small and no value is NaN, the float rounding is nearest_int's.
+            let mut fast = no_nan;
+            for k in 0..K {
+                let lo = abs(_mm256_mul_ps(iscale[k], _mm256_sub_ps(xlo[k], min[k])));
+                let hi = abs(_mm256_mul_ps(iscale[k], _mm256_sub_ps(max[k], min[k])));
+                let ok = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(lo, limit), _mm256_cmp_ps::<_CMP_LT_OQ>(hi, limit));
+                // Degenerate lanes (their results are replaced at the end) need not qualify.
+                fast &= _mm256_movemask_ps(_mm256_or_ps(ok, degenerate[k])) == 0xff;
             }
-            let d = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
-            let d_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
-            if _mm256_movemask_ps(d_pos) == 0 {
+            let (mut sum_l, mut sum_l2, mut sum_xl) = ([zero; K], [zero; K], [zero; K]);
+            let mut sums = |i: usize, k: usize, li: __m256| {
+                laux[k][i] = li;
+                let wl = _mm256_mul_ps(w[k][i], li);
+                sum_l[k] = _mm256_add_ps(sum_l[k], wl);
+                sum_l2[k] = _mm256_add_ps(sum_l2[k], _mm256_mul_ps(wl, li));
+                sum_xl[k] = _mm256_add_ps(sum_xl[k], _mm256_mul_ps(wl, x[k][i]));
+            };
+            if fast {
+                for i in 0..SUB {
+                    for k in 0..K {
+                        sums(i, k, code_fast(_mm256_mul_ps(iscale[k], xm[k][i]), nmaxf));
+                    }
+                }
+            } else {
+                for i in 0..SUB {
+                    for k in 0..K {
+                        sums(i, k, code(_mm256_mul_ps(iscale[k], xm[k][i]), nmaxi));
+                    }
+                }
+            }
+            let mut d_pos = [zero; K];
+            let mut this_scale = [zero; K];
+            let mut this_min = [zero; K];
+            let mut any = false;
+            for k in 0..K {
+                let d = _mm256_sub_ps(_mm256_mul_ps(sum_w[k], sum_l2[k]), _mm256_mul_ps(sum_l[k], sum_l[k]));
+                d_pos[k] = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
+                any |= _mm256_movemask_ps(d_pos[k]) != 0;
+                let s = _mm256_div_ps(
+                    _mm256_sub_ps(_mm256_mul_ps(sum_w[k], sum_xl[k]), _mm256_mul_ps(sum_x[k], sum_l[k])),
+                    d,
+                );
+                let m = _mm256_div_ps(
+                    _mm256_sub_ps(_mm256_mul_ps(sum_l2[k], sum_x[k]), _mm256_mul_ps(sum_l[k], sum_xl[k])),
+                    d,
+                );
+                // if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }
+                let min_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(m, zero);
+                this_min[k] = _mm256_andnot_ps(min_pos, m);
+                this_scale[k] = _mm256_blendv_ps(s, _mm256_div_ps(sum_xl[k], sum_l2[k]), min_pos);
+            }
+            if !any {
                 continue;
             }
-            let mut this_scale =
-                _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)), d);
-            let mut this_min =
-                _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)), d);
-            // if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }
-            let min_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(this_min, zero);
-            this_min = _mm256_andnot_ps(min_pos, this_min);
-            this_scale = _mm256_blendv_ps(this_scale, _mm256_div_ps(sum_xl, sum_l2), min_pos);
-            let mut cur_error = zero;
+            let mut cur_error = [zero; K];
             for i in 0..SUB {
-                let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, laux[i]), this_min), x[i]);
-                cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(w[i], err(diff)));
+                for k in 0..K {
+                    let diff =
+                        _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale[k], laux[k][i]), this_min[k]), x[k][i]);
+                    cur_error[k] = _mm256_add_ps(cur_error[k], _mm256_mul_ps(w[k][i], err(diff)));
+                }
             }
-            let better = _mm256_and_ps(d_pos, _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error, best_error));
-            if _mm256_movemask_ps(better) == 0 {
-                continue;
+            for k in 0..K {
+                let better = _mm256_and_ps(d_pos[k], _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error[k], best_error[k]));
+                if _mm256_movemask_ps(better) == 0 {
+                    continue;
+                }
+                for i in 0..SUB {
+                    l[k][i] = _mm256_blendv_ps(l[k][i], laux[k][i], better);
+                }
+                best_error[k] = _mm256_blendv_ps(best_error[k], cur_error[k], better);
+                scale[k] = _mm256_blendv_ps(scale[k], this_scale[k], better);
+                min[k] = _mm256_blendv_ps(min[k], this_min[k], better);
+                for i in 0..SUB {
+                    xm[k][i] = _mm256_sub_ps(x[k][i], min[k]);
+                }
             }
-            for i in 0..SUB {
-                l[i] = _mm256_blendv_ps(l[i], laux[i], better);
-            }
-            best_error = _mm256_blendv_ps(best_error, cur_error, better);
-            scale = _mm256_blendv_ps(scale, this_scale, better);
-            min = _mm256_blendv_ps(min, this_min, better);
         }
     }
     // Degenerate lanes: L = 0, return 0 and -min (the min before any search).
-    if _mm256_movemask_ps(degenerate) != 0 {
-        for li in l.iter_mut() {
-            *li = _mm256_andnot_ps(degenerate, *li);
+    if any_degenerate {
+        for k in 0..K {
+            for li in l[k].iter_mut() {
+                *li = _mm256_andnot_ps(degenerate[k], *li);
+            }
+            scale[k] = _mm256_andnot_ps(degenerate[k], scale[k]);
+            min[k] = _mm256_blendv_ps(min[k], min0[k], degenerate[k]);
         }
-        scale = _mm256_andnot_ps(degenerate, scale);
-        min = _mm256_blendv_ps(min, min0, degenerate);
     }
-    (scale, _mm256_xor_ps(min, _mm256_set1_ps(-0.0)))
+    (scale, std::array::from_fn(|k| _mm256_xor_ps(min[k], _mm256_set1_ps(-0.0))))
 }
 
 /// Stores the eight lanes of `v`.
@@ -233,30 +326,83 @@ fn lanes(v: __m256) -> [f32; 8] {
     a
 }
 
-/// One Q4_K (`NMAX` 15) or Q5_K (`NMAX` 31) super-block: `quantize_row_qN_K_ref` when `qw` is `None`,
-/// `quantize_row_qN_K_impl` with the super-block's 256 importance weights otherwise.
+/// `K` Q4_K (`NMAX` 15) or Q5_K (`NMAX` 31) super-blocks, searched together: `quantize_row_qN_K_ref` for those
+/// whose `qw` is `None`, `quantize_row_qN_K_impl` with the super-block's 256 importance weights otherwise (all `K`
+/// alike: the weights are per column, the same for every row).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
+fn q45_k_blocks<const NMAX: i32, const K: usize>(
+    xb: [&[f32; QK_K]; K],
+    qw: [Option<&[f32; QK_K]>; K],
+    yb: [&mut [u8]; K],
+) {
     let zero = _mm256_setzero_ps();
-    let x = to_lanes::<SUB>(xb);
-    let mut w = [zero; SUB];
-    let mut l = [zero; SUB];
-    let (sb, d16, dmin16) = match qw {
+    let x: [[__m256; SUB]; K] = std::array::from_fn(|k| to_lanes::<SUB>(xb[k]));
+    let mut w = [[zero; SUB]; K];
+    let mut l = [[zero; SUB]; K];
+    let mut sw = [zero; K];
+    let with_weights = qw[0].is_some();
+    // _impl: sigma2 = 2*sum_x2/QK_K over each whole super-block, in element order (the K sums interleaved).
+    let mut sum_x2 = [0.0f32; K];
+    if with_weights {
+        for v in 0..QK_K {
+            for k in 0..K {
+                sum_x2[k] += xb[k][v] * xb[k][v];
+            }
+        }
+    }
+    for k in 0..K {
+        match qw[k] {
+            None => {
+                // av_x = sqrtf(sum_x2/32); weights[l] = av_x + fabsf(x[l]).
+                let mut sum_x2 = zero;
+                for xi in &x[k] {
+                    sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(*xi, *xi));
+                }
+                let av_x = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(32.0)));
+                for (wi, xi) in w[k].iter_mut().zip(&x[k]) {
+                    *wi = _mm256_add_ps(av_x, abs(*xi));
+                }
+            }
+            Some(qwb) => {
+                let sigma2 = _mm256_set1_ps(2.0 * sum_x2[k] / QK_K as f32);
+                let q = to_lanes::<SUB>(qwb);
+                // weights[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] = sum of weights[l], in order.
+                for i in 0..SUB {
+                    let xi = x[k][i];
+                    w[k][i] = _mm256_mul_ps(q[i], _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(xi, xi))));
+                    sw[k] = _mm256_add_ps(sw[k], w[k][i]);
+                }
+            }
+        }
+    }
+    let p = match (with_weights, NMAX) {
+        (true, _) => impl_search(NMAX),
+        (false, 15) => Q4_REF,
+        (false, _) => Q5_REF,
+    };
+    let (s, m) = make_qkx_lanes::<K>(&x, &w, &mut l, p);
+    for (k, yb) in yb.into_iter().enumerate() {
+        q45_k_finish::<NMAX>(&x[k], &mut l[k], lanes(s[k]), lanes(m[k]), with_weights.then(|| lanes(sw[k])), yb);
+    }
+}
+
+/// The rest of one Q4_K/Q5_K super-block after the search: the 6-bit scales and mins and the f16 super-scales (in
+/// scalar, with the reference's helpers: `q45_k_ref_scales`' tail, or `make_qp_quants` with the sub-block weight
+/// sums `sw` for `_impl`), the requantization from the f16 values (in lanes) and the packing.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q45_k_finish<const NMAX: i32>(
+    x: &[__m256; SUB],
+    l: &mut [__m256; SUB],
+    scales: [f32; 8],
+    mins: [f32; 8],
+    sw: Option<[f32; 8]>,
+    yb: &mut [u8],
+) {
+    let zero = _mm256_setzero_ps();
+    let (sb, d16, dmin16) = match sw {
         None => {
-            // av_x = sqrtf(sum_x2/32); weights[l] = av_x + fabsf(x[l]).
-            let mut sum_x2 = zero;
-            for xi in &x {
-                sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(*xi, *xi));
-            }
-            let av_x = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(32.0)));
-            for (wi, xi) in w.iter_mut().zip(&x) {
-                *wi = _mm256_add_ps(av_x, abs(*xi));
-            }
-            let p = if NMAX == 15 { Q4_REF } else { Q5_REF };
-            let (s, m) = make_qkx_lanes(&x, &w, &mut l, p);
-            let (scales, mins) = (lanes(s), lanes(m));
-            // The tail of q45_k_ref_scales, in scalar.
             let mut max_scale = 0.0f32;
             let mut max_min = 0.0f32;
             for j in 0..8 {
@@ -277,23 +423,7 @@ fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: 
             }
             (pack_scale_min_k4(&ls, &lm), fp32_to_fp16(max_scale / 63.0), fp32_to_fp16(max_min / 63.0))
         }
-        Some(qwb) => {
-            // sigma2 = 2*sum_x2/QK_K over the whole super-block, in element order.
-            let mut sum_x2 = 0.0f32;
-            for &v in xb {
-                sum_x2 += v * v;
-            }
-            let sigma2 = _mm256_set1_ps(2.0 * sum_x2 / QK_K as f32);
-            let q = to_lanes::<SUB>(qwb);
-            // weights[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] = sum of weights[l], in order.
-            let mut sw = zero;
-            for i in 0..SUB {
-                w[i] = _mm256_mul_ps(q[i], _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(x[i], x[i]))));
-                sw = _mm256_add_ps(sw, w[i]);
-            }
-            let (s, m) = make_qkx_lanes(&x, &w, &mut l, impl_search(NMAX));
-            let (scales, mins, sw) = (lanes(s), lanes(m), lanes(sw));
-            // The tail of q45_k_impl_scales, in scalar.
+        Some(sw) => {
             let mut ls = [0u8; 8];
             let mut lm = [0u8; 8];
             let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
@@ -325,7 +455,7 @@ fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: 
     let keep = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, zero);
     if _mm256_movemask_ps(keep) != 0xff {
         let nmaxi = _mm256_set1_epi32(NMAX);
-        for (li, xi) in l.iter_mut().zip(&x) {
+        for (li, xi) in l.iter_mut().zip(x) {
             let q = code(_mm256_div_ps(_mm256_add_ps(*xi, dm), d), nmaxi);
             *li = _mm256_blendv_ps(q, *li, keep);
         }
@@ -335,21 +465,19 @@ fn q45_k_block<const NMAX: i32>(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: 
     // nibble of qs[32c + i].
     let qs_at = if NMAX == 15 { 16 } else { 48 };
     let sixteen = _mm256_set1_ps(16.0);
-    let mut codes = [[0i32; 8]; SUB];
-    for i in 0..SUB {
-        let mut v = l[i];
-        if NMAX == 31 {
+    if NMAX == 31 {
+        for (i, li) in l.iter_mut().enumerate() {
             // Bit 4 of L[32j + i] goes to bit j of qh[i] (bit 2c for L[64c + i], 2c+1 for L[64c + 32 + i]).
-            let high = _mm256_cmp_ps::<_CMP_GE_OQ>(v, sixteen);
+            let high = _mm256_cmp_ps::<_CMP_GE_OQ>(*li, sixteen);
             yb[16 + i] = _mm256_movemask_ps(high) as u8;
-            v = _mm256_sub_ps(v, _mm256_and_ps(high, sixteen));
+            *li = _mm256_sub_ps(*li, _mm256_and_ps(high, sixteen));
         }
-        // SAFETY: `codes[i]` has room for 8 i32.
-        unsafe { _mm256_storeu_si256(codes[i].as_mut_ptr().cast(), _mm256_cvttps_epi32(v)) };
     }
+    let mut codes = [0i32; QK_K];
+    codes_from_lanes::<SUB>(l, &mut codes);
     for c in 0..4 {
         for i in 0..SUB {
-            yb[qs_at + SUB * c + i] = (codes[i][2 * c] | codes[i][2 * c + 1] << 4) as u8;
+            yb[qs_at + SUB * c + i] = (codes[64 * c + i] | codes[64 * c + 32 + i] << 4) as u8;
         }
     }
 }
@@ -524,8 +652,9 @@ fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
     rest[16..18].copy_from_slice(&d16.to_le_bytes());
 }
 
-/// Quantizes whole rows of Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with
-/// or without importance weights (`n_per_row` of them, checked by the caller).
+/// Quantizes whole rows of Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or
+/// without importance weights (`n_per_row` of them, checked by the caller). Q4_K and Q5_K take the window's
+/// super-blocks two at a time (any two: each is quantized on its own), the last one alone if their number is odd.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -539,16 +668,28 @@ pub(crate) unsafe fn rows(
     row_bytes: usize,
 ) {
     let block_bytes = dtype.block_bytes();
-    for (row, dst) in x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)) {
-        for (i, (xb, yb)) in row.chunks_exact(QK_K).zip(dst.chunks_exact_mut(block_bytes)).enumerate() {
-            let Ok(xb) = <&[f32; QK_K]>::try_from(xb) else { continue };
+    // Every super-block of the window with its importance weights (block `i` of a row takes qw[256i..256i+256]).
+    let mut blocks = x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)).flat_map(|(row, dst)| {
+        row.chunks_exact(QK_K).zip(dst.chunks_exact_mut(block_bytes)).enumerate().filter_map(move |(i, (xb, yb))| {
+            let xb: &[f32; QK_K] = xb.try_into().ok()?;
             let qw = imatrix.and_then(|q| q.get(QK_K * i..QK_K * (i + 1))).and_then(|q| q.try_into().ok());
-            match dtype {
-                DType::Q4K => q45_k_block::<15>(xb, qw, yb),
-                DType::Q5K => q45_k_block::<31>(xb, qw, yb),
-                DType::Q6K => q6_k_block(xb, qw, yb),
-                _ => unreachable!("kquant_lanes::rows called for {dtype}"),
+            Some((xb, qw, yb))
+        })
+    });
+    loop {
+        let Some((x0, q0, y0)) = blocks.next() else { break };
+        match (dtype, blocks.next()) {
+            (DType::Q4K, Some((x1, q1, y1))) => q45_k_blocks::<15, 2>([x0, x1], [q0, q1], [y0, y1]),
+            (DType::Q5K, Some((x1, q1, y1))) => q45_k_blocks::<31, 2>([x0, x1], [q0, q1], [y0, y1]),
+            (DType::Q4K, None) => q45_k_blocks::<15, 1>([x0], [q0], [y0]),
+            (DType::Q5K, None) => q45_k_blocks::<31, 1>([x0], [q0], [y0]),
+            (DType::Q6K, next) => {
+                q6_k_block(x0, q0, y0);
+                if let Some((x1, q1, y1)) = next {
+                    q6_k_block(x1, q1, y1);
+                }
             }
+            _ => unreachable!("kquant_lanes::rows called for {dtype}"),
         }
     }
 }
