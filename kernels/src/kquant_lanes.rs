@@ -488,83 +488,136 @@ const SUB6: usize = 16;
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// `make_qx_quants(16, 32, x, L, 1, w)` (ggml-quants.c, as `sling_quantizers::search::make_qx_quants`) over eight
-/// 16-value sub-blocks in lane form: `w` the weights (`x²` when C gets `NULL`), `l` receives `L = l + 32` (as f32).
-/// Returns the scale per lane. Lanes whose `amax < GROUP_MAX_EPS` are searched like the others, then given what C
-/// returns for them (`L = 0`, scale 0).
+/// 16-value sub-blocks in lane form, `K` sets at once (interleaved, as [`make_qkx_lanes`]): `w` the weights (`x²`
+/// when C gets `NULL`), `l` receives `L = l + 32` (as f32). Returns the scale per lane. Lanes whose
+/// `amax < GROUP_MAX_EPS` are searched like the others, then given what C returns for them (`L = 0`, scale 0).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn make_qx_lanes(x: &[__m256; SUB6], w: &[__m256; SUB6], l: &mut [__m256; SUB6]) -> __m256 {
+fn make_qx_lanes<const K: usize>(
+    x: &[[__m256; SUB6]; K],
+    w: &[[__m256; SUB6]; K],
+    l: &mut [[__m256; SUB6]; K],
+) -> [__m256; K] {
     const NMAX: i32 = 32;
     let zero = _mm256_setzero_ps();
     let bias = _mm256_set1_ps(NMAX as f32);
     // The signed element of largest magnitude, first wins (strict >).
-    let mut max = zero;
-    let mut amax = zero;
-    for xi in x {
-        let ax = abs(*xi);
-        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(ax, amax);
-        amax = _mm256_blendv_ps(amax, ax, gt);
-        max = _mm256_blendv_ps(max, *xi, gt);
+    let mut max = [zero; K];
+    let mut amax = [zero; K];
+    let mut nan = zero;
+    for k in 0..K {
+        for xi in &x[k] {
+            let ax = abs(*xi);
+            let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(ax, amax[k]);
+            amax[k] = _mm256_blendv_ps(amax[k], ax, gt);
+            max[k] = _mm256_blendv_ps(max[k], *xi, gt);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(*xi, *xi));
+        }
     }
-    let all_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(amax, _mm256_set1_ps(GROUP_MAX_EPS));
-    if _mm256_movemask_ps(all_zero) == 0xff {
-        *l = [zero; SUB6];
-        return zero;
+    let no_nan = _mm256_movemask_ps(nan) == 0;
+    let all_zero: [__m256; K] =
+        std::array::from_fn(|k| _mm256_cmp_ps::<_CMP_LT_OQ>(amax[k], _mm256_set1_ps(GROUP_MAX_EPS)));
+    if all_zero.iter().all(|z| _mm256_movemask_ps(*z) == 0xff) {
+        *l = [[zero; SUB6]; K];
+        return [zero; K];
     }
-    let wx: [__m256; SUB6] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
-    // MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x))), as f32.
-    let (lo, hi) = (_mm256_set1_epi32(-NMAX), _mm256_set1_epi32(NMAX - 1));
-    let codes = |iscale: __m256| -> [__m256; SUB6] {
-        std::array::from_fn(|i| {
-            let t = _mm256_mul_ps(iscale, x[i]);
-            let n = _mm256_castps_si256(_mm256_add_ps(t, _mm256_set1_ps(12582912.0)));
-            let n =
-                _mm256_sub_epi32(_mm256_and_si256(n, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000));
-            _mm256_cvtepi32_ps(_mm256_max_epi32(lo, _mm256_min_epi32(hi, n)))
-        })
-    };
-    // sumlx += w*x*l; suml2 += w*l*l, in element order.
-    let sums = |lf: &[__m256; SUB6]| -> (__m256, __m256) {
-        let (mut sumlx, mut suml2) = (zero, zero);
+    let mut wx = [[zero; SUB6]; K];
+    for k in 0..K {
         for i in 0..SUB6 {
-            sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(wx[i], lf[i]));
-            suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], lf[i]), lf[i]));
+            wx[k][i] = _mm256_mul_ps(w[k][i], x[k][i]);
+        }
+    }
+    // MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x))), as f32: exactly when some |iscale * x| may reach 2^21 or
+    // be NaN, else through the float adder (as `code_fast`: |iscale * x| <= |iscale * amax| by monotone rounding).
+    let (lo, hi) = (_mm256_set1_epi32(-NMAX), _mm256_set1_epi32(NMAX - 1));
+    let (lof, hif) = (_mm256_set1_ps(-NMAX as f32), _mm256_set1_ps((NMAX - 1) as f32));
+    let magic = _mm256_set1_ps(12582912.0);
+    // One pass: the codes of every element into `lf` and sumlx += w*x*l; suml2 += w*l*l, in element order.
+    let pass = |iscale: &[__m256; K], lf: &mut [[__m256; SUB6]; K]| -> ([__m256; K], [__m256; K]) {
+        let mut fast = no_nan;
+        for k in 0..K {
+            let bound = abs(_mm256_mul_ps(iscale[k], amax[k]));
+            let ok = _mm256_or_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(bound, _mm256_set1_ps(FAST_LIMIT)), all_zero[k]);
+            fast &= _mm256_movemask_ps(ok) == 0xff;
+        }
+        let (mut sumlx, mut suml2) = ([zero; K], [zero; K]);
+        let mut sum = |k: usize, i: usize, li: __m256| {
+            lf[k][i] = li;
+            sumlx[k] = _mm256_add_ps(sumlx[k], _mm256_mul_ps(wx[k][i], li));
+            suml2[k] = _mm256_add_ps(suml2[k], _mm256_mul_ps(_mm256_mul_ps(w[k][i], li), li));
+        };
+        if fast {
+            for i in 0..SUB6 {
+                for k in 0..K {
+                    let t = _mm256_mul_ps(iscale[k], x[k][i]);
+                    let r = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+                    sum(k, i, _mm256_max_ps(_mm256_min_ps(r, hif), lof));
+                }
+            }
+        } else {
+            for i in 0..SUB6 {
+                for k in 0..K {
+                    let t = _mm256_mul_ps(iscale[k], x[k][i]);
+                    let n = _mm256_castps_si256(_mm256_add_ps(t, magic));
+                    let n = _mm256_sub_epi32(
+                        _mm256_and_si256(n, _mm256_set1_epi32(0x007f_ffff)),
+                        _mm256_set1_epi32(0x0040_0000),
+                    );
+                    sum(k, i, _mm256_cvtepi32_ps(_mm256_max_epi32(lo, _mm256_min_epi32(hi, n))));
+                }
+            }
         }
         (sumlx, suml2)
     };
-    let lf = codes(_mm256_div_ps(_mm256_set1_ps(-NMAX as f32), max));
-    for (li, lfi) in l.iter_mut().zip(&lf) {
-        *li = _mm256_add_ps(*lfi, bias);
+    let mut lf = [[zero; SUB6]; K];
+    let mut iscale = [zero; K];
+    for k in 0..K {
+        iscale[k] = _mm256_div_ps(_mm256_set1_ps(-NMAX as f32), max[k]);
     }
-    let (sumlx, suml2) = sums(&lf);
+    let (sumlx, suml2) = pass(&iscale, &mut lf);
+    for k in 0..K {
+        for (li, lfi) in l[k].iter_mut().zip(&lf[k]) {
+            *li = _mm256_add_ps(*lfi, bias);
+        }
+    }
     // scale = suml2 ? sumlx/suml2 : 0 (NaN is true).
-    let mut scale = _mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2, zero), _mm256_div_ps(sumlx, suml2));
-    let mut best = _mm256_mul_ps(scale, sumlx);
+    let mut scale = [zero; K];
+    let mut best = [zero; K];
+    for k in 0..K {
+        scale[k] = _mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2[k], zero), _mm256_div_ps(sumlx[k], suml2[k]));
+        best[k] = _mm256_mul_ps(scale[k], sumlx[k]);
+    }
     for is in -9..=9 {
         if is == 0 {
             continue;
         }
-        let iscale = _mm256_div_ps(_mm256_set1_ps(-(NMAX as f32 + 0.1f32 * is as f32)), max);
-        let lf = codes(iscale);
-        let (sumlx, suml2) = sums(&lf);
-        let better = _mm256_and_ps(
-            _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(sumlx, sumlx), _mm256_mul_ps(best, suml2)),
-        );
-        if _mm256_movemask_ps(better) == 0 {
-            continue;
+        let num = _mm256_set1_ps(-(NMAX as f32 + 0.1f32 * is as f32));
+        for k in 0..K {
+            iscale[k] = _mm256_div_ps(num, max[k]);
         }
-        for (li, lfi) in l.iter_mut().zip(&lf) {
-            *li = _mm256_blendv_ps(*li, _mm256_add_ps(*lfi, bias), better);
+        let (sumlx, suml2) = pass(&iscale, &mut lf);
+        for k in 0..K {
+            let better = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(suml2[k], zero),
+                _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(sumlx[k], sumlx[k]), _mm256_mul_ps(best[k], suml2[k])),
+            );
+            if _mm256_movemask_ps(better) == 0 {
+                continue;
+            }
+            for (li, lfi) in l[k].iter_mut().zip(&lf[k]) {
+                *li = _mm256_blendv_ps(*li, _mm256_add_ps(*lfi, bias), better);
+            }
+            scale[k] = _mm256_blendv_ps(scale[k], _mm256_div_ps(sumlx[k], suml2[k]), better);
+            best[k] = _mm256_blendv_ps(best[k], _mm256_mul_ps(scale[k], sumlx[k]), better);
         }
-        scale = _mm256_blendv_ps(scale, _mm256_div_ps(sumlx, suml2), better);
-        best = _mm256_blendv_ps(best, _mm256_mul_ps(scale, sumlx), better);
     }
-    if _mm256_movemask_ps(all_zero) != 0 {
-        for li in l.iter_mut() {
-            *li = _mm256_andnot_ps(all_zero, *li);
+    for k in 0..K {
+        if _mm256_movemask_ps(all_zero[k]) != 0 {
+            for li in l[k].iter_mut() {
+                *li = _mm256_andnot_ps(all_zero[k], *li);
+            }
+            scale[k] = _mm256_andnot_ps(all_zero[k], scale[k]);
         }
-        scale = _mm256_andnot_ps(all_zero, scale);
     }
     scale
 }
@@ -578,14 +631,21 @@ fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
     let zero = _mm256_setzero_ps();
     let x = [to_lanes::<SUB6>(&xb[..128]), to_lanes::<SUB6>(&xb[128..])];
     let mut l = [[zero; SUB6]; 2];
+    let mut w = [[zero; SUB6]; 2];
+    for h in 0..2 {
+        match qw {
+            Some(q) => w[h] = to_lanes::<SUB6>(&q[128 * h..]),
+            None => {
+                for i in 0..SUB6 {
+                    w[h][i] = _mm256_mul_ps(x[h][i], x[h][i]);
+                }
+            }
+        }
+    }
+    let s = make_qx_lanes::<2>(&x, &w, &mut l);
     let mut scales = [0.0f32; 16];
     for h in 0..2 {
-        let w = match qw {
-            Some(q) => to_lanes::<SUB6>(&q[128 * h..]),
-            None => std::array::from_fn(|i| _mm256_mul_ps(x[h][i], x[h][i])),
-        };
-        let s = make_qx_lanes(&x[h], &w, &mut l[h]);
-        scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s));
+        scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s[h]));
     }
     // The rest of quantize_row_q6_K_ref/_impl per super-block, in scalar.
     let mut max_scale = 0.0f32;

@@ -124,7 +124,8 @@ fn weights(kind: u8, n: usize, seed: u32) -> Vec<f32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // PROPTEST_CASES=N for a longer run.
+    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)))]
 
     /// Random rows of 1..=17 super-blocks, 1..=3 rows, bell-ish values at a random magnitude.
     #[test]
