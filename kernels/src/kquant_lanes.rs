@@ -758,6 +758,40 @@ pub(crate) unsafe fn rows(
 mod tests {
     use super::*;
 
+    /// `code_fast` = `code` for every |t| < 2^21: integers, halves (ties to even), values next to halves, tiny ones.
+    #[test]
+    fn fast_rounding_equals_nearest_int_below_the_limit() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut ts = vec![0.0f32, -0.0, 0.49999997, 0.5, 1.5, 2.5, -0.5, -1.5, 1e-30, -1e-30, 15.5, 16.5, 31.5, 32.5];
+        for k in -40i32..80 {
+            let h = k as f32 * 0.5;
+            ts.extend([h, f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits().saturating_sub(1))]);
+        }
+        let mut s = 0x2545_f491u32;
+        for _ in 0..20000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            ts.push(((s >> 1) as f32 / (1u32 << 31) as f32 * 2.0 - 1.0) * 2f32.powi((s % 23) as i32 - 1));
+        }
+        ts.retain(|t| t.abs() < FAST_LIMIT);
+        for nmax in [15, 31] {
+            for c in ts.chunks_exact(8) {
+                // SAFETY: AVX2 is present (checked above); `c` holds 8 f32.
+                let (a, b) = unsafe {
+                    let t = _mm256_loadu_ps(c.as_ptr());
+                    (lanes(code(t, _mm256_set1_epi32(nmax))), lanes(code_fast(t, _mm256_set1_ps(nmax as f32))))
+                };
+                for j in 0..8 {
+                    assert_eq!(a[j].to_bits(), b[j].to_bits(), "t = {} nmax {nmax}", c[j]);
+                    assert_eq!(a[j], nearest_int(c[j]).clamp(0, nmax) as f32);
+                }
+            }
+        }
+    }
+
     #[test]
     fn to_lanes_transposes() {
         if !std::is_x86_feature_detected!("avx2") {
