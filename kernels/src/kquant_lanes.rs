@@ -19,6 +19,9 @@
 //! A super-block always has eight (Q6_K: sixteen) sub-blocks, so there is no tail: every block of every row goes
 //! through here.
 
+// Loops index several lane arrays by element (and super-block) at once, as the C indexes x[i], w[i], L[i].
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use sling_core::DType;
@@ -121,7 +124,7 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
-    assert!(b.len() >= 8 * G && G % 8 == 0);
+    assert!(b.len() >= 8 * G && G.is_multiple_of(8));
     let mut out = [_mm256_setzero_ps(); G];
     for k in 0..G / 8 {
         // SAFETY: row `j` reads b[G*j + 8k .. G*j + 8k + 8], within the 8*G values asserted above (j < 8, k < G/8).
@@ -136,7 +139,7 @@ fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
-    assert!(out.len() >= 8 * G && G % 8 == 0);
+    assert!(out.len() >= 8 * G && G.is_multiple_of(8));
     for k in 0..G / 8 {
         let rows = transpose8(std::array::from_fn(|c| v[8 * k + c]));
         for (j, r) in rows.iter().enumerate() {
@@ -736,8 +739,7 @@ pub(crate) unsafe fn rows(
             Some((xb, qw, yb))
         })
     });
-    loop {
-        let Some((x0, q0, y0)) = blocks.next() else { break };
+    while let Some((x0, q0, y0)) = blocks.next() {
         match (dtype, blocks.next()) {
             (DType::Q4K, Some((x1, q1, y1))) => q45_k_blocks::<15, 2>([x0, x1], [q0, q1], [y0, y1]),
             (DType::Q5K, Some((x1, q1, y1))) => q45_k_blocks::<31, 2>([x0, x1], [q0, q1], [y0, y1]),

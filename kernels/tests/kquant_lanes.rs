@@ -85,7 +85,7 @@ fn group(kind: u8, seed: u32) -> [f32; 32] {
         // NaNs of both signs. (NaNs with other payloads are left out: when both operands of an operation are NaN,
         // x86 returns the first one's payload, and which operand comes first is the compiler's choice for
         // commutative operations, so even two builds of the scalar reference differ on them.)
-        20 => f(&|i| if (i as u32 + seed) % 3 == 0 { -f32::NAN } else { f32::NAN }),
+        20 => f(&|i| if (i as u32 + seed).is_multiple_of(3) { -f32::NAN } else { f32::NAN }),
         21 => f(&|i| if i as u32 % 7 == seed % 7 { f32::NAN } else { 0.0 }),
         22 => f(&|i| r[i] * 0.02),
         _ => f(&|i| (r[i] * 8.0).round() * 0.125),
@@ -109,7 +109,7 @@ fn weights(kind: u8, n: usize, seed: u32) -> Vec<f32> {
             match kind % 5 {
                 0 => 1.0 + (h % 97) as f32 * 0.37,
                 1 => {
-                    if h % 5 == 0 {
+                    if h.is_multiple_of(5) {
                         0.0
                     } else {
                         (h % 1000) as f32 * 1e-3
@@ -117,7 +117,7 @@ fn weights(kind: u8, n: usize, seed: u32) -> Vec<f32> {
                 }
                 2 => 0.0,
                 3 => (h % 13) as f32 * 1e20,
-                _ => f32::from_bits(1 + h % 1000) * if h % 3 == 0 { 1e30 } else { 1.0 },
+                _ => f32::from_bits(1 + h % 1000) * if h.is_multiple_of(3) { 1e30 } else { 1.0 },
             }
         })
         .collect()
