@@ -8,8 +8,9 @@
 //!
 //! TYPE is a ggml type name (`q4_K`, `iq4_xs`, ...); stdin holds NROWS x NPERROW little-endian f32; IMATRIX
 //! holds NPERROW f32 importance weights shared by all rows. Times, REPS times each, only the calls:
-//! `sling_kernels::quantize_rows` (the dispatcher `sling quantize` uses: the AVX2 kernel for Q8_0, the scalar
-//! ports of ggml-quants.c otherwise) over all rows, then `sling_quantizers::dequantize` over the result.
+//! `sling_kernels::quantize_rows` (the dispatcher `sling quantize` uses: the AVX2 kernels for Q8_0, Q4_K, Q5_K, Q6_K,
+//! the scalar ports of ggml-quants.c otherwise; `SLING_NO_SIMD=1` / `SLING_NO_LANES=1` to compare) over all rows,
+//! then `sling_quantizers::dequantize` over the result.
 //! Prints, one line each:
 //!
 //! ```text

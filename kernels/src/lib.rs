@@ -17,6 +17,8 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+#[cfg(target_arch = "x86_64")]
+mod kquant_lanes;
 
 pub use backend::{Backend, Device, DeviceError, DeviceOptions, KernelError};
 
@@ -168,8 +170,14 @@ pub fn quantize_rows(
             sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
             let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
             out.resize(start + x.len() / n_per_row * row_bytes, 0);
-            // SAFETY: the CPU supports AVX2 (checked just above), which is all `rows_avx2` requires.
-            unsafe { rows_avx2(dtype, x, n_per_row, imatrix, &mut out[start..], row_bytes) };
+            let y = &mut out[start..];
+            if kquant_lanes::handles(dtype) && !lanes_disabled() {
+                // SAFETY: the CPU supports AVX2 (checked just above), which is all `kquant_lanes::rows` requires.
+                unsafe { kquant_lanes::rows(dtype, x, n_per_row, imatrix, y, row_bytes) };
+            } else {
+                // SAFETY: the CPU supports AVX2 (checked just above), which is all `rows_avx2` requires.
+                unsafe { rows_avx2(dtype, x, n_per_row, imatrix, y, row_bytes) };
+            }
             Ok(())
         }
         _ => sling_quantizers::quantize_rows(dtype, x, n_per_row, imatrix, out),
@@ -180,6 +188,14 @@ pub fn quantize_rows(
 fn disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
+}
+
+/// `SLING_NO_LANES=1` keeps the K-quants that have a one-sub-block-per-lane kernel ([`kquant_lanes`]) on the
+/// AVX2 build of the scalar code instead (for comparisons and benchmarks).
+#[cfg(target_arch = "x86_64")]
+fn lanes_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SLING_NO_LANES").is_some_and(|v| v != "0"))
 }
 
 /// The scalar quantizers (`quantize_row_inline` and everything it calls is `#[inline(always)]`) compiled with

@@ -14,6 +14,9 @@
 //! each pass into element-wise loops (vectorisable) and the order-preserving sums; the values summed and the order
 //! they are summed in are exactly C's, so the bytes are too (checked against llama.cpp in
 //! `tests/bitexact_legacy_kquants.rs`).
+//!
+//! `nearest_int`, `make_qp_quants` and the 6-bit scale packing are public for `sling-kernels`, whose lane-parallel
+//! K-quant searches finish each super-block with these very functions.
 
 /// `GROUP_MAX_EPS` (ggml-quants.c): groups whose max |x| is below this are treated as all zero.
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
@@ -25,7 +28,7 @@ pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 /// overflows when the range is subnormal). The bit trick then gives -4194304 (inf) or 0 (NaN), which the callers
 /// clamp exactly as C does, so a debug build must not panic there.
 #[inline(always)]
-pub(crate) fn nearest_int(fval: f32) -> i32 {
+pub fn nearest_int(fval: f32) -> i32 {
     let val = fval + 12582912.0;
     let i = val.to_bits() as i32;
     (i & 0x007f_ffff) - 0x0040_0000
@@ -397,7 +400,7 @@ fn make_qkx<const N: usize>(x: &[f32], weights: &[f32], l_out: &mut [u8], p: Qkx
 /// mins of an imatrix K-quant to 0..nmax. Returns the super-scale. `L` is `uint8_t` in C and the first pass stores
 /// `nearest_int` unclamped, so values are truncated to `u8` exactly as C stores them.
 #[inline(always)]
-pub(crate) fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], quant_weights: &[f32]) -> f32 {
+pub fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], quant_weights: &[f32]) -> f32 {
     let n = x.len().min(l_out.len()).min(quant_weights.len());
     let x = &x[..n];
     let l_out = &mut l_out[..n];
@@ -486,7 +489,7 @@ pub(crate) fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], quant_weigh
 /// `get_scale_min_k4(j, q, &d, &m)` (ggml-quants.c): the 6-bit scale and min of sub-block `j` (0..8) from the
 /// 12 packed scale bytes of a Q4_K/Q5_K block.
 #[inline(always)]
-pub(crate) fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -498,7 +501,7 @@ pub(crate) fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 /// Callers clamp to 0..=63 where C does (`MIN(63, ·)`); `quantize_row_q4_K_impl` does not, so any byte is packed
 /// with C's exact operations (u8 shifts drop the bits C's truncating store drops).
 #[inline(always)]
-pub(crate) fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+pub fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     let mut s = [0u8; 12];
     for j in 0..8 {
         let (a, b) = (ls[j], lm[j]);
