@@ -142,14 +142,17 @@ proptest! {
         with_w in any::<bool>(),
     ) {
         let t = cu::TYPES[t];
-        let x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+        // NaNs of different payloads in one block: which payload survives an operation on two NaNs depends on
+        // the compiler's operand order, in the reference's own builds too (its AVX2 build and its scalar build
+        // differ there). One NaN value per row keeps NaN in the test without that.
+        let x: Vec<f32> = bits.into_iter().map(f32::from_bits).map(|v| if v.is_nan() { f32::NAN } else { v }).collect();
         let w = weights(256);
-        let qw = with_w.then_some(w.as_slice());
         // With importance weights, values whose squares overflow (|x| > 2^63) make the row's sigma2 infinite and
         // the legacy searches' sums NaN, where the host build and the Rust reference part ways (found by this
         // test; which one llama.cpp's build agrees with is open, docs/kernels.md). Such rows never reach the GPU
-        // (`cu::device_safe`); the adversarial test above keeps NaN, infinities and huge values in every type.
-        prop_assume!(qw.is_none() || cu::device_safe(&x, None));
+        // (`cu::device_safe`) and run here without weights; the adversarial test above keeps NaN, infinities and
+        // huge values with weights in every type.
+        let qw = (with_w && cu::device_safe(&x, None)).then_some(w.as_slice());
         check(t, &x, 256, qw, "any bits").map_err(TestCaseError::fail)?;
     }
 
