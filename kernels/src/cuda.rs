@@ -62,6 +62,11 @@ pub struct CudaBackend {
     counters: Counters,
 }
 
+/// One thread per item (block or row), `threads` per CUDA block.
+fn launch_config(items: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (items.div_ceil(threads as usize) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn cuda_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> DeviceError {
     move |e| DeviceError::Cuda { ordinal, op, message: e.to_string() }
 }
@@ -304,12 +309,7 @@ impl CudaBackend {
         let null = 0u64;
         let nblocks_i = nblocks as i64;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
-        let threads = self.threads;
-        let cfg = |n: usize| LaunchConfig {
-            grid_dim: (n.div_ceil(threads as usize) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = |n: usize| launch_config(n, self.threads);
         if let Some(w) = qw {
             ensure(&s, &mut lane.qw, w.len()).map_err(err("allocate"))?;
             let dw = lane.qw.as_mut().unwrap();
@@ -369,11 +369,7 @@ impl CudaBackend {
         let mut sig = s.alloc_zeros::<f32>(nrows.max(1)).map_err(err("allocate"))?;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
         let (nrows_i, npr, null) = (nrows as i64, n_per_row as i32, 0u64);
-                let cfg = |n: usize| LaunchConfig {
-            grid_dim: (n.div_ceil(threads as usize) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+                let cfg = |n: usize| launch_config(n, threads);
         let mut once = || -> Result<(), DeviceError> {
             if let Some(w) = &w {
                 let mut b = s.launch_builder(&self.sigma2);
@@ -490,12 +486,7 @@ impl CudaBackend {
         let nblocks = (y.len() / dtype.block_bytes()) as i64;
         let dy = s.clone_htod(y).map_err(err("copy to device"))?;
         let mut dx = s.alloc_zeros::<f32>(out.len()).map_err(err("allocate"))?;
-        let threads = self.threads;
-        let cfg = LaunchConfig {
-            grid_dim: ((nblocks as usize).div_ceil(threads as usize) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(nblocks as usize, self.threads);
         let mut b = s.launch_builder(f);
         b.arg(&dy).arg(&mut dx).arg(&nblocks);
         // SAFETY: sling_dequantize_T(const uint8_t*, float*, int64_t) reads nblocks blocks of y and writes
