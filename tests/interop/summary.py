@@ -289,11 +289,11 @@ def render(results: Path) -> str:
     split, v = _load(results, "split")
     versions.update(v)
     if split:
-        out += ["## Split output", "", "| model | option | shards | shards = reference | merged = unsplit |"
+        out += ["## Split output", "", "| model | option | shards | tensors = reference's shards | merged = unsplit |"
                 " split-model logits = unsplit |", "|---|---|---|---|---|---|"]
         for k, e in sorted(split.items()):
             out.append(f"| {'/'.join(k.split('/')[:2])} | `{' '.join(e['args'])}` | {e['shards']} | "
-                       f"{'yes' if e['shards_identical_to_reference'] else 'no'} | "
+                       f"{e['tensors_identical_to_reference']} | "
                        f"{e['merged_tensors_identical']}/{e['tensors']} tensors | "
                        f"{'bit-identical' if e['logits_split_equal_unsplit'] else 'DIFFERENT'} |")
         out.append("")
