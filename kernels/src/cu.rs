@@ -110,12 +110,11 @@ pub fn host_quantize_rows(
     imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
+    let row_bytes = sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
     if !has_kernel(dtype) {
         return Err(EncodeError::Unsupported(dtype));
     }
     let nrows = x.len() / n_per_row;
-    let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
     let start = out.len();
     out.resize(start + nrows * row_bytes, 0);
     let mut sig2 = vec![0f32; nrows];

@@ -416,7 +416,7 @@ impl Backend for CudaBackend {
         imatrix: Option<&[f32]>,
         out: &mut Vec<u8>,
     ) -> Result<(), KernelError> {
-        sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
+        let row_bytes = sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
         let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f);
         let Some(f) = f.filter(|_| !x.is_empty() && cu::device_safe(x, imatrix)) else {
             crate::quantize_rows(dtype, x, n_per_row, imatrix, out)?;
@@ -425,7 +425,6 @@ impl Backend for CudaBackend {
             }
             return Ok(());
         };
-        let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
         let nrows = x.len() / n_per_row;
         let start = out.len();
         out.resize(start + nrows * row_bytes, 0);

@@ -167,8 +167,7 @@ pub fn quantize_rows(
         _ if dtype.is_quantized() && std::is_x86_feature_detected!("avx2") && !disabled() => {
             // Validate (and size the output) through the scalar entry point's checks, then fill it here.
             let start = out.len();
-            sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
-            let row_bytes = n_per_row / dtype.block_elems() * dtype.block_bytes();
+            let row_bytes = sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
             out.resize(start + x.len() / n_per_row * row_bytes, 0);
             let y = &mut out[start..];
             if kquant_lanes::handles(dtype) && !lanes_disabled() {

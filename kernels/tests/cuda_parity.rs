@@ -3,6 +3,7 @@
 //! works; `SLING_REQUIRE_CUDA=1` (scripts/gpu-check) makes a missing device a failure instead of a skip.
 #![cfg(feature = "cuda")]
 
+mod common;
 use sling_core::DType;
 use sling_kernels::backend::{Backend, CpuBackend, DeviceOptions};
 use sling_kernels::cu;
@@ -27,18 +28,7 @@ fn gpu() -> Option<CudaBackend> {
 }
 
 fn rows(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-            let g = (u - 0.5) * 2.0;
-            let scale = [0.02, 0.5, 3.0, 1e-3, 0.0][(i / 96) % 5];
-            (g * g * g * scale) as f32
-        })
-        .collect()
+    common::rows(seed, n, &[0.02, 0.5, 3.0, 1e-3, 0.0], 96)
 }
 
 fn both(gpu: &CudaBackend, t: DType, x: &[f32], n: usize, qw: Option<&[f32]>) -> (Vec<u8>, Vec<u8>) {
@@ -108,15 +98,7 @@ fn gpu_dequantize_equals_the_reference() {
         let x = rows(t as u64 + 99, 300 * 512);
         let mut q = Vec::new();
         CpuBackend::default().quantize_rows(t, &x, 512, None, &mut q).unwrap();
-        let mut s: u64 = 0x2545F4914F6CDD1D ^ t as u64;
-        let junk: Vec<u8> = (0..t.block_bytes() * 4096)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 24) as u8
-            })
-            .collect();
+        let junk = common::junk_bytes(0x2545F4914F6CDD1D ^ t as u64, t.block_bytes() * 4096);
         for (what, y) in [("quantized", &q), ("arbitrary bytes", &junk)] {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             gpu.dequantize(t, y, &mut a).unwrap();

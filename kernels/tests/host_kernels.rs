@@ -3,6 +3,7 @@
 //! importance weights, on random and adversarial rows. The scalar reference is itself tested against llama.cpp
 //! (quantizers/tests), so these bytes are llama.cpp's.
 
+mod common;
 use proptest::prelude::*;
 use sling_core::DType;
 use sling_kernels::cu;
@@ -47,18 +48,7 @@ fn check(dtype: DType, x: &[f32], n: usize, qw: Option<&[f32]>, what: &str) -> R
 
 /// Deterministic values: a mix of scales per block, as weights have.
 fn rows(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-            let g = (u - 0.5) * 2.0;
-            let scale = [0.02, 0.5, 3.0, 1e-3][(i / 64) % 4];
-            (g * g * g * scale) as f32
-        })
-        .collect()
+    common::rows(seed, n, &[0.02, 0.5, 3.0, 1e-3], 64)
 }
 
 fn weights(n: usize) -> Vec<f32> {
@@ -189,15 +179,7 @@ fn host_dequantize_equals_the_reference() {
     for &t in cu::TYPES {
         let x = rows(t as u64, 4 * 256);
         let q = reference(t, &x, 256, None);
-        let mut s: u64 = 0x9E3779B97F4A7C15 ^ t as u64;
-        let junk: Vec<u8> = (0..t.block_bytes() * 64)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 24) as u8
-            })
-            .collect();
+        let junk = common::junk_bytes(0x9E3779B97F4A7C15 ^ t as u64, t.block_bytes() * 64);
         for (what, y) in [("quantized", &q), ("arbitrary bytes", &junk)] {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             cu::host_dequantize(t, y, &mut a).unwrap();

@@ -84,8 +84,9 @@ fn dequantize_row_q8_0(y: &[u8], x: &mut [f32]) {
     }
 }
 
-/// The preconditions of [`quantize_rows`]: whole rows of whole blocks, `n_per_row` importance weights.
-pub fn check_rows(dtype: DType, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Result<(), EncodeError> {
+/// The preconditions of [`quantize_rows`]: whole rows of whole blocks, `n_per_row` importance weights. Returns
+/// the bytes of one encoded row.
+pub fn check_rows(dtype: DType, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Result<usize, EncodeError> {
     let block = dtype.block_elems();
     if n_per_row == 0 || n_per_row % block != 0 || x.len() % n_per_row != 0 {
         return Err(EncodeError::RowNotBlockMultiple { dtype, row: n_per_row, block });
@@ -95,7 +96,7 @@ pub fn check_rows(dtype: DType, x: &[f32], n_per_row: usize, imatrix: Option<&[f
             return Err(EncodeError::ImatrixLength { dtype, row: n_per_row, got: w.len() });
         }
     }
-    Ok(())
+    Ok(n_per_row / block * dtype.block_bytes())
 }
 
 /// `ggml_quantize_chunk` over whole rows: quantizes `x` (rows of `n_per_row`) as `dtype`, appending the
@@ -108,12 +109,10 @@ pub fn quantize_rows(
     imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    check_rows(dtype, x, n_per_row, imatrix)?;
-    let block = dtype.block_elems();
+    let row_bytes = check_rows(dtype, x, n_per_row, imatrix)?;
     let Some((quant, _)) = kernels(dtype) else {
         return encode::encode_f32(dtype, x, n_per_row, out);
     };
-    let row_bytes = n_per_row / block * dtype.block_bytes();
     let start = out.len();
     out.resize(start + x.len() / n_per_row * row_bytes, 0);
     for (row, dst) in x.chunks_exact(n_per_row).zip(out[start..].chunks_exact_mut(row_bytes)) {
