@@ -230,7 +230,10 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
 /// `sling quantize --to vllm:…|mlx:…`.
 pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     if let sling_kernels::Device::Cuda(_) = a.pipeline.device {
-        anyhow::bail!("--device {}: the GPU backend quantizes GGUF types; vllm:… and mlx:… encode on the CPU", a.pipeline.device);
+        anyhow::bail!(
+            "--device {}: the GPU backend quantizes GGUF types; vllm:… and mlx:… encode on the CPU",
+            a.pipeline.device
+        );
     }
     if a.split_max_tensors.is_some() {
         bail!("--split-max-tensors applies to --to gguf:… only (use --split-max-size for shard sizes)");
@@ -248,7 +251,18 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let solved = match method {
         crate::solve::Method::Rtn => None,
         m => {
-            Some(crate::solve::run(&a.q.solve, m, &ck, &grids_of(&planned), &label, &a.output, a.pipeline.resume, rep)?)
+            let backend = a.pipeline.calibration_backend()?;
+            Some(crate::solve::run(
+                &a.q.solve,
+                m,
+                &ck,
+                &grids_of(&planned),
+                &label,
+                &a.output,
+                a.pipeline.resume,
+                rep,
+                backend,
+            )?)
         }
     };
     let store = solved.as_ref().map(|s| s.store.clone());

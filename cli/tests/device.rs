@@ -22,7 +22,20 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn quantize(out: &Path, device: &str, env: &[(&str, &str)]) -> Output {
     let src = fixture("qwen3moe");
     run(
-        &["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2", "--device", device, "--no-manifest", "--json", "-o", out.to_str().unwrap()],
+        &[
+            "quantize",
+            src.to_str().unwrap(),
+            "--to",
+            "gguf:Q4_K_M",
+            "--tokenizer-pre",
+            "gpt-2",
+            "--device",
+            device,
+            "--no-manifest",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ],
         env,
     )
 }
@@ -81,7 +94,10 @@ fn vllm_and_mlx_targets_refuse_an_explicit_gpu() {
     let d = tempfile::tempdir().unwrap();
     let src = fixture("qwen3moe");
     let out = d.path().join("o");
-    let o = run(&["quantize", src.to_str().unwrap(), "--to", "vllm:w4a16", "--device", "cuda", "-o", out.to_str().unwrap()], &[]);
+    let o = run(
+        &["quantize", src.to_str().unwrap(), "--to", "vllm:w4a16", "--device", "cuda", "-o", out.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("encode on the CPU"));
 }
@@ -96,7 +112,8 @@ fn doctor_reports_cpu_cuda_and_pins() {
     assert!(j["cuda"]["built"].is_boolean());
     assert!(j["cuda"]["driver"]["ok"].is_boolean());
     assert!(j["cuda"]["nvrtc"]["ok"].is_boolean());
-    let tools: Vec<&str> = j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
+    let tools: Vec<&str> =
+        j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
     assert!(tools.iter().any(|t| t.starts_with("llama.cpp")), "{tools:?}");
     let text = run(&["doctor"], &[]);
     assert!(text.status.success());

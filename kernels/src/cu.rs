@@ -10,8 +10,13 @@ use sling_quantizers::EncodeError;
 
 /// The program NVRTC compiles: `shim.h`, the vendored reference quantizers and the kernels, in that order (NVRTC
 /// sees no include files, so the parts are concatenated; `host.cpp` includes the same three).
-pub const SOURCE: &str =
-    concat!(include_str!("../cu/shim.h"), "\n", include_str!("../cu/ggml_quants.cuh"), "\n", include_str!("../cu/quant.cu"));
+pub const SOURCE: &str = concat!(
+    include_str!("../cu/shim.h"),
+    "\n",
+    include_str!("../cu/ggml_quants.cuh"),
+    "\n",
+    include_str!("../cu/quant.cu")
+);
 
 /// Types with a kernel: `sling_quantize_<ggml name>` in `cu/quant.cu` (its `SLING_TYPES` table, whose block sizes
 /// are checked against `sling_core`'s descriptor table by the tests).

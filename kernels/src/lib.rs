@@ -17,10 +17,12 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_gemm;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 
-pub use backend::{Backend, Device, DeviceError, DeviceOptions, KernelError};
+pub use backend::{Backend, Device, DeviceError, DeviceOptions, Gemm, KernelError};
 
 /// What this build and machine offer for CUDA (`sling doctor`).
 #[derive(Debug, Clone)]
