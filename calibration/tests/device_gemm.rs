@@ -20,8 +20,13 @@ use sling_kernels::{DeviceError, KernelError};
 use sling_pipeline::solved::Store;
 use sling_quantizers::gptq::{Grid, GroupParams};
 
+/// `fixtures/models/NAME`; `SLING_FIXTURES` overrides the directory for a test binary run on another machine
+/// (`scripts/gpu-check`).
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
+    match std::env::var_os("SLING_FIXTURES") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name),
+    }
 }
 
 /// `n` sequences of `len` pseudo-random token ids below 384.

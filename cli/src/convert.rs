@@ -113,19 +113,19 @@ pub fn calibration_backend(
         .with_context(|| format!("--device {device}: cannot use it (`sling doctor` says what this machine has)"))?;
     match &sel.fallback {
         Some(e @ (sling_kernels::DeviceError::NotBuilt | sling_kernels::DeviceError::NoDriver(_))) => {
-            tracing::info!("--device auto: {e}; calibrating on the CPU")
+            tracing::info!("--device auto: {e}; the forward pass runs on the CPU")
         }
-        Some(e) => tracing::warn!("--device auto: no usable GPU ({e}); calibrating on the CPU"),
+        Some(e) => tracing::warn!("--device auto: no usable GPU ({e}); the forward pass runs on the CPU"),
         None => {}
     }
     match sel.backend.gemm() {
         Ok(Some(g)) => {
-            tracing::info!("calibrating on {} ({})", sel.backend.describe(), g.describe());
+            tracing::info!("forward-pass products on {} ({})", sel.backend.describe(), g.describe());
             Ok(Some(sel.backend))
         }
         Ok(None) => Ok(None),
         Err(e) if device == sling_kernels::Device::Auto => {
-            tracing::warn!("--device auto: {e}; calibrating on the CPU");
+            tracing::warn!("--device auto: {e}; the forward pass runs on the CPU");
             Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("--device {device}: cannot calibrate on it"))),

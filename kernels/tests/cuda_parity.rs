@@ -112,3 +112,25 @@ fn gpu_dequantize_equals_the_reference() {
         }
     }
 }
+
+/// The one-pass kernels of the types that have two-pass ones (`SLING_CUDA_SPLIT=0`, which the benchmark
+/// compares): the CPU's bytes too.
+#[test]
+fn one_pass_kernels_of_split_types_equal_cpu_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    std::env::set_var("SLING_CUDA_SPLIT", "0");
+    let one = CudaBackend::open(0, &DeviceOptions::default());
+    std::env::remove_var("SLING_CUDA_SPLIT");
+    let one = one.expect("CUDA device 0 opened a moment ago");
+    for &(t, _) in cu::SPLIT {
+        let n = 4096;
+        let x = rows(t as u64 + 5, 64 * n);
+        let w: Vec<f32> = (0..n).map(|i| 0.05 + (i * 31 % 113) as f32 / 17.0).collect();
+        for qw in [None, Some(w.as_slice())] {
+            let (a, b) = both(&one, t, &x, n, qw);
+            assert!(a == b, "{t} one-pass, qw {}", qw.is_some());
+        }
+    }
+}

@@ -55,6 +55,26 @@ fn weights(n: usize) -> Vec<f32> {
     (0..n).map(|i| 0.1 + ((i * 7919) % 97) as f32 / 13.0).collect()
 }
 
+/// The one-pass kernels of the types that also have two-pass ones (the CUDA backend launches the two-pass ones;
+/// `host` above tests those): the same bytes too.
+#[test]
+fn one_pass_kernels_of_split_types_equal_the_scalar_reference() {
+    for &(t, _) in cu::SPLIT {
+        for (rows_n, n) in [(1usize, 256usize), (3, 512)] {
+            let x = rows(t as u64 * 17 + n as u64, rows_n * n);
+            let w = weights(n);
+            for qw in [None, Some(w.as_slice())] {
+                let mut a = Vec::new();
+                cu::host_quantize_rows_with(t, &x, n, qw, &mut a, false).unwrap();
+                assert!(a == reference(t, &x, n, qw), "{t} one-pass, qw {}", qw.is_some());
+                let mut b = Vec::new();
+                cu::host_quantize_rows_with(t, &x, n, qw, &mut b, true).unwrap();
+                assert!(a == b, "{t}: two-pass differs from one-pass, qw {}", qw.is_some());
+            }
+        }
+    }
+}
+
 #[test]
 fn every_kernel_type_is_in_the_descriptor_table_with_its_block_size() {
     for &t in cu::TYPES {

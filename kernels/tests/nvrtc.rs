@@ -37,6 +37,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 assert!(has(&name), "{arch}: {name} missing from the CUBIN");
             }
         }
+        for &(t, _) in cu::SPLIT {
+            for name in [format!("sling_sub_{}_k", t.name()), format!("sling_fin_{}_k", t.name())] {
+                assert!(has(&name), "{arch}: {name} missing from the CUBIN");
+            }
+        }
         assert!(has(cu::ROW_SIGMA2), "{arch}");
     }
 }
