@@ -1,8 +1,8 @@
-// K-quants in two passes, for parallelism on the GPU: the scale search of every sub-block (the costly part:
-// make_qkx2/qkx3_quants' 15-36 trial scales, make_qx_quants' 19 for Q6_K) runs one thread per sub-block, and
+// K-quants (Q2_K ... Q6_K) in two passes, for parallelism on the GPU: the scale search of every sub-block (the costly part:
+// make_qkx2/qkx3_quants' 15-36 trial scales, make_qx_quants' 19 for Q3_K/Q6_K) runs one thread per sub-block, and
 // the rest of ggml's row function (the super-block scales, the final codes, the packing) one thread per
 // super-block, reading the searches' results. Each pass is the reference's code for its part in the reference's
-// operation order (ggml-quants.c, quantize_row_q{4,5,6}_K_ref / _impl, as vendored in ggml_quants.cuh), so the
+// operation order (ggml-quants.c, quantize_row_q{2,3,4,5,6}_K_ref / _impl, as vendored in ggml_quants.cuh), so the
 // bytes are the one-pass kernels' (tested through the host build against the scalar reference, as quant.cu).
 //
 // A sub-block's results go to a scratch record of SLING_SUB_BYTES: scale, min and the sum of the weights as
@@ -266,9 +266,238 @@ SLING_DEV void sling_fin_q6_K(const float * x, const float * qw, const uint8_t *
     }
 }
 
+// ---- Q2_K: 16 sub-blocks of 16 -------------------------------------------------------------------------------
+
+// quantize_row_q2_K_ref (qw null) / _impl: the loop body for sub-block j.
+SLING_DEV void sling_sub_q2_K(const float * x, const float * qw, int j, uint8_t * s) {
+    float * f = (float *)s;
+    uint8_t * L = s + 16;
+    uint8_t Laux[16];
+    float weights[16];
+    float min;
+    if (!qw) {
+        for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16*j + l]);
+        f[0] = make_qkx2_quants(16, 3, x + 16*j, weights, L, &min, Laux, -0.5f, 0.1f, 15, true);
+        f[1] = min;
+        f[2] = 0;
+    } else {
+        float sumx2 = 0;
+        for (int l = 0; l < QK_K; ++l) sumx2 += x[l]*x[l];
+        float sigma2 = sumx2/QK_K;
+        const float * w = qw + 16*j;
+        for (int l = 0; l < 16; ++l) weights[l] = w[l] * sqrtf(sigma2 + x[16*j + l]*x[16*j + l]);
+        float sw = 0;
+        for (int l = 0; l < QK_K/16; ++l) sw += weights[l];
+        f[2] = sw;
+        f[0] = make_qkx3_quants(16, 3, x + 16*j, weights, L, &min, Laux, -0.9f, 0.05f, 36, false);
+        f[1] = min;
+    }
+}
+
+SLING_DEV void sling_fin_q2_K(const float * x, const float * qw, const uint8_t * s, uint8_t * yb) {
+    block_q2_K * y = (block_q2_K *)yb;
+    uint8_t L[QK_K];
+    float mins[QK_K/16];
+    float scales[QK_K/16];
+    for (int j = 0; j < QK_K/16; ++j) {
+        for (int l = 0; l < 16; ++l) L[16*j + l] = s[j*SLING_SUB_BYTES + 16 + l];
+        scales[j] = ((const float *)(s + j*SLING_SUB_BYTES))[0];
+        mins[j]   = ((const float *)(s + j*SLING_SUB_BYTES))[1];
+    }
+    if (!qw) {
+        const float q4scale = 15.f;
+        float max_scale = 0;
+        float max_min = 0;
+        for (int j = 0; j < QK_K/16; ++j) {
+            float scale = scales[j];
+            if (scale > max_scale) {
+                max_scale = scale;
+            }
+            float min = mins[j];
+            if (min > max_min) {
+                max_min = min;
+            }
+        }
+        if (max_scale > 0) {
+            float iscale = q4scale/max_scale;
+            for (int j = 0; j < QK_K/16; ++j) {
+                int l = nearest_int(iscale*scales[j]);
+                y->scales[j] = l;
+            }
+            y->d = GGML_FP32_TO_FP16(max_scale/q4scale);
+        } else {
+            for (int j = 0; j < QK_K/16; ++j) y->scales[j] = 0;
+            y->d = GGML_FP32_TO_FP16(0.f);
+        }
+        if (max_min > 0) {
+            float iscale = q4scale/max_min;
+            for (int j = 0; j < QK_K/16; ++j) {
+                int l = nearest_int(iscale*mins[j]);
+                y->scales[j] |= (l << 4);
+            }
+            y->dmin = GGML_FP32_TO_FP16(max_min/q4scale);
+        } else {
+            y->dmin = GGML_FP32_TO_FP16(0.f);
+        }
+        for (int j = 0; j < QK_K/16; ++j) {
+            const float d = GGML_FP16_TO_FP32(y->d) * (y->scales[j] & 0xF);
+            if (!d) continue;
+            const float dm = GGML_FP16_TO_FP32(y->dmin) * (y->scales[j] >> 4);
+            for (int ii = 0; ii < 16; ++ii) {
+                int l = nearest_int((x[16*j + ii] + dm)/d);
+                l = MAX(0, MIN(3, l));
+                L[16*j + ii] = l;
+            }
+        }
+    } else {
+        float sw[QK_K/16];
+        uint8_t Ls[QK_K/16], Lm[QK_K/16];
+        for (int j = 0; j < QK_K/16; ++j) sw[j] = ((const float *)(s + j*SLING_SUB_BYTES))[2];
+        float dm, mm;
+        dm  = make_qp_quants(QK_K/16, 15, scales, Ls, sw);
+        mm  = make_qp_quants(QK_K/16, 15, mins,   Lm, sw);
+        y->d    = GGML_FP32_TO_FP16(dm);
+        y->dmin = GGML_FP32_TO_FP16(mm);
+        dm      = GGML_FP16_TO_FP32(y->d);
+        mm      = GGML_FP16_TO_FP32(y->dmin);
+        for (int j = 0; j < QK_K/16; ++j) {
+            y->scales[j] = Ls[j] | (Lm[j] << 4);
+        }
+        for (int j = 0; j < QK_K/16; ++j) {
+            const float d = dm * (y->scales[j] & 0xF);
+            if (!d) continue;
+            const float m = mm * (y->scales[j] >> 4);
+            for (int ii = 0; ii < 16; ++ii) {
+                int l = nearest_int((x[16*j + ii] + m)/d);
+                l = MAX(0, MIN(3, l));
+                L[16*j + ii] = l;
+            }
+        }
+    }
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            y->qs[j/4 + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6);
+        }
+    }
+}
+
+// ---- Q3_K: 16 sub-blocks of 16 -------------------------------------------------------------------------------
+
+// quantize_row_q3_K_ref (qw null: make_q3_quants) / _impl (make_qx_quants with the weights).
+SLING_DEV void sling_sub_q3_K(const float * x, const float * qw, int j, uint8_t * s) {
+    float * f = (float *)s;
+    int8_t * L = (int8_t *)(s + 16);
+    if (!qw) {
+        f[0] = make_q3_quants(16, 4, x + 16*j, L, true);
+        f[2] = 0;
+    } else {
+        float weight[16];
+        float sumx2 = 0;
+        for (int l = 0; l < QK_K; ++l) sumx2 += x[l]*x[l];
+        float sigma2 = 2*sumx2/QK_K;
+        const float * w = qw + 16*j;
+        for (int l = 0; l < 16; ++l) weight[l] = w[l] * sqrtf(sigma2 + x[16*j+l]*x[16*j+l]);
+        float sumw = 0;
+        for (int l = 0; l < 16; ++l) sumw += weight[l];
+        f[2] = sumw;
+        f[0] = make_qx_quants(16, 4, x + 16*j, L, 1, weight);
+    }
+    f[1] = 0;
+}
+
+SLING_DEV void sling_fin_q3_K(const float * x, const float * qw, const uint8_t * s, uint8_t * yb) {
+    block_q3_K * y = (block_q3_K *)yb;
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    for (int j = 0; j < QK_K/16; ++j) {
+        for (int l = 0; l < 16; ++l) L[16*j + l] = (int8_t)s[j*SLING_SUB_BYTES + 16 + l];
+        scales[j] = ((const float *)(s + j*SLING_SUB_BYTES))[0];
+    }
+    if (!qw) {
+        float max_scale = 0;
+        float amax = 0;
+        for (int j = 0; j < QK_K/16; ++j) {
+            float scale = fabsf(scales[j]);
+            if (scale > amax) {
+                amax = scale; max_scale = scales[j];
+            }
+        }
+        memset(y->scales, 0, 12);
+        if (max_scale) {
+            float iscale = -32.f/max_scale;
+            for (int j = 0; j < QK_K/16; ++j) {
+                int8_t l = nearest_int(iscale*scales[j]);
+                l = MAX(-32, MIN(31, l)) + 32;
+                if (j < 8) {
+                    y->scales[j] = l & 0xF;
+                } else {
+                    y->scales[j-8] |= ((l & 0xF) << 4);
+                }
+                l >>= 4;
+                y->scales[j%4 + 8] |= (l << (2*(j/4)));
+            }
+            y->d = GGML_FP32_TO_FP16(1/iscale);
+        } else {
+            y->d = GGML_FP32_TO_FP16(0.f);
+        }
+    } else {
+        float sw[QK_K / 16];
+        int8_t Ls[QK_K / 16];
+        for (int j = 0; j < QK_K/16; ++j) sw[j] = ((const float *)(s + j*SLING_SUB_BYTES))[2];
+        memset(y->scales, 0, 12);
+        float d_block = make_qx_quants(QK_K/16, 32, scales, Ls, 1, sw);
+        for (int j = 0; j < QK_K/16; ++j) {
+            int l = Ls[j];
+            if (j < 8) {
+                y->scales[j] = l & 0xF;
+            } else {
+                y->scales[j-8] |= ((l & 0xF) << 4);
+            }
+            l >>= 4;
+            y->scales[j%4 + 8] |= (l << (2*(j/4)));
+        }
+        y->d = GGML_FP32_TO_FP16(d_block);
+    }
+
+    int8_t sc;
+    for (int j = 0; j < QK_K/16; ++j) {
+        sc = j < 8 ? y->scales[j] & 0xF : y->scales[j-8] >> 4;
+        sc = (sc | (((y->scales[8 + j%4] >> (2*(j/4))) & 3) << 4)) - 32;
+        float d = GGML_FP16_TO_FP32(y->d) * sc;
+        if (!d) {
+            continue;
+        }
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16*j + ii]/d);
+            l = MAX(-4, MIN(3, l));
+            L[16*j + ii] = l + 4;
+        }
+    }
+
+    memset(y->hmask, 0, QK_K/8);
+    // We put the high-bit for the 1st 8 quants into bit 0, the next 8 into bit 1, etc.
+    int m = 0;
+    uint8_t hm = 1;
+    for (int j = 0; j < QK_K; ++j) {
+        if (L[j] > 3) {
+            y->hmask[m] |= hm;
+            L[j] -= 4;
+        }
+        if (++m == QK_K/8) {
+            m = 0; hm <<= 1;
+        }
+    }
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            y->qs[j/4 + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6);
+        }
+    }
+}
+
 // (ggml type name, values per block, bytes per block, sub-blocks per block). The Rust side holds the same table
 // (sling_kernels::cu::SPLIT).
-#define SLING_SPLIT_TYPES(X) X(q4_K, 256, 144, 8) X(q5_K, 256, 176, 8) X(q6_K, 256, 210, 16)
+#define SLING_SPLIT_TYPES(X) \
+    X(q2_K, 256, 84, 16) X(q3_K, 256, 110, 16) X(q4_K, 256, 144, 8) X(q5_K, 256, 176, 8) X(q6_K, 256, 210, 16)
 
 #define SLING_DEFINE_SPLIT(T, QK, BYTES, SUBS)                                                              \
     SLING_KERNEL void sling_sub_##T##_k(const float * x, const float * qw, uint8_t * scratch, int64_t nblocks, \

@@ -43,7 +43,8 @@ pub const TYPES: &[DType] = &[
 /// K-quants with two-pass kernels (`cu/kquant_split.cu`): one thread per sub-block for the scale search
 /// (`sling_sub_<T>_k`), then one per block for the rest (`sling_fin_<T>_k`); the same bytes as the one-pass
 /// kernel, with 8 or 16 times the threads. (type, sub-blocks per block).
-pub const SPLIT: &[(DType, usize)] = &[(DType::Q4K, 8), (DType::Q5K, 8), (DType::Q6K, 16)];
+pub const SPLIT: &[(DType, usize)] =
+    &[(DType::Q2K, 16), (DType::Q3K, 16), (DType::Q4K, 8), (DType::Q5K, 8), (DType::Q6K, 16)];
 
 /// Bytes of one sub-block's record in the two-pass kernels' scratch (`SLING_SUB_BYTES`).
 pub const SUB_BYTES: usize = 48;
