@@ -124,6 +124,11 @@ pub fn calibration_backend(
             Ok(Some(sel.backend))
         }
         Ok(None) => Ok(None),
+        // Not yet verified on a GPU: nothing to warn about on every run of a default setting.
+        Err(e @ sling_kernels::DeviceError::Unverified(_)) if device == sling_kernels::Device::Auto => {
+            tracing::info!("--device auto: {e}; the forward pass runs on the CPU");
+            Ok(None)
+        }
         Err(e) if device == sling_kernels::Device::Auto => {
             tracing::warn!("--device auto: {e}; the forward pass runs on the CPU");
             Ok(None)

@@ -61,6 +61,8 @@ pub enum DeviceError {
     Cuda { ordinal: usize, op: &'static str, message: String },
     #[error("compiling the kernels for {arch} with NVRTC failed: {log}")]
     Compile { arch: String, log: String },
+    #[error("{0} have not yet been run on a GPU by this project's checks (docs/kernels.md, \"Not yet run on a GPU\"); SLING_CUDA_UNVERIFIED=1 turns them on")]
+    Unverified(&'static str),
     #[error("kernel cache {path}: {source}")]
     Cache { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -187,8 +189,9 @@ pub struct DeviceOptions {
     /// Where compiled kernels are cached (`None`: no disk cache).
     pub cache_dir: Option<std::path::PathBuf>,
     /// Paths built and tested on the host but not yet run on a GPU (docs/kernels.md, "Not yet run on a GPU"):
-    /// page-locked staging of windows and dequantization on the device. Off unless `SLING_CUDA_UNVERIFIED=1`;
-    /// `scripts/gpu-check` turns them on so that the next run on a GPU checks them.
+    /// page-locked staging of windows, dequantization on the device, the two-pass K-quant kernels and cuBLAS
+    /// products for calibration. Off unless `SLING_CUDA_UNVERIFIED=1`; `scripts/gpu-check` turns them on so
+    /// that the next run on a GPU checks them.
     pub unverified: bool,
 }
 

@@ -52,8 +52,8 @@ pub struct CudaBackend {
     dequant: Vec<(DType, CudaFunction)>,
     /// The two-pass kernels (`cu::SPLIT`): (type, sub-blocks per block, sub-block pass, block pass).
     split: Vec<(DType, usize, CudaFunction, CudaFunction)>,
-    /// Launch the two-pass kernels where a type has them (`SLING_CUDA_SPLIT=0`: the one-pass kernels, for
-    /// benchmarks; the bytes are the same).
+    /// Launch the two-pass kernels where a type has them ([`DeviceOptions::unverified`] and not
+    /// `SLING_CUDA_SPLIT=0`; the bytes are the same as the one-pass kernels').
     use_split: bool,
     sigma2: CudaFunction,
     pool: Mutex<Pool>,
@@ -70,6 +70,8 @@ pub struct CudaBackend {
     /// cuBLAS for calibration, opened at the first [`Backend::gemm`] call (quantization never loads it).
     gemm: std::sync::OnceLock<Result<crate::cuda_gemm::CudaGemm, DeviceError>>,
     mem_limit: u64,
+    /// [`DeviceOptions::unverified`]: cuBLAS products for calibration are offered only then.
+    unverified: bool,
 }
 
 /// One thread per item (block or row), `threads` per CUDA block.
@@ -237,7 +239,7 @@ impl CudaBackend {
             kernels,
             dequant,
             split,
-            use_split: std::env::var_os("SLING_CUDA_SPLIT").is_none_or(|v| v != "0"),
+            use_split: options.unverified && std::env::var_os("SLING_CUDA_SPLIT").is_none_or(|v| v != "0"),
             sigma2,
             pool: Mutex::new(Pool { idle: Vec::new(), created: 0 }),
             returned: Condvar::new(),
@@ -252,6 +254,7 @@ impl CudaBackend {
             counters: Counters::default(),
             gemm: std::sync::OnceLock::new(),
             mem_limit: options.mem_limit,
+            unverified: options.unverified,
         })
     }
 
@@ -581,6 +584,9 @@ impl Backend for CudaBackend {
     }
 
     fn gemm(&self) -> Result<Option<&dyn crate::backend::Gemm>, DeviceError> {
+        if !self.unverified {
+            return Err(DeviceError::Unverified("calibration's products on the GPU (cuBLAS)"));
+        }
         match self.gemm.get_or_init(|| crate::cuda_gemm::CudaGemm::open(self.ordinal, self.ctx.clone(), self.mem_limit))
         {
             Ok(g) => Ok(Some(g)),

@@ -14,6 +14,25 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm as _, GemmConfig};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::backend::{DeviceError, Gemm};
+use crate::gemm_layout::{gram_call, gram_rows, linear_blocks, linear_call, GemmCall};
+
+/// cudarc's argument set for a [`GemmCall`].
+fn config<T>(c: GemmCall, alpha: T, beta: T) -> GemmConfig<T> {
+    let op =
+        |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+    GemmConfig {
+        transa: op(c.trans_a),
+        transb: op(c.trans_b),
+        m: c.m as i32,
+        n: c.n as i32,
+        k: c.k as i32,
+        alpha,
+        lda: c.lda as i32,
+        ldb: c.ldb as i32,
+        beta,
+        ldc: c.ldc as i32,
+    }
+}
 
 /// Products in flight at most (one per forward-pass worker up to this); more callers wait for a lane.
 const MAX_LANES: usize = 8;
@@ -141,10 +160,7 @@ impl CudaGemm {
     ) -> Result<(), DeviceError> {
         let err = |op| drv_err(self.ordinal, op);
         let s = lane.stream.clone();
-        let floats = (self.lane_bytes / 4).max(3 * k);
-        // Row blocks: x takes at most a third of the lane, w and y the rest.
-        let tr = (floats / 3 / k).clamp(1, t.max(1));
-        let nc = ((floats - tr * k) / (k + tr)).clamp(1, n.max(1));
+        let (tr, nc) = linear_blocks(t, k, n, self.lane_bytes / 4);
         let mut part = Vec::new();
         for r0 in (0..t).step_by(tr) {
             let r1 = (r0 + tr).min(t);
@@ -163,20 +179,8 @@ impl CudaGemm {
                     lane.c.as_mut().expect("ensured"),
                 );
                 s.memcpy_htod(&w[c0 * k..c1 * k], &mut db.slice_mut(..cols * k)).map_err(err("copy to device"))?;
-                // Column-major view: y's block (rows × cols, row-major) is C (cols × rows), C = Wᵀ-op · X with
-                // W (k × cols, ld k) transposed and X (k × rows, ld k) as is.
-                let cfg = GemmConfig {
-                    transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    m: cols as i32,
-                    n: rows as i32,
-                    k: k as i32,
-                    alpha: 1.0f32,
-                    lda: k as i32,
-                    ldb: k as i32,
-                    beta: 0.0f32,
-                    ldc: cols as i32,
-                };
+                // A = the w block, B = the x block (gemm_layout::linear_call, tested against BLAS's definition).
+                let cfg = config(linear_call(rows, cols, k), 1.0f32, 0.0f32);
                 // SAFETY: db holds cols·k floats (W block, k × cols column-major), da rows·k (X block), dc
                 // cols·rows (C); the leading dimensions equal the stored row lengths, so every access is in bounds.
                 unsafe {
@@ -206,7 +210,7 @@ impl CudaGemm {
         s.memcpy_htod(&*h, &mut lane.c64.as_mut().expect("ensured").slice_mut(..k * k))
             .map_err(err("copy to device"))?;
         // Rows of x widened to f64 on the host (exact), in blocks that fit next to H.
-        let rows_per = ((self.lane_bytes / 8).saturating_sub(k * k) / k).clamp(64, t.max(64));
+        let rows_per = gram_rows(t, k, self.lane_bytes / 8);
         let mut wide = Vec::new();
         for r0 in (0..t).step_by(rows_per) {
             let r1 = (r0 + rows_per).min(t);
@@ -216,20 +220,8 @@ impl CudaGemm {
             ensure(&s, &mut lane.a64, rows * k).map_err(err("allocate"))?;
             let da = lane.a64.as_mut().expect("ensured");
             s.memcpy_htod(&wide[..], &mut da.slice_mut(..rows * k)).map_err(err("copy to device"))?;
-            // H (k × k, symmetric, so its layout does not matter) += A · Aᵀ with A = the block column-major
-            // (k × rows, ld k).
-            let cfg = GemmConfig {
-                transa: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                transb: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                m: k as i32,
-                n: k as i32,
-                k: rows as i32,
-                alpha: 1.0f64,
-                lda: k as i32,
-                ldb: k as i32,
-                beta: 1.0f64,
-                ldc: k as i32,
-            };
+            // H += A · Aᵀ with A = B = the block (gemm_layout::gram_call).
+            let cfg = config(gram_call(rows, k), 1.0f64, 1.0f64);
             let dc = lane.c64.as_mut().expect("ensured");
             let da = lane.a64.as_ref().expect("ensured");
             // SAFETY: da holds rows·k doubles (A, k × rows, ld k) and dc k·k (H, ld k): in bounds.

@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_gemm;
+pub mod gemm_layout;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 
