@@ -489,7 +489,7 @@ impl<'s> Model<'s> {
         let out = attention(&q, &k, &v, &shape);
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dh)?;
-        Ok(self.mm(out.view(), wo.view(), bo.as_deref())?)
+        self.mm(out.view(), wo.view(), bo.as_deref())
     }
 
     fn mla(&self, l: usize, x: &Array2<f32>, b: &Batch, obs: Obs) -> Result<Array2<f32>> {
@@ -610,7 +610,7 @@ impl<'s> Model<'s> {
         }
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dv)?;
-        Ok(self.mm(out.view(), wo.view(), bo.as_deref())?)
+        self.mm(out.view(), wo.view(), bo.as_deref())
     }
 
     /// A gated MLP `down(act(gate(x)) * up(x))` under `model.layers.{l}.{stem}`.
@@ -630,7 +630,7 @@ impl<'s> Model<'s> {
         let st = format!("{stem}.down_proj");
         observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, &g, None);
         let (wd, bd) = self.lin(&format!("{p}down_proj"), hd, ff)?;
-        Ok(self.mm(g.view(), wd.view(), bd.as_deref())?)
+        self.mm(g.view(), wd.view(), bd.as_deref())
     }
 
     /// `g <- act(g, u)`.

@@ -148,6 +148,7 @@ impl CudaGemm {
     }
 
     /// `y[rows of x] = x · wᵀ` over row blocks that fit the lane.
+    #[allow(clippy::too_many_arguments)]
     fn linear_on(
         &self,
         lane: &mut Lane,
