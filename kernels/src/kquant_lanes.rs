@@ -1,7 +1,7 @@
-//! Q2_K, Q4_K, Q5_K and Q6_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c
-//! (`make_qkx2_quants` for `quantize_row_q{2,4,5}_K_ref`, `make_qkx3_quants` for `quantize_row_q{2,4,5}_K_impl`,
-//! `make_qx_quants` for Q6_K) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding
-//! sub-block `j` (Q2_K and Q6_K: their sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
+//! Q2_K, Q4_K, Q5_K, Q6_K (and Q3_K with importance weights) with AVX2, one sub-block per lane: the scale search
+//! of ggml-quants.c (`make_qkx2_quants` for `quantize_row_q{2,4,5}_K_ref`, `make_qkx3_quants` for
+//! `quantize_row_q{2,4,5}_K_impl`, `make_qx_quants` for Q6_K and `quantize_row_q3_K_impl`) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding
+//! sub-block `j` (Q2_K, Q3_K and Q6_K: their sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
 //! sub-block's scalar arithmetic, in the reference's order (each sum still adds element 0, 1, …, 31 in turn; only
 //! the eight independent sub-blocks run side by side), so the bytes are those of [`sling_quantizers::kquants`]
 //! (tested against it below and in `tests/kquant_lanes.rs`).
@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 use sling_core::DType;
 use sling_quantizers::common::{fp16_to_fp32, fp32_to_fp16};
-use sling_quantizers::search::{get_scale_min_k4, make_qp_quants, nearest_int, pack_scale_min_k4};
+use sling_quantizers::search::{get_scale_min_k4, make_qp_quants, make_qx_quants, nearest_int, pack_scale_min_k4};
 
 const QK_K: usize = 256;
 /// Values per sub-block, i.e. vectors per lane-transposed super-block.
@@ -56,9 +56,15 @@ const fn impl_search(nmax: i32) -> Search {
 /// What `quantize_row_q2_K_ref` passes to `make_qkx2_quants` (the only caller with `use_mad`).
 const Q2_REF: Search = Search { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: true, v3: false };
 
-/// Whether [`rows`] handles `dtype` (with or without importance weights).
-pub(crate) fn handles(dtype: DType) -> bool {
-    matches!(dtype, DType::Q2K | DType::Q4K | DType::Q5K | DType::Q6K)
+/// Whether [`rows`] handles `dtype` (`weights`: with importance weights). Q3_K only with them: without, its
+/// search (`make_q3_quants`) stops at the first refinement pass that changes nothing, which lanes cannot share
+/// (a lane version measured no faster than the scalar code, so the scalar code runs).
+pub(crate) fn handles(dtype: DType, weights: bool) -> bool {
+    match dtype {
+        DType::Q3K => weights,
+        DType::Q2K | DType::Q4K | DType::Q5K | DType::Q6K => true,
+        _ => false,
+    }
 }
 
 /// `nearest_int` per lane followed by `MAX(0, MIN(nmax, l))`, returned as f32 (exact: 0..=nmax).
@@ -492,18 +498,17 @@ const SUB6: usize = 16;
 /// `GROUP_MAX_EPS` (ggml-quants.c).
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// `make_qx_quants(16, 32, x, L, 1, w)` (ggml-quants.c, as `sling_quantizers::search::make_qx_quants`) over eight
-/// 16-value sub-blocks in lane form, `K` sets at once (interleaved, as [`make_qkx_lanes`]): `w` the weights (`x²`
-/// when C gets `NULL`), `l` receives `L = l + 32` (as f32). Returns the scale per lane. Lanes whose
+/// `make_qx_quants(16, NMAX, x, L, 1, w)` (ggml-quants.c, as `sling_quantizers::search::make_qx_quants`; Q6_K
+/// passes NMAX 32, Q3_K's `_impl` 4) over eight 16-value sub-blocks in lane form, `K` sets at once (interleaved,
+/// as [`make_qkx_lanes`]): `w` the weights (`x²` when C gets `NULL`), `l` receives `L = l + NMAX` (as f32). Returns the scale per lane. Lanes whose
 /// `amax < GROUP_MAX_EPS` are searched like the others, then given what C returns for them (`L = 0`, scale 0).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn make_qx_lanes<const K: usize>(
+fn make_qx_lanes<const NMAX: i32, const K: usize>(
     x: &[[__m256; SUB6]; K],
     w: &[[__m256; SUB6]; K],
     l: &mut [[__m256; SUB6]; K],
 ) -> [__m256; K] {
-    const NMAX: i32 = 32;
     let zero = _mm256_setzero_ps();
     let bias = _mm256_set1_ps(NMAX as f32);
     // The signed element of largest magnitude, first wins (strict >).
@@ -647,7 +652,7 @@ fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
             }
         }
     }
-    let s = make_qx_lanes::<2>(&x, &w, &mut l);
+    let s = make_qx_lanes::<32, 2>(&x, &w, &mut l);
     let mut scales = [0.0f32; 16];
     for h in 0..2 {
         scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s[h]));
@@ -836,7 +841,90 @@ fn q2_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
     yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
 }
 
-/// Quantizes whole rows of Q2_K, Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or
+/// One Q3_K super-block with importance weights: `quantize_row_q3_K_impl` (`make_qx_quants(16, 4, …)` with
+/// `qw * sqrtf(sigma2 + x²)`), the sixteen 16-value sub-blocks as two sets of eight lanes; the 6-bit scales, the requantization, the high-bit split and
+/// the packing in scalar, as `sling_quantizers::kquants` (whose `q3_k_finish` this repeats).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q3_k_block(xb: &[f32; QK_K], qw: &[f32; QK_K], yb: &mut [u8]) {
+    let zero = _mm256_setzero_ps();
+    let x = [to_lanes::<SUB6>(&xb[..128]), to_lanes::<SUB6>(&xb[128..])];
+    let mut l = [[zero; SUB6]; 2];
+    let mut sw = [zero; 2];
+    // sigma2 = 2*sumx2/QK_K over the super-block, in element order.
+    let mut sumx2 = 0.0f32;
+    for v in xb {
+        sumx2 += v * v;
+    }
+    let sigma2 = _mm256_set1_ps(2.0 * sumx2 / QK_K as f32);
+    let mut w = [[zero; SUB6]; 2];
+    for h in 0..2 {
+        let qv = to_lanes::<SUB6>(&qw[128 * h..]);
+        // weight[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] = sum of weight[l], in order.
+        for i in 0..SUB6 {
+            let xi = x[h][i];
+            w[h][i] = _mm256_mul_ps(qv[i], _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(xi, xi))));
+            sw[h] = _mm256_add_ps(sw[h], w[h][i]);
+        }
+    }
+    let s = make_qx_lanes::<4, 2>(&x, &w, &mut l);
+    let mut scales = [0.0f32; 16];
+    let mut codes = [0i32; QK_K];
+    for h in 0..2 {
+        scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s[h]));
+        codes_from_lanes::<SUB6>(&l[h], &mut codes[128 * h..]);
+    }
+    // The 6-bit sub-scales (Q3_K's packing of `q3_k_pack_scale`) and the f16 super-scale.
+    let mut sb = [0u8; 12];
+    let pack = |sb: &mut [u8; 12], j: usize, l: i8| {
+        if j < 8 {
+            sb[j] = (l & 0xF) as u8;
+        } else {
+            sb[j - 8] |= ((l & 0xF) << 4) as u8;
+        }
+        let hi = l >> 4;
+        sb[j % 4 + 8] |= ((hi as i32) << (2 * (j / 4))) as u8;
+    };
+    let d16 = {
+        let swv: [f32; 16] = std::array::from_fn(|j| lanes(sw[j / 8])[j % 8]);
+        let mut ls = [0i8; 16];
+        let d_block = make_qx_quants::<16>(32, &scales, &mut ls, 1, Some(&swv));
+        for (j, &lj) in ls.iter().enumerate() {
+            pack(&mut sb, j, lj);
+        }
+        fp32_to_fp16(d_block)
+    };
+    // Requantization from the f16 super-scale (sub-blocks whose scale is 0 keep the search's codes), the high bits
+    // (element j's to bit j/32 of hmask[j%32]) and the 2-bit packing.
+    let d_all = fp16_to_fp32(d16);
+    let mut lq = [0u8; QK_K];
+    let mut hmask = [0u8; 32];
+    for j in 0..16 {
+        let low = if j < 8 { sb[j] & 0xF } else { sb[j - 8] >> 4 } as i8;
+        let sc = (low | (((sb[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8) as i32 - 32;
+        let d = d_all * sc as f32;
+        for ii in 0..16 {
+            let e = 16 * j + ii;
+            let mut v = if d == 0.0 { codes[e] as i8 } else { (nearest_int(xb[e] / d).clamp(-4, 3) + 4) as i8 };
+            if v > 3 {
+                hmask[e % 32] |= 1 << (e / 32);
+                v -= 4;
+            }
+            lq[e] = v as u8;
+        }
+    }
+    yb[..32].copy_from_slice(&hmask);
+    for c in 0..2 {
+        for k in 0..32 {
+            let j = 128 * c + k;
+            yb[32 + 32 * c + k] = lq[j] | (lq[j + 32] << 2) | (lq[j + 64] << 4) | (lq[j + 96] << 6);
+        }
+    }
+    yb[96..108].copy_from_slice(&sb);
+    yb[108..110].copy_from_slice(&d16.to_le_bytes());
+}
+
+/// Quantizes whole rows of Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or
 /// without importance weights (`n_per_row` of them, checked by the caller). Q4_K and Q5_K take the window's
 /// super-blocks two at a time (any two: each is quantized on its own), the last one alone if their number is odd.
 ///
@@ -870,6 +958,11 @@ pub(crate) unsafe fn rows(
                 q2_k_block(x0, q0, y0);
                 if let Some((x1, q1, y1)) = next {
                     q2_k_block(x1, q1, y1);
+                }
+            }
+            (DType::Q3K, next) => {
+                for (xb, qw, yb) in std::iter::once((x0, q0, y0)).chain(next) {
+                    q3_k_block(xb, qw.expect("Q3_K lanes run with importance weights only (`handles`)"), yb);
                 }
             }
             (DType::Q6K, next) => {

@@ -173,7 +173,7 @@ pub fn quantize_rows(
             let row_bytes = sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
             out.resize(start + x.len() / n_per_row * row_bytes, 0);
             let y = &mut out[start..];
-            if kquant_lanes::handles(dtype) && !lanes_disabled() {
+            if kquant_lanes::handles(dtype, imatrix.is_some()) && !lanes_disabled() {
                 // SAFETY: the CPU supports AVX2 (checked just above), which is all `kquant_lanes::rows` requires.
                 unsafe { kquant_lanes::rows(dtype, x, n_per_row, imatrix, y, row_bytes) };
             } else {

@@ -89,7 +89,7 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 /// values in every pass: `w*x*l` is `(w*x)*l`), and each pass first fills the rounded codes of all elements (a
 /// loop the compiler vectorises) before the two sums, which are accumulated strictly in element order as in C.
 #[inline(always)]
-pub(crate) fn make_qx_quants<const N: usize>(
+pub fn make_qx_quants<const N: usize>(
     nmax: i32,
     x: &[f32],
     l_out: &mut [i8],
