@@ -8,10 +8,18 @@
 use sling_core::DType;
 use sling_quantizers::EncodeError;
 
-/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers and the kernels, in that order (NVRTC
-/// sees no include files, so the parts are concatenated; `host.cpp` includes the same three).
-pub const SOURCE: &str =
-    concat!(include_str!("../cu/shim.h"), "\n", include_str!("../cu/ggml_quants.cuh"), "\n", include_str!("../cu/quant.cu"));
+/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers, the GGUF block kernels and the
+/// compressed-tensors / MLX kernels (`ct.cu`), in that order (NVRTC sees no include files, so the parts are
+/// concatenated; `host.cpp` includes the first three, `host_ct.cpp` `shim.h` and `ct.cu`).
+pub const SOURCE: &str = concat!(
+    include_str!("../cu/shim.h"),
+    "\n",
+    include_str!("../cu/ggml_quants.cuh"),
+    "\n",
+    include_str!("../cu/quant.cu"),
+    "\n",
+    include_str!("../cu/ct.cu")
+);
 
 /// Types with a kernel: `sling_quantize_<ggml name>` in `cu/quant.cu` (its `SLING_TYPES` table, whose block sizes
 /// are checked against `sling_core`'s descriptor table by the tests).
