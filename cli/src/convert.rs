@@ -80,9 +80,8 @@ impl PipelineArgs {
     /// warning (as an info line when this build has no CUDA support at all).
     pub fn backend(&self, rep: &Reporter) -> Result<std::sync::Arc<dyn sling_kernels::Backend>> {
         let options = sling_kernels::DeviceOptions { mem_limit: parse_size(&self.device_mem)?, ..Default::default() };
-        let sel = sling_kernels::backend::open(self.device, &options).with_context(|| {
-            format!("--device {}: cannot use it (`sling doctor` says what this machine has)", self.device)
-        })?;
+        let sel = sling_kernels::backend::open(self.device, &options)
+            .with_context(|| format!("--device {}: cannot use it (`sling doctor` says what this machine has)", self.device))?;
         match &sel.fallback {
             // No GPU support or no driver: nothing to tell a CPU-only user on every run.
             Some(e @ (sling_kernels::DeviceError::NotBuilt | sling_kernels::DeviceError::NoDriver(_))) => {
