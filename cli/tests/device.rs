@@ -23,20 +23,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn quantize(out: &Path, device: &str, env: &[(&str, &str)]) -> Output {
     let src = fixture("qwen3moe");
     run(
-        &[
-            "quantize",
-            src.to_str().unwrap(),
-            "--to",
-            "gguf:Q4_K_M",
-            "--tokenizer-pre",
-            "gpt-2",
-            "--device",
-            device,
-            "--no-manifest",
-            "--json",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+        &["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2", "--device", device, "--no-manifest", "--json", "-o", out.to_str().unwrap()],
         env,
     )
 }
@@ -158,8 +145,7 @@ fn doctor_reports_cpu_cuda_and_pins() {
     assert!(j["cuda"]["built"].is_boolean());
     assert!(j["cuda"]["driver"]["ok"].is_boolean());
     assert!(j["cuda"]["nvrtc"]["ok"].is_boolean());
-    let tools: Vec<&str> =
-        j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
+    let tools: Vec<&str> = j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
     assert!(tools.iter().any(|t| t.starts_with("llama.cpp")), "{tools:?}");
     let text = run(&["doctor"], &[]);
     assert!(text.status.success());

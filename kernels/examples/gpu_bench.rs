@@ -18,8 +18,7 @@ fn main() {
     println!("device: {}", gpu.describe());
     let n_per_row = 4096usize;
     let nrows = (mib << 20) / 4 / n_per_row;
-    let x: Vec<f32> =
-        (0..nrows * n_per_row).map(|i| (((i * 2654435761) % 65521) as f32 / 65521.0 - 0.5) * 0.1).collect();
+    let x: Vec<f32> = (0..nrows * n_per_row).map(|i| (((i * 2654435761) % 65521) as f32 / 65521.0 - 0.5) * 0.1).collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("{} MiB of f32 values ({} rows of {n_per_row}); CPU: {threads} threads\n", mib, nrows);
     println!(

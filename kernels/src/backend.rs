@@ -210,9 +210,7 @@ pub fn open(device: Device, options: &DeviceOptions) -> Result<Selected, DeviceE
     let cpu = || Arc::new(CpuBackend::default()) as Arc<dyn Backend>;
     match device {
         Device::Cpu => Ok(Selected { backend: cpu(), fallback: None }),
-        Device::Cuda(n) => {
-            Ok(Selected { backend: Arc::new(crate::cuda::CudaBackend::open(n, options)?), fallback: None })
-        }
+        Device::Cuda(n) => Ok(Selected { backend: Arc::new(crate::cuda::CudaBackend::open(n, options)?), fallback: None }),
         Device::Auto => match crate::cuda::CudaBackend::open(0, options) {
             Ok(b) => Ok(Selected { backend: Arc::new(b), fallback: None }),
             Err(e) => Ok(Selected { backend: cpu(), fallback: Some(e) }),

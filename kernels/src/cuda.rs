@@ -66,11 +66,7 @@ pub struct CudaBackend {
 
 /// One thread per item (block or row), `threads` per CUDA block.
 fn launch_config(items: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (items.div_ceil(threads as usize) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (items.div_ceil(threads as usize) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn cuda_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> DeviceError {
@@ -108,9 +104,7 @@ pub fn compile(arch: &str) -> Result<Vec<u8>, DeviceError> {
             }
             Ok(()) => {
                 let mut size = 0usize;
-                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
-                    .result()
-                    .map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
                 let mut cubin = vec![0u8; size];
                 nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
                     .result()
@@ -153,11 +147,7 @@ pub fn cubin(arch: &str, cache: Option<&Path>) -> Result<(Vec<u8>, &'static str)
             let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
                 .ok()?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&stem) && n.ends_with(".cubin"))
-                })
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".cubin")))
                 .collect();
             v.sort();
             v.pop()
@@ -202,8 +192,9 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().map_err(cuda_err(ordinal, "device name"))?;
         let (bin, from) = cubin(&arch, options.cache_dir.as_deref())?;
-        let module =
-            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(cuda_err(ordinal, "load kernels"))?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+            .map_err(cuda_err(ordinal, "load kernels"))?;
         let load = |f: &str| module.load_function(f).map_err(cuda_err(ordinal, "load kernel function"));
         let (mut kernels, mut dequant) = (Vec::new(), Vec::new());
         for &t in cu::TYPES {
@@ -371,12 +362,7 @@ impl CudaBackend {
         threads: u32,
     ) -> Result<f64, KernelError> {
         sling_quantizers::ggml::check_rows(dtype, x, n_per_row, qw)?;
-        let f = self
-            .kernels
-            .iter()
-            .find(|(t, _)| *t == dtype)
-            .map(|(_, f)| f)
-            .ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
+        let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f).ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
         let err = |op| cuda_err(self.ordinal, op);
         let s = self.ctx.new_stream().map_err(err("create stream"))?;
         let dx = s.clone_htod(x).map_err(err("copy to device"))?;
@@ -387,7 +373,7 @@ impl CudaBackend {
         let mut sig = s.alloc_zeros::<f32>(nrows.max(1)).map_err(err("allocate"))?;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
         let (nrows_i, npr, null) = (nrows as i64, n_per_row as i32, 0u64);
-        let cfg = |n: usize| launch_config(n, threads);
+                let cfg = |n: usize| launch_config(n, threads);
         let mut once = || -> Result<(), DeviceError> {
             if let Some(w) = &w {
                 let mut b = s.launch_builder(&self.sigma2);
@@ -507,14 +493,7 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    fn run_dequant(
-        &self,
-        lane: &mut Lane,
-        f: &CudaFunction,
-        dtype: DType,
-        y: &[u8],
-        out: &mut [f32],
-    ) -> Result<(), DeviceError> {
+    fn run_dequant(&self, lane: &mut Lane, f: &CudaFunction, dtype: DType, y: &[u8], out: &mut [f32]) -> Result<(), DeviceError> {
         let err = |op| cuda_err(self.ordinal, op);
         let s = lane.stream.clone();
         let nblocks = (y.len() / dtype.block_bytes()) as i64;

@@ -98,7 +98,7 @@ impl RowEncoding {
         if n_per_row == 0 || n_per_row > i32::MAX as usize {
             return Err(EncodingError::RowWidth { n_per_row });
         }
-        if len % n_per_row != 0 {
+        if !len.is_multiple_of(n_per_row) {
             return Err(EncodingError::RowLength { len, n_per_row });
         }
         Ok(())

@@ -50,11 +50,7 @@ fn gpu_bytes_equal_cpu_bytes_for_every_type() {
                 let (a, b) = both(&gpu, t, &x, n, qw);
                 if a != b {
                     let i = a.iter().zip(&b).position(|(p, q)| p != q).unwrap_or(0);
-                    failures.push(format!(
-                        "{t} {nrows}x{n} qw={}: first difference at byte {i} (block {})",
-                        qw.is_some(),
-                        i / t.block_bytes()
-                    ));
+                    failures.push(format!("{t} {nrows}x{n} qw={}: first difference at byte {i} (block {})", qw.is_some(), i / t.block_bytes()));
                 }
             }
         }

@@ -271,7 +271,7 @@ proptest! {
         let x: Vec<f32> = (0..cols * nrows)
             .map(|_| {
                 let s = it.next().unwrap_or(1);
-                if s % 8 == 0 {
+                if s.is_multiple_of(8) {
                     f32::from_bits((s >> 32) as u32)
                 } else {
                     ((s >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0) as f32

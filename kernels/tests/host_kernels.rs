@@ -94,10 +94,7 @@ fn host_kernels_equal_the_scalar_reference_on_adversarial_rows() {
         ("negative constant", vec![-3.0; n]),
         ("one outlier", (0..n).map(|i| if i == 77 { 1e4 } else { (i % 5) as f32 * 0.01 }).collect()),
         ("halves", (0..n).map(|i| (i as f32 - 128.0) * 0.5).collect()),
-        (
-            "subnormals",
-            (0..n).map(|i| f32::from_bits(1 + i as u32 * 977) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect(),
-        ),
+        ("subnormals", (0..n).map(|i| f32::from_bits(1 + i as u32 * 977) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect()),
         ("tiny", (0..n).map(|i| (i as f32 - 100.0) * 1e-38).collect()),
         ("huge", (0..n).map(|i| (i as f32 - 100.0) * 1e36).collect()),
         ("max", (0..n).map(|i| if i % 3 == 0 { f32::MAX } else { -f32::MAX / 3.0 }).collect()),
@@ -187,11 +184,7 @@ fn host_dequantize_equals_the_reference() {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             cu::host_dequantize(t, y, &mut a).unwrap();
             sling_quantizers::dequantize(t, y, &mut b).unwrap();
-            assert!(
-                bits_eq(&a, &b),
-                "{t} {what}: first difference at {:?}",
-                a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits())
-            );
+            assert!(bits_eq(&a, &b), "{t} {what}: first difference at {:?}", a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()));
         }
     }
 }
