@@ -563,7 +563,10 @@ impl CudaBackend {
         use crate::encode::{self, RowEncoding};
         enc.check(x.len(), n_per_row)?;
         let groups = enc.groups(x.len() / n_per_row, n_per_row);
-        if x.is_empty() || !encode::device_safe(x) {
+        // A NaN or infinite NVFP4 global scale (never what `ct::nvfp4_global_scale` returns) would make NaN scales
+        // whose sign is x86's on the CPU and CUDA's canonical one on the GPU: the CPU takes it.
+        let odd_global = matches!(enc, RowEncoding::Nvfp4 { global } if !global.is_finite());
+        if x.is_empty() || odd_global || !encode::device_safe(x) {
             encode::encode_rows(enc, x, n_per_row, out)?;
             self.counters.add(false, groups);
             return Ok(());
