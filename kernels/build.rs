@@ -2,7 +2,15 @@
 //! tests compare the kernels' bytes with the scalar reference on any machine. No fast math, no FMA contraction:
 //! the IEEE operations of the reference in its order.
 fn main() {
-    for f in ["cu/host.cpp", "cu/host_ct.cpp", "cu/quant.cu", "cu/ct.cu", "cu/shim.h", "cu/ggml_quants.cuh"] {
+    for f in [
+        "cu/host.cpp",
+        "cu/host_ct.cpp",
+        "cu/quant.cu",
+        "cu/kquant_split.cu",
+        "cu/ct.cu",
+        "cu/shim.h",
+        "cu/ggml_quants.cuh",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     cc::Build::new()

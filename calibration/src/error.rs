@@ -21,6 +21,8 @@ pub enum Error {
     Empty(&'static str),
     #[error("GPTQ of {tensor}: {why}")]
     Solve { tensor: String, why: String },
+    #[error("calibration on the device")]
+    Device(#[source] sling_kernels::DeviceError),
     #[error("solved-weight store: {0}")]
     Store(String),
 }

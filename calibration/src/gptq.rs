@@ -84,6 +84,9 @@ pub struct Settings {
     /// this many tokens (default 2048, llama-imatrix's batch), which bounds the forward pass's activations; the
     /// Hessians sum over all of them.
     pub batch_tokens: usize,
+    /// Where the forward pass's large products and the Hessians' `XᵀX` run ([`crate::Model::with_backend`]);
+    /// `None`: the CPU.
+    pub backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
 }
 
 impl Default for Settings {
@@ -95,6 +98,7 @@ impl Default for Settings {
             sequential: true,
             max_ram: None,
             batch_tokens: 2048,
+            backend: None,
         }
     }
 }
@@ -391,6 +395,8 @@ struct Hessians<'a> {
     /// Routed (token, slot) pairs per expert, summed over the forward calls (sub-batches).
     routing: Option<Vec<u64>>,
     bad: Option<Error>,
+    /// `XᵀX` on a device (cuBLAS DGEMM) when the product is large enough.
+    gemm: Option<&'a dyn sling_kernels::Gemm>,
 }
 
 impl<'a> Hessians<'a> {
@@ -404,6 +410,7 @@ impl<'a> Hessians<'a> {
             active,
             routing: None,
             bad: None,
+            gemm: None,
         }
     }
 
@@ -424,6 +431,16 @@ impl<'a> Hessians<'a> {
         }
         let acc = self.acc[i].get_or_insert_with(|| Acc { sum: Array2::zeros((c, c)), n: 0 });
         let n = x.rows.len() / c;
+        if let Some(g) = self.gemm.filter(|g| g.wants(n, c, c)) {
+            let sum = acc.sum.as_slice_mut().expect("a standard-layout array");
+            match g.gram(x.rows, n, c, sum) {
+                Ok(()) => acc.n += n as u64,
+                Err(e) => {
+                    self.bad.get_or_insert(Error::Device(e));
+                }
+            }
+            return;
+        }
         // Rows in chunks (bounded f64 copy), each H += XᵀX by bands of 64 rows of H: the sum of every element
         // runs over the rows in order whatever the thread count.
         const CHUNK: usize = 1024;
@@ -698,7 +715,7 @@ pub fn run(
         Some(r) => r,
         None => src,
     };
-    let model = Model::new(fwd, cfg)?.all_experts(s.all_experts);
+    let model = Model::new(fwd, cfg)?.all_experts(s.all_experts).with_backend(s.backend.clone());
     let spec = model.spec();
     if seqs.is_empty() {
         return Err(Error::Empty("no calibration sequences"));
@@ -743,6 +760,7 @@ pub fn run(
                 .map(|(k, i)| todo[k] && i.expert.map_or(gi == 0, |e| group.contains(&e)))
                 .collect();
             let mut obs = Hessians::new(&inputs, &weights, active.clone());
+            obs.gemm = s.backend.as_deref().and_then(|b| b.gemm().ok().flatten());
             let mut hx = hs.clone();
             forward(&model, l, &mut hx, &batches, Some(&mut obs))?;
             if let Some(e) = obs.bad.take() {
@@ -852,7 +870,7 @@ pub fn run(
         // propagate
         let mut err = None;
         if s.sequential && !overlay.solved.is_empty() {
-            forward(&Model::new(&overlay, cfg)?, l, &mut hs, &batches, None)?;
+            forward(&Model::new(&overlay, cfg)?.with_backend(s.backend.clone()), l, &mut hs, &batches, None)?;
             if let Some(ys) = &observed_out {
                 let (mut d, mut n) = (0f64, 0f64);
                 for (a, b) in hs.iter().flatten().zip(ys.iter().flatten()) {

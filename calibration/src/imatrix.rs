@@ -181,10 +181,7 @@ impl Observer for ImatrixCollector {
                 self.warnings.push(format!("{}: inconsistent size", x.tensor));
                 return;
             }
-            let acc = &mut s.sums[ex * n..(ex + 1) * n];
-            for row in x.rows.chunks_exact(n) {
-                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += (v as f64) * (v as f64));
-            }
+            add_squares(&mut s.sums[ex * n..(ex + 1) * n], x.rows);
             s.counts[ex] += n_rows as u64;
             return;
         }
@@ -205,11 +202,38 @@ impl Observer for ImatrixCollector {
             self.warnings.push(format!("{}: inconsistent size", x.tensor));
             return;
         }
-        for (r, row) in x.rows.chunks_exact(n).enumerate() {
-            let m = r % n_mat;
-            s.sums[m * n..(m + 1) * n].iter_mut().zip(row).for_each(|(a, &v)| *a += (v as f64) * (v as f64));
+        if n_mat == 1 {
+            add_squares(&mut s.sums, x.rows);
+        } else {
+            for (r, row) in x.rows.chunks_exact(n).enumerate() {
+                let m = r % n_mat;
+                s.sums[m * n..(m + 1) * n].iter_mut().zip(row).for_each(|(a, &v)| *a += (v as f64) * (v as f64));
+            }
         }
         s.counts[0] += (n_rows / n_mat) as u64;
+    }
+}
+
+/// `acc[j] += Σ_rows x[r][j]²` in f64, rows in order for every column (so the sums do not depend on the thread
+/// count), columns split over threads when the block is large: with `--all-experts` every expert sees every
+/// token and these sums are a large share of the pass.
+fn add_squares(acc: &mut [f64], rows: &[f32]) {
+    use rayon::prelude::*;
+    let n = acc.len();
+    if n == 0 {
+        return;
+    }
+    let add = |a: &mut [f64], c0: usize| {
+        let w = a.len();
+        for row in rows.chunks_exact(n) {
+            a.iter_mut().zip(&row[c0..c0 + w]).for_each(|(s, &v)| *s += (v as f64) * (v as f64));
+        }
+    };
+    if rows.len() < 1 << 18 || rayon::current_num_threads() == 1 {
+        add(acc, 0);
+    } else {
+        const COLS: usize = 128;
+        acc.par_chunks_mut(COLS).enumerate().for_each(|(i, a)| add(a, i * COLS));
     }
 }
 

@@ -8,9 +8,12 @@
 //! model. The hidden states of the batch (`tokens × hidden` f32) stay in memory; `lm_head` is
 //! applied in row chunks.
 
+use std::sync::Arc;
+
 use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use sling_core::ModelConfig;
+use sling_kernels::{Backend, Gemm};
 
 use crate::error::{Error, Result};
 use crate::math::{attention, linear, rms_norm_rows, rms_norm_view, sigmoid, silu, softmax, top_k, AttnShape};
@@ -37,6 +40,8 @@ pub struct Model<'s> {
     /// With an observer installed: run every routed expert on every token for the statistics
     /// ([`Model::all_experts`]).
     all_experts: bool,
+    /// Where the large products run ([`Model::with_backend`]); the CPU GEMM when `None`.
+    backend: Option<Arc<dyn Backend>>,
 }
 
 /// Hands `x` to the observer, if any; the name is only built when one is installed.
@@ -81,7 +86,7 @@ struct Expert {
 
 impl<'s> Model<'s> {
     pub fn new(src: &'s dyn TensorSource, cfg: &ModelConfig) -> Result<Model<'s>> {
-        Ok(Model { src, spec: Spec::from_config(cfg)?, all_experts: false })
+        Ok(Model { src, spec: Spec::from_config(cfg)?, all_experts: false, backend: None })
     }
 
     /// With `on` and an observer installed, every token is also sent through every routed expert for
@@ -93,6 +98,39 @@ impl<'s> Model<'s> {
     pub fn all_experts(mut self, on: bool) -> Self {
         self.all_experts = on;
         self
+    }
+
+    /// Runs the products large enough to gain ([`Gemm::wants`]) on `backend`'s device (cuBLAS on a GPU); the
+    /// rest, and everything on a CPU backend, on the CPU. Results agree with the CPU's within float tolerance
+    /// (summation order), not bit for bit; call [`Backend::gemm`] first to report a device that cannot.
+    pub fn with_backend(mut self, backend: Option<Arc<dyn Backend>>) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The device's products, if this model runs on one.
+    fn gemm(&self) -> Option<&dyn Gemm> {
+        self.backend.as_deref().and_then(|b| b.gemm().ok().flatten())
+    }
+
+    /// `y = x · wᵀ (+ b)` ([`linear`]), on the device when there is one and the product is large enough.
+    fn mm(&self, x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<&[f32]>) -> Result<Array2<f32>> {
+        let (t, k, n) = (x.nrows(), x.ncols(), w.nrows());
+        let Some(g) = self.gemm().filter(|g| g.wants(t, k, n) && w.ncols() == k) else {
+            return Ok(linear(x, w, b));
+        };
+        let (xs, ws) = (x.as_standard_layout(), w.as_standard_layout());
+        let mut y = Array2::<f32>::zeros((t, n));
+        let (Some(xs), Some(ws), Some(ys)) = (xs.as_slice(), ws.as_slice(), y.as_slice_mut()) else {
+            return Ok(linear(x, w, b));
+        };
+        g.linear(xs, ws, t, k, n, ys).map_err(Error::Device)?;
+        if let Some(b) = b {
+            for mut row in y.rows_mut() {
+                row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            }
+        }
+        Ok(y)
     }
 
     pub fn spec(&self) -> &Spec {
@@ -350,7 +388,7 @@ impl<'s> Model<'s> {
             let v = self.src.read_outer(name, r0 as u64, r1 as u64)?;
             let w = ArrayView2::from_shape((r1 - r0, hd), &v)
                 .map_err(|e| Error::Read { tensor: name.into(), why: e.to_string() })?;
-            out.slice_mut(s![.., r0..r1]).assign(&linear(x.view(), w, None));
+            out.slice_mut(s![.., r0..r1]).assign(&self.mm(x.view(), w, None)?);
             r0 = r1;
         }
         Ok(out)
@@ -406,9 +444,9 @@ impl<'s> Model<'s> {
             let stem = format!("self_attn.{stem}");
             observe(obs, || s.gguf_name(l, &stem), || hf_name(l, &stem), None, x, None);
         }
-        let mut q = linear(x.view(), wq.view(), bq.as_deref());
-        let mut k = linear(x.view(), wk.view(), bk.as_deref());
-        let mut v = linear(x.view(), wv.view(), bv.as_deref());
+        let mut q = self.mm(x.view(), wq.view(), bq.as_deref())?;
+        let mut k = self.mm(x.view(), wk.view(), bk.as_deref())?;
+        let mut v = self.mm(x.view(), wv.view(), bv.as_deref())?;
         drop((wq, wk, wv));
         match qk_norm {
             QkNorm::None => {}
@@ -451,7 +489,7 @@ impl<'s> Model<'s> {
         let out = attention(&q, &k, &v, &shape);
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dh)?;
-        Ok(linear(out.view(), wo.view(), bo.as_deref()))
+        self.mm(out.view(), wo.view(), bo.as_deref())
     }
 
     fn mla(&self, l: usize, x: &Array2<f32>, b: &Batch, obs: Obs) -> Result<Array2<f32>> {
@@ -479,7 +517,7 @@ impl<'s> Model<'s> {
                     x,
                     None,
                 );
-                let qa = linear(x.view(), wa.view(), ba.as_deref());
+                let qa = self.mm(x.view(), wa.view(), ba.as_deref())?;
                 let qa = rms_norm_rows(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
                 let (wb, bb) = self.lin(&format!("{p}q_b_proj"), nh * dk, r)?;
                 observe(
@@ -490,12 +528,12 @@ impl<'s> Model<'s> {
                     &qa,
                     None,
                 );
-                linear(qa.view(), wb.view(), bb.as_deref())
+                self.mm(qa.view(), wb.view(), bb.as_deref())?
             }
             None => {
                 let (w, bq) = self.lin(&format!("{p}q_proj"), nh * dk, hd)?;
                 observe(obs, || s.gguf_name(l, "self_attn.q_proj"), || hf_name(l, "self_attn.q_proj"), None, x, None);
-                linear(x.view(), w.view(), bq.as_deref())
+                self.mm(x.view(), w.view(), bq.as_deref())?
             }
         };
         let (wkv, bkv) = self.lin(&format!("{p}kv_a_proj_with_mqa"), kvr + qk_rope, hd)?;
@@ -507,7 +545,7 @@ impl<'s> Model<'s> {
             x,
             None,
         );
-        let ckv = linear(x.view(), wkv.view(), bkv.as_deref());
+        let ckv = self.mm(x.view(), wkv.view(), bkv.as_deref())?;
         let c = rms_norm_rows(
             &ckv.slice(s![.., ..kvr]).to_owned(),
             &self.vector(&format!("{p}kv_a_layernorm.weight"), kvr)?,
@@ -532,7 +570,7 @@ impl<'s> Model<'s> {
         self.rope_rows(&mut q, b, nh, dk, qk_nope);
         self.rope_rows(&mut kpe, b, 1, qk_rope, 0);
         let wkvb = self.mat(&format!("{p}kv_b_proj.weight"), nh * (qk_nope + dv), kvr)?;
-        let kv = linear(c.view(), wkvb.view(), None);
+        let kv = self.mm(c.view(), wkvb.view(), None)?;
         let t = x.nrows();
         let mut k = Array2::<f32>::zeros((t, nh * dk));
         let mut v = Array2::<f32>::zeros((t, nh * dv));
@@ -572,7 +610,7 @@ impl<'s> Model<'s> {
         }
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dv)?;
-        Ok(linear(out.view(), wo.view(), bo.as_deref()))
+        self.mm(out.view(), wo.view(), bo.as_deref())
     }
 
     /// A gated MLP `down(act(gate(x)) * up(x))` under `model.layers.{l}.{stem}`.
@@ -585,14 +623,14 @@ impl<'s> Model<'s> {
             let st = format!("{stem}.{w}");
             observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, x, None);
         }
-        let mut g = linear(x.view(), wg.view(), bg.as_deref());
-        let u = linear(x.view(), wu.view(), bu.as_deref());
+        let mut g = self.mm(x.view(), wg.view(), bg.as_deref())?;
+        let u = self.mm(x.view(), wu.view(), bu.as_deref())?;
         drop((wg, wu));
         self.activate(&mut g, &u);
         let st = format!("{stem}.down_proj");
         observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, &g, None);
         let (wd, bd) = self.lin(&format!("{p}down_proj"), hd, ff)?;
-        Ok(linear(g.view(), wd.view(), bd.as_deref()))
+        self.mm(g.view(), wd.view(), bd.as_deref())
     }
 
     /// `g <- act(g, u)`.
@@ -613,7 +651,7 @@ impl<'s> Model<'s> {
         let p = format!("model.layers.{l}.");
         let (wr, br) = self.lin(&format!("{p}{}", s.router_stem), ne, hd)?;
         observe(obs, || s.gguf_name(l, s.router_stem), || hf_name(l, s.router_stem), None, x, None);
-        let logits = linear(x.view(), wr.view(), br.as_deref());
+        let logits = self.mm(x.view(), wr.view(), br.as_deref())?;
         let e_bias = match m.router {
             Router::DeepseekV3 { .. } => Some(self.vector(&format!("{p}mlp.gate.e_score_correction_bias"), ne)?),
             _ => None,
@@ -655,24 +693,24 @@ impl<'s> Model<'s> {
             if all {
                 // gate/up over every token; the routed tokens' rows of act(gate)·up are exactly what the
                 // routed-only path computes (the GEMM's result for a row does not depend on the others).
-                let mut g = linear(x.view(), w.gate.view(), w.gate_b.as_deref());
-                let u = linear(x.view(), w.up.view(), w.up_b.as_deref());
+                let mut g = self.mm(x.view(), w.gate.view(), w.gate_b.as_deref())?;
+                let u = self.mm(x.view(), w.up.view(), w.up_b.as_deref())?;
                 self.activate(&mut g, &u);
                 drop(u);
                 let y = if toks.is_empty() {
                     None
                 } else {
-                    let mut y = linear(g.select(Axis(0), &toks).view(), w.down.view(), w.down_b.as_deref());
+                    let mut y = self.mm(g.select(Axis(0), &toks).view(), w.down.view(), w.down_b.as_deref())?;
                     weigh(&mut y);
                     Some(y)
                 };
                 return Ok((e, y, Seen::All(g)));
             }
             let xe = x.select(Axis(0), &toks);
-            let mut g = linear(xe.view(), w.gate.view(), w.gate_b.as_deref());
-            let u = linear(xe.view(), w.up.view(), w.up_b.as_deref());
+            let mut g = self.mm(xe.view(), w.gate.view(), w.gate_b.as_deref())?;
+            let u = self.mm(xe.view(), w.up.view(), w.up_b.as_deref())?;
             self.activate(&mut g, &u);
-            let mut y = linear(g.view(), w.down.view(), w.down_b.as_deref());
+            let mut y = self.mm(g.view(), w.down.view(), w.down_b.as_deref())?;
             weigh(&mut y);
             Ok((e, Some(y), if observing { Seen::Routed(xe, g) } else { Seen::None }))
         };
@@ -717,7 +755,7 @@ impl<'s> Model<'s> {
                 let gate_stem = format!("{}_gate", m.shared_stem);
                 let wg = self.mat(&format!("{p}{gate_stem}.weight"), 1, hd)?;
                 observe(obs, || s.gguf_name(l, &gate_stem), || hf_name(l, &gate_stem), None, x, None);
-                let gl = linear(x.view(), wg.view(), None);
+                let gl = self.mm(x.view(), wg.view(), None)?;
                 for (mut row, gv) in sh.rows_mut().into_iter().zip(gl.column(0)) {
                     let f = sigmoid(*gv);
                     row.mapv_inplace(|v| f * v);

@@ -58,6 +58,14 @@ pub struct Args {
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,
+    /// Where the forward pass's large matrix products run: auto (a CUDA GPU with cuBLAS when one works, else the
+    /// CPU, saying why), cpu, cuda or cuda:N. GPU sums agree with the CPU's within float tolerance
+    /// (docs/kernels.md, "Calibration"), not bit for bit.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: sling_kernels::Device,
+    /// Device memory the products may use for their buffers, e.g. 8G.
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    device_mem: String,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -78,9 +86,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     }
     let chunks = chunks(&tokens, a.ctx, a.chunks, bos);
     let src = CheckpointSource::new(&ck);
+    let backend = crate::convert::calibration_backend(a.device, &a.device_mem)?;
     let model = Model::new(&src, &cfg)
         .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
-        .all_experts(a.all_experts);
+        .all_experts(a.all_experts)
+        .with_backend(backend.clone());
     let spec = model.spec();
     let n_experts =
         spec.ffn.iter().find_map(|f| if let Ffn::Moe(m) = f { Some(m.n_experts) } else { None }).unwrap_or(0);
@@ -213,10 +223,23 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             },
             "seconds": secs,
             "tokens_per_second": n_tok as f64 / secs.max(1e-9),
+            "device": device_json(backend.as_deref()),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// `--json`'s `device`: where the products ran, and how many (with their floating-point operations) went to the
+/// device; the rest ran on the CPU.
+fn device_json(b: Option<&dyn sling_kernels::Backend>) -> serde_json::Value {
+    match b.and_then(|b| b.gemm().ok().flatten().map(|g| (b, g))) {
+        Some((b, g)) => {
+            let (calls, flops) = g.counters();
+            serde_json::json!({ "backend": b.describe(), "gpu": true, "gemm": g.describe(), "device_products": calls, "device_gflop": flops / 1e9 })
+        }
+        None => serde_json::json!({ "backend": "cpu", "gpu": false, "device_products": 0, "device_gflop": 0.0 }),
+    }
 }
 
 /// Per-tensor activation statistics from the imatrix sums: the mean of x² per input column (sum / count), over

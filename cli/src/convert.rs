@@ -80,8 +80,9 @@ impl PipelineArgs {
     /// warning (as an info line when this build has no CUDA support at all).
     pub fn backend(&self, rep: &Reporter) -> Result<std::sync::Arc<dyn sling_kernels::Backend>> {
         let options = sling_kernels::DeviceOptions { mem_limit: parse_size(&self.device_mem)?, ..Default::default() };
-        let sel = sling_kernels::backend::open(self.device, &options)
-            .with_context(|| format!("--device {}: cannot use it (`sling doctor` says what this machine has)", self.device))?;
+        let sel = sling_kernels::backend::open(self.device, &options).with_context(|| {
+            format!("--device {}: cannot use it (`sling doctor` says what this machine has)", self.device)
+        })?;
         match &sel.fallback {
             // No GPU support or no driver: nothing to tell a CPU-only user on every run.
             Some(e @ (sling_kernels::DeviceError::NotBuilt | sling_kernels::DeviceError::NoDriver(_))) => {
@@ -92,6 +93,47 @@ impl PipelineArgs {
             None => {}
         }
         Ok(sel.backend)
+    }
+
+    /// The backend for calibration's products (the forward pass, GPTQ's Hessians): [`calibration_backend`].
+    pub fn calibration_backend(&self) -> Result<Option<std::sync::Arc<dyn sling_kernels::Backend>>> {
+        calibration_backend(self.device, &self.device_mem)
+    }
+}
+
+/// The backend whose device runs calibration's large products: `Some` when `--device` gives a GPU with cuBLAS,
+/// `None` for the CPU. `auto` falls back to the CPU and says why (a GPU without cuBLAS); an explicit `cuda` that
+/// cannot start or has no cuBLAS is an error. Results agree with the CPU's within float tolerance.
+pub fn calibration_backend(
+    device: sling_kernels::Device,
+    device_mem: &str,
+) -> Result<Option<std::sync::Arc<dyn sling_kernels::Backend>>> {
+    let options = sling_kernels::DeviceOptions { mem_limit: parse_size(device_mem)?, ..Default::default() };
+    let sel = sling_kernels::backend::open(device, &options)
+        .with_context(|| format!("--device {device}: cannot use it (`sling doctor` says what this machine has)"))?;
+    match &sel.fallback {
+        Some(e @ (sling_kernels::DeviceError::NotBuilt | sling_kernels::DeviceError::NoDriver(_))) => {
+            tracing::info!("--device auto: {e}; the forward pass runs on the CPU")
+        }
+        Some(e) => tracing::warn!("--device auto: no usable GPU ({e}); the forward pass runs on the CPU"),
+        None => {}
+    }
+    match sel.backend.gemm() {
+        Ok(Some(g)) => {
+            tracing::info!("forward-pass products on {} ({})", sel.backend.describe(), g.describe());
+            Ok(Some(sel.backend))
+        }
+        Ok(None) => Ok(None),
+        // Not yet verified on a GPU: nothing to warn about on every run of a default setting.
+        Err(e @ sling_kernels::DeviceError::Unverified(_)) if device == sling_kernels::Device::Auto => {
+            tracing::info!("--device auto: {e}; the forward pass runs on the CPU");
+            Ok(None)
+        }
+        Err(e) if device == sling_kernels::Device::Auto => {
+            tracing::warn!("--device auto: {e}; the forward pass runs on the CPU");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--device {device}: cannot calibrate on it"))),
     }
 }
 

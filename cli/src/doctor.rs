@@ -79,7 +79,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     println!("sling {}", env!("CARGO_PKG_VERSION"));
     println!("cpu:          {cpu}, {threads} threads");
-    println!("cuda support: {}", if p.built { "built in (cudarc, loaded at run time)" } else { "not built (cargo feature `cuda`)" });
+    println!(
+        "cuda support: {}",
+        if p.built { "built in (cudarc, loaded at run time)" } else { "not built (cargo feature `cuda`)" }
+    );
     if p.built {
         println!("cuda driver:  {}", line(&p.driver));
         println!("nvrtc:        {}", line(&p.nvrtc));

@@ -69,6 +69,13 @@ pub struct Args {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Where the forward passes' large matrix products run: auto (a CUDA GPU with cuBLAS when one works, else
+    /// the CPU), cpu, cuda or cuda:N. Figures agree with the CPU's within float tolerance.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: sling_kernels::Device,
+    /// Device memory the products may use for their buffers, e.g. 8G.
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    device_mem: String,
 }
 
 /// The evaluation text and its chunking (shared with `quantize --eval`).
@@ -114,13 +121,20 @@ fn load_chunks(reference: &Path, d: &DataArgs) -> Result<(Tokens, Vec<Vec<u32>>)
 }
 
 /// Evaluates `candidate` against `reference` on `d`.
-pub fn run_eval(reference: &Path, candidate: &Path, d: &DataArgs, quiet: bool) -> Result<Outcome> {
+pub fn run_eval(
+    reference: &Path,
+    candidate: &Path,
+    d: &DataArgs,
+    quiet: bool,
+    backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+) -> Result<Outcome> {
     let (tokens, chunk_list) = load_chunks(reference, d)?;
     let ck = Checkpoint::open(reference).with_context(|| format!("cannot open {}", reference.display()))?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", reference.display()))?;
     let ref_src = CheckpointSource::new(&ck);
-    let ref_model =
-        Model::new(&ref_src, &cfg).with_context(|| format!("{}: cannot run the forward pass", reference.display()))?;
+    let ref_model = Model::new(&ref_src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", reference.display()))?
+        .with_backend(backend.clone());
     let vocab = ref_src
         .shape("model.embed_tokens.weight")
         .and_then(|s| s.first().copied())
@@ -148,7 +162,8 @@ pub fn run_eval(reference: &Path, candidate: &Path, d: &DataArgs, quiet: bool) -
         (&cand_gguf, cfg.clone())
     };
     let cand_model = Model::new(cand_src, &cand_cfg)
-        .with_context(|| format!("{}: cannot run the forward pass", candidate.display()))?;
+        .with_context(|| format!("{}: cannot run the forward pass", candidate.display()))?
+        .with_backend(backend);
 
     let t0 = std::time::Instant::now();
     let n = chunk_list.len();
@@ -239,7 +254,8 @@ pub fn check_max_kld(x: Option<f64>) -> Result<()> {
 
 pub fn run(a: Args, quiet: bool) -> Result<u8> {
     check_max_kld(a.max_kld)?;
-    let o = run_eval(&a.reference, &a.candidate, &a.data, quiet)?;
+    let backend = crate::convert::calibration_backend(a.device, &a.device_mem)?;
+    let o = run_eval(&a.reference, &a.candidate, &a.data, quiet, backend)?;
     if !quiet {
         let ds = o.json.get("data").and_then(|v| v.as_str()).unwrap_or("").to_string();
         print_report(&o.report, &ds);

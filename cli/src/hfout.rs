@@ -248,7 +248,18 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let solved = match method {
         crate::solve::Method::Rtn => None,
         m => {
-            Some(crate::solve::run(&a.q.solve, m, &ck, &grids_of(&planned), &label, &a.output, a.pipeline.resume, rep)?)
+            let backend = a.pipeline.calibration_backend()?;
+            Some(crate::solve::run(
+                &a.q.solve,
+                m,
+                &ck,
+                &grids_of(&planned),
+                &label,
+                &a.output,
+                a.pipeline.resume,
+                rep,
+                backend,
+            )?)
         }
     };
     let store = solved.as_ref().map(|s| s.store.clone());

@@ -575,7 +575,7 @@ fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool)
     let out = report.outputs.first().context("--eval: nothing was written")?;
     let d =
         crate::eval::DataArgs { data: Some(data.to_path_buf()), tokens: None, ctx: a.eval_ctx, chunks: a.eval_chunks };
-    let o = crate::eval::run_eval(&a.q.src, out, &d, quiet)
+    let o = crate::eval::run_eval(&a.q.src, out, &d, quiet, a.pipeline.calibration_backend()?)
         .context("--eval: the evaluation failed (the artifact is complete)")?;
     if !quiet {
         crate::eval::print_report(&o.report, &data.display().to_string());

@@ -169,6 +169,7 @@ pub fn run(
     output: &Path,
     resume: bool,
     rep: &crate::convert::Reporter,
+    backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
 ) -> Result<Solved> {
     use sling_calibration::gptq::{self, Progress, Settings};
     use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord};
@@ -196,6 +197,7 @@ pub fn run(
         all_experts: s.all_experts,
         sequential: !s.no_sequential,
         max_ram,
+        backend,
         ..Default::default()
     };
     // Everything that decides the store's contents: a resumed run reuses it only when all of it is the same.

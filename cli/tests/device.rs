@@ -23,7 +23,20 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn quantize(out: &Path, device: &str, env: &[(&str, &str)]) -> Output {
     let src = fixture("qwen3moe");
     run(
-        &["quantize", src.to_str().unwrap(), "--to", "gguf:Q4_K_M", "--tokenizer-pre", "gpt-2", "--device", device, "--no-manifest", "--json", "-o", out.to_str().unwrap()],
+        &[
+            "quantize",
+            src.to_str().unwrap(),
+            "--to",
+            "gguf:Q4_K_M",
+            "--tokenizer-pre",
+            "gpt-2",
+            "--device",
+            device,
+            "--no-manifest",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ],
         env,
     )
 }
@@ -145,7 +158,8 @@ fn doctor_reports_cpu_cuda_and_pins() {
     assert!(j["cuda"]["built"].is_boolean());
     assert!(j["cuda"]["driver"]["ok"].is_boolean());
     assert!(j["cuda"]["nvrtc"]["ok"].is_boolean());
-    let tools: Vec<&str> = j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
+    let tools: Vec<&str> =
+        j["reference_tools"].as_array().unwrap().iter().map(|t| t["tool"].as_str().unwrap()).collect();
     assert!(tools.iter().any(|t| t.starts_with("llama.cpp")), "{tools:?}");
     let text = run(&["doctor"], &[]);
     assert!(text.status.success());
@@ -163,4 +177,49 @@ fn each_cause_is_printed_once() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("is not in the reference converter's table").count(), 1, "{err}");
+}
+
+fn calibrate(out: &Path, device: &str) -> Output {
+    let src = fixture("qwen3moe");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/data/calib.txt");
+    run(
+        &[
+            "calibrate",
+            src.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "4",
+            "--device",
+            device,
+            "-q",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+/// Calibration on the CPU: `auto` (no GPU here) and `cpu` write the same imatrix and say where the products ran;
+/// an explicit `cuda` that cannot start is an input error and writes nothing.
+#[test]
+fn calibrate_device_auto_cpu_and_unusable_cuda() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("auto.gguf"), d.path().join("cpu.gguf"));
+    let (oa, ob) = (calibrate(&a, "auto"), calibrate(&b, "cpu"));
+    assert!(oa.status.success() && ob.status.success(), "{}", String::from_utf8_lossy(&oa.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&ob.stdout).unwrap();
+    assert_eq!((j["device"]["gpu"].as_bool(), j["device"]["device_products"].as_u64()), (Some(false), Some(0)));
+    if !has_driver() {
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let c = d.path().join("cuda.gguf");
+        let o = calibrate(&c, "cuda");
+        assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--device cuda:0") && err.contains("sling doctor"), "{err}");
+        assert!(!c.exists(), "an imatrix was written");
+    }
 }

@@ -5,6 +5,7 @@
 #include "shim.h"
 #include "ggml_quants.cuh"
 #include "quant.cu"
+#include "kquant_split.cu"
 
 typedef void (*sling_quantize_kernel)(const float *, const float *, const float *, uint8_t *, int64_t, int);
 
@@ -88,3 +89,56 @@ extern "C" int sling_host_dequantize(const char * name, const uint8_t * y, float
     }
     return -1;
 }
+
+// ---- the two-pass K-quant kernels (kquant_split.cu) ----
+
+typedef void (*sling_sub_kernel)(const float *, const float *, uint8_t *, int64_t, int);
+typedef void (*sling_fin_kernel)(const float *, const float *, const uint8_t *, uint8_t *, int64_t, int);
+
+struct sling_host_split {
+    const char * name;
+    sling_sub_kernel sub;
+    sling_fin_kernel fin;
+    int subs;
+};
+
+#define SLING_HOST_SPLIT_ENTRY(T, QK, BYTES, SUBS) {#T, sling_sub_##T##_k, sling_fin_##T##_k, SUBS},
+static const sling_host_split SLING_HOST_SPLITS[] = {SLING_SPLIT_TYPES(SLING_HOST_SPLIT_ENTRY)};
+
+struct sling_host_split_args {
+    const sling_host_split * k;
+    const float * x;
+    const float * qw;
+    uint8_t * scratch;
+    uint8_t * y;
+    int64_t nblocks;
+    int blocks_per_row;
+};
+
+static void sling_host_sub(void * p) {
+    sling_host_split_args * a = (sling_host_split_args *)p;
+    a->k->sub(a->x, a->qw, a->scratch, a->nblocks, a->blocks_per_row);
+}
+
+static void sling_host_fin(void * p) {
+    sling_host_split_args * a = (sling_host_split_args *)p;
+    a->k->fin(a->x, a->qw, a->scratch, a->y, a->nblocks, a->blocks_per_row);
+}
+
+// The two-pass kernels of ggml type `name` over `nrows` rows, launched as the CUDA backend launches them (one
+// thread per sub-block, then one per block, 128-thread blocks). `scratch` holds nblocks * subs * SLING_SUB_BYTES
+// bytes. Returns 0, or -1 for a type without two-pass kernels.
+extern "C" int sling_host_quantize_split(const char * name, const float * x, const float * qw, uint8_t * scratch,
+                                         uint8_t * y, int64_t nrows, int n_per_row, int qk) {
+    for (const sling_host_split & k : SLING_HOST_SPLITS) {
+        if (strcmp(k.name, name) != 0) continue;
+        sling_host_split_args a = {&k, x, qw, scratch, y, nrows * (n_per_row / qk), n_per_row / qk};
+        sling_host_grid((unsigned int)(a.nblocks * k.subs), 128, sling_host_sub, &a);
+        sling_host_grid((unsigned int)a.nblocks, 128, sling_host_fin, &a);
+        return 0;
+    }
+    return -1;
+}
+
+// SLING_SUB_BYTES, for the Rust side's check of its copy.
+extern "C" int sling_host_sub_bytes(void) { return SLING_SUB_BYTES; }

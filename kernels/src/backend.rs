@@ -61,6 +61,8 @@ pub enum DeviceError {
     Cuda { ordinal: usize, op: &'static str, message: String },
     #[error("compiling the kernels for {arch} with NVRTC failed: {log}")]
     Compile { arch: String, log: String },
+    #[error("{0} have not yet been run on a GPU by this project's checks (docs/kernels.md, \"Not yet run on a GPU\"); SLING_CUDA_UNVERIFIED=1 turns them on")]
+    Unverified(&'static str),
     #[error("kernel cache {path}: {source}")]
     Cache { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -129,6 +131,35 @@ pub trait Backend: Send + Sync {
     }
     /// Blocks quantized on the device and on the host so far.
     fn counters(&self) -> (u64, u64);
+    /// Dense matrix products on this backend's device, for the calibration forward pass and GPTQ's Hessians:
+    /// `Ok(None)` on the CPU (callers use their own GEMM), an error when a GPU backend cannot offer them (cuBLAS
+    /// missing). Opened at the first call, so quantization never loads cuBLAS.
+    fn gemm(&self) -> Result<Option<&dyn Gemm>, DeviceError> {
+        Ok(None)
+    }
+}
+
+impl fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Dense products on a device (cuBLAS on CUDA). Results agree with a CPU GEMM within float tolerance, not bit
+/// for bit: the summation order is the library's (docs/kernels.md, "Calibration").
+pub trait Gemm: Send + Sync {
+    /// `cublas 13.0 on cuda:0`.
+    fn describe(&self) -> String;
+    /// Whether a product of `[t, k] · [k, n]` is worth sending to the device (copies cost more than small
+    /// products save; `SLING_GEMM_MIN_WORK=0` sends every one, for tests).
+    fn wants(&self, t: usize, k: usize, n: usize) -> bool;
+    /// `y = x · wᵀ` in IEEE f32 (no TF32): `x` `[t, k]`, `w` `[n, k]` (PyTorch `nn.Linear` layout), `y`
+    /// `[t, n]`, all row-major; `y` is overwritten.
+    fn linear(&self, x: &[f32], w: &[f32], t: usize, k: usize, n: usize, y: &mut [f32]) -> Result<(), DeviceError>;
+    /// `h += xᵀ · x` in f64 (the inputs widened exactly): `x` `[t, k]` row-major, `h` `[k, k]`. GPTQ's Hessian.
+    fn gram(&self, x: &[f32], t: usize, k: usize, h: &mut [f64]) -> Result<(), DeviceError>;
+    /// Products run on the device so far and their floating-point operations.
+    fn counters(&self) -> (u64, f64);
 }
 
 /// The CPU: [`crate::quantize_rows`] (AVX2 where present, else the scalar reference).
@@ -172,8 +203,9 @@ pub struct DeviceOptions {
     /// Where compiled kernels are cached (`None`: no disk cache).
     pub cache_dir: Option<std::path::PathBuf>,
     /// Paths built and tested on the host but not yet run on a GPU (docs/kernels.md, "Not yet run on a GPU"):
-    /// page-locked staging of windows and dequantization on the device. Off unless `SLING_CUDA_UNVERIFIED=1`;
-    /// `scripts/gpu-check` turns them on so that the next run on a GPU checks them.
+    /// page-locked staging of windows, dequantization on the device, the two-pass K-quant kernels and cuBLAS
+    /// products for calibration. Off unless `SLING_CUDA_UNVERIFIED=1`; `scripts/gpu-check` turns them on so
+    /// that the next run on a GPU checks them.
     pub unverified: bool,
 }
 
@@ -210,7 +242,9 @@ pub fn open(device: Device, options: &DeviceOptions) -> Result<Selected, DeviceE
     let cpu = || Arc::new(CpuBackend::default()) as Arc<dyn Backend>;
     match device {
         Device::Cpu => Ok(Selected { backend: cpu(), fallback: None }),
-        Device::Cuda(n) => Ok(Selected { backend: Arc::new(crate::cuda::CudaBackend::open(n, options)?), fallback: None }),
+        Device::Cuda(n) => {
+            Ok(Selected { backend: Arc::new(crate::cuda::CudaBackend::open(n, options)?), fallback: None })
+        }
         Device::Auto => match crate::cuda::CudaBackend::open(0, options) {
             Ok(b) => Ok(Selected { backend: Arc::new(b), fallback: None }),
             Err(e) => Ok(Selected { backend: cpu(), fallback: Some(e) }),

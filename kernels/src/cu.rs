@@ -8,15 +8,17 @@
 use sling_core::DType;
 use sling_quantizers::EncodeError;
 
-/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers, the GGUF block kernels and the
-/// compressed-tensors / MLX kernels (`ct.cu`), in that order (NVRTC sees no include files, so the parts are
-/// concatenated; `host.cpp` includes the first three, `host_ct.cpp` `shim.h` and `ct.cu`).
+/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers, the GGUF block kernels (one-pass and
+/// two-pass K-quants) and the compressed-tensors / MLX kernels (`ct.cu`), in that order (NVRTC sees no include
+/// files, so the parts are concatenated; `host.cpp` includes the first four, `host_ct.cpp` `shim.h` and `ct.cu`).
 pub const SOURCE: &str = concat!(
     include_str!("../cu/shim.h"),
     "\n",
     include_str!("../cu/ggml_quants.cuh"),
     "\n",
     include_str!("../cu/quant.cu"),
+    "\n",
+    include_str!("../cu/kquant_split.cu"),
     "\n",
     include_str!("../cu/ct.cu")
 );
@@ -40,6 +42,20 @@ pub const TYPES: &[DType] = &[
     DType::IQ4NL,
     DType::IQ4XS,
 ];
+
+/// K-quants with two-pass kernels (`cu/kquant_split.cu`): one thread per sub-block for the scale search
+/// (`sling_sub_<T>_k`), then one per block for the rest (`sling_fin_<T>_k`); the same bytes as the one-pass
+/// kernel, with 8 or 16 times the threads. (type, sub-blocks per block).
+pub const SPLIT: &[(DType, usize)] =
+    &[(DType::Q2K, 16), (DType::Q3K, 16), (DType::Q4K, 8), (DType::Q5K, 8), (DType::Q6K, 16)];
+
+/// Bytes of one sub-block's record in the two-pass kernels' scratch (`SLING_SUB_BYTES`).
+pub const SUB_BYTES: usize = 48;
+
+/// Sub-blocks per block of `dtype`'s two-pass kernels, if it has them.
+pub fn split_subs(dtype: DType) -> Option<usize> {
+    SPLIT.iter().find(|(t, _)| *t == dtype).map(|&(_, s)| s)
+}
 
 /// Whether `dtype` has a kernel.
 pub fn has_kernel(dtype: DType) -> bool {
@@ -95,6 +111,17 @@ pub fn device_safe(x: &[f32], qw: Option<&[f32]>) -> bool {
 }
 
 extern "C" {
+    fn sling_host_quantize_split(
+        name: *const std::ffi::c_char,
+        x: *const f32,
+        qw: *const f32,
+        scratch: *mut u8,
+        y: *mut u8,
+        nrows: i64,
+        n_per_row: i32,
+        qk: i32,
+    ) -> i32;
+    fn sling_host_sub_bytes() -> i32;
     fn sling_host_dequantize(name: *const std::ffi::c_char, y: *const u8, x: *mut f32, nblocks: i64) -> i32;
     fn sling_host_quantize(
         name: *const std::ffi::c_char,
@@ -108,9 +135,9 @@ extern "C" {
     ) -> i32;
 }
 
-/// Quantizes whole rows with the host build of the GPU kernel of `dtype`, launched as the CUDA backend launches
-/// it (row pass, then one thread per block), appending to `out`. For tests and `sling doctor`; the CPU backend
-/// uses the Rust kernels.
+/// Quantizes whole rows with the host build of the GPU kernels of `dtype`, launched as the CUDA backend launches
+/// them (the two-pass kernels where the type has them, else the row pass and one thread per block), appending to
+/// `out`. For tests and `sling doctor`; the CPU backend uses the Rust kernels.
 pub fn host_quantize_rows(
     dtype: DType,
     x: &[f32],
@@ -118,29 +145,64 @@ pub fn host_quantize_rows(
     imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
+    host_quantize_rows_with(dtype, x, n_per_row, imatrix, out, split_subs(dtype).is_some())
+}
+
+/// [`host_quantize_rows`] with the pass chosen: `split` the two-pass kernels (an error for a type without them),
+/// else the one-pass kernel.
+pub fn host_quantize_rows_with(
+    dtype: DType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    out: &mut Vec<u8>,
+    split: bool,
+) -> Result<(), EncodeError> {
     let row_bytes = sling_quantizers::ggml::check_rows(dtype, x, n_per_row, imatrix)?;
-    if !has_kernel(dtype) {
+    if !has_kernel(dtype) || (split && split_subs(dtype).is_none()) {
         return Err(EncodeError::Unsupported(dtype));
     }
     let nrows = x.len() / n_per_row;
     let start = out.len();
     out.resize(start + nrows * row_bytes, 0);
-    let mut sig2 = vec![0f32; nrows];
     let name = std::ffi::CString::new(dtype.name()).expect("type names hold no NUL");
-    // SAFETY: `x` holds `nrows * n_per_row` values, `imatrix` (checked above) `n_per_row` or is null, `sig2`
-    // `nrows` floats and `out[start..]` `nrows * row_bytes` bytes: exactly what the launcher reads and writes for
-    // `nrows` rows of `n_per_row / qk` blocks of this type.
-    let rc = unsafe {
-        sling_host_quantize(
-            name.as_ptr(),
-            x.as_ptr(),
-            imatrix.map_or(std::ptr::null(), <[f32]>::as_ptr),
-            sig2.as_mut_ptr(),
-            out[start..].as_mut_ptr(),
-            nrows as i64,
-            n_per_row as i32,
-            dtype.block_elems() as i32,
-        )
+    let qk = dtype.block_elems() as i32;
+    let qw = imatrix.map_or(std::ptr::null(), <[f32]>::as_ptr);
+    let rc = if let Some(subs) = split_subs(dtype).filter(|_| split) {
+        // SAFETY: sling_host_sub_bytes only returns a constant.
+        debug_assert_eq!(unsafe { sling_host_sub_bytes() } as usize, SUB_BYTES);
+        let mut scratch = vec![0u8; (x.len() / dtype.block_elems()) * subs * SUB_BYTES];
+        // SAFETY: `x` holds `nrows * n_per_row` values, `qw` (checked above) `n_per_row` or is null, `scratch`
+        // a record per sub-block and `out[start..]` `nrows * row_bytes` bytes: what the launcher reads and writes.
+        unsafe {
+            sling_host_quantize_split(
+                name.as_ptr(),
+                x.as_ptr(),
+                qw,
+                scratch.as_mut_ptr(),
+                out[start..].as_mut_ptr(),
+                nrows as i64,
+                n_per_row as i32,
+                qk,
+            )
+        }
+    } else {
+        let mut sig2 = vec![0f32; nrows];
+        // SAFETY: `x` holds `nrows * n_per_row` values, `qw` (checked above) `n_per_row` or is null, `sig2`
+        // `nrows` floats and `out[start..]` `nrows * row_bytes` bytes: exactly what the launcher reads and writes
+        // for `nrows` rows of `n_per_row / qk` blocks of this type.
+        unsafe {
+            sling_host_quantize(
+                name.as_ptr(),
+                x.as_ptr(),
+                qw,
+                sig2.as_mut_ptr(),
+                out[start..].as_mut_ptr(),
+                nrows as i64,
+                n_per_row as i32,
+                qk,
+            )
+        }
     };
     if rc != 0 {
         out.truncate(start);

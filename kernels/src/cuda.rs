@@ -35,6 +35,8 @@ struct Lane {
     qw: Option<CudaSlice<f32>>,
     sig2: Option<CudaSlice<f32>>,
     y: Option<CudaSlice<u8>>,
+    /// Sub-block records of the two-pass K-quant kernels.
+    scratch: Option<CudaSlice<u8>>,
 }
 
 struct Pool {
@@ -48,6 +50,11 @@ pub struct CudaBackend {
     describe: String,
     kernels: Vec<(DType, CudaFunction)>,
     dequant: Vec<(DType, CudaFunction)>,
+    /// The two-pass kernels (`cu::SPLIT`): (type, sub-blocks per block, sub-block pass, block pass).
+    split: Vec<(DType, usize, CudaFunction, CudaFunction)>,
+    /// Launch the two-pass kernels where a type has them ([`DeviceOptions::unverified`] and not
+    /// `SLING_CUDA_SPLIT=0`; the bytes are the same as the one-pass kernels').
+    use_split: bool,
     sigma2: CudaFunction,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -60,13 +67,22 @@ pub struct CudaBackend {
     /// Dequantize on the device ([`DeviceOptions::unverified`]).
     gpu_dequantize: bool,
     counters: Counters,
+    /// cuBLAS for calibration, opened at the first [`Backend::gemm`] call (quantization never loads it).
+    gemm: std::sync::OnceLock<Result<crate::cuda_gemm::CudaGemm, DeviceError>>,
+    mem_limit: u64,
+    /// [`DeviceOptions::unverified`]: cuBLAS products for calibration are offered only then.
+    unverified: bool,
     /// `cu/ct.cu`'s kernels, in [`crate::encode::KERNELS`] order ([`Backend::encode_rows`]).
     ct_kernels: Vec<CudaFunction>,
 }
 
 /// One thread per item (block or row), `threads` per CUDA block.
 fn launch_config(items: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (items.div_ceil(threads as usize) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (items.div_ceil(threads as usize) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn cuda_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> DeviceError {
@@ -104,7 +120,9 @@ pub fn compile(arch: &str) -> Result<Vec<u8>, DeviceError> {
             }
             Ok(()) => {
                 let mut size = 0usize;
-                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
                 let mut cubin = vec![0u8; size];
                 nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
                     .result()
@@ -147,7 +165,11 @@ pub fn cubin(arch: &str, cache: Option<&Path>) -> Result<(Vec<u8>, &'static str)
             let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
                 .ok()?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".cubin")))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&stem) && n.ends_with(".cubin"))
+                })
                 .collect();
             v.sort();
             v.pop()
@@ -192,14 +214,22 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().map_err(cuda_err(ordinal, "device name"))?;
         let (bin, from) = cubin(&arch, options.cache_dir.as_deref())?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
-            .map_err(cuda_err(ordinal, "load kernels"))?;
+        let module =
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(cuda_err(ordinal, "load kernels"))?;
         let load = |f: &str| module.load_function(f).map_err(cuda_err(ordinal, "load kernel function"));
         let (mut kernels, mut dequant) = (Vec::new(), Vec::new());
         for &t in cu::TYPES {
             kernels.push((t, load(&cu::kernel_name(t).expect("every listed type has a kernel"))?));
             dequant.push((t, load(&cu::dequant_kernel_name(t).expect("every listed type has a kernel"))?));
+        }
+        let mut split = Vec::new();
+        for &(t, subs) in cu::SPLIT {
+            split.push((
+                t,
+                subs,
+                load(&format!("sling_sub_{}_k", t.name()))?,
+                load(&format!("sling_fin_{}_k", t.name()))?,
+            ));
         }
         let sigma2 = load(cu::ROW_SIGMA2)?;
         let ct_kernels = crate::encode::KERNELS.iter().map(|n| load(n)).collect::<Result<Vec<_>, _>>()?;
@@ -211,6 +241,8 @@ impl CudaBackend {
             ctx,
             kernels,
             dequant,
+            split,
+            use_split: options.unverified && std::env::var_os("SLING_CUDA_SPLIT").is_none_or(|v| v != "0"),
             sigma2,
             pool: Mutex::new(Pool { idle: Vec::new(), created: 0 }),
             returned: Condvar::new(),
@@ -223,6 +255,9 @@ impl CudaBackend {
             pinned: options.unverified && std::env::var_os("SLING_CUDA_PAGEABLE").is_none_or(|v| v == "0"),
             gpu_dequantize: options.unverified,
             counters: Counters::default(),
+            gemm: std::sync::OnceLock::new(),
+            mem_limit: options.mem_limit,
+            unverified: options.unverified,
             ct_kernels,
         })
     }
@@ -237,7 +272,16 @@ impl CudaBackend {
                 pool.created += 1;
                 drop(pool);
                 let stream = self.ctx.new_stream().map_err(cuda_err(self.ordinal, "create stream"))?;
-                return Ok(Lane { stream, pin_x: None, pin_y: None, x: None, qw: None, sig2: None, y: None });
+                return Ok(Lane {
+                    stream,
+                    pin_x: None,
+                    pin_y: None,
+                    x: None,
+                    qw: None,
+                    sig2: None,
+                    y: None,
+                    scratch: None,
+                });
             }
             pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
@@ -314,7 +358,37 @@ impl CudaBackend {
         let nblocks_i = nblocks as i64;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
         let cfg = |n: usize| launch_config(n, self.threads);
-        if let Some(w) = qw {
+        if let Some((_, subs, sub, fin)) = self.split.iter().find(|(t, ..)| *t == dtype).filter(|_| self.use_split) {
+            let nsub = nblocks * subs;
+            ensure(&s, &mut lane.scratch, nsub * cu::SUB_BYTES).map_err(err("allocate"))?;
+            if let Some(w) = qw {
+                ensure(&s, &mut lane.qw, w.len()).map_err(err("allocate"))?;
+                s.memcpy_htod(w, &mut lane.qw.as_mut().unwrap().slice_mut(..w.len())).map_err(err("copy to device"))?;
+            }
+            let dscr = lane.scratch.as_mut().unwrap();
+            let dw = lane.qw.as_ref().filter(|_| qw.is_some());
+            let mut b = s.launch_builder(sub);
+            b.arg(&*dx);
+            match dw {
+                Some(dw) => b.arg(dw),
+                None => b.arg(&null),
+            };
+            b.arg(&mut *dscr).arg(&nblocks_i).arg(&bpr);
+            // SAFETY: sling_sub_T_k(const float*, const float*, uint8_t*, int64_t, int) reads nblocks blocks of x
+            // and blocks_per_row * QK weights (or none when null), and writes nblocks * subs records of
+            // cu::SUB_BYTES to scratch: every buffer holds at least that (ensured above).
+            unsafe { b.launch(cfg(nsub)) }.map_err(err("launch sub-block kernel"))?;
+            let mut b = s.launch_builder(fin);
+            b.arg(&*dx);
+            match dw {
+                Some(dw) => b.arg(dw),
+                None => b.arg(&null),
+            };
+            b.arg(&*dscr).arg(&mut *dy).arg(&nblocks_i).arg(&bpr);
+            // SAFETY: sling_fin_T_k(const float*, const float*, const uint8_t*, uint8_t*, int64_t, int) reads what
+            // the sub-block pass read plus its records, and writes nblocks blocks to y (out.len() bytes, ensured).
+            unsafe { b.launch(cfg(nblocks)) }.map_err(err("launch block kernel"))?;
+        } else if let Some(w) = qw {
             ensure(&s, &mut lane.qw, w.len()).map_err(err("allocate"))?;
             let dw = lane.qw.as_mut().unwrap();
             s.memcpy_htod(w, &mut dw.slice_mut(..w.len())).map_err(err("copy to device"))?;
@@ -362,7 +436,12 @@ impl CudaBackend {
         threads: u32,
     ) -> Result<f64, KernelError> {
         sling_quantizers::ggml::check_rows(dtype, x, n_per_row, qw)?;
-        let f = self.kernels.iter().find(|(t, _)| *t == dtype).map(|(_, f)| f).ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
+        let f = self
+            .kernels
+            .iter()
+            .find(|(t, _)| *t == dtype)
+            .map(|(_, f)| f)
+            .ok_or(sling_quantizers::EncodeError::Unsupported(dtype))?;
         let err = |op| cuda_err(self.ordinal, op);
         let s = self.ctx.new_stream().map_err(err("create stream"))?;
         let dx = s.clone_htod(x).map_err(err("copy to device"))?;
@@ -373,9 +452,35 @@ impl CudaBackend {
         let mut sig = s.alloc_zeros::<f32>(nrows.max(1)).map_err(err("allocate"))?;
         let bpr = (n_per_row / dtype.block_elems()) as i32;
         let (nrows_i, npr, null) = (nrows as i64, n_per_row as i32, 0u64);
-                let cfg = |n: usize| launch_config(n, threads);
+        let cfg = |n: usize| launch_config(n, threads);
+        let split = self.split.iter().find(|(t, ..)| *t == dtype).filter(|_| self.use_split);
+        let mut scratch = match split {
+            Some((_, subs, ..)) => {
+                Some(s.alloc_zeros::<u8>(nblocks as usize * subs * cu::SUB_BYTES).map_err(err("allocate"))?)
+            }
+            None => None,
+        };
         let mut once = || -> Result<(), DeviceError> {
-            if let Some(w) = &w {
+            if let (Some((_, subs, sub, fin)), Some(scr)) = (split, scratch.as_mut()) {
+                let mut b = s.launch_builder(sub);
+                b.arg(&dx);
+                match &w {
+                    Some(w) => b.arg(w),
+                    None => b.arg(&null),
+                };
+                b.arg(&mut *scr).arg(&nblocks).arg(&bpr);
+                // SAFETY: as in `run_group`: every buffer holds what the kernel reads or writes.
+                unsafe { b.launch(cfg(nblocks as usize * subs)) }.map_err(err("launch"))?;
+                let mut b = s.launch_builder(fin);
+                b.arg(&dx);
+                match &w {
+                    Some(w) => b.arg(w),
+                    None => b.arg(&null),
+                };
+                b.arg(&*scr).arg(&mut dy).arg(&nblocks).arg(&bpr);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg(nblocks as usize)) }.map_err(err("launch"))?;
+            } else if let Some(w) = &w {
                 let mut b = s.launch_builder(&self.sigma2);
                 b.arg(&dx).arg(&mut sig).arg(&nrows_i).arg(&npr);
                 // SAFETY: as in `run_group`: every buffer holds what the kernel reads or writes.
@@ -433,7 +538,8 @@ impl Backend for CudaBackend {
         let start = out.len();
         out.resize(start + nrows * row_bytes, 0);
         // Rows per group: the lane's share of device memory over each row's input, output and sigma2.
-        let per_row = (n_per_row * 4 + row_bytes + 4) as u64;
+        let scratch = cu::split_subs(dtype).map_or(0, |subs| n_per_row / dtype.block_elems() * subs * cu::SUB_BYTES);
+        let per_row = (n_per_row * 4 + row_bytes + 4 + scratch) as u64;
         let group = ((self.lane_bytes.saturating_sub(n_per_row as u64 * 4)) / per_row).max(1) as usize;
         let mut lane = self.take_lane()?;
         let mut result = Ok(());
@@ -490,10 +596,28 @@ impl Backend for CudaBackend {
     fn counters(&self) -> (u64, u64) {
         self.counters.get()
     }
+
+    fn gemm(&self) -> Result<Option<&dyn crate::backend::Gemm>, DeviceError> {
+        if !self.unverified {
+            return Err(DeviceError::Unverified("calibration's products on the GPU (cuBLAS)"));
+        }
+        match self.gemm.get_or_init(|| crate::cuda_gemm::CudaGemm::open(self.ordinal, self.ctx.clone(), self.mem_limit))
+        {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => Err(DeviceError::Cuda { ordinal: self.ordinal, op: "open cuBLAS", message: e.to_string() }),
+        }
+    }
 }
 
 impl CudaBackend {
-    fn run_dequant(&self, lane: &mut Lane, f: &CudaFunction, dtype: DType, y: &[u8], out: &mut [f32]) -> Result<(), DeviceError> {
+    fn run_dequant(
+        &self,
+        lane: &mut Lane,
+        f: &CudaFunction,
+        dtype: DType,
+        y: &[u8],
+        out: &mut [f32],
+    ) -> Result<(), DeviceError> {
         let err = |op| cuda_err(self.ordinal, op);
         let s = lane.stream.clone();
         let nblocks = (y.len() / dtype.block_bytes()) as i64;

@@ -21,7 +21,14 @@ impl Backend for CudaBackend {
     fn is_gpu(&self) -> bool {
         match *self {}
     }
-    fn quantize_rows(&self, _: DType, _: &[f32], _: usize, _: Option<&[f32]>, _: &mut Vec<u8>) -> Result<(), KernelError> {
+    fn quantize_rows(
+        &self,
+        _: DType,
+        _: &[f32],
+        _: usize,
+        _: Option<&[f32]>,
+        _: &mut Vec<u8>,
+    ) -> Result<(), KernelError> {
         match *self {}
     }
     fn dequantize(&self, _: DType, _: &[u8], _: &mut Vec<f32>) -> Result<(), KernelError> {
@@ -34,7 +41,12 @@ impl Backend for CudaBackend {
 
 /// What `sling doctor` reports about CUDA.
 pub fn probe() -> crate::Probe {
-    crate::Probe { built: false, driver: Err(DeviceError::NotBuilt.to_string()), nvrtc: Err(DeviceError::NotBuilt.to_string()), devices: Vec::new() }
+    crate::Probe {
+        built: false,
+        driver: Err(DeviceError::NotBuilt.to_string()),
+        nvrtc: Err(DeviceError::NotBuilt.to_string()),
+        devices: Vec::new(),
+    }
 }
 
 /// Compiles the kernels for `arch` with NVRTC (unavailable in this build).

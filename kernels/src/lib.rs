@@ -17,11 +17,14 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_gemm;
 pub mod encode;
+pub mod gemm_layout;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 
-pub use backend::{Backend, Device, DeviceError, DeviceOptions, KernelError};
+pub use backend::{Backend, Device, DeviceError, DeviceOptions, Gemm, KernelError};
 pub use encode::{EncodedRows, EncodingError, RowEncoding};
 
 /// What this build and machine offer for CUDA (`sling doctor`).

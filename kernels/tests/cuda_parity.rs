@@ -50,7 +50,11 @@ fn gpu_bytes_equal_cpu_bytes_for_every_type() {
                 let (a, b) = both(&gpu, t, &x, n, qw);
                 if a != b {
                     let i = a.iter().zip(&b).position(|(p, q)| p != q).unwrap_or(0);
-                    failures.push(format!("{t} {nrows}x{n} qw={}: first difference at byte {i} (block {})", qw.is_some(), i / t.block_bytes()));
+                    failures.push(format!(
+                        "{t} {nrows}x{n} qw={}: first difference at byte {i} (block {})",
+                        qw.is_some(),
+                        i / t.block_bytes()
+                    ));
                 }
             }
         }
@@ -169,4 +173,26 @@ fn gpu_encodings_equal_the_reference() {
         }
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The one-pass kernels of the types that have two-pass ones (`SLING_CUDA_SPLIT=0`, which the benchmark
+/// compares): the CPU's bytes too.
+#[test]
+fn one_pass_kernels_of_split_types_equal_cpu_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    std::env::set_var("SLING_CUDA_SPLIT", "0");
+    let one = CudaBackend::open(0, &DeviceOptions::default());
+    std::env::remove_var("SLING_CUDA_SPLIT");
+    let one = one.expect("CUDA device 0 opened a moment ago");
+    for &(t, _) in cu::SPLIT {
+        let n = 4096;
+        let x = rows(t as u64 + 5, 64 * n);
+        let w: Vec<f32> = (0..n).map(|i| 0.05 + (i * 31 % 113) as f32 / 17.0).collect();
+        for qw in [None, Some(w.as_slice())] {
+            let (a, b) = both(&one, t, &x, n, qw);
+            assert!(a == b, "{t} one-pass, qw {}", qw.is_some());
+        }
+    }
 }

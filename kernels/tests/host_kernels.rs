@@ -55,6 +55,26 @@ fn weights(n: usize) -> Vec<f32> {
     (0..n).map(|i| 0.1 + ((i * 7919) % 97) as f32 / 13.0).collect()
 }
 
+/// The one-pass kernels of the types that also have two-pass ones (the CUDA backend launches the two-pass ones;
+/// `host` above tests those): the same bytes too.
+#[test]
+fn one_pass_kernels_of_split_types_equal_the_scalar_reference() {
+    for &(t, _) in cu::SPLIT {
+        for (rows_n, n) in [(1usize, 256usize), (3, 512)] {
+            let x = rows(t as u64 * 17 + n as u64, rows_n * n);
+            let w = weights(n);
+            for qw in [None, Some(w.as_slice())] {
+                let mut a = Vec::new();
+                cu::host_quantize_rows_with(t, &x, n, qw, &mut a, false).unwrap();
+                assert!(a == reference(t, &x, n, qw), "{t} one-pass, qw {}", qw.is_some());
+                let mut b = Vec::new();
+                cu::host_quantize_rows_with(t, &x, n, qw, &mut b, true).unwrap();
+                assert!(a == b, "{t}: two-pass differs from one-pass, qw {}", qw.is_some());
+            }
+        }
+    }
+}
+
 #[test]
 fn every_kernel_type_is_in_the_descriptor_table_with_its_block_size() {
     for &t in cu::TYPES {
@@ -94,7 +114,10 @@ fn host_kernels_equal_the_scalar_reference_on_adversarial_rows() {
         ("negative constant", vec![-3.0; n]),
         ("one outlier", (0..n).map(|i| if i == 77 { 1e4 } else { (i % 5) as f32 * 0.01 }).collect()),
         ("halves", (0..n).map(|i| (i as f32 - 128.0) * 0.5).collect()),
-        ("subnormals", (0..n).map(|i| f32::from_bits(1 + i as u32 * 977) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect()),
+        (
+            "subnormals",
+            (0..n).map(|i| f32::from_bits(1 + i as u32 * 977) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect(),
+        ),
         ("tiny", (0..n).map(|i| (i as f32 - 100.0) * 1e-38).collect()),
         ("huge", (0..n).map(|i| (i as f32 - 100.0) * 1e36).collect()),
         ("max", (0..n).map(|i| if i % 3 == 0 { f32::MAX } else { -f32::MAX / 3.0 }).collect()),
@@ -184,7 +207,11 @@ fn host_dequantize_equals_the_reference() {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             cu::host_dequantize(t, y, &mut a).unwrap();
             sling_quantizers::dequantize(t, y, &mut b).unwrap();
-            assert!(bits_eq(&a, &b), "{t} {what}: first difference at {:?}", a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()));
+            assert!(
+                bits_eq(&a, &b),
+                "{t} {what}: first difference at {:?}",
+                a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits())
+            );
         }
     }
 }

@@ -29,9 +29,16 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         let cubin = cuda::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         // An ELF image holding every kernel's symbol.
         assert_eq!(&cubin[..4], b"\x7fELF", "{arch}");
-        let has = |name: &str| cubin.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0);
+        let has = |name: &str| {
+            cubin.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
+        };
         for &t in cu::TYPES {
             for name in [cu::kernel_name(t).unwrap(), cu::dequant_kernel_name(t).unwrap()] {
+                assert!(has(&name), "{arch}: {name} missing from the CUBIN");
+            }
+        }
+        for &(t, _) in cu::SPLIT {
+            for name in [format!("sling_sub_{}_k", t.name()), format!("sling_fin_{}_k", t.name())] {
                 assert!(has(&name), "{arch}: {name} missing from the CUBIN");
             }
         }
