@@ -674,8 +674,8 @@ impl CudaBackend {
             .ok_or(DeviceError::Cuda { ordinal: self.ordinal, op: "find kernel", message: name.to_string() })
     }
 
-    /// Windows the kernels cannot reproduce exactly ([`crate::encode::device_safe`]) run the reference on the
-    /// CPU; others run in row groups under the lane's share of `--device-mem` (whole 128-row tiles for FP8 block).
+    /// Windows the kernels cannot reproduce exactly ([`crate::encode::device_safe`]), and every window unless
+    /// [`DeviceOptions::unverified`], run the reference on the CPU; others run in row groups under the lane's share of `--device-mem` (whole 128-row tiles for FP8 block).
     /// One counted "block" per group (scale).
     fn encode_rows_device(
         &self,
@@ -690,7 +690,9 @@ impl CudaBackend {
         // A NaN or infinite NVFP4 global scale (never what `ct::nvfp4_global_scale` returns) would make NaN scales
         // whose sign is x86's on the CPU and CUDA's canonical one on the GPU: the CPU takes it.
         let odd_global = matches!(enc, RowEncoding::Nvfp4 { global } if !global.is_finite());
-        if x.is_empty() || odd_global || !encode::device_safe(x) {
+        // Not yet run on a GPU (docs/kernels.md): on the device only with `SLING_CUDA_UNVERIFIED=1`, which
+        // scripts/gpu-check and the parity test set, until a GPU run has checked it.
+        if !self.unverified || x.is_empty() || odd_global || !encode::device_safe(x) {
             encode::encode_rows(enc, x, n_per_row, out)?;
             self.counters.add(false, groups);
             return Ok(());
