@@ -1,7 +1,7 @@
-//! Q4_K, Q5_K and Q6_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c (`make_qkx2_quants`
-//! for `quantize_row_q{4,5}_K_ref`, `make_qkx3_quants` for `quantize_row_q{4,5}_K_impl`, `make_qx_quants` for
-//! Q6_K) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding sub-block `j` (Q6_K:
-//! its sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
+//! Q2_K, Q4_K, Q5_K and Q6_K with AVX2, one sub-block per lane: the scale search of ggml-quants.c
+//! (`make_qkx2_quants` for `quantize_row_q{2,4,5}_K_ref`, `make_qkx3_quants` for `quantize_row_q{2,4,5}_K_impl`,
+//! `make_qx_quants` for Q6_K) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding
+//! sub-block `j` (Q2_K and Q6_K: their sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
 //! sub-block's scalar arithmetic, in the reference's order (each sum still adds element 0, 1, …, 31 in turn; only
 //! the eight independent sub-blocks run side by side), so the bytes are those of [`sling_quantizers::kquants`]
 //! (tested against it below and in `tests/kquant_lanes.rs`).
@@ -53,9 +53,12 @@ const fn impl_search(nmax: i32) -> Search {
     Search { nmax, rmin: -0.9, rdelta: 0.05, nstep: 36, use_mad: false, v3: true }
 }
 
+/// What `quantize_row_q2_K_ref` passes to `make_qkx2_quants` (the only caller with `use_mad`).
+const Q2_REF: Search = Search { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: true, v3: false };
+
 /// Whether [`rows`] handles `dtype` (with or without importance weights).
 pub(crate) fn handles(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4K | DType::Q5K | DType::Q6K)
+    matches!(dtype, DType::Q2K | DType::Q4K | DType::Q5K | DType::Q6K)
 }
 
 /// `nearest_int` per lane followed by `MAX(0, MIN(nmax, l))`, returned as f32 (exact: 0..=nmax).
@@ -149,17 +152,17 @@ fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
     }
 }
 
-/// `make_qkx2_quants` / `make_qkx3_quants` over the eight sub-blocks in lane form, for `K` super-blocks at once
+/// `make_qkx2_quants` / `make_qkx3_quants` over eight `N`-value sub-blocks in lane form, for `K` sets at once
 /// (their searches are independent; interleaving them hides the latency of the in-order sums): `x`, `w` the values
 /// and weights, `l` receives the codes (0..=nmax, as f32). Returns `(scale, the_min)` per lane. Body and order as
 /// `sling_quantizers::search::make_qkx` (and ggml-quants.c); degenerate lanes are computed like the others and then
 /// overwritten with what C returns for them (`L = 0`, scale 0, `-min`).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn make_qkx_lanes<const K: usize>(
-    x: &[[__m256; SUB]; K],
-    w: &[[__m256; SUB]; K],
-    l: &mut [[__m256; SUB]; K],
+fn make_qkx_lanes<const N: usize, const K: usize>(
+    x: &[[__m256; N]; K],
+    w: &[[__m256; N]; K],
+    l: &mut [[__m256; N]; K],
     p: Search,
 ) -> ([__m256; K], [__m256; K]) {
     let zero = _mm256_setzero_ps();
@@ -169,7 +172,7 @@ fn make_qkx_lanes<const K: usize>(
     let mut max = min;
     let mut sum_w: [__m256; K] = std::array::from_fn(|k| w[k][0]);
     let mut sum_x: [__m256; K] = std::array::from_fn(|k| _mm256_mul_ps(sum_w[k], x[k][0]));
-    for i in 1..SUB {
+    for i in 1..N {
         for k in 0..K {
             min[k] = _mm256_min_ps(x[k][i], min[k]); // x < min ? x : min
             max[k] = _mm256_max_ps(x[k][i], max[k]); // x > max ? x : max
@@ -210,17 +213,16 @@ fn make_qkx_lanes<const K: usize>(
         for k in 0..K {
             let iscale = _mm256_div_ps(_mm256_set1_ps(p.nmax as f32), _mm256_sub_ps(max[k], min[k]));
             scale[k] = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
-            for i in 0..SUB {
+            for i in 0..N {
                 let li = code(_mm256_mul_ps(iscale, _mm256_sub_ps(x[k][i], min[k])), nmaxi);
                 l[k][i] = li;
                 let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale[k], li), min[k]), x[k][i]);
                 best_error[k] = _mm256_add_ps(best_error[k], _mm256_mul_ps(w[k][i], err(diff)));
             }
         }
-        let mut laux = [[zero; SUB]; K];
+        let mut laux = [[zero; N]; K];
         // x - min, recomputed whenever a lane's min changes (the same value C computes in every pass).
-        let mut xm: [[__m256; SUB]; K] =
-            std::array::from_fn(|k| std::array::from_fn(|i| _mm256_sub_ps(x[k][i], min[k])));
+        let mut xm: [[__m256; N]; K] = std::array::from_fn(|k| std::array::from_fn(|i| _mm256_sub_ps(x[k][i], min[k])));
         let nmaxf = _mm256_set1_ps(p.nmax as f32);
         let limit = _mm256_set1_ps(FAST_LIMIT);
         for is in 0..=p.nstep {
@@ -245,13 +247,13 @@ fn make_qkx_lanes<const K: usize>(
                 sum_xl[k] = _mm256_add_ps(sum_xl[k], _mm256_mul_ps(wl, x[k][i]));
             };
             if fast {
-                for i in 0..SUB {
+                for i in 0..N {
                     for k in 0..K {
                         sums(i, k, code_fast(_mm256_mul_ps(iscale[k], xm[k][i]), nmaxf));
                     }
                 }
             } else {
-                for i in 0..SUB {
+                for i in 0..N {
                     for k in 0..K {
                         sums(i, k, code(_mm256_mul_ps(iscale[k], xm[k][i]), nmaxi));
                     }
@@ -282,7 +284,7 @@ fn make_qkx_lanes<const K: usize>(
                 continue;
             }
             let mut cur_error = [zero; K];
-            for i in 0..SUB {
+            for i in 0..N {
                 for k in 0..K {
                     let diff =
                         _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale[k], laux[k][i]), this_min[k]), x[k][i]);
@@ -294,13 +296,13 @@ fn make_qkx_lanes<const K: usize>(
                 if _mm256_movemask_ps(better) == 0 {
                     continue;
                 }
-                for i in 0..SUB {
+                for i in 0..N {
                     l[k][i] = _mm256_blendv_ps(l[k][i], laux[k][i], better);
                 }
                 best_error[k] = _mm256_blendv_ps(best_error[k], cur_error[k], better);
                 scale[k] = _mm256_blendv_ps(scale[k], this_scale[k], better);
                 min[k] = _mm256_blendv_ps(min[k], this_min[k], better);
-                for i in 0..SUB {
+                for i in 0..N {
                     xm[k][i] = _mm256_sub_ps(x[k][i], min[k]);
                 }
             }
@@ -384,7 +386,7 @@ fn q45_k_blocks<const NMAX: i32, const K: usize>(
         (false, 15) => Q4_REF,
         (false, _) => Q5_REF,
     };
-    let (s, m) = make_qkx_lanes::<K>(&x, &w, &mut l, p);
+    let (s, m) = make_qkx_lanes::<SUB, K>(&x, &w, &mut l, p);
     for (k, yb) in yb.into_iter().enumerate() {
         q45_k_finish::<NMAX>(&x[k], &mut l[k], lanes(s[k]), lanes(m[k]), with_weights.then(|| lanes(sw[k])), yb);
     }
@@ -715,7 +717,126 @@ fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
     rest[16..18].copy_from_slice(&d16.to_le_bytes());
 }
 
-/// Quantizes whole rows of Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or
+/// One Q2_K super-block: `quantize_row_q2_K_ref` (`qw` `None`: weights `|x|`, `make_qkx2_quants` with `use_mad`)
+/// or `quantize_row_q2_K_impl` (weights `qw * sqrtf(sigma2 + x²)`, `make_qkx3_quants`), the sixteen 16-value
+/// sub-blocks searched as two sets of eight lanes; the super-block scales, the requantization and the packing in
+/// scalar, as `sling_quantizers::kquants` (whose `q2_k_finish` this repeats).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q2_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
+    let zero = _mm256_setzero_ps();
+    let x = [to_lanes::<SUB6>(&xb[..128]), to_lanes::<SUB6>(&xb[128..])];
+    let mut w = [[zero; SUB6]; 2];
+    let mut l = [[zero; SUB6]; 2];
+    let mut sw = [zero; 2];
+    match qw {
+        None => {
+            for h in 0..2 {
+                for i in 0..SUB6 {
+                    w[h][i] = abs(x[h][i]);
+                }
+            }
+        }
+        Some(q) => {
+            // sigma2 = sumx2/QK_K over the super-block, in element order.
+            let mut sumx2 = 0.0f32;
+            for v in xb {
+                sumx2 += v * v;
+            }
+            let sigma2 = _mm256_set1_ps(sumx2 / QK_K as f32);
+            for h in 0..2 {
+                let qv = to_lanes::<SUB6>(&q[128 * h..]);
+                // weight[l] = qw[l] * sqrtf(sigma2 + x[l]*x[l]); sw[j] += weight[l], in order from 0.
+                for i in 0..SUB6 {
+                    let xi = x[h][i];
+                    w[h][i] = _mm256_mul_ps(qv[i], _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(xi, xi))));
+                    sw[h] = _mm256_add_ps(sw[h], w[h][i]);
+                }
+            }
+        }
+    }
+    let p = if qw.is_some() { impl_search(3) } else { Q2_REF };
+    let (s, m) = make_qkx_lanes::<SUB6, 2>(&x, &w, &mut l, p);
+    let mut scales = [0.0f32; 16];
+    let mut mins = [0.0f32; 16];
+    let mut codes = [0i32; QK_K];
+    for h in 0..2 {
+        scales[8 * h..8 * h + 8].copy_from_slice(&lanes(s[h]));
+        mins[8 * h..8 * h + 8].copy_from_slice(&lanes(m[h]));
+        codes_from_lanes::<SUB6>(&l[h], &mut codes[128 * h..]);
+    }
+    let mut sb = [0u8; 16];
+    let (d16, dmin16) = match qw {
+        None => {
+            const Q4SCALE: f32 = 15.0;
+            let mut max_scale = 0.0f32;
+            let mut max_min = 0.0f32;
+            for j in 0..16 {
+                if scales[j] > max_scale {
+                    max_scale = scales[j];
+                }
+                if mins[j] > max_min {
+                    max_min = mins[j];
+                }
+            }
+            let d16 = if max_scale > 0.0 {
+                let iscale = Q4SCALE / max_scale;
+                for (b, &sc) in sb.iter_mut().zip(&scales) {
+                    *b = nearest_int(iscale * sc) as u8;
+                }
+                fp32_to_fp16(max_scale / Q4SCALE)
+            } else {
+                fp32_to_fp16(0.0)
+            };
+            let dmin16 = if max_min > 0.0 {
+                let iscale = Q4SCALE / max_min;
+                for (b, &mn) in sb.iter_mut().zip(&mins) {
+                    *b |= (nearest_int(iscale * mn) << 4) as u8;
+                }
+                fp32_to_fp16(max_min / Q4SCALE)
+            } else {
+                fp32_to_fp16(0.0)
+            };
+            (d16, dmin16)
+        }
+        Some(_) => {
+            let swv: [f32; 16] = std::array::from_fn(|j| lanes(sw[j / 8])[j % 8]);
+            let mut ls = [0u8; 16];
+            let mut lm = [0u8; 16];
+            let dm = make_qp_quants(15, &scales, &mut ls, &swv);
+            let mm = make_qp_quants(15, &mins, &mut lm, &swv);
+            for j in 0..16 {
+                sb[j] = ls[j] | (lm[j] << 4);
+            }
+            (fp32_to_fp16(dm), fp32_to_fp16(mm))
+        }
+    };
+    // Requantization from the f16 super-scales (sub-blocks whose scale is 0 keep the search's codes), packing.
+    let (d, dmin) = (fp16_to_fp32(d16), fp16_to_fp32(dmin16));
+    let mut lq = [0u8; QK_K];
+    for j in 0..16 {
+        let dj = d * (sb[j] & 0xF) as f32;
+        for ii in 0..16 {
+            lq[16 * j + ii] = if dj == 0.0 {
+                codes[16 * j + ii] as u8
+            } else {
+                let dm = dmin * (sb[j] >> 4) as f32;
+                nearest_int((xb[16 * j + ii] + dm) / dj).clamp(0, 3) as u8
+            };
+        }
+    }
+    yb[..16].copy_from_slice(&sb);
+    for c in 0..2 {
+        for k in 0..32 {
+            let j = 128 * c + k;
+            yb[16 + 32 * c + k] = lq[j] | (lq[j + 32] << 2) | (lq[j + 64] << 4) | (lq[j + 96] << 6);
+        }
+    }
+    yb[80..82].copy_from_slice(&d16.to_le_bytes());
+    yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
+}
+
+/// Quantizes whole rows of Q2_K, Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or
 /// without importance weights (`n_per_row` of them, checked by the caller). Q4_K and Q5_K take the window's
 /// super-blocks two at a time (any two: each is quantized on its own), the last one alone if their number is odd.
 ///
@@ -745,6 +866,12 @@ pub(crate) unsafe fn rows(
             (DType::Q5K, Some((x1, q1, y1))) => q45_k_blocks::<31, 2>([x0, x1], [q0, q1], [y0, y1]),
             (DType::Q4K, None) => q45_k_blocks::<15, 1>([x0], [q0], [y0]),
             (DType::Q5K, None) => q45_k_blocks::<31, 1>([x0], [q0], [y0]),
+            (DType::Q2K, next) => {
+                q2_k_block(x0, q0, y0);
+                if let Some((x1, q1, y1)) = next {
+                    q2_k_block(x1, q1, y1);
+                }
+            }
             (DType::Q6K, next) => {
                 q6_k_block(x0, q0, y0);
                 if let Some((x1, q1, y1)) = next {

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use sling_core::DType;
 
-const LANE_TYPES: &[DType] = &[DType::Q4K, DType::Q5K, DType::Q6K];
+const LANE_TYPES: &[DType] = &[DType::Q2K, DType::Q4K, DType::Q5K, DType::Q6K];
 
 fn check(dtype: DType, x: &[f32], n_per_row: usize, w: Option<&[f32]>) -> Result<(), String> {
     let (mut fast, mut scalar) = (vec![3u8], vec![3u8]);
