@@ -2,12 +2,21 @@
 //! tests compare the kernels' bytes with the scalar reference on any machine. No fast math, no FMA contraction:
 //! the IEEE operations of the reference in its order.
 fn main() {
-    for f in ["cu/host.cpp", "cu/quant.cu", "cu/kquant_split.cu", "cu/shim.h", "cu/ggml_quants.cuh"] {
+    for f in [
+        "cu/host.cpp",
+        "cu/host_ct.cpp",
+        "cu/quant.cu",
+        "cu/kquant_split.cu",
+        "cu/ct.cu",
+        "cu/shim.h",
+        "cu/ggml_quants.cuh",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     cc::Build::new()
         .cpp(true)
         .file("cu/host.cpp")
+        .file("cu/host_ct.cpp")
         .flag_if_supported("-std=c++17")
         .flag_if_supported("-ffp-contract=off")
         .flag_if_supported("-fno-fast-math")

@@ -229,18 +229,15 @@ pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
 
 /// `sling quantize --to vllm:…|mlx:…`.
 pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
-    if let sling_kernels::Device::Cuda(_) = a.pipeline.device {
-        anyhow::bail!(
-            "--device {}: the GPU backend quantizes GGUF types; vllm:… and mlx:… encode on the CPU",
-            a.pipeline.device
-        );
-    }
     if a.split_max_tensors.is_some() {
         bail!("--split-max-tensors applies to --to gguf:… only (use --split-max-size for shard sizes)");
     }
     if a.eval.is_some() {
         bail!("--eval is not supported for {} yet: run `sling eval` on the directory", to.label());
     }
+    // Round-to-nearest rows are encoded through the backend (`--device`; every backend writes the same bytes),
+    // opened first so that an explicit GPU that cannot start fails before anything is read or written.
+    let backend = a.pipeline.backend(rep)?;
     let t0 = Instant::now();
     let (ck, planned) = open_and_plan(&a.q, to)?;
     let (label, summary) = plan_of(&planned);
@@ -336,14 +333,20 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         Planned::Vllm(s, plan) => {
             let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
             let opts = base(files, "vllm", IndexStyle::Transformers, pt, ("compressed-tensors", "transformers"));
-            exec(&vllm::Vllm { scheme: *s, solved: store.clone() }, &ck, plan, &opts, &events)
+            exec(
+                &vllm::Vllm { scheme: *s, solved: store.clone(), backend: Some(backend.clone()) },
+                &ck,
+                plan,
+                &opts,
+                &events,
+            )
         }
         Planned::Mlx(m) => {
             let files = vec![("config.json".to_string(), mlx::config_json(&ck, m))];
             let index = IndexStyle::Mlx { total_parameters: mlx::total_parameters(m) };
             let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
             let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
-            exec(&mlx::Mlx { solved: store.clone() }, &ck, &m.plan, &opts, &events)
+            exec(&mlx::Mlx { solved: store.clone(), backend: Some(backend.clone()) }, &ck, &m.plan, &opts, &events)
         }
     }
     .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
@@ -533,7 +536,7 @@ pub fn rederive(
                     let planned = Planned::Vllm(s, plan);
                     let solved = resolve(rec, &ck, &planned, &mut tmp)?;
                     let Planned::Vllm(_, plan) = planned else { unreachable!() };
-                    let t = vllm::Vllm { scheme: s, solved };
+                    let t = vllm::Vllm { scheme: s, solved, backend: None };
                     for i in pick(&plan, sample) {
                         let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &plan, i, allow)?;
                         compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
@@ -545,7 +548,7 @@ pub fn rederive(
                     let planned = Planned::Mlx(p);
                     let solved = resolve(rec, &ck, &planned, &mut tmp)?;
                     let Planned::Mlx(p) = planned else { unreachable!() };
-                    let t = mlx::Mlx { solved };
+                    let t = mlx::Mlx { solved, backend: None };
                     for i in pick(&p.plan, sample) {
                         let hashes = sling_pipeline::exec::part_sha256(&t, &ck, &p.plan, i, allow)?;
                         compare(&p.plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);

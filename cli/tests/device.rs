@@ -1,4 +1,5 @@
-//! `--device` and `sling doctor` on a machine without a GPU (CI): `cpu` and `auto` give the same bytes, `auto`
+//! `--device` and `sling doctor` on a machine without a GPU (CI): `cpu` and `auto` give the same bytes (GGUF, vLLM
+//! and MLX targets), `auto`
 //! falls back quietly where there is no driver, an explicit `cuda` that cannot start is an input error (exit 2,
 //! nothing written), a bad device name is a usage error. GPU parity runs in scripts/gpu-check
 //! (kernels/tests/cuda_parity.rs and the CLI comparison over the fixtures).
@@ -89,17 +90,62 @@ fn unknown_device_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected auto, cpu, cuda or cuda:N"));
 }
 
+/// Every file of directory `a` equals the file of the same name in `b`, and they hold the same names.
+fn same_tree(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b));
+    for n in names(a) {
+        assert_eq!(std::fs::read(a.join(&n)).unwrap(), std::fs::read(b.join(&n)).unwrap(), "{n:?} differs");
+    }
+}
+
 #[test]
-fn vllm_and_mlx_targets_refuse_an_explicit_gpu() {
+fn vllm_and_mlx_targets_write_the_same_bytes_on_auto_and_cpu() {
     let d = tempfile::tempdir().unwrap();
     let src = fixture("qwen3moe");
-    let out = d.path().join("o");
-    let o = run(
-        &["quantize", src.to_str().unwrap(), "--to", "vllm:w4a16", "--device", "cuda", "-o", out.to_str().unwrap()],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("encode on the CPU"));
+    for to in ["vllm:w4a16", "vllm:fp8-dynamic", "vllm:nvfp4", "mlx:4"] {
+        let (a, b) = (d.path().join(format!("{to}-auto")), d.path().join(format!("{to}-cpu")));
+        for (out, device) in [(&a, "auto"), (&b, "cpu")] {
+            let o = run(
+                &[
+                    "quantize",
+                    src.to_str().unwrap(),
+                    "--to",
+                    to,
+                    "--device",
+                    device,
+                    "--no-manifest",
+                    "-o",
+                    out.to_str().unwrap(),
+                ],
+                &[],
+            );
+            assert!(o.status.success(), "{to} {device}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        same_tree(&a, &b);
+    }
+}
+
+#[test]
+fn vllm_and_mlx_with_explicit_cuda_without_a_usable_gpu_is_an_error_and_writes_nothing() {
+    if has_driver() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("qwen3moe");
+    for to in ["vllm:w4a16", "mlx:4"] {
+        let out = d.path().join("o");
+        let o =
+            run(&["quantize", src.to_str().unwrap(), "--to", to, "--device", "cuda", "-o", out.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{to}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--device cuda:0") && err.contains("sling doctor"), "{to}: {err}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "{to}: something was written");
+    }
 }
 
 #[test]

@@ -74,6 +74,8 @@ pub enum KernelError {
     Encode(#[from] EncodeError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Encoding(#[from] crate::encode::EncodingError),
 }
 
 /// Blocks quantized so far, by where they ran (reported by `--json` and checked by the parity tests).
@@ -114,6 +116,18 @@ pub trait Backend: Send + Sync {
     /// the same floats, bit for bit, as [`sling_quantizers::dequantize`].
     fn dequantize(&self, dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), KernelError> {
         Ok(sling_quantizers::dequantize(dtype, bytes, out)?)
+    }
+    /// The compressed-tensors / MLX affine encoding `enc` of whole rows (`x` holds rows of `n_per_row`), appended
+    /// to `out` exactly as [`crate::encode::encode_rows`] (the scalar reference in `sling_quantizers::ct` / `::mlx`)
+    /// appends it. The default runs that reference; a GPU backend runs `cu/ct.cu` where it gives the same bytes.
+    fn encode_rows(
+        &self,
+        enc: &crate::encode::RowEncoding,
+        x: &[f32],
+        n_per_row: usize,
+        out: &mut crate::encode::EncodedRows,
+    ) -> Result<(), KernelError> {
+        Ok(crate::encode::encode_rows(enc, x, n_per_row, out)?)
     }
     /// Blocks quantized on the device and on the host so far.
     fn counters(&self) -> (u64, u64);

@@ -8,8 +8,9 @@
 use sling_core::DType;
 use sling_quantizers::EncodeError;
 
-/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers and the kernels, in that order (NVRTC
-/// sees no include files, so the parts are concatenated; `host.cpp` includes the same three).
+/// The program NVRTC compiles: `shim.h`, the vendored reference quantizers, the GGUF block kernels (one-pass and
+/// two-pass K-quants) and the compressed-tensors / MLX kernels (`ct.cu`), in that order (NVRTC sees no include
+/// files, so the parts are concatenated; `host.cpp` includes the first four, `host_ct.cpp` `shim.h` and `ct.cu`).
 pub const SOURCE: &str = concat!(
     include_str!("../cu/shim.h"),
     "\n",
@@ -17,7 +18,9 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("../cu/quant.cu"),
     "\n",
-    include_str!("../cu/kquant_split.cu")
+    include_str!("../cu/kquant_split.cu"),
+    "\n",
+    include_str!("../cu/ct.cu")
 );
 
 /// Types with a kernel: `sling_quantize_<ggml name>` in `cu/quant.cu` (its `SLING_TYPES` table, whose block sizes

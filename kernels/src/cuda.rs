@@ -72,6 +72,8 @@ pub struct CudaBackend {
     mem_limit: u64,
     /// [`DeviceOptions::unverified`]: cuBLAS products for calibration are offered only then.
     unverified: bool,
+    /// `cu/ct.cu`'s kernels, in [`crate::encode::KERNELS`] order ([`Backend::encode_rows`]).
+    ct_kernels: Vec<CudaFunction>,
 }
 
 /// One thread per item (block or row), `threads` per CUDA block.
@@ -230,6 +232,7 @@ impl CudaBackend {
             ));
         }
         let sigma2 = load(cu::ROW_SIGMA2)?;
+        let ct_kernels = crate::encode::KERNELS.iter().map(|n| load(n)).collect::<Result<Vec<_>, _>>()?;
         let (free, _) = ctx.mem_get_info().map_err(cuda_err(ordinal, "memory info"))?;
         let budget = options.mem_limit.min(free as u64 * 9 / 10);
         Ok(CudaBackend {
@@ -255,6 +258,7 @@ impl CudaBackend {
             gemm: std::sync::OnceLock::new(),
             mem_limit: options.mem_limit,
             unverified: options.unverified,
+            ct_kernels,
         })
     }
 
@@ -579,6 +583,16 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn encode_rows(
+        &self,
+        enc: &crate::encode::RowEncoding,
+        x: &[f32],
+        n_per_row: usize,
+        out: &mut crate::encode::EncodedRows,
+    ) -> Result<(), KernelError> {
+        self.encode_rows_device(enc, x, n_per_row, out)
+    }
+
     fn counters(&self) -> (u64, u64) {
         self.counters.get()
     }
@@ -646,4 +660,192 @@ pub fn probe() -> crate::Probe {
         }
     }
     crate::Probe { built: true, driver, nvrtc, devices }
+}
+
+/// The compressed-tensors / MLX affine encodings on the device (`cu/ct.cu`, [`Backend::encode_rows`]): the same
+/// bytes as [`crate::encode::encode_rows`], the Rust reference (tested through the host build in
+/// `tests/host_ct.rs`, on a GPU by `tests/cuda_parity.rs`).
+impl CudaBackend {
+    fn ct_kernel(&self, name: &str) -> Result<&CudaFunction, DeviceError> {
+        crate::encode::KERNELS
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| self.ct_kernels.get(i))
+            .ok_or(DeviceError::Cuda { ordinal: self.ordinal, op: "find kernel", message: name.to_string() })
+    }
+
+    /// Windows the kernels cannot reproduce exactly ([`crate::encode::device_safe`]), and every window unless
+    /// [`DeviceOptions::unverified`], run the reference on the CPU; others run in row groups under the lane's share of `--device-mem` (whole 128-row tiles for FP8 block).
+    /// One counted "block" per group (scale).
+    fn encode_rows_device(
+        &self,
+        enc: &crate::encode::RowEncoding,
+        x: &[f32],
+        n_per_row: usize,
+        out: &mut crate::encode::EncodedRows,
+    ) -> Result<(), KernelError> {
+        use crate::encode::{self, RowEncoding};
+        enc.check(x.len(), n_per_row)?;
+        let groups = enc.groups(x.len() / n_per_row, n_per_row);
+        // A NaN or infinite NVFP4 global scale (never what `ct::nvfp4_global_scale` returns) would make NaN scales
+        // whose sign is x86's on the CPU and CUDA's canonical one on the GPU: the CPU takes it.
+        let odd_global = matches!(enc, RowEncoding::Nvfp4 { global } if !global.is_finite());
+        // Not yet run on a GPU (docs/kernels.md): on the device only with `SLING_CUDA_UNVERIFIED=1`, which
+        // scripts/gpu-check and the parity test set, until a GPU run has checked it.
+        if !self.unverified || x.is_empty() || odd_global || !encode::device_safe(x) {
+            encode::encode_rows(enc, x, n_per_row, out)?;
+            self.counters.add(false, groups);
+            return Ok(());
+        }
+        // Input, codes, and a word, scales and zero points per row at most: 6 bytes per value and some.
+        let per_row = n_per_row as u64 * 6 + 64;
+        let mut rows = (self.lane_bytes / per_row).max(1) as usize;
+        if let RowEncoding::Fp8Block { .. } = enc {
+            rows = rows.div_ceil(encode::FP8_TILE) * encode::FP8_TILE;
+        }
+        let lens = [
+            out.codes.len(),
+            out.words.len(),
+            out.scales.len(),
+            out.scale_bytes.len(),
+            out.zeros.len(),
+            out.biases.len(),
+        ];
+        let lane = self.take_lane()?;
+        let mut result = Ok(());
+        for xs in x.chunks(rows * n_per_row) {
+            result = self.run_encode(&lane, enc, xs, n_per_row, out);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.give_lane(lane);
+        if let Err(e) = result {
+            out.codes.truncate(lens[0]);
+            out.words.truncate(lens[1]);
+            out.scales.truncate(lens[2]);
+            out.scale_bytes.truncate(lens[3]);
+            out.zeros.truncate(lens[4]);
+            out.biases.truncate(lens[5]);
+            return Err(e.into());
+        }
+        self.counters.add(true, groups);
+        Ok(())
+    }
+
+    /// One row group: copy in, the encoding's kernels, copy the outputs out and append them.
+    fn run_encode(
+        &self,
+        lane: &Lane,
+        enc: &crate::encode::RowEncoding,
+        x: &[f32],
+        n_per_row: usize,
+        out: &mut crate::encode::EncodedRows,
+    ) -> Result<(), DeviceError> {
+        use crate::encode::{output_lens, sd_code, RowEncoding};
+        let err = |op| cuda_err(self.ordinal, op);
+        let s = lane.stream.clone();
+        let rows = x.len() / n_per_row;
+        let [nc, nw, ns, nsb, nz, nb] = output_lens(enc, rows, n_per_row);
+        let dx = s.clone_htod(x).map_err(err("copy to device"))?;
+        let mut dc = s.alloc_zeros::<u8>(nc.max(1)).map_err(err("allocate"))?;
+        let mut dw = s.alloc_zeros::<u32>(nw.max(1)).map_err(err("allocate"))?;
+        let mut ds = s.alloc_zeros::<f32>(ns.max(1)).map_err(err("allocate"))?;
+        let mut dsb = s.alloc_zeros::<u8>(nsb.max(1)).map_err(err("allocate"))?;
+        let mut dz = s.alloc_zeros::<u8>(nz.max(1)).map_err(err("allocate"))?;
+        let mut db = s.alloc_zeros::<f32>(nb.max(1)).map_err(err("allocate"))?;
+        let (nrows, cols, group) = (rows as i64, n_per_row as i32, enc.group_len(n_per_row) as i32);
+        let ngroups = enc.groups(rows, n_per_row) as usize;
+        let cfg = |n: usize| launch_config(n, self.threads);
+        let launch = "launch encoding kernel";
+        match *enc {
+            RowEncoding::Int { bits, symmetric, sd, .. } => {
+                let (bits, symmetric, sd) = (bits as i32, i32::from(symmetric), sd_code(sd));
+                let mut b = s.launch_builder(self.ct_kernel("sling_ct_int")?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&group).arg(&bits).arg(&symmetric).arg(&sd);
+                b.arg(&mut dc).arg(&mut ds).arg(&mut dz);
+                // SAFETY: sling_ct_int(const float*, int64_t, int, int, int, int, int, int8_t*, float*, int8_t*)
+                // reads nrows * cols floats and writes nrows * cols codes and one scale (and zero point when
+                // asymmetric) per group, one thread per group: the buffers hold output_lens' counts (bits 1..=8 and
+                // cols checked by `RowEncoding::check`).
+                unsafe { b.launch(cfg(ngroups)) }.map_err(err(launch))?;
+            }
+            RowEncoding::Fp8Channel { sd } | RowEncoding::Fp8Block { sd } => {
+                let tiled = i32::from(matches!(enc, RowEncoding::Fp8Block { .. }));
+                let sd = sd_code(sd);
+                let name = if tiled == 1 { "sling_ct_fp8_tile_scale" } else { "sling_ct_fp8_row_scale" };
+                let mut b = s.launch_builder(self.ct_kernel(name)?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&sd).arg(&mut ds);
+                // SAFETY: (const float*, int64_t, int, int, float*): reads nrows * cols floats, writes one scale per
+                // row (channel) or per 128x128 tile (block), one thread each; `ds` holds that many.
+                unsafe { b.launch(cfg(ngroups)) }.map_err(err(launch))?;
+                let mut b = s.launch_builder(self.ct_kernel("sling_ct_fp8_codes")?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&tiled).arg(&ds).arg(&mut dc);
+                // SAFETY: sling_ct_fp8_codes(const float*, int64_t, int, int, const float*, uint8_t*): one thread per
+                // element reads its value and its row's or tile's scale and writes one code; `dc` holds nrows * cols.
+                unsafe { b.launch(cfg(rows * n_per_row)) }.map_err(err(launch))?;
+            }
+            RowEncoding::Nvfp4 { global } => {
+                let mut b = s.launch_builder(self.ct_kernel("sling_ct_nvfp4")?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&global).arg(&mut dc).arg(&mut dsb);
+                // SAFETY: sling_ct_nvfp4(const float*, int64_t, int, float, uint8_t*, uint8_t*): one thread per group
+                // of 16 reads it and writes its packed bytes (ceil(cols/2) per row) and one scale byte.
+                unsafe { b.launch(cfg(ngroups)) }.map_err(err(launch))?;
+            }
+            RowEncoding::Mxfp4 => {
+                let mut b = s.launch_builder(self.ct_kernel("sling_ct_mxfp4")?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&mut dc).arg(&mut dsb);
+                // SAFETY: sling_ct_mxfp4(const float*, int64_t, int, uint8_t*, uint8_t*): as NVFP4, groups of 32.
+                unsafe { b.launch(cfg(ngroups)) }.map_err(err(launch))?;
+            }
+            RowEncoding::Affine { bits, sd, .. } => {
+                let (bits, sd) = (bits as i32, sd_code(sd));
+                let mut b = s.launch_builder(self.ct_kernel("sling_mlx_affine")?);
+                b.arg(&dx).arg(&nrows).arg(&cols).arg(&group).arg(&bits).arg(&sd);
+                b.arg(&mut dc).arg(&mut ds).arg(&mut db);
+                // SAFETY: sling_mlx_affine(const float*, int64_t, int, int, int, int, uint8_t*, float*, float*): one
+                // thread per group writes its codes (nrows * cols bytes in all), scale and bias.
+                unsafe { b.launch(cfg(ngroups)) }.map_err(err(launch))?;
+                let mut b = s.launch_builder(self.ct_kernel("sling_pack_bits")?);
+                b.arg(&dc).arg(&nrows).arg(&cols).arg(&bits).arg(&mut dw);
+                // SAFETY: sling_pack_bits(const uint8_t*, int64_t, int, int, uint32_t*): one thread per output word
+                // (ceil(cols*bits/32) per row, `dw`'s length) reads the codes it covers from `dc`.
+                unsafe { b.launch(cfg(nw)) }.map_err(err(launch))?;
+            }
+        }
+        let is_affine = matches!(enc, RowEncoding::Affine { .. });
+        let mut codes = vec![0u8; if is_affine { 0 } else { nc }];
+        let mut words = vec![0u32; nw];
+        let mut scales = vec![0f32; ns];
+        let mut scale_bytes = vec![0u8; nsb];
+        let mut zeros = vec![0u8; nz];
+        let mut biases = vec![0f32; nb];
+        let copy = err("copy from device");
+        if !codes.is_empty() {
+            s.memcpy_dtoh(&dc.slice(..codes.len()), &mut codes).map_err(&copy)?;
+        }
+        if nw > 0 {
+            s.memcpy_dtoh(&dw.slice(..nw), &mut words).map_err(&copy)?;
+        }
+        if ns > 0 {
+            s.memcpy_dtoh(&ds.slice(..ns), &mut scales).map_err(&copy)?;
+        }
+        if nsb > 0 {
+            s.memcpy_dtoh(&dsb.slice(..nsb), &mut scale_bytes).map_err(&copy)?;
+        }
+        if nz > 0 {
+            s.memcpy_dtoh(&dz.slice(..nz), &mut zeros).map_err(&copy)?;
+        }
+        if nb > 0 {
+            s.memcpy_dtoh(&db.slice(..nb), &mut biases).map_err(&copy)?;
+        }
+        s.synchronize().map_err(err("synchronize"))?;
+        out.codes.extend_from_slice(&codes);
+        out.words.extend_from_slice(&words);
+        out.scales.extend_from_slice(&scales);
+        out.scale_bytes.extend_from_slice(&scale_bytes);
+        out.zeros.extend(zeros.iter().map(|&z| z as i8));
+        out.biases.extend_from_slice(&biases);
+        Ok(())
+    }
 }

@@ -8,7 +8,7 @@
 //! gives a CPU or a CUDA [`backend::Backend`] with the same bytes.
 
 use sling_core::DType;
-use sling_quantizers::encode::{self, EncodeError};
+use sling_quantizers::encode::{self as q_encode, EncodeError};
 
 pub mod backend;
 pub mod cu;
@@ -19,11 +19,13 @@ pub mod cuda;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_gemm;
+pub mod encode;
 pub mod gemm_layout;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 
 pub use backend::{Backend, Device, DeviceError, DeviceOptions, Gemm, KernelError};
+pub use encode::{EncodedRows, EncodingError, RowEncoding};
 
 /// What this build and machine offer for CUDA (`sling doctor`).
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
         unsafe { q8_0_avx2::<false>(x.as_ptr().cast(), x.len() / 32, out) };
         return;
     }
-    encode::quantize_row_q8_0(x, out)
+    q_encode::quantize_row_q8_0(x, out)
 }
 
 /// [`quantize_row_q8_0`] of bf16 elements given as little-endian bytes (`x.len()` a multiple of 64),
@@ -75,7 +77,7 @@ pub fn quantize_bf16_row_q8_0(x: &[u8], out: &mut Vec<u8>) {
         unsafe { q8_0_avx2::<true>(x.as_ptr(), x.len() / 64, out) };
         return;
     }
-    encode::quantize_bf16_row_q8_0(x, out)
+    q_encode::quantize_bf16_row_q8_0(x, out)
 }
 
 /// `quantize_row_q8_0_ref` over `nb` blocks of 32 values at `x` (f32, or bf16 when `BF16`), with
@@ -83,7 +85,7 @@ pub fn quantize_bf16_row_q8_0(x: &[u8], out: &mut Vec<u8>) {
 /// of the magnitudes' bits, `d = amax / 127` and `id = 1 / d` in scalar f32, `x * id` rounded half
 /// away from zero as truncation plus an exact fraction test (`_mm256_round_ps` toward zero), then
 /// `cvttps2dq`, whose "integer indefinite" (NaN, ±Inf) is stored as 0 like the scalar
-/// [`encode::roundf_i32`]'s `i32::MIN`. No FMA.
+/// [`q_encode::roundf_i32`]'s `i32::MIN`. No FMA.
 ///
 /// # Safety
 /// The CPU must support AVX2, and `x` must be valid for reading `nb` blocks (128 bytes each for
@@ -123,7 +125,7 @@ unsafe fn q8_0_avx2<const BF16: bool>(x: *const u8, nb: usize, out: &mut Vec<u8>
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let o = dst.add(b * 34);
-            std::ptr::copy_nonoverlapping(encode::f32_to_f16_bits(d).to_le_bytes().as_ptr(), o, 2);
+            std::ptr::copy_nonoverlapping(q_encode::f32_to_f16_bits(d).to_le_bytes().as_ptr(), o, 2);
             let idv = _mm256_set1_ps(id);
             let q = |i: usize| -> __m256i {
                 let y = _mm256_mul_ps(v[i], idv);
@@ -225,7 +227,7 @@ mod tests {
     fn both(x: &[f32]) -> (Vec<u8>, Vec<u8>) {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         quantize_row_q8_0(x, &mut a);
-        encode::quantize_row_q8_0(x, &mut b);
+        q_encode::quantize_row_q8_0(x, &mut b);
         (a, b)
     }
 
@@ -246,7 +248,7 @@ mod tests {
             if std::is_x86_feature_detected!("f16c") {
                 // SAFETY: the CPU supports F16C (checked just above).
                 let hw = unsafe { f16c(x) };
-                prop_assert_eq!(encode::f32_to_f16_bits(x), hw, "{:#010x}", bits);
+                prop_assert_eq!(q_encode::f32_to_f16_bits(x), hw, "{:#010x}", bits);
             } else {
                 eprintln!("this CPU has no F16C: the f16 conversion is checked against ggml's scalar port only");
             }
@@ -282,7 +284,7 @@ mod tests {
             let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
             let (mut a, mut b) = (vec![7u8], vec![7u8]);
             quantize_bf16_row_q8_0(&bytes, &mut a);
-            encode::quantize_bf16_row_q8_0(&bytes, &mut b);
+            q_encode::quantize_bf16_row_q8_0(&bytes, &mut b);
             prop_assert_eq!(a, b);
         }
     }

@@ -43,6 +43,9 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             }
         }
         assert!(has(cu::ROW_SIGMA2), "{arch}");
+        for name in sling_kernels::encode::KERNELS {
+            assert!(has(name), "{arch}: {name} missing from the CUBIN");
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use sling_core::DType;
 use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
+use sling_kernels::encode::{EncodedRows, RowEncoding};
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::solved::Store;
 use sling_pipeline::{EncodeError, Op, Part, Plan, Target, Weight};
@@ -69,6 +70,9 @@ pub struct Mlx {
     /// Weights quantized upstream (GPTQ), keyed by their Hugging Face names (per expert for stacked experts):
     /// rows the store holds are written from its codes and parameters instead of being rounded to nearest.
     pub solved: Option<Arc<Store>>,
+    /// Where round-to-nearest rows are encoded (`--device`); `None`: the Rust reference on the CPU. Every backend
+    /// gives the reference's bytes ([`sling_kernels::Backend::encode_rows`]).
+    pub backend: Option<Arc<dyn sling_kernels::Backend>>,
 }
 
 /// The quantization grid of an encoding a solver (GPTQ) can choose the codes of: every affine encoding, whose
@@ -283,17 +287,14 @@ impl Target for Mlx {
                             }
                         }
                         None => {
-                            for row in seg.chunks_exact(cols) {
-                                affine::quantize_affine_row(
-                                    row,
-                                    *bits,
-                                    *group,
-                                    *sd,
-                                    &mut packed,
-                                    &mut scales,
-                                    &mut biases,
-                                );
-                            }
+                            // Round to nearest through the backend: words, scales and biases per row, as
+                            // `affine::quantize_affine_row` appends them.
+                            let enc = RowEncoding::Affine { bits: *bits, group: *group, sd: *sd };
+                            let mut e = EncodedRows::default();
+                            crate::vllm::encode_rows(self.backend.as_deref(), &enc, seg, cols, &mut e)?;
+                            packed.extend_from_slice(&e.words);
+                            scales.extend_from_slice(&e.scales);
+                            biases.extend_from_slice(&e.biases);
                         }
                     }
                     r += n;

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use sling_core::DType;
 use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
+use sling_kernels::encode::{EncodedRows, RowEncoding};
+use sling_kernels::Backend;
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::ops::Op;
 use sling_pipeline::solved::{SolvedRows, Store};
@@ -166,6 +168,23 @@ pub struct Vllm {
     /// written from its stored codes and parameters instead of being rounded to nearest; any other is encoded
     /// as usual.
     pub solved: Option<Arc<Store>>,
+    /// Where round-to-nearest rows are encoded (`--device`); `None`: the Rust reference on the CPU. Every backend
+    /// gives the reference's bytes ([`Backend::encode_rows`]).
+    pub backend: Option<Arc<dyn Backend>>,
+}
+
+/// `enc` over whole rows of `cols` through `backend` (or the Rust reference when `None`), appended to `out`.
+pub(crate) fn encode_rows(
+    backend: Option<&dyn Backend>,
+    enc: &RowEncoding,
+    vals: &[f32],
+    cols: usize,
+    out: &mut EncodedRows,
+) -> Result<(), EncodeError> {
+    match backend {
+        Some(b) => b.encode_rows(enc, vals, cols, out).map_err(|e| EncodeError(e.to_string())),
+        None => sling_kernels::encode::encode_rows(enc, vals, cols, out).map_err(|e| EncodeError(e.to_string())),
+    }
 }
 
 /// The quantization grid of an encoding a solver (GPTQ) can choose the codes of: the integer schemes (w4a16,
@@ -396,7 +415,21 @@ impl Target for Vllm {
                 let solved = solved_rows(self.solved.as_deref(), &w.name, r0 as usize, rows, cols, group)?;
                 let ng = cols.div_ceil(group.max(1)).max(1);
                 let half = 1i32 << (args.bits.clamp(1, 8) - 1);
-                for (r, row) in vals.chunks_exact(cols).enumerate() {
+                // Round to nearest: the whole window through the backend (codes, then scales and zero points
+                // per group, as `ct::quantize_int_row` appends them row after row).
+                let mut rtn = EncodedRows::default();
+                if solved.is_none() {
+                    let enc = RowEncoding::Int {
+                        bits: args.bits,
+                        symmetric: args.symmetric,
+                        group: args.group.unwrap_or(0),
+                        sd: *sd,
+                    };
+                    encode_rows(self.backend.as_deref(), &enc, vals, cols, &mut rtn)?;
+                    scales = std::mem::take(&mut rtn.scales);
+                    zeros = std::mem::take(&mut rtn.zeros);
+                }
+                for r in 0..rows {
                     codes.clear();
                     words.clear();
                     match &solved {
@@ -416,7 +449,7 @@ impl Target for Vllm {
                                 }
                             }
                         }
-                        None => ct::quantize_int_row(row, args, *sd, &mut codes, &mut scales, &mut zeros),
+                        None => codes.extend(rtn.codes[r * cols..(r + 1) * cols].iter().map(|&c| c as i8)),
                     }
                     ct::pack_row(&codes, args.bits, &mut words);
                     out[0].extend(words.iter().flat_map(|w| w.to_le_bytes()));
@@ -434,33 +467,27 @@ impl Target for Vllm {
                     out[3].extend(words.iter().flat_map(|w| w.to_le_bytes()));
                 }
             }
-            Enc::Fp8Channel { sd } => {
-                for row in vals.chunks_exact(cols) {
-                    let s = ct::quantize_fp8_row(row, *sd, &mut out[0]);
-                    sd.put(s, &mut out[1]);
-                }
-            }
-            Enc::Fp8Block { sd } => {
-                let mut scales = Vec::new();
-                ct::quantize_fp8_block(vals, rows, cols, (128, 128), *sd, &mut out[0], &mut scales);
-                for s in &scales {
+            Enc::Fp8Channel { sd } | Enc::Fp8Block { sd } => {
+                let enc = match w.enc {
+                    Enc::Fp8Block { .. } => RowEncoding::Fp8Block { sd: *sd },
+                    _ => RowEncoding::Fp8Channel { sd: *sd },
+                };
+                let mut e = EncodedRows::default();
+                encode_rows(self.backend.as_deref(), &enc, vals, cols, &mut e)?;
+                out[0].extend_from_slice(&e.codes);
+                for s in &e.scales {
                     sd.put(*s, &mut out[1]);
                 }
             }
-            Enc::Nvfp4 => {
+            Enc::Nvfp4 | Enc::Mxfp4 => {
                 let global = ct::nvfp4_global_scale(amax.unwrap_or(0.0));
-                let (packed, rest) = out.split_at_mut(1);
-                for row in vals.chunks_exact(cols) {
-                    ct::quantize_nvfp4_row(row, global, &mut packed[0], &mut rest[0]);
-                }
-                if r0 == 0 {
-                    rest[1].extend(global.to_le_bytes());
-                }
-            }
-            Enc::Mxfp4 => {
-                let (packed, rest) = out.split_at_mut(1);
-                for row in vals.chunks_exact(cols) {
-                    ct::quantize_mxfp4_row(row, &mut packed[0], &mut rest[0]);
+                let enc = if w.enc == Enc::Nvfp4 { RowEncoding::Nvfp4 { global } } else { RowEncoding::Mxfp4 };
+                let mut e = EncodedRows::default();
+                encode_rows(self.backend.as_deref(), &enc, vals, cols, &mut e)?;
+                out[0].extend_from_slice(&e.codes);
+                out[1].extend_from_slice(&e.scale_bytes);
+                if r0 == 0 && w.enc == Enc::Nvfp4 {
+                    out[2].extend(global.to_le_bytes());
                 }
             }
         }

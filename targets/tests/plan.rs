@@ -93,7 +93,7 @@ fn nvfp4_fused_shards_share_one_amax_group() {
     use sling_pipeline::Target;
     let ck = fixture("qwen3moe");
     let p = vllm::plan(&ck, vllm::Scheme::Nvfp4, false).unwrap();
-    let t = vllm::Vllm { scheme: vllm::Scheme::Nvfp4, solved: None };
+    let t = vllm::Vllm { scheme: vllm::Scheme::Nvfp4, solved: None, backend: None };
     let group = |n: &str| t.amax_group(p.weights.iter().find(|w| w.name == n).unwrap());
     let q = group("model.layers.0.self_attn.q_proj.weight");
     assert_eq!(q.as_deref(), Some("model.layers.0.self_attn.qkv"));

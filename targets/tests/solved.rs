@@ -60,8 +60,8 @@ fn vllm_int_schemes_from_an_rtn_store_are_byte_identical() {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let n = fill(&ck, &plan.weights, &store, |e| vllm::grid(e).map(|g| (g, Vec::new())));
         assert!(n > 0);
-        let plain = vllm::Vllm { scheme, solved: None };
-        let solved = vllm::Vllm { scheme, solved: Some(store.clone()) };
+        let plain = vllm::Vllm { scheme, solved: None, backend: None };
+        let solved = vllm::Vllm { scheme, solved: Some(store.clone()), backend: None };
         for i in 0..plan.weights.len() {
             assert_eq!(
                 part_sha256(&plain, &ck, &plan, i, false).unwrap(),
@@ -103,7 +103,7 @@ fn mlx_from_an_rtn_store_is_byte_identical_per_expert() {
         let stacked = p.plan.weights.iter().filter(|w| !experts(&w.enc).is_empty()).count();
         assert!(stacked > 0, "the fixture has stacked experts");
         let plain = mlx::Mlx::default();
-        let solved = mlx::Mlx { solved: Some(store.clone()) };
+        let solved = mlx::Mlx { solved: Some(store.clone()), backend: None };
         for i in 0..p.plan.weights.len() {
             assert_eq!(
                 part_sha256(&plain, &ck, &p.plan, i, false).unwrap(),
@@ -144,7 +144,7 @@ fn stored_codes_are_what_the_targets_write() {
     s.codes.iter_mut().for_each(|c| *c = 5);
     store.put(&experts[1], g.group(), &s).unwrap();
     let plain = encode_in_chunks(&mlx::Mlx::default(), &ck, w, 3);
-    let solved = encode_in_chunks(&mlx::Mlx { solved: Some(store) }, &ck, w, 3);
+    let solved = encode_in_chunks(&mlx::Mlx { solved: Some(store), backend: None }, &ck, w, 3);
     let row_bytes = cols * 4 / 8; // 4-bit codes
     let (a, b) = (&plain[0], &solved[0]);
     assert_eq!(a[..per * row_bytes], b[..per * row_bytes]);
@@ -160,7 +160,7 @@ fn stored_codes_are_what_the_targets_write() {
     let other = sling_quantizers::mlx::AffineGrid { bits: 4, group: 32, sd: sling_quantizers::ct::ScaleDtype::BF16 };
     let v = values(&ck, w);
     store.put(&w.name, 32, &gptq::rtn(&v, w.rows() as usize, w.cols() as usize, &other).unwrap()).unwrap();
-    let t = vllm::Vllm { scheme: vllm::Scheme::W4A16 { symmetric: true }, solved: Some(store) };
+    let t = vllm::Vllm { scheme: vllm::Scheme::W4A16 { symmetric: true }, solved: Some(store), backend: None };
     let mut out = vec![Vec::new(); w.parts.len()];
     let err = t.encode(w, 0, &v, None, &mut out).unwrap_err();
     assert!(err.to_string().contains("groups of"), "{err}");

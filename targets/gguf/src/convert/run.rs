@@ -151,6 +151,10 @@ pub enum ConvertError {
     Encode { tensor: String, source: sling_quantizers::EncodeError },
     #[error("tensor {tensor}: {source}")]
     Device { tensor: String, source: sling_kernels::DeviceError },
+    /// The compressed-tensors / MLX encodings' argument errors (`Backend::encode_rows`); GGUF blocks never
+    /// produce them.
+    #[error("tensor {tensor}: {source}")]
+    Encoding { tensor: String, source: sling_kernels::EncodingError },
     #[error("tensor {tensor} (from {sources}) holds non-finite values (first at element {index}: {value}); pass --allow-nonfinite to convert anyway")]
     NonFinite { tensor: String, sources: String, index: u64, value: f32 },
     #[error(
@@ -360,6 +364,7 @@ fn kernel_error(t: &OutTensor, e: KernelError) -> ConvertError {
     match e {
         KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
         KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
+        KernelError::Encoding(source) => ConvertError::Encoding { tensor: t.name.clone(), source },
     }
 }
 
