@@ -76,6 +76,19 @@ pub struct CudaBackend {
     ct_kernels: Vec<CudaFunction>,
 }
 
+/// Makes `buf` hold at least `n` elements (reallocated, zeroed, when shorter; the old buffer is freed first).
+pub(crate) fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    s: &Arc<CudaStream>,
+    buf: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<(), cudarc::driver::DriverError> {
+    if buf.as_ref().is_none_or(|b| b.len() < n) {
+        *buf = None;
+        *buf = Some(s.alloc_zeros::<T>(n.max(1))?);
+    }
+    Ok(())
+}
+
 /// One thread per item (block or row), `threads` per CUDA block.
 fn launch_config(items: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
@@ -308,17 +321,6 @@ impl CudaBackend {
         let s = lane.stream.clone();
         let nrows = x.len() / n_per_row;
         let nblocks = x.len() / dtype.block_elems();
-        fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-            s: &Arc<CudaStream>,
-            buf: &mut Option<CudaSlice<T>>,
-            n: usize,
-        ) -> Result<(), cudarc::driver::DriverError> {
-            if buf.as_ref().is_none_or(|b| b.len() < n) {
-                *buf = None;
-                *buf = Some(s.alloc_zeros::<T>(n.max(1))?);
-            }
-            Ok(())
-        }
         // Page-locked staging, sized to this window (kept while windows are of a similar size); copies move whole
         // staging buffers, so the device buffers are at least as long.
         fn pinned<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Copy>(

@@ -11,9 +11,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm as _, GemmConfig};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::backend::{DeviceError, Gemm};
+use crate::cuda::ensure;
 use crate::gemm_layout::{gram_call, gram_rows, linear_blocks, linear_call, GemmCall};
 
 /// cudarc's argument set for a [`GemmCall`].
@@ -70,19 +71,6 @@ fn blas_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::cublas::result:
 
 fn drv_err(ordinal: usize, op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> DeviceError {
     move |e| DeviceError::Cuda { ordinal, op, message: e.to_string() }
-}
-
-/// Makes `buf` hold at least `n` elements (contents undefined until written).
-fn ensure<T: DeviceRepr + ValidAsZeroBits>(
-    s: &Arc<CudaStream>,
-    buf: &mut Option<CudaSlice<T>>,
-    n: usize,
-) -> Result<(), cudarc::driver::DriverError> {
-    if buf.as_ref().is_none_or(|b| b.len() < n) {
-        *buf = None;
-        *buf = Some(s.alloc_zeros::<T>(n.max(1))?);
-    }
-    Ok(())
 }
 
 impl CudaGemm {
