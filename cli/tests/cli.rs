@@ -211,6 +211,38 @@ fn unknown_tokenizer_hash_names_the_flag() {
     assert_refused(&o, "--tokenizer-pre", &out);
 }
 
+/// Hostile dimensions in `config.json` (zero or negative heads, widths past any model, more experts per token than
+/// experts, KV heads that do not divide the heads) are input errors naming the key, before any plan divides by
+/// them or allocates from them; the source stays as it was.
+#[test]
+fn hostile_config_dimensions_are_refused() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("num_attention_heads", 0.into(), "num_attention_heads has an unexpected value 0"),
+        ("num_attention_heads", (-4).into(), "num_attention_heads has an unexpected value -4"),
+        ("hidden_size", serde_json::json!(1e30), "hidden_size"),
+        ("vocab_size", serde_json::json!(1u64 << 40), "vocab_size"),
+        ("num_hidden_layers", "2".into(), "num_hidden_layers"),
+        (
+            "num_experts_per_tok",
+            99.into(),
+            "num_experts_per_tok has an unexpected value 99 (must be from 1 to the 8 experts)",
+        ),
+        ("num_experts_per_tok", 0.into(), "num_experts_per_tok has an unexpected value 0"),
+        ("num_key_value_heads", 3.into(), "must divide num_attention_heads"),
+    ];
+    for (key, value, needle) in cases {
+        let (t, _src, out) = dirs();
+        let m = copy_fixture("qwen3moe", t.path());
+        let cp = m.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&cp).unwrap()).unwrap();
+        v[*key] = value.clone();
+        fs::write(&cp, v.to_string()).unwrap();
+        let before = fs::read(&cp).unwrap();
+        assert_refused(&convert(&m, &out.join("x.gguf"), &[]), needle, &out);
+        assert_eq!(fs::read(&cp).unwrap(), before, "{key}: the source changed");
+    }
+}
+
 #[test]
 fn missing_config_is_refused() {
     let (t, _src, out) = dirs();

@@ -55,7 +55,54 @@ impl ModelConfig {
                 }
             }
         }
-        Ok(ModelConfig { root, rope })
+        let cfg = ModelConfig { root, rope };
+        cfg.check_dimensions()?;
+        Ok(cfg)
+    }
+
+    /// The model's dimensions, where present, are whole numbers in a sane range, and agree with each other: a
+    /// hostile or broken `config.json` (zero heads, a negative or gigantic width, more experts per token than
+    /// experts) is an input error here, before any plan divides by it or allocates from it. Keys absent or `null`
+    /// are left to the architecture's own rules.
+    fn check_dimensions(&self) -> Result<(), ConfigError> {
+        /// Larger than any released model's dimension (vocabularies reach ~260k, widths ~30k, experts 384).
+        const MAX: u64 = 1 << 24;
+        let bad =
+            |key: &str, v: &Value, why: &str| ConfigError::BadValue { key: key.into(), value: format!("{v} ({why})") };
+        let dim = |key: &str, min: u64| -> Result<Option<u64>, ConfigError> {
+            match self.root.get(key).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (min..=MAX).contains(&n) => Ok(Some(n)),
+                    _ => Err(bad(key, v, &format!("must be a whole number from {min} to {MAX}"))),
+                },
+            }
+        };
+        for key in ["hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "head_dim"] {
+            dim(key, 1)?;
+        }
+        let heads = dim("num_attention_heads", 1)?;
+        let kv = dim("num_key_value_heads", 1)?;
+        if let (Some(h), Some(k)) = (heads, kv) {
+            if h % k != 0 {
+                let v = &self.root["num_key_value_heads"];
+                return Err(bad("num_key_value_heads", v, &format!("must divide num_attention_heads = {h}")));
+            }
+        }
+        // Dense configs may carry 0 experts; an MoE routes each token to 1..=experts of them.
+        let mut experts = None;
+        for key in ["num_local_experts", "num_experts", "n_routed_experts"] {
+            experts = experts.or(dim(key, 0)?);
+        }
+        for key in ["num_experts_per_tok", "num_experts_per_token"] {
+            let Some(k) = dim(key, 0)? else { continue };
+            if let Some(e) = experts.filter(|&e| e > 0) {
+                if k == 0 || k > e {
+                    return Err(bad(key, &self.root[key], &format!("must be from 1 to the {e} experts")));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn from_slice(bytes: &[u8]) -> Result<ModelConfig, serde_json::Error> {
