@@ -36,6 +36,13 @@ pub enum DType {
     Q6K,
     IQ4NL,
     IQ4XS,
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ3XXS,
+    IQ3S,
+    IQ1S,
+    IQ1M,
     TQ1_0,
     TQ2_0,
     MXFP4,
@@ -98,6 +105,13 @@ table! {
     Q6K    => "q6_K",   Some(14), None,           256, 210;
     IQ4NL  => "iq4_nl", Some(20), None,            32, 18;
     IQ4XS  => "iq4_xs", Some(23), None,           256, 136;
+    IQ2XXS => "iq2_xxs", Some(16), None,          256, 66;
+    IQ2XS  => "iq2_xs", Some(17), None,           256, 74;
+    IQ2S   => "iq2_s",  Some(22), None,           256, 82;
+    IQ3XXS => "iq3_xxs", Some(18), None,          256, 98;
+    IQ3S   => "iq3_s",  Some(21), None,           256, 110;
+    IQ1S   => "iq1_s",  Some(19), None,           256, 50;
+    IQ1M   => "iq1_m",  Some(29), None,           256, 56;
     TQ1_0  => "tq1_0",  Some(34), None,           256, 54;
     TQ2_0  => "tq2_0",  Some(35), None,           256, 66;
     MXFP4  => "mxfp4",  Some(39), None,            32, 17;
