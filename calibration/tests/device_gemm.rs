@@ -14,10 +14,9 @@ use common::{fixture, grids, seqs};
 use sling_calibration::gptq::{run, Method, Settings};
 use sling_calibration::imatrix::ImatrixCollector;
 use sling_calibration::{CheckpointSource, Model};
-use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
-use sling_kernels::backend::{Backend, CpuBackend, Device, DeviceOptions, Gemm};
-use sling_kernels::{DeviceError, KernelError};
+use sling_kernels::backend::{Backend, Device, DeviceOptions, Gemm};
+use sling_kernels::DeviceError;
 use sling_pipeline::solved::Store;
 
 /// Products summed in f64 in index order: a GEMM with another summation order than the CPU's, like a device's.
@@ -64,29 +63,12 @@ impl Gemm for NaiveGemm {
 
 #[derive(Default)]
 struct NaiveBackend {
-    cpu: CpuBackend,
     gemm: NaiveGemm,
 }
 
 impl Backend for NaiveBackend {
     fn describe(&self) -> String {
         "naive (test)".into()
-    }
-    fn is_gpu(&self) -> bool {
-        false
-    }
-    fn quantize_rows(
-        &self,
-        t: DType,
-        x: &[f32],
-        n: usize,
-        w: Option<&[f32]>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), KernelError> {
-        self.cpu.quantize_rows(t, x, n, w, out)
-    }
-    fn counters(&self) -> (u64, u64) {
-        (0, 0)
     }
     fn gemm(&self) -> Result<Option<&dyn Gemm>, DeviceError> {
         Ok(Some(&self.gemm))

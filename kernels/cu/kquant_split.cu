@@ -124,26 +124,32 @@ SLING_DEV void sling_fin_scales_qk45(const float * qw, const uint8_t * s, uint8_
     }
 }
 
-SLING_DEV void sling_fin_q4_K(const float * x, const float * qw, const uint8_t * s, uint8_t * yb) {
-    block_q4_K * y = (block_q4_K *)yb;
-    uint8_t L[QK_K];
+// The levels of a Q4_K/Q5_K block (0..nmax): the first pass's, re-rounded against the final 6-bit scales and mins
+// as the second half of quantize_row_q4_K_impl / q5_K_impl does (a sub-block whose final scale is 0 keeps them).
+SLING_DEV void sling_fin_levels_qk45(const float * x, const uint8_t * s, const uint8_t * scales, ggml_half d16,
+                                     ggml_half dmin16, int nmax, uint8_t * L) {
     for (int j = 0; j < QK_K/32; ++j) {
         for (int l = 0; l < 32; ++l) L[32*j + l] = s[j*SLING_SUB_BYTES + 16 + l];
     }
-    sling_fin_scales_qk45(qw, s, y->scales, &y->d, &y->dmin, false);
-
     uint8_t sc, m;
     for (int j = 0; j < QK_K/32; ++j) {
-        get_scale_min_k4(j, y->scales, &sc, &m);
-        const float d = GGML_FP16_TO_FP32(y->d) * sc;
+        get_scale_min_k4(j, scales, &sc, &m);
+        const float d = GGML_FP16_TO_FP32(d16) * sc;
         if (!d) continue;
-        const float dm = GGML_FP16_TO_FP32(y->dmin) * m;
+        const float dm = GGML_FP16_TO_FP32(dmin16) * m;
         for (int ii = 0; ii < 32; ++ii) {
             int l = nearest_int((x[32*j + ii] + dm)/d);
-            l = MAX(0, MIN(15, l));
+            l = MAX(0, MIN(nmax, l));
             L[32*j + ii] = l;
         }
     }
+}
+
+SLING_DEV void sling_fin_q4_K(const float * x, const float * qw, const uint8_t * s, uint8_t * yb) {
+    block_q4_K * y = (block_q4_K *)yb;
+    uint8_t L[QK_K];
+    sling_fin_scales_qk45(qw, s, y->scales, &y->d, &y->dmin, false);
+    sling_fin_levels_qk45(x, s, y->scales, y->d, y->dmin, 15, L);
 
     uint8_t * q = y->qs;
     for (int j = 0; j < QK_K; j += 64) {
@@ -155,23 +161,8 @@ SLING_DEV void sling_fin_q4_K(const float * x, const float * qw, const uint8_t *
 SLING_DEV void sling_fin_q5_K(const float * x, const float * qw, const uint8_t * s, uint8_t * yb) {
     block_q5_K * y = (block_q5_K *)yb;
     uint8_t L[QK_K];
-    for (int j = 0; j < QK_K/32; ++j) {
-        for (int l = 0; l < 32; ++l) L[32*j + l] = s[j*SLING_SUB_BYTES + 16 + l];
-    }
     sling_fin_scales_qk45(qw, s, y->scales, &y->d, &y->dmin, true);
-
-    uint8_t sc, m;
-    for (int j = 0; j < QK_K/32; ++j) {
-        get_scale_min_k4(j, y->scales, &sc, &m);
-        const float d = GGML_FP16_TO_FP32(y->d) * sc;
-        if (!d) continue;
-        const float dm = GGML_FP16_TO_FP32(y->dmin) * m;
-        for (int ii = 0; ii < 32; ++ii) {
-            int l = nearest_int((x[32*j + ii] + dm)/d);
-            l = MAX(0, MIN(31, l));
-            L[32*j + ii] = l;
-        }
-    }
+    sling_fin_levels_qk45(x, s, y->scales, y->d, y->dmin, 31, L);
 
     uint8_t * GGML_RESTRICT qh = y->qh;
     uint8_t * GGML_RESTRICT ql = y->qs;

@@ -99,11 +99,13 @@ impl Counters {
 pub trait Backend: Send + Sync {
     /// `cpu (x86_64+avx2)`, `cuda:0 (NVIDIA H200, sm_90)`.
     fn describe(&self) -> String;
-    /// Whether this backend runs kernels on a GPU.
-    fn is_gpu(&self) -> bool;
+    /// Whether this backend runs kernels on a GPU (the default: no).
+    fn is_gpu(&self) -> bool {
+        false
+    }
     /// `ggml_quantize_chunk` over whole rows (`x` holds rows of `n_per_row`, `imatrix` `n_per_row` importance
     /// weights shared by all rows), appending the blocks to `out`. Types or rows this backend has no exact kernel
-    /// for are quantized on the CPU.
+    /// for are quantized on the CPU; the default quantizes everything there ([`crate::quantize_rows`]).
     fn quantize_rows(
         &self,
         dtype: DType,
@@ -111,7 +113,9 @@ pub trait Backend: Send + Sync {
         n_per_row: usize,
         imatrix: Option<&[f32]>,
         out: &mut Vec<u8>,
-    ) -> Result<(), KernelError>;
+    ) -> Result<(), KernelError> {
+        Ok(crate::quantize_rows(dtype, x, n_per_row, imatrix, out)?)
+    }
     /// ggml's `to_float` of whole blocks of `dtype` (`bytes` a multiple of the block size), appending to `out`;
     /// the same floats, bit for bit, as [`sling_quantizers::dequantize`].
     fn dequantize(&self, dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), KernelError> {
@@ -129,8 +133,10 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), KernelError> {
         Ok(crate::encode::encode_rows(enc, x, n_per_row, out)?)
     }
-    /// Blocks quantized on the device and on the host so far.
-    fn counters(&self) -> (u64, u64);
+    /// Blocks quantized on the device and on the host so far (the default counts none).
+    fn counters(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// Dense matrix products on this backend's device, for the calibration forward pass and GPTQ's Hessians:
     /// `Ok(None)` on the CPU (callers use their own GEMM), an error when a GPU backend cannot offer them (cuBLAS
     /// missing). Opened at the first call, so quantization never loads cuBLAS.
@@ -171,9 +177,6 @@ pub struct CpuBackend {
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
         format!("cpu ({})", crate::cpu_path())
-    }
-    fn is_gpu(&self) -> bool {
-        false
     }
     fn quantize_rows(
         &self,

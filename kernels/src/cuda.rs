@@ -585,6 +585,9 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// Windows the kernels cannot reproduce exactly ([`crate::encode::device_safe`]), and every window unless
+    /// [`DeviceOptions::unverified`], run the reference on the CPU; others run in row groups under the lane's share of `--device-mem` (whole 128-row tiles for FP8 block).
+    /// One counted "block" per group (scale).
     fn encode_rows(
         &self,
         enc: &crate::encode::RowEncoding,
@@ -592,7 +595,53 @@ impl Backend for CudaBackend {
         n_per_row: usize,
         out: &mut crate::encode::EncodedRows,
     ) -> Result<(), KernelError> {
-        self.encode_rows_device(enc, x, n_per_row, out)
+        use crate::encode::{self, RowEncoding};
+        enc.check(x.len(), n_per_row)?;
+        let groups = enc.groups(x.len() / n_per_row, n_per_row);
+        // A NaN or infinite NVFP4 global scale (never what `ct::nvfp4_global_scale` returns) would make NaN scales
+        // whose sign is x86's on the CPU and CUDA's canonical one on the GPU: the CPU takes it.
+        let odd_global = matches!(enc, RowEncoding::Nvfp4 { global } if !global.is_finite());
+        // Not yet run on a GPU (docs/kernels.md): on the device only with `SLING_CUDA_UNVERIFIED=1`, which
+        // scripts/gpu-check and the parity test set, until a GPU run has checked it.
+        if !self.unverified || x.is_empty() || odd_global || !encode::device_safe(x) {
+            encode::encode_rows(enc, x, n_per_row, out)?;
+            self.counters.add(false, groups);
+            return Ok(());
+        }
+        // Input, codes, and a word, scales and zero points per row at most: 6 bytes per value and some.
+        let per_row = n_per_row as u64 * 6 + 64;
+        let mut rows = (self.lane_bytes / per_row).max(1) as usize;
+        if let RowEncoding::Fp8Block { .. } = enc {
+            rows = rows.div_ceil(encode::FP8_TILE) * encode::FP8_TILE;
+        }
+        let lens = [
+            out.codes.len(),
+            out.words.len(),
+            out.scales.len(),
+            out.scale_bytes.len(),
+            out.zeros.len(),
+            out.biases.len(),
+        ];
+        let lane = self.take_lane()?;
+        let mut result = Ok(());
+        for xs in x.chunks(rows * n_per_row) {
+            result = self.run_encode(&lane, enc, xs, n_per_row, out);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.give_lane(lane);
+        if let Err(e) = result {
+            out.codes.truncate(lens[0]);
+            out.words.truncate(lens[1]);
+            out.scales.truncate(lens[2]);
+            out.scale_bytes.truncate(lens[3]);
+            out.zeros.truncate(lens[4]);
+            out.biases.truncate(lens[5]);
+            return Err(e.into());
+        }
+        self.counters.add(true, groups);
+        Ok(())
     }
 
     fn counters(&self) -> (u64, u64) {
@@ -674,65 +723,6 @@ impl CudaBackend {
             .position(|n| *n == name)
             .and_then(|i| self.ct_kernels.get(i))
             .ok_or(DeviceError::Cuda { ordinal: self.ordinal, op: "find kernel", message: name.to_string() })
-    }
-
-    /// Windows the kernels cannot reproduce exactly ([`crate::encode::device_safe`]), and every window unless
-    /// [`DeviceOptions::unverified`], run the reference on the CPU; others run in row groups under the lane's share of `--device-mem` (whole 128-row tiles for FP8 block).
-    /// One counted "block" per group (scale).
-    fn encode_rows_device(
-        &self,
-        enc: &crate::encode::RowEncoding,
-        x: &[f32],
-        n_per_row: usize,
-        out: &mut crate::encode::EncodedRows,
-    ) -> Result<(), KernelError> {
-        use crate::encode::{self, RowEncoding};
-        enc.check(x.len(), n_per_row)?;
-        let groups = enc.groups(x.len() / n_per_row, n_per_row);
-        // A NaN or infinite NVFP4 global scale (never what `ct::nvfp4_global_scale` returns) would make NaN scales
-        // whose sign is x86's on the CPU and CUDA's canonical one on the GPU: the CPU takes it.
-        let odd_global = matches!(enc, RowEncoding::Nvfp4 { global } if !global.is_finite());
-        // Not yet run on a GPU (docs/kernels.md): on the device only with `SLING_CUDA_UNVERIFIED=1`, which
-        // scripts/gpu-check and the parity test set, until a GPU run has checked it.
-        if !self.unverified || x.is_empty() || odd_global || !encode::device_safe(x) {
-            encode::encode_rows(enc, x, n_per_row, out)?;
-            self.counters.add(false, groups);
-            return Ok(());
-        }
-        // Input, codes, and a word, scales and zero points per row at most: 6 bytes per value and some.
-        let per_row = n_per_row as u64 * 6 + 64;
-        let mut rows = (self.lane_bytes / per_row).max(1) as usize;
-        if let RowEncoding::Fp8Block { .. } = enc {
-            rows = rows.div_ceil(encode::FP8_TILE) * encode::FP8_TILE;
-        }
-        let lens = [
-            out.codes.len(),
-            out.words.len(),
-            out.scales.len(),
-            out.scale_bytes.len(),
-            out.zeros.len(),
-            out.biases.len(),
-        ];
-        let lane = self.take_lane()?;
-        let mut result = Ok(());
-        for xs in x.chunks(rows * n_per_row) {
-            result = self.run_encode(&lane, enc, xs, n_per_row, out);
-            if result.is_err() {
-                break;
-            }
-        }
-        self.give_lane(lane);
-        if let Err(e) = result {
-            out.codes.truncate(lens[0]);
-            out.words.truncate(lens[1]);
-            out.scales.truncate(lens[2]);
-            out.scale_bytes.truncate(lens[3]);
-            out.zeros.truncate(lens[4]);
-            out.biases.truncate(lens[5]);
-            return Err(e.into());
-        }
-        self.counters.add(true, groups);
-        Ok(())
     }
 
     /// One row group: copy in, the encoding's kernels, copy the outputs out and append them.

@@ -1,9 +1,7 @@
 //! The CUDA backend of a build without the `cuda` feature: the same API as `cuda.rs`, every entry saying that
 //! this build has no CUDA support.
 
-use sling_core::DType;
-
-use crate::backend::{Backend, DeviceError, DeviceOptions, KernelError};
+use crate::backend::{Backend, DeviceError, DeviceOptions};
 
 /// Never constructed in this build.
 pub enum CudaBackend {}
@@ -16,25 +14,6 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     fn describe(&self) -> String {
-        match *self {}
-    }
-    fn is_gpu(&self) -> bool {
-        match *self {}
-    }
-    fn quantize_rows(
-        &self,
-        _: DType,
-        _: &[f32],
-        _: usize,
-        _: Option<&[f32]>,
-        _: &mut Vec<u8>,
-    ) -> Result<(), KernelError> {
-        match *self {}
-    }
-    fn dequantize(&self, _: DType, _: &[u8], _: &mut Vec<f32>) -> Result<(), KernelError> {
-        match *self {}
-    }
-    fn counters(&self) -> (u64, u64) {
         match *self {}
     }
 }

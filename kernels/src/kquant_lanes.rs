@@ -26,6 +26,7 @@ use std::arch::x86_64::*;
 
 use sling_core::DType;
 use sling_quantizers::common::{fp16_to_fp32, fp32_to_fp16};
+use sling_quantizers::kquants::q2_k_tail;
 use sling_quantizers::search::{get_scale_min_k4, make_qp_quants, make_qx_quants, nearest_int, pack_scale_min_k4};
 
 const QK_K: usize = 256;
@@ -725,7 +726,7 @@ fn q6_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
 /// One Q2_K super-block: `quantize_row_q2_K_ref` (`qw` `None`: weights `|x|`, `make_qkx2_quants` with `use_mad`)
 /// or `quantize_row_q2_K_impl` (weights `qw * sqrtf(sigma2 + x²)`, `make_qkx3_quants`), the sixteen 16-value
 /// sub-blocks searched as two sets of eight lanes; the super-block scales, the requantization and the packing in
-/// scalar, as `sling_quantizers::kquants` (whose `q2_k_finish` this repeats).
+/// scalar (`sling_quantizers::kquants::q2_k_tail`).
 #[inline]
 #[target_feature(enable = "avx2")]
 fn q2_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
@@ -770,75 +771,10 @@ fn q2_k_block(xb: &[f32; QK_K], qw: Option<&[f32; QK_K]>, yb: &mut [u8]) {
         mins[8 * h..8 * h + 8].copy_from_slice(&lanes(m[h]));
         codes_from_lanes::<SUB6>(&l[h], &mut codes[128 * h..]);
     }
-    let mut sb = [0u8; 16];
-    let (d16, dmin16) = match qw {
-        None => {
-            const Q4SCALE: f32 = 15.0;
-            let mut max_scale = 0.0f32;
-            let mut max_min = 0.0f32;
-            for j in 0..16 {
-                if scales[j] > max_scale {
-                    max_scale = scales[j];
-                }
-                if mins[j] > max_min {
-                    max_min = mins[j];
-                }
-            }
-            let d16 = if max_scale > 0.0 {
-                let iscale = Q4SCALE / max_scale;
-                for (b, &sc) in sb.iter_mut().zip(&scales) {
-                    *b = nearest_int(iscale * sc) as u8;
-                }
-                fp32_to_fp16(max_scale / Q4SCALE)
-            } else {
-                fp32_to_fp16(0.0)
-            };
-            let dmin16 = if max_min > 0.0 {
-                let iscale = Q4SCALE / max_min;
-                for (b, &mn) in sb.iter_mut().zip(&mins) {
-                    *b |= (nearest_int(iscale * mn) << 4) as u8;
-                }
-                fp32_to_fp16(max_min / Q4SCALE)
-            } else {
-                fp32_to_fp16(0.0)
-            };
-            (d16, dmin16)
-        }
-        Some(_) => {
-            let swv: [f32; 16] = std::array::from_fn(|j| lanes(sw[j / 8])[j % 8]);
-            let mut ls = [0u8; 16];
-            let mut lm = [0u8; 16];
-            let dm = make_qp_quants(15, &scales, &mut ls, &swv);
-            let mm = make_qp_quants(15, &mins, &mut lm, &swv);
-            for j in 0..16 {
-                sb[j] = ls[j] | (lm[j] << 4);
-            }
-            (fp32_to_fp16(dm), fp32_to_fp16(mm))
-        }
-    };
-    // Requantization from the f16 super-scales (sub-blocks whose scale is 0 keep the search's codes), packing.
-    let (d, dmin) = (fp16_to_fp32(d16), fp16_to_fp32(dmin16));
-    let mut lq = [0u8; QK_K];
-    for j in 0..16 {
-        let dj = d * (sb[j] & 0xF) as f32;
-        for ii in 0..16 {
-            lq[16 * j + ii] = if dj == 0.0 {
-                codes[16 * j + ii] as u8
-            } else {
-                let dm = dmin * (sb[j] >> 4) as f32;
-                nearest_int((xb[16 * j + ii] + dm) / dj).clamp(0, 3) as u8
-            };
-        }
-    }
-    yb[..16].copy_from_slice(&sb);
-    for c in 0..2 {
-        for k in 0..32 {
-            let j = 128 * c + k;
-            yb[16 + 32 * c + k] = lq[j] | (lq[j + 32] << 2) | (lq[j + 64] << 4) | (lq[j + 96] << 6);
-        }
-    }
-    yb[80..82].copy_from_slice(&d16.to_le_bytes());
-    yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
+    let swv: [f32; 16] = std::array::from_fn(|j| lanes(sw[j / 8])[j % 8]);
+    let mut lq: [u8; QK_K] = std::array::from_fn(|i| codes[i] as u8);
+    let yb: &mut [u8; 84] = yb.try_into().expect("a Q2_K block is 84 bytes");
+    q2_k_tail(xb, &mut lq, &scales, &mins, qw.map(|_| &swv), yb);
 }
 
 /// One Q3_K super-block with importance weights: `quantize_row_q3_K_impl` (`make_qx_quants(16, 4, …)` with

@@ -123,8 +123,70 @@ pub fn quantize_row_q2_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     }
 }
 
-/// The requantization and packing tail shared by `quantize_row_q2_K_ref` and `_impl`: recomputes `L` from the
-/// f16-rounded super-scales (sub-blocks whose scale is 0 keep the search's `L`), then packs.
+/// Everything of a Q2_K block after the sub-block search, shared by `quantize_row_q2_K_ref` (`sw` `None`: 4-bit
+/// scales and mins from their maxima) and `_impl` (`sw` the sub-blocks' weight sums: `make_qp_quants`), and by the
+/// AVX2 lanes in sling-kernels: the f16 super-scales, then [`q2_k_finish`]. `l` holds the search's levels.
+#[inline(always)]
+pub fn q2_k_tail(
+    x: &[f32; QK_K],
+    l: &mut [u8; QK_K],
+    scales: &[f32; 16],
+    mins: &[f32; 16],
+    sw: Option<&[f32; 16]>,
+    yb: &mut [u8; Q2_K_BYTES],
+) {
+    let mut sb = [0u8; 16];
+    let (d16, dmin16) = match sw {
+        None => {
+            const Q4SCALE: f32 = 15.0;
+            let mut max_scale = 0.0f32; // as we are deducting the min, scales are always positive
+            let mut max_min = 0.0f32;
+            for j in 0..16 {
+                if scales[j] > max_scale {
+                    max_scale = scales[j];
+                }
+                if mins[j] > max_min {
+                    max_min = mins[j];
+                }
+            }
+            let d16 = if max_scale > 0.0 {
+                let iscale = Q4SCALE / max_scale;
+                for (b, &s) in sb.iter_mut().zip(scales) {
+                    *b = nearest_int(iscale * s) as u8;
+                }
+                fp32_to_fp16(max_scale / Q4SCALE)
+            } else {
+                fp32_to_fp16(0.0)
+            };
+            let dmin16 = if max_min > 0.0 {
+                let iscale = Q4SCALE / max_min;
+                for (b, &m) in sb.iter_mut().zip(mins) {
+                    *b |= (nearest_int(iscale * m) << 4) as u8;
+                }
+                fp32_to_fp16(max_min / Q4SCALE)
+            } else {
+                fp32_to_fp16(0.0)
+            };
+            (d16, dmin16)
+        }
+        Some(sw) => {
+            let mut ls = [0u8; 16];
+            let mut lm = [0u8; 16];
+            let dm = make_qp_quants(15, scales, &mut ls, sw);
+            let mm = make_qp_quants(15, mins, &mut lm, sw);
+            for j in 0..16 {
+                sb[j] = ls[j] | (lm[j] << 4);
+            }
+            (fp32_to_fp16(dm), fp32_to_fp16(mm))
+        }
+    };
+    yb[80..82].copy_from_slice(&d16.to_le_bytes());
+    yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
+    q2_k_finish(x, l, &sb, fp16_to_fp32(d16), fp16_to_fp32(dmin16), yb);
+}
+
+/// The requantization and packing tail of Q2_K: recomputes `L` from the f16-rounded super-scales (sub-blocks whose
+/// scale is 0 keep the search's `L`), then packs.
 #[inline(always)]
 fn q2_k_finish(x: &[f32; QK_K], l: &mut [u8; QK_K], scales: &[u8; 16], d: f32, dmin: f32, yb: &mut [u8; Q2_K_BYTES]) {
     for j in 0..QK_K / 16 {
@@ -145,52 +207,20 @@ fn q2_k_finish(x: &[f32; QK_K], l: &mut [u8; QK_K], scales: &[u8; 16], d: f32, d
 /// `quantize_row_q2_K_ref` (ggml-quants.c).
 #[inline(always)]
 fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
-    const Q4SCALE: f32 = 15.0;
     let p = QkxParams { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: true };
     for (_, xb, yb) in blocks::<Q2_K_BYTES>(x, y) {
         let mut l = [0u8; QK_K];
         let mut mins = [0.0f32; 16];
         let mut scales = [0.0f32; 16];
-        let mut max_scale = 0.0f32; // as we are deducting the min, scales are always positive
-        let mut max_min = 0.0f32;
         for j in 0..QK_K / 16 {
             let xs = &xb[16 * j..16 * j + 16];
             let mut weights = [0.0f32; 16];
             for (w, v) in weights.iter_mut().zip(xs) {
                 *w = v.abs();
             }
-            let (s, m) = make_qkx2_quants::<16>(xs, &weights, &mut l[16 * j..16 * j + 16], p);
-            scales[j] = s;
-            mins[j] = m;
-            if s > max_scale {
-                max_scale = s;
-            }
-            if m > max_min {
-                max_min = m;
-            }
+            (scales[j], mins[j]) = make_qkx2_quants::<16>(xs, &weights, &mut l[16 * j..16 * j + 16], p);
         }
-        let mut sb = [0u8; 16];
-        let d16 = if max_scale > 0.0 {
-            let iscale = Q4SCALE / max_scale;
-            for (b, &s) in sb.iter_mut().zip(&scales) {
-                *b = nearest_int(iscale * s) as u8;
-            }
-            fp32_to_fp16(max_scale / Q4SCALE)
-        } else {
-            fp32_to_fp16(0.0)
-        };
-        let dmin16 = if max_min > 0.0 {
-            let iscale = Q4SCALE / max_min;
-            for (b, &m) in sb.iter_mut().zip(&mins) {
-                *b |= (nearest_int(iscale * m) << 4) as u8;
-            }
-            fp32_to_fp16(max_min / Q4SCALE)
-        } else {
-            fp32_to_fp16(0.0)
-        };
-        yb[80..82].copy_from_slice(&d16.to_le_bytes());
-        yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
-        q2_k_finish(xb, &mut l, &sb, fp16_to_fp32(d16), fp16_to_fp32(dmin16), yb);
+        q2_k_tail(xb, &mut l, &scales, &mins, None, yb);
     }
 }
 
@@ -212,19 +242,7 @@ fn quantize_row_q2_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
             scales[j] = s;
             mins[j] = m;
         }
-        let mut ls = [0u8; 16];
-        let mut lm = [0u8; 16];
-        let dm = make_qp_quants(15, &scales, &mut ls, &sw);
-        let mm = make_qp_quants(15, &mins, &mut lm, &sw);
-        let d16 = fp32_to_fp16(dm);
-        let dmin16 = fp32_to_fp16(mm);
-        yb[80..82].copy_from_slice(&d16.to_le_bytes());
-        yb[82..84].copy_from_slice(&dmin16.to_le_bytes());
-        let mut sb = [0u8; 16];
-        for j in 0..16 {
-            sb[j] = ls[j] | (lm[j] << 4);
-        }
-        q2_k_finish(xb, &mut l, &sb, fp16_to_fp32(d16), fp16_to_fp32(dmin16), yb);
+        q2_k_tail(xb, &mut l, &scales, &mins, Some(&sw), yb);
     }
 }
 

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
 use sling_kernels::encode::{self, EncodedRows, RowEncoding};
 use sling_kernels::{Backend, KernelError};
@@ -25,19 +24,6 @@ impl Backend for HostKernels {
     fn describe(&self) -> String {
         "host build of cu/ct.cu".into()
     }
-    fn is_gpu(&self) -> bool {
-        false
-    }
-    fn quantize_rows(
-        &self,
-        dtype: DType,
-        x: &[f32],
-        n_per_row: usize,
-        imatrix: Option<&[f32]>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), KernelError> {
-        Ok(sling_kernels::quantize_rows(dtype, x, n_per_row, imatrix, out)?)
-    }
     fn encode_rows(
         &self,
         enc: &RowEncoding,
@@ -47,9 +33,6 @@ impl Backend for HostKernels {
     ) -> Result<(), KernelError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         Ok(encode::host_encode_rows(enc, x, n_per_row, out)?)
-    }
-    fn counters(&self) -> (u64, u64) {
-        (0, 0)
     }
 }
 
