@@ -10,6 +10,8 @@
 pub mod imatrix;
 pub mod recipe;
 pub mod rules;
+#[cfg(test)]
+mod test_models;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +41,9 @@ pub struct QuantizeOptions {
     pub label: String,
     /// `--override-kv` values, in order (see [`parse_override_kv`]).
     pub overrides: Vec<(String, GgufValue)>,
+    /// Only planning (`sling plan`, `--dry-run`): like llama-quantize's `--dry-run`, tensors that need an imatrix
+    /// and have none are listed in [`QuantizePlan::needs_imatrix`] instead of refused.
+    pub dry_run: bool,
 }
 
 /// Parses llama.cpp's `--override-kv KEY=TYPE:VALUE` (`common/common.cpp string_parse_kv_override`) into the value
@@ -81,7 +86,10 @@ pub enum QuantizeError {
     Rule(#[from] RuleError),
     #[error("requantizing from type {from} is disabled (tensor {tensor}); pass --allow-requantize")]
     Requantize { tensor: String, from: DType },
-    #[error("this quantization requires an importance matrix: tensor {tensor} would be {dtype} (pass --imatrix FILE)")]
+    #[error(
+        "this quantization requires an importance matrix: tensor {tensor} would be {dtype}, which llama-quantize \
+         refuses to make without one (pass --imatrix FILE, from llama-imatrix or `sling calibrate`)"
+    )]
     NeedsImatrix { tensor: String, dtype: DType },
     #[error(
         "{0} is one shard of a split GGUF; merge it first (llama-gguf-split --merge) or quantize the HF checkpoint"
@@ -118,6 +126,9 @@ pub struct QuantizePlan {
     pub missing_imatrix: Vec<String>,
     /// Experts with no imatrix data, as `tensor[expert]` (weighted 1.0, like llama-quantize).
     pub empty_experts: Vec<String>,
+    /// With [`QuantizeOptions::dry_run`]: tensors whose type needs an imatrix and that have no importance weights
+    /// (executing the plan is refused; llama-quantize: "this quantization requires an importance matrix").
+    pub needs_imatrix: Vec<(String, DType)>,
     pub n_fallback: usize,
 }
 
@@ -193,6 +204,7 @@ fn decide(
     let mut rows = Vec::with_capacity(tensors.len());
     let mut missing_imatrix = Vec::new();
     let mut empty_experts = Vec::new();
+    let mut needs_imatrix = Vec::new();
     for t in &mut tensors {
         let from = t.dtype;
         let choice = chooser.choose(&t.name, &t.ne, from)?;
@@ -233,7 +245,10 @@ fn decide(
                 }
             }
             if choice.requires_imatrix && t.weights.is_none() {
-                return Err(QuantizeError::NeedsImatrix { tensor: t.name.clone(), dtype: choice.dtype });
+                if !opts.dry_run {
+                    return Err(QuantizeError::NeedsImatrix { tensor: t.name.clone(), dtype: choice.dtype });
+                }
+                needs_imatrix.push((t.name.clone(), choice.dtype));
             }
             t.round_via = Some(from);
             t.dtype = choice.dtype;
@@ -271,6 +286,7 @@ fn decide(
         rows,
         missing_imatrix,
         empty_experts,
+        needs_imatrix,
         n_fallback,
     })
 }
