@@ -20,9 +20,9 @@ pub const AFTER_HELP: &str = "Examples:
   sling quantize ./Qwen3-30B-A3B --to gguf:Q4_K_M -o qwen3-30b-a3b-Q4_K_M.gguf
   sling quantize ./Mixtral-8x7B --to gguf:IQ4_XS --imatrix imatrix.gguf -o mixtral-IQ4_XS.gguf
   sling quantize ./DeepSeek-V3 --to gguf:moe-q2 --split-max-size 50G -o ds-v3-moe-q2.gguf
-  sling plan ./DeepSeek-V3 --to gguf:moe-iq1     (size and bpw of the 1.58-bit dynamic recipe, nothing written)
-  sling quantize ./DeepSeek-V3 --to gguf:moe-iq1 --imatrix imatrix.gguf --split-max-size 50G -o ds-v3-moe-iq1.gguf
-  sling quantize ./Qwen3-30B-A3B --to gguf:IQ2_M --imatrix imatrix.gguf -o qwen3-30b-a3b-IQ2_M.gguf
+  sling plan ./DeepSeek-V3 --to gguf:moe-iq1     (size and bpw before anything runs)
+  sling quantize ./DeepSeek-V3 --to gguf:moe-iq1 --imatrix imatrix.gguf -o ds-v3-moe-iq1.gguf
+  sling quantize ./Qwen3-30B-A3B --to gguf:IQ2_M --imatrix imatrix.gguf -o qwen3-IQ2_M.gguf
   sling quantize ./DeepSeek-V3 --to gguf:Q4_K_M --tensor-type 'ffn_.*_exps=q3_K' -o ds-v3.gguf
   sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
   sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
@@ -53,10 +53,11 @@ quantized; rows that do not fit a type's block fall back as llama-quantize does)
 IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS tensors (and Q2_K ones in Q2_K_S) without one, and so does sling; \
 `sling plan` lists them.
 
-MoE recipes (--to gguf:NAME; role -> type tables in docs/quantization.md): moe-q4, moe-iq4, moe-q2 (4-, 4- and \
-3-bit routed experts, the rest Q6_K/Q8_0); moe-iq2* (routed experts IQ2_XXS, down-projections IQ3_XXS) and \
-moe-iq1* (IQ1_S / IQ2_XXS, Unsloth's DeepSeek-R1 1.58-bit recipe), both with attention at Q4_K-Q5_K, shared \
-experts and dense FFN at Q5_K-Q6_K, token_embd Q4_K, output Q6_K; routers and norms never quantized.
+MoE recipes (--to gguf:NAME; role -> type tables in docs/quantization.md): moe-q4, moe-iq4, moe-q2 (routed \
+experts Q4_K, IQ4_XS, Q2_K; the rest Q6_K/Q8_0); moe-iq2* (routed experts IQ2_XXS, down-projections IQ3_XXS in \
+blocks 0-7, IQ2_S after; ~2.3 bpw on DeepSeek-V3) and moe-iq1* (IQ1_S, down-projections IQ2_XXS then IQ1_M, \
+after Unsloth's DeepSeek-R1 1.58-bit quant; ~1.7 bpw), both with attention Q4_K/Q5_K, shared experts and dense \
+FFN Q5_K/Q6_K, token_embd Q4_K, output Q6_K; routers and norms are never quantized.
 
 Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \

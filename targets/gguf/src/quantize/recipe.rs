@@ -290,7 +290,7 @@ mod tests {
 
     /// llama-quantize's row fallback (docs/quantization.md "Row fallbacks").
     fn fallback(t: DType, ne0: u64) -> DType {
-        if ne0 % t.block_elems() as u64 == 0 {
+        if ne0.is_multiple_of(t.block_elems() as u64) {
             return t;
         }
         match t {

@@ -472,6 +472,8 @@ impl<'a> Chooser<'a> {
     }
 
     /// `llama_tensor_get_type_impl` (llama-quant.cpp lines 446-720 at the pin), branch for branch in the C order.
+    // Kept branch for branch as in C, where adjacent branches can give the same type.
+    #[allow(clippy::if_same_then_else)]
     fn impl_rules(&mut self, mut ty: DType, name: &str, ne: &[u64], cat: Category) -> Result<DType, RuleError> {
         use DType as T;
         let f = self.opts.ftype;
