@@ -20,6 +20,9 @@ pub const AFTER_HELP: &str = "Examples:
   sling quantize ./Qwen3-30B-A3B --to gguf:Q4_K_M -o qwen3-30b-a3b-Q4_K_M.gguf
   sling quantize ./Mixtral-8x7B --to gguf:IQ4_XS --imatrix imatrix.gguf -o mixtral-IQ4_XS.gguf
   sling quantize ./DeepSeek-V3 --to gguf:moe-q2 --split-max-size 50G -o ds-v3-moe-q2.gguf
+  sling plan ./DeepSeek-V3 --to gguf:moe-iq1     (size and bpw before anything runs)
+  sling quantize ./DeepSeek-V3 --to gguf:moe-iq1 --imatrix imatrix.gguf -o ds-v3-moe-iq1.gguf
+  sling quantize ./Qwen3-30B-A3B --to gguf:IQ2_M --imatrix imatrix.gguf -o qwen3-IQ2_M.gguf
   sling quantize ./DeepSeek-V3 --to gguf:Q4_K_M --tensor-type 'ffn_.*_exps=q3_K' -o ds-v3.gguf
   sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
   sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
@@ -43,10 +46,20 @@ between.
 Presets (llama-quantize names; per-tensor types chosen by llama-quantize's own rules, e.g. Q4_K_M keeps attn_v \
 and ffn_down at Q6_K on some layers, 8-expert models get Q8_0 attn_k/attn_v; the router and norms are never \
 quantized; rows that do not fit a type's block fall back as llama-quantize does):
-  Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S Q4_0 Q4_1 Q5_0 Q5_1
-  IQ4_XS IQ4_NL TQ1_0 TQ2_0 MXFP4_MOE BF16 F16 F32   (Q4_K = Q4_K_M, Q5_K = Q5_K_M, Q3_K = Q3_K_M)
+  Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S* Q4_0 Q4_1 Q5_0 Q5_1
+  IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS* IQ3_XXS* IQ2_M* IQ2_S* IQ2_XS* IQ2_XXS* IQ1_M* IQ1_S*
+  TQ1_0 TQ2_0 MXFP4_MOE BF16 F16 F32   (Q4_K = Q4_K_M, Q5_K = Q5_K_M, Q3_K = Q3_K_M)
+  * needs an imatrix (--imatrix FILE, from llama-imatrix or `sling calibrate`): llama-quantize refuses IQ1_S, \
+IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS tensors (and Q2_K ones in Q2_K_S) without one, and so does sling; \
+`sling plan` lists them.
 
-Recipes: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
+MoE recipes (--to gguf:NAME; role -> type tables in docs/quantization.md): moe-q4, moe-iq4, moe-q2 (routed \
+experts Q4_K, IQ4_XS, Q2_K; the rest Q6_K/Q8_0); moe-iq2* (routed experts IQ2_XXS, down-projections IQ3_XXS in \
+blocks 0-7, IQ2_S after; ~2.3 bpw on DeepSeek-V3) and moe-iq1* (IQ1_S, down-projections IQ2_XXS then IQ1_M, \
+after Unsloth's DeepSeek-R1 1.58-bit quant; ~1.7 bpw), both with attention Q4_K/Q5_K, shared experts and dense \
+FFN Q5_K/Q6_K, token_embd Q4_K, output Q6_K; routers and norms are never quantized.
+
+Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
 --leave-output-tensor — the llama-quantize flags, with the same meaning.
 
@@ -205,7 +218,9 @@ fn target(a: &QuantArgs) -> Result<(Ftype, Vec<TensorTypeRule>, String)> {
     }
 }
 
-fn options(a: &QuantArgs) -> Result<(QuantizeOptions, String)> {
+/// The options of `quantize` (`dry_run` false) or `plan` / `--dry-run` (true: tensors that need an imatrix are
+/// listed, not refused, as llama-quantize --dry-run does).
+fn options(a: &QuantArgs, dry_run: bool) -> Result<(QuantizeOptions, String)> {
     let (ftype, recipe_rules, label) = target(a)?;
     let mut tensor_types = a
         .tensor_type
@@ -249,6 +264,7 @@ fn options(a: &QuantArgs) -> Result<(QuantizeOptions, String)> {
             tokenizer_pre: a.tokenizer_pre.clone(),
             label: label.clone(),
             overrides,
+            dry_run,
         },
         label,
     ))
@@ -276,6 +292,7 @@ fn plan_json(p: &QuantizePlan, ftype: &Ftype, label: &str) -> serde_json::Value 
         "n_fallback": p.n_fallback,
         "missing_imatrix": p.missing_imatrix,
         "empty_experts": p.empty_experts,
+        "needs_imatrix": p.needs_imatrix.iter().map(|(n, t)| json!({ "name": n, "type": t.name() })).collect::<Vec<_>>(),
         "tensors": p.rows.iter().map(|r| serde_json::json!({
             "name": r.name,
             "shape": r.ne,
@@ -423,7 +440,7 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
     if a.solve.any() {
         bail!(crate::solve::GGUF_REFUSAL);
     }
-    let (opts, label) = options(&a)?;
+    let (opts, label) = options(&a, true)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
     let mut j = plan_json(&p, &opts.rules.ftype, &label);
@@ -456,6 +473,13 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
         j["bpw"].as_f64().unwrap_or(0.0),
         p.n_fallback
     );
+    if let Some((first, ty)) = p.needs_imatrix.first() {
+        println!(
+            "needs an imatrix: {} tensor(s) would be IQ1/IQ2/IQ3_XXS (or Q2_K in Q2_K_S), e.g. {first} ({ty}); \
+             `sling quantize` refuses without --imatrix FILE, as llama-quantize does",
+            p.needs_imatrix.len()
+        );
+    }
     // On stderr: it depends on the machine (threads), the table above does not.
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
@@ -490,7 +514,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 }
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
-    let (opts, label) = options(&a.q)?;
+    let (opts, label) = options(&a.q, false)?;
     crate::eval::check_max_kld(a.max_kld)?;
     let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
     let t0 = Instant::now();

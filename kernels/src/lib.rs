@@ -180,7 +180,11 @@ pub fn quantize_rows(
                 unsafe { kquant_lanes::rows(dtype, x, n_per_row, imatrix, y, row_bytes) };
             } else {
                 // SAFETY: the CPU supports AVX2 (checked just above), which is all `rows_avx2` requires.
-                unsafe { rows_avx2(dtype, x, n_per_row, imatrix, y, row_bytes) };
+                if !unsafe { rows_avx2(dtype, x, n_per_row, imatrix, y, row_bytes) } {
+                    // No block quantizer for this type: an error, not a tensor of zeros.
+                    out.truncate(start);
+                    return Err(EncodeError::Unsupported(dtype));
+                }
             }
             Ok(())
         }
@@ -203,7 +207,8 @@ fn lanes_disabled() -> bool {
 }
 
 /// The scalar quantizers (`quantize_row_inline` and everything it calls is `#[inline(always)]`) compiled with
-/// AVX2 enabled. No FMA: the same IEEE operations in the same order, so the same bits (tested below).
+/// AVX2 enabled. No FMA: the same IEEE operations in the same order, so the same bits (tested below). False when
+/// `dtype` has no block quantizer.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn rows_avx2(
@@ -213,10 +218,13 @@ unsafe fn rows_avx2(
     imatrix: Option<&[f32]>,
     y: &mut [u8],
     row_bytes: usize,
-) {
+) -> bool {
     for (row, dst) in x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)) {
-        sling_quantizers::ggml::quantize_row_inline(dtype, row, imatrix, dst);
+        if !sling_quantizers::ggml::quantize_row_inline(dtype, row, imatrix, dst) {
+            return false;
+        }
     }
+    true
 }
 
 #[cfg(test)]

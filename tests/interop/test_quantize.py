@@ -13,6 +13,12 @@ to results/quantize_logits.json.
 """
 from __future__ import annotations
 
+import collections
+import json
+import os
+import re
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -37,6 +43,14 @@ IM_CASES = [(n, p) for n in ("qwen3moe", "mixtral", "deepseekv3") + WIDE[:3] for
 # included (requantized with --allow-requantize, as llama-quantize needs).
 IQ_PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
 IQ_CASES = [(n, p) for n in ("qwen3moe", "deepseekv3") + WIDE for p in IQ_PRESETS]
+
+
+# The i-quant presets on the committed (64-wide) fixtures: every IQ1/IQ2/IQ3 type there falls back (to IQ4_NL;
+# Q2_K/Q3_K to Q4_0, Q4_K to Q5_0, ...), so llama-quantize's IQ type rules (which tensor gets which type, the
+# IQ1/IQ2 ffn_down counter, the MoE cases) are compared without needing the IQ quantizers, and no tensor keeps a
+# type that needs an imatrix. On the wide fixtures they need the IQ quantizers (issue 13 §1).
+IQ_PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
+IQ_CASES = [(n, p) for n in MOE for p in IQ_PRESETS]
 
 
 def _extra(name: str, preset: str) -> tuple:
@@ -67,6 +81,61 @@ def test_bytes_identical_to_llama_quantize(name, preset, tmp_path):
     ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", extra)
     assert len(ours) == 1
     _compare(name, ours[0], ref, f"{name}/{preset}")
+
+
+@pytest.mark.parametrize("name,preset", IQ_CASES, ids=[f"{n}-{p}" for n, p in IQ_CASES])
+def test_iq_preset_rules_identical_to_llama_quantize(name, preset, tmp_path):
+    extra = _extra(name, preset)
+    ref = lab.reference_quantize(name, preset, extra)
+    ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", extra)
+    _compare(name, ours[0], ref, f"{name}/{preset}")
+
+
+# On the wide fixtures (rows a multiple of 256) the IQ types are chosen for real. Without the IQ quantizers the
+# choice is compared through planning only: `sling plan --json` against `llama-quantize --dry-run`, tensor for
+# tensor (IQ3_XXS also with an imatrix: its attn_v and ffn_down rules depend on having one).
+IQ_DRY_CASES = [(n, p, False) for n in WIDE for p in IQ_PRESETS] + [(n, "IQ3_XXS", True) for n in WIDE[:3]]
+_DRY = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type = +(\S+), size = [^(]*?(?:\((\S+)\))?\s*$")
+
+
+def _llama_quantize(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(lab.LLAMA_BIN / "llama-quantize"), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "LD_LIBRARY_PATH": str(lab.LLAMA_BIN)})
+
+
+@pytest.mark.parametrize("name,preset,with_imatrix", IQ_DRY_CASES,
+                         ids=[f"{n}-{p}{'-imatrix' if i else ''}" for n, p, i in IQ_DRY_CASES])
+def test_iq_preset_types_match_llama_quantize_dry_run(name, preset, with_imatrix):
+    extra = _extra(name, preset)
+    im = ("--imatrix", lab.reference_imatrix(name)) if with_imatrix else ()
+    r = _llama_quantize("--dry-run", *extra, *im, lab.reference_convert(name, "bf16")[0], preset)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = {}
+    for line in (r.stdout + r.stderr).splitlines():
+        if m := _DRY.match(line.strip()):
+            want[m.group(1)] = m.group(3) or m.group(2)
+    plan = json.loads(lab.sling("plan", lab.fixture_dir(name), "--to", f"gguf:{preset}", "--json", "--tokenizer-pre",
+                                lab.TOKPRE, *extra, *im).stdout)
+    got = {t["name"]: t["type"] for t in plan["tensors"]}
+    assert want and got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    lab.record("quantize_iq_dry_run", f"{name}/{preset}{'/imatrix' if with_imatrix else ''}",
+               {"tensors": len(got), "types": dict(sorted(collections.Counter(got.values()).items())),
+                "needs_imatrix": len(plan["needs_imatrix"])})
+
+
+@pytest.mark.parametrize("preset", ["IQ1_S", "IQ2_M", "IQ3_XXS", "IQ3_XS"])
+def test_iq_presets_without_imatrix_are_refused_like_llama_quantize(preset, tmp_path):
+    """Both stop before writing anything, at the same first tensor."""
+    name = "qwen3moe-wide"
+    r = lab.sling("-q", "quantize", lab.fixture_dir(name), "--to", f"gguf:{preset}", "-o", tmp_path / "x.gguf",
+                  "--tokenizer-pre", lab.TOKPRE, check=False)
+    assert r.returncode == 2 and "requires an importance matrix" in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
+    ref = _llama_quantize(lab.reference_convert(name, "bf16")[0], tmp_path / "ref.gguf", preset)
+    assert ref.returncode != 0
+    theirs = re.search(r"offending tensor: (\S+)\s+- target type: (\S+)", ref.stdout + ref.stderr)
+    ours = re.search(r"tensor (\S+) would be (\S+),", r.stderr)
+    assert theirs and ours and ours.groups() == theirs.groups(), (r.stderr, (ref.stdout + ref.stderr)[-2000:])
 
 
 @pytest.mark.parametrize("name,preset", IM_CASES, ids=[f"{n}-{p}-imatrix" for n, p in IM_CASES])

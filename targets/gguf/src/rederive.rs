@@ -165,6 +165,7 @@ fn rebuild(
         tokenizer_pre: m.options.tokenizer_pre.clone(),
         label: m.options.out_type.clone(),
         overrides,
+        dry_run: false,
     };
     let (ck, qp) = match &q.source_gguf {
         Some(name) => {

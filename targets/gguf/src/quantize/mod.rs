@@ -10,6 +10,8 @@
 pub mod imatrix;
 pub mod recipe;
 pub mod rules;
+#[cfg(test)]
+mod test_models;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +41,9 @@ pub struct QuantizeOptions {
     pub label: String,
     /// `--override-kv` values, in order (see [`parse_override_kv`]).
     pub overrides: Vec<(String, GgufValue)>,
+    /// Only planning (`sling plan`, `--dry-run`): like llama-quantize's `--dry-run`, tensors that need an imatrix
+    /// and have none are listed in [`QuantizePlan::needs_imatrix`] instead of refused.
+    pub dry_run: bool,
 }
 
 /// Parses llama.cpp's `--override-kv KEY=TYPE:VALUE` (`common/common.cpp string_parse_kv_override`) into the value
@@ -81,7 +86,10 @@ pub enum QuantizeError {
     Rule(#[from] RuleError),
     #[error("requantizing from type {from} is disabled (tensor {tensor}); pass --allow-requantize")]
     Requantize { tensor: String, from: DType },
-    #[error("this quantization requires an importance matrix: tensor {tensor} would be {dtype} (pass --imatrix FILE)")]
+    #[error(
+        "this quantization requires an importance matrix: tensor {tensor} would be {dtype}, which llama-quantize \
+         refuses to make without one (pass --imatrix FILE, from llama-imatrix or `sling calibrate`)"
+    )]
     NeedsImatrix { tensor: String, dtype: DType },
     #[error(
         "{0} is one shard of a split GGUF; merge it first (llama-gguf-split --merge) or quantize the HF checkpoint"
@@ -118,6 +126,9 @@ pub struct QuantizePlan {
     pub missing_imatrix: Vec<String>,
     /// Experts with no imatrix data, as `tensor[expert]` (weighted 1.0, like llama-quantize).
     pub empty_experts: Vec<String>,
+    /// With [`QuantizeOptions::dry_run`]: tensors whose type needs an imatrix and that have no importance weights
+    /// (executing the plan is refused; llama-quantize: "this quantization requires an importance matrix").
+    pub needs_imatrix: Vec<(String, DType)>,
     pub n_fallback: usize,
 }
 
@@ -193,6 +204,7 @@ fn decide(
     let mut rows = Vec::with_capacity(tensors.len());
     let mut missing_imatrix = Vec::new();
     let mut empty_experts = Vec::new();
+    let mut needs_imatrix = Vec::new();
     for t in &mut tensors {
         let from = t.dtype;
         let choice = chooser.choose(&t.name, &t.ne, from)?;
@@ -233,7 +245,10 @@ fn decide(
                 }
             }
             if choice.requires_imatrix && t.weights.is_none() {
-                return Err(QuantizeError::NeedsImatrix { tensor: t.name.clone(), dtype: choice.dtype });
+                if !opts.dry_run {
+                    return Err(QuantizeError::NeedsImatrix { tensor: t.name.clone(), dtype: choice.dtype });
+                }
+                needs_imatrix.push((t.name.clone(), choice.dtype));
             }
             t.round_via = Some(from);
             t.dtype = choice.dtype;
@@ -271,6 +286,91 @@ fn decide(
         rows,
         missing_imatrix,
         empty_experts,
+        needs_imatrix,
         n_fallback,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sling_formats::gguf::write::GgufWriter;
+    use sling_formats::gguf::{SplitPolicy, TensorDesc};
+
+    /// A one-block llama GGUF with 256-wide rows (so i-quants apply without falling back).
+    fn gguf_256(dir: &Path) -> PathBuf {
+        let p = dir.join("m.gguf");
+        let kvs = vec![
+            ("general.architecture".to_string(), GgufValue::String("llama".into())),
+            ("llama.block_count".to_string(), GgufValue::U32(1)),
+            ("llama.attention.head_count".to_string(), GgufValue::U32(4)),
+            ("llama.attention.head_count_kv".to_string(), GgufValue::U32(4)),
+        ];
+        let t = [
+            ("token_embd.weight", vec![256u64, 16]),
+            ("output.weight", vec![256, 16]),
+            ("blk.0.attn_q.weight", vec![256, 256]),
+            ("blk.0.ffn_down.weight", vec![256, 256]),
+        ];
+        let descs = t.iter().map(|(n, ne)| TensorDesc::new(*n, DType::F32, ne.clone())).collect();
+        let mut w = GgufWriter::create(&p, kvs, descs, SplitPolicy::None).unwrap();
+        for (_, ne) in &t {
+            w.write_data(&vec![0u8; (ne[0] * ne[1] * 4) as usize]).unwrap();
+        }
+        w.finish().unwrap();
+        p
+    }
+
+    fn opts(f: Ftype, dry_run: bool) -> QuantizeOptions {
+        QuantizeOptions {
+            rules: RuleOptions {
+                ftype: f,
+                pure: false,
+                leave_output: false,
+                output_tensor_type: None,
+                token_embedding_type: None,
+                tensor_types: vec![],
+                has_imatrix: false,
+            },
+            imatrix: None,
+            allow_requantize: false,
+            tokenizer_pre: None,
+            label: f.name.into(),
+            overrides: vec![],
+            dry_run,
+        }
+    }
+
+    #[test]
+    fn iq_presets_without_an_imatrix_are_refused_naming_the_tensor_and_planned_in_a_dry_run() {
+        let t = tempfile::tempdir().unwrap();
+        let src = gguf_256(t.path());
+        for f in [rules::IQ2_XXS, rules::IQ1_S, rules::IQ3_XXS] {
+            // llama-quantize order: output, token_embd (both exempt), then blk.0.attn_q first.
+            let e = plan_quantize_gguf(&src, &opts(f, false)).err().expect("refused");
+            let want = if f == rules::IQ3_XXS { DType::IQ2S } else { f.default };
+            assert!(
+                matches!(&e, QuantizeError::NeedsImatrix { tensor, dtype } if tensor == "blk.0.attn_q.weight" && *dtype == want),
+                "{}: {e}",
+                f.name
+            );
+            assert!(e.to_string().contains("blk.0.attn_q.weight") && e.to_string().contains(want.name()));
+            let (_, p) = plan_quantize_gguf(&src, &opts(f, true)).unwrap();
+            let names: Vec<&str> = p.needs_imatrix.iter().map(|(n, _)| n.as_str()).collect();
+            // IQ3_XXS without an imatrix keeps ffn_down at Q3_K (llama-quant.cpp L631-632).
+            let want: &[&str] = if f == rules::IQ3_XXS {
+                &["blk.0.attn_q.weight"]
+            } else {
+                &["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]
+            };
+            assert_eq!(names, want, "{}", f.name);
+            let ty = |n: &str| p.rows.iter().find(|r| r.name == n).unwrap().choice.dtype;
+            // token_embd Q2_K (IQ1/IQ2) or IQ3_S (IQ3_XXS), output Q5_K: neither needs an imatrix.
+            assert_eq!(ty("output.weight"), DType::Q5K);
+            assert!(!p.rows.iter().any(|r| r.name.contains("token_embd") && r.choice.requires_imatrix));
+        }
+        // IQ3_S needs none.
+        let (_, p) = plan_quantize_gguf(&src, &opts(rules::IQ3_S, false)).unwrap();
+        assert!(p.needs_imatrix.is_empty());
+    }
 }

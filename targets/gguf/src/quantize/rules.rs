@@ -3,8 +3,9 @@
 //! A port of the pinned `src/llama-quant.cpp` (llama.cpp 0c1e57098, vendored by llama-cpp-python 0.3.36):
 //! `tensor_allows_quantization`, `tensor_get_category`, `llama_tensor_get_type(_impl)`, `tensor_type_fallback`,
 //! `tensor_requires_imatrix`, `llama_ftype_get_default_type`. Facts: `../shared/docs/gguf-spec.md` §3.
-//! The ftypes of the IQ1/IQ2/IQ3 families are not offered (sling does not write those types), so their
-//! branches are left out; every branch that can fire for an offered ftype is here, in the C order.
+//! Every ftype llama-quantize offers except Q1_0/Q2_0 and COPY is here, the IQ1/IQ2/IQ3 families included, and
+//! every branch that can fire for one of them, in the C order (FALCON's and GLM5_NEXT's branches are left out:
+//! sling converts neither architecture).
 
 use sling_core::{DType, Role};
 use sling_provenance::manifest::RuleRecord;
@@ -34,10 +35,20 @@ ftypes! {
     MXFP4_MOE = "MXFP4_MOE", 38, MXFP4, "MXFP4 routed experts, Q8_0 elsewhere";
     Q5_0 = "Q5_0", 8, Q5_0, "5.21 bpw legacy 5-bit";
     Q5_1 = "Q5_1", 9, Q5_1, "5.65 bpw legacy 5-bit with minimum";
+    IQ2_XXS = "IQ2_XXS", 19, IQ2XXS, "2.06 bpw quantization (needs an imatrix)";
+    IQ2_XS = "IQ2_XS", 20, IQ2XS, "2.31 bpw quantization (needs an imatrix)";
+    IQ2_S = "IQ2_S", 28, IQ2XS, "2.5 bpw quantization (needs an imatrix)";
+    IQ2_M = "IQ2_M", 29, IQ2S, "2.7 bpw quantization (needs an imatrix)";
+    IQ1_S = "IQ1_S", 24, IQ1S, "1.56 bpw quantization (needs an imatrix)";
+    IQ1_M = "IQ1_M", 31, IQ1M, "1.75 bpw quantization (needs an imatrix)";
     TQ1_0 = "TQ1_0", 36, TQ1_0, "1.69 bpw ternarization";
     TQ2_0 = "TQ2_0", 37, TQ2_0, "2.06 bpw ternarization";
     Q2_K = "Q2_K", 10, Q2K, "2.96 bpw K-quant mix";
     Q2_K_S = "Q2_K_S", 21, Q2K, "2.96 bpw K-quant mix (needs an imatrix)";
+    IQ3_XXS = "IQ3_XXS", 23, IQ3XXS, "3.06 bpw quantization (needs an imatrix)";
+    IQ3_S = "IQ3_S", 26, IQ3S, "3.44 bpw quantization";
+    IQ3_M = "IQ3_M", 27, IQ3S, "3.66 bpw quantization mix";
+    IQ3_XS = "IQ3_XS", 22, IQ3S, "3.3 bpw quantization (needs an imatrix)";
     Q3_K_S = "Q3_K_S", 11, Q3K, "3.41 bpw K-quant mix";
     Q3_K_M = "Q3_K_M", 12, Q3K, "3.74 bpw K-quant mix";
     Q3_K_L = "Q3_K_L", 13, Q3K, "4.03 bpw K-quant mix";
@@ -72,7 +83,18 @@ impl Ftype {
     pub fn names() -> Vec<&'static str> {
         FTYPES.iter().map(|f| f.name).collect()
     }
+    /// Does llama-quantize refuse this preset without an imatrix, for a model whose rows are multiples of 256? Its
+    /// rules then give some tensors a type [`requires_imatrix`] names: the IQ1/IQ2 presets, IQ3_XXS, IQ3_XS
+    /// (attn_q, attn_k and the middle ffn_gate/ffn_up at IQ3_XXS) and Q2_K_S. IQ3_S and IQ3_M never need one.
+    /// Where rows fall back (gpt-oss, 2880 wide, to IQ4_NL) fewer tensors keep such a type: the per-tensor
+    /// [`Choice::requires_imatrix`] decides.
+    pub fn needs_imatrix(&self) -> bool {
+        [Q2_K_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M, IQ3_XXS, IQ3_XS].contains(self)
+    }
 }
+
+/// The ftypes of `llama_tensor_get_type_impl`'s IQ1/IQ2 branch (the `else if` right after TOKEN_EMBD's).
+const IQ1_IQ2: [Ftype; 6] = [IQ2_XXS, IQ2_XS, IQ1_S, IQ2_S, IQ2_M, IQ1_M];
 
 /// `tensor_category`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -415,7 +437,14 @@ impl<'a> Chooser<'a> {
         }
         self.n_fallback += 1;
         let mut ret = match target {
-            DType::IQ4XS => DType::IQ4NL,
+            DType::IQ1S
+            | DType::IQ1M
+            | DType::IQ2XXS
+            | DType::IQ2XS
+            | DType::IQ2S
+            | DType::IQ3XXS
+            | DType::IQ3S
+            | DType::IQ4XS => DType::IQ4NL,
             DType::Q2K | DType::Q3K | DType::TQ1_0 | DType::TQ2_0 => DType::Q4_0,
             DType::Q4K => DType::Q5_0,
             DType::Q5K => DType::Q5_1,
@@ -442,13 +471,17 @@ impl<'a> Chooser<'a> {
         Ok((counter, n))
     }
 
-    /// `llama_tensor_get_type_impl` for the offered ftypes (IQ1/IQ2/IQ3 ftype branches omitted).
+    /// `llama_tensor_get_type_impl` (llama-quant.cpp lines 446-720 at the pin), branch for branch in the C order.
+    // Kept branch for branch as in C, where adjacent branches can give the same type.
+    #[allow(clippy::if_same_then_else)]
     fn impl_rules(&mut self, mut ty: DType, name: &str, ne: &[u64], cat: Category) -> Result<DType, RuleError> {
         use DType as T;
         let f = self.opts.ftype;
         let fx = &self.facts;
         let n_expert = fx.n_expert;
         let gqa4 = fx.n_gqa >= 4;
+        let has_imatrix = self.opts.has_imatrix;
+        let iq2s_or_m = f == IQ2_S || f == IQ2_M;
         if cat == Category::Output || (self.has_tied_embeddings && cat == Category::TokenEmbd) {
             if let Some(t) = self.opts.output_tensor_type {
                 ty = t;
@@ -456,6 +489,8 @@ impl<'a> Chooser<'a> {
                 let nx = ne.first().copied().unwrap_or(1);
                 if f == MXFP4_MOE || nx % ty.block_elems() as u64 != 0 {
                     ty = T::Q8_0;
+                } else if [IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ2_S, IQ2_M, IQ1_M].contains(&f) {
+                    ty = T::Q5K;
                 } else if ty != T::Q8_0 {
                     ty = T::Q6K;
                 }
@@ -465,13 +500,57 @@ impl<'a> Chooser<'a> {
         } else if cat == Category::TokenEmbd {
             if let Some(t) = self.opts.token_embedding_type {
                 ty = t;
+            } else if [IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M].contains(&f) {
+                ty = T::Q2K;
+            } else if iq2s_or_m || f == IQ3_XXS {
+                ty = T::IQ3S;
             } else if f == TQ1_0 || f == TQ2_0 {
                 ty = T::Q4K;
+            }
+        } else if IQ1_IQ2.contains(&f) {
+            if is_attn_v(cat) {
+                ty = if gqa4 || n_expert >= 4 {
+                    T::Q4K
+                } else if iq2s_or_m {
+                    T::IQ3S
+                } else {
+                    T::Q2K
+                };
+                self.i_attention_wv += 1;
+            } else if n_expert == 8 && cat == Category::AttnK {
+                ty = T::Q4K;
+            } else if cat == Category::FfnDown {
+                // The running counter over every ffn_down* tensor (experts and shared experts alike), not the
+                // layer from the name: `qs.i_ffn_down < qs.n_ffn_down/8`.
+                if self.i_ffn_down < fx.n_layer as i64 / 8 {
+                    ty = if iq2s_or_m { T::IQ3S } else { T::Q2K };
+                }
+                self.i_ffn_down += 1;
+            } else if cat == Category::AttnOutput {
+                if n_expert == 8 {
+                    ty = T::Q5K;
+                } else if f == IQ1_S || f == IQ1_M {
+                    ty = T::IQ2XXS;
+                } else if iq2s_or_m {
+                    ty = T::IQ3S;
+                }
             }
         } else if is_attn_v(cat) {
             if f == Q2_K {
                 ty = if gqa4 { T::Q4K } else { T::Q3K };
             } else if f == Q2_K_S && gqa4 {
+                ty = T::Q4K;
+            } else if f == IQ3_XXS {
+                ty = if gqa4 {
+                    T::Q4K
+                } else if !has_imatrix {
+                    T::IQ3S
+                } else {
+                    T::IQ3XXS
+                };
+            } else if (f == IQ3_XS || f == IQ3_S) && gqa4 {
+                ty = T::Q4K;
+            } else if f == IQ3_M {
                 ty = T::Q4K;
             } else if f == Q3_K_M {
                 ty = if self.i_attention_wv < 2 { T::Q5K } else { T::Q4K };
@@ -494,9 +573,17 @@ impl<'a> Chooser<'a> {
         } else if cat == Category::AttnK {
             if n_expert == 8 {
                 ty = T::Q8_0;
+            } else if f == IQ3_XS {
+                ty = T::IQ3XXS;
+            } else if f == IQ3_XXS {
+                ty = T::IQ2S;
             }
         } else if cat == Category::AttnQ {
-            // Only IQ3 ftypes change attn_q.
+            if f == IQ3_XS {
+                ty = T::IQ3XXS;
+            } else if f == IQ3_XXS {
+                ty = T::IQ2S;
+            }
         } else if cat == Category::FfnDown {
             let (i, n) = self.layer_info(self.i_ffn_down, name)?;
             if f == Q2_K {
@@ -505,54 +592,73 @@ impl<'a> Chooser<'a> {
                 if i < n / 8 {
                     ty = T::Q4K;
                 }
+            } else if f == IQ3_XXS && !has_imatrix {
+                ty = if i < n / 8 { T::Q4K } else { T::Q3K };
             } else if f == Q3_K_M {
                 // Non-FALCON: the `use_more_bits` alternative only matters for FALCON, not converted by sling.
                 ty = if i < n / 16 { T::Q5K } else { T::Q4K };
+            } else if f == IQ3_M && (i < n / 8 || (n_expert == 8 && use_more_bits(i, n))) {
+                ty = T::Q4K;
             } else if f == Q3_K_L {
                 ty = T::Q5K;
             } else if f == Q4_K_M {
                 if use_more_bits(i, n) {
                     ty = T::Q6K;
                 }
-            } else if i < n / 8 && (f == IQ4_NL || f == IQ4_XS) && !self.opts.has_imatrix {
+            } else if i < n / 8 && (f == IQ4_NL || f == IQ4_XS) && !has_imatrix {
                 ty = T::Q5K;
             } else if f == Q5_K_M && use_more_bits(i, n) {
                 ty = T::Q6K;
             } else if f == Q4_K_S && i < n / 8 {
                 ty = T::Q5K;
-            } else if (f == Q4_0 || f == Q5_0) && self.opts.has_imatrix && i < n / 8 {
+            } else if (f == Q4_0 || f == Q5_0) && has_imatrix && i < n / 8 {
                 ty = if f == Q4_0 { T::Q4_1 } else { T::Q5_1 };
             }
             self.i_ffn_down += 1;
         } else if cat == Category::AttnOutput {
             if n_expert == 8 {
-                if [Q2_K, Q3_K_S, Q3_K_M, IQ4_NL, Q4_K_S, Q4_K_M, IQ4_XS].contains(&f) {
+                if [Q2_K, IQ3_XS, IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_NL, Q4_K_S, Q4_K_M, IQ3_S, IQ3_M, IQ4_XS].contains(&f) {
                     ty = T::Q5K;
                 }
             } else if f == Q2_K {
                 ty = T::Q3K;
+            } else if f == IQ3_XXS {
+                ty = T::IQ3S;
             } else if f == Q3_K_M {
                 ty = T::Q4K;
             } else if f == Q3_K_L {
                 ty = T::Q5K;
+            } else if f == IQ3_M {
+                ty = T::Q4K;
             }
-        } else if cat == Category::FfnGate {
-            self.layer_info(self.i_ffn_gate, name)?;
-            self.i_ffn_gate += 1;
-        } else if cat == Category::FfnUp {
-            self.layer_info(self.i_ffn_up, name)?;
-            self.i_ffn_up += 1;
+        } else if cat == Category::FfnGate || cat == Category::FfnUp {
+            // ATTENTION_QKV's own branch is unreachable: `category_is_attn_v` takes attn_qkv first.
+            let counter = if cat == Category::FfnGate { self.i_ffn_gate } else { self.i_ffn_up };
+            let (i, n) = self.layer_info(counter, name)?;
+            if f == IQ3_XS && i >= n / 8 && i < 7 * n / 8 {
+                ty = T::IQ3XXS;
+            }
+            if cat == Category::FfnGate {
+                self.i_ffn_gate += 1;
+            } else {
+                self.i_ffn_up += 1;
+            }
         }
         Ok(ty)
     }
 }
 
-/// `tensor_requires_imatrix`: the IQ1/IQ2/IQ3 types (never chosen here) and Q2_K inside a Q2_K_S file.
+/// `tensor_requires_imatrix`: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_M, IQ1_S, and Q2_K inside a Q2_K_S file; never
+/// `token_embd`, `per_layer_token_embd` or `output` (llama-quant.cpp `tensor_requires_imatrix`).
 pub fn requires_imatrix(name: &str, dtype: DType, ftype: Ftype) -> bool {
     if name == "token_embd.weight" || name == "per_layer_token_embd.weight" || name == "output.weight" {
         return false;
     }
-    dtype == DType::Q2K && ftype == Q2_K_S
+    match dtype {
+        DType::IQ3XXS | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ1M | DType::IQ1S => true,
+        DType::Q2K => ftype == Q2_K_S,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -568,6 +674,440 @@ mod tests {
             token_embedding_type: None,
             tensor_types: vec![],
             has_imatrix: false,
+        }
+    }
+
+    use super::super::test_models::{self as tm, Model};
+
+    /// Each expected type is worked out from the pinned llama-quant.cpp; `L<n>` is the line that decides it.
+    fn check(m: &Model, f: Ftype, has_imatrix: bool, want: &[(&str, DType)]) {
+        let got = m.choose(&tm::options(f, has_imatrix, vec![]));
+        for (n, t) in want {
+            let c = got.get(*n).unwrap_or_else(|| panic!("{n}: no such tensor"));
+            assert_eq!(c.dtype, *t, "{} {n} (imatrix {has_imatrix})", f.name);
+            assert_eq!(c.requires_imatrix, requires_imatrix(n, *t, f), "{n}");
+        }
+    }
+
+    const TE: &str = "token_embd.weight";
+    const OUT: &str = "output.weight";
+
+    #[test]
+    fn iq_presets_are_llama_quantize_s() {
+        let ids: Vec<(&str, u32, DType)> = FTYPES.iter().map(|f| (f.name, f.id, f.default)).collect();
+        for want in [
+            ("IQ2_XXS", 19, DType::IQ2XXS),
+            ("IQ2_XS", 20, DType::IQ2XS),
+            ("IQ2_S", 28, DType::IQ2XS),
+            ("IQ2_M", 29, DType::IQ2S),
+            ("IQ1_S", 24, DType::IQ1S),
+            ("IQ1_M", 31, DType::IQ1M),
+            ("IQ3_XXS", 23, DType::IQ3XXS),
+            ("IQ3_S", 26, DType::IQ3S),
+            ("IQ3_M", 27, DType::IQ3S),
+            ("IQ3_XS", 22, DType::IQ3S),
+        ] {
+            assert!(ids.contains(&want), "{want:?}");
+        }
+        // QUANT_OPTIONS order (tools/quantize/quantize.cpp).
+        let pos = |n: &str| FTYPES.iter().position(|f| f.name == n).unwrap();
+        let order = ["Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0"];
+        assert!(order.windows(2).all(|w| pos(w[0]) < pos(w[1])));
+        let order = ["Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ3_XS", "Q3_K_S"];
+        assert!(order.windows(2).all(|w| pos(w[0]) < pos(w[1])));
+        assert_eq!(Ftype::parse("iq1_m"), Some(IQ1_M));
+        assert_eq!(Ftype::parse("22"), Some(IQ3_XS));
+        assert!(IQ1_S.needs_imatrix() && IQ3_XS.needs_imatrix() && !IQ3_S.needs_imatrix() && !IQ3_M.needs_imatrix());
+    }
+
+    #[test]
+    fn iq_types_fall_back_to_iq4_nl_then_f16() {
+        // L403-410: every 256-block i-quant falls back to IQ4_NL; L427-437: then F16 if 32 does not divide ne[0].
+        for f in [IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ3_XXS, IQ3_S] {
+            let o = opts(f);
+            let mut c = Chooser::new(&o, ModelFacts { n_layer: 1, ..Default::default() }, []);
+            let ch = c.choose("blk.0.attn_k_b.weight", &[128, 512, 16], DType::BF16).unwrap();
+            assert_eq!((ch.dtype, ch.fallback_from), (DType::IQ4NL, Some(f.default)), "{}", f.name);
+            assert!(!ch.requires_imatrix);
+            let ch = c.choose("blk.0.attn_k_b.weight", &[100, 512, 16], DType::BF16).unwrap();
+            assert_eq!(ch.dtype, DType::F16);
+        }
+    }
+
+    #[test]
+    fn iq1_iq2_on_deepseek_v3() {
+        use DType::*;
+        let m = tm::deepseek_v3();
+        // ffn_down: the IQ1/IQ2 branch counts every ffn_down* tensor (L553-556): dense layers 0-2 are 0-2, then
+        // each MoE layer has ffn_down_exps and ffn_down_shexp, so `i_ffn_down < 61/8 = 7` covers up to blk.4's
+        // shared expert, and blk.5's routed experts are the 8th.
+        for (f, def, down, attn_out, te) in [
+            (IQ1_S, IQ1S, Q2K, IQ2XXS, Q2K),     // L563, L529-531
+            (IQ1_M, IQ1M, Q2K, IQ2XXS, Q2K),     // L563
+            (IQ2_XXS, IQ2XXS, Q2K, IQ2XXS, Q2K), // attn_output: no IQ2_XXS rule, default
+            (IQ2_XS, IQ2XS, Q2K, IQ2XS, Q2K),    //
+            (IQ2_S, IQ2XS, IQ3S, IQ3S, IQ3S),    // L555, L564, L533-534
+            (IQ2_M, IQ2S, IQ3S, IQ3S, IQ3S),     // default IQ2_S (llama_ftype_get_default_type)
+        ] {
+            check(
+                &m,
+                f,
+                true,
+                &[
+                    (TE, te),
+                    (OUT, Q5K), // L503-506
+                    ("output_norm.weight", F32),
+                    ("blk.0.attn_q_a.weight", def), // attn_q_a is no category: default
+                    ("blk.0.attn_q_b.weight", def),
+                    ("blk.0.attn_kv_a_mqa.weight", def),
+                    ("blk.0.attn_k_b.weight", IQ4NL), // 128 wide: fallback L403-410
+                    ("blk.0.attn_v_b.weight", def),
+                    ("blk.0.attn_output.weight", attn_out), // n_expert 256 != 8: L562-565
+                    ("blk.0.ffn_gate.weight", def),
+                    ("blk.0.ffn_down.weight", down),
+                    ("blk.2.ffn_down.weight", down),
+                    ("blk.3.ffn_down_exps.weight", down),
+                    ("blk.4.ffn_down_shexp.weight", down),
+                    ("blk.5.ffn_down_exps.weight", def),
+                    ("blk.5.ffn_down_shexp.weight", def),
+                    ("blk.10.ffn_gate_exps.weight", def),
+                    ("blk.10.ffn_up_shexp.weight", def),
+                    ("blk.10.ffn_gate_inp.weight", F32),
+                    ("blk.60.ffn_down_exps.weight", def),
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn iq3_on_deepseek_v3() {
+        use DType::*;
+        let m = tm::deepseek_v3();
+        // ffn_down outside the IQ1/IQ2 branch takes the layer from the name (MoE, L456-469): 61/8 = 7.
+        check(
+            &m,
+            IQ3_XXS,
+            true,
+            &[
+                (TE, IQ3S), // L536-537
+                (OUT, Q5K), // L503
+                ("blk.0.attn_q_a.weight", IQ3XXS),
+                ("blk.0.attn_k_b.weight", IQ4NL),
+                ("blk.0.attn_output.weight", IQ3S), // L680
+                ("blk.0.ffn_down.weight", IQ3XXS),  // with an imatrix L631 does not fire
+                ("blk.10.ffn_down_exps.weight", IQ3XXS),
+            ],
+        );
+        check(
+            &m,
+            IQ3_XXS,
+            false,
+            &[
+                ("blk.6.ffn_down_exps.weight", Q4K), // L631-632
+                ("blk.6.ffn_down_shexp.weight", Q4K),
+                ("blk.7.ffn_down_exps.weight", Q3K),
+            ],
+        );
+        check(
+            &m,
+            IQ3_XS,
+            true,
+            &[
+                (TE, IQ3S),
+                (OUT, Q6K), // IQ3_XS is not in L503's list: L508
+                ("blk.0.attn_output.weight", IQ3S),
+                ("blk.0.ffn_down.weight", IQ3S),
+                ("blk.0.ffn_gate.weight", IQ3S),        // layer 0 < 61/8
+                ("blk.7.ffn_gate_exps.weight", IQ3XXS), // L699: 7 <= i < 7*61/8 = 53
+                ("blk.7.ffn_up_shexp.weight", IQ3XXS),  // L707
+                ("blk.52.ffn_up_exps.weight", IQ3XXS),
+                ("blk.53.ffn_up_exps.weight", IQ3S),
+                ("blk.53.ffn_down_exps.weight", IQ3S),
+            ],
+        );
+        check(&m, IQ3_S, false, &[(TE, IQ3S), (OUT, Q6K), ("blk.0.attn_output.weight", IQ3S)]);
+        check(
+            &m,
+            IQ3_M,
+            false,
+            &[
+                (OUT, Q6K),
+                ("blk.0.attn_output.weight", Q4K),    // L683
+                ("blk.6.ffn_down_exps.weight", Q4K),  // L639: i < n/8
+                ("blk.7.ffn_down_exps.weight", IQ3S), // n_expert != 8: no use_more_bits
+                ("blk.60.ffn_down_exps.weight", IQ3S),
+            ],
+        );
+    }
+
+    #[test]
+    fn iq_presets_on_qwen3_moe() {
+        use DType::*;
+        let m = tm::qwen3_moe();
+        for (f, def, down, attn_out, te) in [
+            (IQ1_S, IQ1S, Q2K, IQ2XXS, Q2K),
+            (IQ1_M, IQ1M, Q2K, IQ2XXS, Q2K),
+            (IQ2_XXS, IQ2XXS, Q2K, IQ2XXS, Q2K),
+            (IQ2_XS, IQ2XS, Q2K, IQ2XS, Q2K),
+            (IQ2_S, IQ2XS, IQ3S, IQ3S, IQ3S),
+            (IQ2_M, IQ2S, IQ3S, IQ3S, IQ3S),
+        ] {
+            check(
+                &m,
+                f,
+                true,
+                &[
+                    (TE, te),
+                    (OUT, Q5K),
+                    ("blk.0.attn_v.weight", Q4K), // n_gqa 8 >= 4: L546
+                    ("blk.0.attn_k.weight", def), // n_expert 128 != 8: L550 does not fire
+                    ("blk.0.attn_q.weight", def),
+                    ("blk.0.attn_output.weight", attn_out),
+                    ("blk.0.ffn_down_exps.weight", down), // one ffn_down per layer: counter < 48/8 = 6
+                    ("blk.5.ffn_down_exps.weight", down),
+                    ("blk.6.ffn_down_exps.weight", def),
+                    ("blk.20.ffn_gate_exps.weight", def),
+                    ("blk.20.ffn_gate_inp.weight", F32),
+                    ("blk.20.attn_q_norm.weight", F32),
+                ],
+            );
+        }
+        check(
+            &m,
+            IQ3_XXS,
+            true,
+            &[
+                (TE, IQ3S),
+                (OUT, Q5K),
+                ("blk.0.attn_v.weight", Q4K),       // L575
+                ("blk.0.attn_k.weight", IQ2S),      // L614-615
+                ("blk.0.attn_q.weight", IQ2S),      // L621-622
+                ("blk.0.attn_output.weight", IQ3S), // L680
+                ("blk.0.ffn_down_exps.weight", IQ3XXS),
+                ("blk.9.ffn_up_exps.weight", IQ3XXS),
+            ],
+        );
+        check(&m, IQ3_XXS, false, &[("blk.5.ffn_down_exps.weight", Q4K), ("blk.6.ffn_down_exps.weight", Q3K)]);
+        check(
+            &m,
+            IQ3_XS,
+            true,
+            &[
+                (OUT, Q6K),
+                ("blk.0.attn_v.weight", Q4K),         // L577
+                ("blk.0.attn_k.weight", IQ3XXS),      // L611
+                ("blk.0.attn_q.weight", IQ3XXS),      // L618
+                ("blk.5.ffn_gate_exps.weight", IQ3S), // 5 < 48/8
+                ("blk.6.ffn_gate_exps.weight", IQ3XXS),
+                ("blk.41.ffn_up_exps.weight", IQ3XXS),
+                ("blk.42.ffn_up_exps.weight", IQ3S), // 42 >= 7*48/8
+                ("blk.6.ffn_down_exps.weight", IQ3S),
+            ],
+        );
+        check(&m, IQ3_S, false, &[("blk.0.attn_v.weight", Q4K), ("blk.0.attn_k.weight", IQ3S), (OUT, Q6K)]);
+        check(
+            &m,
+            IQ3_M,
+            false,
+            &[
+                ("blk.0.attn_v.weight", Q4K),        // L580
+                ("blk.0.attn_output.weight", Q4K),   // L683
+                ("blk.5.ffn_down_exps.weight", Q4K), // L639
+                ("blk.6.ffn_down_exps.weight", IQ3S),
+                ("blk.6.ffn_gate_exps.weight", IQ3S),
+            ],
+        );
+    }
+
+    #[test]
+    fn iq_presets_on_gpt_oss_fall_back() {
+        use DType::*;
+        let m = tm::gpt_oss();
+        // 2880 = 11.25 x 256: every 256-block type on a 2880-wide row falls back (L403-416); output keeps Q8_0
+        // because its rows do not fit the default type (L500).
+        for (f, down, attn_out, te) in [
+            (IQ1_S, Q4_0, IQ2XXS, Q4_0), // Q2_K -> Q4_0 (L412-416)
+            (IQ1_M, Q4_0, IQ2XXS, Q4_0),
+            (IQ2_XXS, Q4_0, IQ2XXS, Q4_0),
+            (IQ2_XS, Q4_0, IQ2XS, Q4_0),
+            (IQ2_S, IQ4NL, IQ3S, IQ4NL), // IQ3_S -> IQ4_NL
+            (IQ2_M, IQ4NL, IQ3S, IQ4NL),
+        ] {
+            check(
+                &m,
+                f,
+                true,
+                &[
+                    (TE, te),
+                    (OUT, Q8_0),
+                    ("blk.0.attn_v.weight", Q5_0), // Q4_K (L546) -> Q5_0
+                    ("blk.0.attn_k.weight", IQ4NL),
+                    ("blk.0.attn_q.weight", IQ4NL),
+                    ("blk.0.attn_q.bias", F32),
+                    ("blk.0.attn_output.weight", attn_out), // 4096 wide: no fallback
+                    ("blk.0.ffn_down_exps.weight", down),   // counter < 24/8 = 3
+                    ("blk.2.ffn_down_exps.weight", down),
+                    ("blk.3.ffn_down_exps.weight", IQ4NL),
+                    ("blk.3.ffn_gate_exps.weight", IQ4NL),
+                    ("blk.3.attn_sinks.weight", F32),
+                ],
+            );
+        }
+        check(
+            &m,
+            IQ3_XXS,
+            true,
+            &[
+                (TE, IQ4NL), // IQ3_S (L537) -> IQ4_NL
+                (OUT, Q8_0),
+                ("blk.0.attn_v.weight", Q5_0),
+                ("blk.0.attn_k.weight", IQ4NL), // IQ2_S -> IQ4_NL
+                ("blk.0.attn_output.weight", IQ3S),
+                ("blk.0.ffn_down_exps.weight", IQ4NL),
+            ],
+        );
+        check(&m, IQ3_XXS, false, &[("blk.2.ffn_down_exps.weight", Q5_0), ("blk.3.ffn_down_exps.weight", Q4_0)]);
+        check(&m, IQ3_XS, true, &[("blk.3.ffn_up_exps.weight", IQ4NL), ("blk.0.attn_output.weight", IQ3S)]);
+        check(
+            &m,
+            IQ3_M,
+            false,
+            &[("blk.0.attn_output.weight", Q4K), ("blk.2.ffn_down_exps.weight", Q5_0), (OUT, Q8_0)],
+        );
+    }
+
+    #[test]
+    fn iq_presets_on_dense_llama() {
+        use DType::*;
+        let m = tm::llama3_8b();
+        for (f, def, down, attn_out, te) in [
+            (IQ1_S, IQ1S, Q2K, IQ2XXS, Q2K),
+            (IQ1_M, IQ1M, Q2K, IQ2XXS, Q2K),
+            (IQ2_XXS, IQ2XXS, Q2K, IQ2XXS, Q2K),
+            (IQ2_XS, IQ2XS, Q2K, IQ2XS, Q2K),
+            (IQ2_S, IQ2XS, IQ3S, IQ3S, IQ3S),
+            (IQ2_M, IQ2S, IQ3S, IQ3S, IQ3S),
+        ] {
+            check(
+                &m,
+                f,
+                true,
+                &[
+                    (TE, te),
+                    (OUT, Q5K),
+                    ("rope_freqs.weight", F32),
+                    ("blk.0.attn_v.weight", Q4K), // n_gqa 4: L546
+                    ("blk.0.attn_k.weight", def),
+                    ("blk.0.attn_output.weight", attn_out),
+                    ("blk.3.ffn_down.weight", down), // counter < 32/8
+                    ("blk.4.ffn_down.weight", def),
+                    ("blk.4.ffn_up.weight", def),
+                ],
+            );
+        }
+        check(
+            &m,
+            IQ3_XXS,
+            true,
+            &[
+                (TE, IQ3S),
+                (OUT, Q5K),
+                ("blk.0.attn_v.weight", Q4K),
+                ("blk.0.attn_q.weight", IQ2S),
+                ("blk.0.attn_k.weight", IQ2S),
+                ("blk.0.attn_output.weight", IQ3S),
+                ("blk.0.ffn_down.weight", IQ3XXS),
+            ],
+        );
+        // Dense models count ffn_down tensors (L456: layer_info keeps the counter when n_expert <= 1).
+        check(&m, IQ3_XXS, false, &[("blk.3.ffn_down.weight", Q4K), ("blk.4.ffn_down.weight", Q3K)]);
+        check(
+            &m,
+            IQ3_XS,
+            true,
+            &[
+                (TE, IQ3S),
+                (OUT, Q6K),
+                ("blk.0.attn_q.weight", IQ3XXS),
+                ("blk.0.attn_k.weight", IQ3XXS),
+                ("blk.3.ffn_up.weight", IQ3S),
+                ("blk.4.ffn_up.weight", IQ3XXS),
+                ("blk.27.ffn_gate.weight", IQ3XXS),
+                ("blk.28.ffn_gate.weight", IQ3S),
+            ],
+        );
+        check(&m, IQ3_S, false, &[("blk.0.attn_v.weight", Q4K), ("blk.0.attn_q.weight", IQ3S), (OUT, Q6K)]);
+        check(
+            &m,
+            IQ3_M,
+            false,
+            &[
+                ("blk.0.attn_v.weight", Q4K),
+                ("blk.0.attn_output.weight", Q4K),
+                ("blk.3.ffn_down.weight", Q4K),
+                ("blk.4.ffn_down.weight", IQ3S),
+                (TE, IQ3S),
+            ],
+        );
+    }
+
+    #[test]
+    fn iq_rules_without_gqa_tied_embeddings_and_8_experts() {
+        use DType::*;
+        let ne = [4096u64, 4096];
+        let choose = |f: Ftype, imatrix: bool, facts: ModelFacts, names: &[&str], name: &str| {
+            let mut o = opts(f);
+            o.has_imatrix = imatrix;
+            let mut c = Chooser::new(&o, facts, names.iter().copied());
+            c.choose(name, &ne, BF16).unwrap().dtype
+        };
+        let mha = ModelFacts { n_expert: 0, n_gqa: 1, n_layer: 32, is_70b: false };
+        let v = "blk.0.attn_v.weight";
+        assert_eq!(choose(IQ2_XXS, true, mha.clone(), &[OUT], v), Q2K); // L547
+        assert_eq!(choose(IQ2_M, true, mha.clone(), &[OUT], v), IQ3S); // L547
+        assert_eq!(choose(IQ3_XXS, true, mha.clone(), &[OUT], v), IQ3XXS); // L575
+        assert_eq!(choose(IQ3_XXS, false, mha.clone(), &[OUT], v), IQ3S); // L575
+        assert_eq!(choose(IQ3_S, true, mha.clone(), &[OUT], v), IQ3S); // L577 needs n_gqa >= 4
+                                                                       // Tied embeddings (no output.weight): token_embd takes the output rules (L490, L503).
+        assert_eq!(choose(IQ1_S, true, mha.clone(), &[TE], TE), Q5K);
+        assert_eq!(choose(IQ3_S, true, mha.clone(), &[TE], TE), Q6K);
+        // Mixtral: n_expert == 8.
+        let mix = ModelFacts { n_expert: 8, n_gqa: 4, n_layer: 32, is_70b: false };
+        assert_eq!(choose(IQ1_S, true, mix.clone(), &[], "blk.0.attn_k.weight"), Q4K); // L550
+        assert_eq!(choose(IQ1_S, true, mix.clone(), &[], "blk.0.attn_output.weight"), Q5K); // L560
+        assert_eq!(choose(IQ3_XXS, true, mix.clone(), &[], "blk.0.attn_k.weight"), Q8_0); // L606
+        assert_eq!(choose(IQ3_XXS, true, mix.clone(), &[], v), Q8_0); // L599
+        assert_eq!(choose(IQ3_M, true, mix.clone(), &[], "blk.0.attn_output.weight"), Q5K); // L672
+                                                                                            // IQ3_M, 8 experts: use_more_bits(7, 32) (7 >= 28? no; (7-4)%3 == 0: no), (6-4)%3 == 2: yes (L639-640).
+        assert_eq!(choose(IQ3_M, true, mix.clone(), &[], "blk.6.ffn_down_exps.weight"), Q4K);
+        assert_eq!(choose(IQ3_M, true, mix.clone(), &[], "blk.7.ffn_down_exps.weight"), IQ3S);
+    }
+
+    #[test]
+    fn imatrix_requirements_name_the_types_and_exempt_embeddings() {
+        use DType::*;
+        for t in [IQ3XXS, IQ2XXS, IQ2XS, IQ2S, IQ1M, IQ1S] {
+            assert!(requires_imatrix("blk.0.ffn_up.weight", t, IQ3_S), "{t}");
+            for n in [TE, OUT, "per_layer_token_embd.weight"] {
+                assert!(!requires_imatrix(n, t, IQ1_S), "{n} {t}");
+            }
+        }
+        for t in [IQ3S, IQ4NL, IQ4XS, Q2K, Q4K] {
+            assert!(!requires_imatrix("blk.0.ffn_up.weight", t, IQ1_S), "{t}");
+        }
+        assert!(requires_imatrix("blk.0.ffn_up.weight", Q2K, Q2_K_S));
+        // Every preset said to need one gives some tensor of each test model a type that does, and no other
+        // preset does. On gpt-oss most rows (2880 wide) fall back to IQ4_NL, so only the presets that put
+        // attn_output (4096 wide) at IQ2_XXS/IQ2_XS or Q2_K need one there.
+        for m in [tm::deepseek_v3(), tm::qwen3_moe(), tm::gpt_oss(), tm::llama3_8b()] {
+            let gpt_oss = m.facts.n_expert == 32;
+            for f in FTYPES {
+                let got = m.choose(&tm::options(*f, false, vec![]));
+                let any = got.values().any(|c| c.requires_imatrix);
+                let expect =
+                    if gpt_oss { [IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, Q2_K_S].contains(f) } else { f.needs_imatrix() };
+                assert_eq!(any, expect, "{} n_layer {}", f.name, m.facts.n_layer);
+            }
         }
     }
 
