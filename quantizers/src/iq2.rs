@@ -248,9 +248,9 @@ fn quantize_block_iq2_xxs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &m
         for i in 0..32 {
             waux[i] = weight[i].sqrt();
         }
-        for k in 0..4 {
+        for (k, s) in block_signs.iter_mut().enumerate() {
             let r = 8 * k..8 * k + 8;
-            block_signs[k] = fold_signs_even(&xb[r.clone()], &weight[r.clone()], &mut xval[r]);
+            *s = fold_signs_even(&xb[r.clone()], &weight[r.clone()], &mut xval[r]);
         }
         let mut max = xval[0];
         for &v in &xval[1..] {
@@ -389,15 +389,15 @@ fn search_16(
     for is in -9..=9 {
         let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / max;
         let this_scale = 1.0 / id;
-        for k in 0..2 {
+        for (k, on_grid) in is_on_grid_aux.iter_mut().enumerate() {
             let r = 8 * k..8 * k + 8;
             for i in r.clone() {
                 laux[i] = level(id, xval[i]) as i8;
             }
             let u = pack_u(&laux[r.clone()]);
-            is_on_grid_aux[k] = true;
+            *on_grid = true;
             if map_at(maps, u) < 0 {
-                is_on_grid_aux[k] = false;
+                *on_grid = false;
                 find_best_neighbour(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
             }
         }
@@ -487,9 +487,9 @@ fn quantize_block_iq2_xs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mu
         for i in 0..16 {
             waux[i] = weight[i].sqrt();
         }
-        for k in 0..2 {
+        for (k, s) in block_signs.iter_mut().enumerate() {
             let r = 8 * k..8 * k + 8;
-            block_signs[k] = fold_signs_even(&xb[r.clone()], &weight[r.clone()], &mut xval[r]);
+            *s = fold_signs_even(&xb[r.clone()], &weight[r.clone()], &mut xval[r]);
         }
         let max = max16(&xval);
         let mut l = [0i8; 16];
@@ -589,8 +589,8 @@ fn quantize_block_iq2_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
         for i in 0..16 {
             waux[i] = weight[i].sqrt();
         }
-        for k in 0..2 {
-            block_signs[k] = fold_signs(&xb[8 * k..8 * k + 8], &mut xval[8 * k..8 * k + 8]).0;
+        for (k, s) in block_signs.iter_mut().enumerate() {
+            *s = fold_signs(&xb[8 * k..8 * k + 8], &mut xval[8 * k..8 * k + 8]).0;
         }
         let max = max16(&xval);
         let mut l = [0i8; 16];

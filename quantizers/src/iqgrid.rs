@@ -174,13 +174,13 @@ mod tests {
             dist2
         };
         let mut neighbours = Vec::new();
-        for i in 0..KMAP_SIZE {
-            if map[i] >= 0 {
+        for (i, m) in map.iter_mut().enumerate() {
+            if *m >= 0 {
                 continue;
             }
             let dist2 = sorted(i);
             let start = neighbours.len();
-            map[i] = -(start as i32 + 1);
+            *m = -(start as i32 + 1);
             neighbours.push(0u16);
             let (mut d2, mut n, mut nhave) = (dist2[0].0, 0, 1);
             for &(d, j) in &dist2 {

@@ -59,7 +59,7 @@ fn extra_rows(n: usize, seed: u64) -> Vec<(String, Vec<f32>)> {
     let mut rows: Vec<(&str, Vec<f32>)> = vec![
         ("quarter-steps", (0..n).map(|i| (i % 5) as f32 * 0.25 * if i % 3 == 0 { -1.0 } else { 1.0 }).collect()),
         ("level-ties", (0..n).map(|i| [1.0f32, 3.0, 5.0, 2.0, 4.0, 0.0, 6.0, 5.0][i % 8] * 0.125).collect()),
-        ("equal-magnitudes", (0..n).map(|_| if r.next_u64() % 2 == 0 { 0.5 } else { -0.5 }).collect()),
+        ("equal-magnitudes", (0..n).map(|_| if r.next_u64() & 1 == 0 { 0.5 } else { -0.5 }).collect()),
         // Exactly one negative per 8: odd parity, and every w*x*x equal (constant weights give imin = 0).
         ("odd-parity-equal", (0..n).map(|i| if i % 8 == 5 { -0.75 } else { 0.75 }).collect()),
         ("all-negative-equal", vec![-1.25; n]),
