@@ -436,7 +436,7 @@ fn search_16(
     scale
 }
 
-/// `sigma2`-scaled group weights, their square roots, and the group maximum of the magnitudes.
+/// `max = xval[0]; for i: max = MAX(max, xval[i])` over a group of 16 magnitudes.
 #[inline(always)]
 fn max16(xval: &[f32; 16]) -> f32 {
     let mut max = xval[0];
