@@ -328,10 +328,20 @@ mod tests {
         DType::TQ1_0,
         DType::TQ2_0,
         DType::MXFP4,
+        DType::IQ2XXS,
+        DType::IQ2XS,
+        DType::IQ2S,
     ];
 
     fn rows_both(dtype: DType, x: &[f32], n: usize, w: Option<&[f32]>) -> (Vec<u8>, Vec<u8>) {
         let (mut fast, mut scalar) = (Vec::new(), Vec::new());
+        if w.is_none() && sling_quantizers::requires_imatrix(dtype) {
+            // Both refuse, as ggml does (IQ2_XXS, IQ2_XS).
+            let err = Err(sling_quantizers::EncodeError::ImatrixRequired(dtype));
+            assert_eq!(quantize_rows(dtype, x, n, w, &mut fast), err);
+            assert_eq!(sling_quantizers::quantize_rows(dtype, x, n, w, &mut scalar), err);
+            return (fast, scalar);
+        }
         quantize_rows(dtype, x, n, w, &mut fast).unwrap();
         sling_quantizers::quantize_rows(dtype, x, n, w, &mut scalar).unwrap();
         (fast, scalar)

@@ -11,6 +11,9 @@ pub enum EncodeError {
     RowNotBlockMultiple { dtype: DType, row: usize, block: usize },
     #[error("importance weights for {dtype} have {got} values, the rows have {row}")]
     ImatrixLength { dtype: DType, row: usize, got: usize },
+    /// `ggml_quantize_requires_imatrix`: ggml asserts that importance weights are given for this type.
+    #[error("quantizing to {0} requires importance weights (an imatrix), as in llama.cpp")]
+    ImatrixRequired(DType),
 }
 
 /// `ggml_compute_fp32_to_bf16` (ggml-impl.h): quiet NaNs, round to nearest even, no flush to zero.

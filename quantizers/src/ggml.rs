@@ -3,18 +3,19 @@
 //!
 //! [`quantize_rows`] is `ggml_quantize_chunk` for whole rows: the same function per type, the same
 //! choice between the `_ref` algorithm (no importance weights) and the `_impl` one (with them).
-//! Facts: `../shared/docs/gguf-spec.md` §2.3–2.9.
+//! Facts: `../shared/docs/gguf-spec.md` §2.3–2.10.
 
 use sling_core::DType;
 
 use crate::encode::{self, EncodeError};
-use crate::{iq4, kquants, legacy, mxfp4, ternary};
+use crate::{iq2, iq4, kquants, legacy, mxfp4, ternary};
 
-/// `ggml_quantize_requires_imatrix`: the types llama-quantize refuses to make without an imatrix.
-/// None of the types sling writes needs one (only the IQ1/IQ2/IQ3 families do).
+/// `ggml_quantize_requires_imatrix` (ggml.c): the types whose ggml quantizer asserts that importance weights are
+/// given (IQ2_XXS, IQ2_XS, IQ1_S). [`quantize_rows`] and [`check_rows`] refuse them without an imatrix
+/// ([`EncodeError::ImatrixRequired`]). llama-quantize's own, wider list (`tensor_requires_imatrix`: IQ2_S, IQ1_M,
+/// IQ3_XXS too) is `sling-gguf`'s business.
 pub fn requires_imatrix(dtype: DType) -> bool {
-    let _ = dtype;
-    false
+    matches!(dtype, DType::IQ2XXS | DType::IQ2XS | DType::IQ1S)
 }
 
 type QuantRow = fn(&[f32], Option<&[f32]>, &mut [u8]);
@@ -33,6 +34,9 @@ fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
         DType::Q4K => (kquants::quantize_row_q4_k, kquants::dequantize_row_q4_k),
         DType::Q5K => (kquants::quantize_row_q5_k, kquants::dequantize_row_q5_k),
         DType::Q6K => (kquants::quantize_row_q6_k, kquants::dequantize_row_q6_k),
+        DType::IQ2XXS => (iq2::quantize_row_iq2_xxs, iq2::dequantize_row_iq2_xxs),
+        DType::IQ2XS => (iq2::quantize_row_iq2_xs, iq2::dequantize_row_iq2_xs),
+        DType::IQ2S => (iq2::quantize_row_iq2_s, iq2::dequantize_row_iq2_s),
         DType::IQ4NL => (iq4::quantize_row_iq4_nl, iq4::dequantize_row_iq4_nl),
         DType::IQ4XS => (iq4::quantize_row_iq4_xs, iq4::dequantize_row_iq4_xs),
         DType::TQ1_0 => (ternary::quantize_row_tq1_0, ternary::dequantize_row_tq1_0),
@@ -57,6 +61,9 @@ pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut 
         DType::Q4K => kquants::quantize_row_q4_k(x, qw, y),
         DType::Q5K => kquants::quantize_row_q5_k(x, qw, y),
         DType::Q6K => kquants::quantize_row_q6_k(x, qw, y),
+        DType::IQ2XXS => iq2::quantize_row_iq2_xxs(x, qw, y),
+        DType::IQ2XS => iq2::quantize_row_iq2_xs(x, qw, y),
+        DType::IQ2S => iq2::quantize_row_iq2_s(x, qw, y),
         DType::IQ4NL => iq4::quantize_row_iq4_nl(x, qw, y),
         DType::IQ4XS => iq4::quantize_row_iq4_xs(x, qw, y),
         DType::TQ1_0 => ternary::quantize_row_tq1_0(x, qw, y),
@@ -84,17 +91,19 @@ fn dequantize_row_q8_0(y: &[u8], x: &mut [f32]) {
     }
 }
 
-/// The preconditions of [`quantize_rows`]: whole rows of whole blocks, `n_per_row` importance weights. Returns
-/// the bytes of one encoded row.
+/// The preconditions of [`quantize_rows`]: whole rows of whole blocks, `n_per_row` importance weights, and weights
+/// at all for the types that [`requires_imatrix`]. Returns the bytes of one encoded row.
 pub fn check_rows(dtype: DType, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Result<usize, EncodeError> {
     let block = dtype.block_elems();
     if n_per_row == 0 || n_per_row % block != 0 || x.len() % n_per_row != 0 {
         return Err(EncodeError::RowNotBlockMultiple { dtype, row: n_per_row, block });
     }
-    if let Some(w) = imatrix {
-        if w.len() != n_per_row {
+    match imatrix {
+        Some(w) if w.len() != n_per_row => {
             return Err(EncodeError::ImatrixLength { dtype, row: n_per_row, got: w.len() });
         }
+        None if requires_imatrix(dtype) => return Err(EncodeError::ImatrixRequired(dtype)),
+        _ => {}
     }
     Ok(n_per_row / block * dtype.block_bytes())
 }
@@ -148,16 +157,29 @@ mod tests {
     /// fills exactly `block_bytes`, and dequantizing gives `block_elems` values back.
     #[test]
     fn kernels_agree_with_the_descriptor_table() {
-        for &dtype in DType::ALL.iter().filter(|d| d.is_quantized()) {
+        for &dtype in DType::ALL.iter().filter(|d| d.is_quantized() && kernels(**d).is_some()) {
             let be = dtype.block_elems();
             let n = if be == 32 { 256 } else { be };
             let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w = vec![1.0f32; n];
+            let qw = requires_imatrix(dtype).then_some(&w[..]);
             let mut y = Vec::new();
-            quantize_rows(dtype, &x, n, None, &mut y).unwrap();
+            quantize_rows(dtype, &x, n, qw, &mut y).unwrap();
             assert_eq!(y.len(), n / be * dtype.block_bytes(), "{dtype}");
             let mut back = Vec::new();
             dequantize(dtype, &y, &mut back).unwrap();
             assert_eq!(back.len(), n, "{dtype}");
         }
+    }
+
+    #[test]
+    fn required_imatrix_is_refused_without_weights() {
+        for dtype in [DType::IQ2XXS, DType::IQ2XS, DType::IQ1S] {
+            assert!(requires_imatrix(dtype));
+            let mut y = Vec::new();
+            assert_eq!(quantize_rows(dtype, &[0.5; 256], 256, None, &mut y), Err(EncodeError::ImatrixRequired(dtype)));
+            assert!(y.is_empty());
+        }
+        assert!(!requires_imatrix(DType::IQ2S) && !requires_imatrix(DType::Q2K));
     }
 }
