@@ -8,7 +8,7 @@
 use sling_core::DType;
 
 use crate::encode::{self, EncodeError};
-use crate::{iq4, kquants, legacy, mxfp4, ternary};
+use crate::{iq3, iq4, kquants, legacy, mxfp4, ternary};
 
 /// `ggml_quantize_requires_imatrix`: the types llama-quantize refuses to make without an imatrix.
 /// None of the types sling writes needs one (only the IQ1/IQ2/IQ3 families do).
@@ -33,6 +33,8 @@ fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
         DType::Q4K => (kquants::quantize_row_q4_k, kquants::dequantize_row_q4_k),
         DType::Q5K => (kquants::quantize_row_q5_k, kquants::dequantize_row_q5_k),
         DType::Q6K => (kquants::quantize_row_q6_k, kquants::dequantize_row_q6_k),
+        DType::IQ3XXS => (iq3::quantize_row_iq3_xxs, iq3::dequantize_row_iq3_xxs),
+        DType::IQ3S => (iq3::quantize_row_iq3_s, iq3::dequantize_row_iq3_s),
         DType::IQ4NL => (iq4::quantize_row_iq4_nl, iq4::dequantize_row_iq4_nl),
         DType::IQ4XS => (iq4::quantize_row_iq4_xs, iq4::dequantize_row_iq4_xs),
         DType::TQ1_0 => (ternary::quantize_row_tq1_0, ternary::dequantize_row_tq1_0),
@@ -57,6 +59,8 @@ pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut 
         DType::Q4K => kquants::quantize_row_q4_k(x, qw, y),
         DType::Q5K => kquants::quantize_row_q5_k(x, qw, y),
         DType::Q6K => kquants::quantize_row_q6_k(x, qw, y),
+        DType::IQ3XXS => iq3::quantize_row_iq3_xxs(x, qw, y),
+        DType::IQ3S => iq3::quantize_row_iq3_s(x, qw, y),
         DType::IQ4NL => iq4::quantize_row_iq4_nl(x, qw, y),
         DType::IQ4XS => iq4::quantize_row_iq4_xs(x, qw, y),
         DType::TQ1_0 => ternary::quantize_row_tq1_0(x, qw, y),
