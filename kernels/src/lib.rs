@@ -323,6 +323,8 @@ mod tests {
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
+        DType::IQ3XXS,
+        DType::IQ3S,
         DType::IQ4NL,
         DType::IQ4XS,
         DType::TQ1_0,

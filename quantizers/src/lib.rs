@@ -13,6 +13,7 @@ pub mod encode;
 pub mod ggml;
 pub mod gptq;
 pub mod iq2;
+pub mod iq3;
 pub mod iq4;
 pub mod iq_tables;
 pub mod iqgrid;

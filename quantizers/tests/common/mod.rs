@@ -72,6 +72,46 @@ impl Oracle {
         out
     }
 
+    /// [`Oracle::quantize`] where llama.cpp may abort (a `GGML_ASSERT` on non-finite input): `None` when the
+    /// oracle exits with a failure status, with its stderr.
+    pub fn try_quantize(
+        &self,
+        ggml_name: &str,
+        x: &[f32],
+        n_per_row: usize,
+        imatrix: Option<&[f32]>,
+    ) -> Result<Vec<u8>, String> {
+        let nrows = x.len() / n_per_row;
+        let mut args = vec!["quant".to_string(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
+        if let Some(w) = imatrix {
+            args.push(tempfile(&f32_bytes(w)).display().to_string());
+        }
+        let out = Command::new(&self.0)
+            .args(&args)
+            .env("GGML_NO_BACKTRACE", "1") // ggml_abort would otherwise attach gdb (seconds per abort)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                let mut stdin = child.stdin.take().unwrap();
+                let input = f32_bytes(x);
+                let writer = std::thread::spawn(move || stdin.write_all(&input));
+                let out = child.wait_with_output();
+                let _ = writer.join();
+                out
+            })
+            .expect("spawn ggml-quant-ref");
+        if imatrix.is_some() {
+            let _ = std::fs::remove_file(&args[4]);
+        }
+        if out.status.success() {
+            Ok(out.stdout)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").to_string())
+        }
+    }
+
     /// llama.cpp's `to_float` for `nrows` rows of `n_per_row`.
     pub fn dequantize(&self, ggml_name: &str, y: &[u8], nrows: usize, n_per_row: usize) -> Vec<f32> {
         let args = vec!["dequant".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
