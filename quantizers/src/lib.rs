@@ -13,6 +13,8 @@ pub mod encode;
 pub mod ggml;
 pub mod gptq;
 pub mod iq4;
+pub mod iq_tables;
+pub mod iqgrid;
 pub mod kquants;
 pub mod legacy;
 pub mod mlx;
