@@ -8,13 +8,13 @@
 use sling_core::DType;
 
 use crate::encode::{self, EncodeError};
-use crate::{iq4, kquants, legacy, mxfp4, ternary};
+use crate::{iq1, iq4, kquants, legacy, mxfp4, ternary};
 
 /// `ggml_quantize_requires_imatrix`: the types llama-quantize refuses to make without an imatrix.
-/// None of the types sling writes needs one (only the IQ1/IQ2/IQ3 families do).
+/// In ggml: IQ2_XXS, IQ2_XS and IQ1_S (their `_impl` functions assert on missing weights). sling's IQ1_S row
+/// function still accepts `None` (all-ones weights, see [`crate::iq1`]), but callers should refuse like llama.cpp.
 pub fn requires_imatrix(dtype: DType) -> bool {
-    let _ = dtype;
-    false
+    matches!(dtype, DType::IQ1S)
 }
 
 type QuantRow = fn(&[f32], Option<&[f32]>, &mut [u8]);
@@ -33,6 +33,8 @@ fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
         DType::Q4K => (kquants::quantize_row_q4_k, kquants::dequantize_row_q4_k),
         DType::Q5K => (kquants::quantize_row_q5_k, kquants::dequantize_row_q5_k),
         DType::Q6K => (kquants::quantize_row_q6_k, kquants::dequantize_row_q6_k),
+        DType::IQ1S => (iq1::quantize_row_iq1_s, iq1::dequantize_row_iq1_s),
+        DType::IQ1M => (iq1::quantize_row_iq1_m, iq1::dequantize_row_iq1_m),
         DType::IQ4NL => (iq4::quantize_row_iq4_nl, iq4::dequantize_row_iq4_nl),
         DType::IQ4XS => (iq4::quantize_row_iq4_xs, iq4::dequantize_row_iq4_xs),
         DType::TQ1_0 => (ternary::quantize_row_tq1_0, ternary::dequantize_row_tq1_0),
@@ -57,6 +59,8 @@ pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut 
         DType::Q4K => kquants::quantize_row_q4_k(x, qw, y),
         DType::Q5K => kquants::quantize_row_q5_k(x, qw, y),
         DType::Q6K => kquants::quantize_row_q6_k(x, qw, y),
+        DType::IQ1S => iq1::quantize_row_iq1_s(x, qw, y),
+        DType::IQ1M => iq1::quantize_row_iq1_m(x, qw, y),
         DType::IQ4NL => iq4::quantize_row_iq4_nl(x, qw, y),
         DType::IQ4XS => iq4::quantize_row_iq4_xs(x, qw, y),
         DType::TQ1_0 => ternary::quantize_row_tq1_0(x, qw, y),
