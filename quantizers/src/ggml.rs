@@ -8,7 +8,7 @@
 use sling_core::DType;
 
 use crate::encode::{self, EncodeError};
-use crate::{iq2, iq3, iq4, kquants, legacy, mxfp4, ternary};
+use crate::{iq1, iq2, iq3, iq4, kquants, legacy, mxfp4, ternary};
 
 /// `ggml_quantize_requires_imatrix` (ggml.c): the types whose ggml quantizer asserts that importance weights are
 /// given (IQ2_XXS, IQ2_XS, IQ1_S). [`quantize_rows`] and [`check_rows`] refuse them without an imatrix
@@ -39,6 +39,8 @@ fn kernels(dtype: DType) -> Option<(QuantRow, DequantRow)> {
         DType::IQ2S => (iq2::quantize_row_iq2_s, iq2::dequantize_row_iq2_s),
         DType::IQ3XXS => (iq3::quantize_row_iq3_xxs, iq3::dequantize_row_iq3_xxs),
         DType::IQ3S => (iq3::quantize_row_iq3_s, iq3::dequantize_row_iq3_s),
+        DType::IQ1S => (iq1::quantize_row_iq1_s, iq1::dequantize_row_iq1_s),
+        DType::IQ1M => (iq1::quantize_row_iq1_m, iq1::dequantize_row_iq1_m),
         DType::IQ4NL => (iq4::quantize_row_iq4_nl, iq4::dequantize_row_iq4_nl),
         DType::IQ4XS => (iq4::quantize_row_iq4_xs, iq4::dequantize_row_iq4_xs),
         DType::TQ1_0 => (ternary::quantize_row_tq1_0, ternary::dequantize_row_tq1_0),
@@ -68,6 +70,8 @@ pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut 
         DType::IQ2S => iq2::quantize_row_iq2_s(x, qw, y),
         DType::IQ3XXS => iq3::quantize_row_iq3_xxs(x, qw, y),
         DType::IQ3S => iq3::quantize_row_iq3_s(x, qw, y),
+        DType::IQ1S => iq1::quantize_row_iq1_s(x, qw, y),
+        DType::IQ1M => iq1::quantize_row_iq1_m(x, qw, y),
         DType::IQ4NL => iq4::quantize_row_iq4_nl(x, qw, y),
         DType::IQ4XS => iq4::quantize_row_iq4_xs(x, qw, y),
         DType::TQ1_0 => ternary::quantize_row_tq1_0(x, qw, y),

@@ -35,7 +35,8 @@ use crate::search::nearest_int;
 
 #[rustfmt::skip]
 mod tables;
-pub(crate) use tables::{IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS};
+pub(crate) use crate::iq_tables::{KMASK_IQ2XS, KSIGNS_IQ2XS};
+pub(crate) use tables::{IQ3S_GRID, IQ3XXS_GRID};
 use tables::{KGRID_256, KGRID_512};
 
 const QK_K: usize = 256;

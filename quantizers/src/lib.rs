@@ -12,6 +12,7 @@ pub mod decode;
 pub mod encode;
 pub mod ggml;
 pub mod gptq;
+pub mod iq1;
 pub mod iq2;
 pub mod iq3;
 pub mod iq4;
