@@ -24,8 +24,9 @@
 //!
 //! Floating point: every operation is the C one, in the C order, in f32 (the reference is compiled for baseline
 //! x86-64 without FMA contraction; Rust never fuses `a*b + c`). Where the C aborts (`GGML_ASSERT`: no neighbour with
-//! a finite error, a NaN or negative final scale; only reachable with non-finite inputs or weights) this panics with
-//! the same message.
+//! a finite error, a point off the grid, a NaN final scale; reachable only with non-finite inputs or weights, or
+//! values so large that the weighted sums overflow, ~1e15) this gives a deterministic block and never panics, as
+//! `crate::iq2` does: an unmatched neighbour search takes the first neighbour, an off-grid point grid index 0.
 
 use std::sync::OnceLock;
 
@@ -173,8 +174,8 @@ fn iq3_find_best_neighbour(
     scale: f32,
     l: &mut [i8],
 ) -> usize {
+    // ggml asserts `num_neighbors > 0` (true of every list `iq3xs_init_impl` builds).
     let num_neighbors = neighbours[0] as usize;
-    assert!(num_neighbors > 0, "GGML_ASSERT(num_neighbors > 0) failed");
     let mut best_d2 = f32::MAX;
     let mut grid_index = usize::MAX;
     for &nb in &neighbours[1..=num_neighbors] {
@@ -189,7 +190,10 @@ fn iq3_find_best_neighbour(
             grid_index = nb as usize;
         }
     }
-    assert!(grid_index != usize::MAX, "GGML_ASSERT(grid_index >= 0) failed");
+    if grid_index == usize::MAX {
+        // Every distance NaN or infinite, where ggml aborts (`GGML_ASSERT(grid_index >= 0)`): the first neighbour.
+        grid_index = neighbours.get(1).map_or(0, |&nb| nb as usize);
+    }
     l[..4].copy_from_slice(&data.gridl[grid_index]);
     grid_index
 }
@@ -378,13 +382,10 @@ fn quantize_block<const XXS: bool>(
     let mut idx = [0u16; 8];
     for k in 0..8 {
         let u = pack_point(&l[4 * k..]);
-        let grid_index = data.map[u];
-        if grid_index < 0 {
-            panic!("Oops: found point {u} not on grid: {:?}", &l[4 * k..4 * k + 4]);
-        }
-        idx[k] = grid_index as u16;
+        // ggml aborts on a point off the grid ("Oops: found point … not on grid", only after a NaN scale) and on
+        // a NaN final scale (`GGML_ASSERT(scale >= 0)`); here: grid index 0 and the NaN scale as it is.
+        idx[k] = data.map[u].max(0) as u16;
     }
-    assert!(scale >= 0.0, "GGML_ASSERT(scale >= 0) failed");
     Some((scale, idx, block_signs))
 }
 

@@ -100,7 +100,8 @@ fn extra_weights(n: usize) -> Vec<(&'static str, Vec<f32>)> {
 enum Outcome {
     /// Bytes and dequantized bits identical.
     Same,
-    /// llama.cpp aborts (a `GGML_ASSERT`, on inputs whose weighted errors overflow) and so does sling (a panic).
+    /// llama.cpp aborts (a `GGML_ASSERT`, on inputs whose weighted errors overflow); sling writes its deterministic
+    /// block instead (no panic: the call returned).
     BothAbort,
     /// A mismatch, recorded in the failures.
     Differ,
@@ -117,25 +118,16 @@ fn compare(
     failures: &mut Vec<String>,
 ) -> Outcome {
     let name = dtype.name();
-    quiet_ggml_asserts();
-    let ours = std::panic::catch_unwind(|| quantize(dtype, x, n, qw));
-    let theirs = match (ours, oracle.try_quantize(name, x, n, qw)) {
-        (Ok(ours), Ok(theirs)) => {
+    let ours = quantize(dtype, x, n, qw);
+    let theirs = match oracle.try_quantize(name, x, n, qw) {
+        Ok(theirs) => {
             if let Some(m) = byte_mismatch(dtype, n, &ours, &theirs) {
                 failures.push(format!("quantize {name} {what}: {m}"));
                 return Outcome::Differ;
             }
             theirs
         }
-        (Err(_), Err(_)) => return Outcome::BothAbort,
-        (Ok(_), Err(e)) => {
-            failures.push(format!("quantize {name} {what}: llama.cpp aborts ({e}), sling does not"));
-            return Outcome::Differ;
-        }
-        (Err(_), Ok(_)) => {
-            failures.push(format!("quantize {name} {what}: sling panics, llama.cpp does not"));
-            return Outcome::Differ;
-        }
+        Err(_) => return Outcome::BothAbort,
     };
     let back = dequantize(dtype, &theirs);
     let back_ref = oracle.dequantize(name, &theirs, x.len() / n, n);
@@ -144,22 +136,6 @@ fn compare(
         return Outcome::Differ;
     }
     Outcome::Same
-}
-
-/// Silences the expected panics (sling's `GGML_ASSERT` ones, which the comparisons catch); others are reported by
-/// the previous hook as usual.
-fn quiet_ggml_asserts() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or("");
-            let msg = info.payload().downcast_ref::<&str>().copied().unwrap_or(msg);
-            if !(msg.starts_with("GGML_ASSERT") || msg.starts_with("Oops")) {
-                previous(info);
-            }
-        }));
-    });
 }
 
 /// Counts of rows compared per type: identical without / with importance weights, and both aborting.
@@ -224,15 +200,7 @@ fn quantize_and_dequantize_match_llama_cpp_on_hostile_rows() {
                         failures.push(format!("quantize {} {}: {m}", dtype.name(), what("all-rows-in-one-call")));
                     }
                     for (i, (case, x)) in rows.iter().enumerate() {
-                        quiet_ggml_asserts();
-                        let Ok(ours) = std::panic::catch_unwind(|| quantize(dtype, x, n, qw)) else {
-                            failures.push(format!(
-                                "quantize {} {}: sling panics, llama.cpp not",
-                                dtype.name(),
-                                what(case)
-                            ));
-                            continue;
-                        };
+                        let ours = quantize(dtype, x, n, qw);
                         let mut same = true;
                         if let Some(m) = byte_mismatch(dtype, n, &ours, &theirs[i * rb..(i + 1) * rb]) {
                             failures.push(format!("quantize {} {}: {m}", dtype.name(), what(case)));
@@ -250,7 +218,7 @@ fn quantize_and_dequantize_match_llama_cpp_on_hostile_rows() {
     }
     for (dtype, t) in TYPES.iter().zip(&tally) {
         eprintln!(
-            "{:>7}: {} rows identical without imatrix, {} with; {} where both abort",
+            "{:>7}: {} rows identical without imatrix, {} with; {} where llama.cpp aborts",
             dtype.name(),
             t.plain,
             t.imatrix,
@@ -310,8 +278,8 @@ fn multi_row_matrix_matches_llama_cpp() {
 
 /// Non-finite and extreme inputs: where llama.cpp aborts (`GGML_ASSERT(grid_index >= 0)` in
 /// `iq3_find_best_neighbour` when every neighbour's weighted error is inf or NaN, e.g. values around 1e15 whose
-/// `w*diff*diff` overflows, or `GGML_ASSERT(scale >= 0)` on a NaN scale) sling panics; otherwise the bytes are
-/// llama.cpp's.
+/// `w*diff*diff` overflows, or `GGML_ASSERT(scale >= 0)` on a NaN scale) sling returns a block without panicking;
+/// otherwise the bytes are llama.cpp's.
 #[test]
 fn non_finite_and_extreme_rows_match_llama_cpp() {
     let Some(oracle) = common::oracle() else { return };
@@ -352,7 +320,7 @@ fn non_finite_and_extreme_rows_match_llama_cpp() {
             }
         }
     }
-    eprintln!("{same} rows identical, {both_abort} where both abort");
+    eprintln!("{same} rows identical, {both_abort} where llama.cpp aborts (sling: a block, no panic)");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
