@@ -23,7 +23,8 @@
 //! 256 or 128 bytes is always (on the stack): split at `n/2`, sort both halves, merge taking the left element
 //! unless the comparator says it is greater. [`glibc_qsort`] is that algorithm step for step, so ties (stable
 //! order) and even NaN's inconsistent comparisons come out as in the reference; checked against the oracle on
-//! tie-heavy rows in `tests/bitexact_iq1.rs`. glibc kept this merge sort through 2.39 (2.37's switch to introsort
+//! tie-heavy rows in `tests/bitexact_iq1.rs` (all identical; a stable sort that puts ties in reverse index order
+//! instead makes 115 of its hostile-row cases differ, constant and few-level rows above all). glibc kept this merge sort through 2.39 (2.37's switch to introsort
 //! was reverted before release). Other C libraries sort ties differently (musl: smoothsort; macOS/BSD and MSVC:
 //! quicksort variants, none stable), so llama.cpp built against them can write different IQ1 bytes for rows with
 //! tied values; on rows without ties every correct sort gives the same order and the same bytes.
