@@ -21,6 +21,7 @@ def _e(x: float) -> str:
 
 _PRESET_ORDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
                  "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE")
+_IQ_ORDER = ("IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
 _VLLM_SCHEMES = ("w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4")
@@ -303,8 +304,8 @@ def render(results: Path) -> str:
     if qb:
         plain = {k: e for k, e in qb.items() if k.count("/") == 1}
         other = {k: e for k, e in qb.items() if k.count("/") == 2}
-        presets = sorted({k.split("/")[1] for k in plain}, key=lambda p: list(_PRESET_ORDER).index(p)
-                         if p in _PRESET_ORDER else 99)
+        order = list(_PRESET_ORDER + _IQ_ORDER)
+        presets = sorted({k.split("/")[1] for k in plain}, key=lambda p: order.index(p) if p in order else 99)
         models = sorted({k.split("/")[0] for k in plain})
         n_ok = sum(e["tensors_identical"] == e["tensors_total"] and not e["kv_diffs"] for e in qb.values())
         out += ["## Quantization: byte identity with convert_hf_to_gguf.py --outtype bf16 + llama-quantize", "",
@@ -350,6 +351,27 @@ def render(results: Path) -> str:
             out.append(f"| {m} | " + " | ".join(
                 (f"{ql[f'{m}/{p}']['kl_mean']:.3f} / {ql[f'{m}/{p}']['top1']:.2f}" if f"{m}/{p}" in ql else "")
                 for p in presets) + " |")
+        iq = [p for p in _IQ_ORDER if any(k.endswith(f"/{p}/imatrix") for k in ql)]
+        if iq:
+            out += ["", "The i-quant presets, with llama-imatrix's imatrix:", "",
+                    "| fixture | " + " | ".join(iq) + " |", "|---|" + "---|" * len(iq)]
+            for m in sorted({k.split("/")[0] for k in ql if k.endswith("/imatrix")}):
+                out.append(f"| {m} | " + " | ".join(
+                    (f"{ql[k]['kl_mean']:.3f} / {ql[k]['top1']:.2f}" if (k := f"{m}/{p}/imatrix") in ql else "")
+                    for p in iq) + " |")
+        out.append("")
+    dry, v = _load(results, "quantize_iq_dry_run")
+    if dry:
+        out += ["## i-quant presets: per-tensor types vs `llama-quantize --dry-run`", "",
+                f"{len(dry)} cases, every tensor's type equal (`sling plan --json`): " + ", ".join(sorted(dry)) + ".", ""]
+    iqq, v = _load(results, "iq_quality")
+    if iqq:
+        out += ["## i-quant quality on the trained fixture (`sling eval` vs the bf16 source, eval.txt)", "",
+                "| fixture | preset / recipe | bpw | KLD mean | PPL (source) | top-1 |", "|---|---|---|---|---|---|"]
+        for k, e in sorted(iqq.items(), key=lambda kv: -kv[1]["bpw"]):
+            m, p = k.split("/", 1)
+            out.append(f"| {m} | {p} | {e['bpw']:.2f} | {e['kld_mean']:.4f} | {e['ppl']:.2f} ({e['ppl_ref']:.2f}) |"
+                       f" {100 * e['top1']:.1f} % |")
         out.append("")
 
     for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("st_write", _st_write)):
