@@ -13,7 +13,7 @@
 //! `cargo test -p sling-quantizers --release --test bitexact_iq1`.
 
 mod common;
-use common::{dequantize, f32_mismatch, row_strategy};
+use common::{byte_mismatch, dequantize, f32_mismatch, row_strategy};
 
 use proptest::prelude::*;
 use sling_core::DType;
@@ -34,26 +34,6 @@ fn quantize(dtype: DType, x: &[f32], n: usize, qw: Option<&[f32]>) -> Vec<u8> {
         return y;
     }
     common::quantize(dtype, x, n, qw)
-}
-
-/// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
-fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
-    if ours.len() != theirs.len() {
-        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
-    }
-    let i = ours.iter().zip(theirs).position(|(a, b)| a != b)?;
-    let bb = dtype.block_bytes();
-    let row_bytes = n_per_row / dtype.block_elems() * bb;
-    let n_diff = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "first differing byte {i} (row {}, block {}, offset {} in block): ours {:#04x} oracle {:#04x}; {n_diff} bytes \
-         differ",
-        i / row_bytes,
-        i / bb,
-        i % bb,
-        ours[i],
-        theirs[i]
-    ))
 }
 
 /// Rows beyond `common::hostile_rows` aimed at these encoders: tied values in every block (the sort), both

@@ -13,7 +13,7 @@
 //! Throughput: `... --test bitexact_iq2 -- --ignored --nocapture throughput`.
 
 mod common;
-use common::{dequantize, f32_mismatch, quantize, row_strategy};
+use common::{byte_mismatch, dequantize, f32_mismatch, quantize, row_strategy};
 
 use proptest::prelude::*;
 use sling_core::DType;
@@ -23,26 +23,6 @@ const TYPES: [DType; 3] = [DType::IQ2XXS, DType::IQ2XS, DType::IQ2S];
 
 /// Seeds of the hostile rows and importance weights.
 const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
-
-/// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
-fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
-    if ours.len() != theirs.len() {
-        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
-    }
-    let i = ours.iter().zip(theirs).position(|(a, b)| a != b)?;
-    let bb = dtype.block_bytes();
-    let row_bytes = n_per_row / dtype.block_elems() * bb;
-    let n_diff = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "first differing byte {i} (row {}, block {}, offset {} in block): ours {:#04x} oracle {:#04x}; {n_diff} bytes \
-         differ",
-        i / row_bytes,
-        i / bb,
-        i % bb,
-        ours[i],
-        theirs[i]
-    ))
-}
 
 /// Rows beyond `common::hostile_rows` that reach the corners of the IQ2 searches (`n` a multiple of 256): exact
 /// ties of `nearest_int` and of neighbour distances, equal magnitudes (the parity fold's `w*x*x` minimum ties, first

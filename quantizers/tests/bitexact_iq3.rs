@@ -9,7 +9,7 @@
 //! Throughput: `... --test bitexact_iq3 -- --ignored --nocapture throughput`.
 
 mod common;
-use common::{dequantize, f32_mismatch, quantize, row_strategy};
+use common::{byte_mismatch, dequantize, f32_mismatch, quantize, row_strategy};
 
 use proptest::prelude::*;
 use sling_core::DType;
@@ -21,26 +21,6 @@ const TYPES: [DType; 2] = [DType::IQ3XXS, DType::IQ3S];
 const ROW_LENGTHS: [usize; 2] = [256, 512];
 /// Seeds of the hostile rows and importance weights.
 const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
-
-/// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
-fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
-    if ours.len() != theirs.len() {
-        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
-    }
-    let i = ours.iter().zip(theirs).position(|(a, b)| a != b)?;
-    let bb = dtype.block_bytes();
-    let row_bytes = n_per_row / dtype.block_elems() * bb;
-    let n_diff = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "first differing byte {i} (row {}, block {}, offset {} in block): ours {:#04x} oracle {:#04x}; {n_diff} bytes \
-         differ",
-        i / row_bytes,
-        i / bb,
-        i % bb,
-        ours[i],
-        theirs[i]
-    ))
-}
 
 /// Rows beyond `common::hostile_rows` that reach the corners of the IQ3 searches: a zero 32-block inside a normal
 /// row (the C `continue`s, leaving zero bytes and scale 0), 32-blocks whose max is just above / below

@@ -10,7 +10,7 @@
 //! Exhaustive helper checks (a minute each): `... -- --ignored exhaustively`.
 
 mod common;
-use common::{dequantize, f32_mismatch, quantize, row_strategy, worst_ratio};
+use common::{byte_mismatch, dequantize, f32_mismatch, quantize, row_strategy, worst_ratio};
 
 use proptest::prelude::*;
 use sling_core::DType;
@@ -22,26 +22,6 @@ const TYPES: [DType; 5] = [DType::IQ4NL, DType::IQ4XS, DType::TQ1_0, DType::TQ2_
 const ROW_LENGTHS: [usize; 2] = [256, 512];
 /// Seeds of the hostile rows and importance weights.
 const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
-
-/// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
-fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
-    if ours.len() != theirs.len() {
-        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
-    }
-    let i = ours.iter().zip(theirs).position(|(a, b)| a != b)?;
-    let bb = dtype.block_bytes();
-    let row_bytes = n_per_row / dtype.block_elems() * bb;
-    let n_diff = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "first differing byte {i} (row {}, block {}, offset {} in block): ours {:#04x} oracle {:#04x}; {n_diff} bytes \
-         differ",
-        i / row_bytes,
-        i / bb,
-        i % bb,
-        ours[i],
-        theirs[i]
-    ))
-}
 
 /// Rows beyond `common::hostile_rows` that reach the corners of these five types: non-finite values (the C's
 /// float-to-int conversions), an f16 scale overflow (TQ `d = amax`), block maxima just below a power of two (MXFP4's

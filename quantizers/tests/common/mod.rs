@@ -207,6 +207,26 @@ pub fn dequantize(dtype: DType, y: &[u8]) -> Vec<f32> {
     out
 }
 
+/// `None` when equal, else a description of the first differing byte (offset, row, block, offset in block).
+pub fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8]) -> Option<String> {
+    if ours.len() != theirs.len() {
+        return Some(format!("length {} vs oracle {}", ours.len(), theirs.len()));
+    }
+    let i = ours.iter().zip(theirs).position(|(a, b)| a != b)?;
+    let bb = dtype.block_bytes();
+    let row_bytes = n_per_row / dtype.block_elems() * bb;
+    let n_diff = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
+    Some(format!(
+        "first differing byte {i} (row {}, block {}, offset {} in block): ours {:#04x} oracle {:#04x}; {n_diff} bytes \
+         differ",
+        i / row_bytes,
+        i / bb,
+        i % bb,
+        ours[i],
+        theirs[i]
+    ))
+}
+
 /// `None` when bit-identical, else the first differing element (index, block, values).
 pub fn f32_mismatch(dtype: DType, ours: &[f32], theirs: &[f32]) -> Option<String> {
     if ours.len() != theirs.len() {
