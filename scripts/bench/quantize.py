@@ -371,7 +371,7 @@ def summarize_kernels(k: dict) -> list[dict]:
             rows.append({
                 "type": typ, "imatrix": im,
                 # ggml ignores the weights for some types (same bytes with and without)
-                "imatrix_used": None if not im else bool(g_plain) and g_plain[0]["fnv1a64"] != gs[0]["fnv1a64"],
+                "imatrix_used": None if not im or not g_plain else g_plain[0]["fnv1a64"] != gs[0]["fnv1a64"],
                 "llama_cpp_mbps": g_mbps, "sling_mbps": s_mbps, "ratio": s_mbps / g_mbps,
                 "ratio_rounds": rr, "ratio_min": min(rr), "ratio_max": max(rr),
                 "llama_cpp_dequant_mbps": g_dq, "sling_dequant_mbps": s_dq,
@@ -444,7 +444,7 @@ def render_md(result) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["kernels_summary"]:
-            im = "no" if not r["imatrix"] else ("yes" if r["imatrix_used"] else "yes (ignored by the type)")
+            im = "no" if not r["imatrix"] else ("yes (ignored by the type)" if r["imatrix_used"] is False else "yes")
             lines.append(
                 f"| {r['type']} | {im} | {r['llama_cpp_mbps']:.0f} | {r['sling_mbps']:.0f} | "
                 f"{'**' if r['ratio'] < 1 else ''}{r['ratio']:.2f}x{'**' if r['ratio'] < 1 else ''} | "
