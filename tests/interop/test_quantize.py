@@ -152,6 +152,27 @@ def test_iq_presets_bytes_identical_to_llama_quantize(name, preset, tmp_path):
     _compare(name, ours[0], ref, f"{name}/{preset}/imatrix")
 
 
+RECIPE_CASES = [(n, r) for n in WIDE[:3] for r in ("moe-iq1", "moe-iq2")]
+
+
+@pytest.mark.parametrize("name,recipe", RECIPE_CASES, ids=[f"{n}-{r}" for n, r in RECIPE_CASES])
+def test_moe_iq_recipes_equal_llama_quantize_told_their_types(name, recipe, tmp_path):
+    """A dynamic MoE recipe is llama-quantize's file when llama-quantize is told every tensor's type (one anchored
+    --tensor-type per tensor, from `sling plan --json`) and the recipe's base preset: the recipes need nothing from
+    llama.cpp that a user of llama-quantize could not ask for, and sling's quantizers agree on every tensor."""
+    im = lab.reference_imatrix(name)
+    plan = json.loads(lab.sling("plan", lab.fixture_dir(name), "--to", f"gguf:{recipe}", "--json", "--tokenizer-pre",
+                                lab.TOKPRE, "--imatrix", im).stdout)
+    types = tmp_path / "types.txt"
+    types.write_text("\n".join(f"^{re.escape(t['name'])}$={t['type']}" for t in plan["tensors"] if t["type"] != "f32"))
+    ref = tmp_path / "ref.gguf"
+    r = _llama_quantize("--imatrix", im, "--tensor-type-file", types, lab.reference_convert(name, "bf16")[0], ref,
+                        plan["base"], lab.JOBS)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ours = lab.sling_quantize(name, recipe, tmp_path / "sling.gguf", ("--imatrix", im))
+    _compare(name, ours[0], ref, f"{name}/{recipe}/imatrix")
+
+
 @pytest.mark.parametrize("name", WIDE[:3])
 def test_llama_cpp_runs_every_iq_preset(name, tmp_path):
     """llama.cpp loads every i-quant output of sling (with an imatrix) and computes finite logits (KL recorded)."""
