@@ -333,6 +333,8 @@ mod tests {
         DType::IQ2XXS,
         DType::IQ2XS,
         DType::IQ2S,
+        DType::IQ1S,
+        DType::IQ1M,
     ];
 
     fn rows_both(dtype: DType, x: &[f32], n: usize, w: Option<&[f32]>) -> (Vec<u8>, Vec<u8>) {
@@ -373,6 +375,14 @@ mod tests {
         rows.push((0..n).map(|i| f32::from_bits(1 + i as u32 * 4099) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect());
         rows.push((0..n).map(|i| ((i * 7919) % 1000) as f32 * 3e4).collect());
         rows.push((0..n).map(|i| (i as f32 * 0.37).sin()).collect());
+        // Non-finite values (the shipped build and the reference must agree on them too) and ties.
+        let wave: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        for (at, v) in [(5, f32::NAN), (40, f32::INFINITY), (255, f32::NEG_INFINITY), (31, -f32::NAN)] {
+            let mut r = wave.clone();
+            r[at] = v;
+            rows.push(r);
+        }
+        rows.push((0..n).map(|i| [0.5f32, -0.5, 0.25, 0.0][i % 4]).collect());
         let w: Vec<f32> = (0..n).map(|i| if i % 9 == 0 { 0.0 } else { 1.0 + i as f32 }).collect();
         for t in BLOCK_TYPES {
             for r in &rows {
