@@ -44,8 +44,6 @@
 //! Floating point: every operation is the C one, in the C order, in f32 (baseline x86-64, no FMA contraction;
 //! Rust never fuses `a*b + c`).
 
-#[rustfmt::skip]
-
 use crate::common::{ggml_fp32_to_fp16, read_f16};
 use crate::iqgrid::{iq2_maps, Iq2Maps};
 use crate::search::nearest_int;

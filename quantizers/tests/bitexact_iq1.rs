@@ -340,19 +340,7 @@ fn throughput() {
     let mut rng = common::Rng::new(1);
     let x: Vec<f32> = (0..n_per_row * nrows).map(|_| rng.normal() * 0.02).collect();
     let imatrix = common::importance(n_per_row, 3);
-    let mb = (x.len() * 4) as f64 / 1e6;
     for dtype in TYPES {
-        for qw in [None, Some(&imatrix[..])] {
-            let t = std::time::Instant::now();
-            let out = quantize(dtype, &x, n_per_row, qw);
-            let q = t.elapsed().as_secs_f64();
-            assert_eq!(out.len(), nrows * n_per_row / 256 * dtype.block_bytes());
-            eprintln!(
-                "{:>6} {:>7}: quantize {:8.2} MB/s (f32 side)",
-                dtype.name(),
-                if qw.is_some() { "imatrix" } else { "plain" },
-                mb / q
-            );
-        }
+        common::print_throughput(dtype, &x, n_per_row, &imatrix);
     }
 }

@@ -289,29 +289,7 @@ fn throughput() {
     let mut rng = common::Rng::new(1);
     let x: Vec<f32> = (0..n_per_row * nrows).map(|_| rng.normal() * 0.02).collect();
     let imatrix = common::importance(n_per_row, 3);
-    let mb = (x.len() * 4) as f64 / 1e6;
     for dtype in TYPES {
-        let _ = sling_quantizers::iqgrid::iq2_maps(dtype);
-        for qw in [None, Some(&imatrix[..])] {
-            if qw.is_none() && sling_quantizers::requires_imatrix(dtype) {
-                continue;
-            }
-            let mut out = Vec::with_capacity(x.len());
-            let t = std::time::Instant::now();
-            sling_quantizers::quantize_rows(dtype, &x, n_per_row, qw, &mut out).expect("quantize");
-            let q = t.elapsed().as_secs_f64();
-            let mut back = Vec::with_capacity(x.len());
-            let t = std::time::Instant::now();
-            sling_quantizers::dequantize(dtype, &out, &mut back).expect("dequantize");
-            let d = t.elapsed().as_secs_f64();
-            eprintln!(
-                "{:>7} {:>7}: quantize {:8.2} MB/s ({:.0} rows/s of {n_per_row}), dequantize {:8.1} MB/s",
-                dtype.name(),
-                if qw.is_some() { "imatrix" } else { "plain" },
-                mb / q,
-                nrows as f64 / q,
-                mb / d
-            );
-        }
+        common::print_throughput(dtype, &x, n_per_row, &imatrix);
     }
 }

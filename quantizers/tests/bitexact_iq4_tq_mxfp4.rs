@@ -379,25 +379,8 @@ fn throughput() {
     let mut rng = common::Rng::new(1);
     let x: Vec<f32> = (0..n_per_row * nrows).map(|_| rng.normal() * 0.02).collect();
     let imatrix = common::importance(n_per_row, 3);
-    let mb = (x.len() * 4) as f64 / 1e6;
     for dtype in TYPES {
-        for qw in [None, Some(&imatrix[..])] {
-            let mut out = Vec::with_capacity(x.len());
-            let t = std::time::Instant::now();
-            sling_quantizers::quantize_rows(dtype, &x, n_per_row, qw, &mut out).expect("quantize");
-            let q = t.elapsed().as_secs_f64();
-            let mut back = Vec::with_capacity(x.len());
-            let t = std::time::Instant::now();
-            sling_quantizers::dequantize(dtype, &out, &mut back).expect("dequantize");
-            let d = t.elapsed().as_secs_f64();
-            eprintln!(
-                "{:>6} {:>7}: quantize {:8.1} MB/s, dequantize {:8.1} MB/s (f32 side)",
-                dtype.name(),
-                if qw.is_some() { "imatrix" } else { "plain" },
-                mb / q,
-                mb / d
-            );
-        }
+        common::print_throughput(dtype, &x, n_per_row, &imatrix);
     }
 }
 

@@ -227,6 +227,33 @@ pub fn byte_mismatch(dtype: DType, n_per_row: usize, ours: &[u8], theirs: &[u8])
     ))
 }
 
+/// One thread's MB/s of f32 input for `quantize_rows` and `dequantize` of `dtype` on `x`, without and with
+/// `imatrix` (the `--ignored` throughput tests; not a check). A first one-row call builds any tables (the IQ grids,
+/// as `ggml_quantize_init` does before the C bench's timing); types that need weights are timed with them only.
+pub fn print_throughput(dtype: DType, x: &[f32], n_per_row: usize, imatrix: &[f32]) {
+    let mb = (x.len() * 4) as f64 / 1e6;
+    for qw in [None, Some(imatrix)] {
+        if qw.is_none() && sling_quantizers::requires_imatrix(dtype) {
+            continue;
+        }
+        let _ = quantize(dtype, &x[..n_per_row], n_per_row, qw);
+        let t = std::time::Instant::now();
+        let out = quantize(dtype, x, n_per_row, qw);
+        let q = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let _ = dequantize(dtype, &out);
+        let d = t.elapsed().as_secs_f64();
+        eprintln!(
+            "{:>7} {:>7}: quantize {:8.2} MB/s ({:.0} rows/s of {n_per_row}), dequantize {:8.1} MB/s (f32 side)",
+            dtype.name(),
+            if qw.is_some() { "imatrix" } else { "plain" },
+            mb / q,
+            (x.len() / n_per_row) as f64 / q,
+            mb / d
+        );
+    }
+}
+
 /// `None` when bit-identical, else the first differing element (index, block, values).
 pub fn f32_mismatch(dtype: DType, ours: &[f32], theirs: &[f32]) -> Option<String> {
     if ours.len() != theirs.len() {
