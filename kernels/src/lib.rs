@@ -22,6 +22,8 @@ mod cuda_gemm;
 pub mod encode;
 pub mod gemm_layout;
 #[cfg(target_arch = "x86_64")]
+mod iq_lanes;
+#[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 
 pub use backend::{Backend, Device, DeviceError, DeviceOptions, Gemm, KernelError};
@@ -178,6 +180,9 @@ pub fn quantize_rows(
             if kquant_lanes::handles(dtype, imatrix.is_some()) && !lanes_disabled() {
                 // SAFETY: the CPU supports AVX2 (checked just above), which is all `kquant_lanes::rows` requires.
                 unsafe { kquant_lanes::rows(dtype, x, n_per_row, imatrix, y, row_bytes) };
+            } else if iq_lanes::handles(dtype) && !lanes_disabled() {
+                // SAFETY: the CPU supports AVX2 (checked just above), which is all `iq_lanes::rows` requires.
+                unsafe { iq_lanes::rows(dtype, x, n_per_row, imatrix, y, row_bytes) };
             } else {
                 // SAFETY: the CPU supports AVX2 (checked just above), which is all `rows_avx2` requires.
                 if !unsafe { rows_avx2(dtype, x, n_per_row, imatrix, y, row_bytes) } {

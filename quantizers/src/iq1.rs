@@ -55,13 +55,13 @@ const QK_K: usize = 256;
 const IQ1S_BYTES: usize = 50;
 const IQ1M_BYTES: usize = 56;
 /// `IQ1S_BLOCK_SIZE` / `IQ1M_BLOCK_SIZE` (ggml-quants.c).
-const IQ1S_BLOCK_SIZE: usize = 32;
-const IQ1M_BLOCK_SIZE: usize = 16;
+pub const IQ1S_BLOCK_SIZE: usize = 32;
+pub const IQ1M_BLOCK_SIZE: usize = 16;
 /// `NGRID_IQ1S` (ggml-common.h).
 const NGRID_IQ1S: usize = 2048;
 /// `IQ1S_DELTA`, `IQ1M_DELTA` (ggml-common.h).
-const IQ1S_DELTA: f32 = 0.125;
-const IQ1M_DELTA: f32 = 0.125;
+pub const IQ1S_DELTA: f32 = 0.125;
+pub const IQ1M_DELTA: f32 = 0.125;
 /// `GROUP_MAX_EPS_IQ1_S`, `GROUP_MAX_EPS_IQ1_M` (ggml-quants.c).
 const GROUP_MAX_EPS_IQ1_S: f32 = 1e-12;
 const GROUP_MAX_EPS_IQ1_M: f32 = 1e-7;
@@ -71,7 +71,7 @@ const _: () = assert!(IQ1S_BYTES == 2 + QK_K / 8 + QK_K / 16);
 const _: () = assert!(IQ1M_BYTES == QK_K / 8 + QK_K / 16 + QK_K / 32);
 
 /// `x_p = {-1 + DELTA, DELTA, 1 + DELTA}` and `x_m = {-1 - DELTA, -DELTA, 1 - DELTA}` (exact in f32).
-const fn levels(delta: f32) -> ([f32; 3], [f32; 3]) {
+pub const fn levels(delta: f32) -> ([f32; 3], [f32; 3]) {
     ([-1.0 + delta, delta, 1.0 + delta], [-1.0 - delta, -delta, 1.0 - delta])
 }
 
@@ -92,17 +92,19 @@ fn fmax_c(a: f32, b: f32) -> f32 {
 }
 
 /// One element of C's `pairs` array: `pairs[2j] = xb[j]`, `idx[2j] = j` (the int stored in the next float slot).
-#[derive(Clone, Copy, Default)]
-struct Pair {
-    v: f32,
-    i: u8,
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub struct Pair {
+    /// `xb[j]`.
+    pub v: f32,
+    /// `j`.
+    pub i: u8,
 }
 
 /// `qsort(pairs, n, 2*sizeof(float), iq1_sort_helper)` as glibc runs it (`msort_with_tmp`, stdlib/msort.c): a
 /// top-down merge sort that splits at `n/2` and, merging, takes the left element whenever
 /// `iq1_sort_helper(left, right) <= 0`, i.e. unless `left > right`. Stable; NaN compares "equal" to everything and
 /// lands wherever this exact sequence of comparisons puts it.
-fn glibc_qsort(b: &mut [Pair], tmp: &mut [Pair]) {
+pub fn glibc_qsort(b: &mut [Pair], tmp: &mut [Pair]) {
     let n = b.len();
     if n <= 1 {
         return;
@@ -133,7 +135,7 @@ fn glibc_qsort(b: &mut [Pair], tmp: &mut [Pair]) {
 
 /// The pairs of block `xb` sorted by value as ggml sorts them.
 #[inline(always)]
-fn sorted_pairs<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
+pub fn sorted_pairs<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
     let mut pairs = [Pair::default(); N];
     for (j, p) in pairs.iter_mut().enumerate() {
         *p = Pair { v: xb[j], i: j as u8 };
@@ -148,7 +150,7 @@ fn sorted_pairs<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
 /// (first wins, strict `<`); writes its levels 0..2 to `l_out` and returns its index. See the module doc for what
 /// happens when no candidate scores below `FLT_MAX`.
 #[inline(always)]
-fn find_best_neighbour2(
+pub fn find_best_neighbour2(
     maps: &Iq2Maps,
     nb: &[u16],
     xval: &[f32],
@@ -218,7 +220,14 @@ fn block_amax(xb: &[f32]) -> f32 {
 /// `kmap_q2xs[u]` for the packed levels of 8 elements, or the neighbour search when `u` is off the grid; writes
 /// the snapped levels back into `l8` then. Returns (grid index, on the grid).
 #[inline(always)]
-fn snap(maps: &Iq2Maps, l8: &mut [i8], xval: &[f32], weight: &[f32], scale: f32, xx: &[f32; 3]) -> (usize, bool) {
+fn snap<S: Iq1Search>(
+    maps: &Iq2Maps,
+    l8: &mut [i8],
+    xval: &[f32],
+    weight: &[f32],
+    scale: f32,
+    xx: &[f32; 3],
+) -> (usize, bool) {
     let mut u = 0u16;
     for (j, &l) in l8.iter().enumerate().take(8) {
         u |= ((l as i32) << (2 * j)) as u16;
@@ -229,12 +238,133 @@ fn snap(maps: &Iq2Maps, l8: &mut [i8], xval: &[f32], weight: &[f32], scale: f32,
     }
     // neighbours = kneighbors_q2xs - kmap_q2xs[u] - 1
     let nb = &maps.neighbours[(-m - 1) as usize..];
-    (find_best_neighbour2(maps, nb, xval, weight, scale, xx, l8), false)
+    (S::neighbour(maps, nb, xval, weight, scale, xx, l8), false)
+}
+
+/// The result of the partition search over the sorted block: `besti1`, `besti2`, the shift (IQ1_S: `1` for
+/// `x_p`, `-1` for `x_m`, `0` when nothing scored; IQ1_M: the sign combination `best_k` 0..3, `-1` when nothing
+/// scored) and the scale (`max` when nothing scored).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Partition {
+    pub i1: i32,
+    pub i2: i32,
+    pub shift: i32,
+    pub scale: f32,
+}
+
+/// The three hot spots of the IQ1 encoders, pluggable so that `sling-kernels` can run faster versions of them
+/// inside the same encoder (the provided methods are the scalar reference; an implementation must return exactly
+/// what they return, for every input).
+pub trait Iq1Search {
+    /// The `(value, index)` pairs of a block sorted as glibc's `qsort` sorts them ([`sorted_pairs`]).
+    #[inline(always)]
+    fn sort<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
+        sorted_pairs(xb)
+    }
+    /// IQ1_S's search over the partitions `i1 <= i2` of the sorted block into levels 0/1/2, both delta signs;
+    /// `sumx`, `sumw`: prefix sums of `w·x` and `w` in sorted order.
+    #[inline(always)]
+    fn partition_s(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+        partition_s(sumx, sumw, max)
+    }
+    /// IQ1_M's search: as [`Iq1Search::partition_s`] with the four delta sign combinations of the two halves;
+    /// `px[h]`, `pw[h]`: prefix sums (sorted order) of the values of half `h` only.
+    #[inline(always)]
+    fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
+        partition_m(px, pw, max)
+    }
+    /// `iq1_find_best_neighbour2` ([`find_best_neighbour2`]).
+    #[inline(always)]
+    fn neighbour(
+        maps: &Iq2Maps,
+        nb: &[u16],
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+        xg: &[f32; 3],
+        l_out: &mut [i8],
+    ) -> usize {
+        find_best_neighbour2(maps, nb, xval, weight, scale, xg, l_out)
+    }
+}
+
+/// The scalar reference: the C code's loops as they are.
+pub struct Reference;
+impl Iq1Search for Reference {}
+
+/// The partition search of `quantize_row_iq1_s_impl`, as in C.
+#[inline(always)]
+pub fn partition_s(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+    const BS: usize = IQ1S_BLOCK_SIZE;
+    let (x_p, x_m) = levels(IQ1S_DELTA);
+    let mut best_score = -f32::MAX;
+    let mut scale = max;
+    let (mut besti1, mut besti2, mut best_shift) = (-1i32, -1i32, 0i32);
+    for i1 in 0..=BS {
+        for i2 in i1..=BS {
+            let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
+            let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
+            let sumqx = a * x_p[0] + b * x_p[1] + c * x_p[2];
+            let sumq2 = aw * x_p[0] * x_p[0] + bw * x_p[1] * x_p[1] + cw * x_p[2] * x_p[2];
+            if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
+                scale = sumqx / sumq2;
+                best_score = scale * sumqx;
+                (besti1, besti2, best_shift) = (i1 as i32, i2 as i32, 1);
+            }
+            let sumqx = a * x_m[0] + b * x_m[1] + c * x_m[2];
+            let sumq2 = aw * x_m[0] * x_m[0] + bw * x_m[1] * x_m[1] + cw * x_m[2] * x_m[2];
+            if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
+                scale = sumqx / sumq2;
+                best_score = scale * sumqx;
+                (besti1, besti2, best_shift) = (i1 as i32, i2 as i32, -1);
+            }
+        }
+    }
+    Partition { i1: besti1, i2: besti2, shift: best_shift, scale }
+}
+
+/// The partition search of `quantize_row_iq1_m_impl`, in the prefix-sum form of this port (same operations).
+#[inline(always)]
+pub fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let (x_p, x_m) = levels(IQ1M_DELTA);
+    let mut best_score = -f32::MAX;
+    let mut scale = max;
+    let (mut besti1, mut besti2, mut best_k) = (-1i32, -1i32, -1i32);
+    let txs = [px[0][BS], px[1][BS]];
+    let tws = [pw[0][BS], pw[1][BS]];
+    let (p2, m2) = (x_p[2], x_m[2]);
+    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
+    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
+    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
+    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+    for i1 in 0..=BS {
+        for i2 in i1..=BS {
+            let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
+            for h in 0..2 {
+                let sx = px[h][i1] + px[h][i2];
+                qx_p[h] = txs[h] * p2 - sx;
+                qx_m[h] = txs[h] * m2 - sx;
+                q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+            }
+            let sumqx = [qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]];
+            let sumq2 = [q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]];
+            for k in 0..4 {
+                if sumq2[k] > 0.0 && sumqx[k] * sumqx[k] > best_score * sumq2[k] {
+                    scale = sumqx[k] / sumq2[k];
+                    best_score = scale * sumqx[k];
+                    (besti1, besti2, best_k) = (i1 as i32, i2 as i32, k as i32);
+                }
+            }
+        }
+    }
+    Partition { i1: besti1, i2: besti2, shift: best_k, scale }
 }
 
 /// `quantize_row_iq1_s_impl` for one super-block `xbl` (256 values) into `y` (50 bytes).
 #[inline(always)]
-fn quantize_block_iq1_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq1_s<S: Iq1Search>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     const BS: usize = IQ1S_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1S_DELTA);
     y.fill(0);
@@ -260,7 +390,7 @@ fn quantize_block_iq1_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             shifts[ib] = 1;
             continue;
         }
-        let pairs = sorted_pairs(xb);
+        let pairs = S::sort(xb);
         let mut sumx = [0.0f32; BS + 1];
         let mut sumw = [0.0f32; BS + 1];
         for j in 0..BS {
@@ -268,29 +398,7 @@ fn quantize_block_iq1_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             sumx[j + 1] = sumx[j] + weight[i] * xb[i];
             sumw[j + 1] = sumw[j] + weight[i];
         }
-        let mut best_score = -f32::MAX;
-        let mut scale = max;
-        let (mut besti1, mut besti2, mut best_shift) = (-1i32, -1i32, 0i32);
-        for i1 in 0..=BS {
-            for i2 in i1..=BS {
-                let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
-                let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
-                let sumqx = a * x_p[0] + b * x_p[1] + c * x_p[2];
-                let sumq2 = aw * x_p[0] * x_p[0] + bw * x_p[1] * x_p[1] + cw * x_p[2] * x_p[2];
-                if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
-                    scale = sumqx / sumq2;
-                    best_score = scale * sumqx;
-                    (besti1, besti2, best_shift) = (i1 as i32, i2 as i32, 1);
-                }
-                let sumqx = a * x_m[0] + b * x_m[1] + c * x_m[2];
-                let sumq2 = aw * x_m[0] * x_m[0] + bw * x_m[1] * x_m[1] + cw * x_m[2] * x_m[2];
-                if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
-                    scale = sumqx / sumq2;
-                    best_score = scale * sumqx;
-                    (besti1, besti2, best_shift) = (i1 as i32, i2 as i32, -1);
-                }
-            }
-        }
+        let Partition { i1: besti1, i2: besti2, shift: mut best_shift, mut scale } = S::partition_s(&sumx, &sumw, max);
         if besti1 < 0 || besti2 < 0 || best_shift == 0 {
             scales[ib] = 0.0;
             shifts[ib] = 1;
@@ -319,7 +427,7 @@ fn quantize_block_iq1_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
         for (k, gi) in index.iter_mut().enumerate() {
             let r = 8 * k..8 * k + 8;
             let on;
-            (*gi, on) = snap(maps, &mut l[r.clone()], &xb[r.clone()], &weight[r], scale, xx);
+            (*gi, on) = snap::<S>(maps, &mut l[r.clone()], &xb[r.clone()], &weight[r], scale, xx);
             all_on_grid &= on;
         }
         if !all_on_grid {
@@ -370,9 +478,15 @@ fn quantize_block_iq1_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
 /// `qw`, when given, has one weight per element of the row; `None` means weights of one (module doc).
 #[inline(always)]
 pub fn quantize_row_iq1_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq1_s_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq1_s`] with the hot spots of `S`.
+#[inline(always)]
+pub fn quantize_row_iq1_s_with<S: Iq1Search>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ1S);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ1S_BYTES)).enumerate() {
-        quantize_block_iq1_s(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);
+        quantize_block_iq1_s::<S>(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);
     }
 }
 
@@ -402,7 +516,7 @@ fn iq1m_levels<'a>(shift: i32, k: usize, x_p: &'a [f32; 3], x_m: &'a [f32; 3]) -
 
 /// `quantize_row_iq1_m_impl` for one super-block `xbl` (256 values) into `y` (56 bytes).
 #[inline(always)]
-fn quantize_block_iq1_m(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq1_m<S: Iq1Search>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     const BS: usize = IQ1M_BLOCK_SIZE;
     const MASKS: [u8; 4] = [0x00, 0x80, 0x08, 0x88];
     let (x_p, x_m) = levels(IQ1M_DELTA);
@@ -422,10 +536,7 @@ fn quantize_block_iq1_m(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             shifts[ib] = 0;
             continue;
         }
-        let pairs = sorted_pairs(xb);
-        let mut best_score = -f32::MAX;
-        let mut scale = max;
-        let (mut besti1, mut besti2, mut best_k) = (-1i32, -1i32, -1i32);
+        let pairs = S::sort(xb);
         // Prefix sums per half of the block (each half has its own delta sign).
         let mut px = [[0.0f32; BS + 1]; 2];
         let mut pw = [[0.0f32; BS + 1]; 2];
@@ -437,34 +548,7 @@ fn quantize_block_iq1_m(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             pw[h][j + 1] = pw[h][j] + weight[i];
             pw[1 - h][j + 1] = pw[1 - h][j];
         }
-        let txs = [px[0][BS], px[1][BS]];
-        let tws = [pw[0][BS], pw[1][BS]];
-        let (p2, m2) = (x_p[2], x_m[2]);
-        let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
-        let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
-        let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
-        let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
-        for i1 in 0..=BS {
-            for i2 in i1..=BS {
-                let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
-                for h in 0..2 {
-                    let sx = px[h][i1] + px[h][i2];
-                    qx_p[h] = txs[h] * p2 - sx;
-                    qx_m[h] = txs[h] * m2 - sx;
-                    q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
-                    q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
-                }
-                let sumqx = [qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]];
-                let sumq2 = [q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]];
-                for k in 0..4 {
-                    if sumq2[k] > 0.0 && sumqx[k] * sumqx[k] > best_score * sumq2[k] {
-                        scale = sumqx[k] / sumq2[k];
-                        best_score = scale * sumqx[k];
-                        (besti1, besti2, best_k) = (i1 as i32, i2 as i32, k as i32);
-                    }
-                }
-            }
-        }
+        let Partition { i1: besti1, i2: besti2, shift: mut best_k, mut scale } = S::partition_m(&px, &pw, max);
         if besti1 < 0 || besti2 < 0 || best_k < 0 {
             scales[ib] = 0.0;
             shifts[ib] = 0;
@@ -493,7 +577,7 @@ fn quantize_block_iq1_m(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             let xx = iq1m_levels(best_k, k, &x_p, &x_m);
             let r = 8 * k..8 * k + 8;
             let on;
-            (*gi, on) = snap(maps, &mut l[r.clone()], &xb[r.clone()], &weight[r], scale, xx);
+            (*gi, on) = snap::<S>(maps, &mut l[r.clone()], &xb[r.clone()], &weight[r], scale, xx);
             all_on_grid &= on;
         }
         if !all_on_grid {
@@ -562,9 +646,15 @@ fn quantize_block_iq1_m(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
 /// `qw`, when given, has one weight per element of the row; without it the weights are `x²`, as in ggml.
 #[inline(always)]
 pub fn quantize_row_iq1_m(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq1_m_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq1_m`] with the hot spots of `S`.
+#[inline(always)]
+pub fn quantize_row_iq1_m_with<S: Iq1Search>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ1M);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ1M_BYTES)).enumerate() {
-        quantize_block_iq1_m(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);
+        quantize_block_iq1_m::<S>(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);
     }
 }
 
