@@ -1,38 +1,42 @@
-//! The i-quant encoders (IQ1_S, IQ1_M) with their hot spots on AVX2: the same encoder as the scalar reference
-//! ([`sling_quantizers::iq1`], a port of ggml-quants.c), instantiated with [`Avx2Iq`] in place of its
-//! [`Reference`](sling_quantizers::iq1::Reference) searches. Every replacement returns exactly what the reference
-//! returns, for every input (tested against it below, in `tests/kquant_lanes.rs`'s hostile rows and, through the
-//! shipped path, against ggml itself in `quantizers/tests/bitexact_iq1.rs`):
+//! The i-quant encoders IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS and IQ2_S with their hot spots on AVX2: the very encoders
+//! of the scalar reference ([`sling_quantizers::iq1`], [`sling_quantizers::iq2`], ports of ggml-quants.c),
+//! instantiated with [`Avx2Iq`] in place of [`Reference`](sling_quantizers::iqsearch::Reference). Every replacement
+//! returns exactly what the reference returns, for every input (tested against it below and on hostile rows in
+//! `lib.rs`; the reference against ggml itself in `quantizers/tests/bitexact_iq*.rs`):
 //!
-//! - **the sort**: glibc's merge sort with a comparator on the value is a stable sort in which `-0.0 == 0.0`; for a
-//!   block without NaN (the only values on which comparisons are not a total preorder) sorting the keys
+//! - **the sort** (IQ1): glibc's merge sort with a comparator on the value is a stable sort in which `-0.0 == 0.0`;
+//!   for a block without NaN (the only values on which comparisons are not a total preorder) sorting the keys
 //!   `(value in integer order, index)` gives the same permutation. Blocks with a NaN use the reference's copy of
 //!   glibc's algorithm.
-//! - **the partition search** (`quantize_row_iq1_*_impl`'s double loop over `i1 <= i2`): eight `i2` per vector.
-//!   Each lane computes its candidate's sums with the reference's operations in its order (no FMA), so the values
-//!   are the reference's. Which candidate wins depends on the running best score, updated in loop order; a vector
-//!   first tests its lanes against the best score so far; the first lane that passes runs the scalar rule on those
-//!   same values (updating the best score), then the lanes after it are tested again against the best score as it
-//!   is now, and so on. A lane that fails the test against the current best score fails it in the scalar loop too
-//!   (the best score has not changed before it).
-//! - **the neighbour search** (`iq1_find_best_neighbour2`): the distance of a grid point is a sum of eight terms,
-//!   each one of three values per coordinate (`w·(scale·x_g - x)²` for the three levels); they are computed once
-//!   per search and looked up per neighbour, then added in the reference's order from `0.0`, so each candidate's
-//!   score, and the first strict minimum, are the reference's. When no candidate scores below `FLT_MAX` (non-finite
-//!   sums), the reference itself runs (its whole-grid scan).
+//! - **the partition search** (IQ1, `quantize_row_iq1_*_impl`'s double loop over `i1 <= i2`): eight `i2` per
+//!   vector. Each lane computes its candidate's sums with the reference's operations in its order (no FMA), so the
+//!   values are the reference's. Which candidate wins depends on the running best score, updated in loop order; a
+//!   vector first tests its lanes against the best score so far; the first lane that passes runs the scalar rule on
+//!   those same values (updating the best score), then the lanes after it are tested again against the best score
+//!   as it is now, and so on. A lane that fails the test against the current best score fails it in the scalar
+//!   loop too (the best score has not changed before it).
+//! - **the neighbour search** (`iq1_find_best_neighbour2`, `iq2_find_best_neighbour`): the distance of a grid
+//!   point is a sum of eight terms, each one of at most four values per coordinate (`w·(scale·q - x)²` for the
+//!   levels `q`); they are computed once per search, then eight neighbours per vector look theirs up
+//!   (`vpermps`) and add them from `0.0` in coordinate order, so each candidate's score is the reference's. Each
+//!   lane keeps its first strict minimum; the first least among the lanes is the reference's answer. When no
+//!   candidate scores below `FLT_MAX` (non-finite sums), and for IQ2 lists too short to gain, the reference runs.
+//!
+//! IQ3_XXS and IQ3_S stay on the AVX2 build of the scalar code: their neighbour lists are short (mostly 2 to 8
+//! points of 4 coordinates with 8 levels each) and the vector search measured slower there.
 
 use std::arch::x86_64::*;
 
 use sling_core::DType;
 use sling_quantizers::iq1::{
-    find_best_neighbour2, levels, sorted_pairs, Iq1Search, Pair, Partition, IQ1M_BLOCK_SIZE, IQ1M_DELTA,
-    IQ1S_BLOCK_SIZE, IQ1S_DELTA,
+    find_best_neighbour2, levels, sorted_pairs, Pair, IQ1M_BLOCK_SIZE, IQ1M_DELTA, IQ1S_BLOCK_SIZE, IQ1S_DELTA,
 };
 use sling_quantizers::iqgrid::Iq2Maps;
+use sling_quantizers::iqsearch::{IqSearch, Partition};
 
 /// Whether [`rows`] handles `dtype`.
 pub(crate) fn handles(dtype: DType) -> bool {
-    matches!(dtype, DType::IQ1S | DType::IQ1M)
+    matches!(dtype, DType::IQ1S | DType::IQ1M | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S)
 }
 
 /// `quantize_row_iq1_*` over every row of `x` into `y` (`row_bytes` per row), with the [`Avx2Iq`] searches.
@@ -52,16 +56,23 @@ pub(crate) unsafe fn rows(
         match dtype {
             DType::IQ1S => sling_quantizers::iq1::quantize_row_iq1_s_with::<Avx2Iq>(row, imatrix, dst),
             DType::IQ1M => sling_quantizers::iq1::quantize_row_iq1_m_with::<Avx2Iq>(row, imatrix, dst),
+            DType::IQ2XXS => sling_quantizers::iq2::quantize_row_iq2_xxs_with::<Avx2Iq>(row, imatrix, dst),
+            DType::IQ2XS => sling_quantizers::iq2::quantize_row_iq2_xs_with::<Avx2Iq>(row, imatrix, dst),
+            DType::IQ2S => sling_quantizers::iq2::quantize_row_iq2_s_with::<Avx2Iq>(row, imatrix, dst),
             _ => unreachable!("iq_lanes::rows called for {dtype}"),
         }
     }
 }
 
+/// IQ2 neighbour lists shorter than this run the reference's loop: below it, computing the terms of every level
+/// costs more than the vector saves (measured with the `iq_ab` timing below).
+const VECTOR_MIN_IQ2: usize = 8;
+
 /// The AVX2 searches. Only used by [`rows`] (and the tests), which run after the AVX2 check: that is the safety
 /// argument of the `unsafe` calls in the methods.
 pub(crate) struct Avx2Iq;
 
-impl Iq1Search for Avx2Iq {
+impl IqSearch for Avx2Iq {
     #[inline(always)]
     fn sort<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
         sort_by_keys(xb)
@@ -80,7 +91,7 @@ impl Iq1Search for Avx2Iq {
     }
 
     #[inline(always)]
-    fn neighbour(
+    fn neighbour_iq1(
         maps: &Iq2Maps,
         nb: &[u16],
         xval: &[f32],
@@ -89,7 +100,36 @@ impl Iq1Search for Avx2Iq {
         xg: &[f32; 3],
         l_out: &mut [i8],
     ) -> usize {
-        neighbour_by_table(maps, nb, xval, weight, scale, xg, l_out)
+        let t = terms::<8, 4>(xval, weight, scale, |l| xg[l.min(2)]);
+        // SAFETY: `Avx2Iq` runs only where AVX2 is present (type doc); `nb` is a list of `maps`' neighbour lists,
+        // whose indices are grid points.
+        match unsafe { argmin_u64(&maps.grid, &nb[1..=nb[0] as usize], &t) } {
+            Some(k) => {
+                set_levels_u64(maps.grid[k], l_out);
+                k
+            }
+            None => find_best_neighbour2(maps, nb, xval, weight, scale, xg, l_out),
+        }
+    }
+
+    #[inline(always)]
+    fn neighbour_iq2(maps: &Iq2Maps, u: usize, xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
+        let found = match maps.map.get(u) {
+            Some(&m) if m < 0 && maps.neighbours[(-m - 1) as usize] as usize >= VECTOR_MIN_IQ2 => {
+                // q = pg[i], the grid byte 2*level + 1.
+                let t = terms::<8, 4>(xval, weight, scale, |l| (2 * l + 1) as f32);
+                // SAFETY: as in `neighbour_iq1`.
+                unsafe { argmin_u64(&maps.grid, maps.neighbours_of(u), &t) }
+            }
+            _ => None,
+        };
+        match found {
+            Some(k) => {
+                set_levels_u64(maps.grid[k], l);
+                k
+            }
+            None => sling_quantizers::iq2::find_best_neighbour(maps, u, xval, weight, scale, l),
+        }
     }
 }
 
@@ -115,48 +155,124 @@ fn sort_by_keys<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
     pairs
 }
 
-/// `iq1_find_best_neighbour2` with the per-coordinate terms looked up (module doc).
+/// The distance terms of a neighbour search, `t[L*i + level] = weight[i] * diff * diff` with `diff = scale *
+/// q(level) - xval[i]`: the reference's per-coordinate expression, once per level (`C` coordinates, `L` levels).
 #[inline(always)]
-fn neighbour_by_table(
-    maps: &Iq2Maps,
-    nb: &[u16],
+fn terms<const C: usize, const L: usize>(
     xval: &[f32],
     weight: &[f32],
     scale: f32,
-    xg: &[f32; 3],
-    l_out: &mut [i8],
-) -> usize {
-    // t[4i + level]: the reference's `w * diff * diff` with `diff = scale * xg[level] - xval[i]`.
+    q: impl Fn(usize) -> f32,
+) -> [f32; 32] {
     let mut t = [0.0f32; 32];
-    for i in 0..8 {
-        for (lv, &q) in xg.iter().enumerate() {
-            let diff = scale * q - xval[i];
-            t[4 * i + lv] = weight[i] * diff * diff;
+    for i in 0..C {
+        for lv in 0..L {
+            let diff = scale * q(lv) - xval[i];
+            t[L * i + lv] = weight[i] * diff * diff;
         }
     }
-    let num_neighbors = nb[0] as usize;
-    let mut best_score = f32::MAX;
-    let mut grid_index = None;
-    for &k in &nb[1..=num_neighbors] {
-        let g = maps.grid[k as usize];
-        let mut d2 = 0.0f32;
+    t
+}
+
+/// `L[i] = (pg[i] - 1) / 2` for the 8 bytes `2*level + 1` of an IQ2/IQ1 grid point.
+#[inline(always)]
+fn set_levels_u64(g: u64, l: &mut [i8]) {
+    for (i, v) in l.iter_mut().enumerate().take(8) {
+        *v = ((g >> (8 * i + 1)) & 0x7f) as i8;
+    }
+}
+
+/// Lane indices 0..7.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lane_ids() -> __m256i {
+    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+}
+
+/// Up to eight neighbour indices of `nb[p..]` as i32 lanes, and the number of them.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn neighbour_lanes(nb: &[u16], p: usize) -> (__m256i, usize) {
+    let m = (nb.len() - p).min(8);
+    let mut idx = [0u16; 8];
+    idx[..m].copy_from_slice(&nb[p..p + m]);
+    // SAFETY: `idx` is 16 bytes.
+    let v = unsafe { _mm_loadu_si128(idx.as_ptr().cast()) };
+    (_mm256_cvtepu16_epi32(v), m)
+}
+
+/// Keeps, per lane, the first strictly smaller distance and its position (`d2 < best`, false on NaN, as the
+/// reference's `if (d2 < best_d2)`); lanes `m..8` hold no neighbour.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn keep_least(d2: __m256, p: usize, m: usize, best: &mut __m256, pos: &mut __m256i) {
+    let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), lane_ids()));
+    let lt = _mm256_and_ps(valid, _mm256_cmp_ps::<_CMP_LT_OQ>(d2, *best));
+    *best = _mm256_blendv_ps(*best, d2, lt);
+    *pos = _mm256_blendv_epi8(*pos, _mm256_add_epi32(_mm256_set1_epi32(p as i32), lane_ids()), _mm256_castps_si256(lt));
+}
+
+/// The reference's answer from the lanes' own: lane `j` saw positions `j, j+8, ...` in order and kept its first
+/// least distance below `f32::MAX`; the first least of those (smallest position among equal distances) is the first
+/// least of the whole list.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn first_least(best: __m256, pos: __m256i, nb: &[u16]) -> Option<usize> {
+    let b = lanes(best);
+    // SAFETY: __m256i and [i32; 8] have the same size and every bit pattern is valid for both.
+    let p: [i32; 8] = unsafe { std::mem::transmute::<__m256i, [i32; 8]>(pos) };
+    let mut r: Option<(f32, i32)> = None;
+    for j in 0..8 {
+        if p[j] < 0 {
+            continue;
+        }
+        r = match r {
+            Some((v, q)) if !(b[j] < v || (b[j] == v && p[j] < q)) => Some((v, q)),
+            _ => Some((b[j], p[j])),
+        };
+    }
+    r.map(|(_, q)| nb[q as usize] as usize)
+}
+
+/// The grid index of the first neighbour in `nb` of least `Σ_i t[4i + level_i]` (added from `0.0` in coordinate
+/// order) below `f32::MAX`, eight neighbours per vector: 8 coordinates, grid points as `u64` of bytes `2*level + 1`
+/// (IQ1: levels 0..2, IQ2: 0..3).
+///
+/// # Safety
+/// AVX2; every index in `nb` must be below `grid.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn argmin_u64(grid: &[u64], nb: &[u16], t: &[f32; 32]) -> Option<usize> {
+    // tv[c]: the terms of coordinates 2c and 2c+1, four levels each.
+    let tv: [__m256; 4] = std::array::from_fn(|c| {
+        // SAFETY: t has 32 values, 8c + 8 <= 32.
+        unsafe { _mm256_loadu_ps(t.as_ptr().add(8 * c)) }
+    });
+    let base = grid.as_ptr().cast::<i32>();
+    let (mut best, mut pos) = (_mm256_set1_ps(f32::MAX), _mm256_set1_epi32(-1));
+    let mut p = 0;
+    while p < nb.len() {
+        let (k, m) = neighbour_lanes(nb, p);
+        let k2 = _mm256_slli_epi32::<1>(k);
+        // SAFETY: every index is a grid point (caller), so words 2k and 2k + 1 are inside `grid`; lanes past `m`
+        // gather grid point 0.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_i32gather_epi32::<4>(base, k2),
+                _mm256_i32gather_epi32::<4>(base, _mm256_add_epi32(k2, _mm256_set1_epi32(1))),
+            )
+        };
+        let mut d2 = _mm256_setzero_ps();
         for i in 0..8 {
-            // Byte i is 2*level + 1 (1, 3 or 5): the level is the byte shifted right once.
-            d2 += t[4 * i + ((g >> (8 * i + 1)) & 3) as usize];
+            let w = if i < 4 { lo } else { hi };
+            let level =
+                _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_set1_epi32(8 * (i as i32 % 4) + 1)), _mm256_set1_epi32(3));
+            let at = _mm256_add_epi32(level, _mm256_set1_epi32(4 * (i as i32 % 2)));
+            d2 = _mm256_add_ps(d2, _mm256_permutevar8x32_ps(tv[i / 2], at));
         }
-        if d2 < best_score {
-            best_score = d2;
-            grid_index = Some(k as usize);
-        }
+        keep_least(d2, p, m, &mut best, &mut pos);
+        p += 8;
     }
-    let Some(k) = grid_index else {
-        return find_best_neighbour2(maps, nb, xval, weight, scale, xg, l_out);
-    };
-    let g = maps.grid[k];
-    for (i, l) in l_out.iter_mut().enumerate().take(8) {
-        *l = ((g >> (8 * i + 1)) & 3) as i8;
-    }
-    k
+    first_least(best, pos, nb)
 }
 
 /// The lanes of a vector as an array.
@@ -347,7 +463,8 @@ fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use sling_quantizers::iq1::{partition_m, partition_s, Reference};
+    use sling_quantizers::iq1::{partition_m, partition_s};
+    use sling_quantizers::iqsearch::Reference;
 
     fn avx2() -> bool {
         let ok = std::is_x86_feature_detected!("avx2");
@@ -417,18 +534,81 @@ mod tests {
         ) {
             if !avx2() { return Ok(()); }
             let qw = weighted.then_some(&w[..]);
-            for dtype in [DType::IQ1S, DType::IQ1M] {
+            use sling_quantizers::{iq1, iq2};
+            for dtype in [DType::IQ1S, DType::IQ1M, DType::IQ2XXS, DType::IQ2XS, DType::IQ2S] {
                 let row_bytes = 2 * dtype.block_bytes();
                 let mut got = vec![0u8; row_bytes];
                 // SAFETY: AVX2 checked above.
                 unsafe { rows(dtype, &x, 512, qw, &mut got, row_bytes) };
                 let mut want = vec![0u8; row_bytes];
-                match dtype {
-                    DType::IQ1S => sling_quantizers::iq1::quantize_row_iq1_s_with::<Reference>(&x, qw, &mut want),
-                    _ => sling_quantizers::iq1::quantize_row_iq1_m_with::<Reference>(&x, qw, &mut want),
-                }
+                let reference = match dtype {
+                    DType::IQ1S => iq1::quantize_row_iq1_s_with::<Reference>,
+                    DType::IQ1M => iq1::quantize_row_iq1_m_with::<Reference>,
+                    DType::IQ2XXS => iq2::quantize_row_iq2_xxs_with::<Reference>,
+                    DType::IQ2XS => iq2::quantize_row_iq2_xs_with::<Reference>,
+                    _ => iq2::quantize_row_iq2_s_with::<Reference>,
+                };
+                reference(&x, qw, &mut want);
                 prop_assert_eq!(got, want, "{}", dtype);
             }
+        }
+    }
+}
+
+/// A/B timing of the lane path against the AVX2 build of the scalar encoders, interleaved in one process so that
+/// other load on the machine hits both alike: `cargo test --release -p sling-kernels iq_ab -- --ignored --nocapture`.
+#[cfg(test)]
+mod ab {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, not a test"]
+    fn iq_ab() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let n = 4096;
+        let nrows = 16;
+        let mut s = 1u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        // As scripts/bench/quantize.py: N(0, 0.02²) values, importance weights 0.05 + N(0, 1)².
+        let mut normal = || {
+            let (u, v) = (rnd() + 0.5, rnd() + 0.5);
+            (-2.0 * u.max(1e-7).ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        };
+        let x: Vec<f32> = (0..n * nrows).map(|_| 0.02 * normal()).collect();
+        let w: Vec<f32> = (0..n).map(|_| 0.05 + normal().powi(2)).collect();
+        let only = std::env::var("IQ_AB").ok();
+        for dtype in [DType::IQ1S, DType::IQ1M, DType::IQ2XXS, DType::IQ2XS, DType::IQ2S] {
+            if only.as_deref().is_some_and(|o| o != dtype.name()) {
+                continue;
+            }
+            let row_bytes = n / 256 * dtype.block_bytes();
+            let mut a = vec![0u8; nrows * row_bytes];
+            let mut b = vec![0u8; nrows * row_bytes];
+            let (mut ta, mut tb) = (f64::MAX, f64::MAX);
+            for _ in 0..12 {
+                let t = std::time::Instant::now();
+                // SAFETY: AVX2 checked above.
+                unsafe { rows(dtype, &x, n, Some(&w), &mut a, row_bytes) };
+                ta = ta.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                // SAFETY: AVX2 checked above.
+                unsafe { crate::rows_avx2(dtype, &x, n, Some(&w), &mut b, row_bytes) };
+                tb = tb.min(t.elapsed().as_secs_f64());
+            }
+            assert_eq!(a, b);
+            let mb = (x.len() * 4) as f64 / 1e6;
+            println!(
+                "{:8} lanes {:6.1} MB/s  scalar-avx2 {:6.1} MB/s  {:.2}x",
+                dtype.name(),
+                mb / ta,
+                mb / tb,
+                tb / ta
+            );
         }
     }
 }

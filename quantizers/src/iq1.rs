@@ -46,6 +46,7 @@
 
 use crate::common::{ggml_fp32_to_fp16, read_f16};
 use crate::iqgrid::{iq2_maps, Iq2Maps};
+use crate::iqsearch::{IqSearch, Partition, Reference};
 use crate::search::nearest_int;
 use sling_core::DType;
 
@@ -220,7 +221,7 @@ fn block_amax(xb: &[f32]) -> f32 {
 /// `kmap_q2xs[u]` for the packed levels of 8 elements, or the neighbour search when `u` is off the grid; writes
 /// the snapped levels back into `l8` then. Returns (grid index, on the grid).
 #[inline(always)]
-fn snap<S: Iq1Search>(
+fn snap<S: IqSearch>(
     maps: &Iq2Maps,
     l8: &mut [i8],
     xval: &[f32],
@@ -238,59 +239,8 @@ fn snap<S: Iq1Search>(
     }
     // neighbours = kneighbors_q2xs - kmap_q2xs[u] - 1
     let nb = &maps.neighbours[(-m - 1) as usize..];
-    (S::neighbour(maps, nb, xval, weight, scale, xx, l8), false)
+    (S::neighbour_iq1(maps, nb, xval, weight, scale, xx, l8), false)
 }
-
-/// The result of the partition search over the sorted block: `besti1`, `besti2`, the shift (IQ1_S: `1` for
-/// `x_p`, `-1` for `x_m`, `0` when nothing scored; IQ1_M: the sign combination `best_k` 0..3, `-1` when nothing
-/// scored) and the scale (`max` when nothing scored).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Partition {
-    pub i1: i32,
-    pub i2: i32,
-    pub shift: i32,
-    pub scale: f32,
-}
-
-/// The three hot spots of the IQ1 encoders, pluggable so that `sling-kernels` can run faster versions of them
-/// inside the same encoder (the provided methods are the scalar reference; an implementation must return exactly
-/// what they return, for every input).
-pub trait Iq1Search {
-    /// The `(value, index)` pairs of a block sorted as glibc's `qsort` sorts them ([`sorted_pairs`]).
-    #[inline(always)]
-    fn sort<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
-        sorted_pairs(xb)
-    }
-    /// IQ1_S's search over the partitions `i1 <= i2` of the sorted block into levels 0/1/2, both delta signs;
-    /// `sumx`, `sumw`: prefix sums of `w·x` and `w` in sorted order.
-    #[inline(always)]
-    fn partition_s(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
-        partition_s(sumx, sumw, max)
-    }
-    /// IQ1_M's search: as [`Iq1Search::partition_s`] with the four delta sign combinations of the two halves;
-    /// `px[h]`, `pw[h]`: prefix sums (sorted order) of the values of half `h` only.
-    #[inline(always)]
-    fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
-        partition_m(px, pw, max)
-    }
-    /// `iq1_find_best_neighbour2` ([`find_best_neighbour2`]).
-    #[inline(always)]
-    fn neighbour(
-        maps: &Iq2Maps,
-        nb: &[u16],
-        xval: &[f32],
-        weight: &[f32],
-        scale: f32,
-        xg: &[f32; 3],
-        l_out: &mut [i8],
-    ) -> usize {
-        find_best_neighbour2(maps, nb, xval, weight, scale, xg, l_out)
-    }
-}
-
-/// The scalar reference: the C code's loops as they are.
-pub struct Reference;
-impl Iq1Search for Reference {}
 
 /// The partition search of `quantize_row_iq1_s_impl`, as in C.
 #[inline(always)]
@@ -364,7 +314,7 @@ pub fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_
 
 /// `quantize_row_iq1_s_impl` for one super-block `xbl` (256 values) into `y` (50 bytes).
 #[inline(always)]
-fn quantize_block_iq1_s<S: Iq1Search>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq1_s<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     const BS: usize = IQ1S_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1S_DELTA);
     y.fill(0);
@@ -483,7 +433,7 @@ pub fn quantize_row_iq1_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 
 /// [`quantize_row_iq1_s`] with the hot spots of `S`.
 #[inline(always)]
-pub fn quantize_row_iq1_s_with<S: Iq1Search>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+pub fn quantize_row_iq1_s_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ1S);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ1S_BYTES)).enumerate() {
         quantize_block_iq1_s::<S>(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);
@@ -516,7 +466,7 @@ fn iq1m_levels<'a>(shift: i32, k: usize, x_p: &'a [f32; 3], x_m: &'a [f32; 3]) -
 
 /// `quantize_row_iq1_m_impl` for one super-block `xbl` (256 values) into `y` (56 bytes).
 #[inline(always)]
-fn quantize_block_iq1_m<S: Iq1Search>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq1_m<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     const BS: usize = IQ1M_BLOCK_SIZE;
     const MASKS: [u8; 4] = [0x00, 0x80, 0x08, 0x88];
     let (x_p, x_m) = levels(IQ1M_DELTA);
@@ -651,7 +601,7 @@ pub fn quantize_row_iq1_m(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 
 /// [`quantize_row_iq1_m`] with the hot spots of `S`.
 #[inline(always)]
-pub fn quantize_row_iq1_m_with<S: Iq1Search>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+pub fn quantize_row_iq1_m_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ1M);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ1M_BYTES)).enumerate() {
         quantize_block_iq1_m::<S>(maps, xbl, qw.map(|w| &w[ibl * QK_K..(ibl + 1) * QK_K]), yb);

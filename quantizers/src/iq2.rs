@@ -32,6 +32,7 @@ use sling_core::DType;
 use crate::common::{fp16_to_fp32, ggml_fp32_to_fp16};
 use crate::iq_tables::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS};
 use crate::iqgrid::{iq2_maps, Iq2Maps};
+use crate::iqsearch::{IqSearch, Reference};
 use crate::search::{make_qp_quants, nearest_int, GROUP_MAX_EPS};
 
 const QK_K: usize = 256;
@@ -95,7 +96,7 @@ fn map_at(maps: &Iq2Maps, u: usize) -> i32 {
 /// `iq2_find_best_neighbour(neighbours, grid, xval, weight, scale, L)`: the neighbour of the off-grid point `u`
 /// with the least weighted squared error (first wins ties), written to `l` as levels; returns its grid index.
 #[inline(always)]
-fn find_best_neighbour(maps: &Iq2Maps, u: usize, xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
+pub fn find_best_neighbour(maps: &Iq2Maps, u: usize, xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
     let neighbours = match maps.map.get(u) {
         Some(&m) if m < 0 => maps.neighbours_of(u),
         _ => &[0u16][..],
@@ -222,14 +223,20 @@ fn imatrix_weights(xb: &[f32], qw: Option<&[f32]>, sigma2: f32, weight: &mut [f3
 /// `quantize_row_iq2_xxs_impl` (ggml-quants.c) for one row of whole 256-blocks. `qw`: see the module doc.
 #[inline(always)]
 pub fn quantize_row_iq2_xxs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq2_xxs_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq2_xxs`] with the hot spots of `S`.
+#[inline(always)]
+pub fn quantize_row_iq2_xxs_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ2XXS);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ2_XXS_BYTES)).enumerate() {
-        quantize_block_iq2_xxs(maps, xbl, block_qw(qw, ibl), yb);
+        quantize_block_iq2_xxs::<S>(maps, xbl, block_qw(qw, ibl), yb);
     }
 }
 
 #[inline(always)]
-fn quantize_block_iq2_xxs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq2_xxs<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let mut scales = [0.0f32; QK_K / 32];
     let mut weight = [0.0f32; 32];
     let mut xval = [0.0f32; 32];
@@ -283,7 +290,7 @@ fn quantize_block_iq2_xxs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &m
                 }
                 let u = pack_u(&laux[r.clone()]);
                 if map_at(maps, u) < 0 {
-                    find_best_neighbour(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
+                    S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
                 }
             }
             let (sumqx, sumq2) = sums(&weight, &xval, &laux);
@@ -305,8 +312,7 @@ fn quantize_block_iq2_xxs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &m
                 let mut grid_index = map_at(maps, u);
                 if grid_index < 0 {
                     grid_index =
-                        find_best_neighbour(maps, u, &xval[r.clone()], &waux[r.clone()], scale, &mut l[r.clone()])
-                            as i32;
+                        S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], scale, &mut l[r.clone()]) as i32;
                 }
                 set_levels(maps, grid_index as usize, &mut l[r]);
             }
@@ -373,7 +379,7 @@ pub fn dequantize_row_iq2_xxs(y: &[u8], x: &mut [f32]) {
 /// 16, from `float best = 0` to the refit after re-snapping the off-grid halves. `l` comes in zeroed and leaves with
 /// the levels; returns the scale.
 #[inline(always)]
-fn search_16(
+fn search_16<S: IqSearch>(
     maps: &Iq2Maps,
     max: f32,
     weight: &[f32; 16],
@@ -398,7 +404,7 @@ fn search_16(
             *on_grid = true;
             if map_at(maps, u) < 0 {
                 *on_grid = false;
-                find_best_neighbour(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
+                S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
             }
         }
         let (sumqx, sumq2) = sums(weight, xval, &laux);
@@ -425,7 +431,7 @@ fn search_16(
             }
             let u = u as usize;
             if map_at(maps, u) < 0 {
-                find_best_neighbour(maps, u, &xval[r.clone()], &waux[r.clone()], scale, &mut l[r]);
+                S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], scale, &mut l[r]);
             }
         }
         let (sumqx, sumq2) = sums(weight, xval, l);
@@ -463,14 +469,20 @@ fn pack_scales(scales: &[f32; QK_K / 16], d: f32, out: &mut [u8]) {
 /// `quantize_row_iq2_xs_impl` (ggml-quants.c) for one row of whole 256-blocks. `qw`: see the module doc.
 #[inline(always)]
 pub fn quantize_row_iq2_xs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq2_xs_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq2_xs`] with the hot spots of `S`.
+#[inline(always)]
+pub fn quantize_row_iq2_xs_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ2XS);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ2_XS_BYTES)).enumerate() {
-        quantize_block_iq2_xs(maps, xbl, block_qw(qw, ibl), yb);
+        quantize_block_iq2_xs::<S>(maps, xbl, block_qw(qw, ibl), yb);
     }
 }
 
 #[inline(always)]
-fn quantize_block_iq2_xs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq2_xs<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let mut scales = [0.0f32; QK_K / 16];
     let mut weight = [0.0f32; 16];
     let mut xval = [0.0f32; 16];
@@ -497,7 +509,7 @@ fn quantize_block_iq2_xs(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mu
             scales[ib] = 0.0;
             continue;
         }
-        let mut scale = search_16(maps, max, &weight, &waux, &xval, &mut l);
+        let mut scale = search_16::<S>(maps, max, &weight, &waux, &xval, &mut l);
         if scale < 0.0 {
             scale = -scale;
             for s in &mut block_signs {
@@ -549,14 +561,20 @@ pub fn dequantize_row_iq2_xs(y: &[u8], x: &mut [f32]) {
 /// `0.25*sigma2 + x²`, as in ggml.
 #[inline(always)]
 pub fn quantize_row_iq2_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq2_s_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq2_s`] with the hot spots of `S`.
+#[inline(always)]
+pub fn quantize_row_iq2_s_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let maps = iq2_maps(DType::IQ2S);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ2_S_BYTES)).enumerate() {
-        quantize_block_iq2_s(maps, xbl, qw.map(|_| block_qw(qw, ibl).unwrap_or(&[])), yb);
+        quantize_block_iq2_s::<S>(maps, xbl, qw.map(|_| block_qw(qw, ibl).unwrap_or(&[])), yb);
     }
 }
 
 #[inline(always)]
-fn quantize_block_iq2_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+fn quantize_block_iq2_s<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let mut scales = [0.0f32; QK_K / 16];
     let mut weight = [0.0f32; 16];
     let mut xval = [0.0f32; 16];
@@ -598,7 +616,7 @@ fn quantize_block_iq2_s(maps: &Iq2Maps, xbl: &[f32], qw: Option<&[f32]>, y: &mut
             scales[ib] = 0.0;
             continue;
         }
-        let mut scale = search_16(maps, max, &weight, &waux, &xval, &mut l);
+        let mut scale = search_16::<S>(maps, max, &weight, &waux, &xval, &mut l);
         if scale < 0.0 {
             scale = -scale;
             for s in &mut block_signs {

@@ -18,6 +18,7 @@ pub mod iq3;
 pub mod iq4;
 pub mod iq_tables;
 pub mod iqgrid;
+pub mod iqsearch;
 pub mod kquants;
 pub mod legacy;
 pub mod mlx;
