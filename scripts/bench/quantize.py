@@ -160,25 +160,38 @@ def run_e2e(a, result: dict, quiet: Quiet, sling: Path):
         if not a.skip_ref:
             run("reference", "BF16", 1, [a.python, HERE / "convert_ref.py", mdir, "--outtype", "bf16", "--outfile",
                                          bf16], bf16, shards, step="convert", keep=True)
+        imatrix = None
+        if not a.skip_ref and any(p in a.imatrix_presets.split(",") for p in presets):
+            # An importance matrix for the presets that need one (llama-quantize refuses the IQ1/IQ2 presets
+            # without): llama-imatrix on the reference BF16 file, untimed, handed to both tools alike.
+            imatrix = outdir / "imatrix.gguf"
+            print(f"== llama-imatrix for {tag} (untimed)", flush=True)
+            subprocess.run([lab.LLAMA_BIN / "llama-imatrix", "-m", bf16, "-f", lab.CALIB, "-o", imatrix, "-c", "64",
+                            "--chunks", "4", "-t", str(nproc)], check=True, capture_output=True)
         for preset in presets:
             out = outdir / f"sling-{preset}.gguf"
-            run("sling", preset, f"default({nproc})", sl + ["--to", f"gguf:{preset}", "-o", out], out, shards,
+            im = ["--imatrix", imatrix] if imatrix and preset in a.imatrix_presets.split(",") else []
+            e2e.setdefault("imatrix_presets", [])
+            if im:
+                e2e["imatrix_presets"].append(preset)
+            sl_im = sl + im
+            run("sling", preset, f"default({nproc})", sl_im + ["--to", f"gguf:{preset}", "-o", out], out, shards,
                 keep=True)
             kept["sling"] = out
             if not a.skip_ref:
                 ref = outdir / f"ref-{preset}.gguf"
-                run("reference", preset, nproc, [llama_quantize, bf16, ref, preset, nproc], ref, [bf16],
+                run("reference", preset, nproc, [llama_quantize, *im, bf16, ref, preset, nproc], ref, [bf16],
                     step="quantize", keep=True)
             if is_detail:
                 t = outdir / "sling-t.gguf"
                 run("sling --no-manifest", preset, f"default({nproc})",
-                    sl + ["--no-manifest", "--to", f"gguf:{preset}", "-o", t], t, shards)
-                run("sling", preset, 1, sl + ["-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
+                    sl_im + ["--no-manifest", "--to", f"gguf:{preset}", "-o", t], t, shards)
+                run("sling", preset, 1, sl_im + ["-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
                 run("sling --no-manifest", preset, 1,
-                    sl + ["--no-manifest", "-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
+                    sl_im + ["--no-manifest", "-t", "1", "--to", f"gguf:{preset}", "-o", t], t, shards)
                 if not a.skip_ref and nproc != 1:
                     t = outdir / "ref-t.gguf"
-                    run("reference", preset, 1, [llama_quantize, bf16, t, preset, 1], t, [bf16], step="quantize")
+                    run("reference", preset, 1, [llama_quantize, *im, bf16, t, preset, 1], t, [bf16], step="quantize")
             if not a.skip_ref:
                 print(f"== comparing sling-{preset} with llama-quantize's ({tag})", flush=True)
                 t0 = time.perf_counter()
@@ -200,6 +213,8 @@ def run_e2e(a, result: dict, quiet: Quiet, sling: Path):
             rm(out)
             rm(out.with_suffix(".sling.json"))
         rm(bf16)
+        if imatrix:
+            rm(imatrix)
         if not a.keep_models:
             rm(mdir)
 
@@ -402,6 +417,8 @@ def render_md(result) -> str:
               if prev else []),
             f"Threads: sling `default(N)` runs N = {e2e['nproc']} threads; the reference's llama-quantize gets the "
             "same N (convert_hf_to_gguf.py has no thread option). Reference wall = convert + llama-quantize.",
+            *([f"With an importance matrix (llama-imatrix on the reference BF16 file, untimed, given to both): "
+               f"{', '.join(e2e['imatrix_presets'])}."] if e2e.get("imatrix_presets") else []),
             "",
             "| model | preset | tool | threads | wall s | GB/s source | speed-up vs reference (equal threads) | "
             "CPU s | cores used | CPU-time ratio reference / sling | peak RSS MiB | anon / file MiB | "
@@ -461,6 +478,9 @@ def main():
     ap.add_argument("--detail-sizes", default=None,
                     help="sizes that also get -t 1 (sling and llama-quantize) and --no-manifest (default: the smallest)")
     ap.add_argument("--presets", default="Q4_K_M,Q8_0,IQ4_XS")
+    ap.add_argument("--imatrix-presets", default="IQ1_S,IQ1_M,IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,IQ3_XXS,IQ3_XS",
+                    help="end to end: presets run with an importance matrix (llama-imatrix on the reference BF16 "
+                         "file, 4 chunks of 64 tokens, untimed), given to sling and llama-quantize alike")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each sling configuration (median)")
     ap.add_argument("--ref-repeat", type=int, default=1, help="runs of each reference step")
     ap.add_argument("--noisy", type=float, default=0.3,
