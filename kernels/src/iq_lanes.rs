@@ -26,6 +26,7 @@
 //! points of 4 coordinates with 8 levels each) and the vector search measured slower there.
 
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
 use sling_core::DType;
 use sling_quantizers::iq1::{
@@ -103,7 +104,7 @@ impl IqSearch for Avx2Iq {
         let t = terms::<8, 4>(xval, weight, scale, |l| xg[l.min(2)]);
         // SAFETY: `Avx2Iq` runs only where AVX2 is present (type doc); `nb` is a list of `maps`' neighbour lists,
         // whose indices are grid points.
-        match unsafe { argmin_u64(&maps.grid, &nb[1..=nb[0] as usize], &t) } {
+        match unsafe { argmin_u64(packed_levels(maps), &nb[1..=nb[0] as usize], &t) } {
             Some(k) => {
                 set_levels_u64(maps.grid[k], l_out);
                 k
@@ -119,7 +120,7 @@ impl IqSearch for Avx2Iq {
                 // q = pg[i], the grid byte 2*level + 1.
                 let t = terms::<8, 4>(xval, weight, scale, |l| (2 * l + 1) as f32);
                 // SAFETY: as in `neighbour_iq1`.
-                unsafe { argmin_u64(&maps.grid, maps.neighbours_of(u), &t) }
+                unsafe { argmin_u64(packed_levels(maps), maps.neighbours_of(u), &t) }
             }
             _ => None,
         };
@@ -234,39 +235,48 @@ fn first_least(best: __m256, pos: __m256i, nb: &[u16]) -> Option<usize> {
     r.map(|(_, q)| nb[q as usize] as usize)
 }
 
+/// Per grid point of an IQ2/IQ1 grid, the table positions of its 8 coordinates in 4-bit fields: field `i` is
+/// `level_i + 4*(i % 2)`, where coordinate `i`'s term sits in the vector of coordinates `2*(i/2)` and `2*(i/2)+1`
+/// (see [`argmin_u64`]). Built once per grid (the grids differ in size: 256, 512, 1024, 2048 points).
+fn packed_levels(maps: &Iq2Maps) -> &'static [u32] {
+    static PACKED: [OnceLock<Vec<u32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match maps.grid.len() {
+        256 => 0,
+        512 => 1,
+        1024 => 2,
+        _ => 3,
+    };
+    PACKED[slot].get_or_init(|| {
+        let pack =
+            |g: u64| (0..8).fold(0u32, |a, i| a | ((((g >> (8 * i + 1)) & 3) as u32 + 4 * (i as u32 % 2)) << (4 * i)));
+        maps.grid.iter().map(|&g| pack(g)).collect()
+    })
+}
+
 /// The grid index of the first neighbour in `nb` of least `Σ_i t[4i + level_i]` (added from `0.0` in coordinate
-/// order) below `f32::MAX`, eight neighbours per vector: 8 coordinates, grid points as `u64` of bytes `2*level + 1`
-/// (IQ1: levels 0..2, IQ2: 0..3).
+/// order) below `f32::MAX`, eight neighbours per vector: 8 coordinates with up to four levels each (IQ1: levels
+/// 0..2, IQ2: 0..3); `packed` from [`packed_levels`] of the grid.
 ///
 /// # Safety
-/// AVX2; every index in `nb` must be below `grid.len()`.
+/// AVX2; every index in `nb` must be below `packed.len()`.
 #[target_feature(enable = "avx2")]
-unsafe fn argmin_u64(grid: &[u64], nb: &[u16], t: &[f32; 32]) -> Option<usize> {
+unsafe fn argmin_u64(packed: &[u32], nb: &[u16], t: &[f32; 32]) -> Option<usize> {
     // tv[c]: the terms of coordinates 2c and 2c+1, four levels each.
     let tv: [__m256; 4] = std::array::from_fn(|c| {
         // SAFETY: t has 32 values, 8c + 8 <= 32.
         unsafe { _mm256_loadu_ps(t.as_ptr().add(8 * c)) }
     });
-    let base = grid.as_ptr().cast::<i32>();
+    let base = packed.as_ptr().cast::<i32>();
     let (mut best, mut pos) = (_mm256_set1_ps(f32::MAX), _mm256_set1_epi32(-1));
     let mut p = 0;
     while p < nb.len() {
         let (k, m) = neighbour_lanes(nb, p);
-        let k2 = _mm256_slli_epi32::<1>(k);
-        // SAFETY: every index is a grid point (caller), so words 2k and 2k + 1 are inside `grid`; lanes past `m`
-        // gather grid point 0.
-        let (lo, hi) = unsafe {
-            (
-                _mm256_i32gather_epi32::<4>(base, k2),
-                _mm256_i32gather_epi32::<4>(base, _mm256_add_epi32(k2, _mm256_set1_epi32(1))),
-            )
-        };
+        // SAFETY: every index is a grid point (caller); lanes past `m` gather grid point 0.
+        let w = unsafe { _mm256_i32gather_epi32::<4>(base, k) };
         let mut d2 = _mm256_setzero_ps();
         for i in 0..8 {
-            let w = if i < 4 { lo } else { hi };
-            let level =
-                _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_set1_epi32(8 * (i as i32 % 4) + 1)), _mm256_set1_epi32(3));
-            let at = _mm256_add_epi32(level, _mm256_set1_epi32(4 * (i as i32 % 2)));
+            // vpermps reads the low three bits of each index: field i, no mask needed.
+            let at = _mm256_srlv_epi32(w, _mm256_set1_epi32(4 * i as i32));
             d2 = _mm256_add_ps(d2, _mm256_permutevar8x32_ps(tv[i / 2], at));
         }
         keep_least(d2, p, m, &mut best, &mut pos);
