@@ -1,0 +1,547 @@
+//! The `general.*` naming and sampling keys, derived exactly as the reference converter derives them, so that the
+//! whole output file (not only its tensors) equals `convert_hf_to_gguf.py`'s.
+//!
+//! Ported from the pinned llama.cpp's gguf-py:
+//! - `gguf/metadata.py`: `Metadata.load` (generation_config.json sampling keys), `Metadata.id_to_title`,
+//!   `Metadata.get_model_id_components`, `Metadata.apply_metadata_heuristic` (the `_name_or_path` and directory-name
+//!   fallbacks) and `Metadata.set_gguf_meta_model` (the order the keys are written in);
+//! - `gguf/utility.py`: `model_weight_count_rounded_notation`, `size_label`;
+//! - `gguf/gguf_writer.py`: `GGUFWriter.get_total_parameter_count`;
+//! - `conversion/base.py`: `ModelBase.prepare_metadata` (name fallback to the directory name, size label from the
+//!   parameter counts).
+//!
+//! Not ported: the model card (`README.md` YAML front matter: name, license, tags, languages, base models, datasets,
+//! ...), `--metadata` override files and `--model-name`. sling has no YAML reader; a model card with front matter is
+//! reported by [`model_card_front_matter`] so that the difference is never silent (see `docs/interop.md`).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use regex::Regex;
+use serde_json::Value;
+use sling_formats::gguf::GgufValue;
+
+/// Python's `pathlib.Path(p).name` for the path the user gave (`"."` and `"/"` give `""`, `".."` gives `".."`).
+pub fn py_path_name(p: &Path) -> String {
+    use std::path::Component;
+    match p.components().next_back() {
+        Some(Component::Normal(s)) => s.to_string_lossy().into_owned(),
+        Some(Component::ParentDir) => "..".into(),
+        _ => String::new(),
+    }
+}
+
+/// Python's `str.islower()`: at least one cased character and no uppercase (or titlecase) one.
+fn py_islower(s: &str) -> bool {
+    let mut cased = false;
+    for c in s.chars() {
+        if c.is_uppercase() {
+            return false;
+        }
+        if c.is_lowercase() {
+            cased = true;
+        }
+    }
+    cased
+}
+
+/// Python's `str.title()`: a cased character after a cased one is lowercased, any other is uppercased.
+fn py_title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev_cased = false;
+    for c in s.chars() {
+        let cased = c.is_lowercase() || c.is_uppercase();
+        if prev_cased {
+            out.extend(c.to_lowercase());
+        } else {
+            out.extend(c.to_uppercase());
+        }
+        prev_cased = cased;
+    }
+    out
+}
+
+fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
+    cell.get_or_init(|| Regex::new(pattern).expect("valid regex"))
+}
+
+/// `Metadata.id_to_title`: words split on whitespace and `-`, lowercase words title-cased unless they are a
+/// version (`v1.2`) or start with a digit.
+pub fn id_to_title(s: &str) -> String {
+    static KEEP: OnceLock<Regex> = OnceLock::new();
+    let keep = re(&KEEP, r"^(v\d+(?:\.\d+)*|\d.*)$");
+    s.trim()
+        .replace('-', " ")
+        .split_whitespace()
+        .map(|w| if py_islower(w) && !keep.is_match(w) { py_title(w) } else { w.to_string() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What `Metadata.get_model_id_components` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdComponents {
+    pub full_name: Option<String>,
+    pub org: Option<String>,
+    pub basename: Option<String>,
+    pub finetune: Option<String>,
+    pub version: Option<String>,
+    pub size_label: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ann {
+    Basename,
+    SizeLabel,
+    Finetune,
+    Version,
+    Type,
+}
+
+/// Python's `float(s)` for the strings the size-label regex lets through (`12`, `1.5`, `8x7`, `A3`): `None` where
+/// Python raises `ValueError`.
+fn py_float(s: &str) -> Option<f64> {
+    let t = s.trim();
+    let ok = !t.is_empty()
+        && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && t.chars().filter(|&c| c == '.').count() <= 1
+        && t.chars().any(|c| c.is_ascii_digit());
+    if ok {
+        t.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// `Metadata.get_model_id_components(model_id, total_params)`: splits a Hugging Face model id (`org/Name-7B-Chat`)
+/// or a directory name into name, organization, basename, finetune, version and size label.
+pub fn model_id_components(model_id: &str, total_params: i64) -> IdComponents {
+    static VERSION: OnceLock<Regex> = OnceLock::new();
+    static QTYPE: OnceLock<Regex> = OnceLock::new();
+    static SIZE: OnceLock<Regex> = OnceLock::new();
+    static FINETUNE: OnceLock<Regex> = OnceLock::new();
+    // `re.fullmatch(..., re.IGNORECASE)`: anchored, case-insensitive.
+    let version = re(&VERSION, r"(?i)^(?:(v|iter)?\d+([.]\d+)*)$");
+    let qtype = re(&QTYPE, r"(?i)^(?:i?q\d(_\w)*|b?fp?(16|32))$");
+    let size = re(&SIZE, r"(?i)^(?:(([A]|\d+[x])?\d+([._]\d+)?[KMBT][\d]?|small|mini|medium|large|x?xl))$");
+    let finetune = re(&FINETUNE, r"(?i)^(?:chat|instruct|vision|lora)$");
+
+    if model_id.contains(' ') {
+        return IdComponents { full_name: Some(model_id.to_string()), ..Default::default() };
+    }
+    let (mut org, full) = match model_id.split_once('/') {
+        Some((o, f)) => (Some(o.to_string()), f.to_string()),
+        None => (None, model_id.to_string()),
+    };
+    if org.as_deref().is_some_and(|o| o.starts_with('.')) {
+        org = None;
+    }
+    let mut parts: Vec<String> = full.split('-').filter(|p| !p.is_empty()).map(str::to_string).collect();
+    let mut types: Vec<Vec<Ann>> = vec![Vec::new(); parts.len()];
+    let add = |t: &mut Vec<Ann>, a: Ann| {
+        if !t.contains(&a) {
+            t.push(a)
+        }
+    };
+    for i in 0..parts.len() {
+        let part = parts[i].clone();
+        if version.is_match(&part) {
+            add(&mut types[i], Ann::Version);
+        } else if qtype.is_match(&part) {
+            add(&mut types[i], Ann::Type);
+            parts[i] = part.to_uppercase();
+        } else if i > 0 && size.is_match(&part) {
+            let mut p: Vec<char> = part.replace('_', ".").chars().collect();
+            // "Handle weird bloom-7b1 notation"
+            if p.last().is_some_and(|c| c.is_ascii_digit()) {
+                let n = p.len();
+                let (a, b) = (p[n - 2], p[n - 1]);
+                p.truncate(n - 2);
+                p.extend(['.', b, a]);
+            }
+            // "Normalize the size suffixes"
+            let n = p.len();
+            if n > 1 && p[n - 2].is_ascii_digit() && "kmbt".contains(p[n - 1]) {
+                p[n - 1] = p[n - 1].to_ascii_uppercase();
+            }
+            if total_params != 0 {
+                let n = p.len();
+                let head: String = p[..n - 1].iter().collect();
+                if let Some(v) = py_float(&head) {
+                    let label_params = v * 1000f64.powi(" KMBT".find(p[n - 1]).map_or(-1, |k| k as i32));
+                    let tp = total_params as f64;
+                    let context_length = (total_params < 0 && label_params < (total_params.abs() / 8) as f64)
+                        || (total_params > 0 && (label_params - tp).abs() > (7 * total_params / 8) as f64);
+                    if context_length {
+                        // "Likely a context length": a finetune, with a lowercase suffix
+                        add(&mut types[i], Ann::Finetune);
+                        p[n - 1] = p[n - 1].to_ascii_lowercase();
+                    }
+                }
+            }
+            if types[i].is_empty() {
+                add(&mut types[i], Ann::SizeLabel);
+            }
+            parts[i] = p.into_iter().collect();
+        } else if i > 0 && finetune.is_match(&part) {
+            if total_params < 0 && part.eq_ignore_ascii_case("lora") {
+                add(&mut types[i], Ann::Type);
+            } else {
+                add(&mut types[i], Ann::Finetune);
+            }
+        }
+    }
+    // "Ignore word-based size labels when there is at least a number-based one present"
+    let numeric_size =
+        parts.iter().zip(&types).any(|(n, t)| t.contains(&Ann::SizeLabel) && n.chars().any(|c| c.is_ascii_digit()));
+    if numeric_size {
+        for (n, t) in parts.iter().zip(types.iter_mut()) {
+            if t.contains(&Ann::SizeLabel) && n.chars().all(char::is_alphabetic) {
+                t.retain(|a| *a != Ann::SizeLabel);
+            }
+        }
+    }
+    // "Find the basename through the annotated name"
+    let mut at_start = true;
+    for (part, t) in parts.iter().zip(types.iter_mut()) {
+        let alpha_first = part.chars().next().is_some_and(char::is_alphabetic);
+        if at_start && ((t.is_empty() && alpha_first) || t.contains(&Ann::Version)) {
+            add(t, Ann::Basename);
+        } else {
+            at_start = false;
+            if t.is_empty() {
+                add(t, Ann::Finetune);
+            }
+        }
+    }
+    // "Remove the basename annotation from trailing version"
+    for t in types.iter_mut().rev() {
+        if t.contains(&Ann::Basename) && t.len() > 1 {
+            t.retain(|a| *a != Ann::Basename);
+        } else {
+            break;
+        }
+    }
+    let join = |keep: &dyn Fn(&Vec<Ann>) -> bool, dedup: bool| {
+        let mut v: Vec<&str> = Vec::new();
+        for (n, t) in parts.iter().zip(&types) {
+            if keep(t) && !(dedup && v.contains(&n.as_str())) {
+                v.push(n);
+            }
+        }
+        (!v.is_empty()).then(|| v.join("-"))
+    };
+    let mut basename = join(&|t| t.contains(&Ann::Basename), false);
+    let size_label = join(&|t| t.contains(&Ann::SizeLabel), true);
+    let finetune = join(&|t| t.contains(&Ann::Finetune), false);
+    let version = join(&|t| t.contains(&Ann::Version) && !t.contains(&Ann::Basename), false);
+    if size_label.is_none() && finetune.is_none() && version.is_none() {
+        // "Too ambiguous, output nothing"
+        basename = None;
+    }
+    // Python's `'-'.join(...) or None`: an empty join is None (parts are never empty strings here).
+    IdComponents { full_name: Some(full), org, basename, finetune, version, size_label }
+}
+
+/// `model_weight_count_rounded_notation`.
+pub fn weight_count_rounded_notation(n: u64, min_digits: usize) -> String {
+    let x = n as f64;
+    let (scaled, suffix) = if x > 1e12 {
+        (x * 1e-12, "T")
+    } else if x > 1e9 {
+        (x * 1e-9, "B")
+    } else if x > 1e6 {
+        (x * 1e-6, "M")
+    } else {
+        (x * 1e-3, "K")
+    };
+    // Python's `round()` rounds half to even; `str(...).lstrip('0')` counts the integer digits ("0" -> 0).
+    let r = scaled.round_ties_even() as u64;
+    let digits = if r == 0 { 0 } else { r.to_string().len() };
+    let fix = min_digits.saturating_sub(digits);
+    format!("{scaled:.fix$}{suffix}")
+}
+
+/// `gguf.size_label(total, shared, expert, expert_count)`.
+pub fn size_label(total: u64, shared: u64, expert: u64, expert_count: u64) -> String {
+    if expert_count > 0 {
+        format!("{expert_count}x{}", weight_count_rounded_notation(shared + expert, 2))
+    } else {
+        weight_count_rounded_notation(total, 2)
+    }
+}
+
+/// `GGUFWriter.get_total_parameter_count` over the output tensors (name, ggml `ne`): total, shared and per-expert
+/// parameters and the mean expert count. (No LoRA tensors here: the total is exact.)
+pub fn parameter_counts<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u64])>) -> (u64, u64, u64, u64) {
+    let (mut total, mut shared, mut expert, mut expert_sum, mut n_expert_tensors) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for (name, ne) in tensors {
+        let size: u64 = ne.iter().product();
+        // numpy order is `ne` reversed: shape[-2] = ne[1], shape[-3] = ne[2]
+        if name.contains("_exps.") && ne.len() >= 3 {
+            let count = if name.contains(".bias") { ne[1] } else { ne[2] };
+            expert += size.checked_div(count).unwrap_or(0);
+            expert_sum += count;
+            n_expert_tensors += 1;
+        } else {
+            shared += size;
+        }
+        total += size;
+    }
+    let expert_count = expert_sum.checked_div(n_expert_tensors).unwrap_or(0);
+    (total, shared, expert, expert_count)
+}
+
+/// The metadata the reference derives (`Metadata` fields that sling fills).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Naming {
+    pub name: String,
+    pub version: Option<String>,
+    pub organization: Option<String>,
+    pub finetune: Option<String>,
+    pub basename: Option<String>,
+    pub size_label: Option<String>,
+}
+
+/// `Metadata.apply_metadata_heuristic` (config.json `_name_or_path`, then the directory name) followed by
+/// `prepare_metadata`'s fallbacks: the directory name as the name, the size label from the parameter counts.
+/// `dir_name` is Python's `Path(model_dir).name`; `counts` is [`parameter_counts`].
+pub fn derive_naming(dir_name: &str, config: Option<&Value>, counts: (u64, u64, u64, u64)) -> Naming {
+    let (total, shared, expert, expert_count) = counts;
+    let total_i = i64::try_from(total).unwrap_or(i64::MAX);
+    let mut name: Option<String> = None;
+    let mut m = Naming::default();
+    let mut apply = |c: IdComponents, m: &mut Naming| {
+        if name.is_none() {
+            name = c.full_name.as_deref().map(id_to_title);
+        }
+        if m.organization.is_none() {
+            m.organization = c.org.as_deref().map(id_to_title);
+        }
+        m.basename = m.basename.take().or(c.basename);
+        m.finetune = m.finetune.take().or(c.finetune);
+        m.version = m.version.take().or(c.version);
+        m.size_label = m.size_label.take().or(c.size_label);
+    };
+    // "Use _name_or_path only if its actually a model name and not some computer path"
+    if let Some(Value::String(id)) = config.and_then(|c| c.get("_name_or_path")) {
+        if id.matches('/').count() <= 1 {
+            apply(model_id_components(id, total_i), &mut m);
+        }
+    }
+    apply(model_id_components(dir_name, total_i), &mut m);
+    m.name = name.unwrap_or_else(|| dir_name.to_string());
+    if m.size_label.is_none() && total > 0 {
+        m.size_label = Some(size_label(total, shared, expert, expert_count));
+    }
+    m
+}
+
+/// The sampling keys `Metadata.load` takes from generation_config.json, in `set_gguf_meta_model`'s order, with the
+/// writer's types (`add_sampling_*`: INT32 or FLOAT32; `sequence` a string). A file that does not parse is ignored,
+/// as in the reference; a value of another JSON type than the key's is skipped.
+pub fn sampling_kvs(generation_config: Option<&Value>) -> Vec<(String, GgufValue)> {
+    #[derive(Clone, Copy)]
+    enum K {
+        Str,
+        I32,
+        F32,
+    }
+    let Some(Value::Object(g)) = generation_config else { return Vec::new() };
+    let get = |k: &str| g.get(k).filter(|v| !v.is_null());
+    let fields: [(&str, K, Option<&Value>); 12] = [
+        ("sequence", K::Str, get("sequence")),
+        ("top_k", K::I32, get("top_k")),
+        ("top_p", K::F32, get("top_p")),
+        ("min_p", K::F32, get("min_p")),
+        ("xtc_probability", K::F32, get("xtc_probability")),
+        ("xtc_threshold", K::F32, get("xtc_threshold")),
+        ("temp", K::F32, get("temperature")),
+        ("penalty_last_n", K::I32, get("penalty_last_n")),
+        // `gen_config.get("penalty_repeat", gen_config.get("repetition_penalty", ...))`
+        (
+            "penalty_repeat",
+            K::F32,
+            if g.contains_key("penalty_repeat") { get("penalty_repeat") } else { get("repetition_penalty") },
+        ),
+        ("mirostat", K::I32, get("mirostat")),
+        ("mirostat_tau", K::F32, get("mirostat_tau")),
+        ("mirostat_eta", K::F32, get("mirostat_eta")),
+    ];
+    let mut out = Vec::new();
+    for (key, kind, v) in fields {
+        let Some(v) = v else { continue };
+        let gv = match kind {
+            K::Str => v.as_str().map(|s| GgufValue::String(s.to_string())),
+            K::I32 => v.as_i64().and_then(|x| i32::try_from(x).ok()).map(GgufValue::I32),
+            K::F32 => v.as_f64().map(|x| GgufValue::F32(x as f32)),
+        };
+        if let Some(gv) = gv {
+            out.push((format!("general.sampling.{key}"), gv));
+        }
+    }
+    out
+}
+
+/// The keys `set_gguf_meta_model` writes for `naming`, after the sampling keys: name, version, organization,
+/// finetune, basename, size_label.
+pub fn naming_kvs(naming: &Naming) -> Vec<(String, GgufValue)> {
+    let mut out = vec![("general.name".to_string(), GgufValue::String(naming.name.clone()))];
+    for (k, v) in [
+        ("general.version", &naming.version),
+        ("general.organization", &naming.organization),
+        ("general.finetune", &naming.finetune),
+        ("general.basename", &naming.basename),
+        ("general.size_label", &naming.size_label),
+    ] {
+        if let Some(v) = v {
+            out.push((k.to_string(), GgufValue::String(v.clone())));
+        }
+    }
+    out
+}
+
+/// Whether `dir/README.md` opens with a YAML front matter (`---` on its first line), from which the reference would
+/// also take metadata (`Metadata.load_model_card`) that sling does not read.
+pub fn model_card_front_matter(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("README.md")).is_ok_and(|s| s.lines().next() == Some("---"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Option<String> {
+        Some(x.to_string())
+    }
+
+    /// (model id, total params) -> (full name, org, basename, finetune, version, size label), as printed by the
+    /// pinned gguf-py's `Metadata.get_model_id_components` (the cases of its tests/test_metadata.py and more).
+    #[test]
+    fn model_id_components_like_gguf_py() {
+        #[rustfmt::skip]
+        let cases: Vec<(&str, i64, [Option<String>; 6])> = vec![
+        ("Mistral/Mixtral-8x7B-Instruct-v0.1", 0, [s("Mixtral-8x7B-Instruct-v0.1"), s("Mistral"), s("Mixtral"), s("Instruct"), s("v0.1"), s("8x7B")]),
+        ("Mixtral-8x7B", 0, [s("Mixtral-8x7B"), None, s("Mixtral"), None, None, s("8x7B")]),
+        ("Llama-2-7b-chat-hf", 0, [s("Llama-2-7b-chat-hf"), None, s("Llama-2"), s("chat-hf"), None, s("7B")]),
+        ("hermes-2-pro-llama-3-8b-DPO", 0, [s("hermes-2-pro-llama-3-8b-DPO"), None, s("hermes-2-pro-llama-3"), s("DPO"), None, s("8B")]),
+        ("bloom-7b1-petals", 0, [s("bloom-7b1-petals"), None, s("bloom"), s("petals"), None, s("7.1B")]),
+        ("Qwen2-1.5B-Instruct-GGUF", 0, [s("Qwen2-1.5B-Instruct-GGUF"), None, s("Qwen2"), s("Instruct-GGUF"), None, s("1.5B")]),
+        ("Meta-Llama-3-8B-Instruct", 0, [s("Meta-Llama-3-8B-Instruct"), None, s("Meta-Llama-3"), s("Instruct"), None, s("8B")]),
+        ("gpt2", 0, [s("gpt2"), None, None, None, None, None]),
+        ("Phi-3-mini-128k-instruct", 0, [s("Phi-3-mini-128k-instruct"), None, s("Phi-3-mini"), s("instruct"), None, s("128K")]),
+        ("Phi-3-mini-128k-instruct", 3800000000, [s("Phi-3-mini-128k-instruct"), None, s("Phi-3"), s("128k-instruct"), None, s("mini")]),
+        ("Qwen1.5-MoE-A2.7B-Chat", 0, [s("Qwen1.5-MoE-A2.7B-Chat"), None, s("Qwen1.5-MoE"), s("Chat"), None, s("A2.7B")]),
+        ("Mixtral-8x7B-v0.1", 0, [s("Mixtral-8x7B-v0.1"), None, s("Mixtral"), None, s("v0.1"), s("8x7B")]),
+        ("Qwen2-57B-A14B-Instruct", 0, [s("Qwen2-57B-A14B-Instruct"), None, s("Qwen2"), s("Instruct"), None, s("57B-A14B")]),
+        ("qwen3moe", 0, [s("qwen3moe"), None, None, None, None, None]),
+        ("mixtral-sharded", 0, [s("mixtral-sharded"), None, None, None, None, None]),
+        ("llama-f32", 0, [s("llama-f32"), None, None, None, None, None]),
+        ("a sentence with spaces", 0, [s("a sentence with spaces"), None, None, None, None, None]),
+        ("./x-7B", 0, [s("x-7B"), None, s("x"), None, None, s("7B")]),
+        ("Qwen3-30B-A3B-Instruct-2507", 30000000000, [s("Qwen3-30B-A3B-Instruct-2507"), None, s("Qwen3"), s("Instruct"), s("2507"), s("30B-A3B")]),
+        ("gpt-oss-20b", 20000000000, [s("gpt-oss-20b"), None, s("gpt-oss"), None, None, s("20B")]),
+        ("DeepSeek-V3-0324", 0, [s("DeepSeek-V3-0324"), None, s("DeepSeek"), None, s("V3-0324"), None]),
+        ("Mistral-7B-v0.1-q4_k_m", 0, [s("Mistral-7B-v0.1-q4_k_m"), None, s("Mistral"), None, s("v0.1"), s("7B")]),
+        ("model-7b1", 0, [s("model-7b1"), None, s("model"), None, None, s("7.1B")]),
+        ("x-small-7B", 0, [s("x-small-7B"), None, s("x-small"), None, None, s("7B")]),
+        ("foo-128k", 7000000000, [s("foo-128k"), None, s("foo"), s("128k"), None, None]),
+        ("Qwen2.5-7B-Instruct-1M", 7000000000, [s("Qwen2.5-7B-Instruct-1M"), None, s("Qwen2.5"), s("Instruct-1m"), None, s("7B")]),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1500000000, [s("DeepSeek-R1-Distill-Qwen-1.5B"), s("deepseek-ai"), s("DeepSeek-R1-Distill-Qwen"), None, None, s("1.5B")]),
+        ("iter2-v1.5-chat", 0, [s("iter2-v1.5-chat"), None, s("iter2-v1.5"), s("chat"), None, None]),
+        ("Foo-xl-7B-Vision", 0, [s("Foo-xl-7B-Vision"), None, s("Foo-xl"), s("Vision"), None, s("7B")]),
+        ("org/sub/x", 0, [s("sub/x"), s("org"), None, None, None, None]),
+        ("7B-model", 0, [s("7B-model"), None, None, s("7B-model"), None, None]),
+        ];
+        for (id, total, want) in cases {
+            let c = model_id_components(id, total);
+            let got = [c.full_name, c.org, c.basename, c.finetune, c.version, c.size_label];
+            assert_eq!(got, want, "{id} ({total} params)");
+        }
+    }
+
+    /// `Metadata.id_to_title`, as printed by the pinned gguf-py.
+    #[test]
+    fn titles_like_gguf_py() {
+        #[rustfmt::skip]
+        let cases = [
+        ("qwen3moe", "Qwen3Moe"),
+        ("llama-f32", "Llama F32"),
+        ("qwen2moe-f16", "Qwen2Moe F16"),
+        ("Mixtral-8x7B-Instruct-v0.1", "Mixtral 8x7B Instruct v0.1"),
+        ("deepseekv3-fp8", "Deepseekv3 Fp8"),
+        ("gpt-oss-20b", "Gpt Oss 20b"),
+        ("", ""),
+        ("GPT-oss  v2 hello-World", "GPT Oss v2 Hello World"),
+        ];
+        for (id, want) in cases {
+            assert_eq!(id_to_title(id), want, "{id:?}");
+        }
+    }
+
+    /// `gguf.size_label(total, shared, expert, expert_count)`, as printed by the pinned gguf-py (Python's
+    /// round-half-even included: 9500 -> "10K").
+    #[test]
+    fn size_labels_like_gguf_py() {
+        #[rustfmt::skip]
+        let cases = [
+        ((112000, 0, 0, 0), "112K"),
+        ((0, 40000, 72000, 8), "8x112K"),
+        ((123456, 0, 0, 0), "123K"),
+        ((7241732096, 0, 0, 0), "7.2B"),
+        ((999, 0, 0, 0), "1.0K"),
+        ((1500000000000, 0, 0, 0), "1.5T"),
+        ((0, 1600000000, 1300000000, 128), "128x2.9B"),
+        ((9500, 0, 0, 0), "10K"),
+        ((0, 0, 0, 0), "0.00K"),
+        ((10500, 0, 0, 0), "10K"),
+        ((999999, 0, 0, 0), "1000K"),
+        ((1000000, 0, 0, 0), "1000K"),
+        ((30532122624, 0, 0, 0), "31B"),
+        ];
+        for ((t, sh, ex, n), want) in cases {
+            assert_eq!(size_label(t, sh, ex, n), want, "{t} {sh} {ex} {n}");
+        }
+    }
+
+    #[test]
+    fn parameter_counts_split_experts() {
+        let t: Vec<(&str, Vec<u64>)> = vec![
+            ("token_embd.weight", vec![64, 384]),
+            ("blk.0.ffn_up_exps.weight", vec![64, 32, 8]),
+            // a 2-D expert bias counts as shared (gguf-py: `len(shape) >= 3` first)
+            ("blk.0.ffn_up_exps.bias", vec![32, 8]),
+        ];
+        let c = parameter_counts(t.iter().map(|(n, ne)| (*n, ne.as_slice())));
+        assert_eq!(c, (64 * 384 + 64 * 32 * 8 + 256, 64 * 384 + 256, 64 * 32, 8));
+    }
+
+    #[test]
+    fn path_names_like_pathlib() {
+        assert_eq!(py_path_name(Path::new("fixtures/models/qwen3moe/")), "qwen3moe");
+        assert_eq!(py_path_name(Path::new(".")), "");
+        assert_eq!(py_path_name(Path::new("..")), "..");
+        assert_eq!(py_path_name(Path::new("/")), "");
+    }
+
+    #[test]
+    fn sampling_keys_in_reference_order_and_types() {
+        let g: Value = serde_json::from_str(
+            r#"{"temperature": 0.6, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.1, "min_p": null}"#,
+        )
+        .unwrap();
+        let kv = sampling_kvs(Some(&g));
+        let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "general.sampling.top_k",
+                "general.sampling.top_p",
+                "general.sampling.temp",
+                "general.sampling.penalty_repeat"
+            ]
+        );
+        assert_eq!(kv[0].1, GgufValue::I32(20));
+        assert_eq!(kv[2].1, GgufValue::F32(0.6));
+    }
+}
