@@ -195,7 +195,8 @@ def render(results: Path) -> str:
         out += ["## Byte identity with llama.cpp's convert_hf_to_gguf.py", "",
                 "Whole file: sling's output has the sha256 of the reference converter's on the same directory (header,"
                 " version, every metadata key with its position, `general.*` naming keys included, tensor infos,"
-                " alignment, padding, data). Cells: tensors identical / total, per fixture and `--type`. * deepseekv3,"
+                " alignment, padding, data). Cells: tensors identical / total, per fixture and `--type`, for files that are"
+                " whole-file identical (**FILE DIFFERS** otherwise). * deepseekv3,"
                 " deepseekv3-fp8: the reference ran on the fixture with `\"scoring_func\": \"sigmoid\"` stated in"
                 " config.json, which transformers-saved DeepSeek-V3 configs leave out (sling's intended"
                 " `deepseek2.expert_gating_func = 2`); against the fixture as it is, that key is the only difference.",
@@ -213,10 +214,24 @@ def render(results: Path) -> str:
                 n_ok += ok
                 cells.append(f"{e['tensors_identical']}/{e['tensors_total']}"
                              + ("*" if "reference_config_states" in e else "")
-                             + (" file identical" if ok else " **FILE DIFFERS**"))
+                             + ("" if ok else " **FILE DIFFERS**"))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out += ["", f"{n_ok} of {n_all} conversions whole-file identical (sha256)"
                 + ("." if n_ok == n_all else "; see results/convert_bytes.json."), ""]
+
+    nm, v = _load(results, "convert_naming")
+    versions.update(v)
+    if nm:
+        n_ok = sum(bool(e.get("file_identical")) for e in nm.values())
+        out += ["## Naming, sampling and model-card keys (convert_hf_to_gguf.py, whole file)", "",
+                f"{n_ok} of {len(nm)} copies of fixtures, named and configured like real checkpoints, converted to the"
+                " reference's file (sha256); the `general.*` keys the reference wrote:", "",
+                "| case | directory | identical | reference's general.* keys |", "|---|---|---|---|"]
+        for k, e in sorted(nm.items()):
+            keys = ", ".join(f"`{x}`" for x in e.get("reference_general_keys", {})
+                             if x not in ("general.type", "general.file_type", "general.quantization_version"))
+            out.append(f"| {k} | `{e.get('directory')}` | {'yes' if e.get('file_identical') else '**NO**'} | {keys} |")
+        out.append("")
 
     logits, v = _load(results, "logits")
     versions.update(v)

@@ -86,3 +86,85 @@ def test_intended_difference_is_the_gating_key_only(name, outtype, references, t
         GATING_KEY: {"sling": c.ours_kvs.get(GATING_KEY), "reference": c.ref_kvs.get(GATING_KEY)},
         "other_keys_equal": not c.kv_diffs, "tensors_identical": c.tensors_identical,
         "tensors_total": c.tensors_total})
+
+
+# The fixtures' directory names (qwen3moe, mixtral-sharded, ...) are too ambiguous for gguf-py's heuristics to find a
+# basename, finetune or version, and their generation_config.json has no sampling settings. These copies, named and
+# configured like real checkpoints, exercise the rest of the naming port (targets/gguf/src/convert/naming.rs) end to
+# end: (directory name, fixture, config.json additions, generation_config.json additions, README.md text).
+NAMING_CASES = {
+    "qwen3-instruct": ("Qwen3-30B-A3B-Instruct-2507", "qwen3moe", {},
+                       {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0, "repetition_penalty": 1.05},
+                       "# Qwen3\nNo front matter: the reference reads no model card from this file.\n"),
+    "name-or-path": ("mixtral-sharded-v0.1-128k", "mixtral", {"_name_or_path": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
+                     {"do_sample": True, "temperature": 1, "penalty_repeat": None, "repetition_penalty": 1.2}, None),
+    "context-length": ("Llama-2-7b-chat-hf", "llama", {"_name_or_path": "/some/local/path/llama"}, {}, None),
+    # model cards (README.md YAML front matter), as Hugging Face model repositories carry them
+    "card-typical": ("Qwen3-30B-A3B", "qwen3moe", {}, {"temperature": 0.6, "top_k": 20},
+                     "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+                     "base_model:\n- Qwen/Qwen3-30B-A3B-Base\ntags:\n- moe\n- chat\nlanguage:\n- en\n- no\n"
+                     "datasets: [HuggingFaceFW/fineweb, https://huggingface.co/datasets/foo/bar]\n"
+                     "model-index:\n- name: x\n  results:\n  - task:\n      type: text-generation\n"
+                     "widget:\n  - text: 'Hello: world'\n---\n# Qwen3\n\nSome text.\n"),
+    "card-fields": ("mixtral", "mixtral", {}, {},
+                    "---\nlicense: [mit, apache-2.0]  # two\nlicense_name: 'sling''s licence'\n"
+                    "license_link: https://example.com/LICENSE\nmodel_name: \"My Mixtral\"\nmodel_creator: someone\n"
+                    "version: v2.1\nbase_model: https://huggingface.co/mistralai/Mixtral-8x7B-v0.1\n"
+                    "base_models: ignored/because-base_model-wins\ntags: llm\nlanguage: fr\n"
+                    "description: A tiny test model\nurl: https://example.com\nquantized_by: nobody\n---\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMING_CASES))
+def test_naming_and_sampling_keys_whole_file(case, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    dirname, base, cfg_add, gen_add, readme = NAMING_CASES[case]
+    src = tmp_path / dirname
+    shutil.copytree(lab.fixture_dir(base), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **cfg_add}, indent=2))
+    gen = json.loads((src / "generation_config.json").read_text())
+    (src / "generation_config.json").write_text(json.dumps({**gen, **gen_add}, indent=2))
+    if readme is not None:
+        (src / "README.md").write_text(readme)
+    ref = tmp_path / "ref.gguf"
+    r = subprocess.run([str(lab.LAB / "venv" / "bin" / "python"), str(lab.HERE / "convert_compat.py"), str(src),
+                        "--outtype", "bf16", "--outfile", str(ref)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "SLING_LAB": str(lab.LAB), "SLING_TOKPRE": lab.TOKPRE})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = tmp_path / "sling.gguf"
+    lab.sling("-q", "convert", src, "--type", "bf16", "-o", ours, "--tokenizer-pre", lab.TOKPRE, "--no-manifest")
+    c = gguf_compare.compare(str(ours), str(ref))
+    general = {k: v[-1] for k, v in c.ref_kvs.items() if k.startswith("general.") and k != "general.architecture"}
+    lab.record("convert_naming", case, {"directory": dirname, "file_identical": c.file_identical,
+                                        "reference_general_keys": general})
+    assert c.file_identical, c.explain()
+    # the case is not vacuous: the reference wrote the keys it is about
+    want = {"qwen3-instruct": ("general.basename", "general.finetune", "general.version", "general.sampling.top_k",
+                               "general.sampling.penalty_repeat"),
+            "name-or-path": ("general.organization", "general.basename", "general.finetune",
+                             "general.sampling.temp"),
+            "context-length": ("general.basename", "general.finetune"),
+            "card-typical": ("general.license", "general.base_model.count", "general.base_model.0.repo_url",
+                             "general.dataset.count", "general.tags", "general.languages", "general.size_label"),
+            "card-fields": ("general.license", "general.license.name", "general.license.link", "general.author",
+                            "general.version", "general.description", "general.source.url",
+                            "general.base_model.0.name", "general.tags", "general.languages")}[case]
+    assert all(k in c.ref_kvs for k in want), sorted(c.ref_kvs)
+
+
+def test_unreadable_model_card_is_reported(tmp_path):
+    """A model card whose metadata sling cannot take as the reference would (here a mapping under `license`) is
+    ignored with a warning, never silently: the note is in --json and the conversion still succeeds."""
+    import json
+    import shutil
+    src = tmp_path / "qwen3moe"
+    shutil.copytree(lab.fixture_dir("qwen3moe"), src)
+    (src / "README.md").write_text("---\nlicense:\n  name: custom\n---\n")
+    r = lab.sling("convert", src, "--type", "bf16", "-o", tmp_path / "o.gguf", "--tokenizer-pre", lab.TOKPRE,
+                  "--no-manifest", "--json")
+    notes = json.loads(r.stdout)["notes"]
+    assert any(n.startswith("README.md's model card") for n in notes), notes
+    assert "README.md's model card" in r.stderr, r.stderr

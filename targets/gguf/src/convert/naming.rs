@@ -10,9 +10,10 @@
 //! - `conversion/base.py`: `ModelBase.prepare_metadata` (name fallback to the directory name, size label from the
 //!   parameter counts).
 //!
-//! Not ported: the model card (`README.md` YAML front matter: name, license, tags, languages, base models, datasets,
-//! ...), `--metadata` override files and `--model-name`. sling has no YAML reader; a model card with front matter is
-//! reported by [`model_card_front_matter`] so that the difference is never silent (see `docs/interop.md`).
+//! The model card (`README.md` YAML front matter: license, tags, languages, base models, datasets, name/author/...
+//! overrides) as far as `convert/model_card.rs` reads it; a card it cannot read as PyYAML would is ignored and
+//! reported ([`MODEL_CARD_NOTE`]), so that the difference is never silent. Not ported: `--metadata` override files and
+//! `--model-name` (sling has no such options).
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -20,6 +21,8 @@ use std::sync::OnceLock;
 use regex::Regex;
 use serde_json::Value;
 use sling_formats::gguf::GgufValue;
+
+use super::model_card::{Item, Scalar};
 
 /// Python's `pathlib.Path(p).name` for the path the user gave (`"."` and `"/"` give `""`, `".."` gives `".."`).
 pub fn py_path_name(p: &Path) -> String {
@@ -292,25 +295,204 @@ pub fn parameter_counts<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u64
     (total, shared, expert, expert_count)
 }
 
-/// The metadata the reference derives (`Metadata` fields that sling fills).
+/// A base model or dataset entry of the model card (`Metadata.base_models` / `datasets` items).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Source {
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub organization: Option<String>,
+    pub repo_url: Option<String>,
+}
+
+/// The metadata the reference derives (the `Metadata` fields sling fills).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Naming {
     pub name: String,
+    pub author: Option<String>,
     pub version: Option<String>,
     pub organization: Option<String>,
     pub finetune: Option<String>,
     pub basename: Option<String>,
+    pub description: Option<String>,
     pub size_label: Option<String>,
+    pub license: Option<String>,
+    pub license_name: Option<String>,
+    pub license_link: Option<String>,
+    pub source_url: Option<String>,
+    pub source_doi: Option<String>,
+    pub source_uuid: Option<String>,
+    pub source_repo_url: Option<String>,
+    pub base_models: Option<Vec<Source>>,
+    pub datasets: Option<Vec<Source>>,
+    pub tags: Option<Vec<String>>,
+    pub languages: Option<Vec<String>>,
 }
 
-/// `Metadata.apply_metadata_heuristic` (config.json `_name_or_path`, then the directory name) followed by
-/// `prepare_metadata`'s fallbacks: the directory name as the name, the size label from the parameter counts.
-/// `dir_name` is Python's `Path(model_dir).name`; `counts` is [`parameter_counts`].
-pub fn derive_naming(dir_name: &str, config: Option<&Value>, counts: (u64, u64, u64, u64)) -> Naming {
+/// The model-card part of `Metadata.apply_metadata_heuristic`. `Err` (with the key) where the card holds a value the
+/// reference would take as something else than the strings handled here.
+fn apply_card(card: &[(String, Item)], m: &mut Naming, name: &mut Option<String>, total: i64) -> Result<(), String> {
+    let get = |k: &str| card.iter().find(|(x, _)| x == k).map(|(_, v)| v);
+    let string = |k: &str| -> Result<Option<String>, String> {
+        match get(k) {
+            None | Some(Item::Scalar(Scalar::Null)) => Ok(None),
+            Some(Item::Scalar(Scalar::Str(v))) => Ok(Some(v.clone())),
+            Some(_) => Err(format!("model card key {k:?} is not a string")),
+        }
+    };
+    // use_model_card_metadata(field, key), in the reference's order ("name" is the only field kept outside `m`)
+    const FIELDS: &[(&str, &str)] = &[
+        ("name", "name"),
+        ("author", "author"),
+        ("version", "version"),
+        ("organization", "organization"),
+        ("description", "description"),
+        ("finetune", "finetune"),
+        ("basename", "basename"),
+        ("size_label", "size_label"),
+        ("source_url", "url"),
+        ("source_doi", "doi"),
+        ("source_uuid", "uuid"),
+        ("source_repo_url", "repo_url"),
+        ("name", "model_name"),
+        ("author", "model_author"),
+        ("version", "model_version"),
+        ("organization", "model_organization"),
+        ("description", "model_description"),
+        ("finetune", "model_finetune"),
+        ("basename", "model_basename"),
+        ("size_label", "model_size_label"),
+        ("source_url", "model_url"),
+        ("source_doi", "model_doi"),
+        ("source_uuid", "model_uuid"),
+        ("source_repo_url", "model_repo_url"),
+        ("name", "model_name"),
+        ("author", "model_creator"),
+        ("basename", "model_type"),
+    ];
+    for (field, key) in FIELDS {
+        let slot = match *field {
+            "name" => &mut *name,
+            "author" => &mut m.author,
+            "version" => &mut m.version,
+            "organization" => &mut m.organization,
+            "description" => &mut m.description,
+            "finetune" => &mut m.finetune,
+            "basename" => &mut m.basename,
+            "size_label" => &mut m.size_label,
+            "source_url" => &mut m.source_url,
+            "source_doi" => &mut m.source_doi,
+            "source_uuid" => &mut m.source_uuid,
+            _ => &mut m.source_repo_url,
+        };
+        if slot.is_none() {
+            *slot = string(key)?;
+        }
+    }
+    // base models and datasets: `card.get(a, card.get(b, card.get(c)))`, each entry a model id or a URL
+    let sources = |keys: [&str; 3]| -> Result<Option<Vec<Source>>, String> {
+        let Some(v) = keys.iter().find_map(|k| get(k)) else { return Ok(None) };
+        let items: Vec<Scalar> = match v {
+            Item::Scalar(Scalar::Null) => Vec::new(),
+            Item::Scalar(Scalar::Str(x)) => vec![Scalar::Str(x.clone())],
+            Item::List(l) => l.clone(),
+            _ => return Err(format!("model card key {:?} is not a string or a list of them", keys[0])),
+        };
+        let mut out = Vec::new();
+        for it in items {
+            let mut e = Source::default();
+            match it {
+                // "not in a known format": logged, and an empty entry is kept
+                Scalar::Null => {}
+                Scalar::Other => return Err(format!("model card key {:?}: an entry is not a string", keys[0])),
+                Scalar::Str(id) => {
+                    if id.starts_with("http://") || id.starts_with("https://") || id.starts_with("ssh://") {
+                        e.repo_url = Some(id.clone());
+                        if id.contains("huggingface.co") {
+                            static HF: OnceLock<Regex> = OnceLock::new();
+                            let hf = re(&HF, r"^https?://huggingface.co/([^/]+/[^/]+)$");
+                            if let Some(c) = hf.captures(&id) {
+                                let c = model_id_components(&c[1], total);
+                                e.name = c.full_name.as_deref().map(id_to_title);
+                                e.organization = c.org.as_deref().map(id_to_title);
+                                e.version = c.version;
+                            }
+                        }
+                    } else {
+                        let c = model_id_components(&id, total);
+                        e.name = c.full_name.as_deref().map(id_to_title);
+                        e.organization = c.org.as_deref().map(id_to_title);
+                        e.version = c.version;
+                        if let (Some(o), Some(f)) = (&c.org, &c.full_name) {
+                            e.repo_url = Some(format!("https://huggingface.co/{o}/{f}"));
+                        }
+                    }
+                }
+            }
+            out.push(e);
+        }
+        Ok(Some(out))
+    };
+    if let Some(b) = sources(["base_model", "base_models", "base_model_sources"])? {
+        m.base_models.get_or_insert_with(Vec::new).extend(b);
+    }
+    if let Some(d) = sources(["datasets", "dataset", "dataset_sources"])? {
+        m.datasets.get_or_insert_with(Vec::new).extend(d);
+    }
+    // license: a string, or a list joined with "," when written
+    if m.license.is_none() {
+        m.license = match get("license") {
+            None | Some(Item::Scalar(Scalar::Null)) => None,
+            Some(Item::Scalar(Scalar::Str(v))) => Some(v.clone()),
+            Some(Item::List(l)) if !l.is_empty() && l.iter().all(|x| matches!(x, Scalar::Str(_))) => Some(
+                l.iter().map(|x| if let Scalar::Str(v) = x { v.as_str() } else { "" }).collect::<Vec<_>>().join(","),
+            ),
+            Some(_) => return Err("model card key \"license\" is not a string or a list of them".into()),
+        };
+    }
+    if m.license_name.is_none() {
+        m.license_name = string("license_name")?;
+    }
+    if m.license_link.is_none() {
+        m.license_link = string("license_link")?;
+    }
+    // use_array_model_card_metadata: appended
+    for (field, key) in
+        [("tags", "tags"), ("tags", "pipeline_tag"), ("languages", "languages"), ("languages", "language")]
+    {
+        let add: Vec<String> = match get(key) {
+            None | Some(Item::Scalar(Scalar::Null)) => continue,
+            Some(Item::Scalar(Scalar::Str(v))) => vec![v.clone()],
+            Some(Item::List(l)) if l.iter().all(|x| matches!(x, Scalar::Str(_))) => {
+                l.iter().map(|x| if let Scalar::Str(v) = x { v.clone() } else { String::new() }).collect()
+            }
+            Some(_) => return Err(format!("model card key {key:?} is not a string or a list of strings")),
+        };
+        let slot = if field == "tags" { &mut m.tags } else { &mut m.languages };
+        slot.get_or_insert_with(Vec::new).extend(add);
+    }
+    for (k, v) in [("tags", &m.tags), ("languages", &m.languages)] {
+        if v.as_ref().is_some_and(Vec::is_empty) {
+            return Err(format!("model card key {k:?} is an empty list (the reference cannot write it)"));
+        }
+    }
+    Ok(())
+}
+
+/// `Metadata.apply_metadata_heuristic` (the model card, config.json `_name_or_path`, then the directory name)
+/// followed by `prepare_metadata`'s fallbacks: the directory name as the name, the size label from the parameter
+/// counts. `dir_name` is Python's `Path(model_dir).name`; `counts` is [`parameter_counts`]; `card` the model card's
+/// keys ([`model_card::read`]). `Err` says which card value this port does not take as the reference would.
+pub fn derive_naming(
+    dir_name: &str,
+    config: Option<&Value>,
+    counts: (u64, u64, u64, u64),
+    card: &[(String, Item)],
+) -> Result<Naming, String> {
     let (total, shared, expert, expert_count) = counts;
     let total_i = i64::try_from(total).unwrap_or(i64::MAX);
     let mut name: Option<String> = None;
     let mut m = Naming::default();
+    apply_card(card, &mut m, &mut name, total_i)?;
     let mut apply = |c: IdComponents, m: &mut Naming| {
         if name.is_none() {
             name = c.full_name.as_deref().map(id_to_title);
@@ -334,7 +516,7 @@ pub fn derive_naming(dir_name: &str, config: Option<&Value>, counts: (u64, u64, 
     if m.size_label.is_none() && total > 0 {
         m.size_label = Some(size_label(total, shared, expert, expert_count));
     }
-    m
+    Ok(m)
 }
 
 /// The sampling keys `Metadata.load` takes from generation_config.json, in `set_gguf_meta_model`'s order, with the
@@ -383,28 +565,70 @@ pub fn sampling_kvs(generation_config: Option<&Value>) -> Vec<(String, GgufValue
     out
 }
 
-/// The keys `set_gguf_meta_model` writes for `naming`, after the sampling keys: name, version, organization,
-/// finetune, basename, size_label.
-pub fn naming_kvs(naming: &Naming) -> Vec<(String, GgufValue)> {
-    let mut out = vec![("general.name".to_string(), GgufValue::String(naming.name.clone()))];
-    for (k, v) in [
-        ("general.version", &naming.version),
-        ("general.organization", &naming.organization),
-        ("general.finetune", &naming.finetune),
-        ("general.basename", &naming.basename),
-        ("general.size_label", &naming.size_label),
-    ] {
+/// The keys `set_gguf_meta_model` writes for `naming`, after the sampling keys, in its order.
+pub fn naming_kvs(n: &Naming) -> Vec<(String, GgufValue)> {
+    let mut out = vec![("general.name".to_string(), GgufValue::String(n.name.clone()))];
+    let mut put = |k: &str, v: &Option<String>| {
         if let Some(v) = v {
             out.push((k.to_string(), GgufValue::String(v.clone())));
+        }
+    };
+    put("general.author", &n.author);
+    put("general.version", &n.version);
+    put("general.organization", &n.organization);
+    put("general.finetune", &n.finetune);
+    put("general.basename", &n.basename);
+    put("general.description", &n.description);
+    put("general.size_label", &n.size_label);
+    put("general.license", &n.license);
+    put("general.license.name", &n.license_name);
+    put("general.license.link", &n.license_link);
+    put("general.source.url", &n.source_url);
+    put("general.source.doi", &n.source_doi);
+    put("general.source.uuid", &n.source_uuid);
+    put("general.source.repo_url", &n.source_repo_url);
+    for (what, list) in [("base_model", &n.base_models), ("dataset", &n.datasets)] {
+        let Some(list) = list else { continue };
+        out.push((format!("general.{what}.count"), GgufValue::U32(list.len() as u32)));
+        for (i, e) in list.iter().enumerate() {
+            for (k, v) in [
+                ("name", &e.name),
+                ("version", &e.version),
+                ("organization", &e.organization),
+                ("repo_url", &e.repo_url),
+            ] {
+                if let Some(v) = v {
+                    out.push((format!("general.{what}.{i}.{k}"), GgufValue::String(v.clone())));
+                }
+            }
+        }
+    }
+    for (k, v) in [("general.tags", &n.tags), ("general.languages", &n.languages)] {
+        if let Some(v) = v {
+            let a = v.iter().map(|x| GgufValue::String(x.clone())).collect();
+            out.push((k.to_string(), GgufValue::Array(sling_formats::gguf::ValueType::String, a)));
         }
     }
     out
 }
 
-/// Whether `dir/README.md` opens with a YAML front matter (`---` on its first line), from which the reference would
-/// also take metadata (`Metadata.load_model_card`) that sling does not read.
-pub fn model_card_front_matter(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("README.md")).is_ok_and(|s| s.lines().next() == Some("---"))
+/// The start of the plan's note when the model card cannot be read as the reference reads it ([`card_keys`] fails);
+/// the CLI prints that note as a warning.
+pub const MODEL_CARD_NOTE: &str = "README.md's model card (YAML front matter) is not fully understood by sling, \
+which then writes none of its metadata, where convert_hf_to_gguf.py copies it into general.* keys (license, tags, \
+base models, ...): the metadata differs from the reference's there (docs/conversion.md)";
+
+/// The model card's top-level keys, checked to be taken by this port as the reference takes them; `Err` with the
+/// reason otherwise (the conversion then ignores the card and says so).
+pub fn card_keys(dir: &Path) -> Result<Vec<(String, Item)>, String> {
+    match super::model_card::read(dir) {
+        super::model_card::Card::None => Ok(Vec::new()),
+        super::model_card::Card::Unsupported(r) => Err(r),
+        super::model_card::Card::Keys(k) => {
+            apply_card(&k, &mut Naming::default(), &mut None, 0)?;
+            Ok(k)
+        }
+    }
 }
 
 #[cfg(test)]

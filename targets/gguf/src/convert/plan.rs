@@ -155,13 +155,8 @@ pub fn plan(ck: &Checkpoint, out: OutType) -> Result<Plan, PlanError> {
     if let Some((layer, names)) = p.experts.iter().find(|(_, m)| !m.is_empty()) {
         return Err(PlanError::IncompleteExperts { layer: *layer, names: names.keys().cloned().collect() });
     }
-    if super::naming::model_card_front_matter(&ck.dir) {
-        p.notes.push(
-            "README.md opens with a model card (YAML front matter): convert_hf_to_gguf.py would also copy its \
-             metadata (license, tags, languages, base models, ...) into general.* keys; sling does not, so the \
-             metadata differs from the reference's there (docs/interop.md)"
-                .into(),
-        );
+    if let Err(reason) = super::naming::card_keys(&ck.dir) {
+        p.notes.push(format!("{}: {reason}", super::naming::MODEL_CARD_NOTE));
     }
     Ok(Plan { arch, tensors: p.tensors, notes: p.notes })
 }

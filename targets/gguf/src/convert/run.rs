@@ -215,7 +215,11 @@ pub fn build_kvs(
     kvs.extend(naming::sampling_kvs(gen_cfg.as_ref()));
     let counts = naming::parameter_counts(tensors.iter().map(|t| (t.name.as_str(), t.ne.as_slice())));
     let cfg_json = serde_json::Value::Object(cfg.root().clone());
-    let names = naming::derive_naming(&naming::py_path_name(&ck.dir), Some(&cfg_json), counts);
+    // The model card too, unless sling cannot read it as the reference does (then a note says so; see `plan`).
+    let card = naming::card_keys(&ck.dir).unwrap_or_default();
+    let dir_name = naming::py_path_name(&ck.dir);
+    let names = naming::derive_naming(&dir_name, Some(&cfg_json), counts, &card)
+        .unwrap_or_else(|_| naming::derive_naming(&dir_name, Some(&cfg_json), counts, &[]).unwrap_or_default());
     kvs.extend(naming::naming_kvs(&names));
     // `prepare_metadata`: an MXFP4 source written at a float type is "MOSTLY_MXFP4_MOE".
     let file_type = if mxfp4_moe && out != OutType::Q8_0 { 38 } else { out.file_type() };
