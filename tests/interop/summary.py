@@ -225,12 +225,16 @@ def render(results: Path) -> str:
         n_ok = sum(bool(e.get("file_identical")) for e in nm.values())
         out += ["## Naming, sampling and model-card keys (convert_hf_to_gguf.py, whole file)", "",
                 f"{n_ok} of {len(nm)} copies of fixtures, named and configured like real checkpoints, converted to the"
-                " reference's file (sha256); the `general.*` keys the reference wrote:", "",
-                "| case | directory | identical | reference's general.* keys |", "|---|---|---|---|"]
+                " reference's file (sha256), and their `quantize --to gguf:Q4_K_M` to llama-quantize's from that file;"
+                " the `general.*` keys the reference wrote:", "",
+                "| case | directory | convert identical | Q4_K_M identical | reference's general.* keys |",
+                "|---|---|---|---|---|"]
         for k, e in sorted(nm.items()):
             keys = ", ".join(f"`{x}`" for x in e.get("reference_general_keys", {})
                              if x not in ("general.type", "general.file_type", "general.quantization_version"))
-            out.append(f"| {k} | `{e.get('directory')}` | {'yes' if e.get('file_identical') else '**NO**'} | {keys} |")
+            yn = lambda x: "yes" if x else "**NO**"  # noqa: E731
+            out.append(f"| {k} | `{e.get('directory')}` | {yn(e.get('file_identical'))} |"
+                       f" {yn(e.get('quantize_Q4_K_M_file_identical'))} | {keys} |")
         out.append("")
 
     logits, v = _load(results, "logits")

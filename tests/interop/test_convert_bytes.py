@@ -137,10 +137,18 @@ def test_naming_and_sampling_keys_whole_file(case, tmp_path):
     ours = tmp_path / "sling.gguf"
     lab.sling("-q", "convert", src, "--type", "bf16", "-o", ours, "--tokenizer-pre", lab.TOKPRE, "--no-manifest")
     c = gguf_compare.compare(str(ours), str(ref))
+    # and through `sling quantize` vs llama-quantize on the reference's BF16 file
+    ref_q, ours_q = tmp_path / "ref-q4_k_m.gguf", tmp_path / "sling-q4_k_m.gguf"
+    lab.run_tool("llama-quantize", [ref, ref_q, "Q4_K_M", "1"])
+    lab.sling("-q", "quantize", src, "--to", "gguf:Q4_K_M", "-o", ours_q, "--tokenizer-pre", lab.TOKPRE,
+              "--no-manifest")
+    cq = gguf_compare.compare(str(ours_q), str(ref_q))
     general = {k: v[-1] for k, v in c.ref_kvs.items() if k.startswith("general.") and k != "general.architecture"}
     lab.record("convert_naming", case, {"directory": dirname, "file_identical": c.file_identical,
+                                        "quantize_Q4_K_M_file_identical": cq.file_identical,
                                         "reference_general_keys": general})
     assert c.file_identical, c.explain()
+    assert cq.file_identical, "quantize Q4_K_M:\n" + cq.explain()
     # the case is not vacuous: the reference wrote the keys it is about
     want = {"qwen3-instruct": ("general.basename", "general.finetune", "general.version", "general.sampling.top_k",
                                "general.sampling.penalty_repeat"),
