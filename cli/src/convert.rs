@@ -465,7 +465,11 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         .with_context(|| format!("cannot convert {}", a.src.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     for n in &report.notes {
-        tracing::info!("{n}");
+        if n.starts_with(sling_target_gguf::convert::naming::MODEL_CARD_NOTE) {
+            rep.warn(n);
+        } else {
+            tracing::info!("{n}");
+        }
     }
     for n in &report.nonfinite {
         rep.warn(n);

@@ -549,7 +549,11 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     .with_context(|| format!("cannot quantize {}", src.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     for n in &report.notes {
-        tracing::info!("{n}");
+        if n.starts_with(sling_target_gguf::convert::naming::MODEL_CARD_NOTE) {
+            rep.warn(n);
+        } else {
+            tracing::info!("{n}");
+        }
     }
     // --eval: measure the artifact just written against its source and record the figures beside it.
     let quality = match &a.eval {

@@ -18,7 +18,7 @@ Qwen3-MoE, real Qwen3-30B-A3B dimensions) and every preset (--presets, default Q
                     `llama-quantize BF16 OUT PRESET N` with the same thread count as sling (N; at the detail sizes
                     also 1). The pipeline's wall time is the sum of both steps, its peak RSS the larger one.
 and then checks that sling's output (default threads) holds the same tensors (name, type, shape, bytes) and the
-same metadata as llama-quantize's (tests/interop/gguf_compare.py; the heuristic general.* naming keys excepted).
+same metadata as llama-quantize's, whole file (sha256; tests/interop/gguf_compare.py).
 Throughput is the size of the source safetensors (10^9 bytes) divided by the wall time.
 
 Measurement is run.py's (scripts/bench/measure.py): /usr/bin/time -v per command, RSS sampled every 20 ms (anon
@@ -195,15 +195,15 @@ def run_e2e(a, result: dict, quiet: Quiet, sling: Path):
             if not a.skip_ref:
                 print(f"== comparing sling-{preset} with llama-quantize's ({tag})", flush=True)
                 t0 = time.perf_counter()
-                c = gguf_compare.compare(str(out), str(ref), ignore_keys=list(lab.NAMING_KEYS))
+                c = gguf_compare.compare(str(out), str(ref))
                 types = {}
                 for tt in gguf_compare.read(str(out))[1].values():
                     types[tt[0]] = types.get(tt[0], 0) + 1
                 v = {"size_gb": size, "preset": preset, "tensors_total": c.tensors_total,
                      "tensors_identical": c.tensors_identical, "tensor_order_equal": c.order_equal,
                      "tensor_diffs": c.tensor_diffs[:20], "kv_compared": c.kv_compared, "kv_diffs": c.kv_diffs[:20],
-                     "ignored_keys": sorted(lab.NAMING_KEYS), "tensor_types": dict(sorted(types.items())),
-                     "equal": not c.tensor_diffs and not c.kv_diffs and c.order_equal,
+                     "tensor_types": dict(sorted(types.items())), "file_identical": c.file_identical,
+                     "equal": c.file_identical,
                      "sling_bytes": out.stat().st_size, "reference_bytes": ref.stat().st_size,
                      "seconds": time.perf_counter() - t0}
                 print(f"   tensors {c.tensors_identical}/{c.tensors_total} identical, order equal {c.order_equal}, "
@@ -446,7 +446,9 @@ def render_md(result) -> str:
             lines.append(f"- {v['size_gb']:g} GB {v['preset']}: sling vs llama-quantize tensors {v['tensors_identical']}/"
                          f"{v['tensors_total']} byte-identical, order equal: {v['tensor_order_equal']}, metadata keys "
                          f"differing: {len(v['kv_diffs'])}{' (' + '; '.join(v['kv_diffs']) + ')' if v['kv_diffs'] else ''}"
-                         f" (naming keys ignored); types {v['tensor_types']}; {v['sling_bytes']:,} bytes")
+                         + (f"; whole file identical: {v['file_identical']}" if "file_identical" in v
+                            else " (naming keys ignored)")
+                         + f"; types {v['tensor_types']}; {v['sling_bytes']:,} bytes")
         lines.append("")
     if "kernels" in result:
         k = result["kernels"]

@@ -169,9 +169,11 @@ def main():
                 v = {"size_gb": size, "type": typ, "tensors_total": c.tensors_total,
                      "tensors_identical": c.tensors_identical, "tensor_order_equal": c.order_equal,
                      "tensor_diffs": c.tensor_diffs[:20], "kv_compared": c.kv_compared, "kv_diffs": c.kv_diffs[:20],
-                     "tensors_equal": not c.tensor_diffs, "seconds": time.perf_counter() - t0}
-                print(f"   tensors {c.tensors_identical}/{c.tensors_total} identical, order equal {c.order_equal}, "
-                      f"kv diffs {len(c.kv_diffs)}: {c.kv_diffs[:4]}", flush=True)
+                     "tensors_equal": not c.tensor_diffs, "file_identical": c.file_identical,
+                     "seconds": time.perf_counter() - t0}
+                print(f"   whole file identical {c.file_identical}; tensors {c.tensors_identical}/{c.tensors_total} "
+                      f"identical, order equal {c.order_equal}, kv diffs {len(c.kv_diffs)}: {c.kv_diffs[:4]}",
+                      flush=True)
                 result["verification"].append(v)
         for p in keep.values():
             rm(p)
@@ -249,7 +251,8 @@ def render_md(result) -> str:
     for v in result["verification"]:
         lines.append(f"- {v['size_gb']:g} GB {v['type']}: sling vs reference tensors {v['tensors_identical']}/"
                      f"{v['tensors_total']} byte-identical (order equal: {v['tensor_order_equal']}); "
-                     f"metadata keys differing: {len(v['kv_diffs'])}" +
+                     f"metadata keys differing: {len(v['kv_diffs'])}; whole file identical: "
+                     f"{v.get('file_identical', 'not checked')}" +
                      (f" ({'; '.join(v['kv_diffs'])})" if v["kv_diffs"] else ""))
     return "\n".join(lines) + "\n"
 

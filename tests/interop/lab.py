@@ -44,21 +44,32 @@ TOKPRE = "gpt-2"  # the fixtures' tokenizer is unknown to llama.cpp's chkhsh tab
 # tokenizer (all fixtures share it; vocab 384). Fed as ids to both sides, so tokenization plays no part.
 TOKEN_IDS = [342, 223, 83, 87, 296, 77, 264, 84, 328, 80, 305, 81, 90, 223, 76, 87]
 
-# Metadata keys allowed to differ from the reference converter's (see test_convert_bytes.py):
-# (a) `general.*` naming keys the reference derives heuristically from the directory name, a model card and the
-#     parameter count (gguf-py Metadata.load / size_label). They name the file, not the model.
+# `general.*` naming keys the reference converter derives from the directory name, config.json `_name_or_path`, a
+# model card and the parameter count (gguf-py `Metadata.load` / `size_label`). sling derives them the same way
+# (targets/gguf/src/convert/naming.rs), so sling-vs-reference comparisons ignore nothing; this list is only for
+# comparisons of two files converted from differently named directories (test_vllm.py).
 NAMING_KEYS = {
-    "general.name": "from the directory name (reference: title-cased, e.g. 'Qwen3Moe'; sling: the directory name)",
+    "general.name": "id_to_title of the directory name (e.g. 'Qwen3Moe')",
     "general.basename": "heuristic split of the directory name",
     "general.finetune": "heuristic split of the directory name",
     "general.version": "heuristic split of the directory name",
     "general.size_label": "from the parameter and expert counts (e.g. '8x112K')",
 }
-# (b) the intended difference: sling writes sigmoid gating for DeepseekV3ForCausalLM, whose transformers-saved
-#     configs lack `scoring_func`; the reference then omits the key and llama.cpp falls back to softmax.
+# The intended difference: sling writes sigmoid gating for DeepseekV3ForCausalLM, whose transformers-saved configs
+# lack `scoring_func` (transformers hard-codes sigmoid); the reference then omits the key and llama.cpp falls back to
+# softmax. sling's file is the reference's file for the config that states it: whole-file comparisons of these
+# fixtures run the reference converter on a copy of the fixture (same directory name) whose config.json says
+# `"scoring_func": "sigmoid"` (stated_fixture_dir).
 GATING_KEY = "deepseek2.expert_gating_func"
 SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 INTENDED = {name: {GATING_KEY: SIGMOID} for name in ("deepseekv3", "deepseekv3-fp8")}
+STATED_CONFIG = {"scoring_func": "sigmoid"}
+
+
+def states_gating(name: str) -> bool:
+    """Whether whole-file comparisons of fixture `name` need the reference run on stated_fixture_dir(name)."""
+    return name.removesuffix("-wide") in INTENDED
+
 
 SETUP_HINT = ("run scripts/setup-reference.sh (installs the reference tools under $SLING_LAB, default "
               "~/.cache/sling-lab), then scripts/test")
@@ -169,6 +180,20 @@ def fixture_dir(name: str) -> Path:
 
 
 @lru_cache(maxsize=None)
+def stated_fixture_dir(name: str) -> Path:
+    """A copy of fixture `name` whose config.json also states STATED_CONFIG (see INTENDED), in a directory of the same
+    name (the reference derives general.name from it), cached under CACHE/stated-fixtures/."""
+    src = fixture_dir(name)
+
+    def make(out: Path) -> None:
+        shutil.copytree(src, out)
+        cfg = json.loads((src / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **STATED_CONFIG}, indent=2) + "\n")
+    key = _sha("stated-v1", fixture_hash(name), json.dumps(STATED_CONFIG, sort_keys=True))[:16]
+    return _cached_run("stated-fixtures", f"{name}.{key}", src.name, make)
+
+
+@lru_cache(maxsize=None)
 def fixture_config(name: str) -> dict:
     return json.loads((fixture_dir(name) / "config.json").read_text())
 
@@ -226,19 +251,22 @@ def sling_convert(name: str, outtype: str, out: Path, extra=()) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # reference converter (llama.cpp convert_hf_to_gguf.py through convert_compat.py), cached
-def _ref_key(name: str, outtype: str, extra: tuple) -> str:
-    return _sha("convert-v1", fixture_hash(name), reference_tool_id(), outtype, *extra)
+def _ref_key(name: str, outtype: str, extra: tuple, stated: bool = False) -> str:
+    parts = ("stated", json.dumps(STATED_CONFIG, sort_keys=True)) if stated else ()
+    return _sha("convert-v1", fixture_hash(name), reference_tool_id(), outtype, *extra, *parts)
 
 
-def _ref_dir(name: str, outtype: str, extra: tuple) -> Path:
-    return CACHE / "convert" / f"{name}.{outtype}.{_ref_key(name, outtype, extra)[:16]}"
+def _ref_dir(name: str, outtype: str, extra: tuple, stated: bool = False) -> Path:
+    tag = ".stated" if stated else ""
+    return CACHE / "convert" / f"{name}{tag}.{outtype}.{_ref_key(name, outtype, extra, stated)[:16]}"
 
 
-def reference_convert(name: str, outtype: str, extra=()) -> list[Path]:
+def reference_convert(name: str, outtype: str, extra=(), stated: bool = False) -> list[Path]:
     """convert_hf_to_gguf.py output for fixture `name` (list of files: one, or the split shards), cached per
-    (fixture content, outtype, extra arguments, reference tool identity)."""
+    (fixture content, outtype, extra arguments, reference tool identity). `stated`: on stated_fixture_dir(name)
+    (the config states what sling assumes; see INTENDED)."""
     extra = tuple(map(str, extra))
-    final = _ref_dir(name, outtype, extra)
+    final = _ref_dir(name, outtype, extra, stated)
     if (final / "ok").exists():
         return shards(final / "model.gguf")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +274,8 @@ def reference_convert(name: str, outtype: str, extra=()) -> list[Path]:
     try:
         env = {**os.environ, "SLING_LAB": str(LAB), "SLING_TOKPRE": TOKPRE,
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [str(LAB / "venv" / "bin" / "python"), str(HERE / "convert_compat.py"), str(fixture_dir(name)),
+        src = stated_fixture_dir(name) if stated else fixture_dir(name)
+        cmd = [str(LAB / "venv" / "bin" / "python"), str(HERE / "convert_compat.py"), str(src),
                "--outtype", outtype, "--outfile", str(tmp / "model.gguf"), *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
@@ -265,8 +294,9 @@ def reference_convert(name: str, outtype: str, extra=()) -> list[Path]:
 
 
 def prewarm_references(specs) -> None:
-    """Run the missing reference conversions of `specs` [(name, outtype, extra)], JOBS at a time."""
-    todo = sorted({(n, t, tuple(map(str, e))) for n, t, e in specs if not (_ref_dir(n, t, tuple(map(str, e))) / "ok").exists()})
+    """Run the missing reference conversions of `specs` [(name, outtype, extra[, stated])], JOBS at a time."""
+    specs = [(s[0], s[1], tuple(map(str, s[2])), bool(s[3]) if len(s) > 3 else False) for s in specs]
+    todo = sorted({s for s in specs if not (_ref_dir(*s) / "ok").exists()})
     if not todo:
         return
     with ThreadPoolExecutor(JOBS) as ex:
@@ -348,14 +378,16 @@ def reference_imatrix(name: str, fmt: str = "gguf") -> Path:
                           "--output-format", fmt]))
 
 
-def reference_quantize(name: str, preset: str, extra=(), imatrix: Path | None = None) -> Path:
-    """convert_hf_to_gguf.py --outtype bf16, then llama-quantize [extra] [--imatrix] BF16 OUT PRESET."""
-    bf16 = reference_convert(name, "bf16")[0]
+def reference_quantize(name: str, preset: str, extra=(), imatrix: Path | None = None, stated: bool = False) -> Path:
+    """convert_hf_to_gguf.py --outtype bf16, then llama-quantize [extra] [--imatrix] BF16 OUT PRESET. `stated`: from
+    the reference conversion of stated_fixture_dir(name) (see INTENDED)."""
+    bf16 = reference_convert(name, "bf16", stated=stated)[0]
     extra = tuple(map(str, extra))
     im = ("--imatrix", str(imatrix)) if imatrix else ()
-    key = f"{name}.{preset}." + _sha("quantize-v1", fixture_hash(name), reference_tool_id(),
-                                     _bin_hash("llama-quantize"), preset, *extra, *im,
-                                     imatrix.read_bytes() if imatrix else b"")[:16]
+    st = ("stated", json.dumps(STATED_CONFIG, sort_keys=True)) if stated else ()
+    key = f"{name}{'.stated' if stated else ''}.{preset}." + _sha(
+        "quantize-v1", fixture_hash(name), reference_tool_id(), _bin_hash("llama-quantize"), preset, *extra, *im,
+        imatrix.read_bytes() if imatrix else b"", *st)[:16]
     return _cached_run("quantize", key, "model.gguf", lambda out: _run_tool(
         "llama-quantize", [*extra, *im, bf16, out, preset, JOBS]))
 

@@ -193,11 +193,15 @@ def render(results: Path) -> str:
     if conv:
         names = sorted({k.split("/")[0] for k in conv})
         out += ["## Byte identity with llama.cpp's convert_hf_to_gguf.py", "",
-                "Tensors identical (name, type, shape, bytes) / total, per fixture and `--type`; tensor order and every"
-                " metadata key equal too, except the `general.*` naming keys and the intended"
-                " `deepseek2.expert_gating_func = 2` of deepseekv3/deepseekv3-fp8 (marked *).", "",
-                "| fixture | " + " | ".join(TYPES) + " |", "|---|" + "---|" * len(TYPES)]
-        all_ok, n_ok = True, 0
+                "Whole file: sling's output has the sha256 of the reference converter's on the same directory (header,"
+                " version, every metadata key with its position, `general.*` naming keys included, tensor infos,"
+                " alignment, padding, data). Cells: tensors identical / total, per fixture and `--type`, for files that are"
+                " whole-file identical (**FILE DIFFERS** otherwise). * deepseekv3,"
+                " deepseekv3-fp8: the reference ran on the fixture with `\"scoring_func\": \"sigmoid\"` stated in"
+                " config.json, which transformers-saved DeepSeek-V3 configs leave out (sling's intended"
+                " `deepseek2.expert_gating_func = 2`); against the fixture as it is, that key is the only difference.",
+                "", "| fixture | " + " | ".join(TYPES) + " |", "|---|" + "---|" * len(TYPES)]
+        n_ok, n_all = 0, 0
         for n in names:
             cells = []
             for t in TYPES:
@@ -205,15 +209,33 @@ def render(results: Path) -> str:
                 if e is None:
                     cells.append("-")
                     continue
-                ok = (not e["kv_diffs"] and not e["tensor_diffs"] and e["tensor_order_equal"]
-                      and e["tensors_identical"] == e["tensors_total"])
-                all_ok &= ok
+                ok = bool(e.get("file_identical"))
+                n_all += 1
                 n_ok += ok
-                cells.append(f"{e['tensors_identical']}/{e['tensors_total']}" + ("*" if "intended" in e else "")
-                             + ("" if ok else " **DIFF**"))
+                cells.append(f"{e['tensors_identical']}/{e['tensors_total']}"
+                             + ("*" if "reference_config_states" in e else "")
+                             + ("" if ok else " **FILE DIFFERS**"))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
-        out += ["", f"{n_ok} of {len(conv)} conversions identical." if all_ok
-                else f"{n_ok} of {len(conv)} conversions identical; see results/convert_bytes.json.", ""]
+        out += ["", f"{n_ok} of {n_all} conversions whole-file identical (sha256)"
+                + ("." if n_ok == n_all else "; see results/convert_bytes.json."), ""]
+
+    nm, v = _load(results, "convert_naming")
+    versions.update(v)
+    if nm:
+        n_ok = sum(bool(e.get("file_identical")) for e in nm.values())
+        out += ["## Naming, sampling and model-card keys (convert_hf_to_gguf.py, whole file)", "",
+                f"{n_ok} of {len(nm)} copies of fixtures, named and configured like real checkpoints, converted to the"
+                " reference's file (sha256), and their `quantize --to gguf:Q4_K_M` to llama-quantize's from that file;"
+                " the `general.*` keys the reference wrote:", "",
+                "| case | directory | convert identical | Q4_K_M identical | reference's general.* keys |",
+                "|---|---|---|---|---|"]
+        for k, e in sorted(nm.items()):
+            keys = ", ".join(f"`{x}`" for x in e.get("reference_general_keys", {})
+                             if x not in ("general.type", "general.file_type", "general.quantization_version"))
+            yn = lambda x: "yes" if x else "**NO**"  # noqa: E731
+            out.append(f"| {k} | `{e.get('directory')}` | {yn(e.get('file_identical'))} |"
+                       f" {yn(e.get('quantize_Q4_K_M_file_identical'))} | {keys} |")
+        out.append("")
 
     logits, v = _load(results, "logits")
     versions.update(v)
@@ -290,11 +312,12 @@ def render(results: Path) -> str:
     split, v = _load(results, "split")
     versions.update(v)
     if split:
-        out += ["## Split output", "", "| model | option | shards | tensors = reference's shards | merged = unsplit |"
-                " split-model logits = unsplit |", "|---|---|---|---|---|---|"]
+        out += ["## Split output", "", "| model | option | shards | tensors = reference's shards |"
+                " shards whole-file = reference's | merged = unsplit | split-model logits = unsplit |",
+                "|---|---|---|---|---|---|---|"]
         for k, e in sorted(split.items()):
             out.append(f"| {'/'.join(k.split('/')[:2])} | `{' '.join(e['args'])}` | {e['shards']} | "
-                       f"{e['tensors_identical_to_reference']} | "
+                       f"{e['tensors_identical_to_reference']} | {e.get('shards_whole_file_identical', '-')} | "
                        f"{e['merged_tensors_identical']}/{e['tensors']} tensors | "
                        f"{'bit-identical' if e['logits_split_equal_unsplit'] else 'DIFFERENT'} |")
         out.append("")
@@ -307,28 +330,31 @@ def render(results: Path) -> str:
         order = list(_PRESET_ORDER + _IQ_ORDER)
         presets = sorted({k.split("/")[1] for k in plain}, key=lambda p: order.index(p) if p in order else 99)
         models = sorted({k.split("/")[0] for k in plain})
-        n_ok = sum(e["tensors_identical"] == e["tensors_total"] and not e["kv_diffs"] for e in qb.values())
+        n_ok = sum(bool(e.get("file_identical")) for e in qb.values())
         out += ["## Quantization: byte identity with convert_hf_to_gguf.py --outtype bf16 + llama-quantize", "",
-                f"{n_ok} of {len(qb)} cases identical (every tensor's name, type, shape and bytes, tensor order, every "
-                "metadata key but the naming keys). Tensors identical / total per fixture and preset; `-wide` fixtures "
-                "have every dimension a multiple of 256 (K-quants on their main path), the others take llama-quantize's "
-                "row fallbacks.", "",
+                f"{n_ok} of {len(qb)} cases whole-file identical (sha256: every tensor, every metadata key with its "
+                "position, naming keys included, alignment and padding; DeepSeek-V3 fixtures from the reference "
+                "conversion with the sigmoid gating stated, as above). Tensors identical / total per fixture and "
+                "preset (**F**: the file differs); `-wide` fixtures have every dimension a multiple of 256 (K-quants "
+                "on their main path), the others take llama-quantize's row fallbacks.", "",
                 "| fixture | " + " | ".join(presets) + " |", "|---|" + "---|" * len(presets)]
         for m in models:
             cells = []
             for p in presets:
                 e = plain.get(f"{m}/{p}")
-                cells.append("" if e is None else f"{e['tensors_identical']}/{e['tensors_total']}")
+                cells.append("" if e is None else f"{e['tensors_identical']}/{e['tensors_total']}"
+                             + ("" if e.get("file_identical") else " **F**"))
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         if other:
             out += ["", "With an imatrix (llama-imatrix output, GGUF and legacy .dat) and with llama-quantize flags given "
-                    "to both tools:", "", "| variant | cases identical | fixtures | presets |", "|---|---|---|---|"]
+                    "to both tools:", "", "| variant | cases whole-file identical | fixtures | presets |",
+                    "|---|---|---|---|"]
             groups: dict[str, list] = {}
             for k, e in other.items():
                 m, p, var = k.split("/")
                 groups.setdefault(var, []).append((m, p, e))
             for var, es in sorted(groups.items()):
-                ok = sum(e["tensors_identical"] == e["tensors_total"] and not e["kv_diffs"] for _, _, e in es)
+                ok = sum(bool(e.get("file_identical")) for _, _, e in es)
                 out.append(f"| {var} | {ok}/{len(es)} | {', '.join(sorted({m for m, _, _ in es}))} | "
                            f"{', '.join(sorted({p for _, p, _ in es}))} |")
         out.append("")

@@ -95,7 +95,7 @@ fn rebuild(
         let ck = open_source(m, inp.source)?;
         let p = plan(&ck, out).map_err(|e| format!("cannot rebuild the plan: {e}"))?;
         let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
-        let kvs = build_kvs(&ck, out, m.options.tokenizer_pre.clone(), mxfp4)
+        let kvs = build_kvs(&ck, out, m.options.tokenizer_pre.clone(), mxfp4, &p.tensors)
             .map_err(|e| format!("cannot rebuild the metadata: {e}"))?;
         return Ok(Rebuilt { ck, tensors: p.tensors, kvs, what: format!("convert {}", m.options.out_type) });
     };
@@ -203,7 +203,19 @@ fn check_metadata(inp: &Inputs<'_>, kvs: &Kvs, problems: &mut Vec<Problem>) -> b
     let Some(first) = inp.manifest.outputs.first() else { return false };
     let name = first.name.as_str();
     let Ok(g) = GgufFile::open(&inp.dir.join(name)) else { return false };
-    let skip = |k: &str| k == "general.name" || k.starts_with("split.");
+    // The naming keys come from the source directory's name (convert/naming.rs), which `verify --source` may give
+    // under another name; the file's own bytes are checked against the manifest's sha256 anyway.
+    let skip = |k: &str| {
+        matches!(
+            k,
+            "general.name"
+                | "general.basename"
+                | "general.finetune"
+                | "general.version"
+                | "general.organization"
+                | "general.size_label"
+        ) || k.starts_with("split.")
+    };
     let want: Vec<&(String, GgufValue)> = kvs.0.iter().filter(|(k, _)| !skip(k)).collect();
     let got: Vec<&(String, GgufValue)> = g.kvs.iter().filter(|(k, _)| !skip(k)).collect();
     let got_map: HashMap<&str, &GgufValue> = got.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -3,6 +3,8 @@
 
 pub mod arch;
 pub mod hparams;
+pub mod model_card;
+pub mod naming;
 pub mod plan;
 pub mod run;
 

@@ -155,6 +155,9 @@ pub fn plan(ck: &Checkpoint, out: OutType) -> Result<Plan, PlanError> {
     if let Some((layer, names)) = p.experts.iter().find(|(_, m)| !m.is_empty()) {
         return Err(PlanError::IncompleteExperts { layer: *layer, names: names.keys().cloned().collect() });
     }
+    if let Err(reason) = super::naming::card_keys(&ck.dir) {
+        p.notes.push(format!("{}: {reason}", super::naming::MODEL_CARD_NOTE));
+    }
     Ok(Plan { arch, tensors: p.tensors, notes: p.notes })
 }
 

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::hparams::{arch_kvs, Kvs};
+use super::naming;
 use super::plan::{plan, OutTensor, OutType, Payload};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
 use sling_core::DType;
@@ -192,20 +193,34 @@ pub fn check_output_path(ck: &Checkpoint, output: &Path) -> Result<(), ConvertEr
     Ok(())
 }
 
-/// All metadata of the output, in the reference converter's order.
+/// All metadata of the output, in the reference converter's order. `tensors` are the output tensors (the parameter
+/// counts behind `general.size_label`).
 pub fn build_kvs(
     ck: &Checkpoint,
     out: OutType,
     tokenizer_pre: Option<String>,
     mxfp4_moe: bool,
+    tensors: &[OutTensor],
 ) -> Result<Kvs, ConvertError> {
     let cfg = ck.config.as_ref().ok_or(PlanError::NoConfig)?;
     let arch = super::plan::arch_of(cfg)?;
     let mut kvs = Kvs::default();
     kvs.set("general.architecture", GgufValue::String(arch.gguf.into()));
     kvs.set("general.type", GgufValue::String("model".into()));
-    let name = ck.dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-    kvs.set("general.name", GgufValue::String(name));
+    // `prepare_metadata` -> `Metadata.load` + `set_gguf_meta_model`: sampling keys from generation_config.json, then
+    // name, version, organization, finetune, basename and size label as gguf-py derives them (convert/naming.rs).
+    let gen_cfg = std::fs::read(ck.dir.join("generation_config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    kvs.extend(naming::sampling_kvs(gen_cfg.as_ref()));
+    let counts = naming::parameter_counts(tensors.iter().map(|t| (t.name.as_str(), t.ne.as_slice())));
+    let cfg_json = serde_json::Value::Object(cfg.root().clone());
+    // The model card too, unless sling cannot read it as the reference does (then a note says so; see `plan`).
+    let card = naming::card_keys(&ck.dir).unwrap_or_default();
+    let dir_name = naming::py_path_name(&ck.dir);
+    let names = naming::derive_naming(&dir_name, Some(&cfg_json), counts, &card)
+        .unwrap_or_else(|_| naming::derive_naming(&dir_name, Some(&cfg_json), counts, &[]).unwrap_or_default());
+    kvs.extend(naming::naming_kvs(&names));
     // `prepare_metadata`: an MXFP4 source written at a float type is "MOSTLY_MXFP4_MOE".
     let file_type = if mxfp4_moe && out != OutType::Q8_0 { 38 } else { out.file_type() };
     arch_kvs(arch, cfg, file_type, &mut kvs)?;
@@ -594,7 +609,7 @@ pub fn convert(
     check_output_path(ck, &opts.output)?;
     let p = plan(ck, opts.out_type)?;
     let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
-    let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4)?;
+    let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4, &p.tensors)?;
     let label = opts.out_type.dtype().name().to_string();
     execute(ck, Prepared { tensors: p.tensors, kvs, notes: p.notes, label }, opts, events)
 }

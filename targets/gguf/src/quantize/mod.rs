@@ -157,7 +157,7 @@ pub fn model_facts(kvs: &Kvs) -> ModelFacts {
 pub fn plan_quantize(ck: &Checkpoint, opts: &QuantizeOptions) -> Result<QuantizePlan, QuantizeError> {
     let p = plan(ck, OutType::BF16)?;
     let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
-    let kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4)?;
+    let kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4, &p.tensors)?;
     decide(p.tensors, kvs, p.notes, opts)
 }
 
