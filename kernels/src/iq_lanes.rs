@@ -291,41 +291,14 @@ fn better(qx: __m256, q2: __m256, best: __m256) -> __m256 {
     _mm256_and_ps(pos, gt)
 }
 
-/// One vector of candidates with what the reference's update rule needs of them, computed once per vector (the
-/// division and product are those the rule would compute, so the results are the same bits).
-struct Cands {
-    /// `sumqx * sumqx`.
-    qx2: [f32; 8],
-    /// `sumq2`.
-    q2: [f32; 8],
-    /// `sumqx / sumq2`: the scale the rule would take.
-    scale: [f32; 8],
-    /// `scale * sumqx`: the best score the rule would take.
-    score: [f32; 8],
-}
-
-impl Cands {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn new(qx: __m256, q2: __m256) -> Cands {
-        let scale = _mm256_div_ps(qx, q2);
-        Cands {
-            qx2: lanes(_mm256_mul_ps(qx, qx)),
-            q2: lanes(q2),
-            scale: lanes(scale),
-            score: lanes(_mm256_mul_ps(scale, qx)),
-        }
-    }
-
-    /// The reference's rule for lane `l`: `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2;
-    /// best = scale*sumqx; ... }`.
-    #[inline(always)]
-    fn update(&self, l: usize, best: &mut f32, r: &mut Partition, cand: (i32, i32, i32)) {
-        if self.q2[l] > 0.0 && self.qx2[l] > *best * self.q2[l] {
-            r.scale = self.scale[l];
-            *best = self.score[l];
-            (r.i1, r.i2, r.shift) = cand;
-        }
+/// The reference's rule for one candidate: `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2;
+/// best = scale*sumqx; ... }`.
+#[inline(always)]
+fn update(qx: f32, q2: f32, best: &mut f32, r: &mut Partition, cand: (i32, i32, i32)) {
+    if q2 > 0.0 && qx * qx > *best * q2 {
+        r.scale = qx / q2;
+        *best = r.scale * qx;
+        (r.i1, r.i2, r.shift) = cand;
     }
 }
 
@@ -375,12 +348,12 @@ fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_S
             };
             let mut mask = hits(best) & ((1u32 << n) - 1);
             if mask != 0 {
-                let (cp, cm) = (Cands::new(qxp, q2p), Cands::new(qxm, q2m));
+                let (qxp, q2p, qxm, q2m) = (lanes(qxp), lanes(q2p), lanes(qxm), lanes(q2m));
                 while mask != 0 {
                     let l = mask.trailing_zeros() as usize;
                     let (i1, i2) = (i1 as i32, (i2 + l) as i32);
-                    cp.update(l, &mut best, &mut r, (i1, i2, 1));
-                    cm.update(l, &mut best, &mut r, (i1, i2, -1));
+                    update(qxp[l], q2p[l], &mut best, &mut r, (i1, i2, 1));
+                    update(qxm[l], q2m[l], &mut best, &mut r, (i1, i2, -1));
                     // The lanes after `l` against the best score as it is now.
                     mask = hits(best) & ((1u32 << n) - 1) & !((2u32 << l) - 1);
                 }
@@ -442,11 +415,12 @@ fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK
             };
             let mut mask = hits(best) & ((1u32 << n) - 1);
             if mask != 0 {
-                let c: [Cands; 4] = std::array::from_fn(|k| Cands::new(sumqx[k], sumq2[k]));
+                let qx = sumqx.map(|v| lanes(v));
+                let q2 = sumq2.map(|v| lanes(v));
                 while mask != 0 {
                     let l = mask.trailing_zeros() as usize;
-                    for (k, c) in c.iter().enumerate() {
-                        c.update(l, &mut best, &mut r, (i1 as i32, (i2 + l) as i32, k as i32));
+                    for k in 0..4 {
+                        update(qx[k][l], q2[k][l], &mut best, &mut r, (i1 as i32, (i2 + l) as i32, k as i32));
                     }
                     // The lanes after `l` against the best score as it is now.
                     mask = hits(best) & ((1u32 << n) - 1) & !((2u32 << l) - 1);
