@@ -142,23 +142,10 @@ impl TensorSource for CheckpointSource<'_> {
         let src = Src::of(t);
         let mut op = Op::Source(src.clone());
         if matches!(t.dtype, DType::F8E4M3 | DType::F8E5M2) {
-            if let Some(s) = self.ck.get(&format!("{name}_scale_inv")) {
-                let block = self.fp8_block.ok_or_else(|| {
-                    read_err(name, "FP8 weight with a scale but no quantization_config.weight_block_size")
-                })?;
-                if t.shape.len() != 2
-                    || s.shape.len() != 2
-                    || s.shape[0] * block.0 < t.shape[0]
-                    || s.shape[1] * block.1 < t.shape[1]
-                {
-                    return Err(Error::Shape {
-                        tensor: s.name.clone(),
-                        shape: s.shape.clone(),
-                        expected: format!("a scale covering {:?} in blocks of {block:?}", t.shape),
-                    });
-                }
-                op = Op::Fp8 { weight: src, scale: Src::of(s), block };
-            }
+            // Scale present, shaped for the block size, finite: checked as the converters check it.
+            let (s, block) =
+                sling_pipeline::hf::fp8_scale(self.ck, t, self.fp8_block).map_err(|e| read_err(name, e))?;
+            op = Op::Fp8 { weight: src, scale: Src::of(s), block };
         }
         if shape.len() < 2 {
             op.read(self.ck, 0, op.rows(), &mut out).map_err(|e| read_err(name, e))?;

@@ -83,8 +83,13 @@ impl SafetensorsFile {
         // would change the bytes we read (as with any reader), but cannot violate memory safety
         // of this process beyond that; the source is never written by sling.
         let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(path))?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| CheckpointError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            let mut reason = e.to_string();
+            if let Some(why) = diagnose_layout(&mmap) {
+                reason = format!("{reason}: {why}");
+            }
+            CheckpointError::Safetensors { path: path.to_path_buf(), reason }
+        })?;
         let base = 8 + n;
         let mut tensors = Vec::new();
         for (name, info) in meta.tensors() {
@@ -122,6 +127,63 @@ impl SafetensorsFile {
         // Offsets were validated against the file length by `read_metadata`.
         &self.mmap[t.start..t.end]
     }
+}
+
+/// Names the tensor behind a layout error that the `safetensors` crate reports without one (a byte size that
+/// disagrees with shape × dtype, data past the end of the file, a gap or an overlap): the header is re-read on
+/// its own terms, tensors in offset order. `None` when the header cannot be read that far (the crate's
+/// message says why) or nothing is found.
+fn diagnose_layout(file: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(file.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = (file.len() - 8 - n) as u64;
+    let mut ts: Vec<(u64, u64, &str, &serde_json::Value)> = Vec::new();
+    for (name, v) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offs = v.get("data_offsets")?.as_array()?;
+        let (s, e) = (offs.first()?.as_u64()?, offs.get(1)?.as_u64()?);
+        ts.push((s, e, name, v));
+    }
+    ts.sort_by_key(|t| (t.0, t.1));
+    let mut at = 0u64;
+    for (s, e, name, v) in ts {
+        if e < s {
+            return Some(format!("tensor {name}: data_offsets [{s}, {e}] end before they start"));
+        }
+        if e > data_len {
+            return Some(format!(
+                "tensor {name}: data_offsets [{s}, {e}] go past the end of the data ({data_len} bytes)"
+            ));
+        }
+        if s < at {
+            return Some(format!(
+                "tensor {name}: data_offsets [{s}, {e}] overlap the previous tensor (which ends at {at})"
+            ));
+        }
+        if s > at {
+            return Some(format!("tensor {name}: data_offsets [{s}, {e}] leave a gap of {} bytes before it", s - at));
+        }
+        let shape: Option<Vec<u64>> = v.get("shape")?.as_array()?.iter().map(serde_json::Value::as_u64).collect();
+        let dtype = v.get("dtype")?.as_str()?;
+        if let (Some(shape), Some(d)) = (shape, DType::from_safetensors(dtype)) {
+            let want = shape.iter().try_fold(1u64, |a, &x| a.checked_mul(x)).and_then(|numel| d.bytes_for(numel));
+            if want != Some(e - s) {
+                let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
+                return Some(format!(
+                    "tensor {name}: data_offsets [{s}, {e}] hold {} bytes but shape {shape:?} of {dtype} needs {want}",
+                    e - s
+                ));
+            }
+        }
+        at = e;
+    }
+    if at != data_len {
+        return Some(format!("the tensors end at byte {at} of the data, which has {data_len}"));
+    }
+    None
 }
 
 /// A checkpoint: its configuration and its safetensors files, in the order the reference

@@ -10,7 +10,7 @@ use crate::ops::{Op, Src};
 use crate::PlanError;
 use sling_core::Role;
 use sling_core::{DType, ModelConfig};
-use sling_formats::checkpoint::Checkpoint;
+use sling_formats::checkpoint::{Checkpoint, SourceTensor};
 
 /// One tensor of the checkpoint as an artifact in Hugging Face naming holds it.
 #[derive(Clone, Debug)]
@@ -69,6 +69,44 @@ fn unsupported(tensor: &str, why: impl Into<String>) -> PlanError {
     PlanError::Unsupported { tensor: tensor.to_string(), why: why.into() }
 }
 
+/// The `weight_scale_inv` of an FP8 weight `t` and the block size, checked: present, `[ceil(rows/b0), ceil(cols/b1)]` for the
+/// config's `weight_block_size` (both non-zero), f32/bf16/f16, and every value finite. A hostile scale is a
+/// [`PlanError`] naming the scale tensor, before any row is read (a NaN scale would otherwise turn whole blocks
+/// of the output into NaN, and a short one would be read past its end).
+pub fn fp8_scale<'a>(
+    ck: &'a Checkpoint,
+    t: &SourceTensor,
+    block: Option<(u64, u64)>,
+) -> Result<(&'a SourceTensor, (u64, u64)), PlanError> {
+    let name = t.name.as_str();
+    let scale_name = format!("{name}_scale_inv");
+    let s = ck.get(&scale_name).ok_or_else(|| unsupported(name, format!("FP8 weight without {scale_name}")))?;
+    let block = block.ok_or_else(|| unsupported(name, "FP8 source without weight_block_size"))?;
+    if t.shape.len() != 2
+        || s.shape.len() != 2
+        || block.0 == 0
+        || block.1 == 0
+        || s.shape[0] != t.shape[0].div_ceil(block.0)
+        || s.shape[1] != t.shape[1].div_ceil(block.1)
+    {
+        return Err(PlanError::Shape {
+            tensor: scale_name,
+            shape: s.shape.clone(),
+            why: format!("must be [ceil(rows/{}), ceil(cols/{})] of {name} {:?}", block.0, block.1, t.shape),
+        });
+    }
+    if !matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(unsupported(&scale_name, format!("scale dtype {} (expected f32)", s.dtype)));
+    }
+    let mut v = Vec::new();
+    sling_quantizers::decode_to_f32(s.dtype, ck.bytes(s), &mut v)
+        .map_err(|e| unsupported(&scale_name, format!("cannot decode the scale: {e}")))?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(unsupported(&scale_name, format!("non-finite scale {} at element {i}", v[i])));
+    }
+    Ok((s, block))
+}
+
 /// Every tensor of `ck` in checkpoint order, as listed in the module docs.
 pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
     let cfg: &ModelConfig = ck.config.as_ref().ok_or(PlanError::NoConfig)?;
@@ -120,29 +158,7 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
         let (op, dtype, mut sources) = match t.dtype {
             DType::F32 | DType::F16 | DType::BF16 => (Op::Source(src), t.dtype, vec![t.name.clone()]),
             DType::F8E4M3 => {
-                let scale_name = format!("{name}_scale_inv");
-                let s =
-                    ck.get(&scale_name).ok_or_else(|| unsupported(name, format!("FP8 weight without {scale_name}")))?;
-                let block = block.ok_or_else(|| unsupported(name, "FP8 source without weight_block_size"))?;
-                if t.shape.len() != 2
-                    || s.shape.len() != 2
-                    || block.0 == 0
-                    || block.1 == 0
-                    || s.shape[0] != t.shape[0].div_ceil(block.0)
-                    || s.shape[1] != t.shape[1].div_ceil(block.1)
-                {
-                    return Err(PlanError::Shape {
-                        tensor: scale_name,
-                        shape: s.shape.clone(),
-                        why: format!(
-                            "must be [ceil(rows/{}), ceil(cols/{})] of {name} {:?}",
-                            block.0, block.1, t.shape
-                        ),
-                    });
-                }
-                if !matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                    return Err(unsupported(&scale_name, format!("scale dtype {} (expected f32)", s.dtype)));
-                }
+                let (s, block) = fp8_scale(ck, t, block)?;
                 (Op::Fp8 { weight: src, scale: Src::of(s), block }, DType::BF16, vec![t.name.clone(), s.name.clone()])
             }
             d => return Err(unsupported(name, format!("{d} tensors are not supported for this target"))),

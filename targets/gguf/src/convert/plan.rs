@@ -240,26 +240,24 @@ impl<'a> Planner<'a> {
                 {
                     continue;
                 }
-                let scale_name = format!("{}_scale_inv", t.name);
-                if let Some(s) = ck.get(&scale_name) {
+                // An FP8 weight needs its scale; a scale beside any other weight is applied the same way
+                // (`dequant_simple`). Either way it is checked first (sling_pipeline::hf::fp8_scale).
+                let has_scale = ck.get(&format!("{}_scale_inv", t.name)).is_some();
+                if has_scale || matches!(t.dtype, DType::F8E4M3 | DType::F8E5M2) {
                     let block = quant.as_ref().and_then(|(_, b)| *b);
-                    let Some(block) = block else {
-                        return Err(PlanError::Unsupported {
-                            tensor: t.name.clone(),
-                            why: "FP8 source without weight_block_size".into(),
-                        });
-                    };
-                    if t.shape.len() != 2
-                        || s.shape.len() != 2
-                        || s.shape[0] * block.0 < t.shape[0]
-                        || s.shape[1] * block.1 < t.shape[1]
-                    {
-                        return Err(shape_err(s, format!("scale does not cover {} in blocks of {block:?}", t.name)));
-                    }
+                    let (s, block) = sling_pipeline::hf::fp8_scale(ck, t, block)?;
                     op = Op::Fp8 { weight: src.clone(), scale: Src::of(s), block };
                 }
             }
             if mxfp4 && (name.ends_with("_blocks") || name.ends_with("_scales")) {
+                // Written by mxfp4_experts; any other MXFP4 pair would be dropped without a word.
+                if !(t.name.contains("mlp.experts.down_proj_") || t.name.contains("mlp.experts.gate_up_proj_")) {
+                    return Err(PlanError::Unsupported {
+                        tensor: t.name.clone(),
+                        why: "MXFP4 blocks/scales are supported for the experts' down_proj and gate_up_proj only"
+                            .into(),
+                    });
+                }
                 continue;
             }
             let bid = layer_of(&name);
@@ -506,11 +504,18 @@ impl<'a> Planner<'a> {
 
     /// gpt-oss MXFP4 experts, written before every other tensor (`generate_extra_tensors`).
     fn mxfp4_experts(&mut self, ck: &Checkpoint) -> Result<(), PlanError> {
-        let mut blocks: Option<&SourceTensor> = None;
         for t in ck.tensors() {
             let n = &t.name;
+            // Every `_blocks` needs its `_scales` (and the reverse, below): one without the other would be
+            // dropped without a word.
             if n.contains("mlp.experts.down_proj_blocks") || n.contains("mlp.experts.gate_up_proj_blocks") {
-                blocks = Some(t);
+                let scales = n.replace("_blocks", "_scales");
+                if ck.get(&scales).is_none() {
+                    return Err(PlanError::Unsupported {
+                        tensor: n.clone(),
+                        why: format!("MXFP4 blocks without {scales}"),
+                    });
+                }
                 continue;
             }
             let (is_down, is_gu) =
@@ -518,15 +523,19 @@ impl<'a> Planner<'a> {
             if !is_down && !is_gu {
                 continue;
             }
-            let b = blocks.ok_or_else(|| PlanError::Unsupported {
+            let blocks = n.replace("_scales", "_blocks");
+            let b = ck.get(&blocks).ok_or_else(|| PlanError::Unsupported {
                 tensor: n.clone(),
-                why: "scales without preceding _blocks".into(),
+                why: format!("MXFP4 scales without {blocks}"),
             })?;
             let [e, r, nb, 16] = b.shape[..] else {
                 return Err(shape_err(b, "MXFP4 blocks must be [E, rows, n_blocks, 16]"));
             };
             if t.shape != [e, r, nb] || b.dtype != DType::U8 || t.dtype != DType::U8 {
                 return Err(shape_err(t, format!("MXFP4 scales must be u8 [{e}, {r}, {nb}] matching {}", b.name)));
+            }
+            if e == 0 || r == 0 || nb == 0 || (is_gu && r & 1 != 0) {
+                return Err(shape_err(b, "MXFP4 blocks need non-zero dimensions (and an even row count for gate_up)"));
             }
             let parts: Vec<(String, Vec<u64>)> = if is_down {
                 vec![(n.replace("_scales", ".weight"), strided(e, r, 0, 1, r))]

@@ -92,7 +92,20 @@ impl Imatrix {
                 return Err(format!("sums and counts for {name} must be F32"));
             }
             let sums = f32s(g.tensor_data(s));
-            let counts: Vec<i64> = f32s(g.tensor_data(c)).iter().map(|v| v.round() as i64).collect();
+            let raw_counts = f32s(g.tensor_data(c));
+            // A count is a number of tokens and a sum one of squares: negative, fractional or non-finite values
+            // cannot come from llama-imatrix (llama.cpp would turn them into garbage weights silently).
+            if let Some((i, v)) = raw_counts
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v >= 0.0 && v.fract() == 0.0 && **v < 9.0e15))
+            {
+                return Err(format!("{name}.counts: element {i} is {v}, not a count of tokens"));
+            }
+            if let Some((i, v)) = sums.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+                return Err(format!("{name}.in_sum2: element {i} is {v}, not a finite sum of squares"));
+            }
+            let counts: Vec<i64> = raw_counts.iter().map(|v| *v as i64).collect();
             if counts.is_empty() || sums.len() % counts.len() != 0 {
                 return Err(format!("{name}: {} sums do not divide into {} matrices", sums.len(), counts.len()));
             }
@@ -127,6 +140,12 @@ impl Imatrix {
             let nval = r.i32().filter(|v| *v >= 1).ok_or(format!("entry {name}: bad number of values"))? as usize;
             let raw = r.take(nval.checked_mul(4).ok_or("overflow")?).ok_or(format!("entry {name}: truncated data"))?;
             let sums = f32s(raw);
+            if ncall < 0 {
+                return Err(format!("entry {name}: negative ncall {ncall}"));
+            }
+            if let Some((i, v)) = sums.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+                return Err(format!("entry {name}: value {i} is {v}, not a finite sum of squares"));
+            }
             let weights = if ncall > 0 { sums.iter().map(|v| v / ncall as f32).collect() } else { sums };
             entries.insert(name, Entry { weights, counts: vec![ncall as i64] });
         }
