@@ -8,44 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 use sling_provenance::manifest::hash_file;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));
-    for k in ["SOURCE_DATE_EPOCH", "SLING_JOURNAL_INTERVAL_MS", "SLING_TEST_ABORT_AFTER_TENSORS", "SLING_TEST_ABORT_AT"]
-    {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A writable copy of a fixture under `tmp`.
-fn copy_fixture(name: &str, tmp: &Path) -> PathBuf {
-    let dst = tmp.join(name);
-    fs::create_dir_all(&dst).unwrap();
-    for e in fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    dst
-}
+mod common;
+use common::{bin, copy_fixture, fixture, s, stderr};
 
 /// `sling <cmd> SRC -o OUT -q <extra>`, with `--tokenizer-pre gpt-2` for GGUF outputs (the fixtures' tokenizer is
 /// not in llama.cpp's table).

@@ -18,27 +18,8 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 use sling_provenance::manifest::hash_file;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));
-    // The tests set what they need; nothing from the environment leaks in.
-    for k in ["SOURCE_DATE_EPOCH", "SLING_JOURNAL_INTERVAL_MS", "SLING_TEST_ABORT_AFTER_TENSORS", "SLING_TEST_ABORT_AT"]
-    {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{bin, fixture, s, stderr};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
