@@ -179,7 +179,7 @@ impl<'a> GgufCandidate<'a> {
 
 /// The smallest subtree of `op` holding every element of source `name`, and the output row it starts at:
 /// descends through concatenations (expert stacking) while a single part holds the name.
-fn narrow<'o>(op: &'o Op, name: &str) -> (u64, &'o Op) {
+pub(crate) fn narrow<'o>(op: &'o Op, name: &str) -> (u64, &'o Op) {
     let mut base = 0;
     let mut cur = op;
     while let Op::Concat(parts) = cur {
@@ -213,7 +213,7 @@ fn has_source(op: &Op, name: &str) -> bool {
 
 /// Writes the elements of source `want` held in `vals` (the output of `op`, `cols` per row) to `dst` (the
 /// whole source tensor, row-major); elements `vals` does not hold are NaN and left alone.
-fn scatter(op: &Op, vals: &[f32], cols: u64, want: &str, dst: &mut [f32]) {
+pub(crate) fn scatter(op: &Op, vals: &[f32], cols: u64, want: &str, dst: &mut [f32]) {
     match op {
         Op::Source(s) | Op::Fp8 { weight: s, .. } => {
             if s.name == want {

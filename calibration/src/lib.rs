@@ -26,6 +26,7 @@ pub mod math;
 pub mod model;
 pub mod observer;
 pub mod rope;
+pub mod sensitivity;
 pub mod source;
 pub mod spec;
 

@@ -25,7 +25,7 @@ type Obs<'o, 'a> = &'o mut Option<&'a mut dyn Observer>;
 
 /// Token layout of a batch: sequences one after the other (opaque; from [`Model::embed_batch`]).
 pub struct Batch {
-    seqs: Vec<(usize, usize)>,
+    pub(crate) seqs: Vec<(usize, usize)>,
     /// Position of every token within its sequence.
     pos: Vec<usize>,
     /// cos/sin tables by position.
@@ -301,6 +301,13 @@ impl<'s> Model<'s> {
             o.layer_done(l);
         }
         Ok(())
+    }
+
+    /// Logits of hidden states that went through every layer ([`Model::run_layer`]): the final norm, then the
+    /// output head (what [`Model::logits`] does after the last layer).
+    pub fn head_logits(&self, h: &Array2<f32>) -> Result<Array2<f32>> {
+        let x = self.final_norm(h)?;
+        self.lm_head(&x, &mut None)
     }
 
     /// The final norm (`model.norm`) of hidden states: the input of the output head.

@@ -102,7 +102,7 @@ pub struct Outcome {
 }
 
 /// The token chunks of `d`, tokenized with `reference`'s tokenizer.
-fn load_chunks(reference: &Path, d: &DataArgs) -> Result<(Tokens, Vec<Vec<u32>>)> {
+pub(crate) fn load_chunks(reference: &Path, d: &DataArgs) -> Result<(Tokens, Vec<Vec<u32>>)> {
     if d.ctx < 4 {
         bail!("--ctx must be at least 4");
     }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod auto;
 mod calibrate;
 mod convert;
 mod dequantize;
@@ -124,7 +125,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Convert(a) => convert::run(a, cli.quiet),
         Cmd::Quantize(a) => quantize::run(a, cli.quiet),
-        Cmd::Plan(a) => quantize::run_plan(a),
+        Cmd::Plan(a) => quantize::run_plan(a, cli.quiet),
         // verify reports its own problems and chooses its exit code (0, 1 or 2).
         Cmd::Verify(a) => return ExitCode::from(verify::run(a, cli.quiet)),
         Cmd::Sign(a) => sign::run(a, cli.quiet),

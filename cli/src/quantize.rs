@@ -13,6 +13,7 @@ use sling_target_gguf::quantize::{
     RuleOptions, TensorTypeRule, Why,
 };
 
+use crate::auto::AutoPlan;
 use crate::convert::{split_policy, tool, written_list, PipelineArgs, Reporter};
 use serde_json::json;
 
@@ -132,6 +133,8 @@ pub struct QuantArgs {
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) solve: crate::solve::SolveArgs,
+    #[command(flatten)]
+    pub(crate) auto: crate::auto::AutoArgs,
 }
 
 #[derive(clap::Args)]
@@ -220,8 +223,10 @@ fn target(a: &QuantArgs) -> Result<(Ftype, Vec<TensorTypeRule>, String)> {
 
 /// The options of `quantize` (`dry_run` false) or `plan` / `--dry-run` (true: tensors that need an imatrix are
 /// listed, not refused, as llama-quantize --dry-run does).
-fn options(a: &QuantArgs, dry_run: bool) -> Result<(QuantizeOptions, String)> {
-    let (ftype, recipe_rules, label) = target(a)?;
+fn options(a: &QuantArgs, dry_run: bool, quiet: bool) -> Result<(QuantizeOptions, String, Option<AutoPlan>)> {
+    let auto = crate::auto::wanted(a)?;
+    let (ftype, recipe_rules, label) =
+        if auto { (sling_target_gguf::quantize::rules::Q8_0, Vec::new(), "auto".to_string()) } else { target(a)? };
     let mut tensor_types = a
         .tensor_type
         .iter()
@@ -248,26 +253,30 @@ fn options(a: &QuantArgs, dry_run: bool) -> Result<(QuantizeOptions, String)> {
         }
         None => None,
     };
-    Ok((
-        QuantizeOptions {
-            rules: RuleOptions {
-                ftype,
-                pure: a.pure,
-                leave_output: a.leave_output_tensor,
-                output_tensor_type: dtype_arg("--output-tensor-type", &a.output_tensor_type)?,
-                token_embedding_type: dtype_arg("--token-embedding-type", &a.token_embedding_type)?,
-                tensor_types,
-                has_imatrix: false,
-            },
-            imatrix,
-            allow_requantize: a.allow_requantize,
-            tokenizer_pre: a.tokenizer_pre.clone(),
-            label: label.clone(),
-            overrides,
-            dry_run,
+    let mut o = QuantizeOptions {
+        rules: RuleOptions {
+            ftype,
+            pure: a.pure,
+            leave_output: a.leave_output_tensor,
+            output_tensor_type: dtype_arg("--output-tensor-type", &a.output_tensor_type)?,
+            token_embedding_type: dtype_arg("--token-embedding-type", &a.token_embedding_type)?,
+            tensor_types,
+            has_imatrix: false,
         },
-        label,
-    ))
+        imatrix,
+        allow_requantize: a.allow_requantize,
+        tokenizer_pre: a.tokenizer_pre.clone(),
+        label: label.clone(),
+        overrides,
+        dry_run,
+    };
+    if !auto {
+        return Ok((o, label, None));
+    }
+    let plan = crate::auto::plan(a, &o, quiet)?;
+    o.rules.ftype = plan.alloc.base;
+    o.rules.tensor_types = plan.rules();
+    Ok((o, label, Some(plan)))
 }
 
 fn why(w: &Why) -> String {
@@ -331,8 +340,14 @@ fn warn_imatrix(p: &QuantizePlan) {
 }
 
 /// Rows for the model card: recipe description, imatrix and type overrides.
-fn card_extra(a: &QuantArgs) -> Result<Vec<(String, String)>> {
+fn card_extra(a: &QuantArgs, auto: Option<(&AutoPlan, PathBuf)>) -> Result<Vec<(String, String)>> {
     let mut rows = Vec::new();
+    if let Some((ap, path)) = auto {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (_, sha) = sling_provenance::manifest::hash_file(&path)?;
+        rows.push(("recipe".to_string(), ap.description.clone()));
+        rows.push(("recipe file".to_string(), format!("`{name}` (sha256 `{sha}`)")));
+    }
     if let Some(to) = a.to.as_deref().and_then(|t| t.strip_prefix("gguf:")) {
         if let Some(r) = Recipe::named(to) {
             rows.push(("recipe description".to_string(), r.description));
@@ -379,7 +394,7 @@ fn is_gguf(p: &std::path::Path) -> bool {
 }
 
 /// Opens the source (HF checkpoint, .safetensors, or a GGUF file as llama-quantize takes) and plans.
-fn open_and_plan(src: &std::path::Path, opts: &QuantizeOptions) -> Result<(Checkpoint, QuantizePlan)> {
+pub(crate) fn open_and_plan(src: &std::path::Path, opts: &QuantizeOptions) -> Result<(Checkpoint, QuantizePlan)> {
     if is_gguf(src) {
         return plan_quantize_gguf(src, opts).with_context(|| format!("cannot quantize {}", src.display()));
     }
@@ -430,22 +445,29 @@ fn hf_target(a: &QuantArgs) -> Result<Option<sling_targets::To>> {
 }
 
 /// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
-pub fn run_plan(a: QuantArgs) -> Result<()> {
+pub fn run_plan(a: QuantArgs, quiet: bool) -> Result<()> {
     if let Some(to) = hf_target(&a)? {
         return crate::hfout::run_plan(&a, to);
     }
     if a.group_size.is_some() || a.strict {
         bail!("--group-size and --strict apply to vllm:… and mlx:… targets");
     }
-    if a.solve.any() {
+    if a.solve.any() && !crate::auto::is_auto(&a) {
         bail!(crate::solve::GGUF_REFUSAL);
     }
-    let (opts, label) = options(&a, true)?;
+    let (opts, label, auto) = options(&a, true, quiet)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
     let mut j = plan_json(&p, &opts.rules.ftype, &label);
     let est = estimate_json(&p)?;
     j["estimate"] = est.clone();
+    if let Some(ap) = &auto {
+        check_auto(ap, &p)?;
+        j["auto"] = ap.json();
+        if let Some(path) = &a.auto.save_recipe {
+            ap.save(path)?;
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
@@ -480,6 +502,9 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
             p.needs_imatrix.len()
         );
     }
+    if let Some(ap) = &auto {
+        println!("{}", ap.description);
+    }
     // On stderr: it depends on the machine (threads), the table above does not.
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
@@ -495,7 +520,7 @@ pub fn run_plan(a: QuantArgs) -> Result<()> {
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
     if a.dry_run {
-        return run_plan(a.q);
+        return run_plan(a.q, quiet);
     }
     let rep = Reporter::new("quantize", &a.pipeline, quiet, a.q.json)?;
     let r = match hf_target(&a.q) {
@@ -503,7 +528,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         Ok(None) if a.q.group_size.is_some() || a.q.strict => {
             Err(anyhow::anyhow!("--group-size and --strict apply to vllm:… and mlx:… targets"))
         }
-        Ok(None) if a.q.solve.any() => Err(anyhow::anyhow!(crate::solve::GGUF_REFUSAL)),
+        Ok(None) if a.q.solve.any() && !crate::auto::is_auto(&a.q) => Err(anyhow::anyhow!(crate::solve::GGUF_REFUSAL)),
         Ok(None) => run_with(&a, quiet, &rep),
         Err(e) => Err(e),
     };
@@ -514,14 +539,27 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 }
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
-    let (opts, label) = options(&a.q, false)?;
     crate::eval::check_max_kld(a.max_kld)?;
+    let (opts, label, auto) = options(&a.q, false, quiet)?;
     let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
     let t0 = Instant::now();
     let created = a.pipeline.created()?;
     let src = &a.q.src;
     let (ck, p) = open_and_plan(src, &opts)?;
     let warnings = imatrix_warnings(&p);
+    // The allocation as a recipe beside the output (recorded in the manifest and the card by its hash).
+    let auto = match &auto {
+        Some(ap) => {
+            check_auto(ap, &p)?;
+            let path = crate::auto::recipe_path(&a.output);
+            ap.save(&path)?;
+            if let Some(extra) = &a.q.auto.save_recipe {
+                ap.save(extra)?;
+            }
+            Some((ap, path))
+        }
+        None => None,
+    };
     let summary = plan_json(&p, &opts.rules.ftype, &label);
     let backend = a.pipeline.backend(rep)?;
     let copts = ConvertOptions {
@@ -532,8 +570,8 @@ fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
         resume: a.pipeline.resume,
         created,
         model_card: !a.no_manifest && !a.pipeline.no_model_card,
-        card_extra: card_extra(&a.q)?,
-        quantize: if a.no_manifest { None } else { Some(record(&a.q, &opts)?) },
+        card_extra: card_extra(&a.q, auto.clone())?,
+        quantize: if a.no_manifest { None } else { Some(record(&a.q, &opts, auto)?) },
         backend: Some(backend.clone()),
         ..ConvertOptions::new(OutType::BF16, a.output.clone())
     };
@@ -634,10 +672,17 @@ fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool)
 
 /// The options as the manifest records them (`options.quantize`, docs/manifest.md): enough to read the
 /// exact recipe and for `sling verify --source` to rebuild the plan.
-fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_provenance::manifest::QuantizeRecord> {
+fn record(
+    a: &QuantArgs,
+    opts: &QuantizeOptions,
+    auto: Option<(&AutoPlan, PathBuf)>,
+) -> Result<sling_provenance::manifest::QuantizeRecord> {
     use sling_provenance::manifest::{FileRecord, ImatrixRecord, QuantizeRecord, RecipeRecord};
     // `options` puts the --tensor-type flags first, then the --tensor-type-file rules, then the recipe's.
-    let (_, recipe_rules, _) = target(a)?;
+    let recipe_rules = match &auto {
+        Some((ap, _)) => ap.rules(),
+        None => target(a)?.1,
+    };
     let all = &opts.rules.tensor_types;
     let rules = all
         .iter()
@@ -654,6 +699,16 @@ fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_provenance::man
         })
         .collect();
     let recipe = match (&a.recipe, a.to.as_deref().and_then(|t| t.strip_prefix("gguf:"))) {
+        _ if auto.is_some() => auto
+            .as_ref()
+            .map(|(ap, path)| -> Result<RecipeRecord> {
+                Ok(RecipeRecord {
+                    name: "auto".into(),
+                    description: ap.description.clone(),
+                    file: Some(FileRecord::of(path)?),
+                })
+            })
+            .transpose()?,
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("cannot read recipe {}", p.display()))?;
             let r = Recipe::parse(&p.display().to_string(), &text).map_err(anyhow::Error::msg)?;
@@ -695,6 +750,23 @@ fn record(a: &QuantArgs, opts: &QuantizeOptions) -> Result<sling_provenance::man
         override_kv: a.override_kv.clone(),
         source_gguf: is_gguf(&a.src).then(|| a.src.file_name().map(|n| n.to_string_lossy().into_owned())).flatten(),
     })
+}
+
+/// The plan made from the allocation's rules gives every tensor the type the allocation chose (rules are
+/// anchored names and every candidate fits its tensor's rows, so nothing falls back).
+fn check_auto(ap: &AutoPlan, p: &QuantizePlan) -> Result<()> {
+    for (m, &k) in ap.sens.tensors.iter().zip(&ap.alloc.pick) {
+        let want = m.candidates[k].dtype;
+        match p.rows.iter().find(|r| r.name == m.name) {
+            Some(r) if r.choice.dtype == want => {}
+            r => bail!(
+                "internal error: gguf:auto chose {want} for {} but the plan gives {:?}",
+                m.name,
+                r.map(|r| r.choice.dtype.name())
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// `--json`'s `device`: the backend and how many blocks ran on the device and on the host (windows with values

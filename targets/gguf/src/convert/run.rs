@@ -364,6 +364,48 @@ fn round_through(via: DType, v: &mut [f32]) {
     }
 }
 
+/// Rows `r0..r1` of `t` as f32, as the quantizer sees them (decoded, rounded through the intermediate type):
+/// what the size-targeted allocation (`quantize::auto`) measures each candidate type on.
+pub fn read_f32(
+    ck: &Checkpoint,
+    t: &OutTensor,
+    r0: u64,
+    r1: u64,
+    out: &mut Vec<f32>,
+    backend: &dyn Backend,
+) -> Result<(), ConvertError> {
+    out.clear();
+    let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
+    match &t.payload {
+        Payload::Values(op) => {
+            op.read(ck, r0, r1, out).map_err(op_err)?;
+            if let Some(via) = t.round_via {
+                round_through(via, out);
+            }
+        }
+        Payload::Mxfp4(m) => {
+            let mut raw = Vec::new();
+            m.read(ck, r0, r1, &mut raw).map_err(op_err)?;
+            backend.dequantize(DType::MXFP4, &raw, out).map_err(|e| kernel_error(t, e))?;
+        }
+        Payload::Gguf(g) => {
+            let src = g.rows(r0, r1).ok_or_else(|| ConvertError::Op {
+                tensor: t.name.clone(),
+                source: OpError::Missing(format!("{} rows {r0}..{r1} in {}", t.name, g.file.path.display())),
+            })?;
+            if g.dtype.is_quantized() {
+                backend.dequantize(g.dtype, src, out).map_err(|e| kernel_error(t, e))?;
+            } else {
+                sling_quantizers::decode_to_f32(g.dtype, src, out).map_err(|_| ConvertError::Encode {
+                    tensor: t.name.clone(),
+                    source: sling_quantizers::EncodeError::Unsupported(g.dtype),
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Encodes rows `r0..` of `t` (values `v`) as `t.dtype`, with the importance weights of the chunk's expert.
 fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>, backend: &dyn Backend) -> Result<(), ConvertError> {
     let cols = t.ne.first().copied().unwrap_or(1) as usize;

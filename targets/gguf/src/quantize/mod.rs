@@ -7,6 +7,7 @@
 //! imatrix ([`imatrix`]). The values are rounded through BF16 (or F16/F32 where the converter keeps those) before
 //! quantizing, exactly what llama-quantize reads back from the intermediate file.
 
+pub mod auto;
 pub mod imatrix;
 pub mod recipe;
 pub mod rules;

@@ -1,0 +1,173 @@
+//! How much one tensor's quantization error costs at the output: the KL divergence of the model with that tensor
+//! alone replaced (by its quantized-then-dequantized values) from the unmodified model, over calibration text.
+//! What the size-targeted allocation (`sling quantize --to gguf:auto`) turns its per-type error measurements into
+//! KL with.
+//!
+//! All probes run in one layer-by-layer pass: the clean hidden states go through the model once, and each probe
+//! branches off at its tensor's layer (the embedding for `token_embd`, the head for `output`) and is carried
+//! through the remaining layers with the clean weights. Each layer's weights are read once per group of probes,
+//! not once per probe; the compute is that of one forward pass per probe from its layer on (half a pass on
+//! average), and the memory that of one set of hidden states per probe in a group.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ndarray::Array2;
+use sling_pipeline::ops::Op;
+use sling_target_gguf::convert::plan::{OutTensor, Payload};
+
+use crate::candidate::{narrow, scatter};
+use crate::error::{Error, Result};
+use crate::eval::Evaluator;
+use crate::model::Model;
+use crate::source::TensorSource;
+
+/// The reference with the source tensors of one GGUF tensor replaced by `values` (that GGUF tensor's rows, e.g.
+/// quantized and dequantized), mapped back through the conversion plan's ops.
+pub struct Substituted<'a> {
+    reference: &'a dyn TensorSource,
+    /// Source tensor name → the output row its subtree starts at, and the subtree.
+    pieces: HashMap<String, (u64, Op)>,
+    values: Arc<Vec<f32>>,
+    cols: u64,
+}
+
+impl<'a> Substituted<'a> {
+    /// `t` is the GGUF tensor (from the conversion plan of `reference`'s checkpoint), `values` all its rows.
+    pub fn new(reference: &'a dyn TensorSource, t: &OutTensor, values: Vec<f32>) -> Result<Substituted<'a>> {
+        let Payload::Values(op) = &t.payload else {
+            return Err(Error::Read {
+                tensor: t.name.clone(),
+                why: "only tensors computed from source values can be substituted".into(),
+            });
+        };
+        let cols = t.ne.first().copied().unwrap_or(1);
+        if values.len() as u64 != t.numel() {
+            return Err(Error::Read {
+                tensor: t.name.clone(),
+                why: format!("{} values for {}", values.len(), t.numel()),
+            });
+        }
+        let mut names = Vec::new();
+        op.sources(&mut names);
+        names.sort();
+        names.dedup();
+        let pieces = names
+            .into_iter()
+            .map(|n| {
+                let (base, sub) = narrow(op, &n);
+                (n, (base, sub.clone()))
+            })
+            .collect();
+        Ok(Substituted { reference, pieces, values: Arc::new(values), cols })
+    }
+}
+
+impl TensorSource for Substituted<'_> {
+    fn shape(&self, name: &str) -> Option<Vec<u64>> {
+        self.reference.shape(name)
+    }
+
+    fn is_mxfp4(&self, name: &str) -> bool {
+        self.reference.is_mxfp4(name)
+    }
+
+    fn release(&self) {
+        self.reference.release();
+    }
+
+    fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>> {
+        let Some((base, op)) = self.pieces.get(name) else {
+            return self.reference.read_outer(name, i0, i1);
+        };
+        // The reference's values first: elements the GGUF tensor does not hold stay as they are.
+        let shape = self.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
+        let n0 = shape.first().copied().unwrap_or(1);
+        let mut whole = self.reference.read_outer(name, 0, n0)?;
+        let c = self.cols as usize;
+        let (r0, r1) = (*base as usize, (*base + op.rows()) as usize);
+        let vals = self.values.get(r0 * c..r1 * c).ok_or_else(|| Error::Read {
+            tensor: name.to_string(),
+            why: "rows outside the substituted tensor".into(),
+        })?;
+        scatter(op, vals, self.cols, name, &mut whole);
+        let per = if shape.is_empty() { 1 } else { shape[1..].iter().product::<u64>() } as usize;
+        Ok(whole.get(i0 as usize * per..i1 as usize * per).map(<[f32]>::to_vec).unwrap_or_default())
+    }
+}
+
+/// Where a probe's tensor acts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// The token embedding.
+    Embedding,
+    /// Decoder layer `l`.
+    Layer(usize),
+    /// The output head.
+    Head,
+}
+
+/// One probe: a model over a source with one tensor replaced, and where that tensor acts.
+pub struct Probe<'m, 's> {
+    pub at: At,
+    pub model: &'m Model<'s>,
+}
+
+/// The mean KL divergence (as `sling eval` and llama-perplexity score it: second half of each chunk) of each probe
+/// from `reference` over `chunks` of `ctx` tokens. `per_batch` chunks go through together; `progress(layer)`.
+pub fn probe_kld(
+    reference: &Model,
+    probes: &[Probe<'_, '_>],
+    chunks: &[Vec<u32>],
+    ctx: usize,
+    per_batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    let mut evs: Vec<Evaluator> = probes.iter().map(|_| Evaluator::new(ctx)).collect();
+    let n_layers = reference.spec().n_layers;
+    let batches: Vec<&[Vec<u32>]> = chunks.chunks(per_batch.max(1)).collect();
+    for (bi, batch) in batches.iter().enumerate() {
+        let (mut h, b) = reference.embed_batch(batch)?;
+        // Each probe's hidden states once it has branched off, and the layer it branched at.
+        let mut streams: Vec<Option<Array2<f32>>> = vec![None; probes.len()];
+        for (p, s) in probes.iter().zip(streams.iter_mut()) {
+            if p.at == At::Embedding {
+                *s = Some(p.model.embed_batch(batch)?.0);
+            }
+        }
+        for l in 0..n_layers {
+            for (p, s) in probes.iter().zip(streams.iter_mut()) {
+                match (p.at, s.as_mut()) {
+                    (At::Layer(pl), None) if pl == l => {
+                        let mut x = h.clone();
+                        p.model.run_layer(l, &mut x, &b, None)?;
+                        *s = Some(x);
+                    }
+                    (_, Some(x)) => reference.run_layer(l, x, &b, None)?,
+                    _ => {}
+                }
+            }
+            reference.run_layer(l, &mut h, &b, None)?;
+            progress(bi * n_layers + l + 1, batches.len() * n_layers);
+        }
+        let clean = reference.head_logits(&h)?;
+        for ((p, s), ev) in probes.iter().zip(streams).zip(evs.iter_mut()) {
+            let cand = match (p.at, s) {
+                (At::Head, _) => p.model.head_logits(&h)?,
+                (_, Some(x)) => reference.head_logits(&x)?,
+                (_, None) => {
+                    return Err(Error::BadConfig(format!(
+                        "a probe at {:?} never ran (the model has {n_layers} layers)",
+                        p.at
+                    )))
+                }
+            };
+            for (&(st, len), c) in b.seqs.iter().zip(batch.iter()) {
+                let r = clean.slice(ndarray::s![st..st + len, ..]).to_owned();
+                let q = cand.slice(ndarray::s![st..st + len, ..]).to_owned();
+                ev.add_chunk(c, &r, &q)?;
+            }
+        }
+    }
+    Ok(evs.iter().map(|e| e.report().kld_mean).collect())
+}

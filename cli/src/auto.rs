@@ -1,0 +1,305 @@
+//! `--to gguf:auto --target-size SIZE | --target-bpw X`: measure every tensor's sensitivity, choose the types
+//! under the budget (`sling_target_gguf::quantize::auto`), and hand the choice on as a recipe: one rule per
+//! tensor, which `sling quantize` then follows like any recipe, and which is written out so that `--recipe FILE`
+//! makes the same file again.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sling_formats::gguf::write::planned_files;
+use sling_formats::gguf::{SplitPolicy, TensorDesc};
+use sling_target_gguf::quantize::auto::{self, Allocation, Budget, Sensitivity};
+use sling_target_gguf::quantize::{rules, QuantizeOptions, RuleOptions, TensorTypeRule};
+
+use crate::quantize::QuantArgs;
+
+/// The size-target flags.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AutoArgs {
+    /// With --to gguf:auto: the file size to fit, e.g. 180G, 9.5G, 800M (decimal units; the whole file, metadata
+    /// included).
+    #[arg(long, value_name = "SIZE", conflicts_with = "target_bpw")]
+    pub(crate) target_size: Option<String>,
+    /// With --to gguf:auto: bits per weight to fit, over every tensor's elements (as `sling plan` reports bpw).
+    #[arg(long, value_name = "X")]
+    pub(crate) target_bpw: Option<f64>,
+    /// With --to gguf:auto: rows of each expert (or 2-D tensor) quantized to measure each candidate type; larger
+    /// tensors are measured on an even sample.
+    #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_SAMPLE_ROWS)]
+    pub(crate) sample_rows: u64,
+    /// With --to gguf:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one beside
+    /// the output anyway, OUT.recipe.toml).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) save_recipe: Option<PathBuf>,
+}
+
+impl AutoArgs {
+    fn any(&self) -> bool {
+        self.target_size.is_some() || self.target_bpw.is_some() || self.save_recipe.is_some()
+    }
+}
+
+/// The measured allocation, and what it was asked for.
+pub struct AutoPlan {
+    pub sens: Sensitivity,
+    pub alloc: Allocation,
+    pub target: String,
+    pub description: String,
+    pub recipe: String,
+}
+
+/// Is this `--to gguf:auto`?
+pub fn is_auto(a: &QuantArgs) -> bool {
+    a.to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case("gguf:auto"))
+}
+
+/// Is this `--to gguf:auto`? Checks the flags that go with it either way.
+pub fn wanted(a: &QuantArgs) -> Result<bool> {
+    let auto = is_auto(a);
+    if !auto {
+        if a.auto.any() {
+            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto");
+        }
+        return Ok(false);
+    }
+    if a.auto.target_size.is_none() && a.auto.target_bpw.is_none() {
+        bail!("--to gguf:auto needs a size: --target-size SIZE (e.g. 180G) or --target-bpw X (e.g. 2.5)");
+    }
+    let fixed = [
+        ("--recipe", a.recipe.is_some()),
+        ("--tensor-type", !a.tensor_type.is_empty()),
+        ("--tensor-type-file", a.tensor_type_file.is_some()),
+        ("--pure", a.pure),
+        ("--output-tensor-type", a.output_tensor_type.is_some()),
+        ("--token-embedding-type", a.token_embedding_type.is_some()),
+    ];
+    if let Some((flag, _)) = fixed.iter().find(|(_, on)| *on) {
+        bail!("--to gguf:auto chooses every tensor's type itself; {flag} cannot be combined with it");
+    }
+    let s = &a.solve;
+    if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
+        bail!("--to gguf:auto takes --data/--tokens, --ctx and --chunks (to measure sensitivities); the GPTQ/AWQ flags apply to vllm:… and mlx:… targets");
+    }
+    if a.auto.sample_rows == 0 {
+        bail!("--sample-rows must be at least 1");
+    }
+    Ok(true)
+}
+
+fn budget(a: &AutoArgs) -> Result<(Budget, String)> {
+    match (&a.target_size, a.target_bpw) {
+        (Some(s), _) => Ok((Budget::Bytes(crate::convert::parse_size(s)?), format!("--target-size {s}"))),
+        (None, Some(x)) if x.is_finite() && x > 0.0 => Ok((Budget::Bpw(x), format!("--target-bpw {x}"))),
+        (None, Some(x)) => bail!("--target-bpw {x}: must be a positive number"),
+        (None, None) => bail!("--to gguf:auto needs --target-size or --target-bpw"),
+    }
+}
+
+/// Measures and allocates. `base` holds the user's other options (imatrix, --leave-output-tensor, …).
+pub fn plan(a: &QuantArgs, base: &QuantizeOptions, quiet: bool) -> Result<AutoPlan> {
+    let (budget, target) = budget(&a.auto)?;
+    // Every quantizable tensor rewritten (Q8_0, no mixture rules) so that each carries its importance weights.
+    let probe_opts = QuantizeOptions {
+        rules: RuleOptions { ftype: rules::Q8_0, pure: true, tensor_types: Vec::new(), ..base.rules.clone() },
+        dry_run: true,
+        ..base.clone()
+    };
+    let (ck, p) = crate::quantize::open_and_plan(&a.src, &probe_opts)?;
+    let t = &p.prepared.tensors;
+    let descs = t.iter().map(|t| TensorDesc::new(t.name.clone(), t.dtype, t.ne.clone())).collect();
+    let files = planned_files(Path::new("model.gguf"), p.prepared.kvs.0.clone(), descs, SplitPolicy::None)?;
+    let disk: u64 = files.iter().map(|f| f.1).sum();
+    let data: u64 = t.iter().map(|t| t.n_bytes()).sum();
+    // Another type changes a tensor's alignment padding by at most the alignment (32 bytes).
+    let overhead = disk.saturating_sub(data) + 32 * t.len() as u64;
+    let bar = progress_bar(p.rows.len() as u64, quiet);
+    let backend = sling_kernels::backend::CpuBackend::default();
+    let t0 = std::time::Instant::now();
+    let sens = auto::measure(&ck, &p, overhead, a.auto.sample_rows, &backend, &|i, _, name| {
+        if let Some(b) = &bar {
+            b.set_position(i as u64);
+            b.set_message(name.to_string());
+        }
+    })
+    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    tracing::info!("measured {} tensors in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    let mut sens = sens;
+    let probed = match (&a.solve.data, &a.solve.tokens) {
+        (None, None) => false,
+        _ => {
+            let t1 = std::time::Instant::now();
+            let probes = probe(a, &ck, &p, &sens, &backend, quiet)?;
+            tracing::info!("probed {} tensors in {:.1}s", probes.len(), t1.elapsed().as_secs_f64());
+            sens.set_gains(&probes);
+            true
+        }
+    };
+    let alloc = sens.allocate(budget)?;
+    let quality = if probed {
+        format!("predicted KLD {:.4} (probe-measured gains)", alloc.cost)
+    } else {
+        format!("predicted relative output error {:.4} (no --data: unprobed)", alloc.cost)
+    };
+    let description = format!(
+        "gguf:auto {target}: {} bytes, {:.3} bpw, {quality}, {} tensors",
+        alloc.file_bytes,
+        alloc.bpw,
+        sens.tensors.len()
+    );
+    let recipe = sens.recipe_toml(&alloc, &description);
+    Ok(AutoPlan { sens, alloc, target, description, recipe })
+}
+
+/// Values of probes held at once (f32 of the substituted tensors); more probes run as further passes.
+const PROBE_GROUP_BYTES: u64 = 2 << 30;
+
+/// Each measured tensor's probe: its type and the KL divergence the model shows with that tensor alone
+/// quantized to it (`sling_calibration::sensitivity`), over the `--data` text.
+fn probe(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    p: &sling_target_gguf::quantize::QuantizePlan,
+    sens: &Sensitivity,
+    backend: &dyn sling_kernels::Backend,
+    quiet: bool,
+) -> Result<Vec<Option<(sling_core::DType, f64)>>> {
+    use sling_calibration::sensitivity::{probe_kld, At, Probe, Substituted};
+    use sling_calibration::{CheckpointSource, Model};
+    if !a.src.is_dir() {
+        bail!("--to gguf:auto --data needs a Hugging Face model directory as the source, not {}", a.src.display());
+    }
+    let d = crate::eval::DataArgs {
+        data: a.solve.data.clone(),
+        tokens: a.solve.tokens.clone(),
+        ctx: a.solve.ctx,
+        chunks: a.solve.chunks,
+    };
+    let (_, chunks) = crate::eval::load_chunks(&a.src, &d)?;
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
+    let ref_src = CheckpointSource::new(ck);
+    let reference =
+        Model::new(&ref_src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    let n_layers = reference.spec().n_layers;
+    // (measured tensor, plan index, where it acts, probe type)
+    let mut todo = Vec::new();
+    for (i, m) in sens.tensors.iter().enumerate() {
+        let Some(k) = m.probe_candidate() else { continue };
+        let at = match (m.name.as_str(), rules::layer_of(&m.name)) {
+            ("token_embd.weight", _) => At::Embedding,
+            ("output.weight", _) => At::Head,
+            (_, Some(l)) if (l as usize) < n_layers => At::Layer(l as usize),
+            _ => continue,
+        };
+        let Some(pi) = p.rows.iter().position(|r| r.name == m.name) else { continue };
+        todo.push((i, pi, at, m.candidates[k].dtype));
+    }
+    let per_batch =
+        sling_calibration::eval::chunks_per_batch(a.solve.ctx, cfg_vocab(&ref_src)).min(chunks.len().max(1));
+    let mut out = vec![None; sens.tensors.len()];
+    let mut start = 0;
+    while start < todo.len() {
+        let mut end = start;
+        let mut held = 0u64;
+        while end < todo.len()
+            && (end == start || held + 4 * p.prepared.tensors[todo[end].1].numel() <= PROBE_GROUP_BYTES)
+        {
+            held += 4 * p.prepared.tensors[todo[end].1].numel();
+            end += 1;
+        }
+        let group = &todo[start..end];
+        let subs = group
+            .iter()
+            .map(|&(_, pi, _, dt)| {
+                let t = &p.prepared.tensors[pi];
+                let v = auto::roundtrip(ck, t, dt, backend)?;
+                Ok(Substituted::new(&ref_src, t, v)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let models = subs.iter().map(|s| Model::new(s, &cfg)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let probes: Vec<Probe> = group.iter().zip(&models).map(|(&(_, _, at, _), model)| Probe { at, model }).collect();
+        let bar = progress_bar(0, quiet);
+        let klds = probe_kld(&reference, &probes, &chunks, a.solve.ctx, per_batch, &mut |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+                b.set_message(format!("probes {}..{} of {}", start + 1, end, todo.len()));
+            }
+        })
+        .context("the sensitivity probes failed")?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        for (&(i, _, _, dt), kld) in group.iter().zip(klds) {
+            out[i] = Some((dt, kld));
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+fn cfg_vocab(src: &dyn sling_calibration::TensorSource) -> usize {
+    src.shape("model.embed_tokens.weight").and_then(|s| s.first().copied()).unwrap_or(1) as usize
+}
+
+impl AutoPlan {
+    pub fn rules(&self) -> Vec<TensorTypeRule> {
+        self.sens.rules(&self.alloc)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (min, max) = self.sens.bounds();
+        json!({
+            "target": self.target,
+            "budget_bytes": self.alloc.budget_bytes,
+            "file_bytes": self.alloc.file_bytes,
+            "bpw": self.alloc.bpw,
+            "min_bytes": min,
+            "max_bytes": max,
+            "predicted_cost": self.alloc.cost,
+            "base": self.alloc.base.name,
+            "tensors": self.sens.tensors.iter().zip(&self.alloc.pick).map(|(m, &k)| json!({
+                "name": m.name,
+                "type": m.candidates[k].dtype.name(),
+                "bytes": m.candidates[k].bytes,
+                "cost": m.candidates[k].cost,
+                "gain": m.gain,
+                "probe": m.probe.map(|(d, kld)| json!({ "type": d.name(), "kld": kld })),
+                "rows_measured": m.rows_measured,
+                "weighted": m.weighted,
+                "candidates": m.candidates.iter().map(|c| json!({
+                    "type": c.dtype.name(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Writes the recipe to `path` (a temporary file renamed when complete).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("toml.partial");
+        std::fs::write(&tmp, &self.recipe).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Where `sling quantize --to gguf:auto -o OUT` writes the recipe: `OUT.recipe.toml`.
+pub fn recipe_path(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_os_string();
+    s.push(".recipe.toml");
+    PathBuf::from(s)
+}
+
+fn progress_bar(n: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(n);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len}, ETA {eta} {msg}") {
+        b.set_style(style);
+    }
+    Some(b)
+}

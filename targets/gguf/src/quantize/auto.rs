@@ -1,0 +1,490 @@
+//! `--to gguf:auto --target-size SIZE` / `--target-bpw X`: every quantizable tensor's type chosen under a size
+//! budget from measured sensitivities (docs/quantization.md, "Quantize to a size target").
+//!
+//! For each tensor and each candidate type its block size allows, the tensor's rows are quantized as the real run
+//! would (same quantizer, same importance weights) and the error is measured where it matters: on the tensor's
+//! *output*, `Σ_j a_j (w_j - ŵ_j)²` per row with `a_j` the mean squared input activation of column `j` (the
+//! imatrix: llama-imatrix's or `sling calibrate`'s `in_sum2 / count`). For stacked experts each expert's error is
+//! weighted by how often calibration routed tokens to it (`count_e / tokens`), so rarely used experts cost less.
+//! GGUF stores one type per stacked expert tensor, so the choice is per tensor, never per expert. The cost of a
+//! type is that error relative to the tensor's output energy (`Σ_j a_j w_j²`, the same weighting), i.e. the
+//! inverse signal-to-noise ratio of the tensor's output; the allocation minimises the summed cost under the
+//! budget ([`sling_quantizers::alloc`]).
+//!
+//! Large tensors are measured on a deterministic sample of rows (every `k`-th row of each expert), so the pass
+//! costs a bounded fraction of the quantization itself.
+
+use rayon::prelude::*;
+use sling_core::{DType, Role};
+use sling_formats::checkpoint::Checkpoint;
+use sling_kernels::backend::Backend;
+use sling_quantizers::alloc::{self, AllocError, Choice as AllocChoice};
+
+use super::rules::{self, Ftype, TensorTypeRule, Why, FTYPES};
+use super::QuantizePlan;
+use crate::convert::run::read_f32;
+use crate::convert::ConvertError;
+
+/// The ladder of candidate types for tensors whose rows are a multiple of 256, cheapest first.
+pub const LADDER_256: &[DType] = &[
+    DType::IQ1S,
+    DType::IQ1M,
+    DType::IQ2XXS,
+    DType::IQ2XS,
+    DType::IQ2S,
+    DType::IQ3XXS,
+    DType::IQ3S,
+    DType::Q2K,
+    DType::Q3K,
+    DType::IQ4XS,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+    DType::Q8_0,
+];
+
+/// The ladder for rows that are a multiple of 32 only (e.g. 128-wide expert down-projections, gpt-oss's 2880).
+pub const LADDER_32: &[DType] = &[DType::IQ4NL, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0];
+
+/// Rows measured per expert (or per 2-D tensor) at most; the rest are skipped at an even stride.
+pub const DEFAULT_SAMPLE_ROWS: u64 = 256;
+
+/// The size asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    /// Bytes of the file (tensor data and metadata).
+    Bytes(u64),
+    /// Bits per weight over every tensor's elements (as `sling plan` reports bpw).
+    Bpw(f64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AutoError {
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    #[error(
+        "target {target} is below the smallest model these types can make, {min_bytes} bytes ({min_bpw:.3} bpw); \
+         the unquantized model is {max_bytes} bytes ({max_bpw:.3} bpw)"
+    )]
+    TooSmall { target: String, min_bytes: u64, min_bpw: f64, max_bytes: u64, max_bpw: f64 },
+    #[error(
+        "target {target} is larger than the unquantized model, {max_bytes} bytes ({max_bpw:.3} bpw); the smallest \
+         model these types can make is {min_bytes} bytes ({min_bpw:.3} bpw)"
+    )]
+    TooLarge { target: String, min_bytes: u64, min_bpw: f64, max_bytes: u64, max_bpw: f64 },
+    #[error("tensor {0}: the measured error is not a finite number (NaN or Inf in the weights?)")]
+    NonFinite(String),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+/// One candidate type of one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub dtype: DType,
+    pub bytes: u64,
+    /// Activation-weighted squared error of the tensor's output (routing-weighted over experts), on the rows
+    /// measured.
+    pub error: f64,
+    /// `error / signal`: the inverse signal-to-noise ratio of the tensor's output.
+    pub relative: f64,
+    /// What the allocation minimises: `gain * relative`, the predicted KL divergence this tensor adds at this
+    /// type (with measured gains), or `relative` alone.
+    pub cost: f64,
+}
+
+/// What the sensitivity pass measured for one quantizable tensor.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub name: String,
+    pub ne: Vec<u64>,
+    pub role: Role,
+    /// Activation-weighted energy of the tensor's output on the rows measured.
+    pub signal: f64,
+    /// Rows measured (of every expert together) and rows in all.
+    pub rows_measured: u64,
+    pub rows: u64,
+    /// Whether importance weights (an imatrix entry) weighted the measurement.
+    pub weighted: bool,
+    /// Cheapest first; the last is the source type (no error).
+    pub candidates: Vec<Candidate>,
+    /// KL divergence per unit of relative error, when measured ([`Sensitivity::set_gains`]).
+    pub gain: Option<f64>,
+    /// The probe the gain was measured with: its type and the KL divergence it gave.
+    pub probe: Option<(DType, f64)>,
+}
+
+/// The sensitivity pass's result: everything the allocation needs.
+#[derive(Clone, Debug)]
+pub struct Sensitivity {
+    pub tensors: Vec<Measured>,
+    /// Bytes of the tensors that are never quantized (norms, routers, 1-D tensors).
+    pub kept_bytes: u64,
+    /// Elements of every tensor (the bpw denominator).
+    pub elements: u64,
+    /// File bytes besides tensor data: header, metadata, alignment padding (an upper bound).
+    pub overhead_bytes: u64,
+}
+
+/// Measures every quantizable tensor of `plan` (planned with every quantizable tensor rewritten, e.g. `Q8_0
+/// --pure`, so each carries its importance weights) at every type of its ladder. `has_imatrix`: whether types
+/// that need an imatrix may be candidates (a tensor without importance weights never gets one).
+pub fn measure(
+    ck: &Checkpoint,
+    plan: &QuantizePlan,
+    overhead_bytes: u64,
+    sample_rows: u64,
+    backend: &dyn Backend,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<Sensitivity, AutoError> {
+    let tokens = plan
+        .rows
+        .iter()
+        .filter_map(|r| r.imatrix_counts.as_ref())
+        .flat_map(|c| c.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let mut kept_bytes = 0;
+    let mut elements = 0;
+    let mut tensors = Vec::new();
+    let quantizable: Vec<usize> = (0..plan.rows.len()).filter(|&i| plan.rows[i].choice.why != Why::Kept).collect();
+    for row in &plan.rows {
+        elements += row.ne.iter().product::<u64>();
+        if row.choice.why == Why::Kept {
+            kept_bytes += row.bytes;
+        }
+    }
+    for (k, &i) in quantizable.iter().enumerate() {
+        let row = &plan.rows[i];
+        let t = &plan.prepared.tensors[i];
+        debug_assert_eq!(t.name, row.name);
+        progress(k, quantizable.len(), &row.name);
+        tensors.push(measure_tensor(ck, t, row, tokens, sample_rows, backend)?);
+    }
+    progress(quantizable.len(), quantizable.len(), "");
+    Ok(Sensitivity { tensors, kept_bytes, elements, overhead_bytes })
+}
+
+/// The candidate types of a tensor with rows of `ne0`, and whether it has importance weights.
+pub fn ladder(name: &str, ne0: u64, from: DType, weighted: bool) -> Vec<DType> {
+    let base: &[DType] = if ne0 % 256 == 0 {
+        LADDER_256
+    } else if ne0 % 32 == 0 {
+        LADDER_32
+    } else {
+        &[]
+    };
+    let mut v: Vec<DType> = base
+        .iter()
+        .copied()
+        // Without importance weights: neither what llama-quantize refuses nor what ggml cannot quantize.
+        .filter(|&d| {
+            weighted || !(rules::requires_imatrix(name, d, rules::Q8_0) || sling_quantizers::requires_imatrix(d))
+        })
+        .filter(|&d| d.bytes_for(ne0).is_some_and(|b| from.bytes_for(ne0).is_none_or(|f| b < f)))
+        .collect();
+    v.push(from);
+    v
+}
+
+/// One matrix's sampled rows, the quantizer's importance weights and the error weights (`a_j`, routing-weighted).
+type Sampled<'w> = (Vec<f32>, Option<&'w [f32]>, Vec<f64>);
+
+fn measure_tensor(
+    ck: &Checkpoint,
+    t: &crate::convert::OutTensor,
+    row: &super::PlannedTensor,
+    tokens: f64,
+    sample_rows: u64,
+    backend: &dyn Backend,
+) -> Result<Measured, AutoError> {
+    let cols = t.ne[0];
+    let n_mat = t.ne.get(2).copied().unwrap_or(1).max(1);
+    let per_mat = t.rows() / n_mat;
+    let step = per_mat.div_ceil(sample_rows.max(1)).max(1);
+    let weighted = t.weights.is_some();
+    // The output is measured as a token sees it: an embedding row is one token's output.
+    let is_embd = Role::of(&t.name) == Role::Embeddings;
+    let dtypes = ladder(&t.name, cols, row.from, weighted);
+    // Per matrix: its sampled values, its quantizer weights and its error weights.
+    let mats: Vec<Sampled> = (0..n_mat)
+        .into_par_iter()
+        .map(|e| {
+            let mut v = Vec::new();
+            let mut buf = Vec::new();
+            let mut r = e * per_mat;
+            while r < (e + 1) * per_mat {
+                read_f32(ck, t, r, r + 1, &mut buf, backend)?;
+                v.extend_from_slice(&buf);
+                r += step;
+            }
+            let qw = t.weights.as_deref().map(|w| &w[(e * cols) as usize..((e + 1) * cols) as usize]);
+            let freq = match &row.imatrix_counts {
+                Some(c) if c.len() as u64 == n_mat => (c[e as usize].max(1)) as f64 / tokens,
+                _ => 1.0,
+            };
+            let ew: Vec<f64> = match qw {
+                Some(w) => w.iter().map(|&a| a as f64 * freq).collect(),
+                None => vec![if is_embd { 1.0 / per_mat as f64 } else { 1.0 }; cols as usize],
+            };
+            Ok((v, qw, ew))
+        })
+        .collect::<Result<_, ConvertError>>()?;
+    let scale = per_mat as f64 / per_mat.div_ceil(step) as f64;
+    let energy = |vals: &[f32], ew: &[f64]| -> f64 {
+        vals.chunks_exact(cols as usize)
+            .map(|r| r.iter().zip(ew).map(|(&x, &a)| a * (x as f64).powi(2)).sum::<f64>())
+            .sum()
+    };
+    let signal: f64 = mats.iter().map(|(v, _, ew)| energy(v, ew)).sum::<f64>() * scale;
+    let candidates = dtypes
+        .par_iter()
+        .map(|&d| {
+            let mut error = 0.0;
+            if d != row.from {
+                for (v, qw, ew) in &mats {
+                    let mut q = Vec::new();
+                    backend.quantize_rows(d, v, cols as usize, *qw, &mut q).map_err(|e| kernel_error(t, e))?;
+                    let mut back = Vec::new();
+                    backend.dequantize(d, &q, &mut back).map_err(|e| kernel_error(t, e))?;
+                    for (rv, rb) in v.chunks_exact(cols as usize).zip(back.chunks_exact(cols as usize)) {
+                        error += rv
+                            .iter()
+                            .zip(rb)
+                            .zip(ew)
+                            .map(|((&x, &y), &a)| a * (x as f64 - y as f64).powi(2))
+                            .sum::<f64>();
+                    }
+                }
+                error *= scale;
+            }
+            let bytes = d.bytes_for(t.numel()).unwrap_or(u64::MAX);
+            let relative = if signal > 0.0 { error / signal } else { 0.0 };
+            Ok(Candidate { dtype: d, bytes, error, relative, cost: relative })
+        })
+        .collect::<Result<Vec<_>, ConvertError>>()?;
+    if candidates.iter().any(|c| !c.cost.is_finite()) || !signal.is_finite() {
+        return Err(AutoError::NonFinite(t.name.clone()));
+    }
+    Ok(Measured {
+        name: t.name.clone(),
+        ne: t.ne.clone(),
+        role: Role::of(&t.name),
+        signal,
+        rows_measured: n_mat * per_mat.div_ceil(step),
+        rows: t.rows(),
+        weighted,
+        candidates,
+        gain: None,
+        probe: None,
+    })
+}
+
+/// Relative error the gain probe aims for: large enough that its KL divergence stands far above rounding, small
+/// enough to stay where KL grows in proportion to the error.
+pub const PROBE_RELATIVE: f64 = 0.02;
+
+impl Measured {
+    /// The candidate to measure the gain with: the quantized type whose relative error is nearest (in ratio)
+    /// to [`PROBE_RELATIVE`].
+    pub fn probe_candidate(&self) -> Option<usize> {
+        let q = self.candidates.len().saturating_sub(1);
+        (0..q).filter(|&k| self.candidates[k].relative > 0.0).min_by(|&a, &b| {
+            let d = |k: usize| (self.candidates[k].relative / PROBE_RELATIVE).ln().abs();
+            d(a).total_cmp(&d(b)).then(a.cmp(&b))
+        })
+    }
+}
+
+/// All rows of `t` quantized as `dtype` (with its importance weights) and dequantized: the values a probe
+/// substitutes for the tensor.
+pub fn roundtrip(
+    ck: &Checkpoint,
+    t: &crate::convert::OutTensor,
+    dtype: DType,
+    backend: &dyn Backend,
+) -> Result<Vec<f32>, ConvertError> {
+    let cols = t.ne[0];
+    let n_mat = t.ne.get(2).copied().unwrap_or(1).max(1);
+    let per_mat = t.rows() / n_mat;
+    let parts: Vec<Vec<f32>> = (0..n_mat)
+        .into_par_iter()
+        .map(|e| {
+            let mut v = Vec::new();
+            read_f32(ck, t, e * per_mat, (e + 1) * per_mat, &mut v, backend)?;
+            let qw = t.weights.as_deref().map(|w| &w[(e * cols) as usize..((e + 1) * cols) as usize]);
+            let mut q = Vec::new();
+            backend.quantize_rows(dtype, &v, cols as usize, qw, &mut q).map_err(|e| kernel_error(t, e))?;
+            let mut back = Vec::new();
+            backend.dequantize(dtype, &q, &mut back).map_err(|e| kernel_error(t, e))?;
+            Ok(back)
+        })
+        .collect::<Result<_, ConvertError>>()?;
+    Ok(parts.concat())
+}
+
+fn kernel_error(t: &crate::convert::OutTensor, e: sling_kernels::backend::KernelError) -> ConvertError {
+    use sling_kernels::backend::KernelError;
+    match e {
+        KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
+        KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
+        KernelError::Encoding(source) => ConvertError::Encoding { tensor: t.name.clone(), source },
+    }
+}
+
+/// The chosen types.
+#[derive(Clone, Debug)]
+pub struct Allocation {
+    /// Per measured tensor (in [`Sensitivity::tensors`] order): the index of its chosen candidate.
+    pub pick: Vec<usize>,
+    /// What the budget allowed for the file, in bytes.
+    pub budget_bytes: u64,
+    /// The file size this allocation gives (an upper bound: alignment padding counted at its largest).
+    pub file_bytes: u64,
+    pub tensor_bytes: u64,
+    pub bpw: f64,
+    /// Summed cost (relative output error) of the allocation.
+    pub cost: f64,
+    /// The preset whose `general.file_type` the file carries: the one whose default type holds the most
+    /// elements.
+    pub base: Ftype,
+}
+
+impl Sensitivity {
+    /// Sets each tensor's gain from its probe's KL divergence (`None`: not probed) and makes every candidate's
+    /// cost `gain * relative`. Tensors without a probe take the median gain of those with one.
+    pub fn set_gains(&mut self, probes: &[Option<(DType, f64)>]) {
+        let mut gains = Vec::new();
+        for (m, p) in self.tensors.iter_mut().zip(probes) {
+            m.probe = *p;
+            m.gain = p.and_then(|(d, kld)| {
+                let rel = m.candidates.iter().find(|c| c.dtype == d)?.relative;
+                (rel > 0.0).then(|| kld.max(0.0) / rel)
+            });
+            gains.extend(m.gain);
+        }
+        gains.sort_by(f64::total_cmp);
+        let median = gains.get(gains.len() / 2).copied().unwrap_or(1.0);
+        for m in &mut self.tensors {
+            let g = *m.gain.get_or_insert(median);
+            for c in &mut m.candidates {
+                c.cost = g * c.relative;
+            }
+        }
+    }
+
+    fn tensor_bytes(&self, pick: &[usize]) -> u64 {
+        self.kept_bytes + self.tensors.iter().zip(pick).map(|(m, &k)| m.candidates[k].bytes).sum::<u64>()
+    }
+
+    /// The smallest and the largest (every tensor at its source type) file these types can make.
+    pub fn bounds(&self) -> (u64, u64) {
+        let min = self.kept_bytes
+            + self.tensors.iter().map(|m| m.candidates.iter().map(|c| c.bytes).min().unwrap_or(0)).sum::<u64>();
+        let max =
+            self.kept_bytes + self.tensors.iter().map(|m| m.candidates.last().map_or(0, |c| c.bytes)).sum::<u64>();
+        (min + self.overhead_bytes, max + self.overhead_bytes)
+    }
+
+    fn bpw_of(&self, file_bytes: u64) -> f64 {
+        (file_bytes.saturating_sub(self.overhead_bytes)) as f64 * 8.0 / self.elements.max(1) as f64
+    }
+
+    /// Chooses the types for `budget`.
+    pub fn allocate(&self, budget: Budget) -> Result<Allocation, AutoError> {
+        let (min, max) = self.bounds();
+        let (budget_bytes, target) = match budget {
+            Budget::Bytes(b) => (b, format!("{b} bytes")),
+            // bpw counts tensor data only, like `sling plan`.
+            Budget::Bpw(x) => {
+                ((x * self.elements as f64 / 8.0).floor() as u64 + self.overhead_bytes, format!("{x} bpw"))
+            }
+        };
+        let bounds = |target: String| (target, min, self.bpw_of(min), max, self.bpw_of(max));
+        if budget_bytes < min {
+            let (target, min_bytes, min_bpw, max_bytes, max_bpw) = bounds(target);
+            return Err(AutoError::TooSmall { target, min_bytes, min_bpw, max_bytes, max_bpw });
+        }
+        if budget_bytes > max {
+            let (target, min_bytes, min_bpw, max_bytes, max_bpw) = bounds(target);
+            return Err(AutoError::TooLarge { target, min_bytes, min_bpw, max_bytes, max_bpw });
+        }
+        let items: Vec<Vec<AllocChoice>> = self
+            .tensors
+            .iter()
+            .map(|m| m.candidates.iter().map(|c| AllocChoice { bytes: c.bytes, cost: c.cost }).collect())
+            .collect();
+        let pick = alloc::allocate(&items, budget_bytes - self.overhead_bytes - self.kept_bytes)?;
+        let tensor_bytes = self.tensor_bytes(&pick);
+        let file_bytes = tensor_bytes + self.overhead_bytes;
+        Ok(Allocation {
+            cost: alloc::total_cost(&items, &pick),
+            base: self.base_of(&pick),
+            pick,
+            budget_bytes,
+            file_bytes,
+            tensor_bytes,
+            bpw: self.bpw_of(file_bytes),
+        })
+    }
+
+    fn base_of(&self, pick: &[usize]) -> Ftype {
+        let mut by_type: Vec<(DType, u64)> = Vec::new();
+        for (m, &k) in self.tensors.iter().zip(pick) {
+            let d = m.candidates[k].dtype;
+            let n: u64 = m.ne.iter().product();
+            match by_type.iter_mut().find(|(t, _)| *t == d) {
+                Some((_, c)) => *c += n,
+                None => by_type.push((d, n)),
+            }
+        }
+        // Most elements first; ties to the earlier tensor's type (deterministic).
+        let top = by_type.iter().fold(None::<(DType, u64)>, |b, &(d, n)| match b {
+            Some((_, bn)) if bn >= n => b,
+            _ => Some((d, n)),
+        });
+        top.and_then(|(d, _)| FTYPES.iter().find(|f| f.default == d).copied()).unwrap_or(rules::Q8_0)
+    }
+
+    /// The allocation as `--tensor-type`-style rules, one anchored name per tensor.
+    pub fn rules(&self, a: &Allocation) -> Vec<TensorTypeRule> {
+        self.tensors
+            .iter()
+            .zip(&a.pick)
+            .map(|(m, &k)| {
+                let pattern = format!("^{}$", regex::escape(&m.name));
+                TensorTypeRule {
+                    pattern: format!("auto({})", m.name),
+                    regex: regex::Regex::new(&pattern).expect("an escaped name is a valid regex"),
+                    dtype: m.candidates[k].dtype,
+                    role: None,
+                    layers: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The allocation as a recipe file (`--recipe FILE` makes the same file again).
+    pub fn recipe_toml(&self, a: &Allocation, description: &str) -> String {
+        let mut s = String::new();
+        s.push_str(
+            "# Written by `sling quantize|plan --to gguf:auto`: one rule per quantized tensor, chosen from measured\n",
+        );
+        s.push_str("# sensitivities under a size budget. `sling quantize SRC --recipe THIS -o OUT.gguf` makes the same file.\n");
+        s.push_str(&format!("base = {}\n", toml_str(a.base.name)));
+        s.push_str(&format!("description = {}\n", toml_str(description)));
+        for (m, &k) in self.tensors.iter().zip(&a.pick) {
+            let c = &m.candidates[k];
+            s.push_str("[[rule]]\n");
+            s.push_str(&format!("name = {}\n", toml_str(&format!("^{}$", regex::escape(&m.name)))));
+            s.push_str(&format!("type = {}\n", toml_str(c.dtype.name())));
+        }
+        s
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    // TOML basic strings: escape backslash and quote (names and descriptions hold no control characters).
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
