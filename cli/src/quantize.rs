@@ -345,7 +345,7 @@ fn card_extra(a: &QuantArgs, auto: Option<(&AutoPlan, PathBuf)>) -> Result<Vec<(
     if let Some((ap, path)) = auto {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let (_, sha) = sling_provenance::manifest::hash_file(&path)?;
-        rows.push(("recipe".to_string(), ap.description.clone()));
+        rows.push(("allocation".to_string(), ap.description.clone()));
         rows.push(("recipe file".to_string(), format!("`{name}` (sha256 `{sha}`)")));
     }
     if let Some(to) = a.to.as_deref().and_then(|t| t.strip_prefix("gguf:")) {

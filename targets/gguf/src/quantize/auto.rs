@@ -488,3 +488,104 @@ fn toml_str(s: &str) -> String {
     // TOML basic strings: escape backslash and quote (names and descriptions hold no control characters).
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::Recipe;
+
+    fn measured(name: &str, ne: Vec<u64>, rel: &[(DType, f64)]) -> Measured {
+        let n: u64 = ne.iter().product();
+        Measured {
+            name: name.into(),
+            role: Role::of(name),
+            signal: 1.0,
+            rows_measured: 1,
+            rows: 1,
+            weighted: true,
+            candidates: rel
+                .iter()
+                .map(|&(dtype, r)| Candidate {
+                    dtype,
+                    bytes: dtype.bytes_for(n).unwrap(),
+                    error: r,
+                    relative: r,
+                    cost: r,
+                })
+                .collect(),
+            ne,
+            gain: None,
+            probe: None,
+        }
+    }
+
+    fn sens() -> Sensitivity {
+        let ladder = [(DType::IQ2XXS, 0.1), (DType::Q4K, 0.005), (DType::BF16, 0.0)];
+        Sensitivity {
+            tensors: vec![
+                measured("blk.0.attn_q.weight", vec![256, 256], &ladder),
+                measured("blk.0.ffn_up_exps.weight", vec![256, 128, 8], &ladder),
+            ],
+            kept_bytes: 1000,
+            elements: 256 * 256 + 256 * 128 * 8 + 250,
+            overhead_bytes: 500,
+        }
+    }
+
+    #[test]
+    fn ladders_fit_the_rows_and_the_imatrix() {
+        let l = ladder("blk.0.ffn_up_exps.weight", 256, DType::BF16, true);
+        assert_eq!(l.first(), Some(&DType::IQ1S));
+        assert_eq!(l.last(), Some(&DType::BF16));
+        // Without importance weights: nothing llama-quantize refuses or ggml cannot make.
+        let l = ladder("blk.0.ffn_up_exps.weight", 256, DType::BF16, false);
+        assert!(!l.iter().any(|d| matches!(
+            d,
+            DType::IQ1S | DType::IQ1M | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ3XXS
+        )));
+        let l = ladder("output.weight", 256, DType::BF16, false);
+        assert!(l.contains(&DType::IQ1M) && !l.contains(&DType::IQ1S), "{l:?}");
+        // 128-wide rows: the 32-element block types; 100-wide: only the source type.
+        assert_eq!(ladder("blk.0.ffn_down_exps.weight", 128, DType::BF16, true)[0], DType::IQ4NL);
+        assert_eq!(ladder("blk.0.ffn_down_exps.weight", 100, DType::BF16, true), vec![DType::BF16]);
+    }
+
+    #[test]
+    fn gains_scale_costs_and_unprobed_tensors_take_the_median() {
+        let mut s = sens();
+        s.set_gains(&[Some((DType::IQ2XXS, 0.2)), None]);
+        assert_eq!(s.tensors[0].gain, Some(2.0));
+        assert_eq!(s.tensors[1].gain, Some(2.0));
+        assert_eq!(s.tensors[0].candidates[1].cost, 2.0 * 0.005);
+    }
+
+    #[test]
+    fn allocation_fits_and_its_recipe_parses_back_to_the_same_rules() {
+        let s = sens();
+        let (min, max) = s.bounds();
+        assert!(matches!(s.allocate(Budget::Bytes(min - 1)), Err(AutoError::TooSmall { .. })));
+        assert!(matches!(s.allocate(Budget::Bytes(max + 1)), Err(AutoError::TooLarge { .. })));
+        let e = s.allocate(Budget::Bpw(0.5)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{min} bytes")) && e.contains(&format!("{max} bytes")), "{e}");
+        let a = s.allocate(Budget::Bytes(max)).unwrap();
+        assert!(a.pick.iter().zip(&s.tensors).all(|(&k, m)| m.candidates[k].dtype == DType::BF16));
+        // Room for the smaller tensor's upgrade to Q4_K only.
+        let b = min + (DType::Q4K.bytes_for(256 * 256).unwrap() - DType::IQ2XXS.bytes_for(256 * 256).unwrap());
+        let a = s.allocate(Budget::Bytes(b)).unwrap();
+        assert!(a.file_bytes <= b);
+        assert_eq!(a.pick, vec![1, 0]);
+        assert_eq!(a.base, rules::IQ2_XXS, "the type holding the most elements names the file type");
+        let text = s.recipe_toml(&a, "test \"quoted\" description");
+        let r = Recipe::parse("auto", &text).unwrap();
+        assert_eq!(r.base, a.base);
+        assert_eq!(r.description, "test \"quoted\" description");
+        let want = s.rules(&a);
+        assert_eq!(r.rules.len(), want.len());
+        for (got, want) in r.rules.iter().zip(&want) {
+            assert_eq!((got.regex.as_str(), got.dtype), (want.regex.as_str(), want.dtype));
+            for m in &s.tensors {
+                assert_eq!(got.matches(&m.name), want.matches(&m.name));
+            }
+        }
+    }
+}
