@@ -166,7 +166,7 @@ fn probe(
     sens: &Sensitivity,
     backend: &dyn sling_kernels::Backend,
     quiet: bool,
-) -> Result<Vec<Option<(sling_core::DType, f64)>>> {
+) -> Result<Vec<Vec<(sling_core::DType, f64)>>> {
     use sling_calibration::sensitivity::{probe_kld, At, Probe, Substituted};
     use sling_calibration::{CheckpointSource, Model};
     if !a.src.is_dir() {
@@ -187,7 +187,6 @@ fn probe(
     // (measured tensor, plan index, where it acts, probe type)
     let mut todo = Vec::new();
     for (i, m) in sens.tensors.iter().enumerate() {
-        let Some(k) = m.probe_candidate() else { continue };
         let at = match (m.name.as_str(), rules::layer_of(&m.name)) {
             ("token_embd.weight", _) => At::Embedding,
             ("output.weight", _) => At::Head,
@@ -195,11 +194,13 @@ fn probe(
             _ => continue,
         };
         let Some(pi) = p.rows.iter().position(|r| r.name == m.name) else { continue };
-        todo.push((i, pi, at, m.candidates[k].dtype));
+        for dt in m.probe_types() {
+            todo.push((i, pi, at, dt));
+        }
     }
     let per_batch =
         sling_calibration::eval::chunks_per_batch(a.solve.ctx, cfg_vocab(&ref_src)).min(chunks.len().max(1));
-    let mut out = vec![None; sens.tensors.len()];
+    let mut out = vec![Vec::new(); sens.tensors.len()];
     let mut start = 0;
     while start < todo.len() {
         let mut end = start;
@@ -234,7 +235,7 @@ fn probe(
             b.finish_and_clear();
         }
         for (&(i, _, _, dt), kld) in group.iter().zip(klds) {
-            out[i] = Some((dt, kld));
+            out[i].push((dt, kld));
         }
         start = end;
     }
@@ -267,7 +268,8 @@ impl AutoPlan {
                 "bytes": m.candidates[k].bytes,
                 "cost": m.candidates[k].cost,
                 "gain": m.gain,
-                "probe": m.probe.map(|(d, kld)| json!({ "type": d.name(), "kld": kld })),
+                "exponent": m.exponent,
+                "probes": m.probes.iter().map(|(d, kld)| json!({ "type": d.name(), "kld": kld })).collect::<Vec<_>>(),
                 "rows_measured": m.rows_measured,
                 "weighted": m.weighted,
                 "candidates": m.candidates.iter().map(|c| json!({

@@ -74,7 +74,7 @@ fn the_allocation_is_deterministic_and_its_recipe_makes_the_same_file() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let a = &v["auto"];
     assert!(a["file_bytes"].as_u64().unwrap() <= a["budget_bytes"].as_u64().unwrap(), "{a}");
-    assert!(a["tensors"].as_array().unwrap().iter().all(|t| t["probe"]["kld"].as_f64().is_some()), "{a}");
+    assert!(a["tensors"].as_array().unwrap().iter().all(|t| t["probes"][0]["kld"].as_f64().is_some()), "{a}");
 }
 
 #[test]

@@ -442,6 +442,45 @@ def cached_array(kind: str, name: str, key_parts, compute) -> np.ndarray:
 _results: dict[str, dict] = {}
 
 
+def llama_perplexity(text: Path, ppl_args: list[str], args: list[str], want: str) -> str:
+    """llama-perplexity's output on `text`; run again (up to 3 times) when its log lost the final figures (`want`) or
+    it failed at exit: its asynchronous logger does not always flush the last lines, and once in ~600 runs it exited
+    non-zero after printing every chunk (seen in CI on mixtral-wide)."""
+    cmd = [str(LLAMA_BIN / "llama-perplexity"), "-f", str(text), "-t", str(JOBS), *ppl_args, *args]
+    failures = []
+    out = ""
+    for _ in range(3):
+        r = subprocess.run(cmd, capture_output=True, text=True, env={"LD_LIBRARY_PATH": str(LLAMA_BIN)})
+        out = r.stdout + r.stderr
+        if r.returncode == 0 and want in out:
+            return out
+        failures.append(f"exit status {r.returncode}, {want!r} {'printed' if want in out else 'missing'}")
+    raise AssertionError(f"llama-perplexity failed 3 times ({'; '.join(failures)}): {' '.join(cmd)}\n{out[-3000:]}")
+
+
+def llama_kld_base(name: str, base: Path, text: Path, ppl_args: list[str], extra=()) -> Path:
+    """`llama-perplexity --kl-divergence-base` logits of the reference converter's F32 file of fixture `name`."""
+    f32 = reference_convert(name, "f32")[0]
+    llama_perplexity(text, ppl_args, ["-m", str(f32), "--kl-divergence-base", str(base), *extra], "Final estimate")
+    return base
+
+
+def llama_kld(model: Path, base: Path, text: Path, ppl_args: list[str], extra=()) -> dict:
+    """`llama-perplexity --kl-divergence` of `model` against `base`: mean and max KLD, both PPLs, same-top-1."""
+    import re  # noqa: PLC0415
+    out = llama_perplexity(text, ppl_args, ["-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
+                                            *extra], "Same top p:")
+
+    def get(pat: str) -> float:
+        m = re.search(pat, out)
+        assert m, f"llama-perplexity printed no {pat!r}:\n{out[-3000:]}"
+        return float(m.group(1))
+
+    return {"kld_mean": get(r"Mean\s+KLD:\s+([0-9.eE+-]+)"), "kld_max": get(r"Maximum KLD:\s+([0-9.eE+-]+)"),
+            "ppl": get(r"Mean PPL\(Q\)\s+:\s+([0-9.]+)"), "ppl_ref": get(r"Mean PPL\(base\)\s+:\s+([0-9.]+)"),
+            "top1": get(r"Same top p:\s+([0-9.]+)") / 100}
+
+
 def record(section: str, key: str, value) -> None:
     _results.setdefault(section, {})[key] = value
 

@@ -44,18 +44,7 @@ def gating(name: str) -> list[str]:
 
 
 def perplexity(args: list[str], want: str) -> str:
-    """llama-perplexity's output; run again (up to 3 times) when its log lost the final figures (`want`) or it
-    failed at exit: its asynchronous logger does not always flush the last lines, and once in ~600 runs it exited
-    non-zero after printing every chunk (seen in CI on mixtral-wide)."""
-    cmd = [str(lab.LLAMA_BIN / "llama-perplexity"), "-f", str(TEXT), "-t", str(lab.JOBS), *PPL_ARGS, *args]
-    failures = []
-    for _ in range(3):
-        r = subprocess.run(cmd, capture_output=True, text=True, env={"LD_LIBRARY_PATH": str(lab.LLAMA_BIN)})
-        out = r.stdout + r.stderr
-        if r.returncode == 0 and want in out:
-            return out
-        failures.append(f"exit status {r.returncode}, {want!r} {'printed' if want in out else 'missing'}")
-    raise AssertionError(f"llama-perplexity failed 3 times ({'; '.join(failures)}): {' '.join(cmd)}\n{out[-3000:]}")
+    return lab.llama_perplexity(TEXT, PPL_ARGS, args, want)
 
 
 def llama_ppl(model) -> float:
@@ -67,19 +56,8 @@ def llama_ppl(model) -> float:
 
 def llama_kld(name: str, model, tmp_path) -> dict:
     base = tmp_path / "base.kld"
-    f32 = lab.reference_convert(name, "f32")[0]
-    perplexity(["-m", str(f32), "--kl-divergence-base", str(base), *gating(name)], "Final estimate")
-    out = perplexity(["-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence", *gating(name)],
-                     "Same top p:")
-
-    def get(pat: str) -> float:
-        m = re.search(pat, out)
-        assert m, f"llama-perplexity printed no {pat!r}:\n{out[-3000:]}"
-        return float(m.group(1))
-
-    return {"kld_mean": get(r"Mean\s+KLD:\s+([0-9.eE+-]+)"), "kld_max": get(r"Maximum KLD:\s+([0-9.eE+-]+)"),
-            "ppl": get(r"Mean PPL\(Q\)\s+:\s+([0-9.]+)"), "ppl_ref": get(r"Mean PPL\(base\)\s+:\s+([0-9.]+)"),
-            "top1": get(r"Same top p:\s+([0-9.]+)") / 100}
+    lab.llama_kld_base(name, base, TEXT, PPL_ARGS, gating(name))
+    return lab.llama_kld(model, base, TEXT, PPL_ARGS, gating(name))
 
 
 def sling_eval(name: str, candidate, *extra, check=True) -> subprocess.CompletedProcess:

@@ -108,10 +108,12 @@ pub struct Measured {
     pub weighted: bool,
     /// Cheapest first; the last is the source type (no error).
     pub candidates: Vec<Candidate>,
-    /// KL divergence per unit of relative error, when measured ([`Sensitivity::set_gains`]).
+    /// KL divergence per unit of relative error at the first probe, when measured ([`Sensitivity::set_gains`]).
     pub gain: Option<f64>,
-    /// The probe the gain was measured with: its type and the KL divergence it gave.
-    pub probe: Option<(DType, f64)>,
+    /// How KL grows with the relative error between the probes (`KL ∝ relative^exponent`; 1 with one probe).
+    pub exponent: f64,
+    /// The probes: type and the KL divergence the model showed with this tensor alone at that type.
+    pub probes: Vec<(DType, f64)>,
 }
 
 /// The sensitivity pass's result: everything the allocation needs.
@@ -277,7 +279,8 @@ fn measure_tensor(
         weighted,
         candidates,
         gain: None,
-        probe: None,
+        exponent: 1.0,
+        probes: Vec::new(),
     })
 }
 
@@ -286,14 +289,18 @@ fn measure_tensor(
 pub const PROBE_RELATIVE: f64 = 0.02;
 
 impl Measured {
-    /// The candidate to measure the gain with: the quantized type whose relative error is nearest (in ratio)
-    /// to [`PROBE_RELATIVE`].
-    pub fn probe_candidate(&self) -> Option<usize> {
+    /// The types to probe: the quantized type whose relative error is nearest (in ratio) to [`PROBE_RELATIVE`],
+    /// and the cheapest type (where low-bit errors leave the proportional regime), when they differ.
+    pub fn probe_types(&self) -> Vec<DType> {
         let q = self.candidates.len().saturating_sub(1);
-        (0..q).filter(|&k| self.candidates[k].relative > 0.0).min_by(|&a, &b| {
+        let mid = (0..q).filter(|&k| self.candidates[k].relative > 0.0).min_by(|&a, &b| {
             let d = |k: usize| (self.candidates[k].relative / PROBE_RELATIVE).ln().abs();
             d(a).total_cmp(&d(b)).then(a.cmp(&b))
-        })
+        });
+        let low = (0..q).filter(|&k| self.candidates[k].relative > 0.0).min_by_key(|&k| (self.candidates[k].bytes, k));
+        let mut v: Vec<DType> = mid.into_iter().chain(low).map(|k| self.candidates[k].dtype).collect();
+        v.dedup();
+        v
     }
 }
 
@@ -352,24 +359,50 @@ pub struct Allocation {
 }
 
 impl Sensitivity {
-    /// Sets each tensor's gain from its probe's KL divergence (`None`: not probed) and makes every candidate's
-    /// cost `gain * relative`. Tensors without a probe take the median gain of those with one.
-    pub fn set_gains(&mut self, probes: &[Option<(DType, f64)>]) {
+    /// Sets each tensor's KL model from its probes (type, KL divergence; none: not probed) and makes every
+    /// candidate's cost the KL it predicts: through the first probe `(relative0, kl0)`, proportional to the
+    /// relative error below it, and `kl0 * (relative / relative0)^exponent` above it, the exponent fitted through
+    /// the second probe (clamped to 0.5..4; 1 with one probe).
+    /// Tensors without a probe take the median gain (KL per relative error) of those with one, exponent 1.
+    pub fn set_gains(&mut self, probes: &[Vec<(DType, f64)>]) {
         let mut gains = Vec::new();
         for (m, p) in self.tensors.iter_mut().zip(probes) {
-            m.probe = *p;
-            m.gain = p.and_then(|(d, kld)| {
-                let rel = m.candidates.iter().find(|c| c.dtype == d)?.relative;
-                (rel > 0.0).then(|| kld.max(0.0) / rel)
-            });
-            gains.extend(m.gain);
+            m.probes = p.clone();
+            let pts: Vec<(f64, f64)> = p
+                .iter()
+                .filter_map(|&(d, kl)| {
+                    let rel = m.candidates.iter().find(|c| c.dtype == d)?.relative;
+                    (rel > 0.0).then_some((rel, kl.max(0.0)))
+                })
+                .collect();
+            let Some(&(r0, k0)) = pts.first() else { continue };
+            m.gain = Some(k0 / r0);
+            m.exponent = match pts.get(1) {
+                Some(&(r1, k1)) if k0 > 0.0 && k1 > 0.0 && r1 != r0 => {
+                    ((k1 / k0).ln() / (r1 / r0).ln()).clamp(0.5, 4.0)
+                }
+                _ => 1.0,
+            };
+            gains.push(k0 / r0);
         }
         gains.sort_by(f64::total_cmp);
         let median = gains.get(gains.len() / 2).copied().unwrap_or(1.0);
         for m in &mut self.tensors {
-            let g = *m.gain.get_or_insert(median);
+            let (r0, k0) = match (m.gain, m.probes.first()) {
+                (Some(g), Some(&(d, _))) => {
+                    let r0 = m.candidates.iter().find(|c| c.dtype == d).map_or(1.0, |c| c.relative);
+                    (r0, g * r0)
+                }
+                _ => {
+                    m.gain = Some(median);
+                    (1.0, median)
+                }
+            };
             for c in &mut m.candidates {
-                c.cost = g * c.relative;
+                // Below the first probe, KL is proportional to the error (KL ≈ ½ δᵀFδ for small output changes δ,
+                // and the relative error is the power of δ); above it, the fitted exponent.
+                let x = c.relative / r0;
+                c.cost = if x <= 1.0 { k0 * x } else { k0 * x.powf(m.exponent) };
             }
         }
     }
@@ -515,7 +548,8 @@ mod tests {
                 .collect(),
             ne,
             gain: None,
-            probe: None,
+            exponent: 1.0,
+            probes: Vec::new(),
         }
     }
 
@@ -553,10 +587,18 @@ mod tests {
     #[test]
     fn gains_scale_costs_and_unprobed_tensors_take_the_median() {
         let mut s = sens();
-        s.set_gains(&[Some((DType::IQ2XXS, 0.2)), None]);
+        s.set_gains(&[vec![(DType::IQ2XXS, 0.2)], vec![]]);
         assert_eq!(s.tensors[0].gain, Some(2.0));
         assert_eq!(s.tensors[1].gain, Some(2.0));
         assert_eq!(s.tensors[0].candidates[1].cost, 2.0 * 0.005);
+        assert_eq!(s.tensors[0].candidates[2].cost, 0.0);
+        // Two probes: KL quadruples where the error doubles (exponent 2).
+        let mut s = sens();
+        s.tensors[0].candidates[1].relative = 0.05;
+        s.set_gains(&[vec![(DType::Q4K, 0.01), (DType::IQ2XXS, 0.04)], vec![]]);
+        assert!((s.tensors[0].exponent - 2.0).abs() < 1e-12);
+        assert!((s.tensors[0].candidates[0].cost - 0.04).abs() < 1e-12);
+        assert_eq!(s.tensors[1].exponent, 1.0);
     }
 
     #[test]
