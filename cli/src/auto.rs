@@ -28,6 +28,10 @@ pub struct AutoArgs {
     /// tensors are measured on an even sample.
     #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_SAMPLE_ROWS)]
     pub(crate) sample_rows: u64,
+    /// With --to gguf:auto --data: rows of each expert (or 2-D tensor) quantized in a sensitivity probe; the
+    /// probe's KL is scaled up by the fraction of rows it quantized.
+    #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_PROBE_ROWS)]
+    pub(crate) probe_rows: u64,
     /// With --to gguf:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one beside
     /// the output anyway, OUT.recipe.toml).
     #[arg(long, value_name = "FILE")]
@@ -81,8 +85,8 @@ pub fn wanted(a: &QuantArgs) -> Result<bool> {
     if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
         bail!("--to gguf:auto takes --data/--tokens, --ctx and --chunks (to measure sensitivities); the GPTQ/AWQ flags apply to vllm:… and mlx:… targets");
     }
-    if a.auto.sample_rows == 0 {
-        bail!("--sample-rows must be at least 1");
+    if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
+        bail!("--sample-rows and --probe-rows must be at least 1");
     }
     Ok(true)
 }
@@ -155,7 +159,7 @@ pub fn plan(a: &QuantArgs, base: &QuantizeOptions, quiet: bool) -> Result<AutoPl
 }
 
 /// Values of probes held at once (f32 of the substituted tensors); more probes run as further passes.
-const PROBE_GROUP_BYTES: u64 = 2 << 30;
+const PROBE_GROUP_BYTES: u64 = 1 << 30;
 
 /// Each measured tensor's probe: its type and the KL divergence the model shows with that tensor alone
 /// quantized to it (`sling_calibration::sensitivity`), over the `--data` text.
@@ -216,11 +220,11 @@ fn probe(
             .iter()
             .map(|&(_, pi, _, dt)| {
                 let t = &p.prepared.tensors[pi];
-                let v = auto::roundtrip(ck, t, dt, backend)?;
-                Ok(Substituted::new(&ref_src, t, v)?)
+                let (v, frac) = auto::roundtrip(ck, t, dt, a.auto.probe_rows, backend)?;
+                Ok((Substituted::new(&ref_src, t, v)?, frac))
             })
             .collect::<Result<Vec<_>>>()?;
-        let models = subs.iter().map(|s| Model::new(s, &cfg)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let models = subs.iter().map(|(s, _)| Model::new(s, &cfg)).collect::<std::result::Result<Vec<_>, _>>()?;
         let probes: Vec<Probe> = group.iter().zip(&models).map(|(&(_, _, at, _), model)| Probe { at, model }).collect();
         let bar = progress_bar(0, quiet);
         let klds = probe_kld(&reference, &probes, &chunks, a.solve.ctx, per_batch, &mut |done, total| {
@@ -234,8 +238,8 @@ fn probe(
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        for (&(i, _, _, dt), kld) in group.iter().zip(klds) {
-            out[i].push((dt, kld));
+        for ((&(i, _, _, dt), kld), (_, frac)) in group.iter().zip(klds).zip(&subs) {
+            out[i].push((dt, kld / frac));
         }
         start = end;
     }
