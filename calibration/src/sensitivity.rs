@@ -10,7 +10,7 @@
 //! average), and the memory that of one set of hidden states per probe in a group.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
 use sling_pipeline::ops::Op;
@@ -22,19 +22,28 @@ use crate::eval::Evaluator;
 use crate::model::Model;
 use crate::source::TensorSource;
 
-/// The reference with the source tensors of one GGUF tensor replaced by `values` (that GGUF tensor's rows, e.g.
-/// quantized and dequantized), mapped back through the conversion plan's ops.
+/// The rows `r0..r1` of the substituted GGUF tensor, as the probe replaces them.
+pub type Rows<'a> = Box<dyn Fn(u64, u64) -> Result<Vec<f32>> + Send + Sync + 'a>;
+
+/// The reference with the source tensors of one GGUF tensor replaced by other values of its rows (e.g. quantized
+/// and dequantized), mapped back through the conversion plan's ops. The values are made by `rows` when the
+/// forward pass reads a source tensor, one source tensor's rows at a time (an expert's, for checkpoints that store
+/// experts apart), so a probe holds no more than the pass itself does.
 pub struct Substituted<'a> {
     reference: &'a dyn TensorSource,
     /// Source tensor name → the output row its subtree starts at, and the subtree.
     pieces: HashMap<String, (u64, Op)>,
-    values: Arc<Vec<f32>>,
+    rows: Rows<'a>,
     cols: u64,
+    /// The last substituted source tensor, whole, until [`TensorSource::release`]: layouts that stack experts in
+    /// one source tensor are read an expert at a time, and each read would otherwise make all of it again.
+    last: Mutex<Option<(String, Arc<Vec<f32>>)>>,
 }
 
 impl<'a> Substituted<'a> {
-    /// `t` is the GGUF tensor (from the conversion plan of `reference`'s checkpoint), `values` all its rows.
-    pub fn new(reference: &'a dyn TensorSource, t: &OutTensor, values: Vec<f32>) -> Result<Substituted<'a>> {
+    /// `t` is the GGUF tensor (from the conversion plan of `reference`'s checkpoint); `rows(r0, r1)` gives its rows
+    /// `r0..r1` (`(r1 - r0) * t.ne[0]` values).
+    pub fn new(reference: &'a dyn TensorSource, t: &OutTensor, rows: Rows<'a>) -> Result<Substituted<'a>> {
         let Payload::Values(op) = &t.payload else {
             return Err(Error::Read {
                 tensor: t.name.clone(),
@@ -42,12 +51,6 @@ impl<'a> Substituted<'a> {
             });
         };
         let cols = t.ne.first().copied().unwrap_or(1);
-        if values.len() as u64 != t.numel() {
-            return Err(Error::Read {
-                tensor: t.name.clone(),
-                why: format!("{} values for {}", values.len(), t.numel()),
-            });
-        }
         let mut names = Vec::new();
         op.sources(&mut names);
         names.sort();
@@ -59,7 +62,7 @@ impl<'a> Substituted<'a> {
                 (n, (base, sub.clone()))
             })
             .collect();
-        Ok(Substituted { reference, pieces, values: Arc::new(values), cols })
+        Ok(Substituted { reference, pieces, rows, cols, last: Mutex::new(None) })
     }
 }
 
@@ -73,6 +76,7 @@ impl TensorSource for Substituted<'_> {
     }
 
     fn release(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.reference.release();
     }
 
@@ -80,18 +84,32 @@ impl TensorSource for Substituted<'_> {
         let Some((base, op)) = self.pieces.get(name) else {
             return self.reference.read_outer(name, i0, i1);
         };
-        // The reference's values first: elements the GGUF tensor does not hold stay as they are.
         let shape = self.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
-        let n0 = shape.first().copied().unwrap_or(1);
-        let mut whole = self.reference.read_outer(name, 0, n0)?;
-        let c = self.cols as usize;
-        let (r0, r1) = (*base as usize, (*base + op.rows()) as usize);
-        let vals = self.values.get(r0 * c..r1 * c).ok_or_else(|| Error::Read {
-            tensor: name.to_string(),
-            why: "rows outside the substituted tensor".into(),
-        })?;
-        scatter(op, vals, self.cols, name, &mut whole);
         let per = if shape.is_empty() { 1 } else { shape[1..].iter().product::<u64>() } as usize;
+        let cached = match &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((n, w)) if n == name => Some(Arc::clone(w)),
+            _ => None,
+        };
+        // Not under the lock: per-expert source tensors are read in parallel, each once.
+        let whole = match cached {
+            Some(w) => w,
+            None => {
+                // The reference's values first: elements the GGUF tensor does not hold stay as they are.
+                let n0 = shape.first().copied().unwrap_or(1);
+                let mut whole = self.reference.read_outer(name, 0, n0)?;
+                let vals = (self.rows)(*base, *base + op.rows())?;
+                if vals.len() as u64 != op.rows() * self.cols {
+                    return Err(Error::Read {
+                        tensor: name.to_string(),
+                        why: format!("{} substituted values for {} rows of {}", vals.len(), op.rows(), self.cols),
+                    });
+                }
+                scatter(op, &vals, self.cols, name, &mut whole);
+                let w = Arc::new(whole);
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), Arc::clone(&w)));
+                w
+            }
+        };
         Ok(whole.get(i0 as usize * per..i1 as usize * per).map(<[f32]>::to_vec).unwrap_or_default())
     }
 }

@@ -158,8 +158,9 @@ pub fn plan(a: &QuantArgs, base: &QuantizeOptions, quiet: bool) -> Result<AutoPl
     Ok(AutoPlan { sens, alloc, target, description, recipe })
 }
 
-/// Values of probes held at once (f32 of the substituted tensors); more probes run as further passes.
-const PROBE_GROUP_BYTES: u64 = 1 << 30;
+/// Hidden states of the probes carried at once (one `[tokens, hidden]` f32 matrix per probe and batch); more
+/// probes run as further passes.
+const PROBE_STREAM_BYTES: u64 = 2 << 30;
 
 /// Each measured tensor's probe: its type and the KL divergence the model shows with that tensor alone
 /// quantized to it (`sling_calibration::sensitivity`), over the `--data` text.
@@ -205,23 +206,22 @@ fn probe(
     let per_batch =
         sling_calibration::eval::chunks_per_batch(a.solve.ctx, cfg_vocab(&ref_src)).min(chunks.len().max(1));
     let mut out = vec![Vec::new(); sens.tensors.len()];
+    let stream = (per_batch * a.solve.ctx * reference.spec().hidden * 4) as u64;
+    let per_group = (PROBE_STREAM_BYTES / stream.max(1)).max(1) as usize;
     let mut start = 0;
     while start < todo.len() {
-        let mut end = start;
-        let mut held = 0u64;
-        while end < todo.len()
-            && (end == start || held + 4 * p.prepared.tensors[todo[end].1].numel() <= PROBE_GROUP_BYTES)
-        {
-            held += 4 * p.prepared.tensors[todo[end].1].numel();
-            end += 1;
-        }
+        let end = (start + per_group).min(todo.len());
         let group = &todo[start..end];
         let subs = group
             .iter()
             .map(|&(_, pi, _, dt)| {
                 let t = &p.prepared.tensors[pi];
-                let (v, frac) = auto::roundtrip(ck, t, dt, a.auto.probe_rows, backend)?;
-                Ok((Substituted::new(&ref_src, t, v)?, frac))
+                let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
+                    auto::roundtrip(ck, t, dt, a.auto.probe_rows, r0, r1, backend).map_err(|e| {
+                        sling_calibration::Error::Read { tensor: t.name.clone(), why: e.to_string() }
+                    })
+                });
+                Ok((Substituted::new(&ref_src, t, rows)?, auto::probe_fraction(t, a.auto.probe_rows)))
             })
             .collect::<Result<Vec<_>>>()?;
         let models = subs.iter().map(|(s, _)| Model::new(s, &cfg)).collect::<std::result::Result<Vec<_>, _>>()?;

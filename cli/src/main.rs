@@ -99,6 +99,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // `sling inspect … | head`: Rust ignores SIGPIPE, so every print to a closed stdout would panic (exit 101 and a
+    // backtrace). Restoring the default makes the process end quietly as `cat` or `grep` does (status 141 in
+    // the shell); outputs are written under temporary names, so nothing half-written is left looking complete.
+    #[cfg(unix)]
+    // SAFETY: first statement of main, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let level = if cli.quiet {
         "error"

@@ -28,6 +28,8 @@ pub const AFTER_HELP: &str = "Examples:
   sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
   sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
   sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M     (per-tensor table, nothing written)
+  sling plan ./DeepSeek-V3 --to gguf:auto --target-size 180G --imatrix imatrix.gguf --data calib.txt
+  sling quantize ./Qwen3-30B-A3B --to gguf:auto --target-bpw 2.5 --imatrix imatrix.gguf --data calib.txt -o q.gguf
   sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 -o qwen3-30b-a3b-w4a16     (compressed-tensors, for vLLM/SGLang)
   sling quantize ./DeepSeek-V3 --to vllm:fp8-block -o ds-v3-fp8-block      (FP8 sources: codes and scales copied)
   sling quantize ./Qwen3-30B-A3B --to mlx:4 --group-size 64 -o qwen3-30b-a3b-mlx-4bit   (for mlx-lm)
@@ -60,6 +62,12 @@ blocks 0-7, IQ2_S after; ~2.3 bpw on DeepSeek-V3) and moe-iq1* (IQ1_S, down-proj
 after Unsloth's DeepSeek-R1 1.58-bit quant; ~1.7 bpw), both with attention Q4_K/Q5_K, shared experts and dense \
 FFN Q5_K/Q6_K, token_embd Q4_K, output Q6_K; routers and norms are never quantized.
 
+gguf:auto --target-size SIZE | --target-bpw X chooses every tensor's type to fit the size: each tensor's error at \
+every type its rows allow is measured (imatrix-weighted, experts weighted by routing), and with --data each \
+tensor's KL divergence at two types is probed in one layer-by-layer pass; the types with the least predicted KL \
+that fit are written as a recipe (OUT.recipe.toml, also --save-recipe FILE; --recipe FILE makes the same file \
+again) and recorded in the manifest and the model card (docs/quantization.md, \"Quantize to a size target\").
+
 Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
 --leave-output-tensor — the llama-quantize flags, with the same meaning.
@@ -77,6 +85,7 @@ pub struct QuantArgs {
     /// block-quantized tensors in it need --allow-requantize).
     pub(crate) src: PathBuf,
     /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4);
+    /// gguf:auto with --target-size/--target-bpw (types chosen from measured sensitivities);
     /// vllm:SCHEME, a compressed-tensors directory for vLLM/SGLang (w4a16, w4a16-asym, w8a16, fp8-dynamic,
     /// fp8-block, nvfp4, mxfp4); mlx:BITS, a directory for mlx-lm (2, 3, 4, 5, 6, 8). Optional with --recipe.
     #[arg(long, value_name = "TARGET")]

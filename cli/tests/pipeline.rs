@@ -796,3 +796,27 @@ fn plan_estimates_memory_disk_and_time() {
     assert!(text.contains("estimated: disk "), "{text}");
     assert!(!stdout(&o).contains("estimated"));
 }
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    // `sling inspect … | head -c 0`: the reader goes away before sling prints. A panic on EPIPE would show up as
+    // "panicked" on stderr and exit status 101; the contract is SIGPIPE's default (or success, if the whole table
+    // fitted in the pipe before it closed).
+    for _ in 0..5 {
+        let mut child = bin()
+            .args(["inspect", s(&fixture("deepseekv3")), "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(o.status.success() || o.status.signal() == Some(13), "{:?}: {err}", o.status);
+        }
+    }
+}

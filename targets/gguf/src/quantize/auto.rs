@@ -309,41 +309,55 @@ impl Measured {
     }
 }
 
-/// `t`'s values with every `k`-th row of each expert (at most `sample_rows` of each) quantized as `dtype` (with its importance weights) and dequantized, the other
-/// rows as they are; and the fraction of rows quantized. What a probe substitutes for the tensor: in the regime
-/// where KL is proportional to the error's power, the probe's KL divided by that fraction is the whole tensor's,
-/// at a fraction of the cost of quantizing all of it. (Rows are read as the quantizer reads them, rounded through
-/// the intermediate type: the identity for bf16 checkpoints, and an error some 10⁴ times below a probe's for f32.)
+/// The stride of a probe's quantized rows: every `k`-th row of each expert, at most `sample_rows` of each.
+fn probe_step(t: &crate::convert::OutTensor, sample_rows: u64) -> (u64, u64) {
+    let n_mat = t.ne.get(2).copied().unwrap_or(1).max(1);
+    let per_mat = (t.rows() / n_mat).max(1);
+    (per_mat, per_mat.div_ceil(sample_rows.max(1)).max(1))
+}
+
+/// The fraction of `t`'s rows that [`roundtrip`] quantizes with `sample_rows`.
+pub fn probe_fraction(t: &crate::convert::OutTensor, sample_rows: u64) -> f64 {
+    let (per_mat, step) = probe_step(t, sample_rows);
+    per_mat.div_ceil(step) as f64 / per_mat as f64
+}
+
+/// Rows `r0..r1` of `t` with every `k`-th row of each expert (at most `sample_rows` of each; the fraction is
+/// [`probe_fraction`]) quantized as `dtype` (with its importance weights) and dequantized, the other rows as they
+/// are. What a probe substitutes for the tensor: in the regime where KL is proportional to the error's power, the
+/// probe's KL divided by that fraction is the whole tensor's, at a fraction of the cost of quantizing all of it.
+/// By row range, so that a probe holds one source tensor's rows (an expert's, for per-expert checkpoints) at a
+/// time. (Rows are read as the quantizer reads them, rounded through the intermediate type: the identity for bf16
+/// checkpoints, and an error some 10⁴ times below a probe's for f32.)
 pub fn roundtrip(
     ck: &Checkpoint,
     t: &crate::convert::OutTensor,
     dtype: DType,
     sample_rows: u64,
+    r0: u64,
+    r1: u64,
     backend: &dyn Backend,
-) -> Result<(Vec<f32>, f64), ConvertError> {
-    let cols = t.ne[0];
-    let n_mat = t.ne.get(2).copied().unwrap_or(1).max(1);
-    let per_mat = t.rows() / n_mat;
-    let step = per_mat.div_ceil(sample_rows.max(1)).max(1);
-    let parts: Vec<Vec<f32>> = (0..n_mat)
-        .into_par_iter()
-        .map(|e| {
-            let mut v = Vec::new();
-            read_f32(ck, t, e * per_mat, (e + 1) * per_mat, &mut v, backend)?;
-            let qw = t.weights.as_deref().map(|w| &w[(e * cols) as usize..((e + 1) * cols) as usize]);
-            let (mut q, mut back) = (Vec::new(), Vec::new());
-            for row in v.chunks_exact_mut(cols as usize).step_by(step as usize) {
-                q.clear();
-                back.clear();
-                backend.quantize_rows(dtype, row, cols as usize, qw, &mut q).map_err(|e| kernel_error(t, e))?;
-                backend.dequantize(dtype, &q, &mut back).map_err(|e| kernel_error(t, e))?;
-                row.copy_from_slice(&back);
-            }
-            Ok(v)
-        })
-        .collect::<Result<_, ConvertError>>()?;
-    ck.release_pages();
-    Ok((parts.concat(), per_mat.div_ceil(step) as f64 / per_mat.max(1) as f64))
+) -> Result<Vec<f32>, ConvertError> {
+    let cols = t.ne[0] as usize;
+    let (per_mat, step) = probe_step(t, sample_rows);
+    let mut v = Vec::new();
+    read_f32(ck, t, r0, r1, &mut v, backend)?;
+    let picked: Vec<(u64, &mut [f32])> = v
+        .chunks_exact_mut(cols)
+        .enumerate()
+        .map(|(i, row)| (r0 + i as u64, row))
+        .filter(|(r, _)| (r % per_mat) % step == 0)
+        .collect();
+    picked.into_par_iter().try_for_each(|(r, row)| {
+        let e = (r / per_mat) as usize;
+        let qw = t.weights.as_deref().map(|w| &w[e * cols..(e + 1) * cols]);
+        let (mut q, mut back) = (Vec::new(), Vec::new());
+        backend.quantize_rows(dtype, row, cols, qw, &mut q).map_err(|e| kernel_error(t, e))?;
+        backend.dequantize(dtype, &q, &mut back).map_err(|e| kernel_error(t, e))?;
+        row.copy_from_slice(&back);
+        Ok::<_, ConvertError>(())
+    })?;
+    Ok(v)
 }
 
 fn kernel_error(t: &crate::convert::OutTensor, e: sling_kernels::backend::KernelError) -> ConvertError {
