@@ -170,9 +170,11 @@ pub fn probe_kld(
         }
         let clean = reference.head_logits(&h)?;
         for ((p, s), ev) in probes.iter().zip(streams).zip(evs.iter_mut()) {
+            // The probe's own head: the same as the reference's unless its tensor is the head, or the embedding
+            // a tied head reads (GGUF then stores no `output.weight` and llama.cpp uses `token_embd`).
             let cand = match (p.at, s) {
                 (At::Head, _) => p.model.head_logits(&h)?,
-                (_, Some(x)) => reference.head_logits(&x)?,
+                (_, Some(x)) => p.model.head_logits(&x)?,
                 (_, None) => {
                     return Err(Error::BadConfig(format!(
                         "a probe at {:?} never ran (the model has {n_layers} layers)",

@@ -100,8 +100,14 @@ fn budget(a: &AutoArgs) -> Result<(Budget, String)> {
     }
 }
 
-/// Measures and allocates. `base` holds the user's other options (imatrix, --leave-output-tensor, …).
-pub fn plan(a: &QuantArgs, base: &QuantizeOptions, quiet: bool) -> Result<AutoPlan> {
+/// Measures and allocates. `base` holds the user's other options (imatrix, --leave-output-tensor, …); `gemm`
+/// runs the probes' forward-pass products (cuBLAS with `--device cuda`; the CPU when `None`).
+pub fn plan(
+    a: &QuantArgs,
+    base: &QuantizeOptions,
+    quiet: bool,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+) -> Result<AutoPlan> {
     let (budget, target) = budget(&a.auto)?;
     // Every quantizable tensor rewritten (Q8_0, no mixture rules) so that each carries its importance weights.
     let probe_opts = QuantizeOptions {
@@ -136,7 +142,7 @@ pub fn plan(a: &QuantArgs, base: &QuantizeOptions, quiet: bool) -> Result<AutoPl
         (None, None) => false,
         _ => {
             let t1 = std::time::Instant::now();
-            let probes = probe(a, &ck, &p, &sens, &backend, quiet)?;
+            let probes = probe(a, &ck, &p, &sens, &backend, gemm, quiet)?;
             tracing::info!("probed {} tensors in {:.1}s", probes.len(), t1.elapsed().as_secs_f64());
             sens.set_gains(&probes);
             true
@@ -170,6 +176,7 @@ fn probe(
     p: &sling_target_gguf::quantize::QuantizePlan,
     sens: &Sensitivity,
     backend: &dyn sling_kernels::Backend,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
     quiet: bool,
 ) -> Result<Vec<Vec<(sling_core::DType, f64)>>> {
     use sling_calibration::sensitivity::{probe_kld, At, Probe, Substituted};
@@ -186,8 +193,9 @@ fn probe(
     let (_, chunks) = crate::eval::load_chunks(&a.src, &d)?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
     let ref_src = CheckpointSource::new(ck);
-    let reference =
-        Model::new(&ref_src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    let reference = Model::new(&ref_src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
+        .with_backend(gemm.clone());
     let n_layers = reference.spec().n_layers;
     // (measured tensor, plan index, where it acts, probe type)
     let mut todo = Vec::new();
@@ -199,6 +207,11 @@ fn probe(
             _ => continue,
         };
         let Some(pi) = p.rows.iter().position(|r| r.name == m.name) else { continue };
+        // Codes copied from the source (gpt-oss's MXFP4 experts) have no values to substitute: such a tensor is
+        // priced with the median gain of the probed ones (`Sensitivity::set_gains`).
+        if !matches!(p.prepared.tensors[pi].payload, sling_target_gguf::convert::plan::Payload::Values(_)) {
+            continue;
+        }
         for dt in m.probe_types() {
             todo.push((i, pi, at, dt));
         }
@@ -217,14 +230,16 @@ fn probe(
             .map(|&(_, pi, _, dt)| {
                 let t = &p.prepared.tensors[pi];
                 let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
-                    auto::roundtrip(ck, t, dt, a.auto.probe_rows, r0, r1, backend).map_err(|e| {
-                        sling_calibration::Error::Read { tensor: t.name.clone(), why: e.to_string() }
-                    })
+                    auto::roundtrip(ck, t, dt, a.auto.probe_rows, r0, r1, backend)
+                        .map_err(|e| sling_calibration::Error::Read { tensor: t.name.clone(), why: e.to_string() })
                 });
                 Ok((Substituted::new(&ref_src, t, rows)?, auto::probe_fraction(t, a.auto.probe_rows)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let models = subs.iter().map(|(s, _)| Model::new(s, &cfg)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let models = subs
+            .iter()
+            .map(|(s, _)| Model::new(s, &cfg).map(|m| m.with_backend(gemm.clone())))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let probes: Vec<Probe> = group.iter().zip(&models).map(|(&(_, _, at, _), model)| Probe { at, model }).collect();
         let bar = progress_bar(0, quiet);
         let klds = probe_kld(&reference, &probes, &chunks, a.solve.ctx, per_batch, &mut |done, total| {

@@ -232,7 +232,14 @@ fn target(a: &QuantArgs) -> Result<(Ftype, Vec<TensorTypeRule>, String)> {
 
 /// The options of `quantize` (`dry_run` false) or `plan` / `--dry-run` (true: tensors that need an imatrix are
 /// listed, not refused, as llama-quantize --dry-run does).
-fn options(a: &QuantArgs, dry_run: bool, quiet: bool) -> Result<(QuantizeOptions, String, Option<AutoPlan>)> {
+/// `pipeline`: the `--device` flags of `sling quantize` (the KL probes of `gguf:auto` run their forward-pass
+/// products there); `sling plan` probes on the CPU.
+fn options(
+    a: &QuantArgs,
+    dry_run: bool,
+    quiet: bool,
+    pipeline: Option<&PipelineArgs>,
+) -> Result<(QuantizeOptions, String, Option<AutoPlan>)> {
     let auto = crate::auto::wanted(a)?;
     let (ftype, recipe_rules, label) =
         if auto { (sling_target_gguf::quantize::rules::Q8_0, Vec::new(), "auto".to_string()) } else { target(a)? };
@@ -282,7 +289,11 @@ fn options(a: &QuantArgs, dry_run: bool, quiet: bool) -> Result<(QuantizeOptions
     if !auto {
         return Ok((o, label, None));
     }
-    let plan = crate::auto::plan(a, &o, quiet)?;
+    let gemm = match pipeline {
+        Some(p) if a.solve.data.is_some() || a.solve.tokens.is_some() => p.calibration_backend()?,
+        _ => None,
+    };
+    let plan = crate::auto::plan(a, &o, quiet, gemm)?;
     o.rules.ftype = plan.alloc.base;
     o.rules.tensor_types = plan.rules();
     Ok((o, label, Some(plan)))
@@ -464,7 +475,7 @@ pub fn run_plan(a: QuantArgs, quiet: bool) -> Result<()> {
     if a.solve.any() && !crate::auto::is_auto(&a) {
         bail!(crate::solve::GGUF_REFUSAL);
     }
-    let (opts, label, auto) = options(&a, true, quiet)?;
+    let (opts, label, auto) = options(&a, true, quiet, None)?;
     let (_ck, p) = open_and_plan(&a.src, &opts)?;
     warn_imatrix(&p);
     let mut j = plan_json(&p, &opts.rules.ftype, &label);
@@ -549,7 +560,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     crate::eval::check_max_kld(a.max_kld)?;
-    let (opts, label, auto) = options(&a.q, false, quiet)?;
+    let (opts, label, auto) = options(&a.q, false, quiet, Some(&a.pipeline))?;
     let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
     let t0 = Instant::now();
     let created = a.pipeline.created()?;

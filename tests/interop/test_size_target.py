@@ -127,3 +127,12 @@ def test_sweep_for_the_docs(lab_state, presets):
         a = auto(lab_state, bpw)
         assert a["bpw"] <= bpw + 1e-9, a
         assert a["kld_mean"] <= (1 - GOAL) * frontier_at(presets, bpw), (bpw, a)
+
+
+def test_without_data_the_measured_errors_alone_still_beat_the_frontier(lab_state, presets):
+    """No --data: the allocation from the imatrix-weighted errors alone (every tensor equally sensitive). Cheaper
+    and worse than with the probes (the docs quote both); still below the frontier."""
+    bpw = TARGETS[0]
+    a = _measure(lab_state, f"auto-{bpw}-nodata", "gguf:auto", ("--target-bpw", str(bpw)))
+    assert a["bpw"] <= bpw + 1e-9, a
+    assert a["kld_mean"] < frontier_at(presets, bpw), a
