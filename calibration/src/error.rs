@@ -25,6 +25,10 @@ pub enum Error {
     Device(#[source] sling_kernels::DeviceError),
     #[error("solved-weight store: {0}")]
     Store(String),
+    #[error("no statistics collected")]
+    NoStatistics,
+    #[error(transparent)]
+    Write(#[from] sling_formats::gguf::GgufError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

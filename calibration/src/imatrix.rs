@@ -118,7 +118,7 @@ impl ImatrixCollector {
     }
 
     /// Writes llama.cpp's GGUF imatrix file (`save_imatrix`).
-    pub fn save(&self, out: &Path, datasets: &[String], chunk_size: u32) -> Result<(), String> {
+    pub fn save(&self, out: &Path, datasets: &[String], chunk_size: u32) -> crate::Result<()> {
         let kvs = vec![
             ("general.type".to_string(), GgufValue::String("imatrix".into())),
             (
@@ -142,13 +142,13 @@ impl ImatrixCollector {
             data.push(s.counts.iter().flat_map(|&c| (c as f32).to_le_bytes()).collect());
         }
         if descs.is_empty() {
-            return Err("no statistics collected".into());
+            return Err(crate::Error::NoStatistics);
         }
-        let mut w = GgufWriter::create(out, kvs, descs, SplitPolicy::None).map_err(|e| e.to_string())?;
+        let mut w = GgufWriter::create(out, kvs, descs, SplitPolicy::None)?;
         for d in &data {
-            w.write_data(d).map_err(|e| e.to_string())?;
+            w.write_data(d)?;
         }
-        w.finish().map_err(|e| e.to_string())?;
+        w.finish()?;
         Ok(())
     }
 }

@@ -104,7 +104,12 @@ fn rebuild(
     let ftype = Ftype::parse(&q.ftype)
         .filter(|f| f.id == q.file_type)
         .ok_or_else(|| bad(format!("unknown preset {:?} (file type {})", q.ftype, q.file_type)))?;
-    let tensor_types = q.rules.iter().map(TensorTypeRule::from_record).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let tensor_types = q
+        .rules
+        .iter()
+        .map(TensorTypeRule::from_record)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
     let dtype = |s: &Option<String>| -> Result<Option<DType>, String> {
         s.as_deref()
             .map(|t| {
@@ -114,7 +119,12 @@ fn rebuild(
             })
             .transpose()
     };
-    let overrides = q.override_kv.iter().map(|s| parse_override_kv(s)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let overrides = q
+        .override_kv
+        .iter()
+        .map(|s| parse_override_kv(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
     let imatrix = match (&q.imatrix, inp.imatrix) {
         (Some(rec), None) => {
             return Err(format!(

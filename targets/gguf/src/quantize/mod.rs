@@ -24,7 +24,7 @@ use crate::convert::run::build_kvs;
 use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Payload, Prepared};
 pub use imatrix::{Imatrix, ImatrixError};
 pub use recipe::Recipe;
-pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, TensorTypeRule, Why};
+pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, SpecError, TensorTypeRule, Why};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::gguf::{GgufFile, GgufValue};
 use sling_pipeline::PlanError;
@@ -50,13 +50,13 @@ pub struct QuantizeOptions {
 /// Parses llama.cpp's `--override-kv KEY=TYPE:VALUE` (`common/common.cpp string_parse_kv_override`) into the value
 /// llama-quantize writes: `int:` as u32 of |v| (`(uint32_t)std::abs`), `float:` as f32, `bool:` true/false,
 /// `str:` at most 127 bytes. Stricter than `atol`/`atof`: a value that is not a number is an error.
-pub fn parse_override_kv(spec: &str) -> Result<(String, GgufValue), String> {
-    let (key, rest) =
-        spec.split_once('=').ok_or_else(|| format!("malformed KV override {spec:?}: expected KEY=TYPE:VALUE"))?;
+pub fn parse_override_kv(spec: &str) -> Result<(String, GgufValue), SpecError> {
+    let syntax = |why| SpecError::OverrideSyntax { spec: spec.to_string(), why };
+    let (key, rest) = spec.split_once('=').ok_or_else(|| syntax("expected KEY=TYPE:VALUE"))?;
     if key.is_empty() || key.len() >= 128 {
-        return Err(format!("malformed KV override {spec:?}: the key must be 1 to 127 bytes"));
+        return Err(syntax("the key must be 1 to 127 bytes"));
     }
-    let bad = |what: &str| format!("invalid {what} value in KV override {spec:?}");
+    let bad = |kind| SpecError::OverrideValue { spec: spec.to_string(), kind };
     let v = if let Some(v) = rest.strip_prefix("int:") {
         let n: i64 = v.trim().parse().map_err(|_| bad("int"))?;
         GgufValue::U32(n.unsigned_abs() as u32)
@@ -70,11 +70,11 @@ pub fn parse_override_kv(spec: &str) -> Result<(String, GgufValue), String> {
         }
     } else if let Some(v) = rest.strip_prefix("str:") {
         if v.len() > 127 {
-            return Err(format!("malformed KV override {spec:?}: value cannot exceed 127 chars"));
+            return Err(syntax("value cannot exceed 127 chars"));
         }
         GgufValue::String(v.to_string())
     } else {
-        return Err(format!("invalid type for KV override {spec:?}: use int:, float:, bool: or str:"));
+        return Err(SpecError::OverrideType(spec.to_string()));
     };
     Ok((key.to_string(), v))
 }

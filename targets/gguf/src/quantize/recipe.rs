@@ -19,7 +19,6 @@
 //! quantized, whatever a rule says (`tensor_allows_quantization`).
 
 use serde::Deserialize;
-use sling_core::DType;
 
 use super::rules::{Ftype, TensorTypeRule};
 use sling_core::Role;
@@ -197,22 +196,26 @@ type = "q6_K"
     ),
 ];
 
+use super::rules::SpecError;
+
 impl Recipe {
     /// Parses a recipe from TOML text; `name` labels it in reports.
-    pub fn parse(name: &str, text: &str) -> Result<Recipe, String> {
-        let f: RecipeFile = toml::from_str(text).map_err(|e| format!("recipe {name}: {e}"))?;
-        let base = Ftype::parse(&f.base).ok_or_else(|| format!("recipe {name}: unknown base preset {:?}", f.base))?;
+    pub fn parse(name: &str, text: &str) -> Result<Recipe, SpecError> {
+        let f: RecipeFile =
+            toml::from_str(text).map_err(|e| SpecError::Toml { name: name.to_string(), source: Box::new(e) })?;
+        let base = Ftype::parse(&f.base)
+            .ok_or_else(|| SpecError::UnknownPreset { spec: format!("recipe {name}"), name: f.base.clone() })?;
         let mut rules = Vec::new();
         for (i, r) in f.rules.iter().enumerate() {
-            let dtype = DType::from_name(&r.dtype)
-                .filter(|d| d.info().ggml_id.is_some())
-                .ok_or_else(|| format!("recipe {name}: rule {}: unknown type {:?}", i + 1, r.dtype))?;
+            let spec = || format!("recipe {name}: rule {}", i + 1);
+            let dtype = super::rules::ggml_type(&r.dtype)
+                .ok_or_else(|| SpecError::UnknownType { spec: spec(), ty: r.dtype.clone() })?;
             let pat = r.name.clone().unwrap_or_default();
-            let regex =
-                regex::Regex::new(&pat).map_err(|e| format!("recipe {name}: rule {}: bad name pattern: {e}", i + 1))?;
+            let regex = regex::Regex::new(&pat)
+                .map_err(|e| SpecError::BadPattern { spec: format!("{} name", spec()), source: Box::new(e) })?;
             if let Some([a, b]) = r.layers {
                 if a > b {
-                    return Err(format!("recipe {name}: rule {}: empty layer range [{a}, {b}]", i + 1));
+                    return Err(SpecError::EmptyLayers { spec: spec(), first: a, last: b });
                 }
             }
             let mut desc = Vec::new();
@@ -253,6 +256,7 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sling_core::DType;
 
     use super::super::rules::{allows_quantization, layer_of, Why};
     use super::super::test_models as tm;

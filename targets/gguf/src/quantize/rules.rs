@@ -228,16 +228,17 @@ impl TensorTypeRule {
             && self.regex.is_match(name)
     }
 
-    pub fn parse(spec: &str) -> Result<TensorTypeRule, String> {
-        let (pat, ty) = spec.rsplit_once('=').ok_or_else(|| format!("{spec:?}: expected PATTERN=TYPE"))?;
+    /// A `--tensor-type PATTERN=TYPE` rule (llama-quantize's syntax; the pattern is lower-cased, as there).
+    pub fn parse(spec: &str) -> Result<TensorTypeRule, SpecError> {
+        let (pat, ty) = spec.rsplit_once('=').ok_or_else(|| SpecError::NotPatternType(spec.to_string()))?;
         if pat.is_empty() {
-            return Err(format!("{spec:?}: empty pattern"));
+            return Err(SpecError::EmptyPattern(spec.to_string()));
         }
-        let dtype = DType::from_name(ty)
-            .filter(|d| d.info().ggml_id.is_some())
-            .ok_or_else(|| format!("{spec:?}: unknown tensor type {ty:?}"))?;
+        let dtype =
+            ggml_type(ty).ok_or_else(|| SpecError::UnknownType { spec: format!("{spec:?}"), ty: ty.to_string() })?;
         let pattern = pat.to_ascii_lowercase();
-        let regex = regex::Regex::new(&pattern).map_err(|e| format!("{spec:?}: bad pattern: {e}"))?;
+        let regex = regex::Regex::new(&pattern)
+            .map_err(|source| SpecError::BadPattern { spec: format!("{spec:?}"), source: Box::new(source) })?;
         Ok(TensorTypeRule { pattern, regex, dtype, role: None, layers: None })
     }
 }
@@ -256,11 +257,11 @@ impl TensorTypeRule {
     }
 
     /// The rule back from the manifest's record, as the quantizer uses it.
-    pub fn from_record(r: &RuleRecord) -> Result<TensorTypeRule, String> {
-        let dtype = DType::from_name(&r.dtype)
-            .filter(|d| d.info().ggml_id.is_some())
-            .ok_or_else(|| format!("rule {}: unknown type {:?}", r.pattern, r.dtype))?;
-        let regex = regex::Regex::new(&r.regex).map_err(|e| format!("rule {}: bad pattern: {e}", r.pattern))?;
+    pub fn from_record(r: &RuleRecord) -> Result<TensorTypeRule, SpecError> {
+        let spec = || format!("rule {}", r.pattern);
+        let dtype = ggml_type(&r.dtype).ok_or_else(|| SpecError::UnknownType { spec: spec(), ty: r.dtype.clone() })?;
+        let regex = regex::Regex::new(&r.regex)
+            .map_err(|source| SpecError::BadPattern { spec: spec(), source: Box::new(source) })?;
         Ok(TensorTypeRule {
             pattern: r.pattern.clone(),
             regex,
@@ -310,6 +311,38 @@ pub struct Choice {
 }
 
 /// Errors of the type choice.
+
+/// A type rule, recipe or `--override-kv` as a user (or a manifest) wrote it, refused before anything is read:
+/// each names the spec and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0:?}: expected PATTERN=TYPE")]
+    NotPatternType(String),
+    #[error("{0:?}: empty pattern")]
+    EmptyPattern(String),
+    #[error("{spec}: unknown tensor type {ty:?}")]
+    UnknownType { spec: String, ty: String },
+    #[error("{spec}: bad pattern: {source}")]
+    BadPattern { spec: String, source: Box<regex::Error> },
+    #[error("{spec}: unknown base preset {name:?}")]
+    UnknownPreset { spec: String, name: String },
+    #[error("{spec}: empty layer range [{first}, {last}]")]
+    EmptyLayers { spec: String, first: u64, last: u64 },
+    #[error("recipe {name}: {source}")]
+    Toml { name: String, source: Box<toml::de::Error> },
+    #[error("malformed KV override {spec:?}: {why}")]
+    OverrideSyntax { spec: String, why: &'static str },
+    #[error("invalid {kind} value in KV override {spec:?}")]
+    OverrideValue { spec: String, kind: &'static str },
+    #[error("invalid type for KV override {0:?}: use int:, float:, bool: or str:")]
+    OverrideType(String),
+}
+
+/// A ggml tensor type by name (`q4_K`, `Q8_0`, `iq2_xxs`): one a GGUF file can hold.
+pub(crate) fn ggml_type(name: &str) -> Option<DType> {
+    DType::from_name(name).filter(|d| d.info().ggml_id.is_some())
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RuleError {
     #[error("tensor {0}: cannot determine its layer from the name")]
