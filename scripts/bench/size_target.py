@@ -11,7 +11,7 @@ from `sling calibrate` (untimed), one after the other on the same machine:
   plan auto (measure+probe) the same with --data calib.txt --ctx 64 --chunks 8   (and the KL probes)
   quantize auto             sling quantize --to gguf:auto --target-bpw 2.5 --imatrix --data …   (all of it)
 
-Wall time, CPU time and peak RSS of each (measure.py). Writes results/size_target-<threads>t.{json,md}.
+Wall time, CPU time and peak RSS of each (measure.py). Writes results/size_target-<size>g-<threads>t.{json,md}.
 """
 from __future__ import annotations
 
@@ -71,14 +71,14 @@ def main() -> None:
     res = {"model": src.name, "source_bytes": size, "threads": a.threads, "target_bpw": a.bpw, "rows": rows}
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / f"size_target-{a.threads}t.json").write_text(json.dumps(res, indent=2) + "\n")
+    (results / f"size_target-{a.size:g}g-{a.threads}t.json").write_text(json.dumps(res, indent=2) + "\n")
     base = rows[0]["wall_s"]
     md = [f"Synthetic Qwen3-MoE, {size / 1e9:.2f} GB bf16, {a.threads} threads, --target-bpw {a.bpw}:", "",
           "| step | wall | × quantize IQ2_XXS | CPU | peak RSS |", "|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['step']} | {r['wall_s']:.1f} s | {r['wall_s'] / base:.2f} | {r['cpu_s']:.1f} s | "
                   f"{r['peak_rss_mib']:.0f} MiB |")
-    (results / f"size_target-{a.threads}t.md").write_text("\n".join(md) + "\n")
+    (results / f"size_target-{a.size:g}g-{a.threads}t.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
