@@ -94,9 +94,14 @@ impl TensorSource for Substituted<'_> {
         let whole = match cached {
             Some(w) => w,
             None => {
-                // The reference's values first: elements the GGUF tensor does not hold stay as they are.
+                // Elements the GGUF tensor does not hold (e.g. the other half of a fused gate/up) keep the
+                // reference's values; when it holds them all, the reference need not be read at all.
                 let n0 = shape.first().copied().unwrap_or(1);
-                let mut whole = self.reference.read_outer(name, 0, n0)?;
+                let mut whole = if op.rows() * self.cols == n0 * per as u64 {
+                    vec![0.0; n0 as usize * per]
+                } else {
+                    self.reference.read_outer(name, 0, n0)?
+                };
                 let vals = (self.rows)(*base, *base + op.rows())?;
                 if vals.len() as u64 != op.rows() * self.cols {
                     return Err(Error::Read {

@@ -217,7 +217,7 @@ fn probe(
         }
     }
     let per_batch =
-        sling_calibration::eval::chunks_per_batch(a.solve.ctx, cfg_vocab(&ref_src)).min(chunks.len().max(1));
+        sling_calibration::eval::chunks_per_batch(a.solve.ctx, reference.spec().vocab).min(chunks.len().max(1));
     let mut out = vec![Vec::new(); sens.tensors.len()];
     let stream = (per_batch * a.solve.ctx * reference.spec().hidden * 4) as u64;
     let per_group = (PROBE_STREAM_BYTES / stream.max(1)).max(1) as usize;
@@ -259,10 +259,6 @@ fn probe(
         start = end;
     }
     Ok(out)
-}
-
-fn cfg_vocab(src: &dyn sling_calibration::TensorSource) -> usize {
-    src.shape("model.embed_tokens.weight").and_then(|s| s.first().copied()).unwrap_or(1) as usize
 }
 
 impl AutoPlan {
