@@ -148,7 +148,7 @@ pub fn plan(
             true
         }
     };
-    let alloc = sens.allocate(budget)?;
+    let alloc = sens.allocate(budget).map_err(auto::AutoError::from)?;
     let quality = if probed {
         format!("predicted KLD {:.4} (probe-measured gains)", alloc.cost)
     } else {
@@ -160,7 +160,7 @@ pub fn plan(
         alloc.bpw,
         sens.tensors.len()
     );
-    let recipe = sens.recipe_toml(&alloc, &description);
+    let recipe = auto::recipe_toml(&sens, &alloc, &description);
     Ok(AutoPlan { sens, alloc, target, description, recipe })
 }
 
@@ -212,7 +212,7 @@ fn probe(
         if !matches!(p.prepared.tensors[pi].payload, sling_target_gguf::convert::plan::Payload::Values(_)) {
             continue;
         }
-        for dt in m.probe_types() {
+        for dt in m.probe_kinds() {
             todo.push((i, pi, at, dt));
         }
     }
@@ -263,7 +263,7 @@ fn probe(
 
 impl AutoPlan {
     pub fn rules(&self) -> Vec<TensorTypeRule> {
-        self.sens.rules(&self.alloc)
+        auto::rules(&self.sens, &self.alloc)
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -276,10 +276,10 @@ impl AutoPlan {
             "min_bytes": min,
             "max_bytes": max,
             "predicted_cost": self.alloc.cost,
-            "base": self.alloc.base.name,
+            "base": auto::base_of(&self.sens, &self.alloc).name,
             "tensors": self.sens.tensors.iter().zip(&self.alloc.pick).map(|(m, &k)| json!({
                 "name": m.name,
-                "type": m.candidates[k].dtype.name(),
+                "type": m.candidates[k].kind.name(),
                 "bytes": m.candidates[k].bytes,
                 "cost": m.candidates[k].cost,
                 "gain": m.gain,
@@ -288,7 +288,7 @@ impl AutoPlan {
                 "rows_measured": m.rows_measured,
                 "weighted": m.weighted,
                 "candidates": m.candidates.iter().map(|c| json!({
-                    "type": c.dtype.name(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
+                    "type": c.kind.name(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })

@@ -294,7 +294,7 @@ fn options(
         _ => None,
     };
     let plan = crate::auto::plan(a, &o, quiet, gemm)?;
-    o.rules.ftype = plan.alloc.base;
+    o.rules.ftype = sling_target_gguf::quantize::auto::base_of(&plan.sens, &plan.alloc);
     o.rules.tensor_types = plan.rules();
     Ok((o, label, Some(plan)))
 }
@@ -776,7 +776,7 @@ fn record(
 /// anchored names and every candidate fits its tensor's rows, so nothing falls back).
 fn check_auto(ap: &AutoPlan, p: &QuantizePlan) -> Result<()> {
     for (m, &k) in ap.sens.tensors.iter().zip(&ap.alloc.pick) {
-        let want = m.candidates[k].dtype;
+        let want = m.candidates[k].kind;
         match p.rows.iter().find(|r| r.name == m.name) {
             Some(r) if r.choice.dtype == want => {}
             r => bail!(

@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod awq;
+pub mod budget;
 pub mod common;
 pub mod ct;
 pub mod decode;
