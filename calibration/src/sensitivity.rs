@@ -22,7 +22,7 @@ use crate::eval::Evaluator;
 use crate::model::Model;
 use crate::source::TensorSource;
 
-/// The rows `r0..r1` of the substituted GGUF tensor, as the probe replaces them.
+/// The rows `r0..r1` of the substituted tensor, as the probe replaces them.
 pub type Rows<'a> = Box<dyn Fn(u64, u64) -> Result<Vec<f32>> + Send + Sync + 'a>;
 
 /// The reference with the source tensors of one GGUF tensor replaced by other values of its rows (e.g. quantized
@@ -50,7 +50,12 @@ impl<'a> Substituted<'a> {
                 why: "only tensors computed from source values can be substituted".into(),
             });
         };
-        let cols = t.ne.first().copied().unwrap_or(1);
+        Ok(Substituted::of_op(reference, op, t.ne.first().copied().unwrap_or(1), rows))
+    }
+
+    /// Any output computed by `op` (rows of `cols` values) from `reference`'s tensors: a GGUF tensor's op, or a
+    /// Hugging Face-format target's weight (`sling_pipeline::Weight::op`, e.g. MLX's stacked experts).
+    pub fn of_op(reference: &'a dyn TensorSource, op: &Op, cols: u64, rows: Rows<'a>) -> Substituted<'a> {
         let mut names = Vec::new();
         op.sources(&mut names);
         names.sort();
@@ -62,7 +67,7 @@ impl<'a> Substituted<'a> {
                 (n, (base, sub.clone()))
             })
             .collect();
-        Ok(Substituted { reference, pieces, rows, cols, last: Mutex::new(None) })
+        Substituted { reference, pieces, rows, cols, last: Mutex::new(None) }
     }
 }
 

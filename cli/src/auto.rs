@@ -63,7 +63,7 @@ pub fn wanted(a: &QuantArgs) -> Result<bool> {
     let auto = is_auto(a);
     if !auto {
         if a.auto.any() {
-            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto");
+            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto or mlx:auto");
         }
         return Ok(false);
     }
@@ -179,26 +179,12 @@ fn probe(
     gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
     quiet: bool,
 ) -> Result<Vec<Vec<(sling_core::DType, f64)>>> {
-    use sling_calibration::sensitivity::{probe_kld, At, Probe, Substituted};
-    use sling_calibration::{CheckpointSource, Model};
-    if !a.src.is_dir() {
-        bail!("--to gguf:auto --data needs a Hugging Face model directory as the source, not {}", a.src.display());
-    }
-    let d = crate::eval::DataArgs {
-        data: a.solve.data.clone(),
-        tokens: a.solve.tokens.clone(),
-        ctx: a.solve.ctx,
-        chunks: a.solve.chunks,
-    };
-    let (_, chunks) = crate::eval::load_chunks(&a.src, &d)?;
-    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
-    let ref_src = CheckpointSource::new(ck);
-    let reference = Model::new(&ref_src, &cfg)
-        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
-        .with_backend(gemm.clone());
-    let n_layers = reference.spec().n_layers;
-    // (measured tensor, plan index, where it acts, probe type)
+    use sling_calibration::sensitivity::{At, Substituted};
+    let ref_src = sling_calibration::CheckpointSource::new(ck);
+    let n_layers = n_layers(a, ck)?;
+    // (measured tensor, where it acts, probe type), and each measured tensor's place in the plan
     let mut todo = Vec::new();
+    let mut plan_index = vec![0; sens.tensors.len()];
     for (i, m) in sens.tensors.iter().enumerate() {
         let at = match (m.name.as_str(), rules::layer_of(&m.name)) {
             ("token_embd.weight", _) => At::Embedding,
@@ -212,35 +198,81 @@ fn probe(
         if !matches!(p.prepared.tensors[pi].payload, sling_target_gguf::convert::plan::Payload::Values(_)) {
             continue;
         }
+        plan_index[i] = pi;
         for dt in m.probe_kinds() {
-            todo.push((i, pi, at, dt));
+            todo.push((i, at, dt));
         }
     }
+    let make = |i: usize, dt: sling_core::DType| {
+        let t = &p.prepared.tensors[plan_index[i]];
+        let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
+            auto::roundtrip(ck, t, dt, a.auto.probe_rows, r0, r1, backend)
+                .map_err(|e| sling_calibration::Error::Read { tensor: t.name.clone(), why: e.to_string() })
+        });
+        Ok((Substituted::new(&ref_src, t, rows)?, auto::probe_fraction(t, a.auto.probe_rows)))
+    };
+    run_probes(a, ck, &ref_src, gemm, quiet, &todo, sens.tensors.len(), &make)
+}
+
+/// Decoder layers of the source's forward pass.
+fn n_layers(a: &QuantArgs, ck: &sling_formats::checkpoint::Checkpoint) -> Result<usize> {
+    if !a.src.is_dir() {
+        bail!(
+            "--data (sensitivity probes) needs a Hugging Face model directory as the source, not {}",
+            a.src.display()
+        );
+    }
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
+    let src = sling_calibration::CheckpointSource::new(ck);
+    let m = sling_calibration::Model::new(&src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    Ok(m.spec().n_layers)
+}
+
+/// A probe's substitution for measured tensor `i` at candidate `K`, and the fraction of its rows it rounds.
+type MakeProbe<'s, K> = dyn Fn(usize, K) -> Result<(sling_calibration::sensitivity::Substituted<'s>, f64)> + 's;
+
+/// Runs the probes `todo` (measured tensor, where it acts, candidate) over the `--data` text in groups bounded by
+/// [`PROBE_STREAM_BYTES`]; each probe's KL is scaled up by the fraction of rows it rounded. Per measured tensor
+/// (`n` of them): its probes.
+fn run_probes<'s, K: Copy>(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    ref_src: &'s sling_calibration::CheckpointSource<'s>,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+    quiet: bool,
+    todo: &[(usize, sling_calibration::sensitivity::At, K)],
+    n: usize,
+    make: &MakeProbe<'s, K>,
+) -> Result<Vec<Vec<(K, f64)>>> {
+    use sling_calibration::sensitivity::{probe_kld, Probe};
+    use sling_calibration::Model;
+    let d = crate::eval::DataArgs {
+        data: a.solve.data.clone(),
+        tokens: a.solve.tokens.clone(),
+        ctx: a.solve.ctx,
+        chunks: a.solve.chunks,
+    };
+    let (_, chunks) = crate::eval::load_chunks(&a.src, &d)?;
+    let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
+    let reference = Model::new(ref_src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
+        .with_backend(gemm.clone());
     let per_batch =
         sling_calibration::eval::chunks_per_batch(a.solve.ctx, reference.spec().vocab).min(chunks.len().max(1));
-    let mut out = vec![Vec::new(); sens.tensors.len()];
+    let mut out = vec![Vec::new(); n];
     let stream = (per_batch * a.solve.ctx * reference.spec().hidden * 4) as u64;
     let per_group = (PROBE_STREAM_BYTES / stream.max(1)).max(1) as usize;
     let mut start = 0;
     while start < todo.len() {
         let end = (start + per_group).min(todo.len());
         let group = &todo[start..end];
-        let subs = group
-            .iter()
-            .map(|&(_, pi, _, dt)| {
-                let t = &p.prepared.tensors[pi];
-                let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
-                    auto::roundtrip(ck, t, dt, a.auto.probe_rows, r0, r1, backend)
-                        .map_err(|e| sling_calibration::Error::Read { tensor: t.name.clone(), why: e.to_string() })
-                });
-                Ok((Substituted::new(&ref_src, t, rows)?, auto::probe_fraction(t, a.auto.probe_rows)))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let subs = group.iter().map(|&(i, _, k)| make(i, k)).collect::<Result<Vec<_>>>()?;
         let models = subs
             .iter()
             .map(|(s, _)| Model::new(s, &cfg).map(|m| m.with_backend(gemm.clone())))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let probes: Vec<Probe> = group.iter().zip(&models).map(|(&(_, _, at, _), model)| Probe { at, model }).collect();
+        let probes: Vec<Probe> = group.iter().zip(&models).map(|(&(_, at, _), model)| Probe { at, model }).collect();
         let bar = progress_bar(0, quiet);
         let klds = probe_kld(&reference, &probes, &chunks, a.solve.ctx, per_batch, &mut |done, total| {
             if let Some(b) = &bar {
@@ -253,8 +285,8 @@ fn probe(
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        for ((&(i, _, _, dt), kld), (_, frac)) in group.iter().zip(klds).zip(&subs) {
-            out[i].push((dt, kld / frac));
+        for ((&(i, _, k), kld), (_, frac)) in group.iter().zip(klds).zip(&subs) {
+            out[i].push((k, kld / frac));
         }
         start = end;
     }
@@ -296,11 +328,16 @@ impl AutoPlan {
 
     /// Writes the recipe to `path` (a temporary file renamed when complete).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("toml.partial");
-        std::fs::write(&tmp, &self.recipe).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        save_text(&self.recipe, path)
     }
+}
+
+/// Writes `text` to `path` through a temporary file renamed when complete.
+fn save_text(text: &str, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("toml.partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// Where `sling quantize --to gguf:auto -o OUT` writes the recipe: `OUT.recipe.toml`.
@@ -319,4 +356,178 @@ fn progress_bar(n: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
         b.set_style(style);
     }
     Some(b)
+}
+
+/// `--to mlx:auto`: the measured allocation and the recipe that makes it.
+pub struct MlxAutoPlan {
+    pub sens: sling_quantizers::budget::Sensitivity<mlx_auto::Kind>,
+    pub alloc: Allocation,
+    pub target: String,
+    pub description: String,
+    pub recipe: String,
+}
+
+use sling_targets::mlx::auto as mlx_auto;
+
+/// Checks the size-target flags against a vllm/mlx target: they go with `mlx:auto`, which needs a size.
+pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
+    let auto = to == sling_targets::To::MlxAuto;
+    if !auto {
+        if a.auto.any() {
+            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto or mlx:auto");
+        }
+        return Ok(());
+    }
+    if a.auto.target_size.is_none() && a.auto.target_bpw.is_none() {
+        bail!("--to mlx:auto needs a size: --target-size SIZE (e.g. 16G) or --target-bpw X (e.g. 3.5)");
+    }
+    if a.recipe.is_some() || a.group_size.is_some() {
+        bail!("--to mlx:auto chooses every weight's bits and group size itself; --recipe and --group-size cannot be combined with it");
+    }
+    let s = &a.solve;
+    if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
+        bail!("--to mlx:auto takes --data/--tokens, --ctx and --chunks (to measure sensitivities); --method and its flags go with mlx:BITS");
+    }
+    if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
+        bail!("--sample-rows and --probe-rows must be at least 1");
+    }
+    Ok(())
+}
+
+/// Each MLX weight's imatrix entry (GGUF names: llama-imatrix's or `sling calibrate`'s), found through the GGUF
+/// conversion plan of the same checkpoint: the GGUF tensor made of exactly the weight's source tensors.
+fn mlx_importance(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+) -> Result<std::collections::HashMap<Vec<String>, mlx_auto::Importance>> {
+    let mut out = std::collections::HashMap::new();
+    let Some(path) = &a.imatrix else { return Ok(out) };
+    let mut m = sling_target_gguf::quantize::Imatrix::load(path)?;
+    m.filter(&a.include_weights, &a.exclude_weights);
+    let plan = sling_target_gguf::convert::plan(ck, sling_target_gguf::convert::OutType::BF16)
+        .with_context(|| format!("cannot map {} to GGUF names for the imatrix", a.src.display()))?;
+    for t in plan.tensors {
+        if let Some(e) = m.entries.remove(&t.name) {
+            let mut key = t.sources.clone();
+            key.sort();
+            out.insert(key, mlx_auto::Importance { weights: e.weights, counts: e.counts });
+        }
+    }
+    Ok(out)
+}
+
+/// Measures the MLX plan's weights, probes them with `--data`, and allocates under the size asked for.
+pub fn plan_mlx(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    p: &sling_targets::mlx::MlxPlan,
+    quiet: bool,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+) -> Result<MlxAutoPlan> {
+    use sling_calibration::sensitivity::{At, Substituted};
+    let (budget, target) = budget(&a.auto)?;
+    let importance = mlx_importance(a, ck)?;
+    let bar = progress_bar(p.plan.weights.len() as u64, quiet);
+    let t0 = std::time::Instant::now();
+    let find = |w: &sling_pipeline::Weight<sling_targets::mlx::Enc>| {
+        let mut key = w.sources.clone();
+        key.sort();
+        importance.get(&key).map(|i| mlx_auto::Importance { weights: i.weights.clone(), counts: i.counts.clone() })
+    };
+    let mut sens = mlx_auto::measure(ck, p, &find, a.auto.sample_rows, &|i, _, name| {
+        if let Some(b) = &bar {
+            b.set_position(i as u64);
+            b.set_message(name.to_string());
+        }
+    })
+    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.imatrix.is_some() && !sens.tensors.iter().any(|m| m.weighted) {
+        bail!(
+            "--imatrix {}: no entry matches a weight of {}",
+            a.imatrix.as_ref().map_or(String::new(), |p| p.display().to_string()),
+            a.src.display()
+        );
+    }
+    tracing::info!("measured {} weights in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    let probed = a.solve.data.is_some() || a.solve.tokens.is_some();
+    if probed {
+        let t1 = std::time::Instant::now();
+        let ref_src = sling_calibration::CheckpointSource::new(ck);
+        let n_layers = n_layers(a, ck)?;
+        let idx = mlx_auto::measured_weights(p);
+        let mut todo = Vec::new();
+        for (i, m) in sens.tensors.iter().enumerate() {
+            let at = match (m.role, sling_pipeline::hf::layer_of(&m.name)) {
+                (sling_core::Role::Embeddings, _) => At::Embedding,
+                (sling_core::Role::Output, _) => At::Head,
+                (_, Some(l)) if (l as usize) < n_layers => At::Layer(l as usize),
+                _ => continue,
+            };
+            for k in m.probe_kinds() {
+                todo.push((i, at, k));
+            }
+        }
+        let make = |i: usize, k: mlx_auto::Kind| {
+            let w = &p.plan.weights[idx[i]];
+            let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
+                mlx_auto::roundtrip(ck, w, k, a.auto.probe_rows, r0, r1)
+                    .map_err(|e| sling_calibration::Error::Read { tensor: w.name.clone(), why: e.to_string() })
+            });
+            Ok((Substituted::of_op(&ref_src, &w.op, w.cols(), rows), mlx_auto::probe_fraction(w, a.auto.probe_rows)))
+        };
+        let probes = run_probes(a, ck, &ref_src, gemm, quiet, &todo, sens.tensors.len(), &make)?;
+        tracing::info!("probed {} weights in {:.1}s", todo.len(), t1.elapsed().as_secs_f64());
+        sens.set_gains(&probes);
+    }
+    let alloc = sens.allocate(budget)?;
+    let quality = if probed {
+        format!("predicted KLD {:.4} (probe-measured gains)", alloc.cost)
+    } else {
+        format!("predicted relative output error {:.4} (no --data: unprobed)", alloc.cost)
+    };
+    let description = format!(
+        "mlx:auto {target}: {} bytes, {:.3} bpw, {quality}, {} weights",
+        alloc.file_bytes,
+        alloc.bpw,
+        sens.tensors.len()
+    );
+    let recipe = mlx_auto::recipe_toml(&sens, &alloc, &description, (p.bits, p.group));
+    Ok(MlxAutoPlan { sens, alloc, target, description, recipe })
+}
+
+impl MlxAutoPlan {
+    pub fn json(&self) -> serde_json::Value {
+        let (min, max) = self.sens.bounds();
+        json!({
+            "target": self.target,
+            "budget_bytes": self.alloc.budget_bytes,
+            "file_bytes": self.alloc.file_bytes,
+            "bpw": self.alloc.bpw,
+            "min_bytes": min,
+            "max_bytes": max,
+            "predicted_cost": self.alloc.cost,
+            "weights": self.sens.tensors.iter().zip(&self.alloc.pick).map(|(m, &k)| json!({
+                "name": m.name,
+                "encoding": m.candidates[k].kind.label(),
+                "bytes": m.candidates[k].bytes,
+                "cost": m.candidates[k].cost,
+                "gain": m.gain,
+                "exponent": m.exponent,
+                "probes": m.probes.iter().map(|(d, kld)| json!({ "encoding": d.label(), "kld": kld })).collect::<Vec<_>>(),
+                "rows_measured": m.rows_measured,
+                "weighted": m.weighted,
+                "candidates": m.candidates.iter().map(|c| json!({
+                    "encoding": c.kind.label(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Writes the recipe to `path` (a temporary file renamed when complete).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        save_text(&self.recipe, path)
+    }
 }

@@ -28,11 +28,12 @@ pub const COPIED: &[&str] = &[
     "merges.txt",
 ];
 
-/// Refuses the GGUF-only flags with these targets.
-fn check_flags(a: &QuantArgs) -> Result<()> {
+/// Refuses the GGUF-only flags with these targets (`--recipe` goes with mlx too, `--imatrix` with mlx:auto).
+fn check_flags(a: &QuantArgs, to: To) -> Result<()> {
+    crate::auto::check_hf(a, to)?;
     let gguf_only = [
-        ("--recipe", a.recipe.is_some()),
-        ("--imatrix", a.imatrix.is_some()),
+        ("--recipe", a.recipe.is_some() && !matches!(to, To::Mlx(_) | To::MlxAuto)),
+        ("--imatrix", a.imatrix.is_some() && to != To::MlxAuto),
         ("--pure", a.pure),
         ("--leave-output-tensor", a.leave_output_tensor),
         ("--output-tensor-type", a.output_tensor_type.is_some()),
@@ -56,7 +57,7 @@ enum Planned {
 }
 
 fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
-    check_flags(a)?;
+    check_flags(a, to)?;
     let ck = Checkpoint::open(&a.src).with_context(|| format!("cannot read checkpoint {}", a.src.display()))?;
     let ctx = || format!("cannot quantize {} to {}", a.src.display(), to.label());
     let p = match to {
@@ -66,9 +67,67 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
             }
             Planned::Vllm(s, vllm::plan(&ck, s, a.strict).with_context(ctx)?)
         }
-        To::Mlx(b) => Planned::Mlx(mlx::plan(&ck, b, a.group_size.unwrap_or(64), a.strict).with_context(ctx)?),
+        To::Mlx(b) => Planned::Mlx(match recipe_text(a)? {
+            Some(text) => mlx_with_recipe(
+                &ck,
+                b,
+                a.group_size,
+                a.strict,
+                &a.recipe.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                &text,
+            )
+            .with_context(ctx)?,
+            None => mlx::plan(&ck, b, a.group_size.unwrap_or(64), a.strict).with_context(ctx)?,
+        }),
+        // Planned at the finest group MLX takes (so that every weight MLX can quantize is measured) and a
+        // provisional default; the allocation's recipe then sets both.
+        To::MlxAuto => Planned::Mlx(mlx::plan(&ck, mlx::Bits(4), 32, a.strict).with_context(ctx)?),
     };
     Ok((ck, p))
+}
+
+/// The MLX plan a recipe makes: planned at group 32 (every weight MLX can take), then the recipe's choices, its
+/// defaults falling back to `bits` and `group` (64 when not given).
+fn mlx_with_recipe(
+    ck: &Checkpoint,
+    bits: mlx::Bits,
+    group: Option<u64>,
+    strict: bool,
+    name: &str,
+    text: &str,
+) -> Result<mlx::MlxPlan> {
+    let mut r = mlx::recipe::Recipe::parse(name, text)?;
+    r.bits = r.bits.or(Some(bits.0));
+    r.group_size = r.group_size.or(group).or(Some(64));
+    let mut p = mlx::plan(ck, bits, 32, false)?;
+    r.apply(&mut p, strict)?;
+    Ok(p)
+}
+
+/// The recipe `--recipe FILE` gave (mlx), as recorded in the manifest.
+fn recipe_text(a: &QuantArgs) -> Result<Option<String>> {
+    a.recipe
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()
+}
+
+/// `--to mlx:auto`: measures, allocates and applies the allocation's recipe to the plan.
+fn allocate(
+    a: &QuantArgs,
+    ck: &Checkpoint,
+    planned: &mut Planned,
+    quiet: bool,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+) -> Result<crate::auto::MlxAutoPlan> {
+    let Planned::Mlx(p) = planned else { bail!("internal error: mlx:auto planned another target") };
+    let ap = crate::auto::plan_mlx(a, ck, p, quiet, gemm)?;
+    mlx::recipe::Recipe::parse("mlx:auto", &ap.recipe)?.apply(p, a.strict)?;
+    let bytes = sling_pipeline::plan_bytes(&p.plan);
+    if bytes > ap.alloc.tensor_bytes {
+        bail!("internal error: mlx:auto allocated {} bytes of tensors, the plan holds {bytes}", ap.alloc.tensor_bytes);
+    }
+    Ok(ap)
 }
 
 /// The weights the plan puts on an integer grid, by Hugging Face tensor name (MLX's stacked experts by each
@@ -147,10 +206,25 @@ fn plan_of(p: &Planned) -> (String, serde_json::Value) {
 }
 
 /// `sling plan --to vllm:…|mlx:…`.
-pub fn run_plan(a: &QuantArgs, to: To) -> Result<()> {
-    let (ck, p) = open_and_plan(a, to)?;
-    let (label, mut j) = plan_of(&p);
-    let method = a.solve.method()?;
+pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
+    let (ck, mut p) = open_and_plan(a, to)?;
+    let auto = match to {
+        To::MlxAuto => Some(allocate(a, &ck, &mut p, quiet, None)?),
+        _ => None,
+    };
+    let (mut label, mut j) = plan_of(&p);
+    if let Some(ap) = &auto {
+        label = to.label();
+        j["target"] = label.clone().into();
+        j["auto"] = ap.json();
+        if let Some(path) = &a.auto.save_recipe {
+            ap.save(path)?;
+        }
+        if !a.json {
+            eprintln!("{}", ap.description);
+        }
+    }
+    let method = if to == To::MlxAuto { crate::solve::Method::Rtn } else { a.solve.method()? };
     if method != crate::solve::Method::Rtn {
         // Before a long calibrated run: which experts the calibration data reaches (a routing-only forward pass).
         let grids = grids_of(&p);
@@ -239,9 +313,29 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     // opened first so that an explicit GPU that cannot start fails before anything is read or written.
     let backend = a.pipeline.backend(rep)?;
     let t0 = Instant::now();
-    let (ck, planned) = open_and_plan(&a.q, to)?;
-    let (label, summary) = plan_of(&planned);
-    let method = a.q.solve.method()?;
+    let (ck, mut planned) = open_and_plan(&a.q, to)?;
+    let auto = match to {
+        To::MlxAuto => {
+            let gemm = match a.q.solve.data.is_some() || a.q.solve.tokens.is_some() {
+                true => a.pipeline.calibration_backend()?,
+                false => None,
+            };
+            Some(allocate(&a.q, &ck, &mut planned, quiet, gemm)?)
+        }
+        _ => None,
+    };
+    let (mut label, summary) = plan_of(&planned);
+    if auto.is_some() {
+        label = to.label();
+    }
+    // What chose each weight's bits: the allocation's recipe, or the one given (recorded, and re-applied by
+    // `verify --source`).
+    let recipe = match &auto {
+        Some(ap) => Some(ap.recipe.clone()),
+        None => recipe_text(&a.q)?,
+    };
+    // mlx:auto's --data feeds the sensitivity probes; its weights are rounded to nearest.
+    let method = if to == To::MlxAuto { crate::solve::Method::Rtn } else { a.q.solve.method()? };
     if method != crate::solve::Method::Rtn {
         sling_pipeline::exec::check_output(&ck, &a.output)?;
     }
@@ -276,9 +370,18 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
             group_size: a.q.group_size,
             strict: a.q.strict,
             calibration: solved.as_ref().map(|s| s.record.clone()),
+            recipe: recipe.clone(),
         }),
     };
     let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
+    if let Some(ap) = &auto {
+        card_extra.push(("allocation".into(), ap.description.clone()));
+    }
+    if let Some(p) = &a.q.recipe {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (_, sha) = manifest::hash_file(p)?;
+        card_extra.push(("recipe file".into(), format!("`{name}` (sha256 `{sha}`)")));
+    }
     if let Some(s) = &solved {
         let r = &s.record;
         card_extra.push((
@@ -350,6 +453,13 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         }
     }
     .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
+    if let Some(ap) = &auto {
+        // Beside the artifact, not in it: `--recipe` makes the same weights again.
+        ap.save(&crate::auto::recipe_path(&a.output))?;
+        if let Some(extra) = &a.q.auto.save_recipe {
+            ap.save(extra)?;
+        }
+    }
     if let Some(s) = &solved {
         // The artifact is complete: the solved weights are in it.
         std::fs::remove_dir_all(&s.dir).with_context(|| format!("cannot remove {}", s.dir.display()))?;
@@ -542,8 +652,16 @@ pub fn rederive(
                         compare(&plan.weights[i], &hashes, &recorded, &mut problems, &mut report.tensors);
                     }
                 }
-                To::Mlx(b) => {
-                    let p = mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?;
+                To::Mlx(_) | To::MlxAuto => {
+                    let b = match to {
+                        To::Mlx(b) => b,
+                        _ => mlx::Bits(4),
+                    };
+                    let p = match (&rec.recipe, to) {
+                        (Some(r), _) => mlx_with_recipe(&ck, b, rec.group_size, rec.strict, "the recorded recipe", r)?,
+                        (None, To::MlxAuto) => bail!("an mlx:auto manifest without its recipe"),
+                        (None, _) => mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?,
+                    };
                     check(parts_of(&p.plan), &mut problems);
                     let planned = Planned::Mlx(p);
                     let solved = resolve(rec, &ck, &planned, &mut tmp)?;

@@ -467,7 +467,7 @@ fn hf_target(a: &QuantArgs) -> Result<Option<sling_targets::To>> {
 /// `sling plan`: the per-tensor table, total size and bits per weight, nothing written.
 pub fn run_plan(a: QuantArgs, quiet: bool) -> Result<()> {
     if let Some(to) = hf_target(&a)? {
-        return crate::hfout::run_plan(&a, to);
+        return crate::hfout::run_plan(&a, to, quiet);
     }
     if a.group_size.is_some() || a.strict {
         bail!("--group-size and --strict apply to vllm:… and mlx:… targets");

@@ -122,3 +122,110 @@ fn targets_outside_the_bounds_are_refused_naming_them() {
     let o = sling(&["plan", s(&src), "--to", "gguf:Q4_K_M", "--target-bpw", "4", "--tokenizer-pre", "gpt-2"]);
     assert!(stderr(&o).contains("go with --to gguf:auto"), "{}", stderr(&o));
 }
+
+/// `sling quantize qwen2moe --to mlx:auto ARGS… -o OUT` with probes over a little calibration text.
+fn mlx_auto(out: &Path, extra: &[&str]) -> Output {
+    let src = fixture("qwen2moe");
+    let mut a = vec!["quantize", s(&src), "--to", "mlx:auto", "--data", CALIB, "--ctx", "32", "--chunks", "4"];
+    a.extend(["-o", s(out)]);
+    a.extend(extra);
+    sling(&a)
+}
+
+/// The weight files and config.json of an MLX directory (the manifest and card record the command line).
+fn weights_of(d: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.ends_with("config.json"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn mlx_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights() {
+    let t = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for (i, threads) in ["1", "2"].iter().enumerate() {
+        let out = t.path().join(format!("m{i}"));
+        let o = mlx_auto(&out, &["--target-bpw", "4.2", "-t", threads]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        dirs.push(out);
+    }
+    assert_eq!(weights_of(&dirs[0]), weights_of(&dirs[1]), "outputs differ across threads/runs");
+    let recipe = t.path().join("m0.recipe.toml");
+    assert_eq!(fs::read(&recipe).unwrap(), fs::read(t.path().join("m1.recipe.toml")).unwrap());
+    // Mixed precision, as mlx-lm reads it: per-module overrides in the `quantization` block.
+    let cfg: serde_json::Value = serde_json::from_slice(&fs::read(dirs[0].join("config.json")).unwrap()).unwrap();
+    let q = cfg["quantization"].as_object().unwrap();
+    assert!(q.values().filter(|v| v.is_object()).count() >= 2, "{q:?}");
+    // Within the target: tensor bytes over the planned elements.
+    let src = fixture("qwen2moe");
+    let o = sling(&["plan", s(&src), "--to", "mlx:auto", "--target-bpw", "4.2", "--data", CALIB, "--ctx", "32"]);
+    let o2 = sling(&[
+        "plan",
+        s(&src),
+        "--to",
+        "mlx:auto",
+        "--target-bpw",
+        "4.2",
+        "--data",
+        CALIB,
+        "--ctx",
+        "32",
+        "--chunks",
+        "4",
+        "--json",
+    ]);
+    assert!(o.status.success() && o2.status.success(), "{}{}", stderr(&o), stderr(&o2));
+    let v: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
+    assert!(v["bpw"].as_f64().unwrap() <= 4.2, "{}", v["bpw"]);
+    assert!(v["auto"]["file_bytes"].as_u64().unwrap() <= v["auto"]["budget_bytes"].as_u64().unwrap());
+    assert!(v["auto"]["weights"].as_array().unwrap().iter().all(|w| w["probes"][0]["kld"].as_f64().is_some()));
+    // The recipe fed back makes the same weights, whatever --to's bits.
+    let again = t.path().join("again");
+    let o = sling(&["quantize", s(&src), "--to", "mlx:8", "--recipe", s(&recipe), "-o", s(&again)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(weights_of(&again), weights_of(&dirs[0]), "--recipe of the written recipe made other weights");
+    // `verify --source` re-derives every weight from the recipe the manifest records.
+    let o = sling(&["verify", s(&dirs[0]), "--source", s(&src), "--full"]);
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}
+
+#[test]
+fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    for (flag, v, needle) in [
+        ("--target-bpw", "0.5", "below the smallest model these types can make"),
+        ("--target-size", "1T", "larger than the unquantized model"),
+    ] {
+        let out = t.path().join("x");
+        let o = mlx_auto(&out, &[flag, v]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.starts_with("error: ") && e.contains(needle) && e.matches("bytes (").count() == 2, "{e}");
+        assert!(!out.exists(), "nothing may be written");
+    }
+    let src = fixture("qwen2moe");
+    for (to, extra, needle) in [
+        ("mlx:auto", &[][..], "needs a size"),
+        ("mlx:auto", &["--target-bpw", "4", "--group-size", "64"][..], "--group-size cannot be combined"),
+        ("mlx:auto", &["--target-bpw", "4", "--method", "gptq"][..], "--method and its flags go with mlx:BITS"),
+        ("mlx:4", &["--target-bpw", "4"][..], "go with --to gguf:auto or mlx:auto"),
+        ("vllm:w4a16", &["--recipe", "r.toml"][..], "--recipe applies to --to gguf:"),
+    ] {
+        let mut a = vec!["plan", s(&src), "--to", to];
+        a.extend(extra);
+        let o = sling(&a);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{to} {extra:?}: {}", stderr(&o));
+    }
+    // A recipe MLX cannot take is refused naming the rule.
+    let bad = t.path().join("bad.toml");
+    fs::write(&bad, "[[rule]]\nname = \"q_proj\"\nbits = 7\n").unwrap();
+    let o = sling(&["plan", s(&src), "--to", "mlx:4", "--recipe", s(&bad)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bits 7"), "{}", stderr(&o));
+}

@@ -145,6 +145,9 @@ pub struct TargetRecord {
     /// Calibrated quantization (`--method gptq|awq`): its settings, the calibration data and what fell back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,
+    /// The recipe that chose each weight's bits (`--recipe FILE`, or what `mlx:auto` allocated), as TOML text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
 }
 
 /// How a calibrated quantization (GPTQ, AWQ) was run: enough to run it again (`verify --source --data`) and to

@@ -13,10 +13,12 @@ pub mod vllm;
 pub enum To {
     Vllm(vllm::Scheme),
     Mlx(mlx::Bits),
+    /// `mlx:auto`: bits and group sizes chosen per weight under a size budget ([`mlx::auto`]).
+    MlxAuto,
 }
 
 /// The targets `--to` takes, for messages.
-pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 5, 6, 8)";
+pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 5, 6, 8), mlx:auto";
 
 impl To {
     /// Parses `vllm:SCHEME` or `mlx:BITS`; `Ok(None)` for `gguf:…`.
@@ -30,10 +32,11 @@ impl To {
                 scheme: rest.into(),
                 known: vllm::SCHEMES.join(", "),
             }),
+            "mlx" if rest.eq_ignore_ascii_case("auto") => Ok(Some(To::MlxAuto)),
             "mlx" => mlx::Bits::parse(rest).map(|x| Some(To::Mlx(x))).ok_or_else(|| TargetError::UnknownScheme {
                 target: "mlx".into(),
                 scheme: rest.into(),
-                known: "2, 3, 4, 5, 6, 8".into(),
+                known: "2, 3, 4, 5, 6, 8, auto".into(),
             }),
             _ => Err(unknown()),
         }
@@ -44,6 +47,7 @@ impl To {
         match self {
             To::Vllm(s) => format!("vllm:{}", s.name()),
             To::Mlx(b) => format!("mlx:{}", b.0),
+            To::MlxAuto => "mlx:auto".into(),
         }
     }
 }
@@ -81,6 +85,7 @@ mod tests {
         assert_eq!(To::parse("gguf:Q4_K_M").unwrap(), None);
         assert_eq!(To::parse("vllm:w4a16").unwrap(), Some(To::Vllm(vllm::Scheme::W4A16 { symmetric: true })));
         assert_eq!(To::parse("mlx:4").unwrap(), Some(To::Mlx(mlx::Bits(4))));
+        assert_eq!(To::parse("mlx:auto").unwrap(), Some(To::MlxAuto));
         assert!(matches!(To::parse("onnx:int8"), Err(TargetError::UnknownTarget(_))));
         assert!(matches!(To::parse("vllm:w3a16"), Err(TargetError::UnknownScheme { .. })));
         assert!(matches!(To::parse("mlx:7"), Err(TargetError::UnknownScheme { .. })));

@@ -18,12 +18,15 @@ use sling_formats::checkpoint::Checkpoint;
 use sling_kernels::encode::{EncodedRows, RowEncoding};
 use sling_pipeline::hf::HfTensor;
 use sling_pipeline::solved::Store;
-use sling_pipeline::{EncodeError, Op, Part, Plan, Target, Weight};
+use sling_pipeline::{EncodeError, Op, Plan, Target, Weight};
 use sling_quantizers::ct::ScaleDtype;
 use sling_quantizers::gptq::Grid;
 use sling_quantizers::mlx::{self as affine, AffineGrid};
 
 use crate::{json_sorted, TargetError};
+
+pub mod auto;
+pub mod recipe;
 
 /// Bits per weight (`--to mlx:BITS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,22 +206,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
         }
         quantized += 1;
         let sd = scale_dtype(t.dtype);
-        let lead = &t.shape[..t.shape.len() - 1];
-        let shape = |last: u64| {
-            let mut s = lead.to_vec();
-            s.push(last);
-            s
-        };
-        let sdt = match sd {
-            ScaleDtype::F32 => DType::F32,
-            ScaleDtype::F16 => DType::F16,
-            ScaleDtype::BF16 => DType::BF16,
-        };
-        let parts = vec![
-            Part::new(format!("{module}.weight"), DType::U32, shape(cols * u64::from(b) / 32)),
-            Part::new(format!("{module}.scales"), sdt, shape(cols / g)),
-            Part::new(format!("{module}.biases"), sdt, shape(cols / g)),
-        ];
+        let parts = auto::affine_parts(&module, &t.shape[..t.shape.len() - 1], cols, b, g, sd);
         weights.push(Weight {
             name: t.name,
             role: t.role,
