@@ -17,23 +17,23 @@ use crate::quantize::QuantArgs;
 /// The size-target flags.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct AutoArgs {
-    /// With --to gguf:auto: the file size to fit, e.g. 180G, 9.5G, 800M (decimal units; the whole file, metadata
-    /// included).
+    /// With --to gguf:auto or mlx:auto: the size to fit, e.g. 180G, 9.5G, 800M (decimal units; the whole GGUF file,
+    /// metadata included; MLX's weight files).
     #[arg(long, value_name = "SIZE", conflicts_with = "target_bpw")]
     pub(crate) target_size: Option<String>,
-    /// With --to gguf:auto: bits per weight to fit, over every tensor's elements (as `sling plan` reports bpw).
+    /// With --to gguf:auto or mlx:auto: bits per weight to fit, over every tensor's elements (as `sling plan` reports bpw).
     #[arg(long, value_name = "X")]
     pub(crate) target_bpw: Option<f64>,
-    /// With --to gguf:auto: rows of each expert (or 2-D tensor) quantized to measure each candidate type; larger
+    /// With --to gguf:auto or mlx:auto: rows of each expert (or 2-D tensor) quantized to measure each candidate; larger
     /// tensors are measured on an even sample.
     #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_SAMPLE_ROWS)]
     pub(crate) sample_rows: u64,
-    /// With --to gguf:auto --data: rows of each expert (or 2-D tensor) quantized in a sensitivity probe; the
+    /// With --to gguf:auto or mlx:auto and --data: rows of each expert (or 2-D tensor) quantized in a sensitivity probe; the
     /// probe's KL is scaled up by the fraction of rows it quantized.
     #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_PROBE_ROWS)]
     pub(crate) probe_rows: u64,
-    /// With --to gguf:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one beside
-    /// the output anyway, OUT.recipe.toml).
+    /// With --to gguf:auto or mlx:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one
+    /// beside the output anyway, OUT.recipe.toml).
     #[arg(long, value_name = "FILE")]
     pub(crate) save_recipe: Option<PathBuf>,
 }

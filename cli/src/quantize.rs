@@ -33,6 +33,8 @@ pub const AFTER_HELP: &str = "Examples:
   sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 -o qwen3-30b-a3b-w4a16     (compressed-tensors, for vLLM/SGLang)
   sling quantize ./DeepSeek-V3 --to vllm:fp8-block -o ds-v3-fp8-block      (FP8 sources: codes and scales copied)
   sling quantize ./Qwen3-30B-A3B --to mlx:4 --group-size 64 -o qwen3-30b-a3b-mlx-4bit   (for mlx-lm)
+  sling quantize ./Qwen3-30B-A3B --to mlx:auto --target-size 16G --imatrix imatrix.gguf --data calib.txt -o q-mlx
+  sling quantize ./Qwen3-30B-A3B --to mlx:4 --recipe q-mlx.recipe.toml -o q-mlx-again   (per-weight bits, docs/mlx.md)
   sling plan ./DeepSeek-V3 --to vllm:nvfp4 --json  (what is quantized, what is kept at source precision)
   sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 --data calib.txt -o qwen3-w4a16-gptq   (GPTQ per layer and expert)
   sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --data tests/interop/data/calib.txt --ctx 64 -o /tmp/q-gptq
@@ -66,7 +68,9 @@ gguf:auto --target-size SIZE | --target-bpw X chooses every tensor's type to fit
 every type its rows allow is measured (imatrix-weighted, experts weighted by routing), and with --data each \
 tensor's KL divergence at two types is probed in one layer-by-layer pass; the types with the least predicted KL \
 that fit are written as a recipe (OUT.recipe.toml, also --save-recipe FILE; --recipe FILE makes the same file \
-again) and recorded in the manifest and the model card (docs/quantization.md, \"Quantize to a size target\").
+again) and recorded in the manifest and the model card (docs/quantization.md, \"Quantize to a size target\"). \
+mlx:auto does the same for mlx-lm: bits 2-8 and group size 32/64/128 per weight, written as per-module overrides, \
+its recipe an MLX recipe (--to mlx:BITS --recipe FILE; docs/mlx.md).
 
 Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
@@ -87,10 +91,12 @@ pub struct QuantArgs {
     /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4);
     /// gguf:auto with --target-size/--target-bpw (types chosen from measured sensitivities);
     /// vllm:SCHEME, a compressed-tensors directory for vLLM/SGLang (w4a16, w4a16-asym, w8a16, fp8-dynamic,
-    /// fp8-block, nvfp4, mxfp4); mlx:BITS, a directory for mlx-lm (2, 3, 4, 5, 6, 8). Optional with --recipe.
+    /// fp8-block, nvfp4, mxfp4); mlx:BITS, a directory for mlx-lm (2, 3, 4, 5, 6, 8); mlx:auto with
+    /// --target-size/--target-bpw. Optional with --recipe (GGUF).
     #[arg(long, value_name = "TARGET")]
     pub(crate) to: Option<String>,
-    /// Recipe file (TOML): a base preset plus rules by role, layer range and name (docs/quantization.md).
+    /// Recipe file (TOML): for gguf, a base preset plus rules by role, layer range and name
+    /// (docs/quantization.md); for mlx:BITS, bits and group size per weight by name (docs/mlx.md).
     #[arg(long, value_name = "FILE")]
     pub(crate) recipe: Option<PathBuf>,
     /// Importance matrix (llama-imatrix GGUF output or legacy .dat).

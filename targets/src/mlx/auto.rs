@@ -47,9 +47,6 @@ impl Kind {
     }
 }
 
-/// Rows measured per expert (or per 2-D weight) at most; the rest are skipped at an even stride.
-pub const DEFAULT_SAMPLE_ROWS: u64 = 64;
-
 /// A weight's importance data: `cols * n_mat` mean squared input activations (an imatrix entry: expert `e` at
 /// `e * cols`) and the tokens each matrix saw.
 pub struct Importance {
@@ -176,13 +173,7 @@ fn measure_weight(
     let sampled: Vec<(Vec<f32>, Vec<f64>)> = (0..n_mat)
         .into_par_iter()
         .map(|e| {
-            let (mut v, mut buf) = (Vec::new(), Vec::new());
-            let mut r = e * per_mat;
-            while r < (e + 1) * per_mat {
-                w.op.read(ck, r, r + 1, &mut buf).map_err(|x| read_error(w, x))?;
-                v.extend_from_slice(&buf);
-                r += step;
-            }
+            let v = sample_rows_of(ck, w, e * per_mat, (e + 1) * per_mat, step)?;
             let ew = match imp {
                 Some(i) => {
                     let freq = match i.counts.get(e as usize) {
@@ -234,6 +225,27 @@ fn measure_weight(
         exponent: 1.0,
         probes: Vec::new(),
     })
+}
+
+/// Every `step`-th row of `r0..r1` of `w`. Rows are read one at a time where the op makes a row from a row; where it
+/// must make a whole block to give one row (a transposed expert: [`sling_pipeline::Op::granule`]), a block at a time,
+/// so that each block is made once, not once per sampled row.
+fn sample_rows_of(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64, step: u64) -> Result<Vec<f32>, TargetError> {
+    let cols = w.cols().max(1);
+    let block = (w.op.granule() / cols).max(1);
+    let (mut v, mut buf) = (Vec::new(), Vec::new());
+    let mut b = r0;
+    while b < r1 {
+        let end = if block == 1 { b + 1 } else { r1.min(b + block) };
+        buf.clear();
+        w.op.read(ck, b, end, &mut buf).map_err(|x| read_error(w, x))?;
+        for r in (b..end).filter(|r| (r - r0) % step == 0) {
+            let i = ((r - b) * cols) as usize;
+            v.extend_from_slice(&buf[i..i + cols as usize]);
+        }
+        b = if block == 1 { b + step } else { end };
+    }
+    Ok(v)
 }
 
 /// `row` as the artifact holds it at `g`: rounded to the affine grid and read back (`scale · q + bias` with the

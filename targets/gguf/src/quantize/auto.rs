@@ -157,13 +157,23 @@ fn measure_tensor(
     let mats: Vec<Sampled> = (0..n_mat)
         .into_par_iter()
         .map(|e| {
-            let mut v = Vec::new();
-            let mut buf = Vec::new();
-            let mut r = e * per_mat;
-            while r < (e + 1) * per_mat {
-                read_f32(ck, t, r, r + 1, &mut buf, backend)?;
-                v.extend_from_slice(&buf);
-                r += step;
+            // Rows one at a time where the op makes a row from a row; a block at a time where it must make a
+            // whole block for one row (a transposed expert), so that each block is made once.
+            let block = match &t.payload {
+                crate::convert::plan::Payload::Values(op) => (op.granule() / cols.max(1)).max(1),
+                _ => 1,
+            };
+            let (mut v, mut buf) = (Vec::new(), Vec::new());
+            let (r0, r1) = (e * per_mat, (e + 1) * per_mat);
+            let mut b = r0;
+            while b < r1 {
+                let end = if block == 1 { b + 1 } else { r1.min(b + block) };
+                read_f32(ck, t, b, end, &mut buf, backend)?;
+                for r in (b..end).filter(|r| (r - r0) % step == 0) {
+                    let i = ((r - b) * cols) as usize;
+                    v.extend_from_slice(&buf[i..i + cols as usize]);
+                }
+                b = if block == 1 { b + step } else { end };
             }
             let qw = t.weights.as_deref().map(|w| &w[(e * cols) as usize..((e + 1) * cols) as usize]);
             let freq = match &row.imatrix_counts {
