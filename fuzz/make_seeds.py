@@ -114,6 +114,7 @@ def main():
         if "base =" in m:
             put("recipe_toml", f"named{i}.toml", m)
     put("recipe_toml", "inline.toml", 'base = "Q4_K_M"\n[[rule]]\nrole = "routed_experts"\nlayers = [0, 3]\ntype = "q4_k"\n[[rule]]\nname = "attn_v"\ntype = "q6_k"\n')
+    put("mlx_recipe", "inline.toml", 'bits = 3\ngroup_size = 64\n[[rule]]\nname = "self_attn"\nbits = 8\n[[rule]]\nname = "switch_mlp\\\\.down_proj"\nbits = 6\ngroup_size = 32\n[[rule]]\nname = "^model\\\\.embed_tokens\\\\.weight$"\nkeep = true\n')
     # manifests given on the command line (e.g. from `sling convert fixtures/models/mixtral -o /tmp/m.gguf`)
     for p in sys.argv[1:]:
         put("manifest", os.path.basename(p), open(p, "rb").read())

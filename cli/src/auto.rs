@@ -235,6 +235,7 @@ type MakeProbe<'s, K> = dyn Fn(usize, K) -> Result<(sling_calibration::sensitivi
 /// Runs the probes `todo` (measured tensor, where it acts, candidate) over the `--data` text in groups bounded by
 /// [`PROBE_STREAM_BYTES`]; each probe's KL is scaled up by the fraction of rows it rounded. Per measured tensor
 /// (`n` of them): its probes.
+#[allow(clippy::too_many_arguments)] // the probe run's inputs, each used once; a struct would only rename them
 fn run_probes<'s, K: Copy>(
     a: &QuantArgs,
     ck: &sling_formats::checkpoint::Checkpoint,
