@@ -44,9 +44,9 @@ impl AutoArgs {
     }
 }
 
-/// The measured allocation, and what it was asked for.
-pub struct AutoPlan {
-    pub sens: Sensitivity,
+/// The measured allocation, and what it was asked for: GGUF types (`K` a `DType`) or MLX encodings.
+pub struct AutoPlan<K = sling_core::DType> {
+    pub sens: sling_quantizers::budget::Sensitivity<K>,
     pub alloc: Allocation,
     pub target: String,
     pub description: String,
@@ -300,8 +300,18 @@ impl AutoPlan {
     }
 
     pub fn json(&self) -> serde_json::Value {
+        let mut j = self.json_with("tensors", "type", |d| d.name().to_string());
+        j["base"] = auto::base_of(&self.sens, &self.alloc).name.into();
+        j
+    }
+}
+
+impl<K: Copy + PartialEq> AutoPlan<K> {
+    /// `plan --json`'s `auto`: the budget, the bounds, the predicted cost and, per measured tensor (under `items`),
+    /// its choice (under `kind`, named by `label`), every candidate and the probes.
+    fn json_with(&self, items: &str, kind: &str, label: impl Fn(K) -> String) -> serde_json::Value {
         let (min, max) = self.sens.bounds();
-        json!({
+        let mut j = json!({
             "target": self.target,
             "budget_bytes": self.alloc.budget_bytes,
             "file_bytes": self.alloc.file_bytes,
@@ -309,22 +319,28 @@ impl AutoPlan {
             "min_bytes": min,
             "max_bytes": max,
             "predicted_cost": self.alloc.cost,
-            "base": auto::base_of(&self.sens, &self.alloc).name,
-            "tensors": self.sens.tensors.iter().zip(&self.alloc.pick).map(|(m, &k)| json!({
-                "name": m.name,
-                "type": m.candidates[k].kind.name(),
-                "bytes": m.candidates[k].bytes,
-                "cost": m.candidates[k].cost,
-                "gain": m.gain,
-                "exponent": m.exponent,
-                "probes": m.probes.iter().map(|(d, kld)| json!({ "type": d.name(), "kld": kld })).collect::<Vec<_>>(),
-                "rows_measured": m.rows_measured,
-                "weighted": m.weighted,
-                "candidates": m.candidates.iter().map(|c| json!({
-                    "type": c.kind.name(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })
+        });
+        j[items] = self
+            .sens
+            .chosen(&self.alloc)
+            .map(|(m, c)| {
+                json!({
+                    "name": m.name,
+                    kind: label(c.kind),
+                    "bytes": c.bytes,
+                    "cost": c.cost,
+                    "gain": m.gain,
+                    "exponent": m.exponent,
+                    "probes": m.probes.iter().map(|&(d, kld)| json!({ kind: label(d), "kld": kld })).collect::<Vec<_>>(),
+                    "rows_measured": m.rows_measured,
+                    "weighted": m.weighted,
+                    "candidates": m.candidates.iter().map(|c| json!({
+                        kind: label(c.kind), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        j
     }
 
     /// Writes the recipe to `path` (a temporary file renamed when complete).
@@ -360,13 +376,7 @@ fn progress_bar(n: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
 }
 
 /// `--to mlx:auto`: the measured allocation and the recipe that makes it.
-pub struct MlxAutoPlan {
-    pub sens: sling_quantizers::budget::Sensitivity<mlx_auto::Kind>,
-    pub alloc: Allocation,
-    pub target: String,
-    pub description: String,
-    pub recipe: String,
-}
+pub type MlxAutoPlan = AutoPlan<mlx_auto::Kind>;
 
 use sling_targets::mlx::auto as mlx_auto;
 
@@ -501,34 +511,6 @@ pub fn plan_mlx(
 
 impl MlxAutoPlan {
     pub fn json(&self) -> serde_json::Value {
-        let (min, max) = self.sens.bounds();
-        json!({
-            "target": self.target,
-            "budget_bytes": self.alloc.budget_bytes,
-            "file_bytes": self.alloc.file_bytes,
-            "bpw": self.alloc.bpw,
-            "min_bytes": min,
-            "max_bytes": max,
-            "predicted_cost": self.alloc.cost,
-            "weights": self.sens.tensors.iter().zip(&self.alloc.pick).map(|(m, &k)| json!({
-                "name": m.name,
-                "encoding": m.candidates[k].kind.label(),
-                "bytes": m.candidates[k].bytes,
-                "cost": m.candidates[k].cost,
-                "gain": m.gain,
-                "exponent": m.exponent,
-                "probes": m.probes.iter().map(|(d, kld)| json!({ "encoding": d.label(), "kld": kld })).collect::<Vec<_>>(),
-                "rows_measured": m.rows_measured,
-                "weighted": m.weighted,
-                "candidates": m.candidates.iter().map(|c| json!({
-                    "encoding": c.kind.label(), "bytes": c.bytes, "relative": c.relative, "cost": c.cost,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })
-    }
-
-    /// Writes the recipe to `path` (a temporary file renamed when complete).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        save_text(&self.recipe, path)
+        self.json_with("weights", "encoding", |k| k.label())
     }
 }

@@ -413,6 +413,27 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def frontier(points) -> list[tuple[float, float]]:
+    """The lower envelope of (bpw, KLD) points: those no point of smaller or equal size beats, by size."""
+    out = []
+    for b, k in sorted(points):
+        if not out or k < out[-1][1]:
+            out.append((b, k))
+    return out
+
+
+def frontier_at(points, bpw: float) -> float:
+    """The frontier's KLD at `bpw`, interpolated in log space between its neighbouring points."""
+    import math
+    f = frontier(points)
+    assert f[0][0] <= bpw <= f[-1][0], f"{bpw} bpw is outside the frontier {f[0][0]:.2f}..{f[-1][0]:.2f}"
+    for (b0, k0), (b1, k1) in zip(f, f[1:]):
+        if b0 <= bpw <= b1:
+            t = (bpw - b0) / (b1 - b0)
+            return math.exp((1 - t) * math.log(k0) + t * math.log(k1))
+    return f[-1][1]
+
+
 def kl_stats(ref: np.ndarray, test: np.ndarray) -> dict:
     """KL(P_ref || P_test) per position (nats, float64, full vocab), its mean and max, top-1 agreement."""
     assert ref.shape == test.shape, f"logits shape {test.shape} != reference {ref.shape}"

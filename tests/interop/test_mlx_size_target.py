@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -166,23 +165,9 @@ def auto(state, bpw: float, extra=AUTO_ARGS, key=None) -> tuple[dict, object]:
     return _score(state, key, out), out
 
 
-def frontier(figs: dict) -> list[tuple[float, float]]:
-    pts = sorted((figs[f"{b}b-g{g}"]["bpw"], figs[f"{b}b-g{g}"]["kld_mean"]) for b, g in UNIFORM)
-    out = []
-    for b, k in pts:
-        if not out or k < out[-1][1]:
-            out.append((b, k))
-    return out
-
-
 def frontier_at(figs: dict, bpw: float) -> float:
-    f = frontier(figs)
-    assert f[0][0] <= bpw <= f[-1][0], f"{bpw} bpw is outside the uniform frontier {f[0][0]:.2f}..{f[-1][0]:.2f}"
-    for (b0, k0), (b1, k1) in zip(f, f[1:]):
-        if b0 <= bpw <= b1:
-            t = (bpw - b0) / (b1 - b0)
-            return math.exp((1 - t) * math.log(k0) + t * math.log(k1))
-    return f[-1][1]
+    """The uniform frontier's KLD at `bpw`."""
+    return lab.frontier_at([(figs[f"{b}b-g{g}"]["bpw"], figs[f"{b}b-g{g}"]["kld_mean"]) for b, g in UNIFORM], bpw)
 
 
 @pytest.mark.parametrize("bpw", TARGETS)

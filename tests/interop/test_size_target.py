@@ -73,24 +73,9 @@ def auto(state, bpw: float) -> dict:
     return _measure(state, f"auto-{bpw}", "gguf:auto", ("--target-bpw", str(bpw), *AUTO_ARGS))
 
 
-def frontier(figs: dict) -> list[tuple[float, float]]:
-    """(bpw, KLD) of the presets no preset of smaller or equal size beats, by size."""
-    pts = sorted((figs[p]["bpw"], figs[p]["kld_mean"]) for p in PRESETS)
-    out = []
-    for b, k in pts:
-        if not out or k < out[-1][1]:
-            out.append((b, k))
-    return out
-
-
 def frontier_at(figs: dict, bpw: float) -> float:
-    f = frontier(figs)
-    assert f[0][0] <= bpw <= f[-1][0], f"{bpw} bpw is outside the preset frontier {f[0][0]:.2f}..{f[-1][0]:.2f}"
-    for (b0, k0), (b1, k1) in zip(f, f[1:]):
-        if b0 <= bpw <= b1:
-            t = (bpw - b0) / (b1 - b0)
-            return math.exp((1 - t) * math.log(k0) + t * math.log(k1))
-    return f[-1][1]
+    """The preset frontier's KLD at `bpw`."""
+    return lab.frontier_at([(figs[p]["bpw"], figs[p]["kld_mean"]) for p in PRESETS], bpw)
 
 
 def nearest_recipe(figs: dict, bpw: float) -> str:
