@@ -149,19 +149,19 @@ pub fn plan(
         }
     };
     let alloc = sens.allocate(budget).map_err(auto::AutoError::from)?;
+    let description = describe("gguf:auto", &target, &alloc, probed, sens.tensors.len(), "tensors");
+    let recipe = auto::recipe_toml(&sens, &alloc, &description);
+    Ok(AutoPlan { sens, alloc, target, description, recipe })
+}
+
+/// The allocation in one line (the recipe's `description`, the card's `allocation`).
+fn describe(to: &str, target: &str, alloc: &Allocation, probed: bool, n: usize, what: &str) -> String {
     let quality = if probed {
         format!("predicted KLD {:.4} (probe-measured gains)", alloc.cost)
     } else {
         format!("predicted relative output error {:.4} (no --data: unprobed)", alloc.cost)
     };
-    let description = format!(
-        "gguf:auto {target}: {} bytes, {:.3} bpw, {quality}, {} tensors",
-        alloc.file_bytes,
-        alloc.bpw,
-        sens.tensors.len()
-    );
-    let recipe = auto::recipe_toml(&sens, &alloc, &description);
-    Ok(AutoPlan { sens, alloc, target, description, recipe })
+    format!("{to} {target}: {} bytes, {:.3} bpw, {quality}, {n} {what}", alloc.file_bytes, alloc.bpw)
 }
 
 /// Hidden states of the probes carried at once (one `[tokens, hidden]` f32 matrix per probe and batch); more
@@ -494,17 +494,7 @@ pub fn plan_mlx(
         sens.set_gains(&probes);
     }
     let alloc = sens.allocate(budget)?;
-    let quality = if probed {
-        format!("predicted KLD {:.4} (probe-measured gains)", alloc.cost)
-    } else {
-        format!("predicted relative output error {:.4} (no --data: unprobed)", alloc.cost)
-    };
-    let description = format!(
-        "mlx:auto {target}: {} bytes, {:.3} bpw, {quality}, {} weights",
-        alloc.file_bytes,
-        alloc.bpw,
-        sens.tensors.len()
-    );
+    let description = describe("mlx:auto", &target, &alloc, probed, sens.tensors.len(), "weights");
     let recipe = mlx_auto::recipe_toml(&sens, &alloc, &description, (p.bits, p.group));
     Ok(MlxAutoPlan { sens, alloc, target, description, recipe })
 }
