@@ -81,14 +81,20 @@ pub fn wanted(a: &QuantArgs) -> Result<bool> {
     if let Some((flag, _)) = fixed.iter().find(|(_, on)| *on) {
         bail!("--to gguf:auto chooses every tensor's type itself; {flag} cannot be combined with it");
     }
+    check_common(a, "--to gguf:auto", "the GPTQ/AWQ flags apply to vllm:… and mlx:… targets")?;
+    Ok(true)
+}
+
+/// What every `…:auto` refuses: the calibrated-quantization flags (`--data` only feeds the probes) and zero rows.
+fn check_common(a: &QuantArgs, to: &str, method_hint: &str) -> Result<()> {
     let s = &a.solve;
     if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
-        bail!("--to gguf:auto takes --data/--tokens, --ctx and --chunks (to measure sensitivities); the GPTQ/AWQ flags apply to vllm:… and mlx:… targets");
+        bail!("{to} takes --data/--tokens, --ctx and --chunks (to measure sensitivities); {method_hint}");
     }
     if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
         bail!("--sample-rows and --probe-rows must be at least 1");
     }
-    Ok(true)
+    Ok(())
 }
 
 fn budget(a: &AutoArgs) -> Result<(Budget, String)> {
@@ -395,14 +401,7 @@ pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
     if a.recipe.is_some() || a.group_size.is_some() {
         bail!("--to mlx:auto chooses every weight's bits and group size itself; --recipe and --group-size cannot be combined with it");
     }
-    let s = &a.solve;
-    if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
-        bail!("--to mlx:auto takes --data/--tokens, --ctx and --chunks (to measure sensitivities); --method and its flags go with mlx:BITS");
-    }
-    if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
-        bail!("--sample-rows and --probe-rows must be at least 1");
-    }
-    Ok(())
+    check_common(a, "--to mlx:auto", "--method and its flags go with mlx:BITS")
 }
 
 /// Each MLX weight's imatrix entry (GGUF names: llama-imatrix's or `sling calibrate`'s), found through the GGUF
@@ -443,7 +442,7 @@ pub fn plan_mlx(
     let find = |w: &sling_pipeline::Weight<sling_targets::mlx::Enc>| {
         let mut key = w.sources.clone();
         key.sort();
-        importance.get(&key).map(|i| mlx_auto::Importance { weights: i.weights.clone(), counts: i.counts.clone() })
+        importance.get(&key)
     };
     let mut sens = mlx_auto::measure(ck, p, &find, a.auto.sample_rows, &|i, _, name| {
         if let Some(b) = &bar {

@@ -120,6 +120,32 @@ pub fn weighted_error(x: &[f32], y: &[f32], ew: &[f64], cols: usize) -> f64 {
         .sum()
 }
 
+/// Every `step`-th row of `r0..r1` (rows of `cols`), read through `read(a, b, out)` (which replaces `out` with rows
+/// `a..b`) one row at a time when `block` is 1, else `block` rows at a time: where a source must make a whole block
+/// to give one row (a transposed expert), each block is made once, not once per sampled row.
+pub fn sample_rows<E>(
+    r0: u64,
+    r1: u64,
+    step: u64,
+    block: u64,
+    cols: u64,
+    mut read: impl FnMut(u64, u64, &mut Vec<f32>) -> Result<(), E>,
+) -> Result<Vec<f32>, E> {
+    let (mut v, mut buf) = (Vec::new(), Vec::new());
+    let mut b = r0;
+    while b < r1 {
+        let end = if block <= 1 { b + 1 } else { r1.min(b + block) };
+        buf.clear();
+        read(b, end, &mut buf)?;
+        for r in (b..end).filter(|r| (r - r0) % step.max(1) == 0) {
+            let i = ((r - b) * cols) as usize;
+            v.extend_from_slice(&buf[i..i + cols as usize]);
+        }
+        b = if block <= 1 { b + step.max(1) } else { end };
+    }
+    Ok(v)
+}
+
 impl<K: Copy + PartialEq> Measured<K> {
     /// The candidates to probe: the one whose relative error is nearest (in ratio) to [`PROBE_RELATIVE`], and the
     /// cheapest (where low-bit errors leave the proportional regime), when they differ.
@@ -240,6 +266,23 @@ impl<K: Copy + PartialEq> Sensitivity<K> {
         })
     }
 
+    /// The chosen candidate (among those `counts` accepts) holding the most elements; ties to the earlier tensor's.
+    pub fn dominant(&self, a: &Allocation, counts: impl Fn(K) -> bool) -> Option<K> {
+        let mut by_kind: Vec<(K, u64)> = Vec::new();
+        for (m, c) in self.chosen(a).filter(|(_, c)| counts(c.kind)) {
+            let n = m.ne.iter().product::<u64>();
+            match by_kind.iter_mut().find(|(k, _)| *k == c.kind) {
+                Some((_, t)) => *t += n,
+                None => by_kind.push((c.kind, n)),
+            }
+        }
+        let top = by_kind.iter().fold(None::<(K, u64)>, |b, &(k, n)| match b {
+            Some((_, bn)) if bn >= n => b,
+            _ => Some((k, n)),
+        });
+        top.map(|(k, _)| k)
+    }
+
     /// The chosen candidate of each tensor, in [`Sensitivity::tensors`] order.
     pub fn chosen<'s>(&'s self, a: &'s Allocation) -> impl Iterator<Item = (&'s Measured<K>, &'s Candidate<K>)> + 's {
         self.tensors.iter().zip(&a.pick).map(|(m, &k)| (m, &m.candidates[k]))
@@ -309,6 +352,8 @@ mod tests {
         assert_eq!(a.pick, vec![1, 0]);
         assert!(a.file_bytes <= min + 100);
         assert_eq!(s.chosen(&a).map(|(m, c)| (m.name.as_str(), c.kind)).collect::<Vec<_>>(), [("a", 4), ("b", 2)]);
+        assert_eq!(s.dominant(&a, |_| true), Some(2), "b holds more elements");
+        assert_eq!(s.dominant(&a, |k| k != 2), Some(4));
     }
 
     #[test]
@@ -318,5 +363,15 @@ mod tests {
         let (x, y) = ([1.0f32, 2.0, 3.0, 4.0], [1.0f32, 1.0, 3.0, 5.0]);
         assert_eq!(energy(&x, &[1.0, 2.0], 2), 1.0 + 8.0 + 9.0 + 32.0);
         assert_eq!(weighted_error(&x, &y, &[1.0, 2.0], 2), 2.0 + 2.0);
+        // Rows 0, 3, 6 of 0..8 (rows of 2), read one at a time or in blocks of 4: the same rows.
+        let src: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let read = |a: u64, b: u64, out: &mut Vec<f32>| -> Result<(), ()> {
+            out.clear();
+            out.extend_from_slice(&src[a as usize * 2..b as usize * 2]);
+            Ok(())
+        };
+        let want = vec![0.0, 1.0, 6.0, 7.0, 12.0, 13.0];
+        assert_eq!(sample_rows(0, 8, 3, 1, 2, read).unwrap(), want);
+        assert_eq!(sample_rows(0, 8, 3, 4, 2, read).unwrap(), want);
     }
 }

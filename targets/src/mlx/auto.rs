@@ -116,14 +116,14 @@ pub fn overhead_bytes(p: &MlxPlan) -> u64 {
 
 /// Measures every weight whose encoding the allocation chooses, at every candidate of its ladder. `importance`
 /// gives a weight's imatrix data, when there is one.
-pub fn measure(
+pub fn measure<'i>(
     ck: &Checkpoint,
     p: &MlxPlan,
-    importance: &(dyn Fn(&Weight<Enc>) -> Option<Importance> + Sync),
+    importance: &(dyn Fn(&Weight<Enc>) -> Option<&'i Importance> + Sync),
     sample_rows: u64,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<Sensitivity<Kind>, TargetError> {
-    let imp: Vec<Option<Importance>> = p.plan.weights.iter().map(|w| chosen(w).and_then(|_| importance(w))).collect();
+    let imp: Vec<Option<&Importance>> = p.plan.weights.iter().map(|w| chosen(w).and_then(|_| importance(w))).collect();
     let tokens = imp.iter().flatten().flat_map(|i| i.counts.iter().copied()).max().unwrap_or(0).max(1) as f64;
     let (mut kept_bytes, mut elements, mut tensors) = (0, 0, Vec::new());
     let todo: Vec<usize> = (0..p.plan.weights.len()).filter(|&i| chosen(&p.plan.weights[i]).is_some()).collect();
@@ -136,7 +136,7 @@ pub fn measure(
     for (k, &i) in todo.iter().enumerate() {
         let w = &p.plan.weights[i];
         progress(k, todo.len(), &w.name);
-        tensors.push(measure_weight(ck, w, imp[i].as_ref(), tokens, sample_rows)?);
+        tensors.push(measure_weight(ck, w, imp[i], tokens, sample_rows)?);
         ck.release_pages();
     }
     progress(todo.len(), todo.len(), "");
@@ -227,25 +227,12 @@ fn measure_weight(
     })
 }
 
-/// Every `step`-th row of `r0..r1` of `w`. Rows are read one at a time where the op makes a row from a row; where it
-/// must make a whole block to give one row (a transposed expert: [`sling_pipeline::Op::granule`]), a block at a time,
-/// so that each block is made once, not once per sampled row.
+/// Every `step`-th row of `r0..r1` of `w` ([`budget::sample_rows`], a block at a time where the op makes blocks).
 fn sample_rows_of(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64, step: u64) -> Result<Vec<f32>, TargetError> {
     let cols = w.cols().max(1);
-    let block = (w.op.granule() / cols).max(1);
-    let (mut v, mut buf) = (Vec::new(), Vec::new());
-    let mut b = r0;
-    while b < r1 {
-        let end = if block == 1 { b + 1 } else { r1.min(b + block) };
-        buf.clear();
-        w.op.read(ck, b, end, &mut buf).map_err(|x| read_error(w, x))?;
-        for r in (b..end).filter(|r| (r - r0) % step == 0) {
-            let i = ((r - b) * cols) as usize;
-            v.extend_from_slice(&buf[i..i + cols as usize]);
-        }
-        b = if block == 1 { b + step } else { end };
-    }
-    Ok(v)
+    budget::sample_rows(r0, r1, step, w.op.granule() / cols, cols, |a, b, out| {
+        w.op.read(ck, a, b, out).map_err(|x| read_error(w, x))
+    })
 }
 
 /// `row` as the artifact holds it at `g`: rounded to the affine grid and read back (`scale · q + bias` with the
@@ -300,23 +287,9 @@ pub fn measured_weights(p: &MlxPlan) -> Vec<usize> {
 /// (the `quantization` block's `bits` and `group_size`), one anchored rule per measured weight. Applying it to the
 /// plan makes the allocated artifact; written out, `--recipe` makes it again.
 pub fn recipe_toml(sens: &Sensitivity<Kind>, a: &Allocation, description: &str, fallback: (u32, u64)) -> String {
-    let mut by_kind: Vec<(Kind, u64)> = Vec::new();
-    for (m, c) in sens.chosen(a) {
-        if c.kind != Kind::Keep {
-            let n = m.ne.iter().product::<u64>();
-            match by_kind.iter_mut().find(|(k, _)| *k == c.kind) {
-                Some((_, t)) => *t += n,
-                None => by_kind.push((c.kind, n)),
-            }
-        }
-    }
-    // Most elements; ties to the earlier weight's choice (deterministic).
-    let top = by_kind.iter().fold(None::<(Kind, u64)>, |b, &(k, n)| match b {
-        Some((_, bn)) if bn >= n => b,
-        _ => Some((k, n)),
-    });
-    let (bits, group) = match top {
-        Some((Kind::Affine { bits, group }, _)) => (bits, u64::from(group)),
+    // The default: the quantized choice holding the most elements.
+    let (bits, group) = match sens.dominant(a, |k| k != Kind::Keep) {
+        Some(Kind::Affine { bits, group }) => (bits, u64::from(group)),
         _ => fallback,
     };
     let choices: Vec<(String, Kind)> = sens.chosen(a).map(|(m, c)| (m.name.clone(), c.kind)).collect();

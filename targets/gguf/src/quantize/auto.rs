@@ -157,24 +157,13 @@ fn measure_tensor(
     let mats: Vec<Sampled> = (0..n_mat)
         .into_par_iter()
         .map(|e| {
-            // Rows one at a time where the op makes a row from a row; a block at a time where it must make a
-            // whole block for one row (a transposed expert), so that each block is made once.
             let block = match &t.payload {
-                crate::convert::plan::Payload::Values(op) => (op.granule() / cols.max(1)).max(1),
+                crate::convert::plan::Payload::Values(op) => op.granule() / cols.max(1),
                 _ => 1,
             };
-            let (mut v, mut buf) = (Vec::new(), Vec::new());
-            let (r0, r1) = (e * per_mat, (e + 1) * per_mat);
-            let mut b = r0;
-            while b < r1 {
-                let end = if block == 1 { b + 1 } else { r1.min(b + block) };
-                read_f32(ck, t, b, end, &mut buf, backend)?;
-                for r in (b..end).filter(|r| (r - r0) % step == 0) {
-                    let i = ((r - b) * cols) as usize;
-                    v.extend_from_slice(&buf[i..i + cols as usize]);
-                }
-                b = if block == 1 { b + step } else { end };
-            }
+            let v = budget::sample_rows(e * per_mat, (e + 1) * per_mat, step, block, cols, |a, b, out| {
+                read_f32(ck, t, a, b, out, backend)
+            })?;
             let qw = t.weights.as_deref().map(|w| &w[(e * cols) as usize..((e + 1) * cols) as usize]);
             let freq = match &row.imatrix_counts {
                 Some(c) if c.len() as u64 == n_mat => (c[e as usize].max(1)) as f64 / tokens,
@@ -288,21 +277,7 @@ fn kernel_error(t: &crate::convert::OutTensor, e: sling_kernels::backend::Kernel
 
 /// The preset whose `general.file_type` the file carries: the one whose default type holds the most elements.
 pub fn base_of(s: &Sensitivity, a: &Allocation) -> Ftype {
-    let mut by_type: Vec<(DType, u64)> = Vec::new();
-    for (m, c) in s.chosen(a) {
-        let d = c.kind;
-        let n: u64 = m.ne.iter().product();
-        match by_type.iter_mut().find(|(t, _)| *t == d) {
-            Some((_, c)) => *c += n,
-            None => by_type.push((d, n)),
-        }
-    }
-    // Most elements first; ties to the earlier tensor's type (deterministic).
-    let top = by_type.iter().fold(None::<(DType, u64)>, |b, &(d, n)| match b {
-        Some((_, bn)) if bn >= n => b,
-        _ => Some((d, n)),
-    });
-    top.and_then(|(d, _)| FTYPES.iter().find(|f| f.default == d).copied()).unwrap_or(rules::Q8_0)
+    s.dominant(a, |_| true).and_then(|d| FTYPES.iter().find(|f| f.default == d).copied()).unwrap_or(rules::Q8_0)
 }
 
 /// The allocation as `--tensor-type`-style rules, one anchored name per tensor.
