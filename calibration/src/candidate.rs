@@ -224,6 +224,8 @@ pub(crate) fn scatter(op: &Op, vals: &[f32], cols: u64, want: &str, dst: &mut [f
                 }
             }
         }
+        // The folded tensor's values (AWQ), in the source's frame.
+        Op::Fold { inner, .. } => scatter(inner, vals, cols, want, dst),
         Op::Rows { inner, map } => {
             if !has_source(inner, want) {
                 return;

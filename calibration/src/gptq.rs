@@ -114,6 +114,14 @@ pub enum Method {
     },
     /// Already in the store (an earlier, interrupted run); not solved again.
     Resumed,
+    /// AWQ ([`crate::awq`]): rounded to nearest after the scales of the mapping whose balance layer it is were
+    /// folded in (`smooth`: that mapping's norm or previous linear; `None`: no mapping reads its input, e.g.
+    /// `o_proj` under grouped-query attention, which llm-compressor leaves alone too).
+    Awq {
+        smooth: Option<String>,
+        ratio: f32,
+        duo: bool,
+    },
 }
 
 /// One weight of the pass.
@@ -210,20 +218,20 @@ pub type Grids<'g> = dyn Fn(&str) -> Option<Arc<dyn Grid>> + Sync + 'g;
 // ---- the weights of a layer -------------------------------------------------------------------------
 
 /// An input shared by one or more weights: one Hessian.
-struct Input {
-    cols: usize,
+pub(crate) struct Input {
+    pub(crate) cols: usize,
     /// The routed expert whose tokens these are (`None`: every token).
-    expert: Option<usize>,
+    pub(crate) expert: Option<usize>,
 }
 
-struct Weight {
-    name: String,
-    expert: Option<usize>,
-    rows: usize,
-    cols: usize,
-    input: usize,
-    grid: Arc<dyn Grid>,
-    resumed: bool,
+pub(crate) struct Weight {
+    pub(crate) name: String,
+    pub(crate) expert: Option<usize>,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) input: usize,
+    pub(crate) grid: Arc<dyn Grid>,
+    pub(crate) resumed: bool,
 }
 
 /// `(fused tensor, expert, gate 0 / up 1 / down 2)` of a transformers-5 split expert name
@@ -242,7 +250,7 @@ fn fused_part(name: &str) -> Option<(String, usize, usize)> {
 }
 
 /// The `[rows, cols]` of weight `name`, read directly or as a split of a transformers-5 fused expert tensor.
-fn weight_shape(src: &dyn TensorSource, name: &str) -> Option<(usize, usize)> {
+pub(crate) fn weight_shape(src: &dyn TensorSource, name: &str) -> Option<(usize, usize)> {
     if let Some(s) = src.shape(name) {
         return match s[..] {
             [r, c] => Some((r as usize, c as usize)),
@@ -257,7 +265,7 @@ fn weight_shape(src: &dyn TensorSource, name: &str) -> Option<(usize, usize)> {
 }
 
 /// The original values of weight `name` (`rows × cols`, row-major).
-fn read_weight(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub(crate) fn read_weight(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
     if src.contains(name) {
         let v = src.read(name)?;
         if v.len() != rows * cols {
@@ -278,7 +286,7 @@ fn read_weight(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> 
 }
 
 /// The linear weights of layer `l` the target quantizes, grouped by shared input.
-fn layer_weights(
+pub(crate) fn layer_weights(
     spec: &Spec,
     src: &dyn TensorSource,
     l: usize,
@@ -378,29 +386,31 @@ fn spec_expert(name: &str) -> Option<usize> {
 
 // ---- the observer -----------------------------------------------------------------------------------
 
-struct Acc {
-    sum: Array2<f64>,
-    n: u64,
+pub(crate) struct Acc {
+    pub(crate) sum: Array2<f64>,
+    /// `Σ |x|` per channel (AWQ's activation means).
+    pub(crate) abs: Vec<f64>,
+    pub(crate) n: u64,
 }
 
 /// Accumulates `Σ x xᵀ` per active input; the first observation of an input in a pass counts, the same rows
 /// reaching the other weights that share it are skipped.
-struct Hessians<'a> {
+pub(crate) struct Hessians<'a> {
     by_name: HashMap<&'a str, usize>,
     inputs: &'a [Input],
     active: Vec<bool>,
-    acc: Vec<Option<Acc>>,
+    pub(crate) acc: Vec<Option<Acc>>,
     /// Inputs accumulated in the current forward call (reset by `layer_done`).
     taken: Vec<bool>,
     /// Routed (token, slot) pairs per expert, summed over the forward calls (sub-batches).
-    routing: Option<Vec<u64>>,
-    bad: Option<Error>,
+    pub(crate) routing: Option<Vec<u64>>,
+    pub(crate) bad: Option<Error>,
     /// `XᵀX` on a device (cuBLAS DGEMM) when the product is large enough.
-    gemm: Option<&'a dyn sling_kernels::Gemm>,
+    pub(crate) gemm: Option<&'a dyn sling_kernels::Gemm>,
 }
 
 impl<'a> Hessians<'a> {
-    fn new(inputs: &'a [Input], weights: &'a [Weight], active: Vec<bool>) -> Self {
+    pub(crate) fn new(inputs: &'a [Input], weights: &'a [Weight], active: Vec<bool>) -> Self {
         let by_name = weights.iter().map(|w| (w.name.as_str(), w.input)).collect();
         Hessians {
             by_name,
@@ -429,7 +439,10 @@ impl<'a> Hessians<'a> {
             });
             return;
         }
-        let acc = self.acc[i].get_or_insert_with(|| Acc { sum: Array2::zeros((c, c)), n: 0 });
+        let acc = self.acc[i].get_or_insert_with(|| Acc { sum: Array2::zeros((c, c)), abs: vec![0.0; c], n: 0 });
+        for row in x.rows.chunks_exact(c.max(1)) {
+            acc.abs.iter_mut().zip(row).for_each(|(a, &v)| *a += f64::from(v.abs()));
+        }
         let n = x.rows.len() / c;
         if let Some(g) = self.gemm.filter(|g| g.wants(n, c, c)) {
             let sum = acc.sum.as_slice_mut().expect("a standard-layout array");
@@ -483,7 +496,7 @@ fn add_counts(acc: &mut Option<Vec<u64>>, counts: &[u64]) {
 
 /// Only records the routing (a layer with nothing to observe).
 #[derive(Default)]
-struct RoutingOnly(Option<Vec<u64>>);
+pub(crate) struct RoutingOnly(pub(crate) Option<Vec<u64>>);
 
 impl Observer for RoutingOnly {
     fn linear_input(&mut self, _: &LinearInput<'_>) {}
@@ -597,12 +610,12 @@ impl TensorSource for Overlay<'_> {
 /// The source with the token embeddings as the target stores them (rounded to nearest on their grid), for a
 /// target that quantizes them (mlx-lm does): the layers are calibrated on the inputs the quantized model gives them,
 /// in the sequential pipeline's spirit. The embeddings themselves cannot be calibrated (a lookup has no Hessian).
-struct RoundedEmbeddings<'a> {
-    base: &'a dyn TensorSource,
-    grid: Arc<dyn Grid>,
+pub(crate) struct RoundedEmbeddings<'a> {
+    pub(crate) base: &'a dyn TensorSource,
+    pub(crate) grid: Arc<dyn Grid>,
 }
 
-const EMBEDDINGS: &str = "model.embed_tokens.weight";
+pub(crate) const EMBEDDINGS: &str = "model.embed_tokens.weight";
 
 impl TensorSource for RoundedEmbeddings<'_> {
     fn shape(&self, name: &str) -> Option<Vec<u64>> {
@@ -631,7 +644,7 @@ impl TensorSource for RoundedEmbeddings<'_> {
 
 /// Groups of routed experts (indices) whose Hessians fit in the budget; one group with every expert without
 /// `max_ram`. Non-expert inputs go with the first group.
-fn expert_groups(inputs: &[Input], active: &[bool], max_ram: Option<u64>) -> Vec<Vec<usize>> {
+pub(crate) fn expert_groups(inputs: &[Input], active: &[bool], max_ram: Option<u64>) -> Vec<Vec<usize>> {
     let bytes = |i: &Input| (i.cols * i.cols * 8) as u64;
     let mut per_expert: std::collections::BTreeMap<usize, u64> = Default::default();
     let mut dense = 0u64;
@@ -662,7 +675,7 @@ fn expert_groups(inputs: &[Input], active: &[bool], max_ram: Option<u64>) -> Vec
 }
 
 /// Sequences in sub-batches of whole sequences of at most `max_tokens` tokens (a longer sequence alone).
-fn sub_batches(seqs: &[Vec<u32>], max_tokens: usize) -> Vec<&[Vec<u32>]> {
+pub(crate) fn sub_batches(seqs: &[Vec<u32>], max_tokens: usize) -> Vec<&[Vec<u32>]> {
     let mut out = Vec::new();
     let (mut start, mut n) = (0, 0);
     for (i, sq) in seqs.iter().enumerate() {
@@ -679,7 +692,7 @@ fn sub_batches(seqs: &[Vec<u32>], max_tokens: usize) -> Vec<&[Vec<u32>]> {
 }
 
 /// Runs layer `l` over every sub-batch, in place.
-fn forward(
+pub(crate) fn forward(
     model: &Model<'_>,
     l: usize,
     hs: &mut [Array2<f32>],

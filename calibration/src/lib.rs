@@ -17,6 +17,7 @@
 //! named by its GGUF tensor name: the hook for importance matrices.
 #![deny(unsafe_code)]
 
+pub mod awq;
 pub mod candidate;
 pub mod error;
 pub mod eval;

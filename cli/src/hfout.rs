@@ -130,6 +130,14 @@ fn allocate(
     Ok(ap)
 }
 
+/// AWQ's folds into whichever plan it is.
+fn fold_planned(p: &mut Planned, folds: &sling_calibration::awq::Folds) -> Result<()> {
+    match p {
+        Planned::Vllm(_, plan) => crate::solve::fold_plan(plan, folds),
+        Planned::Mlx(m) => crate::solve::fold_plan(&mut m.plan, folds),
+    }
+}
+
 /// The weights the plan puts on an integer grid, by Hugging Face tensor name (MLX's stacked experts by each
 /// expert's name): what `--method gptq` solves.
 fn grids_of(p: &Planned) -> std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>> {
@@ -356,6 +364,9 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
             )?)
         }
     };
+    if let Some(f) = solved.as_ref().and_then(|s| s.folds.as_ref()) {
+        fold_planned(&mut planned, f)?;
+    }
     let store = solved.as_ref().map(|s| s.store.clone());
     let max_shard = a.split_max_size.as_deref().map(parse_size).transpose()?.or(Some(5 << 30));
     let record = |what: &str| manifest::Options {
@@ -614,7 +625,7 @@ pub fn rederive(
         let mut tmp: Option<std::path::PathBuf> = None;
         let resolve = |rec: &manifest::TargetRecord,
                        ck: &Checkpoint,
-                       planned: &Planned,
+                       planned: &mut Planned,
                        tmp: &mut Option<std::path::PathBuf>|
          -> Result<Option<std::sync::Arc<sling_pipeline::solved::Store>>> {
             let Some(cal) = &rec.calibration else { return Ok(None) };
@@ -635,7 +646,10 @@ pub fn rederive(
             }
             let dir = std::env::temp_dir().join(format!("sling-verify-{}-{}", std::process::id(), &sha[..12]));
             *tmp = Some(dir.clone());
-            let store = crate::solve::replay(cal, data, ck, &grids_of(planned), &rec.target, &dir)?;
+            let (store, folds) = crate::solve::replay(cal, data, ck, &grids_of(planned), &rec.target, &dir)?;
+            if let Some(f) = &folds {
+                fold_planned(planned, f)?;
+            }
             Ok(Some(store))
         };
         let r = (|| -> Result<()> {
@@ -643,8 +657,8 @@ pub fn rederive(
                 To::Vllm(s) => {
                     let plan = vllm::plan(&ck, s, rec.strict)?;
                     check(parts_of(&plan), &mut problems);
-                    let planned = Planned::Vllm(s, plan);
-                    let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                    let mut planned = Planned::Vllm(s, plan);
+                    let solved = resolve(rec, &ck, &mut planned, &mut tmp)?;
                     let Planned::Vllm(_, plan) = planned else { unreachable!() };
                     let t = vllm::Vllm { scheme: s, solved, backend: None };
                     for i in pick(&plan, sample) {
@@ -663,8 +677,8 @@ pub fn rederive(
                         (None, _) => mlx::plan(&ck, b, rec.group_size.unwrap_or(64), rec.strict)?,
                     };
                     check(parts_of(&p.plan), &mut problems);
-                    let planned = Planned::Mlx(p);
-                    let solved = resolve(rec, &ck, &planned, &mut tmp)?;
+                    let mut planned = Planned::Mlx(p);
+                    let solved = resolve(rec, &ck, &mut planned, &mut tmp)?;
                     let Planned::Mlx(p) = planned else { unreachable!() };
                     let t = mlx::Mlx { solved, backend: None };
                     for i in pick(&p.plan, sample) {

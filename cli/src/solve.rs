@@ -21,7 +21,7 @@ pub enum Method {
     Rtn,
     // GPTQ: Hessian-based error compensation per linear layer and routed expert.
     Gptq,
-    // AWQ: activation-aware per-channel scales, folded into the preceding norm or linear (not available yet).
+    // AWQ: activation-aware per-channel scales, folded into the preceding norm or linear.
     Awq,
 }
 
@@ -80,6 +80,13 @@ pub struct SolveArgs {
     /// that fit, running the layer again per group.
     #[arg(long, value_name = "SIZE")]
     pub(crate) max_ram: Option<String>,
+    /// AWQ: grid points tried per mapping (llm-compressor's n_grid).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub(crate) awq_grid: usize,
+    /// AWQ: scales from the activations alone, not also divided by the weight magnitude (llm-compressor's
+    /// duo_scaling=False).
+    #[arg(long)]
+    pub(crate) no_duo_scaling: bool,
 }
 
 impl SolveArgs {
@@ -105,6 +112,8 @@ impl SolveArgs {
             || self.no_sequential
             || self.max_ram.is_some()
             || self.chunks.is_some()
+            || self.awq_grid != 20
+            || self.no_duo_scaling
     }
 }
 
@@ -150,6 +159,8 @@ fn sequences(
 /// A calibrated solution ready for the executor.
 pub struct Solved {
     pub store: std::sync::Arc<sling_pipeline::solved::Store>,
+    /// AWQ's folds, for the target's plan ([`fold_plan`]); `None` for GPTQ.
+    pub folds: Option<sling_calibration::awq::Folds>,
     pub dir: PathBuf,
     pub record: sling_provenance::manifest::CalibrationRecord,
     pub report: sling_calibration::gptq::Report,
@@ -172,9 +183,12 @@ pub fn run(
     backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
 ) -> Result<Solved> {
     use sling_calibration::gptq::{self, Progress, Settings};
-    use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord};
-    if method == Method::Awq {
-        bail!("--method awq is not available yet for {label}; use --method gptq");
+    use sling_provenance::manifest::{AwqRecord, CalibrationData, CalibrationFallback, CalibrationRecord};
+    if method == Method::Awq && s.act_order {
+        bail!("--act-order applies to --method gptq (AWQ rounds every weight to nearest after its scales)");
+    }
+    if method == Method::Gptq && (s.awq_grid != 20 || s.no_duo_scaling) {
+        bail!("--awq-grid and --no-duo-scaling apply to --method awq");
     }
     if grids.is_empty() {
         bail!(
@@ -211,6 +225,7 @@ pub fn run(
         "ctx": s.ctx, "chunks": seqs.len(),
         "damp": s.damp, "block": s.gptq_block_size, "act_order": s.act_order, "all_experts": s.all_experts,
         "min_expert_tokens": s.min_expert_tokens, "sequential": !s.no_sequential,
+        "awq": (method == Method::Awq).then(|| serde_json::json!({"n_grid": s.awq_grid, "duo": !s.no_duo_scaling})),
         "grids": grids.keys().collect::<std::collections::BTreeSet<_>>(),
     })
     .to_string();
@@ -240,7 +255,8 @@ pub fn run(
     let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
     let (mut solved, mut total) = (0usize, 0usize);
     let t0 = std::time::Instant::now();
-    let report = gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |p| match p {
+    let awq_opts = awq_options(s.awq_grid, !s.no_duo_scaling)?;
+    let mut on_progress = |p: Progress<'_>| match p {
         Progress::Start { layers, weights } => {
             total = weights;
             rep.set_length(weights as u64);
@@ -258,9 +274,21 @@ pub fn run(
             }
         }
         Progress::LayerDone { layer } => rep.emit("layer_done", serde_json::json!({"layer": layer})),
-    })
-    .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?;
-    let n_gptq = report.count(|m| matches!(m, gptq::Method::Gptq | gptq::Method::Resumed));
+    };
+    let (report, folds) = match method {
+        Method::Awq => {
+            let o =
+                sling_calibration::awq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &awq_opts, &mut on_progress)
+                    .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?;
+            (o.report, Some(o.folds))
+        }
+        _ => (
+            gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut on_progress)
+                .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?,
+            None,
+        ),
+    };
+    let n_gptq = report.count(|m| !matches!(m, gptq::Method::Rtn { .. }));
     let fallbacks: Vec<CalibrationFallback> = report
         .fallbacks()
         .map(|(w, tokens, why)| CalibrationFallback { weight: w.to_string(), tokens, why: why.to_string() })
@@ -308,8 +336,27 @@ pub fn run(
         },
         fallbacks,
         expert_tokens: report.expert_tokens(),
+        awq: (method == Method::Awq).then_some(AwqRecord { n_grid: s.awq_grid as u64, duo_scaling: !s.no_duo_scaling }),
     };
-    Ok(Solved { store: std::sync::Arc::new(store), dir, record, report })
+    Ok(Solved { store: std::sync::Arc::new(store), folds, dir, record, report })
+}
+
+/// AWQ's grid settings, checked.
+fn awq_options(n_grid: usize, duo_scaling: bool) -> Result<sling_quantizers::awq::Options> {
+    let min = if duo_scaling { 3 } else { 2 };
+    if n_grid < min || n_grid > 1000 {
+        bail!("--awq-grid must be between {min} and 1000{}", if duo_scaling { "" } else { " with --no-duo-scaling" });
+    }
+    Ok(sling_quantizers::awq::Options { n_grid, duo_scaling })
+}
+
+/// Folds AWQ's scales into a target's plan: every tensor a fold names must be read by some weight of the plan.
+pub fn fold_plan<E>(plan: &mut sling_pipeline::Plan<E>, folds: &sling_calibration::awq::Folds) -> Result<()> {
+    let missed = plan.fold(folds);
+    if !missed.is_empty() {
+        bail!("internal error: AWQ folded {} tensor(s) the plan does not read (first: {})", missed.len(), missed[0]);
+    }
+    Ok(())
 }
 
 /// The per-expert coverage table: routed calibration tokens per expert of each MoE layer.
@@ -345,10 +392,12 @@ pub fn replay(
     grids: &std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>>,
     label: &str,
     dir: &Path,
-) -> Result<std::sync::Arc<sling_pipeline::solved::Store>> {
-    if cal.method != "gptq" {
-        bail!("cannot re-derive --method {} artifacts", cal.method);
-    }
+) -> Result<(std::sync::Arc<sling_pipeline::solved::Store>, Option<sling_calibration::awq::Folds>)> {
+    let awq = match (cal.method.as_str(), cal.awq) {
+        ("gptq", _) => None,
+        ("awq", Some(a)) => Some(awq_options(a.n_grid as usize, a.duo_scaling)?),
+        (m, _) => bail!("cannot re-derive --method {m} artifacts (no settings recorded)"),
+    };
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
     let (text, ids) = if cal.data.token_ids { (None, Some(data)) } else { (Some(data), None) };
     let seqs = sequences(ck, text, ids, cal.data.ctx as usize, Some(cal.data.chunks as usize))?;
@@ -365,9 +414,19 @@ pub fn replay(
     let store = sling_pipeline::solved::Store::open(dir)?;
     let src = sling_calibration::CheckpointSource::new(ck);
     let lookup = |hf: &str| grids.get(hf).cloned();
-    sling_calibration::gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |_| {})
-        .with_context(|| format!("{label}: calibration pass failed"))?;
-    Ok(std::sync::Arc::new(store))
+    let folds = match awq {
+        Some(o) => Some(
+            sling_calibration::awq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &o, &mut |_| {})
+                .with_context(|| format!("{label}: calibration pass failed"))?
+                .folds,
+        ),
+        None => {
+            sling_calibration::gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |_| {})
+                .with_context(|| format!("{label}: calibration pass failed"))?;
+            None
+        }
+    };
+    Ok((std::sync::Arc::new(store), folds))
 }
 
 /// The routing of the calibration data (a forward pass of the source model that only counts): total tokens, and per

@@ -87,6 +87,24 @@ pub struct Plan<E> {
     pub notes: Vec<String>,
 }
 
+impl<E> Plan<E> {
+    /// Folds AWQ's per-channel scales into the weights that read the tensors `folds` names (by source tensor name;
+    /// [`Op::fold_sources`]), so that the target encodes the folded values. Returns the names no weight reads, in
+    /// order: a fold the plan cannot apply (the caller refuses the run).
+    pub fn fold(
+        &mut self,
+        folds: &std::collections::BTreeMap<String, std::sync::Arc<sling_quantizers::awq::Fold>>,
+    ) -> Vec<String> {
+        let mut hit = std::collections::BTreeSet::new();
+        let f = |n: &str| folds.get(n).cloned();
+        for w in &mut self.weights {
+            let op = std::mem::replace(&mut w.op, Op::Concat(Vec::new()));
+            w.op = op.fold_sources(&f, &mut hit);
+        }
+        folds.keys().filter(|k| !hit.contains(*k)).cloned().collect()
+    }
+}
+
 /// Reasons a target refuses to plan an artifact (GGUF's conversion, vLLM/MLX's weights). Each names the tensor
 /// or key involved.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,10 @@
 //! dimension) and `rows` the product of the other dimensions; ggml rows are independent, so any
 //! row range can be produced and encoded on its own.
 
+use std::sync::Arc;
+
 use sling_core::DType;
+use sling_quantizers::awq::Fold;
 use sling_quantizers::decode_to_f32;
 
 use sling_formats::checkpoint::{Checkpoint, SourceTensor};
@@ -34,6 +37,8 @@ pub enum OpError {
     Missing(String),
     #[error("source tensor {tensor}: {source}")]
     Decode { tensor: String, source: sling_quantizers::DecodeError },
+    #[error("source tensor {tensor}: AWQ fold: {why}")]
+    Fold { tensor: String, why: String },
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +54,9 @@ pub enum Op {
     Concat(Vec<Op>),
     /// `inner` holds `batch` matrices `[r, c]`; each is transposed to `[c, r]`.
     Transpose { inner: Box<Op>, batch: u64, r: u64, c: u64 },
+    /// `inner`'s rows with AWQ's per-channel scales folded in ([`Fold::apply`]; in `inner`'s own row and column
+    /// indices, so it wraps a source tensor, whose frame the scales were computed in).
+    Fold { inner: Box<Op>, fold: Arc<Fold> },
 }
 
 impl Op {
@@ -59,6 +67,7 @@ impl Op {
             Op::Rows { map, .. } => map.len() as u64,
             Op::Concat(parts) => parts.iter().map(Op::rows).sum(),
             Op::Transpose { batch, c, .. } => batch * c,
+            Op::Fold { inner, .. } => inner.rows(),
         }
     }
 
@@ -69,6 +78,7 @@ impl Op {
             Op::Rows { inner, .. } => inner.cols(),
             Op::Concat(parts) => parts.first().map(Op::cols).unwrap_or(0),
             Op::Transpose { r, .. } => *r,
+            Op::Fold { inner, .. } => inner.cols(),
         }
     }
 
@@ -80,6 +90,7 @@ impl Op {
             Op::Rows { inner, .. } => inner.granule(),
             Op::Concat(parts) => parts.iter().map(Op::granule).max().unwrap_or(0),
             Op::Transpose { r, c, .. } => r * c,
+            Op::Fold { inner, .. } => inner.granule(),
         }
     }
 
@@ -91,8 +102,46 @@ impl Op {
                 out.push(weight.name.clone());
                 out.push(scale.name.clone());
             }
-            Op::Rows { inner, .. } | Op::Transpose { inner, .. } => inner.sources(out),
+            Op::Rows { inner, .. } | Op::Transpose { inner, .. } | Op::Fold { inner, .. } => inner.sources(out),
             Op::Concat(parts) => parts.iter().for_each(|p| p.sources(out)),
+        }
+    }
+
+    fn first_source(&self) -> Option<String> {
+        let mut v = Vec::new();
+        self.sources(&mut v);
+        v.into_iter().next()
+    }
+
+    /// Wraps every leaf (a source tensor, or an FP8 weight with its scales) that `fold` names in [`Op::Fold`], so that
+    /// the op produces the folded values; the names folded are added to `hit`.
+    pub fn fold_sources(
+        self,
+        fold: &dyn Fn(&str) -> Option<Arc<Fold>>,
+        hit: &mut std::collections::BTreeSet<String>,
+    ) -> Op {
+        let leaf = |op: Op, name: &str, hit: &mut std::collections::BTreeSet<String>| match fold(name) {
+            Some(f) => {
+                hit.insert(name.to_string());
+                Op::Fold { inner: Box::new(op), fold: f }
+            }
+            None => op,
+        };
+        match self {
+            Op::Source(s) => {
+                let name = s.name.clone();
+                leaf(Op::Source(s), &name, hit)
+            }
+            Op::Fp8 { weight, scale, block } => {
+                let name = weight.name.clone();
+                leaf(Op::Fp8 { weight, scale, block }, &name, hit)
+            }
+            Op::Rows { inner, map } => Op::Rows { inner: Box::new(inner.fold_sources(fold, hit)), map },
+            Op::Concat(parts) => Op::Concat(parts.into_iter().map(|p| p.fold_sources(fold, hit)).collect()),
+            Op::Transpose { inner, batch, r, c } => {
+                Op::Transpose { inner: Box::new(inner.fold_sources(fold, hit)), batch, r, c }
+            }
+            f @ Op::Fold { .. } => f,
         }
     }
 
@@ -106,7 +155,7 @@ impl Op {
     pub fn raw_dtype(&self) -> Option<DType> {
         match self {
             Op::Source(s) => Some(s.dtype),
-            Op::Fp8 { .. } => None,
+            Op::Fp8 { .. } | Op::Fold { .. } => None,
             Op::Rows { inner, .. } | Op::Transpose { inner, .. } => inner.raw_dtype(),
             Op::Concat(parts) => {
                 let d = parts.first()?.raw_dtype()?;
@@ -136,7 +185,7 @@ impl Op {
     fn slices_only(&self) -> bool {
         match self {
             Op::Source(_) => true,
-            Op::Fp8 { .. } | Op::Transpose { .. } => false,
+            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } => false,
             Op::Rows { inner, .. } => inner.slices_only(),
             Op::Concat(parts) => parts.iter().all(Op::slices_only),
         }
@@ -151,7 +200,7 @@ impl Op {
             Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.push_slices(ck, a, b, out))?,
             Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.push_slices(ck, a, b, out))?,
             // Excluded by `slices_only`.
-            Op::Fp8 { .. } | Op::Transpose { .. } => {}
+            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } => {}
         }
         Ok(())
     }
@@ -170,6 +219,7 @@ impl Op {
         match self {
             Op::Source(s) => E::source(ck, s, r0, r1, out),
             Op::Fp8 { weight, scale, block } => E::fp8(ck, weight, scale, *block, r0, r1, out),
+            Op::Fold { inner, fold } => E::fold(ck, inner, fold, r0, r1, out),
             Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.gather(ck, a, b, out)),
             Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.gather(ck, a, b, out)),
             Op::Transpose { inner, r, c, .. } => {
@@ -246,6 +296,7 @@ pub trait Elem: Copy + Default + Send {
         r1: u64,
         out: &mut Vec<Self>,
     ) -> Result<(), OpError>;
+    fn fold(ck: &Checkpoint, inner: &Op, fold: &Fold, r0: u64, r1: u64, out: &mut Vec<Self>) -> Result<(), OpError>;
 }
 
 impl Elem for f32 {
@@ -279,6 +330,13 @@ impl Elem for f32 {
         }
         Ok(())
     }
+
+    fn fold(ck: &Checkpoint, inner: &Op, fold: &Fold, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+        let start = out.len();
+        inner.gather(ck, r0, r1, out)?;
+        fold.apply(&mut out[start..], r0 as usize, inner.cols() as usize)
+            .map_err(|e| OpError::Fold { tensor: inner.first_source().unwrap_or_default(), why: e.to_string() })
+    }
 }
 
 macro_rules! raw_elem {
@@ -308,6 +366,10 @@ macro_rules! raw_elem {
             ) -> Result<(), OpError> {
                 let source = sling_quantizers::DecodeError::Unsupported(DType::F8E4M3);
                 Err(OpError::Decode { tensor: w.name.clone(), source })
+            }
+            fn fold(_: &Checkpoint, inner: &Op, _: &Fold, _: u64, _: u64, _: &mut Vec<$t>) -> Result<(), OpError> {
+                let tensor = inner.first_source().unwrap_or_default();
+                Err(OpError::Fold { tensor, why: "folded values are computed, not copied".into() })
             }
         }
     };

@@ -173,6 +173,18 @@ pub struct CalibrationRecord {
     pub fallbacks: Vec<CalibrationFallback>,
     /// Per MoE layer (`model.layers.N`), the calibration tokens the router sent to each expert.
     pub expert_tokens: std::collections::BTreeMap<String, Vec<u64>>,
+    /// AWQ's grid search (`--method awq` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awq: Option<AwqRecord>,
+}
+
+/// AWQ's grid-search settings of a [`CalibrationRecord`] (llm-compressor's `AWQModifier` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwqRecord {
+    /// Grid points tried per mapping (`n_grid`).
+    pub n_grid: u64,
+    /// Scales divided by the weight magnitude too (`duo_scaling`).
+    pub duo_scaling: bool,
 }
 
 /// The calibration data of a [`CalibrationRecord`].

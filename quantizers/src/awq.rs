@@ -98,6 +98,8 @@ pub struct Search {
     pub rtn_loss: f64,
     /// Every grid point tried, in order: `(ratio, duo, loss)`.
     pub losses: Vec<(f32, bool, f64)>,
+    /// The index of the chosen point among [`points`]; `None`: the identity.
+    pub point: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +225,90 @@ pub fn fold_into_linear_rows(prev: &mut [f32], rows: usize, cols: usize, scales:
     Ok(())
 }
 
+/// Every fold AWQ applies to one tensor, composed: element `(i, j)` of the tensor (a 1-D tensor, a norm weight, is
+/// one row) becomes `w · col_mul[j] / col_div[j] / row_div[i]`, computed in `f64` and rounded once to `f32`. A
+/// balance layer gets `col_mul` (= [`scaled`]), a norm `col_div` (= [`fold_into_norm`]), a previous linear `row_div`
+/// (= [`fold_into_linear_rows`] when it has as many rows as scales); `up_proj` is both a balance layer (of the FFN
+/// norm's mapping) and a previous linear (of `down_proj`'s), so it gets both in one rounding, where llm-compressor
+/// rounds after each (in the model's dtype). One definition for the artifact's writer and the calibration pass's
+/// sequential forward, so both see the same values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fold {
+    pub col_mul: Option<Vec<f64>>,
+    pub col_div: Option<Vec<f64>>,
+    pub row_div: Option<Vec<f64>>,
+}
+
+impl Fold {
+    /// Multiplies the columns by `s` (composed element by element with an earlier `col_mul`).
+    pub fn mul_cols(&mut self, s: &[f64]) -> Result<(), AwqError> {
+        compose(&mut self.col_mul, s, "col_mul")
+    }
+
+    /// Divides the columns by `s`.
+    pub fn div_cols(&mut self, s: &[f64]) -> Result<(), AwqError> {
+        compose(&mut self.col_div, s, "col_div")
+    }
+
+    /// Divides the rows by `s`.
+    pub fn div_rows(&mut self, s: &[f64]) -> Result<(), AwqError> {
+        compose(&mut self.row_div, s, "row_div")
+    }
+
+    /// Whether the fold changes nothing (no vector, or every factor exactly 1).
+    pub fn is_identity(&self) -> bool {
+        [&self.col_mul, &self.col_div, &self.row_div]
+            .iter()
+            .all(|v| v.as_ref().map_or(true, |v| v.iter().all(|&x| x == 1.0)))
+    }
+
+    /// Applies the fold to whole rows `r0..` (of `cols` values each) of the tensor, in place. A 1-D tensor is one row
+    /// of its length. Errors when a vector does not match the tensor's dimensions.
+    pub fn apply(&self, vals: &mut [f32], r0: usize, cols: usize) -> Result<(), AwqError> {
+        let len = |v: &Option<Vec<f64>>| v.as_ref().map_or(cols, Vec::len);
+        for (what, l) in [("col_mul", len(&self.col_mul)), ("col_div", len(&self.col_div))] {
+            if l != cols {
+                return Err(AwqError::FoldLen { what, len: l, want: cols });
+            }
+        }
+        if cols == 0 || vals.len() % cols != 0 {
+            return Err(AwqError::FoldLen { what: "values (whole rows)", len: vals.len(), want: cols });
+        }
+        let rows = vals.len() / cols;
+        if let Some(rd) = &self.row_div {
+            if rd.len() < r0 + rows {
+                return Err(AwqError::FoldLen { what: "row_div", len: rd.len(), want: r0 + rows });
+            }
+        }
+        for (i, row) in vals.chunks_exact_mut(cols).enumerate() {
+            let rd = self.row_div.as_ref().map(|v| v[r0 + i]);
+            for (j, v) in row.iter_mut().enumerate() {
+                let mut x = f64::from(*v);
+                if let Some(m) = &self.col_mul {
+                    x *= m[j];
+                }
+                if let Some(d) = &self.col_div {
+                    x /= d[j];
+                }
+                if let Some(d) = rd {
+                    x /= d;
+                }
+                *v = x as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn compose(acc: &mut Option<Vec<f64>>, s: &[f64], what: &'static str) -> Result<(), AwqError> {
+    match acc {
+        Some(a) if a.len() != s.len() => return Err(AwqError::FoldLen { what, len: s.len(), want: a.len() }),
+        Some(a) => a.iter_mut().zip(s).for_each(|(a, b)| *a *= b),
+        None => *acc = Some(s.to_vec()),
+    }
+    Ok(())
+}
+
 /// The grid `_get_grid_search_params` builds: `(ratio, duo)` pairs.
 fn grid_points(o: &Options) -> Result<Vec<(f64, bool)>, AwqError> {
     if o.duo_scaling {
@@ -300,21 +386,115 @@ fn trace_loss(d: &[f64], h: &[f64], rows: usize, cols: usize) -> f64 {
     d.iter().zip(&p).map(|(a, b)| a * b).sum()
 }
 
-/// `L(s)` over all balance layers (see the module docs).
-fn loss_at(balance: &[Balance], cols: usize, s: &[f64]) -> Result<f64, AwqError> {
-    let mut total = 0f64;
-    for (i, b) in balance.iter().enumerate() {
-        let ws = scaled(b.w, b.rows, cols, s);
-        let q = rtn(&ws, b.rows, cols, b.grid).map_err(|source| AwqError::Quant { layer: i, source })?;
-        let d: Vec<f64> =
-            b.w.iter()
-                .zip(&q.dequant)
-                .enumerate()
-                .map(|(k, (&w, &dq))| f64::from(w) - f64::from(dq) / s[k % cols])
-                .collect();
-        total += b.weight * trace_loss(&d, b.h, b.rows, cols);
+/// `tr(ΔW H ΔWᵀ)` of one balance layer at scales `s` (unweighted).
+fn layer_loss(b: &Balance, i: usize, cols: usize, s: &[f64]) -> Result<f64, AwqError> {
+    let ws = scaled(b.w, b.rows, cols, s);
+    let q = rtn(&ws, b.rows, cols, b.grid).map_err(|source| AwqError::Quant { layer: i, source })?;
+    let d: Vec<f64> =
+        b.w.iter()
+            .zip(&q.dequant)
+            .enumerate()
+            .map(|(k, (&w, &dq))| f64::from(w) - f64::from(dq) / s[k % cols])
+            .collect();
+    Ok(trace_loss(&d, b.h, b.rows, cols))
+}
+
+/// Checks one balance layer against `cols` input channels; `i` names it in errors.
+fn check_balance(b: &Balance, i: usize, cols: usize) -> Result<(), AwqError> {
+    if Some(b.w.len()) != b.rows.checked_mul(cols) {
+        return Err(AwqError::WeightLen { layer: i, rows: b.rows, cols, len: b.w.len() });
     }
-    Ok(total)
+    if b.h.len() != cols * cols {
+        return Err(AwqError::HessianLen { layer: i, cols, len: b.h.len() });
+    }
+    let finite = b.w.iter().all(|v| v.is_finite()) && b.h.iter().all(|v| v.is_finite());
+    if !(finite && b.weight.is_finite() && b.weight >= 0.0) {
+        return Err(AwqError::NonFinite { layer: i });
+    }
+    Ok(())
+}
+
+/// One grid point of the search: its ratio, whether it uses duo scaling, and its scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    pub ratio: f32,
+    pub duo: bool,
+    pub scales: Vec<f64>,
+}
+
+/// `_compute_layer_means` of all balance layers' weights, `(weight, rows, group)` each (chunked by its own group), in
+/// `f64`: the `w_mean` of [`points`].
+pub fn weight_means(ws: &[(&[f32], usize, usize)], cols: usize) -> Vec<f64> {
+    layer_means_f64(ws, cols)
+}
+
+/// The grid points of `_get_grid_search_params` with their scales, in order, after the identity (`s = 1`, plain
+/// RTN), which [`pick`] takes as its baseline. Errors: no channels, `x_mean` not finite and ≥ 0, a grid too small.
+pub fn points(x_mean: &[f32], w_mean: &[f64], o: &Options) -> Result<Vec<Point>, AwqError> {
+    if x_mean.is_empty() {
+        return Err(AwqError::NoChannels);
+    }
+    if let Some(j) = x_mean.iter().position(|&x| !(x.is_finite() && x >= 0.0)) {
+        return Err(AwqError::XMean(j));
+    }
+    Ok(grid_points(o)?
+        .into_iter()
+        .map(|(ratio, duo)| Point { ratio: ratio as f32, duo, scales: point_scales(x_mean, w_mean, ratio, duo) })
+        .collect())
+}
+
+/// One balance layer's share of the loss, `weight · tr(ΔW H ΔWᵀ)`, first at `s = 1` (RTN), then at each point, in
+/// order. Independent per layer, so a caller may compute layers in parallel, or in groups whose Hessians are never
+/// all in memory at once, and add the vectors in layer order ([`search`] does exactly that, sequentially). `i`
+/// names the layer in errors.
+pub fn balance_losses(b: &Balance, i: usize, points: &[Point]) -> Result<Vec<f64>, AwqError> {
+    let cols = points.first().map_or(0, |p| p.scales.len());
+    if cols == 0 {
+        return Err(AwqError::NoChannels);
+    }
+    check_balance(b, i, cols)?;
+    let ones = vec![1f64; cols];
+    std::iter::once(&ones[..])
+        .chain(points.iter().map(|p| &p.scales[..]))
+        .map(|s| Ok(b.weight * layer_loss(b, i, cols, s)?))
+        .collect()
+}
+
+/// The best point given the summed losses (`losses[0]` at `s = 1`, then one per point, as [`balance_losses`] gives
+/// them): the first strictly smallest loss, as llm-compressor; the identity when no point beats RTN.
+pub fn pick(points: &[Point], losses: &[f64]) -> Search {
+    let cols = points.first().map_or(0, |p| p.scales.len());
+    let rtn_loss = losses.first().copied().unwrap_or(0.0);
+    let mut best: Option<(f64, usize)> = None;
+    for (k, &l) in losses.iter().skip(1).enumerate().take(points.len()) {
+        if best.map_or(true, |(b, _)| l < b) {
+            best = Some((l, k));
+        }
+    }
+    let tried = points.iter().zip(losses.iter().skip(1)).map(|(p, &l)| (p.ratio, p.duo, l)).collect();
+    match best {
+        Some((loss, k)) if loss <= rtn_loss => {
+            let p = &points[k];
+            Search {
+                scales: p.scales.clone(),
+                ratio: p.ratio,
+                duo: p.duo,
+                loss,
+                rtn_loss,
+                losses: tried,
+                point: Some(k),
+            }
+        }
+        _ => Search {
+            scales: vec![1.0; cols],
+            ratio: 0.0,
+            duo: false,
+            loss: rtn_loss,
+            rtn_loss,
+            losses: tried,
+            point: None,
+        },
+    }
 }
 
 /// `_compute_best_scale` (base.py) with the layer-wise loss of the module docs: tries every grid point of
@@ -323,7 +503,8 @@ fn loss_at(balance: &[Balance], cols: usize, s: &[f64]) -> Result<f64, AwqError>
 /// tokens (`x_sum / count`); `w_mean` is `_compute_layer_means` of all balance layers (each chunked by its own
 /// grid's group, in `f64`). Balance layers that are not quantized (a router kept in 16 bits) must not be passed:
 /// llm-compressor leaves them out of `w_mean` and of the loss (their output does not change) and only multiplies
-/// them by the scales at the end ([`scaled`]). Deterministic.
+/// them by the scales at the end ([`scaled`]). Deterministic. The pieces ([`weight_means`], [`points`],
+/// [`balance_losses`], [`pick`]) are public for callers that spread the layers over threads or passes.
 pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search, AwqError> {
     let cols = x_mean.len();
     if cols == 0 {
@@ -332,47 +513,18 @@ pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search
     if balance.is_empty() {
         return Err(AwqError::NoLayers);
     }
-    if let Some(j) = x_mean.iter().position(|&x| !(x.is_finite() && x >= 0.0)) {
-        return Err(AwqError::XMean(j));
+    for (i, b) in balance.iter().enumerate() {
+        check_balance(b, i, cols)?;
     }
-    for (layer, b) in balance.iter().enumerate() {
-        if Some(b.w.len()) != b.rows.checked_mul(cols) {
-            return Err(AwqError::WeightLen { layer, rows: b.rows, cols, len: b.w.len() });
-        }
-        if b.h.len() != cols * cols {
-            return Err(AwqError::HessianLen { layer, cols, len: b.h.len() });
-        }
-        let finite = b.w.iter().all(|v| v.is_finite()) && b.h.iter().all(|v| v.is_finite());
-        if !(finite && b.weight.is_finite() && b.weight >= 0.0) {
-            return Err(AwqError::NonFinite { layer });
-        }
-    }
-    let points = grid_points(o)?;
     let ws: Vec<(&[f32], usize, usize)> = balance.iter().map(|b| (b.w, b.rows, b.grid.group())).collect();
-    let w_mean = layer_means_f64(&ws, cols);
-
-    let ones = vec![1f64; cols];
-    let rtn_loss = loss_at(balance, cols, &ones)?;
-    let mut best: Option<(f64, f64, bool, Vec<f64>)> = None;
-    let mut losses = Vec::with_capacity(points.len());
-    for (ratio, duo) in points {
-        let s = point_scales(x_mean, &w_mean, ratio, duo);
-        let l = loss_at(balance, cols, &s)?;
-        losses.push((ratio as f32, duo, l));
-        let better = match &best {
-            None => true,
-            Some(b) => l < b.0,
-        };
-        if better {
-            best = Some((l, ratio, duo, s));
+    let pts = points(x_mean, &weight_means(&ws, cols), o)?;
+    let mut total = vec![0f64; pts.len() + 1];
+    for (i, b) in balance.iter().enumerate() {
+        for (t, l) in total.iter_mut().zip(balance_losses(b, i, &pts)?) {
+            *t += l;
         }
     }
-    Ok(match best {
-        Some((loss, ratio, duo, scales)) if loss <= rtn_loss => {
-            Search { scales, ratio: ratio as f32, duo, loss, rtn_loss, losses }
-        }
-        _ => Search { scales: ones, ratio: 0.0, duo: false, loss: rtn_loss, rtn_loss, losses },
-    })
+    Ok(pick(&pts, &total))
 }
 
 #[cfg(test)]
@@ -388,6 +540,49 @@ mod tests {
             let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
             ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
+    }
+
+    #[test]
+    fn fold_is_the_three_folds() {
+        let mut rng = Rng(11);
+        let (rows, cols) = (3, 4);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next()).collect();
+        let s: Vec<f64> = (0..cols).map(|_| f64::from(rng.next().abs()) + 0.25).collect();
+        let sr: Vec<f64> = (0..rows).map(|_| f64::from(rng.next().abs()) + 0.25).collect();
+        let mut f = Fold::default();
+        f.mul_cols(&s).unwrap();
+        let mut v = w.clone();
+        f.apply(&mut v, 0, cols).unwrap();
+        assert_eq!(v, scaled(&w, rows, cols, &s));
+        // rows 1.. alone give the same rows
+        let mut tail = w[cols..].to_vec();
+        f.apply(&mut tail, 1, cols).unwrap();
+        assert_eq!(tail, v[cols..]);
+        let mut f = Fold::default();
+        f.div_cols(&s).unwrap();
+        let (mut v, mut want) = (w[..cols].to_vec(), w[..cols].to_vec());
+        f.apply(&mut v, 0, cols).unwrap();
+        fold_into_norm(&mut want, &s).unwrap();
+        assert_eq!(v, want);
+        let mut f = Fold::default();
+        f.div_rows(&sr).unwrap();
+        let (mut v, mut want) = (w.clone(), w.clone());
+        f.apply(&mut v, 0, cols).unwrap();
+        fold_into_linear_rows(&mut want, rows, cols, &sr).unwrap();
+        assert_eq!(v, want);
+        // composed: one rounding of w · s / sr
+        f.mul_cols(&s).unwrap();
+        let mut v = w.clone();
+        f.apply(&mut v, 0, cols).unwrap();
+        for (k, x) in v.iter().enumerate() {
+            assert_eq!(*x, (f64::from(w[k]) * s[k % cols] / sr[k / cols]) as f32);
+        }
+        assert!(!f.is_identity() && Fold::default().is_identity());
+        // mismatched vectors are errors, not panics
+        assert!(f.mul_cols(&[1.0]).is_err());
+        assert!(f.apply(&mut [0.0; 5], 0, cols).is_err());
+        assert!(f.apply(&mut vec![0.0; 4 * cols], 0, cols).is_err());
+        assert!(Fold { col_mul: Some(vec![1.0; 3]), ..Default::default() }.apply(&mut [0.0; 4], 0, 4).is_err());
     }
 
     #[test]

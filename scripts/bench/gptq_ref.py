@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""llm-compressor `oneshot` GPTQ W4A16 on pre-tokenized calibration samples, as scripts/bench/gptq.py measures it.
+"""llm-compressor `oneshot` GPTQ (or AWQ) W4A16 on pre-tokenized calibration samples, as scripts/bench/gptq.py
+measures it.
 
 Runs in llm-compressor's own venv (scripts/setup-reference.sh makes $SLING_LAB/venv-llmc):
     $LAB/venv-llmc/bin/python scripts/bench/gptq_ref.py SRC OUT --tokens TOKENS.json
-        [--scheme W4A16] [--actorder weight|none] [--damp 0.01] [--block 128] [--no-all-experts]
+        [--scheme W4A16] [--actorder weight|none] [--damp 0.01] [--block 128] [--no-all-experts] [--method awq]
 
 TOKENS.json: {"ctx": L, "chunks": [[ids...] x L] x N} -- the calibration samples, already tokenized, so that
 llm-compressor and sling see identical tokens (gptq.py writes it from tests/interop/data/calib.txt).
@@ -17,6 +18,9 @@ save_pretrained(OUT, save_compressed=True) and the tokenizer. The ignore list is
 (embeddings are not Linear; the output head and the routers). llm-compressor's defaults kept unless given:
 actorder static (= weight), dampening 0.01, block 128, moe_calibrate_all_experts True (every routed expert sees
 every calibration token; the forward keeps the true routing).
+--method awq: the recipe is [AWQModifier(n_grid=20, duo_scaling=True), QuantizationModifier(targets="Linear",
+scheme=SCHEME, ignore=[lm_head, re:.*mlp.gate$])] (AWQ only folds scales; the quantization modifier rounds to nearest
+after it), with llm-compressor's registered mappings for the architecture (Qwen3-MoE: `_moe_default_mappings`).
 Prints one JSON line with the seconds spent in each phase (imports, load, quantize, save) and the settings.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false")
+    ap.add_argument("--method", default="gptq", choices=("gptq", "awq"))
     a = ap.parse_args()
     phases = {}
     t = time.perf_counter()
@@ -58,9 +63,20 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.src)
     phases["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    recipe = GPTQModifier(targets="Linear", scheme=a.scheme, ignore=["lm_head", "re:.*mlp.gate$"],
-                          actorder=None if a.actorder == "none" else a.actorder, dampening_frac=a.damp,
-                          block_size=a.block)
+    ignore = ["lm_head", "re:.*mlp.gate$"]
+    if a.method == "awq":
+        # llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`), which needs a CUDA
+        # driver; on a CPU-only machine pinning is meaningless, so it is made the identity.
+        if not torch.cuda.is_available():
+            torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        recipe = [AWQModifier(n_grid=20, duo_scaling=True),
+                  QuantizationModifier(targets="Linear", scheme=a.scheme, ignore=ignore)]
+    else:
+        recipe = GPTQModifier(targets="Linear", scheme=a.scheme, ignore=ignore,
+                              actorder=None if a.actorder == "none" else a.actorder, dampening_frac=a.damp,
+                              block_size=a.block)
     oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=ctx,
             num_calibration_samples=len(chunks), pipeline="sequential", batch_size=1,
             shuffle_calibration_samples=False, moe_calibrate_all_experts=a.all_experts)
@@ -70,7 +86,7 @@ def main():
     tok.save_pretrained(a.out)
     phases["save_s"] = time.perf_counter() - t
     phases["total_s"] = time.perf_counter() - T0
-    print(json.dumps({"mode": "oneshot-gptq", "scheme": a.scheme, "actorder": a.actorder, "damp": a.damp,
+    print(json.dumps({"mode": f"oneshot-{a.method}", "scheme": a.scheme, "actorder": a.actorder, "damp": a.damp,
                       "block": a.block, "all_experts": a.all_experts, "samples": len(chunks), "ctx": ctx,
                       "phases": phases, "torch_threads": torch.get_num_threads()}))
 
