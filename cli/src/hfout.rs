@@ -398,11 +398,12 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         card_extra.push((
             "quantization method".into(),
             format!(
-                "{} (damp {}, block {}, act-order {}, {}sequential{}) on {} calibration tokens ({} x {}, `{}` sha256 {})",
+                "{} ({}, {}sequential{}) on {} calibration tokens ({} x {}, `{}` sha256 {})",
                 r.method,
-                r.damp,
-                r.block,
-                r.act_order,
+                match r.awq {
+                    Some(a) => format!("grid {}, duo scaling {}", a.n_grid, a.duo_scaling),
+                    None => format!("damp {}, block {}, act-order {}", r.damp, r.block, r.act_order),
+                },
                 if r.sequential { "" } else { "not " },
                 if r.all_experts { ", all experts" } else { "" },
                 r.data.tokens,

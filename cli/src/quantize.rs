@@ -38,10 +38,12 @@ pub const AFTER_HELP: &str = "Examples:
   sling plan ./DeepSeek-V3 --to vllm:nvfp4 --json  (what is quantized, what is kept at source precision)
   sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 --data calib.txt -o qwen3-w4a16-gptq   (GPTQ per layer and expert)
   sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --data tests/interop/data/calib.txt --ctx 64 -o /tmp/q-gptq
+  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --method awq --data tests/interop/data/calib.txt --ctx 64 -o /tmp/q-awq
 
 vllm:w4a16, w4a16-asym, w8a16 and mlx:BITS take calibration data (--data) for GPTQ: per linear layer and routed \
 expert, layer by layer, experts with fewer than --min-expert-tokens routed tokens rounded to nearest and reported \
-(docs/gptq.md).
+(docs/gptq.md). --method awq instead folds activation-aware per-channel scales into the norms and linears before \
+rounding to nearest (one scale vector per norm, shared by the router and every expert it feeds).
 
 vllm:SCHEME and mlx:BITS write a Hugging Face directory (docs/vllm.md, docs/mlx.md); gguf:PRESET writes GGUF in \
 one pass from the Hugging Face checkpoint: the output is the file `convert_hf_to_gguf.py --outtype bf16` followed \

@@ -197,6 +197,7 @@ pub fn run(
             method.name()
         );
     }
+    let awq_opts = awq_options(s.awq_grid, !s.no_duo_scaling)?;
     if !(s.damp.is_finite() && s.damp >= 0.0) || s.gptq_block_size == 0 {
         bail!("--damp must be a finite number >= 0 and --gptq-block-size > 0");
     }
@@ -255,7 +256,6 @@ pub fn run(
     let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
     let (mut solved, mut total) = (0usize, 0usize);
     let t0 = std::time::Instant::now();
-    let awq_opts = awq_options(s.awq_grid, !s.no_duo_scaling)?;
     let mut on_progress = |p: Progress<'_>| match p {
         Progress::Start { layers, weights } => {
             total = weights;
