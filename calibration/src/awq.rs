@@ -57,6 +57,7 @@ use crate::gptq::{
     Method, Progress, Report, RoundedEmbeddings, RoutingOnly, Settings, SolvedWeight, EMBEDDINGS,
 };
 use crate::model::{Batch, Model};
+use crate::observer::{LinearInput, Observer};
 use crate::source::TensorSource;
 use crate::spec::{Attention, ExpertLayout, Ffn, Spec};
 
@@ -189,6 +190,50 @@ impl Grid for ObserveOnly {
     }
     fn dequantize(&self, _: u8, _: &GroupParams) -> f32 {
         0.0
+    }
+}
+
+/// The GPTQ pass's Hessians, plus the raw inputs of each shared input while they number at most its width (a routed
+/// expert's few tokens; every input of a short calibration set): the loss is then `‖ΔW Xᵀ‖²` (`rows · cols · n`),
+/// not `tr(ΔW XᵀX ΔWᵀ)` (`rows · cols²`).
+struct Observed<'a> {
+    h: Hessians<'a>,
+    xs: Vec<Option<Vec<f32>>>,
+    over: Vec<bool>,
+}
+
+impl Observed<'_> {
+    fn keep(&mut self, x: &LinearInput<'_>) {
+        let Some(&i) = x.hf.and_then(|n| self.h.by_name.get(n)) else { return };
+        let input = &self.h.inputs[i];
+        if !self.h.active[i] || self.h.taken[i] || self.over[i] || x.n_cols != input.cols {
+            return;
+        }
+        let c = input.cols.max(1);
+        let v = self.xs[i].get_or_insert_with(Vec::new);
+        if (v.len() + x.rows.len()) / c > c {
+            self.over[i] = true;
+            self.xs[i] = None;
+        } else {
+            v.extend_from_slice(x.rows);
+        }
+    }
+}
+
+impl Observer for Observed<'_> {
+    fn linear_input(&mut self, x: &LinearInput<'_>) {
+        self.keep(x);
+        self.h.add(x);
+    }
+    fn hf_only_input(&mut self, x: &LinearInput<'_>) {
+        self.keep(x);
+        self.h.add(x);
+    }
+    fn routing(&mut self, layer: usize, counts: &[u64]) {
+        self.h.routing(layer, counts);
+    }
+    fn layer_done(&mut self, layer: usize) {
+        self.h.layer_done(layer);
     }
 }
 
@@ -406,18 +451,21 @@ pub fn run(
             for (gi, group) in groups.iter().enumerate() {
                 let active: Vec<bool> =
                     inputs.iter().map(|i| i.expert.map_or(gi == 0, |e| group.contains(&e))).collect();
-                let mut obs = Hessians::new(&inputs, &weights, active.clone());
-                obs.gemm = s.backend.as_deref().and_then(|b| b.gemm().ok().flatten());
+                let mut h = Hessians::new(&inputs, &weights, active.clone());
+                h.gemm = s.backend.as_deref().and_then(|b| b.gemm().ok().flatten());
+                let mut obs =
+                    Observed { h, xs: inputs.iter().map(|_| None).collect(), over: vec![false; inputs.len()] };
                 let mut hx = hs.clone();
                 forward(&model, l, &mut hx, &batches, Some(&mut obs))?;
-                if let Some(e) = obs.bad.take() {
+                if let Some(e) = obs.h.bad.take() {
                     return Err(e);
                 }
                 if routing.is_none() {
-                    routing = obs.routing.clone();
+                    routing = obs.h.routing.clone();
                 }
                 observed_out = Some(hx);
-                let accs = std::mem::take(&mut obs.acc);
+                let accs = std::mem::take(&mut obs.h.acc);
+                let xs = std::mem::take(&mut obs.xs);
                 drop(obs);
                 for (k, a) in accs.iter().enumerate() {
                     if let Some(a) = a {
@@ -489,8 +537,11 @@ pub fn run(
                             .as_slice()
                             .ok_or_else(|| Error::Solve { tensor: w.name.clone(), why: "Hessian layout".into() })?;
                         let b = Balance { w: &data, rows: w.rows, grid: &*w.grid, h, weight: inv_n };
-                        awq::balance_losses(&b, 0, pts)
-                            .map_err(|e| Error::Solve { tensor: w.name.clone(), why: format!("AWQ: {e}") })
+                        match &xs[w.input] {
+                            Some(x) => awq::balance_losses_x(&b, x, 0, pts),
+                            None => awq::balance_losses(&b, 0, pts),
+                        }
+                        .map_err(|e| Error::Solve { tensor: w.name.clone(), why: format!("AWQ: {e}") })
                     })
                     .collect();
                 for (&(mi, i), ls) in work.iter().zip(losses) {

@@ -396,12 +396,12 @@ pub(crate) struct Acc {
 /// Accumulates `Σ x xᵀ` per active input; the first observation of an input in a pass counts, the same rows
 /// reaching the other weights that share it are skipped.
 pub(crate) struct Hessians<'a> {
-    by_name: HashMap<&'a str, usize>,
-    inputs: &'a [Input],
-    active: Vec<bool>,
+    pub(crate) by_name: HashMap<&'a str, usize>,
+    pub(crate) inputs: &'a [Input],
+    pub(crate) active: Vec<bool>,
     pub(crate) acc: Vec<Option<Acc>>,
     /// Inputs accumulated in the current forward call (reset by `layer_done`).
-    taken: Vec<bool>,
+    pub(crate) taken: Vec<bool>,
     /// Routed (token, slot) pairs per expert, summed over the forward calls (sub-batches).
     pub(crate) routing: Option<Vec<u64>>,
     pub(crate) bad: Option<Error>,
@@ -424,7 +424,7 @@ impl<'a> Hessians<'a> {
         }
     }
 
-    fn add(&mut self, x: &LinearInput<'_>) {
+    pub(crate) fn add(&mut self, x: &LinearInput<'_>) {
         let Some(&i) = x.hf.and_then(|h| self.by_name.get(h)) else { return };
         if !self.active[i] || self.taken[i] {
             return;

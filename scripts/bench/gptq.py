@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPTQ benchmark: `sling quantize --to vllm:w4a16 --method gptq` vs llm-compressor `oneshot` GPTQ W4A16.
+"""GPTQ (or AWQ) benchmark: `sling quantize --to vllm:w4a16 --method gptq|awq` vs llm-compressor `oneshot` W4A16.
 
     /root/.cache/sling-lab/venv/bin/python scripts/bench/gptq.py [--src DIR] [--sling PATH] [--ctx 128 --chunks 0]
 
@@ -23,6 +23,9 @@ of the machine to go quiet, the CPU others used meanwhile. Quality: `sling eval 
 (KL divergence of each output's next-token distribution from the source's, top-1 agreement, PPL) for every output;
 the KL ratios gptq/rtn. sling is measured from a private copy (WORK/sling, sha256 recorded).
 Default SRC: the trained fixture qwen3moe-trained (tests/interop/lab.py trained_root(), generated on first use).
+
+--method awq: AWQ on both sides (gptq_ref.py --method awq: AWQModifier + QuantizationModifier; sling --method awq;
+the GPTQ settings do not apply), outputs RESULTS/awq.json and RESULTS/awq.md.
 
 Outputs: RESULTS/gptq.json and RESULTS/gptq.md (RESULTS defaults to scripts/bench/results). --skip-ref / --skip-sling
 run one side only (e.g. before sling has --method gptq); the table shows what ran.
@@ -49,6 +52,10 @@ def SLING_GPTQ(a, sling: Path, src: Path, out: Path, method: str, tokens_txt: Pa
     """The sling command of the benchmark (the one place to adapt when the CLI changes)."""
     cmd = [sling, "quantize", src, "--to", "vllm:w4a16", "--method", method, "-o", out, "--no-manifest", "-q"]
     if method != "rtn":
+        if method == "awq":
+            cmd += ["--tokens", tokens_txt] if a.sling_input == "tokens" else ["--data", a.calib]
+            cmd += ["--ctx", a.ctx, "--chunks", n]
+            return cmd + (["--all-experts"] if a.all_experts else [])
         if a.sling_input == "tokens":
             cmd += ["--tokens", tokens_txt]
         else:
@@ -98,6 +105,7 @@ def main():
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-act-order", dest="act_order", action="store_false")
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false")
+    ap.add_argument("--method", choices=("gptq", "awq"), default="gptq")
     ap.add_argument("--sling-input", choices=("tokens", "text"), default="tokens",
                     help="sling gets the ids (--tokens, default) or the text (--data calib.txt, its own chunking)")
     ap.add_argument("--skip-ref", action="store_true")
@@ -145,7 +153,7 @@ def main():
         "calibration": {"file": str(a.calib), "ctx": a.ctx, "chunks": n, "tokens": n * a.ctx,
                         "sling_input": a.sling_input},
         "gptq": {"damp": a.damp, "block": a.block, "act_order": a.act_order, "all_experts": a.all_experts,
-                 "scheme": "W4A16 (int4, group 128, symmetric)"},
+                 "scheme": "W4A16 (int4, group 128, symmetric)", "method": a.method},
         "eval": {"file": str(a.eval), "ctx": a.eval_ctx}, "runs": [], "failures": []}
 
     def run(tool: str, cmd: list, out: Path):
@@ -183,15 +191,21 @@ def main():
     out = a.work / "out"
     out.mkdir(exist_ok=True)
     if not a.skip_ref:
-        run("llm-compressor gptq", [a.llmc_python, HERE / "gptq_ref.py", src, out / "ref-gptq", "--tokens",
-                                    tokens_json, "--damp", a.damp, "--block", a.block,
-                                    "--actorder", "weight" if a.act_order else "none"]
-            + ([] if a.all_experts else ["--no-all-experts"]), out / "ref-gptq")
+        if a.method == "awq":
+            run("llm-compressor awq", [a.llmc_python, HERE / "gptq_ref.py", src, out / "ref-awq", "--tokens",
+                                       tokens_json, "--method", "awq"]
+                + ([] if a.all_experts else ["--no-all-experts"]), out / "ref-awq")
+        else:
+            run("llm-compressor gptq", [a.llmc_python, HERE / "gptq_ref.py", src, out / "ref-gptq", "--tokens",
+                                        tokens_json, "--damp", a.damp, "--block", a.block,
+                                        "--actorder", "weight" if a.act_order else "none"]
+                + ([] if a.all_experts else ["--no-all-experts"]), out / "ref-gptq")
         if a.ref_rtn:
             run("llm-compressor rtn", [a.llmc_python, HERE / "targets_ref.py", "oneshot", src, out / "ref-rtn",
                                        "--scheme", "W4A16"], out / "ref-rtn")
     if not a.skip_sling:
-        run("sling gptq", SLING_GPTQ(a, sling, src, out / "sling-gptq", "gptq", tokens_txt, n), out / "sling-gptq")
+        m = a.method
+        run(f"sling {m}", SLING_GPTQ(a, sling, src, out / f"sling-{m}", m, tokens_txt, n), out / f"sling-{m}")
         run("sling rtn", SLING_GPTQ(a, sling, src, out / "sling-rtn", "rtn", tokens_txt, n), out / "sling-rtn")
     result["total_s"] = time.perf_counter() - t0
     if changed_since(copied):
@@ -205,20 +219,20 @@ def main():
         "wall_s": {r["tool"]: r["wall_s"] for r in result["runs"]},
         "max_rss_mib": {r["tool"]: r["max_rss_kib"] / 1024 for r in result["runs"]},
     }
-    ref = next((r for r in result["runs"] if r["tool"] == "llm-compressor gptq"), None)
-    mine = next((r for r in result["runs"] if r["tool"] == "sling gptq"), None)
+    ref = next((r for r in result["runs"] if r["tool"] == f"llm-compressor {a.method}"), None)
+    mine = next((r for r in result["runs"] if r["tool"] == f"sling {a.method}"), None)
     if ref and mine:
         result["summary"]["speedup_sling_vs_llmc"] = ref["wall_s"] / mine["wall_s"]
-    (a.results / "gptq.json").write_text(json.dumps(result, indent=2, default=str))
+    (a.results / f"{a.method}.json").write_text(json.dumps(result, indent=2, default=str))
     md = render_md(result)
-    (a.results / "gptq.md").write_text(md)
+    (a.results / f"{a.method}.md").write_text(md)
     print(md)
 
 
 def render_md(res: dict) -> str:
     c, g = res["calibration"], res["gptq"]
     lines = [
-        "# GPTQ W4A16: sling vs llm-compressor", "",
+        f"# {g.get('method', 'gptq').upper()} W4A16: sling vs llm-compressor", "",
         f"Source `{res['src']}`; calibration {c['chunks']} x {c['ctx']} tokens of `{Path(c['file']).name}` "
         f"(identical ids on both sides; sling input: {c['sling_input']}); damp {g['damp']}, block {g['block']}, "
         f"act-order {g['act_order']}, all experts {g['all_experts']}. KL divergence from the source over "
@@ -243,7 +257,7 @@ def render_md(res: dict) -> str:
     if res["summary"].get("rtn_baseline"):
         lines += ["", f"KLD / RTN: relative to {res['summary']['rtn_baseline']}."]
     if "speedup_sling_vs_llmc" in res["summary"]:
-        lines += [f"sling gptq is {res['summary']['speedup_sling_vs_llmc']:.2f}x the speed of llm-compressor "
+        lines += [f"sling {g.get('method', 'gptq')} is {res['summary']['speedup_sling_vs_llmc']:.2f}x the speed of llm-compressor "
                   "(wall, one process each, imports included)."]
     if res.get("note"):
         lines += ["", res["note"]]
