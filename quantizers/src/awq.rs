@@ -180,10 +180,11 @@ pub fn scaled(w: &[f32], rows: usize, cols: usize, scales: &[f64]) -> Vec<f32> {
     if cols == 0 {
         return Vec::new();
     }
-    w.chunks_exact(cols)
-        .take(rows)
-        .flat_map(|row| row.iter().zip(scales).map(|(&a, &s)| (f64::from(a) * s) as f32))
-        .collect()
+    let mut out = Vec::with_capacity(rows.saturating_mul(cols).min(w.len()));
+    for row in w.chunks_exact(cols).take(rows) {
+        out.extend(row.iter().zip(scales).map(|(&a, &s)| (f64::from(a) * s) as f32));
+    }
+    out
 }
 
 /// Folds the scales into a 1-D smooth layer: `norm_w[j] /= scales[j]` (`_apply_smoothing`'s
@@ -390,12 +391,11 @@ fn trace_loss(d: &[f64], h: &[f64], rows: usize, cols: usize) -> f64 {
 fn delta(b: &Balance, i: usize, cols: usize, s: &[f64]) -> Result<Vec<f64>, AwqError> {
     let ws = scaled(b.w, b.rows, cols, s);
     let q = rtn(&ws, b.rows, cols, b.grid).map_err(|source| AwqError::Quant { layer: i, source })?;
-    Ok(b.w
-        .iter()
-        .zip(&q.dequant)
-        .enumerate()
-        .map(|(k, (&w, &dq))| f64::from(w) - f64::from(dq) / s[k % cols])
-        .collect())
+    let mut d = Vec::with_capacity(b.w.len());
+    for (wr, qr) in b.w.chunks_exact(cols).zip(q.dequant.chunks_exact(cols)) {
+        d.extend(wr.iter().zip(qr).zip(s).map(|((&w, &dq), &s)| f64::from(w) - f64::from(dq) / s));
+    }
+    Ok(d)
 }
 
 /// `tr(ΔW H ΔWᵀ)` of one balance layer at scales `s` (unweighted).

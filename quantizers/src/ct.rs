@@ -257,6 +257,36 @@ impl crate::gptq::Grid for IntGrid {
     fn dequantize(&self, code: u8, p: &crate::gptq::GroupParams) -> f32 {
         self.sd.round((f32::from(code as i8) - p.zero) * p.scale)
     }
+
+    /// [`Grid::quantize`](crate::gptq::Grid::quantize) element by element, the scale dtype's rounding chosen once
+    /// per group and the outputs written in place (the loop the AWQ search spends its time in).
+    fn quantize_group(&self, xs: &[f32], p: &crate::gptq::GroupParams, codes: &mut Vec<u8>, dequant: &mut Vec<f32>) {
+        let (qmin, qmax) = int_range(self.args.bits).unwrap_or((0.0, 0.0));
+        let (c0, d0) = (codes.len(), dequant.len());
+        codes.resize(c0 + xs.len(), 0);
+        dequant.resize(d0 + xs.len(), 0.0);
+        let (cs, ds) = (&mut codes[c0..], &mut dequant[d0..]);
+        #[inline(always)]
+        fn fill(
+            xs: &[f32],
+            p: &crate::gptq::GroupParams,
+            (qmin, qmax): (f32, f32),
+            cs: &mut [u8],
+            ds: &mut [f32],
+            round: impl Fn(f32) -> f32,
+        ) {
+            for ((&x, c), d) in xs.iter().zip(cs).zip(ds) {
+                let q = int_code(x, p.q_scale, p.q_zero, qmin, qmax);
+                *c = q as u8;
+                *d = round((f32::from(q) - p.zero) * p.scale);
+            }
+        }
+        match self.sd {
+            ScaleDtype::F32 => fill(xs, p, (qmin, qmax), cs, ds, |v| ScaleDtype::F32.round(v)),
+            ScaleDtype::F16 => fill(xs, p, (qmin, qmax), cs, ds, |v| ScaleDtype::F16.round(v)),
+            ScaleDtype::BF16 => fill(xs, p, (qmin, qmax), cs, ds, |v| ScaleDtype::BF16.round(v)),
+        }
+    }
 }
 
 /// `(q − zp) · scale` per element in `f32` (`forward_helpers.py` `_dequantize`), appended to `out`. Element `i`
@@ -648,6 +678,28 @@ pub fn dequantize_mxfp4_row(packed: &[u8], scales: &[u8], out: &mut Vec<f32>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quantize_group_is_quantize_per_element() {
+        use crate::gptq::Grid;
+        let xs: Vec<f32> = (0..300)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-30, 3.4e38])
+            .collect();
+        for sd in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16] {
+            for (bits, symmetric) in [(4, true), (4, false), (8, true), (2, false)] {
+                let g = IntGrid { args: IntArgs { bits, symmetric, group: Some(32) }, sd };
+                for p in g.row_params(&xs[..256]) {
+                    let (mut c, mut d) = (vec![9u8], vec![9f32]);
+                    g.quantize_group(&xs, &p, &mut c, &mut d);
+                    for (k, &x) in xs.iter().enumerate() {
+                        let (wc, wd) = g.quantize(x, &p);
+                        assert_eq!((c[k + 1], d[k + 1].to_bits()), (wc, wd.to_bits()), "{sd:?} {bits} {symmetric} {x}");
+                    }
+                }
+            }
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

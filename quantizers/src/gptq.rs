@@ -31,6 +31,16 @@ pub trait Grid: Sync + Send {
     fn quantize(&self, x: f32, p: &GroupParams) -> (u8, f32);
     /// The value a runtime dequantizes `code` to (the second half of [`Grid::quantize`]).
     fn dequantize(&self, code: u8, p: &GroupParams) -> f32;
+    /// [`Grid::quantize`] over the elements of one group, appended to `codes` and `dequant`. Provided, so that each
+    /// implementation gets its own copy with `quantize` inlined (a `dyn Grid` caller pays one virtual call per
+    /// group, not per element); the results are those of `quantize`.
+    fn quantize_group(&self, xs: &[f32], p: &GroupParams, codes: &mut Vec<u8>, dequant: &mut Vec<f32>) {
+        for &x in xs {
+            let (c, d) = self.quantize(x, p);
+            codes.push(c);
+            dequant.push(d);
+        }
+    }
 }
 
 /// GPTQ settings (llm-compressor's defaults: block 128, dampening 0.01, no activation ordering).
@@ -118,10 +128,8 @@ pub fn rtn<G: Grid + ?Sized>(w: &[f32], rows: usize, cols: usize, grid: &G) -> R
     let (mut codes, mut dequant) = (Vec::with_capacity(w.len()), Vec::with_capacity(w.len()));
     for (r, row) in w.chunks_exact(cols.max(1)).enumerate() {
         let p = &params[r * ng..(r + 1) * ng];
-        for (i, &x) in row.iter().enumerate() {
-            let (c, d) = grid.quantize(x, &p[i / g]);
-            codes.push(c);
-            dequant.push(d);
+        for (xs, p) in row.chunks(g).zip(p) {
+            grid.quantize_group(xs, p, &mut codes, &mut dequant);
         }
     }
     Ok(Solution { rows, cols, codes, params, dequant, loss: 0.0, fallback: None })
