@@ -362,6 +362,7 @@ struct Search {
 /// `min_expert_tokens`, `all_experts`, `sequential`, `max_ram`, `batch_tokens`, `backend` (the GPTQ options are
 /// unused). Finished layers are saved in `store`'s directory and reused when present (`--resume`). Errors: as
 /// [`crate::gptq::run`], and transformers-5 fused expert tensors, which cannot be folded per expert.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
@@ -515,7 +516,7 @@ pub fn run(
                     for r in mp.readers.iter().filter(|r| quantized(r)) {
                         let Some(&i) = index.get(r.as_str()) else { continue };
                         let k = weights[i].input;
-                        if !active[k] || accs[k].as_ref().map_or(true, |a| a.n == 0) {
+                        if !(active[k] && accs[k].as_ref().is_some_and(|a| a.n > 0)) {
                             continue;
                         }
                         if min_ok(inputs[k].expert, &routing).is_some() {

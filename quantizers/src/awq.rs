@@ -258,9 +258,10 @@ impl Fold {
 
     /// Whether the fold changes nothing (no vector, or every factor exactly 1).
     pub fn is_identity(&self) -> bool {
-        [&self.col_mul, &self.col_div, &self.row_div]
-            .iter()
-            .all(|v| v.as_ref().map_or(true, |v| v.iter().all(|&x| x == 1.0)))
+        [&self.col_mul, &self.col_div, &self.row_div].iter().all(|v| match v {
+            Some(v) => v.iter().all(|&x| x == 1.0),
+            None => true,
+        })
     }
 
     /// Applies the fold to whole rows `r0..` (of `cols` values each) of the tensor, in place. A 1-D tensor is one row
@@ -509,7 +510,11 @@ pub fn pick(points: &[Point], losses: &[f64]) -> Search {
     let rtn_loss = losses.first().copied().unwrap_or(0.0);
     let mut best: Option<(f64, usize)> = None;
     for (k, &l) in losses.iter().skip(1).enumerate().take(points.len()) {
-        if best.map_or(true, |(b, _)| l < b) {
+        let better = match best {
+            None => true,
+            Some((b, _)) => l < b,
+        };
+        if better {
             best = Some((l, k));
         }
     }
