@@ -53,8 +53,8 @@ use sling_quantizers::gptq::{self as qg, Grid, GroupParams};
 
 use crate::error::{Error, Result};
 use crate::gptq::{
-    expert_groups, forward, layer_weights, read_weight, sub_batches, weight_shape, Grids, Hessians, LayerRouting,
-    Method, Progress, Report, RoundedEmbeddings, RoutingOnly, Settings, SolvedWeight, EMBEDDINGS,
+    expert_groups, forward, layer_weights, propagate, read_weight, sub_batches, weight_shape, Grids, Hessians,
+    LayerRouting, Method, Progress, Report, RoundedEmbeddings, RoutingOnly, Settings, SolvedWeight, EMBEDDINGS,
 };
 use crate::model::{Batch, Model};
 use crate::observer::{LinearInput, Observer};
@@ -647,24 +647,9 @@ pub fn run(
         folds.extend(layer_folds);
         shared = folds.iter().map(|(k, f)| (k.clone(), Arc::new(f.clone()))).collect();
         report.weights.extend(layer_weights_report);
-        // propagate
-        let mut err = None;
-        if s.sequential {
-            let overlay = Folded { base: fwd, folds: &shared, grids };
-            forward(&Model::new(&overlay, cfg)?.with_backend(s.backend.clone()), l, &mut hs, &batches, None)?;
-            if let Some(ys) = &observed_out {
-                let (mut d, mut n) = (0f64, 0f64);
-                for (a, b) in hs.iter().flatten().zip(ys.iter().flatten()) {
-                    d += (f64::from(*a) - f64::from(*b)).powi(2);
-                    n += f64::from(*b).powi(2);
-                }
-                err = Some(if n > 0.0 { (d / n).sqrt() } else { d.sqrt() });
-            }
-        } else if let Some(out) = observed_out {
-            hs = out;
-        } else {
-            forward(&model, l, &mut hs, &batches, None)?;
-        }
+        let overlay = Folded { base: fwd, folds: &shared, grids };
+        let quantized: Option<&dyn TensorSource> = s.sequential.then_some(&overlay);
+        let err = propagate(&model, quantized, cfg, s, l, &mut hs, &batches, observed_out)?;
         if let (true, Some(counts)) = (moe(l), routing) {
             report.routing.push(LayerRouting { layer: l, counts });
         }

@@ -691,6 +691,42 @@ pub(crate) fn sub_batches(seqs: &[Vec<u32>], max_tokens: usize) -> Vec<&[Vec<u32
     out
 }
 
+/// Gives layer `l + 1` its inputs: layer `l` run again over `quantized` (its weights as the artifact will hold them;
+/// the sequential pipeline), with `‖y_q − y‖ / ‖y‖` against the observing pass's output `observed`; without
+/// `quantized`, the observing pass's output itself (or, when there was none, a run of the original layer).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn propagate(
+    model: &Model<'_>,
+    quantized: Option<&dyn TensorSource>,
+    cfg: &ModelConfig,
+    s: &Settings,
+    l: usize,
+    hs: &mut Vec<Array2<f32>>,
+    batches: &[Batch],
+    observed: Option<Vec<Array2<f32>>>,
+) -> Result<Option<f64>> {
+    let Some(q) = quantized else {
+        match observed {
+            Some(out) => *hs = out,
+            None => forward(model, l, hs, batches, None)?,
+        }
+        return Ok(None);
+    };
+    forward(&Model::new(q, cfg)?.with_backend(s.backend.clone()), l, hs, batches, None)?;
+    Ok(observed.map(|ys| {
+        let (mut d, mut n) = (0f64, 0f64);
+        for (a, b) in hs.iter().flatten().zip(ys.iter().flatten()) {
+            d += (f64::from(*a) - f64::from(*b)).powi(2);
+            n += f64::from(*b).powi(2);
+        }
+        if n > 0.0 {
+            (d / n).sqrt()
+        } else {
+            d.sqrt()
+        }
+    }))
+}
+
 /// Runs layer `l` over every sub-batch, in place.
 pub(crate) fn forward(
     model: &Model<'_>,
@@ -880,23 +916,8 @@ pub fn run(
             solved[i] = Some(sw);
         }
         report.weights.extend(solved.into_iter().flatten());
-        // propagate
-        let mut err = None;
-        if s.sequential && !overlay.solved.is_empty() {
-            forward(&Model::new(&overlay, cfg)?.with_backend(s.backend.clone()), l, &mut hs, &batches, None)?;
-            if let Some(ys) = &observed_out {
-                let (mut d, mut n) = (0f64, 0f64);
-                for (a, b) in hs.iter().flatten().zip(ys.iter().flatten()) {
-                    d += (f64::from(*a) - f64::from(*b)).powi(2);
-                    n += f64::from(*b).powi(2);
-                }
-                err = Some(if n > 0.0 { (d / n).sqrt() } else { d.sqrt() });
-            }
-        } else if let Some(out) = observed_out {
-            hs = out;
-        } else {
-            forward(&model, l, &mut hs, &batches, None)?;
-        }
+        let quantized: Option<&dyn TensorSource> = (s.sequential && !overlay.solved.is_empty()).then_some(&overlay);
+        let err = propagate(&model, quantized, cfg, s, l, &mut hs, &batches, observed_out)?;
         if let (true, Some(counts)) = (moe(l), routing) {
             report.routing.push(LayerRouting { layer: l, counts });
         }

@@ -5,33 +5,11 @@
 //! model and loading in compressed-tensors/transformers/mlx-lm: tests/interop/test_gptq.py.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
-
-fn fixture(name: &str) -> PathBuf {
-    repo("fixtures/models").join(name)
-}
-
-fn calib() -> String {
-    repo("tests/interop/data/calib.txt").to_string_lossy().into_owned()
-}
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{calib, files, fixture, manifest, run, same_weights, stderr};
 
 /// `sling quantize SRC --to TO -o OUT --data calib.txt --ctx 64 --chunks 8 EXTRA`.
 fn gptq(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
@@ -54,30 +32,6 @@ fn gptq(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -
     ];
     a.extend_from_slice(extra);
     run(&a, env)
-}
-
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
-        .collect();
-    v.sort();
-    v
-}
-
-fn same_weights(a: &Path, b: &Path, what: &str) {
-    let (fa, fb) = (files(a), files(b));
-    assert_eq!(fa.iter().map(|f| &f.0).collect::<Vec<_>>(), fb.iter().map(|f| &f.0).collect::<Vec<_>>(), "{what}");
-    for ((na, ba), (_, bb)) in fa.iter().zip(&fb) {
-        if na != "sling.json" && na != "README.md" {
-            assert!(ba == bb, "{what}: {na} differs");
-        }
-    }
-}
-
-fn manifest(dir: &Path) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(dir.join("sling.json")).unwrap()).unwrap()
 }
 
 /// The fixtures are 64 wide: MLX group 32 and the vLLM integer schemes' 128 (which keeps the 64-wide rows) both
@@ -133,7 +87,7 @@ fn same_bytes_for_any_thread_count_verified_and_rederived() {
         let o = run(&["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap()], &[]);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         assert!(stderr(&o).contains("give it with --data FILE"), "{}", stderr(&o));
-        let other = repo("tests/interop/data/eval.txt");
+        let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/data/eval.txt");
         let o = run(
             &["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap(), "--data", other.to_str().unwrap()],
             &[],

@@ -38,3 +38,46 @@ pub fn copy_fixture(name: &str, tmp: &Path) -> PathBuf {
     }
     dst
 }
+
+/// `tests/interop/data/calib.txt`, the calibration text of the calibrated-method tests.
+pub fn calib() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/data/calib.txt").to_string_lossy().into_owned()
+}
+
+/// `sling ARGS` with the extra environment `env` (test hooks).
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = bin();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// Every file of a directory, sorted by name: `(name, bytes)`.
+pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Two artifact directories hold the same files with the same bytes, the manifest and model card aside (they
+/// record paths and times).
+pub fn same_weights(a: &Path, b: &Path, what: &str) {
+    let (fa, fb) = (files(a), files(b));
+    assert_eq!(fa.iter().map(|f| &f.0).collect::<Vec<_>>(), fb.iter().map(|f| &f.0).collect::<Vec<_>>(), "{what}");
+    for ((na, ba), (_, bb)) in fa.iter().zip(&fb) {
+        if na != "sling.json" && na != "README.md" {
+            assert!(ba == bb, "{what}: {na} differs");
+        }
+    }
+}
+
+/// The artifact's `sling.json`.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(dir.join("sling.json")).unwrap()).unwrap()
+}
