@@ -106,7 +106,7 @@ fn awq_same_bytes_for_any_thread_count_folded_verified_and_rederived() {
 }
 
 #[test]
-fn awq_resume_after_a_kill_during_calibration_gives_the_same_bytes() {
+fn awq_resume_after_a_kill_and_expert_groups_give_the_same_bytes() {
     let d = tempfile::tempdir().unwrap();
     let (src, to, extra) = ("qwen3moe", "mlx:4", ["--group-size", "32"]);
     let whole = d.path().join("whole");
@@ -124,6 +124,12 @@ fn awq_resume_after_a_kill_during_calibration_gives_the_same_bytes() {
     assert!(o.status.success(), "{}", stderr(&o));
     same_weights(&whole, &out, "after --resume");
     assert!(!solve.exists());
+    // --max-ram below one layer's Hessians: one expert per observing pass; each pass adds its experts' share of
+    // the shared FFN loss in the same order, so the same scales and bytes.
+    let grouped = d.path().join("grouped");
+    let o = awq(src, to, &grouped, &["--group-size", "32", "--max-ram", "100K"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_weights(&whole, &grouped, "--max-ram (experts in groups)");
     // A store made with other AWQ settings is not reused.
     let other = d.path().join("other");
     let o =
