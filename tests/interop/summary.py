@@ -164,6 +164,27 @@ def _gptq(entries: dict) -> list[str]:
     return out + [""]
 
 
+def _awq(entries: dict) -> list[str]:
+    if not entries:
+        return []
+    out = ["## AWQ (`--method awq`, tests/interop/test_awq.py)", "",
+           "End to end on the trained Qwen3-MoE (`sling eval` on eval.txt):", "",
+           "| target | calibration tokens | KLD RTN | KLD AWQ | ratio | top-1 RTN / AWQ |", "|---|---|---|---|---|---|"]
+    for k in sorted(k for k in entries if k.startswith("e2e/")):
+        e = entries[k]
+        out.append(f"| {k.split('/')[-1]} | {e['calibration_tokens']} | {e['kld_rtn']:.5f} | {e['kld_awq']:.5f} |"
+                   f" {e['kld_ratio']:.3f} | {e['top1_rtn']:.3f} / {e['top1_awq']:.3f} |")
+    for k in sorted(k for k in entries if k.startswith("vs-llm-compressor/")):
+        e = entries[k]
+        out += ["", f"Against llm-compressor 0.14's AWQ on the same token ids ({k.split('/')[-1]}): KLD llm-compressor "
+                f"{e['kld_llmc_awq']:.5f}, sling {e['kld_sling_awq_default']:.5f} (routed statistics), "
+                f"{e['kld_sling_awq_all_experts']:.5f} (`--all-experts`), sling RTN {e['kld_sling_rtn']:.5f}."]
+    out.append("")
+    for k in sorted(k for k in entries if k.startswith("load/")):
+        out.append(f"- {k}: {json.dumps(entries[k])}")
+    return out + [""]
+
+
 def _st_write(entries: dict) -> list[str]:
     if not entries:
         return []
@@ -400,7 +421,7 @@ def render(results: Path) -> str:
                        f" {100 * e['top1']:.1f} % |")
         out.append("")
 
-    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("st_write", _st_write)):
+    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("awq", _awq), ("st_write", _st_write)):
         entries, v = _load(results, section)
         versions.update(v)
         out += fn(entries)
