@@ -668,6 +668,27 @@ mod tests {
     use sling_quantizers::ct::ScaleDtype;
     use sling_quantizers::mlx::AffineGrid;
 
+    /// transformers-5 fused expert tensors (one `[experts, 2·ff, hidden]` tensor per layer) cannot carry a fold per
+    /// expert: a clear error naming the layer, not a wrong artifact.
+    #[test]
+    fn fused_expert_tensors_are_refused() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen3moe");
+        let cfg = Checkpoint::open(&root).unwrap().config.unwrap();
+        let spec = Spec::from_config(&cfg).unwrap();
+        let mut src = crate::MemSource::new();
+        let (h, ff, e) = (spec.hidden, 32usize, 8usize);
+        src.insert("model.layers.0.post_attention_layernorm.weight", &[h as u64], vec![1.0; h]);
+        src.insert("model.layers.0.mlp.gate.weight", &[e as u64, h as u64], vec![0.0; e * h]);
+        src.insert(
+            "model.layers.0.mlp.experts.gate_up_proj",
+            &[e as u64, 2 * ff as u64, h as u64],
+            vec![0.0; e * 2 * ff * h],
+        );
+        src.insert("model.layers.0.mlp.experts.down_proj", &[e as u64, h as u64, ff as u64], vec![0.0; e * h * ff]);
+        let err = mappings(&spec, &src, 0).err().expect("fused experts must be refused");
+        assert!(err.to_string().contains("fused expert tensors (layer 0"), "{err}");
+    }
+
     /// The folds alone (no rounding) leave the model's function as it was: logits equal up to `f32` rounding, on
     /// every architecture with a mapping of each kind (GQA + MoE, Mixtral's w1/w3/w2, MHA `v → o` (OLMoE), MLA +
     /// shared experts (DeepSeek-V3), Qwen2-MoE's shared expert gate, dense).
