@@ -420,6 +420,9 @@ pub fn run(
         let mut observed_out: Option<Vec<Array2<f32>>> = None;
         let (layer_weights_report, routing, layer_folds, passes) = if let Some(f) = load_layer(store, l) {
             progress(Progress::LayerStart { layer: l, weights: f.weights.len(), passes: 0, inputs: &hs });
+            for w in &f.weights {
+                progress(Progress::Solved { weight: w });
+            }
             let lf: BTreeMap<String, Fold> = f
                 .folds
                 .into_iter()
