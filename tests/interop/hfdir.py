@@ -286,6 +286,21 @@ def transformers_load(d: Path, dequantize: bool):
     return model.eval(), info
 
 
+def load_exact_weights(model, deq: dict) -> int:
+    """Copies sling's dequantized weights (`Artifacts.dequantized`) into a transformers model wherever a parameter of
+    the same name and shape exists, so that what is left between the two tools' logits is their forward passes.
+    Returns how many were copied."""
+    import torch
+    sd, n = model.state_dict(), 0
+    with torch.no_grad():
+        for name, w in deq.items():
+            t = sd.get(transformers_name(name))
+            if t is not None and t.shape == w.shape:
+                t.copy_(w)
+                n += 1
+    return n
+
+
 def transformers_logits(model) -> np.ndarray:
     import torch
     with torch.no_grad():

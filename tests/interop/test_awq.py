@@ -137,14 +137,9 @@ def test_awq_vllm_loads_in_compressed_tensors_and_transformers(art):
     model, info = hfdir.transformers_load(d, dequantize=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     model.float()
-    sd = model.state_dict()
     raw = lab.kl_stats(hfdir.transformers_logits(model), art.logits(d))
     # transformers holds bf16(q * scale) (test_gptq.py); with sling's exact weights the forward passes agree.
-    with torch.no_grad():
-        for name, w in deq.items():
-            t = sd.get(hfdir.transformers_name(name))
-            if t is not None and t.shape == w.shape:
-                t.copy_(w)
+    hfdir.load_exact_weights(model, deq)
     s = lab.kl_stats(hfdir.transformers_logits(model), art.logits(d))
     lab.record("awq", f"load/{TRAINED}/vllm:w4a16", {"ct_modules_bit_identical": len(modules),
                                                      "transformers_as_loaded": raw, "transformers": s})

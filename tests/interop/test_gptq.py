@@ -193,11 +193,7 @@ def test_gptq_vllm_loads_in_compressed_tensors_and_transformers(art, tmp_path):
     assert same > 0, "no quantized module under transformers' names"
     raw = lab.kl_stats(hfdir.transformers_logits(model), art.logits(d))
     # The same model with sling's exact dequantized weights: what is left is the forward pass of the two tools.
-    with torch.no_grad():
-        for name, w in deq.items():
-            t = sd.get(hfdir.transformers_name(name))
-            if t is not None and t.shape == w.shape:
-                t.copy_(w)
+    hfdir.load_exact_weights(model, deq)
     s = lab.kl_stats(hfdir.transformers_logits(model), art.logits(d))
     lab.record("gptq", f"load/{TRAINED}/vllm:w4a16", {"ct_modules_bit_identical": len(modules),
                                                       "transformers_modules_bf16_of_exact": same,
