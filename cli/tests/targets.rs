@@ -5,24 +5,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sling"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{files, fixture, run, stderr};
 
 fn quantize(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let src = fixture(src);
@@ -30,17 +16,6 @@ fn quantize(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)
         vec!["-q", "quantize", src.to_str().unwrap(), "--to", to, "-o", out.to_str().unwrap(), "--reproducible"];
     a.extend_from_slice(extra);
     run(&a, env)
-}
-
-/// Every file of a directory: name → bytes.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
-        .collect();
-    v.sort();
-    v
 }
 
 const CASES: &[(&str, &str, &[&str])] = &[
