@@ -53,7 +53,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis};
+use ndarray::Array2;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sling_core::ModelConfig;
@@ -454,20 +454,8 @@ impl<'a> Hessians<'a> {
             }
             return;
         }
-        // Rows in chunks (bounded f64 copy), each H += XᵀX by bands of 64 rows of H: the sum of every element
-        // runs over the rows in order whatever the thread count.
-        const CHUNK: usize = 1024;
-        for r0 in (0..n).step_by(CHUNK) {
-            let r1 = (r0 + CHUNK).min(n);
-            let xs = ArrayView2::from_shape((r1 - r0, c), &x.rows[r0 * c..r1 * c]).expect("shape checked above");
-            let x64 = xs.mapv(f64::from);
-            let xt = x64.t();
-            acc.sum.axis_chunks_iter_mut(Axis(0), 64).into_par_iter().enumerate().for_each(|(b, mut band)| {
-                let b0 = b * 64;
-                let b1 = b0 + band.nrows();
-                general_mat_mul(1.0, &xt.slice(ndarray::s![b0..b1, ..]), &x64, 1.0, &mut band);
-            });
-        }
+        let sum = acc.sum.as_slice_mut().expect("a standard-layout array");
+        crate::math::add_gram(sum, x.rows, n, c);
         acc.n += n as u64;
     }
 }
@@ -946,16 +934,15 @@ pub fn run(
                     loss: 0.0,
                 }
             } else {
-                let mut sum = Array2::<f64>::zeros((cols, cols));
-                for h in &hs {
-                    let x = model.final_norm(h)?;
-                    let mut xtx = Array2::<f32>::zeros((cols, cols));
-                    general_mat_mul(1.0, &x.t(), &x, 0.0, &mut xtx);
-                    sum.zip_mut_with(&xtx, |a, &b| *a += f64::from(b));
+                let mut h = vec![0f64; cols * cols];
+                for hid in &hs {
+                    let x = model.final_norm(hid)?.as_standard_layout().into_owned();
+                    let xs = x.as_slice().ok_or_else(|| Error::Solve { tensor: name.into(), why: "layout".into() })?;
+                    crate::math::add_gram(&mut h, xs, x.nrows(), cols);
                 }
                 let f = 2.0 / tokens.max(1) as f64;
-                sum.mapv_inplace(|v| v * f);
-                let h = sum.as_slice().ok_or_else(|| Error::Solve { tensor: name.into(), why: "layout".into() })?;
+                h.iter_mut().for_each(|v| *v *= f);
+                let h = &h[..];
                 let f = gptq::factor(h, cols, &s.gptq)
                     .map_err(|e| Error::Solve { tensor: name.into(), why: e.to_string() })?;
                 solve_one(src, store, &w, spec.n_layers, tokens, Some(&f), None, s)?.0
@@ -991,7 +978,7 @@ fn solve_one(
     let err = |e: gptq::GptqError| Error::Solve { tensor: w.name.clone(), why: e.to_string() };
     let (sol, method) = match (f, rtn_why) {
         (Some(f), None) => {
-            let sol = gptq::solve_factored(&data, w.rows, w.cols, f, &*w.grid, &s.gptq).map_err(err)?;
+            let sol = w.grid.gptq(&data, w.rows, w.cols, f, &s.gptq, sling_kernels::gptq::update()).map_err(err)?;
             let m = match sol.fallback {
                 Some(f) => Method::Rtn { why: format!("GPTQ fell back to RTN: {f:?}") },
                 None => Method::Gptq,

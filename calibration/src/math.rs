@@ -1,33 +1,114 @@
-//! Numerical building blocks on row-major `f32` matrices: GEMM through `ndarray` (whose f32 matmul is
-//! `matrixmultiply`'s packed, SIMD-dispatched sgemm) split over rayon, RMSNorm, activations,
+//! Numerical building blocks on row-major `f32` matrices: GEMM (faer's, in fixed tiles split over rayon; the
+//! attention's small per-head products through `ndarray`/`matrixmultiply`), RMSNorm, activations,
 //! softmax and causal attention. Everything accumulates in `f32` (RMSNorm's mean of squares in `f64`).
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut1, Axis};
 use rayon::prelude::*;
 
+/// Rows of one output tile of [`linear`]: every tile is exactly this many rows (the last one padded with zero
+/// rows), because the GEMM kernels' blocking depends on the operands' shapes: with one shape for every tile, an
+/// output row's bits depend on its input row only, not on the thread count, on how many tokens share the call or
+/// where the row sits among them (so a routed expert's rows are the same whether the expert runs over its tokens
+/// or over every token, `Model::all_experts`).
+const TILE_ROWS: usize = 64;
+/// Output columns of one tile (the last tile of a row narrower: a function of the weight's shape only).
+const TILE_COLS: usize = 256;
+
 /// `y = x · wᵀ (+ b)`: `x` `[t, in]`, `w` `[out, in]` (PyTorch `nn.Linear` layout), `y` `[t, out]`.
+///
+/// faer's GEMM (`Par::Seq`, dispatched to AVX-512 where the CPU has it: about twice `matrixmultiply`'s AVX2
+/// throughput there) over [`TILE_ROWS`] × [`TILE_COLS`] tiles run in parallel by rayon, each into its own buffer.
 pub fn linear(x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<&[f32]>) -> Array2<f32> {
-    let (t, out) = (x.nrows(), w.nrows());
-    debug_assert_eq!(x.ncols(), w.ncols());
+    let (t, k, out) = (x.nrows(), x.ncols(), w.nrows());
+    debug_assert_eq!(k, w.ncols());
+    let (xs, ws) = (x.as_standard_layout(), w.as_standard_layout());
     let mut y = Array2::<f32>::zeros((t, out));
-    let threads = rayon::current_num_threads().max(1);
-    let work = t * out * x.ncols();
-    if threads == 1 || work < 1 << 16 {
+    let (Some(xs), Some(ws), Some(ys)) = (xs.as_slice(), ws.as_slice(), y.as_slice_mut()) else {
+        // unreachable (standard layout is contiguous), but a slower product beats a panic
         general_mat_mul(1.0, &x, &w.t(), 0.0, &mut y);
-    } else if t >= out.min(4 * threads * 16) {
-        // many tokens: split the rows of x
-        let chunk = t.div_ceil(threads * 2).max(16);
-        let parts: Vec<(ArrayView2<f32>, ArrayViewMut2<f32>)> =
-            x.axis_chunks_iter(Axis(0), chunk).zip(y.axis_chunks_iter_mut(Axis(0), chunk)).collect();
-        parts.into_par_iter().for_each(|(xc, mut yc)| general_mat_mul(1.0, &xc, &w.t(), 0.0, &mut yc));
-    } else {
-        // few tokens, wide output (lm_head, up projections): split the rows of w
-        let chunk = out.div_ceil(threads * 2).max(64);
-        let parts: Vec<(ArrayView2<f32>, ArrayViewMut2<f32>)> =
-            w.axis_chunks_iter(Axis(0), chunk).zip(y.axis_chunks_iter_mut(Axis(1), chunk)).collect();
-        parts.into_par_iter().for_each(|(wc, mut yc)| general_mat_mul(1.0, &x, &wc.t(), 0.0, &mut yc));
+        return add_bias(y, b);
+    };
+    if t > 0 && out > 0 && k > 0 {
+        ys.par_chunks_mut(TILE_ROWS * out).enumerate().for_each(|(bi, band)| {
+            let rows = band.len() / out;
+            let full = &xs[bi * TILE_ROWS * k..(bi * TILE_ROWS + rows) * k];
+            let padded: Vec<f32>;
+            let lhs = if rows == TILE_ROWS {
+                full
+            } else {
+                let mut p = vec![0f32; TILE_ROWS * k];
+                p[..full.len()].copy_from_slice(full);
+                padded = p;
+                &padded[..]
+            };
+            let lhs = faer::MatRef::from_row_major_slice(lhs, TILE_ROWS, k);
+            let starts: Vec<usize> = (0..out).step_by(TILE_COLS).collect();
+            let tiles: Vec<(usize, Vec<f32>)> = starts
+                .into_par_iter()
+                .map(|c0| {
+                    let n = TILE_COLS.min(out - c0);
+                    let mut tile = vec![0f32; TILE_ROWS * n];
+                    let dst = faer::MatMut::from_row_major_slice_mut(&mut tile, TILE_ROWS, n);
+                    let rhs = faer::MatRef::from_row_major_slice(&ws[c0 * k..(c0 + n) * k], n, k).transpose();
+                    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::Seq);
+                    (c0, tile)
+                })
+                .collect();
+            for (c0, tile) in tiles {
+                let n = tile.len() / TILE_ROWS;
+                for (yrow, trow) in band.chunks_exact_mut(out).zip(tile.chunks_exact(n)) {
+                    yrow[c0..c0 + n].copy_from_slice(trow);
+                }
+            }
+        });
     }
+    add_bias(y, b)
+}
+
+/// Rows of `x` per f32 product in [`add_gram`]: each chunk's `XᵀX` is computed in `f32` (as llm-compressor
+/// accumulates its Hessians) and added to the `f64` sum, which bounds the `f32` sums to 1024 terms.
+const GRAM_ROWS: usize = 1024;
+/// Rows and columns of one block of [`add_gram`]'s `XᵀX`.
+const GRAM_TILE: usize = 256;
+
+/// `sum += XᵀX` for `x` `[n, c]` row-major and `sum` `[c, c]` row-major: chunks of [`GRAM_ROWS`] rows, each
+/// chunk's lower-triangle [`GRAM_TILE`] × [`GRAM_TILE`] blocks by faer's GEMM (`Par::Seq`, the blocks in parallel), the
+/// upper triangle then mirrored from the lower. Every element's sum runs over the same chunks and block shape
+/// whatever the thread count. Slices shorter than the shapes say are an error of the caller: nothing is added.
+pub fn add_gram(sum: &mut [f64], x: &[f32], n: usize, c: usize) {
+    if c == 0 || sum.len() != c * c || x.len() < n * c {
+        return;
+    }
+    let nb = c.div_ceil(GRAM_TILE);
+    for r0 in (0..n).step_by(GRAM_ROWS) {
+        let m = GRAM_ROWS.min(n - r0);
+        let xm = faer::MatRef::from_row_major_slice(&x[r0 * c..(r0 + m) * c], m, c);
+        sum.par_chunks_mut(GRAM_TILE * c).enumerate().for_each(|(bi, band)| {
+            let i0 = bi * GRAM_TILE;
+            let h = band.len() / c;
+            let mut tile = vec![0f32; h * GRAM_TILE];
+            for bj in 0..=bi.min(nb - 1) {
+                let j0 = bj * GRAM_TILE;
+                let w = GRAM_TILE.min(c - j0);
+                let dst = faer::MatMut::from_row_major_slice_mut(&mut tile[..h * w], h, w);
+                let lhs = xm.subcols(i0, h).transpose();
+                let rhs = xm.subcols(j0, w);
+                faer::linalg::matmul::matmul(dst, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::Seq);
+                for (row, trow) in band.chunks_exact_mut(c).zip(tile.chunks_exact(w)) {
+                    row[j0..j0 + w].iter_mut().zip(trow).for_each(|(s, &t)| *s += f64::from(t));
+                }
+            }
+        });
+    }
+    for i in 0..c {
+        for j in i + 1..c {
+            sum[i * c + j] = sum[j * c + i];
+        }
+    }
+}
+
+fn add_bias(mut y: Array2<f32>, b: Option<&[f32]>) -> Array2<f32> {
     if let Some(b) = b {
         for mut row in y.rows_mut() {
             row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);

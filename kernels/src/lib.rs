@@ -21,6 +21,7 @@ pub mod cuda;
 mod cuda_gemm;
 pub mod encode;
 pub mod gemm_layout;
+pub mod gptq;
 #[cfg(target_arch = "x86_64")]
 mod iq_lanes;
 #[cfg(target_arch = "x86_64")]
@@ -199,8 +200,7 @@ pub fn quantize_rows(
 
 /// `SLING_NO_SIMD=1` forces the scalar reference (for comparisons and benchmarks).
 fn disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
+    sling_quantizers::common::simd_disabled()
 }
 
 /// `SLING_NO_LANES=1` keeps the K-quants that have a one-sub-block-per-lane kernel ([`kquant_lanes`]) on the

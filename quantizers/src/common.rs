@@ -68,3 +68,10 @@ pub fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
     }
     v.iter().copied().enumerate().find(|(_, x)| !x.is_finite())
 }
+
+/// `SLING_NO_SIMD=1` (any value but `0`) keeps every kernel with a SIMD build on its scalar build (for comparisons
+/// and benchmarks); read once.
+pub fn simd_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
+}

@@ -41,6 +41,19 @@ pub trait Grid: Sync + Send {
             dequant.push(d);
         }
     }
+    /// [`solve_factored_with`] on this grid. Provided for the same reason as [`Grid::quantize_group`]: GPTQ's
+    /// column loop calls `quantize` once per element, so a `dyn Grid` caller should come through here.
+    fn gptq(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        f: &Factor,
+        o: &Options,
+        update: Update,
+    ) -> Result<Solution, GptqError> {
+        solve_factored_with(w, rows, cols, f, self, o, update)
+    }
 }
 
 /// GPTQ settings (llm-compressor's defaults: block 128, dampening 0.01, no activation ordering).
@@ -269,6 +282,20 @@ pub fn solve_factored<G: Grid + ?Sized>(
     grid: &G,
     o: &Options,
 ) -> Result<Solution, GptqError> {
+    solve_factored_with(w, rows, cols, f, grid, o, sub_scaled)
+}
+
+/// [`solve_factored`] with the column update `update` (the same bits whichever [`Update`]: [`sub_scaled`] or its
+/// SIMD twin).
+pub fn solve_factored_with<G: Grid + ?Sized>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    f: &Factor,
+    grid: &G,
+    o: &Options,
+    update: Update,
+) -> Result<Solution, GptqError> {
     if w.len() != rows.saturating_mul(cols) {
         return Err(GptqError::WeightLen { rows, cols, len: w.len() });
     }
@@ -316,28 +343,20 @@ pub fn solve_factored<G: Grid + ?Sized>(
         }
         err1.clear();
         err1.resize(rows * bw, 0.0);
-        for r in 0..rows {
-            let seg = &mut wk[r * cols + i1..r * cols + i2];
-            let errs = &mut err1[r * bw..(r + 1) * bw];
-            let prow = &params[r * ng..(r + 1) * ng];
-            for k in 0..bw {
-                let j = i1 + k;
-                let x = seg[k];
-                let (c, q) = grid.quantize(x, &prow[gidx[j]]);
-                codes_p[r * cols + j] = c;
-                deq_p[r * cols + j] = q;
-                let e = if x.is_finite() { (x - q) / hb[k * bw + k] } else { 0.0 };
-                if !e.is_finite() {
-                    continue;
-                }
-                errs[k] = e;
-                loss += f64::from(e) * f64::from(e) / 2.0;
-                let hrow = &hb[k * bw + k + 1..(k + 1) * bw];
-                for (v, &hv) in seg[k + 1..].iter_mut().zip(hrow) {
-                    *v -= e * hv;
-                }
-            }
-        }
+        let block = Block {
+            cols,
+            i1,
+            bw,
+            hb: &hb,
+            params: &params,
+            ng,
+            gidx: &gidx,
+            wk: &mut wk,
+            errs: &mut err1,
+            codes: &mut codes_p,
+            dequant: &mut deq_p,
+        };
+        loss += column_loop(grid, block, update);
         if i2 < cols && fallback.is_none() {
             use faer::{Accum, MatMut, MatRef, Par};
             let tail = cols - i2;
@@ -361,6 +380,65 @@ pub fn solve_factored<G: Grid + ?Sized>(
         }
     }
     Ok(Solution { rows, cols, codes, params, dequant, loss, fallback })
+}
+
+/// One block of columns of every row, what [`column_loop`] works on (all row-major, processing order).
+struct Block<'a> {
+    cols: usize,
+    /// The block's first column and width.
+    i1: usize,
+    bw: usize,
+    /// `Hinv[i1..i1+bw, i1..i1+bw]`, contiguous `bw × bw`.
+    hb: &'a [f32],
+    /// `rows × ng` group parameters and each processed column's group.
+    params: &'a [GroupParams],
+    ng: usize,
+    gidx: &'a [usize],
+    /// The weights being solved (`rows × cols`), the block's errors (`rows × bw`), codes and values.
+    wk: &'a mut [f32],
+    errs: &'a mut [f32],
+    codes: &'a mut [u8],
+    dequant: &'a mut [f32],
+}
+
+/// The update of one row's remaining block columns after column `k`: `dst[i] -= e · h[i]`, a multiply then a
+/// subtraction (two roundings per element, as torch's `W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:])` rounds
+/// them; no fused multiply-add). [`sub_scaled`] is the reference; `sling-kernels` has its SIMD twin.
+pub type Update = fn(dst: &mut [f32], e: f32, h: &[f32]);
+
+/// The scalar [`Update`].
+pub fn sub_scaled(dst: &mut [f32], e: f32, h: &[f32]) {
+    for (v, &hv) in dst.iter_mut().zip(h) {
+        *v -= e * hv;
+    }
+}
+
+/// The eager `gptq_block_update` of one block, row by row: quantize column `k`, its error
+/// `(w − q) / Hinv[k, k]`, then `update` the rest of the block's columns. Returns the block's loss.
+#[inline(always)]
+fn column_loop<G: Grid + ?Sized>(grid: &G, b: Block<'_>, update: Update) -> f64 {
+    let Block { cols, i1, bw, hb, params, ng, gidx, wk, errs, codes, dequant } = b;
+    let mut loss = 0f64;
+    for (r, ((row, errs), prow)) in
+        wk.chunks_exact_mut(cols).zip(errs.chunks_exact_mut(bw)).zip(params.chunks_exact(ng)).enumerate()
+    {
+        let seg = &mut row[i1..i1 + bw];
+        let (codes, dequant) = (&mut codes[r * cols + i1..][..bw], &mut dequant[r * cols + i1..][..bw]);
+        for k in 0..bw {
+            let x = seg[k];
+            let (c, q) = grid.quantize(x, &prow[gidx[i1 + k]]);
+            codes[k] = c;
+            dequant[k] = q;
+            let e = if x.is_finite() { (x - q) / hb[k * bw + k] } else { 0.0 };
+            if !e.is_finite() {
+                continue;
+            }
+            errs[k] = e;
+            loss += f64::from(e) * f64::from(e) / 2.0;
+            update(&mut seg[k + 1..], e, &hb[k * bw + k + 1..(k + 1) * bw]);
+        }
+    }
+    loss
 }
 
 #[cfg(test)]
