@@ -836,35 +836,53 @@ pub fn run(
                 };
                 (tokens, why)
             };
-            // One factorization per input, shared by the weights that read it (q/k/v, gate/up).
-            let mut need: Vec<usize> = chosen.iter().map(|&i| weights[i].input).collect();
-            need.sort_unstable();
-            need.dedup();
-            let factored: Vec<(usize, Result<gptq::Factor>)> = need
-                .par_iter()
-                .filter(|&&k| why_of(k).1.is_none())
-                .map(|&k| {
-                    let f = gptq::factor(hess[k].map_or(&[][..], |h| h.0), inputs[k].cols, &s.gptq)
-                        .map_err(|e| Error::Solve { tensor: format!("input {k} of layer {l}"), why: e.to_string() });
-                    (k, f)
-                })
-                .collect();
-            let mut factors: HashMap<usize, gptq::Factor> = HashMap::new();
-            for (k, f) in factored {
-                factors.insert(k, f?);
+            // One factorization per input, shared by the weights that read it (q/k/v, gate/up), and then those
+            // weights, all in one parallel loop over the inputs (widest first, so that the longest factorizations
+            // start first and the solves of the others fill the threads around them). Every solve is independent
+            // of the others and of the thread count; errors are reported in input order, then weight order.
+            let mut by_input: Vec<(usize, Vec<usize>)> = Vec::new();
+            for &i in &chosen {
+                match by_input.iter_mut().find(|(k, _)| *k == weights[i].input) {
+                    Some((_, ws)) => ws.push(i),
+                    None => by_input.push((weights[i].input, vec![i])),
+                }
             }
-            let results: Vec<Result<(SolvedWeight, SolvedEntry)>> = chosen
+            by_input.sort_by_key(|&(k, _)| (std::cmp::Reverse(inputs[k].cols), k));
+            type Solved = Result<(SolvedWeight, SolvedEntry)>;
+            let groups: Vec<(usize, Result<()>, Vec<(usize, Solved)>)> = by_input
                 .par_iter()
-                .map(|&i| {
-                    let w = &weights[i];
-                    let (tokens, why) = why_of(w.input);
-                    let f = factors.get(&w.input).filter(|_| why.is_none());
-                    solve_one(src, store, w, l, tokens, f, why, s)
+                .map(|(k, ws)| {
+                    let (tokens, why) = why_of(*k);
+                    let f = match why {
+                        Some(_) => None,
+                        None => match gptq::factor(hess[*k].map_or(&[][..], |h| h.0), inputs[*k].cols, &s.gptq) {
+                            Ok(f) => Some(f),
+                            Err(e) => {
+                                let e = Error::Solve { tensor: format!("input {k} of layer {l}"), why: e.to_string() };
+                                return (*k, Err(e), Vec::new());
+                            }
+                        },
+                    };
+                    let solved = ws
+                        .par_iter()
+                        .map(|&i| (i, solve_one(src, store, &weights[i], l, tokens, f.as_ref(), why.clone(), s)))
+                        .collect();
+                    (*k, Ok(()), solved)
                 })
                 .collect();
-            drop(factors);
             drop(hess);
             drop(accs);
+            let mut results: HashMap<usize, Solved> = HashMap::new();
+            let mut groups = groups;
+            groups.sort_by_key(|g| g.0);
+            for (_, factored, solved) in groups {
+                factored?;
+                results.extend(solved);
+            }
+            let results: Vec<Solved> = chosen
+                .iter()
+                .map(|i| results.remove(i).unwrap_or_else(|| Err(Error::Empty("a weight was not solved"))))
+                .collect();
             for (&i, r) in chosen.iter().zip(results) {
                 let (sw, entry) = r?;
                 progress(Progress::Solved { weight: &sw });

@@ -47,6 +47,7 @@ impl ScaleDtype {
     /// (`quant_args.py`: `clamp(finfo.min, finfo.max)` then `.to(dtype)`) does; NaN stays NaN. (MLX casts
     /// without the clamp; the two agree whenever the scale fits the dtype, which is always the case for values
     /// that came from that dtype.)
+    #[inline]
     pub fn round(self, x: f32) -> f32 {
         match self {
             ScaleDtype::F32 => clamp_finite(x, f32::MAX),
