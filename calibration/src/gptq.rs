@@ -4,15 +4,18 @@
 //!
 //! 1. The calibration sequences are embedded once. For each decoder layer `l`, in order:
 //!    * **observe**: layer `l`'s forward runs over the current hidden states with an observer that accumulates,
-//!      per input of a linear weight the target quantizes, `Σ x xᵀ` in f64 and the rows seen `n`; the solver gets
+//!      per input of a linear weight the target quantizes, `Σ x xᵀ` (f32 products of 1024-row chunks summed in f64,
+//!      `math::add_gram`) and the rows seen `n`; the solver gets
 //!      `H = 2/n Σ x xᵀ`. A routed expert's inputs are only the tokens routed to it, or every token with
 //!      [`Settings::all_experts`] (llm-compressor's `calibrate_all_experts`, [`Model::all_experts`]). Weights
 //!      that share an input share one accumulator: q/k/v (MLA: `q_a_proj`/`q_proj` and `kv_a_proj_with_mqa`),
 //!      one expert's gate/up, the router and the shared expert's gate/up (and, with `all_experts`, every routed
 //!      expert's gate/up: they all see the layer's normed hidden states);
 //!    * **solve**: every weight of layer `l` that `grids` names is solved with
-//!      [`sling_quantizers::gptq::solve`] on the *original* source weight, in parallel (rayon), and stored with
-//!      `Store::put`. Results are collected in a fixed order and each solve is independent, so the report and
+//!      [`sling_quantizers::gptq`] on the *original* source weight and stored with `Store::put`: each input's
+//!      Hessian is factorized once ([`gptq::factor`]) and the weights that read it solved with that factor
+//!      ([`Grid::gptq`], the column update from [`sling_kernels::gptq::update`]), the inputs and their weights in
+//!      one parallel (rayon) loop, widest inputs first. Results are collected in a fixed order and each solve is independent, so the report and
 //!      the store do not depend on the thread count. A routed expert with fewer than
 //!      [`Settings::min_expert_tokens`] routed tokens (without `all_experts`), and a weight whose input was never
 //!      observed, fall back to [`gptq::rtn`] and say why in the [`Report`];
@@ -849,7 +852,9 @@ pub fn run(
             }
             by_input.sort_by_key(|&(k, _)| (std::cmp::Reverse(inputs[k].cols), k));
             type Solved = Result<(SolvedWeight, SolvedEntry)>;
-            let groups: Vec<(usize, Result<()>, Vec<(usize, Solved)>)> = by_input
+            /// An input, whether its factorization succeeded, and its weights' results.
+            type Group = (usize, Result<()>, Vec<(usize, Solved)>);
+            let groups: Vec<Group> = by_input
                 .par_iter()
                 .map(|(k, ws)| {
                     let (tokens, why) = why_of(*k);

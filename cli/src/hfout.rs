@@ -399,10 +399,14 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
             "quantization method".into(),
             format!(
                 "{} ({}, {}sequential{}) on {} calibration tokens ({} x {}, `{}` sha256 {})",
-                r.method,
-                match r.awq {
-                    Some(a) => format!("grid {}, duo scaling {}", a.n_grid, a.duo_scaling),
-                    None => format!("damp {}, block {}, act-order {}", r.damp, r.block, r.act_order),
+                r.method.name(),
+                match r.method {
+                    manifest::MethodRecord::Awq { n_grid, duo_scaling } => {
+                        format!("grid {n_grid}, duo scaling {duo_scaling}")
+                    }
+                    manifest::MethodRecord::Gptq { damp, block, act_order } => {
+                        format!("damp {damp}, block {block}, act-order {act_order}")
+                    }
                 },
                 if r.sequential { "" } else { "not " },
                 if r.all_experts { ", all experts" } else { "" },
@@ -630,12 +634,13 @@ pub fn rederive(
                        tmp: &mut Option<std::path::PathBuf>|
          -> Result<Option<std::sync::Arc<sling_pipeline::solved::Store>>> {
             let Some(cal) = &rec.calibration else { return Ok(None) };
-            let data = data.with_context(|| {
-                format!(
+            let data =
+                data.with_context(|| {
+                    format!(
                     "made with --method {} on calibration data {} (sha256 {}): give it with --data FILE to re-derive",
-                    cal.method, cal.data.name, cal.data.sha256
+                    cal.method.name(), cal.data.name, cal.data.sha256
                 )
-            })?;
+                })?;
             let sha = crate::solve::file_sha256(data)?;
             if sha != cal.data.sha256 {
                 bail!(

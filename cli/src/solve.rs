@@ -183,7 +183,7 @@ pub fn run(
     backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
 ) -> Result<Solved> {
     use sling_calibration::gptq::{self, Progress, Settings};
-    use sling_provenance::manifest::{AwqRecord, CalibrationData, CalibrationFallback, CalibrationRecord};
+    use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord, MethodRecord};
     if method == Method::Awq && s.act_order {
         bail!("--act-order applies to --method gptq (AWQ rounds every weight to nearest after its scales)");
     }
@@ -319,10 +319,10 @@ pub fn run(
         rep.say(&format!("  … and {} more (all listed in the manifest)", fallbacks.len() - 20));
     }
     let record = CalibrationRecord {
-        method: method.name().to_string(),
-        damp: s.damp,
-        block: s.gptq_block_size as u64,
-        act_order: s.act_order,
+        method: match method {
+            Method::Awq => MethodRecord::Awq { n_grid: s.awq_grid as u64, duo_scaling: !s.no_duo_scaling },
+            _ => MethodRecord::Gptq { damp: s.damp, block: s.gptq_block_size as u64, act_order: s.act_order },
+        },
         sequential: !s.no_sequential,
         all_experts: s.all_experts,
         min_expert_tokens: s.min_expert_tokens,
@@ -336,7 +336,6 @@ pub fn run(
         },
         fallbacks,
         expert_tokens: report.expert_tokens(),
-        awq: (method == Method::Awq).then_some(AwqRecord { n_grid: s.awq_grid as u64, duo_scaling: !s.no_duo_scaling }),
     };
     Ok(Solved { store: std::sync::Arc::new(store), folds, dir, record, report })
 }
@@ -393,16 +392,20 @@ pub fn replay(
     label: &str,
     dir: &Path,
 ) -> Result<(std::sync::Arc<sling_pipeline::solved::Store>, Option<sling_calibration::awq::Folds>)> {
-    let awq = match (cal.method.as_str(), cal.awq) {
-        ("gptq", _) => None,
-        ("awq", Some(a)) => Some(awq_options(a.n_grid as usize, a.duo_scaling)?),
-        (m, _) => bail!("cannot re-derive --method {m} artifacts (no settings recorded)"),
+    use sling_provenance::manifest::MethodRecord;
+    let (awq, gptq) = match cal.method {
+        MethodRecord::Gptq { damp, block, act_order } => {
+            (None, sling_quantizers::gptq::Options { block: block as usize, damp, act_order })
+        }
+        MethodRecord::Awq { n_grid, duo_scaling } => {
+            (Some(awq_options(n_grid as usize, duo_scaling)?), sling_quantizers::gptq::Options::default())
+        }
     };
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
     let (text, ids) = if cal.data.token_ids { (None, Some(data)) } else { (Some(data), None) };
     let seqs = sequences(ck, text, ids, cal.data.ctx as usize, Some(cal.data.chunks as usize))?;
     let settings = sling_calibration::gptq::Settings {
-        gptq: sling_quantizers::gptq::Options { block: cal.block as usize, damp: cal.damp, act_order: cal.act_order },
+        gptq,
         min_expert_tokens: cal.min_expert_tokens,
         all_experts: cal.all_experts,
         sequential: cal.sequential,

@@ -154,13 +154,9 @@ pub struct TargetRecord {
 /// see which weights it could not calibrate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationRecord {
-    /// `gptq` or `awq`.
-    pub method: String,
-    /// GPTQ dampening (fraction of the Hessian's mean diagonal).
-    pub damp: f64,
-    /// GPTQ block width (columns).
-    pub block: u64,
-    pub act_order: bool,
+    /// The method and its own settings (`"method": "gptq"` or `"awq"` beside them in the JSON).
+    #[serde(flatten)]
+    pub method: MethodRecord,
     /// Each layer calibrated on the outputs of the already-quantized layers before it.
     pub sequential: bool,
     /// Every token through every routed expert for the statistics.
@@ -173,18 +169,36 @@ pub struct CalibrationRecord {
     pub fallbacks: Vec<CalibrationFallback>,
     /// Per MoE layer (`model.layers.N`), the calibration tokens the router sent to each expert.
     pub expert_tokens: std::collections::BTreeMap<String, Vec<u64>>,
-    /// AWQ's grid search (`--method awq` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub awq: Option<AwqRecord>,
 }
 
-/// AWQ's grid-search settings of a [`CalibrationRecord`] (llm-compressor's `AWQModifier` names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AwqRecord {
-    /// Grid points tried per mapping (`n_grid`).
-    pub n_grid: u64,
-    /// Scales divided by the weight magnitude too (`duo_scaling`).
-    pub duo_scaling: bool,
+/// The calibrated method of a [`CalibrationRecord`] and the settings only it has.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum MethodRecord {
+    Gptq {
+        /// Dampening (fraction of the Hessian's mean diagonal).
+        damp: f64,
+        /// Block width (columns).
+        block: u64,
+        act_order: bool,
+    },
+    /// AWQ's grid search (llm-compressor's `AWQModifier` names).
+    Awq {
+        /// Grid points tried per mapping (`n_grid`).
+        n_grid: u64,
+        /// Scales divided by the weight magnitude too (`duo_scaling`).
+        duo_scaling: bool,
+    },
+}
+
+impl MethodRecord {
+    /// `gptq` or `awq`, as `--method` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodRecord::Gptq { .. } => "gptq",
+            MethodRecord::Awq { .. } => "awq",
+        }
+    }
 }
 
 /// The calibration data of a [`CalibrationRecord`].

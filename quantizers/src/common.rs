@@ -45,6 +45,13 @@ pub fn ggml_fp32_to_fp16(x: f32) -> u16 {
     }
 }
 
+/// `SLING_NO_SIMD=1` (any value but `0`) keeps every kernel with a SIMD build on its scalar build (for comparisons
+/// and benchmarks); read once.
+pub fn simd_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,11 +74,4 @@ pub fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
         return None;
     }
     v.iter().copied().enumerate().find(|(_, x)| !x.is_finite())
-}
-
-/// `SLING_NO_SIMD=1` (any value but `0`) keeps every kernel with a SIMD build on its scalar build (for comparisons
-/// and benchmarks); read once.
-pub fn simd_disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("SLING_NO_SIMD").is_some_and(|v| v != "0"))
 }

@@ -5,11 +5,12 @@ measures it.
 Runs in llm-compressor's own venv (scripts/setup-reference.sh makes $SLING_LAB/venv-llmc):
     $LAB/venv-llmc/bin/python scripts/bench/gptq_ref.py SRC OUT --tokens TOKENS.json
         [--scheme W4A16] [--actorder weight|none] [--damp 0.01] [--block 128] [--no-all-experts] [--method awq]
+        [--dtype bfloat16|float32]
 
 TOKENS.json: {"ctx": L, "chunks": [[ids...] x L] x N} -- the calibration samples, already tokenized, so that
 llm-compressor and sling see identical tokens (gptq.py writes it from tests/interop/data/calib.txt).
 
-What runs: AutoModelForCausalLM.from_pretrained(SRC, dtype=bfloat16) on the CPU, a datasets.Dataset with
+What runs: AutoModelForCausalLM.from_pretrained(SRC, dtype=bfloat16 or --dtype float32) on the CPU, a datasets.Dataset with
 `input_ids` / `attention_mask` columns (llm-compressor uses a dataset that already has input_ids as is),
 GPTQModifier(targets="Linear", scheme=SCHEME, ignore=[lm_head, re:.*mlp.gate$], actorder, dampening_frac,
 block_size) applied by oneshot(model, dataset, recipe, max_seq_length=L, num_calibration_samples=N,
@@ -43,6 +44,8 @@ def main():
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false")
     ap.add_argument("--method", default="gptq", choices=("gptq", "awq"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the dtype the model is loaded and calibrated in (default bfloat16)")
     a = ap.parse_args()
     phases = {}
     t = time.perf_counter()
@@ -59,7 +62,7 @@ def main():
     ds = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * ctx for _ in chunks]})
 
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(a.src, dtype=getattr(torch, a.dtype))
     tok = AutoTokenizer.from_pretrained(a.src)
     phases["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
