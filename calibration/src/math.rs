@@ -274,6 +274,45 @@ mod tests {
         }
     }
 
+    /// A row's bits depend on its input row only: not on how many rows share the call, where the row sits among
+    /// them, or the thread count (what `Model::all_experts` and the `-t 1`/`-t 2` contracts rely on).
+    #[test]
+    fn linear_rows_do_not_depend_on_the_batch() {
+        let (x, w) = (pseudo(200, 300, 7), pseudo(520, 300, 8));
+        let full = linear(x.view(), w.view(), None);
+        for rows in [vec![0usize], vec![199, 3, 64, 65], (37..150).collect::<Vec<_>>(), (0..200).rev().collect()] {
+            let xs = x.select(Axis(0), &rows);
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let part = one.install(|| linear(xs.view(), w.view(), None));
+            for (k, &r) in rows.iter().enumerate() {
+                let same = part.row(k).iter().zip(full.row(r)).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "row {r} (at {k} of {})", rows.len());
+            }
+        }
+    }
+
+    #[test]
+    fn add_gram_is_the_symmetric_sum_of_products() {
+        for (n, c) in [(1usize, 1usize), (5, 3), (1100, 40), (300, 520)] {
+            let x = pseudo(n, c, 9);
+            let xs = x.as_slice().unwrap();
+            let mut sum = vec![0.5f64; c * c];
+            add_gram(&mut sum, xs, n, c);
+            for i in 0..c {
+                for j in 0..c {
+                    let want = 0.5 + (0..n).map(|r| f64::from(xs[r * c + i]) * f64::from(xs[r * c + j])).sum::<f64>();
+                    let got = sum[i * c + j];
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{n}x{c} [{i},{j}]: {got} vs {want}");
+                    assert_eq!(got.to_bits(), sum[j * c + i].to_bits(), "symmetric");
+                }
+            }
+        }
+        // wrong lengths add nothing
+        let mut sum = vec![0f64; 4];
+        add_gram(&mut sum, &[1.0; 3], 2, 2);
+        assert_eq!(sum, vec![0.0; 4]);
+    }
+
     #[test]
     fn rms_norm_unit_rows() {
         let mut x = vec![3.0, 4.0, 0.0, 0.0];
