@@ -843,13 +843,11 @@ pub fn run(
             // weights, all in one parallel loop over the inputs (widest first, so that the longest factorizations
             // start first and the solves of the others fill the threads around them). Every solve is independent
             // of the others and of the thread count; errors are reported in input order, then weight order.
-            let mut by_input: Vec<(usize, Vec<usize>)> = Vec::new();
+            let mut by_input: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
             for &i in &chosen {
-                match by_input.iter_mut().find(|(k, _)| *k == weights[i].input) {
-                    Some((_, ws)) => ws.push(i),
-                    None => by_input.push((weights[i].input, vec![i])),
-                }
+                by_input.entry(weights[i].input).or_default().push(i);
             }
+            let mut by_input: Vec<(usize, Vec<usize>)> = by_input.into_iter().collect();
             by_input.sort_by_key(|&(k, _)| (std::cmp::Reverse(inputs[k].cols), k));
             type Solved = Result<(SolvedWeight, SolvedEntry)>;
             /// An input, whether its factorization succeeded, and its weights' results.
@@ -877,18 +875,16 @@ pub fn run(
                 .collect();
             drop(hess);
             drop(accs);
-            let mut results: HashMap<usize, Solved> = HashMap::new();
             let mut groups = groups;
             groups.sort_by_key(|g| g.0);
+            let mut results: Vec<(usize, Solved)> = Vec::with_capacity(chosen.len());
             for (_, factored, solved) in groups {
                 factored?;
                 results.extend(solved);
             }
-            let results: Vec<Solved> = chosen
-                .iter()
-                .map(|i| results.remove(i).unwrap_or_else(|| Err(Error::Empty("a weight was not solved"))))
-                .collect();
-            for (&i, r) in chosen.iter().zip(results) {
+            // `chosen` is ascending: sorted by weight, the results are in its order
+            results.sort_by_key(|r| r.0);
+            for (i, r) in results {
                 let (sw, entry) = r?;
                 progress(Progress::Solved { weight: &sw });
                 insert(&mut overlay, &weights[i].name, entry);
@@ -959,7 +955,8 @@ pub fn run(
             } else {
                 let mut h = vec![0f64; cols * cols];
                 for hid in &hs {
-                    let x = model.final_norm(hid)?.as_standard_layout().into_owned();
+                    let normed = model.final_norm(hid)?;
+                    let x = normed.as_standard_layout();
                     let xs = x.as_slice().ok_or_else(|| Error::Solve { tensor: name.into(), why: "layout".into() })?;
                     crate::math::add_gram(&mut h, xs, x.nrows(), cols);
                 }

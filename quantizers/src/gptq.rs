@@ -423,28 +423,21 @@ const ROWS_AT_ONCE: usize = 4;
 #[inline(always)]
 fn column_loop<G: Grid + ?Sized>(grid: &G, b: Block<'_>, update: Update) -> f64 {
     let Block { cols, i1, bw, hb, params, ng, gidx, wk, errs, codes, dequant } = b;
+    const R: usize = ROWS_AT_ONCE;
     let mut loss = 0f64;
-    let rows = wk.len() / cols;
-    let (mut wk, mut errs, mut codes, mut dequant) = (wk, errs, codes, dequant);
-    let mut r0 = 0;
-    while r0 < rows {
-        let n = ROWS_AT_ONCE.min(rows - r0);
-        let (w_now, w_rest) = std::mem::take(&mut wk).split_at_mut(n * cols);
-        let (e_now, e_rest) = std::mem::take(&mut errs).split_at_mut(n * bw);
-        let (c_now, c_rest) = std::mem::take(&mut codes).split_at_mut(n * cols);
-        let (d_now, d_rest) = std::mem::take(&mut dequant).split_at_mut(n * cols);
-        (wk, errs, codes, dequant) = (w_rest, e_rest, c_rest, d_rest);
+    let groups = wk.chunks_mut(R * cols).zip(errs.chunks_mut(R * bw)).zip(codes.chunks_mut(R * cols));
+    for (g, (((w_now, e_now), c_now), d_now)) in groups.zip(dequant.chunks_mut(R * cols)).enumerate() {
         let mut segs: Vec<&mut [f32]> = w_now.chunks_exact_mut(cols).map(|row| &mut row[i1..i1 + bw]).collect();
         let mut es: Vec<&mut [f32]> = e_now.chunks_exact_mut(bw).collect();
         let mut cs: Vec<&mut [u8]> = c_now.chunks_exact_mut(cols).map(|row| &mut row[i1..i1 + bw]).collect();
         let mut ds: Vec<&mut [f32]> = d_now.chunks_exact_mut(cols).map(|row| &mut row[i1..i1 + bw]).collect();
-        let prows: Vec<&[GroupParams]> = (r0..r0 + n).map(|r| &params[r * ng..(r + 1) * ng]).collect();
-        let mut row_loss = [0f64; ROWS_AT_ONCE];
+        let prows: Vec<&[GroupParams]> = params[g * R * ng..].chunks_exact(ng).take(segs.len()).collect();
+        let mut row_loss = [0f64; R];
         for k in 0..bw {
             let p = gidx[i1 + k];
             let hkk = hb[k * bw + k];
             let hrow = &hb[k * bw + k + 1..(k + 1) * bw];
-            for j in 0..n {
+            for j in 0..segs.len() {
                 let x = segs[j][k];
                 let (c, q) = grid.quantize(x, &prows[j][p]);
                 cs[j][k] = c;
@@ -458,10 +451,9 @@ fn column_loop<G: Grid + ?Sized>(grid: &G, b: Block<'_>, update: Update) -> f64 
                 update(&mut segs[j][k + 1..], e, hrow);
             }
         }
-        for l in &row_loss[..n] {
+        for l in &row_loss[..segs.len()] {
             loss += l;
         }
-        r0 += n;
     }
     loss
 }
