@@ -41,7 +41,7 @@ pub trait Grid: Sync + Send {
             dequant.push(d);
         }
     }
-    /// [`solve_factored_with`] on this grid. Provided for the same reason as [`Grid::quantize_group`]: GPTQ's
+    /// [`solve_factored`] on this grid. Provided for the same reason as [`Grid::quantize_group`]: GPTQ's
     /// column loop calls `quantize` once per element, so a `dyn Grid` caller should come through here.
     fn gptq(
         &self,
@@ -52,7 +52,7 @@ pub trait Grid: Sync + Send {
         o: &Options,
         update: Update,
     ) -> Result<Solution, GptqError> {
-        solve_factored_with(w, rows, cols, f, self, o, update)
+        solve_factored(w, rows, cols, f, self, o, update)
     }
 }
 
@@ -269,25 +269,13 @@ pub fn solve<G: Grid + ?Sized>(
         return Err(GptqError::WeightLen { rows, cols, len: w.len() });
     }
     let f = factor(h, cols, o)?;
-    solve_factored(w, rows, cols, &f, grid, o)
+    solve_factored(w, rows, cols, &f, grid, o, sub_scaled)
 }
 
 /// GPTQ of `w` (`rows × cols`, row-major) with a [`Factor`] of its input's Hessian: steps 1, 4 and 5 of
-/// llm-compressor's `quantize_weight`.
+/// llm-compressor's `quantize_weight`, with the column update `update` (the same bits whichever [`Update`]:
+/// [`sub_scaled`] or its SIMD twin).
 pub fn solve_factored<G: Grid + ?Sized>(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    f: &Factor,
-    grid: &G,
-    o: &Options,
-) -> Result<Solution, GptqError> {
-    solve_factored_with(w, rows, cols, f, grid, o, sub_scaled)
-}
-
-/// [`solve_factored`] with the column update `update` (the same bits whichever [`Update`]: [`sub_scaled`] or its
-/// SIMD twin).
-pub fn solve_factored_with<G: Grid + ?Sized>(
     w: &[f32],
     rows: usize,
     cols: usize,
