@@ -23,10 +23,10 @@ llama-quantize then gives them uniform importance weights) and those under 10% o
 true routing): every expert gets statistics from all tokens and a count equal to the number of tokens; this is not \
 what llama-imatrix computes, and costs about n_experts/top_k times the routed experts' work.\n\n\
 Progress: a bar with chunks, tokens/s and ETA when stderr is a terminal, a line per batch (and every 30 s) \
-otherwise; -q for none.\n\nExamples:\n  \
-sling calibrate ./Qwen3-30B-A3B --data calib.txt -o imatrix.gguf\n  \
-sling calibrate ./Qwen3-30B-A3B --data calib.txt --all-experts -o imatrix-all.gguf\n  \
-sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt --ctx 64 --chunks 8 -o /tmp/im.gguf --json";
+otherwise; -q for none.\n\nExamples (they run as written from the repository root, on its fixtures):\n  \
+sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt -o imatrix.gguf\n  \
+sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt --all-experts -o imatrix-all.gguf\n  \
+sling calibrate fixtures/models/deepseekv3 --data tests/interop/data/calib.txt --ctx 64 --chunks 8 -o im.gguf --json";
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -14,10 +14,11 @@ use sling_formats::gguf::SplitPolicy;
 use sling_provenance::manifest::Tool;
 use sling_target_gguf::convert::{convert, ConvertError, ConvertOptions, ConvertReport, Event, OutType};
 
-pub const AFTER_HELP: &str = "Examples:
-  sling convert ./Qwen3-30B-A3B --to gguf -o qwen3-30b-a3b-bf16.gguf
-  sling convert ./DeepSeek-V3 --to gguf --type q8_0 --split-max-size 50G -o ds-v3-q8_0.gguf
-  sling convert ./Mixtral-8x7B --to gguf --type f16 --json -o mixtral-f16.gguf
+pub const AFTER_HELP: &str = "Examples (they run as written from the repository root, on its fixtures; with a real \
+checkpoint give its directory, e.g. ./DeepSeek-V3, and drop --tokenizer-pre, which the fixtures' tiny tokenizer needs):
+  sling convert fixtures/models/qwen3moe --to gguf --tokenizer-pre gpt-2 -o qwen3-bf16.gguf
+  sling convert fixtures/models/deepseekv3 --to gguf --type q8_0 --split-max-size 100K --tokenizer-pre gpt-2 -o ds-v3-q8_0.gguf
+  sling convert fixtures/models/mixtral --to gguf --type f16 --tokenizer-pre gpt-2 --json -o mixtral-f16.gguf
 
 Types: f32, f16, bf16 (default), q8_0 — the same as convert_hf_to_gguf.py --outtype, with the same bytes. \
 Norms, biases and routers stay f32; for q8_0, rows whose length is not a multiple of 32 fall back to f16, as the \

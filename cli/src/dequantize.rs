@@ -13,8 +13,8 @@ use sling_targets::read::Artifact;
 
 pub const AFTER_HELP: &str = "Every tensor of the artifact as F32, in the source checkpoint's names (per-expert \
 2-D tensors also for MLX's stacked experts), each dequantized by sling's definition of its encoding.\n\n\
-Examples:\n  sling quantize fixtures/models/qwen3moe --to vllm:fp8-dynamic -o /tmp/q3-fp8\n  \
-sling dequantize /tmp/q3-fp8 -o /tmp/q3-fp8-f32.safetensors";
+Examples:\n  sling quantize fixtures/models/qwen3moe --to vllm:fp8-dynamic -o q3-fp8\n  \
+sling dequantize q3-fp8 -o q3-fp8-f32.safetensors";
 
 #[derive(clap::Args)]
 pub struct Args {

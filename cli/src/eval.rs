@@ -49,10 +49,12 @@ converter's own plan. Split GGUF files are read from any shard.
 
 Exit codes: 0 done (and, with --max-kld, passed); 1 the mean KLD is above --max-kld; 2 usage or input error.
 
-Examples:
-  sling eval --ref ./Qwen3-30B-A3B qwen3-q4_k_m.gguf --data wiki.test.txt
-  sling eval --ref ./Qwen3-30B-A3B qwen3-iq4_xs.gguf --data calib.txt --ctx 512 --chunks 32 --max-kld 0.05 --json
-  sling eval --ref fixtures/models/qwen3moe /tmp/qwen3moe-q4_k_m.gguf --data tests/interop/data/calib.txt --ctx 64";
+Examples (they run as written from the repository root, on its fixtures):
+  sling quantize fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2 -o qwen3-q4_k_m.gguf
+  sling eval --ref fixtures/models/qwen3moe qwen3-q4_k_m.gguf --data tests/interop/data/eval.txt
+  sling eval --ref fixtures/models/qwen3moe qwen3-q4_k_m.gguf --data tests/interop/data/calib.txt --ctx 64 --chunks 32 --max-kld 0.05 --json
+  sling quantize fixtures/models/qwen3moe --to mlx:4 -o qwen3-mlx-4bit
+  sling eval --ref fixtures/models/qwen3moe qwen3-mlx-4bit --data tests/interop/data/eval.txt --ctx 256   # a vllm or mlx directory";
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -12,7 +12,7 @@ pub const AFTER_HELP: &str =
     "Runs the CPU forward pass of the calibration engine (f32, layer by layer) and writes the logits \
 of every position: a .npy file (float32, shape [tokens, vocab]; several --ids sequences are stacked one after the \
 other) or a raw little-endian .f32 file. Without --out, prints the top token of every position.\n\nExamples:\n  \
-sling logits fixtures/models/qwen3moe --ids 342,223,83,87 --out /tmp/l.npy\n  \
+sling logits fixtures/models/qwen3moe --ids 342,223,83,87 --out l.npy\n  \
 sling logits fixtures/models/deepseekv3 --ids 1,2,3 --ids 4,5";
 
 #[derive(clap::Args)]

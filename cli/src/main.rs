@@ -34,7 +34,8 @@ pub const EXIT_INPUT: u8 = 2;
     about = "Convert and quantize open-weight Mixture-of-Experts checkpoints into verified artifacts",
     long_about = "sling reads Hugging Face safetensors checkpoints lazily (headers first, tensor bytes through mmap \
 on demand) and writes artifacts for llama.cpp/ollama (GGUF), in bounded memory and in parallel.",
-    after_help = "Examples:\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 -o /tmp/qwen3moe-q8_0.gguf\n  sling verify /tmp/qwen3moe-q8_0.gguf\n  sling eval --ref fixtures/models/qwen3moe /tmp/qwen3moe-q8_0.gguf --data tests/interop/data/calib.txt --ctx 64\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure or failed quality gate (eval --max-kld), 3 internal error."
+    after_help = "Examples (they run as written from the repository root, on its fixtures; a real checkpoint's tokenizer \
+needs no --tokenizer-pre):\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 --tokenizer-pre gpt-2 -o qwen3moe-q8_0.gguf\n  sling verify qwen3moe-q8_0.gguf\n  sling eval --ref fixtures/models/qwen3moe qwen3moe-q8_0.gguf --data tests/interop/data/calib.txt --ctx 64\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure or failed quality gate (eval --max-kld), 3 internal error."
 )]
 struct Cli {
     /// Worker threads (default: all cores).
@@ -54,7 +55,9 @@ struct Cli {
 enum Cmd {
     /// Describe a checkpoint (HF directory, .safetensors or .gguf): architecture, experts,
     /// parameter counts, bytes per tensor group, and output sizes at common targets.
-    #[command(after_help = "Examples:\n  sling inspect ./DeepSeek-V3\n  sling inspect model.gguf --json | jq .params")]
+    #[command(
+        after_help = "Examples (they run as written from the repository root, on its fixtures):\n  sling inspect fixtures/models/deepseekv3\n  sling convert fixtures/models/qwen3moe --to gguf --tokenizer-pre gpt-2 -o model.gguf\n  sling inspect model.gguf --json | jq .params"
+    )]
     Inspect(inspect::Args),
     /// Convert an HF checkpoint to another format (GGUF for llama.cpp/ollama).
     #[command(after_help = convert::AFTER_HELP)]
@@ -64,7 +67,7 @@ enum Cmd {
     Quantize(quantize::Args),
     /// Print what `quantize` would do: per-tensor types, sizes, bits per weight. Writes nothing.
     #[command(
-        after_help = "Examples:\n  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M\n  sling plan ./Mixtral-8x7B --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --json | jq .bpw"
+        after_help = "Examples (they run as written from the repository root, on its fixtures):\n  sling plan fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2\n  sling plan fixtures/models/mixtral --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --tokenizer-pre gpt-2 --json | jq .bpw\n  sling plan fixtures/models/qwen3moe --to mlx:4 --data tests/interop/data/calib.txt   # which experts the data reaches"
     )]
     Plan(quantize::QuantArgs),
     /// Check an artifact against its provenance manifest (OUT.sling.json, written by convert):

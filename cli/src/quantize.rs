@@ -17,28 +17,29 @@ use crate::auto::AutoPlan;
 use crate::convert::{split_policy, tool, written_list, PipelineArgs, Reporter};
 use serde_json::json;
 
-pub const AFTER_HELP: &str = "Examples:
-  sling quantize ./Qwen3-30B-A3B --to gguf:Q4_K_M -o qwen3-30b-a3b-Q4_K_M.gguf
-  sling quantize ./Mixtral-8x7B --to gguf:IQ4_XS --imatrix imatrix.gguf -o mixtral-IQ4_XS.gguf
-  sling quantize ./DeepSeek-V3 --to gguf:moe-q2 --split-max-size 50G -o ds-v3-moe-q2.gguf
-  sling plan ./DeepSeek-V3 --to gguf:moe-iq1     (size and bpw before anything runs)
-  sling quantize ./DeepSeek-V3 --to gguf:moe-iq1 --imatrix imatrix.gguf -o ds-v3-moe-iq1.gguf
-  sling quantize ./Qwen3-30B-A3B --to gguf:IQ2_M --imatrix imatrix.gguf -o qwen3-IQ2_M.gguf
-  sling quantize ./DeepSeek-V3 --to gguf:Q4_K_M --tensor-type 'ffn_.*_exps=q3_K' -o ds-v3.gguf
-  sling quantize ./gpt-oss-20b --to gguf:MXFP4_MOE -o gpt-oss-20b-mxfp4.gguf
-  sling quantize ./Qwen3-30B-A3B --recipe my-recipe.toml -o qwen3-custom.gguf
-  sling plan ./Qwen3-30B-A3B --to gguf:Q4_K_M     (per-tensor table, nothing written)
-  sling plan ./DeepSeek-V3 --to gguf:auto --target-size 180G --imatrix imatrix.gguf --data calib.txt
-  sling quantize ./Qwen3-30B-A3B --to gguf:auto --target-bpw 2.5 --imatrix imatrix.gguf --data calib.txt -o q.gguf
-  sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 -o qwen3-30b-a3b-w4a16     (compressed-tensors, for vLLM/SGLang)
-  sling quantize ./DeepSeek-V3 --to vllm:fp8-block -o ds-v3-fp8-block      (FP8 sources: codes and scales copied)
-  sling quantize ./Qwen3-30B-A3B --to mlx:4 --group-size 64 -o qwen3-30b-a3b-mlx-4bit   (for mlx-lm)
-  sling quantize ./Qwen3-30B-A3B --to mlx:auto --target-size 16G --imatrix imatrix.gguf --data calib.txt -o q-mlx
-  sling quantize ./Qwen3-30B-A3B --to mlx:4 --recipe q-mlx.recipe.toml -o q-mlx-again   (per-weight bits, docs/mlx.md)
-  sling plan ./DeepSeek-V3 --to vllm:nvfp4 --json  (what is quantized, what is kept at source precision)
-  sling quantize ./Qwen3-30B-A3B --to vllm:w4a16 --data calib.txt -o qwen3-w4a16-gptq   (GPTQ per layer and expert)
-  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --data tests/interop/data/calib.txt --ctx 64 -o /tmp/q-gptq
-  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --method awq --data tests/interop/data/calib.txt --ctx 64 -o /tmp/q-awq
+pub const AFTER_HELP: &str = "Examples (they run as written from the repository root, on its fixtures; with a real \
+checkpoint give its directory, e.g. ./Qwen3-30B-A3B, and drop --tokenizer-pre):
+  sling quantize fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2 -o qwen3-Q4_K_M.gguf
+  sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt -o imatrix.gguf   # an imatrix
+  sling quantize fixtures/models/qwen3moe --to gguf:IQ4_XS --imatrix imatrix.gguf --tokenizer-pre gpt-2 -o qwen3-IQ4_XS.gguf
+  sling quantize fixtures/models/deepseekv3 --to gguf:moe-q2 --split-max-size 100K --tokenizer-pre gpt-2 -o ds-v3-moe-q2.gguf
+  sling plan fixtures/models/deepseekv3 --to gguf:moe-iq1 --tokenizer-pre gpt-2   # size and bpw before anything runs
+  sling quantize fixtures/models/qwen3moe --to gguf:moe-iq1 --imatrix imatrix.gguf --tokenizer-pre gpt-2 -o qwen3-moe-iq1.gguf
+  sling quantize fixtures/models/qwen3moe --to gguf:IQ2_M --imatrix imatrix.gguf --tokenizer-pre gpt-2 -o qwen3-IQ2_M.gguf
+  sling quantize fixtures/models/deepseekv3 --to gguf:Q4_K_M --tensor-type 'ffn_.*_exps=q3_K' --tokenizer-pre gpt-2 -o ds-v3.gguf
+  sling quantize fixtures/models/gptoss-mxfp4 --to gguf:MXFP4_MOE --tokenizer-pre gpt-2 -o gpt-oss-mxfp4.gguf
+  sling plan fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2   # per-tensor table, nothing written
+  sling plan fixtures/models/qwen3moe --to gguf:auto --target-bpw 5 --imatrix imatrix.gguf --data tests/interop/data/calib.txt --tokenizer-pre gpt-2
+  sling quantize fixtures/models/qwen3moe --to gguf:auto --target-bpw 5 --imatrix imatrix.gguf --data tests/interop/data/calib.txt --tokenizer-pre gpt-2 -o q.gguf
+  sling quantize fixtures/models/qwen3moe --recipe q.gguf.recipe.toml --tokenizer-pre gpt-2 -o q-again.gguf   # the recipe it wrote
+  sling quantize fixtures/models/qwen3moe --to vllm:w4a16 -o qwen3-w4a16   # compressed-tensors, for vLLM/SGLang
+  sling quantize fixtures/models/deepseekv3-fp8 --to vllm:fp8-block -o ds-v3-fp8-block   # FP8 sources: codes and scales copied
+  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 64 -o qwen3-mlx-4bit   # for mlx-lm
+  sling quantize fixtures/models/qwen3moe --to mlx:auto --target-bpw 4.5 --imatrix imatrix.gguf --data tests/interop/data/calib.txt -o q-mlx
+  sling quantize fixtures/models/qwen3moe --to mlx:4 --recipe q-mlx.recipe.toml -o q-mlx-again   # per-weight bits, docs/mlx.md
+  sling plan fixtures/models/deepseekv3 --to vllm:nvfp4 --json   # what is quantized, what is kept at source precision
+  sling quantize fixtures/models/qwen3moe --to vllm:w4a16 --data tests/interop/data/calib.txt -o qwen3-w4a16-gptq   # GPTQ per layer and expert
+  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --method awq --data tests/interop/data/calib.txt --ctx 64 -o q-awq
 
 vllm:w4a16, w4a16-asym, w8a16 and mlx:BITS take calibration data (--data) for GPTQ: per linear layer and routed \
 expert, layer by layer, experts with fewer than --min-expert-tokens routed tokens rounded to nearest and reported \

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use sling_provenance::signing::{sign, DEFAULT_SIGNATURE};
 
-pub const AFTER_HELP: &str = "Examples:
+pub const AFTER_HELP: &str = "Examples (they run as written from the repository root, on its fixtures):
   openssl ecparam -name prime256v1 -genkey -noout -out key.pem
   openssl ec -in key.pem -pubout -out pub.pem
-  sling sign out/ --key key.pem                          # writes ./model.sig, like model_signing
+  sling quantize fixtures/models/qwen3moe --to mlx:4 -o out
+  sling sign out/ --key key.pem                          # writes model.sig here, like model_signing
   sling sign out/ --key key.pem --signature out.sig --json
-  sling sign qwen3-30b-a3b-q8_0.gguf --key key.pem --signature qwen3-30b-a3b-q8_0.sig
+  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 --tokenizer-pre gpt-2 -o qwen3-q8_0.gguf
+  sling sign qwen3-q8_0.gguf --key key.pem --signature qwen3-q8_0.sig
 
 Check it with `sling verify --signature model.sig --public-key pub.pem out/`, or with model_signing (PyPI \
 model-signing 1.x): `model_signing verify key out/ --signature model.sig --public_key pub.pem`. \

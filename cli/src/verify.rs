@@ -15,15 +15,21 @@ pub const EXIT_MISMATCH: u8 = 1;
 /// Exit code: the check could not be made.
 pub const EXIT_CANNOT_CHECK: u8 = 2;
 
-pub const AFTER_HELP: &str = "Examples:
+pub const AFTER_HELP: &str = "Examples (they run as written from the repository root, on its fixtures):
+  sling convert fixtures/models/deepseekv3 --to gguf --type q8_0 --split-max-size 100K --tokenizer-pre gpt-2 -o ds-v3-q8_0.gguf
   sling verify ds-v3-q8_0.gguf                      # uses ds-v3-q8_0.sling.json beside it
-  sling verify ds-v3-q8_0-00001-of-00004.gguf       # any shard: checks the whole set
-  sling verify ds-v3-q8_0.sling.json --source ./DeepSeek-V3 --json
-  sling verify ds-v3-q8_0.gguf --source ./DeepSeek-V3 --full    # re-derive every tensor
-  sling verify q4.gguf --source ./Qwen3-30B-A3B --imatrix imatrix.gguf   # made with an imatrix
+  sling verify ds-v3-q8_0-00002-of-00003.gguf       # any shard: checks the whole set
+  sling verify ds-v3-q8_0.sling.json --source fixtures/models/deepseekv3 --json
+  sling verify ds-v3-q8_0.gguf --source fixtures/models/deepseekv3 --full   # re-derive every tensor
+  sling calibrate fixtures/models/qwen3moe --data tests/interop/data/calib.txt -o imatrix.gguf
+  sling quantize fixtures/models/qwen3moe --to gguf:IQ4_XS --imatrix imatrix.gguf --tokenizer-pre gpt-2 -o q4.gguf
+  sling verify q4.gguf --source fixtures/models/qwen3moe --imatrix imatrix.gguf   # made with an imatrix
+  sling quantize fixtures/models/qwen3moe --to vllm:w4a16 -o qwen3-w4a16
   sling verify qwen3-w4a16/                         # a vllm/mlx directory: its sling.json
-  sling verify qwen3-w4a16/ --source ./Qwen3-30B-A3B  # ... and re-derive a sample of weights
-  sling verify --signature model.sig --public-key pub.pem out/   # a model_signing signature
+  sling verify qwen3-w4a16/ --source fixtures/models/qwen3moe   # ... and re-derive a sample of weights
+  openssl ecparam -name prime256v1 -genkey -noout -out key.pem && openssl ec -in key.pem -pubout -out pub.pem
+  sling sign qwen3-w4a16/ --key key.pem --signature model.sig
+  sling verify --signature model.sig --public-key pub.pem qwen3-w4a16/   # a model_signing signature
 
 Checks every output file (size, sha256), every tensor (type, shape, offset, sha256 of its bytes), that no file of \
 the set is missing or extra, and that the manifest itself was not edited (manifest_sha256). Schema: \
@@ -122,7 +128,18 @@ fn find_manifest(artifact: &Path) -> Result<PathBuf, String> {
     let stem = artifact.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut candidates = vec![artifact.with_file_name(format!("{stem}{MANIFEST_SUFFIX}"))];
     if let Some(base) = strip_shard_suffix(&stem) {
-        candidates.push(artifact.with_file_name(format!("{base}{MANIFEST_SUFFIX}")));
+        // A shard name finds the set's manifest only when that shard is there: for a mistyped
+        // `m-00001-of-00004.gguf`, reporting the set of `m.sling.json` verified would answer another question.
+        // (The `-o` name of a split set, `m.gguf`, is never written and finds `m.sling.json` directly.)
+        let set = artifact.with_file_name(format!("{base}{MANIFEST_SUFFIX}"));
+        if !artifact.exists() && set.is_file() {
+            return Err(format!(
+                "{}: no such file (the set {} describes lists its shards)",
+                artifact.display(),
+                set.display()
+            ));
+        }
+        candidates.push(set);
     }
     if let Some(found) = candidates.iter().find(|c| c.is_file()) {
         return Ok(found.clone());

@@ -253,6 +253,10 @@ fn split_outputs_missing_and_extra_shards() {
     for a in [shard(1), shard(3), out.clone(), mp.clone()] {
         assert_verified(&verify(&a, &[]));
     }
+    // A shard name that is not there (a typo in the count) is not the set.
+    let o = verify(&t.path().join("m-00001-of-00004.gguf"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("m-00001-of-00004.gguf: no such file"), "{}", stderr(&o));
 
     // An extra file of the set.
     fs::copy(shard(3), t.path().join("m-00004-of-00003.gguf")).unwrap();
