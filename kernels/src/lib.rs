@@ -57,8 +57,8 @@ pub fn cpu_path() -> &'static str {
     "scalar"
 }
 
-/// `quantize_row_q8_0_ref`, vectorised for the best instruction set present; same bits as
-/// [`sling_quantizers::encode::quantize_row_q8_0`].
+/// gguf-py's Q8_0 (ggml's `quantize_row_q8_0_ref` but for NaN), vectorised for the best instruction set
+/// present; same bits as [`sling_quantizers::encode::quantize_row_q8_0`]. [`quantize_rows`] gives ggml's.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && !disabled() {
@@ -170,7 +170,15 @@ pub fn quantize_rows(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     match dtype {
-        DType::Q8_0 | DType::F32 | DType::F16 | DType::BF16 => encode_f32(dtype, x, n_per_row, out),
+        DType::Q8_0 if n_per_row % 32 == 0 && x.len() % n_per_row == 0 => {
+            // ggml's bytes: the gguf-py encoding (the fast kernel), then its blocks holding a NaN the C way.
+            let start = out.len();
+            quantize_row_q8_0(x, out);
+            q_encode::q8_0_ggml_nan_blocks(x, &mut out[start..]);
+            Ok(())
+        }
+        DType::Q8_0 => sling_quantizers::quantize_rows(dtype, x, n_per_row, imatrix, out),
+        DType::F32 | DType::F16 | DType::BF16 => encode_f32(dtype, x, n_per_row, out),
         #[cfg(target_arch = "x86_64")]
         _ if dtype.is_quantized() && std::is_x86_feature_detected!("avx2") && !disabled() => {
             // Validate (and size the output) through the scalar entry point's checks, then fill it here.

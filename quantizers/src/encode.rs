@@ -50,7 +50,8 @@ pub fn roundf_i32(x: f32) -> i32 {
     i + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
 
-/// `quantize_row_q8_0_ref` (ggml-quants.c), identical to gguf-py `Q8_0.quantize_blocks`.
+/// gguf-py's `Q8_0.quantize_blocks` (`convert_hf_to_gguf.py --outtype q8_0`), which is ggml's
+/// `quantize_row_q8_0_ref` except in a block holding a NaN ([`quantize_row_q8_0_ggml`]).
 /// The scalar reference; `sling-kernels` compiles the same body for wider vector units.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
     quantize_row_q8_0_body(x, out)
@@ -82,6 +83,42 @@ pub fn quantize_row_q8_0_body(x: &[f32], out: &mut Vec<u8>) {
             q[i] = roundf_i32(block[i] * id) as i8 as u8;
         }
         dst[2..].copy_from_slice(&q);
+    }
+}
+
+/// `quantize_row_q8_0_ref` (ggml-quants.c) as the pinned llama.cpp compiles it: the bytes `ggml_quantize_chunk`,
+/// hence llama-quantize, writes. It differs from gguf-py's [`quantize_row_q8_0`] (the converter's `--outtype q8_0`)
+/// only in a block holding a NaN: numpy's `max` propagates it (NaN scale, every code 0), while ggml's
+/// `amax = MAX(amax, fabsf(v))`, `(a) > (b) ? (a) : (b)`, takes the NaN and drops it at the next element, so the
+/// scale comes from the elements after the last NaN (NaN only when it is the block's last element) and the NaN's
+/// code is `(int8_t)roundf(NaN)`, 0 on x86.
+pub fn quantize_row_q8_0_ggml(x: &[f32], out: &mut Vec<u8>) {
+    let start = out.len();
+    quantize_row_q8_0(x, out);
+    q8_0_ggml_nan_blocks(x, &mut out[start..]);
+}
+
+/// Rewrites, in `y` (the gguf-py Q8_0 encoding of `x`), the blocks whose scale is NaN — exactly those holding a
+/// NaN — the way ggml's C computes them (see [`quantize_row_q8_0_ggml`]); other blocks are the same in both.
+/// Shared with the vectorised encoders of `sling-kernels`, which produce the gguf-py bytes first.
+pub fn q8_0_ggml_nan_blocks(x: &[f32], y: &mut [u8]) {
+    for (block, dst) in x.chunks_exact(32).zip(y.chunks_exact_mut(34)) {
+        if u16::from_le_bytes([dst[0], dst[1]]) & 0x7fff <= 0x7c00 {
+            continue;
+        }
+        let mut amax = 0.0f32;
+        for v in block {
+            let a = v.abs();
+            amax = if amax > a { amax } else { a };
+        }
+        let d = amax / 127.0;
+        // C's `d ? 1.0f/d : 0.0f`: a NaN `d` is true.
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        dst[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        for (q, v) in dst[2..].iter_mut().zip(block) {
+            // An element before the last NaN may exceed `amax`; C keeps the low byte of the 32-bit conversion.
+            *q = roundf_i32(v * id) as i8 as u8;
+        }
     }
 }
 

@@ -85,7 +85,7 @@ pub fn quantize_row_inline(dtype: DType, x: &[f32], qw: Option<&[f32]>, y: &mut 
 /// Q8_0 ignores importance weights in ggml (`quantize_q8_0` calls the `_ref` function).
 fn quantize_row_q8_0(x: &[f32], _qw: Option<&[f32]>, y: &mut [u8]) {
     let mut out = Vec::with_capacity(y.len());
-    encode::quantize_row_q8_0(x, &mut out);
+    encode::quantize_row_q8_0_ggml(x, &mut out);
     y.copy_from_slice(&out);
 }
 

@@ -1,4 +1,4 @@
-//! Bit-exactness of the legacy (Q4_0, Q4_1, Q5_0, Q5_1) and K-quant (Q2_K … Q6_K) quantizers and dequantizers
+//! Bit-exactness of the legacy (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and K-quant (Q2_K … Q6_K) quantizers and dequantizers
 //! against the pinned llama.cpp (`ggml_quantize_chunk` / `to_float`, through `ggml-quant-ref`; see common/mod.rs).
 //!
 //! Every comparison is on bytes (quantize) or `f32::to_bits` (dequantize); mismatches are collected and reported
@@ -15,8 +15,18 @@ use proptest::prelude::*;
 use sling_core::DType;
 
 /// The types under test. `DType::name()` is the `ggml_type_name` spelling the oracle expects.
-const TYPES: [DType; 9] =
-    [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K];
+const TYPES: [DType; 10] = [
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+];
 
 /// Row lengths of the hostile-row cases (K-quants need multiples of 256).
 const ROW_LENGTHS: [usize; 2] = [256, 512];
@@ -125,7 +135,7 @@ fn dequantize_random_blocks_matches_llama_cpp() {
 /// Byte offsets of the f16 fields of each block (ggml-common.h).
 fn f16_offsets(dtype: DType) -> &'static [usize] {
     match dtype {
-        DType::Q4_0 | DType::Q5_0 => &[0],
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
         DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
         DType::Q2K => &[80, 82],
         DType::Q3K => &[108],
@@ -161,6 +171,8 @@ const BOUND_Q4_0: (f32, f32) = (1.0 / 8.0 + F16_TERM, 0.29);
 const BOUND_Q4_1: (f32, f32) = (1.0 / 15.0 + F16_TERM, 0.21);
 const BOUND_Q5_0: (f32, f32) = (1.0 / 16.0 + F16_TERM, 0.125);
 const BOUND_Q5_1: (f32, f32) = (1.0 / 31.0 + F16_TERM, 0.10);
+/// Q8_0 (`_ref` only: ggml ignores importance weights): half a step of amax/127, plus the f16 term.
+const BOUND_Q8_0: (f32, f32) = (0.5 / 127.0 + F16_TERM, 0.5 / 127.0 + F16_TERM);
 const BOUND_Q2_K: (f32, f32) = (0.62, 0.94);
 const BOUND_Q3_K: (f32, f32) = (0.39, 0.48);
 const BOUND_Q4_K: (f32, f32) = (0.145, 0.20);
@@ -173,6 +185,7 @@ fn bound(dtype: DType) -> (f32, f32) {
         DType::Q4_1 => BOUND_Q4_1,
         DType::Q5_0 => BOUND_Q5_0,
         DType::Q5_1 => BOUND_Q5_1,
+        DType::Q8_0 => BOUND_Q8_0,
         DType::Q2K => BOUND_Q2_K,
         DType::Q3K => BOUND_Q3_K,
         DType::Q4K => BOUND_Q4_K,
@@ -244,6 +257,7 @@ property_tests! {
     prop_q4_1 => DType::Q4_1,
     prop_q5_0 => DType::Q5_0,
     prop_q5_1 => DType::Q5_1,
+    prop_q8_0 => DType::Q8_0,
     prop_q2_k => DType::Q2K,
     prop_q3_k => DType::Q3K,
     prop_q4_k => DType::Q4K,
@@ -402,6 +416,23 @@ fn non_finite_and_extreme_rows_match_llama_cpp() {
         ("huge", (0..n).map(|_| r.normal() * 1e38).collect()),
         ("flt-max", (0..n).map(|i| if i % 2 == 0 { f32::MAX } else { -f32::MAX }).collect()),
         ("f16-overflow", (0..n).map(|_| r.normal() * 1e6).collect()),
+        // Where a NaN sits decides what ggml's `MAX(amax, fabsf(v))` remembers (Q8_0: the scale comes from the
+        // elements after the last NaN of its block; gguf-py's numpy differs here, see `quantize_row_q8_0_ggml`).
+        ("nan-last-of-block", with(31, f32::NAN)),
+        ("nan-first", with(0, f32::NAN)),
+        ("-nan", with(17, -f32::NAN)),
+        ("nan-after-outlier", {
+            let mut a = with(9, f32::NAN);
+            a[3] = 40.0;
+            a
+        }),
+        ("nan-and-inf", {
+            let mut a = with(12, f32::NAN);
+            a[40] = f32::INFINITY;
+            a[44] = f32::NAN;
+            a
+        }),
+        ("all-nan-block", (0..n).map(|i| if i < 32 { f32::NAN } else { base[i] }).collect()),
     ];
     let imatrix = common::importance(n, 1);
     let mut failures = Vec::new();

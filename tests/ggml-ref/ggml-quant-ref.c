@@ -2,6 +2,7 @@
 // type-traits to_float (libggml-base, built by scripts/setup-reference.sh) on the rows it is given.
 //
 //   ggml-quant-ref quant   TYPE NROWS NPERROW [IMATRIX.f32]  < rows.f32 > blocks.bin
+//   ggml-quant-ref quant-each TYPE NROWS NPERROW [IMATRIX.f32] < rows.f32 > (status byte + row bytes) per row
 //   ggml-quant-ref dequant TYPE NROWS NPERROW                < blocks.bin > rows.f32
 //   ggml-quant-ref info    TYPE     -> "id blck_size type_size requires_imatrix"
 //   ggml-quant-ref bench   TYPE NROWS NPERROW REPS [IMATRIX.f32] < rows.f32 -> timings (see bench below)
@@ -13,6 +14,9 @@
 #include <string.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/wait.h>
 #include "ggml.h"
 
 static enum ggml_type type_by_name(const char *name) {
@@ -87,6 +91,54 @@ static int bench(enum ggml_type t, long long nrows, long long n_per_row, int rep
     return 0;
 }
 
+// quant-each: every row quantized on its own in a forked child (the type's grids built once, before forking), so
+// that a row llama.cpp aborts on (a GGML_ASSERT, e.g. an i-quant grid search given a NaN) costs one child, not the
+// whole batch. Writes per row one status byte (1: quantized, 0: the child failed) and the row's bytes (zeros when
+// it failed).
+static int quant_each(enum ggml_type t, long long nrows, long long n_per_row, const float *src, const float *imatrix) {
+    size_t row_bytes = ggml_row_size(t, n_per_row);
+    unsigned char *row = malloc(row_bytes + 1);
+    setenv("GGML_NO_BACKTRACE", "1", 1); // ggml_abort would otherwise attach gdb (seconds per abort)
+    ggml_quantize_init(t);
+    for (long long r = 0; r < nrows; r++) {
+        fflush(stdout); // nothing buffered for a child to write again (glibc's abort may flush streams)
+        int fd[2];
+        if (pipe(fd) != 0) { perror("pipe"); return 3; }
+        pid_t pid = fork();
+        if (pid < 0) { perror("fork"); return 3; }
+        if (pid == 0) {
+            close(fd[0]);
+            // ggml prints its "Oops, did not find grid point" diagnostics on stdout before aborting: not into ours.
+            int null = open("/dev/null", O_WRONLY);
+            if (null >= 0) dup2(null, 1);
+            size_t n = ggml_quantize_chunk(t, src + r * n_per_row, row, 0, 1, n_per_row, imatrix);
+            size_t off = 0;
+            while (off < n) {
+                ssize_t w = write(fd[1], row + off, n - off);
+                if (w <= 0) _exit(4);
+                off += (size_t)w;
+            }
+            _exit(n == row_bytes ? 0 : 3);
+        }
+        close(fd[1]);
+        size_t got = 0;
+        for (;;) {
+            ssize_t k = read(fd[0], row + got, row_bytes - got);
+            if (k <= 0) break;
+            got += (size_t)k;
+            if (got == row_bytes) break;
+        }
+        close(fd[0]);
+        int status = 0;
+        waitpid(pid, &status, 0);
+        unsigned char ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && got == row_bytes;
+        if (!ok) memset(row, 0, row_bytes);
+        fwrite(&ok, 1, 1, stdout);
+        fwrite(row, 1, row_bytes, stdout);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: ggml-quant-ref quant|dequant|info TYPE [NROWS NPERROW [IMATRIX]]\n"); return 2; }
     enum ggml_type t = type_by_name(argv[2]);
@@ -102,7 +154,7 @@ int main(int argc, char **argv) {
         return bench(t, nrows, n_per_row, atoi(argv[5]), argc > 6 ? argv[6] : NULL);
     }
     size_t row_bytes = ggml_row_size(t, n_per_row);
-    if (strcmp(argv[1], "quant") == 0) {
+    if (strcmp(argv[1], "quant") == 0 || strcmp(argv[1], "quant-each") == 0) {
         float *src = read_all(stdin, sizeof(float) * nrows * n_per_row);
         float *imatrix = NULL;
         if (argc > 5) {
@@ -111,6 +163,7 @@ int main(int argc, char **argv) {
             imatrix = read_all(f, sizeof(float) * n_per_row);
             fclose(f);
         }
+        if (strcmp(argv[1], "quant-each") == 0) return quant_each(t, nrows, n_per_row, src, imatrix);
         void *dst = malloc(row_bytes * nrows + 1);
         ggml_quantize_init(t);
         size_t n = ggml_quantize_chunk(t, src, dst, 0, nrows, n_per_row, imatrix);

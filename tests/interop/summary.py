@@ -203,6 +203,25 @@ def _st_write(entries: dict) -> list[str]:
     return out + [""]
 
 
+def _nonfinite(entries: dict) -> list[str]:
+    if not entries:
+        return []
+    out = ["## Non-finite weights (Q8_0, `--allow-nonfinite`)", "",
+           "`test_nonfinite.py`: NaN, -NaN and ±Inf in a copy of qwen3moe. convert vs `convert_hf_to_gguf.py --outtype"
+           " q8_0` (gguf-py) on the whole file; quantize vs llama-quantize, which refuses non-finite input, so: its"
+           " file of the clean fixture in every other tensor, and `ggml_quantize_chunk`'s bytes in the poisoned"
+           " ones.", ""]
+    for k, e in sorted(entries.items()):
+        if "file_identical" in e:
+            out.append(f"- {k}: whole file {'identical' if e['file_identical'] else '**DIFFERENT**'}"
+                       f" ({e['tensors_identical']}/{e['tensors_total']} tensors)")
+        else:
+            out.append(f"- {k}: {e['clean_tensors_identical']}/{e['tensors_total']} tensors identical to the clean"
+                       f" reference, {e['poisoned_equal_to_ggml_quantize_chunk']}/{e['poisoned']} poisoned tensors"
+                       " equal to ggml_quantize_chunk")
+    return out + [""]
+
+
 def render(results: Path) -> str:
     out = ["# sling interop results", "",
            "Written by the interop suite (`scripts/test`, tests/interop); figures from its last run."
@@ -421,7 +440,8 @@ def render(results: Path) -> str:
                        f" {100 * e['top1']:.1f} % |")
         out.append("")
 
-    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("awq", _awq), ("st_write", _st_write)):
+    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("awq", _awq), ("st_write", _st_write),
+                        ("nonfinite", _nonfinite)):
         entries, v = _load(results, section)
         versions.update(v)
         out += fn(entries)

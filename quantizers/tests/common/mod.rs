@@ -3,7 +3,7 @@
 //! `ggml_quantize_chunk` and `to_float` on the rows we hand it.
 //!
 //! Found through `$SLING_GGML_QUANT_REF`, else `$SLING_LAB/llama.cpp-build/bin/ggml-quant-ref` (default lab
-//! `~/.cache/sling-lab`). When it is missing the tests fail if `SLING_REQUIRE_REFERENCE` is set (scripts/test
+//! `~/.cache/sling-lab`). When it is missing the tests fail if `SLING_REQUIRE_REFERENCE=1` (scripts/test
 //! and CI set it), else they print why and pass, so a plain `cargo test` works without the reference build.
 #![allow(dead_code)]
 
@@ -27,7 +27,8 @@ pub fn oracle() -> Option<Oracle> {
         return Some(Oracle(path));
     }
     let msg = format!("ggml-quant-ref not found at {} (run scripts/setup-reference.sh)", path.display());
-    if std::env::var_os("SLING_REQUIRE_REFERENCE").is_some() {
+    // `=1` requires it (scripts/test, CI); unset or anything else (`=0`) does not.
+    if std::env::var_os("SLING_REQUIRE_REFERENCE").is_some_and(|v| v == "1") {
         panic!("{msg}");
     }
     eprintln!("skipping the llama.cpp comparison: {msg}");
@@ -70,6 +71,35 @@ impl Oracle {
             let _ = std::fs::remove_file(&args[4]);
         }
         out
+    }
+
+    /// Every row quantized on its own (`quant-each`: one forked child per row, the type's grids built once): the
+    /// row's bytes, or `None` where llama.cpp aborts on it (a `GGML_ASSERT`).
+    pub fn quantize_each(
+        &self,
+        ggml_name: &str,
+        x: &[f32],
+        n_per_row: usize,
+        imatrix: Option<&[f32]>,
+    ) -> Vec<Option<Vec<u8>>> {
+        let nrows = x.len() / n_per_row;
+        let mut args = vec!["quant-each".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
+        let tmp;
+        if let Some(w) = imatrix {
+            tmp = tempfile(&f32_bytes(w));
+            args.push(tmp.display().to_string());
+        }
+        let out = self.run(&args, &f32_bytes(x));
+        if imatrix.is_some() {
+            let _ = std::fs::remove_file(&args[4]);
+        }
+        assert_eq!(
+            out.len() % nrows.max(1),
+            0,
+            "ggml-quant-ref quant-each {ggml_name}: {} bytes for {nrows} rows",
+            out.len()
+        );
+        out.chunks(out.len() / nrows.max(1)).map(|r| (r[0] == 1).then(|| r[1..].to_vec())).collect()
     }
 
     /// [`Oracle::quantize`] where llama.cpp may abort (a `GGML_ASSERT` on non-finite input): `None` when the

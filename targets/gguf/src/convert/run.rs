@@ -414,6 +414,12 @@ fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>, backend: &dyn Ba
         let e = (r0 / per_expert) as usize;
         w.get(e * cols..(e + 1) * cols)
     });
+    if t.dtype == DType::Q8_0 && t.round_via.is_none() {
+        // Q8_0 has two references, which differ in a block holding a NaN (`quantize_row_q8_0_ggml`): a
+        // conversion is `convert_hf_to_gguf.py --outtype q8_0`, gguf-py's numpy encoder; a quantization (whose
+        // tensors have the intermediate type `round_via`) is llama-quantize's `ggml_quantize_chunk`.
+        return sling_kernels::encode_f32(DType::Q8_0, v, cols, out).map_err(|e| kernel_error(t, e.into()));
+    }
     backend.quantize_rows(t.dtype, v, cols, w, out).map_err(|e| kernel_error(t, e))
 }
 
