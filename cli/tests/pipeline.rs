@@ -333,6 +333,69 @@ fn sigkill_during_conversion_then_resume_is_identical() {
     }
 }
 
+/// The same for `quantize` (one-pass llama-quantize presets; the K-quant search makes each tensor slower than a
+/// conversion's, so the kills land mid-run): real SIGKILLs, then `--resume`, byte-identical to an uninterrupted
+/// run, single file and split.
+#[test]
+fn sigkill_during_quantize_then_resume_is_identical() {
+    let t = tempfile::tempdir().unwrap();
+    for split in [None, Some("40")] {
+        let mut extra = vec!["--to", "gguf:Q4_K_M"];
+        if let Some(n) = split {
+            extra.extend(["--split-max-tensors", n]);
+        }
+        let run = |d: &Path, more: &[&str]| {
+            let mut a = vec!["-q", "--reproducible"];
+            a.extend_from_slice(&extra);
+            a.extend_from_slice(more);
+            sling("quantize", &fixture(KILL_SRC), &d.join("m.gguf"), &a, &[])
+        };
+        let r = out_dir(t.path(), &format!("q-reference-{}", split.unwrap_or("none")));
+        ok(&run(&r, &[]));
+        let want = hashes(&r);
+        let (mut interrupted, mut reused_total) = (0, 0);
+        for (k, after) in [3usize, 100, 220].into_iter().enumerate() {
+            let d = out_dir(t.path(), &format!("q-sigkill-{}-{after}", split.unwrap_or("none")));
+            let mut c = bin();
+            c.args(["quantize", s(&fixture(KILL_SRC)), "-o", s(&d.join("m.gguf")), "--tokenizer-pre", "gpt-2"])
+                .args(["--reproducible", "--progress", "json", "-t", if k % 2 == 0 { "1" } else { "2" }])
+                .args(&extra)
+                .env("SLING_JOURNAL_INTERVAL_MS", "0")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            let (mut seen, mut finished) = (0, false);
+            for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+                let v: Value = serde_json::from_str(&line.unwrap()).unwrap_or(Value::Null);
+                if v["event"] == "tensor" {
+                    seen += 1;
+                    if seen == after {
+                        child.kill().unwrap(); // SIGKILL
+                        break;
+                    }
+                }
+                finished |= v["event"] == "done";
+            }
+            let status = child.wait().unwrap();
+            if finished || status.success() {
+                assert_eq!(verify_code(&d.join("m.gguf")), Some(0));
+                continue;
+            }
+            if !d.join("m.sling.json").exists() {
+                assert_ne!(verify_code(&d.join("m.gguf")), Some(0), "verify accepted a killed run");
+            }
+            let o = run(&d, &["--resume", "--json"]);
+            ok(&o);
+            assert_eq!(hashes(&d), want, "resumed quantize output differs from the uninterrupted run");
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            interrupted += 1;
+            reused_total += v["resumed_tensors"].as_u64().unwrap_or(0);
+            fs::remove_dir_all(&d).unwrap();
+        }
+        assert!(interrupted >= 2 && reused_total > 0, "the kills should land mid-run ({interrupted}, {reused_total})");
+    }
+}
+
 #[test]
 fn resume_rechecks_hashes_and_plans() {
     let t = tempfile::tempdir().unwrap();

@@ -166,3 +166,44 @@ fn imatrix_of_the_wrong_size_is_refused() {
     );
     assert_refused(&o, "blk.0.attn_q.weight", &out_dir);
 }
+
+/// A shard of a split GGUF is refused as llama-quantize's input would be meaningless without the rest (it keeps
+/// the split only with `--keep-split`, which sling does not offer): exit 2, the message says how to proceed, nothing
+/// is written, the shards are untouched.
+#[test]
+fn a_shard_of_a_split_gguf_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let split = t.path().join("split.gguf");
+    let o = run(&[
+        "convert",
+        fixture("qwen3moe").to_str().unwrap(),
+        "--type",
+        "bf16",
+        "--split-max-tensors",
+        "10",
+        "--tokenizer-pre",
+        "gpt-2",
+        "--no-manifest",
+        "-q",
+        "-o",
+        split.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shard = t.path().join("split-00001-of-00003.gguf");
+    let before = fs::read(&shard).unwrap();
+    let out_dir = t.path().join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    for preset in ["gguf:Q4_K_M", "gguf:Q8_0"] {
+        let o = run(&[
+            "quantize",
+            shard.to_str().unwrap(),
+            "--to",
+            preset,
+            "-q",
+            "-o",
+            out_dir.join("q.gguf").to_str().unwrap(),
+        ]);
+        assert_refused(&o, "one shard of a split GGUF; merge it first", &out_dir);
+    }
+    assert_eq!(fs::read(&shard).unwrap(), before);
+}

@@ -37,6 +37,12 @@ WIDE = tuple(f"{n}-wide" for n in lab.WIDE)
 REQUANT = {"gptoss-mxfp4", "gptoss-mxfp4-wide"}
 
 CASES = [(n, p) for n in MOE + WIDE for p in PRESETS]
+# The dense models beside the MoE ones (Llama, Qwen2; bf16 and f32 sources), and the float presets, which the
+# README lists with the rest: BF16/F16/F32 on every MoE fixture, on a wide one, and on the dense ones.
+DENSE = ("llama", "llama-f32", "qwen2")
+FLOAT_PRESETS = ("BF16", "F16", "F32")
+CASES += [(n, p) for n in DENSE for p in PRESETS if p != "MXFP4_MOE"]
+CASES += [(n, p) for n in MOE + DENSE + WIDE[:1] for p in FLOAT_PRESETS]
 # With an imatrix from llama-imatrix: the types that use importance weights, and the imatrix-only rules
 # (Q2_K_S needs one; Q4_0 takes Q4_1 for the first ffn_down layers with one).
 IM_PRESETS = ("Q4_K_M", "Q2_K_S", "Q3_K_S", "Q5_K_S", "Q6_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q5_1", "TQ1_0")
@@ -150,6 +156,25 @@ def test_bytes_identical_with_imatrix(name, preset, tmp_path):
     ref = lab.reference_quantize(name, preset, (), imatrix=im, stated=_stated(name))
     ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", ("--imatrix", im))
     _compare(name, ours[0], ref, f"{name}/{preset}/imatrix")
+
+
+WEIGHT_FILTERS = {"include-blk0": ("--include-weights", "blk.0."),
+                  "include-two": ("--include-weights", "attn_v", "--include-weights", "ffn_down_exps"),
+                  "exclude-exps": ("--exclude-weights", "_exps")}
+WF_CASES = [(n, p, f) for n in ("qwen3moe-wide", "mixtral") for p in ("Q4_K_M", "IQ4_XS") for f in WEIGHT_FILTERS]
+
+
+@pytest.mark.parametrize("name,preset,filt", WF_CASES, ids=[f"{n}-{p}-{f}" for n, p, f in WF_CASES])
+def test_imatrix_include_exclude_weights_mean_the_same(name, preset, filt, tmp_path):
+    """llama-quantize's --include-weights / --exclude-weights (which tensors take the imatrix), on both tools."""
+    im = lab.reference_imatrix(name)
+    flags = WEIGHT_FILTERS[filt]
+    ref = lab.reference_quantize(name, preset, flags, imatrix=im, stated=_stated(name))
+    ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", ("--imatrix", im, *flags))
+    c = _compare(name, ours[0], ref, f"{name}/{preset}/imatrix/{filt}")
+    # The filter changed something: not the file of the unfiltered imatrix run.
+    plain = lab.reference_quantize(name, preset, (), imatrix=im, stated=_stated(name))
+    assert c.ours_sha256 != gguf_compare.file_sha256(str(plain)), f"{filt} made no difference"
 
 
 @pytest.mark.parametrize("name,preset", IQ_IM_CASES, ids=[f"{n}-{p}-imatrix" for n, p in IQ_IM_CASES])
@@ -276,3 +301,40 @@ def test_llama_quantize_flags_mean_the_same(name, preset, flags, tmp_path):
     ref = lab.reference_quantize(name, preset, extra, stated=_stated(name))
     ours = lab.sling_quantize(name, preset, tmp_path / "sling.gguf", extra)
     _compare(name, ours[0], ref, f"{name}/{preset}/{flags}")
+
+
+SPLIT_CASES = [("qwen3moe", "Q4_K_M", "10"), ("qwen3moe", "IQ4_NL", "7"), ("deepseekv3", "Q6_K", "20"),
+               ("qwen3moe-wide", "Q4_K_M", "9")]
+
+
+@pytest.mark.parametrize("name,preset,n", SPLIT_CASES, ids=[f"{n}-{p}-{k}" for n, p, k in SPLIT_CASES])
+def test_split_output_is_llama_gguf_split_of_llama_quantize(name, preset, n, tmp_path):
+    """`quantize --split-max-tensors N` against llama.cpp's own chain for a split quant: llama-quantize to one file,
+    then `llama-gguf-split --split --split-max-tensors N`. Every shard: the same name, tensors (name, type, shape,
+    bytes, order), metadata (keys, types, values), offsets and size. One difference, in the order of two keys:
+    sling writes the split keys in gguf-py's order (`split.no`, `split.count`, `split.tensors.count`, as
+    `convert_hf_to_gguf.py --split-*` and `sling convert` write them), llama-gguf-split ends with `split.count`
+    (ggml's `gguf_set_val` moves a key it overwrites to the end). Size-based splits are not compared: the two tools
+    count a shard's bytes differently (gguf-py unpadded, llama-gguf-split padded to 32, and only in M/G units)."""
+    ref = lab.reference_quantize(name, preset, stated=_stated(name))
+    r = subprocess.run([str(lab.LLAMA_BIN / "llama-gguf-split"), "--split", "--split-max-tensors", n, str(ref),
+                        str(tmp_path / "ref")], capture_output=True, text=True,
+                       env={**os.environ, "LD_LIBRARY_PATH": str(lab.LLAMA_BIN)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    theirs = sorted(tmp_path.glob("ref-*.gguf"))
+    ours = lab.sling_quantize(name, preset, tmp_path / "ours.gguf", ("--split-max-tensors", n))
+    assert len(ours) == len(theirs) > 1
+    for a, b in zip(ours, theirs):
+        assert a.name.replace("ours", "ref") == b.name
+        c = gguf_compare.compare(str(a), str(b))
+        assert c.tensors_identical == c.tensors_total and c.order_equal and not c.kv_diffs, c.explain()
+        keys = list(c.ours_kvs)
+        i, j = keys.index("split.count"), keys.index("split.tensors.count")
+        assert j == i + 1, keys
+        keys[i], keys[j] = keys[j], keys[i]
+        keys.append(keys.pop(j))  # llama-gguf-split: split.no, split.tensors.count, ..., split.count last
+        assert keys == list(c.ref_kvs), (keys, list(c.ref_kvs))
+        assert a.stat().st_size == b.stat().st_size
+        assert gguf_compare.layout(str(a))["tensor_offsets"] == gguf_compare.layout(str(b))["tensor_offsets"]
+    lab.record("quantize_split", f"{name}/{preset}/{n}", {"shards": len(ours), "tensors_identical": True,
+                                                          "kv_identical_but_split_key_order": True})
