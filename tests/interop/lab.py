@@ -498,8 +498,12 @@ def llama_kld(model: Path, base: Path, text: Path, ppl_args: list[str], extra=()
         return float(m.group(1))
 
     return {"kld_mean": get(r"Mean\s+KLD:\s+([0-9.eE+-]+)"), "kld_max": get(r"Maximum KLD:\s+([0-9.eE+-]+)"),
+            "kld_p999": get(r"99\.9%\s+KLD:\s+([0-9.eE+-]+)"), "kld_p99": get(r"99\.0%\s+KLD:\s+([0-9.eE+-]+)"),
+            "kld_median": get(r"Median\s+KLD:\s+([0-9.eE+-]+)"),
             "ppl": get(r"Mean PPL\(Q\)\s+:\s+([0-9.]+)"), "ppl_ref": get(r"Mean PPL\(base\)\s+:\s+([0-9.]+)"),
-            "top1": get(r"Same top p:\s+([0-9.]+)") / 100}
+            "top1": get(r"Same top p:\s+([0-9.]+)") / 100,
+            # an info line near the start: required only by the callers that compare it
+            "chunks": int(m.group(1)) if (m := re.search(r"computing over ([0-9]+) chunks", out)) else None}
 
 
 def record(section: str, key: str, value) -> None:

@@ -349,6 +349,23 @@ def render(results: Path) -> str:
                        f" {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
         out.append("")
 
+    et, v = _load(results, "eval_trained")
+    versions.update(v)
+    if et:
+        out += ["## Evaluation on the trained fixture, reference-made candidates", "",
+                "`convert_hf_to_gguf.py` + `llama-quantize` files of qwen3moe-trained; `sling eval` vs `llama-perplexity"
+                " --kl-divergence` (100 × 128 tokens of eval.txt). The BF16 row is the source's weights: what"
+                " llama.cpp's kernels add on their own (docs/eval.md).", "",
+                "| candidate | KLD sling | KLD llama.cpp | ratio | PPL sling / llama.cpp | top-1 sling / llama.cpp |",
+                "|---|---|---|---|---|---|"]
+        for k, e in sorted(et.items(), key=lambda kv: -kv[1]["sling"]["top1"]):
+            s_, l_ = e["sling"], e["llama_perplexity"]
+            ratio = f"{e['kld_ratio']:.2f}" if "kld_ratio" in e else "—"
+            out.append(f"| {k} | {s_['kld_mean']:.6f} | {l_['kld_mean']:.6f} | {ratio} |"
+                       f" {s_['ppl']:.3f} / {l_.get('ppl_plain', l_['ppl']):.3f} |"
+                       f" {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
+        out.append("")
+
     split, v = _load(results, "split")
     versions.update(v)
     if split:

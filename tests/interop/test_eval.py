@@ -90,3 +90,84 @@ def test_eval_gate_exit_codes(tmp_path):
     assert bad.returncode == 1, bad.stderr
     assert json.loads(bad.stdout)["pass"] is False
     assert "FAIL" in bad.stderr
+
+
+# The trained fixture, where the figures mean something (random-init fixtures score noise), with candidates made
+# by the reference tools themselves (convert_hf_to_gguf.py + llama-quantize, as docs/eval.md promises sling eval
+# takes them). 128-token chunks of eval.txt, held out from the fixture's training. Every figure is compared: token
+# and chunk counts, both PPLs, top-1 agreement, mean KLD and its median and 99th percentile.
+#
+# Two things make llama-perplexity's figures differ from sling's, and both are measured here (docs/eval.md,
+# "Agreement with llama-perplexity"):
+# - its CPU kernels round the activations before every dot product with the weights (to q8_0/q8_K for quantized
+#   types, to bf16 for BF16 weights): its KLD is the weights' error plus the kernels'. The BF16 candidate (the
+#   source's own weights) shows the kernels' part alone: sling's KLD is exactly 0 there, llama-perplexity's not;
+# - in --kl-divergence mode it stores the base log-probabilities in 16 bits (perplexity.cpp `log_softmax`), so its
+#   "Mean PPL(base)" is off by ~0.1 %; its plain perplexity run of the F32 file is compared instead (to 1e-5).
+TRAINED = "qwen3moe-trained"
+T_CTX, T_CHUNKS = 128, 100
+T_ARGS = ["-c", str(T_CTX), "--chunks", str(T_CHUNKS), "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+# Measured sling / llama-perplexity mean-KLD ratios (2026-12-05): Q8_0 0.55, Q6_K 0.87, Q4_K_M 1.00, IQ4_XS 0.97,
+# Q2_K 1.00; the bounds leave a margin, they are not a tolerance for a bug.
+T_KLD_RATIO = {"Q8_0": (0.3, 0.8), "Q6_K": (0.7, 0.97), "Q4_K_M": (0.9, 1.05), "IQ4_XS": (0.88, 1.05),
+               "Q2_K": (0.93, 1.05)}
+
+
+def _plain_ppl(model) -> float:
+    out = lab.llama_perplexity(TEXT, T_ARGS, ["-m", str(model)], "Final estimate")
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trained-base") / "base.kld"
+    lab.llama_kld_base(TRAINED, base, TEXT, T_ARGS)
+    return base, _plain_ppl(lab.reference_convert(TRAINED, "f32")[0])
+
+
+def _sling_eval(cand) -> dict:
+    return json.loads(lab.sling("-q", "eval", "--ref", lab.fixture_dir(TRAINED), cand, "--data", TEXT, "--ctx",
+                                str(T_CTX), "--chunks", str(T_CHUNKS), "--json").stdout)
+
+
+@pytest.mark.parametrize("preset", list(T_KLD_RATIO))
+def test_eval_of_reference_quants_on_the_trained_fixture(preset, trained_base):
+    base, ppl_f32 = trained_base
+    cand = lab.reference_quantize(TRAINED, preset)
+    ours = _sling_eval(cand)
+    theirs = lab.llama_kld(cand, base, TEXT, T_ARGS)
+    plain = _plain_ppl(cand)
+    ratio = ours["kld_mean"] / theirs["kld_mean"]
+    keys = ("ppl", "ppl_ref", "kld_mean", "kld_median", "kld_p99", "kld_p999", "kld_max", "top1")
+    lab.record("eval_trained", preset, {"sling": {k: ours[k] for k in keys + ("chunks", "tokens")},
+                                        "llama_perplexity": {**{k: theirs[k] for k in keys + ("chunks",)},
+                                                             "ppl_plain": plain, "ppl_ref_plain": ppl_f32},
+                                        "kld_ratio": ratio})
+    assert ours["chunks"] == T_CHUNKS and ours["tokens"] == T_CHUNKS * (T_CTX - T_CTX // 2 - 1)
+    if theirs["chunks"] is not None:
+        assert theirs["chunks"] == ours["chunks"]
+    assert abs(ours["ppl_ref"] / ppl_f32 - 1) < 1e-5, (ours["ppl_ref"], ppl_f32)
+    assert abs(ours["ppl_ref"] / theirs["ppl_ref"] - 1) < 0.005, (ours["ppl_ref"], theirs["ppl_ref"])
+    assert abs(ours["ppl"] / plain - 1) < 0.01, (ours["ppl"], plain)
+    assert abs(ours["top1"] - theirs["top1"]) < 0.03, (ours["top1"], theirs["top1"])
+    lo, hi = T_KLD_RATIO[preset]
+    assert lo <= ratio <= hi, f"{preset}: sling KLD / llama-perplexity KLD = {ratio:.3f}, outside [{lo}, {hi}]"
+    for k in ("kld_median", "kld_p99"):
+        assert lo / 4 <= ours[k] / theirs[k] <= hi * 1.5, (k, ours[k], theirs[k])
+
+
+def test_the_kernels_own_error_on_the_trained_fixture(trained_base):
+    """The BF16 candidate holds the source's weights exactly: sling's KLD is 0, llama-perplexity's is what its
+    kernels add (activations rounded to bf16 for BF16 weights)."""
+    base, ppl_f32 = trained_base
+    cand = lab.reference_convert(TRAINED, "bf16")[0]
+    ours = _sling_eval(cand)
+    theirs = lab.llama_kld(cand, base, TEXT, T_ARGS)
+    lab.record("eval_trained", "BF16 (the source's weights)", {
+        "sling": {k: ours[k] for k in ("ppl", "ppl_ref", "kld_mean", "top1")},
+        "llama_perplexity": {k: theirs[k] for k in ("ppl", "ppl_ref", "kld_mean", "top1")}})
+    assert ours["kld_mean"] == 0 and ours["top1"] == 1 and ours["ppl"] == ours["ppl_ref"]
+    assert abs(ours["ppl_ref"] / ppl_f32 - 1) < 1e-5
+    assert theirs["kld_mean"] > 0
