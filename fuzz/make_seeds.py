@@ -115,6 +115,13 @@ def main():
             put("recipe_toml", f"named{i}.toml", m)
     put("recipe_toml", "inline.toml", 'base = "Q4_K_M"\n[[rule]]\nrole = "routed_experts"\nlayers = [0, 3]\ntype = "q4_k"\n[[rule]]\nname = "attn_v"\ntype = "q6_k"\n')
     put("mlx_recipe", "inline.toml", 'bits = 3\ngroup_size = 64\n[[rule]]\nname = "self_attn"\nbits = 8\n[[rule]]\nname = "switch_mlp\\\\.down_proj"\nbits = 6\ngroup_size = 32\n[[rule]]\nname = "^model\\\\.embed_tokens\\\\.weight$"\nkeep = true\n')
+    # resume_journal, signature_bundle: the targets edit a genuine journal / bundle they make themselves
+    # (common::edit: 3-byte operations); these seeds are a few such edit programs and the untouched original.
+    for t in ("resume_journal", "signature_bundle"):
+        put(t, "original", b"")
+        put(t, "flip-early", bytes([10, 0, ord("x")]))
+        put(t, "truncate-middle", bytes([120, 0, 0]))
+        put(t, "append", bytes([255, 255, ord("}")]))
     # manifests given on the command line (e.g. from `sling convert fixtures/models/mixtral -o /tmp/m.gguf`)
     for p in sys.argv[1:]:
         put("manifest", os.path.basename(p), open(p, "rb").read())

@@ -32,3 +32,23 @@ pub fn fixture(model: &str, file: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(model).join(file);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// The input the target parses: `data` itself when it starts with `{` (a whole JSON document or JSON-lines
+/// file), else `template` (a valid input of the format) edited by `data` read as 3-byte operations `[pos lo, pos
+/// hi, byte]`: byte 0 truncates at `pos`, any other byte overwrites (or appends at the end). A fuzzer with no seed
+/// then starts next to a valid input, where the deep checks are.
+pub fn edit(template: &[u8], data: &[u8]) -> Vec<u8> {
+    if data.first() == Some(&b'{') {
+        return data.to_vec();
+    }
+    let mut t = template.to_vec();
+    for op in data.chunks_exact(3) {
+        let pos = usize::from(u16::from_le_bytes([op[0], op[1]])) % (t.len() + 1);
+        match op[2] {
+            0 => t.truncate(pos),
+            b if pos < t.len() => t[pos] = b,
+            b => t.push(b),
+        }
+    }
+    t
+}
