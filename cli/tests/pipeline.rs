@@ -277,8 +277,64 @@ fn killed_with_the_default_journal_interval_restarts_cleanly() {
     assert_eq!(resume_and_compare(&d, &[], &want), 0);
 }
 
-/// Real SIGKILLs at points chosen from the event stream (the process keeps running until the signal
-/// lands, so the exact point varies), then `--resume`.
+/// `sling CMD` on [`KILL_SRC`] with `extra`, SIGKILLed after the `after`-th tensor event of each run (the
+/// process keeps running until the signal lands, so the exact point varies; runs alternate `-t 1` / `-t 2`,
+/// `interval(k)` is run k's `SLING_JOURNAL_INTERVAL_MS`), then resumed with `--resume`: every resumed output must be
+/// `want`, and a killed run must not verify. Returns (runs interrupted, tensors reused in all).
+fn sigkill_then_resume(
+    root: &Path,
+    cmd: &str,
+    extra: &[&str],
+    afters: &[usize],
+    interval: impl Fn(usize) -> &'static str,
+    want: &BTreeMap<String, String>,
+) -> (usize, u64) {
+    let (mut interrupted, mut reused_total) = (0, 0);
+    for (k, &after) in afters.iter().enumerate() {
+        let d = out_dir(root, &format!("{cmd}-sigkill-{}-{after}", extra.join("_").replace(['/', ':'], "-")));
+        let mut c = bin();
+        c.args([cmd, s(&fixture(KILL_SRC)), "-o", s(&d.join("m.gguf")), "--tokenizer-pre", "gpt-2"])
+            .args(["--reproducible", "--progress", "json", "-t", if k % 2 == 0 { "1" } else { "2" }])
+            .args(extra)
+            .env("SLING_JOURNAL_INTERVAL_MS", interval(k))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let (mut seen, mut finished) = (0, false);
+        for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+            let v: Value = serde_json::from_str(&line.unwrap()).unwrap_or(Value::Null);
+            if v["event"] == "tensor" {
+                seen += 1;
+                if seen == after {
+                    child.kill().unwrap(); // SIGKILL
+                    break;
+                }
+            }
+            finished |= v["event"] == "done";
+        }
+        let status = child.wait().unwrap();
+        if finished || status.success() {
+            // Too late to kill: a complete artifact, which verifies.
+            assert_eq!(verify_code(&d.join("m.gguf")), Some(0));
+            continue;
+        }
+        if !d.join("m.sling.json").exists() {
+            assert_ne!(verify_code(&d.join("m.gguf")), Some(0), "verify accepted a killed run");
+        }
+        let mut a = vec!["-q", "--reproducible", "--resume", "--json"];
+        a.extend_from_slice(extra);
+        let o = sling(cmd, &fixture(KILL_SRC), &d.join("m.gguf"), &a, &[]);
+        ok(&o);
+        assert_eq!(&hashes(&d), want, "resumed output differs from the uninterrupted run ({})", d.display());
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        interrupted += 1;
+        reused_total += v["resumed_tensors"].as_u64().unwrap_or(0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+    (interrupted, reused_total)
+}
+
+/// Real SIGKILLs at points chosen from the event stream, then `--resume`.
 #[test]
 fn sigkill_during_conversion_then_resume_is_identical() {
     let t = tempfile::tempdir().unwrap();
@@ -288,54 +344,14 @@ fn sigkill_during_conversion_then_resume_is_identical() {
             extra.extend(["--split-max-tensors", n]);
         }
         let want = reference(t.path(), &extra);
-        let (mut interrupted, mut reused_total) = (0, 0);
-        for (k, after) in [2usize, 90, 200, 305].into_iter().enumerate() {
-            let d = out_dir(t.path(), &format!("sigkill-{}-{after}", split.unwrap_or("none")));
-            let mut c = bin();
-            c.args(["convert", s(&fixture(KILL_SRC)), "-o", s(&d.join("m.gguf")), "--tokenizer-pre", "gpt-2"])
-                .args(["--reproducible", "--progress", "json", "-t", if k % 2 == 0 { "1" } else { "2" }])
-                .args(&extra)
-                .env("SLING_JOURNAL_INTERVAL_MS", if k == 3 { "20" } else { "0" })
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().unwrap();
-            let mut seen = 0;
-            let mut finished = false;
-            for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-                let line = line.unwrap();
-                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-                if v["event"] == "tensor" {
-                    seen += 1;
-                    if seen == after {
-                        child.kill().unwrap(); // SIGKILL
-                        break;
-                    }
-                }
-                if v["event"] == "done" {
-                    finished = true;
-                }
-            }
-            let status = child.wait().unwrap();
-            if finished || status.success() {
-                // Too late to kill: a complete artifact, which verifies.
-                assert_eq!(verify_code(&d.join("m.gguf")), Some(0));
-                continue;
-            }
-            if !d.join("m.sling.json").exists() {
-                assert_ne!(verify_code(&d.join("m.gguf")), Some(0), "verify accepted a killed run");
-            }
-            let reused = resume_and_compare(&d, &extra, &want);
-            interrupted += 1;
-            reused_total += reused;
-            fs::remove_dir_all(&d).unwrap();
-        }
-        assert!(interrupted >= 2 && reused_total > 0, "the kills should land mid-run ({interrupted}, {reused_total})");
+        let interval = |k| if k == 3 { "20" } else { "0" };
+        let (interrupted, reused) =
+            sigkill_then_resume(t.path(), "convert", &extra, &[2, 90, 200, 305], interval, &want);
+        assert!(interrupted >= 2 && reused > 0, "the kills should land mid-run ({interrupted}, {reused})");
     }
 }
 
-/// The same for `quantize` (one-pass llama-quantize presets; the K-quant search makes each tensor slower than a
-/// conversion's, so the kills land mid-run): real SIGKILLs, then `--resume`, byte-identical to an uninterrupted
-/// run, single file and split.
+/// The same for `quantize` (one-pass llama-quantize presets), single file and split.
 #[test]
 fn sigkill_during_quantize_then_resume_is_identical() {
     let t = tempfile::tempdir().unwrap();
@@ -344,55 +360,13 @@ fn sigkill_during_quantize_then_resume_is_identical() {
         if let Some(n) = split {
             extra.extend(["--split-max-tensors", n]);
         }
-        let run = |d: &Path, more: &[&str]| {
-            let mut a = vec!["-q", "--reproducible"];
-            a.extend_from_slice(&extra);
-            a.extend_from_slice(more);
-            sling("quantize", &fixture(KILL_SRC), &d.join("m.gguf"), &a, &[])
-        };
         let r = out_dir(t.path(), &format!("q-reference-{}", split.unwrap_or("none")));
-        ok(&run(&r, &[]));
+        let mut a = vec!["-q", "--reproducible"];
+        a.extend_from_slice(&extra);
+        ok(&sling("quantize", &fixture(KILL_SRC), &r.join("m.gguf"), &a, &[]));
         let want = hashes(&r);
-        let (mut interrupted, mut reused_total) = (0, 0);
-        for (k, after) in [3usize, 100, 220].into_iter().enumerate() {
-            let d = out_dir(t.path(), &format!("q-sigkill-{}-{after}", split.unwrap_or("none")));
-            let mut c = bin();
-            c.args(["quantize", s(&fixture(KILL_SRC)), "-o", s(&d.join("m.gguf")), "--tokenizer-pre", "gpt-2"])
-                .args(["--reproducible", "--progress", "json", "-t", if k % 2 == 0 { "1" } else { "2" }])
-                .args(&extra)
-                .env("SLING_JOURNAL_INTERVAL_MS", "0")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().unwrap();
-            let (mut seen, mut finished) = (0, false);
-            for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-                let v: Value = serde_json::from_str(&line.unwrap()).unwrap_or(Value::Null);
-                if v["event"] == "tensor" {
-                    seen += 1;
-                    if seen == after {
-                        child.kill().unwrap(); // SIGKILL
-                        break;
-                    }
-                }
-                finished |= v["event"] == "done";
-            }
-            let status = child.wait().unwrap();
-            if finished || status.success() {
-                assert_eq!(verify_code(&d.join("m.gguf")), Some(0));
-                continue;
-            }
-            if !d.join("m.sling.json").exists() {
-                assert_ne!(verify_code(&d.join("m.gguf")), Some(0), "verify accepted a killed run");
-            }
-            let o = run(&d, &["--resume", "--json"]);
-            ok(&o);
-            assert_eq!(hashes(&d), want, "resumed quantize output differs from the uninterrupted run");
-            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-            interrupted += 1;
-            reused_total += v["resumed_tensors"].as_u64().unwrap_or(0);
-            fs::remove_dir_all(&d).unwrap();
-        }
-        assert!(interrupted >= 2 && reused_total > 0, "the kills should land mid-run ({interrupted}, {reused_total})");
+        let (interrupted, reused) = sigkill_then_resume(t.path(), "quantize", &extra, &[3, 100, 220], |_| "0", &want);
+        assert!(interrupted >= 2 && reused > 0, "the kills should land mid-run ({interrupted}, {reused})");
     }
 }
 

@@ -57,20 +57,25 @@ impl Oracle {
         out.stdout
     }
 
-    /// llama.cpp's `ggml_quantize_chunk(type, x, ..., nrows, n_per_row, imatrix)`.
-    pub fn quantize(&self, ggml_name: &str, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Vec<u8> {
+    /// `ggml-quant-ref MODE TYPE NROWS NPERROW [IMATRIX]` on the rows `x` (the importance weights through a
+    /// temporary file, removed afterwards).
+    fn quant(&self, mode: &str, ggml_name: &str, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Vec<u8> {
         let nrows = x.len() / n_per_row;
-        let mut args = vec!["quant".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
-        let tmp;
-        if let Some(w) = imatrix {
-            tmp = tempfile(&f32_bytes(w));
-            args.push(tmp.display().to_string());
+        let mut args = vec![mode.into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
+        let tmp = imatrix.map(|w| tempfile(&f32_bytes(w)));
+        if let Some(t) = &tmp {
+            args.push(t.display().to_string());
         }
         let out = self.run(&args, &f32_bytes(x));
-        if imatrix.is_some() {
-            let _ = std::fs::remove_file(&args[4]);
+        if let Some(t) = tmp {
+            let _ = std::fs::remove_file(t);
         }
         out
+    }
+
+    /// llama.cpp's `ggml_quantize_chunk(type, x, ..., nrows, n_per_row, imatrix)`.
+    pub fn quantize(&self, ggml_name: &str, x: &[f32], n_per_row: usize, imatrix: Option<&[f32]>) -> Vec<u8> {
+        self.quant("quant", ggml_name, x, n_per_row, imatrix)
     }
 
     /// Every row quantized on its own (`quant-each`: one forked child per row, the type's grids built once): the
@@ -83,16 +88,7 @@ impl Oracle {
         imatrix: Option<&[f32]>,
     ) -> Vec<Option<Vec<u8>>> {
         let nrows = x.len() / n_per_row;
-        let mut args = vec!["quant-each".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
-        let tmp;
-        if let Some(w) = imatrix {
-            tmp = tempfile(&f32_bytes(w));
-            args.push(tmp.display().to_string());
-        }
-        let out = self.run(&args, &f32_bytes(x));
-        if imatrix.is_some() {
-            let _ = std::fs::remove_file(&args[4]);
-        }
+        let out = self.quant("quant-each", ggml_name, x, n_per_row, imatrix);
         assert_eq!(
             out.len() % nrows.max(1),
             0,
