@@ -97,6 +97,23 @@ if [ ! -f llama.cpp/.sling_version ] || [ "$(cat llama.cpp/.sling_version)" != "
   rm -f llama.cpp/.git   # dangling submodule gitlink; build-info uses -DLLAMA_BUILD_COMMIT instead
   echo "$VER" > llama.cpp/.sling_version
 fi
+# The one change to the reference build: llama.cpp's asynchronous logger is a singleton it leaks on purpose
+# (common/log.cpp, llama.cpp issue 22142), so lines still queued when main returns are lost. On a CPU-starved
+# machine llama-perplexity then exits 0 without its final figures. It now drains the logger before returning
+# (`common_log_flush`); nothing it computes changes. tests/interop/test_eval.py checks the figures under CPU load.
+if [ ! -f llama.cpp/.sling_log_flush ]; then
+  "$PYTHON" - <<'PY'
+p = "llama.cpp/tools/perplexity/perplexity.cpp"
+s = open(p).read()
+old = "    llama_backend_free();\n\n    return 0;\n}\n"
+assert s.count(old) == 1, "setup-reference.sh: perplexity.cpp's end of main moved; update the flush patch"
+s = s.replace(old, "    llama_backend_free();\n\n    common_log_flush(common_log_main()); // sling: drain the logger\n\n"
+                   "    return 0;\n}\n")
+open(p, "w").write(s)
+PY
+  rm -f llama.cpp-build/bin/llama-perplexity   # rebuilt below
+  touch llama.cpp/.sling_log_flush
+fi
 COMMIT=$(grep -m1 -o 'llama.cpp@[0-9a-f]*' "$SD/CHANGELOG.md" | cut -d@ -f2 || echo unknown)
 [ -d pylib/llama_cpp ] || { mkdir -p pylib && cp -a "$SD/llama_cpp" pylib/llama_cpp; }
 

@@ -464,9 +464,9 @@ _results: dict[str, dict] = {}
 
 
 def llama_perplexity(text: Path, ppl_args: list[str], args: list[str], want: str) -> str:
-    """llama-perplexity's output on `text`; run again (up to 3 times) when its log lost the final figures (`want`) or
-    it failed at exit: its asynchronous logger does not always flush the last lines, and once in ~600 runs it exited
-    non-zero after printing every chunk (seen in CI on mixtral-wide)."""
+    """llama-perplexity's output on `text`. Its figures cannot be lost any more (setup-reference.sh makes it drain its
+    asynchronous logger at exit; test_eval.py checks that under CPU load); the run is still repeated (up to 3 times)
+    when it exits non-zero after printing every chunk, seen once in ~600 runs in CI on mixtral-wide."""
     cmd = [str(LLAMA_BIN / "llama-perplexity"), "-f", str(text), "-t", str(JOBS), *ppl_args, *args]
     failures = []
     out = ""
