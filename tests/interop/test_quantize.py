@@ -247,17 +247,21 @@ def test_q2_k_s_without_imatrix_is_refused_like_llama_quantize(tmp_path):
 
 @pytest.mark.parametrize("name", WIDE[:3])
 def test_llama_cpp_runs_every_preset(name, tmp_path):
-    """llama.cpp loads every sling output and its logits stay close to the F32 conversion's (figures recorded)."""
+    """llama.cpp loads every sling output, its logits are finite, and their KL divergence from the F32 conversion's
+    falls as the bits rise along the K-quant ladder (figures recorded; measured steps are about 2x apart)."""
     files = [lab.sling_quantize(name, p, tmp_path / f"{p}.gguf", _extra(name, p))[0] for p in PRESETS]
     f32 = lab.sling_convert(name, "f32", tmp_path / "f32.gguf")[0]
     logits = lab.llama_logits([f32, *files], lab.TOKEN_IDS, tmp_path)
     ref = logits[0]
+    kl = {}
     for p, lg in zip(PRESETS, logits[1:]):
         assert np.isfinite(lg).all(), p
         s = lab.kl_stats(ref, lg)
         lab.record("quantize_logits", f"{name}/{p}", s)
-        # Loose sanity bound: random tiny models are far harder to quantize than trained ones; the figures matter.
-        assert s["kl_mean"] < 2.0, (p, s)
+        kl[p] = s["kl_mean"]
+    ladder = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "TQ1_0")
+    for hi, lo in zip(ladder, ladder[1:]):
+        assert 0 < kl[hi] < kl[lo], f"{hi} ({kl[hi]:.4f}) should lose less than {lo} ({kl[lo]:.4f})"
 
 
 GG_CASES = [(n, src, p) for n in ("qwen3moe-wide", "deepseekv3-wide", "gptoss-mxfp4-wide", "mixtral")
