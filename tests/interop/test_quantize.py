@@ -291,6 +291,8 @@ FLAG_SETS = {
     "output-q5_K-embd-q4_0": ("--output-tensor-type", "q5_K", "--token-embedding-type", "q4_0"),
     "tensor-types": ("--tensor-type", "ffn_down_exps=q8_0", "--tensor-type", "BLK\\.0\\..*=q6_K",
                      "--tensor-type", "attn_.*=iq4_nl"),
+    # the same rules as "tensor-types", from a file (whitespace- and newline-separated, llama-quantize's format)
+    "tensor-type-file": ("--tensor-type-file", str(lab.HERE / "data" / "tensor-types.txt")),
     "override-kv": ("--override-kv", "general.name=str:renamed", "--override-kv", "x.int=int:-7",
                     "--override-kv", "x.float=float:0.25", "--override-kv", "x.bool=bool:false"),
 }
