@@ -41,7 +41,10 @@ pub fn bos_token(src: &Path, cfg: &serde_json::Value, tok: &tokenizers::Tokenize
         std::fs::read_to_string(src.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
     let add = match tc.as_ref().and_then(|t| t.get("add_bos_token")).and_then(|v| v.as_bool()) {
         Some(b) => b,
-        None => tok.encode("a", true).ok().is_some_and(|e| e.get_ids().first() == Some(&bos)),
+        None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tok.encode("a", true)))
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|e| e.get_ids().first() == Some(&bos)),
     };
     add.then_some(bos)
 }
@@ -60,8 +63,15 @@ pub fn load(src: &Path, data: Option<&Path>, tokens: Option<&Path>) -> Result<To
                 .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tp.display()))?;
             let bos = bos_token(src, &cfg, &tok);
             let text = read_text(d)?;
-            let enc = tok
-                .encode(text.as_str(), false)
+            // The tokenizers library panics on some tokenizer.json contents (fuzzing found one): an error, not a crash.
+            let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tok.encode(text.as_str(), false)))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "cannot tokenize {}: the tokenizers library failed on {}",
+                        d.display(),
+                        tp.display()
+                    )
+                })?
                 .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", d.display()))?;
             let mut ids = Vec::with_capacity(enc.len() + 1);
             ids.extend(bos);

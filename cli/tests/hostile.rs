@@ -16,7 +16,7 @@ use serde_json::Value;
 use sling_provenance::manifest::hash_file;
 
 mod common;
-use common::{bin, copy_fixture, fixture, s, stderr};
+use common::{bin, copy_fixture, fixture, run, s, stderr};
 
 /// `sling <cmd> SRC -o OUT -q <extra>`, with `--tokenizer-pre gpt-2` for GGUF outputs (the fixtures' tokenizer is
 /// not in llama.cpp's table).
@@ -618,4 +618,28 @@ fn hostile_resume_journals_are_not_followed() {
         assert_eq!(fs::read(&victim).unwrap(), b"victim", "{what}");
         assert_eq!(fs::read(&victim_partial).unwrap(), b"victim", "{what}");
     }
+}
+
+/// Found by the `tokenizer_json` fuzz target: a `TemplateProcessing` post-processor whose single-sequence template
+/// uses sequence B made the tokenizers library panic (index out of bounds), so `convert` crashed with exit 101.
+/// Now: exit 2 naming tokenizer.json, nothing written.
+#[test]
+fn a_tokenizer_template_the_library_cannot_run_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let src = copy_fixture("qwen3moe", t.path());
+    let p = src.join("tokenizer.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "B", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {}
+    });
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = t.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let o = run(&["convert", s(&src), "--type", "q8_0", "-o", s(&out.join("m.gguf"))], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("sequence B"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 }

@@ -184,6 +184,9 @@ impl Recipe {
         for (name, kind) in choices {
             s.push_str(&format!("[[rule]]\nname = {}\n", q(&format!("^{}$", regex::escape(name)))));
             match kind {
+                // Group 0: the rule did not set one (the recipe's group_size applies), which a written
+                // `group_size = 0` would not say (it is refused).
+                Kind::Affine { bits, group: 0 } => s.push_str(&format!("bits = {bits}\n")),
                 Kind::Affine { bits, group } => s.push_str(&format!("bits = {bits}\ngroup_size = {group}\n")),
                 Kind::Keep => s.push_str("keep = true\n"),
             }
@@ -195,6 +198,16 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `mlx_recipe` fuzz target: a parsed rule without its own group size was written back as
+    /// `group_size = 0`, which does not parse.
+    #[test]
+    fn a_rule_without_a_group_size_is_written_without_one() {
+        let r = Recipe::parse("t", "bits = 3\ngroup_size = 64\n[[rule]]\nname = \"self_attn\"\nbits = 8\n").unwrap();
+        let choices: Vec<(String, Kind)> = r.rules.iter().map(|x| ("self_attn".to_string(), x.kind)).collect();
+        let back = Recipe::parse("again", &Recipe::toml("", 3, 64, &choices)).unwrap();
+        assert_eq!(back.rules[0].kind, Kind::Affine { bits: 8, group: 0 });
+    }
 
     #[test]
     fn parses_and_refuses_what_mlx_cannot_take() {

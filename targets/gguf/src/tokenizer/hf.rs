@@ -116,6 +116,7 @@ impl HfTokenizer {
     pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
         let raw = read_json(&path, "tokenizer.json: the reference converter loads the vocabulary with AutoTokenizer")?;
+        check_post_processor(&path, raw.get("post_processor"))?;
         let mut tok: Tokenizer = serde_json::from_value(raw.clone()).map_err(|e| tk_err(&path, e))?;
         // transformers calls `no_truncation()`/`set_truncation_and_padding(DO_NOT_*)` for a plain encode().
         tok.with_truncation(None).map_err(|e| tk_err(&path, e))?;
@@ -331,13 +332,28 @@ impl HfTokenizer {
 
     /// `tokenizer.encode(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        Ok(self.tok.encode(text, add_special_tokens).map_err(|e| tk_err(&self.path, e))?.get_ids().to_vec())
+        let enc = self.guarded(|| self.tok.encode(text, add_special_tokens))?;
+        Ok(enc.map_err(|e| tk_err(&self.path, e))?.get_ids().to_vec())
     }
 
     /// `tokenizer.decode(ids)` (skip_special_tokens=False).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        let text = self.tok.decode(ids, false).map_err(|e| tk_err(&self.path, e))?;
+        let text = self.guarded(|| self.tok.decode(ids, false))?.map_err(|e| tk_err(&self.path, e))?;
         Ok(if self.clean_up && !self.is_bpe { clean_up_tokenization(&text) } else { text })
+    }
+
+    /// A call into the `tokenizers` library, whose code panics on some inputs a `tokenizer.json` can describe (an
+    /// index out of bounds, found by the `tokenizer_json` fuzz target): the panic becomes an error naming the file,
+    /// not a crash.
+    fn guarded<T>(&self, f: impl FnOnce() -> T) -> Result<T, TokenizerError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            tk_err(&self.path, format!("the library failed on it ({why})"))
+        })
     }
 
     /// `sha256(str(tokenizer.encode(chktxt)))`.
@@ -457,6 +473,31 @@ impl HfTokenizer {
 }
 
 /// Python `str(obj)` of a special-token value from JSON (a string, or an AddedToken dict → its content).
+/// Refuses a `TemplateProcessing` post-processor (alone or inside a `Sequence` of processors) whose single-sequence
+/// template uses sequence `B`: `tokenizers` indexes a pair that is not there and panics (found by the
+/// `tokenizer_json` fuzz target; transformers, on the same Rust core, fails too).
+fn check_post_processor(path: &Path, pp: Option<&Value>) -> Result<(), TokenizerError> {
+    let Some(pp) = pp else { return Ok(()) };
+    match pp.get("type").and_then(Value::as_str) {
+        Some("TemplateProcessing") => {
+            let uses_b = pp.get("single").and_then(Value::as_array).is_some_and(|t| {
+                t.iter().any(|piece| piece.pointer("/Sequence/id").and_then(Value::as_str) == Some("B"))
+            });
+            if uses_b {
+                return Err(invalid(path, "post_processor: the single-sequence template uses sequence B"));
+            }
+            Ok(())
+        }
+        Some("Sequence") => {
+            for p in pp.get("processors").and_then(Value::as_array).into_iter().flatten() {
+                check_post_processor(path, Some(p))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 fn value_content(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
