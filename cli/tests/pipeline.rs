@@ -186,12 +186,17 @@ fn quantize_is_reproducible_across_threads_and_runs() {
 
 const KILL_SRC: &str = "deepseekv2lite"; // 312 tensors
 
-/// An uninterrupted reference run of `extra` into its own directory.
+/// An uninterrupted reference conversion with `extra` into its own directory.
 fn reference(root: &Path, extra: &[&str]) -> BTreeMap<String, String> {
+    reference_of(root, "convert", extra)
+}
+
+/// An uninterrupted reference run of `sling CMD` with `extra`: the sha256 of every file it wrote.
+fn reference_of(root: &Path, cmd: &str, extra: &[&str]) -> BTreeMap<String, String> {
     let d = out_dir(root, "reference");
     let mut a = vec!["-q", "--reproducible"];
     a.extend_from_slice(extra);
-    ok(&sling("convert", &fixture(KILL_SRC), &d.join("m.gguf"), &a, &[]));
+    ok(&sling(cmd, &fixture(KILL_SRC), &d.join("m.gguf"), &a, &[]));
     let h = hashes(&d);
     fs::remove_dir_all(&d).unwrap();
     h
@@ -360,11 +365,7 @@ fn sigkill_during_quantize_then_resume_is_identical() {
         if let Some(n) = split {
             extra.extend(["--split-max-tensors", n]);
         }
-        let r = out_dir(t.path(), &format!("q-reference-{}", split.unwrap_or("none")));
-        let mut a = vec!["-q", "--reproducible"];
-        a.extend_from_slice(&extra);
-        ok(&sling("quantize", &fixture(KILL_SRC), &r.join("m.gguf"), &a, &[]));
-        let want = hashes(&r);
+        let want = reference_of(t.path(), "quantize", &extra);
         let (interrupted, reused) = sigkill_then_resume(t.path(), "quantize", &extra, &[3, 100, 220], |_| "0", &want);
         assert!(interrupted >= 2 && reused > 0, "the kills should land mid-run ({interrupted}, {reused})");
     }

@@ -43,12 +43,8 @@ def gating(name: str) -> list[str]:
     return ["--override-kv", f"{lab.GATING_KEY}=int:{lab.SIGMOID}"] if name.startswith("deepseekv3") else []
 
 
-def perplexity(args: list[str], want: str) -> str:
-    return lab.llama_perplexity(TEXT, PPL_ARGS, args, want)
-
-
-def llama_ppl(model) -> float:
-    out = perplexity(["-m", str(model)], "Final estimate")
+def llama_ppl(model, ppl_args: list[str] = PPL_ARGS) -> float:
+    out = lab.llama_perplexity(TEXT, ppl_args, ["-m", str(model)], "Final estimate")
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     assert m, out[-2000:]
     return float(m.group(1))
@@ -142,18 +138,11 @@ T_KLD_RATIO = {"Q8_0": (0.3, 0.8), "Q6_K": (0.7, 0.97), "Q4_K_M": (0.9, 1.05), "
                "Q2_K": (0.93, 1.05)}
 
 
-def _plain_ppl(model) -> float:
-    out = lab.llama_perplexity(TEXT, T_ARGS, ["-m", str(model)], "Final estimate")
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    assert m, out[-2000:]
-    return float(m.group(1))
-
-
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory):
     base = tmp_path_factory.mktemp("trained-base") / "base.kld"
     lab.llama_kld_base(TRAINED, base, TEXT, T_ARGS)
-    return base, _plain_ppl(lab.reference_convert(TRAINED, "f32")[0])
+    return base, llama_ppl(lab.reference_convert(TRAINED, "f32")[0], T_ARGS)
 
 
 def _sling_eval(cand) -> dict:
@@ -167,7 +156,7 @@ def test_eval_of_reference_quants_on_the_trained_fixture(preset, trained_base):
     cand = lab.reference_quantize(TRAINED, preset)
     ours = _sling_eval(cand)
     theirs = lab.llama_kld(cand, base, TEXT, T_ARGS)
-    plain = _plain_ppl(cand)
+    plain = llama_ppl(cand, T_ARGS)
     ratio = ours["kld_mean"] / theirs["kld_mean"]
     keys = ("ppl", "ppl_ref", "kld_mean", "kld_median", "kld_p99", "kld_p999", "kld_max", "top1")
     lab.record("eval_trained", preset, {"sling": {k: ours[k] for k in keys + ("chunks", "tokens")},
