@@ -5,7 +5,8 @@
 //!   and real SIGKILLs) leaves nothing `verify` accepts, and `--resume` ends byte-identical to an
 //!   uninterrupted run, reusing only tensors whose hashes check out;
 //! - disk full and read-only output are clear errors (exit 2) that leave nothing behind and the source
-//!   untouched;
+//!   untouched (a small tmpfs: mounted directly as root, otherwise in a user namespace the test re-runs
+//!   itself in; under CI a run that can do neither fails);
 //! - the JSON-lines event stream parses and holds the documented fields; the model card is covered by
 //!   the manifest.
 
@@ -513,9 +514,44 @@ struct Mount(PathBuf);
 impl Mount {
     fn tmpfs(at: &Path, opts: &str) -> Option<Mount> {
         fs::create_dir_all(at).unwrap();
+        // Lets a root run exercise the user-namespace fallback the way a non-root one takes it.
+        if std::env::var_os("SLING_TEST_NO_MOUNT").is_some() {
+            return None;
+        }
         let o = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs", s(at)]).output().ok()?;
         o.status.success().then(|| Mount(at.to_path_buf()))
     }
+}
+
+/// Re-runs the test `name` inside a private user and mount namespace (`unshare --user --map-root-user
+/// --mount`), where an unprivileged user may mount a tmpfs, when this process cannot mount one itself. The
+/// outcome of that run is asserted here. If no namespace can be made either, the test fails under CI (a check
+/// that silently did not run proves nothing) and says why it did not run elsewhere.
+fn rerun_in_user_namespace(name: &str) {
+    if std::env::var_os("SLING_TEST_IN_USERNS").is_some() {
+        panic!("cannot mount a tmpfs even as root of a user namespace");
+    }
+    let exe = std::env::current_exe().unwrap();
+    let o = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", s(&exe), "--exact", name, "--test-threads", "1", "--nocapture"])
+        .env("SLING_TEST_IN_USERNS", "1")
+        .env_remove("SLING_TEST_NO_MOUNT")
+        .output();
+    let why = match o {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("1 passed") => {
+            eprintln!("ran in a user namespace (this process cannot mount)");
+            return;
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("running 1 test") => {
+            panic!("{name} failed in a user namespace:\n{}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o))
+        }
+        Ok(o) => format!("unshare could not make a user namespace: {}", stderr(&o).trim()),
+        Err(e) => format!("cannot run unshare: {e}"),
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{name} cannot run here: not root, and {why}");
+    }
+    eprintln!("skipped {name}: not root, and {why} (under CI this is a failure)");
 }
 
 impl Drop for Mount {
@@ -580,8 +616,7 @@ fn file_size_limit_is_a_clear_error_and_leaves_nothing() {
 fn full_disk_is_a_clear_error_and_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
     let Some(_m) = Mount::tmpfs(&t.path().join("small"), "size=256k") else {
-        eprintln!("skipped: cannot mount a tmpfs here (not root); the file-size-limit test covers the error path");
-        return;
+        return rerun_in_user_namespace("full_disk_is_a_clear_error_and_leaves_nothing");
     };
     let src = fixture(KILL_SRC);
     let before = source_state(&src);
@@ -596,7 +631,7 @@ fn full_disk_is_a_clear_error_and_leaves_nothing() {
     assert_clear_output_error(&o, &["disk is full"]);
     assert!(stderr(&o).contains("rerun with --resume"), "{}", stderr(&o));
     assert_eq!(names(&d), ["m.gguf.partial", "m.gguf.partial.json"]);
-    let o = Command::new("mount").args(["-o", "remount,size=4m", s(&d)]).output().unwrap();
+    let o = Command::new("mount").args(["-t", "tmpfs", "-o", "remount,size=4m", "tmpfs", s(&d)]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(resume_and_compare(&d, &[], &want) > 0, "the tensors written before the disk filled are reused");
     assert_eq!(source_state(&src), before);
@@ -615,8 +650,8 @@ fn read_only_output_is_a_clear_error() {
         std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o555);
         fs::set_permissions(&ro, p).unwrap();
         if fs::File::create(ro.join("probe")).is_ok() {
-            eprintln!("skipped: running as root without mount: cannot make a read-only directory");
-            return;
+            // Root ignores the mode: only a read-only mount stops it.
+            return rerun_in_user_namespace("read_only_output_is_a_clear_error");
         }
     }
     let o = sling("convert", &src, &ro.join("m.gguf"), &["-q"], &[]);
