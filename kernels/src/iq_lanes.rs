@@ -1,5 +1,6 @@
-//! The i-quant encoders IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS and IQ2_S with their hot spots on AVX2: the very encoders
-//! of the scalar reference ([`sling_quantizers::iq1`], [`sling_quantizers::iq2`], ports of ggml-quants.c),
+//! The i-quant encoders IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S with their hot spots on AVX2:
+//! the very encoders of the scalar reference ([`sling_quantizers::iq1`], [`sling_quantizers::iq2`],
+//! [`sling_quantizers::iq3`], ports of ggml-quants.c),
 //! instantiated with [`Avx2Iq`] in place of [`Reference`](sling_quantizers::iqsearch::Reference). Every replacement
 //! returns exactly what the reference returns, for every input (tested against it below and on hostile rows in
 //! `lib.rs`; the reference against ggml itself in `quantizers/tests/bitexact_iq*.rs`):
@@ -22,9 +23,9 @@
 //!   lane keeps its first strict minimum; the first least among the lanes is the reference's answer. When no
 //!   candidate scores below `FLT_MAX` (non-finite sums), and for IQ2 lists too short to gain, the reference runs.
 //!
-//! IQ3_XXS and IQ3_S stay on the AVX2 build of the scalar code: their neighbour lists are short (mostly 2 to 8
-//! points of 4 coordinates with 8 levels each) and the same vector search (without gathers, terms in vectors)
-//! measured 0.8x of the reference loop there.
+//! IQ3_XXS and IQ3_S replace their whole scale search instead ([`crate::iq3_lanes`]: eight steps per vector): their
+//! neighbour lists are short (mostly 2 to 8 points of 4 coordinates with 8 levels each), and the vector search over
+//! one list above measured 0.8x of the reference loop there.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -33,12 +34,16 @@ use sling_core::DType;
 use sling_quantizers::iq1::{
     find_best_neighbour2, levels, sorted_pairs, Pair, IQ1M_BLOCK_SIZE, IQ1M_DELTA, IQ1S_BLOCK_SIZE, IQ1S_DELTA,
 };
+use sling_quantizers::iq3::{Iq3Best, Iq3Data};
 use sling_quantizers::iqgrid::Iq2Maps;
 use sling_quantizers::iqsearch::{IqSearch, Partition};
 
 /// Whether [`rows`] handles `dtype`.
 pub(crate) fn handles(dtype: DType) -> bool {
-    matches!(dtype, DType::IQ1S | DType::IQ1M | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S)
+    matches!(
+        dtype,
+        DType::IQ1S | DType::IQ1M | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ3XXS | DType::IQ3S
+    )
 }
 
 /// `quantize_row_iq1_*` over every row of `x` into `y` (`row_bytes` per row), with the [`Avx2Iq`] searches.
@@ -61,6 +66,8 @@ pub(crate) unsafe fn rows(
             DType::IQ2XXS => sling_quantizers::iq2::quantize_row_iq2_xxs_with::<Avx2Iq>(row, imatrix, dst),
             DType::IQ2XS => sling_quantizers::iq2::quantize_row_iq2_xs_with::<Avx2Iq>(row, imatrix, dst),
             DType::IQ2S => sling_quantizers::iq2::quantize_row_iq2_s_with::<Avx2Iq>(row, imatrix, dst),
+            DType::IQ3XXS => sling_quantizers::iq3::quantize_row_iq3_xxs_with::<Avx2Iq>(row, imatrix, dst),
+            DType::IQ3S => sling_quantizers::iq3::quantize_row_iq3_s_with::<Avx2Iq>(row, imatrix, dst),
             _ => unreachable!("iq_lanes::rows called for {dtype}"),
         }
     }
@@ -131,6 +138,17 @@ impl IqSearch for Avx2Iq {
             }
             None => sling_quantizers::iq2::find_best_neighbour(maps, u, xval, weight, scale, l),
         }
+    }
+    #[inline(always)]
+    fn scale_search_iq3<const XXS: bool>(
+        data: &Iq3Data,
+        xval: &[f32; 32],
+        weight: &[f32; 32],
+        waux: &[f32; 32],
+        max: f32,
+    ) -> Iq3Best {
+        // SAFETY: `Avx2Iq` only runs after the AVX2 check (its doc).
+        unsafe { crate::iq3_lanes::scale_search::<XXS>(data, xval, weight, waux, max) }
     }
 }
 

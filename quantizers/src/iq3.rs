@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 
 use crate::common::ggml_fp32_to_fp16;
 use crate::common::read_f16;
+use crate::iqsearch::{IqSearch, Reference};
 use crate::search::nearest_int;
 
 #[rustfmt::skip]
@@ -246,11 +247,75 @@ fn sums(weight: &[f32; 32], xval: &[f32; 32], l: &[i8; 32]) -> (f32, f32) {
     (sumqx, sumq2)
 }
 
+/// What the scale search of one 32-value sub-block keeps: the scale of the best step (`max / (2*kMaxQ - 1)` when
+/// no step wins), its 32 levels (all 0 when none wins) and which of its 8 groups were on the grid (the initial
+/// flags when none wins).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Iq3Best {
+    pub scale: f32,
+    pub l: [i8; 32],
+    pub is_on_grid: [bool; 8],
+}
+
+/// The steps of the scale search: `is` in `-n..=n`, `n` = 15 for IQ3_XXS and 9 for IQ3_S.
+pub const fn iq3_steps(xxs: bool) -> i32 {
+    if xxs {
+        15
+    } else {
+        9
+    }
+}
+
+/// The scale search of `quantize_row_iq3_xxs_impl` / `quantize_row_iq3_s_impl` (the `for (int is = -ntry; ...)`
+/// loop): for each step the levels of the 8 groups of 4 magnitudes `xval` at inverse scale
+/// `id = (2*kMaxQ - 1 + 0.2*is)/max`, snapped to the grid through `iq3_find_best_neighbour` (weights `waux`) where
+/// off it; the step with the largest `sumqx²/sumq2` (weights `weight`) wins, the first one on ties.
+#[inline(always)]
+pub fn scale_search<const XXS: bool>(
+    data: &Iq3Data,
+    xval: &[f32; 32],
+    weight: &[f32; 32],
+    waux: &[f32; 32],
+    max: f32,
+) -> Iq3Best {
+    let mut l = [0i8; 32];
+    let mut laux = [0i8; 32];
+    let mut best = 0.0f32;
+    let mut scale = max / (2 * K_MAX_Q - 1) as f32;
+    // IQ3_XXS starts with every group "on the grid", IQ3_S with none.
+    let mut is_on_grid = [XXS; 8];
+    let mut is_on_grid_aux = [false; 8];
+    let nsteps = iq3_steps(XXS);
+    for is in -nsteps..=nsteps {
+        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max;
+        let this_scale = 1.0 / id;
+        for k in 0..8 {
+            levels(id, &xval[4 * k..], &mut laux[4 * k..]);
+            let u = pack_point(&laux[4 * k..]);
+            let grid_index = data.map[u];
+            is_on_grid_aux[k] = true;
+            if grid_index < 0 {
+                is_on_grid_aux[k] = false;
+                let nb = &data.neighbours[(-grid_index - 1) as usize..];
+                iq3_find_best_neighbour(data, nb, &xval[4 * k..], &waux[4 * k..], this_scale, &mut laux[4 * k..]);
+            }
+        }
+        let (sumqx, sumq2) = sums(weight, xval, &laux);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            l = laux;
+            is_on_grid = is_on_grid_aux;
+        }
+    }
+    Iq3Best { scale, l, is_on_grid }
+}
+
 /// One 32-value sub-block of `quantize_row_iq3_xxs_impl` (`XXS`) or `quantize_row_iq3_s_impl` (block size 32):
 /// signs, weights, scale search and grid snapping. Returns `None` where the C `continue`s (scale 0, nothing
 /// written), else the scale, the 8 grid indices and the 4 sign bytes (7-bit sign indices for IQ3_XXS).
 #[inline(always)]
-fn quantize_block<const XXS: bool>(
+fn quantize_block<S: IqSearch, const XXS: bool>(
     data: &Iq3Data,
     xb: &[f32],
     qw: Option<&[f32]>,
@@ -318,36 +383,7 @@ fn quantize_block<const XXS: bool>(
     } else if max == 0.0 {
         return None;
     }
-    let mut l = [0i8; 32];
-    let mut laux = [0i8; 32];
-    let mut best = 0.0f32;
-    let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-    // IQ3_XXS starts with every group "on the grid", IQ3_S with none.
-    let mut is_on_grid = [XXS; 8];
-    let mut is_on_grid_aux = [false; 8];
-    let nsteps: i32 = if XXS { 15 } else { 9 };
-    for is in -nsteps..=nsteps {
-        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max;
-        let this_scale = 1.0 / id;
-        for k in 0..8 {
-            levels(id, &xval[4 * k..], &mut laux[4 * k..]);
-            let u = pack_point(&laux[4 * k..]);
-            let grid_index = data.map[u];
-            is_on_grid_aux[k] = true;
-            if grid_index < 0 {
-                is_on_grid_aux[k] = false;
-                let nb = &data.neighbours[(-grid_index - 1) as usize..];
-                iq3_find_best_neighbour(data, nb, &xval[4 * k..], &waux[4 * k..], this_scale, &mut laux[4 * k..]);
-            }
-        }
-        let (sumqx, sumq2) = sums(&weight, &xval, &laux);
-        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            l = laux;
-            is_on_grid = is_on_grid_aux;
-        }
-    }
+    let Iq3Best { mut scale, mut l, is_on_grid } = S::scale_search_iq3::<XXS>(data, &xval, &weight, &waux, max);
     let n_not_ongrid = is_on_grid.iter().filter(|&&g| !g).count();
     if n_not_ongrid > 0 && scale > 0.0 {
         let id = 1.0 / scale;
@@ -409,8 +445,13 @@ fn scale_nibble(id: f32, scale: f32) -> u32 {
 
 /// `quantize_iq3_xxs` for one row: `quantize_row_iq3_xxs_impl(256, x, y, n, qw)`. `x.len()` is a multiple of 256,
 /// `y` holds `x.len() / 256` blocks of 98 bytes, `qw` (when given) `x.len()` weights.
-#[inline(always)]
 pub fn quantize_row_iq3_xxs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq3_xxs_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq3_xxs`] with the scale search of `S`.
+#[inline(always)]
+pub fn quantize_row_iq3_xxs_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let data = iq3_data(256);
     for (ibl, (xbl, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(IQ3_XXS_BYTES)).enumerate() {
         let sigma2 = sigma2(xbl);
@@ -419,7 +460,7 @@ pub fn quantize_row_iq3_xxs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
         let mut max_scale = 0.0f32;
         for ib in 0..QK_K / 32 {
             let qwb = qw.map(|w| &w[QK_K * ibl + 32 * ib..QK_K * ibl + 32 * ib + 32]);
-            let Some((scale, idx, signs)) = quantize_block::<true>(data, &xbl[32 * ib..32 * ib + 32], qwb, sigma2)
+            let Some((scale, idx, signs)) = quantize_block::<S, true>(data, &xbl[32 * ib..32 * ib + 32], qwb, sigma2)
             else {
                 continue;
             };
@@ -449,8 +490,13 @@ pub fn quantize_row_iq3_xxs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 
 /// `quantize_iq3_s` for one row: `quantize_row_iq3_s_impl(32, x, y, n, qw, ...)`. `x.len()` is a multiple of 256,
 /// `y` holds `x.len() / 256` blocks of 110 bytes, `qw` (when given) `x.len()` weights.
-#[inline(always)]
 pub fn quantize_row_iq3_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
+    quantize_row_iq3_s_with::<Reference>(x, qw, y)
+}
+
+/// [`quantize_row_iq3_s`] with the scale search of `S`.
+#[inline(always)]
+pub fn quantize_row_iq3_s_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     const BS: usize = IQ3S_BLOCK_SIZE;
     const QS: usize = 2;
     const QH: usize = QS + QK_K / 4;
@@ -470,7 +516,7 @@ pub fn quantize_row_iq3_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
         let (mut qs, mut signs_at) = (QS, SIGNS);
         for ib in 0..QK_K / BS {
             let qwb = qw.map(|w| &w[QK_K * ibl + BS * ib..QK_K * ibl + BS * ib + BS]);
-            let Some((scale, idx, signs)) = quantize_block::<false>(data, &xbl[BS * ib..BS * ib + BS], qwb, sigma2)
+            let Some((scale, idx, signs)) = quantize_block::<S, false>(data, &xbl[BS * ib..BS * ib + BS], qwb, sigma2)
             else {
                 continue;
             };

@@ -1,9 +1,10 @@
-//! The hot spots of the i-quant encoders (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S) behind one trait, so
-//! that `sling-kernels` can run faster versions of them inside the very encoders of [`crate::iq1`] and
-//! [`crate::iq2`]. The provided methods are the scalar reference (the C code's loops as they
+//! The hot spots of the i-quant encoders (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) behind one
+//! trait, so that `sling-kernels` can run faster versions of them inside the very encoders of [`crate::iq1`],
+//! [`crate::iq2`] and [`crate::iq3`]. The provided methods are the scalar reference (the C code's loops as they
 //! are); an implementation must return exactly what they return, for every input.
 
 use crate::iq1::{self, Pair, IQ1M_BLOCK_SIZE, IQ1S_BLOCK_SIZE};
+use crate::iq3::{Iq3Best, Iq3Data};
 use crate::iqgrid::Iq2Maps;
 
 /// The result of the partition search over the sorted block: `besti1`, `besti2`, the shift (IQ1_S: `1` for
@@ -53,6 +54,17 @@ pub trait IqSearch {
     #[inline(always)]
     fn neighbour_iq2(maps: &Iq2Maps, u: usize, xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
         crate::iq2::find_best_neighbour(maps, u, xval, weight, scale, l)
+    }
+    /// The scale search of one IQ3_XXS (`XXS`) or IQ3_S sub-block ([`crate::iq3::scale_search`]).
+    #[inline(always)]
+    fn scale_search_iq3<const XXS: bool>(
+        data: &Iq3Data,
+        xval: &[f32; 32],
+        weight: &[f32; 32],
+        waux: &[f32; 32],
+        max: f32,
+    ) -> Iq3Best {
+        crate::iq3::scale_search::<XXS>(data, xval, weight, waux, max)
     }
 }
 
