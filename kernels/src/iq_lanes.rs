@@ -23,7 +23,7 @@
 //!   lane keeps its first strict minimum; the first least among the lanes is the reference's answer. When no
 //!   candidate scores below `FLT_MAX` (non-finite sums), and for IQ2 lists too short to gain, the reference runs.
 //!
-//! IQ3_XXS and IQ3_S replace their whole scale search instead ([`crate::iq3_lanes`]: eight steps per vector): their
+//! IQ3_XXS and IQ3_S replace their whole scale search instead ([`crate::iq_steps`]: eight steps per vector): their
 //! neighbour lists are short (mostly 2 to 8 points of 4 coordinates with 8 levels each), and the vector search over
 //! one list above measured 0.8x of the reference loop there.
 
@@ -34,6 +34,7 @@ use sling_core::DType;
 use sling_quantizers::iq1::{
     find_best_neighbour2, levels, sorted_pairs, Pair, IQ1M_BLOCK_SIZE, IQ1M_DELTA, IQ1S_BLOCK_SIZE, IQ1S_DELTA,
 };
+use sling_quantizers::iq2::Iq2Step;
 use sling_quantizers::iq3::{Iq3Best, Iq3Data};
 use sling_quantizers::iqgrid::Iq2Maps;
 use sling_quantizers::iqsearch::{IqSearch, Partition};
@@ -140,6 +141,18 @@ impl IqSearch for Avx2Iq {
         }
     }
     #[inline(always)]
+    fn steps_iq2<const G: usize>(
+        maps: &Iq2Maps,
+        nsteps: i32,
+        den: f32,
+        xval: &[f32],
+        weight: &[f32],
+        waux: &[f32],
+    ) -> Option<Iq2Step<G>> {
+        // SAFETY: `Avx2Iq` only runs after the AVX2 check (its doc).
+        unsafe { crate::iq_steps::iq2_step_search::<G>(maps, nsteps, den, xval, weight, waux) }
+    }
+    #[inline(always)]
     fn scale_search_iq3<const XXS: bool>(
         data: &Iq3Data,
         xval: &[f32; 32],
@@ -148,7 +161,7 @@ impl IqSearch for Avx2Iq {
         max: f32,
     ) -> Iq3Best {
         // SAFETY: `Avx2Iq` only runs after the AVX2 check (its doc).
-        unsafe { crate::iq3_lanes::scale_search::<XXS>(data, xval, weight, waux, max) }
+        unsafe { crate::iq_steps::scale_search::<XXS>(data, xval, weight, waux, max) }
     }
 }
 

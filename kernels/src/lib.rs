@@ -23,9 +23,9 @@ pub mod encode;
 pub mod gemm_layout;
 pub mod gptq;
 #[cfg(target_arch = "x86_64")]
-mod iq3_lanes;
-#[cfg(target_arch = "x86_64")]
 mod iq_lanes;
+#[cfg(target_arch = "x86_64")]
+mod iq_steps;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
 

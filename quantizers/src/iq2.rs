@@ -155,6 +155,58 @@ fn sums(weight: &[f32], xval: &[f32], l: &[i8]) -> (f32, f32) {
     (sumqx, sumq2)
 }
 
+/// The winning step of an IQ2 scale search over `G` groups of 8: its scale, levels and which groups were on the
+/// grid before snapping.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Iq2Step<const G: usize> {
+    pub scale: f32,
+    pub l: [[i8; 8]; G],
+    pub on_grid: [bool; G],
+}
+
+/// The `for (int is = -n; is <= n; ++is)` loop shared by `quantize_row_iq2_xxs_impl` (4 groups, `n` = 6, `den` =
+/// `eff_max`) and `quantize_row_iq2_xs_impl` / `quantize_row_iq2_s_impl` (2 groups, `n` = 9, `den` = `max`): for
+/// each step the levels at `id = (2*kMaxQ - 1 + 0.1*is)/den`, off-grid groups snapped by `S::neighbour_iq2` (weights
+/// `waux`); the step with the largest `sumqx²/sumq2` (weights `weight`) wins, the first on ties (starting from
+/// `best = 0`). `None` when no step scores.
+#[inline(always)]
+pub fn step_search<S: IqSearch, const G: usize>(
+    maps: &Iq2Maps,
+    nsteps: i32,
+    den: f32,
+    xval: &[f32],
+    weight: &[f32],
+    waux: &[f32],
+) -> Option<Iq2Step<G>> {
+    let mut laux = [[0i8; 8]; G];
+    let mut on_grid = [true; G];
+    let mut best = 0.0f32;
+    let mut win = None;
+    for is in -nsteps..=nsteps {
+        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / den;
+        let this_scale = 1.0 / id;
+        for k in 0..G {
+            let r = 8 * k..8 * k + 8;
+            for i in 0..8 {
+                laux[k][i] = level(id, xval[8 * k + i]) as i8;
+            }
+            let u = pack_u(&laux[k]);
+            on_grid[k] = true;
+            if map_at(maps, u) < 0 {
+                on_grid[k] = false;
+                S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r], this_scale, &mut laux[k]);
+            }
+        }
+        let (sumqx, sumq2) = sums(&weight[..8 * G], &xval[..8 * G], laux.as_flattened());
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            let scale = sumqx / sumq2;
+            best = scale * sumqx;
+            win = Some(Iq2Step { scale, l: laux, on_grid });
+        }
+    }
+    win
+}
+
 /// `Σ x²` over a super-block, in order.
 #[inline(always)]
 fn sum_sq(x: &[f32]) -> f32 {
@@ -241,7 +293,6 @@ fn quantize_block_iq2_xxs<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&
     let mut weight = [0.0f32; 32];
     let mut xval = [0.0f32; 32];
     let mut l = [0i8; 32];
-    let mut laux = [0i8; 32];
     let mut waux = [0.0f32; 32];
     let mut block_signs = [0u8; 4];
     let mut q2 = [0u32; 2 * (QK_K / 32)];
@@ -279,26 +330,9 @@ fn quantize_block_iq2_xxs<S: IqSearch>(maps: &Iq2Maps, xbl: &[f32], qw: Option<&
             l = [0; 32];
             continue;
         }
-        let mut best = 0.0f32;
-        for is in -6..=6 {
-            let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / eff_max;
-            let this_scale = 1.0 / id;
-            for k in 0..4 {
-                let r = 8 * k..8 * k + 8;
-                for i in r.clone() {
-                    laux[i] = level(id, xval[i]) as i8;
-                }
-                let u = pack_u(&laux[r.clone()]);
-                if map_at(maps, u) < 0 {
-                    S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
-                }
-            }
-            let (sumqx, sumq2) = sums(&weight, &xval, &laux);
-            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                scale = sumqx / sumq2;
-                best = scale * sumqx;
-                l = laux;
-            }
+        if let Some(w) = S::steps_iq2::<4>(maps, 6, eff_max, &xval, &weight, &waux) {
+            scale = w.scale;
+            l.copy_from_slice(w.l.as_flattened());
         }
         if scale > 0.0 {
             let id = 1.0 / scale;
@@ -387,33 +421,12 @@ fn search_16<S: IqSearch>(
     xval: &[f32; 16],
     l: &mut [i8; 16],
 ) -> f32 {
-    let mut laux = [0i8; 16];
     let mut is_on_grid = [true; 2];
-    let mut is_on_grid_aux = [true; 2];
-    let mut best = 0.0f32;
     let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-    for is in -9..=9 {
-        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / max;
-        let this_scale = 1.0 / id;
-        for (k, on_grid) in is_on_grid_aux.iter_mut().enumerate() {
-            let r = 8 * k..8 * k + 8;
-            for i in r.clone() {
-                laux[i] = level(id, xval[i]) as i8;
-            }
-            let u = pack_u(&laux[r.clone()]);
-            *on_grid = true;
-            if map_at(maps, u) < 0 {
-                *on_grid = false;
-                S::neighbour_iq2(maps, u, &xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
-            }
-        }
-        let (sumqx, sumq2) = sums(weight, xval, &laux);
-        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            *l = laux;
-            is_on_grid = is_on_grid_aux;
-        }
+    if let Some(w) = S::steps_iq2::<2>(maps, 9, max, xval, weight, waux) {
+        scale = w.scale;
+        l.copy_from_slice(w.l.as_flattened());
+        is_on_grid = w.on_grid;
     }
     let n_not_ongrid = is_on_grid.iter().filter(|&&g| !g).count();
     if n_not_ongrid > 0 && scale > 0.0 {

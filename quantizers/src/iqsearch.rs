@@ -4,6 +4,7 @@
 //! are); an implementation must return exactly what they return, for every input.
 
 use crate::iq1::{self, Pair, IQ1M_BLOCK_SIZE, IQ1S_BLOCK_SIZE};
+use crate::iq2::Iq2Step;
 use crate::iq3::{Iq3Best, Iq3Data};
 use crate::iqgrid::Iq2Maps;
 
@@ -54,6 +55,21 @@ pub trait IqSearch {
     #[inline(always)]
     fn neighbour_iq2(maps: &Iq2Maps, u: usize, xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
         crate::iq2::find_best_neighbour(maps, u, xval, weight, scale, l)
+    }
+    /// The step loop of the IQ2 scale searches ([`crate::iq2::step_search`], with `Self`'s neighbour search).
+    #[inline(always)]
+    fn steps_iq2<const G: usize>(
+        maps: &Iq2Maps,
+        nsteps: i32,
+        den: f32,
+        xval: &[f32],
+        weight: &[f32],
+        waux: &[f32],
+    ) -> Option<Iq2Step<G>>
+    where
+        Self: Sized,
+    {
+        crate::iq2::step_search::<Self, G>(maps, nsteps, den, xval, weight, waux)
     }
     /// The scale search of one IQ3_XXS (`XXS`) or IQ3_S sub-block ([`crate::iq3::scale_search`]).
     #[inline(always)]
