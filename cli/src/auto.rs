@@ -401,7 +401,31 @@ pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
     if a.recipe.is_some() || a.group_size.is_some() {
         bail!("--to mlx:auto chooses every weight's bits and group size itself; --recipe and --group-size cannot be combined with it");
     }
-    check_common(a, "--to mlx:auto", "--method and its flags go with mlx:BITS")
+    // GPTQ solves each weight on the grid the allocation chose for it (the same bytes per weight, so the same
+    // size); AWQ would rescale the very weights the allocation measured, and is not offered here.
+    let s = &a.solve;
+    match s.method {
+        Some(crate::solve::Method::Gptq) => {
+            if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
+                bail!("--sample-rows and --probe-rows must be at least 1");
+            }
+            Ok(())
+        }
+        Some(crate::solve::Method::Awq) => bail!(
+            "--to mlx:auto takes --method gptq (or rtn), not awq: write the allocation with --save-recipe, then \
+             --to mlx:4 --recipe FILE --method awq"
+        ),
+        _ => check_common(a, "--to mlx:auto", "--method gptq and its flags solve the allocation's grids"),
+    }
+}
+
+/// The method that quantizes an `mlx:auto` allocation: round to nearest unless `--method gptq` asks (there
+/// `--data` feeds the sensitivity probes first; it is not a request for GPTQ by itself, as it is with mlx:BITS).
+pub fn mlx_auto_method(a: &QuantArgs) -> Result<crate::solve::Method> {
+    match a.solve.method {
+        Some(crate::solve::Method::Gptq) => a.solve.method(),
+        _ => Ok(crate::solve::Method::Rtn),
+    }
 }
 
 /// Each MLX weight's imatrix entry (GGUF names: llama-imatrix's or `sling calibrate`'s), found through the GGUF

@@ -232,7 +232,7 @@ pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
             eprintln!("{}", ap.description);
         }
     }
-    let method = if to == To::MlxAuto { crate::solve::Method::Rtn } else { a.solve.method()? };
+    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(a)? } else { a.solve.method()? };
     if method != crate::solve::Method::Rtn {
         // Before a long calibrated run: which experts the calibration data reaches (a routing-only forward pass).
         let grids = grids_of(&p);
@@ -322,6 +322,11 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let backend = a.pipeline.backend(rep)?;
     let t0 = Instant::now();
     let (ck, mut planned) = open_and_plan(&a.q, to)?;
+    // mlx:auto's --data feeds the sensitivity probes; its weights are rounded to nearest unless --method gptq.
+    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(&a.q)? } else { a.q.solve.method()? };
+    if method != crate::solve::Method::Rtn {
+        sling_pipeline::exec::check_output(&ck, &a.output)?;
+    }
     let auto = match to {
         To::MlxAuto => {
             let gemm = match a.q.solve.data.is_some() || a.q.solve.tokens.is_some() {
@@ -342,11 +347,6 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         Some(ap) => Some(ap.recipe.clone()),
         None => recipe_text(&a.q)?,
     };
-    // mlx:auto's --data feeds the sensitivity probes; its weights are rounded to nearest.
-    let method = if to == To::MlxAuto { crate::solve::Method::Rtn } else { a.q.solve.method()? };
-    if method != crate::solve::Method::Rtn {
-        sling_pipeline::exec::check_output(&ck, &a.output)?;
-    }
     let solved = match method {
         crate::solve::Method::Rtn => None,
         m => {

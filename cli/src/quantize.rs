@@ -37,6 +37,7 @@ checkpoint give its directory, e.g. ./Qwen3-30B-A3B, and drop --tokenizer-pre):
   sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 64 -o qwen3-mlx-4bit   # for mlx-lm
   sling quantize fixtures/models/qwen3moe --to mlx:auto --target-bpw 4.5 --imatrix imatrix.gguf --data tests/interop/data/calib.txt -o q-mlx
   sling quantize fixtures/models/qwen3moe --to mlx:4 --recipe q-mlx.recipe.toml -o q-mlx-again   # per-weight bits, docs/mlx.md
+  sling quantize fixtures/models/qwen3moe --to mlx:auto --target-bpw 4.5 --data tests/interop/data/calib.txt --method gptq -o q-mlx-gptq
   sling plan fixtures/models/deepseekv3 --to vllm:nvfp4 --json   # what is quantized, what is kept at source precision
   sling quantize fixtures/models/qwen3moe --to vllm:w4a16 --data tests/interop/data/calib.txt -o qwen3-w4a16-gptq   # GPTQ per layer and expert
   sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 --method awq --data tests/interop/data/calib.txt --ctx 64 -o q-awq
@@ -73,7 +74,8 @@ tensor's KL divergence at two types is probed in one layer-by-layer pass; the ty
 that fit are written as a recipe (OUT.recipe.toml, also --save-recipe FILE; --recipe FILE makes the same file \
 again) and recorded in the manifest and the model card (docs/quantization.md, \"Quantize to a size target\"). \
 mlx:auto does the same for mlx-lm: bits 2-8 and group size 32/64/128 per weight, written as per-module overrides, \
-its recipe an MLX recipe (--to mlx:BITS --recipe FILE; docs/mlx.md).
+its recipe an MLX recipe (--to mlx:BITS --recipe FILE; docs/mlx.md); with --method gptq each weight is then \
+GPTQ-solved on the grid chosen for it (the same recipe and size; --data feeds both).
 
 Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
