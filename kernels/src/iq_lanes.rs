@@ -149,6 +149,11 @@ impl IqSearch for Avx2Iq {
         weight: &[f32],
         waux: &[f32],
     ) -> Option<Iq2Step<G>> {
+        // IQ2_XS (the 512-point grid) keeps the loop over steps, with the vector search per list: its lists are
+        // long (11.8 points on average) and eight steps per vector measured 3 % slower there.
+        if maps.grid.len() == 512 {
+            return sling_quantizers::iq2::step_search::<Self, G>(maps, nsteps, den, xval, weight, waux);
+        }
         // SAFETY: `Avx2Iq` only runs after the AVX2 check (its doc).
         unsafe { crate::iq_steps::iq2_step_search::<G>(maps, nsteps, den, xval, weight, waux) }
     }
