@@ -79,47 +79,35 @@ pub(crate) unsafe fn scale_search<const XXS: bool>(
     let mut winner: Option<([i32; 8], u32)> = None;
     let mut is0 = -nsteps;
     while is0 <= nsteps {
-        let valid = (nsteps - is0 + 1).min(8) as usize;
-        let (mut ids, mut scs) = ([0.0f32; 8], [0.0f32; 8]);
-        for j in 0..8 {
-            let is = is0 + j.min(valid - 1) as i32;
-            ids[j] = (15.0 + is as f32 * 0.2) / max;
-            scs[j] = 1.0 / ids[j];
-        }
-        // SAFETY: 8-float loads from 8-float arrays.
+        let (valid, ids, scs) = steps(is0, nsteps, 15.0, 0.2, max);
         let (id, sc) = (_mm256_loadu_ps(ids.as_ptr()), _mm256_loadu_ps(scs.as_ptr()));
-        let (mut sqx, mut sq2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut sums = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut points = [[0i32; 8]; 8];
         let mut off = [0u32; 8];
         for k in 0..8 {
-            let mut u = _mm256_setzero_si256();
-            for c in 0..4 {
-                let l = level(id, xval[4 * k + c], 7);
-                u = _mm256_or_si256(u, _mm256_sllv_epi32(l, _mm256_set1_epi32(3 * c as i32)));
-            }
-            // SAFETY: `u` packs four levels in 0..=7: indices 0..4096 of the 4096-entry map.
-            let g = _mm256_i32gather_epi32::<4>(data.map.as_ptr(), u);
-            let offgrid = _mm256_movemask_ps(_mm256_castsi256_ps(g)) as u32;
-            if offgrid != 0 {
-                let m = _mm256_cmpgt_epi32(_mm256_setzero_si256(), g);
-                let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
-                // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes
-                // read nothing.
-                let n = _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), nbr.as_ptr(), start, m);
-                u = lanes_snap::<4>(nbr, m, start, n, u, sc, &xval[4 * k..4 * k + 4], &waux[4 * k..4 * k + 4], 3, 7);
-            }
+            let r = 4 * k..4 * k + 4;
+            let (u, offgrid) = group::<4>(
+                id,
+                &data.map,
+                3,
+                7,
+                &xval[r.clone()],
+                &wx[r.clone()],
+                &weight[r.clone()],
+                &mut sums,
+                |g, u| {
+                    let m = _mm256_cmpgt_epi32(_mm256_setzero_si256(), g);
+                    let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
+                    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes
+                    // read nothing.
+                    let n = _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), nbr.as_ptr(), start, m);
+                    lanes_snap::<4>(nbr, m, start, n, u, sc, &xval[r.clone()], &waux[r.clone()], 3, 7)
+                },
+            );
             off[k] = offgrid;
             _mm256_storeu_si256(points[k].as_mut_ptr().cast(), u);
-            for c in 0..4 {
-                let q = odd(u, 3 * c as i32, 7);
-                let i = 4 * k + c;
-                sqx = _mm256_add_ps(sqx, _mm256_mul_ps(_mm256_set1_ps(wx[i]), q));
-                sq2 = _mm256_add_ps(sq2, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(weight[i]), q), q));
-            }
         }
-        let (mut qx, mut q2) = ([0.0f32; 8], [0.0f32; 8]);
-        _mm256_storeu_ps(qx.as_mut_ptr(), sqx);
-        _mm256_storeu_ps(q2.as_mut_ptr(), sq2);
+        let (qx, q2) = (lanes(sums.0), lanes(sums.1));
         for j in 0..valid {
             if q2[j] > 0.0 && qx[j] * qx[j] > best * q2[j] {
                 scale = qx[j] / q2[j];
@@ -140,6 +128,64 @@ pub(crate) unsafe fn scale_search<const XXS: bool>(
         }
     }
     r
+}
+
+/// The eight steps from `is0` on (the last valid step repeated past `nsteps`): how many are valid, and per lane
+/// `id = (base + is*inc)/den` and `this_scale = 1/id`, with the reference's operations.
+#[inline(always)]
+fn steps(is0: i32, nsteps: i32, base: f32, inc: f32, den: f32) -> (usize, [f32; 8], [f32; 8]) {
+    let valid = (nsteps - is0 + 1).min(8) as usize;
+    let (mut ids, mut scs) = ([0.0f32; 8], [0.0f32; 8]);
+    for j in 0..8 {
+        let is = is0 + j.min(valid - 1) as i32;
+        ids[j] = (base + is as f32 * inc) / den;
+        scs[j] = 1.0 / ids[j];
+    }
+    (valid, ids, scs)
+}
+
+/// The lanes of `v`.
+#[inline(always)]
+unsafe fn lanes(v: __m256) -> [f32; 8] {
+    let mut out = [0.0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), v);
+    out
+}
+
+/// One group of `C` magnitudes `x` in every lane: the levels at the lane's `id` (`bits` bits each, at most `hi`),
+/// the packed point looked up in `map`, the lanes off the grid replaced by `snap(map entries, points)`; then `sums`
+/// (`sumqx`, `sumq2`) advanced over the group in element order with `q = 2l + 1` (`wx = weight·x`). Returns the
+/// final packed points and the mask of the lanes that were off the grid.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group<const C: usize>(
+    id: __m256,
+    map: &[i32],
+    bits: i32,
+    hi: i32,
+    x: &[f32],
+    wx: &[f32],
+    weight: &[f32],
+    sums: &mut (__m256, __m256),
+    snap: impl FnOnce(__m256i, __m256i) -> __m256i,
+) -> (__m256i, u32) {
+    let mut u = _mm256_setzero_si256();
+    for (c, &xc) in x.iter().enumerate().take(C) {
+        u = _mm256_or_si256(u, _mm256_sllv_epi32(level(id, xc, hi), _mm256_set1_epi32(bits * c as i32)));
+    }
+    // SAFETY: `u` packs `C` levels in 0..=hi: inside the map (4096 entries for IQ3's 4 x 3 bits; IQ2's 8 x 2 bits
+    // with levels up to 2 reach at most 0xAAAA, below its 43692 entries).
+    let g = _mm256_i32gather_epi32::<4>(map.as_ptr(), u);
+    let offgrid = _mm256_movemask_ps(_mm256_castsi256_ps(g)) as u32;
+    if offgrid != 0 {
+        u = snap(g, u);
+    }
+    for c in 0..C {
+        let q = odd(u, bits * c as i32, (1 << bits) - 1);
+        sums.0 = _mm256_add_ps(sums.0, _mm256_mul_ps(_mm256_set1_ps(wx[c]), q));
+        sums.1 = _mm256_add_ps(sums.1, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(weight[c]), q), q));
+    }
+    (u, offgrid)
 }
 
 /// The level `MAX(0, MIN(hi, nearest_int(0.5f*(id*x - 1))))` of the magnitude `x` in every lane (inverse scale
@@ -263,43 +309,29 @@ pub(crate) unsafe fn iq2_step_search<const G: usize>(
     let mut win = None;
     let mut is0 = -nsteps;
     while is0 <= nsteps {
-        let valid = (nsteps - is0 + 1).min(8) as usize;
-        let (mut ids, mut scs) = ([0.0f32; 8], [0.0f32; 8]);
-        for j in 0..8 {
-            let is = is0 + j.min(valid - 1) as i32;
-            // `(2*kMaxQ - 1 + is*0.1)/den`, kMaxQ = 3.
-            ids[j] = (5.0 + is as f32 * 0.1) / den;
-            scs[j] = 1.0 / ids[j];
-        }
+        // `(2*kMaxQ - 1 + is*0.1)/den`, kMaxQ = 3.
+        let (valid, ids, scs) = steps(is0, nsteps, 5.0, 0.1, den);
         let (id, sc) = (_mm256_loadu_ps(ids.as_ptr()), _mm256_loadu_ps(scs.as_ptr()));
-        let (mut sqx, mut sq2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut sums = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut points = [[0i32; 8]; G];
         let mut off = [0u32; G];
         for k in 0..G {
-            let xs = &xval[8 * k..8 * k + 8];
-            let mut u = _mm256_setzero_si256();
-            for (c, &x) in xs.iter().enumerate() {
-                let l = level(id, x, 2);
-                u = _mm256_or_si256(u, _mm256_sllv_epi32(l, _mm256_set1_epi32(2 * c as i32)));
-            }
-            // SAFETY: `u` packs eight levels in 0..=2: at most 0xAAAA, inside the map.
-            let g = _mm256_i32gather_epi32::<4>(maps.map.as_ptr(), u);
-            let offgrid = _mm256_movemask_ps(_mm256_castsi256_ps(g)) as u32;
-            if offgrid != 0 {
-                u = iq2_snap(maps, nbr, g, u, &scs, sc, xs, &waux[8 * k..8 * k + 8]);
-            }
+            let r = 8 * k..8 * k + 8;
+            let (u, offgrid) = group::<8>(
+                id,
+                &maps.map,
+                2,
+                2,
+                &xval[r.clone()],
+                &wx[r.clone()],
+                &weight[r.clone()],
+                &mut sums,
+                |g, u| iq2_snap(maps, nbr, g, u, &scs, sc, &xval[r.clone()], &waux[r.clone()]),
+            );
             off[k] = offgrid;
             _mm256_storeu_si256(points[k].as_mut_ptr().cast(), u);
-            for c in 0..8 {
-                let q = odd(u, 2 * c as i32, 3);
-                let i = 8 * k + c;
-                sqx = _mm256_add_ps(sqx, _mm256_mul_ps(_mm256_set1_ps(wx[i]), q));
-                sq2 = _mm256_add_ps(sq2, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(weight[i]), q), q));
-            }
         }
-        let (mut qx, mut q2) = ([0.0f32; 8], [0.0f32; 8]);
-        _mm256_storeu_ps(qx.as_mut_ptr(), sqx);
-        _mm256_storeu_ps(q2.as_mut_ptr(), sq2);
+        let (qx, q2) = (lanes(sums.0), lanes(sums.1));
         for j in 0..valid {
             if q2[j] > 0.0 && qx[j] * qx[j] > best * q2[j] {
                 let scale = qx[j] / q2[j];
