@@ -398,14 +398,15 @@ mod tests {
         yes
     }
 
-    /// The sub-block's inputs as `quantize_block` makes them (no imatrix: weights `x²`).
-    fn inputs(xb: &[f32]) -> ([f32; 32], [f32; 32], [f32; 32], f32) {
+    /// A sub-block's search inputs as the encoders make them (no imatrix: weights `x²`), the weights times `wmul`
+    /// where given (any weights are valid search inputs).
+    fn inputs(xb: &[f32], wmul: Option<&[f32]>) -> ([f32; 32], [f32; 32], [f32; 32], f32) {
         let mut xval = [0.0f32; 32];
         let mut weight = [0.0f32; 32];
         let mut waux = [0.0f32; 32];
         for i in 0..32 {
             xval[i] = xb[i].abs();
-            weight[i] = xb[i] * xb[i];
+            weight[i] = xb[i] * xb[i] * wmul.map_or(1.0, |w| w[i]);
             waux[i] = weight[i].sqrt();
         }
         let max = xval.iter().copied().fold(xval[0], |a, b| if a > b { a } else { b });
@@ -413,13 +414,7 @@ mod tests {
     }
 
     fn check(xb: &[f32], wmul: Option<&[f32]>) {
-        let (xval, mut weight, mut waux, max) = inputs(xb);
-        if let Some(qw) = wmul {
-            for i in 0..32 {
-                weight[i] *= qw[i];
-                waux[i] = weight[i].sqrt();
-            }
-        }
+        let (xval, weight, waux, max) = inputs(xb, wmul);
         for grid in [256, 512] {
             let data = iq3_data(grid);
             let (want, got) = if grid == 256 {
@@ -441,7 +436,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
-        fn scale_search_equals_the_reference(
+        fn step_searches_equal_the_reference(
             xb in proptest::collection::vec(prop_oneof![
                 8 => -2.0f32..2.0,
                 1 => Just(0.0f32),
@@ -453,6 +448,7 @@ mod tests {
         ) {
             if avx2() {
                 check(&xb, weighted.then_some(&qw[..]));
+                check_iq2(&xb, weighted.then_some(&qw[..]));
             }
         }
     }
@@ -462,13 +458,7 @@ mod tests {
         use sling_quantizers::iq2::step_search;
         use sling_quantizers::iqgrid::iq2_maps;
         use sling_quantizers::iqsearch::Reference;
-        let (xval, mut weight, mut waux, max) = inputs(xb);
-        if let Some(qw) = wmul {
-            for i in 0..32 {
-                weight[i] *= qw[i];
-                waux[i] = weight[i].sqrt();
-            }
-        }
+        let (xval, weight, waux, max) = inputs(xb, wmul);
         let max16 = xval[..16].iter().copied().fold(xval[0], |a, b| if a > b { a } else { b });
         for t in [DType::IQ2XXS, DType::IQ2XS, DType::IQ2S] {
             let maps = iq2_maps(t);
@@ -490,25 +480,6 @@ mod tests {
                     got.map(|w| (w.scale.to_bits(), w.l, w.on_grid)),
                     "{t}: {xb:?}"
                 );
-            }
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
-        #[test]
-        fn iq2_step_search_equals_the_reference(
-            xb in proptest::collection::vec(prop_oneof![
-                8 => -2.0f32..2.0,
-                1 => Just(0.0f32),
-                1 => -1e-3f32..1e-3,
-                1 => prop::num::f32::ANY,
-            ], 32),
-            qw in proptest::collection::vec(prop_oneof![4 => 0.0f32..4.0, 1 => Just(0.0f32), 1 => prop::num::f32::ANY], 32),
-            weighted in any::<bool>(),
-        ) {
-            if avx2() {
-                check_iq2(&xb, weighted.then_some(&qw[..]));
             }
         }
     }
