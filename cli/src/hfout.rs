@@ -216,6 +216,7 @@ fn plan_of(p: &Planned) -> (String, serde_json::Value) {
 /// `sling plan --to vllm:…|mlx:…`.
 pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
     let (ck, mut p) = open_and_plan(a, to)?;
+    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(a)? } else { a.solve.method()? };
     let auto = match to {
         To::MlxAuto => Some(allocate(a, &ck, &mut p, quiet, None)?),
         _ => None,
@@ -232,7 +233,6 @@ pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
             eprintln!("{}", ap.description);
         }
     }
-    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(a)? } else { a.solve.method()? };
     if method != crate::solve::Method::Rtn {
         // Before a long calibrated run: which experts the calibration data reaches (a routing-only forward pass).
         let grids = grids_of(&p);

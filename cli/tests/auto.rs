@@ -212,7 +212,9 @@ fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
     for (to, extra, needle) in [
         ("mlx:auto", &[][..], "needs a size"),
         ("mlx:auto", &["--target-bpw", "4", "--group-size", "64"][..], "--group-size cannot be combined"),
-        ("mlx:auto", &["--target-bpw", "4", "--method", "gptq"][..], "--method and its flags go with mlx:BITS"),
+        ("mlx:auto", &["--target-bpw", "4", "--method", "gptq"][..], "--method gptq needs calibration data"),
+        ("mlx:auto", &["--target-bpw", "4", "--act-order"][..], "--method gptq and its flags solve"),
+        ("mlx:auto", &["--target-bpw", "4", "--method", "awq", "--data", "calib.txt"][..], "not awq"),
         ("mlx:4", &["--target-bpw", "4"][..], "go with --to gguf:auto or mlx:auto"),
         ("vllm:w4a16", &["--recipe", "r.toml"][..], "--recipe applies to --to gguf:"),
     ] {
