@@ -33,6 +33,16 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(texts.join("\n"))
 }
 
+/// `tok.encode(text, add_special)`, with a panic of the tokenizers library (it panics on some tokenizer.json
+/// contents; the `tokenizer_json` fuzz target found one) caught: `None` then, for the caller to report.
+fn encode(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    add_special: bool,
+) -> Option<tokenizers::Result<tokenizers::Encoding>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tok.encode(text, add_special))).ok()
+}
+
 /// BOS handling of llama.cpp's vocab: a BOS id in config.json and `add_bos_token` in tokenizer_config.json
 /// (when absent: whether the tokenizer's own post-processor adds it).
 pub fn bos_token(src: &Path, cfg: &serde_json::Value, tok: &tokenizers::Tokenizer) -> Option<u32> {
@@ -41,10 +51,7 @@ pub fn bos_token(src: &Path, cfg: &serde_json::Value, tok: &tokenizers::Tokenize
         std::fs::read_to_string(src.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
     let add = match tc.as_ref().and_then(|t| t.get("add_bos_token")).and_then(|v| v.as_bool()) {
         Some(b) => b,
-        None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tok.encode("a", true)))
-            .ok()
-            .and_then(|r| r.ok())
-            .is_some_and(|e| e.get_ids().first() == Some(&bos)),
+        None => encode(tok, "a", true).and_then(|r| r.ok()).is_some_and(|e| e.get_ids().first() == Some(&bos)),
     };
     add.then_some(bos)
 }
@@ -63,9 +70,8 @@ pub fn load(src: &Path, data: Option<&Path>, tokens: Option<&Path>) -> Result<To
                 .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tp.display()))?;
             let bos = bos_token(src, &cfg, &tok);
             let text = read_text(d)?;
-            // The tokenizers library panics on some tokenizer.json contents (fuzzing found one): an error, not a crash.
-            let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tok.encode(text.as_str(), false)))
-                .map_err(|_| {
+            let enc = encode(&tok, text.as_str(), false)
+                .ok_or_else(|| {
                     anyhow::anyhow!(
                         "cannot tokenize {}: the tokenizers library failed on {}",
                         d.display(),

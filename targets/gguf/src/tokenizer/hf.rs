@@ -472,7 +472,6 @@ impl HfTokenizer {
     }
 }
 
-/// Python `str(obj)` of a special-token value from JSON (a string, or an AddedToken dict → its content).
 /// Refuses a `TemplateProcessing` post-processor (alone or inside a `Sequence` of processors) whose single-sequence
 /// template uses sequence `B`: `tokenizers` indexes a pair that is not there and panics (found by the
 /// `tokenizer_json` fuzz target; transformers, on the same Rust core, fails too).
@@ -498,6 +497,7 @@ fn check_post_processor(path: &Path, pp: Option<&Value>) -> Result<(), Tokenizer
     }
 }
 
+/// Python `str(obj)` of a special-token value from JSON (a string, or an AddedToken dict → its content).
 fn value_content(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
