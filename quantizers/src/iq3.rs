@@ -445,6 +445,7 @@ fn scale_nibble(id: f32, scale: f32) -> u32 {
 
 /// `quantize_iq3_xxs` for one row: `quantize_row_iq3_xxs_impl(256, x, y, n, qw)`. `x.len()` is a multiple of 256,
 /// `y` holds `x.len() / 256` blocks of 98 bytes, `qw` (when given) `x.len()` weights.
+#[inline(always)]
 pub fn quantize_row_iq3_xxs(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     quantize_row_iq3_xxs_with::<Reference>(x, qw, y)
 }
@@ -490,6 +491,7 @@ pub fn quantize_row_iq3_xxs_with<S: IqSearch>(x: &[f32], qw: Option<&[f32]>, y: 
 
 /// `quantize_iq3_s` for one row: `quantize_row_iq3_s_impl(32, x, y, n, qw, ...)`. `x.len()` is a multiple of 256,
 /// `y` holds `x.len() / 256` blocks of 110 bytes, `qw` (when given) `x.len()` weights.
+#[inline(always)]
 pub fn quantize_row_iq3_s(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     quantize_row_iq3_s_with::<Reference>(x, qw, y)
 }
