@@ -29,24 +29,30 @@ use sling_quantizers::iqsearch::IqSearch;
 
 use crate::iq_lanes::Avx2Iq;
 
-/// The neighbour lists of an [`Iq3Data`] laid out for gathers: each grid index replaced by its point's packed
-/// levels (`u = Σ l_i << 3i`, 12 bits); the counts stay as they are.
+/// Neighbour lists (`[n, index_1, ..., index_n]` back to back, as `iq3xs_init_impl` and `iq2xs_init_impl` lay
+/// them out) for gathers: each grid index replaced by `packed(index)`, the packed levels of that grid point; the
+/// counts stay as they are.
+fn packed_lists(neighbours: &[u16], packed: impl Fn(usize) -> i32) -> Vec<i32> {
+    let mut out: Vec<i32> = neighbours.iter().map(|&v| v as i32).collect();
+    let mut at = 0;
+    while at < out.len() {
+        let n = neighbours[at] as usize;
+        for e in &mut out[at + 1..=at + n] {
+            *e = packed(*e as usize);
+        }
+        at += n + 1;
+    }
+    out
+}
+
+/// [`packed_lists`] of an [`Iq3Data`]: levels `u = Σ l_i << 3i` (12 bits).
 fn neighbour_points(data: &Iq3Data) -> &'static [i32] {
     static N256: OnceLock<Vec<i32>> = OnceLock::new();
     static N512: OnceLock<Vec<i32>> = OnceLock::new();
     let build = || {
-        let mut out: Vec<i32> = data.neighbours.iter().map(|&v| v as i32).collect();
-        // Walk the lists as `iq3xs_init_impl` lays them out: `[n, index_1, ..., index_n]`, back to back.
-        let mut at = 0;
-        while at < out.len() {
-            let n = data.neighbours[at] as usize;
-            for e in &mut out[at + 1..=at + n] {
-                let q = data.grid[*e as usize];
-                *e = q.iter().enumerate().fold(0i32, |u, (c, &qc)| u | ((qc as i32 - 1) / 2) << (3 * c));
-            }
-            at += n + 1;
-        }
-        out
+        packed_lists(&data.neighbours, |k| {
+            data.grid[k].iter().enumerate().fold(0i32, |u, (c, &qc)| u | ((qc as i32 - 1) / 2) << (3 * c))
+        })
     };
     // Only the two shared grids of `iq3_data` reach here, told apart by their size.
     match data.grid.len() {
@@ -96,11 +102,7 @@ pub(crate) unsafe fn scale_search<const XXS: bool>(
                 &weight[r.clone()],
                 &mut sums,
                 |g, u| {
-                    let m = _mm256_cmpgt_epi32(_mm256_setzero_si256(), g);
-                    let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
-                    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes
-                    // read nothing.
-                    let n = _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), nbr.as_ptr(), start, m);
+                    let (m, start, n) = list_heads(nbr, g);
                     lanes_snap::<4>(nbr, m, start, n, u, sc, &xval[r.clone()], &waux[r.clone()], 3, 7)
                 },
             );
@@ -206,6 +208,17 @@ unsafe fn odd(u: __m256i, shift: i32, mask: i32) -> __m256 {
     _mm256_permutevar8x32_ps(_mm256_setr_ps(1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0), l)
 }
 
+/// The lanes off the grid (map entry `g < 0`), the offset of each one's list in `nbr` (`-(offset + 1)` → `!g`; 0
+/// elsewhere) and its length (0 elsewhere).
+#[inline(always)]
+unsafe fn list_heads(nbr: &[i32], g: __m256i) -> (__m256i, __m256i, __m256i) {
+    let m = _mm256_cmpgt_epi32(_mm256_setzero_si256(), g);
+    let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
+    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes read nothing.
+    let n = _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), nbr.as_ptr(), start, m);
+    (m, start, n)
+}
+
 /// The neighbour search of the C (`iq3_find_best_neighbour`, `iq2_find_best_neighbour`) in the lanes of `m`, each
 /// over its own list of `n` points from `nbr[start + 1]` on, at the lane's scale `sc`, for `C` coordinates of
 /// `bits` bits: `Σ_i w_i·(sc·q_i - x_i)²` from `0.0` in coordinate order, the first strict least kept. Returns `u`
@@ -265,17 +278,10 @@ pub(crate) const IQ2_LANE_MAX: i32 = 24;
 fn iq2_neighbour_points(maps: &Iq2Maps) -> &'static [i32] {
     static P: [OnceLock<Vec<i32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let build = || {
-        let mut out: Vec<i32> = maps.neighbours.iter().map(|&v| v as i32).collect();
-        let mut at = 0;
-        while at < out.len() {
-            let n = maps.neighbours[at] as usize;
-            for e in &mut out[at + 1..=at + n] {
-                let pg = maps.grid[*e as usize].to_le_bytes();
-                *e = pg.iter().enumerate().fold(0i32, |u, (i, &b)| u | (((b as i8 as i32) - 1) / 2) << (2 * i));
-            }
-            at += n + 1;
-        }
-        out
+        packed_lists(&maps.neighbours, |k| {
+            let pg = maps.grid[k].to_le_bytes();
+            pg.iter().enumerate().fold(0i32, |u, (i, &b)| u | (((b as i8 as i32) - 1) / 2) << (2 * i))
+        })
     };
     // The four shared grids of `iq2_maps`, told apart by their size.
     let slot = match maps.grid.len() {
@@ -360,11 +366,7 @@ unsafe fn iq2_snap(
     x: &[f32],
     w: &[f32],
 ) -> __m256i {
-    let zero = _mm256_setzero_si256();
-    let m = _mm256_cmpgt_epi32(zero, g);
-    let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
-    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes read nothing.
-    let n = _mm256_mask_i32gather_epi32::<4>(zero, nbr.as_ptr(), start, m);
+    let (m, start, n) = list_heads(nbr, g);
     let long = _mm256_and_si256(m, _mm256_cmpgt_epi32(n, _mm256_set1_epi32(IQ2_LANE_MAX)));
     let short = _mm256_andnot_si256(long, m);
     let mut u = lanes_snap::<8>(nbr, short, start, n, u, sc, x, w, 2, 3);
