@@ -81,15 +81,18 @@ pub fn wanted(a: &QuantArgs) -> Result<bool> {
     if let Some((flag, _)) = fixed.iter().find(|(_, on)| *on) {
         bail!("--to gguf:auto chooses every tensor's type itself; {flag} cannot be combined with it");
     }
-    check_common(a, "--to gguf:auto", "the GPTQ/AWQ flags apply to vllm:… and mlx:… targets")?;
+    check_common(a, "--to gguf:auto", Some("the GPTQ/AWQ flags apply to vllm:… and mlx:… targets"))?;
     Ok(true)
 }
 
 /// What every `…:auto` refuses: the calibrated-quantization flags (`--data` only feeds the probes) and zero rows.
-fn check_common(a: &QuantArgs, to: &str, method_hint: &str) -> Result<()> {
+/// `method_hint: None` lets the GPTQ flags through (`mlx:auto --method gptq`).
+fn check_common(a: &QuantArgs, to: &str, method_hint: Option<&str>) -> Result<()> {
     let s = &a.solve;
-    if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
-        bail!("{to} takes --data/--tokens, --ctx and --chunks (to measure sensitivities); {method_hint}");
+    if let Some(hint) = method_hint {
+        if s.method.is_some() || s.act_order || s.all_experts || s.no_sequential || s.max_ram.is_some() {
+            bail!("{to} takes --data/--tokens, --ctx and --chunks (to measure sensitivities); {hint}");
+        }
     }
     if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
         bail!("--sample-rows and --probe-rows must be at least 1");
@@ -403,28 +406,23 @@ pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
     }
     // GPTQ solves each weight on the grid the allocation chose for it (the same bytes per weight, so the same
     // size); AWQ would rescale the very weights the allocation measured, and is not offered here.
-    let s = &a.solve;
-    match s.method {
-        Some(crate::solve::Method::Gptq) => {
-            if a.auto.sample_rows == 0 || a.auto.probe_rows == 0 {
-                bail!("--sample-rows and --probe-rows must be at least 1");
-            }
-            Ok(())
-        }
+    match a.solve.method {
+        Some(crate::solve::Method::Gptq) => check_common(a, "--to mlx:auto", None),
         Some(crate::solve::Method::Awq) => bail!(
             "--to mlx:auto takes --method gptq (or rtn), not awq: write the allocation with --save-recipe, then \
              --to mlx:4 --recipe FILE --method awq"
         ),
-        _ => check_common(a, "--to mlx:auto", "--method gptq and its flags solve the allocation's grids"),
+        _ => check_common(a, "--to mlx:auto", Some("--method gptq and its flags solve the allocation's grids")),
     }
 }
 
-/// The method that quantizes an `mlx:auto` allocation: round to nearest unless `--method gptq` asks (there
-/// `--data` feeds the sensitivity probes first; it is not a request for GPTQ by itself, as it is with mlx:BITS).
-pub fn mlx_auto_method(a: &QuantArgs) -> Result<crate::solve::Method> {
-    match a.solve.method {
-        Some(crate::solve::Method::Gptq) => a.solve.method(),
-        _ => Ok(crate::solve::Method::Rtn),
+/// The method that quantizes a vllm/mlx target. For `mlx:auto`, round to nearest unless `--method gptq` asks:
+/// there `--data` feeds the sensitivity probes first, and is not a request for GPTQ by itself as with mlx:BITS.
+pub fn hf_method(a: &QuantArgs, to: sling_targets::To) -> Result<crate::solve::Method> {
+    match (to, a.solve.method) {
+        (sling_targets::To::MlxAuto, Some(crate::solve::Method::Gptq))
+        | (sling_targets::To::Vllm(_) | sling_targets::To::Mlx(_), _) => a.solve.method(),
+        (sling_targets::To::MlxAuto, _) => Ok(crate::solve::Method::Rtn),
     }
 }
 

@@ -216,7 +216,7 @@ fn plan_of(p: &Planned) -> (String, serde_json::Value) {
 /// `sling plan --to vllm:…|mlx:…`.
 pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
     let (ck, mut p) = open_and_plan(a, to)?;
-    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(a)? } else { a.solve.method()? };
+    let method = crate::auto::hf_method(a, to)?;
     let auto = match to {
         To::MlxAuto => Some(allocate(a, &ck, &mut p, quiet, None)?),
         _ => None,
@@ -322,8 +322,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let backend = a.pipeline.backend(rep)?;
     let t0 = Instant::now();
     let (ck, mut planned) = open_and_plan(&a.q, to)?;
-    // mlx:auto's --data feeds the sensitivity probes; its weights are rounded to nearest unless --method gptq.
-    let method = if to == To::MlxAuto { crate::auto::mlx_auto_method(&a.q)? } else { a.q.solve.method()? };
+    let method = crate::auto::hf_method(&a.q, to)?;
     if method != crate::solve::Method::Rtn {
         sling_pipeline::exec::check_output(&ck, &a.output)?;
     }
