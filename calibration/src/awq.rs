@@ -529,6 +529,7 @@ pub fn run(
                     }
                 }
                 let inv_n = 1.0 / n_tokens.max(1) as f64;
+                let delta_row = sling_kernels::awq::delta();
                 let losses: Vec<Result<Vec<f64>>> = work
                     .par_iter()
                     .map(|&(mi, i)| {
@@ -542,8 +543,8 @@ pub fn run(
                             .ok_or_else(|| Error::Solve { tensor: w.name.clone(), why: "Hessian layout".into() })?;
                         let b = Balance { w: &data, rows: w.rows, grid: &*w.grid, h, weight: inv_n };
                         match &xs[w.input] {
-                            Some(x) => awq::balance_losses_x(&b, x, 0, pts),
-                            None => awq::balance_losses(&b, 0, pts),
+                            Some(x) => awq::balance_losses_x(&b, x, 0, pts, delta_row),
+                            None => awq::balance_losses(&b, 0, pts, delta_row),
                         }
                         .map_err(|e| Error::Solve { tensor: w.name.clone(), why: format!("AWQ: {e}") })
                     })

@@ -10,6 +10,7 @@
 use sling_core::DType;
 use sling_quantizers::encode::{self as q_encode, EncodeError};
 
+pub mod awq;
 pub mod backend;
 pub mod cu;
 #[cfg(feature = "cuda")]

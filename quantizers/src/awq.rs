@@ -20,8 +20,9 @@
 //! recomputed from `W_i·s` as llm-compressor's `memoryless_minmax` observer does) and `H_i` is (a positive
 //! multiple of) `XᵀX` of the layer's inputs. For one linear layer this is exactly `‖ΔW X‖²`, the output error
 //! llm-compressor measures when the parent is that linear; for a parent that is a whole block (attention, MLP)
-//! it ignores the non-linear interactions between the balance layers. All in `f64`, with faer's sequential
-//! kernels (`Par::Seq`), so the result does not depend on the number of threads.
+//! it ignores the non-linear interactions between the balance layers. `ΔW` and the Hessian's product are in
+//! `f64`; from the inputs themselves ([`balance_losses_x`]) the product `ΔW Xᵀ` is in `f32` and its squares summed
+//! in `f64`. faer's sequential kernels (`Par::Seq`), so the result does not depend on the number of threads.
 //!
 //! The search never returns scales worse than plain RTN: if no grid point beats `s = 1` (which the default grid
 //! contains as its first point, `(0.0, false)`), [`search`] returns `s = 1`, ratio 0, `duo = false`.
@@ -51,7 +52,7 @@
 //! lowest common ancestor of a single name, so llm-compressor's loss there is exactly this module's layer loss).
 //! Mixtral is not in the registry: `default_mappings` (`…gate_proj$`, `…up_proj$`, `…down_proj$`, no router).
 
-use crate::gptq::{rtn, GptqError, Grid};
+use crate::gptq::{rtn, GptqError, Grid, RowGrid};
 
 /// One balance layer: a weight that reads the smoothed input.
 #[derive(Clone, Copy)]
@@ -375,50 +376,139 @@ fn point_scales(x_mean: &[f32], w_mean: &[f64], ratio: f64, duo: bool) -> Vec<f6
     }
 }
 
-/// `tr(Δ H Δᵀ)` for row-major `Δ` (`rows × cols`) and `H` (`cols × cols`), in `f64`, sequential faer kernels.
-fn trace_loss(d: &[f64], h: &[f64], rows: usize, cols: usize) -> f64 {
+/// `tr(Δ H Δᵀ)` for row-major `Δ` (`rows × cols`) and `H` (`cols × cols`), in `f64`, sequential faer kernels; `p`
+/// (`rows · cols`) is scratch.
+fn trace_loss(d: &[f64], h: &[f64], p: &mut [f64], rows: usize, cols: usize) -> f64 {
     use faer::{Accum, MatMut, MatRef, Par};
-    let mut p = vec![0f64; rows * cols];
     // Row-major rows×cols output as the transpose of a column-major cols×rows view (faer 0.24.4's
     // `from_row_major_slice_with_stride_mut` swaps its strides; see gptq.rs).
-    let dst = MatMut::from_column_major_slice_mut(&mut p, cols, rows).transpose_mut();
+    let dst = MatMut::from_column_major_slice_mut(p, cols, rows).transpose_mut();
     let lhs = MatRef::from_row_major_slice(d, rows, cols);
     let rhs = MatRef::from_row_major_slice(h, cols, cols);
     faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f64, Par::Seq);
-    d.iter().zip(&p).map(|(a, b)| a * b).sum()
+    d.iter().zip(p.iter()).map(|(a, b)| a * b).sum()
 }
 
-/// `ΔW = W − Q(W·s)/s` of one balance layer at scales `s`, in `f64`.
-fn delta(b: &Balance, i: usize, cols: usize, s: &[f64]) -> Result<Vec<f64>, AwqError> {
-    let ws = scaled(b.w, b.rows, cols, s);
-    let q = rtn(&ws, b.rows, cols, b.grid).map_err(|source| AwqError::Quant { layer: i, source })?;
-    let mut d = Vec::with_capacity(b.w.len());
-    for (wr, qr) in b.w.chunks_exact(cols).zip(q.dequant.chunks_exact(cols)) {
-        d.extend(wr.iter().zip(qr).zip(s).map(|((&w, &dq), &s)| f64::from(w) - f64::from(dq) / s));
+/// One row of `ΔW = W − Q(W·s)/s`: `ws[j] = f32(f64(w[j])·s[j])` (as [`scaled`]), quantized in place to the
+/// values its codes dequantize to (the grid's parameters taken from `ws`, as [`rtn`]), then
+/// `d[j] = f64(w[j]) − f64(ws[j]) / s[j]`. `w`, `s`, `ws` and `d` have the row's length (shorter ones cut the
+/// row). [`delta_row`] is the scalar reference; `sling_kernels::awq::delta` gives the fastest one this machine
+/// runs, with the same values.
+pub type DeltaRow = fn(grid: &dyn Grid, w: &[f32], s: &[f64], ws: &mut [f32], d: &mut [f64]) -> Result<(), GptqError>;
+
+/// The scalar reference [`DeltaRow`]: whole rows at once on a [`RowGrid`] ([`delta_row_whole`]), group by group
+/// through [`rtn`] on any other grid.
+pub fn delta_row(grid: &dyn Grid, w: &[f32], s: &[f64], ws: &mut [f32], d: &mut [f64]) -> Result<(), GptqError> {
+    if let Some(g) = grid.row_grid() {
+        return delta_row_whole(g, w, s, ws, d);
     }
-    Ok(d)
+    let n = w.len().min(s.len()).min(ws.len()).min(d.len());
+    scale_into(&w[..n], &s[..n], &mut ws[..n]);
+    let q = rtn(&ws[..n], 1, n, grid)?;
+    ws[..n].copy_from_slice(&q.dequant);
+    unscale_into(&w[..n], &ws[..n], &s[..n], &mut d[..n]);
+    Ok(())
 }
 
-/// `tr(ΔW H ΔWᵀ)` of one balance layer at scales `s` (unweighted).
-fn layer_loss(b: &Balance, i: usize, cols: usize, s: &[f64]) -> Result<f64, AwqError> {
-    Ok(trace_loss(&delta(b, i, cols, s)?, b.h, b.rows, cols))
+/// [`delta_row`] on a [`RowGrid`]: [`RowGrid::qdq_row`] in place. `inline(always)`, with all it calls, so that
+/// `sling_kernels` builds this very code for AVX2.
+#[inline(always)]
+pub fn delta_row_whole(g: RowGrid, w: &[f32], s: &[f64], ws: &mut [f32], d: &mut [f64]) -> Result<(), GptqError> {
+    let n = w.len().min(s.len()).min(ws.len()).min(d.len());
+    let (w, s, ws, d) = (&w[..n], &s[..n], &mut ws[..n], &mut d[..n]);
+    scale_into(w, s, ws);
+    // An empty row has no groups to parameterise (as `rtn` with no columns).
+    if !g.qdq_row(ws) && n > 0 {
+        let want = n.div_ceil(g.group().max(1)).max(1);
+        return Err(GptqError::Params { cols: n, want, got: 0 });
+    }
+    unscale_into(w, ws, s, d);
+    Ok(())
 }
 
-/// `‖ΔW Xᵀ‖²` for row-major `Δ` (`rows × cols`) and the inputs `X` (`n × cols`, `f64`): `tr(Δ XᵀX Δᵀ)` in
-/// `rows · cols · n` operations instead of `rows · cols²`, sequential faer kernels.
-fn input_loss(d: &[f64], x: &[f64], rows: usize, cols: usize, n: usize) -> f64 {
+/// `ws[j] = f32(f64(w[j]) · s[j])` ([`scaled`]'s product).
+#[inline(always)]
+fn scale_into(w: &[f32], s: &[f64], ws: &mut [f32]) {
+    for ((o, &a), &s) in ws.iter_mut().zip(w).zip(s) {
+        *o = (f64::from(a) * s) as f32;
+    }
+}
+
+/// `d[j] = f64(w[j]) − f64(dq[j]) / s[j]`.
+#[inline(always)]
+fn unscale_into(w: &[f32], dq: &[f32], s: &[f64], d: &mut [f64]) {
+    for (((o, &w), &q), &s) in d.iter_mut().zip(w).zip(dq).zip(s) {
+        *o = f64::from(w) - f64::from(q) / s;
+    }
+}
+
+/// `ΔW` of one balance layer at scales `s` into `dm` (row-major `rows × cols`), each value converted by `out`
+/// (`f64` for the Hessian's product, `f32` for the inputs'); `ws` and `d` are a row's scratch.
+#[allow(clippy::too_many_arguments)]
+fn delta<T>(
+    b: &Balance,
+    i: usize,
+    s: &[f64],
+    row: DeltaRow,
+    (ws, d): (&mut [f32], &mut [f64]),
+    dm: &mut [T],
+    out: impl Fn(f64) -> T + Copy,
+) -> Result<(), AwqError> {
+    let cols = ws.len();
+    for (wr, dr) in b.w.chunks_exact(cols).zip(dm.chunks_exact_mut(cols)).take(b.rows) {
+        row(b.grid, wr, s, ws, d).map_err(|source| AwqError::Quant { layer: i, source })?;
+        dr.iter_mut().zip(d.iter()).for_each(|(o, &v)| *o = out(v));
+    }
+    Ok(())
+}
+
+/// `weight · L(s)` of one balance layer at `s = 1`, then at every point, in order, with `loss(ΔW)` the product
+/// (the buffers are allocated once for all the points).
+fn losses<T: Copy + Default>(
+    b: &Balance,
+    i: usize,
+    points: &[Point],
+    row: DeltaRow,
+    out: impl Fn(f64) -> T + Copy,
+    mut loss: impl FnMut(&[T]) -> f64,
+) -> Result<Vec<f64>, AwqError> {
+    let cols = points.first().map_or(0, |p| p.scales.len());
+    let ones = vec![1f64; cols];
+    let (mut ws, mut d) = (vec![0f32; cols], vec![0f64; cols]);
+    let mut dm = vec![T::default(); b.rows * cols];
+    std::iter::once(&ones[..])
+        .chain(points.iter().map(|p| &p.scales[..]))
+        .map(|s| {
+            delta(b, i, s, row, (&mut ws, &mut d), &mut dm, out)?;
+            Ok(b.weight * loss(&dm))
+        })
+        .collect()
+}
+
+/// `‖ΔW Xᵀ‖²` for row-major `Δ` (`rows × cols`) and the inputs `X` (`n × cols`): `tr(Δ XᵀX Δᵀ)` in
+/// `rows · cols · n` operations instead of `rows · cols²`, sequential faer kernels; `p` (`rows · n`) is scratch.
+/// The product is in `f32` (a sum of squares: no cancellation, so `f32`'s rounding moves the loss by about 1e-7
+/// relative, far below the differences between grid points; half the bytes and twice the lanes of `f64`), the
+/// squares summed in `f64`.
+fn input_loss(d: &[f32], x: &[f32], p: &mut [f32], rows: usize, cols: usize, n: usize) -> f64 {
     use faer::{Accum, MatMut, MatRef, Par};
-    let mut p = vec![0f64; rows * n];
-    let dst = MatMut::from_column_major_slice_mut(&mut p, rows, n);
+    let dst = MatMut::from_column_major_slice_mut(p, rows, n);
     let lhs = MatRef::from_row_major_slice(d, rows, cols);
     let rhs = MatRef::from_row_major_slice(x, n, cols).transpose();
-    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f64, Par::Seq);
-    p.iter().map(|v| v * v).sum()
+    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+    p.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }
 
 /// [`balance_losses`] from the layer's calibration inputs `x` (row-major `n × cols`) instead of `XᵀX` (`b.h` is not
-/// read): the same losses up to rounding, cheaper when `n < cols` (a routed expert that sees few tokens).
-pub fn balance_losses_x(b: &Balance, x: &[f32], i: usize, points: &[Point]) -> Result<Vec<f64>, AwqError> {
+/// read): the same losses up to rounding, cheaper when `n < cols` (a routed expert that sees few tokens). `row`:
+/// [`delta_row`] or a faster twin of it.
+pub fn balance_losses_x(
+    b: &Balance,
+    x: &[f32],
+    i: usize,
+    points: &[Point],
+    row: DeltaRow,
+) -> Result<Vec<f64>, AwqError> {
     let cols = points.first().map_or(0, |p| p.scales.len());
     if cols == 0 {
         return Err(AwqError::NoChannels);
@@ -434,12 +524,8 @@ pub fn balance_losses_x(b: &Balance, x: &[f32], i: usize, points: &[Point]) -> R
         return Err(AwqError::NonFinite { layer: i });
     }
     let n = x.len() / cols;
-    let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
-    let ones = vec![1f64; cols];
-    std::iter::once(&ones[..])
-        .chain(points.iter().map(|p| &p.scales[..]))
-        .map(|s| Ok(b.weight * input_loss(&delta(b, i, cols, s)?, &x64, b.rows, cols, n)))
-        .collect()
+    let mut p = vec![0f32; b.rows * n];
+    losses(b, i, points, row, |v| v as f32, |d| input_loss(d, x, &mut p, b.rows, cols, n))
 }
 
 /// Checks one balance layer against `cols` input channels; `i` names it in errors.
@@ -490,17 +576,14 @@ pub fn points(x_mean: &[f32], w_mean: &[f64], o: &Options) -> Result<Vec<Point>,
 /// order. Independent per layer, so a caller may compute layers in parallel, or in groups whose Hessians are never
 /// all in memory at once, and add the vectors in layer order ([`search`] does exactly that, sequentially). `i`
 /// names the layer in errors.
-pub fn balance_losses(b: &Balance, i: usize, points: &[Point]) -> Result<Vec<f64>, AwqError> {
+pub fn balance_losses(b: &Balance, i: usize, points: &[Point], row: DeltaRow) -> Result<Vec<f64>, AwqError> {
     let cols = points.first().map_or(0, |p| p.scales.len());
     if cols == 0 {
         return Err(AwqError::NoChannels);
     }
     check_balance(b, i, cols)?;
-    let ones = vec![1f64; cols];
-    std::iter::once(&ones[..])
-        .chain(points.iter().map(|p| &p.scales[..]))
-        .map(|s| Ok(b.weight * layer_loss(b, i, cols, s)?))
-        .collect()
+    let mut p = vec![0f64; b.rows * cols];
+    losses(b, i, points, row, |v| v, |d| trace_loss(d, b.h, &mut p, b.rows, cols))
 }
 
 /// The best point given the summed losses (`losses[0]` at `s = 1`, then one per point, as [`balance_losses`] gives
@@ -567,7 +650,7 @@ pub fn search(x_mean: &[f32], balance: &[Balance], o: &Options) -> Result<Search
     let pts = points(x_mean, &weight_means(&ws, cols), o)?;
     let mut total = vec![0f64; pts.len() + 1];
     for (i, b) in balance.iter().enumerate() {
-        for (t, l) in total.iter_mut().zip(balance_losses(b, i, &pts)?) {
+        for (t, l) in total.iter_mut().zip(balance_losses(b, i, &pts, delta_row)?) {
             *t += l;
         }
     }
@@ -609,13 +692,75 @@ mod tests {
             (0..cols).map(|j| x.iter().skip(j).step_by(cols).map(|v| v.abs()).sum::<f32>() / n as f32).collect();
         let bal = Balance { w: &w, rows, grid: &grid, h: &h, weight: 0.5 };
         let pts = points(&x_mean, &weight_means(&[(&w, rows, 16)], cols), &Options::default()).unwrap();
-        let lh = balance_losses(&bal, 0, &pts).unwrap();
-        let lx = balance_losses_x(&Balance { h: &[], ..bal }, &x, 0, &pts).unwrap();
+        let lh = balance_losses(&bal, 0, &pts, delta_row).unwrap();
+        let lx = balance_losses_x(&Balance { h: &[], ..bal }, &x, 0, &pts, delta_row).unwrap();
         assert_eq!(lh.len(), pts.len() + 1);
+        // The inputs' product is in f32.
         for (a, b) in lh.iter().zip(&lx) {
-            assert!((a - b).abs() <= 1e-9 * a.abs().max(1e-12), "{a} vs {b}");
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-12), "{a} vs {b}");
         }
-        assert!(balance_losses_x(&bal, &x[1..], 0, &pts).is_err());
+        assert!(balance_losses_x(&bal, &x[1..], 0, &pts, delta_row).is_err());
+    }
+
+    /// A grid seen only through the group-by-group methods (`row_grid` left at `None`).
+    struct Groups<'a>(&'a dyn Grid);
+    impl Grid for Groups<'_> {
+        fn group(&self) -> usize {
+            self.0.group()
+        }
+        fn row_params(&self, row: &[f32]) -> Vec<crate::gptq::GroupParams> {
+            self.0.row_params(row)
+        }
+        fn quantize(&self, x: f32, p: &crate::gptq::GroupParams) -> (u8, f32) {
+            self.0.quantize(x, p)
+        }
+        fn dequantize(&self, code: u8, p: &crate::gptq::GroupParams) -> f32 {
+            self.0.dequantize(code, p)
+        }
+    }
+
+    #[test]
+    fn whole_rows_are_the_groups() {
+        use crate::ct::{IntArgs, IntGrid, ScaleDtype};
+        use crate::mlx::AffineGrid;
+        let mut rng = Rng(23);
+        let special = [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-41, 0.5, -0.5];
+        let mut grids: Vec<Box<dyn Grid>> = Vec::new();
+        for sd in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16] {
+            for bits in [0, 1, 2, 4, 8, 9] {
+                for (symmetric, group) in [(true, Some(32)), (false, Some(32)), (true, None), (false, Some(48))] {
+                    grids.push(Box::new(IntGrid { args: IntArgs { bits, symmetric, group }, sd }));
+                }
+                for group in [0, 32, 48] {
+                    grids.push(Box::new(AffineGrid { bits, group, sd }));
+                }
+            }
+        }
+        for g in &grids {
+            let g = &**g;
+            assert!(g.row_grid().is_some());
+            for n in [0usize, 1, 31, 32, 100] {
+                for case in 0..6 {
+                    let w: Vec<f32> = (0..n)
+                        .map(|j| match case {
+                            0 => 0.0,
+                            1 | 2 if j % 7 == 3 => special[(j / 7) % special.len()],
+                            _ => rng.next() * [0.01, 1.0, 300.0][case % 3],
+                        })
+                        .collect();
+                    let s: Vec<f64> = (0..n).map(|_| 0.25 + f64::from(rng.next().abs()) * 3.0).collect();
+                    let (mut ws_a, mut d_a) = (vec![0f32; n], vec![0f64; n]);
+                    let (mut ws_b, mut d_b) = (vec![0f32; n], vec![0f64; n]);
+                    let a = delta_row(g, &w, &s, &mut ws_a, &mut d_a);
+                    let b = delta_row(&Groups(g), &w, &s, &mut ws_b, &mut d_b);
+                    assert_eq!(a.is_ok(), b.is_ok(), "n = {n} case {case}");
+                    if a.is_ok() {
+                        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&d_a), bits(&d_b), "n = {n} case {case}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -719,6 +864,6 @@ mod tests {
                 }
             }
         }
-        assert!((trace_loss(&d, &h, rows, cols) - want).abs() < 1e-12);
+        assert!((trace_loss(&d, &h, &mut vec![0.0; rows * cols], rows, cols) - want).abs() < 1e-12);
     }
 }

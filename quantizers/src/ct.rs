@@ -47,7 +47,7 @@ impl ScaleDtype {
     /// (`quant_args.py`: `clamp(finfo.min, finfo.max)` then `.to(dtype)`) does; NaN stays NaN. (MLX casts
     /// without the clamp; the two agree whenever the scale fits the dtype, which is always the case for values
     /// that came from that dtype.)
-    #[inline]
+    #[inline(always)]
     pub fn round(self, x: f32) -> f32 {
         match self {
             ScaleDtype::F32 => clamp_finite(x, f32::MAX),
@@ -87,7 +87,7 @@ impl ScaleDtype {
 }
 
 /// `x` clamped to `[-max, max]`; NaN passes through (like `torch.clamp`).
-#[inline]
+#[inline(always)]
 fn clamp_finite(x: f32, max: f32) -> f32 {
     if x > max {
         max
@@ -109,15 +109,36 @@ pub struct IntArgs {
 
 /// `(min, max)` of the finite elements, widened to include 0 (`calculate_qparams` step 0: "0.0 must always be
 /// representable"). Empty or all non-finite → `(0, 0)`.
+/// Eight running minima and maxima, reduced at the end: the order of a min/max does not change its value (a
+/// zero's sign aside, which no caller can see: see [`int_group_params`]), and the eight lanes let the compiler use
+/// vector min/max. A non-finite element counts as 0, which the range holds already.
+#[inline(always)]
 fn finite_min_max0(vals: &[f32]) -> (f32, f32) {
-    let (mut mn, mut mx) = (0.0f32, 0.0f32);
-    for &v in vals {
+    #[inline(always)]
+    fn fin(v: f32) -> f32 {
         if v.is_finite() {
-            mn = mn.min(v);
-            mx = mx.max(v);
+            v
+        } else {
+            0.0
         }
     }
-    (mn, mx)
+    let (mut mn, mut mx) = ([0.0f32; 8], [0.0f32; 8]);
+    let mut chunks = vals.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            let v = fin(c[k]);
+            mn[k] = if v < mn[k] { v } else { mn[k] };
+            mx[k] = if v > mx[k] { v } else { mx[k] };
+        }
+    }
+    for (k, &v) in chunks.remainder().iter().enumerate() {
+        let v = fin(v);
+        mn[k] = if v < mn[k] { v } else { mn[k] };
+        mx[k] = if v > mx[k] { v } else { mx[k] };
+    }
+    let lo = mn.iter().fold(0.0f32, |a, &b| if b < a { b } else { a });
+    let hi = mx.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
+    (lo, hi)
 }
 
 /// The largest `|x|` over the finite elements of `vals` (0 when there are none): the statistic every scale here is
@@ -187,7 +208,9 @@ fn int_group_len(a: &IntArgs, len: usize) -> usize {
 
 /// The stored scale and the zero point (an integer in `[qmin, qmax]`, as `f32`; 0 when symmetric) of one group,
 /// `calculate_qparams` as [`quantize_int_row`] documents it. The one definition, shared by [`quantize_int_row`]
-/// and [`IntGrid`].
+/// and [`IntGrid`]. (A zero minimum or maximum may come with either sign: `-mn`, `max`, the differences and the
+/// quotients below give the same scale and zero point for both.)
+#[inline(always)]
 fn int_group_params(chunk: &[f32], symmetric: bool, sd: ScaleDtype, qmin: f32, qmax: f32) -> (f32, f32) {
     let (mn, mx) = finite_min_max0(chunk);
     let (raw, zp) = if symmetric {
@@ -205,7 +228,7 @@ fn int_group_params(chunk: &[f32], symmetric: bool, sd: ScaleDtype, qmin: f32, q
 }
 
 /// The code of one element (`_quantize`): `rne(clamp(x/scale + zp, qmin, qmax))`, NaN read as 0.
-#[inline]
+#[inline(always)]
 fn int_code(x: f32, scale: f32, zp: f32, qmin: f32, qmax: f32) -> i8 {
     // (x/scale + zp) as `_quantize` evaluates it: two f32 roundings. ±Inf clamps to qmin/qmax; the scale is
     // finite and positive, so `v` is never NaN. Rounded through the float adder (`nearest_int`, ties to even)
@@ -259,6 +282,10 @@ impl crate::gptq::Grid for IntGrid {
         self.sd.round((f32::from(code as i8) - p.zero) * p.scale)
     }
 
+    fn row_grid(&self) -> Option<crate::gptq::RowGrid<'_>> {
+        Some(crate::gptq::RowGrid::Int(self))
+    }
+
     /// [`Grid::quantize`](crate::gptq::Grid::quantize) element by element, the scale dtype's rounding chosen once
     /// per group and the outputs written in place (the loop the AWQ search spends its time in).
     fn quantize_group(&self, xs: &[f32], p: &crate::gptq::GroupParams, codes: &mut Vec<u8>, dequant: &mut Vec<f32>) {
@@ -287,6 +314,36 @@ impl crate::gptq::Grid for IntGrid {
             ScaleDtype::F16 => fill(xs, p, (qmin, qmax), cs, ds, |v| ScaleDtype::F16.round(v)),
             ScaleDtype::BF16 => fill(xs, p, (qmin, qmax), cs, ds, |v| ScaleDtype::BF16.round(v)),
         }
+    }
+}
+
+impl IntGrid {
+    /// Quantizes `row` and replaces each element by the value its code dequantizes to: per group of the row,
+    /// exactly [`Grid::row_params`](crate::gptq::Grid::row_params) then the `dequant` of
+    /// [`Grid::quantize_group`](crate::gptq::Grid::quantize_group), without the codes (AWQ's search needs only
+    /// `Q(W·s)`). `false`, with `row` untouched, for bits outside 1..=8 (no parameters). `inline(always)` with
+    /// everything it calls, so that `sling_kernels` builds this same code for AVX2 (`awq::delta`).
+    #[inline(always)]
+    pub fn qdq_row(&self, row: &mut [f32]) -> bool {
+        let Some((qmin, qmax)) = int_range(self.args.bits) else { return false };
+        let g = int_group_len(&self.args, row.len());
+        #[inline(always)]
+        fn each(row: &mut [f32], g: usize, a: &IntArgs, sd: ScaleDtype, q: (f32, f32), round: impl Fn(f32) -> f32) {
+            for chunk in row.chunks_mut(g) {
+                let (scale, zp) = int_group_params(chunk, a.symmetric, sd, q.0, q.1);
+                for x in chunk.iter_mut() {
+                    let c = int_code(*x, scale, zp, q.0, q.1);
+                    *x = round((f32::from(c) - zp) * scale);
+                }
+            }
+        }
+        let (a, q) = (&self.args, (qmin, qmax));
+        match self.sd {
+            ScaleDtype::F32 => each(row, g, a, self.sd, q, |v| ScaleDtype::F32.round(v)),
+            ScaleDtype::F16 => each(row, g, a, self.sd, q, |v| ScaleDtype::F16.round(v)),
+            ScaleDtype::BF16 => each(row, g, a, self.sd, q, |v| ScaleDtype::BF16.round(v)),
+        }
+        true
     }
 }
 

@@ -18,7 +18,7 @@ pub enum EncodeError {
 
 /// `ggml_compute_fp32_to_bf16` (ggml-impl.h): quiet NaNs, round to nearest even, no flush to zero.
 /// gguf-py's `quants.BF16` is the same function.
-#[inline]
+#[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     if u & 0x7fff_ffff > 0x7f80_0000 {

@@ -41,6 +41,11 @@ pub trait Grid: Sync + Send {
             dequant.push(d);
         }
     }
+    /// This grid as one whose rows the AWQ search quantizes whole ([`crate::awq::delta_row`], which
+    /// `sling_kernels` builds for AVX2), if it is one; other grids go group by group.
+    fn row_grid(&self) -> Option<RowGrid<'_>> {
+        None
+    }
     /// [`solve_factored`] on this grid. Provided for the same reason as [`Grid::quantize_group`]: GPTQ's
     /// column loop calls `quantize` once per element, so a `dyn Grid` caller should come through here.
     fn gptq(
@@ -53,6 +58,33 @@ pub trait Grid: Sync + Send {
         update: Update,
     ) -> Result<Solution, GptqError> {
         solve_factored(w, rows, cols, f, self, o, update)
+    }
+}
+
+/// The grids that quantize-dequantize a whole row in one call (statically dispatched, so that the caller's
+/// instruction set reaches every element operation): compressed-tensors' integer grid and MLX's affine grid.
+#[derive(Clone, Copy, Debug)]
+pub enum RowGrid<'a> {
+    Int(&'a crate::ct::IntGrid),
+    Affine(&'a crate::mlx::AffineGrid),
+}
+
+impl RowGrid<'_> {
+    /// `IntGrid::qdq_row` / `AffineGrid::qdq_row`: `false` (row untouched) when the grid has no parameters.
+    #[inline(always)]
+    pub fn qdq_row(self, row: &mut [f32]) -> bool {
+        match self {
+            RowGrid::Int(g) => g.qdq_row(row),
+            RowGrid::Affine(g) => g.qdq_row(row),
+        }
+    }
+
+    /// [`Grid::group`] of the grid.
+    pub fn group(self) -> usize {
+        match self {
+            RowGrid::Int(g) => g.group(),
+            RowGrid::Affine(g) => g.group(),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::ct::{pack_bits, unpack_bits, ScaleDtype};
 const EPS: f32 = 1e-7;
 
 /// `(min, max)` over the finite elements; `(0, 0)` if there are none. Not widened to 0 (MLX does not).
+#[inline(always)]
 fn finite_min_max(vals: &[f32]) -> (f32, f32) {
     // Eight independent lanes (then folded): no branch and no reassociated reduction, so it vectorises; min and
     // max are exact, so the order does not change the result (a ±0 tie does not matter below).
@@ -61,6 +62,7 @@ fn finite_min_max(vals: &[f32]) -> (f32, f32) {
 ///   `edge = β`, else negate `s` and take `edge = α`; `q0 = rint(edge/s)`; if `q0 ≠ 0` then `s = edge/q0`,
 ///   `bias = edge`, else `bias = 0`. So the larger-magnitude extreme and 0 are exact; the other extreme may clip.
 /// * 1 bit (new in 0.32.4, black-box): `s = max(α−β, 1e−7)`, `bias = β` (the docstring formula).
+#[inline(always)]
 fn group_params(mn: f32, mx: f32, bits: u32, n: f32) -> (f32, f32) {
     if bits == 1 {
         return ((mx - mn).max(EPS), mn);
@@ -115,7 +117,7 @@ pub fn quantize_affine_row(
 
 /// The code of one element with the group's `f32` scale `s` and bias `b`: `clip(rint((w − b)/s), 0, n)`, NaN read
 /// as 0. The one definition, shared by [`quantize_affine_row`] and [`AffineGrid`].
-#[inline]
+#[inline(always)]
 fn affine_code(w: f32, s: f32, b: f32, n: f32) -> u32 {
     // clip(rint(v)) == rint(clip(v)) for the bounds 0 and n (integers); clipped first, `v` is small enough for
     // the float adder's rounding (`nearest_int`, ties to even). A NaN element reads as 0; `s` and `b` are finite.
@@ -133,6 +135,32 @@ pub struct AffineGrid {
     pub bits: u32,
     pub group: usize,
     pub sd: ScaleDtype,
+}
+
+impl AffineGrid {
+    /// Quantizes `row` and replaces each element by the value its code dequantizes to: per group of the row,
+    /// exactly [`Grid::row_params`](crate::gptq::Grid::row_params) then the `dequant` of
+    /// [`Grid::quantize_group`](crate::gptq::Grid::quantize_group), without the codes. `false`, with `row`
+    /// untouched, for bits outside 1..=8. `inline(always)` with everything it calls, so that `sling_kernels` builds
+    /// this same code for AVX2 (`awq::delta`).
+    #[inline(always)]
+    pub fn qdq_row(&self, row: &mut [f32]) -> bool {
+        if !(1..=8).contains(&self.bits) {
+            return false;
+        }
+        let g = if self.group == 0 { row.len().max(1) } else { self.group };
+        let n = ((1u32 << self.bits) - 1) as f32;
+        for chunk in row.chunks_mut(g) {
+            let (mn, mx) = finite_min_max(chunk);
+            let (s, b) = group_params(mn, mx, self.bits, n);
+            let (scale, zero) = (self.sd.round(s), self.sd.round(b));
+            for x in chunk.iter_mut() {
+                // `dequantize` of the code (a byte: at most 255).
+                *x = scale * f32::from(affine_code(*x, s, b, n) as u8) + zero;
+            }
+        }
+        true
+    }
 }
 
 impl crate::gptq::Grid for AffineGrid {
@@ -157,6 +185,10 @@ impl crate::gptq::Grid for AffineGrid {
                 crate::gptq::GroupParams { scale: self.sd.round(s), zero: self.sd.round(b), q_scale: s, q_zero: b }
             })
             .collect()
+    }
+
+    fn row_grid(&self) -> Option<crate::gptq::RowGrid<'_>> {
+        Some(crate::gptq::RowGrid::Affine(self))
     }
 
     #[inline]
