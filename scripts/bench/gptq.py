@@ -91,6 +91,17 @@ def sling_eval(sling: Path, src: Path, out: Path, a, log: Path) -> dict:
     return d
 
 
+def prepare(a) -> Path:
+    """The source directory (default: the trained fixture, generated on first use); makes --work and --results."""
+    if a.src is None:
+        sys.path.insert(0, str(REPO / "tests" / "interop"))
+        import lab
+        a.src = lab.fixture_dir("qwen3moe-trained")
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    return a.src.resolve()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, help="HF model directory (default: the trained fixture qwen3moe-trained)")
@@ -118,13 +129,7 @@ def main():
 
     if not Path("/usr/bin/time").exists():
         sys.exit("/usr/bin/time missing: apt-get install -y time")
-    if a.src is None:
-        sys.path.insert(0, str(REPO / "tests" / "interop"))
-        import lab
-        a.src = lab.fixture_dir("qwen3moe-trained")
-    src = a.src.resolve()
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.results.mkdir(parents=True, exist_ok=True)
+    src = prepare(a)
     logs = a.work / "logs"
     logs.mkdir(exist_ok=True)
     if not a.sling.exists():

@@ -27,11 +27,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from gptq import DATA, HERE, LAB, REPO, calibration_chunks, sling_eval  # scripts/bench/gptq.py
+from gptq import DATA, HERE, LAB, REPO, calibration_chunks, prepare, sling_eval  # scripts/bench/gptq.py
 from measure import machine_info, private_copy
 
 
@@ -49,13 +48,7 @@ def main():
     ap.add_argument("--results", type=Path, default=HERE / "results")
     a = ap.parse_args()
 
-    if a.src is None:
-        sys.path.insert(0, str(REPO / "tests" / "interop"))
-        import lab
-        a.src = lab.fixture_dir("qwen3moe-trained")
-    src = a.src.resolve()
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.results.mkdir(parents=True, exist_ok=True)
+    src = prepare(a)
     sling = a.work / "sling"
     copied = private_copy(a.sling, sling)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
