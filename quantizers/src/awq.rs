@@ -444,7 +444,6 @@ fn unscale_into(w: &[f32], dq: &[f32], s: &[f64], d: &mut [f64]) {
 
 /// `ΔW` of one balance layer at scales `s` into `dm` (row-major `rows × cols`), each value converted by `out`
 /// (`f64` for the Hessian's product, `f32` for the inputs'); `ws` and `d` are a row's scratch.
-#[allow(clippy::too_many_arguments)]
 fn delta<T>(
     b: &Balance,
     i: usize,
