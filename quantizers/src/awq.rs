@@ -181,9 +181,12 @@ pub fn scaled(w: &[f32], rows: usize, cols: usize, scales: &[f64]) -> Vec<f32> {
     if cols == 0 {
         return Vec::new();
     }
-    let mut out = Vec::with_capacity(rows.saturating_mul(cols).min(w.len()));
+    let k = cols.min(scales.len());
+    let mut out = Vec::with_capacity(rows.saturating_mul(k).min(w.len()));
     for row in w.chunks_exact(cols).take(rows) {
-        out.extend(row.iter().zip(scales).map(|(&a, &s)| (f64::from(a) * s) as f32));
+        let at = out.len();
+        out.resize(at + k, 0.0);
+        scale_into(row, scales, &mut out[at..]);
     }
     out
 }

@@ -91,6 +91,15 @@ def sling_eval(sling: Path, src: Path, out: Path, a, log: Path) -> dict:
     return d
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The source, the two tools and the two texts (shared with gptq_subsets.py)."""
+    ap.add_argument("--src", type=Path, help="HF model directory (default: the trained fixture qwen3moe-trained)")
+    ap.add_argument("--sling", type=Path, default=REPO / "target" / "release" / "sling")
+    ap.add_argument("--llmc-python", default=str(LAB / "venv-llmc" / "bin" / "python"))
+    ap.add_argument("--calib", type=Path, default=DATA / "calib.txt")
+    ap.add_argument("--eval", type=Path, default=DATA / "eval.txt")
+
+
 def prepare(a) -> Path:
     """The source directory (default: the trained fixture, generated on first use); makes --work and --results."""
     if a.src is None:
@@ -104,11 +113,7 @@ def prepare(a) -> Path:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", type=Path, help="HF model directory (default: the trained fixture qwen3moe-trained)")
-    ap.add_argument("--sling", type=Path, default=REPO / "target" / "release" / "sling")
-    ap.add_argument("--llmc-python", default=str(LAB / "venv-llmc" / "bin" / "python"))
-    ap.add_argument("--calib", type=Path, default=DATA / "calib.txt")
-    ap.add_argument("--eval", type=Path, default=DATA / "eval.txt")
+    add_common_args(ap)
     ap.add_argument("--ctx", type=int, default=128, help="tokens per calibration sample")
     ap.add_argument("--chunks", type=int, default=0, help="calibration samples (0: every full chunk of calib)")
     ap.add_argument("--eval-ctx", type=int, default=512)

@@ -30,17 +30,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from gptq import DATA, HERE, LAB, REPO, calibration_chunks, prepare, sling_eval  # scripts/bench/gptq.py
+from gptq import HERE, REPO, add_common_args, calibration_chunks, prepare, sling_eval  # scripts/bench/gptq.py
 from measure import machine_info, private_copy
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", type=Path, help="HF model directory (default: the trained fixture qwen3moe-trained)")
-    ap.add_argument("--sling", type=Path, default=REPO / "target" / "release" / "sling")
-    ap.add_argument("--llmc-python", default=str(LAB / "venv-llmc" / "bin" / "python"))
-    ap.add_argument("--calib", type=Path, default=DATA / "calib.txt")
-    ap.add_argument("--eval", type=Path, default=DATA / "eval.txt")
+    add_common_args(ap)
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--ctxs", default="128,96", help="chunk lengths, comma-separated")
     ap.add_argument("--window", type=int, default=10, help="chunks per set")
