@@ -40,6 +40,10 @@ impl TensorSource for ArtifactSource {
     fn release(&self) {
         self.0.release();
     }
+    fn is_mxfp4(&self, name: &str) -> bool {
+        // gpt-oss experts read back from MLX come in the MXFP4 checkpoint's [E, out, in] orientation.
+        self.0.is_out_major(name)
+    }
 }
 
 /// Opens `dir` as an artifact, if it is one.

@@ -83,6 +83,22 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
         // provisional default; the allocation's recipe then sets both.
         To::MlxAuto => Planned::Mlx(mlx::plan(&ck, mlx::Bits(4), 32, a.strict).with_context(ctx)?),
     };
+    // GPTQ/AWQ and mlx:auto's measurements work on the checkpoint's own tensors; a weight mlx-lm rearranges
+    // (DeepSeek-V3's embed_q/unembed_out, gpt-oss's experts) is not one, and must not fall back to round-to-nearest
+    // unseen.
+    if let Planned::Mlx(m) = &p {
+        let method = crate::auto::hf_method(a, to)?;
+        let rearranged = mlx::rearranged(&ck, m);
+        if let (Some(first), true) = (rearranged.first(), method != crate::solve::Method::Rtn || to == To::MlxAuto) {
+            let what =
+                if to == To::MlxAuto { "--to mlx:auto".to_string() } else { format!("--method {}", method.name()) };
+            bail!(
+                "{what} is not built for weights mlx-lm rearranges ({} of them, e.g. {first}): use --method rtn and \
+                 --to mlx:BITS for this architecture",
+                rearranged.len()
+            );
+        }
+    }
     Ok((ck, p))
 }
 
@@ -208,6 +224,11 @@ fn plan_of(p: &Planned) -> (String, serde_json::Value) {
             let l = format!("mlx:{}", m.bits);
             let mut j = summary(&l, &m.plan);
             j["group_size"] = m.group.into();
+            // As mlx-lm reports it ("Quantized model with … bits per weight"): over the parameters it counts.
+            let params = mlx::total_parameters(m);
+            if params > 0 {
+                j["bpw"] = (sling_pipeline::plan_bytes(&m.plan) as f64 * 8.0 / params as f64).into();
+            }
             (l, j)
         }
     }

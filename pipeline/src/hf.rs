@@ -109,6 +109,14 @@ pub fn fp8_scale<'a>(
 
 /// Every tensor of `ck` in checkpoint order, as listed in the module docs.
 pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
+    tensors_with(ck, false)
+}
+
+/// [`tensors`], and with `gpt_oss` also a gpt-oss checkpoint's: its stacked expert tensors come out as they are
+/// stored, for the target to rearrange — bf16 `mlp.experts.gate_up_proj` `[E, H, 2I]` (gate/up interleaved) and
+/// `down_proj` `[E, I, H]`, or MXFP4 `…_blocks` `[E, out, n, 16]` and `…_scales` `[E, out, n]` as U8 bytes
+/// (each value one byte, exact), with `…_bias` `[E, out]`; role [`Role::RoutedExperts`], no expert index.
+pub fn tensors_with(ck: &Checkpoint, gpt_oss: bool) -> Result<Vec<HfTensor>, PlanError> {
     let cfg: &ModelConfig = ck.config.as_ref().ok_or(PlanError::NoConfig)?;
     let n_layers = cfg.req_u64(&["num_hidden_layers", "n_layers", "n_layer", "num_layers"])?;
     let quant = cfg.get("quantization_config");
@@ -118,8 +126,10 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             [r, c] => Some((r.as_u64()?, c.as_u64()?)),
             _ => None,
         });
+    let is_gpt_oss = ck.config.as_ref().and_then(|c| c.get("model_type")).and_then(|v| v.as_str()) == Some("gpt_oss");
     match method.as_deref() {
         None | Some("fp8") => {}
+        Some("mxfp4") if gpt_oss && is_gpt_oss => {}
         Some(m) => {
             return Err(unsupported(
                 "quantization_config",
@@ -129,7 +139,7 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             ))
         }
     }
-    if cfg.get("model_type").and_then(|v| v.as_str()) == Some("gpt_oss") {
+    if is_gpt_oss && !gpt_oss {
         // Its experts are stacked [E, in, out] with gate/up interleaved: not the fused layout handled below.
         return Err(unsupported("config.json", "gpt-oss checkpoints are not supported for this target yet"));
     }
@@ -155,6 +165,28 @@ pub fn tensors(ck: &Checkpoint) -> Result<Vec<HfTensor>, PlanError> {
             });
         }
         let src = Src::of(t);
+        if gpt_oss && is_gpt_oss && name.contains(".mlp.experts.") {
+            let mxfp4 = name.ends_with("_blocks") || name.ends_with("_scales");
+            let ok = match t.dtype {
+                DType::U8 => mxfp4,
+                DType::F32 | DType::F16 | DType::BF16 => !mxfp4,
+                _ => false,
+            };
+            if !ok {
+                return Err(unsupported(name, format!("{} gpt-oss expert tensor", t.dtype)));
+            }
+            out.push(HfTensor {
+                role: Role::RoutedExperts,
+                layer,
+                expert: None,
+                shape: t.shape.clone(),
+                op: Op::Source(src),
+                dtype: t.dtype,
+                sources: vec![t.name.clone()],
+                name: t.name.clone(),
+            });
+            continue;
+        }
         let (op, dtype, mut sources) = match t.dtype {
             DType::F32 | DType::F16 | DType::BF16 => (Op::Source(src), t.dtype, vec![t.name.clone()]),
             DType::F8E4M3 => {

@@ -155,6 +155,9 @@ pub fn encode_f32(dtype: DType, x: &[f32], row_len: usize, out: &mut Vec<u8>) ->
         DType::F16 => fill(out, x, |v| f32_to_f16_bits(v).to_le_bytes()),
         DType::BF16 => fill(out, x, |v| f32_to_bf16_bits(v).to_le_bytes()),
         DType::Q8_0 => quantize_row_q8_0(x, out),
+        // Bytes carried through the value pipeline (gpt-oss's MXFP4 blocks and scales copied as they are): exact
+        // for the values `decode_to_f32` gives a U8 tensor; `as` saturates anything else.
+        DType::U8 => out.extend(x.iter().map(|&v| v as u8)),
         other => return Err(EncodeError::Unsupported(other)),
     }
     Ok(())

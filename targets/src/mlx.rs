@@ -49,13 +49,66 @@ impl Bits {
 /// Group sizes MLX's affine mode takes.
 pub const GROUP_SIZES: &[u64] = &[32, 64, 128];
 
-/// The architectures whose mlx-lm models this target writes for (`model_type`).
-pub const MODEL_TYPES: &[&str] = &["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"];
+/// What the writer must know of an mlx-lm model (`mlx_lm/models/<model_type>.py`) beyond the common layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlxArch {
+    pub model_type: &'static str,
+    /// How `mlx_lm.convert` stores the router.
+    pub router: RouterQuant,
+    /// DeepSeek-V3's `sanitize`: `kv_b_proj` `[H·(nope+v), rank]` becomes per-head `MultiLinear`s,
+    /// `self_attn.embed_q` `[H, rank, nope]` (the key rows, transposed) and `self_attn.unembed_out` `[H, v, rank]`.
+    pub split_kv_b: bool,
+    /// gpt-oss's `sanitize`: stacked experts stay under `mlp.experts.{gate,up,down}_proj` (its `SwitchGLU`), gate
+    /// and up from the interleaved rows of `gate_up_proj`; MXFP4 sources keep their experts in MLX's `mxfp4` mode.
+    pub gpt_oss: bool,
+    /// Parameters of modules that have submodules (gpt-oss's attention `sinks`), which mlx-lm's
+    /// `get_total_parameters` does not count (it sums over leaf modules): name suffixes.
+    pub uncounted: &'static [&'static str],
+}
+
+/// How `mlx_lm.convert` stores a model's routers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterQuant {
+    /// Like any Linear, at the run's bits and group size (the model has no `quant_predicate`).
+    Base,
+    /// At 8 bits, group 64, recorded per layer (the model's `quant_predicate`: Qwen3-MoE, gpt-oss).
+    Eight,
+    /// Not quantized: the router is a bare parameter `nn.quantize` leaves alone (DeepSeek's `MoEGate`).
+    Kept,
+}
+
+const fn arch(model_type: &'static str, router: RouterQuant) -> MlxArch {
+    MlxArch { model_type, router, split_kv_b: false, gpt_oss: false, uncounted: &[] }
+}
+
+/// The architectures whose mlx-lm models this target writes for.
+pub const ARCHS: &[MlxArch] = &[
+    arch("llama", RouterQuant::Base),
+    arch("qwen2", RouterQuant::Base),
+    arch("qwen2_moe", RouterQuant::Base),
+    arch("qwen3_moe", RouterQuant::Eight),
+    arch("mixtral", RouterQuant::Base),
+    arch("olmoe", RouterQuant::Base),
+    arch("deepseek_v2", RouterQuant::Kept),
+    MlxArch { split_kv_b: true, ..arch("deepseek_v3", RouterQuant::Kept) },
+    MlxArch { gpt_oss: true, uncounted: &[".self_attn.sinks"], ..arch("gpt_oss", RouterQuant::Eight) },
+];
+
+impl MlxArch {
+    pub fn of(model_type: &str) -> Option<MlxArch> {
+        ARCHS.iter().copied().find(|a| a.model_type == model_type)
+    }
+}
 
 /// How one weight is stored.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Enc {
     Keep(DType),
+    /// Bytes copied as they are, one per value (gpt-oss's MXFP4 expert blocks and scales, which mlx-lm keeps in
+    /// its `mxfp4` mode); `params`: the weights they hold, as mlx-lm counts them.
+    Raw {
+        params: u64,
+    },
     Affine {
         bits: u32,
         group: usize,
@@ -83,7 +136,7 @@ pub struct Mlx {
 pub fn grid(enc: &Enc) -> Option<Box<dyn Grid>> {
     match enc {
         Enc::Affine { bits, group, sd, .. } => Some(Box::new(AffineGrid { bits: *bits, group: *group, sd: *sd })),
-        Enc::Keep(_) => None,
+        Enc::Keep(_) | Enc::Raw { .. } => None,
     }
 }
 
@@ -101,6 +154,135 @@ pub struct MlxPlan {
     pub overrides: BTreeMap<String, (u32, u64)>,
     pub bits: u32,
     pub group: u64,
+    /// The `quantization` block's mode: `mxfp4` when a gpt-oss MXFP4 source's experts are kept in that mode
+    /// ([`Enc::Raw`]), which makes the artifact a partially quantized model to mlx-lm (every affine module then
+    /// gets its own entry, [`config_json`]); otherwise `affine`.
+    pub mode: &'static str,
+    pub arch: MlxArch,
+}
+
+/// One item of the plan, in checkpoint order: a tensor, a stack of routed experts (by its MLX name), or a weight
+/// already planned.
+enum Item {
+    One(HfTensor),
+    Stack(String),
+    Ready(Weight<Enc>),
+}
+
+fn shape_err(t: &HfTensor, why: String) -> TargetError {
+    TargetError::Plan(sling_pipeline::PlanError::Shape { tensor: t.name.clone(), shape: t.shape.clone(), why })
+}
+
+/// DeepSeek-V3's `kv_b_proj` as mlx-lm's `sanitize` splits it: per head `h`, rows `h·(nope+v)..+nope` are the
+/// key part, stored transposed as `embed_q[h]` `[rank, nope]`; the next `v` rows are `unembed_out[h]` `[v, rank]`.
+fn split_kv_b(cfg: &sling_core::ModelConfig, t: HfTensor) -> Result<[HfTensor; 2], TargetError> {
+    let key = |k: &str| cfg.req_u64(&[k]).map_err(|e| TargetError::Plan(e.into()));
+    let (heads, nope, v, rank) =
+        (key("num_attention_heads")?, key("qk_nope_head_dim")?, key("v_head_dim")?, key("kv_lora_rank")?);
+    if t.shape != [heads * (nope + v), rank] {
+        let want = format!(
+            "[num_attention_heads·(qk_nope_head_dim+v_head_dim), kv_lora_rank] = [{}, {rank}]",
+            heads * (nope + v)
+        );
+        return Err(shape_err(&t, want));
+    }
+    let stem = t.name.trim_end_matches("kv_b_proj.weight");
+    let rows = |off: u64, n: u64| -> Vec<u64> {
+        (0..heads).flat_map(|h| (0..n).map(move |i| h * (nope + v) + off + i)).collect()
+    };
+    let part = |name: String, shape: Vec<u64>, op: Op| HfTensor { name, shape, op, ..t.clone() };
+    let keys = Op::Rows { inner: Box::new(t.op.clone()), map: rows(0, nope) };
+    Ok([
+        part(
+            format!("{stem}embed_q.weight"),
+            vec![heads, rank, nope],
+            Op::Transpose { inner: Box::new(keys), batch: heads, r: nope, c: rank },
+        ),
+        part(
+            format!("{stem}unembed_out.weight"),
+            vec![heads, v, rank],
+            Op::Rows { inner: Box::new(t.op.clone()), map: rows(nope, v) },
+        ),
+    ])
+}
+
+/// gpt-oss's stacked expert tensors in mlx-lm's layout (`gpt_oss.py` `sanitize`): `gate_up_proj`'s even rows
+/// (output channels) are `gate_proj`, its odd rows `up_proj`; every weight `[E, out, in]`. bf16 tensors are
+/// stored `[E, in, out]` and come out transposed, to be quantized like any weight; MXFP4 `_blocks`/`_scales` are
+/// copied byte for byte into MLX's `mxfp4` mode (`.weight` U32 `[E, out, in/8]`, `.scales` U8 `[E, out, in/32]`).
+fn gpt_oss_experts(t: HfTensor, items: &mut Vec<Item>) -> Result<bool, TargetError> {
+    let Some((base, what)) = t.name.split_once(".mlp.experts.") else {
+        return Err(shape_err(&t, "not a gpt-oss expert tensor".into()));
+    };
+    let base = format!("{base}.mlp.experts.");
+    let (fused, kind) = match what.split_once('_') {
+        Some(("gate", rest)) if rest.starts_with("up_proj") => (true, &rest["up_proj".len()..]),
+        Some(("down", rest)) if rest.starts_with("proj") => (false, &rest["proj".len()..]),
+        _ => return Err(shape_err(&t, "not a gpt-oss expert tensor".into())),
+    };
+    let projs: &[(&str, u64)] = if fused { &[("gate_proj", 0), ("up_proj", 1)] } else { &[("down_proj", 0)] };
+    let step = projs.len() as u64;
+    // Rows `phase, phase + step, …` of each expert's `n` rows (the de-interleave; all rows for `down_proj`).
+    let pick = |op: Op, e: u64, n: u64, phase: u64| Op::Rows {
+        inner: Box::new(op),
+        map: (0..e).flat_map(|x| (0..n / step).map(move |i| x * n + i * step + phase)).collect(),
+    };
+    let bad = |t: &HfTensor, want: &str| Err(shape_err(t, format!("expected {want}")));
+    let mut mxfp4 = false;
+    match (kind, &t.shape[..]) {
+        ("", &[e, i, o]) => {
+            if o % step != 0 {
+                return bad(&t, "an even number of gate/up columns");
+            }
+            let cols = Op::Transpose { inner: Box::new(t.op.clone()), batch: e, r: i, c: o };
+            for &(proj, phase) in projs {
+                let op = pick(cols.clone(), e, o, phase);
+                let shape = vec![e, o / step, i];
+                items.push(Item::One(HfTensor { name: format!("{base}{proj}.weight"), shape, op, ..t.clone() }));
+            }
+        }
+        ("_bias", &[e, o]) => {
+            if o % step != 0 {
+                return bad(&t, "an even number of gate/up biases");
+            }
+            // Columns picked as rows of the transpose, then transposed back.
+            let cols = Op::Transpose { inner: Box::new(t.op.clone()), batch: 1, r: e, c: o };
+            for &(proj, phase) in projs {
+                let rows = pick(cols.clone(), 1, o, phase);
+                let op = Op::Transpose { inner: Box::new(rows), batch: 1, r: o / step, c: e };
+                let shape = vec![e, o / step];
+                items.push(Item::One(HfTensor { name: format!("{base}{proj}.bias"), shape, op, ..t.clone() }));
+            }
+        }
+        ("_blocks", &[e, o, n, 16]) | ("_scales", &[e, o, n]) => {
+            if o % step != 0 {
+                return bad(&t, "an even number of gate/up rows");
+            }
+            mxfp4 = true;
+            let blocks = kind == "_blocks";
+            let Op::Source(mut src) = t.op.clone() else { return bad(&t, "a stored tensor") };
+            src.rows = e * o;
+            src.cols = if blocks { n * 16 } else { n };
+            for &(proj, phase) in projs {
+                let op = pick(Op::Source(src.clone()), e, o, phase);
+                let (part, dtype, last, params) = match blocks {
+                    true => (format!("{base}{proj}.weight"), DType::U32, n * 4, e * (o / step) * n * 32),
+                    false => (format!("{base}{proj}.scales"), DType::U8, n, 0),
+                };
+                items.push(Item::Ready(Weight {
+                    name: part.clone(),
+                    role: Role::RoutedExperts,
+                    op,
+                    enc: Enc::Raw { params },
+                    parts: vec![sling_pipeline::Part::new(part, dtype, vec![e, o / step, last])],
+                    sources: t.sources.clone(),
+                    row_align: 1,
+                }));
+            }
+        }
+        _ => return bad(&t, "[E, in, out], [E, out] biases, or MXFP4 [E, out, n, 16] blocks / [E, out, n] scales"),
+    }
+    Ok(mxfp4)
 }
 
 /// `experts.{e}.w1` → `gate_proj` (Mixtral's names, as mlx-lm's `mixtral.py` `sanitize` maps them).
@@ -120,22 +302,29 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
     }
     let cfg = ck.config.as_ref().ok_or(sling_pipeline::PlanError::NoConfig)?;
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    if !MODEL_TYPES.contains(&model_type) {
+    let Some(arch) = MlxArch::of(model_type) else {
         return Err(TargetError::Unsupported(format!(
             "model_type {model_type:?} is not supported for mlx yet (supported: {})",
-            MODEL_TYPES.join(", ")
+            ARCHS.iter().map(|a| a.model_type).collect::<Vec<_>>().join(", ")
         )));
-    }
+    };
     let tied = cfg.get_bool("tie_word_embeddings") == Some(true);
-    let tensors = sling_pipeline::hf::tensors(ck)?;
+    let tensors = sling_pipeline::hf::tensors_with(ck, arch.gpt_oss)?;
     // Stack routed experts: (layer, projection) → experts in order.
     let mut stacks: BTreeMap<String, Vec<HfTensor>> = BTreeMap::new();
-    let mut order: Vec<Result<HfTensor, String>> = Vec::new();
+    let mut order: Vec<Item> = Vec::new();
+    let mut mode = "affine";
     for t in tensors {
         if tied && t.name == "lm_head.weight" {
             continue;
         }
-        if t.role == Role::RoutedExperts && t.expert.is_some() && t.shape.len() == 2 {
+        if arch.split_kv_b && t.name.ends_with(".self_attn.kv_b_proj.weight") {
+            order.extend(split_kv_b(cfg, t)?.map(Item::One));
+        } else if arch.gpt_oss && t.role == Role::RoutedExperts && t.expert.is_none() {
+            if gpt_oss_experts(t, &mut order)? {
+                mode = "mxfp4";
+            }
+        } else if t.role == Role::RoutedExperts && t.expert.is_some() && t.shape.len() == 2 {
             let (before, after) = t.name.split_once(".experts.").unwrap_or((&t.name, ""));
             let mut rest = after.splitn(2, '.');
             let _expert = rest.next();
@@ -143,11 +332,11 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             let (proj, suffix) = tail.split_once('.').unwrap_or((tail, ""));
             let key = format!("{before}.switch_mlp.{}.{suffix}", proj_name(proj));
             if !stacks.contains_key(&key) {
-                order.push(Err(key.clone()));
+                order.push(Item::Stack(key.clone()));
             }
             stacks.entry(key).or_default().push(t);
         } else {
-            order.push(Ok(t));
+            order.push(Item::One(t));
         }
     }
     let (mut weights, mut kept, mut overrides) = (Vec::new(), Vec::new(), BTreeMap::new());
@@ -155,8 +344,12 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
     for item in order {
         let mut expert_names = Vec::new();
         let t = match item {
-            Ok(t) => t,
-            Err(key) => {
+            Item::Ready(w) => {
+                weights.push(w);
+                continue;
+            }
+            Item::One(t) => t,
+            Item::Stack(key) => {
                 let mut experts = stacks.remove(&key).unwrap_or_default();
                 experts.sort_by_key(|t| t.expert);
                 expert_names = experts.iter().map(|t| t.name.clone()).collect();
@@ -186,11 +379,14 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
         };
         let module = t.name.strip_suffix(".weight").map(str::to_string);
         let quantizable = t.name.ends_with(".weight") && t.shape.len() >= 2 && !matches!(t.role, Role::Other);
-        let Some(module) = module.filter(|_| quantizable) else {
+        let Some(module) =
+            module.filter(|_| quantizable && (t.role != Role::Router || arch.router != RouterQuant::Kept))
+        else {
             weights.push(keep(t));
             continue;
         };
-        let (b, g) = if t.role == Role::Router { (8, 64) } else { (bits.0, group) };
+        let (b, g) =
+            if t.role == Role::Router && arch.router == RouterQuant::Eight { (8, 64) } else { (bits.0, group) };
         let cols = *t.shape.last().unwrap_or(&0);
         if cols % group != 0 || cols % g != 0 {
             let why = format!("row length {cols} is not a multiple of the group size {g}");
@@ -223,7 +419,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             why: format!("no weight has a row length that is a multiple of the group size {group}"),
         });
     }
-    Ok(MlxPlan { plan: Plan { weights, kept, notes: Vec::new() }, overrides, bits: bits.0, group })
+    Ok(MlxPlan { plan: Plan { weights, kept, notes: Vec::new() }, overrides, bits: bits.0, group, mode, arch })
 }
 
 fn keep(t: HfTensor) -> Weight<Enc> {
@@ -244,7 +440,19 @@ impl Target for Mlx {
     ) -> Result<(), EncodeError> {
         match &w.enc {
             Enc::Keep(d) => crate::vllm::put_float(*d, vals, &mut out[0]),
+            Enc::Raw { .. } => crate::vllm::put_float(DType::U8, vals, &mut out[0]),
             Enc::Affine { bits, group, sd, experts } => {
+                // mlx-lm quantizes a weight held in the scales' dtype: DeepSeek FP8 weights are dequantized to
+                // BF16 first (`deepseek_v3.py` `sanitize`, `.astype(mx.bfloat16)`), so values that dtype cannot
+                // hold are rounded to it first. A bf16/f16 source's values already are.
+                let rounded: Vec<f32>;
+                let fit = |v: f32| if v.is_finite() { sd.round(v) } else { v };
+                let vals = if vals.iter().any(|&v| fit(v).to_bits() != v.to_bits()) {
+                    rounded = vals.iter().map(|&v| fit(v)).collect();
+                    &rounded[..]
+                } else {
+                    vals
+                };
                 let cols = w.cols() as usize;
                 let rows = vals.len() / cols.max(1);
                 let (mut packed, mut scales, mut biases) = (Vec::new(), Vec::new(), Vec::new());
@@ -323,9 +531,50 @@ fn legacy_keys(root: &mut serde_json::Map<String, serde_json::Value>) {
     }
 }
 
+/// The quantized weights that are not a checkpoint tensor (or a stack of them) row for row: what mlx-lm's
+/// `sanitize` rearranges (DeepSeek-V3's `embed_q`/`unembed_out`, gpt-oss's experts). Solvers (GPTQ, AWQ) and
+/// `mlx:auto`'s measurements address weights by their checkpoint names, so they cannot take these.
+pub fn rearranged<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<&'a str> {
+    p.plan
+        .weights
+        .iter()
+        .filter(|w| match &w.enc {
+            Enc::Affine { experts, .. } => experts.is_empty() && ck.get(&w.name).is_none(),
+            Enc::Raw { .. } => true,
+            Enc::Keep(_) => false,
+        })
+        .map(|w| w.name.as_str())
+        .collect()
+}
+
 /// Parameters as mlx-lm counts them (`get_total_parameters`: a quantized layer counts its unquantized size).
 pub fn total_parameters(p: &MlxPlan) -> u64 {
-    p.plan.weights.iter().map(|w| w.rows() * w.cols()).sum()
+    p.plan
+        .weights
+        .iter()
+        .filter(|w| !p.arch.uncounted.iter().any(|s| w.name.ends_with(s)))
+        .map(|w| match w.enc {
+            Enc::Raw { params } => params,
+            _ => w.rows() * w.cols(),
+        })
+        .sum()
+}
+
+/// Where `nn.quantize` visits `module` in an mlx-lm model: the model's modules (`model.embed_tokens` first, then
+/// the layers by number, each its attention's `q, k, v, o` projections first, then the rest by name), then the
+/// top-level ones (`lm_head`). Modules are visited in the order the model's `__init__` assigns them, which every
+/// architecture here follows for these names.
+fn module_order(module: &str) -> (u8, u64, usize, String) {
+    const IN_LAYER: &[&str] = &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"];
+    if module == "model.embed_tokens" {
+        return (0, 0, 0, String::new());
+    }
+    if let Some(layer) = sling_pipeline::hf::layer_of(module) {
+        let rest = module.splitn(4, '.').nth(3).unwrap_or("");
+        let rank = IN_LAYER.iter().position(|p| rest == *p).unwrap_or(IN_LAYER.len());
+        return (1, layer, rank, rest.to_string());
+    }
+    (if module.starts_with("model.") { 2 } else { 3 }, 0, 0, module.to_string())
 }
 
 /// The artifact's `config.json` as mlx-lm's `save_config` writes it: the source's, `_name_or_path` dropped, a
@@ -340,8 +589,34 @@ pub fn config_json(ck: &Checkpoint, p: &MlxPlan) -> Vec<u8> {
     q.insert("group_size".into(), p.group.into());
     q.insert("bits".into(), p.bits.into());
     q.insert("mode".into(), "affine".into());
-    for (module, (b, g)) in &p.overrides {
-        q.insert(module.clone(), serde_json::json!({"group_size": g, "bits": b}));
+    let mut entries: Vec<(&str, serde_json::Value)> = Vec::new();
+    if p.mode == "mxfp4" {
+        // A partially quantized source (gpt-oss's MXFP4 experts): mlx-lm's `quantize_model` records the source's
+        // mode (group 32, 4 bits) and then every module it quantizes: with the predicate's own dict where there
+        // is one (routers), else group size, bits and mode "affine".
+        q.insert("group_size".into(), 32.into());
+        q.insert("bits".into(), 4.into());
+        q.insert("mode".into(), "mxfp4".into());
+        for w in &p.plan.weights {
+            let Some(module) = w.name.strip_suffix(".weight").filter(|_| matches!(w.enc, Enc::Affine { .. })) else {
+                continue;
+            };
+            let router = (w.role == Role::Router && p.arch.router == RouterQuant::Eight).then_some((8, 64));
+            let v = match p.overrides.get(module).copied().or(router) {
+                Some((b, g)) => serde_json::json!({"group_size": g, "bits": b}),
+                None => serde_json::json!({"group_size": p.group, "bits": p.bits, "mode": "affine"}),
+            };
+            entries.push((module, v));
+        }
+    } else {
+        for (module, (b, g)) in &p.overrides {
+            entries.push((module, serde_json::json!({"group_size": g, "bits": b})));
+        }
+    }
+    // In the order `nn.quantize` visits the modules, which is the order mlx-lm writes them in.
+    entries.sort_by_cached_key(|(m, _)| module_order(m));
+    for (module, v) in entries {
+        q.insert(module.to_string(), v);
     }
     root.insert("quantization".into(), serde_json::Value::Object(q.clone()));
     root.insert("quantization_config".into(), serde_json::Value::Object(q));

@@ -46,6 +46,14 @@ enum Logical {
     Affine { module: String, bits: u32, group: usize, expert: Option<u64> },
     /// One expert of a stacked unquantized tensor.
     Slice { tensor: String, expert: u64 },
+    /// An MLX `mxfp4` weight (`<module>.weight` U32 E2M1 nibbles, `<module>.scales` U8 E8M0 per 32).
+    Mxfp4 { module: String, expert: Option<u64> },
+    /// Two logical tensors of the same shape `[outer, …]` interleaved in runs of `unit` elements within each outer
+    /// slice (gpt-oss's `gate_up_proj` rows and biases from mlx-lm's `gate_proj`/`up_proj`).
+    Interleave { a: String, b: String, unit: usize },
+    /// DeepSeek-V3's `kv_b_proj` `[H·(nope+v), rank]` from mlx-lm's `embed_q` `[H, rank, nope]` (transposed back)
+    /// and `unembed_out` `[H, v, rank]`.
+    KvB { embed_q: String, unembed_out: String, heads: usize, nope: usize, v: usize, rank: usize },
 }
 
 /// An artifact directory read back (see the module docs).
@@ -54,6 +62,8 @@ pub struct Artifact {
     pub kind: Kind,
     logical: HashMap<String, (Vec<u64>, Logical)>,
     order: Vec<String>,
+    /// See [`Artifact::is_out_major`].
+    out_major: std::collections::HashSet<String>,
     /// Unpacked zero points per module (small; unpacked once).
     zeros: Mutex<HashMap<String, std::sync::Arc<Vec<i8>>>>,
 }
@@ -76,7 +86,8 @@ pub fn kind_of(dir: &Path) -> Option<Kind> {
         });
     }
     let q = cfg.get("quantization")?;
-    if q.get("mode").and_then(|m| m.as_str()).unwrap_or("affine") != "affine" {
+    // `mxfp4`: a partially quantized model (gpt-oss's MXFP4 experts kept), every affine module listed.
+    if !matches!(q.get("mode").and_then(|m| m.as_str()).unwrap_or("affine"), "affine" | "mxfp4") {
         return None;
     }
     Some(Kind::Mlx { bits: q["bits"].as_u64()? as u32, group: q["group_size"].as_u64()? as usize })
@@ -93,6 +104,76 @@ fn scale_of(t: &SourceTensor, bytes: &[u8]) -> Result<Vec<f32>, ReadError> {
     decode(t, bytes)
 }
 
+/// The source checkpoint's names for what mlx-lm's `sanitize` rearranged (the inverse of `mlx::plan`'s
+/// rearrangements): DeepSeek-V3's `embed_q`/`unembed_out` read as `kv_b_proj.weight` (`heads_dims`: heads,
+/// nope, v, rank), and gpt-oss's `mlp.experts.{gate,up,down}_proj.{weight,bias}` as the MXFP4 checkpoint's
+/// `mlp.experts.gate_up_proj` `[E, 2I, H]` (gate/up rows interleaved), `down_proj` `[E, H, I]` and their `_bias`.
+/// The rearranged tensors stay readable by their MLX names but leave the listing. Returns gpt-oss's expert
+/// weights' names ([`Artifact::is_out_major`]).
+fn unstack_mlx(
+    logical: &mut HashMap<String, (Vec<u64>, Logical)>,
+    order: &mut Vec<String>,
+    heads_dims: Option<(usize, usize, usize, usize)>,
+    gpt_oss: bool,
+) -> std::collections::HashSet<String> {
+    let mut out_major = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(order.len());
+    for name in order.drain(..) {
+        let shape = logical[&name].0.clone();
+        if let (Some((heads, nope, v, rank)), Some(stem)) = (heads_dims, name.strip_suffix(".embed_q.weight")) {
+            let (embed_q, unembed_out) = (name.clone(), format!("{stem}.unembed_out.weight"));
+            if logical.contains_key(&unembed_out) {
+                let kvb = format!("{stem}.kv_b_proj.weight");
+                let l = Logical::KvB { embed_q, unembed_out, heads, nope, v, rank };
+                logical.insert(kvb.clone(), (vec![(heads * (nope + v)) as u64, rank as u64], l));
+                out.push(kvb);
+                continue;
+            }
+        }
+        if heads_dims.is_some() && name.ends_with(".unembed_out.weight") {
+            continue;
+        }
+        let gpt = gpt_oss.then(|| name.split_once(".mlp.experts.")).flatten();
+        if let Some((base, what)) = gpt {
+            let base = format!("{base}.mlp.experts.");
+            let fused = |a: &str, b: &str, unit: u64, to: &str, logical: &mut HashMap<_, _>, out: &mut Vec<String>| {
+                let (a, b) = (format!("{base}{a}"), format!("{base}{b}"));
+                if let Some((sa, _)) = logical.get(&a).cloned() {
+                    let mut s: Vec<u64> = sa;
+                    if let Some(d) = s.get_mut(1) {
+                        *d *= 2;
+                    }
+                    let unit = if unit == 0 { s.last().copied().unwrap_or(1) } else { unit } as usize;
+                    logical.insert(format!("{base}{to}"), (s, Logical::Interleave { a, b, unit }));
+                    out.push(format!("{base}{to}"));
+                }
+            };
+            match what {
+                "gate_proj.weight" => {
+                    fused("gate_proj.weight", "up_proj.weight", 0, "gate_up_proj", logical, &mut out);
+                    out_major.insert(format!("{base}gate_up_proj"));
+                }
+                "gate_proj.bias" => fused("gate_proj.bias", "up_proj.bias", 1, "gate_up_proj_bias", logical, &mut out),
+                "down_proj.weight" | "down_proj.bias" => {
+                    let to = if what == "down_proj.weight" { "down_proj" } else { "down_proj_bias" };
+                    if what == "down_proj.weight" {
+                        out_major.insert(format!("{base}{to}"));
+                    }
+                    let l = logical[&name].1.clone();
+                    logical.insert(format!("{base}{to}"), (shape, l));
+                    out.push(format!("{base}{to}"));
+                }
+                "up_proj.weight" | "up_proj.bias" => {}
+                _ => out.push(name),
+            }
+            continue;
+        }
+        out.push(name);
+    }
+    *order = out;
+    out_major
+}
+
 impl Artifact {
     /// Opens `dir`; `None` when it is neither a compressed-tensors nor an MLX artifact.
     pub fn open(dir: &Path) -> Result<Option<Artifact>, ReadError> {
@@ -100,6 +181,7 @@ impl Artifact {
         let ck = Checkpoint::open(dir)?;
         let mut logical = HashMap::new();
         let mut order = Vec::new();
+        let mut out_major = std::collections::HashSet::new();
         let mut add = |name: String, shape: Vec<u64>, l: Logical| {
             order.push(name.clone());
             logical.insert(name, (shape, l));
@@ -140,6 +222,7 @@ impl Artifact {
             Kind::Mlx { bits, group } => {
                 let cfg = ck.config.as_ref().map(|c| c.root().clone()).unwrap_or_default();
                 let q = cfg.get("quantization").cloned().unwrap_or_default();
+                let top_mode = q.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
                 for t in ck.tensors() {
                     let n = t.name.as_str();
                     if n.ends_with(".scales") || n.ends_with(".biases") {
@@ -147,12 +230,14 @@ impl Artifact {
                     }
                     let module = n.strip_suffix(".weight");
                     let quantized = module.is_some_and(|m| ck.get(&format!("{m}.scales")).is_some());
-                    let (b, g) = match module.and_then(|m| q.get(m)) {
+                    // A module's own entry (without a mode: affine, as mlx-lm loads it), else the block's.
+                    let (b, g, mxfp4) = match module.and_then(|m| q.get(m)) {
                         Some(o) => (
                             o["bits"].as_u64().unwrap_or(*bits as u64) as u32,
                             o["group_size"].as_u64().unwrap_or(*group as u64) as usize,
+                            o.get("mode").and_then(|m| m.as_str()) == Some("mxfp4"),
                         ),
-                        None => (*bits, *group),
+                        None => (*bits, *group, top_mode == "mxfp4"),
                     };
                     let mut shape = t.shape.clone();
                     if quantized {
@@ -171,7 +256,9 @@ impl Artifact {
                             };
                             for e in 0..shape[0] {
                                 let name = format!("{before}.experts.{e}.{proj}.weight");
-                                let l = if quantized {
+                                let l = if quantized && mxfp4 {
+                                    Logical::Mxfp4 { module: module.clone(), expert: Some(e) }
+                                } else if quantized {
                                     Logical::Affine { module: module.clone(), bits: b, group: g, expert: Some(e) }
                                 } else {
                                     Logical::Slice { tensor: n.to_string(), expert: e }
@@ -179,15 +266,32 @@ impl Artifact {
                                 add(name, shape[1..].to_vec(), l);
                             }
                         }
+                        _ if quantized && mxfp4 => add(n.to_string(), shape, Logical::Mxfp4 { module, expert: None }),
                         _ if quantized => {
                             add(n.to_string(), shape, Logical::Affine { module, bits: b, group: g, expert: None })
                         }
                         _ => add(n.to_string(), shape, Logical::Plain { tensor: n.to_string() }),
                     }
                 }
+                let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+                let key = |k: &str| {
+                    cfg.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| {
+                        fmt_err(dir, format!("config.json: {k} missing (needed to read DeepSeek-V3's embed_q)"))
+                    })
+                };
+                let heads_dims = match model_type {
+                    "deepseek_v3" => Some((
+                        key("num_attention_heads")?,
+                        key("qk_nope_head_dim")?,
+                        key("v_head_dim")?,
+                        key("kv_lora_rank")?,
+                    )),
+                    _ => None,
+                };
+                out_major = unstack_mlx(&mut logical, &mut order, heads_dims, model_type == "gpt_oss");
             }
         }
-        Ok(Some(Artifact { ck, kind, logical, order, zeros: Mutex::new(HashMap::new()) }))
+        Ok(Some(Artifact { ck, kind, logical, order, out_major, zeros: Mutex::new(HashMap::new()) }))
     }
 
     /// Every tensor, in the artifact's order, with its shape (PyTorch order).
@@ -235,7 +339,63 @@ impl Artifact {
                 let cols = *shape.last().unwrap_or(&1) as usize;
                 self.ct_rows(module, shape[0], cols, i0, i1)
             }
+            Logical::Mxfp4 { module, expert } => {
+                let cols = *shape.last().unwrap_or(&1) as usize;
+                let rows_per_outer = per / cols as u64;
+                let base = expert.map_or(0, |e| e * (numel / cols as u64));
+                self.mxfp4_rows(module, cols, base + i0 * rows_per_outer, base + i1 * rows_per_outer)
+            }
+            Logical::Interleave { a, b, unit } => {
+                let (va, vb) = (self.read_outer(a, i0, i1)?, self.read_outer(b, i0, i1)?);
+                let mut out = Vec::with_capacity(va.len() * 2);
+                for (ca, cb) in va.chunks(*unit.max(&1)).zip(vb.chunks(*unit.max(&1))) {
+                    out.extend_from_slice(ca);
+                    out.extend_from_slice(cb);
+                }
+                Ok(out)
+            }
+            Logical::KvB { embed_q, unembed_out, heads, nope, v, rank } => {
+                let (q, o) =
+                    (self.read_outer(embed_q, 0, *heads as u64)?, self.read_outer(unembed_out, 0, *heads as u64)?);
+                let (nope, v, rank) = (*nope, *v, *rank);
+                let mut out = Vec::with_capacity((i1 - i0) as usize * rank);
+                for r in i0 as usize..i1 as usize {
+                    let (h, j) = (r / (nope + v), r % (nope + v));
+                    if j < nope {
+                        out.extend((0..rank).map(|c| q[(h * rank + c) * nope + j]));
+                    } else {
+                        out.extend_from_slice(&o[(h * v + j - nope) * rank..(h * v + j - nope + 1) * rank]);
+                    }
+                }
+                Ok(out)
+            }
         }
+    }
+
+    /// Whether `name` is a stacked expert tensor in the `[E, out, in]` orientation of an MXFP4 checkpoint (gpt-oss's
+    /// experts read back from MLX), which its bf16 checkpoints store `[E, in, out]`.
+    pub fn is_out_major(&self, name: &str) -> bool {
+        self.out_major.contains(name)
+    }
+
+    fn mxfp4_rows(&self, module: &str, cols: usize, r0: u64, r1: u64) -> Result<Vec<f32>, ReadError> {
+        let w = self.get(&format!("{module}.weight"))?;
+        let s = self.get(&format!("{module}.scales"))?;
+        let (r0, r1) = (r0 as usize, r1 as usize);
+        let wb = self.ck.bytes(w).get(r0 * cols / 2..r1 * cols / 2);
+        let sb = self.ck.bytes(s).get(r0 * cols / 32..r1 * cols / 32);
+        let (Some(wb), Some(sb)) = (wb, sb) else {
+            return Err(ReadError::Tensor { tensor: module.into(), why: "rows outside the stored tensor".into() });
+        };
+        let mut out = Vec::with_capacity((r1 - r0) * cols);
+        for r in 0..r1 - r0 {
+            ct::dequantize_mxfp4_row(
+                &wb[r * cols / 2..(r + 1) * cols / 2],
+                &sb[r * cols / 32..(r + 1) * cols / 32],
+                &mut out,
+            );
+        }
+        Ok(out)
     }
 
     fn affine_rows(

@@ -54,7 +54,8 @@ fn vllm_fp8_source_is_dequantized_and_scales_dropped() {
 }
 
 #[test]
-fn mlx_stacks_experts_and_overrides_the_router() {
+fn mlx_stacks_experts_and_sets_routers_as_each_model_does() {
+    // Mixtral has no quant_predicate: its router is quantized like any Linear (mlx_lm.convert).
     let ck = fixture("mixtral");
     let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
     let w = p
@@ -65,16 +66,69 @@ fn mlx_stacks_experts_and_overrides_the_router() {
         .unwrap();
     assert_eq!(w.parts[0].shape[0], 8, "8 experts stacked");
     assert_eq!(w.parts[0].dtype, DType::U32);
-    assert_eq!(p.overrides.get("model.layers.0.block_sparse_moe.gate"), Some(&(8, 64)));
+    assert!(p.overrides.is_empty(), "{:?}", p.overrides);
+    let router = p.plan.weights.iter().find(|w| w.name == "model.layers.0.block_sparse_moe.gate.weight").unwrap();
+    assert!(matches!(router.enc, mlx::Enc::Affine { bits: 4, group: 32, .. }), "{:?}", router.enc);
     assert!(!p.plan.weights.iter().any(|w| w.name.contains(".experts.")));
+    // Qwen3-MoE's quant_predicate: 8 bits, group 64.
+    let p = mlx::plan(&fixture("qwen3moe"), mlx::Bits(4), 32, false).unwrap();
+    assert_eq!(p.overrides.get("model.layers.0.mlp.gate"), Some(&(8, 64)));
+}
+
+#[test]
+fn mlx_deepseek_v3_splits_kv_b_and_keeps_the_moe_gate() {
+    let ck = fixture("deepseekv3"); // 4 heads, nope 16, v 16, rank 32
+    let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
+    let find = |n: &str| p.plan.weights.iter().find(|w| w.name == n);
+    assert!(find("model.layers.1.self_attn.kv_b_proj.weight").is_none());
+    let eq = find("model.layers.1.self_attn.embed_q.weight").unwrap();
+    assert_eq!(eq.parts[0].shape, vec![4, 32, 16]);
+    assert_eq!((eq.rows(), eq.cols()), (4 * 32, 16));
+    assert!(matches!(eq.enc, mlx::Enc::Keep(DType::BF16)), "16 columns do not take group 32");
+    let uo = find("model.layers.1.self_attn.unembed_out.weight").unwrap();
+    assert_eq!(uo.parts[0].shape, vec![4, 16, 32 * 4 / 32]);
+    assert!(matches!(find("model.layers.1.mlp.gate.weight").unwrap().enc, mlx::Enc::Keep(DType::BF16)));
+    assert!(p.overrides.is_empty());
+    // What GPTQ/AWQ cannot address by a checkpoint name (embed_q is kept here, so not among them).
+    let r = mlx::rearranged(&ck, &p);
+    assert!(!r.is_empty() && r.iter().all(|n| n.ends_with(".self_attn.unembed_out.weight")), "{r:?}");
+}
+
+#[test]
+fn mlx_gpt_oss_mxfp4_experts_are_copied_in_mxfp4_mode() {
+    let ck = fixture("gptoss-mxfp4"); // 4 experts, ff 32, hidden 64
+    let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
+    assert_eq!(p.mode, "mxfp4");
+    let find = |n: &str| p.plan.weights.iter().find(|w| w.name == n).unwrap();
+    let gate = find("model.layers.0.mlp.experts.gate_proj.weight");
+    assert!(matches!(gate.enc, mlx::Enc::Raw { params } if params == 4 * 32 * 64), "{:?}", gate.enc);
+    assert_eq!((gate.parts[0].dtype, gate.parts[0].shape.clone()), (DType::U32, vec![4, 32, 8]));
+    let scales = find("model.layers.0.mlp.experts.up_proj.scales");
+    assert_eq!((scales.parts[0].dtype, scales.parts[0].shape.clone()), (DType::U8, vec![4, 32, 2]));
+    assert_eq!(find("model.layers.0.mlp.experts.gate_proj.bias").parts[0].shape, vec![4, 32]);
+    assert_eq!(p.overrides.get("model.layers.0.mlp.router"), Some(&(8, 64)));
+    // bf16 gpt-oss: the same layout, quantized affine.
+    let p = mlx::plan(&fixture("gptoss"), mlx::Bits(4), 32, false).unwrap();
+    assert_eq!(p.mode, "affine");
+    let down = p.plan.weights.iter().find(|w| w.name == "model.layers.0.mlp.experts.down_proj.weight").unwrap();
+    assert!(matches!(down.enc, mlx::Enc::Affine { .. }));
+    assert_eq!(down.parts[0].shape, vec![4, 64, 32 * 4 / 32]);
 }
 
 #[test]
 fn mlx_refuses_unknown_group_sizes_and_architectures() {
     let ck = fixture("qwen3moe");
     assert!(mlx::plan(&ck, mlx::Bits(4), 48, false).is_err());
-    let ck = fixture("deepseekv3");
-    assert!(matches!(mlx::plan(&ck, mlx::Bits(4), 32, false), Err(TargetError::Unsupported(_))));
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/llama");
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.replace("\"llama\"", "\"phi3\"")).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = mlx::plan(&ck, mlx::Bits(4), 32, false).err().unwrap();
+    assert!(matches!(&err, TargetError::Unsupported(m) if m.contains("phi3") && m.contains("gpt_oss")), "{err}");
 }
 
 #[test]

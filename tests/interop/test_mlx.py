@@ -14,9 +14,9 @@ and 8, qwen3moe also at 2, 3, 5 and 6 bits; qwen3moe-wide at the default group s
      biases equal to the float32 ones rounded to the stored BF16 (and to mx.quantize of the BF16 weight itself,
      what `mlx_lm convert` does). Kept tensors (norms) are the source tensors. `sling dequantize` of the directory
      is mx.dequantize's float32 result, bit for bit, in the source's names.
-  c. config.json: the `quantization` block (group_size, bits, mode "affine", per-module overrides: routers at 8 bits
-     group 64) and an identical `quantization_config`, the source's keys otherwise, written as mlx-lm's save_config
-     writes it; the index as mlx-lm's save_model writes it; mlx-lm's loader builds every quantized module with the
+  c. config.json: the `quantization` block (group_size, bits, mode "affine", per-module overrides: Qwen3-MoE's
+     routers at 8 bits group 64, as its quant_predicate) and an identical `quantization_config`, the source's keys
+     otherwise, written as mlx-lm's save_config writes it; the index as mlx-lm's save_model writes it; mlx-lm's loader builds every quantized module with the
      bits and group size the config gives it.
 
 Figures: results/mlx.json.
@@ -24,6 +24,7 @@ Figures: results/mlx.json.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -183,8 +184,11 @@ def test_config_index_and_loader(name, bits, group, art, tmp_path):
     routers = {m for m in modules if m.endswith(ROUTERS)}
     assert routers, "no router was quantized"
     overrides = {k: v for k, v in q.items() if k not in ("group_size", "bits", "mode")}
-    want_overrides = {} if (bits, g) == (8, 64) else {m: ROUTER_BITS for m in routers}
-    assert overrides == want_overrides, f"per-module overrides {overrides}, want routers at 8 bits group 64"
+    # Qwen3-MoE's quant_predicate puts routers at 8 bits, group 64; Mixtral, Qwen2-MoE and OLMoE have none, so
+    # mlx_lm.convert quantizes their routers like any Linear (test_mlx_convert.py checks the bytes against it).
+    eight = name.startswith("qwen3moe") and (bits, g) != (8, 64)
+    want_overrides = {m: ROUTER_BITS for m in routers} if eight else {}
+    assert overrides == want_overrides, f"per-module overrides {overrides}, want {want_overrides}"
     assert cfg["quantization_config"] == q, "quantization_config must be a copy of quantization"
     # the source's keys, as they were (mlx-lm's save_config drops only _name_or_path)
     for k, v in srccfg.items():
@@ -239,9 +243,14 @@ def test_group_size_mlx_cannot_take_is_refused(tmp_path):
     assert "48" in err and "32, 64 or 128" in err, err
 
 
-def test_unsupported_architecture_is_refused(tmp_path):
-    err = _refused(tmp_path, lab.fixture_dir("deepseekv3"), "--to", "mlx:4")
-    assert "deepseek_v3" in err and "qwen3_moe" in err, err
+def test_unsupported_architecture_is_refused(tmp_path, tmp_path_factory):
+    src = tmp_path_factory.mktemp("phi3")
+    shutil.copytree(lab.fixture_dir("llama"), src, dirs_exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "phi3"
+    (src / "config.json").write_text(json.dumps(cfg))
+    err = _refused(tmp_path, src, "--to", "mlx:4")
+    assert "phi3" in err and "qwen3_moe" in err and "deepseek_v3" in err and "gpt_oss" in err, err
 
 
 def test_strict_names_the_weight_the_group_does_not_divide(tmp_path):

@@ -20,7 +20,7 @@ use sling_quantizers::ct::ScaleDtype;
 use sling_quantizers::gptq::Grid;
 use sling_quantizers::mlx::AffineGrid;
 
-use super::{Enc, MlxPlan, GROUP_SIZES};
+use super::{Enc, MlxPlan, RouterQuant, GROUP_SIZES};
 use crate::TargetError;
 
 /// Bit widths the ladder takes (MLX's affine mode; 1 bit is left out: no mlx-lm recipe uses it).
@@ -98,12 +98,18 @@ pub fn ladder(rows: u64, cols: u64, sd: ScaleDtype) -> Vec<Kind> {
     v
 }
 
-/// Whether the allocation chooses this weight's encoding: every affine weight but the routers.
-fn chosen(w: &Weight<Enc>) -> Option<ScaleDtype> {
+/// The scales' dtype of an affine weight.
+fn affine_sd(w: &Weight<Enc>) -> Option<ScaleDtype> {
     match &w.enc {
-        Enc::Affine { sd, .. } if w.role != Role::Router => Some(*sd),
+        Enc::Affine { sd, .. } => Some(*sd),
         _ => None,
     }
+}
+
+/// Whether the allocation chooses this weight's encoding: every affine weight but the routers the model's
+/// `quant_predicate` sets (8 bits, group 64: [`RouterQuant::Eight`]).
+fn chosen(p: &MlxPlan, w: &Weight<Enc>) -> Option<ScaleDtype> {
+    affine_sd(w).filter(|_| !(w.role == Role::Router && p.arch.router == RouterQuant::Eight))
 }
 
 /// Bytes of the artifact's weight files besides tensor data, an upper bound: each shard's 8-byte length and JSON
@@ -123,13 +129,14 @@ pub fn measure<'i>(
     sample_rows: u64,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<Sensitivity<Kind>, TargetError> {
-    let imp: Vec<Option<&Importance>> = p.plan.weights.iter().map(|w| chosen(w).and_then(|_| importance(w))).collect();
+    let imp: Vec<Option<&Importance>> =
+        p.plan.weights.iter().map(|w| chosen(p, w).and_then(|_| importance(w))).collect();
     let tokens = imp.iter().flatten().flat_map(|i| i.counts.iter().copied()).max().unwrap_or(0).max(1) as f64;
     let (mut kept_bytes, mut elements, mut tensors) = (0, 0, Vec::new());
-    let todo: Vec<usize> = (0..p.plan.weights.len()).filter(|&i| chosen(&p.plan.weights[i]).is_some()).collect();
+    let todo: Vec<usize> = (0..p.plan.weights.len()).filter(|&i| chosen(p, &p.plan.weights[i]).is_some()).collect();
     for w in &p.plan.weights {
         elements += w.rows() * w.cols();
-        if chosen(w).is_none() {
+        if chosen(p, w).is_none() {
             kept_bytes += w.parts.iter().map(Part::n_bytes).sum::<u64>();
         }
     }
@@ -164,7 +171,7 @@ fn measure_weight(
     sample_rows: u64,
 ) -> Result<Measured<Kind>, TargetError> {
     let (rows, cols) = (w.rows(), w.cols());
-    let sd = chosen(w).unwrap_or(ScaleDtype::BF16);
+    let sd = affine_sd(w).unwrap_or(ScaleDtype::BF16);
     let (n_mat, per_mat) = mats(w);
     let step = per_mat.div_ceil(sample_rows.max(1)).max(1);
     let imp = imp.filter(|i| i.weights.len() as u64 == cols * n_mat);
@@ -261,7 +268,7 @@ pub fn roundtrip(
     let step = per_mat.div_ceil(sample_rows.max(1)).max(1);
     let mut v = Vec::new();
     w.op.read(ck, r0, r1, &mut v).map_err(|x| read_error(w, x))?;
-    if let (Kind::Affine { bits, group }, Some(sd)) = (kind, chosen(w)) {
+    if let (Kind::Affine { bits, group }, Some(sd)) = (kind, affine_sd(w)) {
         let g = AffineGrid { bits, group: group as usize, sd };
         v.par_chunks_exact_mut(cols)
             .enumerate()
@@ -280,7 +287,7 @@ pub fn probe_fraction(w: &Weight<Enc>, sample_rows: u64) -> f64 {
 
 /// The weights of `p` the allocation chose for, in [`Sensitivity::tensors`] order (indices into the plan).
 pub fn measured_weights(p: &MlxPlan) -> Vec<usize> {
-    (0..p.plan.weights.len()).filter(|&i| chosen(&p.plan.weights[i]).is_some()).collect()
+    (0..p.plan.weights.len()).filter(|&i| chosen(p, &p.plan.weights[i]).is_some()).collect()
 }
 
 /// The allocation as a recipe ([`super::recipe`]): the quantized choice holding the most elements as the default

@@ -109,7 +109,7 @@ impl Recipe {
 
     /// Applies the recipe to `p` (planned at the finest group, 32, so that every weight MLX can quantize is
     /// planned quantized): the recipe's defaults, when it sets them, then each rule's choice for the weights it
-    /// matches. Routers keep their 8 bits unless a rule names them. A weight no rule names whose rows the default
+    /// matches. Routers the model's `quant_predicate` sets (8 bits, group 64) keep that unless a rule names them. A weight no rule names whose rows the default
     /// group cannot divide is kept at source precision, as [`super::plan`] keeps it (an error with `strict`); a
     /// rule's group that cannot divide the rows of a weight it names is an error.
     pub fn apply(&self, p: &mut MlxPlan, strict: bool) -> Result<(), TargetError> {
@@ -127,7 +127,8 @@ impl Recipe {
             let kind = match rule {
                 Some(Kind::Affine { bits, group: 0 }) => Kind::Affine { bits, group: group as u32 },
                 Some(k) => k,
-                None if at_default && w.role != sling_core::Role::Router => {
+                // Routers a model's quant_predicate sets carry an override, so they are not at the default.
+                None if at_default => {
                     if cols % group != 0 {
                         let why = format!("row length {cols} is not a multiple of the group size {group}");
                         if strict {
