@@ -156,6 +156,7 @@ pub fn finite_amax(vals: &[f32]) -> f32 {
 
 /// The integer range `[qmin, qmax] = [−2^(b−1), 2^(b−1)−1]` (`helpers.py` `_calculate_range`), or `None` for a
 /// bit width outside 1..=8.
+#[inline(always)]
 fn int_range(bits: u32) -> Option<(f32, f32)> {
     if !(1..=8).contains(&bits) {
         return None;
@@ -177,6 +178,7 @@ fn int_range(bits: u32) -> Option<(f32, f32)> {
 /// Appends one code per element (in `[qmin, qmax]`), one scale per group (as stored, in `f32`) and, if
 /// asymmetric, one zero point per group. Non-finite elements: see the module docs (NaN → the zero point).
 /// Bits outside 1..=8: nothing is appended. `Some(0)` as group means one group per row.
+#[inline(always)] // built for AVX2 too (`sling_kernels::encode::encode_rows`)
 pub fn quantize_int_row(
     row: &[f32],
     a: &IntArgs,
@@ -194,11 +196,17 @@ pub fn quantize_int_row(
         if !a.symmetric {
             zeros.push(zp as i8);
         }
-        codes.extend(chunk.iter().map(|&x| int_code(x, scale, zp, qmin, qmax)));
+        // Sized, then filled by a plain loop: `extend` over a map is a std function the AVX2 build does not inline.
+        let start = codes.len();
+        codes.resize(start + chunk.len(), 0);
+        for (c, &x) in codes[start..].iter_mut().zip(chunk) {
+            *c = int_code(x, scale, zp, qmin, qmax);
+        }
     }
 }
 
 /// Elements per group of a row of `len` elements (`None` or `Some(0)`: the whole row, at least 1).
+#[inline(always)]
 fn int_group_len(a: &IntArgs, len: usize) -> usize {
     match a.group {
         Some(g) if g > 0 => g,
@@ -363,7 +371,39 @@ pub fn dequantize_int_row(codes: &[i8], scales: &[f32], zeros: Option<&[i8]>, gr
 /// Appends `vals` (each `bits` wide, higher bits masked off) as one LSB-first little-endian bitstream: value `i`
 /// at bits `[i·b, i·b+b)`, straddling words where needed, `ceil(n·b/32)` words, padding bits 0. The layout of
 /// compressed-tensors `pack_to_int32` (≥ 0.17.0) and of MLX's affine `weight`. `bits` must be 1..=8 (caller checks).
+#[inline(always)]
 pub(crate) fn pack_bits(vals: impl ExactSizeIterator<Item = u32>, bits: u32, out: &mut Vec<u32>) {
+    pack_bits_iter(vals, bits, out)
+}
+
+/// [`pack_bits`] of a slice: for 1, 2, 4 and 8 bits one word per `32/bits` values with the shifts known at compile
+/// time (a loop the compiler unrolls and vectorises), else [`pack_bits`]. The same words.
+#[inline(always)]
+pub(crate) fn pack_bits_slice(vals: &[u32], bits: u32, out: &mut Vec<u32>) {
+    #[inline(always)]
+    fn whole<const B: u32>(vals: &[u32], out: &mut Vec<u32>) {
+        let per = (32 / B) as usize;
+        let start = out.len();
+        out.resize(start + vals.len().div_ceil(per), 0);
+        for (w, c) in out[start..].iter_mut().zip(vals.chunks(per)) {
+            let mut word = 0u32;
+            for (k, &u) in c.iter().enumerate() {
+                word |= (u & ((1u32 << B) - 1)) << (k as u32 * B);
+            }
+            *w = word;
+        }
+    }
+    match bits {
+        1 => whole::<1>(vals, out),
+        2 => whole::<2>(vals, out),
+        4 => whole::<4>(vals, out),
+        8 => whole::<8>(vals, out),
+        _ => pack_bits_iter(vals.iter().copied(), bits, out),
+    }
+}
+
+#[inline(always)]
+fn pack_bits_iter(vals: impl ExactSizeIterator<Item = u32>, bits: u32, out: &mut Vec<u32>) {
     let mask = (1u32 << bits) - 1;
     if 32 % bits == 0 {
         // 1, 2, 4, 8 bits: whole values per word, one word per `32/bits` values (the same bitstream, no straddling).
@@ -759,6 +799,19 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn pack_bits_slice_is_pack_bits() {
+        let vals: Vec<u32> = (0..1000u32).map(|i| i.wrapping_mul(2654435761) >> 7).collect();
+        for bits in 1..=8 {
+            for n in [0, 1, 7, 8, 9, 31, 32, 33, 255, 1000] {
+                let (mut a, mut b) = (vec![5u32], vec![5u32]);
+                pack_bits(vals[..n].iter().copied(), bits, &mut a);
+                pack_bits_slice(&vals[..n], bits, &mut b);
+                assert_eq!(a, b, "bits {bits}, {n} values");
+            }
+        }
+    }
     use proptest::prelude::*;
 
     fn hostile_rows() -> Vec<Vec<f32>> {

@@ -90,6 +90,7 @@ fn group_params(mn: f32, mx: f32, bits: u32, n: f32) -> (f32, f32) {
 ///   `edge = β`, else negate `s` and take `edge = α`; `q0 = rint(edge/s)`; if `q0 ≠ 0` then `s = edge/q0`,
 ///   `bias = edge`, else `bias = 0` (the larger-magnitude extreme and 0 are exact; the other extreme may clip);
 /// * 1 bit (new in 0.32.4, black-box, confirmed by the vectors): `s = max(α−β, 1e−7)`, `bias = β`.
+#[inline(always)] // built for AVX2 too (`sling_kernels::encode::encode_rows`)
 pub fn quantize_affine_row(
     row: &[f32],
     bits: u32,
@@ -108,11 +109,16 @@ pub fn quantize_affine_row(
     for chunk in row.chunks(g) {
         let (mn, mx) = finite_min_max(chunk);
         let (s, b) = group_params(mn, mx, bits, n);
-        codes.extend(chunk.iter().map(|&w| affine_code(w, s, b, n)));
+        // Sized, then filled by a plain loop: `extend` over a map is a std function the AVX2 build does not inline.
+        let start = codes.len();
+        codes.resize(start + chunk.len(), 0);
+        for (c, &w) in codes[start..].iter_mut().zip(chunk) {
+            *c = affine_code(w, s, b, n);
+        }
         scales.push(sd.round(s));
         biases.push(sd.round(b));
     }
-    pack_bits(codes.into_iter(), bits, packed);
+    crate::ct::pack_bits_slice(&codes, bits, packed);
 }
 
 /// The code of one element with the group's `f32` scale `s` and bias `b`: `clip(rint((w − b)/s), 0, n)`, NaN read
