@@ -341,28 +341,7 @@ pub fn host_encode_rows(
 mod tests {
     use super::*;
 
-    /// Mixed magnitudes, signs, exact zeros, ties, subnormals and the non-finite values a weight may hold.
-    fn rows(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                match (s >> 8) % 97 {
-                    0 => 0.0,
-                    1 => -0.0,
-                    2 => f32::NAN,
-                    3 => f32::INFINITY,
-                    4 => f32::NEG_INFINITY,
-                    5 => 1e-41,
-                    6 => ((i % 16) as f32 - 8.0) * 0.125,
-                    _ => u * [1e-3, 0.05, 1.0, 300.0][(s >> 4) as usize % 4],
-                }
-            })
-            .collect()
-    }
+    use crate::test_rows::row as rows;
 
     fn bits_of(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
