@@ -304,3 +304,20 @@ fn deepseek_fp8_goes_to_fp8_block_without_requantizing() {
     let o = run(&["verify", out.to_str().unwrap(), "--source", src_dir.to_str().unwrap(), "--full"], &[]);
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
 }
+
+#[test]
+fn an_mlx_directory_whose_config_disagrees_with_its_tensors_is_a_clear_error() {
+    // DeepSeek-V3's kv_b_proj is read back from embed_q/unembed_out with config.json's head dimensions; a config
+    // that disagrees with the stored shapes must not make the reader index past them.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("ds");
+    assert!(quantize("deepseekv3", "mlx:4", &out, &["--group-size", "32"], &[]).status.success());
+    let cfg = fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(cfg.contains("\"num_attention_heads\": 4"), "{cfg}");
+    fs::write(out.join("config.json"), cfg.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8"))
+        .unwrap();
+    let npy = d.path().join("l.npy");
+    let o = run(&["logits", out.to_str().unwrap(), "--ids", "1,2,3", "--out", npy.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("forward pass failed") && stderr(&o).contains("expected"), "{}", stderr(&o));
+}

@@ -118,27 +118,42 @@ fn unstack_mlx(
 ) -> std::collections::HashSet<String> {
     let mut out_major = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(order.len());
+    // The attention stems whose embed_q/unembed_out agree with config.json (a hostile directory keeps its MLX
+    // names, which the forward pass then reports missing).
+    let dims = |d: [usize; 3]| d.map(|x| x as u64).to_vec();
+    let kv_b: std::collections::HashSet<String> = match heads_dims {
+        Some((heads, nope, v, rank)) => order
+            .iter()
+            .filter_map(|n| n.strip_suffix(".embed_q.weight"))
+            .filter(|stem| {
+                let shape = |n: String| logical.get(&n).map(|(s, _)| s.clone());
+                shape(format!("{stem}.embed_q.weight")) == Some(dims([heads, rank, nope]))
+                    && shape(format!("{stem}.unembed_out.weight")) == Some(dims([heads, v, rank]))
+            })
+            .map(str::to_string)
+            .collect(),
+        None => Default::default(),
+    };
     for name in order.drain(..) {
         let shape = logical[&name].0.clone();
-        if let (Some((heads, nope, v, rank)), Some(stem)) = (heads_dims, name.strip_suffix(".embed_q.weight")) {
-            let (embed_q, unembed_out) = (name.clone(), format!("{stem}.unembed_out.weight"));
-            if logical.contains_key(&unembed_out) {
+        let stem = name.strip_suffix(".embed_q.weight").or_else(|| name.strip_suffix(".unembed_out.weight"));
+        if let (Some((heads, nope, v, rank)), Some(stem)) = (heads_dims, stem.filter(|s| kv_b.contains(*s))) {
+            if name.ends_with(".embed_q.weight") {
+                let (embed_q, unembed_out) = (name.clone(), format!("{stem}.unembed_out.weight"));
                 let kvb = format!("{stem}.kv_b_proj.weight");
                 let l = Logical::KvB { embed_q, unembed_out, heads, nope, v, rank };
                 logical.insert(kvb.clone(), (vec![(heads * (nope + v)) as u64, rank as u64], l));
                 out.push(kvb);
-                continue;
             }
-        }
-        if heads_dims.is_some() && name.ends_with(".unembed_out.weight") {
-            continue;
+            continue; // unembed_out: read through kv_b_proj
         }
         let gpt = gpt_oss.then(|| name.split_once(".mlp.experts.")).flatten();
         if let Some((base, what)) = gpt {
             let base = format!("{base}.mlp.experts.");
             let fused = |a: &str, b: &str, unit: u64, to: &str, logical: &mut HashMap<_, _>, out: &mut Vec<String>| {
                 let (a, b) = (format!("{base}{a}"), format!("{base}{b}"));
-                if let Some((sa, _)) = logical.get(&a).cloned() {
+                let same = logical.get(&a).map(|(s, _)| s) == logical.get(&b).map(|(s, _)| s);
+                if let Some((sa, _)) = logical.get(&a).cloned().filter(|_| same) {
                     let mut s: Vec<u64> = sa;
                     if let Some(d) = s.get_mut(1) {
                         *d *= 2;
