@@ -28,6 +28,10 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ("olmoe", "vllm:mxfp4", &[]),
     ("qwen3moe", "mlx:4", &["--group-size", "32"]),
     ("mixtral", "mlx:3", &["--group-size", "32"]),
+    // mlx-lm's rearranged layouts: DeepSeek-V3's embed_q/unembed_out from FP8, gpt-oss's MXFP4 experts copied
+    ("deepseekv3-fp8", "mlx:4", &["--group-size", "32"]),
+    ("gptoss-mxfp4", "mlx:4", &["--group-size", "32"]),
+    ("gptoss", "mlx:6", &["--group-size", "32"]),
 ];
 
 #[test]
