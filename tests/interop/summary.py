@@ -126,7 +126,7 @@ def _mlx(entries: dict) -> list[str]:
            " 1e-9, top-1 1) and in mlx-lm's native BF16 compute (recorded only). mx.quantize: every quantized"
            " module's packed words, scales and biases equal `mx.quantize(mode=\"affine\")` of the source weights"
            " (float32 upcast and BF16 alike; number of modules). Router overrides: per-module entries in"
-           " config.json's `quantization` (routers at 8 bits, group 64).", "",
+           " config.json's `quantization` (Qwen3-MoE's routers at 8 bits, group 64, as its quant_predicate).", "",
            "| fixture | bits | group | float32 KL mean / max abs | native BF16 KL mean / max abs | BF16 top-1 |"
            " mx.quantize identical | router overrides |", "|---|---|---|---|---|---|---|---|"]
     for c in order:
@@ -137,6 +137,33 @@ def _mlx(entries: dict) -> list[str]:
         out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {_kl_cell(lg.get('float32'))} |"
                    f" {_kl_cell(nat)} | {'' if not nat else format(nat['top1'], '.3f')} | {mq_cell} |"
                    f" {'' if not cfg else cfg['router_overrides']} |")
+    return out + [""]
+
+
+def _mlx_convert(entries: dict) -> list[str]:
+    base = {tuple(k.split("/")): e for k, e in entries.items() if k.count("/") == 2}
+    extra = _split_key(entries, 3)
+    cases = sorted(set(base) | set(extra), key=lambda c: (c[0], _num(c[1]), _num(c[2])))
+    if not cases:
+        return []
+    out = ["## MLX directories against `mlx_lm.convert` (test_mlx_convert.py)", "",
+           "sling's `--to mlx:BITS` directory and `mlx_lm.convert -q` of the same fixture: tensors byte-identical"
+           " (names, dtypes, shapes, bytes), `config.json` and `model.safetensors.index.json` byte-identical."
+           " Logits: KL(mlx-lm float32 || `sling logits`) mean / max abs on sling's directory (limit 1e-9, top-1"
+           " 1; bf16 gpt-oss: sling's directory only, mlx-lm cannot convert it). Rearranged: DeepSeek-V3's"
+           " kv_b_proj and gpt-oss's experts read back by `sling dequantize` equal mx.dequantize of mlx-lm's"
+           " tensors (number of tensors).", "",
+           "| fixture | bits | group | tensors identical | config + index identical | modes | float32 KL mean / max abs |"
+           " rearranged identical |", "|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        b, k = base.get(c) or {}, extra.get(c) or {}
+        ident = f"{b['identical_tensors']}/{b['tensors']}" if b else ""
+        cfg = "" if not b else ("yes" if b.get("config_identical") and b.get("index_identical") else "**NO**")
+        rr = k.get("rearranged")
+        rr_cell = "" if not rr else (f"yes ({rr['tensors']})" if rr.get("identical") else "**NO**")
+        out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {ident} | {cfg} |"
+                   f" {', '.join(b.get('modes', []))} | {_kl_cell((k.get('logits') or {}).get('float32'))} |"
+                   f" {rr_cell} |")
     return out + [""]
 
 
@@ -457,7 +484,7 @@ def render(results: Path) -> str:
                        f" {100 * e['top1']:.1f} % |")
         out.append("")
 
-    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("gptq", _gptq), ("awq", _awq), ("st_write", _st_write),
+    for section, fn in (("vllm", _vllm), ("mlx", _mlx), ("mlx_convert", _mlx_convert), ("gptq", _gptq), ("awq", _awq), ("st_write", _st_write),
                         ("nonfinite", _nonfinite)):
         entries, v = _load(results, section)
         versions.update(v)

@@ -113,7 +113,8 @@ def test_same_tensors_config_and_index_as_mlx_lm_convert(name, bits, group, work
             raise AssertionError(f"{f} is not mlx_lm.convert's: " + next(
                 f"line {i + 1}: sling {x!r} vs mlx-lm {y!r}" for i, (x, y) in
                 enumerate(zip(tb.splitlines() + [""], ta.splitlines() + [""])) if x != y))
-    modes = {v.get("mode", "affine") for k, v in hfdir.config(ours)["quantization"].items() if isinstance(v, dict)}
+    q = hfdir.config(ours)["quantization"]
+    modes = {q["mode"]} | {v.get("mode", "affine") for v in q.values() if isinstance(v, dict)}
     lab.record("mlx_convert", f"{name}/q{bits}/g{group}",
                {"tensors": len(a), "identical_tensors": len(a), "config_identical": True, "index_identical": True,
                 "bytes": int(sum(np.array(rb[k].view(mx.uint8)).size for k in b)), "modes": sorted(modes)})
