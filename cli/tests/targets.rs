@@ -124,6 +124,7 @@ fn bad_input_is_a_clear_error_and_nothing_is_written() {
             ],
             "--method gptq is not built",
         ),
+        ("gptoss", "mlx:auto", &["--target-bpw", "4"], "--to mlx:auto is not built"),
         ("gptoss-mxfp4", "vllm:w4a16", &[], "not supported"),
         ("qwen3moe", "vllm:w4a16", &["--imatrix", "x.gguf"], "--imatrix applies to --to gguf"),
         ("qwen3moe", "vllm:w4a16", &["--group-size", "64"], "--group-size applies to mlx"),
