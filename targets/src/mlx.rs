@@ -447,7 +447,7 @@ impl Target for Mlx {
                 // hold are rounded to it first. A bf16/f16 source's values already are.
                 let rounded: Vec<f32>;
                 let fit = |v: f32| if v.is_finite() { sd.round(v) } else { v };
-                let vals = if !held_by(*sd, vals) {
+                let vals = if from_fp8(&w.op) && !held_by(*sd, vals) {
                     rounded = vals.iter().map(|&v| fit(v)).collect();
                     &rounded[..]
                 } else {
@@ -506,6 +506,25 @@ impl Target for Mlx {
             }
         }
     }
+}
+
+/// Whether `op` dequantizes DeepSeek FP8 (whose values mlx-lm rounds to BF16 before quantizing) and folds no AWQ
+/// scales in: AWQ's search scored the folded values as they are, unrounded, so they are quantized as they are.
+fn from_fp8(op: &Op) -> bool {
+    fn walk(op: &Op, fp8: &mut bool) -> bool {
+        match op {
+            Op::Source(_) => true,
+            Op::Fp8 { .. } => {
+                *fp8 = true;
+                true
+            }
+            Op::Fold { .. } => false,
+            Op::Rows { inner, .. } | Op::Transpose { inner, .. } => walk(inner, fp8),
+            Op::Concat(parts) => parts.iter().all(|p| walk(p, fp8)),
+        }
+    }
+    let mut fp8 = false;
+    walk(op, &mut fp8) && fp8
 }
 
 /// Whether every finite value of `vals` is exactly representable in `sd` (so rounding to it changes nothing). For
