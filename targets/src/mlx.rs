@@ -154,11 +154,18 @@ pub struct MlxPlan {
     pub overrides: BTreeMap<String, (u32, u64)>,
     pub bits: u32,
     pub group: u64,
-    /// The `quantization` block's mode: `mxfp4` when a gpt-oss MXFP4 source's experts are kept in that mode
-    /// ([`Enc::Raw`]), which makes the artifact a partially quantized model to mlx-lm (every affine module then
-    /// gets its own entry, [`config_json`]); otherwise `affine`.
-    pub mode: &'static str,
+    /// The `quantization` block's mode (see [`Mode`]).
+    pub mode: Mode,
     pub arch: MlxArch,
+}
+
+/// The `quantization` block's mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Affine,
+    /// A gpt-oss MXFP4 source's experts kept in that mode ([`Enc::Raw`]): to mlx-lm a partially quantized model,
+    /// every affine module with its own entry ([`config_json`]).
+    Mxfp4,
 }
 
 /// One item of the plan, in checkpoint order: a tensor, a stack of routed experts (by its MLX name), or a weight
@@ -313,7 +320,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
     // Stack routed experts: (layer, projection) → experts in order.
     let mut stacks: BTreeMap<String, Vec<HfTensor>> = BTreeMap::new();
     let mut order: Vec<Item> = Vec::new();
-    let mut mode = "affine";
+    let mut mode = Mode::Affine;
     for t in tensors {
         if tied && t.name == "lm_head.weight" {
             continue;
@@ -322,7 +329,7 @@ pub fn plan(ck: &Checkpoint, bits: Bits, group: u64, strict: bool) -> Result<Mlx
             order.extend(split_kv_b(cfg, t)?.map(Item::One));
         } else if arch.gpt_oss && t.role == Role::RoutedExperts && t.expert.is_none() {
             if gpt_oss_experts(t, &mut order)? {
-                mode = "mxfp4";
+                mode = Mode::Mxfp4;
             }
         } else if t.role == Role::RoutedExperts && t.expert.is_some() && t.shape.len() == 2 {
             let (before, after) = t.name.split_once(".experts.").unwrap_or((&t.name, ""));
@@ -446,9 +453,8 @@ impl Target for Mlx {
                 // BF16 first (`deepseek_v3.py` `sanitize`, `.astype(mx.bfloat16)`), so values that dtype cannot
                 // hold are rounded to it first. A bf16/f16 source's values already are.
                 let rounded: Vec<f32>;
-                let fit = |v: f32| if v.is_finite() { sd.round(v) } else { v };
-                let vals = if from_fp8(&w.op) && !held_by(*sd, vals) {
-                    rounded = vals.iter().map(|&v| fit(v)).collect();
+                let vals = if from_fp8(&w.op) {
+                    rounded = vals.iter().map(|&v| if v.is_finite() { sd.round(v) } else { v }).collect();
                     &rounded[..]
                 } else {
                     vals
@@ -525,19 +531,6 @@ fn from_fp8(op: &Op) -> bool {
     }
     let mut fp8 = false;
     walk(op, &mut fp8) && fp8
-}
-
-/// Whether every finite value of `vals` is exactly representable in `sd` (so rounding to it changes nothing). For
-/// BF16, the scales' dtype of bf16 sources, a bit test the compiler vectorises: the low half of each f32 is zero.
-fn held_by(sd: ScaleDtype, vals: &[f32]) -> bool {
-    match sd {
-        ScaleDtype::F32 => true,
-        ScaleDtype::BF16 => {
-            vals.iter().fold(0u32, |acc, v| acc | (v.to_bits() & 0xFFFF)) == 0
-                || vals.iter().all(|v| !v.is_finite() || v.to_bits() & 0xFFFF == 0)
-        }
-        ScaleDtype::F16 => vals.iter().all(|&v| !v.is_finite() || sd.round(v).to_bits() == v.to_bits()),
-    }
 }
 
 /// mlx-lm 0.32 reads the transformers-4 spellings only: a transformers-5 config (`rope_parameters`, Qwen3-MoE's
@@ -622,7 +615,7 @@ pub fn config_json(ck: &Checkpoint, p: &MlxPlan) -> Vec<u8> {
     q.insert("bits".into(), p.bits.into());
     q.insert("mode".into(), "affine".into());
     let mut entries: Vec<(&str, serde_json::Value)> = Vec::new();
-    if p.mode == "mxfp4" {
+    if p.mode == Mode::Mxfp4 {
         // A partially quantized source (gpt-oss's MXFP4 experts): mlx-lm's `quantize_model` records the source's
         // mode (group 32, 4 bits) and then every module it quantizes: with the predicate's own dict where there
         // is one (routers), else group size, bits and mode "affine".

@@ -150,7 +150,8 @@ fn unstack_mlx(
         let gpt = gpt_oss.then(|| name.split_once(".mlp.experts.")).flatten();
         if let Some((base, what)) = gpt {
             let base = format!("{base}.mlp.experts.");
-            let fused = |a: &str, b: &str, unit: u64, to: &str, logical: &mut HashMap<_, _>, out: &mut Vec<String>| {
+            // `rows`: interleave whole rows (weights), else single elements (biases).
+            let fused = |a: &str, b: &str, rows: bool, to: &str, logical: &mut HashMap<_, _>, out: &mut Vec<String>| {
                 let (a, b) = (format!("{base}{a}"), format!("{base}{b}"));
                 let same = logical.get(&a).map(|(s, _)| s) == logical.get(&b).map(|(s, _)| s);
                 if let Some((sa, _)) = logical.get(&a).cloned().filter(|_| same) {
@@ -158,17 +159,19 @@ fn unstack_mlx(
                     if let Some(d) = s.get_mut(1) {
                         *d *= 2;
                     }
-                    let unit = if unit == 0 { s.last().copied().unwrap_or(1) } else { unit } as usize;
+                    let unit = if rows { s.last().copied().unwrap_or(1) as usize } else { 1 };
                     logical.insert(format!("{base}{to}"), (s, Logical::Interleave { a, b, unit }));
                     out.push(format!("{base}{to}"));
                 }
             };
             match what {
                 "gate_proj.weight" => {
-                    fused("gate_proj.weight", "up_proj.weight", 0, "gate_up_proj", logical, &mut out);
+                    fused("gate_proj.weight", "up_proj.weight", true, "gate_up_proj", logical, &mut out);
                     out_major.insert(format!("{base}gate_up_proj"));
                 }
-                "gate_proj.bias" => fused("gate_proj.bias", "up_proj.bias", 1, "gate_up_proj_bias", logical, &mut out),
+                "gate_proj.bias" => {
+                    fused("gate_proj.bias", "up_proj.bias", false, "gate_up_proj_bias", logical, &mut out)
+                }
                 "down_proj.weight" | "down_proj.bias" => {
                     let to = if what == "down_proj.weight" { "down_proj" } else { "down_proj_bias" };
                     if what == "down_proj.weight" {

@@ -98,7 +98,7 @@ fn mlx_deepseek_v3_splits_kv_b_and_keeps_the_moe_gate() {
 fn mlx_gpt_oss_mxfp4_experts_are_copied_in_mxfp4_mode() {
     let ck = fixture("gptoss-mxfp4"); // 4 experts, ff 32, hidden 64
     let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
-    assert_eq!(p.mode, "mxfp4");
+    assert_eq!(p.mode, mlx::Mode::Mxfp4);
     let find = |n: &str| p.plan.weights.iter().find(|w| w.name == n).unwrap();
     let gate = find("model.layers.0.mlp.experts.gate_proj.weight");
     assert!(matches!(gate.enc, mlx::Enc::Raw { params } if params == 4 * 32 * 64), "{:?}", gate.enc);
@@ -109,7 +109,7 @@ fn mlx_gpt_oss_mxfp4_experts_are_copied_in_mxfp4_mode() {
     assert_eq!(p.overrides.get("model.layers.0.mlp.router"), Some(&(8, 64)));
     // bf16 gpt-oss: the same layout, quantized affine.
     let p = mlx::plan(&fixture("gptoss"), mlx::Bits(4), 32, false).unwrap();
-    assert_eq!(p.mode, "affine");
+    assert_eq!(p.mode, mlx::Mode::Affine);
     let down = p.plan.weights.iter().find(|w| w.name == "model.layers.0.mlp.experts.down_proj.weight").unwrap();
     assert!(matches!(down.enc, mlx::Enc::Affine { .. }));
     assert_eq!(down.parts[0].shape, vec![4, 64, 32 * 4 / 32]);
