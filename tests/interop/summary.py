@@ -27,6 +27,11 @@ _IQ_ORDER = ("IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", 
 _VLLM_SCHEMES = ("w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block", "nvfp4", "mxfp4")
 
 
+def _identical_cell(e: dict | None, count: str, unit: str) -> str:
+    """'' for no entry, "yes (N unit)" when the entry says identical, else a bold NO."""
+    return "" if not e else (f"yes ({e[count]}{unit})" if e.get("identical") else "**NO**")
+
+
 def _split_key(entries: dict, n_head: int) -> dict[tuple, dict]:
     """{"a/b/kind": e} -> {("a", "b"): {"kind": e}} for keys with n_head leading parts."""
     out: dict[tuple, dict] = {}
@@ -133,7 +138,7 @@ def _mlx(entries: dict) -> list[str]:
         kinds = cases[c]
         lg, mq, cfg = kinds.get("logits") or {}, kinds.get("mx_quantize"), kinds.get("config")
         nat = lg.get("mlx_native_bf16")
-        mq_cell = "" if not mq else (f"yes ({mq['quantized_modules']} modules)" if mq.get("identical") else "**NO**")
+        mq_cell = _identical_cell(mq, "quantized_modules", " modules")
         out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {_kl_cell(lg.get('float32'))} |"
                    f" {_kl_cell(nat)} | {'' if not nat else format(nat['top1'], '.3f')} | {mq_cell} |"
                    f" {'' if not cfg else cfg['router_overrides']} |")
@@ -159,8 +164,7 @@ def _mlx_convert(entries: dict) -> list[str]:
         b, k = base.get(c) or {}, extra.get(c) or {}
         ident = f"{b['identical_tensors']}/{b['tensors']}" if b else ""
         cfg = "" if not b else ("yes" if b.get("config_identical") and b.get("index_identical") else "**NO**")
-        rr = k.get("rearranged")
-        rr_cell = "" if not rr else (f"yes ({rr['tensors']})" if rr.get("identical") else "**NO**")
+        rr_cell = _identical_cell(k.get("rearranged"), "tensors", "")
         out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {ident} | {cfg} |"
                    f" {', '.join(b.get('modes', []))} | {_kl_cell((k.get('logits') or {}).get('float32'))} |"
                    f" {rr_cell} |")
