@@ -129,12 +129,13 @@ if [ $need = 1 ]; then
   cmake --build "$B" -j"$JOBS" --target $TOOLS
 fi
 # ggml-quant-ref: the quantizer oracle for sling's bit-exactness tests (tests/ggml-ref), linked against the
-# pinned libggml-base so it runs llama.cpp's own ggml_quantize_chunk. Rebuilt when its source changes.
+# pinned libggml-base so it runs llama.cpp's own ggml_quantize_chunk, and libggml-cpu for the CPU backend's activation
+# rounding (`act`). Rebuilt when its source changes.
 REF_SRC="$OLDPWD_REPO/tests/ggml-ref/ggml-quant-ref.c"
 REF_BIN="$B/bin/ggml-quant-ref"
 ref_stamp="$B/bin/.ggml-quant-ref-$(sha256sum "$REF_SRC" | cut -c1-12)"
 if [ ! -x "$REF_BIN" ] || [ ! -f "$ref_stamp" ]; then
-  ${CC:-cc} -O2 -o "$REF_BIN" "$REF_SRC" -Illama.cpp/ggml/include -L"$B/bin" -lggml-base -Wl,-rpath,"$LAB/$B/bin"
+  ${CC:-cc} -O2 -o "$REF_BIN" "$REF_SRC" -Illama.cpp/ggml/include -L"$B/bin" -lggml-base -lggml-cpu -Wl,-rpath,"$LAB/$B/bin"
   rm -f "$B"/bin/.ggml-quant-ref-* && touch "$ref_stamp"
 fi
 "$REF_BIN" info q4_K >/dev/null

@@ -8,5 +8,5 @@ pub mod dtype;
 pub mod role;
 
 pub use config::{ConfigError, ModelConfig};
-pub use dtype::{DType, DTypeInfo};
+pub use dtype::{DType, DTypeInfo, VecDot};
 pub use role::Role;

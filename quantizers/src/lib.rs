@@ -5,6 +5,7 @@
 //! `llama-cpp-python==0.3.36`.
 #![deny(unsafe_code)]
 
+pub mod activation;
 pub mod alloc;
 pub mod awq;
 pub mod budget;

@@ -5,6 +5,10 @@
 //   ggml-quant-ref quant-each TYPE NROWS NPERROW [IMATRIX.f32] < rows.f32 > (status byte + row bytes) per row
 //   ggml-quant-ref dequant TYPE NROWS NPERROW                < blocks.bin > rows.f32
 //   ggml-quant-ref info    TYPE     -> "id blck_size type_size requires_imatrix"
+//   ggml-quant-ref act     TYPE NROWS NPERROW                < rows.f32 > rows.f32
+//       the activation rows as llama.cpp's CPU backend multiplies them with a TYPE weight: converted by
+//       libggml-cpu to TYPE's vec_dot_type (its from_float, the build's SIMD code) and decoded back to f32
+//   ggml-quant-ref act-type TYPE   -> the name of TYPE's vec_dot_type (ggml_get_type_traits_cpu)
 //   ggml-quant-ref bench   TYPE NROWS NPERROW REPS [IMATRIX.f32] < rows.f32 -> timings (see bench below)
 //
 // TYPE is a ggml type name as ggml_type_name prints it (q4_K, iq4_xs, ...). Rows are little-endian f32;
@@ -18,6 +22,7 @@
 #include <fcntl.h>
 #include <sys/wait.h>
 #include "ggml.h"
+#include "ggml-cpu.h"
 
 static enum ggml_type type_by_name(const char *name) {
     for (int t = 0; t < GGML_TYPE_COUNT; t++) {
@@ -139,12 +144,47 @@ static int quant_each(enum ggml_type t, long long nrows, long long n_per_row, co
     return 0;
 }
 
+// `act`: decodes one row of vec_dot_type `vt` blocks (q8_0, q8_1, q8_K have no to_float in ggml) to f32.
+static int act_decode(enum ggml_type vt, const unsigned char *b, float *y, long long n) {
+    const struct ggml_type_traits *tr = ggml_get_type_traits(vt);
+    if (vt == GGML_TYPE_F32) { memcpy(y, b, sizeof(float) * n); return 0; }
+    if (vt == GGML_TYPE_Q8_0 || vt == GGML_TYPE_Q8_1) {
+        // block_q8_0 { ggml_half d; int8_t qs[32]; }, block_q8_1 { ggml_half d, s; int8_t qs[32]; }
+        size_t head = vt == GGML_TYPE_Q8_0 ? 2 : 4, bs = ggml_type_size(vt);
+        for (long long i = 0; i < n / 32; i++) {
+            const unsigned char *blk = b + i * bs;
+            ggml_fp16_t h; memcpy(&h, blk, 2);
+            float d = ggml_fp16_to_fp32(h);
+            for (int j = 0; j < 32; j++) y[i * 32 + j] = d * (float)(int8_t)blk[head + j];
+        }
+        return 0;
+    }
+    if (vt == GGML_TYPE_Q8_K) {
+        // block_q8_K { float d; int8_t qs[256]; int16_t bsums[16]; }; dequantize_row_q8_K: d * qs[j]
+        size_t bs = ggml_type_size(vt);
+        for (long long i = 0; i < n / 256; i++) {
+            const unsigned char *blk = b + i * bs;
+            float d; memcpy(&d, blk, 4);
+            for (int j = 0; j < 256; j++) y[i * 256 + j] = d * (float)(int8_t)blk[4 + j];
+        }
+        return 0;
+    }
+    if (!tr->to_float) return 1;
+    tr->to_float(b, y, n);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: ggml-quant-ref quant|dequant|info TYPE [NROWS NPERROW [IMATRIX]]\n"); return 2; }
     enum ggml_type t = type_by_name(argv[2]);
     if (strcmp(argv[1], "info") == 0) {
         printf("%d %lld %zu %d\n", (int)t, (long long)ggml_blck_size(t), ggml_type_size(t),
                (int)ggml_quantize_requires_imatrix(t));
+        return 0;
+    }
+    if (strcmp(argv[1], "act-type") == 0) {
+        ggml_cpu_init();
+        printf("%s\n", ggml_type_name(ggml_get_type_traits_cpu(t)->vec_dot_type));
         return 0;
     }
     if (argc < 5) { fprintf(stderr, "need NROWS NPERROW\n"); return 2; }
@@ -179,6 +219,23 @@ int main(int argc, char **argv) {
         for (long long r = 0; r < nrows; r++)
             tr->to_float((const char *)src + r * row_bytes, dst + r * n_per_row, n_per_row);
         fwrite(dst, sizeof(float), nrows * n_per_row, stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "act") == 0) {
+        ggml_cpu_init();
+        enum ggml_type vt = ggml_get_type_traits_cpu(t)->vec_dot_type;
+        ggml_from_float_t from = ggml_get_type_traits_cpu(vt)->from_float;
+        size_t vrow = ggml_row_size(vt, n_per_row);
+        float *src = read_all(stdin, sizeof(float) * nrows * n_per_row);
+        unsigned char *q = malloc(vrow + 1);
+        float *out = malloc(sizeof(float) * n_per_row + 1);
+        for (long long r = 0; r < nrows; r++) {
+            if (vt == GGML_TYPE_F32) memcpy(q, src + r * n_per_row, vrow);
+            else if (!from) { fprintf(stderr, "no from_float for %s\n", ggml_type_name(vt)); return 3; }
+            else from(src + r * n_per_row, q, n_per_row);
+            if (act_decode(vt, q, out, n_per_row)) { fprintf(stderr, "cannot decode %s\n", ggml_type_name(vt)); return 3; }
+            fwrite(out, sizeof(float), n_per_row, stdout);
+        }
         return 0;
     }
     fprintf(stderr, "unknown mode %s\n", argv[1]);

@@ -139,6 +139,17 @@ impl Oracle {
     }
 
     /// llama.cpp's `to_float` for `nrows` rows of `n_per_row`.
+    /// `ggml-quant-ref act`: the rows `x` as llama.cpp's CPU backend multiplies them with a `ggml_name` weight.
+    pub fn activations(&self, ggml_name: &str, x: &[f32], n_per_row: usize) -> Vec<f32> {
+        let args = vec!["act".into(), ggml_name.into(), (x.len() / n_per_row).to_string(), n_per_row.to_string()];
+        self.run(&args, &f32_bytes(x)).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// `ggml-quant-ref act-type`: the `vec_dot_type` of a `ggml_name` weight on the CPU backend.
+    pub fn activation_type(&self, ggml_name: &str) -> String {
+        String::from_utf8_lossy(&self.run(&["act-type".into(), ggml_name.into()], &[])).trim().to_string()
+    }
+
     pub fn dequantize(&self, ggml_name: &str, y: &[u8], nrows: usize, n_per_row: usize) -> Vec<f32> {
         let args = vec!["dequant".into(), ggml_name.into(), nrows.to_string(), n_per_row.to_string()];
         self.run(&args, y).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
