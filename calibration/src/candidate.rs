@@ -282,6 +282,23 @@ impl TensorSource for GgufCandidate<'_> {
         self.reference.is_mxfp4(name)
     }
 
+    /// The `vec_dot_type` of the GGUF tensor(s) holding `name`; `None` when they are of different types or the
+    /// tensor is not in the file.
+    fn cpu_vec_dot(&self, name: &str) -> Option<sling_core::VecDot> {
+        let mut types =
+            self.pieces.get(name)?.iter().map(|p| self.tensors.get(&self.plan[p.out].name).map(|t| t.1.dtype));
+        let first = types.next()??;
+        if types.all(|t| t == Some(first)) {
+            first.info().cpu_vec_dot
+        } else {
+            None
+        }
+    }
+
+    fn gguf_vec_dot(&self, gguf_name: &str) -> Option<sling_core::VecDot> {
+        self.tensors.get(gguf_name).and_then(|t| t.1.dtype.info().cpu_vec_dot)
+    }
+
     fn release(&self) {
         if let Ok(mut c) = self.cache.lock() {
             c.clear();

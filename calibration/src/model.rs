@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
-use sling_core::ModelConfig;
+use sling_core::{ModelConfig, VecDot};
 use sling_kernels::{Backend, Gemm};
 
 use crate::error::{Error, Result};
@@ -42,6 +42,8 @@ pub struct Model<'s> {
     all_experts: bool,
     /// Where the large products run ([`Model::with_backend`]); the CPU GEMM when `None`.
     backend: Option<Arc<dyn Backend>>,
+    /// Round every product's activations as llama.cpp's CPU backend does ([`Model::llama_cpp_cpu`]).
+    llama_cpp_cpu: bool,
 }
 
 /// Hands `x` to the observer, if any; the name is only built when one is installed.
@@ -82,11 +84,13 @@ struct Expert {
     gate_b: Option<Vec<f32>>,
     up_b: Option<Vec<f32>>,
     down_b: Option<Vec<f32>>,
+    /// The activation rounding of the gate, up and down products ([`Model::act`]).
+    acts: [Option<VecDot>; 3],
 }
 
 impl<'s> Model<'s> {
     pub fn new(src: &'s dyn TensorSource, cfg: &ModelConfig) -> Result<Model<'s>> {
-        Ok(Model { src, spec: Spec::from_config(cfg)?, all_experts: false, backend: None })
+        Ok(Model { src, spec: Spec::from_config(cfg)?, all_experts: false, backend: None, llama_cpp_cpu: false })
     }
 
     /// With `on` and an observer installed, every token is also sent through every routed expert for
@@ -108,13 +112,60 @@ impl<'s> Model<'s> {
         self
     }
 
+    /// With `on`, every matrix product with a weight first rounds its activations to what llama.cpp's CPU backend
+    /// multiplies that weight with ([`TensorSource::cpu_vec_dot`], `sling_quantizers::activation`): 8-bit blocks
+    /// against quantized weights, bf16/f16 against bf16/f16 ones. The logits are then those llama.cpp computes on
+    /// a CPU (with an f32 KV cache), up to f32 summation order, instead of those of the weights alone. Products
+    /// llama.cpp does not have (DeepSeek's `kv_b_proj`, which it runs absorbed as `attn_k_b`/`attn_v_b`) stay in f32.
+    pub fn llama_cpp_cpu(mut self, on: bool) -> Self {
+        self.llama_cpp_cpu = on;
+        self
+    }
+
+    /// The activation rounding of a product with weight `name` ([`Model::llama_cpp_cpu`]).
+    fn act(&self, name: &str) -> Option<VecDot> {
+        if self.llama_cpp_cpu {
+            self.src.cpu_vec_dot(name).filter(|&v| v != VecDot::F32)
+        } else {
+            None
+        }
+    }
+
     /// The device's products, if this model runs on one.
     fn gemm(&self) -> Option<&dyn Gemm> {
         self.backend.as_deref().and_then(|b| b.gemm().ok().flatten())
     }
 
-    /// `y = x · wᵀ (+ b)` ([`linear`]), on the device when there is one and the product is large enough.
-    fn mm(&self, x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<&[f32]>) -> Result<Array2<f32>> {
+    /// `y = round(x) · wᵀ (+ b)` ([`linear`]), on the device when there is one and the product is large enough;
+    /// `round` is `act`'s activation rounding ([`Model::act`]), none for `None`.
+    fn mm(
+        &self,
+        x: ArrayView2<f32>,
+        w: ArrayView2<f32>,
+        b: Option<&[f32]>,
+        act: Option<VecDot>,
+    ) -> Result<Array2<f32>> {
+        let rounded = match act {
+            None => None,
+            Some(v) => {
+                let mut r = x.as_standard_layout().into_owned();
+                for mut row in r.rows_mut() {
+                    let ok =
+                        row.as_slice_mut().is_some_and(|row| sling_quantizers::activation::round_like_ggml_cpu(row, v));
+                    if !ok {
+                        return Err(Error::Unsupported(format!(
+                            "activation rows of {} are not whole {v:?} blocks (the weight's ggml type needs them)",
+                            x.ncols()
+                        )));
+                    }
+                }
+                Some(r)
+            }
+        };
+        let x = match &rounded {
+            Some(r) => r.view(),
+            None => x.view(),
+        };
         let (t, k, n) = (x.nrows(), x.ncols(), w.nrows());
         let Some(g) = self.gemm().filter(|g| g.wants(t, k, n) && w.ncols() == k) else {
             return Ok(linear(x, w, b));
@@ -190,7 +241,8 @@ impl<'s> Model<'s> {
                     let (gate, gate_b) = self.lin(&stem(g), ff, h)?;
                     let (up, up_b) = self.lin(&stem(u), ff, h)?;
                     let (down, down_b) = self.lin(&stem(d), h, ff)?;
-                    return Ok(Expert { gate, up, down, gate_b, up_b, down_b });
+                    let acts = [g, u, d].map(|w| self.act(&format!("{}.weight", stem(w))));
+                    return Ok(Expert { gate, up, down, gate_b, up_b, down_b, acts });
                 }
                 // transformers-5 fused layout: gate_up_proj [E, 2ff, h] (gate rows first), down_proj [E, h, ff]
                 let (gu, dn) = (format!("{p}mlp.experts.gate_up_proj"), format!("{p}mlp.experts.down_proj"));
@@ -207,6 +259,7 @@ impl<'s> Model<'s> {
                     gate_b: None,
                     up_b: None,
                     down_b: None,
+                    acts: [self.act(&gu), self.act(&gu), self.act(&dn)],
                 })
             }
             ExpertLayout::GptOss => {
@@ -240,6 +293,7 @@ impl<'s> Model<'s> {
                     gate_b: Some(gub.iter().step_by(2).copied().collect()),
                     up_b: Some(gub.iter().skip(1).step_by(2).copied().collect()),
                     down_b: Some(bias(format!("{dn}_bias"), h)?),
+                    acts: [self.act(&gu), self.act(&gu), self.act(&dn)],
                 })
             }
         }
@@ -388,6 +442,7 @@ impl<'s> Model<'s> {
         observe(obs, || gguf.to_string(), || Some(name.to_string()), None, x, None);
         let vocab = shape[0] as usize;
         let mut out = Array2::<f32>::zeros((x.nrows(), vocab));
+        let act = self.act(name);
         let chunk = ((64usize << 20) / hd.max(1)).clamp(1, vocab.max(1));
         let mut r0 = 0;
         while r0 < vocab {
@@ -395,7 +450,7 @@ impl<'s> Model<'s> {
             let v = self.src.read_outer(name, r0 as u64, r1 as u64)?;
             let w = ArrayView2::from_shape((r1 - r0, hd), &v)
                 .map_err(|e| Error::Read { tensor: name.into(), why: e.to_string() })?;
-            out.slice_mut(s![.., r0..r1]).assign(&self.mm(x.view(), w, None)?);
+            out.slice_mut(s![.., r0..r1]).assign(&self.mm(x.view(), w, None, act)?);
             r0 = r1;
         }
         Ok(out)
@@ -451,9 +506,9 @@ impl<'s> Model<'s> {
             let stem = format!("self_attn.{stem}");
             observe(obs, || s.gguf_name(l, &stem), || hf_name(l, &stem), None, x, None);
         }
-        let mut q = self.mm(x.view(), wq.view(), bq.as_deref())?;
-        let mut k = self.mm(x.view(), wk.view(), bk.as_deref())?;
-        let mut v = self.mm(x.view(), wv.view(), bv.as_deref())?;
+        let mut q = self.mm(x.view(), wq.view(), bq.as_deref(), self.act(&format!("{p}q_proj.weight")))?;
+        let mut k = self.mm(x.view(), wk.view(), bk.as_deref(), self.act(&format!("{p}k_proj.weight")))?;
+        let mut v = self.mm(x.view(), wv.view(), bv.as_deref(), self.act(&format!("{p}v_proj.weight")))?;
         drop((wq, wk, wv));
         match qk_norm {
             QkNorm::None => {}
@@ -496,7 +551,7 @@ impl<'s> Model<'s> {
         let out = attention(&q, &k, &v, &shape);
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dh)?;
-        self.mm(out.view(), wo.view(), bo.as_deref())
+        self.mm(out.view(), wo.view(), bo.as_deref(), self.act(&format!("{p}o_proj.weight")))
     }
 
     fn mla(&self, l: usize, x: &Array2<f32>, b: &Batch, obs: Obs) -> Result<Array2<f32>> {
@@ -524,7 +579,7 @@ impl<'s> Model<'s> {
                     x,
                     None,
                 );
-                let qa = self.mm(x.view(), wa.view(), ba.as_deref())?;
+                let qa = self.mm(x.view(), wa.view(), ba.as_deref(), self.act(&format!("{p}q_a_proj.weight")))?;
                 let qa = rms_norm_rows(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
                 let (wb, bb) = self.lin(&format!("{p}q_b_proj"), nh * dk, r)?;
                 observe(
@@ -535,12 +590,12 @@ impl<'s> Model<'s> {
                     &qa,
                     None,
                 );
-                self.mm(qa.view(), wb.view(), bb.as_deref())?
+                self.mm(qa.view(), wb.view(), bb.as_deref(), self.act(&format!("{p}q_b_proj.weight")))?
             }
             None => {
                 let (w, bq) = self.lin(&format!("{p}q_proj"), nh * dk, hd)?;
                 observe(obs, || s.gguf_name(l, "self_attn.q_proj"), || hf_name(l, "self_attn.q_proj"), None, x, None);
-                self.mm(x.view(), w.view(), bq.as_deref())?
+                self.mm(x.view(), w.view(), bq.as_deref(), self.act(&format!("{p}q_proj.weight")))?
             }
         };
         let (wkv, bkv) = self.lin(&format!("{p}kv_a_proj_with_mqa"), kvr + qk_rope, hd)?;
@@ -552,7 +607,7 @@ impl<'s> Model<'s> {
             x,
             None,
         );
-        let ckv = self.mm(x.view(), wkv.view(), bkv.as_deref())?;
+        let ckv = self.mm(x.view(), wkv.view(), bkv.as_deref(), self.act(&format!("{p}kv_a_proj_with_mqa.weight")))?;
         let c = rms_norm_rows(
             &ckv.slice(s![.., ..kvr]).to_owned(),
             &self.vector(&format!("{p}kv_a_layernorm.weight"), kvr)?,
@@ -577,16 +632,7 @@ impl<'s> Model<'s> {
         self.rope_rows(&mut q, b, nh, dk, qk_nope);
         self.rope_rows(&mut kpe, b, 1, qk_rope, 0);
         let wkvb = self.mat(&format!("{p}kv_b_proj.weight"), nh * (qk_nope + dv), kvr)?;
-        let kv = self.mm(c.view(), wkvb.view(), None)?;
         let t = x.nrows();
-        let mut k = Array2::<f32>::zeros((t, nh * dk));
-        let mut v = Array2::<f32>::zeros((t, nh * dv));
-        for hh in 0..nh {
-            let base = hh * (qk_nope + dv);
-            k.slice_mut(s![.., hh * dk..hh * dk + qk_nope]).assign(&kv.slice(s![.., base..base + qk_nope]));
-            k.slice_mut(s![.., hh * dk + qk_nope..(hh + 1) * dk]).assign(&kpe);
-            v.slice_mut(s![.., hh * dv..(hh + 1) * dv]).assign(&kv.slice(s![.., base + qk_nope..base + qk_nope + dv]));
-        }
         let shape = AttnShape {
             seqs: &b.seqs,
             n_heads: nh,
@@ -598,26 +644,109 @@ impl<'s> Model<'s> {
             window: s.windows[l],
             sinks: None,
         };
-        let out = attention(&q, &k, &v, &shape);
-        if obs.is_some() {
-            // llama.cpp runs MLA absorbed: attn_k_b multiplies each head's q_nope, attn_v_b each head's
-            // attention-weighted latent (softmax · kv_a_norm(c)).
-            let mut qn = Array2::<f32>::zeros((t * nh, qk_nope));
-            for tt in 0..t {
-                for hh in 0..nh {
-                    qn.row_mut(tt * nh + hh).assign(&q.slice(s![tt, hh * dk..hh * dk + qk_nope]));
-                }
+        // llama.cpp multiplies a GGUF's separate attn_k_b/attn_v_b absorbed; emulating it, so does this.
+        let absorbed = if self.llama_cpp_cpu {
+            let kb = self.src.gguf_vec_dot(&s.gguf_name(l, "self_attn.k_b_proj"));
+            let vb = self.src.gguf_vec_dot(&s.gguf_name(l, "self_attn.v_b_proj"));
+            kb.zip(vb)
+        } else {
+            None
+        };
+        let out = if let Some((kb, vb)) = absorbed {
+            self.mla_absorbed(&q, &c, &kpe, &wkvb, &shape, [qk_nope, qk_rope, dv, kvr], [kb, vb])?
+        } else {
+            let kv = self.mm(c.view(), wkvb.view(), None, self.act(&format!("{p}kv_b_proj.weight")))?;
+            let mut k = Array2::<f32>::zeros((t, nh * dk));
+            let mut v = Array2::<f32>::zeros((t, nh * dv));
+            for hh in 0..nh {
+                let base = hh * (qk_nope + dv);
+                k.slice_mut(s![.., hh * dk..hh * dk + qk_nope]).assign(&kv.slice(s![.., base..base + qk_nope]));
+                k.slice_mut(s![.., hh * dk + qk_nope..(hh + 1) * dk]).assign(&kpe);
+                v.slice_mut(s![.., hh * dv..(hh + 1) * dv])
+                    .assign(&kv.slice(s![.., base + qk_nope..base + qk_nope + dv]));
             }
-            observe(obs, || s.gguf_name(l, "self_attn.k_b_proj"), || None, None, &qn, None);
-            let lat = attention(&q, &k, &c, &AttnShape { n_v: 1, dv: kvr, ..shape });
-            let lat = lat
-                .into_shape_with_order((t * nh, kvr))
-                .map_err(|e| Error::Read { tensor: format!("{p}kv_b_proj.weight"), why: e.to_string() })?;
-            observe(obs, || s.gguf_name(l, "self_attn.v_b_proj"), || None, None, &lat, None);
-        }
+            if obs.is_some() {
+                self.observe_absorbed(l, &q, &k, &c, &shape, [qk_nope, kvr], &mut *obs)?;
+            }
+            attention(&q, &k, &v, &shape)
+        };
         observe(obs, || s.gguf_name(l, "self_attn.o_proj"), || hf_name(l, "self_attn.o_proj"), None, &out, None);
         let (wo, bo) = self.lin(&format!("{p}o_proj"), hd, nh * dv)?;
-        self.mm(out.view(), wo.view(), bo.as_deref())
+        self.mm(out.view(), wo.view(), bo.as_deref(), self.act(&format!("{p}o_proj.weight")))
+    }
+
+    /// What llama.cpp's absorbed MLA multiplies, for the observer: attn_k_b each head's q_nope, attn_v_b each
+    /// head's attention-weighted latent (softmax · kv_a_norm(c)).
+    #[allow(clippy::too_many_arguments)]
+    fn observe_absorbed(
+        &self,
+        l: usize,
+        q: &Array2<f32>,
+        k: &Array2<f32>,
+        c: &Array2<f32>,
+        shape: &AttnShape,
+        [qk_nope, kvr]: [usize; 2],
+        obs: Obs,
+    ) -> Result<()> {
+        let s = &self.spec;
+        let (t, nh, dk) = (q.nrows(), shape.n_heads, shape.dk);
+        let mut qn = Array2::<f32>::zeros((t * nh, qk_nope));
+        for tt in 0..t {
+            for hh in 0..nh {
+                qn.row_mut(tt * nh + hh).assign(&q.slice(s![tt, hh * dk..hh * dk + qk_nope]));
+            }
+        }
+        observe(obs, || s.gguf_name(l, "self_attn.k_b_proj"), || None, None, &qn, None);
+        let lat = attention(q, k, c, &AttnShape { n_v: 1, dv: kvr, ..*shape });
+        let lat = lat.into_shape_with_order((t * nh, kvr)).map_err(|e| Error::Read {
+            tensor: format!("model.layers.{l}.self_attn.kv_b_proj.weight"),
+            why: e.to_string(),
+        })?;
+        observe(obs, || s.gguf_name(l, "self_attn.v_b_proj"), || None, None, &lat, None);
+        Ok(())
+    }
+
+    /// MLA as llama.cpp runs a GGUF with separate `attn_k_b`/`attn_v_b` (`models/deepseek2.cpp`, `is_mla`): each
+    /// head's `q_nope` times its key half of `kv_b` gives a query in the latent space (`q_nope_absorbed`,
+    /// activations rounded for `attn_k_b`'s type `kb`), attention runs over the latent `c` and `k_pe` shared by all
+    /// heads (MQA), and each head's attention-weighted latent times its value half gives the output (rounded
+    /// for `attn_v_b`'s type `vb`). The same products as the expanded form, in the runtime's order and rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_absorbed(
+        &self,
+        q: &Array2<f32>,
+        c: &Array2<f32>,
+        kpe: &Array2<f32>,
+        wkvb: &Array2<f32>,
+        shape: &AttnShape,
+        [qk_nope, qk_rope, dv, kvr]: [usize; 4],
+        [kb, vb]: [VecDot; 2],
+    ) -> Result<Array2<f32>> {
+        let (t, nh) = (q.nrows(), shape.n_heads);
+        let (dk, dl) = (qk_nope + qk_rope, kvr + qk_rope);
+        let act = |v: VecDot| Some(v).filter(|&v| v != VecDot::F32);
+        let mut qa = Array2::<f32>::zeros((t, nh * dl));
+        for hh in 0..nh {
+            let base = hh * (qk_nope + dv);
+            // [kvr, nope]: the `[out, in]` weight of q_nope_h -> latent
+            let wk = wkvb.slice(s![base..base + qk_nope, ..]).t().as_standard_layout().into_owned();
+            let qn = q.slice(s![.., hh * dk..hh * dk + qk_nope]);
+            qa.slice_mut(s![.., hh * dl..hh * dl + kvr]).assign(&self.mm(qn, wk.view(), None, act(kb))?);
+            qa.slice_mut(s![.., hh * dl + kvr..(hh + 1) * dl])
+                .assign(&q.slice(s![.., hh * dk + qk_nope..(hh + 1) * dk]));
+        }
+        let mut kl = Array2::<f32>::zeros((t, dl));
+        kl.slice_mut(s![.., ..kvr]).assign(c);
+        kl.slice_mut(s![.., kvr..]).assign(kpe);
+        let lat = attention(&qa, &kl, c, &AttnShape { n_k: 1, n_v: 1, dk: dl, dv: kvr, ..*shape });
+        let mut out = Array2::<f32>::zeros((t, nh * dv));
+        for hh in 0..nh {
+            let base = hh * (qk_nope + dv);
+            let wv = wkvb.slice(s![base + qk_nope..base + qk_nope + dv, ..]);
+            let lh = lat.slice(s![.., hh * kvr..(hh + 1) * kvr]);
+            out.slice_mut(s![.., hh * dv..(hh + 1) * dv]).assign(&self.mm(lh, wv, None, act(vb))?);
+        }
+        Ok(out)
     }
 
     /// A gated MLP `down(act(gate(x)) * up(x))` under `model.layers.{l}.{stem}`.
@@ -630,14 +759,14 @@ impl<'s> Model<'s> {
             let st = format!("{stem}.{w}");
             observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, x, None);
         }
-        let mut g = self.mm(x.view(), wg.view(), bg.as_deref())?;
-        let u = self.mm(x.view(), wu.view(), bu.as_deref())?;
+        let mut g = self.mm(x.view(), wg.view(), bg.as_deref(), self.act(&format!("{p}gate_proj.weight")))?;
+        let u = self.mm(x.view(), wu.view(), bu.as_deref(), self.act(&format!("{p}up_proj.weight")))?;
         drop((wg, wu));
         self.activate(&mut g, &u);
         let st = format!("{stem}.down_proj");
         observe(obs, || s.gguf_name(l, &st), || hf_name(l, &st), None, &g, None);
         let (wd, bd) = self.lin(&format!("{p}down_proj"), hd, ff)?;
-        self.mm(g.view(), wd.view(), bd.as_deref())
+        self.mm(g.view(), wd.view(), bd.as_deref(), self.act(&format!("{p}down_proj.weight")))
     }
 
     /// `g <- act(g, u)`.
@@ -658,7 +787,7 @@ impl<'s> Model<'s> {
         let p = format!("model.layers.{l}.");
         let (wr, br) = self.lin(&format!("{p}{}", s.router_stem), ne, hd)?;
         observe(obs, || s.gguf_name(l, s.router_stem), || hf_name(l, s.router_stem), None, x, None);
-        let logits = self.mm(x.view(), wr.view(), br.as_deref())?;
+        let logits = self.mm(x.view(), wr.view(), br.as_deref(), self.act(&format!("{p}{}.weight", s.router_stem)))?;
         let e_bias = match m.router {
             Router::DeepseekV3 { .. } => Some(self.vector(&format!("{p}mlp.gate.e_score_correction_bias"), ne)?),
             _ => None,
@@ -700,24 +829,25 @@ impl<'s> Model<'s> {
             if all {
                 // gate/up over every token; the routed tokens' rows of act(gate)·up are exactly what the
                 // routed-only path computes (the GEMM's result for a row does not depend on the others).
-                let mut g = self.mm(x.view(), w.gate.view(), w.gate_b.as_deref())?;
-                let u = self.mm(x.view(), w.up.view(), w.up_b.as_deref())?;
+                let mut g = self.mm(x.view(), w.gate.view(), w.gate_b.as_deref(), w.acts[0])?;
+                let u = self.mm(x.view(), w.up.view(), w.up_b.as_deref(), w.acts[1])?;
                 self.activate(&mut g, &u);
                 drop(u);
                 let y = if toks.is_empty() {
                     None
                 } else {
-                    let mut y = self.mm(g.select(Axis(0), &toks).view(), w.down.view(), w.down_b.as_deref())?;
+                    let mut y =
+                        self.mm(g.select(Axis(0), &toks).view(), w.down.view(), w.down_b.as_deref(), w.acts[2])?;
                     weigh(&mut y);
                     Some(y)
                 };
                 return Ok((e, y, Seen::All(g)));
             }
             let xe = x.select(Axis(0), &toks);
-            let mut g = self.mm(xe.view(), w.gate.view(), w.gate_b.as_deref())?;
-            let u = self.mm(xe.view(), w.up.view(), w.up_b.as_deref())?;
+            let mut g = self.mm(xe.view(), w.gate.view(), w.gate_b.as_deref(), w.acts[0])?;
+            let u = self.mm(xe.view(), w.up.view(), w.up_b.as_deref(), w.acts[1])?;
             self.activate(&mut g, &u);
-            let mut y = self.mm(g.view(), w.down.view(), w.down_b.as_deref())?;
+            let mut y = self.mm(g.view(), w.down.view(), w.down_b.as_deref(), w.acts[2])?;
             weigh(&mut y);
             Ok((e, Some(y), if observing { Seen::Routed(xe, g) } else { Seen::None }))
         };
@@ -762,7 +892,7 @@ impl<'s> Model<'s> {
                 let gate_stem = format!("{}_gate", m.shared_stem);
                 let wg = self.mat(&format!("{p}{gate_stem}.weight"), 1, hd)?;
                 observe(obs, || s.gguf_name(l, &gate_stem), || hf_name(l, &gate_stem), None, x, None);
-                let gl = self.mm(x.view(), wg.view(), None)?;
+                let gl = self.mm(x.view(), wg.view(), None, self.act(&format!("{p}{gate_stem}.weight")))?;
                 for (mut row, gv) in sh.rows_mut().into_iter().zip(gl.column(0)) {
                     let f = sigmoid(*gv);
                     row.mapv_inplace(|v| f * v);

@@ -31,6 +31,21 @@ pub trait TensorSource: Send + Sync {
         false
     }
 
+    /// What llama.cpp's CPU backend would round a product's activations to before multiplying them with the
+    /// weight `name` (the `vec_dot_type` of the type it is stored in, [`sling_core::DTypeInfo::cpu_vec_dot`]);
+    /// `None` where this source has no ggml type for it (a checkpoint, an MLX or compressed-tensors directory).
+    fn cpu_vec_dot(&self, name: &str) -> Option<sling_core::VecDot> {
+        let _ = name;
+        None
+    }
+
+    /// [`TensorSource::cpu_vec_dot`] of a tensor the checkpoint does not have, by its GGUF name: DeepSeek's
+    /// `blk.N.attn_k_b.weight`/`attn_v_b.weight`, the halves of `kv_b_proj` llama.cpp multiplies separately.
+    fn gguf_vec_dot(&self, gguf_name: &str) -> Option<sling_core::VecDot> {
+        let _ = gguf_name;
+        None
+    }
+
     /// Called after each layer: a source may drop cached pages.
     fn release(&self) {}
 

@@ -45,7 +45,10 @@ change in the probability of the actual next token.
 
 A GGUF candidate must come from the reference checkpoint (sling convert/quantize, or convert_hf_to_gguf.py + \
 llama-quantize): its tensors are dequantized per ggml type and mapped back to the checkpoint's layout with the \
-converter's own plan. Split GGUF files are read from any shard.
+converter's own plan. Split GGUF files are read from any shard. By default (--as llama.cpp-cpu) every matrix \
+product of a GGUF candidate first rounds its activations as llama.cpp's CPU backend does (to 8-bit blocks against \
+quantized weights, to bf16/f16 against bf16/f16 ones), so the figures are those llama-perplexity measures on a CPU \
+(-ctk f32 -ctv f32 -fa off); --as weights runs the dequantized weights in f32 and measures the weights' error alone.
 
 Exit codes: 0 done (and, with --max-kld, passed); 1 the mean KLD is above --max-kld; 2 usage or input error.
 
@@ -53,6 +56,7 @@ Examples (they run as written from the repository root, on its fixtures):
   sling quantize fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2 -o qwen3-q4_k_m.gguf
   sling eval --ref fixtures/models/qwen3moe qwen3-q4_k_m.gguf --data tests/interop/data/eval.txt
   sling eval --ref fixtures/models/qwen3moe qwen3-q4_k_m.gguf --data tests/interop/data/calib.txt --ctx 64 --chunks 32 --max-kld 0.05 --json
+  sling eval --ref fixtures/models/qwen3moe qwen3-q4_k_m.gguf --data tests/interop/data/eval.txt --as weights   # the weights' error alone
   sling quantize fixtures/models/qwen3moe --to mlx:4 -o qwen3-mlx-4bit
   sling eval --ref fixtures/models/qwen3moe qwen3-mlx-4bit --data tests/interop/data/eval.txt --ctx 256   # a vllm or mlx directory";
 
@@ -78,6 +82,34 @@ pub struct Args {
     /// Device memory the products may use for their buffers, e.g. 8G.
     #[arg(long, value_name = "SIZE", default_value = "4G")]
     device_mem: String,
+    /// What the candidate's forward pass computes: llama.cpp-cpu (a GGUF candidate's products with their
+    /// activations rounded as llama.cpp's CPU backend rounds them, what llama-perplexity measures), weights
+    /// (f32 products of the dequantized weights: the quantization error alone), or auto (llama.cpp-cpu for a
+    /// GGUF file, weights for a directory).
+    #[arg(long = "as", value_name = "ARITHMETIC", default_value = "auto")]
+    pub arithmetic: Arithmetic,
+}
+
+/// What a candidate's forward pass computes (`--as`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// llama.cpp-cpu for a GGUF candidate, weights for a directory.
+    Auto,
+    /// f32 products of the dequantized weights.
+    Weights,
+    /// llama.cpp's CPU matrix products: activations rounded to the weight type's `vec_dot_type` first.
+    #[value(name = "llama.cpp-cpu")]
+    LlamaCppCpu,
+}
+
+impl Arithmetic {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arithmetic::Auto => "auto",
+            Arithmetic::Weights => "weights",
+            Arithmetic::LlamaCppCpu => "llama.cpp-cpu",
+        }
+    }
 }
 
 /// The evaluation text and its chunking (shared with `quantize --eval`).
@@ -127,6 +159,7 @@ pub fn run_eval(
     reference: &Path,
     candidate: &Path,
     d: &DataArgs,
+    arithmetic: Arithmetic,
     quiet: bool,
     backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
 ) -> Result<Outcome> {
@@ -163,9 +196,23 @@ pub fn run_eval(
             .with_context(|| format!("cannot read {}", candidate.display()))?;
         (&cand_gguf, cfg.clone())
     };
+    let is_gguf = !candidate.is_dir();
+    let arithmetic = match arithmetic {
+        Arithmetic::Auto if is_gguf => Arithmetic::LlamaCppCpu,
+        Arithmetic::Auto => Arithmetic::Weights,
+        a => a,
+    };
+    if arithmetic == Arithmetic::LlamaCppCpu && !is_gguf {
+        bail!(
+            "--as llama.cpp-cpu needs a GGUF candidate (its ggml types say how llama.cpp rounds each product); {} is a \
+             directory",
+            candidate.display()
+        );
+    }
     let cand_model = Model::new(cand_src, &cand_cfg)
         .with_context(|| format!("{}: cannot run the forward pass", candidate.display()))?
-        .with_backend(backend);
+        .with_backend(backend)
+        .llama_cpp_cpu(arithmetic == Arithmetic::LlamaCppCpu);
 
     let t0 = std::time::Instant::now();
     let n = chunk_list.len();
@@ -193,6 +240,7 @@ pub fn run_eval(
             o.insert("data_sha256".into(), h.into());
         }
         o.insert("bos".into(), tokens.bos.into());
+        o.insert("arithmetic".into(), arithmetic.name().into());
         o.insert("seconds".into(), t0.elapsed().as_secs_f64().into());
     }
     Ok(Outcome { report, json })
@@ -257,7 +305,7 @@ pub fn check_max_kld(x: Option<f64>) -> Result<()> {
 pub fn run(a: Args, quiet: bool) -> Result<u8> {
     check_max_kld(a.max_kld)?;
     let backend = crate::convert::calibration_backend(a.device, &a.device_mem)?;
-    let o = run_eval(&a.reference, &a.candidate, &a.data, quiet, backend)?;
+    let o = run_eval(&a.reference, &a.candidate, &a.data, a.arithmetic, quiet, backend)?;
     if !quiet {
         let ds = o.json.get("data").and_then(|v| v.as_str()).unwrap_or("").to_string();
         print_report(&o.report, &ds);

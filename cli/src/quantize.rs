@@ -189,6 +189,10 @@ pub struct Args {
     /// At most this many evaluation chunks (with --eval; default: all).
     #[arg(long, value_name = "N", requires = "eval")]
     pub(crate) eval_chunks: Option<usize>,
+    /// With --eval: what the artifact's forward pass computes, as `sling eval --as` (auto: llama.cpp's CPU
+    /// arithmetic for a GGUF file, the dequantized weights in f32 for a vLLM or MLX directory).
+    #[arg(long, value_name = "ARITHMETIC", default_value = "auto", requires = "eval")]
+    pub(crate) eval_as: crate::eval::Arithmetic,
     /// With --eval: exit with code 1 when the mean KLD is above this (the artifact is kept, with its figures).
     #[arg(long, value_name = "X", requires = "eval")]
     pub(crate) max_kld: Option<f64>,
@@ -672,7 +676,7 @@ fn evaluate_artifact(a: &Args, data: &Path, report: &ConvertReport, quiet: bool)
     let out = report.outputs.first().context("--eval: nothing was written")?;
     let d =
         crate::eval::DataArgs { data: Some(data.to_path_buf()), tokens: None, ctx: a.eval_ctx, chunks: a.eval_chunks };
-    let o = crate::eval::run_eval(&a.q.src, out, &d, quiet, a.pipeline.calibration_backend()?)
+    let o = crate::eval::run_eval(&a.q.src, out, &d, a.eval_as, quiet, a.pipeline.calibration_backend()?)
         .context("--eval: the evaluation failed (the artifact is complete)")?;
     if !quiet {
         crate::eval::print_report(&o.report, &data.display().to_string());

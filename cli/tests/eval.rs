@@ -65,7 +65,10 @@ fn json(o: &Output) -> serde_json::Value {
 }
 
 /// Every converter op (Q/K permutation, expert stacking, MLA kv_b split, gpt-oss interleave/transposes, FP8
-/// dequantization, MXFP4 repacking) runs backwards exactly: an F32 GGUF evaluates as the checkpoint itself.
+/// dequantization, MXFP4 repacking) runs backwards exactly: an F32 GGUF evaluates as the checkpoint itself with
+/// `--as weights`. Under the default `--as llama.cpp-cpu`, F32 weights round nothing: the figures are the same
+/// (DeepSeek's absorbed MLA sums in another order: within 1e-6), except gpt-oss's MXFP4 experts, whose
+/// products llama.cpp runs on q8_0 activations.
 #[test]
 fn f32_gguf_reads_back_as_the_reference_for_every_architecture() {
     let dir = tmp("f32");
@@ -85,11 +88,20 @@ fn f32_gguf_reads_back_as_the_reference_for_every_architecture() {
     ] {
         let out = dir.join(format!("{name}.gguf"));
         convert(&fixture(name), "f32", &out);
-        let r = json(&eval(&fixture(name), &out, &[]));
+        let r = json(&eval(&fixture(name), &out, &["--as", "weights"]));
+        assert_eq!(r["arithmetic"], "weights");
         assert_eq!(r["kld_max"], 0.0, "{name}: {r}");
         assert_eq!(r["ppl"], r["ppl_ref"], "{name}");
         assert_eq!(r["top1"], 1.0, "{name}");
         assert_eq!(r["tokens"], 4 * 15, "{name}");
+        let d = json(&eval(&fixture(name), &out, &[]));
+        assert_eq!(d["arithmetic"], "llama.cpp-cpu");
+        let kld = d["kld_max"].as_f64().unwrap();
+        match name {
+            "gptoss-mxfp4" => assert!(kld > 0.0 && d["kld_mean"].as_f64().unwrap() < 0.01, "{name}: {d}"),
+            n if n.starts_with("deepseek") => assert!(kld < 1e-6, "{name}: {d}"),
+            _ => assert_eq!(kld, 0.0, "{name}: {d}"),
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -104,6 +116,11 @@ fn quantized_candidate_gate_and_hf_candidate() {
     let kld = r["kld_mean"].as_f64().unwrap();
     assert!(kld > 0.0 && kld < 0.05, "{r}");
     assert!(r["data_sha256"].as_str().is_some_and(|h| h.len() == 64));
+    // llama.cpp's q8_0 activations add their own error to the weights' (tests/interop/test_eval.py compares
+    // both with llama-perplexity)
+    let w = json(&eval(&src, &out, &["--as", "weights"]));
+    assert!(w["kld_mean"].as_f64().unwrap() < kld, "weights {w} vs llama.cpp-cpu {r}");
+    assert_eq!(json(&eval(&src, &out, &["--as", "llama.cpp-cpu"]))["kld_mean"], r["kld_mean"]);
 
     // the gate: exit 1 above the threshold, 0 below, and the verdict in the JSON
     let o = eval(&src, &out, &["--max-kld", "0"]);
@@ -163,6 +180,11 @@ fn bad_input_is_a_clear_error() {
     // a bad threshold
     let o = eval(&src, &src, &["--max-kld", "nan"]);
     assert_eq!(o.status.code(), Some(2));
+    // llama.cpp's arithmetic needs ggml types: a directory candidate has none
+    let o = eval(&src, &src, &["--as", "llama.cpp-cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--as llama.cpp-cpu needs a GGUF candidate"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -45,8 +45,13 @@ fn activation_rounding_is_llama_cpp_cpu_backends() {
         }
         for (ri, ((name, _), (a, b))) in rows.iter().zip(ours.chunks(n).zip(theirs.chunks(n))).enumerate() {
             let bad = a.iter().zip(b).position(|(p, q)| p.to_bits() != q.to_bits());
-            assert!(bad.is_none(), "{d} ({v:?}), row {ri} {name}: element {} is {} here, {} in ggml", bad.unwrap(),
-                a[bad.unwrap()], b[bad.unwrap()]);
+            assert!(
+                bad.is_none(),
+                "{d} ({v:?}), row {ri} {name}: element {} is {} here, {} in ggml",
+                bad.unwrap(),
+                a[bad.unwrap()],
+                b[bad.unwrap()]
+            );
         }
         checked += 1;
     }

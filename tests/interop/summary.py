@@ -385,16 +385,24 @@ def render(results: Path) -> str:
     if et:
         out += ["## Evaluation on the trained fixture, reference-made candidates", "",
                 "`convert_hf_to_gguf.py` + `llama-quantize` files of qwen3moe-trained; `sling eval` vs `llama-perplexity"
-                " --kl-divergence` (100 × 128 tokens of eval.txt). The BF16 row is the source's weights: what"
-                " llama.cpp's kernels add on their own (docs/eval.md).", "",
-                "| candidate | KLD sling | KLD llama.cpp | ratio | PPL sling / llama.cpp | top-1 sling / llama.cpp |",
-                "|---|---|---|---|---|---|"]
+                " --kl-divergence` (100 × 128 tokens of eval.txt). `--as llama.cpp-cpu` (the default for a GGUF) rounds"
+                " the activations as llama.cpp's CPU kernels do; `--as weights` measures the weights alone. The BF16 row"
+                " is the source's weights: what llama.cpp's kernels add on their own (docs/eval.md).", "",
+                "| candidate | KLD llama.cpp-cpu | KLD llama-perplexity | ratio | KLD weights | ratio |"
+                " PPL llama.cpp-cpu / llama-perplexity | top-1 llama.cpp-cpu / llama-perplexity |",
+                "|---|---|---|---|---|---|---|---|"]
         for k, e in sorted(et.items(), key=lambda kv: -kv[1]["sling"]["top1"]):
             s_, l_ = e["sling"], e["llama_perplexity"]
+            m_ = e.get("sling_llama_cpp_cpu")
             ratio = f"{e['kld_ratio']:.2f}" if "kld_ratio" in e else "—"
-            out.append(f"| {k} | {s_['kld_mean']:.6f} | {l_['kld_mean']:.6f} | {ratio} |"
-                       f" {s_['ppl']:.3f} / {l_.get('ppl_plain', l_['ppl']):.3f} |"
-                       f" {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
+            if m_ is None:
+                emu = "— | — | — |"
+                m_ = s_
+            else:
+                emu = f"{m_['kld_mean']:.6f} | {l_['kld_mean']:.6f} | {e['kld_ratio_llama_cpp_cpu']:.3f} |"
+            out.append(f"| {k} | {emu} {s_['kld_mean']:.6f} | {ratio} |"
+                       f" {m_['ppl']:.3f} / {l_.get('ppl_plain', l_['ppl']):.3f} |"
+                       f" {100 * m_['top1']:.2f} % / {100 * l_['top1']:.2f} % |")
         out.append("")
 
     split, v = _load(results, "split")

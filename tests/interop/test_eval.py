@@ -145,24 +145,52 @@ def trained_base(tmp_path_factory):
     return base, llama_ppl(lab.reference_convert(TRAINED, "f32")[0], T_ARGS)
 
 
-def _sling_eval(cand) -> dict:
+def _sling_eval(cand, arithmetic: str | None = None) -> dict:
+    extra = ["--as", arithmetic] if arithmetic else []
     return json.loads(lab.sling("-q", "eval", "--ref", lab.fixture_dir(TRAINED), cand, "--data", TEXT, "--ctx",
-                                str(T_CTX), "--chunks", str(T_CHUNKS), "--json").stdout)
+                                str(T_CTX), "--chunks", str(T_CHUNKS), "--json", *extra).stdout)
+
+
+# `sling eval --as llama.cpp-cpu` (the default for a GGUF candidate) against llama-perplexity on the same file:
+# measured 2026-12-06, mean-KLD ratios 0.925 (BF16) and 0.998-1.003 (Q8_0 … Q2_K), top-1 within 0.05 points, PPL
+# within 0.01 %. The bounds leave a margin, not room for a bug.
+EMU_KLD = {"BF16": (0.85, 1.1), "default": (0.97, 1.03)}
+EMU_TOP1 = 0.005
+EMU_PPL_REL = 0.001
+
+
+def _check_emulated(preset: str, emu: dict, theirs: dict, plain: float | None) -> float:
+    """The llama.cpp-cpu figures against llama-perplexity's (`plain`: its plain-perplexity run of the candidate, else
+    the PPL of its --kl-divergence run); returns the mean-KLD ratio."""
+    assert emu["arithmetic"] == "llama.cpp-cpu"
+    ratio = emu["kld_mean"] / theirs["kld_mean"]
+    lo, hi = EMU_KLD.get(preset, EMU_KLD["default"])
+    assert lo <= ratio <= hi, f"{preset}: --as llama.cpp-cpu KLD / llama-perplexity KLD = {ratio:.4f}, outside [{lo}, {hi}]"
+    assert abs(emu["top1"] - theirs["top1"]) < EMU_TOP1, (emu["top1"], theirs["top1"])
+    plain = theirs["ppl"] if plain is None else plain
+    assert abs(emu["ppl"] / plain - 1) < EMU_PPL_REL, (emu["ppl"], plain)
+    return ratio
 
 
 @pytest.mark.parametrize("preset", list(T_KLD_RATIO))
 def test_eval_of_reference_quants_on_the_trained_fixture(preset, trained_base):
     base, ppl_f32 = trained_base
     cand = lab.reference_quantize(TRAINED, preset)
-    ours = _sling_eval(cand)
+    ours = _sling_eval(cand, "weights")
+    emu = _sling_eval(cand)
     theirs = lab.llama_kld(cand, base, TEXT, T_ARGS)
     plain = llama_ppl(cand, T_ARGS)
     ratio = ours["kld_mean"] / theirs["kld_mean"]
     keys = ("ppl", "ppl_ref", "kld_mean", "kld_median", "kld_p99", "kld_p999", "kld_max", "top1")
     lab.record("eval_trained", preset, {"sling": {k: ours[k] for k in keys + ("chunks", "tokens")},
+                                        "sling_llama_cpp_cpu": {k: emu[k] for k in keys},
                                         "llama_perplexity": {**{k: theirs[k] for k in keys + ("chunks",)},
                                                              "ppl_plain": plain, "ppl_ref_plain": ppl_f32},
-                                        "kld_ratio": ratio})
+                                        "kld_ratio": ratio, "kld_ratio_llama_cpp_cpu": emu["kld_mean"] / theirs["kld_mean"]})
+    _check_emulated(preset, emu, theirs, plain)
+    for k in ("kld_median", "kld_p99"):
+        assert 0.95 <= emu[k] / theirs[k] <= 1.05, (k, emu[k], theirs[k])
+    assert emu["chunks"] == ours["chunks"] and emu["ppl_ref"] == ours["ppl_ref"]
     assert ours["chunks"] == T_CHUNKS and ours["tokens"] == T_CHUNKS * (T_CTX - T_CTX // 2 - 1)
     if theirs["chunks"] is not None:
         assert theirs["chunks"] == ours["chunks"]
@@ -177,15 +205,20 @@ def test_eval_of_reference_quants_on_the_trained_fixture(preset, trained_base):
 
 
 def test_the_kernels_own_error_on_the_trained_fixture(trained_base):
-    """The BF16 candidate holds the source's weights exactly: sling's KLD is 0, llama-perplexity's is what its
-    kernels add (activations rounded to bf16 for BF16 weights)."""
+    """The BF16 candidate holds the source's weights exactly: `--as weights` gives KLD 0, llama-perplexity what its
+    kernels add (activations rounded to bf16 for BF16 weights), and `--as llama.cpp-cpu` reproduces that."""
     base, ppl_f32 = trained_base
     cand = lab.reference_convert(TRAINED, "bf16")[0]
-    ours = _sling_eval(cand)
+    ours = _sling_eval(cand, "weights")
+    emu = _sling_eval(cand)
     theirs = lab.llama_kld(cand, base, TEXT, T_ARGS)
+    keys = ("ppl", "ppl_ref", "kld_mean", "kld_median", "kld_p99", "top1")
     lab.record("eval_trained", "BF16 (the source's weights)", {
-        "sling": {k: ours[k] for k in ("ppl", "ppl_ref", "kld_mean", "top1")},
-        "llama_perplexity": {k: theirs[k] for k in ("ppl", "ppl_ref", "kld_mean", "top1")}})
+        "sling": {k: ours[k] for k in keys},
+        "sling_llama_cpp_cpu": {k: emu[k] for k in keys},
+        "llama_perplexity": {k: theirs[k] for k in ("ppl", "ppl_ref", "kld_mean", "top1")},
+        "kld_ratio_llama_cpp_cpu": emu["kld_mean"] / theirs["kld_mean"]})
     assert ours["kld_mean"] == 0 and ours["top1"] == 1 and ours["ppl"] == ours["ppl_ref"]
+    _check_emulated("BF16", emu, theirs, None)
     assert abs(ours["ppl_ref"] / ppl_f32 - 1) < 1e-5
     assert theirs["kld_mean"] > 0
