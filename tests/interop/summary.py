@@ -368,16 +368,19 @@ def render(results: Path) -> str:
     if ev:
         out += ["## Evaluation (`sling eval`) vs llama-perplexity", "",
                 "The candidate is `sling quantize`'s file; both tools on the same text (tests/interop/data/eval.txt),"
-                " 64-token chunks; KLD base logits from the reference converter's F32 file. Limits: PPL within 1 %,"
-                " mean KLD within 5 % relative (docs/eval.md explains the gap: llama.cpp rounds activations to 8 bits).",
+                " 64-token chunks; KLD base logits from the reference converter's F32 file. sling with its default"
+                " `--as llama.cpp-cpu` (activations rounded as llama.cpp's CPU kernels round them). Limits: PPL within"
+                " 0.5 %, mean KLD within 0.5 % relative (6 % for Q8_0 and MXFP4_MOE). `--as weights` (the weights'"
+                " error alone) for comparison.",
                 "", "| fixture | preset | PPL sling | PPL llama.cpp | gap | KLD sling | KLD llama.cpp | gap |"
-                " top-1 sling / llama.cpp |", "|---|---|---|---|---|---|---|---|---|"]
+                " KLD `--as weights` | top-1 sling / llama.cpp |", "|---|---|---|---|---|---|---|---|---|---|"]
         for k, e in sorted(ev.items()):
             s_, l_ = e["sling"], e["llama_perplexity"]
+            w_ = e.get("sling_weights", {}).get("kld_mean")
             n, p = k.split("/", 1)
             out.append(f"| {n} | {p} | {s_['ppl']:.2f} | {l_['ppl']:.2f} | {100 * e['ppl_rel']:.2f} % |"
                        f" {s_['kld_mean']:.5f} | {l_['kld_mean']:.5f} | {100 * e['kld_rel']:.2f} % |"
-                       f" {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
+                       f" {'—' if w_ is None else f'{w_:.5f}'} | {100 * s_['top1']:.1f} % / {100 * l_['top1']:.1f} % |")
         out.append("")
 
     et, v = _load(results, "eval_trained")

@@ -2,12 +2,13 @@
 
 On the "-wide" fixtures (K-quants on their main path), the candidate is `sling quantize --to gguf:PRESET` (byte-identical
 to llama-quantize's, test_quantize.py). On the same text (tests/interop/data/eval.txt: a snapshot of sling's docs), 64-token chunks and 200 chunks (6200
-scored tokens):
+scored tokens), `sling eval` with its default `--as llama.cpp-cpu` (every product's activations rounded as llama.cpp's
+CPU kernels round them):
 
-* PPL: `sling eval` (the GGUF dequantized per ggml type in Rust, f32 forward pass) vs `llama-perplexity -m CANDIDATE`
-  (llama.cpp's CPU kernels, which also round activations to q8 for quantized dot products): within 1 %;
+* PPL: vs `llama-perplexity -m CANDIDATE`: within 0.5 %;
 * mean KLD: vs `llama-perplexity --kl-divergence` with base logits from the reference converter's F32 file (KV cache
-  F32, flash attention off): within 5 % relative.
+  F32, flash attention off): within 0.5 % relative for the lossy presets (measured: 0.01-0.02 %), within 6 % for the
+  near-lossless Q8_0 and MXFP4_MOE (measured: 0.25-3.8 %; `--as weights` is 16-31 % off there).
 
 Figures go to results/eval.json.
 """
@@ -22,19 +23,22 @@ import pytest
 import lab
 
 CTX, CHUNKS = 64, 200
-# llama.cpp rounds activations to q8 for quantized dot products: on these random-init fixtures (Q8_0 weights alone give
-# KLD ~0.015) that moves PPL by ~2 % over 250 scored tokens; and noise makes a model worse on average, so llama.cpp's
-# PPL sits above ours (deepseekv3-wide Q4_K_M: +1.2 % over 3100 scored tokens, +0.8 % over 6200, +0.6 % over 12400).
 TEXT = lab.HERE / "data" / "eval.txt"
-# gpt-oss: the source's experts are MXFP4, requantized to Q4_K (--allow-requantize). Near-lossless presets are not
-# compared: their KLD is of the order of llama.cpp's own activation rounding (MXFP4_MOE: sling 0.0093, llama.cpp
-# 0.0136), so the 5 % bound would measure llama.cpp's kernels, not the candidate. The MXFP4 read-back itself is
-# exact (cli/tests/eval.rs: F32 files keep the MXFP4 experts and evaluate with KLD 0).
-EXTRA = {"gptoss-mxfp4-wide": ("--allow-requantize",)}
-CASES = [("qwen3moe-wide", "Q4_K_M"), ("qwen3moe-wide", "Q2_K"), ("qwen3moe-wide", "IQ4_XS"), ("mixtral-wide", "Q4_K_M"),
-         ("deepseekv3-wide", "Q4_K_M"), ("gptoss-mxfp4-wide", "Q4_K_M")]
-MAX_PPL_REL = 0.01
-MAX_KLD_REL = 0.05
+# gpt-oss: Q4_K_M requantizes the source's MXFP4 experts to Q4_K (--allow-requantize); MXFP4_MOE copies them. With
+# `--as weights` near-lossless presets could not be compared: their KLD is of the order of llama.cpp's own activation
+# rounding (MXFP4_MOE: weights 0.0093, llama.cpp 0.0136). The MXFP4 read-back itself is exact (cli/tests/eval.rs:
+# F32 files keep the MXFP4 experts and evaluate with KLD 0 under --as weights).
+EXTRA = {("gptoss-mxfp4-wide", "Q4_K_M"): ("--allow-requantize",)}
+CASES = [("qwen3moe-wide", "Q4_K_M"), ("qwen3moe-wide", "Q2_K"), ("qwen3moe-wide", "IQ4_XS"), ("qwen3moe-wide", "Q8_0"),
+         ("mixtral-wide", "Q4_K_M"), ("deepseekv3-wide", "Q4_K_M"), ("deepseekv3-wide", "Q8_0"),
+         ("gptoss-mxfp4-wide", "Q4_K_M"), ("gptoss-mxfp4-wide", "MXFP4_MOE")]
+# Measured 2026-12-06 (--as llama.cpp-cpu): PPL within 0.21 % (DeepSeek-V3 Q4_K_M), mean KLD within 0.02 % for the
+# lossy presets; for the near-lossless ones 0.25 % (qwen3moe Q8_0), 2.2 % (DeepSeek-V3 Q8_0), 3.8 % (gpt-oss
+# MXFP4_MOE), where `--as weights` is 16-31 % off. On these random-init models a KLD that small is of the order of
+# what routing flips from summation order alone move (docs/eval.md); the bounds leave a margin, not room for a bug.
+MAX_PPL_REL = 0.005
+MAX_KLD_REL = {"Q8_0": 0.06, "MXFP4_MOE": 0.06}
+MAX_KLD_REL_LOSSY = 0.005
 PPL_ARGS = ["-c", str(CTX), "--chunks", str(CHUNKS), "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
 
 
@@ -63,8 +67,10 @@ def sling_eval(name: str, candidate, *extra, check=True) -> subprocess.Completed
 
 @pytest.mark.parametrize("name,preset", CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_eval_matches_llama_perplexity(name, preset, tmp_path):
-    cand = lab.sling_quantize(name, preset, tmp_path / "cand.gguf", EXTRA.get(name, ()))[0]
+    cand = lab.sling_quantize(name, preset, tmp_path / "cand.gguf", EXTRA.get((name, preset), ()))[0]
     ours = json.loads(sling_eval(name, cand).stdout)
+    assert ours["arithmetic"] == "llama.cpp-cpu"
+    weights = json.loads(sling_eval(name, cand, "--as", "weights").stdout)
     assert ours["chunks"] == CHUNKS and ours["tokens"] == CHUNKS * (CTX - CTX // 2 - 1)
     ppl = llama_ppl(cand)
     kld = llama_kld(name, cand, tmp_path)
@@ -72,9 +78,10 @@ def test_eval_matches_llama_perplexity(name, preset, tmp_path):
     kld_rel = abs(ours["kld_mean"] - kld["kld_mean"]) / kld["kld_mean"]
     lab.record("eval", f"{name}/{preset}", {
         "sling": {k: ours[k] for k in ("ppl", "ppl_ref", "kld_mean", "kld_p99", "kld_max", "top1", "dp_rms")},
+        "sling_weights": {k: weights[k] for k in ("ppl", "kld_mean", "top1")},
         "llama_perplexity": {"ppl": ppl, **kld}, "ppl_rel": ppl_rel, "kld_rel": kld_rel})
     assert ppl_rel <= MAX_PPL_REL, f"PPL {ours['ppl']:.4f} vs llama-perplexity {ppl:.4f} ({ppl_rel:.2%})"
-    assert kld_rel <= MAX_KLD_REL, f"KLD {ours['kld_mean']:.6f} vs llama-perplexity {kld['kld_mean']:.6f} ({kld_rel:.2%})"
+    assert kld_rel <= MAX_KLD_REL.get(preset, MAX_KLD_REL_LOSSY), f"KLD {ours['kld_mean']:.6f} vs llama-perplexity {kld['kld_mean']:.6f} ({kld_rel:.2%})"
 
 
 def test_llama_perplexity_keeps_its_figures_under_cpu_load(tmp_path):
