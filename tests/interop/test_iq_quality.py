@@ -2,7 +2,7 @@
 (fixtures/make_trained.py: random-weight fixtures make every low-bit quant look like noise).
 
 Each candidate is `sling quantize --to gguf:NAME --imatrix` (llama-imatrix's statistics over calib.txt, the same
-imatrix for all) and is measured with `sling eval --ref` against the bf16 source on eval.txt (held out from training
+imatrix for all) and is measured with `sling eval --ref --as weights` (the quantizer's error alone) against the bf16 source on eval.txt (held out from training
 and calibration): mean KL divergence, perplexity, top-1 agreement, with the file's size and bits per weight. Figures
 go to results/iq_quality.json; docs/quantization.md quotes them.
 
@@ -37,7 +37,7 @@ def figures(tmp_path_factory):
     for name in PLAIN + RECIPES:
         gguf = lab.sling_quantize(NAME, name, tmp / f"{name}.gguf", ("--imatrix", im))[0]
         r = lab.sling("-q", "eval", "--ref", src, gguf, "--data", TEXT, "--ctx", str(CTX), "--chunks", str(CHUNKS),
-                      "--json")
+                      "--json", "--as", "weights")
         e = json.loads(r.stdout)
         if n_params is None:
             n_params = sum(t[2] for t in _tensors(gguf))
