@@ -392,7 +392,12 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let record = |what: &str| manifest::Options {
         to: what.to_string(),
         out_type: label.split_once(':').map_or(label.clone(), |(_, s)| s.to_string()),
-        split: manifest::Split { max_tensors: 0, max_bytes: max_shard.unwrap_or(0), small_first_shard: false },
+        split: manifest::Split {
+            max_tensors: 0,
+            max_bytes: max_shard.unwrap_or(0),
+            small_first_shard: false,
+            layout: None,
+        },
         tokenizer_pre: None,
         allow_nonfinite: a.allow_nonfinite,
         quantize: None,

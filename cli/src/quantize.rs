@@ -164,10 +164,11 @@ pub struct Args {
     /// Output file (with splits: the first shard's base name).
     #[arg(short, long = "output", visible_alias = "outfile")]
     pub(crate) output: PathBuf,
-    /// Maximum size of each output shard, e.g. 50G.
+    /// Maximum size of each output shard, e.g. 50G: tensor bytes padded to 32, as llama-gguf-split counts them (the
+    /// shards are those of llama-gguf-split --split on llama-quantize's file).
     #[arg(long, value_name = "SIZE")]
     pub(crate) split_max_size: Option<String>,
-    /// Maximum number of tensors per output shard.
+    /// Maximum number of tensors per output shard (as llama-gguf-split --split-max-tensors).
     #[arg(long, value_name = "N")]
     pub(crate) split_max_tensors: Option<usize>,
     /// Quantize even if weights hold NaN or Inf.
@@ -576,7 +577,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 fn run_with(a: &Args, quiet: bool, rep: &Reporter) -> Result<()> {
     crate::eval::check_max_kld(a.max_kld)?;
     let (opts, label, auto) = options(&a.q, false, quiet, Some(&a.pipeline))?;
-    let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?;
+    // llama.cpp's split quant is llama-quantize, then llama-gguf-split: its shard layout.
+    let split = split_policy(a.split_max_size.as_deref(), a.split_max_tensors)?.as_llama_gguf_split();
     let t0 = Instant::now();
     let created = a.pipeline.created()?;
     let src = &a.q.src;

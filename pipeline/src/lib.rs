@@ -115,8 +115,9 @@ pub enum PlanError {
     Config(#[from] sling_core::ConfigError),
     #[error("architecture {arch} is not supported; sling converts: {supported}")]
     UnsupportedArch { arch: String, supported: String },
-    #[error("cannot map tensor {0} to a GGUF name for this architecture")]
-    Unmapped(String),
+    /// The target (`target`: `"GGUF"`, …) has no name for this checkpoint tensor in this architecture.
+    #[error("cannot map tensor {tensor} to a {target} name for this architecture")]
+    Unmapped { tensor: String, target: &'static str },
     #[error("tensor {tensor}: shape {shape:?} disagrees with config.json ({why})")]
     Shape { tensor: String, shape: Vec<u64>, why: String },
     #[error("layer {layer}: expert tensors incomplete: {names:?}")]

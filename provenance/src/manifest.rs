@@ -102,12 +102,24 @@ pub struct Split {
     pub max_tensors: u64,
     pub max_bytes: u64,
     pub small_first_shard: bool,
+    /// Whose shard layout: absent for gguf-py's (`convert`, and manifests written before this was recorded),
+    /// `"llama-gguf-split"` for `quantize`'s ([`SplitPolicy::LlamaGgufSplit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<SplitLayout>,
+}
+
+/// [`Split::layout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitLayout {
+    LlamaGgufSplit,
 }
 
 impl From<SplitPolicy> for Split {
     fn from(s: SplitPolicy) -> Split {
         let (max_tensors, max_bytes, small_first_shard) = s.limits();
-        Split { max_tensors: max_tensors as u64, max_bytes, small_first_shard }
+        let layout = s.is_llama_gguf_split().then_some(SplitLayout::LlamaGgufSplit);
+        Split { max_tensors: max_tensors as u64, max_bytes, small_first_shard, layout }
     }
 }
 

@@ -421,6 +421,19 @@ def render(results: Path) -> str:
                        f"{'bit-identical' if e['logits_split_equal_unsplit'] else 'DIFFERENT'} |")
         out.append("")
 
+    qs, v = _load(results, "quantize_split")
+    versions.update(v)
+    if qs:
+        out += ["## Split quantize output vs llama-quantize + llama-gguf-split", "",
+                "`sling quantize --split-*` against `llama-quantize` to one file, then `llama-gguf-split --split` with"
+                " the same option: shard files compared whole (sha256).", "",
+                "| model / preset / option | shards | shard files identical |", "|---|---|---|"]
+        for k, e in sorted(qs.items()):
+            n, same = e["shards"], e.get("files_identical")
+            cell = "—" if same is None else f"{same}/{n}"
+            out.append(f"| {k} | {n} | {cell} |")
+        out.append("")
+
     qb, v = _load(results, "quantize_bytes")
     versions.update(v)
     if qb:

@@ -24,6 +24,9 @@
 //! is overwritten in place, as the Python dict does), and every other shard carries only those three
 //! keys. A plan with one shard writes the plain name and no split keys.
 //!
+//! [`SplitPolicy::LlamaGgufSplit`] lays the shards out as `llama-gguf-split --split` does instead (`sling
+//! quantize`'s reference chain): sizes count tensor bytes padded to 32, and the split keys come in ggml's order.
+//!
 //! One deliberate difference: shards after the first do not carry `general.alignment`, so they are
 //! padded to the default 32 (which is what a reader of those shards expects). gguf-py pads them to the
 //! custom alignment, which llama.cpp then rejects; for the default alignment both agree.
@@ -134,6 +137,14 @@ pub enum SplitPolicy {
     MaxBytes(u64),
     /// Both limits at once (0 = no limit), and optionally a leading metadata-only shard.
     Limits { max_tensors: usize, max_bytes: u64, small_first_shard: bool },
+    /// The shards `llama-gguf-split --split` makes of the unsplit file (`tools/gguf-split/gguf-split.cpp`,
+    /// `split_strategy`), for `sling quantize`, whose reference is llama-quantize + llama-gguf-split: at most
+    /// `max_tensors` tensors (0 = no limit) or `max_bytes` bytes of tensor data *padded to 32* per shard (0 = no limit),
+    /// and the split keys in the order ggml's `gguf_set_val` leaves them: `split.no`, `split.tensors.count`, then
+    /// `split.count` (set last, moved to the end), after the given KVs (a given KV with one of those names is
+    /// dropped from its place). One difference: where a single tensor is larger than `max_bytes`, llama-gguf-split
+    /// aborts ("one of splits have 0 tensors"); here it gets a shard of its own.
+    LlamaGgufSplit { max_tensors: usize, max_bytes: u64 },
 }
 
 impl SplitPolicy {
@@ -146,7 +157,26 @@ impl SplitPolicy {
             SplitPolicy::Limits { max_tensors, max_bytes, small_first_shard } => {
                 (max_tensors, max_bytes, small_first_shard)
             }
+            SplitPolicy::LlamaGgufSplit { max_tensors, max_bytes } => (max_tensors, max_bytes, false),
         }
+    }
+
+    /// The same limits, as llama-gguf-split lays the shards out ([`SplitPolicy::LlamaGgufSplit`]); `None` stays
+    /// `None`. (A leading metadata-only shard is gguf-py's; llama-gguf-split's `--no-tensor-first-split` is not
+    /// offered.)
+    pub fn as_llama_gguf_split(self) -> SplitPolicy {
+        match self {
+            SplitPolicy::None => SplitPolicy::None,
+            other => {
+                let (max_tensors, max_bytes, _) = other.limits();
+                SplitPolicy::LlamaGgufSplit { max_tensors, max_bytes }
+            }
+        }
+    }
+
+    /// Whether shards follow llama-gguf-split's layout rather than gguf-py's.
+    pub fn is_llama_gguf_split(self) -> bool {
+        matches!(self, SplitPolicy::LlamaGgufSplit { .. })
     }
 }
 
@@ -1177,12 +1207,15 @@ fn plan_shards(
     if small_first_shard {
         groups.push(Vec::new());
     }
+    let llama = split.is_llama_gguf_split();
     let mut last_bytes: u64 = 0;
     for t in planned {
+        // gguf-py counts a tensor's bytes as they are; llama-gguf-split as GGML_PAD(ggml_nbytes, 32).
+        let counted = if llama { checked_align(t.n_bytes, DEFAULT_ALIGNMENT).unwrap_or(u64::MAX) } else { t.n_bytes };
         let start_new = match groups.last() {
             Some(last) if !last.is_empty() => {
                 (max_tensors != 0 && last.len() >= max_tensors)
-                    || (max_bytes != 0 && last_bytes.saturating_add(t.n_bytes) > max_bytes)
+                    || (max_bytes != 0 && last_bytes.saturating_add(counted) > max_bytes)
             }
             _ => false,
         };
@@ -1190,7 +1223,7 @@ fn plan_shards(
             groups.push(Vec::new());
             last_bytes = 0;
         }
-        last_bytes = last_bytes.saturating_add(t.n_bytes);
+        last_bytes = last_bytes.saturating_add(counted);
         if let Some(last) = groups.last_mut() {
             last.push(t);
         }
@@ -1211,15 +1244,21 @@ fn plan_shards(
         let shard_alignment = if i == 0 { alignment } else { DEFAULT_ALIGNMENT };
         if n_shards > 1 {
             // Both fit: checked against u16::MAX / i32::MAX above.
-            let split_kvs = [
-                (SPLIT_NO, GgufValue::U16(u16::try_from(i).unwrap_or(u16::MAX))),
-                (SPLIT_COUNT, GgufValue::U16(u16::try_from(n_shards).unwrap_or(u16::MAX))),
-                (SPLIT_TENSORS_COUNT, GgufValue::I32(i32::try_from(n_tensors_total).unwrap_or(i32::MAX))),
-            ];
-            for (key, value) in split_kvs {
-                match shard_kvs.iter_mut().find(|(k, _)| k == key) {
-                    Some(slot) => slot.1 = value,
-                    None => shard_kvs.push((key.to_string(), value)),
+            let no = (SPLIT_NO, GgufValue::U16(u16::try_from(i).unwrap_or(u16::MAX)));
+            let count = (SPLIT_COUNT, GgufValue::U16(u16::try_from(n_shards).unwrap_or(u16::MAX)));
+            let tensors_count =
+                (SPLIT_TENSORS_COUNT, GgufValue::I32(i32::try_from(n_tensors_total).unwrap_or(i32::MAX)));
+            if llama {
+                // gguf_set_val appends a new key and moves an overwritten one to the end; split.count is set last.
+                shard_kvs.retain(|(k, _)| k != SPLIT_NO && k != SPLIT_COUNT && k != SPLIT_TENSORS_COUNT);
+                shard_kvs.extend([no, tensors_count, count].map(|(k, v)| (k.to_string(), v)));
+            } else {
+                // gguf-py's dict: a key given again keeps its place.
+                for (key, value) in [no, count, tensors_count] {
+                    match shard_kvs.iter_mut().find(|(k, _)| k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => shard_kvs.push((key.to_string(), value)),
+                    }
                 }
             }
         }
@@ -1424,6 +1463,43 @@ mod tests {
             vec![PathBuf::from("/o/m.Q8_0-00001-of-00002.gguf"), PathBuf::from("/o/m.Q8_0-00002-of-00002.gguf")]
         );
         assert_eq!(shard_paths(Path::new("model"), 2)[1], PathBuf::from("model-00002-of-00002.gguf"));
+    }
+
+    #[test]
+    fn llama_gguf_split_layout() {
+        // Tensors of 40, 40, 20 and 8 bytes: padded to 32 they count 64, 64, 32, 32.
+        let tensors = || {
+            [("a", 10), ("b", 10), ("c", 5), ("d", 2)].map(|(n, e)| TensorDesc::new(n, DType::F32, vec![e])).to_vec()
+        };
+        let kvs = || {
+            vec![
+                ("general.architecture".to_string(), GgufValue::String("llama".into())),
+                (SPLIT_COUNT.to_string(), GgufValue::U16(9)),
+                ("general.name".to_string(), GgufValue::String("m".into())),
+            ]
+        };
+        fn keys(s: &Shard) -> Vec<&str> {
+            s.kvs.iter().map(|(k, _)| k.as_str()).collect()
+        }
+        let sizes = |sh: &[Shard]| sh.iter().map(|s| s.tensors.len()).collect::<Vec<_>>();
+        let out = Path::new("m.gguf");
+        // 100 bytes: gguf-py counts 40 + 40 + 20 = 100 into one shard, llama-gguf-split 64 + 64 > 100.
+        let py = plan_shards(out, kvs(), tensors(), SplitPolicy::MaxBytes(100)).unwrap();
+        assert_eq!(sizes(&py), [3, 1]);
+        let ll = plan_shards(out, kvs(), tensors(), SplitPolicy::MaxBytes(100).as_llama_gguf_split()).unwrap();
+        assert_eq!(sizes(&ll), [1, 2, 1]);
+        // gguf-py: a given split key keeps its place; llama-gguf-split: split.no, split.tensors.count, split.count last
+        assert_eq!(keys(&py[0]), ["general.architecture", SPLIT_COUNT, "general.name", SPLIT_NO, SPLIT_TENSORS_COUNT]);
+        assert_eq!(keys(&ll[0]), ["general.architecture", "general.name", SPLIT_NO, SPLIT_TENSORS_COUNT, SPLIT_COUNT]);
+        assert_eq!(keys(&ll[2]), [SPLIT_NO, SPLIT_TENSORS_COUNT, SPLIT_COUNT]);
+        assert_eq!(ll[0].kvs[4].1, GgufValue::U16(3));
+        // By tensor count both agree on the shards; a tensor over the size limit gets its own shard.
+        let t = SplitPolicy::MaxTensors(3).as_llama_gguf_split();
+        assert_eq!(t, SplitPolicy::LlamaGgufSplit { max_tensors: 3, max_bytes: 0 });
+        assert_eq!(sizes(&plan_shards(out, kvs(), tensors(), t).unwrap()), [3, 1]);
+        let big = SplitPolicy::LlamaGgufSplit { max_tensors: 0, max_bytes: 50 };
+        assert_eq!(sizes(&plan_shards(out, kvs(), tensors(), big).unwrap()), [1, 1, 1, 1]);
+        assert_eq!(SplitPolicy::None.as_llama_gguf_split(), SplitPolicy::None);
     }
 
     #[test]

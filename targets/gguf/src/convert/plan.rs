@@ -379,7 +379,7 @@ impl<'a> Planner<'a> {
     }
 
     fn buffer_expert(&mut self, p: Pending, bid: Option<u64>) -> Result<(), PlanError> {
-        let bid = bid.ok_or_else(|| PlanError::Unmapped(p.name.clone()))?;
+        let bid = bid.ok_or_else(|| PlanError::Unmapped { tensor: p.name.clone(), target: "GGUF" })?;
         let n = self.n_experts()?;
         let layer = self.experts.entry(bid).or_default();
         layer.insert(p.name, (p.shape, p.op));
@@ -546,7 +546,10 @@ impl<'a> Planner<'a> {
                 ]
             };
             for (hf, map) in parts {
-                let name = self.arch.map_name(&hf).ok_or_else(|| PlanError::Unmapped(hf.clone()))?;
+                let name = self
+                    .arch
+                    .map_name(&hf)
+                    .ok_or_else(|| PlanError::Unmapped { tensor: hf.clone(), target: "GGUF" })?;
                 let rows = map.len() as u64 / e;
                 self.tensors.push(OutTensor {
                     name,
@@ -564,7 +567,10 @@ impl<'a> Planner<'a> {
 
     /// Maps the name, picks the type (`prepare_tensors`), records the tensor.
     fn emit(&mut self, p: Pending, _bid: Option<u64>) -> Result<(), PlanError> {
-        let name = self.arch.map_name(&p.name).ok_or_else(|| PlanError::Unmapped(p.name.clone()))?;
+        let name = self
+            .arch
+            .map_name(&p.name)
+            .ok_or_else(|| PlanError::Unmapped { tensor: p.name.clone(), target: "GGUF" })?;
         let n_dims = p.shape.len();
         let ne: Vec<u64> = p.shape.iter().rev().copied().collect();
         let stem = name.rsplit('.').nth(1).unwrap_or("");
