@@ -149,15 +149,20 @@ impl<'s> Model<'s> {
             None => None,
             Some(v) => {
                 let mut r = x.as_standard_layout().into_owned();
-                for mut row in r.rows_mut() {
-                    let ok =
-                        row.as_slice_mut().is_some_and(|row| sling_quantizers::activation::round_like_ggml_cpu(row, v));
-                    if !ok {
-                        return Err(Error::Unsupported(format!(
-                            "activation rows of {} are not whole {v:?} blocks (the weight's ggml type needs them)",
-                            x.ncols()
-                        )));
-                    }
+                let k = x.ncols();
+                // Rows are rounded independently: in parallel, the same bits for any thread count.
+                let ok = match r.as_slice_mut() {
+                    Some(all) if k > 0 => all
+                        .par_chunks_mut(k)
+                        .map(|row| sling_quantizers::activation::round_like_ggml_cpu(row, v))
+                        .reduce(|| true, |a, b| a && b),
+                    Some(_) => true,
+                    None => false,
+                };
+                if !ok {
+                    return Err(Error::Unsupported(format!(
+                        "activation rows of {k} are not whole {v:?} blocks (the weight's ggml type needs them)"
+                    )));
                 }
                 Some(r)
             }

@@ -121,6 +121,11 @@ fn quantized_candidate_gate_and_hf_candidate() {
     let w = json(&eval(&src, &out, &["--as", "weights"]));
     assert!(w["kld_mean"].as_f64().unwrap() < kld, "weights {w} vs llama.cpp-cpu {r}");
     assert_eq!(json(&eval(&src, &out, &["--as", "llama.cpp-cpu"]))["kld_mean"], r["kld_mean"]);
+    // the rounded rows do not depend on the thread count
+    for t in ["1", "3"] {
+        let j = json(&eval(&src, &out, &["-t", t]));
+        assert_eq!((&j["kld_mean"], &j["ppl"]), (&r["kld_mean"], &r["ppl"]), "-t {t}");
+    }
 
     // the gate: exit 1 above the threshold, 0 below, and the verdict in the JSON
     let o = eval(&src, &out, &["--max-kld", "0"]);
