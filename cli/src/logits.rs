@@ -5,15 +5,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sling_calibration::{CheckpointSource, Model, TensorSource};
+use sling_calibration::{CheckpointSource, GgufCandidate, Model, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
+use sling_target_gguf::convert::plan::{plan, OutType};
+
+use crate::eval::Arithmetic;
 
 pub const AFTER_HELP: &str =
     "Runs the CPU forward pass of the calibration engine (f32, layer by layer) and writes the logits \
 of every position: a .npy file (float32, shape [tokens, vocab]; several --ids sequences are stacked one after the \
-other) or a raw little-endian .f32 file. Without --out, prints the top token of every position.\n\nExamples:\n  \
+other) or a raw little-endian .f32 file. Without --out, prints the top token of every position. With --gguf, the \
+weights are those of a GGUF converted from SRC, run as `sling eval` runs a candidate (--as).\n\nExamples:\n  \
 sling logits fixtures/models/qwen3moe --ids 342,223,83,87 --out l.npy\n  \
-sling logits fixtures/models/deepseekv3 --ids 1,2,3 --ids 4,5";
+sling logits fixtures/models/deepseekv3 --ids 1,2,3 --ids 4,5\n  \
+sling convert fixtures/models/qwen3moe --type q8_0 --tokenizer-pre gpt-2 -o qwen3-q8_0.gguf\n  \
+sling logits fixtures/models/qwen3moe --gguf qwen3-q8_0.gguf --ids 342,223,83,87 --as llama.cpp-cpu";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,6 +32,13 @@ pub struct Args {
     /// Output file: .npy (float32 [tokens, vocab]) or .f32 (raw little-endian float32, row-major).
     #[arg(long, short = 'o')]
     out: Option<PathBuf>,
+    /// Run the weights of this GGUF file, converted from SRC (any shard of a split file), instead of SRC's.
+    #[arg(long, value_name = "FILE")]
+    gguf: Option<PathBuf>,
+    /// With --gguf: llama.cpp-cpu (activations rounded as llama.cpp's CPU backend rounds them; the default) or
+    /// weights (the dequantized weights in f32), as `sling eval --as`.
+    #[arg(long = "as", value_name = "ARITHMETIC", default_value = "auto", requires = "gguf")]
+    arithmetic: Arithmetic,
 }
 
 /// The token ids of one sequence.
@@ -66,7 +79,24 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             (&plain, ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?)
         }
     };
-    let model = Model::new(src, &cfg).with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?;
+    let (gck, gguf);
+    let (src, emulate): (&dyn TensorSource, bool) = match &a.gguf {
+        None => (src, false),
+        Some(path) => {
+            if artifact.is_some() {
+                bail!("--gguf needs SRC to be the checkpoint it was converted from, not a vllm or mlx directory");
+            }
+            gck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
+            let p = plan(&gck, OutType::F32)
+                .with_context(|| format!("{}: cannot plan its conversion to map the GGUF back", a.src.display()))?;
+            gguf = GgufCandidate::open(CheckpointSource::new(&gck), p.tensors, path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            (&gguf, a.arithmetic != Arithmetic::Weights)
+        }
+    };
+    let model = Model::new(src, &cfg)
+        .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
+        .llama_cpp_cpu(emulate);
     let t0 = std::time::Instant::now();
     let logits = model.logits(&seqs, None).with_context(|| format!("{}: forward pass failed", a.src.display()))?;
     let vocab = model.spec().vocab;

@@ -408,6 +408,22 @@ def render(results: Path) -> str:
                        f" {100 * m_['top1']:.2f} % / {100 * l_['top1']:.2f} % |")
         out.append("")
 
+    el, v = _load(results, "eval_logits")
+    versions.update(v)
+    if el:
+        out += ["## `--as llama.cpp-cpu` against llama.cpp's own logits", "",
+                "llama.cpp's logits (llama-cpp-python on the pinned build, KV cache F32, flash attention off) against"
+                " `sling logits --gguf` on the same 128 token ids; KL(llama.cpp ‖ sling) per position. Limits: median"
+                " within 15 % of the `--as weights` median; on the trained fixture below 1e-9.", "",
+                "| fixture / candidate | positions at float precision (KL < 1e-9) | first other | median KL llama.cpp-cpu |"
+                " median KL weights | mean KL llama.cpp-cpu | mean KL weights |", "|---|---|---|---|---|---|---|"]
+        for k, e in sorted(el.items()):
+            first = e.get("first_divergent_position")
+            out.append(f"| {k} | {e['positions_at_float_precision']}/{e['tokens']} | {'—' if first is None else first} |"
+                       f" {e['kl_median_llama.cpp-cpu']:.2g} | {e['kl_median_weights']:.2g} |"
+                       f" {e['kl_mean_llama.cpp-cpu']:.2g} | {e['kl_mean_weights']:.2g} |")
+        out.append("")
+
     split, v = _load(results, "split")
     versions.update(v)
     if split:
