@@ -115,8 +115,9 @@ impl<'s> Model<'s> {
     /// With `on`, every matrix product with a weight first rounds its activations to what llama.cpp's CPU backend
     /// multiplies that weight with ([`TensorSource::cpu_vec_dot`], `sling_quantizers::activation`): 8-bit blocks
     /// against quantized weights, bf16/f16 against bf16/f16 ones. The logits are then those llama.cpp computes on
-    /// a CPU (with an f32 KV cache), up to f32 summation order, instead of those of the weights alone. Products
-    /// llama.cpp does not have (DeepSeek's `kv_b_proj`, which it runs absorbed as `attn_k_b`/`attn_v_b`) stay in f32.
+    /// a CPU (with an f32 KV cache), up to f32 summation order, instead of those of the weights alone. DeepSeek's
+    /// MLA then runs absorbed through `attn_k_b`/`attn_v_b` where the GGUF has them, as llama.cpp runs it
+    /// (`Model::mla_absorbed`; not while an observer is installed, which sees the expanded form).
     pub fn llama_cpp_cpu(mut self, on: bool) -> Self {
         self.llama_cpp_cpu = on;
         self
@@ -650,7 +651,7 @@ impl<'s> Model<'s> {
             sinks: None,
         };
         // llama.cpp multiplies a GGUF's separate attn_k_b/attn_v_b absorbed; emulating it, so does this.
-        let absorbed = if self.llama_cpp_cpu {
+        let absorbed = if self.llama_cpp_cpu && obs.is_none() {
             let kb = self.src.gguf_vec_dot(&s.gguf_name(l, "self_attn.k_b_proj"));
             let vb = self.src.gguf_vec_dot(&s.gguf_name(l, "self_attn.v_b_proj"));
             kb.zip(vb)
