@@ -131,11 +131,15 @@ def main():
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=1))
     md = [f"# {a.name}: sling eval vs llama-perplexity --kl-divergence", "",
-          f"{result['machine'].get('date_utc', '')} · sling {result['machine'].get('git_rev', '')} · {a.preset} · {a.chunks} x {a.ctx} tokens · {a.threads} threads", "",
+          f"{result['machine'].get('date_utc', '')} · sling {result['machine'].get('git_rev', '')} · {a.preset} · "
+          f"{a.chunks} x {a.ctx} tokens · {a.threads} threads", "",
           "| layers | tool | wall s | user s | peak RSS MiB | PPL | mean KLD |", "|---|---|---:|---:|---:|---:|---:|"]
+    def num(x, f):
+        return "" if x is None else format(x, f)
     for r in result["runs"]:
         md.append(f"| {r['layers']} | {r['tool']} | {r['wall_s']:.2f} | {r.get('user_s') or 0:.1f} |"
-                  f" {(r.get('max_rss_kib') or 0) / 1024:.0f} | {r.get('ppl') or ''} | {r.get('kld_mean') or ''} |")
+                  f" {(r.get('max_rss_kib') or 0) / 1024:.0f} | {num(r.get('ppl'), '.2f')} |"
+                  f" {num(r.get('kld_mean'), '.6f')} |")
     (a.results / f"{a.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
