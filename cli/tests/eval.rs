@@ -236,6 +236,7 @@ fn quantize_eval_records_quality() {
         let q = &m["quality"];
         assert!(q["kld_mean"].as_f64().is_some_and(|k| k > 0.0), "{q}");
         assert_eq!(q["tokens"], 4 * 15);
+        assert_eq!(q["arithmetic"], "llama.cpp-cpu", "{q}");
         assert!(q.get("seconds").is_none());
         let card = std::fs::read_to_string(sub.join("README.md")).unwrap();
         assert!(card.contains("| quality | KLD mean"), "{card}");
@@ -251,5 +252,14 @@ fn quantize_eval_records_quality() {
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--max-kld"));
     assert!(run(&["verify", out.to_str().unwrap()]).status.success());
+
+    // --eval-as weights: the weights' error alone, recorded as such
+    let sub = dir.join("weights");
+    std::fs::create_dir_all(&sub).unwrap();
+    let out = sub.join("m.gguf");
+    let o = quantize(&out, &["--eval-as", "weights"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(sub.join("m.sling.json")).unwrap()).unwrap();
+    assert_eq!(m["quality"]["arithmetic"], "weights");
     std::fs::remove_dir_all(&dir).ok();
 }
