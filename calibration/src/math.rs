@@ -131,20 +131,46 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 /// RMSNorm of one row (a view) in place.
-pub fn rms_norm_view(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32) {
+pub fn rms_norm_view(row: ArrayViewMut1<f32>, w: &[f32], eps: f32) {
+    rms_norm_view_with(row, w, eps, Squares::F64);
+}
+
+/// How RMSNorm's mean of squares is summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Squares {
+    /// Each square exact in f64 (sling's forward pass).
+    #[default]
+    F64,
+    /// Each square rounded to f32, then summed in f64: ggml's `rms_norm` (`ggml_compute_forward_rms_norm_f32`,
+    /// `sum += (ggml_float)(x[i]*x[i])`), for `Model::llama_cpp_cpu`. A scale one ulp apart moves an activation
+    /// across an 8-bit rounding boundary now and then, and the two runs take different branches from there.
+    F32,
+}
+
+/// [`rms_norm_view`] with the squares summed as `sq` says.
+pub fn rms_norm_view_with(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32, sq: Squares) {
     let n = row.len();
     if n == 0 {
         return;
     }
-    let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+    let sum = match sq {
+        Squares::F64 => row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>(),
+        Squares::F32 => row.iter().map(|&v| (v * v) as f64).sum::<f64>(),
+    };
+    let ms = sum / n as f64;
     let r = 1.0 / ((ms as f32) + eps).sqrt();
     row.iter_mut().zip(w).for_each(|(v, wi)| *v = wi * (*v * r));
 }
 
 /// RMSNorm over the rows of a matrix (parallel over rows).
 pub fn rms_norm_rows(x: &Array2<f32>, w: &[f32], eps: f32) -> Array2<f32> {
+    rms_norm_rows_with(x, w, eps, Squares::F64)
+}
+
+/// [`rms_norm_rows`] with the squares summed as `sq` says.
+pub fn rms_norm_rows_with(x: &Array2<f32>, w: &[f32], eps: f32, sq: Squares) -> Array2<f32> {
     let mut y = x.to_owned();
-    y.axis_iter_mut(Axis(0)).into_par_iter().for_each(|row| rms_norm_view(row, w, eps));
+    y.axis_iter_mut(Axis(0)).into_par_iter().for_each(|row| rms_norm_view_with(row, w, eps, sq));
     y
 }
 
@@ -320,6 +346,27 @@ mod tests {
         let r = (12.5f32).sqrt();
         assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn ggml_squares_round_each_square_to_f32() {
+        // Squares of 12-bit mantissas need 24+ bits: rounded to f32 one by one (ggml) the scale comes out an ulp
+        // apart from the exact f64 sum here (found by search), and with it the normalised values.
+        let row = [1.1899414f32, 1.3034668, 1.2841797];
+        let norm = |sq| {
+            let mut a = Array2::from_shape_vec((1, 3), row.to_vec()).unwrap();
+            rms_norm_view_with(a.row_mut(0), &[1.0; 3], 0.0, sq);
+            a
+        };
+        let ggml_sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let r = 1.0 / ((ggml_sum / 3.0) as f32).sqrt();
+        let ggml: Vec<f32> = row.iter().map(|&v| 1.0 * (v * r)).collect();
+        assert_eq!(norm(Squares::F32).into_raw_vec_and_offset().0, ggml);
+        assert_ne!(norm(Squares::F32), norm(Squares::F64));
+        assert_eq!(
+            norm(Squares::F64),
+            rms_norm_rows(&Array2::from_shape_vec((1, 3), row.to_vec()).unwrap(), &[1.0; 3], 0.0)
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ use sling_core::{ModelConfig, VecDot};
 use sling_kernels::{Backend, Gemm};
 
 use crate::error::{Error, Result};
-use crate::math::{attention, linear, rms_norm_rows, rms_norm_view, sigmoid, silu, softmax, top_k, AttnShape};
+use crate::math::{
+    attention, linear, rms_norm_rows_with, rms_norm_view_with, sigmoid, silu, softmax, top_k, AttnShape, Squares,
+};
 use crate::observer::{LinearInput, Observer};
 use crate::source::TensorSource;
 use crate::spec::{Act, Attention, ExpertLayout, Ffn, Moe, QkNorm, Router, Spec};
@@ -117,7 +119,9 @@ impl<'s> Model<'s> {
     /// against quantized weights, bf16/f16 against bf16/f16 ones. The logits are then those llama.cpp computes on
     /// a CPU (with an f32 KV cache), up to f32 summation order, instead of those of the weights alone. DeepSeek's
     /// MLA then runs absorbed through `attn_k_b`/`attn_v_b` where the GGUF has them, as llama.cpp runs it
-    /// (`Model::mla_absorbed`; not while an observer is installed, which sees the expanded form).
+    /// (`Model::mla_absorbed`; not while an observer is installed, which sees the expanded form), and RMSNorm
+    /// sums its squares as ggml's does ([`Squares::F32`]). On a source without ggml types (the reference
+    /// checkpoint) only the latter applies: the arithmetic of llama.cpp running an F32 file.
     pub fn llama_cpp_cpu(mut self, on: bool) -> Self {
         self.llama_cpp_cpu = on;
         self
@@ -130,6 +134,20 @@ impl<'s> Model<'s> {
         } else {
             None
         }
+    }
+
+    /// How RMSNorm sums its squares: as ggml does under [`Model::llama_cpp_cpu`].
+    fn squares(&self) -> Squares {
+        if self.llama_cpp_cpu {
+            Squares::F32
+        } else {
+            Squares::F64
+        }
+    }
+
+    /// RMSNorm over the rows of `x` ([`Model::squares`]).
+    fn rms(&self, x: &Array2<f32>, w: &[f32], eps: f32) -> Array2<f32> {
+        rms_norm_rows_with(x, w, eps, self.squares())
     }
 
     /// The device's products, if this model runs on one.
@@ -373,7 +391,7 @@ impl<'s> Model<'s> {
     /// The final norm (`model.norm`) of hidden states: the input of the output head.
     pub fn final_norm(&self, h: &Array2<f32>) -> Result<Array2<f32>> {
         let w = self.vector("model.norm.weight", self.spec.hidden)?;
-        Ok(rms_norm_rows(h, &w, self.spec.eps))
+        Ok(self.rms(h, &w, self.spec.eps))
     }
 
     fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
@@ -405,7 +423,7 @@ impl<'s> Model<'s> {
             }
         }
         let w = self.vector("model.norm.weight", self.spec.hidden)?;
-        Ok((rms_norm_rows(&h, &w, self.spec.eps), b))
+        Ok((self.rms(&h, &w, self.spec.eps), b))
     }
 
     fn embed(&self, seqs: &[Vec<u32>]) -> Result<Array2<f32>> {
@@ -465,13 +483,13 @@ impl<'s> Model<'s> {
     fn layer(&self, l: usize, h: &mut Array2<f32>, b: &Batch, obs: Obs) -> Result<()> {
         let (hd, eps) = (self.spec.hidden, self.spec.eps);
         let p = format!("model.layers.{l}.");
-        let x = rms_norm_rows(h, &self.vector(&format!("{p}input_layernorm.weight"), hd)?, eps);
+        let x = self.rms(h, &self.vector(&format!("{p}input_layernorm.weight"), hd)?, eps);
         let a = match &self.spec.attention {
             Attention::Gqa { qk_norm, clip_qkv, sinks } => self.gqa(l, &x, b, *qk_norm, *clip_qkv, *sinks, obs)?,
             Attention::Mla { .. } => self.mla(l, &x, b, obs)?,
         };
         *h += &a;
-        let x = rms_norm_rows(h, &self.vector(&format!("{p}post_attention_layernorm.weight"), hd)?, eps);
+        let x = self.rms(h, &self.vector(&format!("{p}post_attention_layernorm.weight"), hd)?, eps);
         let f = match &self.spec.ffn[l] {
             Ffn::Dense { ff } => self.mlp(l, "mlp", *ff, &x, obs)?,
             Ffn::Moe(m) => self.moe(l, m, &x, obs)?,
@@ -519,15 +537,16 @@ impl<'s> Model<'s> {
         match qk_norm {
             QkNorm::None => {}
             QkNorm::Full => {
-                q = rms_norm_rows(&q, &self.vector(&format!("{p}q_norm.weight"), nh * dh)?, s.eps);
-                k = rms_norm_rows(&k, &self.vector(&format!("{p}k_norm.weight"), nkv * dh)?, s.eps);
+                q = self.rms(&q, &self.vector(&format!("{p}q_norm.weight"), nh * dh)?, s.eps);
+                k = self.rms(&k, &self.vector(&format!("{p}k_norm.weight"), nkv * dh)?, s.eps);
             }
             QkNorm::PerHead => {
                 let qn = self.vector(&format!("{p}q_norm.weight"), dh)?;
                 let kn = self.vector(&format!("{p}k_norm.weight"), dh)?;
+                let sq = self.squares();
                 for (m, w) in [(&mut q, &qn), (&mut k, &kn)] {
                     m.axis_iter_mut(Axis(0)).into_par_iter().for_each(|mut row| {
-                        row.exact_chunks_mut(dh).into_iter().for_each(|head| rms_norm_view(head, w, s.eps))
+                        row.exact_chunks_mut(dh).into_iter().for_each(|head| rms_norm_view_with(head, w, s.eps, sq))
                     });
                 }
             }
@@ -586,7 +605,7 @@ impl<'s> Model<'s> {
                     None,
                 );
                 let qa = self.mm(x.view(), wa.view(), ba.as_deref(), self.act(&format!("{p}q_a_proj.weight")))?;
-                let qa = rms_norm_rows(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
+                let qa = self.rms(&qa, &self.vector(&format!("{p}q_a_layernorm.weight"), r)?, eps);
                 let (wb, bb) = self.lin(&format!("{p}q_b_proj"), nh * dk, r)?;
                 observe(
                     obs,
@@ -614,7 +633,7 @@ impl<'s> Model<'s> {
             None,
         );
         let ckv = self.mm(x.view(), wkv.view(), bkv.as_deref(), self.act(&format!("{p}kv_a_proj_with_mqa.weight")))?;
-        let c = rms_norm_rows(
+        let c = self.rms(
             &ckv.slice(s![.., ..kvr]).to_owned(),
             &self.vector(&format!("{p}kv_a_layernorm.weight"), kvr)?,
             eps,

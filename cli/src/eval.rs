@@ -166,10 +166,25 @@ pub fn run_eval(
     let (tokens, chunk_list) = load_chunks(reference, d)?;
     let ck = Checkpoint::open(reference).with_context(|| format!("cannot open {}", reference.display()))?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", reference.display()))?;
+    let is_gguf = !candidate.is_dir();
+    let arithmetic = match arithmetic {
+        Arithmetic::Auto if is_gguf => Arithmetic::LlamaCppCpu,
+        Arithmetic::Auto => Arithmetic::Weights,
+        a => a,
+    };
+    if arithmetic == Arithmetic::LlamaCppCpu && !is_gguf {
+        bail!(
+            "--as llama.cpp-cpu needs a GGUF candidate (its ggml types say how llama.cpp rounds each product); {} is a \
+             directory",
+            candidate.display()
+        );
+    }
     let ref_src = CheckpointSource::new(&ck);
+    // llama-perplexity's base logits are llama.cpp's too (an F32 file: no rounded products, but ggml's RMSNorm).
     let ref_model = Model::new(&ref_src, &cfg)
         .with_context(|| format!("{}: cannot run the forward pass", reference.display()))?
-        .with_backend(backend.clone());
+        .with_backend(backend.clone())
+        .llama_cpp_cpu(arithmetic == Arithmetic::LlamaCppCpu);
     let vocab = ref_src
         .shape("model.embed_tokens.weight")
         .and_then(|s| s.first().copied())
@@ -196,19 +211,6 @@ pub fn run_eval(
             .with_context(|| format!("cannot read {}", candidate.display()))?;
         (&cand_gguf, cfg.clone())
     };
-    let is_gguf = !candidate.is_dir();
-    let arithmetic = match arithmetic {
-        Arithmetic::Auto if is_gguf => Arithmetic::LlamaCppCpu,
-        Arithmetic::Auto => Arithmetic::Weights,
-        a => a,
-    };
-    if arithmetic == Arithmetic::LlamaCppCpu && !is_gguf {
-        bail!(
-            "--as llama.cpp-cpu needs a GGUF candidate (its ggml types say how llama.cpp rounds each product); {} is a \
-             directory",
-            candidate.display()
-        );
-    }
     let cand_model = Model::new(cand_src, &cand_cfg)
         .with_context(|| format!("{}: cannot run the forward pass", candidate.display()))?
         .with_backend(backend)
