@@ -117,24 +117,6 @@ fn add_bias(mut y: Array2<f32>, b: Option<&[f32]>) -> Array2<f32> {
     y
 }
 
-/// RMSNorm of every `n`-wide chunk of `x` in place: `w * (x * rsqrt(mean(x²) + eps))`.
-pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    let n = w.len();
-    if n == 0 {
-        return;
-    }
-    for row in x.chunks_exact_mut(n) {
-        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
-        let r = 1.0 / ((ms as f32) + eps).sqrt();
-        row.iter_mut().zip(w).for_each(|(v, wi)| *v = wi * (*v * r));
-    }
-}
-
-/// RMSNorm of one row (a view) in place.
-pub fn rms_norm_view(row: ArrayViewMut1<f32>, w: &[f32], eps: f32) {
-    rms_norm_view_with(row, w, eps, Squares::F64);
-}
-
 /// How RMSNorm's mean of squares is summed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Squares {
@@ -147,8 +129,8 @@ pub enum Squares {
     F32,
 }
 
-/// [`rms_norm_view`] with the squares summed as `sq` says.
-pub fn rms_norm_view_with(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32, sq: Squares) {
+/// RMSNorm of one row (a view) in place, `w * (x * rsqrt(mean(x²) + eps))`, the squares summed as `sq` says.
+pub fn rms_norm_view(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32, sq: Squares) {
     let n = row.len();
     if n == 0 {
         return;
@@ -162,15 +144,10 @@ pub fn rms_norm_view_with(mut row: ArrayViewMut1<f32>, w: &[f32], eps: f32, sq: 
     row.iter_mut().zip(w).for_each(|(v, wi)| *v = wi * (*v * r));
 }
 
-/// RMSNorm over the rows of a matrix (parallel over rows).
-pub fn rms_norm_rows(x: &Array2<f32>, w: &[f32], eps: f32) -> Array2<f32> {
-    rms_norm_rows_with(x, w, eps, Squares::F64)
-}
-
-/// [`rms_norm_rows`] with the squares summed as `sq` says.
-pub fn rms_norm_rows_with(x: &Array2<f32>, w: &[f32], eps: f32, sq: Squares) -> Array2<f32> {
+/// RMSNorm over the rows of a matrix (parallel over rows), the squares summed as `sq` says.
+pub fn rms_norm_rows(x: &Array2<f32>, w: &[f32], eps: f32, sq: Squares) -> Array2<f32> {
     let mut y = x.to_owned();
-    y.axis_iter_mut(Axis(0)).into_par_iter().for_each(|row| rms_norm_view_with(row, w, eps, sq));
+    y.axis_iter_mut(Axis(0)).into_par_iter().for_each(|row| rms_norm_view(row, w, eps, sq));
     y
 }
 
@@ -341,8 +318,13 @@ mod tests {
 
     #[test]
     fn rms_norm_unit_rows() {
-        let mut x = vec![3.0, 4.0, 0.0, 0.0];
-        rms_norm(&mut x, &[1.0, 2.0], 1e-12);
+        let x = rms_norm_rows(
+            &Array2::from_shape_vec((2, 2), vec![3.0, 4.0, 0.0, 0.0]).unwrap(),
+            &[1.0, 2.0],
+            1e-12,
+            Squares::F64,
+        );
+        let x = x.as_slice().unwrap();
         let r = (12.5f32).sqrt();
         assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0]);
@@ -355,7 +337,7 @@ mod tests {
         let row = [1.1899414f32, 1.3034668, 1.2841797];
         let norm = |sq| {
             let mut a = Array2::from_shape_vec((1, 3), row.to_vec()).unwrap();
-            rms_norm_view_with(a.row_mut(0), &[1.0; 3], 0.0, sq);
+            rms_norm_view(a.row_mut(0), &[1.0; 3], 0.0, sq);
             a
         };
         let ggml_sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
@@ -365,7 +347,7 @@ mod tests {
         assert_ne!(norm(Squares::F32), norm(Squares::F64));
         assert_eq!(
             norm(Squares::F64),
-            rms_norm_rows(&Array2::from_shape_vec((1, 3), row.to_vec()).unwrap(), &[1.0; 3], 0.0)
+            rms_norm_rows(&Array2::from_shape_vec((1, 3), row.to_vec()).unwrap(), &[1.0; 3], 0.0, Squares::F64)
         );
     }
 

@@ -16,9 +16,7 @@ use sling_core::{ModelConfig, VecDot};
 use sling_kernels::{Backend, Gemm};
 
 use crate::error::{Error, Result};
-use crate::math::{
-    attention, linear, rms_norm_rows_with, rms_norm_view_with, sigmoid, silu, softmax, top_k, AttnShape, Squares,
-};
+use crate::math::{attention, linear, rms_norm_rows, rms_norm_view, sigmoid, silu, softmax, top_k, AttnShape, Squares};
 use crate::observer::{LinearInput, Observer};
 use crate::source::TensorSource;
 use crate::spec::{Act, Attention, ExpertLayout, Ffn, Moe, QkNorm, Router, Spec};
@@ -147,7 +145,7 @@ impl<'s> Model<'s> {
 
     /// RMSNorm over the rows of `x` ([`Model::squares`]).
     fn rms(&self, x: &Array2<f32>, w: &[f32], eps: f32) -> Array2<f32> {
-        rms_norm_rows_with(x, w, eps, self.squares())
+        rms_norm_rows(x, w, eps, self.squares())
     }
 
     /// The device's products, if this model runs on one.
@@ -546,7 +544,7 @@ impl<'s> Model<'s> {
                 let sq = self.squares();
                 for (m, w) in [(&mut q, &qn), (&mut k, &kn)] {
                     m.axis_iter_mut(Axis(0)).into_par_iter().for_each(|mut row| {
-                        row.exact_chunks_mut(dh).into_iter().for_each(|head| rms_norm_view_with(head, w, s.eps, sq))
+                        row.exact_chunks_mut(dh).into_iter().for_each(|head| rms_norm_view(head, w, s.eps, sq))
                     });
                 }
             }

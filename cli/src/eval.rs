@@ -103,6 +103,21 @@ pub enum Arithmetic {
 }
 
 impl Arithmetic {
+    /// `auto` made concrete for a candidate that is (`gguf`) or is not a GGUF file; `llama.cpp-cpu` on a directory
+    /// is an error (it has no ggml types to say how each product rounds).
+    pub fn resolve(self, gguf: bool, candidate: &Path) -> Result<Arithmetic> {
+        match (self, gguf) {
+            (Arithmetic::Auto, true) => Ok(Arithmetic::LlamaCppCpu),
+            (Arithmetic::Auto, false) => Ok(Arithmetic::Weights),
+            (Arithmetic::LlamaCppCpu, false) => bail!(
+                "--as llama.cpp-cpu needs a GGUF candidate (its ggml types say how llama.cpp rounds each product); {} \
+                 is a directory",
+                candidate.display()
+            ),
+            (a, _) => Ok(a),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Arithmetic::Auto => "auto",
@@ -154,6 +169,15 @@ pub(crate) fn load_chunks(reference: &Path, d: &DataArgs) -> Result<(Tokens, Vec
     Ok((t, c))
 }
 
+/// The GGUF file `path` read in the names of the checkpoint `ck` (at `src`) it was converted from, through the
+/// converter's own plan (shared by `eval` and `logits --gguf`).
+pub(crate) fn open_gguf<'a>(ck: &'a Checkpoint, src: &Path, path: &Path) -> Result<GgufCandidate<'a>> {
+    let p = plan(ck, OutType::F32)
+        .with_context(|| format!("{}: cannot plan its conversion to map the GGUF back", src.display()))?;
+    GgufCandidate::open(CheckpointSource::new(ck), p.tensors, path)
+        .with_context(|| format!("cannot read {}", path.display()))
+}
+
 /// Evaluates `candidate` against `reference` on `d`.
 pub fn run_eval(
     reference: &Path,
@@ -166,19 +190,7 @@ pub fn run_eval(
     let (tokens, chunk_list) = load_chunks(reference, d)?;
     let ck = Checkpoint::open(reference).with_context(|| format!("cannot open {}", reference.display()))?;
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", reference.display()))?;
-    let is_gguf = !candidate.is_dir();
-    let arithmetic = match arithmetic {
-        Arithmetic::Auto if is_gguf => Arithmetic::LlamaCppCpu,
-        Arithmetic::Auto => Arithmetic::Weights,
-        a => a,
-    };
-    if arithmetic == Arithmetic::LlamaCppCpu && !is_gguf {
-        bail!(
-            "--as llama.cpp-cpu needs a GGUF candidate (its ggml types say how llama.cpp rounds each product); {} is a \
-             directory",
-            candidate.display()
-        );
-    }
+    let arithmetic = arithmetic.resolve(!candidate.is_dir(), candidate)?;
     let ref_src = CheckpointSource::new(&ck);
     // llama-perplexity's base logits are llama.cpp's too (an F32 file: no rounded products, but ggml's RMSNorm).
     let ref_model = Model::new(&ref_src, &cfg)
@@ -205,10 +217,7 @@ pub fn run_eval(
         cand_hf = CheckpointSource::new(&cand_ck);
         (&cand_hf, c)
     } else {
-        let p = plan(&ck, OutType::F32)
-            .with_context(|| format!("{}: cannot plan its conversion to map the GGUF back", reference.display()))?;
-        cand_gguf = GgufCandidate::open(CheckpointSource::new(&ck), p.tensors, candidate)
-            .with_context(|| format!("cannot read {}", candidate.display()))?;
+        cand_gguf = open_gguf(&ck, reference, candidate)?;
         (&cand_gguf, cfg.clone())
     };
     let cand_model = Model::new(cand_src, &cand_cfg)

@@ -5,9 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sling_calibration::{CheckpointSource, GgufCandidate, Model, TensorSource};
+use sling_calibration::{CheckpointSource, Model, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
-use sling_target_gguf::convert::plan::{plan, OutType};
 
 use crate::eval::Arithmetic;
 
@@ -67,36 +66,35 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             bail!("--out {}: the file name must end in .npy or .f32", out.display());
         }
     }
-    // A compressed-tensors or MLX directory is read through sling's dequantizer; anything else as a checkpoint.
+    // A compressed-tensors or MLX directory is read through sling's dequantizer; anything else as a checkpoint,
+    // or with --gguf, as the GGUF converted from it.
     let artifact = if a.src.is_dir() { crate::dequantize::open(&a.src)? } else { None };
+    if artifact.is_some() && a.gguf.is_some() {
+        bail!("--gguf needs SRC to be the checkpoint it was converted from, not a vllm or mlx directory");
+    }
+    let arithmetic = a.arithmetic.resolve(a.gguf.is_some(), a.gguf.as_deref().unwrap_or(&a.src))?;
     let ck;
-    let plain;
+    let (plain, gguf);
     let (src, cfg): (&dyn TensorSource, _) = match &artifact {
         Some(art) => (art, art.0.ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?),
         None => {
             ck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
-            plain = CheckpointSource::new(&ck);
-            (&plain, ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?)
-        }
-    };
-    let (gck, gguf);
-    let (src, emulate): (&dyn TensorSource, bool) = match &a.gguf {
-        None => (src, false),
-        Some(path) => {
-            if artifact.is_some() {
-                bail!("--gguf needs SRC to be the checkpoint it was converted from, not a vllm or mlx directory");
+            let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", a.src.display()))?;
+            match &a.gguf {
+                Some(path) => {
+                    gguf = crate::eval::open_gguf(&ck, &a.src, path)?;
+                    (&gguf, cfg)
+                }
+                None => {
+                    plain = CheckpointSource::new(&ck);
+                    (&plain, cfg)
+                }
             }
-            gck = Checkpoint::open(&a.src).with_context(|| format!("cannot open {}", a.src.display()))?;
-            let p = plan(&gck, OutType::F32)
-                .with_context(|| format!("{}: cannot plan its conversion to map the GGUF back", a.src.display()))?;
-            gguf = GgufCandidate::open(CheckpointSource::new(&gck), p.tensors, path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            (&gguf, a.arithmetic != Arithmetic::Weights)
         }
     };
     let model = Model::new(src, &cfg)
         .with_context(|| format!("{}: cannot run the forward pass", a.src.display()))?
-        .llama_cpp_cpu(emulate);
+        .llama_cpp_cpu(arithmetic == Arithmetic::LlamaCppCpu);
     let t0 = std::time::Instant::now();
     let logits = model.logits(&seqs, None).with_context(|| format!("{}: forward pass failed", a.src.display()))?;
     let vocab = model.spec().vocab;
