@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use sling_formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
 use sling_pipeline::ops::Op;
-use sling_target_gguf::convert::plan::{OutTensor, Payload};
+use sling_target_gguf::convert::plan::OutTensor;
 
 use crate::error::{Error, Result};
 use crate::source::{CheckpointSource, TensorSource};
@@ -87,8 +87,14 @@ impl<'a> GgufCandidate<'a> {
         }
         let mut pieces: HashMap<String, Vec<Piece>> = HashMap::new();
         for (i, t) in plan.iter().enumerate() {
-            match &t.payload {
-                Payload::Values(op) => {
+            match &t.op {
+                Op::Gguf(_) => {}
+                Op::Mxfp4(rep) => {
+                    if let Some(stem) = rep.blocks.strip_suffix("_blocks") {
+                        pieces.entry(stem.to_string()).or_default().push(Piece { out: i, base: 0, op: None });
+                    }
+                }
+                op => {
                     let mut names = Vec::new();
                     op.sources(&mut names);
                     names.sort();
@@ -98,12 +104,6 @@ impl<'a> GgufCandidate<'a> {
                         pieces.entry(n).or_default().push(Piece { out: i, base, op: Some(sub.clone()) });
                     }
                 }
-                Payload::Mxfp4(rep) => {
-                    if let Some(stem) = rep.blocks.strip_suffix("_blocks") {
-                        pieces.entry(stem.to_string()).or_default().push(Piece { out: i, base: 0, op: None });
-                    }
-                }
-                Payload::Gguf(_) => {}
             }
         }
         Ok(GgufCandidate { reference, files, tensors, plan, pieces, cache: Mutex::new(HashMap::new()) })
@@ -157,7 +157,7 @@ impl<'a> GgufCandidate<'a> {
                     scatter(op, &vals, op.cols(), name, &mut dst);
                 }
                 None => {
-                    let Payload::Mxfp4(rep) = &t.payload else { continue };
+                    let Op::Mxfp4(rep) = &t.op else { continue };
                     let vals = self.gguf_rows(t, 0, rep.map.len() as u64)?;
                     let cols = (vals.len() / rep.map.len().max(1)) as u64;
                     for (i, &src) in rep.map.iter().enumerate() {
@@ -270,6 +270,8 @@ pub(crate) fn scatter(op: &Op, vals: &[f32], cols: u64, want: &str, dst: &mut [f
             }
             scatter(inner, &iv, c as u64, want, dst);
         }
+        // Codes of another format: the candidate maps those tensors itself (`GgufCandidate::open`).
+        Op::Mxfp4(_) | Op::Gguf(_) => {}
     }
 }
 

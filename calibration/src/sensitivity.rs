@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
 use sling_pipeline::ops::Op;
-use sling_target_gguf::convert::plan::{OutTensor, Payload};
+use sling_target_gguf::convert::plan::OutTensor;
 
 use crate::candidate::{narrow, scatter};
 use crate::error::{Error, Result};
@@ -44,13 +44,13 @@ impl<'a> Substituted<'a> {
     /// `t` is the GGUF tensor (from the conversion plan of `reference`'s checkpoint); `rows(r0, r1)` gives its rows
     /// `r0..r1` (`(r1 - r0) * t.ne[0]` values).
     pub fn new(reference: &'a dyn TensorSource, t: &OutTensor, rows: Rows<'a>) -> Result<Substituted<'a>> {
-        let Payload::Values(op) = &t.payload else {
+        if matches!(t.op, Op::Mxfp4(_) | Op::Gguf(_)) {
             return Err(Error::Read {
                 tensor: t.name.clone(),
                 why: "only tensors computed from source values can be substituted".into(),
             });
-        };
-        Ok(Substituted::of_op(reference, op, t.ne.first().copied().unwrap_or(1), rows))
+        }
+        Ok(Substituted::of_op(reference, &t.op, t.ne.first().copied().unwrap_or(1), rows))
     }
 
     /// Any output computed by `op` (rows of `cols` values) from `reference`'s tensors: a GGUF tensor's op, or a

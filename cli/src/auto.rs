@@ -204,7 +204,7 @@ fn probe(
         let Some(pi) = p.rows.iter().position(|r| r.name == m.name) else { continue };
         // Codes copied from the source (gpt-oss's MXFP4 experts) have no values to substitute: such a tensor is
         // priced with the median gain of the probed ones (`Sensitivity::set_gains`).
-        if !matches!(p.prepared.tensors[pi].payload, sling_target_gguf::convert::plan::Payload::Values(_)) {
+        if matches!(p.prepared.tensors[pi].op, sling_pipeline::ops::Op::Mxfp4(_) | sling_pipeline::ops::Op::Gguf(_)) {
             continue;
         }
         plan_index[i] = pi;

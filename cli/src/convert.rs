@@ -156,7 +156,10 @@ impl PipelineArgs {
 
 /// Exit code for an error: 3 for internal errors, 2 for everything else (usage, input, output).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    let internal = e.chain().any(|c| matches!(c.downcast_ref::<ConvertError>(), Some(ConvertError::WriterPanicked)));
+    let internal = e.chain().any(|c| {
+        matches!(c.downcast_ref::<ConvertError>(), Some(ConvertError::WriterPanicked))
+            || matches!(c.downcast_ref::<sling_pipeline::ExecError>(), Some(sling_pipeline::ExecError::WriterPanicked))
+    });
     if internal {
         3
     } else if e.chain().any(|c| c.downcast_ref::<crate::eval::GateFailed>().is_some()) {

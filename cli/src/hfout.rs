@@ -542,7 +542,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     Ok(())
 }
 
-fn exec<T: Target>(
+fn exec<T: Target<Error = sling_pipeline::ExecError>>(
     t: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,

@@ -32,12 +32,12 @@ use sling_formats::st_write::{self, StTensor};
 use sling_provenance::card::{self, CardContext};
 use sling_provenance::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
 
+use crate::engine::{self, weight_chunks, Chunk, Computed, Container, RunOptions};
 use crate::ops::OpError;
 use crate::sink::{Sink, SinkError};
 use crate::{EncodeError, Plan, Target};
 
-/// f32 elements per chunk (16 MiB of values), as the GGUF executor.
-pub const CHUNK_ELEMS: u64 = 4 << 20;
+pub use crate::engine::CHUNK_ELEMS;
 /// The manifest's name inside an artifact directory.
 pub const MANIFEST_NAME: &str = manifest::DIR_MANIFEST;
 /// The resume journal's name inside `OUT.partial/` (removed before the directory is renamed).
@@ -150,6 +150,8 @@ pub enum ExecError {
     Layout(String),
     #[error("provenance manifest: {0}")]
     Manifest(#[from] ManifestError),
+    #[error("internal error: the writer thread panicked")]
+    WriterPanicked,
 }
 
 /// What was written.
@@ -197,34 +199,6 @@ pub fn check_output(ck: &Checkpoint, output: &Path) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// One unit of work: rows `r0..r1` of weight `w`.
-struct Chunk {
-    w: usize,
-    r0: u64,
-    r1: u64,
-}
-
-fn chunks<E>(plan: &Plan<E>) -> Vec<Chunk> {
-    let mut out = Vec::new();
-    for (i, w) in plan.weights.iter().enumerate() {
-        weight_chunks(w, i, &mut out);
-    }
-    out
-}
-
-/// The chunks of weight `w` (index `i`): bounded rows, starting at multiples of its `row_align`.
-fn weight_chunks<E>(w: &crate::Weight<E>, i: usize, out: &mut Vec<Chunk>) {
-    let (rows, cols) = (w.rows(), w.cols().max(1));
-    let align = w.row_align.max(1);
-    let step = ((CHUNK_ELEMS / cols).max(1) / align).max(1) * align;
-    let mut r = 0;
-    while r < rows {
-        let e = (r + step).min(rows);
-        out.push(Chunk { w: i, r0: r, r1: e });
-        r = e;
-    }
-}
-
 /// The sha256 of each of `w`'s parts as [`execute`] writes them (the same chunks and encoding), without
 /// writing anything: what `sling verify --source` re-derives.
 pub fn part_sha256<T: Target>(
@@ -233,33 +207,10 @@ pub fn part_sha256<T: Target>(
     plan: &Plan<T::Enc>,
     i: usize,
     allow_nonfinite: bool,
-) -> Result<Vec<String>, ExecError> {
+) -> Result<Vec<String>, T::Error> {
     let w = &plan.weights[i];
-    let mut cs = Vec::new();
-    weight_chunks(w, 0, &mut cs);
     let amax = amaxes(target, ck, plan, &[i])?.get(&i).copied();
-    let mut hashers: Vec<Sha256> = w.parts.iter().map(|_| Sha256::new()).collect();
-    let window = 2 * rayon::current_num_threads().max(1);
-    for win in cs.chunks(window) {
-        let results: Result<Vec<Vec<Vec<u8>>>, ExecError> = win
-            .par_iter()
-            .map(|c| {
-                let (v, _) = values(ck, w, c, allow_nonfinite)?;
-                let mut out = vec![Vec::new(); w.parts.len()];
-                target
-                    .encode(w, c.r0, &v, amax, &mut out)
-                    .map_err(|source| ExecError::Encode { tensor: w.name.clone(), source })?;
-                Ok(out)
-            })
-            .collect();
-        ck.release_pages();
-        for parts in results? {
-            for (h, b) in hashers.iter_mut().zip(&parts) {
-                h.update(b);
-            }
-        }
-    }
-    Ok(hashers.into_iter().map(|h| hex(&h.finalize())).collect())
+    Ok(engine::hash_weight(target, ck, w, amax, allow_nonfinite)?.hex())
 }
 
 /// The amax of each of `which` weights that needs one ([`Target::needs_amax`]), shared across its
@@ -289,8 +240,7 @@ fn amaxes<T: Target>(
             let a = match own.get(&j) {
                 Some(a) => *a,
                 None => {
-                    let mut cs = Vec::new();
-                    weight_chunks(&plan.weights[j], j, &mut cs);
+                    let cs = weight_chunks(target, &plan.weights[j], j);
                     let a = weight_amax(ck, &plan.weights[j], &cs)?;
                     own.insert(j, a);
                     a
@@ -308,40 +258,16 @@ fn weight_amax<E: Sync>(ck: &Checkpoint, w: &crate::Weight<E>, cs: &[Chunk]) -> 
     let parts: Result<Vec<f32>, ExecError> = cs
         .par_iter()
         .map(|c| {
-            values(ck, w, c, true).map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())))
+            engine::values(ck, w, c.r0, c.r1, true)
+                .map(|(v, _)| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())))
         })
         .collect();
     ck.release_pages();
     Ok(parts?.into_iter().fold(0f32, f32::max))
 }
 
-/// Values of a chunk, checked for NaN/Inf.
-fn values<E>(
-    ck: &Checkpoint,
-    w: &crate::Weight<E>,
-    c: &Chunk,
-    allow_nonfinite: bool,
-) -> Result<(Vec<f32>, Option<String>), ExecError> {
-    let mut v = Vec::with_capacity(((c.r1 - c.r0) * w.cols()) as usize);
-    w.op.read(ck, c.r0, c.r1, &mut v).map_err(|source| ExecError::Op { tensor: w.name.clone(), source })?;
-    let mut flagged = None;
-    if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
-        let index = c.r0 * w.cols() + i as u64;
-        if !allow_nonfinite {
-            return Err(ExecError::NonFinite {
-                tensor: w.name.clone(),
-                sources: w.sources.join(", "),
-                index,
-                value: x,
-            });
-        }
-        flagged = Some(format!("{}: non-finite value {x} at element {index}", w.name));
-    }
-    Ok((v, flagged))
-}
-
 /// Writes `plan` for `target` from `ck` as `opts` says.
-pub fn execute<T: Target>(
+pub fn execute<T: Target<Error = ExecError>>(
     target: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,
@@ -414,7 +340,7 @@ fn journal_weights(partial: &Path, fp: &str) -> Option<usize> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn write_all<T: Target>(
+fn write_all<T: Target<Error = ExecError>>(
     target: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,
@@ -582,8 +508,66 @@ fn write_all<T: Target>(
     Ok(report)
 }
 
+/// The shard set as the engine's [`Container`]: each chunk's parts appended at their places, progress
+/// reported as weights complete, the journal committed (after syncing) at most every interval.
+struct Shards<'s> {
+    sink: &'s mut Sink,
+    slots: &'s [Vec<usize>],
+    names: Vec<&'s str>,
+    journal: PathBuf,
+    fp: &'s str,
+    interval: std::time::Duration,
+    last_commit: std::time::Instant,
+    done: u64,
+    total: u64,
+    weights_done: usize,
+    abort_after: Option<usize>,
+    events: &'s (dyn Fn(&Event<'_>) + Sync),
+}
+
+impl Shards<'_> {
+    fn commit(&mut self) -> Result<(), ExecError> {
+        self.sink.sync()?;
+        let j =
+            serde_json::json!({"schema": JOURNAL_SCHEMA, "fingerprint": self.fp, "weights_done": self.weights_done});
+        manifest::write_atomic(&self.journal, j.to_string().as_bytes())?;
+        self.last_commit = std::time::Instant::now();
+        Ok(())
+    }
+}
+
+impl Container for Shards<'_> {
+    type Error = ExecError;
+    fn put(&mut self, c: &Chunk, last: bool, data: Computed<'_>) -> Result<(), ExecError> {
+        for (part, bytes) in data.slices() {
+            if !bytes.is_empty() {
+                self.sink.append(self.slots[c.w][part], bytes)?;
+            }
+            self.done += bytes.len() as u64;
+        }
+        if last {
+            let of = self.slots.len();
+            (self.events)(&Event::Weight {
+                index: c.w,
+                of,
+                name: self.names[c.w],
+                done_bytes: self.done,
+                total_bytes: self.total,
+            });
+            self.weights_done += 1;
+            if self.abort_after.is_some_and(|n| self.weights_done >= n) {
+                std::process::exit(134);
+            }
+            if self.last_commit.elapsed() >= self.interval {
+                self.commit()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn compute_and_write<T: Target>(
+fn compute_and_write<T: Target<Error = ExecError>>(
     target: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,
@@ -594,71 +578,28 @@ fn compute_and_write<T: Target>(
     (dir, fp, reused): (&Path, &str, usize),
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<Vec<String>, ExecError> {
-    let jobs: Vec<Chunk> = chunks(plan).into_iter().filter(|c| c.w >= reused).collect();
     let interval = std::time::Duration::from_millis(
         std::env::var("SLING_JOURNAL_INTERVAL_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000),
     );
-    let mut last_commit = std::time::Instant::now();
-    let journal = dir.join(JOURNAL_NAME);
-    let commit = |sink: &Sink, done: usize| -> Result<(), ExecError> {
-        sink.sync()?;
-        let j = serde_json::json!({"schema": JOURNAL_SCHEMA, "fingerprint": fp, "weights_done": done});
-        manifest::write_atomic(&journal, j.to_string().as_bytes())?;
-        Ok(())
-    };
     // Weights whose encoding needs their absolute maximum: one pass over each first.
     let todo: Vec<usize> = (reused..plan.weights.len()).collect();
     let amax = amaxes(target, ck, plan, &todo)?;
-    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
-    let mut nonfinite = Vec::new();
-    let mut done: u64 = plan.weights[..reused].iter().flat_map(|w| &w.parts).map(crate::Part::n_bytes).sum();
-    let abort_after: Option<usize> =
-        std::env::var("SLING_TEST_ABORT_AFTER_WEIGHTS").ok().and_then(|v| v.trim().parse().ok());
-    let mut weights_done = reused;
-    for win in jobs.chunks(window) {
-        // Per chunk: each part's bytes, and a non-finite value let through.
-        type Encoded = (Vec<Vec<u8>>, Option<String>);
-        let results: Result<Vec<Encoded>, ExecError> = win
-            .par_iter()
-            .map(|c| {
-                let w = &plan.weights[c.w];
-                let (v, flag) = values(ck, w, c, opts.allow_nonfinite)?;
-                let mut out = vec![Vec::new(); w.parts.len()];
-                target
-                    .encode(w, c.r0, &v, amax.get(&c.w).copied(), &mut out)
-                    .map_err(|source| ExecError::Encode { tensor: w.name.clone(), source })?;
-                Ok((out, flag))
-            })
-            .collect();
-        ck.release_pages();
-        for (c, (parts, flag)) in win.iter().zip(results?) {
-            nonfinite.extend(flag);
-            for (slot, bytes) in slots[c.w].iter().zip(&parts) {
-                if !bytes.is_empty() {
-                    sink.append(*slot, bytes)?;
-                }
-                done += bytes.len() as u64;
-            }
-            let w = &plan.weights[c.w];
-            if c.r1 == w.rows() {
-                events(&Event::Weight {
-                    index: c.w,
-                    of: plan.weights.len(),
-                    name: &w.name,
-                    done_bytes: done,
-                    total_bytes: total,
-                });
-                weights_done += 1;
-                if abort_after.is_some_and(|n| weights_done >= n) {
-                    std::process::exit(134);
-                }
-            }
-        }
-        if last_commit.elapsed() >= interval {
-            commit(sink, weights_done)?;
-            last_commit = std::time::Instant::now();
-        }
-    }
+    let shards = Shards {
+        sink,
+        slots,
+        names: plan.weights.iter().map(|w| w.name.as_str()).collect(),
+        journal: dir.join(JOURNAL_NAME),
+        fp,
+        interval,
+        last_commit: std::time::Instant::now(),
+        done: plan.weights[..reused].iter().flat_map(|w| &w.parts).map(crate::Part::n_bytes).sum(),
+        total,
+        weights_done: reused,
+        abort_after: std::env::var("SLING_TEST_ABORT_AFTER_WEIGHTS").ok().and_then(|v| v.trim().parse().ok()),
+        events,
+    };
+    let run = RunOptions { window: opts.window, allow_nonfinite: opts.allow_nonfinite };
+    let (_, nonfinite) = engine::run(target, ck, &plan.weights, reused, run, &amax, shards)?;
     Ok(nonfinite)
 }
 

@@ -6,14 +6,16 @@
 //! model card, and renames the finished directory into place ([`exec`]).
 //!
 //! The lazy row-range recipe itself ([`ops`]: [`Op`], [`ops::Src`], [`ops::Mxfp4Repack`]) is shared by every
-//! target, GGUF included, and by the calibration forward pass.
+//! target and by the calibration forward pass. The execution engine ([`engine`]: chunks, the parallel window,
+//! the writer thread) is shared by every target too: the GGUF target (`sling_target_gguf`) runs it with its own
+//! [`engine::Container`] (a GGUF file set and its journal), the Hugging Face-style targets through [`exec`]
+//! (a safetensors shard set).
 //!
-//! This crate never names a target: everything target-specific comes through the [`Target`] trait. The GGUF
-//! target (`sling_target_gguf`) predates this crate and still has its own executor; see
-//! `docs/architecture.md`.
+//! This crate never names a target: everything target-specific comes through the [`Target`] trait.
 
 use sling_core::{DType, Role};
 
+pub mod engine;
 pub mod exec;
 pub mod hf;
 pub mod ops;
@@ -144,6 +146,8 @@ pub struct EncodeError(pub String);
 pub trait Target: Sync {
     /// What a weight's encoding is (scheme, group size, scale dtype ...), decided when planning.
     type Enc: Sync + Send + std::fmt::Debug + Clone;
+    /// The target's execution error (the engine's own errors convert into it).
+    type Error: From<ExecError> + Send;
 
     /// Whether encoding `enc` needs the weight's absolute maximum over all its elements (a pass over the
     /// weight before it is encoded, e.g. NVFP4's global scale).
@@ -168,4 +172,30 @@ pub trait Target: Sync {
         amax: Option<f32>,
         out: &mut [Vec<u8>],
     ) -> Result<(), EncodeError>;
+
+    /// Rows per segment that a chunk must not cross (e.g. an expert's rows, encoded with that expert's
+    /// importance weights); `None`: chunks only respect [`Weight::row_align`].
+    fn segment_rows(&self, _w: &Weight<Self::Enc>) -> Option<u64> {
+        None
+    }
+
+    /// Computes rows `r0..r1` of `w` as its parts' bytes, with a note when a non-finite value was let
+    /// through. The default reads the values ([`engine::values`], NaN/Inf refused unless `allow_nonfinite`)
+    /// and calls [`Target::encode`]; a target overrides it to take bytes straight from the source (a
+    /// same-type copy, codes repacked) or to encode on another device.
+    fn compute<'a>(
+        &self,
+        ck: &'a sling_formats::checkpoint::Checkpoint,
+        w: &Weight<Self::Enc>,
+        r0: u64,
+        r1: u64,
+        amax: Option<f32>,
+        allow_nonfinite: bool,
+    ) -> Result<(engine::Computed<'a>, Option<String>), Self::Error> {
+        let (v, flag) = engine::values(ck, w, r0, r1, allow_nonfinite)?;
+        let mut out = vec![Vec::new(); w.parts.len()];
+        self.encode(w, r0, &v, amax, &mut out)
+            .map_err(|source| ExecError::Encode { tensor: w.name.clone(), source })?;
+        Ok((engine::Computed::Parts(out), flag))
+    }
 }

@@ -39,6 +39,8 @@ pub enum OpError {
     Decode { tensor: String, source: sling_quantizers::DecodeError },
     #[error("source tensor {tensor}: AWQ fold: {why}")]
     Fold { tensor: String, why: String },
+    #[error("source tensor {tensor}: {source}")]
+    Dequantize { tensor: String, source: sling_quantizers::EncodeError },
 }
 
 #[derive(Clone, Debug)]
@@ -57,6 +59,11 @@ pub enum Op {
     /// `inner`'s rows with AWQ's per-channel scales folded in ([`Fold::apply`]; in `inner`'s own row and column
     /// indices, so it wraps a source tensor, whose frame the scales were computed in).
     Fold { inner: Box<Op>, fold: Arc<Fold> },
+    /// gpt-oss's MXFP4 experts as ggml `block_mxfp4` rows ([`Mxfp4Repack`]); values: those blocks dequantized.
+    Mxfp4(Mxfp4Repack),
+    /// Rows of a tensor of a GGUF source file ([`GgufSource`], `sling quantize model.gguf`); values: ggml's
+    /// `to_float` of its type.
+    Gguf(GgufSource),
 }
 
 impl Op {
@@ -68,6 +75,8 @@ impl Op {
             Op::Concat(parts) => parts.iter().map(Op::rows).sum(),
             Op::Transpose { batch, c, .. } => batch * c,
             Op::Fold { inner, .. } => inner.rows(),
+            Op::Mxfp4(m) => m.map.len() as u64,
+            Op::Gguf(g) => g.rows(),
         }
     }
 
@@ -79,6 +88,8 @@ impl Op {
             Op::Concat(parts) => parts.first().map(Op::cols).unwrap_or(0),
             Op::Transpose { r, .. } => *r,
             Op::Fold { inner, .. } => inner.cols(),
+            Op::Mxfp4(m) => m.nb * 32,
+            Op::Gguf(g) => g.cols,
         }
     }
 
@@ -91,6 +102,8 @@ impl Op {
             Op::Concat(parts) => parts.iter().map(Op::granule).max().unwrap_or(0),
             Op::Transpose { r, c, .. } => r * c,
             Op::Fold { inner, .. } => inner.granule(),
+            Op::Mxfp4(m) => m.nb * 32,
+            Op::Gguf(g) => g.cols,
         }
     }
 
@@ -104,6 +117,11 @@ impl Op {
             }
             Op::Rows { inner, .. } | Op::Transpose { inner, .. } | Op::Fold { inner, .. } => inner.sources(out),
             Op::Concat(parts) => parts.iter().for_each(|p| p.sources(out)),
+            Op::Mxfp4(m) => {
+                out.push(m.blocks.clone());
+                out.push(m.scales.clone());
+            }
+            Op::Gguf(g) => out.push(g.name().to_string()),
         }
     }
 
@@ -141,7 +159,7 @@ impl Op {
             Op::Transpose { inner, batch, r, c } => {
                 Op::Transpose { inner: Box::new(inner.fold_sources(fold, hit)), batch, r, c }
             }
-            f @ Op::Fold { .. } => f,
+            f @ (Op::Fold { .. } | Op::Mxfp4(_) | Op::Gguf(_)) => f,
         }
     }
 
@@ -155,7 +173,7 @@ impl Op {
     pub fn raw_dtype(&self) -> Option<DType> {
         match self {
             Op::Source(s) => Some(s.dtype),
-            Op::Fp8 { .. } | Op::Fold { .. } => None,
+            Op::Fp8 { .. } | Op::Fold { .. } | Op::Mxfp4(_) | Op::Gguf(_) => None,
             Op::Rows { inner, .. } | Op::Transpose { inner, .. } => inner.raw_dtype(),
             Op::Concat(parts) => {
                 let d = parts.first()?.raw_dtype()?;
@@ -185,7 +203,7 @@ impl Op {
     fn slices_only(&self) -> bool {
         match self {
             Op::Source(_) => true,
-            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } => false,
+            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } | Op::Mxfp4(_) | Op::Gguf(_) => false,
             Op::Rows { inner, .. } => inner.slices_only(),
             Op::Concat(parts) => parts.iter().all(Op::slices_only),
         }
@@ -200,7 +218,7 @@ impl Op {
             Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.push_slices(ck, a, b, out))?,
             Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.push_slices(ck, a, b, out))?,
             // Excluded by `slices_only`.
-            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } => {}
+            Op::Fp8 { .. } | Op::Transpose { .. } | Op::Fold { .. } | Op::Mxfp4(_) | Op::Gguf(_) => {}
         }
         Ok(())
     }
@@ -220,6 +238,7 @@ impl Op {
             Op::Source(s) => E::source(ck, s, r0, r1, out),
             Op::Fp8 { weight, scale, block } => E::fp8(ck, weight, scale, *block, r0, r1, out),
             Op::Fold { inner, fold } => E::fold(ck, inner, fold, r0, r1, out),
+            Op::Mxfp4(_) | Op::Gguf(_) => E::coded(ck, self, r0, r1, out),
             Op::Rows { inner, map } => row_runs(map, r0, r1, |a, b| inner.gather(ck, a, b, out)),
             Op::Concat(parts) => concat_parts(parts, r0, r1, |p, a, b| p.gather(ck, a, b, out)),
             Op::Transpose { inner, r, c, .. } => {
@@ -297,6 +316,8 @@ pub trait Elem: Copy + Default + Send {
         out: &mut Vec<Self>,
     ) -> Result<(), OpError>;
     fn fold(ck: &Checkpoint, inner: &Op, fold: &Fold, r0: u64, r1: u64, out: &mut Vec<Self>) -> Result<(), OpError>;
+    /// Rows of a leaf that holds codes of a block format ([`Op::Mxfp4`], [`Op::Gguf`]).
+    fn coded(ck: &Checkpoint, leaf: &Op, r0: u64, r1: u64, out: &mut Vec<Self>) -> Result<(), OpError>;
 }
 
 impl Elem for f32 {
@@ -337,6 +358,21 @@ impl Elem for f32 {
         fold.apply(&mut out[start..], r0 as usize, inner.cols() as usize)
             .map_err(|e| OpError::Fold { tensor: inner.first_source().unwrap_or_default(), why: e.to_string() })
     }
+
+    /// ggml's `to_float` of the leaf's blocks (exact widening for plain float GGUF tensors).
+    fn coded(ck: &Checkpoint, leaf: &Op, r0: u64, r1: u64, out: &mut Vec<f32>) -> Result<(), OpError> {
+        let mut raw = Vec::new();
+        let (dtype, bytes, tensor) = match leaf {
+            Op::Mxfp4(m) => {
+                m.read(ck, r0, r1, &mut raw)?;
+                (DType::MXFP4, raw.as_slice(), &m.blocks)
+            }
+            Op::Gguf(g) => (g.dtype, g.rows_or_err(r0, r1)?, &g.file.tensors[g.index].name),
+            _ => return Ok(()),
+        };
+        sling_quantizers::dequantize(dtype, bytes, out)
+            .map_err(|source| OpError::Dequantize { tensor: tensor.clone(), source })
+    }
 }
 
 macro_rules! raw_elem {
@@ -370,6 +406,13 @@ macro_rules! raw_elem {
             fn fold(_: &Checkpoint, inner: &Op, _: &Fold, _: u64, _: u64, _: &mut Vec<$t>) -> Result<(), OpError> {
                 let tensor = inner.first_source().unwrap_or_default();
                 Err(OpError::Fold { tensor, why: "folded values are computed, not copied".into() })
+            }
+            fn coded(_: &Checkpoint, leaf: &Op, _: u64, _: u64, _: &mut Vec<$t>) -> Result<(), OpError> {
+                let (tensor, dtype) = match leaf {
+                    Op::Gguf(g) => (g.name().to_string(), g.dtype),
+                    _ => (leaf.first_source().unwrap_or_default(), DType::MXFP4),
+                };
+                Err(OpError::Decode { tensor, source: sling_quantizers::DecodeError::Unsupported(dtype) })
             }
         }
     };
@@ -411,5 +454,43 @@ impl Mxfp4Repack {
             }
         }
         Ok(())
+    }
+}
+
+/// One tensor of an open GGUF file, read by rows (`sling quantize model.gguf`: what llama-quantize reads).
+#[derive(Clone, Debug)]
+pub struct GgufSource {
+    pub file: Arc<sling_formats::gguf::GgufFile>,
+    pub index: usize,
+    pub dtype: DType,
+    /// Elements per row (`ne[0]`).
+    pub cols: u64,
+    /// Bytes per row.
+    pub row_bytes: u64,
+}
+
+impl GgufSource {
+    /// The tensor's name in the file.
+    pub fn name(&self) -> &str {
+        self.file.tensors.get(self.index).map(|t| t.name.as_str()).unwrap_or("")
+    }
+
+    /// Rows (`numel / ne[0]`).
+    pub fn rows(&self) -> u64 {
+        let numel: u64 = self.file.tensors.get(self.index).map(|t| t.ne.iter().product()).unwrap_or(0);
+        numel / self.cols.max(1)
+    }
+
+    /// The bytes of rows `r0..r1`, if they lie inside the tensor.
+    pub fn rows_bytes(&self, r0: u64, r1: u64) -> Option<&[u8]> {
+        let t = self.file.tensors.get(self.index)?;
+        let data = self.file.tensor_data(t);
+        data.get((r0 * self.row_bytes) as usize..(r1 * self.row_bytes) as usize)
+    }
+
+    /// [`GgufSource::rows_bytes`], or an error naming the tensor and the file.
+    pub fn rows_or_err(&self, r0: u64, r1: u64) -> Result<&[u8], OpError> {
+        self.rows_bytes(r0, r1)
+            .ok_or_else(|| OpError::Missing(format!("{} rows {r0}..{r1} in {}", self.name(), self.file.path.display())))
     }
 }

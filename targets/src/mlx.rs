@@ -436,6 +436,7 @@ fn keep(t: HfTensor) -> Weight<Enc> {
 
 impl Target for Mlx {
     type Enc = Enc;
+    type Error = sling_pipeline::ExecError;
 
     fn encode(
         &self,
@@ -519,7 +520,7 @@ impl Target for Mlx {
 fn from_fp8(op: &Op) -> bool {
     fn walk(op: &Op, fp8: &mut bool) -> bool {
         match op {
-            Op::Source(_) => true,
+            Op::Source(_) | Op::Mxfp4(_) | Op::Gguf(_) => true,
             Op::Fp8 { .. } => {
                 *fp8 = true;
                 true

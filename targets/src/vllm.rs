@@ -384,6 +384,7 @@ pub(crate) fn put_float(d: DType, v: &[f32], out: &mut Vec<u8>) -> Result<(), En
 
 impl Target for Vllm {
     type Enc = Enc;
+    type Error = sling_pipeline::ExecError;
 
     fn needs_amax(&self, enc: &Enc) -> bool {
         matches!(enc, Enc::Nvfp4)

@@ -33,11 +33,12 @@ use sling_provenance::manifest::{
 
 use crate::convert::hparams::Kvs;
 use crate::convert::run::{build_kvs, tensor_sha256};
-use crate::convert::{plan, OutTensor, OutType, Payload};
+use crate::convert::{plan, OutTensor, OutType};
 use crate::quantize::rules::TensorTypeRule;
 use crate::quantize::{
     parse_override_kv, plan_quantize, plan_quantize_gguf, Ftype, Imatrix, QuantizeOptions, RuleOptions,
 };
+use sling_pipeline::ops::Op;
 
 /// The `options.type` values `sling convert` writes.
 const CONVERT_TYPES: [&str; 4] = ["f32", "f16", "bf16", "q8_0"];
@@ -94,7 +95,7 @@ fn rebuild(
             OutType::parse(&m.options.out_type).ok_or_else(|| format!("unknown type {:?}", m.options.out_type))?;
         let ck = open_source(m, inp.source)?;
         let p = plan(&ck, out).map_err(|e| format!("cannot rebuild the plan: {e}"))?;
-        let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
+        let mxfp4 = p.tensors.iter().any(|t| matches!(t.op, Op::Mxfp4(_)));
         let kvs = build_kvs(&ck, out, m.options.tokenizer_pre.clone(), mxfp4, &p.tensors)
             .map_err(|e| format!("cannot rebuild the metadata: {e}"))?;
         return Ok(Rebuilt { ck, tensors: p.tensors, kvs, what: format!("convert {}", m.options.out_type) });

@@ -8,5 +8,6 @@ pub mod naming;
 pub mod plan;
 pub mod run;
 
-pub use plan::{plan, GgufSource, OutTensor, OutType, Payload, Plan};
+pub use plan::{plan, OutTensor, OutType, Plan};
 pub use run::{convert, execute, ConvertError, ConvertOptions, ConvertReport, Event, Prepared};
+pub use sling_pipeline::ops::GgufSource;

@@ -51,36 +51,6 @@ impl OutType {
     }
 }
 
-/// Where an output tensor's bytes come from.
-#[derive(Clone, Debug)]
-pub enum Payload {
-    /// Values computed as f32, then encoded as the tensor's type.
-    Values(Op),
-    /// Bytes repacked without decoding (MXFP4 experts).
-    Mxfp4(Mxfp4Repack),
-    /// A tensor of a GGUF source file (`sling quantize model.gguf`): copied, or decoded and requantized.
-    Gguf(GgufSource),
-}
-
-/// One tensor of an open GGUF file.
-#[derive(Clone, Debug)]
-pub struct GgufSource {
-    pub file: std::sync::Arc<sling_formats::gguf::GgufFile>,
-    pub index: usize,
-    pub dtype: DType,
-    /// Bytes per row (`ne[0]` elements).
-    pub row_bytes: u64,
-}
-
-impl GgufSource {
-    /// The bytes of rows `r0..r1`, if they lie inside the tensor.
-    pub fn rows(&self, r0: u64, r1: u64) -> Option<&[u8]> {
-        let t = self.file.tensors.get(self.index)?;
-        let data = self.file.tensor_data(t);
-        data.get((r0 * self.row_bytes) as usize..(r1 * self.row_bytes) as usize)
-    }
-}
-
 /// One tensor of the output file.
 #[derive(Clone, Debug)]
 pub struct OutTensor {
@@ -88,7 +58,9 @@ pub struct OutTensor {
     pub dtype: DType,
     /// ggml order (`ne[0]` innermost); `ne.len()` is the n_dims written.
     pub ne: Vec<u64>,
-    pub payload: Payload,
+    /// Where the values (or, for a same-type copy, the bytes) come from: a recipe over the source
+    /// checkpoint, gpt-oss's MXFP4 blocks ([`Op::Mxfp4`]) or a GGUF source file's tensor ([`Op::Gguf`]).
+    pub op: Op,
     /// Source tensor names, for reports and provenance.
     pub sources: Vec<String>,
     /// Round the values through this type before encoding them as `dtype`: the type of the intermediate
@@ -555,7 +527,7 @@ impl<'a> Planner<'a> {
                     name,
                     dtype: DType::MXFP4,
                     ne: vec![nb * 32, rows, e],
-                    payload: Payload::Mxfp4(Mxfp4Repack { blocks: b.name.clone(), scales: t.name.clone(), nb, map }),
+                    op: Op::Mxfp4(Mxfp4Repack { blocks: b.name.clone(), scales: t.name.clone(), nb, map }),
                     sources: vec![b.name.clone(), t.name.clone()],
                     round_via: None,
                     weights: None,
@@ -601,15 +573,7 @@ impl<'a> Planner<'a> {
         let mut sources = Vec::new();
         p.op.sources(&mut sources);
         sources.dedup();
-        self.tensors.push(OutTensor {
-            name,
-            dtype,
-            ne,
-            payload: Payload::Values(p.op),
-            sources,
-            round_via: None,
-            weights: None,
-        });
+        self.tensors.push(OutTensor { name, dtype, ne, op: p.op, sources, round_via: None, weights: None });
         Ok(())
     }
 

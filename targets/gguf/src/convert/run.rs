@@ -23,26 +23,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::hparams::{arch_kvs, Kvs};
 use super::naming;
-use super::plan::{plan, OutTensor, OutType, Payload};
+use super::plan::{plan, OutTensor, OutType};
 use crate::tokenizer::{vocab_kvs, TokenizerError, VocabOptions};
 use sling_core::DType;
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::gguf::write::{hex, Resumable, Resumed, Written, JOURNAL_SCHEMA};
 use sling_formats::gguf::{GgufError, GgufValue, GgufWriter, SplitPolicy, TensorDesc};
 use sling_kernels::backend::{Backend, CpuBackend, KernelError};
-use sling_pipeline::ops::OpError;
-use sling_pipeline::PlanError;
+use sling_pipeline::engine::{self, row_chunks, Chunk, Computed, Container, RunOptions};
+use sling_pipeline::ops::{Op, OpError};
+use sling_pipeline::{EncodeError, ExecError, Part, PlanError, Target, Weight};
 use sling_provenance::card::{self, CardContext};
 use sling_provenance::manifest::{self, ManifestError, Tool};
 
-/// Elements per chunk: 4 Mi f32 values (16 MiB) — small enough that a window of chunks stays far
-/// below 1 GiB, large enough to amortise the per-chunk overhead.
-pub const CHUNK_ELEMS: u64 = 4 << 20;
+pub use sling_pipeline::engine::CHUNK_ELEMS;
 
 pub struct ConvertOptions {
     pub out_type: OutType,
@@ -168,10 +166,22 @@ pub enum ConvertError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("internal error: the writer thread panicked")]
     WriterPanicked,
+    #[error(transparent)]
+    Exec(ExecError),
     #[error("cannot write {path}: {reason}{hint}")]
     Output { path: PathBuf, reason: String, hint: String, source: std::io::Error },
     #[error("provenance manifest: {0}")]
     Manifest(#[from] ManifestError),
+}
+
+impl From<ExecError> for ConvertError {
+    fn from(e: ExecError) -> ConvertError {
+        match e {
+            // An internal error, whichever layer saw it (exit status 3).
+            ExecError::WriterPanicked => ConvertError::WriterPanicked,
+            e => ConvertError::Exec(e),
+        }
+    }
 }
 
 /// Refuses outputs that could clobber the source.
@@ -235,33 +245,74 @@ pub fn build_kvs(
     Ok(kvs)
 }
 
-/// One unit of work: rows `r0..r1` of tensor `t`.
-struct Chunk {
-    t: usize,
-    r0: u64,
-    r1: u64,
+/// How a GGUF tensor is encoded: its type and shape, the intermediate type its values are rounded through, its
+/// importance weights.
+#[derive(Clone, Debug)]
+pub struct GgufEnc {
+    pub dtype: DType,
+    /// ggml order (`ne[0]` innermost).
+    pub ne: Vec<u64>,
+    pub round_via: Option<DType>,
+    /// `ne[0]` per expert, expert-major.
+    pub weights: Option<Arc<Vec<f32>>>,
 }
 
-fn chunks(tensors: &[OutTensor]) -> Vec<Chunk> {
-    let mut out = Vec::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let cols = t.ne.first().copied().unwrap_or(1).max(1);
-        let rows = t.rows();
-        let step = (CHUNK_ELEMS / cols).max(1);
-        // Chunks never cross an expert boundary (each expert has its own importance weights). Bytes do not
-        // depend on where chunks are cut: every row is encoded on its own.
-        let per_expert = if t.ne.len() >= 3 { t.ne[1].max(1) } else { rows.max(1) };
-        let mut r = 0;
-        while r < rows {
-            let e = (r + step).min(rows).min((r / per_expert + 1) * per_expert);
-            out.push(Chunk { t: i, r0: r, r1: e });
-            r = e;
-        }
-        if rows == 0 {
-            out.push(Chunk { t: i, r0: 0, r1: 0 });
-        }
+/// The GGUF target as a plug-in of the pipeline's engine: each tensor one weight of one part, encoded by a
+/// [`Backend`] (ggml's blocks, with llama-quantize's importance weights) or copied from the source.
+pub struct Gguf<'b> {
+    pub backend: &'b dyn Backend,
+}
+
+/// A planned GGUF tensor as a pipeline weight.
+pub fn weight(t: OutTensor) -> Weight<GgufEnc> {
+    let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
+    Weight {
+        role: sling_core::Role::of(&t.name),
+        parts: vec![Part::new(t.name.clone(), t.dtype, shape)],
+        name: t.name,
+        op: t.op,
+        enc: GgufEnc { dtype: t.dtype, ne: t.ne, round_via: t.round_via, weights: t.weights },
+        sources: t.sources,
+        row_align: 1,
     }
-    out
+}
+
+/// Rows per expert of a stacked (3-D) tensor, which chunks never cross: each expert has its own importance
+/// weights. Bytes do not depend on where chunks are cut otherwise: every row is encoded on its own.
+fn expert_rows(ne: &[u64]) -> Option<u64> {
+    (ne.len() >= 3).then(|| ne[1].max(1))
+}
+
+impl Target for Gguf<'_> {
+    type Enc = GgufEnc;
+    type Error = ConvertError;
+
+    fn encode(
+        &self,
+        w: &Weight<GgufEnc>,
+        r0: u64,
+        vals: &[f32],
+        _: Option<f32>,
+        out: &mut [Vec<u8>],
+    ) -> Result<(), EncodeError> {
+        encode(w, r0, vals, &mut out[0], self.backend).map_err(|e| EncodeError(e.to_string()))
+    }
+
+    fn segment_rows(&self, w: &Weight<GgufEnc>) -> Option<u64> {
+        expert_rows(&w.enc.ne)
+    }
+
+    fn compute<'a>(
+        &self,
+        ck: &'a Checkpoint,
+        w: &Weight<GgufEnc>,
+        r0: u64,
+        r1: u64,
+        _: Option<f32>,
+        allow_nonfinite: bool,
+    ) -> Result<(Computed<'a>, Option<String>), ConvertError> {
+        compute(ck, w, &Chunk { w: 0, r0, r1 }, allow_nonfinite, self.backend)
+    }
 }
 
 /// What `sling plan` estimates for executing a plan (see `docs/pipeline.md`, "Estimates").
@@ -321,14 +372,22 @@ pub fn estimate(
 ) -> Estimate {
     let threads = threads.max(1);
     let window = 2 * threads;
-    let cs = chunks(tensors);
+    let cs: Vec<Chunk> = tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            row_chunks(t.rows(), t.ne.first().copied().unwrap_or(1), 1, expert_rows(&t.ne))
+                .into_iter()
+                .map(move |(r0, r1)| Chunk { w: i, r0, r1 })
+        })
+        .collect();
     let mut out_w = Vec::new();
     let mut src_w = Vec::new();
     let mut max_chunk = 0f64; // bytes of one chunk's f32 values and source bytes
     for win in cs.chunks(window) {
         let (mut o, mut s) = (0u64, 0f64);
         for c in win {
-            let t = &tensors[c.t];
+            let t = &tensors[c.w];
             let cols = t.ne.first().copied().unwrap_or(1);
             let elems = (c.r1 - c.r0) * cols;
             max_chunk = max_chunk.max(elems as f64 * (4.0 + src_bytes_per_elem(t)));
@@ -376,25 +435,16 @@ pub fn read_f32(
 ) -> Result<(), ConvertError> {
     out.clear();
     let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
-    match &t.payload {
-        Payload::Values(op) => {
-            op.read(ck, r0, r1, out).map_err(op_err)?;
-            if let Some(via) = t.round_via {
-                round_through(via, out);
-            }
-        }
-        Payload::Mxfp4(m) => {
+    match &t.op {
+        Op::Mxfp4(m) => {
             let mut raw = Vec::new();
             m.read(ck, r0, r1, &mut raw).map_err(op_err)?;
-            backend.dequantize(DType::MXFP4, &raw, out).map_err(|e| kernel_error(t, e))?;
+            backend.dequantize(DType::MXFP4, &raw, out).map_err(|e| kernel_error(&t.name, e))?;
         }
-        Payload::Gguf(g) => {
-            let src = g.rows(r0, r1).ok_or_else(|| ConvertError::Op {
-                tensor: t.name.clone(),
-                source: OpError::Missing(format!("{} rows {r0}..{r1} in {}", t.name, g.file.path.display())),
-            })?;
+        Op::Gguf(g) => {
+            let src = g.rows_or_err(r0, r1).map_err(op_err)?;
             if g.dtype.is_quantized() {
-                backend.dequantize(g.dtype, src, out).map_err(|e| kernel_error(t, e))?;
+                backend.dequantize(g.dtype, src, out).map_err(|e| kernel_error(&t.name, e))?;
             } else {
                 sling_quantizers::decode_to_f32(g.dtype, src, out).map_err(|_| ConvertError::Encode {
                     tensor: t.name.clone(),
@@ -402,49 +452,47 @@ pub fn read_f32(
                 })?;
             }
         }
+        op => {
+            op.read(ck, r0, r1, out).map_err(op_err)?;
+            if let Some(via) = t.round_via {
+                round_through(via, out);
+            }
+        }
     }
     Ok(())
 }
 
-/// Encodes rows `r0..` of `t` (values `v`) as `t.dtype`, with the importance weights of the chunk's expert.
-fn encode(t: &OutTensor, r0: u64, v: &[f32], out: &mut Vec<u8>, backend: &dyn Backend) -> Result<(), ConvertError> {
-    let cols = t.ne.first().copied().unwrap_or(1) as usize;
-    let w = t.weights.as_deref().and_then(|w| {
-        let per_expert = if t.ne.len() >= 3 { t.ne[1].max(1) } else { t.rows().max(1) };
-        let e = (r0 / per_expert) as usize;
-        w.get(e * cols..(e + 1) * cols)
+/// Encodes rows `r0..` of `t` (values `v`) as its type, with the importance weights of the chunk's expert.
+fn encode(
+    t: &Weight<GgufEnc>,
+    r0: u64,
+    v: &[f32],
+    out: &mut Vec<u8>,
+    backend: &dyn Backend,
+) -> Result<(), ConvertError> {
+    let e = &t.enc;
+    let cols = e.ne.first().copied().unwrap_or(1) as usize;
+    let w = e.weights.as_deref().and_then(|w| {
+        let per_expert = expert_rows(&e.ne).unwrap_or(t.rows().max(1));
+        let x = (r0 / per_expert) as usize;
+        w.get(x * cols..(x + 1) * cols)
     });
-    if t.dtype == DType::Q8_0 && t.round_via.is_none() {
+    if e.dtype == DType::Q8_0 && e.round_via.is_none() {
         // Q8_0 has two references, which differ in a block holding a NaN (`quantize_row_q8_0_ggml`): a
         // conversion is `convert_hf_to_gguf.py --outtype q8_0`, gguf-py's numpy encoder; a quantization (whose
         // tensors have the intermediate type `round_via`) is llama-quantize's `ggml_quantize_chunk`.
-        return sling_kernels::encode_f32(DType::Q8_0, v, cols, out).map_err(|e| kernel_error(t, e.into()));
+        return sling_kernels::encode_f32(DType::Q8_0, v, cols, out).map_err(|x| kernel_error(&t.name, x.into()));
     }
-    backend.quantize_rows(t.dtype, v, cols, w, out).map_err(|e| kernel_error(t, e))
+    backend.quantize_rows(e.dtype, v, cols, w, out).map_err(|x| kernel_error(&t.name, x))
 }
 
-fn kernel_error(t: &OutTensor, e: KernelError) -> ConvertError {
+/// A kernel's error on tensor `tensor`.
+pub(crate) fn kernel_error(tensor: &str, e: KernelError) -> ConvertError {
+    let tensor = tensor.to_string();
     match e {
-        KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
-        KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
-        KernelError::Encoding(source) => ConvertError::Encoding { tensor: t.name.clone(), source },
-    }
-}
-
-/// A chunk's output bytes: computed into a buffer, or slices of the mapped source files that are
-/// written as they are (same type in and out, rows only selected and concatenated).
-enum Piece<'a> {
-    Owned(Vec<u8>),
-    Mapped(Vec<&'a [u8]>),
-}
-
-impl Piece<'_> {
-    fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        let (one, many): (Option<&[u8]>, &[&[u8]]) = match self {
-            Piece::Owned(v) => (Some(v.as_slice()), &[]),
-            Piece::Mapped(s) => (None, s.as_slice()),
-        };
-        one.into_iter().chain(many.iter().copied())
+        KernelError::Encode(source) => ConvertError::Encode { tensor, source },
+        KernelError::Device(source) => ConvertError::Device { tensor, source },
+        KernelError::Encoding(source) => ConvertError::Encoding { tensor, source },
     }
 }
 
@@ -472,28 +520,45 @@ fn has_nonfinite(dtype: DType, b: &[u8]) -> bool {
     acc & top != 0
 }
 
+/// Computes chunk `c` of `t` (see [`Gguf`]): the mapped source bytes when the type is unchanged and only rows
+/// are selected, bf16 rows straight to Q8_0, MXFP4 codes repacked or a GGUF source's bytes copied, else the
+/// values (rounded through the intermediate type) encoded.
 fn compute<'a>(
     ck: &'a Checkpoint,
-    t: &OutTensor,
+    t: &Weight<GgufEnc>,
     c: &Chunk,
     allow_nonfinite: bool,
     backend: &dyn Backend,
-) -> Result<(Piece<'a>, Option<String>), ConvertError> {
+) -> Result<(Computed<'a>, Option<String>), ConvertError> {
     let mut bytes = Vec::new();
     let mut flagged = None;
+    let dtype = t.enc.dtype;
     let op_err = |source| ConvertError::Op { tensor: t.name.clone(), source };
+    let nonfinite = |v: &[f32], flagged: &mut Option<String>| -> Result<(), ConvertError> {
+        if let Some((i, x)) = sling_quantizers::common::first_nonfinite(v) {
+            let index = c.r0 * t.enc.ne.first().copied().unwrap_or(1) + i as u64;
+            if !allow_nonfinite {
+                return Err(ConvertError::NonFinite {
+                    tensor: t.name.clone(),
+                    sources: t.sources.join(", "),
+                    index,
+                    value: x,
+                });
+            }
+            *flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
+        }
+        Ok(())
+    };
     // Rounding through the intermediate type is the identity when the output has that type.
-    let round_via = t.round_via.filter(|r| *r != t.dtype);
-    if let Some((op, src)) = match &t.payload {
-        Payload::Values(op) => op.raw_dtype().map(|d| (op, d)),
-        _ => None,
-    } {
+    let round_via = t.enc.round_via.filter(|r| *r != dtype);
+    if let Some(src) = t.op.raw_dtype() {
+        let op = &t.op;
         // Same type in and out and only rows selected: with no NaN/Inf the reference's decode-then-round
         // is the identity (bf16->f32->bf16, f16->f32->f16), so the mapped source bytes are the output.
-        let copy = round_via.is_none() && matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32) && src == t.dtype;
+        let copy = round_via.is_none() && matches!(dtype, DType::BF16 | DType::F16 | DType::F32) && src == dtype;
         // bf16 rows to Q8_0 straight from the mapped bytes (widening bf16 to f32 is exact, and rounding it
         // back through bf16 the identity), without an f32 copy of the chunk.
-        let q8_0 = t.dtype == DType::Q8_0
+        let q8_0 = dtype == DType::Q8_0
             && src == DType::BF16
             && matches!(round_via, None | Some(DType::BF16))
             && op.cols() % 32 == 0;
@@ -504,97 +569,64 @@ fn compute<'a>(
             && !slices.iter().any(|b| has_nonfinite(src, b))
         {
             if copy {
-                return Ok((Piece::Mapped(slices), None));
+                return Ok((Computed::Mapped(slices), None));
             }
-            bytes.reserve_exact(t.dtype.bytes_for((c.r1 - c.r0) * op.cols()).unwrap_or(0) as usize);
+            bytes.reserve_exact(dtype.bytes_for((c.r1 - c.r0) * op.cols()).unwrap_or(0) as usize);
             for b in slices {
                 sling_kernels::quantize_bf16_row_q8_0(b, &mut bytes);
             }
-            return Ok((Piece::Owned(bytes), None));
+            return Ok((Computed::Parts(vec![bytes]), None));
         }
     }
-    match &t.payload {
-        Payload::Mxfp4(m) if t.dtype == DType::MXFP4 => m.read(ck, c.r0, c.r1, &mut bytes).map_err(op_err)?,
-        Payload::Mxfp4(m) => {
+    match &t.op {
+        Op::Mxfp4(m) if dtype == DType::MXFP4 => m.read(ck, c.r0, c.r1, &mut bytes).map_err(op_err)?,
+        Op::Mxfp4(m) => {
             // Requantizing MXFP4 experts: ggml's `to_float`, then the new type (llama-quantize --allow-requantize).
             let mut raw = Vec::new();
             m.read(ck, c.r0, c.r1, &mut raw).map_err(op_err)?;
             let mut v = Vec::new();
-            backend.dequantize(DType::MXFP4, &raw, &mut v).map_err(|e| kernel_error(t, e))?;
+            backend.dequantize(DType::MXFP4, &raw, &mut v).map_err(|e| kernel_error(&t.name, e))?;
             encode(t, c.r0, &v, &mut bytes, backend)?;
         }
-        Payload::Gguf(g) => {
-            let src = g.rows(c.r0, c.r1).ok_or_else(|| ConvertError::Op {
-                tensor: t.name.clone(),
-                source: OpError::Missing(format!("{} rows {}..{} in {}", t.name, c.r0, c.r1, g.file.path.display())),
-            })?;
+        Op::Gguf(g) => {
+            let src = g.rows_or_err(c.r0, c.r1).map_err(op_err)?;
             let enc_err = |source| ConvertError::Encode { tensor: t.name.clone(), source };
             let mut v = Vec::new();
             // ggml's to_float for every type (f32/f16/bf16 exact widening, block types dequantized).
             if g.dtype.is_quantized() {
-                backend.dequantize(g.dtype, src, &mut v).map_err(|e| kernel_error(t, e))?;
+                backend.dequantize(g.dtype, src, &mut v).map_err(|e| kernel_error(&t.name, e))?;
             } else {
                 sling_quantizers::decode_to_f32(g.dtype, src, &mut v)
                     .map_err(|_| enc_err(sling_quantizers::EncodeError::Unsupported(g.dtype)))?;
             }
-            if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
-                let index = c.r0 * t.ne.first().copied().unwrap_or(1) + i as u64;
-                if !allow_nonfinite {
-                    return Err(ConvertError::NonFinite {
-                        tensor: t.name.clone(),
-                        sources: t.sources.join(", "),
-                        index,
-                        value: x,
-                    });
-                }
-                flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
-            }
-            if t.dtype == g.dtype {
+            nonfinite(&v, &mut flagged)?;
+            if dtype == g.dtype {
                 bytes.extend_from_slice(src);
             } else {
                 encode(t, c.r0, &v, &mut bytes, backend)?;
             }
         }
-        Payload::Values(op)
-            if round_via.is_none() && op.raw_dtype() == Some(t.dtype) && raw_copy(ck, op, c, t, &mut bytes)? =>
-        {
+        op if round_via.is_none() && op.raw_dtype() == Some(dtype) && raw_copy(ck, op, c, t, &mut bytes)? => {
             // Same type in and out and only element moves, no NaN/Inf: the reference's
             // decode-then-round is the identity (bf16->f32->bf16, f16->f32->f16), so bytes were copied.
         }
-        Payload::Values(op) => {
+        op => {
             let mut v = Vec::with_capacity(((c.r1 - c.r0) * op.cols()) as usize);
             op.read(ck, c.r0, c.r1, &mut v).map_err(op_err)?;
-            if let Some((i, x)) = sling_quantizers::common::first_nonfinite(&v) {
-                let index = c.r0 * op.cols() + i as u64;
-                if !allow_nonfinite {
-                    return Err(ConvertError::NonFinite {
-                        tensor: t.name.clone(),
-                        sources: t.sources.join(", "),
-                        index,
-                        value: x,
-                    });
-                }
-                flagged = Some(format!("{}: non-finite value {x} at element {index}", t.name));
-            }
+            nonfinite(&v, &mut flagged)?;
             if let Some(via) = round_via {
                 round_through(via, &mut v);
             }
             encode(t, c.r0, &v, &mut bytes, backend)?;
         }
     }
-    Ok((Piece::Owned(bytes), flagged))
+    Ok((Computed::Parts(vec![bytes]), flagged))
 }
 
 /// Produces chunk `c` of `op` by moving raw elements when its type is a plain float type and every
 /// element is finite (checked on the bits: exponent all ones means Inf or NaN). Returns false, with
 /// `out` untouched, when the slow path must decide.
-fn raw_copy(
-    ck: &Checkpoint,
-    op: &sling_pipeline::ops::Op,
-    c: &Chunk,
-    t: &OutTensor,
-    out: &mut Vec<u8>,
-) -> Result<bool, ConvertError> {
+fn raw_copy(ck: &Checkpoint, op: &Op, c: &Chunk, t: &Weight<GgufEnc>, out: &mut Vec<u8>) -> Result<bool, ConvertError> {
     fn put<const N: usize, E: Copy>(out: &mut Vec<u8>, v: &[E], f: impl Fn(E) -> [u8; N]) {
         let start = out.len();
         out.resize(start + v.len() * N, 0);
@@ -602,7 +634,7 @@ fn raw_copy(
             d.copy_from_slice(&f(*x));
         }
     }
-    let dtype = t.dtype;
+    let dtype = t.enc.dtype;
     let err = |source| ConvertError::Op { tensor: t.name.clone(), source };
     match dtype {
         DType::BF16 | DType::F16 => {
@@ -631,21 +663,10 @@ fn raw_copy(
 /// window at a time on the rayon pool and hashed in order), without writing anything: what
 /// `sling verify --source` re-derives. Also returns the number of bytes hashed.
 pub fn tensor_sha256(ck: &Checkpoint, t: &OutTensor, allow_nonfinite: bool) -> Result<(String, u64), ConvertError> {
-    let window = 2 * rayon::current_num_threads().max(1);
-    let mut h = Sha256::new();
-    let mut n = 0u64;
     let cpu = CpuBackend::default();
-    for win in chunks(std::slice::from_ref(t)).chunks(window) {
-        let results = win.par_iter().map(|c| compute(ck, t, c, allow_nonfinite, &cpu)).collect::<Result<Vec<_>, _>>();
-        ck.release_pages();
-        for (piece, _) in results? {
-            for b in piece.slices() {
-                h.update(b);
-                n += b.len() as u64;
-            }
-        }
-    }
-    Ok((hex(&h.finalize()), n))
+    let h = engine::hash_weight(&Gguf { backend: &cpu }, ck, &weight(t.clone()), None, allow_nonfinite)?;
+    let n = h.bytes;
+    Ok((h.hex().remove(0), n))
 }
 
 /// Converts `ck` as `opts` says, reporting progress through `events`.
@@ -656,7 +677,7 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     check_output_path(ck, &opts.output)?;
     let p = plan(ck, opts.out_type)?;
-    let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
+    let mxfp4 = p.tensors.iter().any(|t| matches!(t.op, Op::Mxfp4(_)));
     let kvs = build_kvs(ck, opts.out_type, opts.tokenizer_pre.clone(), mxfp4, &p.tensors)?;
     let label = opts.out_type.dtype().name().to_string();
     execute(ck, Prepared { tensors: p.tensors, kvs, notes: p.notes, label }, opts, events)
@@ -698,6 +719,8 @@ pub fn execute(
         Some(resumable),
     )
     .map_err(output_error(opts.resume))?;
+    let n_tensors = tensors.len();
+    let tensors: Vec<Weight<GgufEnc>> = tensors.into_iter().map(weight).collect();
     // A run asked to resume keeps its partial files if it fails as well, for the next --resume.
     w.keep_partial(opts.resume);
     let resumed = w.resumed().clone();
@@ -709,7 +732,7 @@ pub fn execute(
         if let Some(sh) = &source_hasher {
             scope.spawn(|| sh.work());
         }
-        let res = write_outputs(scope, ck, opts, &tensors, w, &manifest_path, total, events);
+        let res = write_outputs(ck, opts, &tensors, w, &manifest_path, total, events);
         if let Some(sh) = &source_hasher {
             match &res {
                 Ok(_) => {
@@ -747,7 +770,7 @@ pub fn execute(
     };
     Ok(ConvertReport {
         outputs,
-        n_tensors: tensors.len(),
+        n_tensors,
         bytes_in: ck.total_bytes(),
         bytes_out: total,
         notes,
@@ -839,99 +862,94 @@ pub fn fingerprint(ck: &Checkpoint, tensors: &[OutTensor], kvs: &Kvs, opts: &Con
     hex(&h.finalize())
 }
 
-/// Computes the tensors a window of chunks at a time (in parallel) while a writer thread spawned in
-/// `scope` writes the previous window, then renames the outputs. Tensors reused from an interrupted
-/// run are not computed again. Returns what was written and the non-finite values let through.
-#[allow(clippy::too_many_arguments)]
-fn write_outputs<'scope, 'env>(
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    ck: &'env Checkpoint,
-    opts: &'env ConvertOptions,
-    tensors: &'env [OutTensor],
+/// The GGUF file set as the engine's [`Container`]: bytes written in file order through the [`GgufWriter`]
+/// (its journal, hashing while writing), progress reported as bytes arrive and tensors complete.
+struct GgufFiles<'e> {
+    w: GgufWriter,
+    tensors: &'e [Weight<GgufEnc>],
+    reused: usize,
+    /// Tensors reported complete so far, and their bytes.
+    seen: usize,
+    tensor_bytes: u64,
+    done: u64,
+    total: u64,
+    abort_after: Option<usize>,
+    resume: bool,
+    events: &'e (dyn Fn(&Event<'_>) + Sync),
+}
+
+impl GgufFiles<'_> {
+    /// Reports the tensors completed since the last call, and stops the process at the test hook.
+    fn report(&mut self) {
+        while self.seen < self.w.completed().len() {
+            let t = &self.tensors[self.seen];
+            let bytes = t.parts[0].n_bytes();
+            self.tensor_bytes += bytes;
+            (self.events)(&Event::Tensor {
+                index: self.seen,
+                of: self.tensors.len(),
+                name: &t.name,
+                dtype: t.enc.dtype,
+                bytes,
+                done_bytes: self.tensor_bytes,
+                total_bytes: self.total,
+                reused: self.seen < self.reused,
+            });
+            self.seen += 1;
+        }
+        if self.abort_after.is_some_and(|a| self.seen >= a) {
+            crash_for_test();
+        }
+    }
+}
+
+impl Container for GgufFiles<'_> {
+    type Error = ConvertError;
+    fn put(&mut self, _: &Chunk, _: bool, data: Computed<'_>) -> Result<(), ConvertError> {
+        for (_, bytes) in data.slices() {
+            self.w.write_data(bytes).map_err(output_error(self.resume))?;
+            self.done += bytes.len() as u64;
+        }
+        (self.events)(&Event::Bytes { done: self.done, total: self.total });
+        self.report();
+        Ok(())
+    }
+}
+
+/// Computes the tensors on the pipeline's engine ([`Gguf`] into [`GgufFiles`]), then renames the outputs.
+/// Tensors reused from an interrupted run are not computed again. Returns what was written and the
+/// non-finite values let through.
+fn write_outputs(
+    ck: &Checkpoint,
+    opts: &ConvertOptions,
+    tensors: &[Weight<GgufEnc>],
     w: GgufWriter,
     manifest_path: &Path,
     total: u64,
-    events: &'env (dyn Fn(&Event<'_>) + Sync),
+    events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<(Written, Vec<String>), ConvertError> {
     let reused = w.resumed().tensors;
     let outputs = w.output_paths();
     events(&Event::Start { tensors: tensors.len(), bytes: total, outputs: &outputs, resumed: w.resumed() });
-    let jobs: Vec<Chunk> = chunks(tensors).into_iter().filter(|c| c.t >= reused).collect();
-    let window = opts.window.unwrap_or_else(|| 2 * rayon::current_num_threads()).max(1);
     let cpu = CpuBackend::default();
-    let backend: &dyn Backend = opts.backend.as_deref().unwrap_or(&cpu);
-    let abort_after = env_u64("SLING_TEST_ABORT_AFTER_TENSORS").map(|n| n as usize);
-    let mut nonfinite = Vec::new();
-    // Compute window k+1 while a writer thread writes window k; the bounded channel keeps at most
-    // two windows of output in memory.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Piece<'env>>>(1);
-    let writer = scope.spawn(move || -> Result<GgufWriter, ConvertError> {
-        let mut w = w;
-        let n = tensors.len();
-        let mut seen = 0;
-        let mut tensor_bytes = 0u64;
-        // Reports the tensors completed since the last call, and stops the process at the test hook.
-        let report = |w: &GgufWriter, seen: &mut usize, tensor_bytes: &mut u64| {
-            while *seen < w.completed().len() {
-                let t = &tensors[*seen];
-                *tensor_bytes += t.n_bytes();
-                events(&Event::Tensor {
-                    index: *seen,
-                    of: n,
-                    name: &t.name,
-                    dtype: t.dtype,
-                    bytes: t.n_bytes(),
-                    done_bytes: *tensor_bytes,
-                    total_bytes: total,
-                    reused: *seen < reused,
-                });
-                *seen += 1;
-            }
-            if abort_after.is_some_and(|a| *seen >= a) {
-                crash_for_test();
-            }
-        };
-        report(&w, &mut seen, &mut tensor_bytes);
-        let mut done = tensor_bytes;
-        for batch in rx {
-            for piece in batch {
-                for bytes in piece.slices() {
-                    w.write_data(bytes).map_err(output_error(opts.resume))?;
-                    done += bytes.len() as u64;
-                }
-                events(&Event::Bytes { done, total });
-                report(&w, &mut seen, &mut tensor_bytes);
-            }
-        }
-        Ok(w)
-    });
-    let mut failed = None;
-    for win in jobs.chunks(window) {
-        let results: Result<Vec<(Piece<'env>, Option<String>)>, ConvertError> =
-            win.par_iter().map(|c| compute(ck, &tensors[c.t], c, opts.allow_nonfinite, backend)).collect();
-        // Drop the window's source pages from this process's mappings so resident memory stays
-        // bounded by the window, not by the model (pages stay cached). Mapped pieces the writer has
-        // yet to write stay valid: their pages fault back in from the page cache.
-        ck.release_pages();
-        match results {
-            Ok(r) => {
-                let (batch, flags): (Vec<_>, Vec<_>) = r.into_iter().unzip();
-                nonfinite.extend(flags.into_iter().flatten());
-                if tx.send(batch).is_err() {
-                    break; // the writer failed; its error is returned below
-                }
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let w = writer.join().map_err(|_| ConvertError::WriterPanicked)??;
-    if let Some(e) = failed {
-        return Err(e); // dropping `w` removes its partial files (or keeps them with --resume)
-    }
+    let target = Gguf { backend: opts.backend.as_deref().unwrap_or(&cpu) };
+    let mut files = GgufFiles {
+        w,
+        tensors,
+        reused,
+        seen: 0,
+        tensor_bytes: 0,
+        done: 0,
+        total,
+        abort_after: env_u64("SLING_TEST_ABORT_AFTER_TENSORS").map(|n| n as usize),
+        resume: opts.resume,
+        events,
+    };
+    files.report();
+    files.done = files.tensor_bytes;
+    let run = RunOptions { window: opts.window, allow_nonfinite: opts.allow_nonfinite };
+    // On an error the writer is dropped, which removes its partial files (or keeps them with --resume).
+    let (files, nonfinite) = engine::run(&target, ck, tensors, reused, run, &HashMap::new(), files)?;
     // A manifest (and model card) left by an earlier run must never describe the new files: remove
     // them before the new files take their outputs' names. A crash from here until the new manifest is
     // in place leaves outputs without a manifest, which `verify` reports as not verifiable.
@@ -942,7 +960,7 @@ fn write_outputs<'scope, 'env>(
         _ => {}
     }
     card::remove_stale_cards(&opts.output).map_err(|source| ConvertError::Io { path: opts.output.clone(), source })?;
-    Ok((w.finish_hashed().map_err(output_error(false))?, nonfinite))
+    Ok((files.w.finish_hashed().map_err(output_error(false))?, nonfinite))
 }
 
 /// What the model card says besides the manifest.
@@ -985,7 +1003,7 @@ fn write_manifest(
     label: &str,
     tool: &Tool,
     sources: Vec<manifest::SourceFile>,
-    tensors: &[OutTensor],
+    tensors: &[Weight<GgufEnc>],
     written: &Written,
     path: &Path,
     card_cx: &CardContext,

@@ -18,12 +18,13 @@ use rayon::prelude::*;
 use sling_core::{DType, Role};
 use sling_formats::checkpoint::Checkpoint;
 use sling_kernels::backend::Backend;
+use sling_pipeline::ops::Op;
 use sling_quantizers::budget::{self, BudgetError};
 pub use sling_quantizers::budget::{Allocation, Budget};
 
 use super::rules::{self, Ftype, TensorTypeRule, Why, FTYPES};
 use super::QuantizePlan;
-use crate::convert::run::read_f32;
+use crate::convert::run::{kernel_error, read_f32};
 use crate::convert::ConvertError;
 
 /// The ladder of candidate types for tensors whose rows are a multiple of 256, cheapest first.
@@ -157,9 +158,9 @@ fn measure_tensor(
     let mats: Vec<Sampled> = (0..n_mat)
         .into_par_iter()
         .map(|e| {
-            let block = match &t.payload {
-                crate::convert::plan::Payload::Values(op) => op.granule() / cols.max(1),
-                _ => 1,
+            let block = match &t.op {
+                Op::Mxfp4(_) | Op::Gguf(_) => 1,
+                op => op.granule() / cols.max(1),
             };
             let v = budget::sample_rows(e * per_mat, (e + 1) * per_mat, step, block, cols, |a, b, out| {
                 read_f32(ck, t, a, b, out, backend)
@@ -185,9 +186,9 @@ fn measure_tensor(
             if d != row.from {
                 for (v, qw, ew) in &mats {
                     let mut q = Vec::new();
-                    backend.quantize_rows(d, v, cols as usize, *qw, &mut q).map_err(|e| kernel_error(t, e))?;
+                    backend.quantize_rows(d, v, cols as usize, *qw, &mut q).map_err(|e| kernel_error(&t.name, e))?;
                     let mut back = Vec::new();
-                    backend.dequantize(d, &q, &mut back).map_err(|e| kernel_error(t, e))?;
+                    backend.dequantize(d, &q, &mut back).map_err(|e| kernel_error(&t.name, e))?;
                     error += budget::weighted_error(v, &back, ew, cols as usize);
                 }
                 error *= scale;
@@ -258,21 +259,12 @@ pub fn roundtrip(
         let e = (r / per_mat) as usize;
         let qw = t.weights.as_deref().map(|w| &w[e * cols..(e + 1) * cols]);
         let (mut q, mut back) = (Vec::new(), Vec::new());
-        backend.quantize_rows(dtype, row, cols, qw, &mut q).map_err(|e| kernel_error(t, e))?;
-        backend.dequantize(dtype, &q, &mut back).map_err(|e| kernel_error(t, e))?;
+        backend.quantize_rows(dtype, row, cols, qw, &mut q).map_err(|e| kernel_error(&t.name, e))?;
+        backend.dequantize(dtype, &q, &mut back).map_err(|e| kernel_error(&t.name, e))?;
         row.copy_from_slice(&back);
         Ok::<_, ConvertError>(())
     })?;
     Ok(v)
-}
-
-fn kernel_error(t: &crate::convert::OutTensor, e: sling_kernels::backend::KernelError) -> ConvertError {
-    use sling_kernels::backend::KernelError;
-    match e {
-        KernelError::Encode(source) => ConvertError::Encode { tensor: t.name.clone(), source },
-        KernelError::Device(source) => ConvertError::Device { tensor: t.name.clone(), source },
-        KernelError::Encoding(source) => ConvertError::Encoding { tensor: t.name.clone(), source },
-    }
 }
 
 /// The preset whose `general.file_type` the file carries: the one whose default type holds the most elements.

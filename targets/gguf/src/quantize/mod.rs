@@ -21,12 +21,13 @@ use sling_core::DType;
 
 use crate::convert::hparams::Kvs;
 use crate::convert::run::build_kvs;
-use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Payload, Prepared};
+use crate::convert::{plan, ConvertError, GgufSource, OutTensor, OutType, Prepared};
 pub use imatrix::{Imatrix, ImatrixError};
 pub use recipe::Recipe;
 pub use rules::{Choice, Ftype, ModelFacts, Options as RuleOptions, RuleError, SpecError, TensorTypeRule, Why};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::gguf::{GgufFile, GgufValue};
+use sling_pipeline::ops::Op;
 use sling_pipeline::PlanError;
 
 /// What `sling quantize` was asked for.
@@ -157,7 +158,7 @@ pub fn model_facts(kvs: &Kvs) -> ModelFacts {
 /// Plans `sling quantize` of an HF checkpoint: every tensor's type, order and importance weights, and the metadata.
 pub fn plan_quantize(ck: &Checkpoint, opts: &QuantizeOptions) -> Result<QuantizePlan, QuantizeError> {
     let p = plan(ck, OutType::BF16)?;
-    let mxfp4 = p.tensors.iter().any(|t| matches!(t.payload, Payload::Mxfp4(_)));
+    let mxfp4 = p.tensors.iter().any(|t| matches!(t.op, Op::Mxfp4(_)));
     let kvs = build_kvs(ck, OutType::BF16, opts.tokenizer_pre.clone(), mxfp4, &p.tensors)?;
     decide(p.tensors, kvs, p.notes, opts)
 }
@@ -178,7 +179,7 @@ pub fn plan_quantize_gguf(path: &Path, opts: &QuantizeOptions) -> Result<(Checkp
             name: t.name.clone(),
             dtype: t.dtype,
             ne: t.ne.clone(),
-            payload: Payload::Gguf(GgufSource { file: g.clone(), index, dtype: t.dtype, row_bytes }),
+            op: Op::Gguf(GgufSource { file: g.clone(), index, dtype: t.dtype, cols: ne0, row_bytes }),
             sources: vec![t.name.clone()],
             round_via: None,
             weights: None,
