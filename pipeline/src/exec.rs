@@ -34,8 +34,8 @@ use sling_provenance::manifest::{self, Manifest, ManifestError, OutputFile, Tens
 
 use crate::engine::{self, weight_chunks, Chunk, Computed, Container, RunOptions};
 use crate::ops::OpError;
-use crate::sink::{Sink, SinkError};
 use crate::{EncodeError, Plan, Target};
+use sling_formats::st_write::sink::{Sink, SinkError};
 
 pub use crate::engine::CHUNK_ELEMS;
 /// The manifest's name inside an artifact directory.

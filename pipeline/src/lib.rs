@@ -19,7 +19,6 @@ pub mod engine;
 pub mod exec;
 pub mod hf;
 pub mod ops;
-pub mod sink;
 pub mod solved;
 
 pub use ops::Op;

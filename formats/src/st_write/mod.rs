@@ -20,6 +20,8 @@
 //! calls), see [`layout`]; [`ShardLayout::index_json`] mirrors the `model.safetensors.index.json` transformers 5
 //! writes. [`ShardWriter`] then streams the data in, holding at most one 8 MiB buffer, hashing as it goes.
 
+pub mod sink;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};

@@ -1,5 +1,5 @@
 //! Writing a shard set whose tensors are produced in any order: every file is created at its final size with
-//! its header (the layout of [`sling_formats::st_write::layout`], byte-identical to the `safetensors` writer's),
+//! its header (the layout of [`super::layout`], byte-identical to the `safetensors` writer's),
 //! and each tensor's bytes are appended at its own place (`pwrite`), so a weight's parts — packed values,
 //! scales, zero points, which that writer's order scatters across a shard (dtype descending, then name) — are
 //! written as the weight is computed, without holding a shard in memory.
@@ -12,9 +12,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::ShardLayout;
+use crate::gguf::write::hex;
 use sha2::{Digest, Sha256};
-use sling_formats::gguf::write::hex;
-use sling_formats::st_write::ShardLayout;
 
 /// An I/O error on the output, naming the file and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ impl Sink {
     fn open(
         dir: &Path,
         layout: &ShardLayout,
-        open_file: impl Fn(&Path, &sling_formats::st_write::Shard) -> Result<File, SinkError>,
+        open_file: impl Fn(&Path, &super::Shard) -> Result<File, SinkError>,
     ) -> Result<Sink, SinkError> {
         let mut files = Vec::new();
         let mut places = Vec::new();
