@@ -11,11 +11,17 @@
 //!   glibc's algorithm.
 //! - **the partition search** (IQ1, `quantize_row_iq1_*_impl`'s double loop over `i1 <= i2`): eight `i2` per
 //!   vector. Each lane computes its candidate's sums with the reference's operations in its order (no FMA), so the
-//!   values are the reference's. Which candidate wins depends on the running best score, updated in loop order; a
-//!   vector first tests its lanes against the best score so far; the first lane that passes runs the scalar rule on
-//!   those same values (updating the best score), then the lanes after it are tested again against the best score
-//!   as it is now, and so on. A lane that fails the test against the current best score fails it in the scalar
-//!   loop too (the best score has not changed before it).
+//!   values are the reference's. The loop keeps a running best: a candidate replaces it when
+//!   `sumqx² > best·sumq2`, `best = (sumqx/sumq2)·sumqx`. Each comparison is off by a few ulp from the exact one on
+//!   the same sums, so when one candidate's score `sumqx²/sumq2` exceeds every other's by a relative margin far
+//!   above that ([`Top2`], 1e-5), it wins the first comparison it meets and every later candidate loses to it: it
+//!   is the loop's answer. One pass keeps, per lane, the best and second best score; the winner's sums are then
+//!   computed again as the reference does. Blocks where that cannot be told (a tie or near tie, no positive score,
+//!   magnitudes where an f32 product could underflow or overflow) run the replay: a vector first tests its lanes
+//!   against the best score so far; the first lane that passes runs the scalar rule on those same values (updating
+//!   the best score), then the lanes after it are tested again against the best score as it is now, and so on. A
+//!   lane that fails the test against the current best score fails it in the scalar loop too (the best score has
+//!   not changed before it).
 //! - **the neighbour search** (`iq1_find_best_neighbour2`, `iq2_find_best_neighbour`): the distance of a grid
 //!   point is a sum of eight terms, each one of at most four values per coordinate (`w·(scale·q - x)²` for the
 //!   levels `q`); they are computed once per search, then eight neighbours per vector look theirs up
@@ -338,10 +344,147 @@ fn update(qx: f32, q2: f32, best: &mut f32, r: &mut Partition, cand: (i32, i32, 
     }
 }
 
-/// [`sling_quantizers::iq1::partition_s`] with eight `i2` per vector (module doc).
+/// The best candidate of a partition search without replaying it (module doc, "the partition search"): per lane
+/// the largest and second largest score `sumqx²/sumq2` of the candidates with `sumq2 > 0`, the first largest's
+/// id, and the least `sumq2`. Used only on blocks whose prefix sums are finite and at most [`TOP2_INPUT_MAX`], so
+/// that no sum is NaN or infinite and every `|sumqx|`, `sumq2` stays below 1e16.
+struct Top2 {
+    t1: __m256,
+    t2: __m256,
+    id: __m256i,
+    min_q2: __m256,
+}
+
+/// How far apart (relative) the best and the second best score must be for the best to be the replay's answer:
+/// far above the few-ulp rounding of the reference's comparisons (`sumqx*sumqx > best*sumq2`, `best = scale*sumqx`)
+/// and of the score itself.
+const TOP2_MARGIN: f32 = 1e-5;
+
+/// The largest prefix sum [`Top2`] takes (see there).
+const TOP2_INPUT_MAX: f32 = 1e15;
+
+/// Whether every value is finite and at most [`TOP2_INPUT_MAX`] in magnitude.
+fn top2_inputs(v: &[f32]) -> bool {
+    v.iter().all(|x| x.abs() <= TOP2_INPUT_MAX)
+}
+
+impl Top2 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn new() -> Top2 {
+        let m1 = _mm256_set1_ps(-1.0);
+        Top2 { t1: m1, t2: m1, id: _mm256_setzero_si256(), min_q2: _mm256_set1_ps(f32::MAX) }
+    }
+
+    /// Adds the candidates `(qx, q2)` of the lanes in `valid` (a compare mask), with ids `id`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn add(&mut self, qx: __m256, q2: __m256, valid: __m256, id: __m256i) {
+        let pos = _mm256_and_ps(valid, _mm256_cmp_ps::<_CMP_GT_OQ>(q2, _mm256_setzero_ps()));
+        // 1/sumq2 by `rcpps` and one Newton step (relative error about 2^-22, far below the margin).
+        let r = _mm256_rcp_ps(q2);
+        let r = _mm256_mul_ps(r, _mm256_sub_ps(_mm256_set1_ps(2.0), _mm256_mul_ps(q2, r)));
+        let s = _mm256_blendv_ps(_mm256_set1_ps(-1.0), _mm256_mul_ps(_mm256_mul_ps(qx, qx), r), pos);
+        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(s, self.t1);
+        self.t2 = _mm256_blendv_ps(_mm256_max_ps(self.t2, s), self.t1, gt);
+        self.t1 = _mm256_blendv_ps(self.t1, s, gt);
+        self.id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(self.id), _mm256_castsi256_ps(id), gt));
+        self.min_q2 = _mm256_min_ps(self.min_q2, _mm256_blendv_ps(_mm256_set1_ps(f32::MAX), q2, pos));
+    }
+
+    /// The winner's id when the best score is unique by [`TOP2_MARGIN`] and in the range where f32 products keep
+    /// their relative precision (`best·sumq2` neither underflows nor overflows for any candidate); `None`: replay.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn winner(&self) -> Option<i32> {
+        let (t1, t2) = (lanes(self.t1), lanes(self.t2));
+        let m1 = t1.iter().fold(-1.0f32, |m, &x| m.max(x));
+        let l = t1.iter().position(|&x| x == m1)?;
+        let m2 = t1.iter().enumerate().filter(|&(j, _)| j != l).fold(t2[l], |m, (_, &x)| m.max(x));
+        let min_q2 = lanes(self.min_q2).iter().fold(f32::MAX, |m, &x| m.min(x));
+        let ok = m1 > 0.0 && m1 <= 1e20 && m2 < m1 * (1.0 - TOP2_MARGIN) && m1 * min_q2 >= 1e-30;
+        // SAFETY: __m256i and [i32; 8] have the same size and every bit pattern is valid for both.
+        ok.then(|| unsafe { std::mem::transmute::<__m256i, [i32; 8]>(self.id) }[l])
+    }
+}
+
+/// The lanes `0..n` of a vector, as a compare mask.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn first_lanes(n: usize) -> __m256 {
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), iota))
+}
+
+/// Candidate ids of a vector: `(i1 << 8) | ((i2 + lane) << 2) | k`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ids(i1: usize, i2: usize, k: usize) -> __m256i {
+    let iota4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    _mm256_add_epi32(_mm256_set1_epi32(((i1 << 8) | (i2 << 2) | k) as i32), iota4)
+}
+
+/// [`sling_quantizers::iq1::partition_s`]: the best candidate by [`Top2`], or the replay when it cannot tell.
 #[inline(never)]
 #[target_feature(enable = "avx2")]
 fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+    const BS: usize = IQ1S_BLOCK_SIZE;
+    let (x_p, x_m) = levels(IQ1S_DELTA);
+    if !top2_inputs(sumx) || !top2_inputs(sumw) {
+        return partition_s_replay(sumx, sumw, max);
+    }
+    let mut sx = [0.0f32; BS + 8];
+    let mut sw = [0.0f32; BS + 8];
+    sx[..=BS].copy_from_slice(sumx);
+    sw[..=BS].copy_from_slice(sumw);
+    let set = _mm256_set1_ps;
+    let (p1, p2, m1, m2) = (set(x_p[1]), set(x_p[2]), set(x_m[1]), set(x_m[2]));
+    let (sx_end, sw_end) = (set(sx[BS]), set(sw[BS]));
+    let mut top = Top2::new();
+    for i1 in 0..=BS {
+        let (a, aw) = (sx[i1] - sx[0], sw[i1] - sw[0]);
+        let (ap, am) = (set(a * x_p[0]), set(a * x_m[0]));
+        let (awp, awm) = (set(aw * x_p[0] * x_p[0]), set(aw * x_m[0] * x_m[0]));
+        let (sx1, sw1) = (set(sx[i1]), set(sw[i1]));
+        let mut i2 = i1;
+        while i2 <= BS {
+            let valid = first_lanes((BS + 1 - i2).min(8));
+            // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the arrays' length.
+            let (x2, w2) = unsafe { (_mm256_loadu_ps(sx.as_ptr().add(i2)), _mm256_loadu_ps(sw.as_ptr().add(i2))) };
+            let (b, c) = (_mm256_sub_ps(x2, sx1), _mm256_sub_ps(sx_end, x2));
+            let (bw, cw) = (_mm256_sub_ps(w2, sw1), _mm256_sub_ps(sw_end, w2));
+            // The replay's sums, with the reference's operations in its order.
+            let qxp = _mm256_add_ps(_mm256_add_ps(ap, _mm256_mul_ps(b, p1)), _mm256_mul_ps(c, p2));
+            let q2p = _mm256_add_ps(
+                _mm256_add_ps(awp, _mm256_mul_ps(_mm256_mul_ps(bw, p1), p1)),
+                _mm256_mul_ps(_mm256_mul_ps(cw, p2), p2),
+            );
+            let qxm = _mm256_add_ps(_mm256_add_ps(am, _mm256_mul_ps(b, m1)), _mm256_mul_ps(c, m2));
+            let q2m = _mm256_add_ps(
+                _mm256_add_ps(awm, _mm256_mul_ps(_mm256_mul_ps(bw, m1), m1)),
+                _mm256_mul_ps(_mm256_mul_ps(cw, m2), m2),
+            );
+            top.add(qxp, q2p, valid, ids(i1, i2, 0));
+            top.add(qxm, q2m, valid, ids(i1, i2, 1));
+            i2 += 8;
+        }
+    }
+    let Some(id) = top.winner() else { return partition_s_replay(sumx, sumw, max) };
+    // The winner's sums again, as the reference computes them (the lanes' operations, so the same values).
+    let (i1, i2, x) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, if id & 3 == 0 { x_p } else { x_m });
+    let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
+    let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
+    let sumqx = a * x[0] + b * x[1] + c * x[2];
+    let sumq2 = aw * x[0] * x[0] + bw * x[1] * x[1] + cw * x[2] * x[2];
+    let shift = if id & 3 == 0 { 1 } else { -1 };
+    Partition { i1: i1 as i32, i2: i2 as i32, shift, scale: sumqx / sumq2 }
+}
+
+/// [`sling_quantizers::iq1::partition_s`] with eight `i2` per vector, the running best replayed in order (module
+/// doc).
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_s_replay(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
     const BS: usize = IQ1S_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1S_DELTA);
     // Padded so that a vector may start at any i2 <= BS; the lanes past BS are masked off.
@@ -400,10 +543,90 @@ fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_S
     r
 }
 
-/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector (module doc).
+/// [`sling_quantizers::iq1::partition_m`]: the best candidate by [`Top2`], or the replay when it cannot tell.
 #[inline(never)]
 #[target_feature(enable = "avx2")]
 fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let inputs = px.iter().chain(pw).all(|v| top2_inputs(v));
+    let Some(id) = inputs.then(|| partition_m_top(px, pw)).flatten() else { return partition_m_replay(px, pw, max) };
+    // The winner's sums again, as the reference computes them (the lanes' operations, so the same values).
+    let (i1, i2, k) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, (id & 3) as usize);
+    let (x_p, x_m) = levels(IQ1M_DELTA);
+    let (p2, m2) = (x_p[2], x_m[2]);
+    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
+    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
+    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
+    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+    let (mut qx, mut q2) = ([0.0f32; 2], [0.0f32; 2]);
+    for h in 0..2 {
+        // Half 0 takes the `x_m` levels for k = 2, 3, half 1 for k = 1, 3 (the order of `partition_m`'s sums).
+        let minus = if h == 0 { k >= 2 } else { k & 1 == 1 };
+        let (t2, c1, c2) = if minus { (m2, cm1, cm2) } else { (p2, cp1, cp2) };
+        let sx = px[h][i1] + px[h][i2];
+        qx[h] = px[h][BS] * t2 - sx;
+        q2[h] = pw[h][BS] * t2 * t2 + pw[h][i1] * c1 + pw[h][i2] * c2;
+    }
+    Partition { i1: i1 as i32, i2: i2 as i32, shift: k as i32, scale: (qx[0] + qx[1]) / (q2[0] + q2[1]) }
+}
+
+/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector: [`Top2`]'s winner.
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_m_top(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2]) -> Option<i32> {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let (x_p, x_m) = levels(IQ1M_DELTA);
+    let mut sx = [[0.0f32; BS + 8]; 2];
+    let mut sw = [[0.0f32; BS + 8]; 2];
+    for h in 0..2 {
+        sx[h][..=BS].copy_from_slice(&px[h]);
+        sw[h][..=BS].copy_from_slice(&pw[h]);
+    }
+    let txs = [px[0][BS], px[1][BS]];
+    let tws = [pw[0][BS], pw[1][BS]];
+    let (p2, m2) = (x_p[2], x_m[2]);
+    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
+    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
+    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
+    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+    let set = _mm256_set1_ps;
+    let mut top = Top2::new();
+    for i1 in 0..=BS {
+        let mut i2 = i1;
+        while i2 <= BS {
+            let valid = first_lanes((BS + 1 - i2).min(8));
+            let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([set(0.0); 2], [set(0.0); 2], [set(0.0); 2], [set(0.0); 2]);
+            for h in 0..2 {
+                // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the rows' length.
+                let (x2, w2) =
+                    unsafe { (_mm256_loadu_ps(sx[h].as_ptr().add(i2)), _mm256_loadu_ps(sw[h].as_ptr().add(i2))) };
+                // The replay's sums, with the reference's operations in its order.
+                let s = _mm256_add_ps(set(sx[h][i1]), x2);
+                qx_p[h] = _mm256_sub_ps(set(txs[h] * p2), s);
+                qx_m[h] = _mm256_sub_ps(set(txs[h] * m2), s);
+                q2_p[h] = _mm256_add_ps(set(tws[h] * p2 * p2 + sw[h][i1] * cp1), _mm256_mul_ps(w2, set(cp2)));
+                q2_m[h] = _mm256_add_ps(set(tws[h] * m2 * m2 + sw[h][i1] * cm1), _mm256_mul_ps(w2, set(cm2)));
+            }
+            let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
+            top.add(add(qx_p[0], qx_p[1]), add(q2_p[0], q2_p[1]), valid, ids(i1, i2, 0));
+            top.add(add(qx_p[0], qx_m[1]), add(q2_p[0], q2_m[1]), valid, ids(i1, i2, 1));
+            top.add(add(qx_m[0], qx_p[1]), add(q2_m[0], q2_p[1]), valid, ids(i1, i2, 2));
+            top.add(add(qx_m[0], qx_m[1]), add(q2_m[0], q2_m[1]), valid, ids(i1, i2, 3));
+            i2 += 8;
+        }
+    }
+    top.winner()
+}
+
+/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector, the running best replayed in order (module
+/// doc).
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_m_replay(
+    px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    max: f32,
+) -> Partition {
     const BS: usize = IQ1M_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1M_DELTA);
     let mut sx = [[0.0f32; BS + 8]; 2];
@@ -491,6 +714,64 @@ mod tests {
             sw[j + 1] = sw[j] + w[j];
         }
         (sx, sw)
+    }
+
+    /// The partition searches' best-candidate shortcut ([`Top2`]) against the reference's in-order loop on blocks
+    /// made to reach its edges: exact ties (few distinct values, zero weights), near ties, magnitudes from 1e-20 to
+    /// 1e20 on either side of its range guards.
+    #[test]
+    fn top2_shortcut_equals_the_replay() {
+        if !avx2() {
+            return;
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for case in 0..20_000 {
+            let family = case % 4;
+            let (xs, ws) = (10f32.powi((next() * 40.0) as i32 - 20), 10f32.powi((next() * 40.0) as i32 - 20));
+            let mut x = [0.0f32; 32];
+            let mut w = [0.0f32; 32];
+            for j in 0..32 {
+                (x[j], w[j]) = match family {
+                    0 => ((next() * 2.0 - 1.0) * xs, next() * 2.0 * ws),
+                    1 => ([-1.0, 0.0, 0.5, 1.0][(next() * 4.0) as usize % 4], [0.0, 1.0][(next() * 2.0) as usize % 2]),
+                    2 => (next() * 2.0 - 1.0, if next() < 0.3 { 0.0 } else { next() * 1e-3 }),
+                    _ => ((next() * 2.0 - 1.0) * (1.0 + (j % 3) as f32 * 1e-6), 1.0 + (j % 2) as f32 * 1e-6),
+                };
+            }
+            x.sort_by(f32::total_cmp);
+            let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let (sx, sw) = prefix::<33>(&x, &w);
+            // SAFETY: AVX2 checked above.
+            let got = unsafe { partition_s_avx2(&sx, &sw, max) };
+            let want = partition_s(&sx, &sw, max);
+            assert_eq!(
+                (got.i1, got.i2, got.shift, got.scale.to_bits()),
+                (want.i1, want.i2, want.shift, want.scale.to_bits()),
+                "IQ1_S case {case}"
+            );
+            let (mut px, mut pw) = ([[0.0f32; 17]; 2], [[0.0f32; 17]; 2]);
+            for j in 0..16 {
+                let h = (j * 5 + case) % 2;
+                px[h][j + 1] = px[h][j] + w[j] * x[j];
+                px[1 - h][j + 1] = px[1 - h][j];
+                pw[h][j + 1] = pw[h][j] + w[j];
+                pw[1 - h][j + 1] = pw[1 - h][j];
+            }
+            // SAFETY: AVX2 checked above.
+            let got = unsafe { partition_m_avx2(&px, &pw, max) };
+            let want = partition_m(&px, &pw, max);
+            assert_eq!(
+                (got.i1, got.i2, got.shift, got.scale.to_bits()),
+                (want.i1, want.i2, want.shift, want.scale.to_bits()),
+                "IQ1_M case {case}"
+            );
+        }
     }
 
     proptest! {
