@@ -118,7 +118,7 @@ impl IqSearch for Avx2Iq {
     ) -> usize {
         let t = terms::<8, 4>(xval, weight, scale, |l| xg[l.min(2)]);
         // SAFETY: `Avx2Iq` runs only where AVX2 is present (type doc).
-        match unsafe { argmin(packed_levels(maps), &nb[1..=nb[0] as usize], &t) } {
+        match unsafe { argmin(maps, &nb[1..=nb[0] as usize], &t) } {
             Some(k) => {
                 set_levels_u64(maps.grid[k], l_out);
                 k
@@ -134,7 +134,7 @@ impl IqSearch for Avx2Iq {
                 // q = pg[i], the grid byte 2*level + 1.
                 let t = terms::<8, 4>(xval, weight, scale, |l| (2 * l + 1) as f32);
                 // SAFETY: as in `neighbour_iq1`.
-                unsafe { argmin(packed_levels(maps), maps.neighbours_of(u), &t) }
+                unsafe { argmin(maps, maps.neighbours_of(u), &t) }
             }
             _ => None,
         };
@@ -283,14 +283,38 @@ fn packed_levels(maps: &Iq2Maps) -> &'static [u32] {
     })
 }
 
-/// The grid index of the first neighbour in `nb` of least `Σ_i t[4i + level_i]` (added from `0.0` in coordinate
-/// order) below `f32::MAX`, eight neighbours per vector: 8 coordinates with up to four levels each (IQ1: levels
-/// 0..2, IQ2: 0..3); `packed` from [`packed_levels`] of the grid.
+/// [`packed_levels`] of every neighbour list of the grid, laid out as [`Iq2Maps::neighbours`] (each list's count,
+/// then its points' packed levels), so that a search loads eight points' levels at once.
+fn packed_level_lists(maps: &Iq2Maps) -> &'static [i32] {
+    static LISTS: [OnceLock<Vec<i32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match maps.grid.len() {
+        256 => 0,
+        512 => 1,
+        1024 => 2,
+        _ => 3,
+    };
+    LISTS[slot].get_or_init(|| {
+        let packed = packed_levels(maps);
+        crate::iq_steps::packed_lists(&maps.neighbours, |k| packed[k] as i32)
+    })
+}
+
+/// Where `inner` starts in `outer`, when it is a sub-slice of it.
+fn offset_in(outer: &[u16], inner: &[u16]) -> Option<usize> {
+    let (o, i) = (outer.as_ptr() as usize, inner.as_ptr() as usize);
+    let off = i.checked_sub(o)? / std::mem::size_of::<u16>();
+    (off + inner.len() <= outer.len()).then_some(off)
+}
+
+/// The grid index of the first neighbour in `nb` (a list of `maps.neighbours`) of least `Σ_i t[4i + level_i]`
+/// (added from `0.0` in coordinate order) below `f32::MAX`, eight neighbours per vector: 8 coordinates with up to
+/// four levels each (IQ1: levels 0..2, IQ2: 0..3); the levels from [`packed_level_lists`].
 ///
 /// # Safety
 /// AVX2.
 #[target_feature(enable = "avx2")]
-unsafe fn argmin(packed: &[u32], nb: &[u16], t: &[f32; 32]) -> Option<usize> {
+unsafe fn argmin(maps: &Iq2Maps, nb: &[u16], t: &[f32; 32]) -> Option<usize> {
+    let codes = &packed_level_lists(maps)[offset_in(&maps.neighbours, nb)?..][..nb.len()];
     // tv[c]: the terms of coordinates 2c and 2c+1, four levels each.
     let tv: [__m256; 4] = std::array::from_fn(|c| {
         // SAFETY: t has 32 values, 8c + 8 <= 32.
@@ -300,10 +324,9 @@ unsafe fn argmin(packed: &[u32], nb: &[u16], t: &[f32; 32]) -> Option<usize> {
     let mut p = 0;
     while p < nb.len() {
         let m = (nb.len() - p).min(8);
-        // Eight loads and inserts: lower latency than `vpgatherdd` for the short lists searched here. Lanes past
-        // `m` take grid point 0 (masked off in `keep_least`).
-        let code = |j: usize| if j < m { packed[nb[p + j] as usize] as i32 } else { 0 };
-        let w = _mm256_setr_epi32(code(0), code(1), code(2), code(3), code(4), code(5), code(6), code(7));
+        // Lanes past `m` read nothing and hold 0 (masked off in `keep_least`).
+        // SAFETY: p < codes.len(); only the first m <= codes.len() - p lanes are read.
+        let w = unsafe { _mm256_maskload_epi32(codes.as_ptr().add(p), _mm256_castps_si256(first_lanes(m))) };
         let mut d2 = _mm256_setzero_ps();
         for i in 0..8 {
             // vpermps reads the low three bits of each index: field i, no mask needed.

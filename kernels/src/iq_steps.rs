@@ -32,7 +32,7 @@ use crate::iq_lanes::Avx2Iq;
 /// Neighbour lists (`[n, index_1, ..., index_n]` back to back, as `iq3xs_init_impl` and `iq2xs_init_impl` lay
 /// them out) for gathers: each grid index replaced by `packed(index)`, the packed levels of that grid point; the
 /// counts stay as they are.
-fn packed_lists(neighbours: &[u16], packed: impl Fn(usize) -> i32) -> Vec<i32> {
+pub(crate) fn packed_lists(neighbours: &[u16], packed: impl Fn(usize) -> i32) -> Vec<i32> {
     let mut out: Vec<i32> = neighbours.iter().map(|&v| v as i32).collect();
     let mut at = 0;
     while at < out.len() {
