@@ -9,8 +9,9 @@
 //! - **the grid**: the packed point of each group of levels (4 x 3 bits for IQ3, 8 x 2 bits for IQ2) looked up in
 //!   the index map (a gather); where a lane is off the grid, the neighbour search (`iq3_find_best_neighbour`,
 //!   `iq2_find_best_neighbour`) runs in that lane over its own list, the lanes in step (the longest list sets the
-//!   count), each distance summed from `0.0` in coordinate order and kept on a strict `<` against the lane's best
-//!   so far, as the C loop keeps its first least. A lane none of whose distances is below `FLT_MAX` (non-finite
+//!   count; the lists hold each point's packed levels in 16 bits, so one gather brings two consecutive points of
+//!   every lane's list), each distance summed from `0.0` in coordinate order and kept on a strict `<` against the
+//!   lane's best so far, as the C loop keeps its first least. A lane none of whose distances is below `FLT_MAX` (non-finite
 //!   sums, where ggml aborts) takes its first neighbour, as the reference. IQ2 lanes whose list is longer than
 //!   [`IQ2_LANE_MAX`] search it alone with the vector search over the list ([`crate::iq_lanes`]);
 //! - **the sums** `sumqx`, `sumq2` over the sub-block in element order, one lane per step, so each step's sums are
@@ -45,13 +46,22 @@ pub(crate) fn packed_lists(neighbours: &[u16], packed: impl Fn(usize) -> i32) ->
     out
 }
 
-/// [`packed_lists`] of an [`Iq3Data`]: levels `u = Σ l_i << 3i` (12 bits).
-fn neighbour_points(data: &Iq3Data) -> &'static [i32] {
-    static N256: OnceLock<Vec<i32>> = OnceLock::new();
-    static N512: OnceLock<Vec<i32>> = OnceLock::new();
+/// [`packed_lists`] with 16-bit entries (points whose packed levels fit 16 bits: IQ2's 8 × 2, IQ3's 4 × 3), and
+/// one zero entry after the last list, so that a 32-bit gather at any entry — which reads it and the next — stays
+/// inside: one gather brings two consecutive points of a list.
+fn packed_lists16(neighbours: &[u16], packed: impl Fn(usize) -> u16) -> Vec<u16> {
+    let mut out: Vec<u16> = packed_lists(neighbours, |k| i32::from(packed(k))).into_iter().map(|v| v as u16).collect();
+    out.push(0);
+    out
+}
+
+/// [`packed_lists16`] of an [`Iq3Data`]: levels `u = Σ l_i << 3i` (12 bits).
+fn neighbour_points(data: &Iq3Data) -> &'static [u16] {
+    static N256: OnceLock<Vec<u16>> = OnceLock::new();
+    static N512: OnceLock<Vec<u16>> = OnceLock::new();
     let build = || {
-        packed_lists(&data.neighbours, |k| {
-            data.grid[k].iter().enumerate().fold(0i32, |u, (c, &qc)| u | ((qc as i32 - 1) / 2) << (3 * c))
+        packed_lists16(&data.neighbours, |k| {
+            data.grid[k].iter().enumerate().fold(0u16, |u, (c, &qc)| u | ((qc as u16 - 1) / 2) << (3 * c))
         })
     };
     // Only the two shared grids of `iq3_data` reach here, told apart by their size.
@@ -211,12 +221,13 @@ unsafe fn odd(u: __m256i, shift: i32, mask: i32) -> __m256 {
 /// The lanes off the grid (map entry `g < 0`), the offset of each one's list in `nbr` (`-(offset + 1)` → `!g`; 0
 /// elsewhere) and its length (0 elsewhere).
 #[inline(always)]
-unsafe fn list_heads(nbr: &[i32], g: __m256i) -> (__m256i, __m256i, __m256i) {
+unsafe fn list_heads(nbr: &[u16], g: __m256i) -> (__m256i, __m256i, __m256i) {
     let m = _mm256_cmpgt_epi32(_mm256_setzero_si256(), g);
     let start = _mm256_and_si256(_mm256_xor_si256(g, _mm256_set1_epi32(-1)), m);
-    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`; masked-off lanes read nothing.
-    let n = _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), nbr.as_ptr(), start, m);
-    (m, start, n)
+    // SAFETY: every offset a negative map entry encodes is a list header of `nbr`, which is followed by at least
+    // one more entry (a list, or the final padding); masked-off lanes read nothing.
+    let n = _mm256_mask_i32gather_epi32::<2>(_mm256_setzero_si256(), nbr.as_ptr().cast(), start, m);
+    (m, start, _mm256_and_si256(n, _mm256_set1_epi32(0xffff)))
 }
 
 /// The neighbour search of the C (`iq3_find_best_neighbour`, `iq2_find_best_neighbour`) in the lanes of `m`, each
@@ -226,7 +237,7 @@ unsafe fn list_heads(nbr: &[i32], g: __m256i) -> (__m256i, __m256i, __m256i) {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn lanes_snap<const C: usize>(
-    nbr: &[i32],
+    nbr: &[u16],
     m: __m256i,
     start: __m256i,
     n: __m256i,
@@ -243,27 +254,43 @@ unsafe fn lanes_snap<const C: usize>(
     let longest = counts.iter().copied().max().unwrap_or(0);
     let mut best_d2 = _mm256_set1_ps(f32::MAX);
     let mut best = _mm256_set1_epi32(-1);
+    let lo16 = _mm256_set1_epi32(0xffff);
     let mut at = _mm256_add_epi32(start, _mm256_set1_epi32(1));
-    for j in 0..longest {
+    let mut j = 0;
+    while j < longest {
+        // Points j and j + 1 of each live lane's list in one gather (low and high 16 bits).
         let live = _mm256_and_si256(m, _mm256_cmpgt_epi32(n, _mm256_set1_epi32(j)));
-        // SAFETY: `at` = offset + 1 + j < offset + 1 + n, inside the lane's list, in the live lanes.
-        let p = _mm256_mask_i32gather_epi32::<4>(zero, nbr.as_ptr(), at, live);
-        let mut d2 = _mm256_setzero_ps();
-        for c in 0..C {
-            let q = odd(p, bits * c as i32, mask);
-            let diff = _mm256_sub_ps(_mm256_mul_ps(sc, q), _mm256_set1_ps(x[c]));
-            d2 = _mm256_add_ps(d2, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(w[c]), diff), diff));
+        // SAFETY: `at` = offset + 1 + j < offset + 1 + n in the live lanes: entry j of the lane's list, followed
+        // by another entry of `nbr` (the list's next point, the next list's header, or the final padding).
+        let pair = _mm256_mask_i32gather_epi32::<2>(zero, nbr.as_ptr().cast(), at, live);
+        for half in 0..2 {
+            let live = match half {
+                0 => live,
+                _ => _mm256_and_si256(m, _mm256_cmpgt_epi32(n, _mm256_set1_epi32(j + 1))),
+            };
+            let p = match half {
+                0 => _mm256_and_si256(pair, lo16),
+                _ => _mm256_srli_epi32::<16>(pair),
+            };
+            let mut d2 = _mm256_setzero_ps();
+            for c in 0..C {
+                let q = odd(p, bits * c as i32, mask);
+                let diff = _mm256_sub_ps(_mm256_mul_ps(sc, q), _mm256_set1_ps(x[c]));
+                d2 = _mm256_add_ps(d2, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(w[c]), diff), diff));
+            }
+            let better = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(d2, best_d2)), live);
+            best_d2 = _mm256_blendv_ps(best_d2, d2, _mm256_castsi256_ps(better));
+            best = _mm256_blendv_epi8(best, p, better);
         }
-        let better = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(d2, best_d2)), live);
-        best_d2 = _mm256_blendv_ps(best_d2, d2, _mm256_castsi256_ps(better));
-        best = _mm256_blendv_epi8(best, p, better);
-        at = _mm256_add_epi32(at, _mm256_set1_epi32(1));
+        at = _mm256_add_epi32(at, _mm256_set1_epi32(2));
+        j += 2;
     }
     let none = _mm256_and_si256(m, _mm256_cmpeq_epi32(best, _mm256_set1_epi32(-1)));
     if _mm256_movemask_ps(_mm256_castsi256_ps(none)) != 0 {
         // SAFETY: as above; the first entry of every list.
         let first = _mm256_add_epi32(start, _mm256_set1_epi32(1));
-        best = _mm256_blendv_epi8(best, _mm256_mask_i32gather_epi32::<4>(zero, nbr.as_ptr(), first, none), none);
+        let p = _mm256_mask_i32gather_epi32::<2>(zero, nbr.as_ptr().cast(), first, none);
+        best = _mm256_blendv_epi8(best, _mm256_and_si256(p, lo16), none);
     }
     _mm256_blendv_epi8(u, best, m)
 }
@@ -273,14 +300,13 @@ unsafe fn lanes_snap<const C: usize>(
 /// and IQ2_XS): flat from 8 to 32, 5–10 % slower at 48, and IQ2_XS 1.7x slower with no limit.
 pub(crate) const IQ2_LANE_MAX: i32 = 24;
 
-/// [`Iq2Maps::neighbours`] laid out for gathers: each grid index replaced by its point's packed levels
-/// (`u = Σ l_i << 2i`, 16 bits); the counts stay as they are.
-fn iq2_neighbour_points(maps: &Iq2Maps) -> &'static [i32] {
-    static P: [OnceLock<Vec<i32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+/// [`packed_lists16`] of an [`Iq2Maps`]: levels `u = Σ l_i << 2i` (16 bits).
+fn iq2_neighbour_points(maps: &Iq2Maps) -> &'static [u16] {
+    static P: [OnceLock<Vec<u16>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let build = || {
-        packed_lists(&maps.neighbours, |k| {
+        packed_lists16(&maps.neighbours, |k| {
             let pg = maps.grid[k].to_le_bytes();
-            pg.iter().enumerate().fold(0i32, |u, (i, &b)| u | (((b as i8 as i32) - 1) / 2) << (2 * i))
+            pg.iter().enumerate().fold(0u16, |u, (i, &b)| u | ((((b as i8 as i32) - 1) / 2) as u16) << (2 * i))
         })
     };
     // The four shared grids of `iq2_maps`, told apart by their size.
@@ -358,7 +384,7 @@ pub(crate) unsafe fn iq2_step_search<const G: usize>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn iq2_snap(
     maps: &Iq2Maps,
-    nbr: &[i32],
+    nbr: &[u16],
     g: __m256i,
     u: __m256i,
     scs: &[f32; 8],
