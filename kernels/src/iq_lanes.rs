@@ -249,20 +249,21 @@ fn keep_least(d2: __m256, p: usize, m: usize, best: &mut __m256, pos: &mut __m25
 #[inline]
 #[target_feature(enable = "avx2")]
 fn first_least(best: __m256, pos: __m256i, nb: &[u16]) -> Option<usize> {
-    let b = lanes(best);
-    // SAFETY: __m256i and [i32; 8] have the same size and every bit pattern is valid for both.
-    let p: [i32; 8] = unsafe { std::mem::transmute::<__m256i, [i32; 8]>(pos) };
-    let mut r: Option<(f32, i32)> = None;
-    for j in 0..8 {
-        if p[j] < 0 {
-            continue;
-        }
-        r = match r {
-            Some((v, q)) if !(b[j] < v || (b[j] == v && p[j] < q)) => Some((v, q)),
-            _ => Some((b[j], p[j])),
-        };
+    // Lanes that kept nothing hold `f32::MAX` (every kept distance is below it) and position -1.
+    let hmin = |v: __m256| {
+        let v = _mm256_min_ps(v, _mm256_permute2f128_ps::<1>(v, v));
+        let v = _mm256_min_ps(v, _mm256_shuffle_ps::<0b01_00_11_10>(v, v));
+        _mm256_min_ps(v, _mm256_shuffle_ps::<0b10_11_00_01>(v, v))
+    };
+    let least = hmin(best);
+    if _mm256_cvtss_f32(least) == f32::MAX {
+        return None;
     }
-    r.map(|(_, q)| nb[q as usize] as usize)
+    // The smallest position among the lanes at the least distance (positions are small non-negative integers,
+    // exact as f32).
+    let at = _mm256_cmp_ps::<_CMP_EQ_OQ>(best, least);
+    let q = hmin(_mm256_blendv_ps(_mm256_set1_ps(f32::MAX), _mm256_cvtepi32_ps(pos), at));
+    nb.get(_mm256_cvtss_f32(q) as usize).map(|&k| k as usize)
 }
 
 /// Per grid point of an IQ2/IQ1 grid, the table positions of its 8 coordinates in 4-bit fields: field `i` is
