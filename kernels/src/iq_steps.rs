@@ -100,22 +100,17 @@ pub(crate) unsafe fn scale_search<const XXS: bool>(
         let mut sums = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut points = [[0i32; 8]; 8];
         let mut off = [0u32; 8];
+        let zero = _mm256_setzero_si256();
+        let mut looked = [(zero, zero); 8];
+        for (k, l) in looked.iter_mut().enumerate() {
+            *l = group_lookup::<4>(id, &data.map, 3, 7, &xval[4 * k..4 * k + 4]);
+        }
         for k in 0..8 {
             let r = 4 * k..4 * k + 4;
-            let (u, offgrid) = group::<4>(
-                id,
-                &data.map,
-                3,
-                7,
-                &xval[r.clone()],
-                &wx[r.clone()],
-                &weight[r.clone()],
-                &mut sums,
-                |g, u| {
-                    let (m, start, n) = list_heads(nbr, g);
-                    lanes_snap::<4>(nbr, m, start, n, u, sc, &xval[r.clone()], &waux[r.clone()], 3, 7)
-                },
-            );
+            let (u, offgrid) = group_sums::<4>(looked[k], 3, &wx[r.clone()], &weight[r.clone()], &mut sums, |g, u| {
+                let (m, start, n) = list_heads(nbr, g);
+                lanes_snap::<4>(nbr, m, start, n, u, sc, &xval[r.clone()], &waux[r.clone()], 3, 7)
+            });
             off[k] = offgrid;
             _mm256_storeu_si256(points[k].as_mut_ptr().cast(), u);
         }
@@ -164,23 +159,11 @@ unsafe fn lanes(v: __m256) -> [f32; 8] {
     out
 }
 
-/// One group of `C` magnitudes `x` in every lane: the levels at the lane's `id` (`bits` bits each, at most `hi`),
-/// the packed point looked up in `map`, the lanes off the grid replaced by `snap(map entries, points)`; then `sums`
-/// (`sumqx`, `sumq2`) advanced over the group in element order with `q = 2l + 1` (`wx = weight·x`). Returns the
-/// final packed points and the mask of the lanes that were off the grid.
+/// One group of `C` magnitudes `x` in every lane: the levels at the lane's `id` (`bits` bits each, at most `hi`)
+/// packed into a point, and the point's entry in `map` (a gather). The searches look up every group of a step
+/// vector first and [`group_sums`] them after, so that the gathers of all groups are in flight at once.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn group<const C: usize>(
-    id: __m256,
-    map: &[i32],
-    bits: i32,
-    hi: i32,
-    x: &[f32],
-    wx: &[f32],
-    weight: &[f32],
-    sums: &mut (__m256, __m256),
-    snap: impl FnOnce(__m256i, __m256i) -> __m256i,
-) -> (__m256i, u32) {
+unsafe fn group_lookup<const C: usize>(id: __m256, map: &[i32], bits: i32, hi: i32, x: &[f32]) -> (__m256i, __m256i) {
     let mut u = _mm256_setzero_si256();
     for (c, &xc) in x.iter().enumerate().take(C) {
         u = _mm256_or_si256(u, _mm256_sllv_epi32(level(id, xc, hi), _mm256_set1_epi32(bits * c as i32)));
@@ -188,6 +171,21 @@ unsafe fn group<const C: usize>(
     // SAFETY: `u` packs `C` levels in 0..=hi: inside the map (4096 entries for IQ3's 4 x 3 bits; IQ2's 8 x 2 bits
     // with levels up to 2 reach at most 0xAAAA, below its 43692 entries).
     let g = _mm256_i32gather_epi32::<4>(map.as_ptr(), u);
+    (u, g)
+}
+
+/// A looked-up group ([`group_lookup`]: points `u`, map entries `g`): the lanes off the grid replaced by
+/// `snap(g, u)`; then `sums` (`sumqx`, `sumq2`) advanced over the group in element order with `q = 2l + 1`
+/// (`wx = weight·x`). Returns the final packed points and the mask of the lanes that were off the grid.
+#[inline(always)]
+unsafe fn group_sums<const C: usize>(
+    (mut u, g): (__m256i, __m256i),
+    bits: i32,
+    wx: &[f32],
+    weight: &[f32],
+    sums: &mut (__m256, __m256),
+    snap: impl FnOnce(__m256i, __m256i) -> __m256i,
+) -> (__m256i, u32) {
     let offgrid = _mm256_movemask_ps(_mm256_castsi256_ps(g)) as u32;
     if offgrid != 0 {
         u = snap(g, u);
@@ -347,19 +345,16 @@ pub(crate) unsafe fn iq2_step_search<const G: usize>(
         let mut sums = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut points = [[0i32; 8]; G];
         let mut off = [0u32; G];
+        let zero = _mm256_setzero_si256();
+        let mut looked = [(zero, zero); G];
+        for (k, l) in looked.iter_mut().enumerate() {
+            *l = group_lookup::<8>(id, &maps.map, 2, 2, &xval[8 * k..8 * k + 8]);
+        }
         for k in 0..G {
             let r = 8 * k..8 * k + 8;
-            let (u, offgrid) = group::<8>(
-                id,
-                &maps.map,
-                2,
-                2,
-                &xval[r.clone()],
-                &wx[r.clone()],
-                &weight[r.clone()],
-                &mut sums,
-                |g, u| iq2_snap(maps, nbr, g, u, &scs, sc, &xval[r.clone()], &waux[r.clone()]),
-            );
+            let (u, offgrid) = group_sums::<8>(looked[k], 2, &wx[r.clone()], &weight[r.clone()], &mut sums, |g, u| {
+                iq2_snap(maps, nbr, g, u, &scs, sc, &xval[r.clone()], &waux[r.clone()])
+            });
             off[k] = offgrid;
             _mm256_storeu_si256(points[k].as_mut_ptr().cast(), u);
         }
