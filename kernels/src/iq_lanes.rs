@@ -400,11 +400,15 @@ impl Top2 {
         Top2 { t1: m1, t2: m1, id: _mm256_setzero_si256(), min_q2: _mm256_set1_ps(f32::MAX) }
     }
 
-    /// Adds the candidates `(qx, q2)` of the lanes in `valid` (a compare mask), with ids `id`.
+    /// Adds the candidates `(qx, q2)`, with ids `id`. Lanes past the last candidate hold a NaN `q2` (the prefix
+    /// sums are padded with NaN): they fail `q2 > 0` and leave the least `q2` alone (`minps` returns its second
+    /// operand on NaN). A candidate with `q2 <= 0` is no candidate of the reference's, but lowers the least `q2`
+    /// to at most 0, so that [`Top2::winner`] refuses the block (it occurs only when every weight is 0, or by
+    /// cancellation in IQ1_M's form of the sums).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn add(&mut self, qx: __m256, q2: __m256, valid: __m256, id: __m256i) {
-        let pos = _mm256_and_ps(valid, _mm256_cmp_ps::<_CMP_GT_OQ>(q2, _mm256_setzero_ps()));
+    fn add(&mut self, qx: __m256, q2: __m256, id: __m256i) {
+        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(q2, _mm256_setzero_ps());
         // 1/sumq2 by `rcpps` and one Newton step (relative error about 2^-22, far below the margin).
         let r = _mm256_rcp_ps(q2);
         let r = _mm256_mul_ps(r, _mm256_sub_ps(_mm256_set1_ps(2.0), _mm256_mul_ps(q2, r)));
@@ -413,7 +417,7 @@ impl Top2 {
         self.t2 = _mm256_blendv_ps(_mm256_max_ps(self.t2, s), self.t1, gt);
         self.t1 = _mm256_blendv_ps(self.t1, s, gt);
         self.id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(self.id), _mm256_castsi256_ps(id), gt));
-        self.min_q2 = _mm256_min_ps(self.min_q2, _mm256_blendv_ps(_mm256_set1_ps(f32::MAX), q2, pos));
+        self.min_q2 = _mm256_min_ps(q2, self.min_q2);
     }
 
     /// The winner's id when the best score is unique by [`TOP2_MARGIN`] and in the range where f32 products keep
@@ -457,8 +461,9 @@ fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_S
     if !top2_inputs(sumx) || !top2_inputs(sumw) {
         return partition_s_replay(sumx, sumw, max);
     }
-    let mut sx = [0.0f32; BS + 8];
-    let mut sw = [0.0f32; BS + 8];
+    // Padded with NaN so that the lanes past BS hold no candidate (`Top2::add`).
+    let mut sx = [f32::NAN; BS + 8];
+    let mut sw = [f32::NAN; BS + 8];
     sx[..=BS].copy_from_slice(sumx);
     sw[..=BS].copy_from_slice(sumw);
     let set = _mm256_set1_ps;
@@ -472,7 +477,6 @@ fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_S
         let (sx1, sw1) = (set(sx[i1]), set(sw[i1]));
         let mut i2 = i1;
         while i2 <= BS {
-            let valid = first_lanes((BS + 1 - i2).min(8));
             // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the arrays' length.
             let (x2, w2) = unsafe { (_mm256_loadu_ps(sx.as_ptr().add(i2)), _mm256_loadu_ps(sw.as_ptr().add(i2))) };
             let (b, c) = (_mm256_sub_ps(x2, sx1), _mm256_sub_ps(sx_end, x2));
@@ -488,8 +492,8 @@ fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_S
                 _mm256_add_ps(awm, _mm256_mul_ps(_mm256_mul_ps(bw, m1), m1)),
                 _mm256_mul_ps(_mm256_mul_ps(cw, m2), m2),
             );
-            top.add(qxp, q2p, valid, ids(i1, i2, 0));
-            top.add(qxm, q2m, valid, ids(i1, i2, 1));
+            top.add(qxp, q2p, ids(i1, i2, 0));
+            top.add(qxm, q2m, ids(i1, i2, 1));
             i2 += 8;
         }
     }
@@ -600,8 +604,9 @@ fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK
 fn partition_m_top(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2]) -> Option<i32> {
     const BS: usize = IQ1M_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1M_DELTA);
-    let mut sx = [[0.0f32; BS + 8]; 2];
-    let mut sw = [[0.0f32; BS + 8]; 2];
+    // Padded with NaN so that the lanes past BS hold no candidate (`Top2::add`).
+    let mut sx = [[f32::NAN; BS + 8]; 2];
+    let mut sw = [[f32::NAN; BS + 8]; 2];
     for h in 0..2 {
         sx[h][..=BS].copy_from_slice(&px[h]);
         sw[h][..=BS].copy_from_slice(&pw[h]);
@@ -618,7 +623,6 @@ fn partition_m_top(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_
     for i1 in 0..=BS {
         let mut i2 = i1;
         while i2 <= BS {
-            let valid = first_lanes((BS + 1 - i2).min(8));
             let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([set(0.0); 2], [set(0.0); 2], [set(0.0); 2], [set(0.0); 2]);
             for h in 0..2 {
                 // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the rows' length.
@@ -632,10 +636,10 @@ fn partition_m_top(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_
                 q2_m[h] = _mm256_add_ps(set(tws[h] * m2 * m2 + sw[h][i1] * cm1), _mm256_mul_ps(w2, set(cm2)));
             }
             let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
-            top.add(add(qx_p[0], qx_p[1]), add(q2_p[0], q2_p[1]), valid, ids(i1, i2, 0));
-            top.add(add(qx_p[0], qx_m[1]), add(q2_p[0], q2_m[1]), valid, ids(i1, i2, 1));
-            top.add(add(qx_m[0], qx_p[1]), add(q2_m[0], q2_p[1]), valid, ids(i1, i2, 2));
-            top.add(add(qx_m[0], qx_m[1]), add(q2_m[0], q2_m[1]), valid, ids(i1, i2, 3));
+            top.add(add(qx_p[0], qx_p[1]), add(q2_p[0], q2_p[1]), ids(i1, i2, 0));
+            top.add(add(qx_p[0], qx_m[1]), add(q2_p[0], q2_m[1]), ids(i1, i2, 1));
+            top.add(add(qx_m[0], qx_p[1]), add(q2_m[0], q2_p[1]), ids(i1, i2, 2));
+            top.add(add(qx_m[0], qx_m[1]), add(q2_m[0], q2_m[1]), ids(i1, i2, 3));
             i2 += 8;
         }
     }
