@@ -182,12 +182,33 @@ fn sort_by_keys<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
     if xb.iter().any(|v| v.is_nan()) {
         return sorted_pairs(xb);
     }
+    // -0.0 and 0.0 compare equal: one key. Negative values: all bits flipped; others: the sign bit set. The key
+    // of value order, then the index, orders the block as the merge sort does.
+    let order = |v: f32| {
+        let b = if v == 0.0 { 0 } else { v.to_bits() };
+        if b >> 31 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    };
+    if N % 8 == 0 && N <= 32 {
+        let mut keys = [0i32; 32];
+        for (k, &v) in keys.iter_mut().zip(xb) {
+            // Signed, for the signed compares of `ranks`.
+            *k = (order(v) ^ 0x8000_0000) as i32;
+        }
+        // SAFETY: `Avx2Iq` runs only where AVX2 is present (type doc); N is a multiple of 8 up to 32.
+        let rank = unsafe { ranks::<N>(&keys) };
+        let mut pairs = [Pair::default(); N];
+        for (i, &r) in rank.iter().enumerate() {
+            pairs[r as usize % N] = Pair { v: xb[i], i: i as u8 };
+        }
+        return pairs;
+    }
     let mut keys = [0u64; N];
     for (j, (k, &v)) in keys.iter_mut().zip(xb).enumerate() {
-        // -0.0 and 0.0 compare equal: one key. Negative values: all bits flipped; others: the sign bit set.
-        let b = if v == 0.0 { 0 } else { v.to_bits() };
-        let o = if b >> 31 != 0 { !b } else { b | 0x8000_0000 };
-        *k = (o as u64) << 32 | j as u64;
+        *k = (order(v) as u64) << 32 | j as u64;
     }
     keys.sort_unstable();
     let mut pairs = [Pair::default(); N];
@@ -196,6 +217,32 @@ fn sort_by_keys<const N: usize>(xb: &[f32; N]) -> [Pair; N] {
         *p = Pair { v: xb[i], i: i as u8 };
     }
     pairs
+}
+
+/// Each key's place in the order of (key, index): the number of keys below it plus the number of equal keys
+/// before it, counted eight at a time with compares, so without a branch on the data (`N` a multiple of 8, at most
+/// 32; `keys[N..]` unused).
+#[target_feature(enable = "avx2")]
+unsafe fn ranks<const N: usize>(keys: &[i32; 32]) -> [u32; N] {
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let v: [__m256i; 4] = std::array::from_fn(|c| {
+        // SAFETY: 8c + 8 <= 32.
+        unsafe { _mm256_loadu_si256(keys.as_ptr().add(8 * c).cast()) }
+    });
+    let mut rank = [0u32; N];
+    for (i, r) in rank.iter_mut().enumerate() {
+        let k = _mm256_set1_epi32(keys[i]);
+        let mut n = 0;
+        for (c, vc) in v.iter().enumerate().take(N / 8) {
+            // Keys below `keys[i]`, and equal keys at indices below i (lane j of chunk c is index 8c + j).
+            let below = _mm256_cmpgt_epi32(k, *vc);
+            let earlier = _mm256_cmpgt_epi32(_mm256_set1_epi32(i as i32 - 8 * c as i32), iota);
+            let before = _mm256_and_si256(_mm256_cmpeq_epi32(k, *vc), earlier);
+            n += (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(below, before))) as u32).count_ones();
+        }
+        *r = n;
+    }
+    rank
 }
 
 /// The distance terms of a neighbour search, `t[L*i + level] = weight[i] * diff * diff` with `diff = scale *
