@@ -38,7 +38,8 @@ use std::sync::OnceLock;
 
 use sling_core::DType;
 use sling_quantizers::iq1::{
-    find_best_neighbour2, levels, sorted_pairs, Pair, IQ1M_BLOCK_SIZE, IQ1M_DELTA, IQ1S_BLOCK_SIZE, IQ1S_DELTA,
+    find_best_neighbour2, levels, partition_m_consts, partition_m_sums, partition_s_sums, sorted_pairs, Pair,
+    IQ1M_BLOCK_SIZE, IQ1S_BLOCK_SIZE, IQ1S_DELTA,
 };
 use sling_quantizers::iq2::Iq2Step;
 use sling_quantizers::iq3::{Iq3Best, Iq3Data};
@@ -499,76 +500,23 @@ fn ids(i1: usize, i2: usize, k: usize) -> __m256i {
     _mm256_add_epi32(_mm256_set1_epi32(((i1 << 8) | (i2 << 2) | k) as i32), iota4)
 }
 
-/// [`sling_quantizers::iq1::partition_s`]: the best candidate by [`Top2`], or the replay when it cannot tell.
-#[inline(never)]
-#[target_feature(enable = "avx2")]
-fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+/// IQ1_S's candidates eight `i2` per vector, in the reference's loop order: `f(i1, i2, sumqx, sumq2)` for the
+/// candidates `(i1, i2..i2 + 8)`, `[0]` with the `x_p` levels and `[1]` with the `x_m` ones. The sums are the
+/// reference's (`partition_s_sums`: `a*x[0] + b*x[1] + c*x[2]` and `aw*x[0]*x[0] + bw*x[1]*x[1] + cw*x[2]*x[2]`, left
+/// to right, no FMA), the lanes past BS computed from `pad`.
+#[inline(always)]
+unsafe fn each_s(
+    sumx: &[f32; IQ1S_BLOCK_SIZE + 1],
+    sumw: &[f32; IQ1S_BLOCK_SIZE + 1],
+    pad: f32,
+    mut f: impl FnMut(usize, usize, [__m256; 2], [__m256; 2]),
+) {
     const BS: usize = IQ1S_BLOCK_SIZE;
     let (x_p, x_m) = levels(IQ1S_DELTA);
-    if !top2_inputs(sumx) || !top2_inputs(sumw) {
-        return partition_s_replay(sumx, sumw, max);
-    }
-    // Padded with NaN so that the lanes past BS hold no candidate (`Top2::add`).
-    let mut sx = [f32::NAN; BS + 8];
-    let mut sw = [f32::NAN; BS + 8];
+    let mut sx = [pad; BS + 8];
+    let mut sw = [pad; BS + 8];
     sx[..=BS].copy_from_slice(sumx);
     sw[..=BS].copy_from_slice(sumw);
-    let set = _mm256_set1_ps;
-    let (p1, p2, m1, m2) = (set(x_p[1]), set(x_p[2]), set(x_m[1]), set(x_m[2]));
-    let (sx_end, sw_end) = (set(sx[BS]), set(sw[BS]));
-    let mut top = Top2::new();
-    for i1 in 0..=BS {
-        let (a, aw) = (sx[i1] - sx[0], sw[i1] - sw[0]);
-        let (ap, am) = (set(a * x_p[0]), set(a * x_m[0]));
-        let (awp, awm) = (set(aw * x_p[0] * x_p[0]), set(aw * x_m[0] * x_m[0]));
-        let (sx1, sw1) = (set(sx[i1]), set(sw[i1]));
-        let mut i2 = i1;
-        while i2 <= BS {
-            // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the arrays' length.
-            let (x2, w2) = unsafe { (_mm256_loadu_ps(sx.as_ptr().add(i2)), _mm256_loadu_ps(sw.as_ptr().add(i2))) };
-            let (b, c) = (_mm256_sub_ps(x2, sx1), _mm256_sub_ps(sx_end, x2));
-            let (bw, cw) = (_mm256_sub_ps(w2, sw1), _mm256_sub_ps(sw_end, w2));
-            // The replay's sums, with the reference's operations in its order.
-            let qxp = _mm256_add_ps(_mm256_add_ps(ap, _mm256_mul_ps(b, p1)), _mm256_mul_ps(c, p2));
-            let q2p = _mm256_add_ps(
-                _mm256_add_ps(awp, _mm256_mul_ps(_mm256_mul_ps(bw, p1), p1)),
-                _mm256_mul_ps(_mm256_mul_ps(cw, p2), p2),
-            );
-            let qxm = _mm256_add_ps(_mm256_add_ps(am, _mm256_mul_ps(b, m1)), _mm256_mul_ps(c, m2));
-            let q2m = _mm256_add_ps(
-                _mm256_add_ps(awm, _mm256_mul_ps(_mm256_mul_ps(bw, m1), m1)),
-                _mm256_mul_ps(_mm256_mul_ps(cw, m2), m2),
-            );
-            top.add(qxp, q2p, ids(i1, i2, 0));
-            top.add(qxm, q2m, ids(i1, i2, 1));
-            i2 += 8;
-        }
-    }
-    let Some(id) = top.winner() else { return partition_s_replay(sumx, sumw, max) };
-    // The winner's sums again, as the reference computes them (the lanes' operations, so the same values).
-    let (i1, i2, x) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, if id & 3 == 0 { x_p } else { x_m });
-    let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
-    let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
-    let sumqx = a * x[0] + b * x[1] + c * x[2];
-    let sumq2 = aw * x[0] * x[0] + bw * x[1] * x[1] + cw * x[2] * x[2];
-    let shift = if id & 3 == 0 { 1 } else { -1 };
-    Partition { i1: i1 as i32, i2: i2 as i32, shift, scale: sumqx / sumq2 }
-}
-
-/// [`sling_quantizers::iq1::partition_s`] with eight `i2` per vector, the running best replayed in order (module
-/// doc).
-#[inline(never)]
-#[target_feature(enable = "avx2")]
-fn partition_s_replay(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
-    const BS: usize = IQ1S_BLOCK_SIZE;
-    let (x_p, x_m) = levels(IQ1S_DELTA);
-    // Padded so that a vector may start at any i2 <= BS; the lanes past BS are masked off.
-    let mut sx = [0.0f32; BS + 8];
-    let mut sw = [0.0f32; BS + 8];
-    sx[..=BS].copy_from_slice(sumx);
-    sw[..=BS].copy_from_slice(sumw);
-    let mut best = -f32::MAX;
-    let mut r = Partition { i1: -1, i2: -1, shift: 0, scale: max };
     let set = _mm256_set1_ps;
     let (p1, p2, m1, m2) = (set(x_p[1]), set(x_p[2]), set(x_m[1]), set(x_m[2]));
     let (sx_end, sw_end) = (set(sx[BS]), set(sw[BS]));
@@ -580,12 +528,10 @@ fn partition_s_replay(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK
         let (sx1, sw1) = (set(sx[i1]), set(sw[i1]));
         let mut i2 = i1;
         while i2 <= BS {
-            let n = (BS + 1 - i2).min(8);
             // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the arrays' length.
             let (x2, w2) = unsafe { (_mm256_loadu_ps(sx.as_ptr().add(i2)), _mm256_loadu_ps(sw.as_ptr().add(i2))) };
             let (b, c) = (_mm256_sub_ps(x2, sx1), _mm256_sub_ps(sx_end, x2));
             let (bw, cw) = (_mm256_sub_ps(w2, sw1), _mm256_sub_ps(sw_end, w2));
-            // a*x[0] + b*x[1] + c*x[2] and aw*x[0]*x[0] + bw*x[1]*x[1] + cw*x[2]*x[2], left to right.
             let qxp = _mm256_add_ps(_mm256_add_ps(ap, _mm256_mul_ps(b, p1)), _mm256_mul_ps(c, p2));
             let q2p = _mm256_add_ps(
                 _mm256_add_ps(awp, _mm256_mul_ps(_mm256_mul_ps(bw, p1), p1)),
@@ -596,134 +542,36 @@ fn partition_s_replay(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK
                 _mm256_add_ps(awm, _mm256_mul_ps(_mm256_mul_ps(bw, m1), m1)),
                 _mm256_mul_ps(_mm256_mul_ps(cw, m2), m2),
             );
-            let hits = |best: f32| {
-                let vb = set(best);
-                _mm256_movemask_ps(_mm256_or_ps(better(qxp, q2p, vb), better(qxm, q2m, vb))) as u32
-            };
-            let mut mask = hits(best) & ((1u32 << n) - 1);
-            if mask != 0 {
-                let (qxp, q2p, qxm, q2m) = (lanes(qxp), lanes(q2p), lanes(qxm), lanes(q2m));
-                while mask != 0 {
-                    let l = mask.trailing_zeros() as usize;
-                    let (i1, i2) = (i1 as i32, (i2 + l) as i32);
-                    update(qxp[l], q2p[l], &mut best, &mut r, (i1, i2, 1));
-                    update(qxm[l], q2m[l], &mut best, &mut r, (i1, i2, -1));
-                    // The lanes after `l` against the best score as it is now.
-                    mask = hits(best) & ((1u32 << n) - 1) & !((2u32 << l) - 1);
-                }
-            }
+            f(i1, i2, [qxp, qxm], [q2p, q2m]);
             i2 += 8;
         }
     }
-    r
 }
 
-/// [`sling_quantizers::iq1::partition_m`]: the best candidate by [`Top2`], or the replay when it cannot tell.
-#[inline(never)]
-#[target_feature(enable = "avx2")]
-fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
-    const BS: usize = IQ1M_BLOCK_SIZE;
-    let inputs = px.iter().chain(pw).all(|v| top2_inputs(v));
-    let Some(id) = inputs.then(|| partition_m_top(px, pw)).flatten() else { return partition_m_replay(px, pw, max) };
-    // The winner's sums again, as the reference computes them (the lanes' operations, so the same values).
-    let (i1, i2, k) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, (id & 3) as usize);
-    let (x_p, x_m) = levels(IQ1M_DELTA);
-    let (p2, m2) = (x_p[2], x_m[2]);
-    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
-    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
-    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
-    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
-    let (mut qx, mut q2) = ([0.0f32; 2], [0.0f32; 2]);
-    for h in 0..2 {
-        // Half 0 takes the `x_m` levels for k = 2, 3, half 1 for k = 1, 3 (the order of `partition_m`'s sums).
-        let minus = if h == 0 { k >= 2 } else { k & 1 == 1 };
-        let (t2, c1, c2) = if minus { (m2, cm1, cm2) } else { (p2, cp1, cp2) };
-        let sx = px[h][i1] + px[h][i2];
-        qx[h] = px[h][BS] * t2 - sx;
-        q2[h] = pw[h][BS] * t2 * t2 + pw[h][i1] * c1 + pw[h][i2] * c2;
-    }
-    Partition { i1: i1 as i32, i2: i2 as i32, shift: k as i32, scale: (qx[0] + qx[1]) / (q2[0] + q2[1]) }
-}
-
-/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector: [`Top2`]'s winner.
-#[inline(never)]
-#[target_feature(enable = "avx2")]
-fn partition_m_top(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2]) -> Option<i32> {
-    const BS: usize = IQ1M_BLOCK_SIZE;
-    let (x_p, x_m) = levels(IQ1M_DELTA);
-    // Padded with NaN so that the lanes past BS hold no candidate (`Top2::add`).
-    let mut sx = [[f32::NAN; BS + 8]; 2];
-    let mut sw = [[f32::NAN; BS + 8]; 2];
-    for h in 0..2 {
-        sx[h][..=BS].copy_from_slice(&px[h]);
-        sw[h][..=BS].copy_from_slice(&pw[h]);
-    }
-    let txs = [px[0][BS], px[1][BS]];
-    let tws = [pw[0][BS], pw[1][BS]];
-    let (p2, m2) = (x_p[2], x_m[2]);
-    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
-    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
-    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
-    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
-    let set = _mm256_set1_ps;
-    let mut top = Top2::new();
-    for i1 in 0..=BS {
-        let mut i2 = i1;
-        while i2 <= BS {
-            let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([set(0.0); 2], [set(0.0); 2], [set(0.0); 2], [set(0.0); 2]);
-            for h in 0..2 {
-                // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the rows' length.
-                let (x2, w2) =
-                    unsafe { (_mm256_loadu_ps(sx[h].as_ptr().add(i2)), _mm256_loadu_ps(sw[h].as_ptr().add(i2))) };
-                // The replay's sums, with the reference's operations in its order.
-                let s = _mm256_add_ps(set(sx[h][i1]), x2);
-                qx_p[h] = _mm256_sub_ps(set(txs[h] * p2), s);
-                qx_m[h] = _mm256_sub_ps(set(txs[h] * m2), s);
-                q2_p[h] = _mm256_add_ps(set(tws[h] * p2 * p2 + sw[h][i1] * cp1), _mm256_mul_ps(w2, set(cp2)));
-                q2_m[h] = _mm256_add_ps(set(tws[h] * m2 * m2 + sw[h][i1] * cm1), _mm256_mul_ps(w2, set(cm2)));
-            }
-            let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
-            top.add(add(qx_p[0], qx_p[1]), add(q2_p[0], q2_p[1]), ids(i1, i2, 0));
-            top.add(add(qx_p[0], qx_m[1]), add(q2_p[0], q2_m[1]), ids(i1, i2, 1));
-            top.add(add(qx_m[0], qx_p[1]), add(q2_m[0], q2_p[1]), ids(i1, i2, 2));
-            top.add(add(qx_m[0], qx_m[1]), add(q2_m[0], q2_m[1]), ids(i1, i2, 3));
-            i2 += 8;
-        }
-    }
-    top.winner()
-}
-
-/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector, the running best replayed in order (module
-/// doc).
-#[inline(never)]
-#[target_feature(enable = "avx2")]
-fn partition_m_replay(
+/// IQ1_M's candidates eight `i2` per vector, in the reference's loop order: `f(i1, i2, sumqx, sumq2)` for the
+/// candidates `(i1, i2..i2 + 8)` and the four sign combinations `k` (`partition_m_sums`: its sums, with its
+/// operations in its order), the lanes past BS computed from `pad`.
+#[inline(always)]
+unsafe fn each_m(
     px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
     pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
-    max: f32,
-) -> Partition {
+    pad: f32,
+    mut f: impl FnMut(usize, usize, [__m256; 4], [__m256; 4]),
+) {
     const BS: usize = IQ1M_BLOCK_SIZE;
-    let (x_p, x_m) = levels(IQ1M_DELTA);
-    let mut sx = [[0.0f32; BS + 8]; 2];
-    let mut sw = [[0.0f32; BS + 8]; 2];
+    let mut sx = [[pad; BS + 8]; 2];
+    let mut sw = [[pad; BS + 8]; 2];
     for h in 0..2 {
         sx[h][..=BS].copy_from_slice(&px[h]);
         sw[h][..=BS].copy_from_slice(&pw[h]);
     }
     let txs = [px[0][BS], px[1][BS]];
     let tws = [pw[0][BS], pw[1][BS]];
-    let (p2, m2) = (x_p[2], x_m[2]);
-    let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
-    let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
-    let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
-    let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+    let [p2, m2, cp1, cp2, cm1, cm2] = partition_m_consts();
     let set = _mm256_set1_ps;
-    let mut best = -f32::MAX;
-    let mut r = Partition { i1: -1, i2: -1, shift: -1, scale: max };
     for i1 in 0..=BS {
         let mut i2 = i1;
         while i2 <= BS {
-            let n = (BS + 1 - i2).min(8);
             let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([set(0.0); 2], [set(0.0); 2], [set(0.0); 2], [set(0.0); 2]);
             for h in 0..2 {
                 // SAFETY: i2 <= BS, so i2 + 8 <= BS + 8 = the rows' length.
@@ -739,30 +587,129 @@ fn partition_m_replay(
             let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
             let sumqx = [add(qx_p[0], qx_p[1]), add(qx_p[0], qx_m[1]), add(qx_m[0], qx_p[1]), add(qx_m[0], qx_m[1])];
             let sumq2 = [add(q2_p[0], q2_p[1]), add(q2_p[0], q2_m[1]), add(q2_m[0], q2_p[1]), add(q2_m[0], q2_m[1])];
-            let hits = |best: f32| {
-                let vb = set(best);
-                let hit = _mm256_or_ps(
-                    _mm256_or_ps(better(sumqx[0], sumq2[0], vb), better(sumqx[1], sumq2[1], vb)),
-                    _mm256_or_ps(better(sumqx[2], sumq2[2], vb), better(sumqx[3], sumq2[3], vb)),
-                );
-                _mm256_movemask_ps(hit) as u32
-            };
-            let mut mask = hits(best) & ((1u32 << n) - 1);
-            if mask != 0 {
-                let qx = sumqx.map(|v| lanes(v));
-                let q2 = sumq2.map(|v| lanes(v));
-                while mask != 0 {
-                    let l = mask.trailing_zeros() as usize;
-                    for k in 0..4 {
-                        update(qx[k][l], q2[k][l], &mut best, &mut r, (i1 as i32, (i2 + l) as i32, k as i32));
-                    }
-                    // The lanes after `l` against the best score as it is now.
-                    mask = hits(best) & ((1u32 << n) - 1) & !((2u32 << l) - 1);
-                }
-            }
+            f(i1, i2, sumqx, sumq2);
             i2 += 8;
         }
     }
+}
+
+/// The running-best replay (module doc) of `K` candidate sums per vector: tests the lanes `0..n` against the best
+/// score so far; the first lane that passes runs the reference's rule on its `K` candidates in order, then the lanes
+/// after it are tested again against the best score as it is now, and so on. `cand(lane, k)`: the candidate's
+/// `(i1, i2, shift)`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn replay<const K: usize>(
+    sumqx: [__m256; K],
+    sumq2: [__m256; K],
+    n: usize,
+    best: &mut f32,
+    r: &mut Partition,
+    cand: impl Fn(usize, usize) -> (i32, i32, i32),
+) {
+    let hits = |best: f32| {
+        let vb = _mm256_set1_ps(best);
+        let hit = (0..K).fold(_mm256_setzero_ps(), |h, k| _mm256_or_ps(h, better(sumqx[k], sumq2[k], vb)));
+        _mm256_movemask_ps(hit) as u32 & ((1u32 << n) - 1)
+    };
+    let mut mask = hits(*best);
+    if mask != 0 {
+        let qx = sumqx.map(|v| lanes(v));
+        let q2 = sumq2.map(|v| lanes(v));
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            for k in 0..K {
+                update(qx[k][l], q2[k][l], best, r, cand(l, k));
+            }
+            // The lanes after `l` against the best score as it is now.
+            mask = hits(*best) & !((2u32 << l) - 1);
+        }
+    }
+}
+
+/// [`sling_quantizers::iq1::partition_s`]: the best candidate by [`Top2`], or the replay when it cannot tell.
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_s_avx2(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+    if !top2_inputs(sumx) || !top2_inputs(sumw) {
+        return partition_s_replay(sumx, sumw, max);
+    }
+    let mut top = Top2::new();
+    // SAFETY: AVX2 (this function's feature). NaN padding: the lanes past BS hold no candidate (`Top2::add`).
+    unsafe {
+        each_s(sumx, sumw, f32::NAN, |i1, i2, qx, q2| {
+            top.add(qx[0], q2[0], ids(i1, i2, 0));
+            top.add(qx[1], q2[1], ids(i1, i2, 1));
+        })
+    };
+    let Some(id) = top.winner() else { return partition_s_replay(sumx, sumw, max) };
+    // The winner's sums again, as the reference computes them (the lanes' values).
+    let (i1, i2, k) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, (id & 3) as usize);
+    let (sumqx, sumq2) = partition_s_sums(sumx, sumw, i1, i2)[k];
+    let shift = if k == 0 { 1 } else { -1 };
+    Partition { i1: i1 as i32, i2: i2 as i32, shift, scale: sumqx / sumq2 }
+}
+
+/// [`sling_quantizers::iq1::partition_s`] with eight `i2` per vector, the running best replayed in order (module
+/// doc).
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_s_replay(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
+    const BS: usize = IQ1S_BLOCK_SIZE;
+    let mut best = -f32::MAX;
+    let mut r = Partition { i1: -1, i2: -1, shift: 0, scale: max };
+    // SAFETY: AVX2 (this function's feature); the lanes past BS are masked off.
+    unsafe {
+        each_s(sumx, sumw, 0.0, |i1, i2, qx, q2| {
+            let n = (BS + 1 - i2).min(8);
+            replay(qx, q2, n, &mut best, &mut r, |l, k| (i1 as i32, (i2 + l) as i32, if k == 0 { 1 } else { -1 }));
+        })
+    };
+    r
+}
+
+/// [`sling_quantizers::iq1::partition_m`]: the best candidate by [`Top2`], or the replay when it cannot tell.
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_m_avx2(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
+    if !px.iter().chain(pw).all(|v| top2_inputs(v)) {
+        return partition_m_replay(px, pw, max);
+    }
+    let mut top = Top2::new();
+    // SAFETY: AVX2 (this function's feature). NaN padding: the lanes past BS hold no candidate (`Top2::add`).
+    unsafe {
+        each_m(px, pw, f32::NAN, |i1, i2, qx, q2| {
+            for k in 0..4 {
+                top.add(qx[k], q2[k], ids(i1, i2, k));
+            }
+        })
+    };
+    let Some(id) = top.winner() else { return partition_m_replay(px, pw, max) };
+    // The winner's sums again, as the reference computes them (the lanes' values).
+    let (i1, i2, k) = ((id >> 8) as usize, ((id >> 2) & 63) as usize, (id & 3) as usize);
+    let (sumqx, sumq2) = partition_m_sums(px, pw, i1, i2)[k];
+    Partition { i1: i1 as i32, i2: i2 as i32, shift: k as i32, scale: sumqx / sumq2 }
+}
+
+/// [`sling_quantizers::iq1::partition_m`] with eight `i2` per vector, the running best replayed in order (module
+/// doc).
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+fn partition_m_replay(
+    px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    max: f32,
+) -> Partition {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let mut best = -f32::MAX;
+    let mut r = Partition { i1: -1, i2: -1, shift: -1, scale: max };
+    // SAFETY: AVX2 (this function's feature); the lanes past BS are masked off.
+    unsafe {
+        each_m(px, pw, 0.0, |i1, i2, qx, q2| {
+            let n = (BS + 1 - i2).min(8);
+            replay(qx, q2, n, &mut best, &mut r, |l, k| (i1 as i32, (i2 + l) as i32, k as i32));
+        })
+    };
     r
 }
 

@@ -242,27 +242,38 @@ fn snap<S: IqSearch>(
     (S::neighbour_iq1(maps, nb, xval, weight, scale, xx, l8), false)
 }
 
+/// The sums `(sumqx, sumq2)` of IQ1_S's partition candidate `(i1, i2)` with the `x_p` and with the `x_m` levels,
+/// as `quantize_row_iq1_s_impl` computes them (`sumx`, `sumw`: prefix sums in sorted order).
+#[inline(always)]
+pub fn partition_s_sums(
+    sumx: &[f32; IQ1S_BLOCK_SIZE + 1],
+    sumw: &[f32; IQ1S_BLOCK_SIZE + 1],
+    i1: usize,
+    i2: usize,
+) -> [(f32, f32); 2] {
+    const BS: usize = IQ1S_BLOCK_SIZE;
+    let (x_p, x_m) = levels(IQ1S_DELTA);
+    let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
+    let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
+    [x_p, x_m].map(|x| (a * x[0] + b * x[1] + c * x[2], aw * x[0] * x[0] + bw * x[1] * x[1] + cw * x[2] * x[2]))
+}
+
 /// The partition search of `quantize_row_iq1_s_impl`, as in C.
 #[inline(always)]
 pub fn partition_s(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SIZE + 1], max: f32) -> Partition {
     const BS: usize = IQ1S_BLOCK_SIZE;
-    let (x_p, x_m) = levels(IQ1S_DELTA);
     let mut best_score = -f32::MAX;
     let mut scale = max;
     let (mut besti1, mut besti2, mut best_shift) = (-1i32, -1i32, 0i32);
     for i1 in 0..=BS {
         for i2 in i1..=BS {
-            let (a, b, c) = (sumx[i1] - sumx[0], sumx[i2] - sumx[i1], sumx[BS] - sumx[i2]);
-            let (aw, bw, cw) = (sumw[i1] - sumw[0], sumw[i2] - sumw[i1], sumw[BS] - sumw[i2]);
-            let sumqx = a * x_p[0] + b * x_p[1] + c * x_p[2];
-            let sumq2 = aw * x_p[0] * x_p[0] + bw * x_p[1] * x_p[1] + cw * x_p[2] * x_p[2];
+            let [(sumqx, sumq2), (sumqx_m, sumq2_m)] = partition_s_sums(sumx, sumw, i1, i2);
             if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
                 scale = sumqx / sumq2;
                 best_score = scale * sumqx;
                 (besti1, besti2, best_shift) = (i1 as i32, i2 as i32, 1);
             }
-            let sumqx = a * x_m[0] + b * x_m[1] + c * x_m[2];
-            let sumq2 = aw * x_m[0] * x_m[0] + bw * x_m[1] * x_m[1] + cw * x_m[2] * x_m[2];
+            let (sumqx, sumq2) = (sumqx_m, sumq2_m);
             if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
                 scale = sumqx / sumq2;
                 best_score = scale * sumqx;
@@ -273,33 +284,59 @@ pub fn partition_s(sumx: &[f32; IQ1S_BLOCK_SIZE + 1], sumw: &[f32; IQ1S_BLOCK_SI
     Partition { i1: besti1, i2: besti2, shift: best_shift, scale }
 }
 
-/// The partition search of `quantize_row_iq1_m_impl`, in the prefix-sum form of this port (same operations).
+/// The constants of IQ1_M's candidate sums: `x_p[2]`, `x_m[2]` and the differences of squared levels
+/// `cp1 = x_p[0]² - x_p[1]²`, `cp2 = x_p[1]² - x_p[2]²`, `cm1`, `cm2` (the same for `x_m`).
 #[inline(always)]
-pub fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
-    const BS: usize = IQ1M_BLOCK_SIZE;
+pub fn partition_m_consts() -> [f32; 6] {
     let (x_p, x_m) = levels(IQ1M_DELTA);
-    let mut best_score = -f32::MAX;
-    let mut scale = max;
-    let (mut besti1, mut besti2, mut best_k) = (-1i32, -1i32, -1i32);
-    let txs = [px[0][BS], px[1][BS]];
-    let tws = [pw[0][BS], pw[1][BS]];
-    let (p2, m2) = (x_p[2], x_m[2]);
     let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
     let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
     let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
     let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+    [x_p[2], x_m[2], cp1, cp2, cm1, cm2]
+}
+
+/// The sums `(sumqx, sumq2)` of IQ1_M's partition candidate `(i1, i2)` for the four delta sign combinations `k` of
+/// the two halves (`k = 0`: both `x_p`; 1: `x_p`, `x_m`; 2: `x_m`, `x_p`; 3: both `x_m`), in the prefix-sum form of
+/// this port (`px[h]`, `pw[h]`: prefix sums of half `h` in sorted order).
+#[inline(always)]
+pub fn partition_m_sums(
+    px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2],
+    i1: usize,
+    i2: usize,
+) -> [(f32, f32); 4] {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let [p2, m2, cp1, cp2, cm1, cm2] = partition_m_consts();
+    let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
+    for h in 0..2 {
+        let (txs, tws) = (px[h][BS], pw[h][BS]);
+        let sx = px[h][i1] + px[h][i2];
+        qx_p[h] = txs * p2 - sx;
+        qx_m[h] = txs * m2 - sx;
+        q2_p[h] = tws * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+        q2_m[h] = tws * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+    }
+    [
+        (qx_p[0] + qx_p[1], q2_p[0] + q2_p[1]),
+        (qx_p[0] + qx_m[1], q2_p[0] + q2_m[1]),
+        (qx_m[0] + qx_p[1], q2_m[0] + q2_p[1]),
+        (qx_m[0] + qx_m[1], q2_m[0] + q2_m[1]),
+    ]
+}
+
+/// The partition search of `quantize_row_iq1_m_impl`, in the prefix-sum form of this port (same operations).
+#[inline(always)]
+pub fn partition_m(px: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], pw: &[[f32; IQ1M_BLOCK_SIZE + 1]; 2], max: f32) -> Partition {
+    const BS: usize = IQ1M_BLOCK_SIZE;
+    let mut best_score = -f32::MAX;
+    let mut scale = max;
+    let (mut besti1, mut besti2, mut best_k) = (-1i32, -1i32, -1i32);
     for i1 in 0..=BS {
         for i2 in i1..=BS {
-            let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
-            for h in 0..2 {
-                let sx = px[h][i1] + px[h][i2];
-                qx_p[h] = txs[h] * p2 - sx;
-                qx_m[h] = txs[h] * m2 - sx;
-                q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
-                q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
-            }
-            let sumqx = [qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]];
-            let sumq2 = [q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]];
+            let sums = partition_m_sums(px, pw, i1, i2);
+            let sumqx = sums.map(|s| s.0);
+            let sumq2 = sums.map(|s| s.1);
             for k in 0..4 {
                 if sumq2[k] > 0.0 && sumqx[k] * sumqx[k] > best_score * sumq2[k] {
                     scale = sumqx[k] / sumq2[k];
