@@ -314,17 +314,23 @@ fn first_least(best: __m256, pos: __m256i, nb: &[u16]) -> Option<usize> {
     nb.get(_mm256_cvtss_f32(q) as usize).map(|&k| k as usize)
 }
 
+/// Which of the four shared grids of `iq2_maps` (256, 512, 1024 and 2048 points) `maps` is, told apart by its size:
+/// the slot of its tables built once per grid.
+pub(crate) fn grid_slot(maps: &Iq2Maps) -> usize {
+    match maps.grid.len() {
+        256 => 0,
+        512 => 1,
+        1024 => 2,
+        _ => 3,
+    }
+}
+
 /// Per grid point of an IQ2/IQ1 grid, the table positions of its 8 coordinates in 4-bit fields: field `i` is
 /// `level_i + 4*(i % 2)`, where coordinate `i`'s term sits in the vector of coordinates `2*(i/2)` and `2*(i/2)+1`
 /// (see [`argmin_u64`]). Built once per grid (the grids differ in size: 256, 512, 1024, 2048 points).
 fn packed_levels(maps: &Iq2Maps) -> &'static [u32] {
     static PACKED: [OnceLock<Vec<u32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let slot = match maps.grid.len() {
-        256 => 0,
-        512 => 1,
-        1024 => 2,
-        _ => 3,
-    };
+    let slot = grid_slot(maps);
     PACKED[slot].get_or_init(|| {
         let pack =
             |g: u64| (0..8).fold(0u32, |a, i| a | ((((g >> (8 * i + 1)) & 3) as u32 + 4 * (i as u32 % 2)) << (4 * i)));
@@ -336,12 +342,7 @@ fn packed_levels(maps: &Iq2Maps) -> &'static [u32] {
 /// then its points' packed levels), so that a search loads eight points' levels at once.
 fn packed_level_lists(maps: &Iq2Maps) -> &'static [i32] {
     static LISTS: [OnceLock<Vec<i32>>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let slot = match maps.grid.len() {
-        256 => 0,
-        512 => 1,
-        1024 => 2,
-        _ => 3,
-    };
+    let slot = grid_slot(maps);
     LISTS[slot].get_or_init(|| {
         let packed = packed_levels(maps);
         crate::iq_steps::packed_lists(&maps.neighbours, |k| packed[k] as i32)

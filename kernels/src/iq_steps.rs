@@ -307,14 +307,7 @@ fn iq2_neighbour_points(maps: &Iq2Maps) -> &'static [u16] {
             pg.iter().enumerate().fold(0u16, |u, (i, &b)| u | ((((b as i8 as i32) - 1) / 2) as u16) << (2 * i))
         })
     };
-    // The four shared grids of `iq2_maps`, told apart by their size.
-    let slot = match maps.grid.len() {
-        256 => 0,
-        512 => 1,
-        1024 => 2,
-        _ => 3,
-    };
-    P[slot].get_or_init(build)
+    P[crate::iq_lanes::grid_slot(maps)].get_or_init(build)
 }
 
 /// [`sling_quantizers::iq2::step_search`] on AVX2 (module doc), `G` groups of 8.
