@@ -1,13 +1,13 @@
 //! Executing a [`Plan`] into an artifact directory.
 //!
-//! Weights are cut into row chunks of bounded size (aligned to each weight's `row_align`), computed in
-//! parallel a window at a time (rayon), encoded by the [`Target`], and written at their parts' places in the
-//! shard set ([`crate::sink`]). Chunk boundaries do not depend on the thread count and every chunk is
-//! encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
+//! The [`crate::engine`] computes the weights in row chunks (aligned to each weight's `row_align`) a window at
+//! a time, encoded by the [`Target`]; this module's container writes each chunk's parts at their places in the
+//! shard set ([`sling_formats::st_write::sink`]). Chunk boundaries do not depend on the thread count and every
+//! chunk is encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
 //!
 //! Resume: while it runs, the executor records in `OUT.partial/.sling-journal.json` how many weights (in plan
 //! order) are complete on disk — after syncing them, at most every `SLING_JOURNAL_INTERVAL_MS` (default 5000;
-//! 0: after every window) — with a fingerprint of everything that decides the bytes (the plan, the options, the
+//! 0: as each weight completes) — with a fingerprint of everything that decides the bytes (the plan, the options, the
 //! code version, each source file's path, size and modification time). With [`ExecOptions::resume`], a run
 //! whose fingerprint matches reopens the partial shards, re-hashes the complete weights' bytes, and computes
 //! only the rest; the result is byte-identical to an uninterrupted run. A run asked to resume keeps its partial

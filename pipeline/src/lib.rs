@@ -1,9 +1,10 @@
-//! The target-agnostic pipeline for artifacts that are Hugging Face-style directories of safetensors shards
-//! (vLLM/SGLang compressed-tensors, MLX): a target plans *weights* — each a lazy row-range recipe ([`Op`])
-//! over the source checkpoint, stored as a group of tensors ([`Part`]s: packed values, scales, zero points,
-//! ...) — and encodes row chunks of them; the pipeline chunks, computes in parallel a window at a time, and
-//! writes every part at its place in the shard set ([`sink`]), then the extra files, the manifest and the
-//! model card, and renames the finished directory into place ([`exec`]).
+//! The target-agnostic pipeline: a target plans *weights* — each a lazy row-range recipe ([`Op`]) over the
+//! source checkpoint, stored as a group of tensors ([`Part`]s: packed values, scales, zero points, ...) — and
+//! encodes row chunks of them ([`Target`]); the pipeline's [`engine`] chunks, computes in parallel a window at a
+//! time, and hands the chunks in order to the artifact's container. For Hugging Face-style directories of
+//! safetensors shards (vLLM/SGLang compressed-tensors, MLX), [`exec`] writes every part at its place in the shard
+//! set (`sling_formats::st_write::sink`), then the extra files, the manifest and the model card, and renames the
+//! finished directory into place.
 //!
 //! The lazy row-range recipe itself ([`ops`]: [`Op`], [`ops::Src`], [`ops::Mxfp4Repack`]) is shared by every
 //! target and by the calibration forward pass. The execution engine ([`engine`]: chunks, the parallel window,

@@ -1,7 +1,8 @@
-//! Executing a plan: tensors are cut into row chunks of bounded size, chunks are computed in
-//! parallel (rayon) a window at a time, and written strictly in plan order. Chunk boundaries do
-//! not depend on the thread count, and each chunk is encoded on its own, so the output bytes are
-//! identical whatever the number of threads. Peak memory is bounded by the window, not the model.
+//! Executing a plan on the pipeline's engine ([`sling_pipeline::engine`]): each tensor is a one-part
+//! weight of the [`Gguf`] target, cut into row chunks of bounded size (never across an expert's rows),
+//! computed in parallel (rayon) a window at a time and written strictly in plan order by [`GgufFiles`].
+//! Chunk boundaries do not depend on the thread count, and each chunk is encoded on its own, so the output
+//! bytes are identical whatever the number of threads. Peak memory is bounded by the window, not the model.
 //!
 //! Crash safety and resume: outputs are written as `NAME.partial` with a journal
 //! (`OUT.partial.json`, see [`sling_formats::gguf::write`]) and renamed only when complete and hashed. The
