@@ -729,6 +729,21 @@ mod tests {
         ok
     }
 
+    /// IQ1_M's prefix sums of the two halves over the first 16 values and weights (sorted order), value `j` in half
+    /// `half(j)`, as the encoder builds them.
+    #[allow(clippy::type_complexity)]
+    fn halves(x: &[f32], w: &[f32], half: impl Fn(usize) -> usize) -> ([[f32; 17]; 2], [[f32; 17]; 2]) {
+        let (mut px, mut pw) = ([[0.0f32; 17]; 2], [[0.0f32; 17]; 2]);
+        for j in 0..16 {
+            let h = half(j);
+            px[h][j + 1] = px[h][j] + w[j] * x[j];
+            px[1 - h][j + 1] = px[1 - h][j];
+            pw[h][j + 1] = pw[h][j] + w[j];
+            pw[1 - h][j + 1] = pw[1 - h][j];
+        }
+        (px, pw)
+    }
+
     /// Prefix sums as the encoders build them, from values and weights in sorted order.
     fn prefix<const N: usize>(x: &[f32], w: &[f32]) -> ([f32; N], [f32; N]) {
         let (mut sx, mut sw) = ([0.0f32; N], [0.0f32; N]);
@@ -778,14 +793,7 @@ mod tests {
                 (want.i1, want.i2, want.shift, want.scale.to_bits()),
                 "IQ1_S case {case}"
             );
-            let (mut px, mut pw) = ([[0.0f32; 17]; 2], [[0.0f32; 17]; 2]);
-            for j in 0..16 {
-                let h = (j * 5 + case) % 2;
-                px[h][j + 1] = px[h][j] + w[j] * x[j];
-                px[1 - h][j + 1] = px[1 - h][j];
-                pw[h][j + 1] = pw[h][j] + w[j];
-                pw[1 - h][j + 1] = pw[1 - h][j];
-            }
+            let (px, pw) = halves(&x, &w, |j| (j * 5 + case) % 2);
             // SAFETY: AVX2 checked above.
             let got = unsafe { partition_m_avx2(&px, &pw, max) };
             let want = partition_m(&px, &pw, max);
@@ -825,14 +833,7 @@ mod tests {
             let want = partition_s(&sx, &sw, max);
             prop_assert_eq!((got.i1, got.i2, got.shift, got.scale.to_bits()), (want.i1, want.i2, want.shift, want.scale.to_bits()));
             // IQ1_M: the two halves' prefix sums over the same sorted order.
-            let (mut px, mut pw) = ([[0.0f32; 17]; 2], [[0.0f32; 17]; 2]);
-            for j in 0..16 {
-                let h = (j * 7 + 3) % 2;
-                px[h][j + 1] = px[h][j] + w[j] * x[j];
-                px[1 - h][j + 1] = px[1 - h][j];
-                pw[h][j + 1] = pw[h][j] + w[j];
-                pw[1 - h][j + 1] = pw[1 - h][j];
-            }
+            let (px, pw) = halves(&x, &w, |j| (j * 7 + 3) % 2);
             // SAFETY: AVX2 checked above.
             let got = unsafe { partition_m_avx2(&px, &pw, max) };
             let want = partition_m(&px, &pw, max);
