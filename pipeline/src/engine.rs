@@ -77,15 +77,6 @@ impl Computed<'_> {
             Computed::Mapped(s) => s.iter().map(|b| (0, *b)).collect(),
         }
     }
-
-    /// Bytes in all.
-    pub fn len(&self) -> u64 {
-        self.slices().iter().map(|(_, b)| b.len() as u64).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Rows `r0..r1` of `w`'s values, checked for NaN/Inf: an error, or with `allow_nonfinite` a note naming the

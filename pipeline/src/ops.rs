@@ -365,13 +365,13 @@ impl Elem for f32 {
         let (dtype, bytes, tensor) = match leaf {
             Op::Mxfp4(m) => {
                 m.read(ck, r0, r1, &mut raw)?;
-                (DType::MXFP4, raw.as_slice(), &m.blocks)
+                (DType::MXFP4, raw.as_slice(), m.blocks.as_str())
             }
-            Op::Gguf(g) => (g.dtype, g.rows_or_err(r0, r1)?, &g.file.tensors[g.index].name),
+            Op::Gguf(g) => (g.dtype, g.rows_or_err(r0, r1)?, g.name()),
             _ => return Ok(()),
         };
         sling_quantizers::dequantize(dtype, bytes, out)
-            .map_err(|source| OpError::Dequantize { tensor: tensor.clone(), source })
+            .map_err(|source| OpError::Dequantize { tensor: tensor.to_string(), source })
     }
 }
 
