@@ -6,6 +6,7 @@ use sling_pipeline::PlanError;
 
 pub mod mlx;
 pub mod read;
+pub mod recipe;
 pub mod vllm;
 
 /// A target named with `--to` (other than `gguf:…`, which `sling_target_gguf::quantize` handles).

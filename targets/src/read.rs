@@ -27,11 +27,66 @@ pub enum ReadError {
     Missing(String),
 }
 
+/// One `config_groups` entry of a compressed-tensors config: format, bits, symmetric, group size (None: channel),
+/// block (fp8-block), and the modules it targets.
+#[derive(Clone, Debug)]
+pub struct CtScheme {
+    pub format: String,
+    pub bits: u32,
+    pub symmetric: bool,
+    pub group: Option<usize>,
+    pub block: bool,
+    pub targets: Vec<CtTarget>,
+}
+
+/// A `targets` entry, matched as compressed-tensors' `match_name` and vLLM's `find_matched_target` match a module
+/// name: `re:PATTERN` by `re.match` (anchored at the start only), a class name (`Linear`: every module stored with
+/// quantized parameters), else the exact module name.
+#[derive(Clone, Debug)]
+pub enum CtTarget {
+    Regex(regex::Regex),
+    Class(String),
+    Name(String),
+}
+
+impl CtTarget {
+    fn parse(s: &str) -> Result<CtTarget, String> {
+        if let Some(p) = s.strip_prefix("re:") {
+            return regex::Regex::new(&format!("^(?:{p})"))
+                .map(CtTarget::Regex)
+                .map_err(|e| format!("target {s:?}: {e}"));
+        }
+        // Class names are capitalised identifiers (`Linear`, `FusedMoE`); module names are dotted paths.
+        if s.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && !s.contains('.') {
+            return Ok(CtTarget::Class(s.to_string()));
+        }
+        Ok(CtTarget::Name(s.to_string()))
+    }
+
+    /// Whether this target names `module` (a Linear module: the class targets that sling writes are `Linear`).
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            CtTarget::Regex(r) => r.is_match(module),
+            CtTarget::Class(c) => c == "Linear",
+            CtTarget::Name(n) => n == module,
+        }
+    }
+}
+
+impl PartialEq for CtScheme {
+    fn eq(&self, o: &CtScheme) -> bool {
+        (&self.format, self.bits, self.symmetric, self.group, self.block)
+            == (&o.format, o.bits, o.symmetric, o.group, o.block)
+    }
+}
+
+impl Eq for CtScheme {}
+
 /// What kind of artifact a directory is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// compressed-tensors: format, bits, symmetric, group size (None: channel), block (fp8-block).
-    CompressedTensors { format: String, bits: u32, symmetric: bool, group: Option<usize>, block: bool },
+    /// compressed-tensors: its config groups, in the order `config_groups` lists them (`group_0`, `group_1`, …).
+    CompressedTensors { schemes: Vec<CtScheme> },
     /// MLX affine: global bits and group size (per-module overrides in `config.json` and the shapes).
     Mlx { bits: u32, group: usize },
 }
@@ -40,8 +95,8 @@ pub enum Kind {
 enum Logical {
     /// A stored tensor read as it is (widened to f32).
     Plain { tensor: String },
-    /// A compressed-tensors module (`<module>.weight_*`).
-    Ct { module: String },
+    /// A compressed-tensors module (`<module>.weight_*`) of the `scheme`-th config group.
+    Ct { module: String, scheme: usize },
     /// An MLX affine weight (`<module>.weight/.scales/.biases`); `expert`: one slice of a stacked tensor.
     Affine { module: String, bits: u32, group: usize, expert: Option<u64> },
     /// One expert of a stacked unquantized tensor.
@@ -76,14 +131,7 @@ fn fmt_err(dir: &Path, why: impl Into<String>) -> ReadError {
 pub fn kind_of(dir: &Path) -> Option<Kind> {
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
     if let Some(q) = cfg.get("quantization_config").filter(|q| q["quant_method"] == "compressed-tensors") {
-        let w = &q["config_groups"]["group_0"]["weights"];
-        return Some(Kind::CompressedTensors {
-            format: q["format"].as_str().unwrap_or("").to_string(),
-            bits: w["num_bits"].as_u64().unwrap_or(0) as u32,
-            symmetric: w["symmetric"].as_bool().unwrap_or(true),
-            group: w["group_size"].as_u64().filter(|g| *g > 0).map(|g| g as usize),
-            block: w["strategy"] == "block",
-        });
+        return ct_schemes(q).ok().map(|schemes| Kind::CompressedTensors { schemes });
     }
     let q = cfg.get("quantization")?;
     // `mxfp4`: a partially quantized model (gpt-oss's MXFP4 experts kept), every affine module listed.
@@ -91,6 +139,42 @@ pub fn kind_of(dir: &Path) -> Option<Kind> {
         return None;
     }
     Some(Kind::Mlx { bits: q["bits"].as_u64()? as u32, group: q["group_size"].as_u64()? as usize })
+}
+
+/// The config groups of a compressed-tensors `quantization_config`, in key order (`group_0`, `group_1`, …, as
+/// Python's dict keeps them when written with `sort_keys`); each group's `format`, else the block's (a
+/// `mixed-precision` block names each group's format).
+fn ct_schemes(q: &serde_json::Value) -> Result<Vec<CtScheme>, String> {
+    let top = q["format"].as_str().unwrap_or("");
+    let groups = q["config_groups"].as_object().ok_or("quantization_config without config_groups")?;
+    let mut keys: Vec<&String> = groups.keys().collect();
+    // group_2 before group_10, as the writer numbered them.
+    keys.sort_by_key(|k| (k.trim_start_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().unwrap_or(u64::MAX), *k));
+    let mut out = Vec::new();
+    for k in keys {
+        let g = &groups[k];
+        let w = &g["weights"];
+        let targets = g["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str())
+            .map(CtTarget::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("config_groups.{k}: {e}"))?;
+        out.push(CtScheme {
+            format: g["format"].as_str().filter(|f| !f.is_empty()).unwrap_or(top).to_string(),
+            bits: w["num_bits"].as_u64().unwrap_or(0) as u32,
+            symmetric: w["symmetric"].as_bool().unwrap_or(true),
+            group: w["group_size"].as_u64().filter(|g| *g > 0).map(|g| g as usize),
+            block: w["strategy"] == "block",
+            targets,
+        });
+    }
+    if out.is_empty() {
+        return Err("quantization_config has no config group".into());
+    }
+    Ok(out)
 }
 
 fn decode(t: &SourceTensor, bytes: &[u8]) -> Result<Vec<f32>, ReadError> {
@@ -205,10 +289,19 @@ impl Artifact {
             logical.insert(name, (shape, l));
         };
         match &kind {
-            Kind::CompressedTensors { format, .. } => {
+            Kind::CompressedTensors { schemes } => {
+                // The config group quantizing a module: the first whose targets name it, as vLLM's
+                // `find_matched_target` takes the first match (sling never writes overlapping targets).
+                let scheme_of = |module: &str| -> Result<usize, ReadError> {
+                    schemes.iter().position(|s| s.targets.iter().any(|t| t.matches(module))).ok_or_else(|| {
+                        fmt_err(dir, format!("{module}: stored quantized, but no config group targets it"))
+                    })
+                };
                 for t in ck.tensors() {
                     let n = t.name.as_str();
                     if let Some(module) = n.strip_suffix(".weight_packed") {
+                        let scheme = scheme_of(module)?;
+                        let format = &schemes[scheme].format;
                         let shape = match ck.get(&format!("{module}.weight_shape")) {
                             Some(s) => {
                                 let v: Vec<i64> = ck
@@ -223,10 +316,11 @@ impl Artifact {
                             }
                             None => return Err(fmt_err(dir, format!("{module}: weight_packed without weight_shape"))),
                         };
-                        add(format!("{module}.weight"), shape, Logical::Ct { module: module.to_string() });
+                        add(format!("{module}.weight"), shape, Logical::Ct { module: module.to_string(), scheme });
                     } else if n.ends_with(".weight") && t.dtype == DType::F8E4M3 {
                         let module = n.strip_suffix(".weight").unwrap_or(n);
-                        add(n.to_string(), t.shape.clone(), Logical::Ct { module: module.to_string() });
+                        let scheme = scheme_of(module)?;
+                        add(n.to_string(), t.shape.clone(), Logical::Ct { module: module.to_string(), scheme });
                     } else if [".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_global_scale"]
                         .iter()
                         .any(|s| n.ends_with(s))
@@ -353,9 +447,9 @@ impl Artifact {
                 let base = expert.map_or(0, |e| e * (numel / cols as u64));
                 self.affine_rows(module, *bits, *group, cols, base + r0, base + r1)
             }
-            Logical::Ct { module } => {
+            Logical::Ct { module, scheme } => {
                 let cols = *shape.last().unwrap_or(&1) as usize;
-                self.ct_rows(module, shape[0], cols, i0, i1)
+                self.ct_rows(module, *scheme, shape[0], cols, i0, i1)
             }
             Logical::Mxfp4 { module, expert } => {
                 let cols = *shape.last().unwrap_or(&1) as usize;
@@ -450,10 +544,20 @@ impl Artifact {
         Ok(out)
     }
 
-    fn ct_rows(&self, module: &str, rows: u64, cols: usize, i0: u64, i1: u64) -> Result<Vec<f32>, ReadError> {
-        let Kind::CompressedTensors { format, bits, symmetric, group, block } = &self.kind else {
+    fn ct_rows(
+        &self,
+        module: &str,
+        scheme: usize,
+        rows: u64,
+        cols: usize,
+        i0: u64,
+        i1: u64,
+    ) -> Result<Vec<f32>, ReadError> {
+        let Kind::CompressedTensors { schemes } = &self.kind else {
             return Err(ReadError::Missing(module.to_string()));
         };
+        let CtScheme { format, bits, symmetric, group, block, .. } =
+            schemes.get(scheme).ok_or_else(|| ReadError::Missing(module.to_string()))?;
         let (r0, r1) = (i0 as usize, i1 as usize);
         let scale_t = self.get(&format!("{module}.weight_scale"))?;
         let mut out = Vec::with_capacity((r1 - r0) * cols);

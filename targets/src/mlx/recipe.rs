@@ -16,36 +16,13 @@
 //! Rules are tried in order; the first whose `name` matches a quantized weight sets its bits (and group size,
 //! else the default's). Stacked experts are named `….switch_mlp.{gate,up,down}_proj.weight`.
 
-use serde::Deserialize;
-
 use super::auto::{affine_parts, Kind};
 use super::{Enc, MlxPlan, GROUP_SIZES};
+use crate::recipe::{Choice, Limits, RecipeFile};
 use crate::TargetError;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    bits: Option<u32>,
-    #[serde(default)]
-    group_size: Option<u64>,
-    #[serde(default, rename = "rule")]
-    rules: Vec<RuleSpec>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RuleSpec {
-    name: String,
-    #[serde(default)]
-    bits: Option<u32>,
-    #[serde(default)]
-    group_size: Option<u64>,
-    #[serde(default)]
-    keep: bool,
-}
+/// What MLX recipes take.
+const LIMITS: Limits = Limits { target: "MLX", bits: super::auto::BITS, groups: GROUP_SIZES };
 
 /// One rule: weights whose name matches get `kind` (`Affine` with group 0: the default group).
 #[derive(Clone, Debug)]
@@ -63,48 +40,22 @@ pub struct Recipe {
     pub rules: Vec<Rule>,
 }
 
-fn bad(name: &str, why: String) -> TargetError {
-    TargetError::Unsupported(format!("recipe {name}: {why}"))
-}
-
-fn check_bits(name: &str, b: u32) -> Result<u32, TargetError> {
-    if super::auto::BITS.contains(&b) {
-        Ok(b)
-    } else {
-        Err(bad(name, format!("bits {b}: MLX recipes take 2, 3, 4, 5, 6 or 8")))
-    }
-}
-
-fn check_group(name: &str, g: u64) -> Result<u64, TargetError> {
-    if GROUP_SIZES.contains(&g) {
-        Ok(g)
-    } else {
-        Err(bad(name, format!("group_size {g}: MLX takes 32, 64 or 128")))
-    }
-}
-
 impl Recipe {
     /// Parses recipe `text` (`name` for messages).
     pub fn parse(name: &str, text: &str) -> Result<Recipe, TargetError> {
-        let f: File = toml::from_str(text).map_err(|e| bad(name, e.to_string()))?;
-        let bits = f.bits.map(|b| check_bits(name, b)).transpose()?;
-        let group_size = f.group_size.map(|g| check_group(name, g)).transpose()?;
-        let mut rules = Vec::new();
-        for (i, r) in f.rules.into_iter().enumerate() {
-            let at = |why: String| bad(name, format!("rule {}: {why}", i + 1));
-            let regex = regex::Regex::new(&r.name).map_err(|e| at(format!("name {:?}: {e}", r.name)))?;
-            let kind = match (r.keep, r.bits) {
-                (true, None) if r.group_size.is_none() => Kind::Keep,
-                (true, _) => return Err(at("keep = true takes no bits or group_size".into())),
-                (false, Some(b)) => Kind::Affine {
-                    bits: check_bits(name, b)?,
-                    group: r.group_size.map(|g| check_group(name, g)).transpose()?.unwrap_or(0) as u32,
+        let f = RecipeFile::parse(name, text, &LIMITS)?;
+        let rules = f
+            .rules
+            .into_iter()
+            .map(|r| Rule {
+                regex: r.regex,
+                kind: match r.choice {
+                    Choice::Quant { bits, group } => Kind::Affine { bits, group: group.unwrap_or(0) as u32 },
+                    Choice::Keep => Kind::Keep,
                 },
-                (false, None) => return Err(at("needs bits = N or keep = true".into())),
-            };
-            rules.push(Rule { regex, kind });
-        }
-        Ok(Recipe { description: f.description.unwrap_or_default(), bits, group_size, rules })
+            })
+            .collect();
+        Ok(Recipe { description: f.description, bits: f.bits, group_size: f.group_size, rules })
     }
 
     /// Applies the recipe to `p` (planned at the finest group, 32, so that every weight MLX can quantize is
@@ -174,29 +125,25 @@ impl Recipe {
 
     /// The recipe as a file [`Recipe::parse`] reads back: the defaults, then one anchored rule per weight.
     pub fn toml(description: &str, bits: u32, group: u64, choices: &[(String, Kind)]) -> String {
-        // A TOML string as the toml crate writes it: control characters escaped too (a name holding `\b`
-        // written raw did not parse again; found by the `mlx_recipe` fuzz target).
-        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
-        let mut s = String::new();
-        s.push_str("# Written by `sling quantize|plan --to mlx:auto`: one rule per quantized weight, chosen from\n");
-        s.push_str(
-            "# measured sensitivities under a size budget. `sling quantize SRC --to mlx:BITS --recipe THIS -o OUT`\n",
-        );
-        s.push_str("# makes the same weights (the recipe's bits and group_size replace --to's).\n");
-        s.push_str(&format!("description = {}\nbits = {bits}\ngroup_size = {group}\n", q(description)));
-        for (name, kind) in choices {
-            s.push_str(&format!("[[rule]]\nname = {}\n", q(&format!("^{}$", regex::escape(name)))));
-            match kind {
-                // Group 0: the rule did not set one (the recipe's group_size applies), which a written
-                // `group_size = 0` would not say (it is refused).
-                Kind::Affine { bits, group: 0 } => s.push_str(&format!("bits = {bits}\n")),
-                Kind::Affine { bits, group } => s.push_str(&format!("bits = {bits}\ngroup_size = {group}\n")),
-                Kind::Keep => s.push_str("keep = true\n"),
-            }
-        }
-        s
+        let rules: Vec<(String, Choice)> = choices
+            .iter()
+            .map(|(name, kind)| {
+                let choice = match *kind {
+                    Kind::Affine { bits, group: 0 } => Choice::Quant { bits, group: None },
+                    Kind::Affine { bits, group } => Choice::Quant { bits, group: Some(u64::from(group)) },
+                    Kind::Keep => Choice::Keep,
+                };
+                (format!("^{}$", regex::escape(name)), choice)
+            })
+            .collect();
+        RecipeFile::toml(HEADER, description, bits, group, &rules)
     }
 }
+
+/// The comment heading a recipe `mlx:auto` writes.
+const HEADER: &str = "Written by `sling quantize|plan --to mlx:auto`: one rule per quantized weight, chosen from
+measured sensitivities under a size budget. `sling quantize SRC --to mlx:BITS --recipe THIS -o OUT`
+makes the same weights (the recipe's bits and group_size replace --to's).";
 
 #[cfg(test)]
 mod tests {
