@@ -31,10 +31,11 @@ pub type Rows<'a> = Box<dyn Fn(u64, u64) -> Result<Vec<f32>> + Send + Sync + 'a>
 /// experts apart), so a probe holds no more than the pass itself does.
 pub struct Substituted<'a> {
     reference: &'a dyn TensorSource,
-    /// Source tensor name → the output row its subtree starts at, and the subtree.
-    pieces: HashMap<String, (u64, Op)>,
-    rows: Rows<'a>,
-    cols: u64,
+    /// Source tensor name → the substituted output it belongs to, the output row its subtree starts at, and the
+    /// subtree.
+    pieces: HashMap<String, (usize, u64, Op)>,
+    /// Per substituted output: its rows, and its row length.
+    outputs: Vec<(Rows<'a>, u64)>,
     /// The last substituted source tensor, whole, until [`TensorSource::release`]: layouts that stack experts in
     /// one source tensor are read an expert at a time, and each read would otherwise make all of it again.
     last: Mutex<Option<(String, Arc<Vec<f32>>)>>,
@@ -56,18 +57,27 @@ impl<'a> Substituted<'a> {
     /// Any output computed by `op` (rows of `cols` values) from `reference`'s tensors: a GGUF tensor's op, or a
     /// Hugging Face-format target's weight (`sling_pipeline::Weight::op`, e.g. MLX's stacked experts).
     pub fn of_op(reference: &'a dyn TensorSource, op: &Op, cols: u64, rows: Rows<'a>) -> Substituted<'a> {
-        let mut names = Vec::new();
-        op.sources(&mut names);
-        names.sort();
-        names.dedup();
-        let pieces = names
-            .into_iter()
-            .map(|n| {
+        Substituted::of_ops(reference, vec![(op, cols, rows)])
+    }
+
+    /// Several outputs substituted together, each `(op, cols, rows)` as in [`Substituted::of_op`] (from distinct
+    /// source tensors): the weights a runtime loads as one layer and quantizes alike (vLLM's q/k/v, a layer's
+    /// experts).
+    pub fn of_ops(reference: &'a dyn TensorSource, outputs: Vec<(&Op, u64, Rows<'a>)>) -> Substituted<'a> {
+        let mut pieces = HashMap::new();
+        let mut rows = Vec::with_capacity(outputs.len());
+        for (i, (op, cols, r)) in outputs.into_iter().enumerate() {
+            let mut names = Vec::new();
+            op.sources(&mut names);
+            names.sort();
+            names.dedup();
+            for n in names {
                 let (base, sub) = narrow(op, &n);
-                (n, (base, sub.clone()))
-            })
-            .collect();
-        Substituted { reference, pieces, rows, cols, last: Mutex::new(None) }
+                pieces.insert(n, (i, base, sub.clone()));
+            }
+            rows.push((r, cols));
+        }
+        Substituted { reference, pieces, outputs: rows, last: Mutex::new(None) }
     }
 }
 
@@ -86,9 +96,11 @@ impl TensorSource for Substituted<'_> {
     }
 
     fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>> {
-        let Some((base, op)) = self.pieces.get(name) else {
+        let Some((out, base, op)) = self.pieces.get(name) else {
             return self.reference.read_outer(name, i0, i1);
         };
+        let (rows, cols) = &self.outputs[*out];
+        let cols = *cols;
         let shape = self.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
         let per = if shape.is_empty() { 1 } else { shape[1..].iter().product::<u64>() } as usize;
         let cached = match &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -102,19 +114,19 @@ impl TensorSource for Substituted<'_> {
                 // Elements the GGUF tensor does not hold (e.g. the other half of a fused gate/up) keep the
                 // reference's values; when it holds them all, the reference need not be read at all.
                 let n0 = shape.first().copied().unwrap_or(1);
-                let mut whole = if op.rows() * self.cols == n0 * per as u64 {
+                let mut whole = if op.rows() * cols == n0 * per as u64 {
                     vec![0.0; n0 as usize * per]
                 } else {
                     self.reference.read_outer(name, 0, n0)?
                 };
-                let vals = (self.rows)(*base, *base + op.rows())?;
-                if vals.len() as u64 != op.rows() * self.cols {
+                let vals = rows(*base, *base + op.rows())?;
+                if vals.len() as u64 != op.rows() * cols {
                     return Err(Error::Read {
                         tensor: name.to_string(),
-                        why: format!("{} substituted values for {} rows of {}", vals.len(), op.rows(), self.cols),
+                        why: format!("{} substituted values for {} rows of {cols}", vals.len(), op.rows()),
                     });
                 }
-                scatter(op, &vals, self.cols, name, &mut whole);
+                scatter(op, &vals, cols, name, &mut whole);
                 let w = Arc::new(whole);
                 *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), Arc::clone(&w)));
                 w

@@ -17,22 +17,22 @@ use crate::quantize::QuantArgs;
 /// The size-target flags.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct AutoArgs {
-    /// With --to gguf:auto or mlx:auto: the size to fit, e.g. 180G, 9.5G, 800M (decimal units; the whole GGUF file,
-    /// metadata included; MLX's weight files).
+    /// With --to gguf:auto, vllm:auto or mlx:auto: the size to fit, e.g. 180G, 9.5G, 800M (decimal units; the whole GGUF file,
+    /// metadata included; the vllm/MLX weight files).
     #[arg(long, value_name = "SIZE", conflicts_with = "target_bpw")]
     pub(crate) target_size: Option<String>,
-    /// With --to gguf:auto or mlx:auto: bits per weight to fit, over every tensor's elements (as `sling plan` reports bpw).
+    /// With --to gguf:auto, vllm:auto or mlx:auto: bits per weight to fit, over every tensor's elements (as `sling plan` reports bpw).
     #[arg(long, value_name = "X")]
     pub(crate) target_bpw: Option<f64>,
-    /// With --to gguf:auto or mlx:auto: rows of each expert (or 2-D tensor) quantized to measure each candidate; larger
+    /// With --to gguf:auto, vllm:auto or mlx:auto: rows of each expert (or 2-D tensor) quantized to measure each candidate; larger
     /// tensors are measured on an even sample.
     #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_SAMPLE_ROWS)]
     pub(crate) sample_rows: u64,
-    /// With --to gguf:auto or mlx:auto and --data: rows of each expert (or 2-D tensor) quantized in a sensitivity probe; the
+    /// With --to gguf:auto, vllm:auto or mlx:auto and --data: rows of each expert (or 2-D tensor) quantized in a sensitivity probe; the
     /// probe's KL is scaled up by the fraction of rows it quantized.
     #[arg(long, value_name = "N", default_value_t = auto::DEFAULT_PROBE_ROWS)]
     pub(crate) probe_rows: u64,
-    /// With --to gguf:auto or mlx:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one
+    /// With --to gguf:auto, vllm:auto or mlx:auto: also write the chosen allocation as a recipe file (`sling quantize` writes one
     /// beside the output anyway, OUT.recipe.toml).
     #[arg(long, value_name = "FILE")]
     pub(crate) save_recipe: Option<PathBuf>,
@@ -389,40 +389,205 @@ pub type MlxAutoPlan = AutoPlan<mlx_auto::Kind>;
 
 use sling_targets::mlx::auto as mlx_auto;
 
-/// Checks the size-target flags against a vllm/mlx target: they go with `mlx:auto`, which needs a size.
+/// Checks the size-target flags against a vllm/mlx target: they go with `vllm:auto` and `mlx:auto`, which need a size.
 pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
-    let auto = to == sling_targets::To::MlxAuto;
+    use sling_targets::To;
+    let auto = matches!(to, To::MlxAuto | To::VllmAuto);
     if !auto {
         if a.auto.any() {
-            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto or mlx:auto");
+            bail!("--target-size, --target-bpw and --save-recipe go with --to gguf:auto, vllm:auto or mlx:auto");
         }
         return Ok(());
     }
+    let (label, example, base) = match to {
+        To::VllmAuto => ("--to vllm:auto", "5", "vllm:w4a16"),
+        _ => ("--to mlx:auto", "3.5", "mlx:4"),
+    };
     if a.auto.target_size.is_none() && a.auto.target_bpw.is_none() {
-        bail!("--to mlx:auto needs a size: --target-size SIZE (e.g. 16G) or --target-bpw X (e.g. 3.5)");
+        bail!("{label} needs a size: --target-size SIZE (e.g. 16G) or --target-bpw X (e.g. {example})");
     }
     if a.recipe.is_some() || a.group_size.is_some() {
-        bail!("--to mlx:auto chooses every weight's bits and group size itself; --recipe and --group-size cannot be combined with it");
+        bail!("{label} chooses every weight's bits and group size itself; --recipe and --group-size cannot be combined with it");
     }
     // GPTQ solves each weight on the grid the allocation chose for it (the same bytes per weight, so the same
     // size); AWQ would rescale the very weights the allocation measured, and is not offered here.
     match a.solve.method {
-        Some(crate::solve::Method::Gptq) => check_common(a, "--to mlx:auto", None),
+        Some(crate::solve::Method::Gptq) => check_common(a, label, None),
         Some(crate::solve::Method::Awq) => bail!(
-            "--to mlx:auto takes --method gptq (or rtn), not awq: write the allocation with --save-recipe, then \
-             --to mlx:4 --recipe FILE --method awq"
+            "{label} takes --method gptq (or rtn), not awq: write the allocation with --save-recipe, then \
+             --to {base} --recipe FILE --method awq"
         ),
-        _ => check_common(a, "--to mlx:auto", Some("--method gptq and its flags solve the allocation's grids")),
+        _ => check_common(a, label, Some("--method gptq and its flags solve the allocation's grids")),
     }
 }
 
-/// The method that quantizes a vllm/mlx target. For `mlx:auto`, round to nearest unless `--method gptq` asks:
-/// there `--data` feeds the sensitivity probes first, and is not a request for GPTQ by itself as with mlx:BITS.
+/// The method that quantizes a vllm/mlx target. For `…:auto`, round to nearest unless `--method gptq` asks: there
+/// `--data` feeds the sensitivity probes first, and is not a request for GPTQ by itself as with mlx:BITS.
 pub fn hf_method(a: &QuantArgs, to: sling_targets::To) -> Result<crate::solve::Method> {
+    use sling_targets::To;
     match (to, a.solve.method) {
-        (sling_targets::To::MlxAuto, Some(crate::solve::Method::Gptq))
-        | (sling_targets::To::Vllm(_) | sling_targets::To::Mlx(_), _) => a.solve.method(),
-        (sling_targets::To::MlxAuto, _) => Ok(crate::solve::Method::Rtn),
+        (To::MlxAuto | To::VllmAuto, Some(crate::solve::Method::Gptq)) | (To::Vllm(_) | To::Mlx(_), _) => {
+            a.solve.method()
+        }
+        (To::MlxAuto | To::VllmAuto, _) => Ok(crate::solve::Method::Rtn),
+    }
+}
+
+/// Per source tensor of the checkpoint, its imatrix data (GGUF names: llama-imatrix's or `sling calibrate`'s, found
+/// through the GGUF conversion plan of the same checkpoint): the mean squared activation of each input column of
+/// the matrix the tensor is (an expert's slice of a stacked entry), and the tokens it saw.
+fn source_importance(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+) -> Result<std::collections::HashMap<String, (Vec<f32>, i64)>> {
+    let mut out = std::collections::HashMap::new();
+    let Some(path) = &a.imatrix else { return Ok(out) };
+    let mut m = sling_target_gguf::quantize::Imatrix::load(path)?;
+    m.filter(&a.include_weights, &a.exclude_weights);
+    let plan = sling_target_gguf::convert::plan(ck, sling_target_gguf::convert::OutType::BF16)
+        .with_context(|| format!("cannot map {} to GGUF names for the imatrix", a.src.display()))?;
+    for t in plan.tensors {
+        let Some(e) = m.entries.remove(&t.name) else { continue };
+        let n = e.counts.len().max(1);
+        let cols = e.weights.len() / n;
+        for (i, s) in t.sources.iter().enumerate() {
+            // One matrix per source (stacked experts), or one matrix all sources feed (a fused tensor).
+            let k = if n == t.sources.len() { i } else { 0 };
+            let w = e.weights.get(k * cols..(k + 1) * cols).unwrap_or_default().to_vec();
+            out.insert(s.clone(), (w, e.counts.get(k).copied().unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+/// `--to vllm:auto`: the measured allocation and the recipe that makes it.
+pub type VllmAutoPlan = AutoPlan<vllm_auto::Kind>;
+
+use sling_targets::vllm::auto as vllm_auto;
+
+/// Measures the vLLM plan's layers, probes them with `--data`, and allocates under the size asked for.
+pub fn plan_vllm(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+    plan: &sling_pipeline::Plan<sling_targets::vllm::Enc>,
+    quiet: bool,
+    gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+) -> Result<VllmAutoPlan> {
+    use sling_calibration::sensitivity::{At, Substituted};
+    let (budget, target) = budget(&a.auto)?;
+    let importance = source_importance(a, ck)?;
+    let tokens = importance.values().map(|v| v.1).max().unwrap_or(0).max(1) as f64;
+    let units = vllm_auto::units(plan);
+    let bar = progress_bar(units.len() as u64, quiet);
+    let t0 = std::time::Instant::now();
+    let find = |w: &sling_pipeline::Weight<sling_targets::vllm::Enc>| {
+        let (v, count) = w.sources.iter().find_map(|s| importance.get(s))?;
+        // A dense weight counts every token; an expert its routed share.
+        let freq = if w.role == sling_core::Role::RoutedExperts { (*count).max(1) as f64 / tokens } else { 1.0 };
+        Some(vllm_auto::Importance { weights: v, freq })
+    };
+    let mut sens = vllm_auto::measure(ck, plan, &units, &find, a.auto.sample_rows, &|i, _, name| {
+        if let Some(b) = &bar {
+            b.set_position(i as u64);
+            b.set_message(name.to_string());
+        }
+    })
+    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.imatrix.is_some() && !sens.tensors.iter().any(|m| m.weighted) {
+        bail!(
+            "--imatrix {}: no entry matches a weight of {}",
+            a.imatrix.as_ref().map_or(String::new(), |p| p.display().to_string()),
+            a.src.display()
+        );
+    }
+    tracing::info!("measured {} layers in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    let probed = a.solve.data.is_some() || a.solve.tokens.is_some();
+    if probed {
+        let t1 = std::time::Instant::now();
+        let ref_src = sling_calibration::CheckpointSource::new(ck);
+        let n_layers = n_layers(a, ck)?;
+        let mut todo = Vec::new();
+        for (i, m) in sens.tensors.iter().enumerate() {
+            match sling_pipeline::hf::layer_of(&m.name) {
+                Some(l) if (l as usize) < n_layers => {
+                    for k in m.probe_kinds() {
+                        todo.push((i, At::Layer(l as usize), k));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let make = |i: usize, k: vllm_auto::Kind| {
+            let ws: Vec<&sling_pipeline::Weight<sling_targets::vllm::Enc>> =
+                units[i].weights.iter().map(|&j| &plan.weights[j]).collect();
+            let outputs = ws
+                .iter()
+                .map(|&w| {
+                    let rows: sling_calibration::sensitivity::Rows = Box::new(move |r0, r1| {
+                        vllm_auto::roundtrip(ck, w, k, a.auto.probe_rows, r0, r1)
+                            .map_err(|e| sling_calibration::Error::Read { tensor: w.name.clone(), why: e.to_string() })
+                    });
+                    (&w.op, w.cols(), rows)
+                })
+                .collect();
+            Ok((Substituted::of_ops(&ref_src, outputs), vllm_auto::probe_fraction(&ws, a.auto.probe_rows)))
+        };
+        let probes = run_probes(a, ck, &ref_src, gemm, quiet, &todo, sens.tensors.len(), &make)?;
+        tracing::info!("probed {} layers in {:.1}s", todo.len(), t1.elapsed().as_secs_f64());
+        sens.set_gains(&probes);
+    }
+    let alloc = sens.allocate(budget)?;
+    let description = describe("vllm:auto", &target, &alloc, probed, sens.tensors.len(), "layers");
+    let recipe = vllm_auto::recipe_toml(plan, &units, &sens, &alloc, &description);
+    Ok(VllmAutoPlan { sens, alloc, target, description, recipe })
+}
+
+impl VllmAutoPlan {
+    pub fn json(&self) -> serde_json::Value {
+        self.json_with("layers", "encoding", |k| k.label())
+    }
+}
+
+/// A vllm/mlx size-targeted allocation, whichever target.
+pub enum HfAuto {
+    Vllm(VllmAutoPlan),
+    Mlx(MlxAutoPlan),
+}
+
+impl HfAuto {
+    pub fn description(&self) -> &str {
+        match self {
+            HfAuto::Vllm(p) => &p.description,
+            HfAuto::Mlx(p) => &p.description,
+        }
+    }
+
+    pub fn recipe(&self) -> &str {
+        match self {
+            HfAuto::Vllm(p) => &p.recipe,
+            HfAuto::Mlx(p) => &p.recipe,
+        }
+    }
+
+    pub fn tensor_bytes(&self) -> u64 {
+        match self {
+            HfAuto::Vllm(p) => p.alloc.tensor_bytes,
+            HfAuto::Mlx(p) => p.alloc.tensor_bytes,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            HfAuto::Vllm(p) => p.json(),
+            HfAuto::Mlx(p) => p.json(),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        save_text(self.recipe(), path)
     }
 }
 

@@ -118,7 +118,9 @@ pub fn run(a: Args) -> Result<()> {
             (Box::new(IntGrid { args: IntArgs { bits, symmetric, group }, sd }), true)
         }
         Some(To::Mlx(b)) => (Box::new(AffineGrid { bits: b.0, group: a.group_size.unwrap_or(64), sd }), false),
-        Some(To::MlxAuto) => bail!("--to mlx:auto chooses bits per weight; gptq-layer takes mlx:BITS"),
+        Some(t @ (To::MlxAuto | To::VllmAuto)) => {
+            bail!("--to {}: chooses bits per weight; gptq-layer takes vllm:SCHEME or mlx:BITS", t.label())
+        }
         None => bail!("--to {}: GPTQ takes vllm:w4a16, vllm:w4a16-asym, vllm:w8a16 or mlx:BITS", a.to),
     };
     let rtn_only = match a.method.as_str() {

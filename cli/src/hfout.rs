@@ -32,8 +32,8 @@ pub const COPIED: &[&str] = &[
 fn check_flags(a: &QuantArgs, to: To) -> Result<()> {
     crate::auto::check_hf(a, to)?;
     let gguf_only = [
-        ("--recipe", a.recipe.is_some() && !matches!(to, To::Mlx(_) | To::MlxAuto)),
-        ("--imatrix", a.imatrix.is_some() && to != To::MlxAuto),
+        ("--recipe", a.recipe.is_some() && !matches!(to, To::Mlx(_) | To::MlxAuto | To::Vllm(_) | To::VllmAuto)),
+        ("--imatrix", a.imatrix.is_some() && !matches!(to, To::MlxAuto | To::VllmAuto)),
         ("--pure", a.pure),
         ("--leave-output-tensor", a.leave_output_tensor),
         ("--output-tensor-type", a.output_tensor_type.is_some()),
@@ -63,10 +63,17 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
     let p = match to {
         To::Vllm(s) => {
             if a.group_size.is_some() {
-                bail!("--group-size applies to mlx targets (vllm schemes fix their group size)");
+                bail!("--group-size applies to mlx targets (vllm schemes fix their group size; a --recipe sets group sizes)");
             }
-            Planned::Vllm(s, vllm::plan(&ck, s, a.strict).with_context(ctx)?)
+            let mut plan = vllm::plan(&ck, s, a.strict).with_context(ctx)?;
+            if let Some(text) = recipe_text(a)? {
+                let name = a.recipe.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                vllm_with_recipe(s, &mut plan, &name, &text).with_context(ctx)?;
+            }
+            Planned::Vllm(s, plan)
         }
+        // Planned at w4a16; the allocation's recipe then sets each layer's width and group size.
+        To::VllmAuto => Planned::Vllm(VLLM_AUTO_BASE, vllm::plan(&ck, VLLM_AUTO_BASE, a.strict).with_context(ctx)?),
         To::Mlx(b) => Planned::Mlx(match recipe_text(a)? {
             Some(text) => mlx_with_recipe(
                 &ck,
@@ -102,6 +109,19 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
     Ok((ck, p))
 }
 
+/// The scheme `vllm:auto` plans at before its recipe applies (symmetric int4, group 128).
+const VLLM_AUTO_BASE: vllm::Scheme = vllm::Scheme::W4A16 { symmetric: true };
+
+/// Applies a vLLM recipe (`--recipe FILE`, or the one a manifest records) to a plan of an integer scheme.
+fn vllm_with_recipe(s: vllm::Scheme, plan: &mut Plan<vllm::Enc>, name: &str, text: &str) -> Result<()> {
+    if !matches!(s, vllm::Scheme::W4A16 { .. } | vllm::Scheme::W8A16) {
+        bail!("--recipe applies to the integer vllm schemes (w4a16, w4a16-asym, w8a16), not vllm:{}", s.name());
+    }
+    let r = sling_targets::recipe::RecipeFile::parse(name, text, &vllm::recipe::LIMITS)?;
+    vllm::recipe::apply(name, &r, plan)?;
+    Ok(())
+}
+
 /// The MLX plan a recipe makes: planned at group 32 (every weight MLX can take), then the recipe's choices, its
 /// defaults falling back to `bits` and `group` (64 when not given).
 fn mlx_with_recipe(
@@ -128,20 +148,29 @@ fn recipe_text(a: &QuantArgs) -> Result<Option<String>> {
         .transpose()
 }
 
-/// `--to mlx:auto`: measures, allocates and applies the allocation's recipe to the plan.
+/// `--to vllm:auto | mlx:auto`: measures, allocates and applies the allocation's recipe to the plan.
 fn allocate(
     a: &QuantArgs,
     ck: &Checkpoint,
     planned: &mut Planned,
     quiet: bool,
     gemm: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
-) -> Result<crate::auto::MlxAutoPlan> {
-    let Planned::Mlx(p) = planned else { bail!("internal error: mlx:auto planned another target") };
-    let ap = crate::auto::plan_mlx(a, ck, p, quiet, gemm)?;
-    mlx::recipe::Recipe::parse("mlx:auto", &ap.recipe)?.apply(p, a.strict)?;
-    let bytes = sling_pipeline::plan_bytes(&p.plan);
-    if bytes > ap.alloc.tensor_bytes {
-        bail!("internal error: mlx:auto allocated {} bytes of tensors, the plan holds {bytes}", ap.alloc.tensor_bytes);
+) -> Result<crate::auto::HfAuto> {
+    let (ap, bytes) = match planned {
+        Planned::Mlx(p) => {
+            let ap = crate::auto::plan_mlx(a, ck, p, quiet, gemm)?;
+            mlx::recipe::Recipe::parse("mlx:auto", &ap.recipe)?.apply(p, a.strict)?;
+            let bytes = sling_pipeline::plan_bytes(&p.plan);
+            (crate::auto::HfAuto::Mlx(ap), bytes)
+        }
+        Planned::Vllm(s, plan) => {
+            let ap = crate::auto::plan_vllm(a, ck, plan, quiet, gemm)?;
+            vllm_with_recipe(*s, plan, "vllm:auto", &ap.recipe)?;
+            (crate::auto::HfAuto::Vllm(ap), sling_pipeline::plan_bytes(plan))
+        }
+    };
+    if bytes > ap.tensor_bytes() {
+        bail!("internal error: the allocation holds {} bytes of tensors, the plan {bytes}", ap.tensor_bytes());
     }
     Ok(ap)
 }
@@ -239,7 +268,7 @@ pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
     let (ck, mut p) = open_and_plan(a, to)?;
     let method = crate::auto::hf_method(a, to)?;
     let auto = match to {
-        To::MlxAuto => Some(allocate(a, &ck, &mut p, quiet, None)?),
+        To::MlxAuto | To::VllmAuto => Some(allocate(a, &ck, &mut p, quiet, None)?),
         _ => None,
     };
     let (mut label, mut j) = plan_of(&p);
@@ -251,7 +280,7 @@ pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
             ap.save(path)?;
         }
         if !a.json {
-            eprintln!("{}", ap.description);
+            eprintln!("{}", ap.description());
         }
     }
     if method != crate::solve::Method::Rtn {
@@ -348,7 +377,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         sling_pipeline::exec::check_output(&ck, &a.output)?;
     }
     let auto = match to {
-        To::MlxAuto => {
+        To::MlxAuto | To::VllmAuto => {
             let gemm = match a.q.solve.data.is_some() || a.q.solve.tokens.is_some() {
                 true => a.pipeline.calibration_backend()?,
                 false => None,
@@ -364,7 +393,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     // What chose each weight's bits: the allocation's recipe, or the one given (recorded, and re-applied by
     // `verify --source`).
     let recipe = match &auto {
-        Some(ap) => Some(ap.recipe.clone()),
+        Some(ap) => Some(ap.recipe().to_string()),
         None => recipe_text(&a.q)?,
     };
     let solved = match method {
@@ -411,7 +440,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     };
     let mut card_extra = vec![("target".to_string(), format!("`{label}`"))];
     if let Some(ap) = &auto {
-        card_extra.push(("allocation".into(), ap.description.clone()));
+        card_extra.push(("allocation".into(), ap.description().to_string()));
     }
     if let Some(p) = &a.q.recipe {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -685,8 +714,17 @@ pub fn rederive(
         };
         let r = (|| -> Result<()> {
             match to {
-                To::Vllm(s) => {
-                    let plan = vllm::plan(&ck, s, rec.strict)?;
+                To::Vllm(_) | To::VllmAuto => {
+                    let s = match to {
+                        To::Vllm(s) => s,
+                        _ => VLLM_AUTO_BASE,
+                    };
+                    let mut plan = vllm::plan(&ck, s, rec.strict)?;
+                    match (&rec.recipe, to) {
+                        (Some(r), _) => vllm_with_recipe(s, &mut plan, "the recorded recipe", r)?,
+                        (None, To::VllmAuto) => bail!("a vllm:auto manifest without its recipe"),
+                        (None, _) => {}
+                    }
                     check(parts_of(&plan), &mut problems);
                     let mut planned = Planned::Vllm(s, plan);
                     let solved = resolve(rec, &ck, &mut planned, &mut tmp)?;

@@ -16,10 +16,12 @@ pub enum To {
     Mlx(mlx::Bits),
     /// `mlx:auto`: bits and group sizes chosen per weight under a size budget ([`mlx::auto`]).
     MlxAuto,
+    /// `vllm:auto`: integer widths and group sizes chosen per vLLM layer under a size budget ([`vllm::auto`]).
+    VllmAuto,
 }
 
 /// The targets `--to` takes, for messages.
-pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), mlx:BITS (2, 3, 4, 5, 6, 8), mlx:auto";
+pub const TARGETS: &str = "gguf:PRESET, vllm:SCHEME (w4a16, w4a16-asym, w8a16, fp8-dynamic, fp8-block, nvfp4, mxfp4), vllm:auto, mlx:BITS (2, 3, 4, 5, 6, 8), mlx:auto";
 
 impl To {
     /// Parses `vllm:SCHEME` or `mlx:BITS`; `Ok(None)` for `gguf:…`.
@@ -28,10 +30,11 @@ impl To {
         let (kind, rest) = s.split_once(':').ok_or_else(unknown)?;
         match kind.to_ascii_lowercase().as_str() {
             "gguf" => Ok(None),
+            "vllm" if rest.eq_ignore_ascii_case("auto") => Ok(Some(To::VllmAuto)),
             "vllm" => vllm::Scheme::parse(rest).map(|x| Some(To::Vllm(x))).ok_or_else(|| TargetError::UnknownScheme {
                 target: "vllm".into(),
                 scheme: rest.into(),
-                known: vllm::SCHEMES.join(", "),
+                known: format!("{}, auto", vllm::SCHEMES.join(", ")),
             }),
             "mlx" if rest.eq_ignore_ascii_case("auto") => Ok(Some(To::MlxAuto)),
             "mlx" => mlx::Bits::parse(rest).map(|x| Some(To::Mlx(x))).ok_or_else(|| TargetError::UnknownScheme {
@@ -49,6 +52,7 @@ impl To {
             To::Vllm(s) => format!("vllm:{}", s.name()),
             To::Mlx(b) => format!("mlx:{}", b.0),
             To::MlxAuto => "mlx:auto".into(),
+            To::VllmAuto => "vllm:auto".into(),
         }
     }
 }
@@ -87,6 +91,7 @@ mod tests {
         assert_eq!(To::parse("vllm:w4a16").unwrap(), Some(To::Vllm(vllm::Scheme::W4A16 { symmetric: true })));
         assert_eq!(To::parse("mlx:4").unwrap(), Some(To::Mlx(mlx::Bits(4))));
         assert_eq!(To::parse("mlx:auto").unwrap(), Some(To::MlxAuto));
+        assert_eq!(To::parse("vllm:auto").unwrap(), Some(To::VllmAuto));
         assert!(matches!(To::parse("onnx:int8"), Err(TargetError::UnknownTarget(_))));
         assert!(matches!(To::parse("vllm:w3a16"), Err(TargetError::UnknownScheme { .. })));
         assert!(matches!(To::parse("mlx:7"), Err(TargetError::UnknownScheme { .. })));

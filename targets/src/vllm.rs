@@ -29,6 +29,9 @@ use sling_quantizers::gptq::Grid;
 
 use crate::{json_sorted, TargetError};
 
+pub mod auto;
+pub mod recipe;
+
 /// compressed-tensors version whose format this writes (`quantization_config.version`).
 pub const CT_VERSION: &str = "0.20.1";
 
@@ -313,18 +316,8 @@ fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
     let (enc, parts, row_align) = match scheme {
         Scheme::W4A16 { .. } | Scheme::W8A16 => {
             let args = scheme.int_args().unwrap_or(IntArgs { bits: 4, symmetric: true, group: Some(128) });
-            let b = u64::from(args.bits);
-            let g = 128;
-            let mut parts = vec![
-                p("weight_packed", DType::I32, vec![rows, (cols * b).div_ceil(32)]),
-                p("weight_scale", sd_dtype(sd), vec![rows, cols / g]),
-                p("weight_shape", DType::I64, vec![2]),
-            ];
-            if !args.symmetric {
-                parts.push(p("weight_zero_point", DType::I32, vec![(rows * b).div_ceil(32), cols / g]));
-            }
-            // Zero points pack 32/b rows into a word along dim 0: chunks must not split a word.
-            (Enc::Int { args, sd }, parts, if args.symmetric { 1 } else { 32 })
+            let (parts, row_align) = int_parts(&module, rows, cols, args, sd);
+            (Enc::Int { args, sd }, parts, row_align)
         }
         Scheme::Fp8Dynamic => (
             Enc::Fp8Channel { sd },
@@ -358,6 +351,60 @@ fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
         ),
     };
     Weight { name: t.name, role: t.role, op: t.op, enc, parts, sources: t.sources, row_align }
+}
+
+/// The stored tensors of an integer-quantized `module` (`rows` × `cols`, scales in `sd`) and the row alignment its
+/// chunks need: `weight_packed` (32/bits codes per int32 along a row), `weight_scale` per group, `weight_shape`, and
+/// for asymmetric args `weight_zero_point` (packed along dim 0, so chunks must not split a word).
+pub(crate) fn int_parts(module: &str, rows: u64, cols: u64, args: IntArgs, sd: ScaleDtype) -> (Vec<Part>, u64) {
+    let b = u64::from(args.bits);
+    let g = args.group.map_or(cols, |g| g as u64).max(1);
+    let p = |suffix: &str, dtype, shape| Part::new(format!("{module}.{suffix}"), dtype, shape);
+    let mut parts = vec![
+        p("weight_packed", DType::I32, vec![rows, (cols * b).div_ceil(32)]),
+        p("weight_scale", sd_dtype(sd), vec![rows, cols / g]),
+        p("weight_shape", DType::I64, vec![2]),
+    ];
+    if !args.symmetric {
+        parts.push(p("weight_zero_point", DType::I32, vec![(rows * b).div_ceil(32), cols / g]));
+    }
+    (parts, if args.symmetric { 1 } else { 32 })
+}
+
+/// `config_groups` entry of an integer scheme as compressed-tensors 0.20.1 serialises it (`W4A16`'s and `W8A16`'s
+/// presets at group 128), targeting `targets`.
+pub fn int_config_group(args: IntArgs, targets: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "format": "pack-quantized",
+        "input_activations": null,
+        "output_activations": null,
+        "targets": targets,
+        "weights": {"dynamic": false, "group_size": args.group, "num_bits": args.bits, "strategy": "group",
+                    "symmetric": args.symmetric, "type": "int"},
+    })
+}
+
+/// The `FusedMoE` layer holding routed expert weight `name` and the expert's projection:
+/// `model.layers.3.mlp.experts.5.gate_proj.weight` → (`model.layers.3.mlp.experts`, `gate_proj`).
+pub fn expert_layer(name: &str) -> Option<(&str, &str)> {
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let at = module.rfind(".experts.")?;
+    let (e, proj) = module[at + ".experts.".len()..].split_once('.')?;
+    e.parse::<u64>().ok()?;
+    (!proj.contains('.')).then_some((&module[..at + ".experts".len()], proj))
+}
+
+/// What vLLM loads `w` into, and so the unit a mixed-precision choice is made for: a layer's routed experts are one
+/// `FusedMoE` whose scheme vLLM takes from `experts.0.{gate,up,down}_proj` and requires to be the same for all three
+/// (`CompressedTensorsMoEMethod.get_moe_method`), fused projections one layer ([`fused_group`]), any other weight
+/// its own module.
+pub fn fused_unit<E>(w: &Weight<E>) -> String {
+    if w.role == Role::RoutedExperts {
+        if let Some((layer, _)) = expert_layer(&w.name) {
+            return layer.to_string();
+        }
+    }
+    fused_group(&w.name).unwrap_or_else(|| w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string())
 }
 
 /// The layer a runtime fuses this projection into, if any: vLLM loads q/k/v as one `qkv_proj`, gate/up (Mixtral
@@ -531,11 +578,18 @@ pub fn config_json(ck: &Checkpoint, scheme: Scheme, plan: &Plan<Enc>) -> Result<
         None if m == "lm_head" || m.ends_with(".lm_head") => u64::MAX,
         None => 0,
     };
+    let (groups, format) = match mixed_groups(scheme, plan)? {
+        Some((groups, kept_moe)) => {
+            // A FusedMoE layer kept whole: also by its own name, which vLLM checks before its experts'.
+            ignore.extend(kept_moe);
+            (groups, "pack-quantized")
+        }
+        None => (serde_json::json!({"group_0": scheme.config_group()}), scheme.format()),
+    };
     ignore.sort_by_key(key); // stable: checkpoint order within a layer
     let block = serde_json::json!({
-        "config_groups": {"group_0": scheme.config_group()},
-        "format": scheme.format(),
-        "global_compression_ratio": null,
+        "config_groups": groups,
+        "format": format,        "global_compression_ratio": null,
         "ignore": ignore,
         "kv_cache_scheme": null,
         "moe_sparsity_config": null,
@@ -547,4 +601,67 @@ pub fn config_json(ck: &Checkpoint, scheme: Scheme, plan: &Plan<Enc>) -> Result<
     });
     root.insert("quantization_config".into(), block);
     Ok(json_sorted(&serde_json::Value::Object(root), 2, true).into_bytes())
+}
+
+/// The config groups of a plan whose integer weights do not all have `scheme`'s bits and group size (a recipe's or
+/// `vllm:auto`'s): one group per encoding, in (bits, group size) order, each targeting its modules by exact name and
+/// each layer's routed experts by one `re:` pattern over the projection names both the checkpoint and vLLM use
+/// (vLLM asks for `experts.0.gate_proj` even where Mixtral stores `w1`). Also the `FusedMoE` layers kept whole,
+/// for `ignore`. `None`: the plan is `scheme` throughout.
+fn mixed_groups(scheme: Scheme, plan: &Plan<Enc>) -> Result<Option<(serde_json::Value, Vec<String>)>, TargetError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let want = scheme.int_args();
+    let mixed = plan.weights.iter().any(|w| match &w.enc {
+        Enc::Int { args, .. } => Some(*args) != want,
+        _ => false,
+    });
+    if !mixed {
+        return Ok(None);
+    }
+    // Per encoding, its targets in plan order (a module, or a FusedMoE layer: `Err`); per FusedMoE layer, its
+    // projections and whether any is quantized.
+    let mut by_args: BTreeMap<(u32, usize, bool), (IntArgs, Vec<Result<String, String>>)> = BTreeMap::new();
+    let mut layers: BTreeMap<String, (BTreeSet<String>, bool)> = BTreeMap::new();
+    for w in &plan.weights {
+        let expert = (w.role == Role::RoutedExperts).then(|| expert_layer(&w.name)).flatten();
+        if let Some((layer, proj)) = expert {
+            let e = layers.entry(layer.to_string()).or_default();
+            e.0.insert(proj.to_string());
+            e.1 |= matches!(w.enc, Enc::Int { .. });
+        }
+        match &w.enc {
+            Enc::Int { args, .. } => {
+                let key = (args.bits, args.group.unwrap_or(0), args.symmetric);
+                let targets = &mut by_args.entry(key).or_insert_with(|| (*args, Vec::new())).1;
+                let t = match expert {
+                    Some((layer, _)) => Err(layer.to_string()),
+                    None => Ok(w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string()),
+                };
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
+            }
+            Enc::Keep(_) => {}
+            other => {
+                return Err(TargetError::Unsupported(format!(
+                    "{}: a mixed-precision vllm artifact holds integer weights only, not {other:?}",
+                    w.name
+                )))
+            }
+        }
+    }
+    // `re.match` anchors at the start only (compressed-tensors' `match_name`, vLLM's `_is_equal_or_regex_match`).
+    let pattern = |layer: &str| {
+        let mut projs = layers.get(layer).map(|l| l.0.clone()).unwrap_or_default();
+        projs.extend(["gate_proj", "up_proj", "down_proj"].map(String::from));
+        let alts: Vec<String> = projs.iter().map(|p| regex::escape(p)).collect();
+        format!("re:^{}\\.\\d+\\.(?:{})$", regex::escape(layer), alts.join("|"))
+    };
+    let mut groups = serde_json::Map::new();
+    for (i, (args, targets)) in by_args.into_values().enumerate() {
+        let targets: Vec<String> = targets.into_iter().map(|t| t.unwrap_or_else(|layer| pattern(&layer))).collect();
+        groups.insert(format!("group_{i}"), int_config_group(args, &targets));
+    }
+    let kept_moe = layers.into_iter().filter(|(_, (_, quantized))| !quantized).map(|(l, _)| l).collect();
+    Ok(Some((serde_json::Value::Object(groups), kept_moe)))
 }
