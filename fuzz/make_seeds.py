@@ -76,6 +76,21 @@ def main():
     # config.json: every fixture's
     for p in sorted(glob.glob(os.path.join(ROOT, "fixtures/models/*/config.json"))):
         put("config_json", os.path.basename(os.path.dirname(p)) + ".json", open(p, "rb").read())
+    # ... and the qwen3moe fixture's as a mixed-precision compressed-tensors artifact (vllm:auto's shape: config
+    # groups targeting modules by name and FusedMoE layers by regex)
+    cfg = json.load(open(os.path.join(ROOT, "fixtures/models/qwen3moe/config.json")))
+    group = lambda bits, targets: {"format": "pack-quantized", "input_activations": None,  # noqa: E731
+                                   "output_activations": None, "targets": targets,
+                                   "weights": {"dynamic": False, "group_size": 32, "num_bits": bits,
+                                               "strategy": "group", "symmetric": True, "type": "int"}}
+    cfg["quantization_config"] = {
+        "config_groups": {
+            "group_0": group(4, ["re:^model\\.layers\\.0\\.mlp\\.experts\\.\\d+\\.(?:down_proj|gate_proj|up_proj)$"]),
+            "group_1": group(8, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]),
+        },
+        "format": "pack-quantized", "ignore": ["lm_head", "model.layers.1.mlp.experts"],
+        "quant_method": "compressed-tensors", "quantization_status": "compressed", "version": "0.20.1"}
+    put("config_json", "qwen3moe-ct-mixed.json", json.dumps(cfg, indent=2, sort_keys=True))
     # tokenizer.json: the fixture's (one BPE tokenizer is shared by the fixtures)
     seen = set()
     for p in sorted(glob.glob(os.path.join(ROOT, "fixtures/models/*/tokenizer.json"))):

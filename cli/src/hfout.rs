@@ -65,15 +65,21 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
             if a.group_size.is_some() {
                 bail!("--group-size applies to mlx targets (vllm schemes fix their group size; a --recipe sets group sizes)");
             }
-            let mut plan = vllm::plan(&ck, s, a.strict).with_context(ctx)?;
-            if let Some(text) = recipe_text(a)? {
-                let name = a.recipe.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-                vllm_with_recipe(s, &mut plan, &name, &text).with_context(ctx)?;
-            }
+            let plan = match recipe_text(a)? {
+                Some(text) => {
+                    let name = a.recipe.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                    let mut plan = vllm_for_recipe(&ck, s, a.strict).with_context(ctx)?;
+                    vllm_with_recipe(s, &mut plan, &name, &text, a.strict).with_context(ctx)?;
+                    plan
+                }
+                None => vllm::plan(&ck, s, a.strict).with_context(ctx)?,
+            };
             Planned::Vllm(s, plan)
         }
-        // Planned at w4a16; the allocation's recipe then sets each layer's width and group size.
-        To::VllmAuto => Planned::Vllm(VLLM_AUTO_BASE, vllm::plan(&ck, VLLM_AUTO_BASE, a.strict).with_context(ctx)?),
+        // Planned at the finest group, then the allocation's recipe sets each layer's width and group size.
+        To::VllmAuto => {
+            Planned::Vllm(VLLM_AUTO_BASE, vllm_for_recipe(&ck, VLLM_AUTO_BASE, a.strict).with_context(ctx)?)
+        }
         To::Mlx(b) => Planned::Mlx(match recipe_text(a)? {
             Some(text) => mlx_with_recipe(
                 &ck,
@@ -112,13 +118,21 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
 /// The scheme `vllm:auto` plans at before its recipe applies (symmetric int4, group 128).
 const VLLM_AUTO_BASE: vllm::Scheme = vllm::Scheme::W4A16 { symmetric: true };
 
-/// Applies a vLLM recipe (`--recipe FILE`, or the one a manifest records) to a plan of an integer scheme.
-fn vllm_with_recipe(s: vllm::Scheme, plan: &mut Plan<vllm::Enc>, name: &str, text: &str) -> Result<()> {
-    if !matches!(s, vllm::Scheme::W4A16 { .. } | vllm::Scheme::W8A16) {
+/// The plan a vLLM recipe applies to: integer scheme `s` at the finest group vLLM takes, so that every weight vLLM
+/// can quantize is planned quantized.
+fn vllm_for_recipe(ck: &Checkpoint, s: vllm::Scheme, strict: bool) -> Result<Plan<vllm::Enc>> {
+    if s.int_args().is_none() {
         bail!("--recipe applies to the integer vllm schemes (w4a16, w4a16-asym, w8a16), not vllm:{}", s.name());
     }
+    Ok(vllm::plan_in_groups(ck, s, strict, Some(32))?)
+}
+
+/// Applies a vLLM recipe (`--recipe FILE`, or the one a manifest records) to a [`vllm_for_recipe`] plan; its defaults
+/// fall back to the scheme's bits and group size (128).
+fn vllm_with_recipe(s: vllm::Scheme, plan: &mut Plan<vllm::Enc>, name: &str, text: &str, strict: bool) -> Result<()> {
+    let bits = s.int_args().map_or(4, |a| a.bits);
     let r = sling_targets::recipe::RecipeFile::parse(name, text, &vllm::recipe::LIMITS)?;
-    vllm::recipe::apply(name, &r, plan)?;
+    vllm::recipe::apply(name, &r, plan, (bits, 128), strict)?;
     Ok(())
 }
 
@@ -165,7 +179,7 @@ fn allocate(
         }
         Planned::Vllm(s, plan) => {
             let ap = crate::auto::plan_vllm(a, ck, plan, quiet, gemm)?;
-            vllm_with_recipe(*s, plan, "vllm:auto", &ap.recipe)?;
+            vllm_with_recipe(*s, plan, "vllm:auto", &ap.recipe, a.strict)?;
             (crate::auto::HfAuto::Vllm(ap), sling_pipeline::plan_bytes(plan))
         }
     };
@@ -719,12 +733,15 @@ pub fn rederive(
                         To::Vllm(s) => s,
                         _ => VLLM_AUTO_BASE,
                     };
-                    let mut plan = vllm::plan(&ck, s, rec.strict)?;
-                    match (&rec.recipe, to) {
-                        (Some(r), _) => vllm_with_recipe(s, &mut plan, "the recorded recipe", r)?,
+                    let plan = match (&rec.recipe, to) {
+                        (Some(r), _) => {
+                            let mut plan = vllm_for_recipe(&ck, s, rec.strict)?;
+                            vllm_with_recipe(s, &mut plan, "the recorded recipe", r, rec.strict)?;
+                            plan
+                        }
                         (None, To::VllmAuto) => bail!("a vllm:auto manifest without its recipe"),
-                        (None, _) => {}
-                    }
+                        (None, _) => vllm::plan(&ck, s, rec.strict)?,
+                    };
                     check(parts_of(&plan), &mut problems);
                     let mut planned = Planned::Vllm(s, plan);
                     let solved = resolve(rec, &ck, &mut planned, &mut tmp)?;

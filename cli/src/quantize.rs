@@ -35,6 +35,8 @@ checkpoint give its directory, e.g. ./Qwen3-30B-A3B, and drop --tokenizer-pre):
   sling quantize fixtures/models/qwen3moe --to vllm:w4a16 -o qwen3-w4a16   # compressed-tensors, for vLLM/SGLang
   sling quantize fixtures/models/deepseekv3-fp8 --to vllm:fp8-block -o ds-v3-fp8-block   # FP8 sources: codes and scales copied
   sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 64 -o qwen3-mlx-4bit   # for mlx-lm
+  sling quantize fixtures/models/qwen3moe --to vllm:auto --target-bpw 10 --imatrix imatrix.gguf --data tests/interop/data/calib.txt -o q-vllm
+  sling quantize fixtures/models/qwen3moe --to vllm:w4a16 --recipe q-vllm.recipe.toml -o q-vllm-again   # per-layer bits, docs/vllm.md
   sling quantize fixtures/models/qwen3moe --to mlx:auto --target-bpw 4.5 --imatrix imatrix.gguf --data tests/interop/data/calib.txt -o q-mlx
   sling quantize fixtures/models/qwen3moe --to mlx:4 --recipe q-mlx.recipe.toml -o q-mlx-again   # per-weight bits, docs/mlx.md
   sling quantize fixtures/models/qwen3moe --to mlx:auto --target-bpw 4.5 --data tests/interop/data/calib.txt --method gptq -o q-mlx-gptq
@@ -75,7 +77,10 @@ that fit are written as a recipe (OUT.recipe.toml, also --save-recipe FILE; --re
 again) and recorded in the manifest and the model card (docs/quantization.md, \"Quantize to a size target\"). \
 mlx:auto does the same for mlx-lm: bits 2-8 and group size 32/64/128 per weight, written as per-module overrides, \
 its recipe an MLX recipe (--to mlx:BITS --recipe FILE; docs/mlx.md); with --method gptq each weight is then \
-GPTQ-solved on the grid chosen for it (the same recipe and size; --data feeds both).
+GPTQ-solved on the grid chosen for it (the same recipe and size; --data feeds both). vllm:auto does the same for \
+vLLM: 4 or 8 bits and group size 32/64/128 (or source precision) per layer vLLM loads as one (a layer's routed \
+experts, q/k/v, gate/up), written as one compressed-tensors config group per encoding, its recipe a vLLM recipe \
+(--to vllm:w4a16 --recipe FILE; docs/vllm.md).
 
 Rules: --tensor-type REGEX=TYPE (repeatable, first match wins, searched in the GGUF tensor name, e.g. \
 'blk\\.[0-2]\\..*=q8_0' or 'ffn_down_exps=q5_K'), --output-tensor-type, --token-embedding-type, --pure, \
@@ -96,12 +101,13 @@ pub struct QuantArgs {
     /// Target: gguf:PRESET, a llama-quantize preset (gguf:Q4_K_M) or a named MoE recipe (gguf:moe-q4);
     /// gguf:auto with --target-size/--target-bpw (types chosen from measured sensitivities);
     /// vllm:SCHEME, a compressed-tensors directory for vLLM/SGLang (w4a16, w4a16-asym, w8a16, fp8-dynamic,
-    /// fp8-block, nvfp4, mxfp4); mlx:BITS, a directory for mlx-lm (2, 3, 4, 5, 6, 8); mlx:auto with
-    /// --target-size/--target-bpw. Optional with --recipe (GGUF).
+    /// fp8-block, nvfp4, mxfp4); vllm:auto and mlx:auto with --target-size/--target-bpw; mlx:BITS, a directory
+    /// for mlx-lm (2, 3, 4, 5, 6, 8). Optional with --recipe (GGUF).
     #[arg(long, value_name = "TARGET")]
     pub(crate) to: Option<String>,
     /// Recipe file (TOML): for gguf, a base preset plus rules by role, layer range and name
-    /// (docs/quantization.md); for mlx:BITS, bits and group size per weight by name (docs/mlx.md).
+    /// (docs/quantization.md); for mlx:BITS and vllm:w4a16|w4a16-asym|w8a16, bits and group size per weight by
+    /// name (docs/mlx.md, docs/vllm.md).
     #[arg(long, value_name = "FILE")]
     pub(crate) recipe: Option<PathBuf>,
     /// Importance matrix (llama-imatrix GGUF output or legacy .dat).

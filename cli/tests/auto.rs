@@ -215,8 +215,8 @@ fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
         ("mlx:auto", &["--target-bpw", "4", "--method", "gptq"][..], "--method gptq needs calibration data"),
         ("mlx:auto", &["--target-bpw", "4", "--act-order"][..], "--method gptq and its flags solve"),
         ("mlx:auto", &["--target-bpw", "4", "--method", "awq", "--data", "calib.txt"][..], "not awq"),
-        ("mlx:4", &["--target-bpw", "4"][..], "go with --to gguf:auto or mlx:auto"),
-        ("vllm:w4a16", &["--recipe", "r.toml"][..], "--recipe applies to --to gguf:"),
+        ("mlx:4", &["--target-bpw", "4"][..], "go with --to gguf:auto, vllm:auto or mlx:auto"),
+        ("vllm:nvfp4", &["--recipe", "r.toml"][..], "cannot read r.toml"),
     ] {
         let mut a = vec!["plan", s(&src), "--to", to];
         a.extend(extra);
@@ -230,4 +230,102 @@ fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
     let o = sling(&["plan", s(&src), "--to", "mlx:4", "--recipe", s(&bad)]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("bits 7"), "{}", stderr(&o));
+}
+
+/// `sling quantize qwen2moe --to vllm:auto ARGS… -o OUT` with probes over a little calibration text.
+fn vllm_auto(out: &Path, extra: &[&str]) -> Output {
+    let src = fixture("qwen2moe");
+    let mut a = vec!["quantize", s(&src), "--to", "vllm:auto", "--data", CALIB, "--ctx", "32", "--chunks", "4"];
+    a.extend(["-o", s(out)]);
+    a.extend(extra);
+    sling(&a)
+}
+
+#[test]
+fn vllm_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights() {
+    let t = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for (i, threads) in ["1", "2"].iter().enumerate() {
+        let out = t.path().join(format!("v{i}"));
+        let o = vllm_auto(&out, &["--target-bpw", "10", "-t", threads]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        dirs.push(out);
+    }
+    assert_eq!(weights_of(&dirs[0]), weights_of(&dirs[1]), "outputs differ across threads/runs");
+    let recipe = t.path().join("v0.recipe.toml");
+    assert_eq!(fs::read(&recipe).unwrap(), fs::read(t.path().join("v1.recipe.toml")).unwrap());
+    // Mixed precision as compressed-tensors holds it: one config group per encoding, each naming its modules.
+    let cfg: serde_json::Value = serde_json::from_slice(&fs::read(dirs[0].join("config.json")).unwrap()).unwrap();
+    let groups = cfg["quantization_config"]["config_groups"].as_object().unwrap();
+    assert!(groups.len() >= 2, "{groups:?}");
+    assert!(groups.values().all(|g| g["targets"].as_array().unwrap().iter().all(|t| t != "Linear")), "{groups:?}");
+    let src = fixture("qwen2moe");
+    let o = sling(&[
+        "plan",
+        s(&src),
+        "--to",
+        "vllm:auto",
+        "--target-bpw",
+        "10",
+        "--data",
+        CALIB,
+        "--ctx",
+        "32",
+        "--chunks",
+        "4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["bpw"].as_f64().unwrap() <= 10.0, "{}", v["bpw"]);
+    assert!(v["auto"]["file_bytes"].as_u64().unwrap() <= v["auto"]["budget_bytes"].as_u64().unwrap());
+    assert!(v["auto"]["layers"].as_array().unwrap().iter().all(|w| w["probes"][0]["kld"].as_f64().is_some()));
+    // The recipe fed back makes the same weights, through either integer scheme's defaults.
+    for to in ["vllm:w4a16", "vllm:w8a16"] {
+        let again = t.path().join(to.replace(':', "-"));
+        let o = sling(&["quantize", s(&src), "--to", to, "--recipe", s(&recipe), "-o", s(&again)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(weights_of(&again), weights_of(&dirs[0]), "{to} --recipe of the written recipe made other weights");
+    }
+    let o = sling(&["verify", s(&dirs[0]), "--source", s(&src), "--full"]);
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}
+
+#[test]
+fn vllm_targets_outside_the_bounds_split_layers_and_mixed_flags_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    for (flag, v, needle) in [
+        ("--target-bpw", "2", "below the smallest model these types can make"),
+        ("--target-size", "1T", "larger than the unquantized model"),
+    ] {
+        let out = t.path().join("x");
+        let o = vllm_auto(&out, &[flag, v]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.starts_with("error: ") && e.contains(needle) && e.matches("bytes (").count() == 2, "{e}");
+        assert!(!out.exists(), "nothing may be written");
+    }
+    let src = fixture("qwen2moe");
+    let split = t.path().join("split.toml");
+    fs::write(&split, "[[rule]]\nname = \"layers\\\\.0\\\\.self_attn\\\\.q_proj\"\nbits = 8\ngroup_size = 32\n")
+        .unwrap();
+    let bad = t.path().join("bad.toml");
+    fs::write(&bad, "[[rule]]\nname = \"q_proj\"\nbits = 6\n").unwrap();
+    let coarse = t.path().join("coarse.toml");
+    fs::write(&coarse, "[[rule]]\nname = \"self_attn\"\nbits = 8\ngroup_size = 128\n").unwrap();
+    for (to, extra, needle) in [
+        ("vllm:auto", &[][..], "needs a size"),
+        ("vllm:auto", &["--target-bpw", "9", "--recipe", s(&bad)][..], "--recipe and --group-size cannot be combined"),
+        ("vllm:auto", &["--target-bpw", "9", "--method", "awq", "--data", "calib.txt"][..], "not awq"),
+        ("vllm:w4a16", &["--recipe", s(&split)][..], "as one layer (model.layers.0.self_attn.qkv)"),
+        ("vllm:w4a16", &["--recipe", s(&bad)][..], "bits 6: vLLM recipes take 4 or 8"),
+        ("vllm:w4a16", &["--recipe", s(&coarse)][..], "not a multiple of the rule's group size 128"),
+        ("vllm:nvfp4", &["--recipe", s(&bad)][..], "integer vllm schemes"),
+    ] {
+        let mut a = vec!["plan", s(&src), "--to", to];
+        a.extend(extra);
+        let o = sling(&a);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{to} {extra:?}: {}", stderr(&o));
+    }
 }

@@ -128,11 +128,23 @@ fn fmt_err(dir: &Path, why: impl Into<String>) -> ReadError {
 }
 
 /// Whether `dir` holds a compressed-tensors or MLX artifact (by its `config.json`).
-pub fn kind_of(dir: &Path) -> Option<Kind> {
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+/// A compressed-tensors config sling cannot read (a config group without a usable target) is an error, not "no
+/// artifact".
+pub fn kind_of(dir: &Path) -> Result<Option<Kind>, ReadError> {
+    let Some(cfg) =
+        std::fs::read(dir.join("config.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return Ok(None);
+    };
     if let Some(q) = cfg.get("quantization_config").filter(|q| q["quant_method"] == "compressed-tensors") {
-        return ct_schemes(q).ok().map(|schemes| Kind::CompressedTensors { schemes });
+        return ct_schemes(q)
+            .map(|schemes| Some(Kind::CompressedTensors { schemes }))
+            .map_err(|why| fmt_err(dir, format!("config.json quantization_config: {why}")));
     }
+    Ok(mlx_kind(&cfg))
+}
+
+fn mlx_kind(cfg: &serde_json::Value) -> Option<Kind> {
     let q = cfg.get("quantization")?;
     // `mxfp4`: a partially quantized model (gpt-oss's MXFP4 experts kept), every affine module listed.
     if !matches!(q.get("mode").and_then(|m| m.as_str()).unwrap_or("affine"), "affine" | "mxfp4") {
@@ -279,7 +291,7 @@ fn unstack_mlx(
 impl Artifact {
     /// Opens `dir`; `None` when it is neither a compressed-tensors nor an MLX artifact.
     pub fn open(dir: &Path) -> Result<Option<Artifact>, ReadError> {
-        let Some(kind) = kind_of(dir) else { return Ok(None) };
+        let Some(kind) = kind_of(dir)? else { return Ok(None) };
         let ck = Checkpoint::open(dir)?;
         let mut logical = HashMap::new();
         let mut order = Vec::new();

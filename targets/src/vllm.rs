@@ -101,7 +101,8 @@ impl Scheme {
         }
     }
 
-    fn int_args(self) -> Option<IntArgs> {
+    /// The integer schemes' bits, symmetry and group size; `None` for the float schemes.
+    pub fn int_args(self) -> Option<IntArgs> {
         match self {
             Scheme::W4A16 { symmetric } => Some(IntArgs { bits: 4, symmetric, group: Some(128) }),
             Scheme::W8A16 => Some(IntArgs { bits: 8, symmetric: true, group: Some(128) }),
@@ -240,6 +241,18 @@ fn sd_dtype(sd: ScaleDtype) -> DType {
 /// Plans the artifact: every tensor of the checkpoint, Linear weights encoded with `scheme` where their shape
 /// allows. `strict`: a weight the scheme cannot take is an error instead of being kept.
 pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, TargetError> {
+    plan_in_groups(ck, scheme, strict, scheme.group())
+}
+
+/// [`plan`] with the integer schemes' group size `group` in place of theirs: the finest group vLLM takes (32)
+/// plans every weight vLLM can quantize, which a recipe or `vllm:auto` then gives its own group size.
+pub fn plan_in_groups(
+    ck: &Checkpoint,
+    scheme: Scheme,
+    strict: bool,
+    group: Option<u64>,
+) -> Result<Plan<Enc>, TargetError> {
+    let group = if scheme.int_args().is_some() { group } else { scheme.group() };
     let tensors = sling_pipeline::hf::tensors(ck)?;
     let mut weights = Vec::new();
     let mut kept = Vec::new();
@@ -253,7 +266,7 @@ pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, 
             continue;
         }
         let cols = t.shape[1];
-        if let Some(g) = scheme.group().filter(|g| cols % g != 0) {
+        if let Some(g) = group.filter(|g| cols % g != 0) {
             let why = format!("row length {cols} is not a multiple of {}'s group size {g}", scheme.name());
             if strict {
                 return Err(TargetError::Strict { tensor: t.name, why });
@@ -288,7 +301,7 @@ pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, 
                     row_align: 1,
                 });
             }
-            _ => weights.push(quantize(t, scheme)),
+            _ => weights.push(quantize(t, scheme, group)),
         }
     }
     if quantized == 0 {
@@ -308,14 +321,15 @@ fn keep(t: HfTensor) -> Weight<Enc> {
     t.into_weight(Enc::Keep(dtype))
 }
 
-fn quantize(t: HfTensor, scheme: Scheme) -> Weight<Enc> {
+fn quantize(t: HfTensor, scheme: Scheme, group: Option<u64>) -> Weight<Enc> {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let module = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
     let sd = scale_dtype(t.dtype);
     let p = |suffix: &str, dtype, shape| Part::new(format!("{module}.{suffix}"), dtype, shape);
     let (enc, parts, row_align) = match scheme {
         Scheme::W4A16 { .. } | Scheme::W8A16 => {
-            let args = scheme.int_args().unwrap_or(IntArgs { bits: 4, symmetric: true, group: Some(128) });
+            let mut args = scheme.int_args().unwrap_or(IntArgs { bits: 4, symmetric: true, group: Some(128) });
+            args.group = group.map(|g| g as usize);
             let (parts, row_align) = int_parts(&module, rows, cols, args, sd);
             (Enc::Int { args, sd }, parts, row_align)
         }

@@ -161,3 +161,46 @@ fn nvfp4_fused_shards_share_one_amax_group() {
         Some("model.layers.0.block_sparse_moe.experts.1.w13")
     );
 }
+
+/// A vLLM recipe on Mixtral: per-layer choices land on every weight of the layer, the config groups name what
+/// vLLM asks for (expert 0's gate/up/down even where Mixtral stores w1/w2/w3), and a FusedMoE kept whole is in
+/// `ignore` by its own name.
+#[test]
+fn vllm_recipe_groups_name_each_layer_as_vllm_looks_it_up() {
+    let ck = fixture("mixtral");
+    let s = vllm::Scheme::W4A16 { symmetric: true };
+    let mut p = vllm::plan_in_groups(&ck, s, false, Some(32)).unwrap();
+    let text =
+        "bits = 4\ngroup_size = 32\n[[rule]]\nname = \"layers\\\\.0\\\\.block_sparse_moe\\\\.experts\"\nbits = 8\n\
+                [[rule]]\nname = \"layers\\\\.1\\\\.block_sparse_moe\\\\.experts\"\nkeep = true\n";
+    let r = sling_targets::recipe::RecipeFile::parse("t", text, &vllm::recipe::LIMITS).unwrap();
+    vllm::recipe::apply("t", &r, &mut p, (4, 128), false).unwrap();
+    let enc = |n: &str| p.weights.iter().find(|w| w.name == n).unwrap().enc.clone();
+    assert!(
+        matches!(enc("model.layers.0.block_sparse_moe.experts.5.w2.weight"), vllm::Enc::Int { args, .. } if args.bits == 8 && args.group == Some(32))
+    );
+    assert!(matches!(enc("model.layers.1.block_sparse_moe.experts.5.w2.weight"), vllm::Enc::Keep(_)));
+    let cfg: serde_json::Value = serde_json::from_slice(&vllm::config_json(&ck, s, &p).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    let groups = q["config_groups"].as_object().unwrap();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    let g8 = groups.values().find(|g| g["weights"]["num_bits"] == 8).unwrap();
+    let pat = g8["targets"][0].as_str().unwrap().strip_prefix("re:").unwrap();
+    let re = regex::Regex::new(pat).unwrap();
+    for m in ["w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"] {
+        assert!(re.is_match(&format!("model.layers.0.block_sparse_moe.experts.0.{m}")), "{pat} {m}");
+    }
+    assert!(
+        !re.is_match("model.layers.0.block_sparse_moe.gate")
+            && !re.is_match("model.layers.10.block_sparse_moe.experts.0.w1")
+    );
+    let ignore: Vec<&str> = q["ignore"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(ignore.contains(&"model.layers.1.block_sparse_moe.experts"), "{ignore:?}");
+    assert!(ignore.contains(&"model.layers.1.block_sparse_moe.experts.3.w2"), "{ignore:?}");
+    // One layer split in two is refused.
+    let split = "[[rule]]\nname = \"experts\\\\.\\\\d+\\\\.w2\"\nbits = 8\ngroup_size = 32\n";
+    let r = sling_targets::recipe::RecipeFile::parse("s", split, &vllm::recipe::LIMITS).unwrap();
+    let mut p = vllm::plan_in_groups(&ck, s, false, Some(32)).unwrap();
+    let e = vllm::recipe::apply("s", &r, &mut p, (4, 32), false).unwrap_err().to_string();
+    assert!(e.contains("as one layer (model.layers.0.block_sparse_moe.experts)"), "{e}");
+}

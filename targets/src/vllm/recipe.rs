@@ -18,29 +18,52 @@ use crate::TargetError;
 /// What vLLM recipes take: the integer widths vLLM's WNA16 kernels run (Marlin: 4 and 8 bits; groups 32, 64, 128).
 pub const LIMITS: Limits = Limits { target: "vLLM", bits: &[4, 8], groups: &[32, 64, 128] };
 
-/// Applies recipe `r` (`name` for messages) to the integer weights of `plan`: the recipe's defaults over the
-/// scheme's, then each rule's choice for the weights it matches; symmetry stays the scheme's.
-pub fn apply(name: &str, r: &RecipeFile, plan: &mut Plan<Enc>) -> Result<(), TargetError> {
+/// Applies recipe `r` (`name` for messages) to the integer weights of `plan` (planned at group 32,
+/// [`super::plan_in_groups`], so that every weight vLLM can take is planned quantized): the recipe's defaults over
+/// `default` (the scheme's bits and group size), then each rule's choice for the weights it matches; symmetry stays
+/// the scheme's. A weight no rule names whose rows the default group does not divide is kept at source precision,
+/// as [`super::plan`] keeps it (an error with `strict`); a rule's group that does not divide the rows of a weight it
+/// names is an error.
+pub fn apply(
+    name: &str,
+    r: &RecipeFile,
+    plan: &mut Plan<Enc>,
+    default: (u32, u64),
+    strict: bool,
+) -> Result<(), TargetError> {
+    let (bits, group) = (r.bits.unwrap_or(default.0), r.group_size.unwrap_or(default.1));
+    let mut kept = Vec::new();
     for w in &mut plan.weights {
         let Enc::Int { args, sd } = w.enc.clone() else { continue };
-        let default =
-            Choice::Quant { bits: r.bits.unwrap_or(args.bits), group: r.group_size.or(args.group.map(|g| g as u64)) };
         let (rows, cols) = (w.rows(), w.cols());
         let module = w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string();
-        match r.choice(&w.name).unwrap_or(default) {
+        let choice = match r.choice(&w.name) {
+            Some(c) => c,
+            None if cols % group != 0 => {
+                let why = format!("row length {cols} is not a multiple of the group size {group}");
+                if strict {
+                    return Err(TargetError::Strict { tensor: w.name.clone(), why });
+                }
+                tracing::warn!("{}: {why}; kept at source precision", w.name);
+                kept.push(sling_pipeline::Kept { name: w.name.clone(), why });
+                Choice::Keep
+            }
+            None => Choice::Quant { bits, group: Some(group) },
+        };
+        match choice {
             Choice::Keep => {
                 let d = sd_dtype(sd);
                 w.enc = Enc::Keep(d);
                 w.parts = vec![Part::new(w.name.clone(), d, vec![rows, cols])];
                 w.row_align = 1;
             }
-            Choice::Quant { bits, group } => {
-                let g = group.or(r.group_size).or(args.group.map(|g| g as u64)).unwrap_or(cols);
+            Choice::Quant { bits, group: g } => {
+                let g = g.unwrap_or(group);
                 if cols % g != 0 {
-                    return Err(TargetError::Strict {
-                        tensor: w.name.clone(),
-                        why: format!("row length {cols} is not a multiple of the recipe {name}'s group size {g}"),
-                    });
+                    return Err(TargetError::Unsupported(format!(
+                        "recipe {name}: {}: row length {cols} is not a multiple of the rule's group size {g}",
+                        w.name
+                    )));
                 }
                 let args = IntArgs { bits, symmetric: args.symmetric, group: Some(g as usize) };
                 (w.parts, w.row_align) = int_parts(&module, rows, cols, args, sd);
@@ -48,6 +71,7 @@ pub fn apply(name: &str, r: &RecipeFile, plan: &mut Plan<Enc>) -> Result<(), Tar
             }
         }
     }
+    plan.kept.extend(kept);
     check_units(name, plan)
 }
 
