@@ -114,15 +114,12 @@ impl Scheme {
     /// (`W4A16`, `W4A16_ASYM`, `W8A16`, `FP8_DYNAMIC`, `FP8_BLOCK`, `NVFP4A16`, `MXFP4A16`).
     pub fn config_group(self) -> serde_json::Value {
         use serde_json::json;
+        let linear = ["Linear".to_string()];
         let (weights, input) = match self {
-            Scheme::W4A16 { symmetric } => (
-                json!({"dynamic": false, "group_size": 128, "num_bits": 4, "strategy": "group", "symmetric": symmetric, "type": "int"}),
-                serde_json::Value::Null,
-            ),
-            Scheme::W8A16 => (
-                json!({"dynamic": false, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": true, "type": "int"}),
-                serde_json::Value::Null,
-            ),
+            Scheme::W4A16 { symmetric } => {
+                return int_config_group(IntArgs { bits: 4, symmetric, group: Some(128) }, &linear)
+            }
+            Scheme::W8A16 => return int_config_group(IntArgs { bits: 8, symmetric: true, group: Some(128) }, &linear),
             Scheme::Fp8Dynamic => (
                 json!({"dynamic": false, "group_size": null, "num_bits": 8, "strategy": "channel", "symmetric": true, "type": "float"}),
                 json!({"dynamic": true, "group_size": null, "num_bits": 8, "strategy": "token", "symmetric": true, "type": "float"}),

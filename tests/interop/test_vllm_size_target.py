@@ -20,12 +20,14 @@ The frontier: sling's own vllm:SCHEME presets that quantize weights only (w4a16,
 against compressed-tensors and transformers in test_vllm.py), KLD interpolated in log space. fp8-dynamic is left out:
 vLLM quantizes its activations at run time, which a weight-only score would not count.
 
-Checked: the allocation fits each target and sits below the frontier; compressed-tensors resolves every module to
-exactly one config group, the one sling's reader uses, and decompresses it to `sling dequantize`'s value bit for
-bit; vLLM's own lookups (experts.0.gate_proj/up_proj/down_proj, also for Mixtral's w1/w2/w3, and q/k/v) land in one
-group per layer; the allocation is deterministic across thread counts, its recipe makes the same files again
-through `--to vllm:w4a16 --recipe`, and `verify --source --full` re-derives it; a recipe that splits a vLLM layer and
-targets outside what vLLM can store are refused. Figures: results/vllm_size_target.json; docs/vllm.md quotes them.
+Checked: the allocation fits each target, sits below the interpolated frontier up to 6.5 bpw and below the best preset
+that fits at every target up to 8.5; compressed-tensors resolves every module to exactly one config group, the one
+sling's reader uses, and decompresses it to `sling dequantize`'s value bit for bit; vLLM's own lookups
+(experts.0.gate_proj/up_proj/down_proj, also for Mixtral's w1/w2/w3, and q/k/v) land in one group per layer; the
+allocation is deterministic across thread counts, its recipe makes the same files again through `--to vllm:w4a16
+--recipe`, and `verify --source --full` re-derives it; `--method gptq` solves the allocation's grids (same recipe and
+size, lower KLD) and `verify --source --data` re-derives it; a recipe that splits a vLLM layer and targets outside
+what vLLM can store are refused. Figures: results/vllm_size_target.json; docs/vllm.md quotes them.
 """
 from __future__ import annotations
 
@@ -274,6 +276,28 @@ def test_deterministic_and_the_recipe_makes_the_same_files(lab_state):
     assert target["target"] == "vllm:auto" and target["recipe"] == recipe.read_text()
     r = lab.sling("verify", first, "--source", lab_state["src"], "--full", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gptq_solves_the_allocation(lab_state, tmp_path):
+    """`--method gptq` with vllm:auto: the allocation round-to-nearest gets (the same recipe, the same tensor bytes),
+    each weight GPTQ-solved on the grid chosen for it; scored as above, well below the round-to-nearest allocation;
+    `verify --source --data` re-derives it. AWQ is refused."""
+    bpw = TARGETS[1]
+    rtn, rtn_dir = auto(lab_state, bpw)
+    g, g_dir = auto(lab_state, bpw, extra=(*AUTO_ARGS, "--method", "gptq"), key=f"auto-{bpw}-gptq")
+    target = lambda d: json.loads((d / "sling.json").read_text())["options"]["target"]  # noqa: E731
+    assert target(g_dir)["recipe"] == target(rtn_dir)["recipe"]
+    assert target(g_dir)["calibration"]["method"] == "gptq" and target(rtn_dir).get("calibration") is None
+    assert g["tensor_bytes"] == rtn["tensor_bytes"]
+    lab.record("vllm_size_target", f"{NAME}/auto-{bpw}-gptq-vs-rtn", {"gptq": g["kld_mean"], "rtn": rtn["kld_mean"]})
+    # Measured: 0.59x (sling eval: 0.00155 against 0.00263).
+    assert g["kld_mean"] < 0.8 * rtn["kld_mean"], (g, rtn)
+    r = lab.sling("verify", g_dir, "--source", lab_state["src"], "--data", CALIB, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = lab.sling("quantize", lab_state["src"], "--to", "vllm:auto", "--target-bpw", str(bpw), "-o", tmp_path / "awq",
+                  *AUTO_ARGS, "--method", "awq", check=False)
+    assert r.returncode == 2 and "--method gptq" in r.stderr and "--save-recipe" in r.stderr, r.stderr
+    assert not (tmp_path / "awq").exists()
 
 
 def test_targets_outside_what_vllm_can_store_are_refused(lab_state, tmp_path):
