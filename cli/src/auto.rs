@@ -135,13 +135,8 @@ pub fn plan(
     let bar = progress_bar(p.rows.len() as u64, quiet);
     let backend = sling_kernels::backend::CpuBackend::default();
     let t0 = std::time::Instant::now();
-    let sens = auto::measure(&ck, &p, overhead, a.auto.sample_rows, &backend, &|i, _, name| {
-        if let Some(b) = &bar {
-            b.set_position(i as u64);
-            b.set_message(name.to_string());
-        }
-    })
-    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    let sens = auto::measure(&ck, &p, overhead, a.auto.sample_rows, &backend, &on_progress(&bar))
+        .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -373,6 +368,38 @@ pub fn recipe_path(output: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A measurement pass's progress callback: the item's index and name on `bar`.
+fn on_progress(bar: &Option<indicatif::ProgressBar>) -> impl Fn(usize, usize, &str) + Sync + '_ {
+    move |i, _, name| {
+        if let Some(b) = bar {
+            b.set_position(i as u64);
+            b.set_message(name.to_string());
+        }
+    }
+}
+
+/// After a vllm/mlx measurement pass: the bar cleared, and an `--imatrix` that weighted nothing refused.
+fn measured<K>(
+    a: &QuantArgs,
+    sens: &sling_quantizers::budget::Sensitivity<K>,
+    bar: Option<indicatif::ProgressBar>,
+    t0: std::time::Instant,
+    what: &str,
+) -> Result<()> {
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.imatrix.is_some() && !sens.tensors.iter().any(|m| m.weighted) {
+        bail!(
+            "--imatrix {}: no entry matches a weight of {}",
+            a.imatrix.as_ref().map_or(String::new(), |p| p.display().to_string()),
+            a.src.display()
+        );
+    }
+    tracing::info!("measured {} {what} in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn progress_bar(n: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
     if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return None;
@@ -486,24 +513,9 @@ pub fn plan_vllm(
         let freq = if w.role == sling_core::Role::RoutedExperts { (*count).max(1) as f64 / tokens } else { 1.0 };
         Some(vllm_auto::Importance { weights: v, freq })
     };
-    let mut sens = vllm_auto::measure(ck, plan, &units, &find, a.auto.sample_rows, &|i, _, name| {
-        if let Some(b) = &bar {
-            b.set_position(i as u64);
-            b.set_message(name.to_string());
-        }
-    })
-    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if a.imatrix.is_some() && !sens.tensors.iter().any(|m| m.weighted) {
-        bail!(
-            "--imatrix {}: no entry matches a weight of {}",
-            a.imatrix.as_ref().map_or(String::new(), |p| p.display().to_string()),
-            a.src.display()
-        );
-    }
-    tracing::info!("measured {} layers in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    let mut sens = vllm_auto::measure(ck, plan, &units, &find, a.auto.sample_rows, &on_progress(&bar))
+        .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    measured(a, &sens, bar, t0, "layers")?;
     let probed = a.solve.data.is_some() || a.solve.tokens.is_some();
     if probed {
         let t1 = std::time::Instant::now();
@@ -631,24 +643,9 @@ pub fn plan_mlx(
         key.sort();
         importance.get(&key)
     };
-    let mut sens = mlx_auto::measure(ck, p, &find, a.auto.sample_rows, &|i, _, name| {
-        if let Some(b) = &bar {
-            b.set_position(i as u64);
-            b.set_message(name.to_string());
-        }
-    })
-    .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if a.imatrix.is_some() && !sens.tensors.iter().any(|m| m.weighted) {
-        bail!(
-            "--imatrix {}: no entry matches a weight of {}",
-            a.imatrix.as_ref().map_or(String::new(), |p| p.display().to_string()),
-            a.src.display()
-        );
-    }
-    tracing::info!("measured {} weights in {:.1}s", sens.tensors.len(), t0.elapsed().as_secs_f64());
+    let mut sens = mlx_auto::measure(ck, p, &find, a.auto.sample_rows, &on_progress(&bar))
+        .with_context(|| format!("cannot measure the sensitivities of {}", a.src.display()))?;
+    measured(a, &sens, bar, t0, "weights")?;
     let probed = a.solve.data.is_some() || a.solve.tokens.is_some();
     if probed {
         let t1 = std::time::Instant::now();

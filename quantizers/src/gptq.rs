@@ -41,6 +41,17 @@ pub trait Grid: Sync + Send {
             dequant.push(d);
         }
     }
+    /// `row` replaced by what the artifact holds for it on this grid: each group's parameters from its original
+    /// values, then every element's dequantized value ([`Grid::quantize`]'s second half). What the size-targeted
+    /// allocations measure and probe.
+    fn roundtrip_row(&self, row: &mut [f32]) {
+        let ps = self.row_params(row);
+        for (chunk, p) in row.chunks_mut(self.group().min(row.len()).max(1)).zip(&ps) {
+            for x in chunk {
+                *x = self.quantize(*x, p).1;
+            }
+        }
+    }
     /// This grid as one whose rows the AWQ search quantizes whole ([`crate::awq::delta_row`], which
     /// `sling_kernels` builds for AVX2), if it is one; other grids go group by group.
     fn row_grid(&self) -> Option<RowGrid<'_>> {

@@ -629,9 +629,14 @@ fn mixed_groups(scheme: Scheme, plan: &Plan<Enc>) -> Result<Option<(serde_json::
     if !mixed {
         return Ok(None);
     }
-    // Per encoding, its targets in plan order (a module, or a FusedMoE layer: `Err`); per FusedMoE layer, its
-    // projections and whether any is quantized.
-    let mut by_args: BTreeMap<(u32, usize, bool), (IntArgs, Vec<Result<String, String>>)> = BTreeMap::new();
+    /// A config group's target: a module by name, or a FusedMoE layer's experts by pattern.
+    #[derive(PartialEq)]
+    enum Named {
+        Module(String),
+        Experts(String),
+    }
+    // Per encoding, its targets in plan order; per FusedMoE layer, its projections and whether any is quantized.
+    let mut by_args: BTreeMap<(u32, usize, bool), (IntArgs, Vec<Named>)> = BTreeMap::new();
     let mut layers: BTreeMap<String, (BTreeSet<String>, bool)> = BTreeMap::new();
     for w in &plan.weights {
         let expert = (w.role == Role::RoutedExperts).then(|| expert_layer(&w.name)).flatten();
@@ -645,8 +650,8 @@ fn mixed_groups(scheme: Scheme, plan: &Plan<Enc>) -> Result<Option<(serde_json::
                 let key = (args.bits, args.group.unwrap_or(0), args.symmetric);
                 let targets = &mut by_args.entry(key).or_insert_with(|| (*args, Vec::new())).1;
                 let t = match expert {
-                    Some((layer, _)) => Err(layer.to_string()),
-                    None => Ok(w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string()),
+                    Some((layer, _)) => Named::Experts(layer.to_string()),
+                    None => Named::Module(w.name.strip_suffix(".weight").unwrap_or(&w.name).to_string()),
                 };
                 if !targets.contains(&t) {
                     targets.push(t);
@@ -670,7 +675,13 @@ fn mixed_groups(scheme: Scheme, plan: &Plan<Enc>) -> Result<Option<(serde_json::
     };
     let mut groups = serde_json::Map::new();
     for (i, (args, targets)) in by_args.into_values().enumerate() {
-        let targets: Vec<String> = targets.into_iter().map(|t| t.unwrap_or_else(|layer| pattern(&layer))).collect();
+        let targets: Vec<String> = targets
+            .into_iter()
+            .map(|t| match t {
+                Named::Module(m) => m,
+                Named::Experts(layer) => pattern(&layer),
+            })
+            .collect();
         groups.insert(format!("group_{i}"), int_config_group(args, &targets));
     }
     let kept_moe = layers.into_iter().filter(|(_, (_, quantized))| !quantized).map(|(l, _)| l).collect();

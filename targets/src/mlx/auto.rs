@@ -204,7 +204,7 @@ fn measure_weight(
                 let g = AffineGrid { bits, group: group as usize, sd };
                 for (v, ew) in &sampled {
                     let mut back = v.clone();
-                    back.chunks_exact_mut(cols as usize).for_each(|r| roundtrip_row(r, &g));
+                    back.chunks_exact_mut(cols as usize).for_each(|r| g.roundtrip_row(r));
                     error += budget::weighted_error(v, &back, ew, cols as usize);
                 }
                 error *= scale;
@@ -242,17 +242,6 @@ fn sample_rows_of(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64, step: u64)
     })
 }
 
-/// `row` as the artifact holds it at `g`: rounded to the affine grid and read back (`scale · q + bias` with the
-/// stored parameters), what `mx.dequantize` gives.
-pub fn roundtrip_row(row: &mut [f32], g: &AffineGrid) {
-    let ps = g.row_params(row);
-    for (chunk, p) in row.chunks_mut(g.group().min(row.len()).max(1)).zip(&ps) {
-        for x in chunk {
-            *x = g.quantize(*x, p).1;
-        }
-    }
-}
-
 /// Rows `r0..r1` of `w` with every `k`-th row of each expert (at most `sample_rows` of each; the fraction is
 /// [`probe_fraction`]) rounded to `kind`, the other rows as they are: what a sensitivity probe substitutes.
 pub fn roundtrip(
@@ -273,7 +262,7 @@ pub fn roundtrip(
         v.par_chunks_exact_mut(cols)
             .enumerate()
             .filter(|(i, _)| ((r0 + *i as u64) % per_mat.max(1)) % step == 0)
-            .for_each(|(_, row)| roundtrip_row(row, &g));
+            .for_each(|(_, row)| g.roundtrip_row(row));
     }
     Ok(v)
 }
@@ -333,7 +322,7 @@ mod tests {
             let mut want = Vec::new();
             sling_quantizers::mlx::dequantize_affine_row(&packed, bits, 64, 128, &scales, &biases, &mut want);
             let mut got = row.clone();
-            roundtrip_row(&mut got, &g);
+            g.roundtrip_row(&mut got);
             assert_eq!(got, want, "{bits} bits");
         }
     }

@@ -206,7 +206,7 @@ fn measure_unit<'i>(
                     let g = IntGrid { args: args(bits, group), sd: sd_of(w) };
                     let cols = w.cols() as usize;
                     let mut back = v.clone();
-                    back.chunks_exact_mut(cols).for_each(|r| roundtrip_row(r, &g));
+                    back.chunks_exact_mut(cols).for_each(|r| g.roundtrip_row(r));
                     error += budget::weighted_error(v, &back, ew, cols) * scale;
                 }
             }
@@ -237,17 +237,6 @@ fn measure_unit<'i>(
     })
 }
 
-/// `row` as the artifact holds it on grid `g`: each group's codes times its stored scale, rounded to the scale dtype
-/// as compressed-tensors' decompressor (and so transformers and vLLM) gives them ([`Grid::quantize`]).
-pub fn roundtrip_row(row: &mut [f32], g: &impl Grid) {
-    let ps = g.row_params(row);
-    for (chunk, p) in row.chunks_mut(g.group().min(row.len()).max(1)).zip(&ps) {
-        for x in chunk {
-            *x = g.quantize(*x, p).1;
-        }
-    }
-}
-
 /// Rows `r0..r1` of `w` with every `k`-th row (at most `sample_rows` of it; the fraction is [`probe_fraction`])
 /// rounded to `kind`, the other rows as they are: what a sensitivity probe substitutes.
 pub fn roundtrip(
@@ -267,7 +256,7 @@ pub fn roundtrip(
         v.par_chunks_exact_mut(cols)
             .enumerate()
             .filter(|(i, _)| (r0 + *i as u64) % step == 0)
-            .for_each(|(_, row)| roundtrip_row(row, &g));
+            .for_each(|(_, row)| g.roundtrip_row(row));
     }
     Ok(v)
 }
@@ -325,7 +314,7 @@ mod tests {
             // As compressed-tensors decompresses: in the scale dtype.
             want.iter_mut().for_each(|x| *x = ScaleDtype::BF16.round(*x));
             let mut got = row.clone();
-            roundtrip_row(&mut got, &IntGrid { args: a, sd: ScaleDtype::BF16 });
+            IntGrid { args: a, sd: ScaleDtype::BF16 }.roundtrip_row(&mut got);
             assert_eq!(got, want, "{bits} bits, group {group}");
         }
     }
