@@ -355,6 +355,22 @@ pub fn run_plan(a: &QuantArgs, to: To, quiet: bool) -> Result<()> {
             );
         }
     }
+    // The allocation, one line per choice: what `plan --to …:auto` is run for.
+    if let Some(auto) = j.get("auto") {
+        let items = if to == To::VllmAuto { "layers" } else { "weights" };
+        let kind = "encoding";
+        // Cost: predicted KL divergence with --data (probed), relative output error without.
+        println!("{:<60} {:<12} {:>12} {:>12}", "allocated", kind, "bytes", "cost");
+        for it in auto[items].as_array().into_iter().flatten() {
+            println!(
+                "{:<60} {:<12} {:>12} {:>12.3e}",
+                it["name"].as_str().unwrap_or(""),
+                it[kind].as_str().unwrap_or(""),
+                it["bytes"].as_u64().unwrap_or(0),
+                it["cost"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     for k in j["kept"].as_array().into_iter().flatten() {
         println!(
             "kept at source precision: {} ({})",

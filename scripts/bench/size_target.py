@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""What `--to gguf:auto` / `mlx:auto` costs beside the quantization itself (docs/performance.md, "Size-targeted
+"""What `--to gguf:auto` / `mlx:auto` / `vllm:auto` costs beside the quantization itself (docs/performance.md, "Size-targeted
 allocation").
 
     $SLING_LAB/venv/bin/python scripts/bench/size_target.py --size 1 --out /tmp/sling-bench
     $SLING_LAB/venv/bin/python scripts/bench/size_target.py --size 1 --target mlx --bpw 3.5
+    $SLING_LAB/venv/bin/python scripts/bench/size_target.py --size 1 --target vllm --bpw 6
 
 On a synthetic Qwen3-MoE checkpoint (make_synthetic.py: Qwen3-30B-A3B's layer shapes, 32 experts) with an imatrix
 from `sling calibrate` (untimed), one after the other on the same machine:
@@ -14,10 +15,10 @@ from `sling calibrate` (untimed), one after the other on the same machine:
   quantize auto             sling quantize --to gguf:auto --target-bpw 2.5 --imatrix --data …   (all of it)
 
 With --target mlx the same steps for MLX: `quantize mlx:4` (round to nearest, the quantization the allocation adds
-to), then `mlx:auto` (measure; measure+probe; quantize).
+to), then `mlx:auto` (measure; measure+probe; quantize); with --target vllm, `quantize vllm:w4a16` then `vllm:auto`.
 
 Wall time, CPU time and peak RSS of each (measure.py). Writes results/size_target-<size>g-<threads>t.{json,md}
-(`size_target-mlx-…` for MLX).
+(`size_target-mlx-…` for MLX, `size_target-vllm-…` for vLLM).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/sling-bench"))
     ap.add_argument("--bpw", type=float, default=2.5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--target", choices=("gguf", "mlx"), default="gguf")
+    ap.add_argument("--target", choices=("gguf", "mlx", "vllm"), default="gguf")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     src = a.out / f"qwen3moe-{a.size:g}g"
@@ -62,11 +63,12 @@ def main() -> None:
         no_manifest = ["--no-manifest"]
     else:
         common = [str(src), "--imatrix", str(im), "-t", str(a.threads)]
-        out, base_to, base_name, tag = a.out / "size-target-mlx", "mlx:4", "quantize mlx:4", "mlx-"
+        base_to = {"mlx": "mlx:4", "vllm": "vllm:w4a16"}[a.target]
+        out, base_name, tag = a.out / f"size-target-{a.target}", f"quantize {base_to}", f"{a.target}-"
         no_manifest = []
         shutil.rmtree(out, ignore_errors=True)
     auto = f"{a.target}:auto"
-    base_common = [c for c in common if c not in ("--imatrix", str(im))] if a.target == "mlx" else common
+    base_common = [c for c in common if c not in ("--imatrix", str(im))] if a.target != "gguf" else common
     runs = [
         (base_name, [sling, "-q", "quantize", *base_common, "--to", base_to, *no_manifest, "-o", str(out)]),
         ("plan auto (measure)", [sling, "-q", "plan", *common, "--to", auto, "--target-bpw", str(a.bpw), "--json"]),
@@ -78,7 +80,7 @@ def main() -> None:
     rows = []
     for name, cmd in runs:
         print(f"== {name}", flush=True)
-        if a.target == "mlx":
+        if a.target != "gguf":
             shutil.rmtree(out, ignore_errors=True)
         r = measure(cmd, a.out / f"size-target-{name.split()[0]}-{len(rows)}.log")
         rows.append({"step": name, "wall_s": r["wall_s"], "cpu_s": (r.get("user_s") or 0) + (r.get("sys_s") or 0),
