@@ -123,13 +123,33 @@ fn targets_outside_the_bounds_are_refused_naming_them() {
     assert!(stderr(&o).contains("go with --to gguf:auto"), "{}", stderr(&o));
 }
 
-/// `sling quantize qwen2moe --to mlx:auto ARGS… -o OUT` with probes over a little calibration text.
-fn mlx_auto(out: &Path, extra: &[&str]) -> Output {
+/// `sling quantize qwen2moe --to TO ARGS… -o OUT` with probes over a little calibration text.
+fn hf_auto(to: &str, out: &Path, extra: &[&str]) -> Output {
     let src = fixture("qwen2moe");
-    let mut a = vec!["quantize", s(&src), "--to", "mlx:auto", "--data", CALIB, "--ctx", "32", "--chunks", "4"];
+    let mut a = vec!["quantize", s(&src), "--to", to, "--data", CALIB, "--ctx", "32", "--chunks", "4"];
     a.extend(["-o", s(out)]);
     a.extend(extra);
     sling(&a)
+}
+
+/// A target below what `to` can make (`--target-bpw low`) or above the unquantized model: exit 2 naming both
+/// bounds, nothing written.
+fn refuses_the_bounds(dir: &Path, to: &str, low: &str) {
+    for (flag, v, needle) in [
+        ("--target-bpw", low, "below the smallest model these types can make"),
+        ("--target-size", "1T", "larger than the unquantized model"),
+    ] {
+        let out = dir.join("x");
+        let o = hf_auto(to, &out, &[flag, v]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.starts_with("error: ") && e.contains(needle) && e.matches("bytes (").count() == 2, "{e}");
+        assert!(!out.exists(), "nothing may be written");
+    }
+}
+
+fn mlx_auto(out: &Path, extra: &[&str]) -> Output {
+    hf_auto("mlx:auto", out, extra)
 }
 
 /// The weight files and config.json of an MLX directory (the manifest and card record the command line).
@@ -197,17 +217,7 @@ fn mlx_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights() 
 #[test]
 fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
     let t = tempfile::tempdir().unwrap();
-    for (flag, v, needle) in [
-        ("--target-bpw", "0.5", "below the smallest model these types can make"),
-        ("--target-size", "1T", "larger than the unquantized model"),
-    ] {
-        let out = t.path().join("x");
-        let o = mlx_auto(&out, &[flag, v]);
-        let e = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{e}");
-        assert!(e.starts_with("error: ") && e.contains(needle) && e.matches("bytes (").count() == 2, "{e}");
-        assert!(!out.exists(), "nothing may be written");
-    }
+    refuses_the_bounds(t.path(), "mlx:auto", "0.5");
     let src = fixture("qwen2moe");
     for (to, extra, needle) in [
         ("mlx:auto", &[][..], "needs a size"),
@@ -232,13 +242,8 @@ fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
     assert!(stderr(&o).contains("bits 7"), "{}", stderr(&o));
 }
 
-/// `sling quantize qwen2moe --to vllm:auto ARGS… -o OUT` with probes over a little calibration text.
 fn vllm_auto(out: &Path, extra: &[&str]) -> Output {
-    let src = fixture("qwen2moe");
-    let mut a = vec!["quantize", s(&src), "--to", "vllm:auto", "--data", CALIB, "--ctx", "32", "--chunks", "4"];
-    a.extend(["-o", s(out)]);
-    a.extend(extra);
-    sling(&a)
+    hf_auto("vllm:auto", out, extra)
 }
 
 #[test]
@@ -294,17 +299,7 @@ fn vllm_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights()
 #[test]
 fn vllm_targets_outside_the_bounds_split_layers_and_mixed_flags_are_refused() {
     let t = tempfile::tempdir().unwrap();
-    for (flag, v, needle) in [
-        ("--target-bpw", "2", "below the smallest model these types can make"),
-        ("--target-size", "1T", "larger than the unquantized model"),
-    ] {
-        let out = t.path().join("x");
-        let o = vllm_auto(&out, &[flag, v]);
-        let e = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{e}");
-        assert!(e.starts_with("error: ") && e.contains(needle) && e.matches("bytes (").count() == 2, "{e}");
-        assert!(!out.exists(), "nothing may be written");
-    }
+    refuses_the_bounds(t.path(), "vllm:auto", "2");
     let src = fixture("qwen2moe");
     let split = t.path().join("split.toml");
     fs::write(&split, "[[rule]]\nname = \"layers\\\\.0\\\\.self_attn\\\\.q_proj\"\nbits = 8\ngroup_size = 32\n")
