@@ -235,6 +235,31 @@ def test_compressed_tensors_resolves_each_module_to_its_group(lab_state):
         "config_groups": len(qc.config_groups), "quantized_modules": len(modules), "ignore": len(qc.ignore)})
 
 
+ARCHS = ("deepseekv3-wide", "deepseekv3-fp8", "mixtral", "olmoe", "qwen2moe")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_moe_architecture_resolves(name, tmp_path):
+    """vllm:auto halfway between the smallest and the largest artifact of each MoE architecture (DeepSeek's fused
+    q_a/kv_a, an FP8 source, Mixtral's w1/w2/w3, OLMoE, Qwen2-MoE's shared expert): within the size, every module
+    resolved by compressed-tensors to one group and decompressed to `sling dequantize`'s value, vLLM's lookups one
+    group per layer, and `verify --source --full` re-derives it."""
+    src = lab.fixture_dir(name)
+    r = lab.sling("plan", src, "--to", "vllm:auto", "--target-bpw", "15.9", "--json")
+    j = json.loads(r.stdout)["auto"]
+    size = (j["min_bytes"] + j["max_bytes"]) // 2
+    out = tmp_path / name
+    lab.sling("-q", "quantize", src, "--to", "vllm:auto", "--target-size", str(size), "-o", out)
+    files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert files <= size, (files, size)
+    qc, modules = _check_groups(out)
+    lab.record("vllm_size_target", f"{name}/auto-halfway", {"target_bytes": size, "file_bytes": files,
+                                                             "config_groups": len(qc.config_groups),
+                                                             "quantized_modules": len(modules)})
+    r = lab.sling("verify", out, "--source", src, "--full", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_a_recipe_on_mixtral_names_vllm_resolves(tmp_path):
     """Mixtral stores experts as w1/w2/w3 while vLLM asks for gate_proj/up_proj/down_proj: both resolve to the
     layer's group. The recipe's choices land where it says; a rule splitting a layer is refused."""
