@@ -153,6 +153,18 @@ fn mlx_kind(cfg: &serde_json::Value) -> Option<Kind> {
     Some(Kind::Mlx { bits: q["bits"].as_u64()? as u32, group: q["group_size"].as_u64()? as usize })
 }
 
+/// The config group quantizing `module`, with vLLM's precedence (`find_matched_target`: the module's exact name,
+/// then a `re:` pattern, then its class), the first group at each level. sling never writes overlapping targets; a
+/// third-party config may target `Linear` in one group and single modules out in another.
+pub fn group_of(schemes: &[CtScheme], module: &str) -> Option<usize> {
+    let level = |t: &CtTarget| match t {
+        CtTarget::Name(_) => 0,
+        CtTarget::Regex(_) => 1,
+        CtTarget::Class(_) => 2,
+    };
+    (0..3).find_map(|l| schemes.iter().position(|s| s.targets.iter().any(|t| level(t) == l && t.matches(module))))
+}
+
 /// The config groups of a compressed-tensors `quantization_config`, in key order (`group_0`, `group_1`, …, as
 /// Python's dict keeps them when written with `sort_keys`); each group's `format`, else the block's (a
 /// `mixed-precision` block names each group's format).
@@ -302,10 +314,8 @@ impl Artifact {
         };
         match &kind {
             Kind::CompressedTensors { schemes } => {
-                // The config group quantizing a module: the first whose targets name it, as vLLM's
-                // `find_matched_target` takes the first match (sling never writes overlapping targets).
                 let scheme_of = |module: &str| -> Result<usize, ReadError> {
-                    schemes.iter().position(|s| s.targets.iter().any(|t| t.matches(module))).ok_or_else(|| {
+                    group_of(schemes, module).ok_or_else(|| {
                         fmt_err(dir, format!("{module}: stored quantized, but no config group targets it"))
                     })
                 };
@@ -679,5 +689,34 @@ impl Artifact {
     /// Drops the mapped pages read so far (between layers).
     pub fn release(&self) {
         self.ck.release_pages();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_resolves_by_name_then_pattern_then_class() {
+        let group = |bits: u32, targets: &[&str]| {
+            serde_json::json!({"format": "pack-quantized", "targets": targets,
+                               "weights": {"num_bits": bits, "group_size": 128, "symmetric": true, "strategy": "group"}})
+        };
+        let q = serde_json::json!({"format": "mixed-precision", "config_groups": {
+            "group_0": group(4, &["Linear"]),
+            "group_1": group(8, &["re:.*experts\\.\\d+\\.down_proj$"]),
+            "group_10": group(2, &["model.layers.0.mlp.experts.1.down_proj"]),
+            "group_2": group(3, &["re:^model\\.layers\\.1\\."]),
+        }});
+        let s = ct_schemes(&q).unwrap();
+        // Numbered order, not the keys' text order.
+        assert_eq!(s.iter().map(|x| x.bits).collect::<Vec<_>>(), [4, 8, 3, 2]);
+        assert_eq!(group_of(&s, "model.layers.0.mlp.experts.1.down_proj"), Some(3));
+        assert_eq!(group_of(&s, "model.layers.0.mlp.experts.2.down_proj"), Some(1));
+        assert_eq!(group_of(&s, "model.layers.1.self_attn.q_proj"), Some(2));
+        assert_eq!(group_of(&s, "model.layers.0.self_attn.q_proj"), Some(0));
+        assert_eq!(s[1].format, "pack-quantized");
+        let bad = serde_json::json!({"config_groups": {"group_0": group(4, &["re:("])}});
+        assert!(ct_schemes(&bad).unwrap_err().contains("group_0"));
     }
 }
