@@ -460,26 +460,33 @@ pub fn hf_method(a: &QuantArgs, to: sling_targets::To) -> Result<crate::solve::M
     }
 }
 
-/// Per source tensor of the checkpoint, its imatrix data (GGUF names: llama-imatrix's or `sling calibrate`'s, found
-/// through the GGUF conversion plan of the same checkpoint): the mean squared activation of each input column of
-/// the matrix the tensor is (an expert's slice of a stacked entry), and the tokens it saw.
+/// `--imatrix`'s entries (llama-imatrix's or `sling calibrate`'s GGUF names), each with the source tensors of the GGUF
+/// tensor it is for, found through the GGUF conversion plan of the same checkpoint.
+fn imatrix_entries(
+    a: &QuantArgs,
+    ck: &sling_formats::checkpoint::Checkpoint,
+) -> Result<Vec<(Vec<String>, sling_target_gguf::quantize::imatrix::Entry)>> {
+    let Some(path) = &a.imatrix else { return Ok(Vec::new()) };
+    let mut m = sling_target_gguf::quantize::Imatrix::load(path)?;
+    m.filter(&a.include_weights, &a.exclude_weights);
+    let plan = sling_target_gguf::convert::plan(ck, sling_target_gguf::convert::OutType::BF16)
+        .with_context(|| format!("cannot map {} to GGUF names for the imatrix", a.src.display()))?;
+    Ok(plan.tensors.into_iter().filter_map(|t| Some((t.sources, m.entries.remove(&t.name)?))).collect())
+}
+
+/// Per source tensor of the checkpoint, its imatrix data: the mean squared activation of each input column of the
+/// matrix the tensor is (an expert's slice of a stacked entry), and the tokens it saw.
 fn source_importance(
     a: &QuantArgs,
     ck: &sling_formats::checkpoint::Checkpoint,
 ) -> Result<std::collections::HashMap<String, (Vec<f32>, i64)>> {
     let mut out = std::collections::HashMap::new();
-    let Some(path) = &a.imatrix else { return Ok(out) };
-    let mut m = sling_target_gguf::quantize::Imatrix::load(path)?;
-    m.filter(&a.include_weights, &a.exclude_weights);
-    let plan = sling_target_gguf::convert::plan(ck, sling_target_gguf::convert::OutType::BF16)
-        .with_context(|| format!("cannot map {} to GGUF names for the imatrix", a.src.display()))?;
-    for t in plan.tensors {
-        let Some(e) = m.entries.remove(&t.name) else { continue };
+    for (sources, e) in imatrix_entries(a, ck)? {
         let n = e.counts.len().max(1);
         let cols = e.weights.len() / n;
-        for (i, s) in t.sources.iter().enumerate() {
+        for (i, s) in sources.iter().enumerate() {
             // One matrix per source (stacked experts), or one matrix all sources feed (a fused tensor).
-            let k = if n == t.sources.len() { i } else { 0 };
+            let k = if n == sources.len() { i } else { 0 };
             let w = e.weights.get(k * cols..(k + 1) * cols).unwrap_or_default().to_vec();
             out.insert(s.clone(), (w, e.counts.get(k).copied().unwrap_or(0)));
         }
@@ -609,20 +616,13 @@ fn mlx_importance(
     a: &QuantArgs,
     ck: &sling_formats::checkpoint::Checkpoint,
 ) -> Result<std::collections::HashMap<Vec<String>, mlx_auto::Importance>> {
-    let mut out = std::collections::HashMap::new();
-    let Some(path) = &a.imatrix else { return Ok(out) };
-    let mut m = sling_target_gguf::quantize::Imatrix::load(path)?;
-    m.filter(&a.include_weights, &a.exclude_weights);
-    let plan = sling_target_gguf::convert::plan(ck, sling_target_gguf::convert::OutType::BF16)
-        .with_context(|| format!("cannot map {} to GGUF names for the imatrix", a.src.display()))?;
-    for t in plan.tensors {
-        if let Some(e) = m.entries.remove(&t.name) {
-            let mut key = t.sources.clone();
+    Ok(imatrix_entries(a, ck)?
+        .into_iter()
+        .map(|(mut key, e)| {
             key.sort();
-            out.insert(key, mlx_auto::Importance { weights: e.weights, counts: e.counts });
-        }
-    }
-    Ok(out)
+            (key, mlx_auto::Importance { weights: e.weights, counts: e.counts })
+        })
+        .collect())
 }
 
 /// Measures the MLX plan's weights, probes them with `--data`, and allocates under the size asked for.
