@@ -148,8 +148,20 @@ fn refuses_the_bounds(dir: &Path, to: &str, low: &str) {
     }
 }
 
-fn mlx_auto(out: &Path, extra: &[&str]) -> Output {
-    hf_auto("mlx:auto", out, extra)
+/// `to` at `--target-bpw bpw` with 1 and 2 threads: the same weight files and the same recipe. The two outputs and
+/// the first one's recipe.
+fn same_across_threads(dir: &Path, to: &str, bpw: &str) -> (Vec<std::path::PathBuf>, std::path::PathBuf) {
+    let mut dirs = Vec::new();
+    for (i, threads) in ["1", "2"].iter().enumerate() {
+        let out = dir.join(format!("a{i}"));
+        let o = hf_auto(to, &out, &["--target-bpw", bpw, "-t", threads]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        dirs.push(out);
+    }
+    assert_eq!(weights_of(&dirs[0]), weights_of(&dirs[1]), "{to}: outputs differ across threads/runs");
+    let recipe = dir.join("a0.recipe.toml");
+    assert_eq!(fs::read(&recipe).unwrap(), fs::read(dir.join("a1.recipe.toml")).unwrap());
+    (dirs, recipe)
 }
 
 /// The weight files and config.json of an MLX directory (the manifest and card record the command line).
@@ -167,16 +179,7 @@ fn weights_of(d: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn mlx_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights() {
     let t = tempfile::tempdir().unwrap();
-    let mut dirs = Vec::new();
-    for (i, threads) in ["1", "2"].iter().enumerate() {
-        let out = t.path().join(format!("m{i}"));
-        let o = mlx_auto(&out, &["--target-bpw", "4.2", "-t", threads]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        dirs.push(out);
-    }
-    assert_eq!(weights_of(&dirs[0]), weights_of(&dirs[1]), "outputs differ across threads/runs");
-    let recipe = t.path().join("m0.recipe.toml");
-    assert_eq!(fs::read(&recipe).unwrap(), fs::read(t.path().join("m1.recipe.toml")).unwrap());
+    let (dirs, recipe) = same_across_threads(t.path(), "mlx:auto", "4.2");
     // Mixed precision, as mlx-lm reads it: per-module overrides in the `quantization` block.
     let cfg: serde_json::Value = serde_json::from_slice(&fs::read(dirs[0].join("config.json")).unwrap()).unwrap();
     let q = cfg["quantization"].as_object().unwrap();
@@ -242,23 +245,10 @@ fn mlx_targets_outside_the_bounds_and_mixed_flags_are_refused() {
     assert!(stderr(&o).contains("bits 7"), "{}", stderr(&o));
 }
 
-fn vllm_auto(out: &Path, extra: &[&str]) -> Output {
-    hf_auto("vllm:auto", out, extra)
-}
-
 #[test]
 fn vllm_allocation_is_deterministic_fits_and_its_recipe_makes_the_same_weights() {
     let t = tempfile::tempdir().unwrap();
-    let mut dirs = Vec::new();
-    for (i, threads) in ["1", "2"].iter().enumerate() {
-        let out = t.path().join(format!("v{i}"));
-        let o = vllm_auto(&out, &["--target-bpw", "10", "-t", threads]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        dirs.push(out);
-    }
-    assert_eq!(weights_of(&dirs[0]), weights_of(&dirs[1]), "outputs differ across threads/runs");
-    let recipe = t.path().join("v0.recipe.toml");
-    assert_eq!(fs::read(&recipe).unwrap(), fs::read(t.path().join("v1.recipe.toml")).unwrap());
+    let (dirs, recipe) = same_across_threads(t.path(), "vllm:auto", "10");
     // Mixed precision as compressed-tensors holds it: one config group per encoding, each naming its modules.
     let cfg: serde_json::Value = serde_json::from_slice(&fs::read(dirs[0].join("config.json")).unwrap()).unwrap();
     let groups = cfg["quantization_config"]["config_groups"].as_object().unwrap();
