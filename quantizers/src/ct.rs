@@ -56,6 +56,15 @@ impl ScaleDtype {
         }
     }
 
+    /// The element type of the descriptor table this dtype stores as.
+    pub fn dtype(self) -> sling_core::DType {
+        match self {
+            ScaleDtype::F32 => sling_core::DType::F32,
+            ScaleDtype::F16 => sling_core::DType::F16,
+            ScaleDtype::BF16 => sling_core::DType::BF16,
+        }
+    }
+
     /// Appends the little-endian bytes of `self.round(x)` in this dtype (4 bytes for F32, 2 otherwise).
     pub fn put(self, x: f32, out: &mut Vec<u8>) {
         let r = self.round(x);

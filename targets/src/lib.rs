@@ -74,6 +74,11 @@ pub enum TargetError {
     Unsupported(String),
 }
 
+/// A weight a size-targeted allocation could not read to measure.
+pub(crate) fn read_error<E>(w: &sling_pipeline::Weight<E>, e: impl std::fmt::Display) -> TargetError {
+    TargetError::Unsupported(format!("{}: cannot read the weight to measure it: {e}", w.name))
+}
+
 /// JSON as Python's `json.dump(…, indent=N)` writes it (`ensure_ascii`, `repr` floats): keys sorted at every
 /// level (`sort_all`: compressed-tensors' `sort_keys=True`) or only at the top (mlx-lm's `save_config`).
 pub fn json_sorted(v: &serde_json::Value, indent: usize, sort_all: bool) -> String {

@@ -227,14 +227,6 @@ fn scale_dtype(d: DType) -> ScaleDtype {
     }
 }
 
-fn sd_dtype(sd: ScaleDtype) -> DType {
-    match sd {
-        ScaleDtype::F32 => DType::F32,
-        ScaleDtype::F16 => DType::F16,
-        ScaleDtype::BF16 => DType::BF16,
-    }
-}
-
 /// Plans the artifact: every tensor of the checkpoint, Linear weights encoded with `scheme` where their shape
 /// allows. `strict`: a weight the scheme cannot take is an error instead of being kept.
 pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, TargetError> {
@@ -332,14 +324,14 @@ fn quantize(t: HfTensor, scheme: Scheme, group: Option<u64>) -> Weight<Enc> {
         }
         Scheme::Fp8Dynamic => (
             Enc::Fp8Channel { sd },
-            vec![p("weight", DType::F8E4M3, vec![rows, cols]), p("weight_scale", sd_dtype(sd), vec![rows, 1])],
+            vec![p("weight", DType::F8E4M3, vec![rows, cols]), p("weight_scale", sd.dtype(), vec![rows, 1])],
             1,
         ),
         Scheme::Fp8Block => (
             Enc::Fp8Block { sd },
             vec![
                 p("weight", DType::F8E4M3, vec![rows, cols]),
-                p("weight_scale", sd_dtype(sd), vec![rows.div_ceil(128), cols.div_ceil(128)]),
+                p("weight_scale", sd.dtype(), vec![rows.div_ceil(128), cols.div_ceil(128)]),
             ],
             128,
         ),
@@ -373,7 +365,7 @@ pub(crate) fn int_parts(module: &str, rows: u64, cols: u64, args: IntArgs, sd: S
     let p = |suffix: &str, dtype, shape| Part::new(format!("{module}.{suffix}"), dtype, shape);
     let mut parts = vec![
         p("weight_packed", DType::I32, vec![rows, (cols * b).div_ceil(32)]),
-        p("weight_scale", sd_dtype(sd), vec![rows, cols / g]),
+        p("weight_scale", sd.dtype(), vec![rows, cols / g]),
         p("weight_shape", DType::I64, vec![2]),
     ];
     if !args.symmetric {

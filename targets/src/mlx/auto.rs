@@ -21,7 +21,7 @@ use sling_quantizers::gptq::Grid;
 use sling_quantizers::mlx::AffineGrid;
 
 use super::{Enc, MlxPlan, RouterQuant, GROUP_SIZES};
-use crate::TargetError;
+use crate::{read_error, TargetError};
 
 /// Bit widths the ladder takes (MLX's affine mode; 1 bit is left out: no mlx-lm recipe uses it).
 pub const BITS: &[u32] = &[2, 3, 4, 5, 6, 8];
@@ -54,14 +54,6 @@ pub struct Importance {
     pub counts: Vec<i64>,
 }
 
-pub(crate) fn sd_dtype(sd: ScaleDtype) -> DType {
-    match sd {
-        ScaleDtype::F32 => DType::F32,
-        ScaleDtype::F16 => DType::F16,
-        ScaleDtype::BF16 => DType::BF16,
-    }
-}
-
 /// The stored tensors of `module` (`lead` + `[cols]` its shape) at `bits`, group `g`, scales in `sd`.
 pub(crate) fn affine_parts(module: &str, lead: &[u64], cols: u64, bits: u32, g: u64, sd: ScaleDtype) -> Vec<Part> {
     let shape = |last: u64| {
@@ -69,7 +61,7 @@ pub(crate) fn affine_parts(module: &str, lead: &[u64], cols: u64, bits: u32, g: 
         s.push(last);
         s
     };
-    let sdt = sd_dtype(sd);
+    let sdt = sd.dtype();
     vec![
         Part::new(format!("{module}.weight"), DType::U32, shape(cols * u64::from(bits) / 32)),
         Part::new(format!("{module}.scales"), sdt, shape(cols / g)),
@@ -79,7 +71,7 @@ pub(crate) fn affine_parts(module: &str, lead: &[u64], cols: u64, bits: u32, g: 
 
 /// Bytes of a weight of `rows` × `cols` stored as `kind` with scales (or, kept, values) in `sd`.
 pub fn bytes_of(rows: u64, cols: u64, kind: Kind, sd: ScaleDtype) -> u64 {
-    let e = sd_dtype(sd).bytes_for(1).unwrap_or(2);
+    let e = sd.dtype().bytes_for(1).unwrap_or(2);
     match kind {
         Kind::Affine { bits, group } => rows * (cols * u64::from(bits) / 32 * 4 + 2 * (cols / u64::from(group)) * e),
         Kind::Keep => rows * cols * e,
@@ -157,10 +149,6 @@ fn mats(w: &Weight<Enc>) -> (u64, u64) {
         _ => 1,
     };
     (n, w.rows() / n)
-}
-
-fn read_error(w: &Weight<Enc>, e: impl std::fmt::Display) -> TargetError {
-    TargetError::Unsupported(format!("{}: cannot read the weight to measure it: {e}", w.name))
 }
 
 fn measure_weight(

@@ -112,7 +112,7 @@ impl Recipe {
                     w.parts = affine_parts(&module, &lead, cols, nb, u64::from(ng), sd);
                 }
                 Kind::Keep => {
-                    let d = super::auto::sd_dtype(sd);
+                    let d = sd.dtype();
                     let mut shape = lead;
                     shape.push(cols);
                     w.enc = Enc::Keep(d);

@@ -13,16 +13,15 @@
 //! divergence.
 
 use rayon::prelude::*;
-use sling_core::Role;
 use sling_formats::checkpoint::Checkpoint;
 use sling_pipeline::{Part, Plan, Weight};
 use sling_quantizers::budget::{self, Allocation, Candidate, Measured, Sensitivity};
 use sling_quantizers::ct::{IntArgs, IntGrid, ScaleDtype};
 use sling_quantizers::gptq::Grid;
 
-use super::{fused_unit, sd_dtype, Enc};
+use super::{fused_unit, Enc};
 use crate::recipe::Choice;
-use crate::TargetError;
+use crate::{read_error, TargetError};
 
 /// One candidate encoding of a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -86,10 +85,11 @@ fn args(bits: u32, group: u32) -> IntArgs {
 /// Bytes of a `rows` × `cols` weight stored as `kind` with scales (or, kept, values) in `sd`: the tensors
 /// [`super::int_parts`] lays out.
 pub fn bytes_of(rows: u64, cols: u64, kind: Kind, sd: ScaleDtype) -> u64 {
-    let e = sd_dtype(sd).bytes_for(1).unwrap_or(2);
+    let e = sd.dtype().bytes_for(1).unwrap_or(2);
     match kind {
+        // weight_packed (i32 words), a scale per group, weight_shape (two i64).
         Kind::Int { bits, group } => {
-            super::int_parts("m", rows, cols, args(bits, group), sd).0.iter().map(Part::n_bytes).sum()
+            rows * ((cols * u64::from(bits)).div_ceil(32) * 4 + cols / u64::from(group).max(1) * e) + 16
         }
         Kind::Keep => rows * cols * e,
     }
@@ -130,10 +130,6 @@ pub fn overhead_bytes(plan: &Plan<Enc>) -> u64 {
 pub struct Importance<'a> {
     pub weights: &'a [f32],
     pub freq: f64,
-}
-
-fn read_error(w: &Weight<Enc>, e: impl std::fmt::Display) -> TargetError {
-    TargetError::Unsupported(format!("{}: cannot read the weight to measure it: {e}", w.name))
 }
 
 /// Measures every unit of `plan` at every candidate of its ladder. `importance` gives a weight's activation
@@ -292,11 +288,6 @@ pub fn recipe_toml(
     super::recipe::toml(description, (bits, group), &rules)
 }
 
-/// Whether a unit is a layer's routed experts (the role the probes place it by).
-pub fn is_experts(plan: &Plan<Enc>, u: &Unit) -> bool {
-    u.weights.first().is_some_and(|&i| plan.weights[i].role == Role::RoutedExperts)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,6 +312,11 @@ mod tests {
 
     #[test]
     fn bytes_are_the_stored_tensors() {
+        for (bits, group, cols) in [(4, 32, 256), (8, 128, 384), (4, 64, 192)] {
+            let parts = super::super::int_parts("m", 6, cols, args(bits, group), ScaleDtype::F16).0;
+            let want: u64 = parts.iter().map(Part::n_bytes).sum();
+            assert_eq!(bytes_of(6, cols, Kind::Int { bits, group }, ScaleDtype::F16), want, "{bits} {group} {cols}");
+        }
         // 4 bits: 256/8 words of 4 bytes, 2 bf16 scales per row of 256 in groups of 128; weight_shape 16 bytes.
         assert_eq!(bytes_of(8, 256, Kind::Int { bits: 4, group: 128 }, ScaleDtype::BF16), 8 * (128 + 4) + 16);
         assert_eq!(bytes_of(8, 256, Kind::Int { bits: 8, group: 32 }, ScaleDtype::BF16), 8 * (256 + 16) + 16);

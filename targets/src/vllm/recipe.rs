@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use sling_pipeline::{Part, Plan};
 use sling_quantizers::ct::IntArgs;
 
-use super::{fused_unit, int_parts, sd_dtype, Enc};
+use super::{fused_unit, int_parts, Enc};
 use crate::recipe::{Choice, Limits, RecipeFile};
 use crate::TargetError;
 
@@ -52,7 +52,7 @@ pub fn apply(
         };
         match choice {
             Choice::Keep => {
-                let d = sd_dtype(sd);
+                let d = sd.dtype();
                 w.enc = Enc::Keep(d);
                 w.parts = vec![Part::new(w.name.clone(), d, vec![rows, cols])];
                 w.row_align = 1;
