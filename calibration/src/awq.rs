@@ -19,7 +19,12 @@
 //! * MoE (`_moe_default_mappings`, and the same for Mixtral's `w1/w3/w2`, which llm-compressor has no entry
 //!   for): `post_attention_layernorm →` the router, the shared expert's gate/up (and Qwen2-MoE's
 //!   `shared_expert_gate`) and **every routed expert's gate/up, one shared scale vector**; then per routed expert
-//!   `up → down`, and the shared expert's `up → down`.
+//!   `up → down`, and the shared expert's `up → down`;
+//! * gpt-oss's MoE: none (its experts are stacked tensors, MXFP4 in the released checkpoints, that take no
+//!   per-expert fold); its attention mappings as above.
+//!
+//! A mapping none of whose readers the target quantizes under its own name (DeepSeek's `kv_b_proj`, which the
+//! MLX target splits into `embed_q`/`unembed_out`) has no loss to search and is left unscaled.
 //!
 //! Every linear that reads a smoothed input is multiplied by the scales, quantized or not (the router stays at
 //! source precision, scaled); only quantized ones enter the loss and `w_mean`. A routed expert's loss is
@@ -130,10 +135,10 @@ fn mappings(spec: &Spec, src: &dyn TensorSource, l: usize) -> Result<Vec<Mapping
             m.push(norm("post_attention_layernorm", vec![w("mlp.gate_proj"), w("mlp.up_proj")]));
             m.push(linear("mlp.up_proj", vec![w("mlp.down_proj")], None));
         }
+        // gpt-oss: the FFN norm's readers include the stacked experts, which cannot take a per-expert fold (and a
+        // target keeping their MXFP4 codes cannot take any): no FFN mapping, the router rounded without scales.
+        Ffn::Moe(moe) if moe.layout == ExpertLayout::GptOss => {}
         Ffn::Moe(moe) => {
-            if moe.layout == ExpertLayout::GptOss {
-                return Err(Error::Unsupported("AWQ of gpt-oss's stacked experts".into()));
-            }
             let sh = moe.shared_stem;
             let (prefix, [g, u, d]) = spec.expert_names;
             let ex = |e: usize, n: &str| format!("{prefix}.{e}.{n}");

@@ -29,8 +29,10 @@
 //!    ([`Method::Resumed`]); its stored codes serve the sequential re-forward, so a resumed run propagates
 //!    exactly what an uninterrupted one does (both dequantize the codes through the grid).
 //!
-//! Weights outside decoder layers (`lm_head`, embeddings) are not solved here; a target encodes whatever the
-//! store lacks with its plain round-to-nearest path.
+//! Weights outside decoder layers (embeddings), gpt-oss's stacked routed experts, and weights a target stores in
+//! another layout than any checkpoint tensor's (the MLX target's `embed_q`/`unembed_out`) are not solved here; a
+//! target encodes whatever the store lacks with its plain round-to-nearest path. Their values as stored reach the
+//! sequential forward only where the caller's `src` gives them so (the CLI's `solve::StoredAs`).
 //!
 //! # Memory
 //!
@@ -320,10 +322,13 @@ pub(crate) fn layer_weights(
             groups.push((None, stems(&["mlp.gate_proj", "mlp.up_proj"])));
             groups.push((None, stems(&["mlp.down_proj"])));
         }
+        // gpt-oss's routed experts are one stacked tensor per projection, with no per-expert weight to key a
+        // Hessian by: only its router is solved here. A target that keeps them (mlx's MXFP4 mode: the source's own
+        // codes) has nothing to solve; one that quantizes them rounds them to nearest and reports it.
+        Ffn::Moe(m) if m.layout == ExpertLayout::GptOss => {
+            groups.push((None, stems(&[spec.router_stem])));
+        }
         Ffn::Moe(m) => {
-            if m.layout == ExpertLayout::GptOss {
-                return Err(Error::Unsupported("GPTQ of gpt-oss's stacked experts".into()));
-            }
             let sh = m.shared_stem;
             let mut ffn_in = stems(&[spec.router_stem]);
             if m.shared_ff.is_some() {
@@ -740,7 +745,7 @@ pub(crate) fn forward(
 /// in `store` and reports what it did. `seqs` are the calibration sequences (token ids); they run through each
 /// layer in sub-batches of whole sequences of at most [`Settings::batch_tokens`] tokens, the Hessians summing
 /// over all of them. Errors: an empty batch or sequence, a token out of range, a missing or misshapen
-/// tensor, gpt-oss's stacked experts, a solver or store failure.
+/// tensor, a solver or store failure.
 pub fn run(
     src: &dyn TensorSource,
     cfg: &ModelConfig,

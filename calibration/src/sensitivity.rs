@@ -31,9 +31,10 @@ pub type Rows<'a> = Box<dyn Fn(u64, u64) -> Result<Vec<f32>> + Send + Sync + 'a>
 /// experts apart), so a probe holds no more than the pass itself does.
 pub struct Substituted<'a> {
     reference: &'a dyn TensorSource,
-    /// Source tensor name → the substituted output it belongs to, the output row its subtree starts at, and the
-    /// subtree.
-    pieces: HashMap<String, (usize, u64, Op)>,
+    /// Source tensor name → the substituted outputs it feeds: each output's index, the output row its subtree
+    /// starts at, and the subtree (several where one source tensor makes several outputs: DeepSeek's `kv_b_proj`
+    /// split into MLX's `embed_q`/`unembed_out`, gpt-oss's `gate_up_proj` into `gate_proj`/`up_proj`).
+    pieces: HashMap<String, Vec<(usize, u64, Op)>>,
     /// Per substituted output: its rows, and its row length.
     outputs: Vec<(Rows<'a>, u64)>,
     /// The last substituted source tensor, whole, until [`TensorSource::release`]: layouts that stack experts in
@@ -60,11 +61,11 @@ impl<'a> Substituted<'a> {
         Substituted::of_ops(reference, vec![(op, cols, rows)])
     }
 
-    /// Several outputs substituted together, each `(op, cols, rows)` as in [`Substituted::of_op`] (from distinct
-    /// source tensors): the weights a runtime loads as one layer and quantizes alike (vLLM's q/k/v, a layer's
-    /// experts).
+    /// Several outputs substituted together, each `(op, cols, rows)` as in [`Substituted::of_op`]: the weights a
+    /// runtime loads as one layer and quantizes alike (vLLM's q/k/v, a layer's experts), or the weights a target
+    /// makes of one source tensor (they must not hold the same source element twice).
     pub fn of_ops(reference: &'a dyn TensorSource, outputs: Vec<(&Op, u64, Rows<'a>)>) -> Substituted<'a> {
-        let mut pieces = HashMap::new();
+        let mut pieces: HashMap<String, Vec<(usize, u64, Op)>> = HashMap::new();
         let mut rows = Vec::with_capacity(outputs.len());
         for (i, (op, cols, r)) in outputs.into_iter().enumerate() {
             let mut names = Vec::new();
@@ -73,7 +74,7 @@ impl<'a> Substituted<'a> {
             names.dedup();
             for n in names {
                 let (base, sub) = narrow(op, &n);
-                pieces.insert(n, (i, base, sub.clone()));
+                pieces.entry(n).or_default().push((i, base, sub.clone()));
             }
             rows.push((r, cols));
         }
@@ -96,11 +97,9 @@ impl TensorSource for Substituted<'_> {
     }
 
     fn read_outer(&self, name: &str, i0: u64, i1: u64) -> Result<Vec<f32>> {
-        let Some((out, base, op)) = self.pieces.get(name) else {
+        let Some(pieces) = self.pieces.get(name) else {
             return self.reference.read_outer(name, i0, i1);
         };
-        let (rows, cols) = &self.outputs[*out];
-        let cols = *cols;
         let shape = self.shape(name).ok_or_else(|| Error::Missing(name.to_string()))?;
         let per = if shape.is_empty() { 1 } else { shape[1..].iter().product::<u64>() } as usize;
         let cached = match &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -111,22 +110,27 @@ impl TensorSource for Substituted<'_> {
         let whole = match cached {
             Some(w) => w,
             None => {
-                // Elements the GGUF tensor does not hold (e.g. the other half of a fused gate/up) keep the
-                // reference's values; when it holds them all, the reference need not be read at all.
+                // Elements the outputs do not hold (e.g. the other half of a fused gate/up) keep the reference's
+                // values; when they hold them all, the reference need not be read at all.
                 let n0 = shape.first().copied().unwrap_or(1);
-                let mut whole = if op.rows() * cols == n0 * per as u64 {
+                let held: u64 = pieces.iter().map(|(out, _, op)| op.rows() * self.outputs[*out].1).sum();
+                let mut whole = if held == n0 * per as u64 {
                     vec![0.0; n0 as usize * per]
                 } else {
                     self.reference.read_outer(name, 0, n0)?
                 };
-                let vals = rows(*base, *base + op.rows())?;
-                if vals.len() as u64 != op.rows() * cols {
-                    return Err(Error::Read {
-                        tensor: name.to_string(),
-                        why: format!("{} substituted values for {} rows of {cols}", vals.len(), op.rows()),
-                    });
+                for (out, base, op) in pieces {
+                    let (rows, cols) = &self.outputs[*out];
+                    let cols = *cols;
+                    let vals = rows(*base, *base + op.rows())?;
+                    if vals.len() as u64 != op.rows() * cols {
+                        return Err(Error::Read {
+                            tensor: name.to_string(),
+                            why: format!("{} substituted values for {} rows of {cols}", vals.len(), op.rows()),
+                        });
+                    }
+                    scatter(op, &vals, cols, name, &mut whole);
                 }
-                scatter(op, &vals, cols, name, &mut whole);
                 let w = Arc::new(whole);
                 *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), Arc::clone(&w)));
                 w

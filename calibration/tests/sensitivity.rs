@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use sling_calibration::sensitivity::{probe_kld, At, Probe, Rows, Substituted};
-use sling_calibration::{CheckpointSource, Evaluator, Model};
+use sling_calibration::{CheckpointSource, Evaluator, Model, TensorSource};
 use sling_formats::checkpoint::Checkpoint;
 use sling_kernels::backend::CpuBackend;
 use sling_pipeline::ops::Op;
@@ -86,4 +86,39 @@ fn probes_are_exact_branches_of_the_forward_pass() {
             assert_eq!(k[1], whole, "{name} {}: probe vs whole forward pass", t.name);
         }
     }
+}
+
+/// Outputs made of one source tensor (DeepSeek's `kv_b_proj` → `attn_k_b`/`attn_v_b`, gpt-oss's `gate_up_proj` →
+/// `ffn_gate_exps`/`ffn_up_exps`): substituted together, each puts back its own elements. The outputs hold every
+/// element, so nothing of the source is read: an output left out would leave zeros.
+#[test]
+fn outputs_of_one_source_tensor_are_all_put_back() {
+    let mut seen = 0;
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let ck = Checkpoint::open(&dir).unwrap();
+        let p = plan(&ck, OutType::F32).unwrap();
+        let src = CheckpointSource::new(&ck);
+        let mut by_source: std::collections::BTreeMap<String, Vec<&OutTensor>> = Default::default();
+        for t in p.tensors.iter().filter(|t| !matches!(t.op, Op::Mxfp4(_) | Op::Gguf(_))) {
+            let mut names = Vec::new();
+            t.op.sources(&mut names);
+            if let [one] = &names[..] {
+                by_source.entry(one.clone()).or_default().push(t);
+            }
+        }
+        for (source, outs) in by_source.iter().filter(|(_, o)| o.len() > 1) {
+            let want = src.read(source).unwrap();
+            for scale in [1.0f32, 2.0] {
+                let outputs =
+                    outs.iter().map(|t| (&t.op, t.ne.first().copied().unwrap_or(1), rows(&ck, t, scale))).collect();
+                let s = Substituted::of_ops(&src, outputs);
+                let got = s.read(source).unwrap();
+                let scaled: Vec<f32> = want.iter().map(|x| x * scale).collect();
+                assert_eq!(got, scaled, "{name} {source}: {} outputs, ×{scale}", outs.len());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "no fixture makes two outputs of one source tensor ({seen})");
 }

@@ -96,18 +96,15 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
         // provisional default; the allocation's recipe then sets both.
         To::MlxAuto => Planned::Mlx(mlx::plan(&ck, mlx::Bits(4), 32, a.strict).with_context(ctx)?),
     };
-    // GPTQ/AWQ and mlx:auto's measurements work on the checkpoint's own tensors; a weight mlx-lm rearranges
-    // (DeepSeek-V3's embed_q/unembed_out, gpt-oss's experts) is not one, and must not fall back to round-to-nearest
-    // unseen.
-    if let Planned::Mlx(m) = &p {
-        let method = crate::auto::hf_method(a, to)?;
+    // mlx:auto's measurements work on the checkpoint's own tensors; a weight mlx-lm rearranges (DeepSeek-V3's
+    // embed_q/unembed_out, gpt-oss's experts) is not one, and must not be left unmeasured. (GPTQ/AWQ round such
+    // weights to nearest and list them: `unsolvable_of`.)
+    if let (Planned::Mlx(m), To::MlxAuto) = (&p, to) {
         let rearranged = mlx::rearranged(&ck, m);
-        if let (Some(first), true) = (rearranged.first(), method != crate::solve::Method::Rtn || to == To::MlxAuto) {
-            let what =
-                if to == To::MlxAuto { "--to mlx:auto".to_string() } else { format!("--method {}", method.name()) };
+        if let Some(first) = rearranged.first() {
             bail!(
-                "{what} is not built for weights mlx-lm rearranges ({} of them, e.g. {first}): use --method rtn and \
-                 --to mlx:BITS for this architecture",
+                "--to mlx:auto is not built for weights mlx-lm rearranges ({} of them, e.g. {first}): use --to \
+                 mlx:BITS for this architecture",
                 rearranged.len()
             );
         }
@@ -194,6 +191,14 @@ fn fold_planned(p: &mut Planned, folds: &sling_calibration::awq::Folds) -> Resul
     match p {
         Planned::Vllm(_, plan) => crate::solve::fold_plan(plan, folds),
         Planned::Mlx(m) => crate::solve::fold_plan(&mut m.plan, folds),
+    }
+}
+
+/// The weights the plan rounds on a grid that no solver takes (GPTQ/AWQ round them to nearest and list them).
+fn unsolvable_of<'p>(ck: &Checkpoint, p: &'p Planned) -> Vec<crate::solve::Unsolvable<'p>> {
+    match p {
+        Planned::Mlx(m) => mlx::unsolvable(ck, m),
+        Planned::Vllm(..) => Vec::new(),
     }
 }
 
@@ -440,6 +445,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
                 a.pipeline.resume,
                 rep,
                 backend,
+                &unsolvable_of(&ck, &planned),
             )?)
         }
     };
@@ -736,7 +742,15 @@ pub fn rederive(
             }
             let dir = std::env::temp_dir().join(format!("sling-verify-{}-{}", std::process::id(), &sha[..12]));
             *tmp = Some(dir.clone());
-            let (store, folds) = crate::solve::replay(cal, data, ck, &grids_of(planned), &rec.target, &dir)?;
+            let (store, folds) = crate::solve::replay(
+                cal,
+                data,
+                ck,
+                &grids_of(planned),
+                &rec.target,
+                &dir,
+                &unsolvable_of(ck, planned),
+            )?;
             if let Some(f) = &folds {
                 fold_planned(planned, f)?;
             }

@@ -181,6 +181,7 @@ pub fn run(
     resume: bool,
     rep: &crate::convert::Reporter,
     backend: Option<std::sync::Arc<dyn sling_kernels::Backend>>,
+    unsolvable: &[Unsolvable<'_>],
 ) -> Result<Solved> {
     use sling_calibration::gptq::{self, Progress, Settings};
     use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord, MethodRecord};
@@ -251,7 +252,8 @@ pub fn run(
         data_path.display(),
         if reuse { ", resuming" } else { "" }
     ));
-    let src = sling_calibration::CheckpointSource::new(ck);
+    let base = sling_calibration::CheckpointSource::new(ck);
+    let src = forward_source(ck, &base, unsolvable);
     let lookup = |hf: &str| grids.get(hf).cloned();
     let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
     let (mut solved, mut total) = (0usize, 0usize);
@@ -289,12 +291,19 @@ pub fn run(
         ),
     };
     let n_gptq = report.count(|m| !matches!(m, gptq::Method::Rtn { .. }));
-    let fallbacks: Vec<CalibrationFallback> = report
+    let mut fallbacks: Vec<CalibrationFallback> = report
         .fallbacks()
         .map(|(w, tokens, why)| CalibrationFallback { weight: w.to_string(), tokens, why: why.to_string() })
         .collect();
+    // Every calibration token reaches them; no solver takes their layout.
+    fallbacks.extend(unsolvable.iter().map(|(w, why)| CalibrationFallback {
+        weight: w.name.clone(),
+        tokens: report.tokens,
+        why: why.to_string(),
+    }));
     let unsolved: Vec<&String> = {
-        let seen: std::collections::HashSet<&str> = report.weights.iter().map(|w| w.name.as_str()).collect();
+        let mut seen: std::collections::HashSet<&str> = report.weights.iter().map(|w| w.name.as_str()).collect();
+        seen.extend(unsolvable.iter().map(|(w, _)| w.name.as_str()));
         let mut v: Vec<&String> = grids.keys().filter(|k| !seen.contains(k.as_str())).collect();
         v.sort();
         v
@@ -338,6 +347,31 @@ pub fn run(
         expert_tokens: report.expert_tokens(),
     };
     Ok(Solved { store: std::sync::Arc::new(store), folds, dir, record, report })
+}
+
+/// A weight the target rounds to nearest on a grid that no solver takes (the MLX target's rearranged layouts,
+/// [`sling_targets::mlx::unsolvable`]), and why.
+pub type Unsolvable<'p> = (&'p sling_pipeline::Weight<sling_targets::mlx::Enc>, &'static str);
+
+/// The calibration pass's source: the checkpoint, with the source tensors of the [`Unsolvable`] weights replaced by
+/// the values the artifact holds for them (DeepSeek's `kv_b_proj` from the rounded `embed_q`/`unembed_out`), so
+/// that the sequential pass propagates what the quantized model computes. The other tensors are the checkpoint's.
+fn forward_source<'a>(
+    ck: &'a sling_formats::checkpoint::Checkpoint,
+    base: &'a sling_calibration::CheckpointSource<'a>,
+    unsolvable: &'a [Unsolvable<'a>],
+) -> sling_calibration::sensitivity::Substituted<'a> {
+    let outputs = unsolvable
+        .iter()
+        .map(|&(w, _)| {
+            let rows: sling_calibration::sensitivity::Rows<'a> = Box::new(move |r0, r1| {
+                sling_targets::mlx::rows_as_stored(ck, w, r0, r1)
+                    .map_err(|e| sling_calibration::Error::Read { tensor: w.name.clone(), why: e.to_string() })
+            });
+            (&w.op, w.cols(), rows)
+        })
+        .collect();
+    sling_calibration::sensitivity::Substituted::of_ops(base, outputs)
 }
 
 /// AWQ's grid settings, checked.
@@ -391,6 +425,7 @@ pub fn replay(
     grids: &std::collections::HashMap<String, std::sync::Arc<dyn sling_quantizers::gptq::Grid>>,
     label: &str,
     dir: &Path,
+    unsolvable: &[Unsolvable<'_>],
 ) -> Result<(std::sync::Arc<sling_pipeline::solved::Store>, Option<sling_calibration::awq::Folds>)> {
     use sling_provenance::manifest::MethodRecord;
     let (awq, gptq) = match cal.method {
@@ -415,7 +450,8 @@ pub fn replay(
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     let store = sling_pipeline::solved::Store::open(dir)?;
-    let src = sling_calibration::CheckpointSource::new(ck);
+    let base = sling_calibration::CheckpointSource::new(ck);
+    let src = forward_source(ck, &base, unsolvable);
     let lookup = |hf: &str| grids.get(hf).cloned();
     let folds = match awq {
         Some(o) => Some(

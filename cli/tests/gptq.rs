@@ -218,3 +218,87 @@ fn bad_calibration_input_is_a_clear_error_and_nothing_is_written() {
     let o = run(&["-q", "plan", s, "--to", "gguf:Q4_K_M", "--data", &data], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// Every tensor of an MLX directory's safetensors files, by name: its bytes.
+fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut m = std::collections::BTreeMap::new();
+    for (name, bytes) in files(dir).into_iter().filter(|(n, _)| n.ends_with(".safetensors")) {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (t, v) in st.tensors() {
+            m.insert(t, v.data().to_vec());
+        }
+    }
+    m
+}
+
+/// mlx-lm's rearranged layouts (DeepSeek-V3's `embed_q`/`unembed_out`, FP8 source included; gpt-oss's stacked
+/// experts, bf16 and MXFP4): GPTQ and AWQ solve every other weight, round these to nearest (exactly a `--method rtn`
+/// run's bytes), list them in the manifest with the reason, leave gpt-oss's MXFP4 experts as the source's codes,
+/// give the same bytes for any thread count, and are re-derived bit for bit by `verify --source --data --full`.
+#[test]
+fn mlx_rearranged_weights_are_rounded_to_nearest_and_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("deepseekv3-fp8", &["self_attn.unembed_out."]),
+        ("gptoss", &["mlp.experts.gate_proj.", "mlp.experts.up_proj.", "mlp.experts.down_proj."]),
+        ("gptoss-mxfp4", &[]),
+    ];
+    for &(src, rearranged) in cases {
+        let rtn = d.path().join(format!("{src}-rtn"));
+        let srcp = fixture(src);
+        let o = run(
+            &[
+                "-q",
+                "quantize",
+                srcp.to_str().unwrap(),
+                "--to",
+                "mlx:4",
+                "-o",
+                rtn.to_str().unwrap(),
+                "--group-size",
+                "32",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{src} rtn: {}", stderr(&o));
+        let want = tensors(&rtn);
+        for method in ["gptq", "awq"] {
+            let (a, b) = (d.path().join(format!("{src}-{method}-t1")), d.path().join(format!("{src}-{method}-t2")));
+            for (out, t) in [(&a, "1"), (&b, "2")] {
+                let o = gptq(src, "mlx:4", out, &["--group-size", "32", "--method", method, "-t", t], &[]);
+                assert!(o.status.success(), "{src} {method} -t {t}: {}", stderr(&o));
+            }
+            same_weights(&a, &b, &format!("{src} {method}: -t 1 vs -t 2"));
+            let got = tensors(&a);
+            let (mut same, mut differ) = (0, 0);
+            for (name, bytes) in &got {
+                let listed = rearranged.iter().any(|r| name.contains(r));
+                if listed || name.contains(".mlp.experts.") {
+                    // rounded to nearest, or MXFP4 codes copied from the source
+                    assert_eq!(Some(bytes), want.get(name), "{src} {method} {name}: not the round-to-nearest bytes");
+                    same += 1;
+                } else if name.ends_with(".weight") && bytes != &want[name] {
+                    differ += 1;
+                }
+            }
+            assert!(same > 0 && differ > 0, "{src} {method}: {same} kept, {differ} solved");
+            let cal = &manifest(&a)["options"]["target"]["calibration"];
+            let fb: Vec<&str> =
+                cal["fallbacks"].as_array().unwrap().iter().map(|f| f["weight"].as_str().unwrap()).collect();
+            let config: serde_json::Value =
+                serde_json::from_slice(&fs::read(fixture(src).join("config.json")).unwrap()).unwrap();
+            let n_layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+            assert_eq!(fb.len(), rearranged.len() * n_layers, "{src} {method}: {fb:?}");
+            for f in cal["fallbacks"].as_array().unwrap() {
+                let w = f["weight"].as_str().unwrap();
+                assert!(rearranged.iter().any(|r| w.contains(r)), "{src} {method}: {w}");
+                assert!(f["why"].as_str().unwrap().contains("round"), "{f}");
+                assert_eq!(f["tokens"], 8 * 64, "{f}");
+            }
+            let (s, data) = (fixture(src), calib());
+            let o =
+                run(&["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap(), "--full", "--data", &data], &[]);
+            assert!(o.status.success(), "{src} {method}: verify --source --data: {}", stderr(&o));
+        }
+    }
+}

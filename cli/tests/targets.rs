@@ -110,20 +110,6 @@ fn bad_input_is_a_clear_error_and_nothing_is_written() {
         ("qwen3moe", "vllm:w4a16", &["--strict"], "(--strict)"),
         ("mixtral", "vllm:w8a16", &[], "nothing to quantize"),
         ("qwen3moe", "mlx:4", &["--group-size", "48"], "MLX takes 32, 64 or 128"),
-        (
-            "deepseekv3",
-            "mlx:4",
-            // group 32 quantizes unembed_out (rank 32), which GPTQ cannot address
-            &[
-                "--group-size",
-                "32",
-                "--method",
-                "gptq",
-                "--data",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/data/calib.txt"),
-            ],
-            "--method gptq is not built",
-        ),
         ("gptoss", "mlx:auto", &["--target-bpw", "4"], "--to mlx:auto is not built"),
         ("gptoss-mxfp4", "vllm:w4a16", &[], "not supported"),
         ("qwen3moe", "vllm:w4a16", &["--imatrix", "x.gguf"], "--imatrix applies to --to gguf"),

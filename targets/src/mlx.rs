@@ -573,6 +573,44 @@ pub fn rearranged<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<&'a str> {
         .collect()
 }
 
+/// The weights this plan rounds on an affine grid that a solver (GPTQ, AWQ) cannot take, with why: those
+/// [`rearranged`] from their checkpoint tensors. The executor rounds them to nearest; a calibrated run lists them.
+/// (gpt-oss's MXFP4 experts, copied as they are, are not rounded at all and are not listed.)
+pub fn unsolvable<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<(&'a Weight<Enc>, &'static str)> {
+    p.plan
+        .weights
+        .iter()
+        .filter(|w| matches!(&w.enc, Enc::Affine { experts, .. } if experts.is_empty() && ck.get(&w.name).is_none()))
+        .map(|w| {
+            let why = if p.arch.gpt_oss {
+                "gpt-oss's stacked experts: no per-expert weight for a solver to key its statistics by; rounded to \
+                 nearest"
+            } else {
+                "mlx-lm's per-head MultiLinear (kv_b_proj split by sanitize): not a Linear the solvers take (mlx-lm's \
+                 own GPTQ and AWQ round it to nearest too)"
+            };
+            (w, why)
+        })
+        .collect()
+}
+
+/// Rows `r0..r1` of `w` as the artifact holds them, dequantized: read from the checkpoint, rounded to the scales'
+/// dtype where [`Mlx`] rounds them first (DeepSeek FP8 sources), then rounded to nearest on the weight's grid
+/// ([`Grid::roundtrip_row`]). What a calibration forward pass computes with for the weights no solver takes
+/// ([`unsolvable`]). A weight kept as it is comes back as the checkpoint gives it.
+pub fn rows_as_stored(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64) -> Result<Vec<f32>, TargetError> {
+    let mut v = Vec::new();
+    w.op.read(ck, r0, r1, &mut v)
+        .map_err(|e| TargetError::Unsupported(format!("{}: cannot read rows {r0}..{r1}: {e}", w.name)))?;
+    if let (Enc::Affine { sd, .. }, Some(g)) = (&w.enc, grid(&w.enc)) {
+        if from_fp8(&w.op) {
+            v.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = sd.round(*x));
+        }
+        v.chunks_exact_mut(w.cols().max(1) as usize).for_each(|row| g.roundtrip_row(row));
+    }
+    Ok(v)
+}
+
 /// Parameters as mlx-lm counts them (`get_total_parameters`: a quantized layer counts its unquantized size).
 pub fn total_parameters(p: &MlxPlan) -> u64 {
     p.plan

@@ -204,3 +204,63 @@ fn vllm_recipe_groups_name_each_layer_as_vllm_looks_it_up() {
     let e = vllm::recipe::apply("s", &r, &mut p, (4, 32), false).unwrap_err().to_string();
     assert!(e.contains("as one layer (model.layers.0.block_sparse_moe.experts)"), "{e}");
 }
+
+/// The weights GPTQ/AWQ cannot take on the MLX target (mlx-lm's rearranged layouts), and `rows_as_stored`: what the
+/// calibration forward pass computes with for them is exactly the artifact's values (the encoder's bytes,
+/// dequantized), FP8 sources rounded to BF16 first as the encoder rounds them.
+#[test]
+fn mlx_unsolvable_weights_and_their_values_as_stored() {
+    use sling_pipeline::Target;
+    for (name, want) in [
+        ("deepseekv3", &["self_attn.unembed_out.weight"][..]),
+        ("deepseekv3-fp8", &["self_attn.unembed_out.weight"][..]),
+        ("gptoss", &["mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight", "mlp.experts.down_proj.weight"][..]),
+        ("gptoss-mxfp4", &[][..]),
+        ("qwen3moe", &[][..]),
+    ] {
+        let ck = fixture(name);
+        let p = mlx::plan(&ck, mlx::Bits(4), 32, false).unwrap();
+        let un = mlx::unsolvable(&ck, &p);
+        let layers = ck.config.as_ref().unwrap().req_u64(&["num_hidden_layers"]).unwrap() as usize;
+        assert_eq!(un.len(), want.len() * layers, "{name}: {:?}", un.iter().map(|u| &u.0.name).collect::<Vec<_>>());
+        for (w, why) in &un {
+            assert!(want.iter().any(|s| w.name.ends_with(s)), "{name}: {}", w.name);
+            assert!(why.contains("round"), "{why}");
+            let mlx::Enc::Affine { bits, group, sd, .. } = w.enc.clone() else { panic!("{name}: {}", w.name) };
+            let (rows, cols) = (w.rows(), w.cols() as usize);
+            let got = mlx::rows_as_stored(&ck, w, 0, rows).unwrap();
+            let mut vals = Vec::new();
+            w.op.read(&ck, 0, rows, &mut vals).unwrap();
+            let mut out = vec![Vec::new(); 3];
+            mlx::Mlx::default().encode(w, 0, &vals, None, &mut out).unwrap();
+            let packed: Vec<u32> = out[0].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+            let param = |b: &[u8]| -> Vec<f32> {
+                use sling_quantizers::ct::ScaleDtype;
+                match sd {
+                    ScaleDtype::BF16 => {
+                        b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                    }
+                    ScaleDtype::F16 => {
+                        b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                    }
+                    _ => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                }
+            };
+            let (scales, biases) = (param(&out[1]), param(&out[2]));
+            let (per_row, ng) = (cols * bits as usize / 32, cols / group);
+            let mut want_vals = Vec::new();
+            for r in 0..rows as usize {
+                sling_quantizers::mlx::dequantize_affine_row(
+                    &packed[r * per_row..(r + 1) * per_row],
+                    bits,
+                    group,
+                    cols,
+                    &scales[r * ng..(r + 1) * ng],
+                    &biases[r * ng..(r + 1) * ng],
+                    &mut want_vals,
+                );
+            }
+            assert_eq!(got, want_vals, "{name} {}: the calibration pass's values are not the artifact's", w.name);
+        }
+    }
+}
