@@ -297,6 +297,15 @@ impl TensorSource for Folded<'_> {
     }
 }
 
+/// No weight rounded: [`folded`]'s source is the smoothed model itself.
+const UNROUNDED: &Grids<'static> = &|_: &str| None;
+
+/// `base` with AWQ's `folds` applied and nothing rounded (norms and routers in `f32`): the smoothed model, which a
+/// second solver calibrates on and solves (GPTQ after AWQ, llm-compressor's `[AWQModifier, GPTQModifier]` recipe).
+pub fn folded<'a>(base: &'a dyn TensorSource, folds: &'a Folds) -> impl TensorSource + 'a {
+    Folded { base, folds, grids: UNROUNDED }
+}
+
 // ---- the resume file of a layer ---------------------------------------------------------------------
 
 #[derive(Serialize, Deserialize)]

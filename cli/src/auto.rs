@@ -440,9 +440,11 @@ pub fn check_hf(a: &QuantArgs, to: sling_targets::To) -> Result<()> {
     // size); AWQ would rescale the very weights the allocation measured, and is not offered here.
     match a.solve.method {
         Some(crate::solve::Method::Gptq) => check_common(a, label, None),
-        Some(crate::solve::Method::Awq) => bail!(
-            "{label} takes --method gptq (or rtn), not awq: write the allocation with --save-recipe, then \
-             --to {base} --recipe FILE --method awq"
+        Some(m @ (crate::solve::Method::Awq | crate::solve::Method::AwqGptq)) => bail!(
+            "{label} takes --method gptq (or rtn), not {}: write the allocation with --save-recipe, then \
+             --to {base} --recipe FILE --method {}",
+            m.name(),
+            m.name()
         ),
         _ => check_common(a, label, Some("--method gptq and its flags solve the allocation's grids")),
     }

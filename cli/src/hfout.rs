@@ -497,6 +497,10 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
                     manifest::MethodRecord::Gptq { damp, block, act_order } => {
                         format!("damp {damp}, block {block}, act-order {act_order}")
                     }
+                    manifest::MethodRecord::AwqGptq { n_grid, duo_scaling, damp, block, act_order } => format!(
+                        "AWQ grid {n_grid}, duo scaling {duo_scaling}; GPTQ damp {damp}, block {block}, act-order \
+                         {act_order}"
+                    ),
                 },
                 if r.sequential { "" } else { "not " },
                 if r.all_experts { ", all experts" } else { "" },

@@ -23,6 +23,8 @@ pub enum Method {
     Gptq,
     // AWQ: activation-aware per-channel scales, folded into the preceding norm or linear.
     Awq,
+    // AWQ's scales, then GPTQ on the smoothed model (llm-compressor's [AWQModifier, GPTQModifier] recipe).
+    AwqGptq,
 }
 
 impl Method {
@@ -31,18 +33,24 @@ impl Method {
             Method::Rtn => "rtn",
             Method::Gptq => "gptq",
             Method::Awq => "awq",
+            Method::AwqGptq => "awq-gptq",
         }
+    }
+
+    /// Whether AWQ's scale search runs (its flags apply).
+    pub fn awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
     }
 }
 
 /// Calibrated quantization for vllm/mlx integer schemes (w4a16, w4a16-asym, w8a16, mlx:BITS).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SolveArgs {
-    /// vllm/mlx integer schemes: how codes are chosen: rtn, gptq, awq. Default: gptq with --data (or --tokens),
-    /// rtn without.
+    /// vllm/mlx integer schemes: how codes are chosen: rtn, gptq, awq, awq-gptq (AWQ's scales, then GPTQ).
+    /// Default: gptq with --data (or --tokens), rtn without.
     #[arg(long, value_enum)]
     pub(crate) method: Option<Method>,
-    /// Calibration text for --method gptq|awq: a plain text file, or JSONL (.jsonl) with a "text" field per line.
+    /// Calibration text for --method gptq|awq|awq-gptq: a plain text file, or JSONL (.jsonl) with a "text" field per line.
     #[arg(long, value_name = "FILE")]
     pub(crate) data: Option<PathBuf>,
     /// Calibration token ids instead of text: comma/whitespace-separated integers in a file.
@@ -186,11 +194,22 @@ pub fn run(
     use sling_calibration::gptq::{self, Progress, Settings};
     use sling_provenance::manifest::{CalibrationData, CalibrationFallback, CalibrationRecord, MethodRecord};
     if method == Method::Awq && s.act_order {
-        bail!("--act-order applies to --method gptq (AWQ rounds every weight to nearest after its scales)");
+        bail!("--act-order applies to --method gptq or awq-gptq (AWQ rounds every weight to nearest after its scales)");
     }
     if method == Method::Gptq && (s.awq_grid != 20 || s.no_duo_scaling) {
-        bail!("--awq-grid and --no-duo-scaling apply to --method awq");
+        bail!("--awq-grid and --no-duo-scaling apply to --method awq or awq-gptq");
     }
+    let method_record = match method {
+        Method::Awq => MethodRecord::Awq { n_grid: s.awq_grid as u64, duo_scaling: !s.no_duo_scaling },
+        Method::AwqGptq => MethodRecord::AwqGptq {
+            n_grid: s.awq_grid as u64,
+            duo_scaling: !s.no_duo_scaling,
+            damp: s.damp,
+            block: s.gptq_block_size as u64,
+            act_order: s.act_order,
+        },
+        _ => MethodRecord::Gptq { damp: s.damp, block: s.gptq_block_size as u64, act_order: s.act_order },
+    };
     if grids.is_empty() {
         bail!(
             "--method {} applies to integer schemes (vllm:w4a16, vllm:w4a16-asym, vllm:w8a16, mlx:BITS); {label} \
@@ -198,7 +217,7 @@ pub fn run(
             method.name()
         );
     }
-    let awq_opts = awq_options(s.awq_grid, !s.no_duo_scaling)?;
+    awq_options(s.awq_grid, !s.no_duo_scaling)?;
     if !(s.damp.is_finite() && s.damp >= 0.0) || s.gptq_block_size == 0 {
         bail!("--damp must be a finite number >= 0 and --gptq-block-size > 0");
     }
@@ -208,7 +227,7 @@ pub fn run(
     let seqs = sequences(ck, s.data.as_deref(), s.tokens.as_deref(), s.ctx, s.chunks)?;
     let data_sha = file_sha256(data_path)?;
     let settings = Settings {
-        gptq: sling_quantizers::gptq::Options { block: s.gptq_block_size, damp: s.damp, act_order: s.act_order },
+        gptq: gptq_options(&method_record),
         min_expert_tokens: s.min_expert_tokens,
         all_experts: s.all_experts,
         sequential: !s.no_sequential,
@@ -227,7 +246,7 @@ pub fn run(
         "ctx": s.ctx, "chunks": seqs.len(),
         "damp": s.damp, "block": s.gptq_block_size, "act_order": s.act_order, "all_experts": s.all_experts,
         "min_expert_tokens": s.min_expert_tokens, "sequential": !s.no_sequential,
-        "awq": (method == Method::Awq).then(|| serde_json::json!({"n_grid": s.awq_grid, "duo": !s.no_duo_scaling})),
+        "awq": method.awq().then(|| serde_json::json!({"n_grid": s.awq_grid, "duo": !s.no_duo_scaling})),
         "grids": grids.keys().collect::<std::collections::BTreeSet<_>>(),
     })
     .to_string();
@@ -256,10 +275,13 @@ pub fn run(
     let src = forward_source(ck, &base, unsolvable);
     let lookup = |hf: &str| grids.get(hf).cloned();
     let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
-    let (mut solved, mut total) = (0usize, 0usize);
+    // `solved` counts one pass's weights (awq-gptq runs two); `reported` all of them, for the test hook.
+    let (mut solved, mut total, mut reported) = (0usize, 0usize, 0usize);
     let t0 = std::time::Instant::now();
     let mut on_progress = |p: Progress<'_>| match p {
         Progress::Start { layers, weights } => {
+            // (awq-gptq: once per pass)
+            solved = 0;
             total = weights;
             rep.set_length(weights as u64);
             rep.emit("calibrate_start", serde_json::json!({"layers": layers, "weights": weights, "tokens": n_tok}));
@@ -267,9 +289,10 @@ pub fn run(
         Progress::LayerStart { layer, .. } => rep.set_message(&format!("{} layer {layer}", method.name())),
         Progress::Solved { weight } => {
             solved += 1;
+            reported += 1;
             rep.set_position(solved as u64, &weight.name);
             rep.emit("solved", serde_json::json!({"index": solved, "of": total, "weight": weight}));
-            if abort_after == Some(solved) {
+            if abort_after == Some(reported) {
                 // Test hook, as the executor's SLING_TEST_ABORT_AFTER_WEIGHTS: stop at once (exit status 134, no
                 // destructor runs), what `kill -9` leaves.
                 std::process::exit(134);
@@ -277,19 +300,8 @@ pub fn run(
         }
         Progress::LayerDone { layer } => rep.emit("layer_done", serde_json::json!({"layer": layer})),
     };
-    let (report, folds) = match method {
-        Method::Awq => {
-            let o =
-                sling_calibration::awq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &awq_opts, &mut on_progress)
-                    .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?;
-            (o.report, Some(o.folds))
-        }
-        _ => (
-            gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut on_progress)
-                .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?,
-            None,
-        ),
-    };
+    let (report, folds) = calibrate(&method_record, &src, &cfg, &seqs, &lookup, &store, &settings, &mut on_progress)
+        .with_context(|| format!("{}: calibration pass failed", ck.dir.display()))?;
     let n_gptq = report.count(|m| !matches!(m, gptq::Method::Rtn { .. }));
     let mut fallbacks: Vec<CalibrationFallback> = report
         .fallbacks()
@@ -328,10 +340,7 @@ pub fn run(
         rep.say(&format!("  … and {} more (all listed in the manifest)", fallbacks.len() - 20));
     }
     let record = CalibrationRecord {
-        method: match method {
-            Method::Awq => MethodRecord::Awq { n_grid: s.awq_grid as u64, duo_scaling: !s.no_duo_scaling },
-            _ => MethodRecord::Gptq { damp: s.damp, block: s.gptq_block_size as u64, act_order: s.act_order },
-        },
+        method: method_record,
         sequential: !s.no_sequential,
         all_experts: s.all_experts,
         min_expert_tokens: s.min_expert_tokens,
@@ -372,6 +381,65 @@ fn forward_source<'a>(
         })
         .collect();
     sling_calibration::sensitivity::Substituted::of_ops(base, outputs)
+}
+
+/// GPTQ's settings in a method record (the defaults where it runs no GPTQ).
+fn gptq_options(m: &sling_provenance::manifest::MethodRecord) -> sling_quantizers::gptq::Options {
+    use sling_provenance::manifest::MethodRecord;
+    match *m {
+        MethodRecord::Gptq { damp, block, act_order } | MethodRecord::AwqGptq { damp, block, act_order, .. } => {
+            sling_quantizers::gptq::Options { block: block as usize, damp, act_order }
+        }
+        MethodRecord::Awq { .. } => sling_quantizers::gptq::Options::default(),
+    }
+}
+
+/// Runs the calibration pass `m` records (`settings.gptq` from [`gptq_options`]): GPTQ; AWQ; or AWQ, then GPTQ
+/// calibrated on and solving the smoothed model (`awq::folded`: llm-compressor's `[AWQModifier, GPTQModifier]`
+/// recipe), whose report is the run's. The folds come back for the target's plan.
+#[allow(clippy::too_many_arguments)]
+fn calibrate(
+    m: &sling_provenance::manifest::MethodRecord,
+    src: &dyn sling_calibration::TensorSource,
+    cfg: &sling_core::ModelConfig,
+    seqs: &[Vec<u32>],
+    grids: &sling_calibration::gptq::Grids<'_>,
+    store: &sling_pipeline::solved::Store,
+    settings: &sling_calibration::gptq::Settings,
+    progress: &mut dyn FnMut(sling_calibration::gptq::Progress<'_>),
+) -> Result<(sling_calibration::gptq::Report, Option<sling_calibration::awq::Folds>)> {
+    use sling_calibration::{awq, gptq};
+    use sling_provenance::manifest::MethodRecord;
+    Ok(match *m {
+        MethodRecord::Gptq { .. } => (gptq::run(src, cfg, seqs, grids, store, settings, progress)?, None),
+        MethodRecord::Awq { n_grid, duo_scaling } => {
+            let o = awq::run(
+                src,
+                cfg,
+                seqs,
+                grids,
+                store,
+                settings,
+                &awq_options(n_grid as usize, duo_scaling)?,
+                progress,
+            )?;
+            (o.report, Some(o.folds))
+        }
+        MethodRecord::AwqGptq { n_grid, duo_scaling, .. } => {
+            let o = awq::run(
+                src,
+                cfg,
+                seqs,
+                grids,
+                store,
+                settings,
+                &awq_options(n_grid as usize, duo_scaling)?,
+                progress,
+            )?;
+            let report = gptq::run(&awq::folded(src, &o.folds), cfg, seqs, grids, store, settings, progress)?;
+            (report, Some(o.folds))
+        }
+    })
 }
 
 /// AWQ's grid settings, checked.
@@ -427,20 +495,11 @@ pub fn replay(
     dir: &Path,
     unsolvable: &[Unsolvable<'_>],
 ) -> Result<(std::sync::Arc<sling_pipeline::solved::Store>, Option<sling_calibration::awq::Folds>)> {
-    use sling_provenance::manifest::MethodRecord;
-    let (awq, gptq) = match cal.method {
-        MethodRecord::Gptq { damp, block, act_order } => {
-            (None, sling_quantizers::gptq::Options { block: block as usize, damp, act_order })
-        }
-        MethodRecord::Awq { n_grid, duo_scaling } => {
-            (Some(awq_options(n_grid as usize, duo_scaling)?), sling_quantizers::gptq::Options::default())
-        }
-    };
     let cfg = ck.config.clone().with_context(|| format!("{}: no config.json", ck.dir.display()))?;
     let (text, ids) = if cal.data.token_ids { (None, Some(data)) } else { (Some(data), None) };
     let seqs = sequences(ck, text, ids, cal.data.ctx as usize, Some(cal.data.chunks as usize))?;
     let settings = sling_calibration::gptq::Settings {
-        gptq,
+        gptq: gptq_options(&cal.method),
         min_expert_tokens: cal.min_expert_tokens,
         all_experts: cal.all_experts,
         sequential: cal.sequential,
@@ -453,18 +512,8 @@ pub fn replay(
     let base = sling_calibration::CheckpointSource::new(ck);
     let src = forward_source(ck, &base, unsolvable);
     let lookup = |hf: &str| grids.get(hf).cloned();
-    let folds = match awq {
-        Some(o) => Some(
-            sling_calibration::awq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &o, &mut |_| {})
-                .with_context(|| format!("{label}: calibration pass failed"))?
-                .folds,
-        ),
-        None => {
-            sling_calibration::gptq::run(&src, &cfg, &seqs, &lookup, &store, &settings, &mut |_| {})
-                .with_context(|| format!("{label}: calibration pass failed"))?;
-            None
-        }
-    };
+    let (_, folds) = calibrate(&cal.method, &src, &cfg, &seqs, &lookup, &store, &settings, &mut |_| {})
+        .with_context(|| format!("{label}: calibration pass failed"))?;
     Ok((std::sync::Arc::new(store), folds))
 }
 

@@ -13,9 +13,14 @@ use common::{calib, files, fixture, manifest, run, same_weights, stderr};
 
 /// `sling -q quantize SRC --to TO -o OUT --reproducible --method awq --data calib.txt --ctx 64 --chunks 8 EXTRA`.
 fn awq(src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    calibrated("awq", src, to, out, extra, env)
+}
+
+/// [`awq`] with `--method METHOD`.
+fn calibrated(method: &str, src: &str, to: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let (src, data) = (fixture(src), calib());
     let mut a = vec!["-q", "quantize", src.to_str().unwrap(), "--to", to, "-o", out.to_str().unwrap()];
-    a.extend_from_slice(&["--reproducible", "--method", "awq", "--data", &data, "--ctx", "64"]);
+    a.extend_from_slice(&["--reproducible", "--method", method, "--data", &data, "--ctx", "64"]);
     if !extra.contains(&"--chunks") {
         a.extend_from_slice(&["--chunks", "8"]);
     }
@@ -141,6 +146,49 @@ fn awq_resume_after_a_kill_and_expert_groups_give_the_same_bytes() {
     same_weights(&whole, &other, "a store of other settings must not be reused");
 }
 
+/// `--method awq-gptq` (llm-compressor's `[AWQModifier, GPTQModifier]`): AWQ's folds in the artifact, GPTQ's codes
+/// for the smoothed weights (neither AWQ's round-to-nearest nor plain GPTQ's bytes), both settings in the manifest,
+/// the same bytes for any thread count, after a kill during the GPTQ pass and `--resume`, and from `verify --source
+/// --data --full`. Its KL against llm-compressor's stacked recipe: tests/interop/test_awq.py.
+#[test]
+fn awq_gptq_solves_the_smoothed_model() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, to) = ("qwen3moe", "mlx:4");
+    let g32 = ["--group-size", "32"];
+    let out = |n: &str| d.path().join(n);
+    let (a, b) = (out("t1"), out("t2"));
+    for (o, t) in [(&a, "1"), (&b, "2")] {
+        let r = calibrated("awq-gptq", src, to, o, &["--group-size", "32", "-t", t], &[]);
+        assert!(r.status.success(), "-t {t}: {}", stderr(&r));
+    }
+    same_weights(&a, &b, "awq-gptq: -t 1 vs -t 2");
+    let cal = &manifest(&a)["options"]["target"]["calibration"];
+    assert_eq!(cal["method"], "awq-gptq", "{cal}");
+    for k in ["n_grid", "duo_scaling", "damp", "block", "act_order"] {
+        assert!(cal.get(k).is_some(), "{k} missing: {cal}");
+    }
+    let (aw, gq) = (out("awq"), out("gptq"));
+    assert!(awq(src, to, &aw, &g32, &[]).status.success());
+    assert!(calibrated("gptq", src, to, &gq, &g32, &[]).status.success());
+    let norm = "model.layers.0.input_layernorm.weight";
+    assert_eq!(tensor_bytes(&a, norm), tensor_bytes(&aw, norm), "AWQ's folds");
+    assert_ne!(tensor_bytes(&a, norm), tensor_bytes(&fixture(src), norm), "no fold");
+    let w = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(tensor_bytes(&a, w), tensor_bytes(&aw, w), "AWQ's round-to-nearest codes");
+    assert_ne!(tensor_bytes(&a, w), tensor_bytes(&gq, w), "plain GPTQ's codes");
+    // Killed in the GPTQ pass (the AWQ pass reports 56 weights, every layer's folds saved), then resumed.
+    let k = out("killed");
+    let r = calibrated("awq-gptq", src, to, &k, &g32, &[("SLING_TEST_ABORT_AFTER_SOLVED", "70")]);
+    assert_eq!(r.status.code(), Some(134), "{}", stderr(&r));
+    assert!(out("killed.solve").join("awq-layer-1.json").is_file(), "the kill came before the GPTQ pass");
+    let r = calibrated("awq-gptq", src, to, &k, &["--group-size", "32", "--resume"], &[]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    same_weights(&a, &k, "awq-gptq after --resume");
+    let (s, data) = (fixture(src), calib());
+    let r = run(&["verify", a.to_str().unwrap(), "--source", s.to_str().unwrap(), "--full", "--data", &data], &[]);
+    assert!(r.status.success(), "verify --source --data: {}", stderr(&r));
+}
+
 #[test]
 fn awq_bad_input_is_a_clear_error_and_nothing_is_written() {
     let d = tempfile::tempdir().unwrap();
@@ -160,6 +208,7 @@ fn awq_bad_input_is_a_clear_error_and_nothing_is_written() {
             "--method awq",
         ),
         (vec!["--to", "gguf:Q8_0", "--method", "awq", "--data", &data], "apply to vllm:… and mlx:… targets"),
+        (vec!["--to", "mlx:auto", "--target-bpw", "4", "--method", "awq-gptq", "--data", &data], "not awq-gptq"),
     ];
     for (extra, want) in cases {
         let mut a = vec!["-q", "quantize", s.to_str().unwrap(), "-o", &o_];

@@ -201,14 +201,18 @@ pub enum MethodRecord {
         /// Scales divided by the weight magnitude too (`duo_scaling`).
         duo_scaling: bool,
     },
+    /// AWQ's scales, then GPTQ on the smoothed model (llm-compressor's `[AWQModifier, GPTQModifier]` recipe).
+    #[serde(rename = "awq-gptq")]
+    AwqGptq { n_grid: u64, duo_scaling: bool, damp: f64, block: u64, act_order: bool },
 }
 
 impl MethodRecord {
-    /// `gptq` or `awq`, as `--method` spells it.
+    /// `gptq`, `awq` or `awq-gptq`, as `--method` spells it.
     pub fn name(&self) -> &'static str {
         match self {
             MethodRecord::Gptq { .. } => "gptq",
             MethodRecord::Awq { .. } => "awq",
+            MethodRecord::AwqGptq { .. } => "awq-gptq",
         }
     }
 }

@@ -4,7 +4,8 @@ measures it.
 
 Runs in llm-compressor's own venv (scripts/setup-reference.sh makes $SLING_LAB/venv-llmc):
     $LAB/venv-llmc/bin/python scripts/bench/gptq_ref.py SRC OUT --tokens TOKENS.json
-        [--scheme W4A16] [--actorder weight|none] [--damp 0.01] [--block 128] [--no-all-experts] [--method awq]
+        [--scheme W4A16] [--actorder weight|none] [--damp 0.01] [--block 128] [--no-all-experts]
+        [--method gptq|awq|awq-gptq]
         [--dtype bfloat16|float32]
 
 TOKENS.json: {"ctx": L, "chunks": [[ids...] x L] x N} -- the calibration samples, already tokenized, so that
@@ -22,6 +23,8 @@ every calibration token; the forward keeps the true routing).
 --method awq: the recipe is [AWQModifier(n_grid=20, duo_scaling=True), QuantizationModifier(targets="Linear",
 scheme=SCHEME, ignore=[lm_head, re:.*mlp.gate$])] (AWQ only folds scales; the quantization modifier rounds to nearest
 after it), with llm-compressor's registered mappings for the architecture (Qwen3-MoE: `_moe_default_mappings`).
+--method awq-gptq: [AWQModifier(n_grid=20, duo_scaling=True), GPTQModifier(...as above)], the stacked recipe of
+llm-compressor's `examples/awq/llama_gptq_example.py` (AWQ's scales, then GPTQ on the smoothed model).
 Prints one JSON line with the seconds spent in each phase (imports, load, quantize, save) and the settings.
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false")
-    ap.add_argument("--method", default="gptq", choices=("gptq", "awq"))
+    ap.add_argument("--method", default="gptq", choices=("gptq", "awq", "awq-gptq"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the dtype the model is loaded and calibrated in (default bfloat16)")
     a = ap.parse_args()
@@ -67,19 +70,20 @@ def main():
     phases["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     ignore = ["lm_head", "re:.*mlp.gate$"]
-    if a.method == "awq":
+    gptq = GPTQModifier(targets="Linear", scheme=a.scheme, ignore=ignore,
+                        actorder=None if a.actorder == "none" else a.actorder, dampening_frac=a.damp,
+                        block_size=a.block)
+    if a.method in ("awq", "awq-gptq"):
         # llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`), which needs a CUDA
         # driver; on a CPU-only machine pinning is meaningless, so it is made the identity.
         if not torch.cuda.is_available():
             torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
-        recipe = [AWQModifier(n_grid=20, duo_scaling=True),
-                  QuantizationModifier(targets="Linear", scheme=a.scheme, ignore=ignore)]
+        quantize = QuantizationModifier(targets="Linear", scheme=a.scheme, ignore=ignore) if a.method == "awq" else gptq
+        recipe = [AWQModifier(n_grid=20, duo_scaling=True), quantize]
     else:
-        recipe = GPTQModifier(targets="Linear", scheme=a.scheme, ignore=ignore,
-                              actorder=None if a.actorder == "none" else a.actorder, dampening_frac=a.damp,
-                              block_size=a.block)
+        recipe = gptq
     oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=ctx,
             num_calibration_samples=len(chunks), pipeline="sequential", batch_size=1,
             shuffle_calibration_samples=False, moe_calibrate_all_experts=a.all_experts)
