@@ -217,7 +217,7 @@ pub fn run(
             method.name()
         );
     }
-    awq_options(s.awq_grid, !s.no_duo_scaling)?;
+    awq_options(s.awq_grid, !s.no_duo_scaling)?; // checked before anything runs
     if !(s.damp.is_finite() && s.damp >= 0.0) || s.gptq_block_size == 0 {
         bail!("--damp must be a finite number >= 0 and --gptq-block-size > 0");
     }
@@ -276,17 +276,25 @@ pub fn run(
     let lookup = |hf: &str| grids.get(hf).cloned();
     let abort_after: Option<usize> = std::env::var("SLING_TEST_ABORT_AFTER_SOLVED").ok().and_then(|v| v.parse().ok());
     // `solved` counts one pass's weights (awq-gptq runs two); `reported` all of them, for the test hook.
-    let (mut solved, mut total, mut reported) = (0usize, 0usize, 0usize);
+    let (mut solved, mut total, mut reported, mut pass) = (0usize, 0usize, 0usize, 0usize);
     let t0 = std::time::Instant::now();
     let mut on_progress = |p: Progress<'_>| match p {
         Progress::Start { layers, weights } => {
             // (awq-gptq: once per pass)
             solved = 0;
+            pass += 1;
             total = weights;
             rep.set_length(weights as u64);
             rep.emit("calibrate_start", serde_json::json!({"layers": layers, "weights": weights, "tokens": n_tok}));
         }
-        Progress::LayerStart { layer, .. } => rep.set_message(&format!("{} layer {layer}", method.name())),
+        Progress::LayerStart { layer, .. } => {
+            let what = match (method, pass) {
+                (Method::AwqGptq, 1) => "awq (then gptq)",
+                (Method::AwqGptq, _) => "gptq (after awq)",
+                (m, _) => m.name(),
+            };
+            rep.set_message(&format!("{what} layer {layer}"));
+        }
         Progress::Solved { weight } => {
             solved += 1;
             reported += 1;

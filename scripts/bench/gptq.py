@@ -25,7 +25,9 @@ the KL ratios gptq/rtn. sling is measured from a private copy (WORK/sling, sha25
 Default SRC: the trained fixture qwen3moe-trained (tests/interop/lab.py trained_root(), generated on first use).
 
 --method awq: AWQ on both sides (gptq_ref.py --method awq: AWQModifier + QuantizationModifier; sling --method awq;
-the GPTQ settings do not apply), outputs RESULTS/awq.json and RESULTS/awq.md.
+the GPTQ settings do not apply), outputs RESULTS/awq.json and RESULTS/awq.md. --method awq-gptq: AWQ then GPTQ on
+both sides (gptq_ref.py --method awq-gptq: AWQModifier + GPTQModifier; sling --method awq-gptq with the GPTQ
+settings), RESULTS/awq-gptq.json and .md.
 
 Outputs: RESULTS/gptq.json and RESULTS/gptq.md (RESULTS defaults to scripts/bench/results). --skip-ref / --skip-sling
 run one side only (e.g. before sling has --method gptq); the table shows what ran.
@@ -121,7 +123,7 @@ def main():
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-act-order", dest="act_order", action="store_false")
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false")
-    ap.add_argument("--method", choices=("gptq", "awq"), default="gptq")
+    ap.add_argument("--method", choices=("gptq", "awq", "awq-gptq"), default="gptq")
     ap.add_argument("--sling-input", choices=("tokens", "text"), default="tokens",
                     help="sling gets the ids (--tokens, default) or the text (--data calib.txt, its own chunking)")
     ap.add_argument("--skip-ref", action="store_true")
@@ -206,10 +208,11 @@ def main():
                                        tokens_json, "--method", "awq"]
                 + ([] if a.all_experts else ["--no-all-experts"]), out / "ref-awq")
         else:
-            run("llm-compressor gptq", [a.llmc_python, HERE / "gptq_ref.py", src, out / "ref-gptq", "--tokens",
-                                        tokens_json, "--damp", a.damp, "--block", a.block,
+            m = a.method
+            run(f"llm-compressor {m}", [a.llmc_python, HERE / "gptq_ref.py", src, out / f"ref-{m}", "--tokens",
+                                        tokens_json, "--damp", a.damp, "--block", a.block, "--method", m,
                                         "--actorder", "weight" if a.act_order else "none"]
-                + ([] if a.all_experts else ["--no-all-experts"]), out / "ref-gptq")
+                + ([] if a.all_experts else ["--no-all-experts"]), out / f"ref-{m}")
         if a.ref_rtn:
             run("llm-compressor rtn", [a.llmc_python, HERE / "targets_ref.py", "oneshot", src, out / "ref-rtn",
                                        "--scheme", "W4A16"], out / "ref-rtn")
