@@ -420,31 +420,15 @@ fn calibrate(
     use sling_provenance::manifest::MethodRecord;
     Ok(match *m {
         MethodRecord::Gptq { .. } => (gptq::run(src, cfg, seqs, grids, store, settings, progress)?, None),
-        MethodRecord::Awq { n_grid, duo_scaling } => {
-            let o = awq::run(
-                src,
-                cfg,
-                seqs,
-                grids,
-                store,
-                settings,
-                &awq_options(n_grid as usize, duo_scaling)?,
-                progress,
-            )?;
-            (o.report, Some(o.folds))
-        }
-        MethodRecord::AwqGptq { n_grid, duo_scaling, .. } => {
-            let o = awq::run(
-                src,
-                cfg,
-                seqs,
-                grids,
-                store,
-                settings,
-                &awq_options(n_grid as usize, duo_scaling)?,
-                progress,
-            )?;
-            let report = gptq::run(&awq::folded(src, &o.folds), cfg, seqs, grids, store, settings, progress)?;
+        MethodRecord::Awq { n_grid, duo_scaling } | MethodRecord::AwqGptq { n_grid, duo_scaling, .. } => {
+            let opts = awq_options(n_grid as usize, duo_scaling)?;
+            let o = awq::run(src, cfg, seqs, grids, store, settings, &opts, progress)?;
+            let report = match m {
+                MethodRecord::AwqGptq { .. } => {
+                    gptq::run(&awq::folded(src, &o.folds), cfg, seqs, grids, store, settings, progress)?
+                }
+                _ => o.report,
+            };
             (report, Some(o.folds))
         }
     })

@@ -189,6 +189,20 @@ def ct_state(tensors: dict, module: str, compressor, scheme) -> dict:
     return {p: tensors[f"{module}.{p}"] for p in names}
 
 
+def ct_modules_are(d: Path, deq: dict) -> list[str]:
+    """Every module of the single-scheme compressed-tensors directory `d`, decompressed by compressed-tensors' own
+    compressor ([`ct_decompress_f32`]), is bit for bit `deq[module + ".weight"]` (sling's dequantization); the
+    modules checked (at least one)."""
+    tensors = read_dir(d)
+    _, sch, comp = ct_scheme(d)
+    modules = ct_modules(tensors)
+    assert modules, "no quantized module"
+    for m in modules:
+        got = ct_decompress_f32(ct_state(tensors, m, comp, sch), comp, sch)
+        assert bits_equal(got, deq[m + ".weight"]), f"{m}: {first_diff(got, deq[m + '.weight'])}"
+    return modules
+
+
 def ct_params_of(tensors: dict, module: str) -> list[str]:
     return sorted(n[len(module) + 1:] for n in tensors if n.startswith(module + ".") and "." not in n[len(module) + 1:])
 
