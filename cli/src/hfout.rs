@@ -96,19 +96,6 @@ fn open_and_plan(a: &QuantArgs, to: To) -> Result<(Checkpoint, Planned)> {
         // provisional default; the allocation's recipe then sets both.
         To::MlxAuto => Planned::Mlx(mlx::plan(&ck, mlx::Bits(4), 32, a.strict).with_context(ctx)?),
     };
-    // mlx:auto's measurements work on the checkpoint's own tensors; a weight mlx-lm rearranges (DeepSeek-V3's
-    // embed_q/unembed_out, gpt-oss's experts) is not one, and must not be left unmeasured. (GPTQ/AWQ round such
-    // weights to nearest and list them: `unsolvable_of`.)
-    if let (Planned::Mlx(m), To::MlxAuto) = (&p, to) {
-        let rearranged = mlx::rearranged(&ck, m);
-        if let Some(first) = rearranged.first() {
-            bail!(
-                "--to mlx:auto is not built for weights mlx-lm rearranges ({} of them, e.g. {first}): use --to \
-                 mlx:BITS for this architecture",
-                rearranged.len()
-            );
-        }
-    }
     Ok((ck, p))
 }
 

@@ -110,7 +110,6 @@ fn bad_input_is_a_clear_error_and_nothing_is_written() {
         ("qwen3moe", "vllm:w4a16", &["--strict"], "(--strict)"),
         ("mixtral", "vllm:w8a16", &[], "nothing to quantize"),
         ("qwen3moe", "mlx:4", &["--group-size", "48"], "MLX takes 32, 64 or 128"),
-        ("gptoss", "mlx:auto", &["--target-bpw", "4"], "--to mlx:auto is not built"),
         ("gptoss-mxfp4", "vllm:w4a16", &[], "not supported"),
         ("qwen3moe", "vllm:w4a16", &["--imatrix", "x.gguf"], "--imatrix applies to --to gguf"),
         ("qwen3moe", "vllm:w4a16", &["--group-size", "64"], "--group-size applies to mlx"),

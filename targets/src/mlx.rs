@@ -557,24 +557,9 @@ fn legacy_keys(root: &mut serde_json::Map<String, serde_json::Value>) {
     }
 }
 
-/// The quantized weights that are not a checkpoint tensor (or a stack of them) row for row: what mlx-lm's
-/// `sanitize` rearranges (DeepSeek-V3's `embed_q`/`unembed_out`, gpt-oss's experts). Solvers (GPTQ, AWQ) and
-/// `mlx:auto`'s measurements address weights by their checkpoint names, so they cannot take these.
-pub fn rearranged<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<&'a str> {
-    p.plan
-        .weights
-        .iter()
-        .filter(|w| match &w.enc {
-            Enc::Affine { experts, .. } => experts.is_empty() && ck.get(&w.name).is_none(),
-            Enc::Raw { .. } => true,
-            Enc::Keep(_) => false,
-        })
-        .map(|w| w.name.as_str())
-        .collect()
-}
-
-/// The weights this plan rounds on an affine grid that a solver (GPTQ, AWQ) cannot take, with why: those
-/// [`rearranged`] from their checkpoint tensors. The executor rounds them to nearest; a calibrated run lists them.
+/// The weights this plan rounds on an affine grid that a solver (GPTQ, AWQ) cannot take, with why: those mlx-lm's
+/// `sanitize` rearranges from their checkpoint tensors (DeepSeek-V3's `embed_q`/`unembed_out`, a bf16 gpt-oss's
+/// stacked experts), which are no checkpoint tensor (or stack of them) row for row. The executor rounds them to nearest; a calibrated run lists them.
 /// (gpt-oss's MXFP4 experts, copied as they are, are not rounded at all and are not listed.)
 pub fn unsolvable<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<(&'a Weight<Enc>, &'static str)> {
     p.plan

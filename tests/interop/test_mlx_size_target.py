@@ -272,3 +272,34 @@ def test_targets_outside_what_mlx_can_make_are_refused(lab_state, tmp_path):
         err = r.stderr
         assert r.returncode != 0 and word in err and "bytes" in err and "bpw" in err, err
         assert not (tmp_path / bpw).exists()
+
+
+ARCHS = ("deepseekv3-wide", "deepseekv3-fp8", "gptoss", "gptoss-mxfp4-wide", "mixtral", "olmoe", "qwen2moe")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_moe_architecture_resolves(name, tmp_path):
+    """mlx:auto halfway between the smallest and the largest artifact of each MoE architecture MLX writes, mlx-lm's
+    rearranged layouts included (DeepSeek-V3's per-head MultiLinear embed_q/unembed_out, from bf16 and FP8; bf16
+    gpt-oss's stacked experts; gpt-oss MXFP4's experts, kept as they are and outside the allocation), Mixtral,
+    OLMoE, Qwen2-MoE: within the size; mlx-lm loads it, per-module overrides included, and in float32 computes
+    `sling logits` of it; `verify --source --full` re-derives it from the recorded recipe."""
+    mx = hfdir.mlx_cpu()
+    src = lab.fixture_dir(name)
+    # (8 bpw is within every fixture's bounds: the plan reports them)
+    j = json.loads(lab.sling("plan", src, "--to", "mlx:auto", "--target-bpw", "8", "--json").stdout)["auto"]
+    size = (j["min_bytes"] + j["max_bytes"]) // 2
+    out = tmp_path / name
+    lab.sling("-q", "quantize", src, "--to", "mlx:auto", "--target-size", str(size), *AUTO_ARGS, "-o", out)
+    files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert files <= size, (files, size)
+    q = hfdir.config(out)["quantization"]
+    widths = {(v["bits"], v["group_size"]) for v in q.values() if isinstance(v, dict) and "bits" in v}
+    model, _ = hfdir.mlx_load(out)
+    model.set_dtype(mx.float32)
+    s = lab.kl_stats(hfdir.mlx_logits(model), hfdir.sling_logits(out, tmp_path / "logits.npy"))
+    lab.record("mlx_size_target", f"{name}/auto-halfway", {"target_bytes": size, "file_bytes": files,
+                                                            "override_widths": len(widths), "mlx_lm_float32": s})
+    assert s["kl_mean"] < 1e-9 and s["top1"] == 1.0, s
+    r = lab.sling("verify", out, "--source", src, "--full", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
