@@ -146,6 +146,11 @@ pub fn measure<'i>(
 fn mats(w: &Weight<Enc>) -> (u64, u64) {
     let n = match &w.enc {
         Enc::Affine { experts, .. } if !experts.is_empty() => experts.len() as u64,
+        // one source tensor of stacked experts (a bf16 gpt-oss's): `[E, out, in]`
+        _ if w.role == Role::RoutedExperts => match w.parts.first().map(|p| &p.shape[..]) {
+            Some(&[e, _, _]) if e > 0 && w.rows() % e == 0 => e,
+            _ => 1,
+        },
         _ => 1,
     };
     (n, w.rows() / n)
@@ -283,6 +288,25 @@ pub fn recipe_toml(sens: &Sensitivity<Kind>, a: &Allocation, description: &str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stacked experts are measured (and imatrix-weighted, routing-weighted) one matrix per expert, whether the
+    /// checkpoint stores them apart (Qwen3-MoE) or as one tensor (bf16 gpt-oss); anything else is one matrix.
+    #[test]
+    fn stacked_experts_are_one_matrix_per_expert() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+        for (name, weight, n) in [
+            ("gptoss", "model.layers.0.mlp.experts.gate_proj.weight", 4),
+            ("gptoss", "model.layers.0.mlp.experts.down_proj.weight", 4),
+            ("qwen3moe", "model.layers.0.mlp.switch_mlp.up_proj.weight", 8),
+            ("deepseekv3", "model.layers.0.self_attn.unembed_out.weight", 1),
+            ("qwen3moe", "model.layers.0.self_attn.q_proj.weight", 1),
+        ] {
+            let ck = Checkpoint::open(&root.join(name)).unwrap();
+            let p = super::super::plan(&ck, super::super::Bits(4), 32, false).unwrap();
+            let w = p.plan.weights.iter().find(|w| w.name == weight).unwrap_or_else(|| panic!("{name} {weight}"));
+            assert_eq!(mats(w), (n, w.rows() / n), "{name} {weight}");
+        }
+    }
 
     #[test]
     fn ladder_is_cheapest_first_and_fits_the_rows() {
