@@ -453,9 +453,10 @@ impl Target for Mlx {
                 // mlx-lm quantizes a weight held in the scales' dtype: DeepSeek FP8 weights are dequantized to
                 // BF16 first (`deepseek_v3.py` `sanitize`, `.astype(mx.bfloat16)`), so values that dtype cannot
                 // hold are rounded to it first. A bf16/f16 source's values already are.
-                let rounded: Vec<f32>;
+                let mut rounded: Vec<f32>;
                 let vals = if from_fp8(&w.op) {
-                    rounded = vals.iter().map(|&v| if v.is_finite() { sd.round(v) } else { v }).collect();
+                    rounded = vals.to_vec();
+                    as_written(w, &mut rounded);
                     &rounded[..]
                 } else {
                     vals
@@ -511,6 +512,17 @@ impl Target for Mlx {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// `w`'s values (any rows) as [`Mlx`] quantizes them: those of a DeepSeek FP8 source rounded to the scales' dtype
+/// first ([`from_fp8`]), anything else as it is. What the writer, [`rows_as_stored`] and `mlx:auto`'s measurements
+/// all start from.
+pub(crate) fn as_written(w: &Weight<Enc>, v: &mut [f32]) {
+    if let Enc::Affine { sd, .. } = &w.enc {
+        if from_fp8(&w.op) {
+            v.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = sd.round(*x));
         }
     }
 }
@@ -587,10 +599,8 @@ pub fn rows_as_stored(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64) -> Res
     let mut v = Vec::new();
     w.op.read(ck, r0, r1, &mut v)
         .map_err(|e| TargetError::Unsupported(format!("{}: cannot read rows {r0}..{r1}: {e}", w.name)))?;
-    if let (Enc::Affine { sd, .. }, Some(g)) = (&w.enc, grid(&w.enc)) {
-        if from_fp8(&w.op) {
-            v.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = sd.round(*x));
-        }
+    if let Some(g) = grid(&w.enc) {
+        as_written(w, &mut v);
         v.chunks_exact_mut(w.cols().max(1) as usize).for_each(|row| g.roundtrip_row(row));
     }
     Ok(v)

@@ -230,9 +230,11 @@ fn measure_weight(
 /// Every `step`-th row of `r0..r1` of `w` ([`budget::sample_rows`], a block at a time where the op makes blocks).
 fn sample_rows_of(ck: &Checkpoint, w: &Weight<Enc>, r0: u64, r1: u64, step: u64) -> Result<Vec<f32>, TargetError> {
     let cols = w.cols().max(1);
-    budget::sample_rows(r0, r1, step, w.op.granule() / cols, cols, |a, b, out| {
+    let mut v = budget::sample_rows(r0, r1, step, w.op.granule() / cols, cols, |a, b, out| {
         w.op.read(ck, a, b, out).map_err(|x| read_error(w, x))
-    })
+    })?;
+    super::as_written(w, &mut v);
+    Ok(v)
 }
 
 /// Rows `r0..r1` of `w` with every `k`-th row of each expert (at most `sample_rows` of each; the fraction is
@@ -255,7 +257,10 @@ pub fn roundtrip(
         v.par_chunks_exact_mut(cols)
             .enumerate()
             .filter(|(i, _)| ((r0 + *i as u64) % per_mat.max(1)) % step == 0)
-            .for_each(|(_, row)| g.roundtrip_row(row));
+            .for_each(|(_, row)| {
+                super::as_written(w, row);
+                g.roundtrip_row(row)
+            });
     }
     Ok(v)
 }
@@ -306,6 +311,29 @@ mod tests {
             let w = p.plan.weights.iter().find(|w| w.name == weight).unwrap_or_else(|| panic!("{name} {weight}"));
             assert_eq!(mats(w), (n, w.rows() / n), "{name} {weight}");
         }
+    }
+
+    /// A probe rounding every row substitutes exactly what the artifact holds ([`super::super::rows_as_stored`]),
+    /// DeepSeek FP8 sources rounded to BF16 first as the writer rounds them (and as the measurement reads them).
+    #[test]
+    fn probes_round_fp8_sources_as_the_writer_does() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+        let ck = Checkpoint::open(&root.join("deepseekv3-fp8")).unwrap();
+        let p = super::super::plan(&ck, super::super::Bits(4), 32, false).unwrap();
+        let mut seen = 0;
+        for w in p.plan.weights.iter().filter(|w| super::super::from_fp8(&w.op)) {
+            let Enc::Affine { bits, group, .. } = w.enc else { continue };
+            let kind = Kind::Affine { bits, group: group as u32 };
+            let all = roundtrip(&ck, w, kind, w.rows(), 0, w.rows()).unwrap();
+            assert_eq!(all, super::super::rows_as_stored(&ck, w, 0, w.rows()).unwrap(), "{}", w.name);
+            let mut raw = Vec::new();
+            w.op.read(&ck, 0, w.rows(), &mut raw).unwrap();
+            let measured = sample_rows_of(&ck, w, 0, w.rows(), 1).unwrap();
+            assert_ne!(measured, raw, "{}: FP8 values BF16 cannot hold", w.name);
+            assert!(measured.iter().all(|x| half::bf16::from_f32(*x).to_f32() == *x), "{}", w.name);
+            seen += 1;
+        }
+        assert!(seen > 0, "no FP8 weight quantized");
     }
 
     #[test]
