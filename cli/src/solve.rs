@@ -50,7 +50,8 @@ pub struct SolveArgs {
     /// Default: gptq with --data (or --tokens), rtn without.
     #[arg(long, value_enum)]
     pub(crate) method: Option<Method>,
-    /// Calibration text for --method gptq|awq|awq-gptq: a plain text file, or JSONL (.jsonl) with a "text" field per line.
+    /// Calibration text for --method gptq|awq|awq-gptq: a plain text file, or JSONL (.jsonl) with a "text" field
+    /// per line.
     #[arg(long, value_name = "FILE")]
     pub(crate) data: Option<PathBuf>,
     /// Calibration token ids instead of text: comma/whitespace-separated integers in a file.

@@ -571,8 +571,9 @@ fn legacy_keys(root: &mut serde_json::Map<String, serde_json::Value>) {
 
 /// The weights this plan rounds on an affine grid that a solver (GPTQ, AWQ) cannot take, with why: those mlx-lm's
 /// `sanitize` rearranges from their checkpoint tensors (DeepSeek-V3's `embed_q`/`unembed_out`, a bf16 gpt-oss's
-/// stacked experts), which are no checkpoint tensor (or stack of them) row for row. The executor rounds them to nearest; a calibrated run lists them.
-/// (gpt-oss's MXFP4 experts, copied as they are, are not rounded at all and are not listed.)
+/// stacked experts), which are no checkpoint tensor (or stack of them) row for row. The executor rounds them to
+/// nearest; a calibrated run lists them. (gpt-oss's MXFP4 experts, copied as they are, are not rounded at all and
+/// are not listed.)
 pub fn unsolvable<'a>(ck: &Checkpoint, p: &'a MlxPlan) -> Vec<(&'a Weight<Enc>, &'static str)> {
     p.plan
         .weights
