@@ -168,6 +168,17 @@ def _mlx_convert(entries: dict) -> list[str]:
         out.append(f"| {c[0]} | {c[1].lstrip('q')} | {c[2].lstrip('g')} | {ident} | {cfg} |"
                    f" {', '.join(b.get('modes', []))} | {_kl_cell((k.get('logits') or {}).get('float32'))} |"
                    f" {rr_cell} |")
+    calibrated = sorted((k, e) for k, e in entries.items() if k.count("/") == 3 and k.split("/")[3] in ("gptq", "awq"))
+    if calibrated:
+        out += ["", "`--method gptq|awq` on these layouts (mlx:4, group 32, calib.txt): weights solved, weights"
+                " rounded to nearest where no solver takes mlx-lm's layout (listed in the manifest), MXFP4 expert"
+                " codes kept; mlx-lm float32 logits vs `sling logits`.", "",
+                "| fixture | method | weights solved | weights rounded to nearest | tensors = the RTN run's | float32 KL mean / max abs |",
+                "|---|---|---|---|---|---|"]
+        for k, e in calibrated:
+            f, _, _, m = k.split("/")
+            out.append(f"| {f} | {m} | {e['solved_weights']} | {e['rounded_to_nearest']} | {e['kept_codes']} |"
+                       f" {_kl_cell(e.get('float32'))} |")
     return out + [""]
 
 
@@ -210,8 +221,14 @@ def _awq(entries: dict) -> list[str]:
         out += ["", f"Against llm-compressor 0.14's AWQ on the same token ids ({k.split('/')[-1]}): KLD llm-compressor "
                 f"{e['kld_llmc_awq']:.5f}, sling {e['kld_sling_awq_default']:.5f} (routed statistics), "
                 f"{e['kld_sling_awq_all_experts']:.5f} (`--all-experts`), sling RTN {e['kld_sling_rtn']:.5f}."]
+    for k in sorted(k for k in entries if k.startswith("awq-gptq/") and k.count("/") == 2):
+        e = entries[k]
+        out += ["", f"AWQ then GPTQ (`--method awq-gptq --act-order --all-experts`, {k.split('/')[-1]}) against"
+                f" llm-compressor 0.14's `[AWQModifier, GPTQModifier]` on the same token ids: KLD llm-compressor"
+                f" {e['kld_llmc_awq_gptq']:.5f}, sling {e['kld_sling_awq_gptq']:.5f} ({e['sling_over_llmc']:.3f}x);"
+                f" sling AWQ alone {e['kld_sling_awq']:.5f}, RTN {e['kld_sling_rtn']:.5f}."]
     out.append("")
-    for k in sorted(k for k in entries if k.startswith("load/")):
+    for k in sorted(k for k in entries if k.startswith("load/") or k.startswith("awq-gptq/load/")):
         out.append(f"- {k}: {json.dumps(entries[k])}")
     return out + [""]
 
