@@ -456,7 +456,7 @@ impl Target for Mlx {
                 let mut rounded: Vec<f32>;
                 let vals = if from_fp8(&w.op) {
                     rounded = vals.to_vec();
-                    as_written(w, &mut rounded);
+                    round_finite(*sd, &mut rounded);
                     &rounded[..]
                 } else {
                     vals
@@ -522,9 +522,14 @@ impl Target for Mlx {
 pub(crate) fn as_written(w: &Weight<Enc>, v: &mut [f32]) {
     if let Enc::Affine { sd, .. } = &w.enc {
         if from_fp8(&w.op) {
-            v.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = sd.round(*x));
+            round_finite(*sd, v);
         }
     }
+}
+
+/// Every finite value rounded to `sd` (NaN and ±Inf kept for the writer's checks).
+fn round_finite(sd: ScaleDtype, v: &mut [f32]) {
+    v.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = sd.round(*x));
 }
 
 /// Whether `op` dequantizes DeepSeek FP8 (whose values mlx-lm rounds to BF16 before quantizing) and folds no AWQ
