@@ -135,10 +135,35 @@ pub fn plan_bytes<E>(p: &Plan<E>) -> u64 {
     p.weights.iter().flat_map(|w| &w.parts).map(Part::n_bytes).sum()
 }
 
-/// Why a chunk could not be encoded.
+/// Why a chunk could not be encoded. The engine wraps it in [`ExecError::Encode`] with the weight's name.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct EncodeError(pub String);
+pub enum EncodeError {
+    /// A reference encoder refused the rows (shape, importance weights, type).
+    #[error(transparent)]
+    Quantize(#[from] sling_quantizers::EncodeError),
+    /// The codes a solver stored upstream could not be read.
+    #[error(transparent)]
+    Solved(#[from] solved::SolvedError),
+    /// The solved-weight store holds the weight on another grid than the one the target writes.
+    #[error(
+        "the solved-weight store holds {stored_cols} columns in groups of {stored_group}, the target writes {cols} \
+         in groups of {group}"
+    )]
+    SolvedShape { stored_cols: usize, stored_group: usize, cols: usize, group: usize },
+    /// A solved code lies outside the target's grid.
+    #[error("a solved code of {weight} does not fit {bits} bits")]
+    SolvedCode { weight: String, bits: u32 },
+    /// The target's own encoder failed (a device, a kernel); its error, with its chain, is kept.
+    #[error(transparent)]
+    Target(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl EncodeError {
+    /// Wraps a target's own error.
+    pub fn target(e: impl std::error::Error + Send + Sync + 'static) -> EncodeError {
+        EncodeError::Target(Box::new(e))
+    }
+}
 
 /// An output target as a plug-in of the pipeline: how a weight's rows become its parts' bytes. Planning and
 /// the artifact's other files are the target's own business (it hands the pipeline a [`Plan`] and a list of

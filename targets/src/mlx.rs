@@ -480,7 +480,7 @@ impl Target for Mlx {
                         // The stored codes and parameters, laid out exactly as the RTN path lays out its own.
                         Some(sr) => {
                             if sr.codes.iter().any(|&c| u32::from(c) >> bits != 0) {
-                                return Err(EncodeError(format!("{key}: a solved code does not fit {bits} bits")));
+                                return Err(EncodeError::SolvedCode { weight: key.to_string(), bits: *bits });
                             }
                             for i in 0..n {
                                 affine::pack_codes(&sr.codes[i * cols..(i + 1) * cols], *bits, &mut packed);

@@ -183,8 +183,8 @@ pub(crate) fn encode_rows(
     out: &mut EncodedRows,
 ) -> Result<(), EncodeError> {
     match backend {
-        Some(b) => b.encode_rows(enc, vals, cols, out).map_err(|e| EncodeError(e.to_string())),
-        None => sling_kernels::encode::encode_rows(enc, vals, cols, out).map_err(|e| EncodeError(e.to_string())),
+        Some(b) => b.encode_rows(enc, vals, cols, out).map_err(EncodeError::target),
+        None => sling_kernels::encode::encode_rows(enc, vals, cols, out).map_err(EncodeError::target),
     }
 }
 
@@ -207,12 +207,9 @@ pub(crate) fn solved_rows(
     group: usize,
 ) -> Result<Option<SolvedRows>, EncodeError> {
     let Some(store) = store else { return Ok(None) };
-    let Some(sr) = store.rows(name, r0, r0 + n).map_err(|e| EncodeError(e.to_string()))? else { return Ok(None) };
+    let Some(sr) = store.rows(name, r0, r0 + n)? else { return Ok(None) };
     if sr.cols != cols || sr.group != group {
-        return Err(EncodeError(format!(
-            "{name}: the solved-weight store holds {} columns in groups of {}, the target writes {cols} in groups of              {group}",
-            sr.cols, sr.group
-        )));
+        return Err(EncodeError::SolvedShape { stored_cols: sr.cols, stored_group: sr.group, cols, group });
     }
     Ok(Some(sr))
 }
@@ -429,7 +426,7 @@ pub fn fused_group(weight: &str) -> Option<String> {
 
 /// Appends `v` in the plain float type `d`.
 pub(crate) fn put_float(d: DType, v: &[f32], out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    sling_quantizers::encode_f32(d, v, v.len().max(1), out).map_err(|e| EncodeError(e.to_string()))
+    Ok(sling_quantizers::encode_f32(d, v, v.len().max(1), out)?)
 }
 
 impl Target for Vllm {
@@ -488,10 +485,7 @@ impl Target for Vllm {
                         Some(sr) => {
                             codes.extend(sr.codes[r * cols..(r + 1) * cols].iter().map(|&c| c as i8));
                             if codes.iter().any(|&c| !(-half..half).contains(&i32::from(c))) {
-                                return Err(EncodeError(format!(
-                                    "{}: a solved code does not fit {} bits",
-                                    w.name, args.bits
-                                )));
+                                return Err(EncodeError::SolvedCode { weight: w.name.clone(), bits: args.bits });
                             }
                             for p in &sr.params[r * ng..(r + 1) * ng] {
                                 scales.push(p.scale);

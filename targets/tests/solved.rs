@@ -163,5 +163,6 @@ fn stored_codes_are_what_the_targets_write() {
     let t = vllm::Vllm { scheme: vllm::Scheme::W4A16 { symmetric: true }, solved: Some(store), backend: None };
     let mut out = vec![Vec::new(); w.parts.len()];
     let err = t.encode(w, 0, &v, None, &mut out).unwrap_err();
+    assert!(matches!(err, sling_pipeline::EncodeError::SolvedShape { stored_group: 32, group: 128, .. }), "{err}");
     assert!(err.to_string().contains("groups of"), "{err}");
 }

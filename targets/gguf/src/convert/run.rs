@@ -296,7 +296,7 @@ impl Target for Gguf<'_> {
         _: Option<f32>,
         out: &mut [Vec<u8>],
     ) -> Result<(), EncodeError> {
-        encode(w, r0, vals, &mut out[0], self.backend).map_err(|e| EncodeError(e.to_string()))
+        encode(w, r0, vals, &mut out[0], self.backend).map_err(EncodeError::target)
     }
 
     fn segment_rows(&self, w: &Weight<GgufEnc>) -> Option<u64> {
