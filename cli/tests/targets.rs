@@ -110,7 +110,9 @@ fn bad_input_is_a_clear_error_and_nothing_is_written() {
         ("qwen3moe", "vllm:w4a16", &["--strict"], "(--strict)"),
         ("mixtral", "vllm:w8a16", &[], "nothing to quantize"),
         ("qwen3moe", "mlx:4", &["--group-size", "48"], "MLX takes 32, 64 or 128"),
-        ("gptoss-mxfp4", "vllm:w4a16", &[], "not supported"),
+        ("gptoss-mxfp4", "vllm:w4a16", &[], "vLLM does not run gpt-oss checkpoints in compressed-tensors"),
+        ("gptoss", "vllm:fp8-dynamic", &[], "serve the original MXFP4 checkpoint with vLLM"),
+        ("gptoss", "vllm:auto", &["--target-size", "1M"], "vLLM does not run gpt-oss"),
         ("qwen3moe", "vllm:w4a16", &["--imatrix", "x.gguf"], "--imatrix applies to --to gguf"),
         ("qwen3moe", "vllm:w4a16", &["--group-size", "64"], "--group-size applies to mlx"),
     ];
@@ -132,6 +134,32 @@ fn bad_input_is_a_clear_error_and_nothing_is_written() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("inside the input directory"), "{}", stderr(&o));
     assert!(!inside.exists());
+}
+
+#[test]
+fn a_second_writer_of_the_same_output_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    // Another run is writing `o`: it holds the lock and has its partial directory.
+    let lock = fs::File::create(d.path().join("o.partial.lock")).unwrap();
+    lock.try_lock().unwrap();
+    fs::create_dir(d.path().join("o.partial")).unwrap();
+    fs::write(d.path().join("o.partial/model.safetensors"), "theirs").unwrap();
+    for extra in [&[][..], &["--resume"][..]] {
+        let o = quantize("qwen3moe", "vllm:w4a16", &out, extra, &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("another sling process is writing this output"), "{}", stderr(&o));
+        assert_eq!(fs::read_to_string(d.path().join("o.partial/model.safetensors")).unwrap(), "theirs");
+        assert!(!out.exists());
+    }
+    // Once it is gone, the stale partial directory is replaced and the lock file removed with it.
+    drop(lock);
+    let o = quantize("qwen3moe", "vllm:w4a16", &out, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> =
+        fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["o"]);
 }
 
 #[test]

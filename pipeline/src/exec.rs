@@ -16,6 +16,10 @@
 //! Test hook: `SLING_TEST_ABORT_AFTER_WEIGHTS=N` stops the process at once (exit status 134, no destructor
 //! runs: what `kill -9` leaves) once N weights are written.
 //!
+//! One writer at a time: a run holds `OUT.partial.lock` (beside the output) from before it touches
+//! `OUT.partial/` until `OUT` is in place, and a second run of the same output is refused at once
+//! ([`sling_formats::lock`], the lock the GGUF writer holds on its journal too).
+//!
 //! Crash safety: everything is written into `OUT.partial/` (a directory beside the output) and renamed to
 //! `OUT` only when the shards, the extra files, the model card and the manifest are complete and synced, so
 //! an interrupted run never leaves a directory that looks complete. The output must not exist yet (or be an
@@ -28,6 +32,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::gguf::write::hex;
+use sling_formats::lock::{LockError, OutputLock};
 use sling_formats::st_write::{self, StTensor};
 use sling_provenance::card::{self, CardContext};
 use sling_provenance::manifest::{self, Manifest, ManifestError, OutputFile, TensorRecord, Tool};
@@ -146,6 +151,9 @@ pub enum ExecError {
     Io { path: PathBuf, op: &'static str, source: std::io::Error },
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// Another process is writing this output (or its lock file cannot be made).
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("shard layout: {0}")]
     Layout(String),
     #[error("provenance manifest: {0}")]
@@ -276,6 +284,8 @@ pub fn execute<T: Target<Error = ExecError>>(
 ) -> Result<ExecReport, ExecError> {
     check_output(ck, &opts.output)?;
     let partial = partial_dir(&opts.output);
+    // Held until the output is renamed into place: a second writer of this output touches nothing of ours.
+    let lock = OutputLock::acquire(&lock_path(&opts.output))?;
     let fp = fingerprint(ck, plan, opts);
     let resumed = if opts.resume { journal_weights(&partial, &fp) } else { None };
     if resumed.is_none() && partial.exists() {
@@ -295,15 +305,25 @@ pub fn execute<T: Target<Error = ExecError>>(
                 }
             }
             report.manifest = report.manifest.map(|_| opts.output.join(MANIFEST_NAME));
+            lock.remove();
             Ok(report)
         }
         Err(e) => {
             if !opts.resume {
                 let _ = std::fs::remove_dir_all(&partial);
             }
+            lock.remove();
             Err(e)
         }
     }
+}
+
+/// The lock a writer of `output` holds (`OUT.partial.lock`, beside the partial directory; see
+/// [`sling_formats::lock`]).
+pub fn lock_path(output: &Path) -> PathBuf {
+    let mut name = partial_dir(output).into_os_string();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// A digest of everything that decides the artifact's bytes; a journal with another one is never resumed.

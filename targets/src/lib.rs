@@ -72,6 +72,9 @@ pub enum TargetError {
     NothingToQuantize { scheme: String, why: String },
     #[error("{0}")]
     Unsupported(String),
+    /// The runtime this target writes for does not run the architecture in any format the target writes.
+    #[error("{runtime} does not run {model} checkpoints in {format}: {why}")]
+    NotServed { runtime: &'static str, model: &'static str, format: &'static str, why: &'static str },
 }
 
 /// A weight a size-targeted allocation could not read to measure.

@@ -224,6 +224,14 @@ fn scale_dtype(d: DType) -> ScaleDtype {
     }
 }
 
+/// Why gpt-oss is refused (docs/vllm.md, "gpt-oss"): vLLM's gpt-oss model loads its experts stacked, gate and
+/// up interleaved, as the original checkpoint stores them (`_load_weights_mxfp4` / `_load_weights_other`, each
+/// name not in its table skipped), while compressed-tensors stores each expert's projections apart (what
+/// llm-compressor writes for gpt-oss); an artifact vLLM would load with its experts missing is not written.
+const GPT_OSS_WHY: &str = "its gpt-oss loader takes the experts stacked, gate and up interleaved, as the \
+     original checkpoint stores them, and compressed-tensors stores each expert apart; serve the original MXFP4 \
+     checkpoint with vLLM, or quantize it with --to gguf:… or --to mlx:…";
+
 /// Plans the artifact: every tensor of the checkpoint, Linear weights encoded with `scheme` where their shape
 /// allows. `strict`: a weight the scheme cannot take is an error instead of being kept.
 pub fn plan(ck: &Checkpoint, scheme: Scheme, strict: bool) -> Result<Plan<Enc>, TargetError> {
@@ -239,6 +247,14 @@ pub fn plan_in_groups(
     group: Option<u64>,
 ) -> Result<Plan<Enc>, TargetError> {
     let group = if scheme.int_args().is_some() { group } else { scheme.group() };
+    if ck.config.as_ref().and_then(|c| c.get("model_type")).and_then(|v| v.as_str()) == Some("gpt_oss") {
+        return Err(TargetError::NotServed {
+            runtime: "vLLM",
+            model: "gpt-oss",
+            format: "compressed-tensors",
+            why: GPT_OSS_WHY,
+        });
+    }
     let tensors = sling_pipeline::hf::tensors(ck)?;
     let mut weights = Vec::new();
     let mut kept = Vec::new();

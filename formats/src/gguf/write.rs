@@ -82,6 +82,7 @@ use super::error::GgufError;
 use super::read::{checked_align, tensor_size, ALIGNMENT_KEY, MAX_NAME_LEN};
 use super::value::{GgufValue, ValueType};
 use super::{DEFAULT_ALIGNMENT, MAGIC, VERSION};
+use crate::lock::{LockError, OutputLock};
 
 /// `Keys.Split.LLM_KV_SPLIT_NO` and friends.
 pub const SPLIT_NO: &str = "split.no";
@@ -316,7 +317,8 @@ struct JournalEntry {
 #[derive(Debug)]
 struct Journal {
     path: PathBuf,
-    file: File,
+    /// The journal file, locked.
+    lock: OutputLock,
     interval: Duration,
     last: Instant,
     /// Tensors completed since the last commit: shard, file size once written, journal line.
@@ -708,7 +710,7 @@ impl GgufWriter {
         }
         self.finished = true;
         if let Some(j) = self.journal.take() {
-            let _ = std::fs::remove_file(&j.path);
+            j.lock.remove();
         }
         Ok(Written { files: persisted, tensors: std::mem::take(&mut self.tensors_done) })
     }
@@ -1066,38 +1068,22 @@ impl Drop for GgufWriter {
             let _ = std::fs::remove_file(partial_path(&s.path));
         }
         if let Some(j) = self.journal.take() {
-            let _ = std::fs::remove_file(&j.path);
+            j.lock.remove();
         }
     }
 }
 
 impl Journal {
-    /// Opens (creating it) and locks the journal: a second writer of the same output is refused.
+    /// Opens (creating it) and locks the journal: a second writer of the same output is refused
+    /// ([`crate::lock`]).
     fn open_locked(path: &Path, interval: Duration) -> Result<Journal, GgufError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| GgufError::Io { path: path.to_path_buf(), op: "create", source })?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(GgufError::Io {
-                    path: path.to_path_buf(),
-                    op: "lock",
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::WouldBlock,
-                        "another sling process is writing this output",
-                    ),
-                });
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(GgufError::Io { path: path.to_path_buf(), op: "lock", source });
-            }
-        }
-        Ok(Journal { path: path.to_path_buf(), file, interval, last: Instant::now(), pending: Vec::new() })
+        let op = |e: &LockError| if matches!(e, LockError::Io { op: "create", .. }) { "create" } else { "lock" };
+        let lock = OutputLock::acquire(path).map_err(|e| {
+            let op = op(&e);
+            let (path, source) = e.into_io();
+            GgufError::Io { path, op, source }
+        })?;
+        Ok(Journal { path: path.to_path_buf(), lock, interval, last: Instant::now(), pending: Vec::new() })
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> GgufError {
@@ -1107,17 +1093,19 @@ impl Journal {
 
     fn read_all(&mut self) -> Result<String, GgufError> {
         let mut raw = Vec::new();
-        self.file.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
-        self.file.read_to_end(&mut raw).map_err(self.io("read"))?;
+        let mut f = self.lock.file();
+        f.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
+        f.read_to_end(&mut raw).map_err(self.io("read"))?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     }
 
     /// Replaces the journal's content (fsynced).
     fn rewrite(&mut self, text: &str) -> Result<(), GgufError> {
-        self.file.set_len(0).map_err(self.io("truncate"))?;
-        self.file.seek(SeekFrom::Start(0)).map_err(self.io("seek"))?;
-        self.file.write_all(text.as_bytes()).map_err(self.io("write"))?;
-        self.file.sync_data().map_err(self.io("fsync"))?;
+        let mut f = self.lock.file();
+        f.set_len(0).map_err(self.io("truncate"))?;
+        f.seek(SeekFrom::Start(0)).map_err(self.io("seek"))?;
+        f.write_all(text.as_bytes()).map_err(self.io("write"))?;
+        f.sync_data().map_err(self.io("fsync"))?;
         self.pending.clear();
         self.last = Instant::now();
         Ok(())
@@ -1126,8 +1114,9 @@ impl Journal {
     /// Appends the pending lines (fsynced).
     fn commit(&mut self) -> Result<(), GgufError> {
         let pending: String = std::mem::take(&mut self.pending).into_iter().map(|(_, _, line)| line).collect();
-        self.file.write_all(pending.as_bytes()).map_err(self.io("write"))?;
-        self.file.sync_data().map_err(self.io("fsync"))?;
+        let mut f = self.lock.file();
+        f.write_all(pending.as_bytes()).map_err(self.io("write"))?;
+        f.sync_data().map_err(self.io("fsync"))?;
         self.last = Instant::now();
         Ok(())
     }
