@@ -395,9 +395,15 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     let t0 = Instant::now();
     let (ck, mut planned) = open_and_plan(&a.q, to)?;
     let method = crate::auto::hf_method(&a.q, to)?;
-    if method != crate::solve::Method::Rtn {
-        sling_pipeline::exec::check_output(&ck, &a.output)?;
-    }
+    // A calibrated run writes its store beside the output (`OUT.solve/`) long before the pipeline runs: the
+    // output's lock is taken first, so that a second run of the same output touches nothing of this one's.
+    let lock = match method {
+        crate::solve::Method::Rtn => None,
+        _ => {
+            sling_pipeline::exec::check_output(&ck, &a.output)?;
+            Some(sling_formats::lock::OutputLock::temporary(&sling_pipeline::exec::lock_path(&a.output))?)
+        }
+    };
     let auto = match to {
         To::MlxAuto | To::VllmAuto => {
             let gemm = match a.q.solve.data.is_some() || a.q.solve.tokens.is_some() {
@@ -533,7 +539,8 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         Planned::Vllm(s, plan) => {
             let files = vec![("config.json".to_string(), vllm::config_json(&ck, *s, plan)?)];
             let opts = base(files, "vllm", IndexStyle::Transformers, pt, ("compressed-tensors", "transformers"));
-            exec(
+            exec_under(
+                lock,
                 &vllm::Vllm { scheme: *s, solved: store.clone(), backend: Some(backend.clone()) },
                 &ck,
                 plan,
@@ -546,7 +553,8 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
             let index = IndexStyle::Mlx { total_parameters: mlx::total_parameters(m) };
             let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
             let opts = base(files, "mlx", index, meta, ("MLX", "mlx"));
-            exec(&mlx::Mlx { solved: store.clone(), backend: Some(backend.clone()) }, &ck, &m.plan, &opts, &events)
+            let t = mlx::Mlx { solved: store.clone(), backend: Some(backend.clone()) };
+            exec_under(lock, &t, &ck, &m.plan, &opts, &events)
         }
     }
     .with_context(|| format!("cannot quantize {} to {label}", a.q.src.display()))?;
@@ -606,6 +614,21 @@ fn exec<T: Target<Error = sling_pipeline::ExecError>>(
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<sling_pipeline::ExecReport> {
     Ok(sling_pipeline::execute(t, ck, plan, opts, events)?)
+}
+
+/// [`exec`] under the lock taken before a calibration pass, when there is one.
+fn exec_under<T: Target<Error = sling_pipeline::ExecError>>(
+    lock: Option<sling_formats::lock::OutputLock>,
+    t: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<sling_pipeline::ExecReport> {
+    match lock {
+        Some(lock) => Ok(sling_pipeline::exec::execute_locked(t, ck, plan, opts, lock, events)?),
+        None => exec(t, ck, plan, opts, events),
+    }
 }
 
 fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) {

@@ -214,9 +214,36 @@ fn bad_calibration_input_is_a_clear_error_and_nothing_is_written() {
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(want), "{extra:?}: want {want:?} in: {}", stderr(&o));
         assert!(!out.exists() && !d.path().join("o.solve").exists(), "{extra:?}: something was written");
+        assert!(!d.path().join("o.partial.lock").exists(), "{extra:?}: the lock file was left");
     }
     let o = run(&["-q", "plan", s, "--to", "gguf:Q4_K_M", "--data", &data], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// A calibrated run takes the output's lock before it writes its store beside the output: a second run of the
+/// same output is refused before it touches the first's `OUT.solve/`.
+#[test]
+fn a_second_calibrated_run_of_the_same_output_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let lock = fs::File::create(d.path().join("o.partial.lock")).unwrap();
+    lock.try_lock().unwrap();
+    fs::create_dir(d.path().join("o.solve")).unwrap();
+    fs::write(d.path().join("o.solve/theirs"), "theirs").unwrap();
+    for extra in [&["--group-size", "32"][..], &["--group-size", "32", "--resume"][..]] {
+        let o = gptq("qwen3moe", "mlx:4", &out, extra, &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("another sling process is writing this output"), "{}", stderr(&o));
+        assert_eq!(fs::read_to_string(d.path().join("o.solve/theirs")).unwrap(), "theirs");
+        assert!(!out.exists() && !d.path().join("o.partial").exists());
+    }
+    drop(lock);
+    let o = gptq("qwen3moe", "mlx:4", &out, &["--group-size", "32"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> =
+        fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["o"], "the store and the lock file go once the artifact is in place");
 }
 
 /// Every tensor of an MLX directory's safetensors files, by name: its bytes.

@@ -47,6 +47,8 @@ impl LockError {
 pub struct OutputLock {
     path: PathBuf,
     file: File,
+    /// Remove the file when dropped ([`OutputLock::temporary`]).
+    temporary: bool,
 }
 
 impl OutputLock {
@@ -69,10 +71,18 @@ impl OutputLock {
                 Err(std::fs::TryLockError::Error(source)) => return Err(io("lock")(source)),
             }
             if same_file(&file, path) {
-                return Ok(OutputLock { path: path.to_path_buf(), file });
+                return Ok(OutputLock { path: path.to_path_buf(), file, temporary: false });
             }
         }
         Err(LockError::Busy { path: path.to_path_buf() })
+    }
+
+    /// [`acquire`](Self::acquire) a lock file that holds nothing else, removed when the lock is dropped (a run
+    /// that fails removes it too; one that is killed leaves an unlocked, empty file, which the next run takes).
+    pub fn temporary(path: &Path) -> Result<OutputLock, LockError> {
+        let mut lock = OutputLock::acquire(path)?;
+        lock.temporary = true;
+        Ok(lock)
     }
 
     pub fn path(&self) -> &Path {
@@ -86,8 +96,16 @@ impl OutputLock {
 
     /// Removes the lock file, then releases the lock (in that order: see the module docs). A failure to
     /// remove it is not an error: the next writer locks the file that is left.
-    pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+    pub fn remove(mut self) {
+        self.temporary = true;
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -120,6 +138,8 @@ mod tests {
         let b = OutputLock::acquire(&p).unwrap();
         b.remove();
         assert!(!p.exists());
+        drop(OutputLock::temporary(&p).unwrap());
+        assert!(!p.exists(), "a temporary lock file goes with its lock");
         OutputLock::acquire(&p).unwrap();
     }
 

@@ -283,9 +283,24 @@ pub fn execute<T: Target<Error = ExecError>>(
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ExecReport, ExecError> {
     check_output(ck, &opts.output)?;
-    let partial = partial_dir(&opts.output);
     // Held until the output is renamed into place: a second writer of this output touches nothing of ours.
-    let lock = OutputLock::acquire(&lock_path(&opts.output))?;
+    let lock = OutputLock::temporary(&lock_path(&opts.output))?;
+    execute_locked(target, ck, plan, opts, lock, events)
+}
+
+/// [`execute`] with the output's lock already held (taken at [`lock_path`] by a caller that writes beside the
+/// output before the pipeline runs, e.g. a calibration pass's store); it is removed when the run ends.
+pub fn execute_locked<T: Target<Error = ExecError>>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    // Dropped (the file removed, then the lock released) when the run ends, whichever way.
+    _lock: OutputLock,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<ExecReport, ExecError> {
+    check_output(ck, &opts.output)?;
+    let partial = partial_dir(&opts.output);
     let fp = fingerprint(ck, plan, opts);
     let resumed = if opts.resume { journal_weights(&partial, &fp) } else { None };
     if resumed.is_none() && partial.exists() {
@@ -305,14 +320,12 @@ pub fn execute<T: Target<Error = ExecError>>(
                 }
             }
             report.manifest = report.manifest.map(|_| opts.output.join(MANIFEST_NAME));
-            lock.remove();
             Ok(report)
         }
         Err(e) => {
             if !opts.resume {
                 let _ = std::fs::remove_dir_all(&partial);
             }
-            lock.remove();
             Err(e)
         }
     }
