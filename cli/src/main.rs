@@ -33,9 +33,10 @@ pub const EXIT_INPUT: u8 = 2;
     version,
     about = "Convert and quantize open-weight Mixture-of-Experts checkpoints into verified artifacts",
     long_about = "sling reads Hugging Face safetensors checkpoints lazily (headers first, tensor bytes through mmap \
-on demand) and writes artifacts for llama.cpp/ollama (GGUF), in bounded memory and in parallel.",
+on demand) and writes artifacts for llama.cpp/ollama (GGUF), vLLM/SGLang (compressed-tensors) and MLX (mlx-lm), \
+each with a provenance manifest, in bounded memory and in parallel.",
     after_help = "Examples (they run as written from the repository root, on its fixtures; a real checkpoint's tokenizer \
-needs no --tokenizer-pre):\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 --tokenizer-pre gpt-2 -o qwen3moe-q8_0.gguf\n  sling verify qwen3moe-q8_0.gguf\n  sling eval --ref fixtures/models/qwen3moe qwen3moe-q8_0.gguf --data tests/interop/data/calib.txt --ctx 64\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure or failed quality gate (eval --max-kld), 3 internal error."
+needs no --tokenizer-pre):\n  sling inspect fixtures/models/qwen3moe\n  sling convert fixtures/models/qwen3moe --to gguf --type q8_0 --tokenizer-pre gpt-2 -o qwen3moe-q8_0.gguf\n  sling verify qwen3moe-q8_0.gguf\n  sling quantize fixtures/models/qwen3moe --to vllm:w8a16 -o qwen3moe-w8a16\n  sling quantize fixtures/models/qwen3moe --to mlx:4 --group-size 32 -o qwen3moe-mlx4\n  sling verify qwen3moe-mlx4\n  sling eval --ref fixtures/models/qwen3moe qwen3moe-q8_0.gguf --data tests/interop/data/calib.txt --ctx 64\n\nExit codes: 0 ok, 2 usage or input error (verify: could not check), 1 verification failure or failed quality gate (eval --max-kld), 3 internal error."
 )]
 struct Cli {
     /// Worker threads (default: all cores).
@@ -62,7 +63,8 @@ enum Cmd {
     /// Convert an HF checkpoint to another format (GGUF for llama.cpp/ollama).
     #[command(after_help = convert::AFTER_HELP)]
     Convert(convert::Args),
-    /// Quantize an HF checkpoint to GGUF in one pass, with llama-quantize's presets, rules and bytes.
+    /// Quantize an HF checkpoint in one pass: GGUF with llama-quantize's presets, rules and bytes,
+    /// compressed-tensors for vLLM/SGLang, or MLX for mlx-lm (--to).
     #[command(after_help = quantize::AFTER_HELP)]
     Quantize(quantize::Args),
     /// Print what `quantize` would do: per-tensor types, sizes, bits per weight. Writes nothing.
@@ -70,7 +72,8 @@ enum Cmd {
         after_help = "Examples (they run as written from the repository root, on its fixtures):\n  sling plan fixtures/models/qwen3moe --to gguf:Q4_K_M --tokenizer-pre gpt-2\n  sling plan fixtures/models/mixtral --to gguf:Q3_K_M --tensor-type 'ffn_down_exps=q4_K' --tokenizer-pre gpt-2 --json | jq .bpw\n  sling plan fixtures/models/qwen3moe --to mlx:4 --data tests/interop/data/calib.txt   # which experts the data reaches"
     )]
     Plan(quantize::QuantArgs),
-    /// Check an artifact against its provenance manifest (OUT.sling.json, written by convert):
+    /// Check an artifact against its provenance manifest (OUT.sling.json beside a GGUF file, sling.json in a
+    /// vLLM/MLX directory):
     /// every file and tensor re-hashed, missing/extra files, edited manifest; with --source, the source
     /// re-hashed and tensors re-derived from it.
     #[command(after_help = verify::AFTER_HELP)]
