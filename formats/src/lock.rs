@@ -85,6 +85,12 @@ impl OutputLock {
         Ok(lock)
     }
 
+    /// The lock file is kept when the lock is dropped (it holds something: a resume journal).
+    pub fn keep(mut self) -> OutputLock {
+        self.temporary = false;
+        self
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

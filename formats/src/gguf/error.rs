@@ -123,3 +123,12 @@ pub enum GgufError {
     #[error("{path}: the writer failed earlier and cannot continue")]
     Poisoned { path: PathBuf },
 }
+
+impl From<crate::journal::JournalError> for GgufError {
+    /// The journal's errors as the writer's I/O errors by operation (`lock` with `WouldBlock` when another
+    /// process writes the output, which callers report as such).
+    fn from(e: crate::journal::JournalError) -> GgufError {
+        let (path, op, source) = e.into_io();
+        GgufError::Io { path, op, source }
+    }
+}

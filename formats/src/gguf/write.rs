@@ -72,9 +72,8 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sling_core::DType;
 
@@ -82,7 +81,7 @@ use super::error::GgufError;
 use super::read::{checked_align, tensor_size, ALIGNMENT_KEY, MAX_NAME_LEN};
 use super::value::{GgufValue, ValueType};
 use super::{DEFAULT_ALIGNMENT, MAGIC, VERSION};
-use crate::lock::{LockError, OutputLock};
+use crate::journal::{Entry, Header, Journal};
 
 /// `Keys.Split.LLM_KV_SPLIT_NO` and friends.
 pub const SPLIT_NO: &str = "split.no";
@@ -94,7 +93,7 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// Appended to the output name for the resume journal (`model.gguf.partial.json`).
 pub const JOURNAL_SUFFIX: &str = ".partial.json";
 /// `schema` of the journal's first line.
-pub const JOURNAL_SCHEMA: &str = "sling.partial/1";
+pub const JOURNAL_SCHEMA: &str = crate::journal::SCHEMA;
 
 /// Capacity of the output buffer.
 const BUF_CAPACITY: usize = 8 << 20;
@@ -284,45 +283,6 @@ pub struct Resumed {
     pub bytes_checked: u64,
     /// Why nothing (or less than the journal lists) was reused, when resuming was asked for.
     pub note: Option<String>,
-}
-
-/// The journal's first line.
-#[derive(Debug, Serialize, Deserialize)]
-struct JournalHeader {
-    schema: String,
-    fingerprint: String,
-    /// Whether tensor lines (with hashes) follow; a writer without hashes cannot be resumed.
-    hashes: bool,
-    /// Final file names of the shards.
-    files: Vec<String>,
-}
-
-/// One completed tensor, as journaled.
-#[derive(Debug, Serialize, Deserialize)]
-struct JournalEntry {
-    /// Index in the plan (file order).
-    i: usize,
-    name: String,
-    /// Shard index.
-    file: usize,
-    /// Absolute offset of its data.
-    offset: u64,
-    n_bytes: u64,
-    /// File size once it and its padding are written.
-    end: u64,
-    sha256: String,
-}
-
-/// The open, locked journal.
-#[derive(Debug)]
-struct Journal {
-    path: PathBuf,
-    /// The journal file, locked.
-    lock: OutputLock,
-    interval: Duration,
-    last: Instant,
-    /// Tensors completed since the last commit: shard, file size once written, journal line.
-    pending: Vec<(usize, u64, String)>,
 }
 
 /// A writer that hashes (and counts) every byte that its file accepts, and starts the kernel's
@@ -576,7 +536,7 @@ impl GgufWriter {
     pub fn partial_paths(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.shards.iter().map(|s| partial_path(&s.path)).collect();
         if let Some(j) = &self.journal {
-            v.push(j.path.clone());
+            v.push(j.path().to_path_buf());
         }
         v
     }
@@ -710,7 +670,7 @@ impl GgufWriter {
         }
         self.finished = true;
         if let Some(j) = self.journal.take() {
-            j.lock.remove();
+            j.remove();
         }
         Ok(Written { files: persisted, tensors: std::mem::take(&mut self.tensors_done) })
     }
@@ -719,13 +679,9 @@ impl GgufWriter {
     /// journal.
     fn start_fresh(&mut self, fingerprint: &str) -> Result<(), GgufError> {
         // The partial files of an earlier run of this output with other splits go too.
-        let earlier: Vec<PathBuf> = match self.journal.as_mut().map(Journal::read_all) {
-            Some(Ok(text)) => text
-                .lines()
-                .next()
-                .and_then(|l| serde_json::from_str::<JournalHeader>(l).ok())
-                .map(|h| h.files)
-                .unwrap_or_default()
+        let earlier: Vec<PathBuf> = match self.journal.as_mut().map(Journal::read) {
+            Some(Ok((Some(h), _))) => h
+                .files
                 .into_iter()
                 .filter(|n| Path::new(n).components().count() == 1 && n.ends_with(".gguf"))
                 .map(|n| partial_path(&self.out.with_file_name(n)))
@@ -746,21 +702,13 @@ impl GgufWriter {
         }
         let header = self.journal_header(fingerprint);
         if let Some(j) = self.journal.as_mut() {
-            j.rewrite(&header)?;
+            j.rewrite(&header, &[])?;
         }
         Ok(())
     }
 
-    fn journal_header(&self, fingerprint: &str) -> String {
-        let h = JournalHeader {
-            schema: JOURNAL_SCHEMA.into(),
-            fingerprint: fingerprint.into(),
-            hashes: self.hash,
-            files: self.shards.iter().map(|s| file_name(&s.path)).collect(),
-        };
-        let mut line = serde_json::to_string(&h).unwrap_or_default();
-        line.push('\n');
-        line
+    fn journal_header(&self, fingerprint: &str) -> Header {
+        Header::new(fingerprint, self.hash, self.shards.iter().map(|s| file_name(&s.path)).collect())
     }
 
     /// Tries to continue from the journal and partial files of an interrupted run. Returns whether
@@ -769,20 +717,11 @@ impl GgufWriter {
     #[allow(clippy::needless_range_loop)] // `self` is updated inside the loop over its shards
     fn try_resume(&mut self, fingerprint: &str) -> Result<bool, GgufError> {
         let Some(j) = self.journal.as_mut() else { return Ok(false) };
-        let text = j.read_all()?;
-        let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
-        let header: Option<JournalHeader> = lines.next().and_then(|l| serde_json::from_str(l).ok());
-        let files: Vec<String> = self.shards.iter().map(|s| file_name(&s.path)).collect();
+        let (header, journaled) = j.read()?;
+        let want = self.journal_header(fingerprint);
         let why_not = match &header {
             None => Some("no journal of an interrupted run".to_string()),
-            Some(h) if h.schema != JOURNAL_SCHEMA => Some(format!("journal of another format ({})", h.schema)),
-            Some(h) if !h.hashes || !self.hash => {
-                Some("the interrupted run kept no hashes (--no-manifest), so its bytes cannot be checked".into())
-            }
-            Some(h) if h.fingerprint != fingerprint || h.files != files => {
-                Some("the interrupted run had another source, plan, options or sling version".to_string())
-            }
-            Some(_) => None,
+            Some(h) => h.why_not(&want),
         };
         if let Some(why) = why_not {
             self.resumed.note = Some(format!("nothing to resume: {why}; starting over"));
@@ -793,9 +732,8 @@ impl GgufWriter {
         let flat: Vec<(usize, usize)> =
             self.shards.iter().enumerate().flat_map(|(s, sh)| (0..sh.tensors.len()).map(move |t| (s, t))).collect();
         let headers: Vec<Vec<u8>> = self.shards.iter().map(shard_header).collect();
-        let mut entries: Vec<JournalEntry> = Vec::new();
-        for line in lines {
-            let Ok(e) = serde_json::from_str::<JournalEntry>(line) else { break };
+        let mut entries: Vec<Entry> = Vec::new();
+        for e in journaled {
             let i = entries.len();
             let Some(&(s, t)) = flat.get(i) else { break };
             let (shard, hdr) = (&self.shards[s], &headers[s]);
@@ -920,13 +858,8 @@ impl GgufWriter {
             self.resumed.note = Some("the interrupted run had not completed a tensor; starting over".into());
         }
         // The journal now lists exactly what was kept.
-        let mut text = self.journal_header(fingerprint);
-        for e in &entries[..kept] {
-            text.push_str(&serde_json::to_string(e).unwrap_or_default());
-            text.push('\n');
-        }
         if let Some(j) = self.journal.as_mut() {
-            j.rewrite(&text)?;
+            j.rewrite(&want, &entries[..kept])?;
         }
         Ok(true)
     }
@@ -937,7 +870,7 @@ impl GgufWriter {
         if !self.hash {
             return;
         }
-        let e = JournalEntry {
+        j.push(Entry {
             i: self.tensors_done.len() - 1,
             name: t.name.clone(),
             file: t.file,
@@ -945,26 +878,25 @@ impl GgufWriter {
             n_bytes: t.n_bytes,
             end,
             sha256: t.sha256.clone(),
-        };
-        if let Ok(mut line) = serde_json::to_string(&e) {
-            line.push('\n');
-            j.pending.push((t.file, end, line));
-        }
+        });
     }
 
     /// Makes the pending journal lines durable when the interval has passed (or `force`): the data
     /// is flushed and fsynced first, so the journal never lists bytes that are not on disk.
     fn commit(&mut self, force: bool) -> Result<(), GgufError> {
         let Some(j) = self.journal.as_mut() else { return Ok(()) };
-        if j.pending.is_empty() || (!force && j.last.elapsed() < j.interval) {
+        if !j.due(force) {
             return Ok(());
         }
-        if let (Some(f), Some(shard)) = (self.cur.as_mut(), self.shards.get(self.shard_idx)) {
-            let path = partial_path(&shard.path);
-            f.flush().map_err(|source| GgufError::Io { path: path.clone(), op: "write", source })?;
-            f.get_ref().inner.sync_data().map_err(|source| GgufError::Io { path, op: "fsync", source })?;
-        }
-        j.commit()
+        let (cur, shard) = (self.cur.as_mut(), self.shards.get(self.shard_idx));
+        j.commit(|| {
+            if let (Some(f), Some(shard)) = (cur, shard) {
+                let path = partial_path(&shard.path);
+                f.flush().map_err(|source| GgufError::Io { path: path.clone(), op: "write", source })?;
+                f.get_ref().inner.sync_data().map_err(|source| GgufError::Io { path, op: "fsync", source })?;
+            }
+            Ok(())
+        })
     }
 
     /// Moves past complete tensors and shards: pads finished tensors, finishes (flush + fsync) shards
@@ -1049,13 +981,13 @@ impl Drop for GgufWriter {
             }
             let cur_shard = self.shard_idx;
             if let Some(j) = self.journal.as_mut() {
-                let keep = j
-                    .pending
+                let pending = j.pending_mut();
+                let keep = pending
                     .iter()
-                    .take_while(|(shard, end, _)| *shard < cur_shard || on_disk.is_some_and(|n| *end <= n))
+                    .take_while(|e| e.file < cur_shard || on_disk.is_some_and(|n| e.end <= n))
                     .count();
-                j.pending.truncate(keep);
-                let _ = j.commit();
+                pending.truncate(keep);
+                let _ = j.commit(|| Ok::<(), GgufError>(()));
             }
             return;
         }
@@ -1068,57 +1000,8 @@ impl Drop for GgufWriter {
             let _ = std::fs::remove_file(partial_path(&s.path));
         }
         if let Some(j) = self.journal.take() {
-            j.lock.remove();
+            j.remove();
         }
-    }
-}
-
-impl Journal {
-    /// Opens (creating it) and locks the journal: a second writer of the same output is refused
-    /// ([`crate::lock`]).
-    fn open_locked(path: &Path, interval: Duration) -> Result<Journal, GgufError> {
-        let op = |e: &LockError| if matches!(e, LockError::Io { op: "create", .. }) { "create" } else { "lock" };
-        let lock = OutputLock::acquire(path).map_err(|e| {
-            let op = op(&e);
-            let (path, source) = e.into_io();
-            GgufError::Io { path, op, source }
-        })?;
-        Ok(Journal { path: path.to_path_buf(), lock, interval, last: Instant::now(), pending: Vec::new() })
-    }
-
-    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> GgufError {
-        let path = self.path.clone();
-        move |source| GgufError::Io { path, op, source }
-    }
-
-    fn read_all(&mut self) -> Result<String, GgufError> {
-        let mut raw = Vec::new();
-        let mut f = self.lock.file();
-        f.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
-        f.read_to_end(&mut raw).map_err(self.io("read"))?;
-        Ok(String::from_utf8_lossy(&raw).into_owned())
-    }
-
-    /// Replaces the journal's content (fsynced).
-    fn rewrite(&mut self, text: &str) -> Result<(), GgufError> {
-        let mut f = self.lock.file();
-        f.set_len(0).map_err(self.io("truncate"))?;
-        f.seek(SeekFrom::Start(0)).map_err(self.io("seek"))?;
-        f.write_all(text.as_bytes()).map_err(self.io("write"))?;
-        f.sync_data().map_err(self.io("fsync"))?;
-        self.pending.clear();
-        self.last = Instant::now();
-        Ok(())
-    }
-
-    /// Appends the pending lines (fsynced).
-    fn commit(&mut self) -> Result<(), GgufError> {
-        let pending: String = std::mem::take(&mut self.pending).into_iter().map(|(_, _, line)| line).collect();
-        let mut f = self.lock.file();
-        f.write_all(pending.as_bytes()).map_err(self.io("write"))?;
-        f.sync_data().map_err(self.io("fsync"))?;
-        self.last = Instant::now();
-        Ok(())
     }
 }
 
