@@ -401,7 +401,13 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
         crate::solve::Method::Rtn => None,
         _ => {
             sling_pipeline::exec::check_output(&ck, &a.output)?;
-            Some(sling_formats::lock::OutputLock::temporary(&sling_pipeline::exec::lock_path(&a.output))?)
+            // The lock file is the pipeline's resume journal: one a resumed run finds is kept if this run
+            // fails before it writes; a fresh run's goes with it.
+            let path = sling_pipeline::exec::journal_path(&a.output);
+            Some(match a.pipeline.resume {
+                true => sling_formats::lock::OutputLock::acquire(&path)?,
+                false => sling_formats::lock::OutputLock::temporary(&path)?,
+            })
         }
     };
     let auto = match to {
@@ -633,7 +639,7 @@ fn exec_under<T: Target<Error = sling_pipeline::ExecError>>(
 
 fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) {
     match ev {
-        Event::Start { weights, bytes, resumed } => {
+        Event::Start { weights, bytes, resumed, note } => {
             rep.set_length(*bytes);
             rep.emit(
                 "start",
@@ -641,6 +647,9 @@ fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) 
                        "type": label, "weights": weights, "bytes": bytes, "threads": rayon::current_num_threads(),
                        "resumed_weights": resumed}),
             );
+            if let Some(note) = note {
+                rep.warn(&format!("--resume: {note}"));
+            }
             if *resumed > 0 {
                 rep.say(&format!(
                     "resuming: {resumed} of {weights} weights re-checked and reused from the interrupted run"

@@ -214,7 +214,7 @@ fn bad_calibration_input_is_a_clear_error_and_nothing_is_written() {
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(want), "{extra:?}: want {want:?} in: {}", stderr(&o));
         assert!(!out.exists() && !d.path().join("o.solve").exists(), "{extra:?}: something was written");
-        assert!(!d.path().join("o.partial.lock").exists(), "{extra:?}: the lock file was left");
+        assert!(!d.path().join("o.partial.json").exists(), "{extra:?}: the lock file was left");
     }
     let o = run(&["-q", "plan", s, "--to", "gguf:Q4_K_M", "--data", &data], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -226,7 +226,7 @@ fn bad_calibration_input_is_a_clear_error_and_nothing_is_written() {
 fn a_second_calibrated_run_of_the_same_output_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
-    let lock = fs::File::create(d.path().join("o.partial.lock")).unwrap();
+    let lock = fs::File::create(d.path().join("o.partial.json")).unwrap();
     lock.try_lock().unwrap();
     fs::create_dir(d.path().join("o.solve")).unwrap();
     fs::write(d.path().join("o.solve/theirs"), "theirs").unwrap();

@@ -141,7 +141,7 @@ fn a_second_writer_of_the_same_output_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
     // Another run is writing `o`: it holds the lock and has its partial directory.
-    let lock = fs::File::create(d.path().join("o.partial.lock")).unwrap();
+    let lock = fs::File::create(d.path().join("o.partial.json")).unwrap();
     lock.try_lock().unwrap();
     fs::create_dir(d.path().join("o.partial")).unwrap();
     fs::write(d.path().join("o.partial/model.safetensors"), "theirs").unwrap();
@@ -251,6 +251,47 @@ fn resume_after_a_kill_gives_the_same_bytes() {
         let o = run(&["verify", out.to_str().unwrap()], &[]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
+}
+
+/// `--resume` reuses a journaled tensor only when its bytes read back hash as journaled: a damaged byte in the
+/// partial shard is found, the weights from that one on are written again, and the result is still the bytes of
+/// an uninterrupted run.
+#[test]
+fn resume_rechecks_every_journaled_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let whole = d.path().join("whole");
+    assert!(quantize("qwen3moe", "vllm:w8a16", &whole, &[], &[]).status.success());
+    let out = d.path().join("o");
+    let env = [("SLING_TEST_ABORT_AFTER_WEIGHTS", "9"), ("SLING_JOURNAL_INTERVAL_MS", "0")];
+    let o = quantize("qwen3moe", "vllm:w8a16", &out, &["-t", "1"], &env);
+    assert_eq!(o.status.code(), Some(134), "{}", stderr(&o));
+    // The journal beside the partial directory: a header, then one line per tensor of the complete weights.
+    let journal = fs::read_to_string(d.path().join("o.partial.json")).unwrap();
+    let lines: Vec<serde_json::Value> = journal.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["schema"], "sling.partial/1");
+    assert!(lines.len() > 9, "{journal}");
+    let last = lines.last().unwrap();
+    let shard =
+        d.path().join("o.partial").join(lines[0]["files"][last["file"].as_u64().unwrap() as usize].as_str().unwrap());
+    let mut bytes = fs::read(&shard).unwrap();
+    bytes[last["offset"].as_u64().unwrap() as usize] ^= 0x01;
+    fs::write(&shard, bytes).unwrap();
+
+    let o = quantize("qwen3moe", "vllm:w8a16", &out, &["--resume", "--progress", "json"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let start = stderr(&o).lines().find(|l| l.contains("\"event\":\"start\"")).unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&start).unwrap();
+    let resumed = v["resumed_weights"].as_u64().unwrap();
+    assert!((1..9).contains(&resumed), "the damaged weight and those after it are written again: {start}");
+    assert!(stderr(&o).contains("journaled tensors checked out"), "{}", stderr(&o));
+    for ((na, ba), (nb, bb)) in files(&whole).iter().zip(&files(&out)) {
+        assert_eq!(na, nb);
+        if na != "sling.json" && na != "README.md" {
+            assert!(ba == bb, "{na} differs after --resume");
+        }
+    }
+    assert!(!d.path().join("o.partial.json").exists() && !d.path().join("o.partial").exists());
+    assert!(run(&["verify", out.to_str().unwrap()], &[]).status.success());
 }
 
 /// The deepseekv3-fp8 fixture with 128×128 scale blocks (DeepSeek-V3's own block size; the fixture uses 32×32):

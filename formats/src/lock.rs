@@ -1,8 +1,9 @@
 //! The lock every writer of an output holds while it writes, so that a second writer of the same output (a
 //! second `sling` run, a script started twice) is refused before it touches anything of the first's: it would
 //! otherwise replace the first's partial files under it, and the first could then rename a mix of both into
-//! place. Shared by the GGUF file set (whose lock file is its resume journal, `OUT.partial.json`) and the
-//! artifact directory of the other targets (`OUT.partial.lock`, beside `OUT.partial/`).
+//! place. The lock file is the output's resume journal ([`crate::journal`], `OUT.partial.json`), for the GGUF
+//! file set and the artifact directory of the other targets alike; a calibrated run takes it before it writes
+//! its store beside the output.
 //!
 //! An advisory `flock` on a file beside the output. It is released when the process ends, however it ends,
 //! so a killed run never leaves a stale lock behind. The file is removed by its holder when the output is

@@ -5,20 +5,22 @@
 //! shard set ([`sling_formats::st_write::sink`]). Chunk boundaries do not depend on the thread count and every
 //! chunk is encoded on its own, so the bytes are the same for any `-t`. Peak memory is bounded by the window.
 //!
-//! Resume: while it runs, the executor records in `OUT.partial/.sling-journal.json` how many weights (in plan
-//! order) are complete on disk — after syncing them, at most every `SLING_JOURNAL_INTERVAL_MS` (default 5000;
-//! 0: as each weight completes) — with a fingerprint of everything that decides the bytes (the plan, the options, the
-//! code version, each source file's path, size and modification time). With [`ExecOptions::resume`], a run
-//! whose fingerprint matches reopens the partial shards, re-hashes the complete weights' bytes, and computes
-//! only the rest; the result is byte-identical to an uninterrupted run. A run asked to resume keeps its partial
-//! directory if it fails too.
+//! Resume: while it runs, the executor keeps the journal every writer keeps ([`sling_formats::journal`]),
+//! `OUT.partial.json` beside the partial directory: a header with a fingerprint of everything that decides the
+//! bytes (the plan, the options, the code version, each source file's path, size and modification time) and the
+//! shard names, then one entry per tensor of each complete weight (its shard, place and sha256), appended after
+//! the shards are synced, at most every `SLING_JOURNAL_INTERVAL_MS` (default 5000; 0: as each weight completes).
+//! With [`ExecOptions::resume`], a run whose header matches reopens the partial shards and takes back the
+//! longest prefix of weights whose every tensor hashes as journaled (a damaged byte ends it), computing only the
+//! rest; the result is byte-identical to an uninterrupted run. A run asked to resume keeps its partial
+//! directory and journal if it fails too, with what reached the disk journaled.
 //!
 //! Test hook: `SLING_TEST_ABORT_AFTER_WEIGHTS=N` stops the process at once (exit status 134, no destructor
 //! runs: what `kill -9` leaves) once N weights are written.
 //!
-//! One writer at a time: a run holds `OUT.partial.lock` (beside the output) from before it touches
-//! `OUT.partial/` until `OUT` is in place, and a second run of the same output is refused at once
-//! ([`sling_formats::lock`], the lock the GGUF writer holds on its journal too).
+//! One writer at a time: the journal is the output's lock, held from before the run touches `OUT.partial/`
+//! until `OUT` is in place, so a second run of the same output is refused at once ([`sling_formats::lock`], as
+//! the GGUF writer's journal is).
 //!
 //! Crash safety: everything is written into `OUT.partial/` (a directory beside the output) and renamed to
 //! `OUT` only when the shards, the extra files, the model card and the manifest are complete and synced, so
@@ -32,6 +34,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use sling_formats::checkpoint::Checkpoint;
 use sling_formats::gguf::write::hex;
+use sling_formats::journal::{Entry, Header, Journal, JournalError};
 use sling_formats::lock::{LockError, OutputLock};
 use sling_formats::st_write::{self, StTensor};
 use sling_provenance::card::{self, CardContext};
@@ -45,9 +48,6 @@ use sling_formats::st_write::sink::{Sink, SinkError};
 pub use crate::engine::CHUNK_ELEMS;
 /// The manifest's name inside an artifact directory.
 pub const MANIFEST_NAME: &str = manifest::DIR_MANIFEST;
-/// The resume journal's name inside `OUT.partial/` (removed before the directory is renamed).
-pub const JOURNAL_NAME: &str = ".sling-journal.json";
-const JOURNAL_SCHEMA: &str = "sling.pipeline-journal/1";
 
 /// How to write the artifact.
 pub struct ExecOptions {
@@ -122,6 +122,8 @@ pub enum Event<'a> {
         weights: usize,
         bytes: u64,
         resumed: usize,
+        /// With `--resume`, why less (or nothing) was reused.
+        note: Option<&'a str>,
     },
     Weight {
         index: usize,
@@ -154,6 +156,8 @@ pub enum ExecError {
     /// Another process is writing this output (or its lock file cannot be made).
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     #[error("shard layout: {0}")]
     Layout(String),
     #[error("provenance manifest: {0}")]
@@ -284,30 +288,52 @@ pub fn execute<T: Target<Error = ExecError>>(
 ) -> Result<ExecReport, ExecError> {
     check_output(ck, &opts.output)?;
     // Held until the output is renamed into place: a second writer of this output touches nothing of ours.
-    let lock = OutputLock::temporary(&lock_path(&opts.output))?;
+    let lock = OutputLock::acquire(&journal_path(&opts.output))?;
     execute_locked(target, ck, plan, opts, lock, events)
 }
 
-/// [`execute`] with the output's lock already held (taken at [`lock_path`] by a caller that writes beside the
-/// output before the pipeline runs, e.g. a calibration pass's store); it is removed when the run ends.
+/// [`execute`] with the output's lock already held (taken at [`journal_path`] by a caller that writes beside
+/// the output before the pipeline runs, e.g. a calibration pass's store). The lock file becomes the run's
+/// journal: removed when the output is in place or abandoned, kept (with what reached the disk) when a run
+/// asked to resume fails.
 pub fn execute_locked<T: Target<Error = ExecError>>(
     target: &T,
     ck: &Checkpoint,
     plan: &Plan<T::Enc>,
     opts: &ExecOptions,
-    // Dropped (the file removed, then the lock released) when the run ends, whichever way.
-    _lock: OutputLock,
+    lock: OutputLock,
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ExecReport, ExecError> {
-    check_output(ck, &opts.output)?;
+    let interval = std::time::Duration::from_millis(
+        std::env::var("SLING_JOURNAL_INTERVAL_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000),
+    );
+    let mut journal = Journal::with_lock(lock, interval);
+    let res =
+        check_output(ck, &opts.output).and_then(|()| execute_journaled(target, ck, plan, opts, &mut journal, events));
+    if res.is_ok() || !opts.resume {
+        journal.remove();
+    }
+    res
+}
+
+fn execute_journaled<T: Target<Error = ExecError>>(
+    target: &T,
+    ck: &Checkpoint,
+    plan: &Plan<T::Enc>,
+    opts: &ExecOptions,
+    journal: &mut Journal,
+    events: &(dyn Fn(&Event<'_>) + Sync),
+) -> Result<ExecReport, ExecError> {
     let partial = partial_dir(&opts.output);
-    let fp = fingerprint(ck, plan, opts);
-    let resumed = if opts.resume { journal_weights(&partial, &fp) } else { None };
-    if resumed.is_none() && partial.exists() {
+    let layout = shard_layout(plan, opts)?;
+    let want =
+        Header::new(&fingerprint(ck, plan, opts), true, layout.shards.iter().map(|s| s.file_name.clone()).collect());
+    let resumed = if opts.resume { Some(journaled(journal, &want)?) } else { None };
+    if !matches!(resumed, Some(Ok(_))) && partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial, "remove the stale"))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial, "create"))?;
-    let res = write_all(target, ck, plan, opts, &partial, &fp, resumed, events);
+    let res = write_all(target, ck, plan, opts, &partial, (&layout, &want, journal), resumed, events);
     match res {
         Ok(mut report) => {
             if opts.output.exists() {
@@ -331,11 +357,11 @@ pub fn execute_locked<T: Target<Error = ExecError>>(
     }
 }
 
-/// The lock a writer of `output` holds (`OUT.partial.lock`, beside the partial directory; see
-/// [`sling_formats::lock`]).
-pub fn lock_path(output: &Path) -> PathBuf {
+/// The resume journal of a writer of `output`, which is also its lock (`OUT.partial.json`, beside the partial
+/// directory; see [`sling_formats::journal`]).
+pub fn journal_path(output: &Path) -> PathBuf {
     let mut name = partial_dir(output).into_os_string();
-    name.push(".lock");
+    name.push(".json");
     PathBuf::from(name)
 }
 
@@ -363,13 +389,59 @@ fn fingerprint<E: std::fmt::Debug>(ck: &Checkpoint, plan: &Plan<E>, opts: &ExecO
     hex(&h.finalize())
 }
 
-/// Weights complete in the partial directory of an interrupted run with this fingerprint, if any.
-fn journal_weights(partial: &Path, fp: &str) -> Option<usize> {
-    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(partial.join(JOURNAL_NAME)).ok()?).ok()?;
-    if j["schema"] != JOURNAL_SCHEMA || j["fingerprint"] != fp {
-        return None;
+/// The entries of an interrupted run's journal when its header is `want` (the same plan, options, sources and
+/// files); otherwise why not.
+fn journaled(journal: &mut Journal, want: &Header) -> Result<Result<Vec<Entry>, String>, ExecError> {
+    let (header, entries) = journal.read()?;
+    let why_not = match &header {
+        None => Some("no journal of an interrupted run".to_string()),
+        Some(h) => h.why_not(want),
+    };
+    Ok(match why_not {
+        Some(why) => Err(format!("nothing to resume: {why}; starting over")),
+        None => Ok(entries),
+    })
+}
+
+/// The shard layout of `plan`'s parts (`safetensors`' header and data order).
+fn shard_layout<E>(plan: &Plan<E>, opts: &ExecOptions) -> Result<st_write::ShardLayout, ExecError> {
+    let st: Vec<StTensor> = plan
+        .weights
+        .iter()
+        .flat_map(|w| &w.parts)
+        .map(|p| StTensor { name: p.name.clone(), dtype: p.dtype, shape: p.shape.clone() })
+        .collect();
+    st_write::layout(st, opts.max_shard_bytes, "model", Some(&opts.shard_metadata))
+        .map_err(|e| ExecError::Layout(e.to_string()))
+}
+
+/// Takes back from a reopened shard set the longest prefix of `plan`'s weights whose every part the journal
+/// lists at its place and whose bytes hash as journaled; returns how many weights and their entries.
+fn reuse<E>(sink: &mut Sink, plan: &Plan<E>, entries: &[Entry]) -> Result<(usize, Vec<Entry>), ExecError> {
+    let by_name: HashMap<&str, &Entry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut kept: Vec<Entry> = Vec::new();
+    for (k, w) in plan.weights.iter().enumerate() {
+        let before = kept.len();
+        let mut taken = Vec::new();
+        for p in &w.parts {
+            let Some(idx) = sink.index_of(&p.name) else { break };
+            let (_, start, len) = sink.place(idx);
+            let Some(e) = by_name.get(p.name.as_str()).filter(|e| e.offset == start && e.n_bytes == len) else {
+                break;
+            };
+            if !sink.check(idx, &e.sha256)? {
+                break;
+            }
+            taken.push(idx);
+            kept.push((*e).clone());
+        }
+        if taken.len() < w.parts.len() {
+            taken.into_iter().for_each(|i| sink.reset(i));
+            kept.truncate(before);
+            return Ok((k, kept));
+        }
     }
-    j["weights_done"].as_u64().map(|n| n as usize)
+    Ok((plan.weights.len(), kept))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -379,43 +451,54 @@ fn write_all<T: Target<Error = ExecError>>(
     plan: &Plan<T::Enc>,
     opts: &ExecOptions,
     dir: &Path,
-    fp: &str,
-    resumed: Option<usize>,
+    (layout, want, journal): (&st_write::ShardLayout, &Header, &mut Journal),
+    resumed: Option<Result<Vec<Entry>, String>>,
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<ExecReport, ExecError> {
-    let st: Vec<StTensor> = plan
-        .weights
-        .iter()
-        .flat_map(|w| &w.parts)
-        .map(|p| StTensor { name: p.name.clone(), dtype: p.dtype, shape: p.shape.clone() })
-        .collect();
-    let layout = st_write::layout(st, opts.max_shard_bytes, "model", Some(&opts.shard_metadata))
-        .map_err(|e| ExecError::Layout(e.to_string()))?;
-    // Reuse what an interrupted run completed, when its layout is this plan's; otherwise start over.
-    let (mut sink, reused) = match resumed {
-        Some(k) => {
-            let k = k.min(plan.weights.len());
-            let done: Vec<&str> =
-                plan.weights[..k].iter().flat_map(|w| w.parts.iter().map(|p| p.name.as_str())).collect();
-            match Sink::reopen(dir, &layout, &done) {
-                Ok(s) => (s, k),
-                Err(e) => {
-                    tracing::warn!("--resume: cannot reuse {}: {e}; starting over", dir.display());
-                    std::fs::remove_dir_all(dir).map_err(io(dir, "remove the stale"))?;
-                    std::fs::create_dir_all(dir).map_err(io(dir, "create"))?;
-                    (Sink::create(dir, &layout)?, 0)
+    // Reuse what an interrupted run completed and the journal vouches for; otherwise start over.
+    let mut note = None;
+    let reopened = match resumed {
+        Some(Ok(entries)) => match Sink::reopen(dir, layout) {
+            Ok(mut s) => {
+                let (k, kept) = reuse(&mut s, plan, &entries)?;
+                if entries.is_empty() {
+                    note = Some("the interrupted run had not completed a weight; starting over".to_string());
+                } else if kept.len() < entries.len() {
+                    note = Some(format!(
+                        "{} of the {} journaled tensors checked out; {} are written again",
+                        kept.len(),
+                        entries.len(),
+                        entries.len() - kept.len()
+                    ));
                 }
+                Some((s, k, kept))
             }
+            Err(e) => {
+                note = Some(format!("cannot reuse {}: {e}; starting over", dir.display()));
+                std::fs::remove_dir_all(dir).map_err(io(dir, "remove the stale"))?;
+                std::fs::create_dir_all(dir).map_err(io(dir, "create"))?;
+                None
+            }
+        },
+        Some(Err(why)) => {
+            note = Some(why);
+            None
         }
-        None => (Sink::create(dir, &layout)?, 0),
+        None => None,
     };
+    let (mut sink, reused, kept) = match reopened {
+        Some(r) => r,
+        None => (Sink::create(dir, layout)?, 0, Vec::new()),
+    };
+    // The journal now lists exactly what is kept.
+    journal.rewrite(want, &kept)?;
     let slots: Vec<Vec<usize>> = plan
         .weights
         .iter()
         .map(|w| w.parts.iter().map(|p| sink.index_of(&p.name).unwrap_or(usize::MAX)).collect())
         .collect();
     let total: u64 = crate::plan_bytes(plan);
-    events(&Event::Start { weights: plan.weights.len(), bytes: total, resumed: reused });
+    events(&Event::Start { weights: plan.weights.len(), bytes: total, resumed: reused, note: note.as_deref() });
 
     // Source files are hashed by a background thread while the weights are computed.
     let source_hasher = opts.provenance.as_ref().map(|_| manifest::SourceHasher::new(ck));
@@ -423,7 +506,7 @@ fn write_all<T: Target<Error = ExecError>>(
         if let Some(sh) = &source_hasher {
             scope.spawn(|| sh.work());
         }
-        let res = compute_and_write(target, ck, plan, opts, &mut sink, &slots, total, (dir, fp, reused), events);
+        let res = compute_and_write(target, ck, plan, opts, &mut sink, &slots, total, (journal, reused), events);
         if let Some(sh) = &source_hasher {
             match &res {
                 Ok(_) => {
@@ -435,13 +518,21 @@ fn write_all<T: Target<Error = ExecError>>(
         }
         res
     });
-    let nonfinite = written?;
+    let nonfinite = match written {
+        Ok(n) => n,
+        Err(e) => {
+            // Whatever reached the disk can be resumed: synced first, then journaled.
+            if opts.resume {
+                let _ = journal.commit(|| sink.sync().map_err(ExecError::from));
+            }
+            return Err(e);
+        }
+    };
     let written = sink.finish()?;
-    let _ = std::fs::remove_file(dir.join(JOURNAL_NAME));
 
     // Index and the target's files, then copies from the source directory.
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    if let Some(index) = opts.index.render(&layout) {
+    if let Some(index) = opts.index.render(layout) {
         files.push(("model.safetensors.index.json".into(), index.into_bytes()));
     }
     files.extend(opts.files.iter().cloned());
@@ -547,10 +638,7 @@ struct Shards<'s> {
     sink: &'s mut Sink,
     slots: &'s [Vec<usize>],
     names: Vec<&'s str>,
-    journal: PathBuf,
-    fp: &'s str,
-    interval: std::time::Duration,
-    last_commit: std::time::Instant,
+    journal: &'s mut Journal,
     done: u64,
     total: u64,
     weights_done: usize,
@@ -559,13 +647,16 @@ struct Shards<'s> {
 }
 
 impl Shards<'_> {
-    fn commit(&mut self) -> Result<(), ExecError> {
-        self.sink.sync()?;
-        let j =
-            serde_json::json!({"schema": JOURNAL_SCHEMA, "fingerprint": self.fp, "weights_done": self.weights_done});
-        manifest::write_atomic(&self.journal, j.to_string().as_bytes())?;
-        self.last_commit = std::time::Instant::now();
-        Ok(())
+    /// Journals the parts of weight `w`, now complete.
+    fn journal_weight(&mut self, w: usize) {
+        for &idx in &self.slots[w] {
+            let (Some(sha256), (_, offset, n_bytes)) = (self.sink.sha256_of(idx), self.sink.place(idx)) else {
+                continue;
+            };
+            let file = self.sink.file_of(idx);
+            let name = self.sink.name_of(idx).to_string();
+            self.journal.push(Entry { i: idx, name, file, offset, n_bytes, end: offset + n_bytes, sha256 });
+        }
     }
 }
 
@@ -588,11 +679,13 @@ impl Container for Shards<'_> {
                 total_bytes: self.total,
             });
             self.weights_done += 1;
+            self.journal_weight(c.w);
+            if self.journal.due(false) {
+                let sink = &*self.sink;
+                self.journal.commit(|| sink.sync().map_err(ExecError::from))?;
+            }
             if self.abort_after.is_some_and(|n| self.weights_done >= n) {
                 std::process::exit(134);
-            }
-            if self.last_commit.elapsed() >= self.interval {
-                self.commit()?;
             }
         }
         Ok(())
@@ -608,12 +701,9 @@ fn compute_and_write<T: Target<Error = ExecError>>(
     sink: &mut Sink,
     slots: &[Vec<usize>],
     total: u64,
-    (dir, fp, reused): (&Path, &str, usize),
+    (journal, reused): (&mut Journal, usize),
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<Vec<String>, ExecError> {
-    let interval = std::time::Duration::from_millis(
-        std::env::var("SLING_JOURNAL_INTERVAL_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000),
-    );
     // Weights whose encoding needs their absolute maximum: one pass over each first.
     let todo: Vec<usize> = (reused..plan.weights.len()).collect();
     let amax = amaxes(target, ck, plan, &todo)?;
@@ -621,10 +711,7 @@ fn compute_and_write<T: Target<Error = ExecError>>(
         sink,
         slots,
         names: plan.weights.iter().map(|w| w.name.as_str()).collect(),
-        journal: dir.join(JOURNAL_NAME),
-        fp,
-        interval,
-        last_commit: std::time::Instant::now(),
+        journal,
         done: plan.weights[..reused].iter().flat_map(|w| &w.parts).map(crate::Part::n_bytes).sum(),
         total,
         weights_done: reused,

@@ -982,10 +982,8 @@ impl Drop for GgufWriter {
             let cur_shard = self.shard_idx;
             if let Some(j) = self.journal.as_mut() {
                 let pending = j.pending_mut();
-                let keep = pending
-                    .iter()
-                    .take_while(|e| e.file < cur_shard || on_disk.is_some_and(|n| e.end <= n))
-                    .count();
+                let keep =
+                    pending.iter().take_while(|e| e.file < cur_shard || on_disk.is_some_and(|n| e.end <= n)).count();
                 pending.truncate(keep);
                 let _ = j.commit(|| Ok::<(), GgufError>(()));
             }

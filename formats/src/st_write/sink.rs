@@ -94,10 +94,9 @@ impl Sink {
     }
 
     /// Reopens the shard set an interrupted run left in `dir` (every file at its full size, its header the
-    /// layout's), with the tensors named by `done` taken as complete: their bytes are read back and hashed (so
-    /// the sha256s recorded at the end are of the bytes on disk, as if they had just been written).
-    pub fn reopen(dir: &Path, layout: &ShardLayout, done: &[&str]) -> Result<Sink, SinkError> {
-        let mut sink = Sink::open(dir, layout, |path, shard| {
+    /// layout's), every tensor taken as not yet written: [`check`](Self::check) takes back the complete ones.
+    pub fn reopen(dir: &Path, layout: &ShardLayout) -> Result<Sink, SinkError> {
+        Sink::open(dir, layout, |path, shard| {
             let io = |op| move |source| SinkError::Io { path: path.to_path_buf(), op, source };
             let f = File::options().read(true).write(true).open(path).map_err(io("reopen"))?;
             let len = f.metadata().map_err(io("reopen"))?.len();
@@ -110,23 +109,59 @@ impl Sink {
                 });
             }
             Ok(f)
-        })?;
-        let mut buf = vec![0u8; 1 << 20];
-        for name in done {
-            let Some(i) = sink.index_of(name) else { continue };
-            let p = &mut sink.places[i];
-            let (fname, f) = &sink.files[p.file];
-            let mut off = 0;
-            while off < p.len {
-                let n = buf.len().min((p.len - off) as usize);
-                std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..n], p.start + off)
-                    .map_err(|source| SinkError::Io { path: sink.dir.join(fname), op: "read back", source })?;
-                p.hasher.update(&buf[..n]);
-                off += n as u64;
-            }
-            p.written = p.len;
+        })
+    }
+
+    /// The name of tensor `idx`.
+    pub fn name_of(&self, idx: usize) -> &str {
+        &self.places[idx].name
+    }
+
+    /// The index of the shard that holds tensor `idx`.
+    pub fn file_of(&self, idx: usize) -> usize {
+        self.places[idx].file
+    }
+
+    /// Where tensor `idx` lies: its file's name, the absolute offset of its data, its size.
+    pub fn place(&self, idx: usize) -> (&str, u64, u64) {
+        let p = &self.places[idx];
+        (self.files[p.file].0.as_str(), p.start, p.len)
+    }
+
+    /// Reads tensor `idx` back from a reopened shard set: when its bytes hash to `sha256` it counts as written
+    /// (its hash kept for [`finish`](Self::finish)) and `true` is returned; otherwise it stays unwritten.
+    pub fn check(&mut self, idx: usize, sha256: &str) -> Result<bool, SinkError> {
+        let mut buf = vec![0u8; (1 << 20).min(self.places[idx].len.max(1) as usize)];
+        let p = &mut self.places[idx];
+        let (fname, f) = &self.files[p.file];
+        let mut h = Sha256::new();
+        let mut off = 0;
+        while off < p.len {
+            let n = buf.len().min((p.len - off) as usize);
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..n], p.start + off)
+                .map_err(|source| SinkError::Io { path: self.dir.join(fname), op: "read back", source })?;
+            h.update(&buf[..n]);
+            off += n as u64;
         }
-        Ok(sink)
+        if hex(&h.clone().finalize()) != sha256 {
+            return Ok(false);
+        }
+        p.hasher = h;
+        p.written = p.len;
+        Ok(true)
+    }
+
+    /// Takes tensor `idx` as not written (its bytes are written again from the start).
+    pub fn reset(&mut self, idx: usize) {
+        let p = &mut self.places[idx];
+        p.written = 0;
+        p.hasher = Sha256::new();
+    }
+
+    /// The sha256 of tensor `idx` once all its bytes are written.
+    pub fn sha256_of(&self, idx: usize) -> Option<String> {
+        let p = &self.places[idx];
+        (p.written == p.len).then(|| hex(&p.hasher.clone().finalize()))
     }
 
     /// Makes the bytes written so far durable (before a journal says they are there).
