@@ -372,7 +372,7 @@ fn fingerprint<E: std::fmt::Debug>(ck: &Checkpoint, plan: &Plan<E>, opts: &ExecO
         h.update((s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
     };
-    put(JOURNAL_SCHEMA);
+    put(sling_formats::journal::SCHEMA);
     put(env!("CARGO_PKG_VERSION"));
     if let Some((tool, options)) = &opts.provenance {
         put(&tool.git_commit);
