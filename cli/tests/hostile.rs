@@ -620,6 +620,70 @@ fn hostile_resume_journals_are_not_followed() {
     }
 }
 
+/// The same for the journal of a `--to vllm:…` / `--to mlx:…` directory (`OUT.partial.json`): what it claims is
+/// checked against the plan's own layout and the bytes' hashes, a file it names is never opened, and the resumed
+/// directory is byte-identical to an uninterrupted run. The run is stopped after 9 weights; an edit of the first
+/// entry reuses nothing, one of the last entry reuses the 8 weights before it.
+#[test]
+fn hostile_directory_resume_journals_are_not_followed() {
+    let t = tempfile::tempdir().unwrap();
+    let src = fixture("qwen3moe");
+    let quantize = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        bin()
+            .args(["quantize", s(&src), "--to", "vllm:w8a16", "-o", s(out), "-q", "--reproducible"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let reference = t.path().join("ref");
+    assert!(quantize(&reference, &[], &[]).status.success());
+    let victim = t.path().join("victim.safetensors");
+    type Edit = Box<dyn Fn(&mut Vec<Value>)>;
+    let cases: Vec<(&str, Edit, u64)> = vec![
+        ("as written", Box::new(|_| {}), 9),
+        ("files ../", Box::new(|j| j[0]["files"] = serde_json::json!(["../victim.safetensors"])), 0),
+        ("offset past EOF", Box::new(|j| j[1]["offset"] = (1u64 << 40).into()), 0),
+        ("sha256", Box::new(|j| j[1]["sha256"] = "00".repeat(32).into()), 0),
+        (
+            "name ../",
+            Box::new(|j| *j.last_mut().unwrap().get_mut("name").unwrap() = "../../victim.safetensors".into()),
+            8,
+        ),
+        ("huge n_bytes", Box::new(|j| *j.last_mut().unwrap().get_mut("n_bytes").unwrap() = (1u64 << 62).into()), 8),
+        ("file index", Box::new(|j| *j.last_mut().unwrap().get_mut("file").unwrap() = 7.into()), 8),
+        ("torn line", Box::new(|j| *j.last_mut().unwrap() = Value::String("{\"i\":".into())), 8),
+    ];
+    for (what, edit, reused) in cases {
+        fs::write(&victim, b"victim").unwrap();
+        let d = t.path().join(what.replace([' ', '/', '.'], "_"));
+        let env = [("SLING_TEST_ABORT_AFTER_WEIGHTS", "9"), ("SLING_JOURNAL_INTERVAL_MS", "0")];
+        let o = quantize(&d, &["-t", "1"], &env);
+        assert_eq!(o.status.code(), Some(134), "{what}: the hook should stop the run: {}", stderr(&o));
+        let jp = t.path().join(format!("{}.partial.json", d.file_name().unwrap().to_string_lossy()));
+        let mut lines: Vec<Value> =
+            fs::read_to_string(&jp).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(lines.len() > 9, "{what}: the journal should list the tensors of 9 weights");
+        edit(&mut lines);
+        let text: String =
+            lines.iter().map(|l| l.as_str().map(str::to_string).unwrap_or_else(|| l.to_string()) + "\n").collect();
+        fs::write(&jp, text).unwrap();
+        let o = bin()
+            .args(["quantize", s(&src), "--to", "vllm:w8a16", "-o", s(&d), "--reproducible", "--resume"])
+            .args(["--progress", "json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{what}: {}", stderr(&o));
+        let start = stderr(&o).lines().find(|l| l.contains("\"event\":\"start\"")).unwrap().to_string();
+        let v: Value = serde_json::from_str(&start).unwrap();
+        assert_eq!(v["resumed_weights"].as_u64(), Some(reused), "{what}: {start}");
+        for name in ["model.safetensors", "config.json"] {
+            assert_eq!(fs::read(d.join(name)).unwrap(), fs::read(reference.join(name)).unwrap(), "{what}: {name}");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"victim", "{what}");
+    }
+}
+
 /// Found by the `tokenizer_json` fuzz target: a `TemplateProcessing` post-processor whose single-sequence template
 /// uses sequence B made the tokenizers library panic (index out of bounds), so `convert` crashed with exit 101.
 /// Now: exit 2 naming tokenizer.json, nothing written.

@@ -426,7 +426,10 @@ fn reuse<E>(sink: &mut Sink, plan: &Plan<E>, entries: &[Entry]) -> Result<(usize
         for p in &w.parts {
             let Some(idx) = sink.index_of(&p.name) else { break };
             let (_, start, len) = sink.place(idx);
-            let Some(e) = by_name.get(p.name.as_str()).filter(|e| e.offset == start && e.n_bytes == len) else {
+            let file = sink.file_of(idx);
+            let Some(e) =
+                by_name.get(p.name.as_str()).filter(|e| e.file == file && e.offset == start && e.n_bytes == len)
+            else {
                 break;
             };
             if !sink.check(idx, &e.sha256)? {
