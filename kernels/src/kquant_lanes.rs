@@ -1,4 +1,5 @@
-//! Q2_K, Q4_K, Q5_K, Q6_K (and Q3_K with importance weights) with AVX2, one sub-block per lane: the scale search
+//! Q2_K, Q4_K, Q5_K, Q6_K (and Q3_K with importance weights; without, [`crate::q3k_search`]) with AVX2, one
+//! sub-block per lane: the scale search
 //! of ggml-quants.c (`make_qkx2_quants` for `quantize_row_q{2,4,5}_K_ref`, `make_qkx3_quants` for
 //! `quantize_row_q{2,4,5}_K_impl`, `make_qx_quants` for Q6_K and `quantize_row_q3_K_impl`) runs over the eight 32-value sub-blocks of a super-block at once, lane `j` holding
 //! sub-block `j` (Q2_K, Q3_K and Q6_K: their sixteen 16-value sub-blocks as two sets of eight). Every lane performs exactly its own
@@ -57,15 +58,11 @@ const fn impl_search(nmax: i32) -> Search {
 /// What `quantize_row_q2_K_ref` passes to `make_qkx2_quants` (the only caller with `use_mad`).
 const Q2_REF: Search = Search { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: true, v3: false };
 
-/// Whether [`rows`] handles `dtype` (`weights`: with importance weights). Q3_K only with them: without, its
-/// search (`make_q3_quants`) stops at the first refinement pass that changes nothing, which lanes cannot share
-/// (a lane version measured no faster than the scalar code, so the scalar code runs).
-pub(crate) fn handles(dtype: DType, weights: bool) -> bool {
-    match dtype {
-        DType::Q3K => weights,
-        DType::Q2K | DType::Q4K | DType::Q5K | DType::Q6K => true,
-        _ => false,
-    }
+/// Whether [`rows`] handles `dtype` (with or without importance weights). Q3_K without them takes another shape
+/// ([`crate::q3k_search`]): its search stops at the first refinement pass that changes nothing, which lanes over
+/// sub-blocks cannot share.
+pub(crate) fn handles(dtype: DType, _weights: bool) -> bool {
+    matches!(dtype, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
 }
 
 /// `nearest_int` per lane followed by `MAX(0, MIN(nmax, l))`, returned as f32 (exact: 0..=nmax).
@@ -898,7 +895,10 @@ pub(crate) unsafe fn rows(
             }
             (DType::Q3K, next) => {
                 for (xb, qw, yb) in std::iter::once((x0, q0, y0)).chain(next) {
-                    q3_k_block(xb, qw.expect("Q3_K lanes run with importance weights only (`handles`)"), yb);
+                    match qw {
+                        Some(qw) => q3_k_block(xb, qw, yb),
+                        None => crate::q3k_search::q3_k_ref_block(xb, yb),
+                    }
                 }
             }
             (DType::Q6K, next) => {

@@ -29,6 +29,8 @@ mod iq_lanes;
 mod iq_steps;
 #[cfg(target_arch = "x86_64")]
 mod kquant_lanes;
+#[cfg(target_arch = "x86_64")]
+mod q3k_search;
 
 pub use backend::{Backend, Device, DeviceError, DeviceOptions, Gemm, KernelError};
 pub use encode::{EncodedRows, EncodingError, RowEncoding};

@@ -1,0 +1,316 @@
+//! Q3_K without importance weights (`quantize_row_q3_K_ref`) with AVX2: the refinement passes of
+//! `make_q3_quants(16, 4, x, L, true)` evaluated speculatively, sixteen elements at once.
+//!
+//! The reference's pass walks the sub-block's elements in order; element `i` proposes a new code from the running
+//! sums `sumlx`, `suml2` and takes it when it lowers the error, updating the sums the next elements read. Most
+//! elements change nothing, so their proposals depend on sums that stay as they are. Here each round computes every
+//! remaining element's proposal from the current sums at once (two vectors of eight, each lane exactly the
+//! scalar arithmetic in the scalar order, no FMA); the first element whose proposal is taken is applied as the
+//! scalar code applies it, and the next round starts after it with the new sums. The elements before the first
+//! taken one were judged on the very sums the scalar loop would have used, so the codes, sums and pass counts are
+//! the reference's, bit for bit; a pass costs one round per change plus one. (Lanes over eight sub-blocks, as for the
+//! other K-quants, measured no faster: the pass count differs per sub-block and each lane's element chain is
+//! serial.)
+//!
+//! The start of the search (the absolute maximum, the first codes and the sums, added in element order), the
+//! 6-bit scales and the f16 super-scale stay scalar, with the reference's helpers; the requantization divides
+//! eight elements per instruction (`divps` is correctly rounded, as `/` is).
+
+use std::arch::x86_64::*;
+
+use sling_quantizers::common::{fp16_to_fp32, fp32_to_fp16};
+use sling_quantizers::search::nearest_int;
+
+const QK_K: usize = 256;
+/// `make_q3_quants`' `nmax` for Q3_K.
+const NMAX: i32 = 4;
+/// `GROUP_MAX_EPS` (ggml-quants.c).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// `nearest_int` per lane (the reference's float-adder trick), as i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nearest(t: __m256) -> __m256i {
+    let i = _mm256_castps_si256(_mm256_add_ps(t, _mm256_set1_ps(12582912.0)));
+    _mm256_sub_epi32(_mm256_and_si256(i, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000))
+}
+
+/// `MAX(lo, MIN(hi, l))` per lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn clamp(l: __m256i, lo: i32, hi: i32) -> __m256i {
+    _mm256_max_epi32(_mm256_set1_epi32(lo), _mm256_min_epi32(_mm256_set1_epi32(hi), l))
+}
+
+/// Sixteen i32 lanes (`a` then `b`, each in [-128, 127]) as sixteen bytes, in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn to_bytes(a: __m256i, b: __m256i) -> __m128i {
+    // packs works within 128-bit halves: [a0-3 b0-3 | a4-7 b4-7] as i16, put back in order, then to bytes.
+    let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+    _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w))
+}
+
+/// `make_q3_quants(16, 4, x, L, true)`: `l_out` receives `L + 4`; returns the scale.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn make_q3_quants(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
+    // SAFETY: each load reads eight of `x`'s sixteen values.
+    let xv = unsafe { [_mm256_loadu_ps(x[..8].as_ptr()), _mm256_loadu_ps(x[8..].as_ptr())] };
+    // The reference's scan keeps the first element of greatest |x| (`ax > amax`: NaN never wins): the greatest
+    // |x| by `maxps` (which keeps its second operand when the first is NaN), then the first element equal to it.
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let ax = [_mm256_and_ps(xv[0], absmask), _mm256_and_ps(xv[1], absmask)];
+    let m = _mm256_max_ps(ax[1], _mm256_max_ps(ax[0], _mm256_setzero_ps()));
+    let m = _mm256_max_ps(m, _mm256_permute2f128_ps::<1>(m, m));
+    let m = _mm256_max_ps(m, _mm256_permute_ps::<0b01_00_11_10>(m));
+    let m = _mm256_max_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m));
+    let amax = _mm256_cvtss_f32(m);
+    if amax < GROUP_MAX_EPS {
+        *l_out = [0; 16];
+        return 0.0;
+    }
+    let at = (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(ax[0], m)) as u32)
+        | ((_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(ax[1], m)) as u32) << 8);
+    let max = x[at.trailing_zeros() as usize & 15];
+    let iscale = -(NMAX as f32) / max;
+    let mut l = [0i32; 16];
+    let isv = _mm256_set1_ps(iscale);
+    for h in 0..2 {
+        let li = clamp(nearest(_mm256_mul_ps(isv, xv[h])), -NMAX, NMAX - 1);
+        // SAFETY: eight lanes into `l[8h..8h + 8]`.
+        unsafe { _mm256_storeu_si256(l[8 * h..].as_mut_ptr().cast(), li) };
+    }
+    let mut sumlx = 0.0f32;
+    let mut suml2 = 0.0f32;
+    for i in 0..16 {
+        let w = x[i] * x[i];
+        let lf = l[i] as f32;
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
+    }
+    // w = x*x and w*x, as the scalar loop computes them for each element.
+    let wv = [_mm256_mul_ps(xv[0], xv[0]), _mm256_mul_ps(xv[1], xv[1])];
+    let wx = [_mm256_mul_ps(wv[0], xv[0]), _mm256_mul_ps(wv[1], xv[1])];
+    let zero = _mm256_setzero_ps();
+    for _itry in 0..5 {
+        let mut n_changed = 0;
+        let mut from = 0u32;
+        while from < 16 {
+            let (sx, s2) = (_mm256_set1_ps(sumlx), _mm256_set1_ps(suml2));
+            // sumlx*sumlx*sl2 is (sumlx*sumlx)*sl2: the product of the first two is one value for every element.
+            let sx2 = _mm256_set1_ps(sumlx * sumlx);
+            let mut take = 0u32;
+            let mut new_l = [_mm256_setzero_si256(); 2];
+            let mut nslx = [zero; 2];
+            let mut nsl2 = [zero; 2];
+            for h in 0..2 {
+                // SAFETY (of the load): `l` holds 16 i32, `8 * h + 8 <= 16`.
+                let li_i = unsafe { _mm256_loadu_si256(l[8 * h..].as_ptr().cast()) };
+                let li = _mm256_cvtepi32_ps(li_i);
+                // slx = sumlx - w*x[i]*L[i]; if (slx > 0) …
+                let slx = _mm256_sub_ps(sx, _mm256_mul_ps(wx[h], li));
+                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
+                // sl2 = suml2 - w*L[i]*L[i]; new_l = clamp(nearest_int(x[i]*sl2/slx))
+                let sl2 = _mm256_sub_ps(s2, _mm256_mul_ps(_mm256_mul_ps(wv[h], li), li));
+                let nl = clamp(nearest(_mm256_div_ps(_mm256_mul_ps(xv[h], sl2), slx)), -NMAX, NMAX - 1);
+                let changed = _mm256_xor_si256(_mm256_cmpeq_epi32(nl, li_i), _mm256_set1_epi32(-1));
+                // slx += w*x[i]*new_l; sl2 += w*new_l*new_l; taken when sl2 > 0 && slx*slx*suml2 > sumlx*sumlx*sl2.
+                let nf = _mm256_cvtepi32_ps(nl);
+                let slx1 = _mm256_add_ps(slx, _mm256_mul_ps(wx[h], nf));
+                let sl21 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(wv[h], nf), nf));
+                let better =
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(_mm256_mul_ps(slx1, slx1), s2), _mm256_mul_ps(sx2, sl21));
+                let ok = _mm256_and_ps(
+                    _mm256_and_ps(pos, _mm256_castsi256_ps(changed)),
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl21, zero), better),
+                );
+                take |= (_mm256_movemask_ps(ok) as u32) << (8 * h);
+                new_l[h] = nl;
+                nslx[h] = slx1;
+                nsl2[h] = sl21;
+            }
+            take &= !0u32 << from;
+            if take == 0 {
+                break;
+            }
+            let k = take.trailing_zeros() as usize;
+            let (h, j) = (k / 8, k % 8);
+            let mut a = [0i32; 8];
+            let mut b = [0f32; 8];
+            let mut c = [0f32; 8];
+            // SAFETY: each store writes eight lanes into an eight-element array.
+            unsafe {
+                _mm256_storeu_si256(a.as_mut_ptr().cast(), new_l[h]);
+                _mm256_storeu_ps(b.as_mut_ptr(), nslx[h]);
+                _mm256_storeu_ps(c.as_mut_ptr(), nsl2[h]);
+            }
+            l[k] = a[j];
+            sumlx = b[j];
+            suml2 = c[j];
+            n_changed += 1;
+            from = k as u32 + 1;
+        }
+        if n_changed == 0 {
+            break;
+        }
+    }
+    let bias = _mm256_set1_epi32(NMAX);
+    // SAFETY: the loads read `l`'s sixteen i32; the store writes `l_out`'s sixteen bytes.
+    unsafe {
+        let a = _mm256_add_epi32(_mm256_loadu_si256(l[..8].as_ptr().cast()), bias);
+        let b = _mm256_add_epi32(_mm256_loadu_si256(l[8..].as_ptr().cast()), bias);
+        _mm_storeu_si128(l_out.as_mut_ptr().cast(), to_bytes(a, b));
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Q3_K's 6-bit sub-scale packing (`q3_k_pack_scale` of `sling_quantizers::kquants`).
+#[inline]
+fn pack_scale(sb: &mut [u8; 12], j: usize, l: i8) {
+    if j < 8 {
+        sb[j] = (l & 0xF) as u8;
+    } else {
+        sb[j - 8] |= ((l & 0xF) << 4) as u8;
+    }
+    let hi = l >> 4; // arithmetic shift of int8_t, as C's `l >>= 4`
+    sb[j % 4 + 8] |= ((hi as i32) << (2 * (j / 4))) as u8;
+}
+
+/// One super-block of `quantize_row_q3_K_ref`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0.0f32; 16];
+    let mut max_scale = 0.0f32;
+    let mut amax = 0.0f32;
+    for j in 0..16 {
+        let (xs, ls) = (&xb[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+        scales[j] = make_q3_quants(xs.try_into().unwrap_or(&[0.0; 16]), ls.try_into().unwrap_or(&mut [0; 16]));
+        let scale = scales[j].abs();
+        if scale > amax {
+            amax = scale;
+            max_scale = scales[j];
+        }
+    }
+    let mut sb = [0u8; 12];
+    let d16 = if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for (j, &s) in scales.iter().enumerate() {
+            let li = nearest_int(iscale * s) as i8;
+            pack_scale(&mut sb, j, ((li as i32).clamp(-32, 31) + 32) as i8);
+        }
+        fp32_to_fp16(1.0 / iscale)
+    } else {
+        fp32_to_fp16(0.0)
+    };
+    // Requantization from the f16 super-scale (a sub-block whose scale is 0 keeps the search's codes).
+    let d_all = fp16_to_fp32(d16);
+    for j in 0..16 {
+        let low = if j < 8 { sb[j] & 0xF } else { sb[j - 8] >> 4 } as i8;
+        let sc = (low | (((sb[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8) as i32 - 32;
+        let d = d_all * sc as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dv = _mm256_set1_ps(d);
+        let four = _mm256_set1_epi32(4);
+        // SAFETY: the loads read elements 16j..16j + 16 of `xb`, the store writes the same of `l`.
+        unsafe {
+            let q = |h: usize| {
+                let xv = _mm256_loadu_ps(xb[16 * j + 8 * h..].as_ptr());
+                _mm256_add_epi32(clamp(nearest(_mm256_div_ps(xv, dv)), -4, 3), four)
+            };
+            _mm_storeu_si128(l[16 * j..16 * j + 16].as_mut_ptr().cast(), to_bytes(q(0), q(1)));
+        }
+    }
+    // The high bit of element e goes to bit e/32 of hmask[e%32]; the low two bits (`v - 4` for v > 3 is `v & 3`)
+    // are packed four to a byte, element k + 32i of each half to bits 2i of byte k.
+    // SAFETY: every load and store covers 32 bytes inside `l` (256) or `yb` (Q3_K's 110 bytes, checked by the
+    // slice indexing before each store).
+    unsafe {
+        let three = _mm256_set1_epi8(3);
+        let mut hm = _mm256_setzero_si256();
+        let mut low = [_mm256_setzero_si256(); 8];
+        for (g, lo) in low.iter_mut().enumerate() {
+            let v = _mm256_loadu_si256(l[32 * g..].as_ptr().cast());
+            let high = _mm256_cmpgt_epi8(v, three);
+            hm = _mm256_or_si256(hm, _mm256_and_si256(high, _mm256_set1_epi8(1 << g)));
+            *lo = _mm256_and_si256(v, three);
+        }
+        _mm256_storeu_si256(yb[..32].as_mut_ptr().cast(), hm);
+        for c in 0..2 {
+            let [a, b, d, e] = [low[4 * c], low[4 * c + 1], low[4 * c + 2], low[4 * c + 3]];
+            let packed = _mm256_or_si256(
+                _mm256_or_si256(a, _mm256_slli_epi16::<2>(b)),
+                _mm256_or_si256(_mm256_slli_epi16::<4>(d), _mm256_slli_epi16::<6>(e)),
+            );
+            _mm256_storeu_si256(yb[32 + 32 * c..64 + 32 * c].as_mut_ptr().cast(), packed);
+        }
+    }
+    yb[96..108].copy_from_slice(&sb);
+    yb[108..110].copy_from_slice(&d16.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sling_core::DType;
+
+    /// Rows built to reach every branch of the search: random, zeros, constants, one outlier, ties between
+    /// codes, tiny and huge magnitudes, subnormals, NaN and infinities (which `--allow-nonfinite` lets through).
+    fn rows() -> Vec<Vec<f32>> {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut out = Vec::new();
+        for k in 0..400 {
+            let scale = [1.0, 1e-3, 1e3, 1e-20, 1e20, 1e-40][k % 6];
+            let mut r: Vec<f32> = (0..QK_K).map(|_| next() * scale).collect();
+            match k % 7 {
+                1 => r[k % QK_K] = 40.0 * scale,
+                2 => r.iter_mut().step_by(3).for_each(|v| *v = 0.0),
+                3 => r.iter_mut().for_each(|v| *v = (*v * 8.0).round() / 8.0 * scale.max(1e-30)),
+                4 => r[..16].fill(0.25),
+                _ => {}
+            }
+            out.push(r);
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE / 4.0, -0.0] {
+            for at in [0, 5, 17, 255] {
+                let mut r = out[at].clone();
+                r[at] = bad;
+                out.push(r);
+            }
+            out.push(vec![bad; QK_K]);
+        }
+        out.push(vec![0.0; QK_K]);
+        out.push(vec![1.0; QK_K]);
+        out.push(vec![-3.5; QK_K]);
+        out
+    }
+
+    #[test]
+    fn equals_the_scalar_reference() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for (n, r) in rows().iter().enumerate() {
+            let mut want = vec![0u8; DType::Q3K.block_bytes()];
+            sling_quantizers::kquants::quantize_row_q3_k(r, None, &mut want);
+            let mut got = vec![0u8; DType::Q3K.block_bytes()];
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { q3_k_ref_block(r.as_slice().try_into().unwrap(), &mut got) };
+            assert_eq!(got, want, "row {n}");
+        }
+    }
+}
