@@ -827,34 +827,12 @@ fn q3_k_block(xb: &[f32; QK_K], qw: &[f32; QK_K], yb: &mut [u8]) {
         }
         fp32_to_fp16(d_block)
     };
-    // Requantization from the f16 super-scale (sub-blocks whose scale is 0 keep the search's codes), the high bits
-    // (element j's to bit j/32 of hmask[j%32]) and the 2-bit packing.
-    let d_all = fp16_to_fp32(d16);
-    let mut lq = [0u8; QK_K];
-    let mut hmask = [0u8; 32];
-    for j in 0..16 {
-        let low = if j < 8 { sb[j] & 0xF } else { sb[j - 8] >> 4 } as i8;
-        let sc = (low | (((sb[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8) as i32 - 32;
-        let d = d_all * sc as f32;
-        for ii in 0..16 {
-            let e = 16 * j + ii;
-            let mut v = if d == 0.0 { codes[e] as i8 } else { (nearest_int(xb[e] / d).clamp(-4, 3) + 4) as i8 };
-            if v > 3 {
-                hmask[e % 32] |= 1 << (e / 32);
-                v -= 4;
-            }
-            lq[e] = v as u8;
-        }
+    // Requantization, high bits and packing, as without weights.
+    let mut l8 = [0i8; QK_K];
+    for (o, &c) in l8.iter_mut().zip(&codes) {
+        *o = c as i8;
     }
-    yb[..32].copy_from_slice(&hmask);
-    for c in 0..2 {
-        for k in 0..32 {
-            let j = 128 * c + k;
-            yb[32 + 32 * c + k] = lq[j] | (lq[j + 32] << 2) | (lq[j + 64] << 4) | (lq[j + 96] << 6);
-        }
-    }
-    yb[96..108].copy_from_slice(&sb);
-    yb[108..110].copy_from_slice(&d16.to_le_bytes());
+    crate::q3k_search::finish(xb, &mut l8, &sb, d16, yb);
 }
 
 /// Quantizes whole rows of Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (`quantize_q4_K` & co.) into `y` (`row_bytes` per row), with or

@@ -209,7 +209,14 @@ pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
     } else {
         fp32_to_fp16(0.0)
     };
-    // Requantization from the f16 super-scale (a sub-block whose scale is 0 keeps the search's codes).
+    finish(xb, &mut l, &sb, d16, yb);
+}
+
+/// The end of `quantize_row_q3_K_ref` and `_impl` alike: the requantization from the f16 super-scale (a sub-block
+/// whose scale is 0 keeps the search's codes, `l`, biased by 4), the high-bit mask and the packing.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn finish(xb: &[f32; QK_K], l: &mut [i8; QK_K], sb: &[u8; 12], d16: u16, yb: &mut [u8]) {
     let d_all = fp16_to_fp32(d16);
     for j in 0..16 {
         let low = if j < 8 { sb[j] & 0xF } else { sb[j - 8] >> 4 } as i8;
@@ -253,7 +260,7 @@ pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
             _mm256_storeu_si256(yb[32 + 32 * c..64 + 32 * c].as_mut_ptr().cast(), packed);
         }
     }
-    yb[96..108].copy_from_slice(&sb);
+    yb[96..108].copy_from_slice(sb);
     yb[108..110].copy_from_slice(&d16.to_le_bytes());
 }
 
