@@ -130,7 +130,7 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 /// Eight groups of `G` values in lane form: `out[i]` lane `j` is `b[G * j + i]`. Pure data movement.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
+pub(crate) fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
     assert!(b.len() >= 8 * G && G.is_multiple_of(8));
     let mut out = [_mm256_setzero_ps(); G];
     for k in 0..G / 8 {
@@ -145,7 +145,7 @@ fn to_lanes<const G: usize>(b: &[f32]) -> [__m256; G] {
 /// (the codes are small integers held in f32, so the conversion is exact).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
+pub(crate) fn codes_from_lanes<const G: usize>(v: &[__m256; G], out: &mut [i32]) {
     assert!(out.len() >= 8 * G && G.is_multiple_of(8));
     for k in 0..G / 8 {
         let rows = transpose8(std::array::from_fn(|c| v[8 * k + c]));

@@ -51,51 +51,25 @@ fn to_bytes(a: __m256i, b: __m256i) -> __m128i {
     _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w))
 }
 
-/// `make_q3_quants(16, 4, x, L, true)`: `l_out` receives `L + 4`; returns the scale.
+/// The rest of `make_q3_quants(16, 4, x, L, true)`'s refinement passes for one sub-block, from pass `itry0` at
+/// element `from0` with `changed0` changes in that pass so far, codes `l` (unbiased) and sums `sumlx`, `suml2`;
+/// returns the final sums.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn make_q3_quants(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
+fn passes(
+    x: &[f32; 16],
+    l: &mut [i32; 16],
+    (mut sumlx, mut suml2): (f32, f32),
+    (itry0, from0, changed0): (usize, u32, u32),
+) -> (f32, f32) {
     // SAFETY: each load reads eight of `x`'s sixteen values.
     let xv = unsafe { [_mm256_loadu_ps(x[..8].as_ptr()), _mm256_loadu_ps(x[8..].as_ptr())] };
-    // The reference's scan keeps the first element of greatest |x| (`ax > amax`: NaN never wins): the greatest
-    // |x| by `maxps` (which keeps its second operand when the first is NaN), then the first element equal to it.
-    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let ax = [_mm256_and_ps(xv[0], absmask), _mm256_and_ps(xv[1], absmask)];
-    let m = _mm256_max_ps(ax[1], _mm256_max_ps(ax[0], _mm256_setzero_ps()));
-    let m = _mm256_max_ps(m, _mm256_permute2f128_ps::<1>(m, m));
-    let m = _mm256_max_ps(m, _mm256_permute_ps::<0b01_00_11_10>(m));
-    let m = _mm256_max_ps(m, _mm256_permute_ps::<0b10_11_00_01>(m));
-    let amax = _mm256_cvtss_f32(m);
-    if amax < GROUP_MAX_EPS {
-        *l_out = [0; 16];
-        return 0.0;
-    }
-    let at = (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(ax[0], m)) as u32)
-        | ((_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(ax[1], m)) as u32) << 8);
-    let max = x[at.trailing_zeros() as usize & 15];
-    let iscale = -(NMAX as f32) / max;
-    let mut l = [0i32; 16];
-    let isv = _mm256_set1_ps(iscale);
-    for h in 0..2 {
-        let li = clamp(nearest(_mm256_mul_ps(isv, xv[h])), -NMAX, NMAX - 1);
-        // SAFETY: eight lanes into `l[8h..8h + 8]`.
-        unsafe { _mm256_storeu_si256(l[8 * h..].as_mut_ptr().cast(), li) };
-    }
-    let mut sumlx = 0.0f32;
-    let mut suml2 = 0.0f32;
-    for i in 0..16 {
-        let w = x[i] * x[i];
-        let lf = l[i] as f32;
-        sumlx += w * x[i] * lf;
-        suml2 += w * lf * lf;
-    }
     // w = x*x and w*x, as the scalar loop computes them for each element.
     let wv = [_mm256_mul_ps(xv[0], xv[0]), _mm256_mul_ps(xv[1], xv[1])];
     let wx = [_mm256_mul_ps(wv[0], xv[0]), _mm256_mul_ps(wv[1], xv[1])];
     let zero = _mm256_setzero_ps();
-    for _itry in 0..5 {
-        let mut n_changed = 0;
-        let mut from = 0u32;
+    for itry in itry0..5 {
+        let (mut from, mut n_changed) = if itry == itry0 { (from0, changed0) } else { (0, 0) };
         while from < 16 {
             let (sx, s2) = (_mm256_set1_ps(sumlx), _mm256_set1_ps(suml2));
             // sumlx*sumlx*sl2 is (sumlx*sumlx)*sl2: the product of the first two is one value for every element.
@@ -155,18 +129,113 @@ fn make_q3_quants(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
             break;
         }
     }
-    let bias = _mm256_set1_epi32(NMAX);
-    // SAFETY: the loads read `l`'s sixteen i32; the store writes `l_out`'s sixteen bytes.
-    unsafe {
-        let a = _mm256_add_epi32(_mm256_loadu_si256(l[..8].as_ptr().cast()), bias);
-        let b = _mm256_add_epi32(_mm256_loadu_si256(l[8..].as_ptr().cast()), bias);
-        _mm_storeu_si128(l_out.as_mut_ptr().cast(), to_bytes(a, b));
+    (sumlx, suml2)
+}
+
+/// `make_q3_quants(16, 4, x, L, true)` for eight sub-blocks in lane form (`x[i]` lane `j`: element `i` of sub-block
+/// `j`) up to the end of the first round of the first pass: the greatest |x| (the first element reaching it, as the
+/// reference's `ax > amax` scan keeps; NaN never wins), the first codes and the sums (added in element order per
+/// lane), then every element's proposal from those sums. A lane none of whose proposals is taken is done (the
+/// first pass changed nothing): most are. Otherwise its first taken change is applied and [`passes`] goes on from
+/// the element after it. `l_out` receives the codes biased by 4, sub-block `j` at `16j`; returns the scales.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn make_q3_quants_x8(xb: &[f32; 128], l_out: &mut [i8]) -> [f32; 8] {
+    let x = crate::kquant_lanes::to_lanes::<16>(xb);
+    let zero = _mm256_setzero_ps();
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut amax = zero;
+    for xi in &x {
+        amax = _mm256_max_ps(_mm256_and_ps(*xi, absmask), amax);
     }
-    if suml2 > 0.0 {
-        sumlx / suml2
-    } else {
-        0.0
+    let mut max = zero;
+    let mut found = zero;
+    for xi in &x {
+        let eq = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_and_ps(*xi, absmask), amax);
+        max = _mm256_blendv_ps(max, *xi, _mm256_andnot_ps(found, eq));
+        found = _mm256_or_ps(found, eq);
     }
+    let empty = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(amax, _mm256_set1_ps(GROUP_MAX_EPS)));
+    let iscale = _mm256_div_ps(_mm256_set1_ps(-(NMAX as f32)), max);
+    let mut lv = [_mm256_setzero_si256(); 16];
+    let (mut sumlx, mut suml2) = (zero, zero);
+    let w: [__m256; 16] = std::array::from_fn(|i| _mm256_mul_ps(x[i], x[i]));
+    let wx: [__m256; 16] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
+    for i in 0..16 {
+        lv[i] = clamp(nearest(_mm256_mul_ps(iscale, x[i])), -NMAX, NMAX - 1);
+        let lf = _mm256_cvtepi32_ps(lv[i]);
+        sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(wx[i], lf));
+        suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], lf), lf));
+    }
+    // The first round: each element's proposal from the first sums; per lane the first one taken.
+    let sx2 = _mm256_mul_ps(sumlx, sumlx);
+    let mut first = _mm256_set1_epi32(16);
+    let mut taken = zero;
+    let (mut f_l, mut f_slx, mut f_sl2) = (_mm256_setzero_si256(), zero, zero);
+    for i in 0..16 {
+        let li = _mm256_cvtepi32_ps(lv[i]);
+        let slx = _mm256_sub_ps(sumlx, _mm256_mul_ps(wx[i], li));
+        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
+        let sl2 = _mm256_sub_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], li), li));
+        let nl = clamp(nearest(_mm256_div_ps(_mm256_mul_ps(x[i], sl2), slx)), -NMAX, NMAX - 1);
+        let changed = _mm256_xor_si256(_mm256_cmpeq_epi32(nl, lv[i]), _mm256_set1_epi32(-1));
+        let nf = _mm256_cvtepi32_ps(nl);
+        let slx1 = _mm256_add_ps(slx, _mm256_mul_ps(wx[i], nf));
+        let sl21 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w[i], nf), nf));
+        let better =
+            _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(_mm256_mul_ps(slx1, slx1), suml2), _mm256_mul_ps(sx2, sl21));
+        let ok = _mm256_and_ps(
+            _mm256_and_ps(pos, _mm256_castsi256_ps(changed)),
+            _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl21, zero), better),
+        );
+        let new = _mm256_andnot_ps(taken, ok);
+        first = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(first),
+            _mm256_castsi256_ps(_mm256_set1_epi32(i as i32)),
+            new,
+        ));
+        f_l = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(f_l), _mm256_castsi256_ps(nl), new));
+        f_slx = _mm256_blendv_ps(f_slx, slx1, new);
+        f_sl2 = _mm256_blendv_ps(f_sl2, sl21, new);
+        taken = _mm256_or_ps(taken, ok);
+    }
+    let lanes_i = |v: __m256i| {
+        let mut a = [0i32; 8];
+        // SAFETY: eight lanes into an eight-element array.
+        unsafe { _mm256_storeu_si256(a.as_mut_ptr().cast(), v) };
+        a
+    };
+    let lanes_f = |v: __m256| {
+        let mut a = [0f32; 8];
+        // SAFETY: eight lanes into an eight-element array.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a
+    };
+    let mut codes = [0i32; 128];
+    crate::kquant_lanes::codes_from_lanes::<16>(&std::array::from_fn(|i| _mm256_cvtepi32_ps(lv[i])), &mut codes);
+    let (first, f_l, f_slx, f_sl2) = (lanes_i(first), lanes_i(f_l), lanes_f(f_slx), lanes_f(f_sl2));
+    let (sumlx, suml2) = (lanes_f(sumlx), lanes_f(suml2));
+    let mut scales = [0.0f32; 8];
+    for j in 0..8 {
+        let out = &mut l_out[16 * j..16 * j + 16];
+        if empty & (1 << j) != 0 {
+            out.fill(0);
+            continue;
+        }
+        let mut l: [i32; 16] = codes[16 * j..16 * j + 16].try_into().unwrap_or([0; 16]);
+        let (mut sx, mut s2) = (sumlx[j], suml2[j]);
+        if first[j] < 16 {
+            let k = first[j] as usize;
+            l[k] = f_l[j];
+            let xs: &[f32; 16] = xb[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
+            (sx, s2) = passes(xs, &mut l, (f_slx[j], f_sl2[j]), (0, k as u32 + 1, 1));
+        }
+        for (o, &v) in out.iter_mut().zip(&l) {
+            *o = (v + NMAX) as i8;
+        }
+        scales[j] = if s2 > 0.0 { sx / s2 } else { 0.0 };
+    }
+    scales
 }
 
 /// Q3_K's 6-bit sub-scale packing (`q3_k_pack_scale` of `sling_quantizers::kquants`).
@@ -189,9 +258,11 @@ pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
     let mut scales = [0.0f32; 16];
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
+    for h in 0..2 {
+        let xs: &[f32; 128] = xb[128 * h..128 * h + 128].try_into().unwrap_or(&[0.0; 128]);
+        scales[8 * h..8 * h + 8].copy_from_slice(&make_q3_quants_x8(xs, &mut l[128 * h..128 * h + 128]));
+    }
     for j in 0..16 {
-        let (xs, ls) = (&xb[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
-        scales[j] = make_q3_quants(xs.try_into().unwrap_or(&[0.0; 16]), ls.try_into().unwrap_or(&mut [0; 16]));
         let scale = scales[j].abs();
         if scale > amax {
             amax = scale;
