@@ -262,11 +262,10 @@ pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
         let xs: &[f32; 128] = xb[128 * h..128 * h + 128].try_into().unwrap_or(&[0.0; 128]);
         scales[8 * h..8 * h + 8].copy_from_slice(&make_q3_quants_x8(xs, &mut l[128 * h..128 * h + 128]));
     }
-    for j in 0..16 {
-        let scale = scales[j].abs();
-        if scale > amax {
-            amax = scale;
-            max_scale = scales[j];
+    for &s in &scales {
+        if s.abs() > amax {
+            amax = s.abs();
+            max_scale = s;
         }
     }
     let mut sb = [0u8; 12];
