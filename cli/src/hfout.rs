@@ -612,17 +612,7 @@ pub fn run(a: &Args, to: To, quiet: bool, rep: &Reporter) -> Result<()> {
     Ok(())
 }
 
-fn exec<T: Target<Error = sling_pipeline::ExecError>>(
-    t: &T,
-    ck: &Checkpoint,
-    plan: &Plan<T::Enc>,
-    opts: &ExecOptions,
-    events: &(dyn Fn(&Event<'_>) + Sync),
-) -> Result<sling_pipeline::ExecReport> {
-    Ok(sling_pipeline::execute(t, ck, plan, opts, events)?)
-}
-
-/// [`exec`] under the lock taken before a calibration pass, when there is one.
+/// Runs the pipeline, under the lock taken before a calibration pass when there is one.
 fn exec_under<T: Target<Error = sling_pipeline::ExecError>>(
     lock: Option<sling_formats::lock::OutputLock>,
     t: &T,
@@ -631,10 +621,10 @@ fn exec_under<T: Target<Error = sling_pipeline::ExecError>>(
     opts: &ExecOptions,
     events: &(dyn Fn(&Event<'_>) + Sync),
 ) -> Result<sling_pipeline::ExecReport> {
-    match lock {
-        Some(lock) => Ok(sling_pipeline::exec::execute_locked(t, ck, plan, opts, lock, events)?),
-        None => exec(t, ck, plan, opts, events),
-    }
+    Ok(match lock {
+        Some(lock) => sling_pipeline::exec::execute_locked(t, ck, plan, opts, lock, events)?,
+        None => sling_pipeline::execute(t, ck, plan, opts, events)?,
+    })
 }
 
 fn on_event(rep: &Reporter, src: &std::path::Path, label: &str, ev: &Event<'_>) {

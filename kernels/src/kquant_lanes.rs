@@ -809,21 +809,12 @@ fn q3_k_block(xb: &[f32; QK_K], qw: &[f32; QK_K], yb: &mut [u8]) {
     }
     // The 6-bit sub-scales (Q3_K's packing of `q3_k_pack_scale`) and the f16 super-scale.
     let mut sb = [0u8; 12];
-    let pack = |sb: &mut [u8; 12], j: usize, l: i8| {
-        if j < 8 {
-            sb[j] = (l & 0xF) as u8;
-        } else {
-            sb[j - 8] |= ((l & 0xF) << 4) as u8;
-        }
-        let hi = l >> 4;
-        sb[j % 4 + 8] |= ((hi as i32) << (2 * (j / 4))) as u8;
-    };
     let d16 = {
         let swv: [f32; 16] = std::array::from_fn(|j| lanes(sw[j / 8])[j % 8]);
         let mut ls = [0i8; 16];
         let d_block = make_qx_quants::<16>(32, &scales, &mut ls, 1, Some(&swv));
         for (j, &lj) in ls.iter().enumerate() {
-            pack(&mut sb, j, lj);
+            sling_quantizers::kquants::q3_k_pack_scale(&mut sb, j, lj);
         }
         fp32_to_fp16(d_block)
     };

@@ -19,6 +19,7 @@
 use std::arch::x86_64::*;
 
 use sling_quantizers::common::{fp16_to_fp32, fp32_to_fp16};
+use sling_quantizers::kquants::q3_k_pack_scale;
 use sling_quantizers::search::nearest_int;
 
 const QK_K: usize = 256;
@@ -238,18 +239,6 @@ fn make_q3_quants_x8(xb: &[f32; 128], l_out: &mut [i8]) -> [f32; 8] {
     scales
 }
 
-/// Q3_K's 6-bit sub-scale packing (`q3_k_pack_scale` of `sling_quantizers::kquants`).
-#[inline]
-fn pack_scale(sb: &mut [u8; 12], j: usize, l: i8) {
-    if j < 8 {
-        sb[j] = (l & 0xF) as u8;
-    } else {
-        sb[j - 8] |= ((l & 0xF) << 4) as u8;
-    }
-    let hi = l >> 4; // arithmetic shift of int8_t, as C's `l >>= 4`
-    sb[j % 4 + 8] |= ((hi as i32) << (2 * (j / 4))) as u8;
-}
-
 /// One super-block of `quantize_row_q3_K_ref`.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -273,7 +262,7 @@ pub(crate) fn q3_k_ref_block(xb: &[f32; QK_K], yb: &mut [u8]) {
         let iscale = -32.0 / max_scale;
         for (j, &s) in scales.iter().enumerate() {
             let li = nearest_int(iscale * s) as i8;
-            pack_scale(&mut sb, j, ((li as i32).clamp(-32, 31) + 32) as i8);
+            q3_k_pack_scale(&mut sb, j, ((li as i32).clamp(-32, 31) + 32) as i8);
         }
         fp32_to_fp16(1.0 / iscale)
     } else {

@@ -284,7 +284,7 @@ pub fn quantize_row_q3_k(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
 
 /// Q3_K 6-bit sub-scale packing (the loop in `quantize_row_q3_K_ref` / `_impl`): `l` is the biased scale (0..63).
 #[inline(always)]
-fn q3_k_pack_scale(sb: &mut [u8; 12], j: usize, l: i8) {
+pub fn q3_k_pack_scale(sb: &mut [u8; 12], j: usize, l: i8) {
     if j < 8 {
         sb[j] = (l & 0xF) as u8;
     } else {
