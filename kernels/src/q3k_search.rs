@@ -212,25 +212,39 @@ fn make_q3_quants_x8(xb: &[f32; 128], l_out: &mut [i8]) -> [f32; 8] {
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a
     };
+    // Every lane's codes (biased by 4, as bytes) and scale as if its search were done; the lanes that are not (an
+    // empty sub-block, a change taken in the first round) are redone below.
+    let bias = _mm256_set1_epi32(NMAX);
     let mut codes = [0i32; 128];
-    crate::kquant_lanes::codes_from_lanes::<16>(&std::array::from_fn(|i| _mm256_cvtepi32_ps(lv[i])), &mut codes);
-    let (first, f_l, f_slx, f_sl2) = (lanes_i(first), lanes_i(f_l), lanes_f(f_slx), lanes_f(f_sl2));
-    let (sumlx, suml2) = (lanes_f(sumlx), lanes_f(suml2));
-    let mut scales = [0.0f32; 8];
+    let biased: [__m256; 16] = std::array::from_fn(|i| _mm256_cvtepi32_ps(_mm256_add_epi32(lv[i], bias)));
+    crate::kquant_lanes::codes_from_lanes::<16>(&biased, &mut codes);
     for j in 0..8 {
+        // SAFETY: the loads read codes[16j..16j + 16], the store writes l_out[16j..16j + 16].
+        unsafe {
+            let a = _mm256_loadu_si256(codes[16 * j..].as_ptr().cast());
+            let b = _mm256_loadu_si256(codes[16 * j + 8..].as_ptr().cast());
+            _mm_storeu_si128(l_out[16 * j..16 * j + 16].as_mut_ptr().cast(), to_bytes(a, b));
+        }
+    }
+    // `suml2 > 0 ? sumlx/suml2 : 0` per lane.
+    let mut scales = lanes_f(_mm256_and_ps(_mm256_div_ps(sumlx, suml2), _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero)));
+    let redo = (empty as u32) | (_mm256_movemask_ps(taken) as u32);
+    if redo == 0 {
+        return scales;
+    }
+    let (first, f_l, f_slx, f_sl2) = (lanes_i(first), lanes_i(f_l), lanes_f(f_slx), lanes_f(f_sl2));
+    for j in (0..8).filter(|j| redo & (1 << j) != 0) {
         let out = &mut l_out[16 * j..16 * j + 16];
         if empty & (1 << j) != 0 {
             out.fill(0);
+            scales[j] = 0.0;
             continue;
         }
-        let mut l: [i32; 16] = codes[16 * j..16 * j + 16].try_into().unwrap_or([0; 16]);
-        let (mut sx, mut s2) = (sumlx[j], suml2[j]);
-        if first[j] < 16 {
-            let k = first[j] as usize;
-            l[k] = f_l[j];
-            let xs: &[f32; 16] = xb[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
-            (sx, s2) = passes(xs, &mut l, (f_slx[j], f_sl2[j]), (0, k as u32 + 1, 1));
-        }
+        let mut l: [i32; 16] = std::array::from_fn(|i| codes[16 * j + i] - NMAX);
+        let k = first[j] as usize;
+        l[k] = f_l[j];
+        let xs: &[f32; 16] = xb[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
+        let (sx, s2) = passes(xs, &mut l, (f_slx[j], f_sl2[j]), (0, k as u32 + 1, 1));
         for (o, &v) in out.iter_mut().zip(&l) {
             *o = (v + NMAX) as i8;
         }
