@@ -52,6 +52,39 @@ fn to_bytes(a: __m256i, b: __m256i) -> __m128i {
     _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w))
 }
 
+/// One step of `make_q3_quants`' refinement per lane: element value `x` (with `w = x*x`, `wx = w*x`), its code
+/// `l` and the sums `sumlx`, `suml2` (and `sx2 = sumlx*sumlx`, one value for every element) give the proposed code
+/// and the sums if it is taken; `ok` is set where the reference takes it. The scalar body, in its order:
+/// `slx = sumlx - w*x*L; if (slx > 0) { sl2 = suml2 - w*L*L; new_l = clamp(nearest_int(x*sl2/slx)); if (new_l !=
+/// L) { slx += w*x*new_l; sl2 += w*new_l*new_l; if (sl2 > 0 && slx*slx*suml2 > sumlx*sumlx*sl2) take } }`.
+struct Step {
+    ok: __m256,
+    l: __m256i,
+    sumlx: __m256,
+    suml2: __m256,
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn step(x: __m256, w: __m256, wx: __m256, l: __m256i, sumlx: __m256, suml2: __m256, sx2: __m256) -> Step {
+    let zero = _mm256_setzero_ps();
+    let li = _mm256_cvtepi32_ps(l);
+    let slx = _mm256_sub_ps(sumlx, _mm256_mul_ps(wx, li));
+    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
+    let sl2 = _mm256_sub_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w, li), li));
+    let nl = clamp(nearest(_mm256_div_ps(_mm256_mul_ps(x, sl2), slx)), -NMAX, NMAX - 1);
+    let changed = _mm256_xor_si256(_mm256_cmpeq_epi32(nl, l), _mm256_set1_epi32(-1));
+    let nf = _mm256_cvtepi32_ps(nl);
+    let slx1 = _mm256_add_ps(slx, _mm256_mul_ps(wx, nf));
+    let sl21 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w, nf), nf));
+    let better = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(_mm256_mul_ps(slx1, slx1), suml2), _mm256_mul_ps(sx2, sl21));
+    let ok = _mm256_and_ps(
+        _mm256_and_ps(pos, _mm256_castsi256_ps(changed)),
+        _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl21, zero), better),
+    );
+    Step { ok, l: nl, sumlx: slx1, suml2: sl21 }
+}
+
 /// The rest of `make_q3_quants(16, 4, x, L, true)`'s refinement passes for one sub-block, from pass `itry0` at
 /// element `from0` with `changed0` changes in that pass so far, codes `l` (unbiased) and sums `sumlx`, `suml2`;
 /// returns the final sums.
@@ -82,28 +115,11 @@ fn passes(
             for h in 0..2 {
                 // SAFETY (of the load): `l` holds 16 i32, `8 * h + 8 <= 16`.
                 let li_i = unsafe { _mm256_loadu_si256(l[8 * h..].as_ptr().cast()) };
-                let li = _mm256_cvtepi32_ps(li_i);
-                // slx = sumlx - w*x[i]*L[i]; if (slx > 0) …
-                let slx = _mm256_sub_ps(sx, _mm256_mul_ps(wx[h], li));
-                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
-                // sl2 = suml2 - w*L[i]*L[i]; new_l = clamp(nearest_int(x[i]*sl2/slx))
-                let sl2 = _mm256_sub_ps(s2, _mm256_mul_ps(_mm256_mul_ps(wv[h], li), li));
-                let nl = clamp(nearest(_mm256_div_ps(_mm256_mul_ps(xv[h], sl2), slx)), -NMAX, NMAX - 1);
-                let changed = _mm256_xor_si256(_mm256_cmpeq_epi32(nl, li_i), _mm256_set1_epi32(-1));
-                // slx += w*x[i]*new_l; sl2 += w*new_l*new_l; taken when sl2 > 0 && slx*slx*suml2 > sumlx*sumlx*sl2.
-                let nf = _mm256_cvtepi32_ps(nl);
-                let slx1 = _mm256_add_ps(slx, _mm256_mul_ps(wx[h], nf));
-                let sl21 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(wv[h], nf), nf));
-                let better =
-                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(_mm256_mul_ps(slx1, slx1), s2), _mm256_mul_ps(sx2, sl21));
-                let ok = _mm256_and_ps(
-                    _mm256_and_ps(pos, _mm256_castsi256_ps(changed)),
-                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl21, zero), better),
-                );
-                take |= (_mm256_movemask_ps(ok) as u32) << (8 * h);
-                new_l[h] = nl;
-                nslx[h] = slx1;
-                nsl2[h] = sl21;
+                let st = step(xv[h], wv[h], wx[h], li_i, sx, s2, sx2);
+                take |= (_mm256_movemask_ps(st.ok) as u32) << (8 * h);
+                new_l[h] = st.l;
+                nslx[h] = st.sumlx;
+                nsl2[h] = st.suml2;
             }
             take &= !0u32 << from;
             if take == 0 {
@@ -174,21 +190,7 @@ fn make_q3_quants_x8(xb: &[f32; 128], l_out: &mut [i8]) -> [f32; 8] {
     let mut taken = zero;
     let (mut f_l, mut f_slx, mut f_sl2) = (_mm256_setzero_si256(), zero, zero);
     for i in 0..16 {
-        let li = _mm256_cvtepi32_ps(lv[i]);
-        let slx = _mm256_sub_ps(sumlx, _mm256_mul_ps(wx[i], li));
-        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
-        let sl2 = _mm256_sub_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], li), li));
-        let nl = clamp(nearest(_mm256_div_ps(_mm256_mul_ps(x[i], sl2), slx)), -NMAX, NMAX - 1);
-        let changed = _mm256_xor_si256(_mm256_cmpeq_epi32(nl, lv[i]), _mm256_set1_epi32(-1));
-        let nf = _mm256_cvtepi32_ps(nl);
-        let slx1 = _mm256_add_ps(slx, _mm256_mul_ps(wx[i], nf));
-        let sl21 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w[i], nf), nf));
-        let better =
-            _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(_mm256_mul_ps(slx1, slx1), suml2), _mm256_mul_ps(sx2, sl21));
-        let ok = _mm256_and_ps(
-            _mm256_and_ps(pos, _mm256_castsi256_ps(changed)),
-            _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl21, zero), better),
-        );
+        let Step { ok, l: nl, sumlx: slx1, suml2: sl21 } = step(x[i], w[i], wx[i], lv[i], sumlx, suml2, sx2);
         let new = _mm256_andnot_ps(taken, ok);
         first = _mm256_castps_si256(_mm256_blendv_ps(
             _mm256_castsi256_ps(first),
