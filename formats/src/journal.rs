@@ -143,6 +143,20 @@ impl Journal {
         Ok((header, entries))
     }
 
+    /// The entries of an interrupted run this run (whose header is `want`) may resume: the same plan, options,
+    /// sources and files, with hashes. Otherwise why not, as the note a writer reports ("nothing to resume: …").
+    pub fn resumable(&mut self, want: &Header) -> Result<Result<Vec<Entry>, String>, JournalError> {
+        let (header, entries) = self.read()?;
+        let why_not = match &header {
+            None => Some("no journal of an interrupted run".to_string()),
+            Some(h) => h.why_not(want),
+        };
+        Ok(match why_not {
+            Some(why) => Err(format!("nothing to resume: {why}; starting over")),
+            None => Ok(entries),
+        })
+    }
+
     /// Replaces the journal's content with `header` and `entries` (fsynced); pending entries are dropped.
     pub fn rewrite(&mut self, header: &Header, entries: &[Entry]) -> Result<(), JournalError> {
         let mut text = line(header);

@@ -328,7 +328,7 @@ fn execute_journaled<T: Target<Error = ExecError>>(
     let layout = shard_layout(plan, opts)?;
     let want =
         Header::new(&fingerprint(ck, plan, opts), true, layout.shards.iter().map(|s| s.file_name.clone()).collect());
-    let resumed = if opts.resume { Some(journaled(journal, &want)?) } else { None };
+    let resumed = if opts.resume { Some(journal.resumable(&want)?) } else { None };
     if !matches!(resumed, Some(Ok(_))) && partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial, "remove the stale"))?;
     }
@@ -389,20 +389,6 @@ fn fingerprint<E: std::fmt::Debug>(ck: &Checkpoint, plan: &Plan<E>, opts: &ExecO
     hex(&h.finalize())
 }
 
-/// The entries of an interrupted run's journal when its header is `want` (the same plan, options, sources and
-/// files); otherwise why not.
-fn journaled(journal: &mut Journal, want: &Header) -> Result<Result<Vec<Entry>, String>, ExecError> {
-    let (header, entries) = journal.read()?;
-    let why_not = match &header {
-        None => Some("no journal of an interrupted run".to_string()),
-        Some(h) => h.why_not(want),
-    };
-    Ok(match why_not {
-        Some(why) => Err(format!("nothing to resume: {why}; starting over")),
-        None => Ok(entries),
-    })
-}
-
 /// The shard layout of `plan`'s parts (`safetensors`' header and data order).
 fn shard_layout<E>(plan: &Plan<E>, opts: &ExecOptions) -> Result<st_write::ShardLayout, ExecError> {
     let st: Vec<StTensor> = plan
@@ -424,15 +410,8 @@ fn reuse<E>(sink: &mut Sink, plan: &Plan<E>, entries: &[Entry]) -> Result<(usize
         let before = kept.len();
         let mut taken = Vec::new();
         for p in &w.parts {
-            let Some(idx) = sink.index_of(&p.name) else { break };
-            let (_, start, len) = sink.place(idx);
-            let file = sink.file_of(idx);
-            let Some(e) =
-                by_name.get(p.name.as_str()).filter(|e| e.file == file && e.offset == start && e.n_bytes == len)
-            else {
-                break;
-            };
-            if !sink.check(idx, &e.sha256)? {
+            let (Some(idx), Some(e)) = (sink.index_of(&p.name), by_name.get(p.name.as_str())) else { break };
+            if !sink.check(idx, e)? {
                 break;
             }
             taken.push(idx);
@@ -653,12 +632,9 @@ impl Shards<'_> {
     /// Journals the parts of weight `w`, now complete.
     fn journal_weight(&mut self, w: usize) {
         for &idx in &self.slots[w] {
-            let (Some(sha256), (_, offset, n_bytes)) = (self.sink.sha256_of(idx), self.sink.place(idx)) else {
-                continue;
-            };
-            let file = self.sink.file_of(idx);
-            let name = self.sink.name_of(idx).to_string();
-            self.journal.push(Entry { i: idx, name, file, offset, n_bytes, end: offset + n_bytes, sha256 });
+            if let Some(e) = self.sink.entry(idx) {
+                self.journal.push(e);
+            }
         }
     }
 }

@@ -716,17 +716,15 @@ impl GgufWriter {
     /// out); `false` means start over (the reason is in `self.resumed.note`).
     #[allow(clippy::needless_range_loop)] // `self` is updated inside the loop over its shards
     fn try_resume(&mut self, fingerprint: &str) -> Result<bool, GgufError> {
-        let Some(j) = self.journal.as_mut() else { return Ok(false) };
-        let (header, journaled) = j.read()?;
         let want = self.journal_header(fingerprint);
-        let why_not = match &header {
-            None => Some("no journal of an interrupted run".to_string()),
-            Some(h) => h.why_not(&want),
+        let Some(j) = self.journal.as_mut() else { return Ok(false) };
+        let journaled = match j.resumable(&want)? {
+            Ok(entries) => entries,
+            Err(note) => {
+                self.resumed.note = Some(note);
+                return Ok(false);
+            }
         };
-        if let Some(why) = why_not {
-            self.resumed.note = Some(format!("nothing to resume: {why}; starting over"));
-            return Ok(false);
-        }
 
         // The journaled tensors that agree with this plan, in order.
         let flat: Vec<(usize, usize)> =

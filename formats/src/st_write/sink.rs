@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::ShardLayout;
 use crate::gguf::write::hex;
+use crate::journal::Entry;
 use sha2::{Digest, Sha256};
 
 /// An I/O error on the output, naming the file and the operation.
@@ -112,26 +113,15 @@ impl Sink {
         })
     }
 
-    /// The name of tensor `idx`.
-    pub fn name_of(&self, idx: usize) -> &str {
-        &self.places[idx].name
-    }
-
-    /// The index of the shard that holds tensor `idx`.
-    pub fn file_of(&self, idx: usize) -> usize {
-        self.places[idx].file
-    }
-
-    /// Where tensor `idx` lies: its file's name, the absolute offset of its data, its size.
-    pub fn place(&self, idx: usize) -> (&str, u64, u64) {
+    /// Takes tensor `idx` back from a reopened shard set when the journal entry `e` places it where this layout
+    /// does and its bytes, read back, hash as `e` records: it then counts as written (its hash kept for
+    /// [`finish`](Self::finish)) and `true` is returned; otherwise it stays unwritten.
+    pub fn check(&mut self, idx: usize, e: &Entry) -> Result<bool, SinkError> {
         let p = &self.places[idx];
-        (self.files[p.file].0.as_str(), p.start, p.len)
-    }
-
-    /// Reads tensor `idx` back from a reopened shard set: when its bytes hash to `sha256` it counts as written
-    /// (its hash kept for [`finish`](Self::finish)) and `true` is returned; otherwise it stays unwritten.
-    pub fn check(&mut self, idx: usize, sha256: &str) -> Result<bool, SinkError> {
-        let mut buf = vec![0u8; (1 << 20).min(self.places[idx].len.max(1) as usize)];
+        if (e.file, e.offset, e.n_bytes) != (p.file, p.start, p.len) {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; (1 << 20).min(p.len.max(1) as usize)];
         let p = &mut self.places[idx];
         let (fname, f) = &self.files[p.file];
         let mut h = Sha256::new();
@@ -143,7 +133,7 @@ impl Sink {
             h.update(&buf[..n]);
             off += n as u64;
         }
-        if hex(&h.clone().finalize()) != sha256 {
+        if hex(&h.clone().finalize()) != e.sha256 {
             return Ok(false);
         }
         p.hasher = h;
@@ -158,10 +148,18 @@ impl Sink {
         p.hasher = Sha256::new();
     }
 
-    /// The sha256 of tensor `idx` once all its bytes are written.
-    pub fn sha256_of(&self, idx: usize) -> Option<String> {
+    /// The journal entry of tensor `idx` once all its bytes are written.
+    pub fn entry(&self, idx: usize) -> Option<Entry> {
         let p = &self.places[idx];
-        (p.written == p.len).then(|| hex(&p.hasher.clone().finalize()))
+        (p.written == p.len).then(|| Entry {
+            i: idx,
+            name: p.name.clone(),
+            file: p.file,
+            offset: p.start,
+            n_bytes: p.len,
+            end: p.start + p.len,
+            sha256: hex(&p.hasher.clone().finalize()),
+        })
     }
 
     /// Makes the bytes written so far durable (before a journal says they are there).
